@@ -1,0 +1,283 @@
+"""Typed settings: dataclasses filled from YAML mappings, with dotted overrides.
+
+Every settings object in openalign is a dataclass. :func:`from_dict` fills one from a plain
+mapping (parsed YAML), converting and checking every value against the field's type hint, and
+rejecting unknown keys with a did-you-mean hint. :func:`apply_overrides` applies command-line
+overrides such as ``train.lr=1e-3`` to the mapping first, so overrides are checked the same way.
+
+Families of settings whose concrete class depends on a tag (an image tower is ``type:
+efficientnet`` or something else) derive from :class:`Variants`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, ClassVar, Literal, TypeVar, get_args, get_origin, get_type_hints
+
+import yaml
+
+from .errors import ConfigError
+
+T = TypeVar("T")
+
+
+class Variants:
+    """Base of a family of config dataclasses told apart by a tag key (``type: efficientnet``).
+
+    A class deriving from ``Variants`` without ``tag`` starts a family; its subclasses declared
+    with ``tag="name"`` join it. :func:`from_dict` asked for the family base picks the member
+    named by the mapping's ``tag_key`` entry, and :func:`to_dict` writes that entry back.
+    """
+
+    tag_key: ClassVar[str] = "type"
+    variants: ClassVar[dict[str, type]]
+    tag: ClassVar[str | None] = None
+
+    def __init_subclass__(cls, tag: str | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if tag is None:
+            cls.variants = {}
+        else:
+            cls.tag = tag
+            cls.variants[tag] = cls
+
+
+def join_key(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def did_you_mean(word: str, choices: Iterable[str], prefix: str = "") -> str:
+    """A ``; did you mean 'x'?`` hint, or a list of the valid choices when none is close.
+
+    ``prefix`` (a config path) is put before the suggestion, not compared.
+    """
+    choices = sorted(str(c) for c in choices)
+    close = difflib.get_close_matches(str(word), choices, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean '{join_key(prefix, close[0])}'?"
+    return f"; valid: {', '.join(choices)}" if choices else ""
+
+
+def from_dict(cls: type[T], data: Any, path: str = "") -> T:
+    """Build settings of type ``cls`` from a mapping, validating every key and value.
+
+    ``path`` is the dotted location of ``data`` in the whole config, used in error messages.
+    """
+    return _convert(cls, data, path)
+
+
+def to_dict(obj: Any) -> Any:
+    """The plain (YAML-ready) form of settings built by :func:`from_dict`, tags included."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        out: dict[str, Any] = {}
+        if isinstance(obj, Variants) and obj.tag is not None:
+            out[obj.tag_key] = obj.tag
+        for field in dataclasses.fields(obj):
+            out[field.name] = to_dict(getattr(obj, field.name))
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(tp: Any, value: Any, path: str) -> Any:
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        return _convert_union(tp, value, path)
+    if origin is Literal:
+        if value in get_args(tp):
+            return value
+        raise ConfigError(f"is {value!r}, which is not allowed{did_you_mean(value, get_args(tp))}", path)
+    if origin in (list, tuple):
+        return _convert_sequence(tp, value, path)
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"must be a mapping, got {value!r}", path)
+        _, value_type = get_args(tp)
+        return {str(k): _convert(value_type, v, join_key(path, str(k))) for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return _convert_dataclass(tp, value, path)
+    return _convert_scalar(tp, value, path)
+
+
+def _convert_union(tp: Any, value: Any, path: str) -> Any:
+    args = get_args(tp)
+    if value is None and type(None) in args:
+        return None
+    options = [a for a in args if a is not type(None)]
+    if len(options) == 1:
+        return _convert(options[0], value, path)
+    for option in options:
+        try:
+            return _convert(option, value, path)
+        except ConfigError:
+            continue
+    raise ConfigError(f"must be a {_type_name(tp)}, got {value!r}", path)
+
+
+def _convert_sequence(tp: Any, value: Any, path: str) -> Any:
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"must be a list, got {value!r}", path)
+    args = get_args(tp)
+    if get_origin(tp) is tuple and args and args[-1] is not Ellipsis:
+        if len(value) != len(args):
+            raise ConfigError(f"must hold {len(args)} values, got {len(value)}", path)
+        return tuple(_convert(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    item_type = args[0] if args else Any
+    items = [_convert(item_type, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    return tuple(items) if get_origin(tp) is tuple else items
+
+
+def _convert_scalar(tp: Any, value: Any, path: str) -> Any:
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"must be true or false, got {value!r}", path)
+    if tp in (int, float):
+        number = value
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                number = float(value)
+            except ValueError:
+                raise ConfigError(f"must be a number, got {value!r}", path) from None
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
+            raise ConfigError(f"must be a number, got {value!r}", path)
+        if tp is int:
+            if float(number) != int(number):
+                raise ConfigError(f"must be a whole number, got {value!r}", path)
+            return int(number)
+        return float(number)
+    if tp is str:
+        if isinstance(value, (str, Path)):
+            return str(value)
+        raise ConfigError(f"must be a string, got {value!r}", path)
+    raise TypeError(f"config type {tp!r} at '{path}' is not supported by openalign.config")
+
+
+def _convert_dataclass(cls: type, value: Any, path: str) -> Any:
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"must be a mapping of settings, got {value!r}", path or "<root>")
+    data = dict(value)
+    if issubclass(cls, Variants):
+        cls = _pick_variant(cls, data, path)
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    for key in data:
+        if key not in fields:
+            raise ConfigError(f"is unknown{did_you_mean(str(key), fields, path)}", join_key(path, str(key)))
+    kwargs = {}
+    for name, field in fields.items():
+        key = join_key(path, name)
+        if name in data:
+            kwargs[name] = _convert(hints[name], data[name], key)
+        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            raise ConfigError("is required but missing", key)
+    try:
+        return cls(**kwargs)
+    except ConfigError as error:
+        if error.key is None:
+            raise
+        raise ConfigError(error.message, join_key(path, error.key)) from None
+
+
+def _pick_variant(cls: type, data: dict, path: str) -> type:
+    key = cls.tag_key  # type: ignore[attr-defined]
+    if cls.tag is not None:  # type: ignore[attr-defined]
+        given = data.pop(key, cls.tag)  # type: ignore[attr-defined]
+        if given != cls.tag:  # type: ignore[attr-defined]
+            raise ConfigError(f"must be '{cls.tag}', got {given!r}", join_key(path, key))  # type: ignore[attr-defined]
+        return cls
+    if key not in data:
+        choices = ", ".join(sorted(cls.variants))  # type: ignore[attr-defined]
+        raise ConfigError(f"is required; choose one of: {choices}", join_key(path, key))
+    name = data.pop(key)
+    if name not in cls.variants:  # type: ignore[attr-defined]
+        hint = did_you_mean(name, cls.variants)  # type: ignore[attr-defined]
+        raise ConfigError(f"is '{name}', which is unknown{hint}", join_key(path, key))
+    return cls.variants[name]  # type: ignore[attr-defined]
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, with errors that name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {error}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of settings at the top level")
+    return data
+
+
+def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` updated by ``override``, merging nested mappings key by key."""
+    merged = copy.deepcopy(dict(base))
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``a.b.c=value`` into its key path and its YAML-parsed value."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override '{text}' must look like key.path=value, e.g. train.lr=1e-3")
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """A copy of ``data`` with each ``key.path=value`` override set (list items by index)."""
+    result = copy.deepcopy(dict(data))
+    for text in overrides:
+        keys, value = parse_override(text)
+        node: Any = result
+        for depth, key in enumerate(keys[:-1]):
+            node = _child(node, key, ".".join(keys[: depth + 1]))
+        _set(node, keys[-1], value, ".".join(keys))
+    return result
+
+
+def _child(node: Any, key: str, where: str) -> Any:
+    if isinstance(node, list):
+        return node[_index(node, key, where)]
+    if node.get(key) is None:
+        node[key] = {}
+    if not isinstance(node[key], (dict, list)):
+        raise ConfigError(f"is a value ({node[key]!r}), not a section of settings", where)
+    return node[key]
+
+
+def _set(node: Any, key: str, value: Any, where: str) -> None:
+    if isinstance(node, list):
+        node[_index(node, key, where)] = value
+    else:
+        node[key] = value
+
+
+def _index(node: list, key: str, where: str) -> int:
+    if not key.isdigit() or int(key) >= len(node):
+        raise ConfigError(f"must be a list index below {len(node)}, got '{key}'", where)
+    return int(key)

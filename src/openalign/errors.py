@@ -1,0 +1,21 @@
+"""Exceptions for mistakes in user input, which the CLI reports without a traceback."""
+
+from __future__ import annotations
+
+
+class OpenAlignError(Exception):
+    """A problem with user input (a config, a path, a dataset, a checkpoint) that the user can fix."""
+
+
+class ConfigError(OpenAlignError, ValueError):
+    """A config key or value is wrong; the message names the key and the fix.
+
+    ``key`` is the dotted key the problem is about, relative to the settings object that raised
+    it (the config loader prefixes the object's own path); ``message`` then reads as a
+    predicate of it: ``config key 'train.lr' must be positive``.
+    """
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        self.key = key
+        self.message = message
+        super().__init__(f"config key '{key}' {message}" if key else message)
