@@ -1,0 +1,10 @@
+"""openalign: train, evaluate and use ALIGN-family contrastive image-text models."""
+
+from . import models
+from .errors import ConfigError, OpenAlignError
+from .factory import create_model, get_tokenizer, get_transforms, model_config
+from .registry import list_models
+
+__version__ = "0.1.0"
+
+__all__ = ["ConfigError", "OpenAlignError", "create_model", "get_tokenizer", "get_transforms", "list_models", "model_config"]

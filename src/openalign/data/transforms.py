@@ -1,0 +1,75 @@
+"""Image preprocessing: PIL image → normalised float tensor (3, H, W)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..errors import ConfigError
+
+_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+@dataclass
+class PreprocessConfig:
+    """Image preprocessing that travels with the weights (shared spec align-coyo-and-hf.md §3.5).
+
+    Train: squash-resize to ``resize_size``, random ``image_size`` crop, optional horizontal
+    flip. Eval: the same resize, then a centre crop at offset ``(resize_size - image_size) // 2``.
+    Pixels are then mapped by ``(x / 255 - mean) / std``; ALIGN's 0.5/0.5 gives [-1, 1].
+    """
+
+    image_size: int = 289
+    resize_size: int = 346
+    interpolation: Literal["nearest", "bilinear", "bicubic", "lanczos"] = "bilinear"
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    random_flip: bool = True
+
+    def __post_init__(self) -> None:
+        if self.resize_size < self.image_size:
+            raise ConfigError(f"must be at least image_size ({self.image_size}) so the crop fits", "resize_size")
+
+
+class ImageTransform:
+    """ALIGN's preprocessing (shared spec align-coyo-and-hf.md §3.5), set by a :class:`PreprocessConfig`.
+
+    Squash-resize to ``resize_size`` (aspect ratio not kept), then a random crop and flip in
+    training or the centre crop at offset ``(resize_size - image_size) // 2`` in eval, then
+    ``x * (1 / (255 std)) - mean / std`` (ALIGN: ``x / 127.5 - 1``). Training randomness comes
+    from ``generator``, so a sample's augmentation can be replayed exactly on resume.
+    """
+
+    def __init__(self, config: PreprocessConfig, train: bool) -> None:
+        self.config = config
+        self.train = train
+        std = np.asarray(config.std, dtype=np.float64)
+        self.scale = torch.tensor(1.0 / (255.0 * std), dtype=torch.float32).view(3, 1, 1)
+        self.offset = torch.tensor(np.asarray(config.mean) / std, dtype=torch.float32).view(3, 1, 1)
+
+    def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
+        cfg = self.config
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        image = image.resize((cfg.resize_size, cfg.resize_size), _RESAMPLE[cfg.interpolation])
+        span = cfg.resize_size - cfg.image_size
+        flip = False
+        if self.train:
+            top, left = (int(v) for v in torch.randint(0, span + 1, (2,), generator=generator))
+            flip = cfg.random_flip and bool(torch.rand((), generator=generator) < 0.5)
+        else:
+            top = left = span // 2
+        image = image.crop((left, top, left + cfg.image_size, top + cfg.image_size))
+        if flip:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)
+        return pixels * self.scale - self.offset

