@@ -1,0 +1,83 @@
+"""Process-group setup for ``torchrun`` launches, and the collectives the losses need."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+
+from .errors import OpenAlignError
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    """Where this process sits: its rank among ``world_size`` and the device it computes on."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str = "auto") -> DistributedContext:
+    """Join the process group that ``torchrun`` describes in the environment (NCCL on GPU, gloo on CPU).
+
+    A plain ``python`` launch is a world of one and creates no process group.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if device == "cuda" and not torch.cuda.is_available():
+        raise OpenAlignError("train.device is 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        target = torch.device("cuda", local_rank)
+    else:
+        target = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    return DistributedContext(rank=rank, world_size=world_size, local_rank=local_rank, device=target)
+
+
+def world_info() -> tuple[int, int]:
+    """(rank, world size) of the current process group, or (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """All ranks' ``tensor`` concatenated along dim 0, in rank order.
+
+    The backward pass sums the gradients every rank computed for a slice and hands the sum to
+    the slice's owner, so a loss on local rows against gathered columns trains as the
+    full-batch loss does (shared spec align-coyo-and-hf.md §2, steps 1 and 7).
+    """
+    _, world_size = world_info()
+    if world_size == 1:
+        return tensor
+    return torch.cat(dist_fn.all_gather(tensor), dim=0)
+
+
+def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
+    """The mean of ``value`` over ranks (a detached copy); for logging."""
+    _, world_size = world_info()
+    value = value.detach().clone()
+    if world_size > 1:
+        dist.all_reduce(value)
+        value /= world_size
+    return value
+
+
+def barrier() -> None:
+    if world_info()[1] > 1:
+        dist.barrier()

@@ -1,0 +1,53 @@
+"""ALIGN's normalised-softmax contrastive loss (shared spec align-coyo-and-hf.md §2)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..distributed import gather_with_grad, world_info
+from ..errors import ConfigError
+from .base import LossConfig
+
+
+@dataclass
+class ContrastiveLossConfig(LossConfig, tag="contrastive"):
+    label_smoothing: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError("must be in [0, 1)", "label_smoothing")
+
+    def build(self) -> ContrastiveLoss:
+        return ContrastiveLoss(self.label_smoothing)
+
+
+class ContrastiveLoss(nn.Module):
+    """Image→text plus text→image cross-entropy over the global batch, with label smoothing.
+
+    Each rank scores its own rows against the features gathered from every rank (gradients
+    flow back to their owners), and averages over its rows; DDP's gradient averaging then
+    gives exactly the single-device objective on the whole batch:
+    L = mean_i CE_ε(row i of X Yᵀ·s) + mean_j CE_ε(row j of Y Xᵀ·s).
+    The two directions are **summed**, as COYO-ALIGN does (Hugging Face's ``align_loss``
+    averages them). Logits and softmax are computed in fp32.
+    """
+
+    def __init__(self, label_smoothing: float = 0.1) -> None:
+        super().__init__()
+        self.label_smoothing = label_smoothing
+        self.last_stats: dict[str, torch.Tensor] = {}
+
+    def forward(self, image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+        image_emb, text_emb, logit_scale = image_emb.float(), text_emb.float(), logit_scale.float()
+        all_image, all_text = gather_with_grad(image_emb), gather_with_grad(text_emb)
+        rank, _ = world_info()
+        local = image_emb.shape[0]
+        labels = torch.arange(local, device=image_emb.device) + rank * local
+        loss_i2t = F.cross_entropy(logit_scale * image_emb @ all_text.T, labels, label_smoothing=self.label_smoothing)
+        loss_t2i = F.cross_entropy(logit_scale * text_emb @ all_image.T, labels, label_smoothing=self.label_smoothing)
+        self.last_stats = {"loss_i2t": loss_i2t.detach(), "loss_t2i": loss_t2i.detach()}
+        return loss_i2t + loss_t2i

@@ -1,0 +1,57 @@
+"""Run under ``torchrun --nproc_per_node 2``: one DDP forward/backward of ALIGN's loss on this rank's shard.
+
+Writes ``rank{r}.pt`` with the loss and every parameter's gradient into the directory given as
+the first argument. Rank r takes examples r, r + world, r + 2·world, ... of the global batch
+that ``global_batch()`` builds, so that its ghost batches are exactly those a single process
+forms from the whole batch (see tests/test_distributed.py).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+import openalign
+from openalign.distributed import init_distributed
+from openalign.losses import ContrastiveLoss
+
+BATCH = 16
+
+
+def global_batch() -> dict:
+    generator = torch.Generator().manual_seed(123)
+    input_ids = torch.randint(1000, 30000, (BATCH, 16), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    lengths = torch.randint(4, 17, (BATCH,), generator=generator)
+    attention_mask[torch.arange(16)[None, :] >= lengths[:, None]] = 0
+    input_ids[:, 0] = 101
+    return {"image": torch.randn(BATCH, 3, 32, 32, generator=generator),
+            "text": {"input_ids": input_ids * attention_mask, "attention_mask": attention_mask}}
+
+
+def shard(batch: dict, rank: int, world_size: int) -> dict:
+    return {"image": batch["image"][rank::world_size],
+            "text": {k: v[rank::world_size] for k, v in batch["text"].items()}}
+
+
+def build_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return openalign.create_model("align-test")
+
+
+def main(out_dir: Path) -> None:
+    ctx = init_distributed("cpu")
+    model = build_model()
+    ddp = DistributedDataParallel(model)
+    loss = ContrastiveLoss(label_smoothing=0.1)(**ddp(**shard(global_batch(), ctx.rank, ctx.world_size)))
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    torch.save({"loss": loss.detach(), "grads": grads}, out_dir / f"rank{ctx.rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

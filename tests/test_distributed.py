@@ -1,0 +1,73 @@
+"""Two gloo processes under torchrun train exactly as one process on the whole batch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from openalign.losses import ContrastiveLoss
+
+sys.path.insert(0, str(Path(__file__).parent))
+import distributed_worker  # noqa: E402
+
+WORKER = Path(__file__).parent / "distributed_worker.py"
+
+
+def torchrun(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def two_rank_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    out = tmp_path_factory.mktemp("ddp")
+    torchrun(str(WORKER), str(out))
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+@pytest.fixture(scope="module")
+def one_process_reference() -> dict:
+    """The same model and data on one process, the whole batch ordered so its ghost batches match the ranks'."""
+    model = distributed_worker.build_model()
+    batch = distributed_worker.global_batch()
+    loss = ContrastiveLoss(label_smoothing=0.1)(**model(**batch))
+    loss.backward()
+    return {"loss": loss.detach(), "grads": {name: p.grad.clone() for name, p in model.named_parameters()}}
+
+
+def test_loss_equals_single_process_full_batch(two_rank_results, one_process_reference):
+    mean_of_ranks = (two_rank_results[0]["loss"] + two_rank_results[1]["loss"]) / 2
+    torch.testing.assert_close(mean_of_ranks, one_process_reference["loss"], rtol=1e-6, atol=1e-6)
+    assert two_rank_results[0]["loss"] != two_rank_results[1]["loss"]  # each rank has its own rows
+
+
+def test_every_gradient_equals_single_process_full_batch(two_rank_results, one_process_reference):
+    """Tolerance scales with each tensor's largest gradient: summation order differs between the
+    two runs, and some gradients are analytically zero (a BN bias followed by another batch norm),
+    so they hold only rounding noise of about 1e-8."""
+    reference = one_process_reference["grads"]
+    for rank in two_rank_results:
+        assert rank["grads"].keys() == reference.keys()
+        for name, grad in reference.items():
+            scale = max(grad.abs().max().item(), 1e-3)
+            torch.testing.assert_close(rank["grads"][name], grad, rtol=1e-4, atol=1e-4 * scale, msg=name)
+    assert reference["log_temperature"].abs() > 0
+    assert reference["image_tower.embeddings.convolution.weight"].abs().sum() > 0
+
+
+def test_strided_shards_form_the_single_process_ghost_batches():
+    """The premise of the comparison: rank r's ghost batch g is the single process's ghost batch 2g + r."""
+    batch = distributed_worker.global_batch()["image"]
+    size = 4  # align-test's virtual_batch_size
+    single = batch.view(size, -1, *batch.shape[1:])  # ghost batch j = single[:, j]
+    for rank in range(2):
+        mine = distributed_worker.shard({"image": batch, "text": {}}, rank, 2)["image"]
+        ghosts = mine.view(size, -1, *mine.shape[1:])
+        for g in range(ghosts.shape[1]):
+            torch.testing.assert_close(ghosts[:, g], single[:, 2 * g + rank])
