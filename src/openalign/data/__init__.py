@@ -1,6 +1,15 @@
-"""Data: tokenizers and image transforms."""
+"""Data: sources of image-text pairs, the built-in shapes dataset, transforms, tokenizers, loaders."""
 
+from .karpathy import CaptionedImage, read_karpathy
+from .loader import Collate, EpochBatchSampler, build_loader, move_to_device
+from .shapes import ShapesSpec, build_shapes_dataset
+from .sources import (CaptionDataset, KarpathySourceConfig, ShapesSourceConfig, SourceConfig,
+                      WebDatasetSourceConfig)
 from .tokenizer import Tokenizer, load_hf_tokenizer
 from .transforms import ImageTransform
 
-__all__ = ["ImageTransform", "Tokenizer", "load_hf_tokenizer"]
+__all__ = [
+    "CaptionDataset", "CaptionedImage", "Collate", "EpochBatchSampler", "ImageTransform", "KarpathySourceConfig",
+    "ShapesSourceConfig", "ShapesSpec", "SourceConfig", "Tokenizer", "WebDatasetSourceConfig", "build_loader",
+    "build_shapes_dataset", "load_hf_tokenizer", "move_to_device", "read_karpathy",
+]

@@ -1,0 +1,36 @@
+"""Shared fixtures: everything is built locally; nothing is fetched from a model hub."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def shapes_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small built-in dataset: 256 training and 24 test images of 32 px."""
+    from openalign.data.shapes import ShapesSpec, build_shapes_dataset
+
+    root = tmp_path_factory.mktemp("shapes")
+    build_shapes_dataset(root, ShapesSpec(num_train=256, num_test=24, image_size=32), show_progress=False)
+    return root
+
+
+def tiny_recipe_overrides(root: Path, output_dir: Path, steps: int = 4) -> list[str]:
+    """Overrides that turn the demo recipe into a seconds-long run of ``align-test`` on ``root``."""
+    return [
+        "model.name=align-test", f"data.train.root={root}", "data.train.num_train=256", "data.train.num_test=24",
+        "data.train.image_size=32", "data.num_workers=0", f"train.steps={steps}", "train.batch_size=16",
+        "train.warmup_steps=1", f"eval.tasks.0.root={root}", "eval.tasks.0.knn_memory_size=64",
+        f"run.output_dir={output_dir}", "run.log_every=1", "run.checkpoint_every=2", "run.keep_checkpoints=5",
+    ]
+
+
+@pytest.fixture
+def tiny_overrides():
+    return tiny_recipe_overrides
