@@ -1,6 +1,6 @@
 """openalign: train, evaluate and use ALIGN-family contrastive image-text models."""
 
-from . import data, losses, models
+from . import data, eval, losses, models
 from .errors import ConfigError, OpenAlignError
 from .factory import create_model, get_tokenizer, get_transforms, model_config
 from .registry import list_models

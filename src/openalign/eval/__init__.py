@@ -1,0 +1,13 @@
+"""Evaluation: retrieval and classification metrics, feature extraction, and the tasks recipes list."""
+
+from .classification import classification_metrics, nearest_neighbour_predict, zero_shot_classifier
+from .features import embed_images, embed_texts
+from .retrieval import retrieval_metrics
+from .shapes import evaluate_shapes, shapes_chance_levels
+from .tasks import EvalTaskConfig, ShapesEvalConfig
+
+__all__ = [
+    "EvalTaskConfig", "ShapesEvalConfig", "classification_metrics", "embed_images", "embed_texts",
+    "evaluate_shapes", "nearest_neighbour_predict", "retrieval_metrics", "shapes_chance_levels",
+    "zero_shot_classifier",
+]

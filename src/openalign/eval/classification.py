@@ -1,0 +1,46 @@
+"""Zero-shot and nearest-neighbour classification, and the usual classification metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def zero_shot_classifier(encode_text: Callable[[list[str]], torch.Tensor], classnames: Sequence[str],
+                         templates: Sequence[str | Callable[[str], str]]) -> torch.Tensor:
+    """(num_classes, dim) class embeddings: the renormalised mean of each class's prompt embeddings.
+
+    ``encode_text`` maps a list of strings to L2-normalised embeddings; a template is a string
+    with one ``{}`` for the class name, or a function of the class name (CLIP's prompt
+    ensembling, ALIGN paper §5.2).
+    """
+    def prompt(template: str | Callable[[str], str], name: str) -> str:
+        return template(name) if callable(template) else template.format(name)
+
+    weights = [F.normalize(encode_text([prompt(t, name) for t in templates]).mean(dim=0), dim=-1)
+               for name in classnames]
+    return torch.stack(weights)
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Top-1 and top-5 accuracy, and the mean over classes present in ``labels`` of per-class recall."""
+    labels = labels.to(logits.device)
+    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    correct = top == labels[:, None]
+    predicted = top[:, 0]
+    recalls = [(predicted[labels == c] == c).float().mean() for c in labels.unique()]
+    return {
+        "acc1": correct[:, 0].float().mean().item(),
+        "acc5": correct.any(dim=1).float().mean().item(),
+        "mean_per_class_recall": torch.stack(recalls).mean().item(),
+    }
+
+
+def nearest_neighbour_predict(memory: torch.Tensor, memory_labels: torch.Tensor, queries: torch.Tensor,
+                              chunk_size: int = 4096) -> torch.Tensor:
+    """The label of each query's most cosine-similar memory item (1-NN, as COYO-ALIGN's ImageNet kNN)."""
+    predictions = [memory_labels[(queries[start:start + chunk_size] @ memory.T).argmax(dim=1)]
+                   for start in range(0, queries.shape[0], chunk_size)]
+    return torch.cat(predictions)

@@ -1,0 +1,81 @@
+"""Retrieval and classification metrics against values computed by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from openalign import create_model
+from openalign.eval import (classification_metrics, evaluate_shapes, nearest_neighbour_predict, retrieval_metrics,
+                            shapes_chance_levels, zero_shot_classifier)
+
+# scores[text, image]; captions 0-1 belong to image 0, caption 2 to image 1, captions 3-4 to image 2
+SCORES = torch.tensor([[0.9, 0.1, 0.0],
+                       [0.2, 0.8, 0.1],
+                       [0.1, 0.3, 0.5],
+                       [0.0, 0.0, 1.0],
+                       [0.7, 0.6, 0.5]])
+TEXT_TO_IMAGE = [0, 0, 1, 2, 2]
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 4096])
+def test_retrieval_recall_by_hand(chunk_size):
+    # image embeddings = identity, so text j · image i = SCORES[j, i]
+    metrics = retrieval_metrics(torch.eye(3), SCORES, TEXT_TO_IMAGE, ks=(1, 2, 3), chunk_size=chunk_size)
+    # text→image: ranks of the right image are 1, 2, 2, 1, 3
+    assert metrics["image_retrieval_recall@1"] == pytest.approx(2 / 5)
+    assert metrics["image_retrieval_recall@2"] == pytest.approx(4 / 5)
+    assert metrics["image_retrieval_recall@3"] == pytest.approx(1.0)
+    # image→text: image 0 ranks its caption 0 first; image 1's only caption (2) comes third,
+    # after captions 1 and 4; image 2 ranks its caption 3 first
+    assert metrics["text_retrieval_recall@1"] == pytest.approx(2 / 3)
+    assert metrics["text_retrieval_recall@2"] == pytest.approx(2 / 3)
+    assert metrics["text_retrieval_recall@3"] == pytest.approx(1.0)
+
+
+def test_recall_at_k_beyond_the_number_of_items_is_one():
+    metrics = retrieval_metrics(torch.eye(3), SCORES, TEXT_TO_IMAGE, ks=(10,))
+    assert metrics["image_retrieval_recall@10"] == 1.0 and metrics["text_retrieval_recall@10"] == 1.0
+
+
+def test_classification_metrics_by_hand():
+    logits = torch.tensor([[0.9, 0.1, 0.0], [0.5, 0.4, 0.1], [0.1, 0.2, 0.7], [0.6, 0.3, 0.1], [0.0, 0.0, 1.0]])
+    labels = torch.tensor([0, 1, 2, 2, 2])
+    metrics = classification_metrics(logits, labels)
+    assert metrics["acc1"] == pytest.approx(3 / 5)
+    assert metrics["acc5"] == pytest.approx(1.0)  # top-3 of 3 classes
+    assert metrics["mean_per_class_recall"] == pytest.approx((1 + 0 + 2 / 3) / 3)
+
+
+def test_zero_shot_classifier_is_the_renormalised_mean_of_prompt_embeddings():
+    table = {"a cat": [1.0, 0.0], "the cat": [0.0, 1.0], "a dog": [-1.0, 0.0], "the dog": [-1.0, 0.0]}
+    weights = zero_shot_classifier(lambda texts: torch.tensor([table[t] for t in texts]), ["cat", "dog"], ["a {}", "the {}"])
+    torch.testing.assert_close(weights, torch.tensor([[1 / math.sqrt(2), 1 / math.sqrt(2)], [-1.0, 0.0]]))
+
+
+def test_nearest_neighbour_takes_the_most_similar_memory_label():
+    memory = F.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]), dim=-1)
+    queries = F.normalize(torch.tensor([[0.9, 0.1], [0.1, 0.9], [0.6, 0.5]]), dim=-1)
+    assert nearest_neighbour_predict(memory, torch.tensor([7, 8, 9]), queries, chunk_size=2).tolist() == [7, 8, 9]
+
+
+def test_chance_levels(shapes_root):
+    chance = shapes_chance_levels(shapes_root)
+    assert chance["image_retrieval_recall@1"] == pytest.approx(1 / 24)
+    assert chance["text_retrieval_recall@1"] == pytest.approx(5 / 120)  # 5 right captions among 120
+    assert chance["text_retrieval_recall@5"] == pytest.approx(1 - math.comb(115, 5) / math.comb(120, 5))
+    assert chance["zeroshot_shape_acc1"] == pytest.approx(1 / 6) and chance["knn_colour_acc1"] == pytest.approx(1 / 8)
+
+
+def test_evaluate_shapes_reports_every_metric_and_restores_train_mode(shapes_root):
+    model = create_model("align-test").train()
+    metrics = evaluate_shapes(model, shapes_root, torch.device("cpu"), batch_size=16, knn_memory_size=32,
+                              show_progress=False)
+    expected = {f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5, 10)}
+    expected |= {f"{t}_{a}_acc1" for t in ("zeroshot", "knn") for a in ("shape", "colour")}
+    assert set(metrics) == expected
+    assert all(0.0 <= v <= 1.0 for v in metrics.values())
+    assert model.training
