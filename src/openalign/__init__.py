@@ -3,8 +3,11 @@
 from . import data, eval, losses, models
 from .errors import ConfigError, OpenAlignError
 from .factory import create_model, get_tokenizer, get_transforms, model_config
-from .registry import list_models
+from .registry import list_models, list_recipes
 
 __version__ = "0.1.0"
 
-__all__ = ["ConfigError", "OpenAlignError", "create_model", "get_tokenizer", "get_transforms", "list_models", "model_config"]
+__all__ = [
+    "ConfigError", "OpenAlignError", "create_model", "get_tokenizer", "get_transforms", "list_models",
+    "list_recipes", "model_config",
+]

@@ -1,0 +1,128 @@
+"""An experiment as one typed file: model, loss, data, training, evaluation and run settings.
+
+A recipe YAML names a registered model (``model: align-b3-mini``, or ``model: {name:
+align-b3-mini, image: {drop_connect_rate: 0.1}}``) and sets the other sections; command-line
+overrides (``train.lr=1e-3``) are applied before validation. The resolved recipe, with the
+whole model config inlined, is saved with every checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from .config import apply_overrides, from_dict, load_yaml
+from .data import SourceConfig
+from .errors import ConfigError
+from .eval.tasks import EvalTaskConfig
+from .losses import ContrastiveLossConfig, LossConfig
+from .models import ModelConfig
+from .registry import find_config, resolve_model_dict
+
+
+@dataclass
+class DataConfig:
+    """Training data: a source, and how many loader worker processes per rank read it."""
+
+    train: SourceConfig
+    num_workers: int = 4
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 0:
+            raise ConfigError("must be 0 (load in the training process) or more", "num_workers")
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation: steps, global batch, optimiser, schedule, precision.
+
+    ``batch_size`` is global (all ranks together) and must divide evenly between ranks.
+    ``optimizer: lamb`` is tensorflow-addons' LAMB as COYO-ALIGN uses it; ``schedule: linear``
+    warms up linearly from 0 then decays linearly to 0 at ``steps`` (spec §3.3).
+    ``precision: auto`` is bf16 autocast on GPU and fp32 on CPU.
+    """
+
+    steps: int
+    batch_size: int
+    optimizer: Literal["lamb", "adamw"] = "lamb"
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-6
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_steps: int = 0
+    grad_clip: float | None = None
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    compile: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError("must be at least 1", key)
+        if self.lr <= 0:
+            raise ConfigError("must be positive", "lr")
+        if not 0 <= self.warmup_steps <= self.steps:
+            raise ConfigError(f"must be between 0 and train.steps ({self.steps})", "warmup_steps")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ConfigError("must be positive, or null for no clipping", "grad_clip")
+
+
+@dataclass
+class RunSettings:
+    """Where outputs go and how often to log and checkpoint (0: only at the end)."""
+
+    output_dir: str = "runs/default"
+    log_every: int = 50
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        if self.log_every < 1:
+            raise ConfigError("must be at least 1", "log_every")
+        if self.checkpoint_every < 0:
+            raise ConfigError("must be 0 (only at the end) or more", "checkpoint_every")
+        if self.keep_checkpoints < 1:
+            raise ConfigError("must be at least 1", "keep_checkpoints")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation tasks run every ``every`` steps during training (0: only at the end)."""
+
+    tasks: list[EvalTaskConfig] = field(default_factory=list)
+    every: int = 0
+    batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        if self.every < 0:
+            raise ConfigError("must be 0 (only at the end) or more", "every")
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    loss: LossConfig = field(default_factory=ContrastiveLossConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunSettings = field(default_factory=RunSettings)
+
+
+def load_recipe(name_or_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """A validated recipe from the registry or a YAML path, with ``key.path=value`` overrides applied."""
+    raw = load_yaml(find_config("recipes", name_or_path))
+    return recipe_from_dict(raw, overrides)
+
+
+def recipe_from_dict(raw: dict, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    if isinstance(raw.get("model"), str):
+        raw = {**raw, "model": {"name": raw["model"]}}
+    raw = apply_overrides(raw, overrides)
+    if "model" not in raw:
+        raise ConfigError("is required: name a registered model, e.g. 'model: align-b3-mini'", "model")
+    raw["model"] = resolve_model_dict(raw["model"])
+    return from_dict(Recipe, raw)

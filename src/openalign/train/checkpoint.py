@@ -1,0 +1,151 @@
+"""Checkpoints: safetensors weights plus optimiser, scheduler, loss, step and per-rank RNG state.
+
+A checkpoint is a directory ``checkpoints/step_XXXXXXXX/`` holding ``model.safetensors``,
+``trainer_state.pt``, ``rng_rank{r}.pt`` and the resolved recipe ``config.yaml``. It is
+written under a temporary name and renamed when complete, so a crash mid-write never leaves
+a checkpoint that looks valid. With several nodes, ``output_dir`` must be on a shared filesystem.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..config import from_dict
+from ..distributed import DistributedContext, barrier
+from ..errors import OpenAlignError
+from ..models import ModelConfig
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "model.safetensors"
+STATE_FILE = "trainer_state.pt"
+CONFIG_FILE = "config.yaml"
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    """Load ``path`` (safetensors) into ``model``; any missing, extra or misshapen key is an error."""
+    state = load_file(str(path))
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    misshapen = [f"{k} {tuple(state[k].shape)} (model: {tuple(expected[k].shape)})"
+                 for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or misshapen:
+        problems = [f"{label}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+                    for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshapen))
+                    if keys]
+        raise OpenAlignError(f"checkpoint '{path}' does not fit this model ({'; '.join(problems)}): "
+                             "was it trained with another architecture?")
+    model.load_state_dict(state)
+
+
+class Checkpointer:
+    """Saves and restores training state under ``directory``, keeping the newest ``keep``."""
+
+    def __init__(self, directory: str | Path, keep: int, ctx: DistributedContext) -> None:
+        self.directory = Path(directory)
+        self.keep = keep
+        self.ctx = ctx
+
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        if not self.directory.is_dir():
+            return []
+        return sorted(p for p in self.directory.glob("step_*") if p.is_dir() and (p / STATE_FILE).is_file())
+
+    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+             loss_fn: nn.Module, recipe: dict[str, Any]) -> Path:
+        final = self.directory / f"step_{step:08d}"
+        staging = self.directory / f".step_{step:08d}.tmp"
+        if self.ctx.is_main:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        barrier()
+        torch.save(_rng_state(), staging / f"rng_rank{self.ctx.rank}.pt")
+        if self.ctx.is_main:
+            save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(staging / WEIGHTS_FILE))
+            (staging / CONFIG_FILE).write_text(yaml.safe_dump(recipe, sort_keys=False))
+            torch.save({"step": step, "world_size": self.ctx.world_size, "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "loss": loss_fn.state_dict()}, staging / STATE_FILE)
+        barrier()
+        if self.ctx.is_main:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(staging, final)
+            for old in self.checkpoints()[:-self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        barrier()
+        return final
+
+    def resolve(self, spec: str) -> Path | None:
+        """``latest`` (None when there is none yet), a checkpoint directory, or a run directory (its latest)."""
+        if spec == "latest":
+            found = self.checkpoints()
+            return found[-1] if found else None
+        path = Path(spec)
+        if (path / STATE_FILE).is_file():
+            return path
+        found = Checkpointer(path / "checkpoints", self.keep, self.ctx).checkpoints()
+        if found:
+            return found[-1]
+        raise OpenAlignError(f"--resume '{spec}' is neither 'latest', a checkpoint directory (with {STATE_FILE}) "
+                             "nor a run directory holding checkpoints/")
+
+    def resume(self, spec: str, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+               loss_fn: nn.Module) -> int:
+        """Restore everything from the checkpoint ``spec`` names; returns its step (0 if none exists yet)."""
+        path = self.resolve(spec)
+        if path is None:
+            log.info("no checkpoint in %s yet: starting from step 0", self.directory)
+            return 0
+        load_weights(model, path / WEIGHTS_FILE)
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        loss_fn.load_state_dict(state["loss"])
+        rng_file = path / f"rng_rank{self.ctx.rank}.pt"
+        if rng_file.is_file() and state["world_size"] == self.ctx.world_size:
+            _set_rng_state(torch.load(rng_file, weights_only=True))
+        else:
+            log.warning("checkpoint %s was written by %d ranks, now %d: data order is kept, dropout RNG is not",
+                        path, state["world_size"], self.ctx.world_size)
+        log.info("resumed from %s at step %d", path, state["step"])
+        return int(state["step"])
+
+
+def load_checkpoint_model(path: str | Path) -> nn.Module:
+    """The model of a checkpoint directory (or of a run directory's latest checkpoint), in eval mode."""
+    path = Path(path)
+    if not (path / WEIGHTS_FILE).is_file():
+        found = sorted(p for p in (path / "checkpoints").glob("step_*") if (p / WEIGHTS_FILE).is_file())
+        if not found:
+            raise OpenAlignError(f"'{path}' holds no openalign checkpoint (expected {WEIGHTS_FILE} and {CONFIG_FILE}, "
+                                 "or a run directory with checkpoints/step_*)")
+        path = found[-1]
+    recipe = yaml.safe_load((path / CONFIG_FILE).read_text())
+    model = from_dict(ModelConfig, recipe["model"], "model").build()
+    load_weights(model, path / WEIGHTS_FILE)
+    return model.eval()

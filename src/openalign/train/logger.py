@@ -1,0 +1,59 @@
+"""Training scalars: a JSONL history, TensorBoard, and the console log (main rank only)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("openalign.train")
+
+HISTORY_FILE = "history.jsonl"
+
+
+def read_history(directory: str | Path) -> list[dict[str, Any]]:
+    """The logged records of a run, in order."""
+    path = Path(directory) / HISTORY_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class TrainLogger:
+    """Writes ``history.jsonl`` and TensorBoard scalars under ``directory``.
+
+    On resume at ``start_step``, records logged after that step by the interrupted run are
+    dropped, so the history reads as one uninterrupted run.
+    """
+
+    def __init__(self, directory: str | Path, enabled: bool, tensorboard: bool, start_step: int = 0) -> None:
+        self.enabled = enabled
+        self.writer = None
+        if not enabled:
+            return
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        kept = [r for r in read_history(self.directory) if r["step"] <= start_step] if start_step else []
+        self.file = open(self.directory / HISTORY_FILE, "w")
+        for record in kept:
+            self.file.write(json.dumps(record) + "\n")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.directory / "tensorboard"), purge_step=start_step or None)
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps({"step": step, **scalars}) + "\n")
+        self.file.flush()
+        if self.writer is not None:
+            for key, value in scalars.items():
+                self.writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            if self.writer is not None:
+                self.writer.close()

@@ -1,0 +1,175 @@
+"""The training loop: a recipe's model, loss, data and optimiser composed, on one process or many.
+
+Nothing here depends on the method: the model's ``input_fields`` say which batch fields it
+takes, its outputs are passed by name to the loss, and evaluation tasks come from the recipe.
+Launch several processes with ``torchrun``; each joins the process group, trains on its share
+of the global batch, and DDP averages the gradients.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from rich.progress import TextColumn
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ..config import to_dict
+from ..data.loader import Collate, build_loader, move_to_device
+from ..distributed import DistributedContext, all_reduce_mean, barrier, init_distributed
+from ..errors import ConfigError, OpenAlignError
+from ..models import GhostBatchNorm2d
+from ..precision import autocast
+from ..progress import make_progress
+from ..recipe import EvalConfig, Recipe
+from .checkpoint import Checkpointer
+from .logger import TrainLogger
+from .optim import build_optimizer
+from .schedule import build_scheduler
+
+log = logging.getLogger("openalign.train")
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    step: int
+    metrics: dict[str, float]
+
+
+def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True) -> TrainResult:
+    """Train ``recipe`` to ``train.steps``, checkpointing and evaluating as it says.
+
+    ``resume`` is ``"latest"`` (the newest checkpoint of this run, if any), a checkpoint
+    directory, or a run directory; training then continues exactly where it stopped.
+    """
+    cfg, ctx = recipe.train, init_distributed(recipe.train.device)
+    per_rank = _per_rank_batch(cfg.batch_size, ctx.world_size)
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = recipe.model.build().to(ctx.device)
+    _check_virtual_batch(model, per_rank, ctx.world_size)
+    model = model.to(memory_format=torch.channels_last)  # conv towers: faster on GPU and CPU alike
+    loss_fn = recipe.loss.build().to(ctx.device)
+    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps, ctx.device)
+    scheduler = build_scheduler(optimizer, cfg.schedule, cfg.warmup_steps, cfg.steps)
+    output_dir = Path(recipe.run.output_dir)
+    checkpointer = Checkpointer(output_dir / "checkpoints", recipe.run.keep_checkpoints, ctx)
+    torch.manual_seed(cfg.seed + 1 + ctx.rank)  # per-rank dropout and drop-connect streams
+    start = checkpointer.resume(resume, model, optimizer, scheduler, loss_fn) if resume else 0
+    loader = _build_loader(recipe, per_rank, ctx, start)
+    forward: nn.Module = model
+    if ctx.world_size > 1:
+        forward = DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
+    if cfg.compile:
+        forward = torch.compile(forward)
+    recipe_dict = to_dict(recipe)
+    if ctx.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.yaml").write_text(yaml.safe_dump(recipe_dict, sort_keys=False))
+    logger = TrainLogger(output_dir, ctx.is_main, recipe.run.tensorboard, start)
+    step = start
+    try:
+        progress = make_progress(TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} samples/s"),
+                                 enabled=show_progress and ctx.is_main)
+        with progress:
+            bar = progress.add_task("training", total=cfg.steps, completed=start, loss="-", speed="-")
+            window_loss, window_steps, window_start = torch.zeros((), device=ctx.device), 0, time.perf_counter()
+            batches = iter(loader)
+            for step in range(start + 1, cfg.steps + 1):
+                batch = move_to_device(next(batches), ctx.device, channels_last=True)
+                lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
+                window_loss += train_step(model, loss_fn, optimizer, scheduler, batch, ctx.device, cfg.precision,
+                                          cfg.grad_clip, forward)
+                window_steps += 1
+                progress.advance(bar)
+                if step % recipe.run.log_every == 0 or step == cfg.steps:
+                    scalars = _scalars(window_loss / window_steps, lr, model, loss_fn,
+                                       cfg.batch_size * window_steps / (time.perf_counter() - window_start))
+                    logger.log(step, scalars)
+                    progress.update(bar, loss=f"{scalars['loss']:.4f}", speed=f"{scalars['samples_per_second']:.0f}")
+                    log.info("step %d/%d  loss %.4f  lr %.3g  temperature %.4f  %.0f samples/s", step, cfg.steps,
+                             scalars["loss"], scalars["lr"], scalars["temperature"], scalars["samples_per_second"])
+                    window_loss, window_steps, window_start = torch.zeros((), device=ctx.device), 0, time.perf_counter()
+                if (recipe.run.checkpoint_every and step % recipe.run.checkpoint_every == 0) or step == cfg.steps:
+                    checkpointer.save(step, model, optimizer, scheduler, loss_fn, recipe_dict)
+                if recipe.eval.every and step % recipe.eval.every == 0 and step != cfg.steps:
+                    logger.log(step, evaluate(recipe.eval, model, ctx, show_progress=False))
+        metrics = evaluate(recipe.eval, model, ctx, show_progress)
+        if metrics:
+            logger.log(step, metrics)
+    finally:
+        logger.close()
+    return TrainResult(output_dir=output_dir, step=step, metrics=metrics)
+
+
+def train_step(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+               batch: dict[str, Any], device: torch.device, precision: str = "auto", grad_clip: float | None = None,
+               forward: nn.Module | None = None) -> torch.Tensor:
+    """One optimiser step on ``batch``; returns the detached loss without synchronising with the device.
+
+    ``forward`` is what runs the model (its DDP or compiled wrapper); ``model.input_fields``
+    names the batch fields it takes, and its outputs go to ``loss_fn`` by name.
+    """
+    missing = [name for name in model.input_fields if name not in batch]
+    if missing:
+        raise OpenAlignError(f"the model needs batch fields {missing}, which the data source does not provide "
+                             f"(it gives {sorted(batch)})")
+    with autocast(device, precision):
+        outputs = (forward or model)(**{name: batch[name] for name in model.input_fields})
+    loss = loss_fn(**outputs)  # outside autocast: logits and softmax in fp32
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    scheduler.step()
+    return loss.detach()
+
+
+def _scalars(mean_loss: torch.Tensor, lr: float, model: nn.Module, loss_fn: nn.Module,
+             samples_per_second: float) -> dict[str, float]:
+    scalars = {"loss": all_reduce_mean(mean_loss).item(), "lr": lr,
+               "temperature": 1.0 / model.logit_scale.item(), "samples_per_second": samples_per_second}
+    scalars.update({key: float(value) for key, value in getattr(loss_fn, "last_stats", {}).items()})
+    return scalars
+
+
+def evaluate(config: EvalConfig, model: nn.Module, ctx: DistributedContext, show_progress: bool = True) -> dict[str, float]:
+    """Run the recipe's evaluation tasks on the main rank (the others wait); metrics are named ``task/metric``."""
+    metrics: dict[str, float] = {}
+    if ctx.is_main:
+        for task in config.tasks:
+            results = task.run(model, ctx.device, config.batch_size, show_progress)
+            metrics.update({f"{task.name}/{key}": value for key, value in results.items()})
+            log.info("evaluation %s: %s", task.name, ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
+    barrier()
+    return metrics
+
+
+def _per_rank_batch(batch_size: int, world_size: int) -> int:
+    if batch_size % world_size:
+        raise ConfigError(f"is {batch_size}, which does not divide evenly between {world_size} ranks", "train.batch_size")
+    return batch_size // world_size
+
+
+def _check_virtual_batch(model: nn.Module, per_rank: int, world_size: int) -> None:
+    sizes = {m.virtual_batch_size for m in model.modules() if isinstance(m, GhostBatchNorm2d) and m.virtual_batch_size}
+    for size in sizes:
+        if per_rank % size:
+            raise ConfigError(f"gives {per_rank} examples per device ({world_size} ranks), which is not a multiple of "
+                              f"the ghost batch norm's virtual_batch_size={size}: change train.batch_size or "
+                              "model.image.virtual_batch_size", "train.batch_size")
+
+
+def _build_loader(recipe: Recipe, per_rank: int, ctx: DistributedContext, start: int) -> torch.utils.data.DataLoader:
+    dataset = recipe.data.train.build(recipe.model.build_transform(train=True), recipe.train.seed)
+    if start and isinstance(dataset, torch.utils.data.IterableDataset):
+        log.warning("this data source is a stream: after resuming it restarts from a new random position")
+    return build_loader(dataset, Collate(recipe.model.build_tokenizer()), per_rank, ctx.rank, ctx.world_size,
+                        recipe.train.seed, start, recipe.data.num_workers)

@@ -1,0 +1,112 @@
+"""Typed settings: conversion, validation messages, overrides, the registry and the shipped recipes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+import openalign
+from openalign.config import Variants, apply_overrides, from_dict, to_dict
+from openalign.errors import ConfigError
+from openalign.recipe import load_recipe
+
+
+@dataclass
+class Shape(Variants):
+    pass
+
+
+@dataclass
+class Circle(Shape, tag="circle"):
+    radius: float = 1.0
+
+
+@dataclass
+class Settings:
+    steps: int
+    rate: float = 0.1
+    name: str = "x"
+    flags: tuple[int, ...] = (1,)
+    maybe: int | None = None
+    shapes: list[Shape] = field(default_factory=list)
+
+
+def test_values_are_converted_and_checked():
+    settings = from_dict(Settings, {"steps": "1e4", "rate": "5e-3", "flags": [2, 3], "maybe": None,
+                                    "shapes": [{"type": "circle", "radius": 2}]})
+    assert settings == Settings(steps=10000, rate=0.005, flags=(2, 3), shapes=[Circle(radius=2.0)])
+    assert to_dict(settings)["shapes"] == [{"type": "circle", "radius": 2.0}]
+    assert from_dict(Settings, to_dict(settings)) == settings
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"steps": 1, "rat": 1}, "config key 'rat' is unknown; did you mean 'rate'?"),
+    ({}, "config key 'steps' is required but missing"),
+    ({"steps": 1.5}, "config key 'steps' must be a whole number, got 1.5"),
+    ({"steps": True}, "config key 'steps' must be a number"),
+    ({"steps": 1, "name": 3}, "config key 'name' must be a string"),
+    ({"steps": 1, "shapes": [{"type": "circel"}]}, "config key 'shapes[0].type' is 'circel', which is unknown; did you mean 'circle'?"),
+    ({"steps": 1, "shapes": [{"radius": 1}]}, "config key 'shapes[0].type' is required; choose one of: circle"),
+])
+def test_errors_name_the_key_and_the_fix(data, message):
+    with pytest.raises(ConfigError) as error:
+        from_dict(Settings, data)
+    assert message in str(error.value)
+
+
+def test_overrides_set_nested_keys_list_items_and_parse_values():
+    data = {"train": {"lr": 1.0}, "eval": {"tasks": [{"root": "a"}]}}
+    result = apply_overrides(data, ["train.lr=1e-3", "train.clip=null", "eval.tasks.0.root=b", "new.key=[1, 2]"])
+    assert result == {"train": {"lr": "1e-3", "clip": None}, "eval": {"tasks": [{"root": "b"}]}, "new": {"key": [1, 2]}}
+    assert data["train"]["lr"] == 1.0  # the input is not modified
+    with pytest.raises(ConfigError, match="must look like key.path=value"):
+        apply_overrides(data, ["train.lr"])
+    with pytest.raises(ConfigError, match="list index below 1"):
+        apply_overrides(data, ["eval.tasks.3.root=x"])
+    with pytest.raises(ConfigError, match="is a value"):
+        apply_overrides(data, ["train.lr.x=1"])
+
+
+@pytest.mark.parametrize("name", openalign.list_recipes())
+def test_every_shipped_recipe_is_valid(name):
+    recipe = load_recipe(name)
+    assert recipe.train.steps > 0 and recipe.model.embed_dim > 0
+
+
+def test_coyo_align_recipes_carry_the_published_settings():
+    """Spec §3.1: conf/cc3m.flags and conf/coyo700m.flags."""
+    cc3m, coyo = load_recipe("align-b3-mini-cc3m"), load_recipe("align-b7-base-coyo700m")
+    assert (cc3m.train.batch_size, cc3m.train.lr, cc3m.train.warmup_steps, cc3m.train.steps) == (16384, 5e-3, 10_000, 100_000)
+    assert (coyo.train.batch_size, coyo.train.lr, coyo.train.warmup_steps, coyo.train.steps) == (65536, 2e-3, 40_000, 300_000)
+    for recipe in (cc3m, coyo):
+        assert (recipe.train.optimizer, recipe.train.weight_decay, recipe.train.eps, recipe.train.schedule) == ("lamb", 1e-5, 1e-6, "linear")
+        assert recipe.loss.label_smoothing == 0.1 and recipe.model.image.virtual_batch_size == 16
+
+
+def test_recipe_overrides_reach_the_model_and_are_validated():
+    recipe = load_recipe("demo", ["train.lr=1e-3", "model.image.virtual_batch_size=null"])
+    assert recipe.train.lr == 1e-3 and recipe.model.image.virtual_batch_size is None
+    with pytest.raises(ConfigError, match="'train.batch_sze' is unknown; did you mean 'train.batch_size'"):
+        load_recipe("demo", ["train.batch_sze=3"])
+    with pytest.raises(ConfigError, match="unknown recipe 'dem'; did you mean 'demo'"):
+        load_recipe("dem")
+
+
+def test_registry_lists_the_align_family():
+    assert {"align-b3-mini", "align-b7-base", "align-l2-large", "align-tiny", "align-test"} <= set(openalign.list_models())
+    with pytest.raises(ConfigError, match="did you mean 'align-b7-base'"):
+        openalign.create_model("align-b7")
+
+
+def test_model_overrides_are_validated_against_the_architecture():
+    with pytest.raises(ConfigError, match="config key 'model.embed_dim' is 512, but image_projection is false"):
+        openalign.create_model("align-b7-base", embed_dim=512)
+    model = openalign.create_model("align-test", embed_dim=24, image={"virtual_batch_size": None})
+    assert model.text_projection.out_features == 24 and model.config.image.virtual_batch_size is None
+
+
+def test_model_config_records_its_architecture():
+    config = openalign.model_config("align-l2-large")  # config only: the L2 model itself is 800M parameters
+    assert config.image.output_dim == config.embed_dim == 1376
+    assert to_dict(config)["architecture"] == "dual_encoder"

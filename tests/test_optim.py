@@ -1,0 +1,108 @@
+"""LAMB against a numpy transcription of tensorflow-addons' update rule; parameter groups; schedules."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from openalign import create_model
+from openalign.train import Lamb, build_optimizer, lr_factor, parameter_groups
+
+
+def tfa_lamb_reference(weights, grads_per_step, lr, beta1, beta2, eps, weight_decay, adapt):
+    """tfa.optimizers.LAMB 0.12 _resource_apply_dense, step by step, in float64 numpy."""
+    w = [np.array(x, dtype=np.float64) for x in weights]
+    m = [np.zeros_like(x) for x in w]
+    v = [np.zeros_like(x) for x in w]
+    for t, grads in enumerate(grads_per_step, start=1):
+        for i, g in enumerate(grads):
+            m[i] = beta1 * m[i] + (1 - beta1) * g
+            v[i] = beta2 * v[i] + (1 - beta2) * g * g
+            update = (m[i] / (1 - beta1**t)) / (np.sqrt(v[i] / (1 - beta2**t)) + eps) + weight_decay * w[i]
+            ratio = 1.0
+            if adapt:
+                w_norm, u_norm = np.linalg.norm(w[i]), np.linalg.norm(update)
+                ratio = w_norm / u_norm if w_norm > 0 and u_norm > 0 else 1.0
+            w[i] = w[i] - ratio * lr * update
+    return w
+
+
+@pytest.mark.parametrize("weight_decay, adapt", [(0.01, True), (0.0, True), (0.01, False)])
+def test_lamb_matches_tensorflow_addons(weight_decay, adapt):
+    rng = np.random.default_rng(0)
+    weights = [rng.normal(size=(4, 3)), rng.normal(size=5), np.zeros(3)]  # a zero tensor: ratio falls back to 1
+    grads = [[rng.normal(size=w.shape) for w in weights] for _ in range(5)]
+    params = [torch.tensor(w, dtype=torch.float64, requires_grad=True) for w in weights]
+    optimizer = Lamb([{"params": params, "weight_decay": weight_decay, "trust_ratio": adapt}],
+                     lr=0.05, betas=(0.9, 0.999), eps=1e-6)
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = torch.tensor(g)
+        optimizer.step()
+    expected = tfa_lamb_reference(weights, grads, 0.05, 0.9, 0.999, 1e-6, weight_decay, adapt)
+    for p, e in zip(params, expected):
+        np.testing.assert_allclose(p.detach().numpy(), e, rtol=1e-10, atol=1e-12)
+
+
+def test_lamb_state_round_trips_through_state_dict():
+    param = nn.Parameter(torch.randn(3))
+    optimizer = Lamb([param], lr=0.1)
+    param.grad = torch.randn(3)
+    optimizer.step()
+    clone = Lamb([nn.Parameter(param.detach().clone())], lr=0.1)
+    clone.load_state_dict(optimizer.state_dict())
+    assert int(clone.state[clone.param_groups[0]["params"][0]]["step"]) == 1
+
+
+def test_lamb_groups_exclude_batch_norm_and_temperature_from_decay_and_trust_ratio():
+    model = create_model("align-test")
+    groups = parameter_groups(model, 1e-5, "lamb")
+    exempt = {id(p) for p in groups[1]["params"]}
+    names = {name for name, p in model.named_parameters() if id(p) in exempt}
+    assert "log_temperature" in names
+    assert "image_tower.embeddings.batchnorm.weight" in names
+    assert "image_tower.encoder.blocks.0.projection.project_bn.bias" in names
+    assert "text_tower.bert.embeddings.LayerNorm.weight" not in names  # tfa only excludes 'bn/'
+    assert "text_projection.bias" not in names
+    assert (groups[0]["weight_decay"], groups[0]["trust_ratio"]) == (1e-5, True)
+    assert (groups[1]["weight_decay"], groups[1]["trust_ratio"]) == (0.0, False)
+
+
+def test_adamw_groups_also_exempt_biases_and_layer_norms():
+    model = create_model("align-test")
+    optimizer = build_optimizer(model, "adamw", 1e-3, 0.2, (0.9, 0.98), 1e-6, torch.device("cpu"))
+    assert isinstance(optimizer, torch.optim.AdamW)
+    decayed = {id(p) for p in optimizer.param_groups[0]["params"]}
+    for name, p in model.named_parameters():
+        assert (id(p) in decayed) == (p.ndim >= 2), name
+
+
+def test_log_temperature_moves_by_about_lr_per_step_under_lamb():
+    """Spec §1.3: tfa LAMB makes τ's step multiplicative; log τ without trust ratio does the same."""
+    model = create_model("align-test")
+    optimizer = build_optimizer(model, "lamb", 0.01, 1e-5, (0.9, 0.999), 1e-6, torch.device("cpu"))
+    before = model.log_temperature.item()
+    for _ in range(3):
+        optimizer.zero_grad()
+        model.log_temperature.grad = torch.tensor(0.5)  # a consistent push towards lower τ
+        optimizer.step()
+    assert before - model.log_temperature.item() == pytest.approx(0.03, rel=1e-3)
+    assert model.temperature.item() > 0
+
+
+@pytest.mark.parametrize("step, expected", [(0, 0.0), (5, 0.5), (10, 1.0), (55, 0.5), (100, 0.0), (120, 0.0)])
+def test_linear_schedule_warms_up_from_zero_and_decays_to_zero(step, expected):
+    assert lr_factor(step, "linear", warmup_steps=10, total_steps=100) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("step, expected", [(10, 1.0), (55, 0.5), (100, 0.0), (32.5, 0.5 * (1 + math.cos(math.pi / 4)))])
+def test_cosine_schedule(step, expected):
+    assert lr_factor(step, "cosine", warmup_steps=10, total_steps=100) == pytest.approx(expected)
+
+
+def test_constant_schedule_after_warmup():
+    assert lr_factor(3, "constant", 4, 10) == 0.75 and lr_factor(9, "constant", 4, 10) == 1.0
