@@ -93,6 +93,19 @@ def test_recipe_overrides_reach_the_model_and_are_validated():
         load_recipe("dem")
 
 
+@pytest.mark.parametrize("override, message", [
+    ("train.lr=nan", "'train.lr' must be a positive number"),
+    ("train.lr=0", "'train.lr' must be a positive number"),
+    ("train.weight_decay=-1", "'train.weight_decay' must be a number >= 0"),
+    ("train.betas=[0.9, 1.0]", "'train.betas' must be two numbers in \\[0, 1\\)"),
+    ("train.eps=-1e-6", "'train.eps' must be a number >= 0"),
+    ("train.warmup_steps=5000", "'train.warmup_steps' must be between 0 and train.steps"),
+])
+def test_bad_optimiser_settings_are_config_errors(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_recipe("demo", [override])
+
+
 def test_registry_lists_the_align_family():
     assert {"align-b3-mini", "align-b7-base", "align-l2-large", "align-tiny", "align-test"} <= set(openalign.list_models())
     with pytest.raises(ConfigError, match="did you mean 'align-b7-base'"):

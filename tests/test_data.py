@@ -68,6 +68,23 @@ def test_karpathy_reader_errors_name_the_problem(tmp_path, shapes_root):
         read_karpathy(shapes_root / "dataset_shapes.json", "val")
 
 
+def test_karpathy_reader_skips_empty_captions_with_a_count_and_rejects_malformed_entries(tmp_path, caplog):
+    def write(images):
+        (tmp_path / "d.json").write_text(json.dumps({"images": images}))
+        return tmp_path / "d.json"
+
+    good = {"filename": "a.jpg", "split": "test", "sentences": [{"raw": " a cat "}, {"raw": "   "}]}
+    blank = {"filename": "b.jpg", "split": "test", "sentences": [{"raw": ""}]}
+    with caplog.at_level("WARNING"):
+        items = read_karpathy(write([good, blank]), "test")
+    assert [(i.path.name, i.captions) for i in items] == [("a.jpg", ("a cat",))]
+    assert "skipped 2 empty caption(s) and 1 image(s)" in caplog.text
+    with pytest.raises(OpenAlignError, match=r"images\[0\] needs a 'filename'"):
+        read_karpathy(write([{"split": "test", "sentences": []}]), "test")
+    with pytest.raises(OpenAlignError, match="a sentence of image 'a.jpg' has no 'raw' text"):
+        read_karpathy(write([{"filename": "a.jpg", "split": "test", "sentences": [{"tokens": ["a"]}]}]), "test")
+
+
 def test_eval_transform_is_squash_resize_then_centre_crop_at_offset_28():
     """Spec §3.5: 346×346 bilinear (aspect ratio not kept), crop 289 at (28, 28), x/127.5 - 1."""
     rng = np.random.default_rng(0)
@@ -138,23 +155,52 @@ def test_collate_stacks_tensors_and_tokenizes_text():
     assert batch["text"]["input_ids"].shape == (2, 16) and batch["label"].tolist() == [1, 2]
 
 
-def _write_shards(directory: Path, good: int) -> str:
+def _write_shards(directory: Path, good: int, shards: int = 1) -> str:
     import webdataset as wds
 
     directory.mkdir()
     buffer = io.BytesIO()
     Image.new("RGB", (20, 16), (200, 30, 30)).save(buffer, format="JPEG")
-    with wds.TarWriter(str(directory / "000000.tar")) as sink:
-        for i in range(good):
-            sink.write({"__key__": f"{i:06d}", "jpg": buffer.getvalue(), "txt": f"caption {i}"})
-        sink.write({"__key__": "corrupt", "jpg": b"not a jpeg", "txt": "broken"})
-    return str(directory / "{000000..000000}.tar")
+    for shard in range(shards):
+        with wds.TarWriter(str(directory / f"{shard:06d}.tar")) as sink:
+            for i in range(good):
+                sink.write({"__key__": f"{shard}_{i:06d}", "jpg": buffer.getvalue(), "txt": f"caption {shard} {i}"})
+            sink.write({"__key__": f"{shard}_corrupt", "jpg": b"not a jpeg", "txt": "broken"})
+            sink.write({"__key__": f"{shard}_empty", "jpg": buffer.getvalue(), "txt": "  "})
+    return str(directory / f"{{000000..{shards - 1:06d}}}.tar")
 
 
-def test_webdataset_source_streams_pairs_and_skips_corrupt_images(tmp_path):
+WDS_TRANSFORM = ImageTransform(PreprocessConfig(image_size=8, resize_size=10), train=True)
+
+
+def test_webdataset_source_streams_pairs_and_skips_corrupt_images_and_empty_captions(tmp_path, caplog):
     urls = _write_shards(tmp_path / "shards", good=5)
-    transform = ImageTransform(PreprocessConfig(image_size=8, resize_size=10), train=True)
-    stream = iter(WebDatasetSourceConfig(urls=urls, shuffle_buffer=1).build(transform, seed=0))
-    samples = [next(stream) for _ in range(12)]  # resampled: the shard repeats forever
+    stream = iter(WebDatasetSourceConfig(urls=urls, shuffle_buffer=1).build(WDS_TRANSFORM, seed=0))
+    with caplog.at_level("WARNING", logger="openalign"):
+        samples = [next(stream) for _ in range(12)]  # resampled: the shard repeats forever
     assert all(s["image"].shape == (3, 8, 8) for s in samples)
-    assert {s["text"] for s in samples} <= {f"caption {i}" for i in range(5)}
+    assert {s["text"] for s in samples} == {f"caption 0 {i}" for i in range(5)}
+    assert "skipped 2 unreadable sample(s)" in caplog.text  # the corrupt jpeg and the blank caption, counted
+
+
+def test_webdataset_stream_is_seeded_and_a_resumed_run_reads_fresh_data(tmp_path):
+    urls = _write_shards(tmp_path / "shards", good=4, shards=8)
+
+    def first_texts(seed: int, start_step: int) -> list[str]:
+        stream = iter(WebDatasetSourceConfig(urls=urls, shuffle_buffer=8).build(WDS_TRANSFORM, seed, start_step))
+        return [next(stream)["text"] for _ in range(16)]
+
+    assert first_texts(0, 0) == first_texts(0, 0)
+    assert first_texts(0, 0) != first_texts(0, 500)  # resuming at step 500 does not replay step 0's samples
+    assert first_texts(0, 0) != first_texts(1, 0)
+
+
+def test_webdataset_missing_shards_and_dead_streams_are_errors(tmp_path):
+    urls = _write_shards(tmp_path / "shards", good=2)
+    with pytest.raises(OpenAlignError, match=r"1 of the 2 shards .* do not exist, e.g. '.*000001.tar'"):
+        WebDatasetSourceConfig(urls=urls.replace("000000}", "000001}")).build(WDS_TRANSFORM, seed=0)
+    (tmp_path / "garbage").mkdir()
+    (tmp_path / "garbage" / "000000.tar").write_bytes(b"this is not a tar file" * 100)
+    dead = WebDatasetSourceConfig(urls=str(tmp_path / "garbage" / "000000.tar"), max_consecutive_errors=5)
+    with pytest.raises(OpenAlignError, match="5 consecutive samples .* failed"):
+        next(iter(dead.build(WDS_TRANSFORM, seed=0)))

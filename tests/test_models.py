@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import importlib.util
 from pathlib import Path
 
@@ -30,9 +32,14 @@ def test_public_api_shapes_and_normalisation():
 def test_temperature_is_stored_as_a_log_and_stays_positive():
     model = openalign.create_model("align-test", temperature_init=0.05)
     assert model.temperature.item() == pytest.approx(0.05) and model.logit_scale.item() == pytest.approx(20.0)
-    with torch.no_grad():
-        model.log_temperature.fill_(-50.0)  # whatever an optimiser does
-    assert model.temperature.item() > 0
+    # the optimiser only ever sees log τ, so no update can make τ zero or negative
+    assert [name for name, _ in model.named_parameters() if "temperature" in name] == ["log_temperature"]
+    assert model.log_temperature.item() == pytest.approx(math.log(0.05))
+    sgd = torch.optim.SGD([model.log_temperature], lr=5.0)
+    model.log_temperature.grad = torch.tensor(1.0)  # a step that would take a plain τ from 0.05 to -4.95
+    sgd.step()
+    assert model.temperature.item() == pytest.approx(0.05 * math.exp(-5.0), rel=1e-5)
+    assert model.logit_scale.item() == pytest.approx(20.0 * math.exp(5.0), rel=1e-5)
 
 
 def test_transforms_follow_the_model_config():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import math
 
 import numpy as np
@@ -49,13 +51,23 @@ def test_lamb_matches_tensorflow_addons(weight_decay, adapt):
 
 
 def test_lamb_state_round_trips_through_state_dict():
-    param = nn.Parameter(torch.randn(3))
-    optimizer = Lamb([param], lr=0.1)
-    param.grad = torch.randn(3)
-    optimizer.step()
-    clone = Lamb([nn.Parameter(param.detach().clone())], lr=0.1)
-    clone.load_state_dict(optimizer.state_dict())
-    assert int(clone.state[clone.param_groups[0]["params"][0]]["step"]) == 1
+    """A LAMB restored from a state dict takes exactly the steps the original would have taken."""
+    torch.manual_seed(0)
+    grads = [torch.randn(3, 4) for _ in range(4)]
+    param = nn.Parameter(torch.randn(3, 4))
+    optimizer = Lamb([param], lr=0.1, weight_decay=0.01)
+    for grad in grads[:2]:
+        param.grad = grad.clone()
+        optimizer.step()
+    clone_param = nn.Parameter(param.detach().clone())
+    clone = Lamb([clone_param], lr=0.1, weight_decay=0.01)
+    clone.load_state_dict(copy.deepcopy(optimizer.state_dict()))  # as if read back from disk
+    for grad in grads[2:]:
+        for p, o in ((param, optimizer), (clone_param, clone)):
+            p.grad = grad.clone()
+            o.step()
+    assert torch.equal(param, clone_param)
+    assert torch.equal(optimizer.state[param]["exp_avg_sq"], clone.state[clone_param]["exp_avg_sq"])
 
 
 def test_lamb_groups_exclude_batch_norm_and_temperature_from_decay_and_trust_ratio():
@@ -91,7 +103,6 @@ def test_log_temperature_moves_by_about_lr_per_step_under_lamb():
         model.log_temperature.grad = torch.tensor(0.5)  # a consistent push towards lower τ
         optimizer.step()
     assert before - model.log_temperature.item() == pytest.approx(0.03, rel=1e-3)
-    assert model.temperature.item() > 0
 
 
 @pytest.mark.parametrize("step, expected", [(0, 0.0), (5, 0.5), (10, 1.0), (55, 0.5), (100, 0.0), (120, 0.0)])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,8 @@ import openalign
 from openalign.distributed import DistributedContext
 from openalign.errors import ConfigError, OpenAlignError
 from openalign.recipe import load_recipe
-from openalign.train import Checkpointer, load_checkpoint_model, load_weights, read_history, train
+from openalign.train import (Checkpointer, load_checkpoint_model, load_weights, lr_factor, read_history, train,
+                             train_step)
 from openalign.train.checkpoint import WEIGHTS_FILE
 
 # dropout and drop-connect on, so that resuming must restore the RNG too
@@ -118,9 +120,56 @@ def test_batch_that_does_not_fill_ghost_batches_is_a_config_error(tmp_path, shap
         train(recipe, show_progress=False)
 
 
-def test_adamw_cosine_and_grad_clip_train_too(tmp_path, shapes_root, tiny_overrides):
-    recipe = load_recipe("demo", tiny_overrides(shapes_root, tmp_path, steps=3) + [
-        "train.optimizer=adamw", "train.schedule=cosine", "train.grad_clip=1.0", "eval.tasks=[]"])
+def test_adamw_with_cosine_schedule_logs_the_rate_each_step_used(tmp_path, shapes_root, tiny_overrides):
+    recipe = load_recipe("demo", tiny_overrides(shapes_root, tmp_path, steps=4) + [
+        "train.optimizer=adamw", "train.lr=0.01", "train.schedule=cosine", "train.warmup_steps=1",
+        "train.grad_clip=1.0", "eval.tasks=[]"])
     result = train(recipe, show_progress=False)
-    assert result.step == 3 and result.metrics == {}
-    assert all(r["loss"] > 0 for r in read_history(tmp_path) if "loss" in r)
+    assert result.step == 4 and result.metrics == {}
+    logged = [r["lr"] for r in read_history(tmp_path) if "loss" in r]
+    assert logged == pytest.approx([0.01 * lr_factor(step, "cosine", 1, 4) for step in range(4)])
+    assert logged[1] == pytest.approx(0.01) and logged[3] == pytest.approx(0.01 * (1 + math.cos(math.pi * 2 / 3)) / 2)
+
+
+def test_grad_clip_bounds_the_global_gradient_norm():
+    torch.manual_seed(0)
+    model = openalign.create_model("align-test", image={"virtual_batch_size": None})
+    tokens = openalign.get_tokenizer("align-test")(["a red circle", "a blue square", "a star", "a cross"])
+    batch = {"image": torch.randn(4, 3, 32, 32), "text": tokens}
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    sgd = torch.optim.SGD(model.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(sgd, lambda step: 1.0)
+    train_step(model, openalign.losses.ContrastiveLoss(), sgd, scheduler, batch, torch.device("cpu"), "fp32",
+               grad_clip=1e-3)
+    moved = torch.sqrt(sum(((p.detach() - before[n]) ** 2).sum() for n, p in model.named_parameters()))
+    assert moved == pytest.approx(1e-3, rel=1e-3)  # plain SGD at lr 1 moves by exactly the clipped norm
+
+
+def test_a_fresh_run_refuses_an_output_dir_holding_checkpoints(trained_run, shapes_root, tiny_overrides):
+    output, _ = trained_run
+    with pytest.raises(OpenAlignError, match=r"already holds checkpoints .*step_00000004.*--resume latest"):
+        train(load_recipe("demo", tiny_overrides(shapes_root, output)), show_progress=False)
+
+
+def test_resume_refuses_a_changed_recipe_but_allows_more_steps(tmp_path, shapes_root, tiny_overrides, caplog):
+    train(load_recipe("demo", tiny_overrides(shapes_root, tmp_path, steps=2) + ["eval.tasks=[]"]), show_progress=False)
+    changed = load_recipe("demo", tiny_overrides(shapes_root, tmp_path, steps=2) + ["eval.tasks=[]", "train.lr=0.5"])
+    with pytest.raises(OpenAlignError, match=r"recipe differs .*train.lr: [0-9.e-]+ -> 0.5"):
+        train(changed, resume="latest", show_progress=False)
+    longer = load_recipe("demo", tiny_overrides(shapes_root, tmp_path, steps=3) + ["eval.tasks=[]", "run.log_every=3"])
+    with caplog.at_level("WARNING"):
+        assert train(longer, resume="latest", show_progress=False).step == 3
+    assert "train.steps changed from 2 to 3" in caplog.text
+
+
+def test_loading_a_directory_that_is_not_an_openalign_checkpoint_is_a_clear_error(tmp_path, trained_run):
+    with pytest.raises(OpenAlignError, match="holds no openalign checkpoint"):
+        load_checkpoint_model(tmp_path)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / WEIGHTS_FILE).write_bytes((trained_run[0] / "checkpoints" / "step_00000004" / WEIGHTS_FILE).read_bytes())
+    with pytest.raises(OpenAlignError, match="has no readable config.yaml"):
+        load_checkpoint_model(foreign)
+    (foreign / "config.yaml").write_text("architectures: [AlignModel]\n")
+    with pytest.raises(OpenAlignError, match="is not an openalign recipe"):
+        load_checkpoint_model(foreign)

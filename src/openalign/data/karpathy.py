@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import OpenAlignError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -35,14 +38,29 @@ def read_karpathy(json_path: str | Path, split: str, image_root: str | Path | No
         raise OpenAlignError(f"'{json_path}' is not a Karpathy-style caption file (expected "
                              f"{{\"images\": [{{\"filename\", \"split\", \"sentences\": [{{\"raw\"}}]}}]}}): {error}") from None
     root = Path(image_root) if image_root is not None else json_path.parent
-    items = []
-    for entry in entries:
+    items, empty_captions, uncaptioned = [], 0, 0
+    for number, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise OpenAlignError(f"'{json_path}': images[{number}] is not an object")
         if entry.get("split") != split:
             continue
-        captions = tuple(s["raw"] for s in entry.get("sentences", ()))
+        name = entry.get("filename")
+        sentences = entry.get("sentences")
+        if not isinstance(name, str) or not name or not isinstance(sentences, list):
+            raise OpenAlignError(f"'{json_path}': images[{number}] needs a 'filename' and a list of 'sentences' "
+                                 f"(it has keys {sorted(entry)})")
+        raw = [s.get("raw") if isinstance(s, dict) else None for s in sentences]
+        if any(not isinstance(r, str) for r in raw):
+            raise OpenAlignError(f"'{json_path}': a sentence of image '{name}' has no 'raw' text")
+        captions = tuple(r.strip() for r in raw if r.strip())
+        empty_captions += len(raw) - len(captions)
         if not captions:
-            raise OpenAlignError(f"'{json_path}': image '{entry.get('filename')}' has no captions")
-        items.append(CaptionedImage(root / entry.get("filepath", "") / entry["filename"], captions, entry.get("labels")))
+            uncaptioned += 1
+            continue
+        items.append(CaptionedImage(root / entry.get("filepath", "") / name, captions, entry.get("labels")))
+    if empty_captions or uncaptioned:
+        log.warning("'%s' split '%s': skipped %d empty caption(s) and %d image(s) left without a caption",
+                    json_path, split, empty_captions, uncaptioned)
     if not items:
         splits = sorted({str(e.get("split")) for e in entries})
         raise OpenAlignError(f"'{json_path}' has no images in split '{split}'; its splits are: {', '.join(splits)}")

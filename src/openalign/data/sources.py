@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,9 @@ class SourceConfig(Variants):
     read in a resumable order) or an iterable dataset (streams).
     """
 
-    def build(self, transform: ImageTransform, seed: int) -> Dataset | IterableDataset:
+    def build(self, transform: ImageTransform, seed: int, start_step: int = 0) -> Dataset | IterableDataset:
+        """``start_step`` is where a resumed run starts: streams use it to draw fresh data;
+        map-style sources ignore it (the loader's sampler resumes them exactly)."""
         raise NotImplementedError
 
 
@@ -59,7 +62,7 @@ class CaptionDataset(Dataset):
         try:
             with Image.open(item.path) as image:
                 pixels = self.transform(image, generator)
-        except (OSError, UnidentifiedImageError) as error:
+        except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as error:
             raise OpenAlignError(f"cannot read training image '{item.path}': {error}") from None
         caption = item.captions[int(torch.randint(len(item.captions), (), generator=generator))]
         return {"image": pixels, "text": caption}
@@ -73,7 +76,7 @@ class KarpathySourceConfig(SourceConfig, tag="karpathy"):
     split: str = "train"
     image_root: str | None = None
 
-    def build(self, transform: ImageTransform, seed: int) -> CaptionDataset:
+    def build(self, transform: ImageTransform, seed: int, start_step: int = 0) -> CaptionDataset:
         return CaptionDataset(read_karpathy(self.json, self.split, self.image_root), transform, seed)
 
 
@@ -90,7 +93,7 @@ class ShapesSourceConfig(SourceConfig, tag="shapes"):
     def spec(self) -> ShapesSpec:
         return ShapesSpec(num_train=self.num_train, num_test=self.num_test, image_size=self.image_size, seed=self.seed)
 
-    def build(self, transform: ImageTransform, seed: int) -> CaptionDataset:
+    def build(self, transform: ImageTransform, seed: int, start_step: int = 0) -> CaptionDataset:
         """Rank 0 generates the dataset if needed while the other ranks wait: ``root`` must be
         visible to every rank (one machine, or a shared filesystem)."""
         if world_info()[0] == 0:
@@ -104,31 +107,87 @@ class WebDatasetSourceConfig(SourceConfig, tag="webdataset"):
     """Tar shards as img2dataset writes them (``KEY.jpg`` + ``KEY.txt``), streamed with ``webdataset``.
 
     ``urls`` is a brace pattern (``shards/{00000..01023}.tar``), an fsspec URL or a ``pipe:``
-    command. Shards are resampled with replacement: every rank and worker draws its own
-    seeded stream, so training length is set in steps. Unreadable samples are skipped with a
-    warning.
+    command; local patterns are checked when the source is built. Shards are resampled with
+    replacement: every rank and worker draws its own stream, seeded by (seed, rank, worker) and
+    by the step the run starts from, so a resumed run reads new data rather than replaying the
+    stream's beginning (a stream cannot be resumed at the exact sample; map-style sources can).
+    Training length is set in steps. Unreadable samples and empty captions are skipped and
+    counted in the log; ``max_consecutive_errors`` failures in a row (a wrong URL, a dead
+    bucket) stop the run with an error instead of spinning forever.
     """
 
     urls: str
     image_keys: str = "jpg;jpeg;png;webp"
     text_key: str = "txt"
     shuffle_buffer: int = 2000
+    max_consecutive_errors: int = 100
 
     def __post_init__(self) -> None:
         if not self.urls:
             raise ConfigError("must name the shards, e.g. 'data/cc3m/{00000..00331}.tar'", "urls")
+        if self.max_consecutive_errors < 1:
+            raise ConfigError("must be at least 1", "max_consecutive_errors")
 
-    def build(self, transform: ImageTransform, seed: int) -> IterableDataset:
+    def local_shards(self) -> list[Path] | None:
+        """The shard paths of a local pattern, or None for remote URLs and ``pipe:`` commands."""
+        if "://" in self.urls or self.urls.startswith("pipe:"):
+            return None
+        import braceexpand
+
+        return [Path(url) for pattern in self.urls.split("::") for url in braceexpand.braceexpand(pattern)]
+
+    def build(self, transform: ImageTransform, seed: int, start_step: int = 0) -> IterableDataset:
         import webdataset as wds
 
+        shards = self.local_shards()
+        if shards is not None:
+            missing = [path for path in shards if not path.is_file()]
+            if missing:
+                raise OpenAlignError(f"{len(missing)} of the {len(shards)} shards of '{self.urls}' do not exist, "
+                                     f"e.g. '{missing[0]}' (data.train.urls must match img2dataset's tar files)")
+        stream_seed = seed * 1_000_003 + start_step
+        errors = _SkipCounter(self.urls, self.max_consecutive_errors)
+        buffer = self.shuffle_buffer
+
+        def shuffle(samples):
+            rank, _, worker, _ = wds.utils.pytorch_worker_info()
+            rng = random.Random(f"{stream_seed}/{rank}/{worker}")  # str seeds hash deterministically
+            return wds.shuffle(buffer, initial=min(100, buffer), rng=rng)(samples)
+
         def to_sample(sample: dict[str, Any]) -> dict[str, Any]:
-            return {"image": transform(sample["image"]), "text": sample["text"]}
+            text = sample["text"].strip() if isinstance(sample["text"], str) else ""
+            if not text:
+                raise ValueError(f"sample '{sample.get('__key__')}' has an empty caption")
+            errors.success()
+            return {"image": transform(sample["image"]), "text": text}
 
         return wds.DataPipeline(
-            wds.ResampledShards(self.urls, seed=seed, deterministic=True),
-            wds.tarfile_to_samples(handler=wds.warn_and_continue),
-            wds.shuffle(self.shuffle_buffer),
-            wds.decode("pil", handler=wds.warn_and_continue),
-            wds.rename(image=self.image_keys, text=self.text_key, handler=wds.warn_and_continue),
-            wds.map(to_sample, handler=wds.warn_and_continue),
+            wds.ResampledShards(self.urls, seed=stream_seed, deterministic=True),
+            wds.tarfile_to_samples(handler=errors),
+            shuffle,
+            wds.decode("pil", handler=errors),
+            wds.rename(image=self.image_keys, text=self.text_key, handler=errors),
+            wds.map(to_sample, handler=errors),
         )
+
+
+class _SkipCounter:
+    """A webdataset error handler: skip the sample, count it, log every power of two, and raise
+    once ``limit`` errors come in a row (per loader worker)."""
+
+    def __init__(self, urls: str, limit: int) -> None:
+        self.urls, self.limit = urls, limit
+        self.total = self.in_a_row = 0
+
+    def success(self) -> None:
+        self.in_a_row = 0
+
+    def __call__(self, error: Exception) -> bool:
+        self.total += 1
+        self.in_a_row += 1
+        if self.in_a_row >= self.limit:
+            raise OpenAlignError(f"{self.in_a_row} consecutive samples of '{self.urls}' failed; last error: "
+                                 f"{error!r}") from None
+        if self.total & (self.total - 1) == 0:
+            log.warning("skipped %d unreadable sample(s) of '%s' so far; latest: %r", self.total, self.urls, error)
+        return True

@@ -63,6 +63,19 @@ def load_weights(model: nn.Module, path: Path) -> None:
     model.load_state_dict(state)
 
 
+def _fsync_directory(directory: Path) -> None:
+    """Flush a directory's files and entries to disk, so a rename after it publishes complete data."""
+    for file in directory.iterdir():
+        if file.is_file():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 class Checkpointer:
     """Saves and restores training state under ``directory``, keeping the newest ``keep``."""
 
@@ -93,8 +106,16 @@ class Checkpointer:
                         "scheduler": scheduler.state_dict(), "loss": loss_fn.state_dict()}, staging / STATE_FILE)
         barrier()
         if self.ctx.is_main:
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(staging, final)
+            _fsync_directory(staging)
+            if final.exists():  # a re-run of the same step: move the old one aside, never leave a gap
+                previous = self.directory / f".step_{step:08d}.old"
+                shutil.rmtree(previous, ignore_errors=True)
+                os.replace(final, previous)
+                os.replace(staging, final)
+                shutil.rmtree(previous, ignore_errors=True)
+            else:
+                os.replace(staging, final)
+            _fsync_directory(self.directory)
             for old in self.checkpoints()[:-self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
         barrier()
@@ -115,12 +136,17 @@ class Checkpointer:
                              "nor a run directory holding checkpoints/")
 
     def resume(self, spec: str, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-               loss_fn: nn.Module) -> int:
-        """Restore everything from the checkpoint ``spec`` names; returns its step (0 if none exists yet)."""
+               loss_fn: nn.Module, recipe: dict[str, Any]) -> int:
+        """Restore everything from the checkpoint ``spec`` names; returns its step (0 if none exists yet).
+
+        ``recipe`` (the resolved recipe as a dict) must agree with the checkpoint's on everything
+        that shapes the run (see :func:`check_resumable`).
+        """
         path = self.resolve(spec)
         if path is None:
             log.info("no checkpoint in %s yet: starting from step 0", self.directory)
             return 0
+        check_resumable(_read_recipe(path), recipe, path)
         load_weights(model, path / WEIGHTS_FILE)
         state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
@@ -136,8 +162,52 @@ class Checkpointer:
         return int(state["step"])
 
 
+# Settings a resumed run may change: where it runs, how it logs, evaluates and reads data.
+RESUMABLE_CHANGES = ("train.device", "train.compile", "data.num_workers", "run.", "eval.")
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        return {key: value for name, child in tree.items() for key, value in _flatten(child, f"{prefix}{name}.").items()}
+    return {prefix[:-1]: tree}
+
+
+def check_resumable(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+    """Refuse to resume ``saved`` (a checkpoint's recipe) with a ``current`` recipe that differs in
+    the model, loss, data or optimisation: the optimiser state would silently override a new
+    ``train.lr``, and any other change breaks the promise that resuming equals never stopping.
+    ``train.steps`` may change (to extend a run) with a warning: the schedule is then stretched."""
+    old, new = _flatten(saved), _flatten(current)
+    changed = sorted(key for key in old.keys() | new.keys()
+                     if old.get(key) != new.get(key) and not key.startswith(RESUMABLE_CHANGES) and key != "train.steps")
+    if changed:
+        details = "; ".join(f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in changed[:6])
+        raise OpenAlignError(f"cannot resume from '{path}': the recipe differs from the one it was trained with "
+                             f"({details}{' ...' if len(changed) > 6 else ''}). Resume with the same settings, or "
+                             "start a new run (another run.output_dir) initialised from these weights.")
+    if old.get("train.steps") != new.get("train.steps"):
+        log.warning("train.steps changed from %s to %s: the learning-rate schedule continues on the new length, so "
+                    "the run differs from one that used it from the start", old.get("train.steps"), new.get("train.steps"))
+
+
+def _read_recipe(path: Path) -> dict[str, Any]:
+    try:
+        recipe = yaml.safe_load((path / CONFIG_FILE).read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise OpenAlignError(f"checkpoint '{path}' has no readable {CONFIG_FILE} (the recipe it was trained with): "
+                             f"{error}") from None
+    if not isinstance(recipe, dict) or not isinstance(recipe.get("model"), dict):
+        raise OpenAlignError(f"'{path / CONFIG_FILE}' is not an openalign recipe (it has no 'model' section)")
+    return recipe
+
+
 def load_checkpoint_model(path: str | Path) -> nn.Module:
-    """The model of a checkpoint directory (or of a run directory's latest checkpoint), in eval mode."""
+    """The model of a checkpoint directory (or of a run directory's latest checkpoint), in eval mode.
+
+    The model is built from the checkpoint's recipe with ``text.pretrained`` cleared: the saved
+    config already records the architecture, and the weights come from the checkpoint, so no
+    pretrained BERT is read or downloaded again.
+    """
     path = Path(path)
     if not (path / WEIGHTS_FILE).is_file():
         found = sorted(p for p in (path / "checkpoints").glob("step_*") if (p / WEIGHTS_FILE).is_file())
@@ -145,7 +215,9 @@ def load_checkpoint_model(path: str | Path) -> nn.Module:
             raise OpenAlignError(f"'{path}' holds no openalign checkpoint (expected {WEIGHTS_FILE} and {CONFIG_FILE}, "
                                  "or a run directory with checkpoints/step_*)")
         path = found[-1]
-    recipe = yaml.safe_load((path / CONFIG_FILE).read_text())
-    model = from_dict(ModelConfig, recipe["model"], "model").build()
+    model_dict = _read_recipe(path)["model"]
+    if isinstance(model_dict.get("text"), dict) and model_dict["text"].get("pretrained"):
+        model_dict["text"]["pretrained"] = None
+    model = from_dict(ModelConfig, model_dict, "model").build()
     load_weights(model, path / WEIGHTS_FILE)
     return model.eval()

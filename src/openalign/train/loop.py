@@ -61,14 +61,24 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True)
     output_dir = Path(recipe.run.output_dir)
     checkpointer = Checkpointer(output_dir / "checkpoints", recipe.run.keep_checkpoints, ctx)
     torch.manual_seed(cfg.seed + 1 + ctx.rank)  # per-rank dropout and drop-connect streams
-    start = checkpointer.resume(resume, model, optimizer, scheduler, loss_fn) if resume else 0
+    recipe_dict = to_dict(recipe)
+    if resume:
+        start = checkpointer.resume(resume, model, optimizer, scheduler, loss_fn, recipe_dict)
+    elif checkpointer.checkpoints():
+        raise OpenAlignError(f"run.output_dir '{output_dir}' already holds checkpoints of an earlier run (newest: "
+                             f"{checkpointer.checkpoints()[-1].name}): pass --resume latest to continue it, or choose "
+                             "another run.output_dir")
+    else:
+        start = 0
     loader = _build_loader(recipe, per_rank, ctx, start)
     forward: nn.Module = model
     if ctx.world_size > 1:
-        forward = DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
+        # broadcast_buffers=False: batch-norm running statistics stay per device (spec §3.4, never
+        # synchronised); checkpoints and evaluation use rank 0's.
+        forward = DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
+                                          broadcast_buffers=False)
     if cfg.compile:
         forward = torch.compile(forward)
-    recipe_dict = to_dict(recipe)
     if ctx.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.yaml").write_text(yaml.safe_dump(recipe_dict, sort_keys=False))
@@ -79,23 +89,22 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True)
                                  enabled=show_progress and ctx.is_main)
         with progress:
             bar = progress.add_task("training", total=cfg.steps, completed=start, loss="-", speed="-")
-            window_loss, window_steps, window_start = torch.zeros((), device=ctx.device), 0, time.perf_counter()
+            window = _LogWindow(ctx.device)
             batches = iter(loader)
             for step in range(start + 1, cfg.steps + 1):
                 batch = move_to_device(next(batches), ctx.device, channels_last=True)
                 lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
-                window_loss += train_step(model, loss_fn, optimizer, scheduler, batch, ctx.device, cfg.precision,
-                                          cfg.grad_clip, forward)
-                window_steps += 1
+                loss = train_step(model, loss_fn, optimizer, scheduler, batch, ctx.device, cfg.precision,
+                                  cfg.grad_clip, forward)
+                window.add(loss, getattr(loss_fn, "last_stats", {}))
                 progress.advance(bar)
                 if step % recipe.run.log_every == 0 or step == cfg.steps:
-                    scalars = _scalars(window_loss / window_steps, lr, model, loss_fn,
-                                       cfg.batch_size * window_steps / (time.perf_counter() - window_start))
+                    scalars = window.scalars(lr, model, cfg.batch_size)
                     logger.log(step, scalars)
                     progress.update(bar, loss=f"{scalars['loss']:.4f}", speed=f"{scalars['samples_per_second']:.0f}")
                     log.info("step %d/%d  loss %.4f  lr %.3g  temperature %.4f  %.0f samples/s", step, cfg.steps,
                              scalars["loss"], scalars["lr"], scalars["temperature"], scalars["samples_per_second"])
-                    window_loss, window_steps, window_start = torch.zeros((), device=ctx.device), 0, time.perf_counter()
+                    window = _LogWindow(ctx.device)
                 if (recipe.run.checkpoint_every and step % recipe.run.checkpoint_every == 0) or step == cfg.steps:
                     checkpointer.save(step, model, optimizer, scheduler, loss_fn, recipe_dict)
                 if recipe.eval.every and step % recipe.eval.every == 0 and step != cfg.steps:
@@ -132,12 +141,28 @@ def train_step(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Opti
     return loss.detach()
 
 
-def _scalars(mean_loss: torch.Tensor, lr: float, model: nn.Module, loss_fn: nn.Module,
-             samples_per_second: float) -> dict[str, float]:
-    scalars = {"loss": all_reduce_mean(mean_loss).item(), "lr": lr,
-               "temperature": 1.0 / model.logit_scale.item(), "samples_per_second": samples_per_second}
-    scalars.update({key: float(value) for key, value in getattr(loss_fn, "last_stats", {}).items()})
-    return scalars
+class _LogWindow:
+    """The steps between two log lines: their losses (and the loss's own statistics, such as the
+    two directions' terms) summed on the device without synchronising, and their wall time."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss = torch.zeros((), device=device)
+        self.stats: dict[str, torch.Tensor] = {}
+        self.steps, self.started = 0, time.perf_counter()
+
+    def add(self, loss: torch.Tensor, stats: dict[str, torch.Tensor]) -> None:
+        self.loss += loss
+        for key, value in stats.items():
+            self.stats[key] = self.stats.get(key, 0.0) + value.detach()
+        self.steps += 1
+
+    def scalars(self, lr: float, model: nn.Module, batch_size: int) -> dict[str, float]:
+        """What is logged: means over the window and over all ranks (every rank must call this)."""
+        seconds = time.perf_counter() - self.started
+        scalars = {"loss": all_reduce_mean(self.loss / self.steps).item(), "lr": lr,
+                   "temperature": 1.0 / model.logit_scale.item(), "samples_per_second": batch_size * self.steps / seconds}
+        scalars.update({key: all_reduce_mean(value / self.steps).item() for key, value in self.stats.items()})
+        return scalars
 
 
 def evaluate(config: EvalConfig, model: nn.Module, ctx: DistributedContext, show_progress: bool = True) -> dict[str, float]:
@@ -168,8 +193,9 @@ def _check_virtual_batch(model: nn.Module, per_rank: int, world_size: int) -> No
 
 
 def _build_loader(recipe: Recipe, per_rank: int, ctx: DistributedContext, start: int) -> torch.utils.data.DataLoader:
-    dataset = recipe.data.train.build(recipe.model.build_transform(train=True), recipe.train.seed)
+    dataset = recipe.data.train.build(recipe.model.build_transform(train=True), recipe.train.seed, start)
     if start and isinstance(dataset, torch.utils.data.IterableDataset):
-        log.warning("this data source is a stream: after resuming it restarts from a new random position")
+        log.warning("this data source is a stream: the resumed run reads a fresh random stream, not the exact "
+                    "samples the interrupted run would have read next")
     return build_loader(dataset, Collate(recipe.model.build_tokenizer()), per_rank, ctx.rank, ctx.world_size,
                         recipe.train.seed, start, recipe.data.num_workers)
