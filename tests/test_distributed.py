@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from openalign.losses import ContrastiveLoss
+from openalign.train import read_history
 
 sys.path.insert(0, str(Path(__file__).parent))
 import distributed_worker  # noqa: E402
@@ -71,3 +72,21 @@ def test_strided_shards_form_the_single_process_ghost_batches():
         ghosts = mine.view(size, -1, *mine.shape[1:])
         for g in range(ghosts.shape[1]):
             torch.testing.assert_close(ghosts[:, g], single[:, 2 * g + rank])
+
+
+def test_the_trainer_runs_under_torchrun_and_resumes(tmp_path, shapes_root):
+    """`torchrun -m openalign train` end to end on 2 gloo ranks: per-rank batches, checkpoints with
+    each rank's RNG state, evaluation on rank 0 while the other waits, then `--resume latest`."""
+    from conftest import tiny_recipe_overrides
+
+    overrides = tiny_recipe_overrides(shapes_root, tmp_path / "run", steps=4) + ["train.device=cpu"]
+    torchrun("-m", "openalign", "train", "demo", *overrides, "train.steps=2")
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints" / "step_00000002").iterdir()) == [
+        "config.yaml", "model.safetensors", "rng_rank0.pt", "rng_rank1.pt", "trainer_state.pt"]
+    result = torchrun("-m", "openalign", "train", "demo", *overrides, "--resume", "latest")
+    assert "resumed from" in result.stdout + result.stderr
+    history = [r for r in read_history(tmp_path / "run") if "loss" in r]
+    assert [r["step"] for r in history] == [1, 2, 3, 4]
+    assert (tmp_path / "run" / "checkpoints" / "step_00000004").is_dir()
+    metrics = [r for r in read_history(tmp_path / "run") if "shapes/knn_colour_acc1" in r]
+    assert len(metrics) == 2  # evaluated at the end of each invocation, by rank 0 only

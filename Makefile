@@ -1,0 +1,32 @@
+# Set-up and the two entry points of the README: `make demo` and `make test`.
+# torch and torchvision are pinned here so that pip takes them from the local wheel cache.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-all benchmark clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/openalign demo
+
+test: install
+	$(BIN)/python -m pytest
+
+test-all: install
+	$(BIN)/python -m pytest -m "slow or not slow"
+
+benchmark: install
+	$(BIN)/python benchmarks/train_throughput.py
+
+clean:
+	rm -rf runs benchmarks/results .pytest_cache

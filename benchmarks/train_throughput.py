@@ -1,0 +1,94 @@
+"""Training throughput and peak memory per model and per-device batch: the trainer's own step.
+
+Each configuration builds the model as the trainer does (channels_last, LAMB over the same
+parameter groups, ALIGN's contrastive loss, bf16 autocast on GPU), feeds synthetic batches at
+the model's input size, and times ``openalign.train.train_step`` after warm-up steps.
+
+    python benchmarks/train_throughput.py                                   # CPU: tiny models
+    python benchmarks/train_throughput.py --models align-b3-mini align-b7-base \\
+        --batch-sizes 128 256 --device cuda --compile                       # GPU
+
+Prints a table and writes JSON (``--output``, default benchmarks/results/train_throughput.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+import openalign
+from openalign.losses import ContrastiveLoss
+from openalign.train import build_optimizer, build_scheduler, train_step
+
+
+def synthetic_batch(model: torch.nn.Module, batch_size: int, device: torch.device) -> dict:
+    config = model.config
+    size, length = config.preprocess.image_size, config.text.max_length
+    input_ids = torch.randint(1000, 30000, (batch_size, length), device=device)
+    return {"image": torch.randn(batch_size, 3, size, size, device=device).contiguous(memory_format=torch.channels_last),
+            "text": {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}}
+
+
+def measure(name: str, batch_size: int, device: torch.device, steps: int, warmup: int, compile: bool) -> dict:
+    torch.manual_seed(0)
+    model = openalign.create_model(name).to(device).to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, "lamb", 1e-3, 1e-5, (0.9, 0.999), 1e-6, device)
+    scheduler = build_scheduler(optimizer, "constant", 0, steps + warmup)
+    forward = torch.compile(model) if compile else model
+    loss_fn, batch = ContrastiveLoss(), synthetic_batch(model, batch_size, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for step in range(warmup + steps):
+        if step == warmup:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+        loss = train_step(model, loss_fn, optimizer, scheduler, batch, device, forward=forward)
+    loss.item()  # wait for the device
+    seconds = time.perf_counter() - start
+    if device.type == "cuda":
+        peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
+    else:
+        peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # process peak RSS (KiB on Linux)
+    return {"model": name, "batch_size": batch_size, "samples_per_second": batch_size * steps / seconds,
+            "seconds_per_step": seconds / steps, "peak_memory_gib": peak_gib,
+            "precision": "bf16" if device.type == "cuda" else "fp32", "compile": compile}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["align-test", "align-tiny"])
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[64, 128])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "train_throughput.json")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    rows = [measure(name, batch, device, args.steps, args.warmup, args.compile)
+            for name in args.models for batch in args.batch_sizes]
+    environment = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+                   "torch": torch.__version__, "threads": torch.get_num_threads()}
+    table = Table(title=f"training throughput on {environment['device']} (torch {torch.__version__})")
+    for column in ("model", "batch/device", "precision", "compile", "samples/s", "s/step", "peak memory GiB"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for row in rows:
+        table.add_row(row["model"], str(row["batch_size"]), row["precision"], str(row["compile"]),
+                      f"{row['samples_per_second']:.1f}", f"{row['seconds_per_step']:.3f}", f"{row['peak_memory_gib']:.2f}")
+    Console().print(table)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps({"environment": environment, "results": rows}, indent=2))
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""The openalign command line, in process and through its console script."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from openalign.cli import main
+
+
+def test_models_and_recipes_are_listed(capsys):
+    assert main(["models"]) == 0
+    assert "align-b7-base" in capsys.readouterr().out.split()
+    assert main(["recipes"]) == 0
+    assert "align-b3-mini-cc3m" in capsys.readouterr().out.split()
+
+
+def test_config_prints_the_resolved_recipe_with_overrides(capsys):
+    assert main(["config", "align-b3-mini-cc3m", "train.lr=1e-3"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["train"]["lr"] == 1e-3
+    assert resolved["model"]["image"]["width_coefficient"] == 1.2  # the registry entry is inlined
+
+
+def test_bad_settings_exit_2_with_a_message_and_no_traceback(capsys):
+    assert main(["config", "demo", "train.batch_sze=3"]) == 2
+    err = capsys.readouterr().err
+    assert "config key 'train.batch_sze' is unknown; did you mean 'train.batch_size'?" in " ".join(err.split())
+    assert "Traceback" not in err
+
+
+def test_data_shapes_writes_the_dataset(tmp_path, capsys):
+    assert main(["data", "shapes", "--out", str(tmp_path), "--train", "8", "--test", "2", "--image-size", "16"]) == 0
+    assert (tmp_path / "dataset_shapes.json").is_file() and len(list((tmp_path / "images" / "train").iterdir())) == 8
+
+
+def test_train_then_eval_through_the_console_script(tmp_path, shapes_root, tiny_overrides):
+    run = tmp_path / "run"
+    script = Path(sys.executable).parent / "openalign"  # installed beside this interpreter
+    assert script.is_file(), "the openalign console script is not installed"
+    result = subprocess.run([script, "train", "demo", *tiny_overrides(shapes_root, run, steps=2)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "shapes/image_retrieval_recall@1" in json.loads(result.stdout)
+    result = subprocess.run([script, "eval", "shapes", "--checkpoint", str(run), "--root", str(shapes_root),
+                             "--output", str(tmp_path / "eval.json")], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((tmp_path / "eval.json").read_text())
+    assert record["task"] == "shapes" and set(record) >= {"dataset", "model", "pretrained", "metrics", "language"}
+
+
+def test_demo_writes_its_report(tmp_path, shapes_root, capsys):
+    shutil.copytree(shapes_root, tmp_path / "data")
+    overrides = ["model.name=align-test", "data.train.num_train=256", "data.train.num_test=24",
+                 "data.train.image_size=32", "data.num_workers=0", "train.steps=3", "train.batch_size=16",
+                 "train.warmup_steps=1", "eval.tasks.0.knn_memory_size=32", "run.log_every=1"]
+    assert main(["demo", "--out", str(tmp_path), *overrides]) == 0
+    report = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(report["metrics"]) == set(report["chance"]) and report["train"]["steps"] == 3
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+    markdown = (tmp_path / "report.md").read_text()
+    assert "| text→image R@1 |" in markdown and "× chance" in markdown
