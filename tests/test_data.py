@@ -86,14 +86,18 @@ def test_karpathy_reader_skips_empty_captions_with_a_count_and_rejects_malformed
 
 
 def test_eval_transform_is_squash_resize_then_centre_crop_at_offset_28():
-    """Spec §3.5: 346×346 bilinear (aspect ratio not kept), crop 289 at (28, 28), x/127.5 - 1."""
+    """Spec §3.5: 346×346 bilinear (aspect ratio not kept), crop 289 at (28, 28), x/127.5 - 1.
+
+    The reference is PIL's antialiased bilinear resize; torchvision's (which AlignProcessor uses,
+    and so do we: test_pretrained checks that equality) rounds differently by at most one level."""
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, (300, 500, 3), dtype=np.uint8))
     out = ImageTransform(PreprocessConfig(), train=False)(image)
     resized = np.asarray(image.resize((346, 346), Image.Resampling.BILINEAR), dtype=np.float32)
     expected = resized[28:317, 28:317].transpose(2, 0, 1) / 127.5 - 1
     assert out.shape == (3, 289, 289)
-    np.testing.assert_allclose(out.numpy(), expected, atol=1e-6)
+    np.testing.assert_allclose(out.numpy(), expected, atol=1 / 127.5 + 1e-6)
+    assert np.abs(out.numpy() - expected).mean() < 0.2 / 127.5  # mostly exact: the crop is in the right place
 
 
 def test_train_transform_is_a_replayable_random_crop():

@@ -7,15 +7,17 @@ from typing import Literal
 
 import numpy as np
 import torch
+import torchvision.transforms.v2.functional as TF
 from PIL import Image
+from torchvision.transforms import InterpolationMode
 
 from ..errors import ConfigError
 
-_RESAMPLE = {
-    "nearest": Image.Resampling.NEAREST,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "lanczos": Image.Resampling.LANCZOS,
+_INTERPOLATION = {
+    "nearest": InterpolationMode.NEAREST_EXACT,
+    "bilinear": InterpolationMode.BILINEAR,
+    "bicubic": InterpolationMode.BICUBIC,
+    "lanczos": InterpolationMode.LANCZOS,
 }
 
 
@@ -24,7 +26,7 @@ class PreprocessConfig:
     """Image preprocessing that travels with the weights (shared spec align-coyo-and-hf.md §3.5).
 
     Train: squash-resize to ``resize_size``, random ``image_size`` crop, optional horizontal
-    flip. Eval: the same resize, then a centre crop at offset ``(resize_size - image_size) // 2``.
+    flip. Eval: the same resize, then a centre crop (offset ``round((resize_size - image_size) / 2)``).
     Pixels are then mapped by ``(x / 255 - mean) / std``; ALIGN's 0.5/0.5 gives [-1, 1].
     """
 
@@ -43,8 +45,9 @@ class PreprocessConfig:
 class ImageTransform:
     """ALIGN's preprocessing (shared spec align-coyo-and-hf.md §3.5), set by a :class:`PreprocessConfig`.
 
-    Squash-resize to ``resize_size`` (aspect ratio not kept), then a random crop and flip in
-    training or the centre crop at offset ``(resize_size - image_size) // 2`` in eval, then
+    Squash-resize to ``resize_size`` (aspect ratio not kept; torchvision's antialiased resize of
+    the uint8 image, exactly as ``transformers``' ``AlignProcessor`` does it), then a random crop
+    and flip in training or torchvision's centre crop in eval, then
     ``x * (1 / (255 std)) - mean / std`` (ALIGN: ``x / 127.5 - 1``). Training randomness comes
     from ``generator``, so a sample's augmentation can be replayed exactly on resume.
     """
@@ -60,16 +63,16 @@ class ImageTransform:
         cfg = self.config
         if image.mode != "RGB":
             image = image.convert("RGB")
-        image = image.resize((cfg.resize_size, cfg.resize_size), _RESAMPLE[cfg.interpolation])
-        span = cfg.resize_size - cfg.image_size
-        flip = False
+        pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+        # torchvision's antialiased resize of the uint8 image, as transformers' AlignProcessor does it
+        pixels = TF.resize(pixels, [cfg.resize_size, cfg.resize_size], interpolation=_INTERPOLATION[cfg.interpolation],
+                           antialias=True)
         if self.train:
+            span = cfg.resize_size - cfg.image_size
             top, left = (int(v) for v in torch.randint(0, span + 1, (2,), generator=generator))
-            flip = cfg.random_flip and bool(torch.rand((), generator=generator) < 0.5)
+            pixels = pixels[:, top:top + cfg.image_size, left:left + cfg.image_size]
+            if cfg.random_flip and bool(torch.rand((), generator=generator) < 0.5):
+                pixels = pixels.flip(-1)
         else:
-            top = left = span // 2
-        image = image.crop((left, top, left + cfg.image_size, top + cfg.image_size))
-        if flip:
-            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)
-        return pixels * self.scale - self.offset
+            pixels = TF.center_crop(pixels, [cfg.image_size, cfg.image_size])
+        return pixels.float() * self.scale - self.offset
