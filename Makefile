@@ -27,6 +27,7 @@ test-all: install
 
 benchmark: install
 	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/inference_throughput.py
 
 clean:
 	rm -rf runs benchmarks/results .pytest_cache

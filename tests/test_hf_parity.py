@@ -9,6 +9,7 @@ import torch
 from transformers import AlignConfig, AlignModel, AlignTextConfig, AlignVisionConfig
 
 from openalign import create_model
+from openalign.hf import state_dict_to_hf
 from openalign.models import GhostBatchNorm2d
 
 WIDTH, DEPTH, IMAGE_SIZE = 0.5, 0.5, 65  # odd size: TF's asymmetric padding matters
@@ -41,28 +42,10 @@ def openalign_model() -> torch.nn.Module:
     return model.eval()
 
 
-def to_hf_state_dict(model: torch.nn.Module, hf: AlignModel) -> dict[str, torch.Tensor]:
-    """openalign names → HF names; the unused BERT pooler keeps HF's own weights."""
-    state = {}
-    for key, value in model.state_dict().items():
-        if key.startswith("image_tower."):
-            state["vision_model." + key.removeprefix("image_tower.")] = value
-        elif key.startswith("text_tower.bert."):
-            state["text_model." + key.removeprefix("text_tower.bert.")] = value
-        elif key == "log_temperature":
-            state["temperature"] = value.exp()
-        else:
-            state[key] = value
-    for key, value in hf.state_dict().items():
-        if ".pooler." in key:
-            state[key] = value
-    return state
-
-
 @pytest.fixture(scope="module")
 def pair() -> tuple[torch.nn.Module, AlignModel]:
     model, hf = openalign_model(), hf_model()
-    missing, unexpected = hf.load_state_dict(to_hf_state_dict(model, hf), strict=True)
+    missing, unexpected = hf.load_state_dict(state_dict_to_hf(model), strict=True)
     assert not missing and not unexpected
     return model, hf
 
@@ -80,7 +63,7 @@ def inputs() -> dict[str, torch.Tensor]:
 
 def test_state_dict_names_map_one_to_one(pair):
     model, hf = pair
-    ours = set(to_hf_state_dict(model, hf))
+    ours = set(state_dict_to_hf(model))
     theirs = {k for k in hf.state_dict() if ".pooler." not in k}
     assert ours - {k for k in ours if ".pooler." in k} == theirs
 

@@ -1,4 +1,4 @@
-"""The ``openalign`` command line: train, eval, demo, data, models, recipes, config."""
+"""The ``openalign`` command line: train, eval, embed, classify, search, convert, demo, data, models, recipes, config."""
 
 from __future__ import annotations
 
@@ -74,6 +74,79 @@ def _cmd_data_shapes(args: argparse.Namespace) -> None:
     print(build_shapes_dataset(args.out, spec))
 
 
+def _device(name: str) -> str:
+    """``auto`` is CUDA when a GPU is visible, else the CPU."""
+    import torch
+
+    if name == "cuda" and not torch.cuda.is_available():
+        from .errors import OpenAlignError
+
+        raise OpenAlignError("--device is 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
+def _cmd_embed(args: argparse.Namespace) -> None:
+    from .inference import embed_folder, write_index
+    from .pretrained import load_pretrained
+
+    model, preprocess, _ = load_pretrained(args.model, device=_device(args.device))
+    paths, embeddings = embed_folder(model, preprocess, args.images, args.batch_size, args.num_workers)
+    write_index(args.out, paths, embeddings, model_name=model.config.name, model_source=str(args.model))
+    print(f"wrote {len(paths)} embeddings ({embeddings.shape[1]}-d) to {args.out}")
+
+
+def _cmd_classify(args: argparse.Namespace) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .errors import OpenAlignError
+    from .inference import DEFAULT_TEMPLATES, classify
+    from .pretrained import load_pretrained
+
+    labels = [label.strip() for label in args.labels.split(",") if label.strip()]
+    if not labels:
+        raise OpenAlignError(f"--labels '{args.labels}' names no label; give comma-separated labels: 'a cat,a dog'")
+    model, preprocess, tokenizer = load_pretrained(args.model, device=_device(args.device))
+    templates = DEFAULT_TEMPLATES if args.templates == "default" else None
+    probabilities = classify(model, preprocess, tokenizer, args.images, labels, templates, args.batch_size)
+    table = Table(title=f"zero-shot probabilities ({model.config.name})")
+    table.add_column("image", overflow="fold")
+    for label in labels:
+        table.add_column(label, justify="right")
+    for image, row in zip(args.images, probabilities.tolist()):
+        table.add_row(image, *(f"{p:.3f}" for p in row))
+    Console().print(table)
+
+
+def _cmd_search(args: argparse.Namespace) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .eval import embed_texts
+    from .inference import read_index, search
+    from .pretrained import load_pretrained
+
+    index = read_index(args.index)
+    model, _, tokenizer = load_pretrained(args.model, device=_device(args.device))
+    if index.model_name and index.model_name != model.config.name:
+        log.warning("the index was built with model '%s' (%s), but the query is embedded with '%s'",
+                    index.model_name, index.model_source, model.config.name)
+    query = embed_texts(model, tokenizer, [args.query], next(model.parameters()).device, show_progress=False)
+    scores, indices = search(index.embeddings, query[0], args.k)
+    table = Table(title=f"'{args.query}' in {args.index}")
+    for column, justify in (("rank", "right"), ("score", "right"), ("path", "left")):
+        table.add_column(column, justify=justify, overflow="fold")
+    for rank, (score, position) in enumerate(zip(scores.tolist(), indices.tolist()), start=1):
+        table.add_row(str(rank), f"{score:.4f}", index.paths[position])
+    Console().print(table)
+
+
+def _cmd_convert(args: argparse.Namespace) -> None:
+    from .pretrained import convert
+
+    print(f"wrote {convert(args.source, args.destination, args.to)} ({args.to} format)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="openalign", description="Train, evaluate and use ALIGN-family models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -108,6 +181,41 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
     demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of the demo recipe")
     demo.set_defaults(func=_cmd_demo)
+
+    model_help = "a model directory, run directory, Hugging Face AlignModel directory or hub id"
+    embed = commands.add_parser("embed", help="embed a folder of images into a parquet index")
+    embed.add_argument("--model", required=True, help=model_help)
+    embed.add_argument("--images", required=True, help="a directory (searched recursively) or a glob pattern")
+    embed.add_argument("--out", required=True, help="the parquet file to write, e.g. embeddings.parquet")
+    embed.add_argument("--batch-size", type=int, default=64)
+    embed.add_argument("--num-workers", type=int, default=0, help="image-decoding worker processes")
+    embed.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    embed.set_defaults(func=_cmd_embed)
+
+    classify = commands.add_parser("classify", help="zero-shot probabilities of labels for images")
+    classify.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    classify.add_argument("--model", required=True, help=model_help)
+    classify.add_argument("--labels", required=True, help="comma-separated labels, e.g. 'a cat,a dog'")
+    classify.add_argument("--templates", default="none", choices=("default", "none"),
+                          help="'none' (default): embed the labels as written; 'default': average prompts "
+                               "such as 'a photo of a {label}.', for labels that are class names ('cat,dog')")
+    classify.add_argument("--batch-size", type=int, default=64)
+    classify.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    classify.set_defaults(func=_cmd_classify)
+
+    convert = commands.add_parser("convert", help="rewrite a model as a Hugging Face AlignModel or openalign directory")
+    convert.add_argument("source", help=model_help)
+    convert.add_argument("destination", help="the directory to write")
+    convert.add_argument("--to", required=True, choices=("hf", "openalign"), help="the format to write")
+    convert.set_defaults(func=_cmd_convert)
+
+    search = commands.add_parser("search", help="the images of an index closest to a text query")
+    search.add_argument("query", help="the text to search for, e.g. 'a red car'")
+    search.add_argument("--index", required=True, help="a parquet index written by 'openalign embed'")
+    search.add_argument("--model", required=True, help=f"{model_help}; the one that built the index")
+    search.add_argument("-k", type=int, default=5, help="how many results (default 5)")
+    search.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    search.set_defaults(func=_cmd_search)
 
     data = commands.add_parser("data", help="datasets")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="DATASET")

@@ -23,11 +23,19 @@ def embed_images(model: nn.Module, transform: Callable[[Image.Image], torch.Tens
     with progress_bar(description, len(paths), enabled=show_progress) as advance:
         for start in range(0, len(paths), batch_size):
             batch = torch.stack([_load(path, transform) for path in paths[start:start + batch_size]])
-            batch = batch.to(device).contiguous(memory_format=torch.channels_last)
-            with autocast(device):
-                chunks.append(model.encode_image(batch).float().cpu())
+            chunks.append(encode_image_batch(model, batch.to(device)))
             advance(len(batch))
     return torch.cat(chunks)
+
+
+@torch.no_grad()
+def encode_image_batch(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """L2-normalised fp32 embeddings on the CPU of a batch of preprocessed images, computed on the
+    model's device and dtype (bf16 autocast on GPU, channels-last)."""
+    parameter = next(model.parameters())
+    pixels = pixels.to(parameter.device, parameter.dtype).contiguous(memory_format=torch.channels_last)
+    with autocast(parameter.device):
+        return model.encode_image(pixels, normalize=True).float().cpu()
 
 
 @torch.no_grad()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -101,6 +102,13 @@ class DualEncoder(nn.Module):
                     normalize: bool = True) -> torch.Tensor:
         features = self.text_projection(self.text_tower(input_ids, attention_mask)).float()
         return F.normalize(features, dim=-1) if normalize else features
+
+    def save_pretrained(self, directory: str | Path, format: str = "openalign") -> Path:
+        """Write the model, its tokenizer and preprocessing: ``format="openalign"`` (read back by
+        ``openalign.load_pretrained``) or ``"hf"`` (a ``transformers`` ``AlignModel`` directory)."""
+        from ..pretrained import save_pretrained
+
+        return save_pretrained(self, directory, format)
 
     def forward(self, image: torch.Tensor, text: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Embeddings of a batch, named as the contrastive loss takes them."""

@@ -20,7 +20,6 @@ import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..config import from_dict
 from ..distributed import DistributedContext, barrier
 from ..errors import OpenAlignError
 from ..models import ModelConfig
@@ -48,7 +47,11 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 def load_weights(model: nn.Module, path: Path) -> None:
     """Load ``path`` (safetensors) into ``model``; any missing, extra or misshapen key is an error."""
-    state = load_file(str(path))
+    load_state(model, load_file(str(path)), f"checkpoint '{path}'")
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load ``state`` into ``model`` strictly; the error lists the first offending keys of each kind."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -58,7 +61,7 @@ def load_weights(model: nn.Module, path: Path) -> None:
         problems = [f"{label}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
                     for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshapen))
                     if keys]
-        raise OpenAlignError(f"checkpoint '{path}' does not fit this model ({'; '.join(problems)}): "
+        raise OpenAlignError(f"{source} does not fit this model ({'; '.join(problems)}): "
                              "was it trained with another architecture?")
     model.load_state_dict(state)
 
@@ -202,12 +205,15 @@ def _read_recipe(path: Path) -> dict[str, Any]:
 
 
 def load_checkpoint_model(path: str | Path) -> nn.Module:
-    """The model of a checkpoint directory (or of a run directory's latest checkpoint), in eval mode.
+    """The model of an openalign model directory, a checkpoint directory, or a run directory (its
+    latest checkpoint), in eval mode.
 
-    The model is built from the checkpoint's recipe with ``text.pretrained`` cleared: the saved
-    config already records the architecture, and the weights come from the checkpoint, so no
+    The model is built from the saved config with ``text.pretrained`` cleared: the config
+    already records the architecture, and the weights come from the checkpoint, so no
     pretrained BERT is read or downloaded again.
     """
+    from ..pretrained import model_config_from_dict
+
     path = Path(path)
     if not (path / WEIGHTS_FILE).is_file():
         found = sorted(p for p in (path / "checkpoints").glob("step_*") if (p / WEIGHTS_FILE).is_file())
@@ -215,9 +221,6 @@ def load_checkpoint_model(path: str | Path) -> nn.Module:
             raise OpenAlignError(f"'{path}' holds no openalign checkpoint (expected {WEIGHTS_FILE} and {CONFIG_FILE}, "
                                  "or a run directory with checkpoints/step_*)")
         path = found[-1]
-    model_dict = _read_recipe(path)["model"]
-    if isinstance(model_dict.get("text"), dict) and model_dict["text"].get("pretrained"):
-        model_dict["text"]["pretrained"] = None
-    model = from_dict(ModelConfig, model_dict, "model").build()
+    model = model_config_from_dict(_read_recipe(path)["model"], path).build()
     load_weights(model, path / WEIGHTS_FILE)
     return model.eval()

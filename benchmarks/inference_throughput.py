@@ -1,0 +1,206 @@
+"""Inference throughput: openalign against transformers.AlignModel, with the same weights.
+
+A random ``transformers.AlignModel`` of the preset's size is written with ``save_pretrained`` to a
+temporary directory and read back with ``openalign.load_pretrained``, so both libraries hold
+identical weights (the script checks their fp32 embeddings agree). For each tower it measures the
+batch-1 latency (median ms per call) and the large-batch throughput (images/s, texts/s) of the
+embedding call: openalign's ``encode_image`` / ``encode_text`` (channels-last, as its trainer and
+``openalign.inference`` run the conv tower) and transformers' ``get_image_features`` /
+``get_text_features`` (its defaults). fp32 on CPU; bf16 autocast on CUDA; ``--compile`` wraps both
+calls in ``torch.compile``. Texts are 64 tokens (ALIGN's padded length), 20 of them real.
+
+    python benchmarks/inference_throughput.py                                  # CPU, small model, ~1 min
+    python benchmarks/inference_throughput.py --preset align-base --device cuda --compile
+
+Prints a table and writes JSON (``--output``, default benchmarks/results/inference_throughput.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from transformers import (AlignConfig, AlignModel, AlignProcessor, AlignTextConfig, AlignVisionConfig,
+                          EfficientNetImageProcessor)
+
+import openalign
+from openalign.data.tokenizer import load_hf_tokenizer
+from openalign.precision import autocast
+
+# Sizes of the random AlignModel. "small": EfficientNet ×0.5 width and depth at 128 px and a
+# 2-layer BERT; "align-base": kakaobrain/align-base's EfficientNet-B7 at 289 px and BERT-base.
+PRESETS: dict[str, dict[str, Any]] = {
+    "small": {"vision": {"width_coefficient": 0.5, "depth_coefficient": 0.5, "image_size": 128},
+              "text": {"num_hidden_layers": 2, "hidden_size": 256, "num_attention_heads": 4,
+                       "intermediate_size": 1024},
+              "projection_dim": 160},
+    "align-base": {"vision": {"width_coefficient": 2.0, "depth_coefficient": 3.1, "image_size": 289},
+                   "text": {}, "projection_dim": 640},
+}
+TEXT_LENGTH, REAL_TOKENS = 64, 20
+
+Encoder = Callable[[dict[str, torch.Tensor]], torch.Tensor]
+
+
+def build_models(preset: str, directory: Path) -> tuple[torch.nn.Module, AlignModel]:
+    """The random AlignModel of ``preset`` and openalign's load of its ``save_pretrained`` directory."""
+    sizes = PRESETS[preset]
+    torch.manual_seed(0)
+    vision = AlignVisionConfig(depthwise_padding=[], **sizes["vision"])
+    config = AlignConfig(text_config=AlignTextConfig(**sizes["text"]).to_dict(), vision_config=vision.to_dict(),
+                         projection_dim=sizes["projection_dim"])
+    hf = AlignModel(config)
+    calibrate_batch_norm(hf, vision.image_size)
+    hf.save_pretrained(directory)
+    size = vision.image_size
+    processor = EfficientNetImageProcessor(size={"height": round(size * 346 / 289), "width": round(size * 346 / 289)},
+                                           crop_size={"height": size, "width": size}, rescale_factor=1 / 127.5,
+                                           rescale_offset=True, do_normalize=False, include_top=False)
+    tokenizer = load_hf_tokenizer("bert-base-uncased")
+    AlignProcessor(image_processor=processor, tokenizer=tokenizer).save_pretrained(directory)
+    model, _, _ = openalign.load_pretrained(directory)
+    return model.eval(), hf
+
+
+@torch.no_grad()
+def calibrate_batch_norm(hf: AlignModel, image_size: int) -> None:
+    """Set the running statistics to those of one random batch, then eval mode.
+
+    With HF's random init and unit running variance, activations shrink through the blocks
+    (image embeddings ~1e-26, near fp32's denormals, which are slow on CPUs); calibrated batch
+    norm keeps them of order one, as in a trained model.
+    """
+    norms = [module for module in hf.modules() if isinstance(module, torch.nn.BatchNorm2d)]
+    momenta = [norm.momentum for norm in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average: after one batch, that batch's statistics
+    hf.train()
+    hf.get_image_features(pixel_values=torch.rand(8, 3, image_size, image_size) * 2 - 1)
+    for norm, momentum in zip(norms, momenta):
+        norm.momentum = momentum
+    hf.eval()
+
+
+def make_inputs(batch_size: int, image_size: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Random pixels in [-1, 1] (also channels-last) and token ids with 20 real tokens of 64."""
+    generator = torch.Generator().manual_seed(batch_size)
+    pixels = torch.rand(batch_size, 3, image_size, image_size, generator=generator) * 2 - 1
+    input_ids = torch.randint(1000, 30000, (batch_size, TEXT_LENGTH), generator=generator)
+    attention_mask = (torch.arange(TEXT_LENGTH) < REAL_TOKENS).long().expand(batch_size, -1).contiguous()
+    inputs = {"pixels": pixels, "input_ids": input_ids * attention_mask, "attention_mask": attention_mask}
+    inputs = {name: value.to(device) for name, value in inputs.items()}
+    inputs["pixels_channels_last"] = inputs["pixels"].contiguous(memory_format=torch.channels_last)
+    return inputs
+
+
+def encoders(model: torch.nn.Module, hf: AlignModel, compile: bool) -> dict[tuple[str, str], Encoder]:
+    """The embedding call of each (library, tower), unnormalised as transformers returns them."""
+    image, text = model.encode_image, model.encode_text
+    hf_image, hf_text = hf.get_image_features, hf.get_text_features
+    if compile:
+        image, text, hf_image, hf_text = (torch.compile(f) for f in (image, text, hf_image, hf_text))
+    return {
+        ("openalign", "image"): lambda x: image(x["pixels_channels_last"], normalize=False),
+        ("transformers", "image"): lambda x: hf_image(pixel_values=x["pixels"]).pooler_output,
+        ("openalign", "text"): lambda x: text(x["input_ids"], x["attention_mask"], normalize=False),
+        ("transformers", "text"): lambda x: hf_text(input_ids=x["input_ids"],
+                                                    attention_mask=x["attention_mask"]).pooler_output,
+    }
+
+
+@torch.inference_mode()
+def call_seconds(encode: Encoder, inputs: dict[str, torch.Tensor], device: torch.device, precision: str,
+                 warmup: int, iterations: int) -> float:
+    """Median wall-clock seconds of one call, after ``warmup`` calls."""
+    times = []
+    for step in range(warmup + iterations):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        with autocast(device, precision):
+            encode(inputs)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if step >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def parity(calls: dict[tuple[str, str], Encoder], inputs: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Max absolute difference of the two libraries' fp32 embeddings over their max magnitude, per tower."""
+    differences = {}
+    for tower in ("image", "text"):
+        ours, theirs = calls[("openalign", tower)](inputs).float(), calls[("transformers", tower)](inputs).float()
+        differences[tower] = ((ours - theirs).abs().max() / theirs.abs().max()).item()
+    return differences
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    parser.add_argument("--batch-size", type=int, help="the large batch (default 64 on CPU, 256 on CUDA)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--iterations", type=int, default=10)
+    parser.add_argument("--compile", action="store_true", help="torch.compile both libraries' calls")
+    parser.add_argument("--output", type=Path,
+                        default=Path(__file__).parent / "results" / "inference_throughput.json")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    batch_size = args.batch_size or (256 if device.type == "cuda" else 64)
+    precision = "bf16" if args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda") else "fp32"
+    with tempfile.TemporaryDirectory() as directory:
+        model, hf = build_models(args.preset, Path(directory))
+    model, hf = model.to(device).to(memory_format=torch.channels_last), hf.to(device)
+    image_size = PRESETS[args.preset]["vision"]["image_size"]
+    calls = encoders(model, hf, args.compile)
+    differences = parity(encoders(model, hf, compile=False), make_inputs(2, image_size, device))
+    batches = {1: make_inputs(1, image_size, device), batch_size: make_inputs(batch_size, image_size, device)}
+    rows = []
+    for (library, tower), encode in calls.items():
+        latency = call_seconds(encode, batches[1], device, precision, args.warmup, args.iterations)
+        seconds = call_seconds(encode, batches[batch_size], device, precision, args.warmup, args.iterations)
+        rows.append({"library": library, "tower": tower, "precision": precision, "compile": args.compile,
+                     "latency_ms_batch1": 1000 * latency, "batch_size": batch_size,
+                     "items_per_second": batch_size / seconds})
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    environment = {"device": name, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                   "preset": args.preset, "image_size": image_size, "text_length": TEXT_LENGTH, "real_tokens": REAL_TOKENS}
+    print_table(rows, environment, differences)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps({"environment": environment, "parity_relative_max_diff_fp32": differences,
+                                       "results": rows}, indent=2))
+    print(f"wrote {args.output}")
+
+
+def print_table(rows: list[dict], environment: dict, differences: dict[str, float]) -> None:
+    reference = {row["tower"]: row for row in rows if row["library"] == "transformers"}
+    table = Table(title=f"inference, {environment['preset']} preset, on {environment['device']} "
+                        f"(torch {environment['torch']}); fp32 relative difference: image {differences['image']:.1e}, "
+                        f"text {differences['text']:.1e}")
+    for column in ("library", "tower", "precision", "compile", "batch-1 ms", "batch", "items/s", "× hf"):
+        table.add_column(column, justify="left" if column in ("library", "tower") else "right")
+    for row in rows:
+        speedup = row["items_per_second"] / reference[row["tower"]]["items_per_second"]
+        table.add_row(row["library"], row["tower"], row["precision"], str(row["compile"]),
+                      f"{row['latency_ms_batch1']:.2f}", str(row["batch_size"]), f"{row['items_per_second']:.1f}",
+                      f"{speedup:.2f}")
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()

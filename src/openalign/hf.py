@@ -1,0 +1,249 @@
+"""Hugging Face ``AlignModel`` directories: read them into openalign, write openalign models as them.
+
+The mapping (shared spec align-coyo-and-hf.md §6):
+
+- weights: ``vision_model.*`` ↔ ``image_tower.*`` (the EfficientNet already uses HF's names),
+  ``text_model.*`` ↔ ``text_tower.bert.*``, ``text_projection.*`` unchanged, and HF's scalar
+  ``temperature`` ↔ ``log_temperature = log(temperature)``. HF's text pooler is unused by
+  ``AlignModel`` (the embedding is the [CLS] vector): it is dropped on import and written as an
+  identity map on export, so ``transformers`` reports no missing weights.
+- config: ``AlignVisionConfig`` ↔ the EfficientNet config, ``AlignTextConfig`` ↔ the BERT config,
+  ``projection_dim`` ↔ ``embed_dim``. HF's ``batch_norm_momentum=0.99`` is Keras's convention
+  handed to PyTorch's BatchNorm unchanged (spec §8, HF item 1); openalign reads it as PyTorch
+  momentum 0.01 and writes 0.99 back.
+- preprocessing: ``EfficientNetImageProcessor`` (resize 346 bilinear, centre crop 289,
+  ``x / 127.5 - 1``) ↔ :class:`~openalign.data.transforms.PreprocessConfig`; the tokenizer is
+  the directory's own, padded and truncated to 64 tokens.
+
+HF's ``AlignModel`` has no image projection, so models with one (``align-b3-mini``) cannot be
+exported to it; that is an error rather than a silently different model.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .data.transforms import PreprocessConfig
+from .errors import ConfigError, OpenAlignError
+from .models import BertTowerConfig, DualEncoderConfig, EfficientNetConfig
+from .pretrained import HF_CONFIG_FILE, WEIGHTS_FILE, model_config_from_dict, read_json
+
+log = logging.getLogger(__name__)
+
+_EFFICIENTNET_FIELDS = ("width_coefficient", "depth_coefficient", "depth_divisor", "kernel_sizes", "strides",
+                        "in_channels", "out_channels", "num_block_repeats", "expand_ratios",
+                        "squeeze_expansion_ratio", "drop_connect_rate", "batch_norm_eps")
+_BERT_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                "max_position_embeddings", "type_vocab_size", "layer_norm_eps", "hidden_dropout_prob",
+                "attention_probs_dropout_prob")
+_RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
+MAX_LENGTH = 64  # AlignProcessor's padding length; positions beyond it were never trained
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def load_hf_directory(directory: Path) -> nn.Module:
+    """An openalign model holding the weights of the ``AlignModel`` saved in ``directory``."""
+    config = model_config_from_hf(directory)
+    model = config.build()
+    state = state_dict_from_hf(read_hf_weights(directory))
+    from .train.checkpoint import load_state
+
+    load_state(model, state, f"'{directory}'")
+    return model.eval()
+
+
+def model_config_from_hf(directory: Path) -> DualEncoderConfig:
+    """The openalign config equivalent to ``directory``'s ``config.json`` and preprocessor files."""
+    raw = read_json(directory / HF_CONFIG_FILE)
+    if raw.get("model_type") != "align":
+        raise OpenAlignError(f"'{directory / HF_CONFIG_FILE}' describes a '{raw.get('model_type')}' model, not ALIGN "
+                             "(model_type 'align', transformers.AlignModel)")
+    from transformers import AlignConfig
+
+    hf = AlignConfig.from_pretrained(str(directory))
+    vision, text = hf.vision_config, hf.text_config
+    _require(list(vision.depthwise_padding) == [], "vision_config.depthwise_padding",
+             f"is {list(vision.depthwise_padding)}; openalign's EfficientNet implements ALIGN's [] only")
+    _require(vision.hidden_act in ("swish", "silu"), "vision_config.hidden_act", f"is '{vision.hidden_act}', not swish")
+    _require(vision.pooling_type == "mean", "vision_config.pooling_type", f"is '{vision.pooling_type}', not mean")
+    _require(vision.num_channels == 3, "vision_config.num_channels", f"is {vision.num_channels}, not 3")
+    _require(text.hidden_act == "gelu", "text_config.hidden_act", f"is '{text.hidden_act}', not gelu")
+    _require(getattr(text, "position_embedding_type", "absolute") == "absolute", "text_config.position_embedding_type",
+             "is not 'absolute'")
+    image = {"type": "efficientnet", **{k: _plain(getattr(vision, k)) for k in _EFFICIENTNET_FIELDS},
+             "batch_norm_momentum": 0.01, "virtual_batch_size": None}
+    has_tokenizer = any((directory / name).is_file() for name in _TOKENIZER_FILES)
+    if not has_tokenizer:
+        log.warning("'%s' has no tokenizer files: using bert-base-uncased", directory)
+    text_dict = {"type": "bert", **{k: _plain(getattr(text, k)) for k in _BERT_FIELDS},
+                 "tokenizer": "." if has_tokenizer else "bert-base-uncased", "max_length": MAX_LENGTH}
+    model = {"architecture": "dual_encoder", "name": directory.name, "image": image, "text": text_dict,
+             "embed_dim": hf.projection_dim, "image_projection": False,
+             "temperature_init": hf.temperature_init_value,
+             "preprocess": _preprocess_from_hf(directory, vision.image_size)}
+    try:
+        return model_config_from_dict(model, directory)
+    except ConfigError as error:
+        raise OpenAlignError(f"'{directory / HF_CONFIG_FILE}' cannot be represented: {error}") from None
+
+
+def _preprocess_from_hf(directory: Path, image_size: int) -> dict[str, Any]:
+    """PreprocessConfig fields from the directory's image processor (align-base's when absent)."""
+    try:
+        from transformers import AutoImageProcessor
+
+        processor = AutoImageProcessor.from_pretrained(str(directory))
+    except (OSError, ValueError) as error:
+        resize = round(image_size * 346 / 289)
+        log.warning("'%s' has no readable image processor (%s): using ALIGN's, resize %d and crop %d",
+                    directory, error, resize, image_size)
+        return {"image_size": image_size, "resize_size": resize, "interpolation": "bilinear", "random_flip": True}
+    size, crop = processor.size, processor.crop_size
+    if size.get("height") != size.get("width") or not processor.do_resize:
+        raise OpenAlignError(f"'{directory}': the image processor must resize to a square (it has do_resize="
+                             f"{processor.do_resize}, size={dict(size)}), as ALIGN's does")
+    resize = int(size["height"])
+    crop_side = int(crop["height"]) if processor.do_center_crop else resize
+    resample = int(processor.resample) if processor.resample is not None else 2
+    offset, factor = bool(getattr(processor, "rescale_offset", False)), float(processor.rescale_factor)
+    normalize = bool(processor.do_normalize) or bool(getattr(processor, "include_top", False))
+    if processor.do_rescale and offset and not normalize and math.isclose(factor, 1 / 127.5, rel_tol=1e-6):
+        mean = std = (0.5, 0.5, 0.5)  # x / 127.5 - 1
+    elif processor.do_rescale and not offset and processor.do_normalize and math.isclose(factor, 1 / 255, rel_tol=1e-6) \
+            and not getattr(processor, "include_top", False):
+        mean, std = tuple(processor.image_mean), tuple(processor.image_std)
+    else:
+        raise OpenAlignError(f"'{directory}': image processor rescaling (do_rescale={processor.do_rescale}, factor "
+                             f"{factor}, offset={offset}, do_normalize={processor.do_normalize}, include_top="
+                             f"{getattr(processor, 'include_top', None)}) is neither ALIGN's x/127.5-1 nor x/255 "
+                             "normalised by mean and std")
+    return {"image_size": crop_side, "resize_size": resize, "interpolation": _RESAMPLE_NAMES.get(resample, "bilinear"),
+            "mean": list(mean), "std": list(std), "random_flip": True}
+
+
+def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """``model.safetensors`` (or its shards), else ``pytorch_model.bin`` loaded with ``weights_only``."""
+    from safetensors.torch import load_file
+
+    if (directory / WEIGHTS_FILE).is_file():
+        return load_file(str(directory / WEIGHTS_FILE))
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(read_json(index).get("weight_map", {}).values()))
+        state: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            state.update(load_file(str(directory / shard)))
+        return state
+    if (directory / "pytorch_model.bin").is_file():
+        try:
+            return torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        except Exception as error:  # weights_only refuses pickled code: say so plainly
+            raise OpenAlignError(f"'{directory / 'pytorch_model.bin'}' cannot be read safely (weights_only): {error}") from None
+    raise OpenAlignError(f"'{directory}' has no weights: expected model.safetensors, model.safetensors.index.json "
+                         "or pytorch_model.bin")
+
+
+def state_dict_from_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF ``AlignModel`` names and tensors → openalign's (unknown keys pass through, to be reported)."""
+    ours: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key.startswith("text_model.pooler.") or key == "text_model.embeddings.position_ids":
+            continue
+        if key.startswith("vision_model."):
+            ours["image_tower." + key.removeprefix("vision_model.")] = value
+        elif key.startswith("text_model."):
+            ours["text_tower.bert." + key.removeprefix("text_model.")] = value
+        elif key == "temperature":
+            if not float(value) > 0:
+                raise OpenAlignError(f"the checkpoint's temperature is {float(value)}; it must be positive")
+            ours["log_temperature"] = value.float().log().reshape(())
+        else:
+            ours[key] = value
+    return ours
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+
+def state_dict_to_hf(model: nn.Module) -> dict[str, torch.Tensor]:
+    """openalign names and tensors → HF ``AlignModel``'s, with an identity text pooler."""
+    state: dict[str, torch.Tensor] = {}
+    for key, value in model.state_dict().items():
+        value = value.detach().contiguous().cpu()
+        if key.startswith("image_tower."):
+            state["vision_model." + key.removeprefix("image_tower.")] = value
+        elif key.startswith("text_tower.bert."):
+            state["text_model." + key.removeprefix("text_tower.bert.")] = value
+        elif key == "log_temperature":
+            state["temperature"] = value.exp()
+        else:
+            state[key] = value
+    hidden = model.config.text.hidden_size
+    state["text_model.pooler.dense.weight"] = torch.eye(hidden)
+    state["text_model.pooler.dense.bias"] = torch.zeros(hidden)
+    return state
+
+
+def hf_config_from_model(config: DualEncoderConfig) -> Any:
+    """The ``transformers.AlignConfig`` of an openalign model, or an error naming what HF lacks."""
+    from transformers import AlignConfig, AlignTextConfig, AlignVisionConfig
+
+    name = config.name or "this model"
+    if not isinstance(config, DualEncoderConfig) or not isinstance(config.image, EfficientNetConfig) \
+            or not isinstance(config.text, BertTowerConfig):
+        raise OpenAlignError(f"{name} is not an EfficientNet + BERT dual encoder, so it has no AlignModel form")
+    if config.image_projection:
+        raise OpenAlignError(f"{name} projects its image features (image_projection: true, as ALIGN B3-mini does); "
+                             "Hugging Face's AlignModel has no image projection, so it cannot be exported to 'hf'. "
+                             "Save it with format='openalign' instead.")
+    pre = config.preprocess
+    if tuple(pre.mean) != (0.5, 0.5, 0.5) or tuple(pre.std) != (0.5, 0.5, 0.5):
+        raise OpenAlignError(f"{name} normalises pixels with mean {pre.mean} and std {pre.std}; the AlignModel export "
+                             "writes ALIGN's x/127.5-1 only")
+    vision = AlignVisionConfig(**{k: _plain(getattr(config.image, k)) for k in _EFFICIENTNET_FIELDS},
+                               batch_norm_momentum=1.0 - config.image.batch_norm_momentum,
+                               image_size=pre.image_size, hidden_dim=max(640, pre.image_size),
+                               depthwise_padding=[], hidden_act="swish", pooling_type="mean")
+    text = AlignTextConfig(**{k: getattr(config.text, k) for k in _BERT_FIELDS})
+    return AlignConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=config.embed_dim,
+                       temperature_init_value=config.temperature_init)
+
+
+def save_hf_directory(model: nn.Module, directory: Path) -> Path:
+    """Write ``config.json``, ``model.safetensors``, the tokenizer and ``AlignProcessor`` files."""
+    from safetensors.torch import save_file
+    from transformers import AlignProcessor, EfficientNetImageProcessor
+
+    hf_config = hf_config_from_model(model.config)
+    pre = model.config.preprocess
+    resample = {name: code for code, name in _RESAMPLE_NAMES.items()}[pre.interpolation]
+    tokenizer = model.config.build_tokenizer().hf_tokenizer
+    tokenizer.model_max_length = MAX_LENGTH
+    image_processor = EfficientNetImageProcessor(
+        size={"height": pre.resize_size, "width": pre.resize_size},
+        crop_size={"height": pre.image_size, "width": pre.image_size}, resample=resample, do_center_crop=True,
+        do_rescale=True, rescale_factor=1 / 127.5, rescale_offset=True, do_normalize=False, include_top=False)
+    directory.mkdir(parents=True, exist_ok=True)
+    hf_config.architectures = ["AlignModel"]
+    hf_config.save_pretrained(str(directory))
+    save_file(state_dict_to_hf(model), str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    AlignProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(str(directory))
+    return directory
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise OpenAlignError(f"config key '{key}' {message}: openalign cannot load this AlignModel")
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value

@@ -1,0 +1,293 @@
+"""Using a trained model: zero-shot classification, embedding an image folder, and a searchable index.
+
+The index is a parquet file with one row per image (``path``: string, ``embedding``:
+list<float32>, L2-normalised) and the model's name and source in the schema metadata, so any
+parquet reader can open it and ``openalign search`` can tell which model made it.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from .data.tokenizer import Tokenizer
+from .errors import OpenAlignError
+from .eval import embed_texts
+from .eval.features import encode_image_batch as encode_images
+from .eval import zero_shot_classifier as _class_embeddings
+from .progress import progress_bar
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+# A prompt ensemble for class names ("cat", "golden retriever"), in the manner of ALIGN paper §5.2.
+DEFAULT_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a close-up photo of a {}.",
+                     "a cropped photo of a {}.", "a photo of the {}.", "a drawing of a {}.")
+FAISS_MIN_ROWS = 100_000  # above this, search uses faiss's exact inner-product index when it is installed
+SEARCH_CHUNK_ROWS = 65_536
+INDEX_ROW_GROUP = 65_536  # rows per parquet row group
+_METADATA_PREFIX = "openalign."
+# What PIL raises for a file that is not a readable image (truncated, corrupt, of another format).
+_UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+ImageInput = Image.Image | str | Path
+Preprocess = Callable[[Image.Image], torch.Tensor]
+
+
+@dataclass
+class EmbeddingIndex:
+    """The contents of an index file: ``embeddings[i]`` is the embedding of the image at ``paths[i]``."""
+
+    paths: list[str]
+    embeddings: torch.Tensor
+    model_name: str | None = None
+    model_source: str | None = None
+
+
+def zero_shot_classifier(model: nn.Module, tokenizer: Tokenizer, class_names: Sequence[str],
+                         templates: Sequence[str | Callable[[str], str]] = DEFAULT_TEMPLATES,
+                         batch_size: int = 64) -> torch.Tensor:
+    """(num_classes, dim) fp32 class embeddings on the CPU: each class's prompt embeddings averaged
+    and renormalised (:func:`openalign.eval.zero_shot_classifier` with ``model``'s text tower)."""
+    device = _model_device(model)
+
+    def encode_text(texts: list[str]) -> torch.Tensor:
+        return embed_texts(model, tokenizer, texts, device, batch_size=batch_size, show_progress=False)
+
+    return _class_embeddings(encode_text, class_names, templates)
+
+
+@torch.no_grad()
+def classify(model: nn.Module, preprocess: Preprocess, tokenizer: Tokenizer, images: Sequence[ImageInput],
+             labels: Sequence[str], templates: Sequence[str] | None = None, batch_size: int = 64) -> torch.Tensor:
+    """(num_images, num_labels) probabilities: softmax over labels of ``logit_scale`` × cosine similarity.
+
+    ``images`` are PIL images or paths; ``labels`` are embedded as written, or, with
+    ``templates`` (format strings such as ``"a photo of a {}."``), as the renormalised mean of
+    their prompts. Runs on the model's device and dtype; similarities are fp32, on the CPU.
+    """
+    if not images or not labels:
+        raise OpenAlignError("classify needs at least one image and one label")
+    if templates:
+        classes = zero_shot_classifier(model, tokenizer, labels, templates, batch_size)
+    else:
+        classes = embed_texts(model, tokenizer, list(labels), _model_device(model), batch_size, show_progress=False)
+    image_embeddings = torch.cat([
+        encode_images(model, torch.stack([_pixels(image, preprocess) for image in images[start:start + batch_size]]))
+        for start in range(0, len(images), batch_size)])
+    logits = model.logit_scale.detach().float().cpu() * image_embeddings @ classes.T
+    return logits.softmax(dim=-1)
+
+
+def embed_folder(model: nn.Module, preprocess: Preprocess, images: str | Path, batch_size: int = 64,
+                 num_workers: int = 0) -> tuple[list[str], torch.Tensor]:
+    """``(paths, embeddings)`` of the images in a directory (recursively) or matching a glob pattern.
+
+    Files that cannot be read as images are skipped and counted in a logged warning; the
+    returned paths are those of the embedded images, in sorted order, one per embedding row.
+    """
+    candidates = find_images(images)
+    loader = DataLoader(_ImageFiles(candidates, preprocess), batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=_collate)
+    kept: list[int] = []
+    chunks: list[torch.Tensor] = []
+    failures: list[tuple[str, str]] = []
+    with progress_bar("embedding images", len(candidates)) as advance:
+        for indices, pixels, errors in loader:
+            if indices:
+                kept.extend(indices)
+                chunks.append(encode_images(model, pixels))
+            failures.extend((candidates[index], message) for index, message in errors)
+            advance(len(indices) + len(errors))
+    if failures:
+        path, message = failures[0]
+        log.warning("skipped %d of %d files that could not be read as images (first: %s: %s)",
+                    len(failures), len(candidates), path, message)
+    if not kept:
+        raise OpenAlignError(f"none of the {len(candidates)} image files under '{images}' could be read")
+    return [candidates[index] for index in kept], torch.cat(chunks)
+
+
+def find_images(images: str | Path) -> list[str]:
+    """Sorted image files (by extension) in directory ``images``, recursively, or matching glob ``images``."""
+    text = str(images)
+    if Path(text).is_dir():
+        found = (str(path) for path in Path(text).rglob("*"))
+    else:
+        found = glob.iglob(text, recursive=True)
+    paths = sorted(path for path in found if Path(path).suffix.lower() in IMAGE_EXTENSIONS and Path(path).is_file())
+    if not paths:
+        kinds = ", ".join(sorted(extension.lstrip(".") for extension in IMAGE_EXTENSIONS))
+        raise OpenAlignError(f"no image files in '{text}': expected a directory (searched recursively) or a glob "
+                             f"pattern matching files with one of the extensions {kinds}")
+    return paths
+
+
+class _ImageFiles(Dataset):
+    """``(index, pixels)`` of each path, or ``(index, error message)`` when it is not a readable image."""
+
+    def __init__(self, paths: Sequence[str], preprocess: Preprocess) -> None:
+        self.paths = paths
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | str]:
+        try:
+            with Image.open(self.paths[index]) as image:
+                return index, self.preprocess(image)
+        except _UNREADABLE as error:
+            return index, f"{type(error).__name__}: {error}"
+
+
+def _collate(items: list[tuple[int, torch.Tensor | str]]
+             ) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
+    """A batch of the readable images (indices, stacked pixels) and the (index, message) of the others."""
+    loaded = [(index, value) for index, value in items if isinstance(value, torch.Tensor)]
+    errors = [(index, value) for index, value in items if isinstance(value, str)]
+    pixels = torch.stack([value for _, value in loaded]) if loaded else None
+    return [index for index, _ in loaded], pixels, errors
+
+
+def write_index(path: str | Path, paths: Sequence[str], embeddings: torch.Tensor, model_name: str | None = None,
+                model_source: str | None = None) -> Path:
+    """Write ``paths`` and their ``embeddings`` (N, dim) as a parquet index; the model goes in the metadata."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if embeddings.ndim != 2 or embeddings.shape[0] != len(paths):
+        raise OpenAlignError(f"{len(paths)} paths but embeddings of shape {tuple(embeddings.shape)}; "
+                             "expected one embedding row per path")
+    metadata = {"model_name": model_name, "model_source": model_source}
+    schema = pa.schema([("path", pa.string()), ("embedding", pa.list_(pa.float32()))],
+                       metadata={_METADATA_PREFIX + key: value for key, value in metadata.items() if value})
+    vectors = embeddings.detach().float().cpu().numpy()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with pq.ParquetWriter(path, schema) as writer:
+        for start in range(0, len(paths), INDEX_ROW_GROUP):  # row groups keep list offsets within int32
+            rows = vectors[start:start + INDEX_ROW_GROUP]
+            offsets = pa.array(np.arange(0, rows.size + 1, vectors.shape[1], dtype=np.int32))
+            embedding = pa.ListArray.from_arrays(offsets, pa.array(rows.reshape(-1), type=pa.float32()))
+            writer.write_table(pa.table([pa.array(paths[start:start + INDEX_ROW_GROUP], pa.string()), embedding],
+                                        schema=schema))
+    return path
+
+
+def read_index(path: str | Path) -> EmbeddingIndex:
+    """The paths, (N, dim) fp32 embeddings and model of an index that :func:`write_index` wrote."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    remedy = ("expected a parquet file with columns 'path' (string) and 'embedding' (list of floats), "
+              "as 'openalign embed' writes")
+    if not Path(path).is_file():
+        raise OpenAlignError(f"index '{path}' does not exist; {remedy}")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as error:
+        raise OpenAlignError(f"cannot read index '{path}' ({error}); {remedy}") from None
+    embeddings = _embedding_matrix(table)
+    if embeddings is None:
+        raise OpenAlignError(f"index '{path}' is malformed (columns: {', '.join(table.schema.names)}); {remedy}")
+    metadata = {key.decode(): value.decode() for key, value in (table.schema.metadata or {}).items()}
+    return EmbeddingIndex(paths=table.column("path").to_pylist(), embeddings=embeddings,
+                          model_name=metadata.get(_METADATA_PREFIX + "model_name"),
+                          model_source=metadata.get(_METADATA_PREFIX + "model_source"))
+
+
+def _embedding_matrix(table: pa.Table) -> torch.Tensor | None:
+    """The (N, dim) fp32 ``embedding`` column, or None if the table is not an index (wrong columns or
+    types, missing values, rows of different lengths)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    names = table.schema.names
+    if "path" not in names or "embedding" not in names or not pa.types.is_string(table.schema.field("path").type):
+        return None
+    column = table.column("embedding")
+    if not pa.types.is_list(column.type) or not pa.types.is_floating(column.type.value_type):
+        return None
+    lengths = np.unique(pc.list_value_length(column).to_numpy(zero_copy_only=False))
+    if column.null_count or table.column("path").null_count or len(lengths) > 1:
+        return None
+    values = [chunk.flatten().to_numpy(zero_copy_only=False) for chunk in column.chunks]
+    dim = int(lengths[0]) if len(lengths) else 0
+    return torch.from_numpy(np.concatenate(values or [np.empty(0)]).astype(np.float32).reshape(len(column), dim))
+
+
+def search(index_embeddings: torch.Tensor, query_embedding: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact cosine top-``k``: ``(scores, indices)`` of shape (k,) for a (dim,) query or (Q, k) for (Q, dim).
+
+    Chunked over the index with ``torch.topk``; an index of more than :data:`FAISS_MIN_ROWS`
+    rows goes through faiss's ``IndexFlatIP`` (exact too) when faiss is installed.
+    """
+    if k < 1:
+        raise OpenAlignError(f"k is {k}; ask for at least one result")
+    single = query_embedding.ndim == 1
+    queries = F.normalize(query_embedding.float().reshape(-1, query_embedding.shape[-1]).cpu(), dim=-1)
+    if index_embeddings.ndim != 2 or index_embeddings.shape[1] != queries.shape[1]:
+        raise OpenAlignError(f"the query is {queries.shape[1]}-d but the index has shape "
+                             f"{tuple(index_embeddings.shape)}: embed the query with the model that built the index")
+    k = min(k, index_embeddings.shape[0])
+    found = _faiss_search(index_embeddings, queries, k) if index_embeddings.shape[0] > FAISS_MIN_ROWS else None
+    scores, indices = found if found is not None else _torch_search(index_embeddings, queries, k)
+    return (scores[0], indices[0]) if single else (scores, indices)
+
+
+def _torch_search(index_embeddings: torch.Tensor, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of each chunk of the index, merged with the best so far."""
+    best_scores = torch.empty(queries.shape[0], 0)
+    best_indices = torch.empty(queries.shape[0], 0, dtype=torch.long)
+    for start in range(0, index_embeddings.shape[0], SEARCH_CHUNK_ROWS):
+        chunk = F.normalize(index_embeddings[start:start + SEARCH_CHUNK_ROWS].float().cpu(), dim=-1)
+        scores, indices = (queries @ chunk.T).topk(min(k, chunk.shape[0]), dim=1)
+        merged_scores = torch.cat([best_scores, scores], dim=1)
+        merged_indices = torch.cat([best_indices, indices + start], dim=1)
+        best_scores, order = merged_scores.topk(min(k, merged_scores.shape[1]), dim=1)
+        best_indices = merged_indices.gather(1, order)
+    return best_scores, best_indices
+
+
+def _faiss_search(index_embeddings: torch.Tensor, queries: torch.Tensor, k: int
+                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Exact inner-product search with faiss over the normalised index, or None without faiss."""
+    try:
+        import faiss
+    except ImportError:
+        return None
+    vectors = F.normalize(index_embeddings.float().cpu(), dim=-1).numpy()
+    index = faiss.IndexFlatIP(vectors.shape[1])
+    index.add(vectors)
+    scores, indices = index.search(np.ascontiguousarray(queries.numpy()), k)
+    return torch.from_numpy(scores), torch.from_numpy(indices).long()
+
+
+def _pixels(image: ImageInput, preprocess: Preprocess) -> torch.Tensor:
+    """The preprocessed pixels of a PIL image or an image file; a bad file is an error that names it."""
+    if isinstance(image, Image.Image):
+        return preprocess(image)
+    try:
+        with Image.open(image) as opened:
+            return preprocess(opened)
+    except _UNREADABLE as error:
+        raise OpenAlignError(f"cannot read image '{image}': {error}") from None
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device

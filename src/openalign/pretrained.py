@@ -1,0 +1,136 @@
+"""Load and publish trained models: openalign's own directories and Hugging Face ``AlignModel``'s.
+
+``load_pretrained(name_or_path)`` returns ``(model, preprocess, tokenizer)`` from
+
+- an openalign model directory (``config.yaml`` + ``model.safetensors``, as
+  :func:`save_pretrained` or a training checkpoint writes it), or a run directory (its latest
+  checkpoint);
+- a Hugging Face ``AlignModel`` directory (``config.json``, ``model.safetensors`` or
+  ``pytorch_model.bin``, tokenizer and preprocessor files);
+- a hub id such as ``kakaobrain/align-base``, fetched with ``huggingface_hub`` into its cache.
+
+Weights are read with safetensors, or ``torch.load(weights_only=True)`` for ``.bin`` files:
+no pickled code runs and no ``trust_remote_code``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from .config import from_dict, to_dict
+from .data.tokenizer import Tokenizer
+from .data.transforms import ImageTransform
+from .errors import OpenAlignError
+from .models import ModelConfig
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.yaml"
+HF_CONFIG_FILE = "config.json"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model"]
+
+
+def load_pretrained(name_or_path: str | Path, device: str | torch.device = "cpu"
+                    ) -> tuple[nn.Module, ImageTransform, Tokenizer]:
+    """``(model, preprocess, tokenizer)`` of a trained model, the model in eval mode on ``device``.
+
+    ``preprocess`` maps a PIL image to the model's input tensor (eval transform); ``tokenizer``
+    maps a string or a list of strings to ``input_ids`` and ``attention_mask``.
+    """
+    path = resolve(name_or_path)
+    if (path / HF_CONFIG_FILE).is_file() and not (path / CONFIG_FILE).is_file():
+        from .hf import load_hf_directory
+
+        model = load_hf_directory(path)
+        if path != Path(name_or_path).expanduser():  # a hub snapshot: name it by its id, not its hash
+            model.config.name = str(name_or_path)
+    else:
+        from .train.checkpoint import load_checkpoint_model
+
+        model = load_checkpoint_model(path)
+    model = model.to(device).eval()
+    return model, model.config.build_transform(train=False), model.config.build_tokenizer()
+
+
+def resolve(name_or_path: str | Path) -> Path:
+    """A local directory for ``name_or_path``: the path itself, or a hub snapshot."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    text = str(name_or_path)
+    if path.exists():
+        raise OpenAlignError(f"'{text}' is a file; expected a model directory (an openalign model or checkpoint "
+                             "directory, or a Hugging Face AlignModel directory) or a hub id")
+    if not _HUB_ID.match(text):
+        raise OpenAlignError(f"'{text}' is neither a directory nor a Hugging Face hub id like 'kakaobrain/align-base'")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(text, allow_patterns=_HUB_FILES))
+    except Exception as error:  # network, authentication, unknown repo: all end here
+        raise OpenAlignError(f"could not fetch '{text}' from the Hugging Face hub ({type(error).__name__}: {error}); "
+                             "pass a local directory instead, or set HF_HOME to a cache that holds it") from None
+
+
+def save_pretrained(model: nn.Module, directory: str | Path, format: str = "openalign") -> Path:
+    """Write ``model`` (with its tokenizer and preprocessing) to ``directory``.
+
+    ``format="openalign"``: ``config.yaml`` (the model config, preprocessing included),
+    ``model.safetensors`` and the tokenizer files; :func:`load_pretrained` reads it back.
+    ``format="hf"``: a ``transformers`` ``AlignModel`` directory (``config.json``,
+    ``model.safetensors``, tokenizer and processor files) that ``AlignModel.from_pretrained``,
+    ``AlignProcessor.from_pretrained`` and the ``zero-shot-image-classification`` pipeline load.
+    """
+    directory = Path(directory)
+    if format == "hf":
+        from .hf import save_hf_directory
+
+        return save_hf_directory(model, directory)
+    if format != "openalign":
+        raise OpenAlignError(f"unknown format '{format}': use 'openalign' or 'hf'")
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = model.config.build_tokenizer()
+    tokenizer.hf_tokenizer.save_pretrained(str(directory))
+    config = to_dict(model.config)
+    config["text"]["tokenizer"] = "."  # the files beside this config (see _model_config)
+    if config["text"].get("pretrained"):
+        config["text"]["pretrained"] = None  # the weights are here; the sizes are in the config
+    (directory / CONFIG_FILE).write_text(yaml.safe_dump({"model": config}, sort_keys=False))
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(directory / WEIGHTS_FILE))
+    return directory
+
+
+def convert(source: str | Path, destination: str | Path, to: str) -> Path:
+    """Load ``source`` (any form :func:`load_pretrained` takes) and write it in format ``to``."""
+    model, _, _ = load_pretrained(source)
+    return save_pretrained(model, destination, format=to)
+
+
+def model_config_from_dict(model_dict: dict[str, Any], directory: Path) -> ModelConfig:
+    """A model config read from ``directory``; a tokenizer given as ``.`` means that directory."""
+    text = model_dict.get("text")
+    if isinstance(text, dict):
+        if text.get("tokenizer") == ".":
+            text["tokenizer"] = str(directory)
+        if text.get("pretrained"):
+            text["pretrained"] = None
+    return from_dict(ModelConfig, model_dict, "model")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise OpenAlignError(f"cannot read '{path}': {error}") from None

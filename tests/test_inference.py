@@ -1,0 +1,241 @@
+"""The inference API and the embed / classify / search commands, on align-test and images made here."""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import openalign
+from openalign import inference
+from openalign.cli import main
+from openalign.errors import OpenAlignError
+from openalign.inference import classify, embed_folder, read_index, search, write_index
+
+LABELS = ["a red square", "a green square", "a blue square"]
+GOOD_IMAGES = ["blue.png", "green.jpg", "nested/deeper/noise.PNG", "nested/red.png", "white.webp"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """align-test with logit scale 100, so that probabilities are not uniform."""
+    torch.manual_seed(0)
+    model = openalign.create_model("align-test").eval()
+    with torch.no_grad():
+        model.log_temperature.fill_(math.log(0.01))
+    return model.save_pretrained(tmp_path_factory.mktemp("model") / "align-test")
+
+
+@pytest.fixture(scope="module")
+def loaded(model_dir: Path) -> tuple:
+    return openalign.load_pretrained(model_dir)
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Five readable images (nested, mixed formats and case), a truncated PNG, a text file named .jpg,
+    and a .txt file that is not a candidate at all."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for index, name in enumerate(GOOD_IMAGES):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8) // (index + 1)
+        Image.fromarray(pixels).save(root / name)
+    complete = (root / "nested" / "red.png").read_bytes()
+    (root / "corrupt.png").write_bytes(complete[: len(complete) // 2])
+    (root / "not-an-image.jpg").write_text("this is text, not a JPEG")
+    (root / "notes.txt").write_text("ignored: not an image extension")
+    return root
+
+
+def _reference_image_embeddings(model, preprocess, paths) -> torch.Tensor:
+    pixels = torch.stack([preprocess(Image.open(path)) for path in paths])
+    with torch.no_grad():
+        return model.encode_image(pixels, normalize=True)
+
+
+def test_classify_equals_softmax_of_scaled_cosines(loaded, image_dir):
+    model, preprocess, tokenizer = loaded
+    paths = [image_dir / name for name in GOOD_IMAGES]
+    images = [Image.open(paths[0]), *paths[1:]]  # a PIL image and paths
+    probabilities = classify(model, preprocess, tokenizer, images, LABELS, batch_size=2)
+
+    with torch.no_grad():
+        texts = model.encode_text(**tokenizer(LABELS), normalize=True)
+    expected = (model.logit_scale.item() * _reference_image_embeddings(model, preprocess, paths) @ texts.T).softmax(-1)
+    assert probabilities.shape == (len(GOOD_IMAGES), len(LABELS)) and probabilities.dtype == torch.float32
+    torch.testing.assert_close(probabilities.sum(dim=1), torch.ones(len(GOOD_IMAGES)))
+    assert (probabilities.amax(1) - probabilities.amin(1)).min() > 0.01  # not uniform: the comparison means something
+    torch.testing.assert_close(probabilities, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_classify_with_templates_averages_the_prompts(loaded, image_dir):
+    model, preprocess, tokenizer = loaded
+    templates = ["a photo of a {}.", "a drawing of a {}."]
+    names = ["cat", "dog"]
+    probabilities = classify(model, preprocess, tokenizer, [image_dir / "blue.png"], names, templates=templates)
+
+    with torch.no_grad():
+        classes = torch.stack([F.normalize(model.encode_text(**tokenizer([t.format(n) for t in templates])).mean(0),
+                                           dim=0) for n in names])
+    image = _reference_image_embeddings(model, preprocess, [image_dir / "blue.png"])
+    torch.testing.assert_close(probabilities, (model.logit_scale.item() * image @ classes.T).softmax(-1),
+                               atol=1e-5, rtol=1e-4)
+    assert openalign.zero_shot_classifier(model, tokenizer, names, templates).shape == (2, model.config.embed_dim)
+
+
+def test_classify_names_an_unreadable_image(loaded, image_dir):
+    model, preprocess, tokenizer = loaded
+    with pytest.raises(OpenAlignError, match="corrupt.png"):
+        classify(model, preprocess, tokenizer, [image_dir / "corrupt.png"], LABELS)
+
+
+def test_embed_folder_skips_unreadable_files_and_counts_them(loaded, image_dir, caplog):
+    model, preprocess, _ = loaded
+    with caplog.at_level(logging.WARNING, logger="openalign"):
+        paths, embeddings = embed_folder(model, preprocess, image_dir, batch_size=3)
+    assert paths == sorted(str(image_dir / name) for name in GOOD_IMAGES)
+    torch.testing.assert_close(embeddings, _reference_image_embeddings(model, preprocess, paths), atol=1e-5, rtol=1e-4)
+    assert "skipped 2 of 7 files" in caplog.text
+
+
+def test_embed_folder_takes_a_glob_and_worker_processes(loaded, image_dir):
+    model, preprocess, _ = loaded
+    paths, embeddings = embed_folder(model, preprocess, str(image_dir / "**" / "*.png"), batch_size=2, num_workers=1)
+    assert paths == [str(image_dir / "blue.png"), str(image_dir / "nested" / "red.png")]  # corrupt.png skipped
+    assert embeddings.shape == (2, model.config.embed_dim)
+
+
+def test_embed_folder_without_images_is_an_error(loaded, tmp_path):
+    model, preprocess, _ = loaded
+    (tmp_path / "notes.txt").write_text("no images here")
+    with pytest.raises(OpenAlignError, match="no image files in .*expected a directory"):
+        embed_folder(model, preprocess, tmp_path)
+    (tmp_path / "broken.png").write_text("not a PNG")
+    with pytest.raises(OpenAlignError, match="none of the 1 image files"):
+        embed_folder(model, preprocess, tmp_path)
+
+
+def test_index_round_trip_in_several_row_groups(tmp_path, monkeypatch):
+    monkeypatch.setattr(inference, "INDEX_ROW_GROUP", 3)
+    paths = [f"images/{i}.png" for i in range(7)]
+    embeddings = torch.randn(7, 5)
+    write_index(tmp_path / "index.parquet", paths, embeddings, model_name="align-test", model_source="runs/m")
+
+    schema = pq.read_schema(tmp_path / "index.parquet")
+    assert schema.field("path").type == pa.string() and schema.field("embedding").type == pa.list_(pa.float32())
+    assert pq.ParquetFile(tmp_path / "index.parquet").num_row_groups == 3
+    index = read_index(tmp_path / "index.parquet")
+    assert index.paths == paths and index.model_name == "align-test" and index.model_source == "runs/m"
+    assert torch.equal(index.embeddings, embeddings)
+
+
+def test_missing_or_malformed_index_is_an_error(tmp_path):
+    with pytest.raises(OpenAlignError, match="does not exist"):
+        read_index(tmp_path / "missing.parquet")
+    (tmp_path / "text.parquet").write_text("not parquet")
+    with pytest.raises(OpenAlignError, match="cannot read index"):
+        read_index(tmp_path / "text.parquet")
+    pq.write_table(pa.table({"path": ["a.png"], "vector": [[1.0, 2.0]]}), tmp_path / "columns.parquet")
+    with pytest.raises(OpenAlignError, match="malformed"):
+        read_index(tmp_path / "columns.parquet")
+    pq.write_table(pa.table({"path": ["a.png", "b.png"], "embedding": [[1.0, 2.0], [1.0]]}), tmp_path / "ragged.parquet")
+    with pytest.raises(OpenAlignError, match="malformed"):
+        read_index(tmp_path / "ragged.parquet")
+
+
+def _brute_force(index: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    index = index / np.linalg.norm(index, axis=1, keepdims=True)
+    queries = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    similarities = queries.astype(np.float64) @ index.T.astype(np.float64)
+    order = np.argsort(-similarities, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(similarities, order, axis=1), order
+
+
+def test_search_is_the_exact_cosine_top_k(monkeypatch):
+    monkeypatch.setattr(inference, "SEARCH_CHUNK_ROWS", 64)  # several chunks to merge
+    generator = torch.Generator().manual_seed(0)
+    index, queries = torch.randn(1000, 16, generator=generator) * 3, torch.randn(4, 16, generator=generator)
+    scores, indices = search(index, queries, k=10)
+    expected_scores, expected_indices = _brute_force(index.numpy(), queries.numpy(), 10)
+    assert indices.shape == (4, 10) and np.array_equal(indices.numpy(), expected_indices)
+    np.testing.assert_allclose(scores.numpy(), expected_scores, atol=1e-5)
+
+    single_scores, single_indices = search(index, queries[1], k=3)
+    assert single_indices.tolist() == expected_indices[1, :3].tolist() and single_scores.shape == (3,)
+    assert search(index[:2], queries[0], k=5)[1].shape == (2,)  # k beyond the index: all of it
+    with pytest.raises(OpenAlignError, match="embed the query with the model that built the index"):
+        search(index, torch.randn(8), k=1)
+
+
+def test_search_uses_faiss_for_large_indexes_when_installed(monkeypatch):
+    class IndexFlatIP:  # numpy stand-in with faiss's interface
+        def __init__(self, dim: int) -> None:
+            self.vectors = np.empty((0, dim), dtype=np.float32)
+            calls.append(dim)
+
+        def add(self, vectors: np.ndarray) -> None:
+            self.vectors = np.concatenate([self.vectors, vectors])
+
+        def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+            scores = queries @ self.vectors.T
+            order = np.argsort(-scores, axis=1)[:, :k]
+            return np.take_along_axis(scores, order, axis=1), order
+
+    calls: list[int] = []
+    monkeypatch.setitem(sys.modules, "faiss", types.SimpleNamespace(IndexFlatIP=IndexFlatIP))
+    monkeypatch.setattr(inference, "FAISS_MIN_ROWS", 100)
+    index, query = torch.randn(300, 8), torch.randn(8)
+    scores, indices = search(index, query, k=4)
+    expected_scores, expected_indices = _brute_force(index.numpy(), query[None].numpy(), 4)
+    assert calls == [8] and indices.dtype == torch.long and indices.tolist() == expected_indices[0].tolist()
+    np.testing.assert_allclose(scores.numpy(), expected_scores[0], atol=1e-5)
+
+
+def test_embed_classify_and_search_commands(model_dir, loaded, image_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")  # wide tables: paths stay on one line
+    out = tmp_path / "index.parquet"
+    assert main(["embed", "--model", str(model_dir), "--images", str(image_dir), "--out", str(out),
+                 "--device", "cpu", "--batch-size", "4"]) == 0
+    assert f"wrote 5 embeddings (32-d) to {out}" in capsys.readouterr().out
+    index = read_index(out)
+    assert len(index.paths) == 5 and index.model_name == "align-test" and index.model_source == str(model_dir)
+
+    model, preprocess, tokenizer = loaded
+    images = [str(image_dir / "blue.png"), str(image_dir / "nested" / "red.png")]
+    assert main(["classify", "--model", str(model_dir), *images, "--labels", ",".join(LABELS)]) == 0
+    table = capsys.readouterr().out
+    expected = classify(model, preprocess, tokenizer, images, LABELS)
+    for image, row in zip(images, expected.tolist()):
+        line = next(line for line in table.splitlines() if image in line)
+        assert [f"{p:.3f}" for p in row] == line.replace("│", " ").split()[1:]
+    assert all(label in table for label in LABELS)
+
+    assert main(["search", "--index", str(out), "--model", str(model_dir), "a red square", "-k", "3"]) == 0
+    table = capsys.readouterr().out
+    query = model.encode_text(**tokenizer(["a red square"])).detach()
+    _, expected_indices = _brute_force(index.embeddings.numpy(), query.numpy(), 3)
+    ranked = [line.replace("│", " ").split() for line in table.splitlines() if str(image_dir) in line]
+    assert [(row[0], row[2]) for row in ranked] == [(str(rank), index.paths[i])
+                                                    for rank, i in enumerate(expected_indices[0], start=1)]
+
+
+def test_commands_report_bad_input_with_exit_2(model_dir, tmp_path, capsys):
+    assert main(["embed", "--model", str(model_dir), "--images", str(tmp_path), "--out", str(tmp_path / "x.parquet"),
+                 "--device", "cpu"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "no image files in" in err and "Traceback" not in err
+    assert main(["search", "--index", str(tmp_path / "missing.parquet"), "--model", str(model_dir), "a cat"]) == 2
+    assert "missing.parquet' does not exist" in " ".join(capsys.readouterr().err.split())
+    assert main(["classify", "--model", str(model_dir), str(tmp_path / "x.png"), "--labels", " , "]) == 2
+    assert "names no label" in " ".join(capsys.readouterr().err.split())

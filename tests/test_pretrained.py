@@ -1,0 +1,237 @@
+"""Hugging Face AlignModel directories load into openalign and openalign models export to them,
+with transformers' own AlignModel, AlignProcessor and pipeline as the references."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from transformers import (AlignConfig, AlignModel, AlignProcessor, AlignTextConfig, AlignVisionConfig, AutoTokenizer,
+                          EfficientNetImageProcessor)
+
+import openalign
+from openalign.data.tokenizer import _packaged_copy
+from openalign.errors import OpenAlignError
+
+TEXTS = ["a photo of a cat", "a dog on a sofa", "an extremely long caption " * 20]
+
+
+def _randomise_batch_norm(model: torch.nn.Module, seed: int) -> None:
+    """Non-trivial BN statistics and affine terms: HF's init would make activations vanish."""
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            channels = module.num_features
+            module.running_mean.copy_(0.1 * torch.randn(channels, generator=generator))
+            module.running_var.copy_(0.5 + torch.rand(channels, generator=generator))
+            module.weight.data.copy_(0.5 + torch.rand(channels, generator=generator))
+            module.bias.data.copy_(0.1 * torch.randn(channels, generator=generator))
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory) -> Path:
+    """A small random AlignModel saved as transformers saves it, with align-base's processor
+    settings scaled to 65 px (resize 78, bilinear, x/127.5 - 1) and the bert-base-uncased tokenizer."""
+    torch.manual_seed(0)
+    vision = AlignVisionConfig(width_coefficient=0.5, depth_coefficient=0.5, image_size=65, hidden_dim=640,
+                               depthwise_padding=[])
+    text = AlignTextConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    hf = AlignModel(AlignConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=160)).eval()
+    _randomise_batch_norm(hf, 1)
+    with torch.no_grad():
+        hf.temperature.fill_(0.05)
+    directory = tmp_path_factory.mktemp("hf") / "align-small"
+    hf.save_pretrained(directory)
+    image_processor = EfficientNetImageProcessor(
+        size={"height": 78, "width": 78}, crop_size={"height": 65, "width": 65}, resample=2, do_center_crop=True,
+        rescale_factor=1 / 127.5, rescale_offset=True, do_normalize=False, include_top=False)
+    tokenizer = AutoTokenizer.from_pretrained(str(_packaged_copy("bert-base-uncased")))
+    AlignProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def images() -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)) for shape in ((120, 90, 3), (64, 200, 3))]
+
+
+def _hf_outputs(directory: Path, images: list[Image.Image]) -> tuple[dict, object]:
+    processor = AlignProcessor.from_pretrained(directory)
+    inputs = processor(text=TEXTS, images=images, padding="max_length", max_length=64, truncation=True,
+                       return_tensors="pt")
+    with torch.no_grad():
+        return inputs, AlignModel.from_pretrained(directory).eval()(**inputs)
+
+
+def _our_outputs(model, preprocess, tokenizer, images) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        pixels = torch.stack([preprocess(image) for image in images])
+        image_emb, text_emb = model.encode_image(pixels), model.encode_text(**tokenizer(TEXTS))
+    return pixels, image_emb, text_emb
+
+
+def test_a_hugging_face_directory_loads_with_identical_outputs(hf_dir, images):
+    model, preprocess, tokenizer = openalign.load_pretrained(hf_dir)
+    inputs, expected = _hf_outputs(hf_dir, images)
+    pixels, image_emb, text_emb = _our_outputs(model, preprocess, tokenizer, images)
+    assert torch.equal(pixels, inputs["pixel_values"])  # same resize, crop and rescale as AlignProcessor
+    tokens = tokenizer(TEXTS)
+    assert torch.equal(tokens["input_ids"], inputs["input_ids"]) and tokens["input_ids"].shape == (3, 64)
+    assert torch.equal(tokens["attention_mask"], inputs["attention_mask"])
+    torch.testing.assert_close(image_emb, expected.image_embeds, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(text_emb, expected.text_embeds, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.logit_scale * text_emb @ image_emb.T, expected.logits_per_text, rtol=1e-5, atol=1e-4)
+    assert model.logit_scale.item() == pytest.approx(20.0)
+    assert (model.config.preprocess.resize_size, model.config.preprocess.image_size) == (78, 65)
+    assert model.config.image.batch_norm_momentum == 0.01  # HF's 0.99 is Keras's convention (spec §8)
+
+
+def test_export_to_hugging_face_round_trips_through_transformers(hf_dir, images, tmp_path):
+    model, preprocess, tokenizer = openalign.load_pretrained(hf_dir)
+    model.save_pretrained(tmp_path / "exported", format="hf")
+    _, loading = AlignModel.from_pretrained(tmp_path / "exported", output_loading_info=True)
+    assert not any(loading.values()), loading  # no missing, unexpected or mismatched weights
+    inputs, expected = _hf_outputs(hf_dir, images)
+    exported_inputs, exported = _hf_outputs(tmp_path / "exported", images)
+    assert torch.equal(exported_inputs["pixel_values"], inputs["pixel_values"])
+    assert torch.equal(exported_inputs["input_ids"], inputs["input_ids"])
+    torch.testing.assert_close(exported.logits_per_text, expected.logits_per_text, rtol=1e-6, atol=1e-6)
+    config = json.loads((tmp_path / "exported" / "config.json").read_text())
+    assert config["vision_config"]["batch_norm_momentum"] == pytest.approx(0.99)
+
+
+def test_a_model_trained_in_openalign_works_in_the_transformers_pipeline(tmp_path):
+    from transformers import pipeline
+
+    torch.manual_seed(0)
+    model = openalign.create_model("align-test", image_projection=False, embed_dim=80,  # B0×0.25 pools to 80-d
+                                   temperature_init=0.01).eval()
+    _randomise_batch_norm(model, 2)
+    generator = torch.Generator().manual_seed(4)
+    with torch.no_grad():  # BERT's 0.02-std init embeds every short prompt alike: spread the weights
+        for weight in (p for p in model.text_tower.parameters() if p.ndim == 2):
+            weight.copy_(0.5 * torch.randn(weight.shape, generator=generator))
+    model.save_pretrained(tmp_path / "tiny", format="hf")
+    classifier = pipeline("zero-shot-image-classification", model=str(tmp_path / "tiny"), device="cpu")
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 256, (40, 50, 3), dtype=np.uint8))
+    labels = ["cat", "dog", "car"]
+    results = classifier(image, candidate_labels=labels, hypothesis_template="a photo of a {}.")
+    scores = {r["label"]: r["score"] for r in results}
+    loaded, preprocess, tokenizer = openalign.load_pretrained(tmp_path / "tiny")
+    with torch.no_grad():
+        image_emb = loaded.encode_image(preprocess(image)[None])
+        text_emb = loaded.encode_text(**tokenizer([f"a photo of a {label}." for label in labels]))
+        expected = (loaded.logit_scale * image_emb @ text_emb.T).softmax(dim=-1)[0]
+    assert [scores[label] for label in labels] == pytest.approx(expected.tolist(), abs=1e-5)
+    assert expected.max() - expected.min() > 0.05, expected  # not a uniform guess that any model would match
+
+
+def test_openalign_format_round_trips_and_convert_goes_both_ways(hf_dir, images, tmp_path):
+    model, preprocess, tokenizer = openalign.load_pretrained(hf_dir)
+    openalign_dir = openalign.pretrained.convert(hf_dir, tmp_path / "ours", to="openalign")
+    assert {"config.yaml", "model.safetensors", "tokenizer.json"} <= {p.name for p in openalign_dir.iterdir()}
+    back = openalign.pretrained.convert(openalign_dir, tmp_path / "back", to="hf")
+    for directory in (openalign_dir, back):
+        reloaded = openalign.load_pretrained(directory)
+        for ours, theirs in zip(_our_outputs(model, preprocess, tokenizer, images),
+                                _our_outputs(*reloaded, images)):
+            assert torch.equal(ours, theirs)
+
+
+def test_models_that_hugging_face_cannot_represent_are_refused(tmp_path):
+    with pytest.raises(OpenAlignError, match="image_projection: true, as ALIGN B3-mini does.*format='openalign'"):
+        openalign.create_model("align-test").save_pretrained(tmp_path / "b3", format="hf")
+    with pytest.raises(OpenAlignError, match="unknown format 'onnx'"):
+        openalign.create_model("align-test").save_pretrained(tmp_path / "x", format="onnx")
+
+
+def test_mismatched_or_foreign_directories_get_clear_errors(hf_dir, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(hf_dir, broken)
+    state = load_file(str(broken / "model.safetensors"))
+    state["text_projection.weight"] = state["text_projection.weight"][:, :16].contiguous()
+    state["vision_model.encoder.blocks.0.extra.weight"] = torch.zeros(1)
+    del state["text_model.encoder.layer.1.output.dense.bias"]
+    save_file(state, str(broken / "model.safetensors"))
+    with pytest.raises(OpenAlignError, match=r"missing: text_tower\.bert\.encoder\.layer\.1\.output\.dense\.bias; "
+                                             r"unexpected: image_tower\.encoder\.blocks\.0\.extra\.weight; "
+                                             r"wrong shape: text_projection\.weight \(160, 16\) \(model: \(160, 32\)\)"):
+        openalign.load_pretrained(broken)
+
+    config = json.loads((hf_dir / "config.json").read_text())
+    for change, message in (({"model_type": "clip"}, "describes a 'clip' model, not ALIGN"),
+                            ({"vision_config": {**config["vision_config"], "depthwise_padding": [3]}},
+                             "'vision_config.depthwise_padding' is \\[3\\]")):
+        (broken / "config.json").write_text(json.dumps({**config, **change}))
+        with pytest.raises(OpenAlignError, match=message):
+            openalign.load_pretrained(broken)
+    (broken / "config.json").write_text(json.dumps(config))
+    (broken / "model.safetensors").unlink()
+    with pytest.raises(OpenAlignError, match="has no weights: expected model.safetensors"):
+        openalign.load_pretrained(broken)
+    with pytest.raises(OpenAlignError, match="neither a directory nor a Hugging Face hub id"):
+        openalign.load_pretrained(str(tmp_path / "no" / "such" / "dir"))
+
+
+def test_pytorch_bin_weights_load_without_running_pickled_code(hf_dir, tmp_path, images):
+    legacy = tmp_path / "legacy"
+    shutil.copytree(hf_dir, legacy)
+    torch.save(load_file(str(legacy / "model.safetensors")), legacy / "pytorch_model.bin")
+    (legacy / "model.safetensors").unlink()
+    model, preprocess, tokenizer = openalign.load_pretrained(legacy)
+    reference = openalign.load_pretrained(hf_dir)
+    assert torch.equal(_our_outputs(model, preprocess, tokenizer, images)[1], _our_outputs(*reference, images)[1])
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("pickled code ran",))
+
+    torch.save({"temperature": Payload()}, legacy / "pytorch_model.bin")
+    with pytest.raises(OpenAlignError, match="cannot be read safely"):
+        openalign.load_pretrained(legacy)
+
+
+def test_hub_ids_go_through_huggingface_hub(monkeypatch, hf_dir):
+    """No network in tests: the hub download is replaced by a function returning the local copy."""
+    import huggingface_hub
+
+    calls = []
+
+    def fake_snapshot_download(repo_id, allow_patterns):
+        calls.append((repo_id, allow_patterns))
+        return str(hf_dir)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    model, _, _ = openalign.load_pretrained("kakaobrain/align-base")
+    assert calls and calls[0][0] == "kakaobrain/align-base" and "*.safetensors" in calls[0][1]
+    assert model.config.embed_dim == 160 and model.config.name == "kakaobrain/align-base"
+
+    def offline(repo_id, allow_patterns):
+        raise OSError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(OpenAlignError, match="could not fetch 'kakaobrain/align-base'.*no network"):
+        openalign.load_pretrained("kakaobrain/align-base")
+
+
+def test_convert_on_the_command_line(hf_dir, tmp_path, capsys):
+    from openalign.cli import main
+
+    assert main(["convert", str(hf_dir), str(tmp_path / "ours"), "--to", "openalign"]) == 0
+    assert "openalign format" in capsys.readouterr().out
+    assert main(["convert", str(tmp_path / "ours"), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    original, converted = AlignModel.from_pretrained(hf_dir), AlignModel.from_pretrained(tmp_path / "hf")
+    for key, value in original.state_dict().items():
+        if key == "temperature":  # stored as log τ in openalign: exp(log τ) is τ to within a rounding
+            torch.testing.assert_close(value, converted.state_dict()[key], rtol=1e-6, atol=0)
+        elif ".pooler." not in key:  # the unused pooler is written as an identity map
+            assert torch.equal(value, converted.state_dict()[key]), key
+    assert main(["convert", str(tmp_path / "nowhere"), str(tmp_path / "x"), "--to", "hf"]) == 2
+    assert "neither a directory nor a Hugging Face hub id" in " ".join(capsys.readouterr().err.split())
