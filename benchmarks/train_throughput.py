@@ -14,15 +14,12 @@ Prints a table and writes JSON (``--output``, default benchmarks/results/train_t
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import resource
 import time
 from pathlib import Path
 
 import torch
-from rich.console import Console
-from rich.table import Table
+from common import environment, report
 
 import openalign
 from openalign.losses import ContrastiveLoss
@@ -76,19 +73,13 @@ def main() -> None:
     device = torch.device(args.device)
     rows = [measure(name, batch, device, args.steps, args.warmup, args.compile)
             for name in args.models for batch in args.batch_sizes]
-    environment = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-                   "torch": torch.__version__, "threads": torch.get_num_threads()}
-    table = Table(title=f"training throughput on {environment['device']} (torch {torch.__version__})")
-    for column in ("model", "batch/device", "precision", "compile", "samples/s", "s/step", "peak memory GiB"):
-        table.add_column(column, justify="left" if column == "model" else "right")
-    for row in rows:
-        table.add_row(row["model"], str(row["batch_size"]), row["precision"], str(row["compile"]),
-                      f"{row['samples_per_second']:.1f}", f"{row['seconds_per_step']:.3f}", f"{row['peak_memory_gib']:.2f}")
-    Console().print(table)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps({"environment": environment, "results": rows}, indent=2))
-    print(f"wrote {args.output}")
-
+    env = environment(device)
+    cells = [(row["model"], str(row["batch_size"]), row["precision"], str(row["compile"]),
+              f"{row['samples_per_second']:.1f}", f"{row['seconds_per_step']:.3f}", f"{row['peak_memory_gib']:.2f}")
+             for row in rows]
+    report(f"training throughput on {env['device']} (torch {torch.__version__})",
+           ("model", "batch/device", "precision", "compile", "samples/s", "s/step", "peak memory GiB"), cells, 1,
+           {"environment": env, "results": rows}, args.output)
 
 if __name__ == "__main__":
     main()

@@ -61,7 +61,7 @@ def test_demo_writes_its_report(tmp_path, shapes_root, capsys):
                  "train.warmup_steps=1", "eval.tasks.0.knn_memory_size=32", "run.log_every=1"]
     assert main(["demo", "--out", str(tmp_path), *overrides]) == 0
     report = json.loads((tmp_path / "metrics.json").read_text())
-    assert set(report["metrics"]) == set(report["chance"]) and report["train"]["steps"] == 3
+    assert set(report["chance"]) <= set(report["metrics"]) and report["train"]["steps"] == 3
     assert (tmp_path / "curves.png").stat().st_size > 1000
     markdown = (tmp_path / "report.md").read_text()
     assert "| text→image R@1 |" in markdown and "× chance" in markdown

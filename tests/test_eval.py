@@ -75,7 +75,9 @@ def test_evaluate_shapes_reports_every_metric_and_restores_train_mode(shapes_roo
     metrics = evaluate_shapes(model, shapes_root, torch.device("cpu"), batch_size=16, knn_memory_size=32,
                               show_progress=False)
     expected = {f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5, 10)}
+    expected |= {f"{d}_retrieval_{s}_rank" for d in ("image", "text") for s in ("mean", "median")}
     expected |= {f"{t}_{a}_acc1" for t in ("zeroshot", "knn") for a in ("shape", "colour")}
     assert set(metrics) == expected
-    assert all(0.0 <= v <= 1.0 for v in metrics.values())
+    assert all(0.0 <= v <= 1.0 for k, v in metrics.items() if not k.endswith("_rank"))
+    assert all(v >= 1.0 for k, v in metrics.items() if k.endswith("_rank"))
     assert model.training

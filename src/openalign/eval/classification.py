@@ -44,3 +44,19 @@ def nearest_neighbour_predict(memory: torch.Tensor, memory_labels: torch.Tensor,
     predictions = [memory_labels[(queries[start:start + chunk_size] @ memory.T).argmax(dim=1)]
                    for start in range(0, queries.shape[0], chunk_size)]
     return torch.cat(predictions)
+
+
+def knn_classify(memory: torch.Tensor, memory_labels: torch.Tensor, queries: torch.Tensor, num_classes: int,
+                 k: int = 20, temperature: float = 0.07, chunk_size: int = 4096) -> torch.Tensor:
+    """(num_queries, num_classes) weighted k-NN votes: each of a query's ``k`` most cosine-similar
+    memory items votes for its label with weight ``exp(similarity / temperature)`` (the weighted
+    k=20 kNN of InstDisc/DINO). ``k=1`` is COYO-ALIGN's 1-NN. Chunked top-k: the full
+    query × memory matrix is never built."""
+    k = min(k, memory.shape[0])
+    votes = []
+    for start in range(0, queries.shape[0], chunk_size):
+        similarity, index = (queries[start:start + chunk_size] @ memory.T).topk(k, dim=1)
+        chunk = torch.zeros(similarity.shape[0], num_classes, dtype=torch.float32, device=similarity.device)
+        chunk.scatter_add_(1, memory_labels[index], (similarity.float() / temperature).exp())
+        votes.append(chunk)
+    return torch.cat(votes)

@@ -13,29 +13,33 @@ def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_i
 
     ``image_retrieval_recall@k`` (text→image): the share of captions whose image is among their
     top k images. ``text_retrieval_recall@k`` (image→text): the share of images with at least
-    one of their captions among their top k captions. Scores are computed ``chunk_size``
-    queries at a time, never as one full matrix.
+    one of their captions among their top k captions. These are CLIP_benchmark's definitions,
+    top k included (``torch.topk`` decides ties, as there). ``*_mean_rank`` / ``*_median_rank``:
+    the 1-based rank of the best-placed positive, counting only keys that score strictly higher
+    (ties in the positive's favour). Scores are computed ``chunk_size`` queries at a time,
+    never as one full matrix.
     """
     text_to_image = torch.as_tensor(text_to_image, dtype=torch.long, device=image_emb.device)
-    k_max = max(ks)
-    hits_t2i = _topk_hits(text_emb, image_emb, k_max, chunk_size,
-                          lambda rows, top: top == text_to_image[rows, None])
     image_ids = torch.arange(image_emb.shape[0], device=image_emb.device)
-    hits_i2t = _topk_hits(image_emb, text_emb, k_max, chunk_size,
-                          lambda rows, top: text_to_image[top] == image_ids[rows, None])
+    directions = {  # name: (queries, keys, positive mask of a chunk of query rows)
+        "image_retrieval": (text_emb, image_emb, lambda rows: text_to_image[rows, None] == image_ids[None]),
+        "text_retrieval": (image_emb, text_emb, lambda rows: image_ids[rows, None] == text_to_image[None]),
+    }
     metrics = {}
-    for k in ks:
-        metrics[f"image_retrieval_recall@{k}"] = hits_t2i[:, :k].any(dim=1).float().mean().item()
-        metrics[f"text_retrieval_recall@{k}"] = hits_i2t[:, :k].any(dim=1).float().mean().item()
+    for direction, (queries, keys, positive_mask) in directions.items():
+        hits = {k: [] for k in ks}
+        ranks = []
+        for start in range(0, queries.shape[0], chunk_size):
+            rows = torch.arange(start, min(start + chunk_size, queries.shape[0]), device=queries.device)
+            scores, positive = queries[rows] @ keys.T, positive_mask(rows)
+            for k in ks:  # one top-k per k, as CLIP_benchmark: top-k of a larger k can order ties differently
+                top = scores.topk(min(k, keys.shape[0]), dim=1).indices
+                hits[k].append(positive.gather(1, top).any(dim=1))
+            best = scores.masked_fill(~positive, float("-inf")).max(dim=1, keepdim=True).values
+            ranks.append(1 + (scores > best).sum(dim=1))
+        for k in ks:
+            metrics[f"{direction}_recall@{k}"] = torch.cat(hits[k]).float().mean().item()
+        rank = torch.cat(ranks).float()
+        metrics[f"{direction}_mean_rank"] = rank.mean().item()
+        metrics[f"{direction}_median_rank"] = rank.median().item()
     return metrics
-
-
-def _topk_hits(queries: torch.Tensor, keys: torch.Tensor, k: int, chunk_size: int, is_positive) -> torch.Tensor:
-    """(num_queries, k) booleans: whether the i-th best key of each query is a positive."""
-    k = min(k, keys.shape[0])
-    hits = []
-    for start in range(0, queries.shape[0], chunk_size):
-        rows = torch.arange(start, min(start + chunk_size, queries.shape[0]), device=queries.device)
-        top = (queries[rows] @ keys.T).topk(k, dim=1).indices
-        hits.append(is_positive(rows, top))
-    return torch.cat(hits)

@@ -1,0 +1,58 @@
+"""Linear probes on frozen features: CLIPPO's closed-form few-shot ridge regression.
+
+CLIPPO (shared spec clippo.md §5.2, big_vision ``evaluators/fewshot_lsr.py``): for each seed,
+sample ``shots`` training examples per class, standardise the features with the sample's own
+mean and std (+1e-5), append a constant feature of 100 (an almost unregularised bias), regress
+the one-hot labels mapped to ±1 with ridge penalty λ = 1024 in closed form, and score
+``argmax(x W)`` on the test features. The reported accuracy is the mean over seeds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..errors import OpenAlignError
+
+BIAS_FEATURE = 100.0
+STD_EPS = 1e-5
+
+
+def ridge_fewshot_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
+                        test_labels: torch.Tensor, num_classes: int, shots: int = 10,
+                        seeds: Sequence[int] = (0, 1, 2), l2: float = 1024.0) -> dict[str, float | list[float]]:
+    """``{"acc1": mean over seeds, "acc1_per_seed": [...]}`` of the few-shot ridge probe.
+
+    Features are the frozen pre-projection ones (CLIPPO: the image tower's pooled output);
+    every class needs at least ``shots`` training examples.
+    """
+    counts = torch.bincount(train_labels.long().cpu(), minlength=num_classes)
+    if int(counts.min()) < shots:
+        short = int(counts.argmin())
+        raise OpenAlignError(f"class {short} has {int(counts[short])} training examples, fewer than {shots} shots")
+    accuracies = []
+    for seed in seeds:
+        generator = torch.Generator().manual_seed(seed)
+        chosen = torch.cat([torch.nonzero(train_labels.cpu() == c).flatten()[
+            torch.randperm(int(counts[c]), generator=generator)[:shots]] for c in range(num_classes)])
+        x = train_features.cpu()[chosen].double()
+        mean, std = x.mean(dim=0), x.std(dim=0) + STD_EPS
+        targets = 2.0 * torch.nn.functional.one_hot(train_labels.cpu()[chosen].long(), num_classes).double() - 1.0
+        weights = ridge_regression(_with_bias((x - mean) / std), targets, l2)
+        predictions = (_with_bias((test_features.double().cpu() - mean) / std) @ weights).argmax(dim=1)
+        accuracies.append((predictions == test_labels.cpu()).double().mean().item())
+    return {"acc1": sum(accuracies) / len(accuracies), "acc1_per_seed": accuracies}
+
+
+def ridge_regression(x: torch.Tensor, y: torch.Tensor, l2: float) -> torch.Tensor:
+    """W minimising ‖xW − y‖² + l2‖W‖²: ``(xᵀx + λI)⁻¹xᵀy``, or the equal dual ``xᵀ(xxᵀ + λI)⁻¹y``
+    when there are fewer rows than features (few-shot: N ≪ D)."""
+    rows, features = x.shape
+    if rows < features:
+        return x.T @ torch.linalg.solve(x @ x.T + l2 * torch.eye(rows, dtype=x.dtype), y)
+    return torch.linalg.solve(x.T @ x + l2 * torch.eye(features, dtype=x.dtype), x.T @ y)
+
+
+def _with_bias(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x, torch.full((x.shape[0], 1), BIAS_FEATURE, dtype=x.dtype)], dim=1)

@@ -1,0 +1,126 @@
+"""Evaluation metrics against independent references: the clip-benchmark package (CLIP_benchmark's
+own recall_at_k and accuracy), scikit-learn, a primal ridge solve in numpy, and hand computations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from openalign.errors import OpenAlignError
+from openalign.eval import (classification_metrics, knn_classify, nearest_neighbour_predict, retrieval_metrics,
+                            ridge_fewshot_probe)
+
+clip_retrieval = pytest.importorskip("clip_benchmark.metrics.zeroshot_retrieval",
+                                     reason="`make test` installs clip-benchmark (pip install --no-deps clip-benchmark)")
+
+
+def _reference_recalls(image_emb, text_emb, text_to_image, ks):
+    """CLIP_benchmark's zeroshot_retrieval.evaluate, from the scores on: its recall_at_k per k."""
+    scores = text_emb @ image_emb.T
+    positive = torch.zeros_like(scores, dtype=torch.bool)
+    positive[torch.arange(len(text_to_image)), torch.as_tensor(text_to_image)] = True
+    metrics = {}
+    for k in ks:
+        metrics[f"image_retrieval_recall@{k}"] = (clip_retrieval.recall_at_k(scores, positive, k) > 0).float().mean().item()
+        metrics[f"text_retrieval_recall@{k}"] = (clip_retrieval.recall_at_k(scores.T, positive.T, k) > 0).float().mean().item()
+    return metrics
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_retrieval_recall_equals_clip_benchmark_with_ties_and_several_captions_per_image(seed):
+    generator = torch.Generator().manual_seed(seed)
+    num_images = 40
+    # coarse values in {-1, -0.5, 0, 0.5, 1}: dot products are exact, so ties are real ties
+    image_emb = torch.randint(-2, 3, (num_images, 8), generator=generator).float() / 2
+    image_emb[5] = image_emb[4]  # duplicate images tie for every caption
+    captions_per_image = torch.randint(1, 6, (num_images,), generator=generator)  # 1 to 5 captions
+    text_to_image = torch.repeat_interleave(torch.arange(num_images), captions_per_image)
+    noise = torch.randint(-1, 2, (len(text_to_image), 8), generator=generator).float() / 2
+    text_emb = image_emb[text_to_image] + noise
+    ks = (1, 5, 10)
+    ours = retrieval_metrics(image_emb, text_emb, text_to_image, ks=ks, chunk_size=7)  # chunks must not matter
+    reference = _reference_recalls(image_emb, text_emb, text_to_image, ks)
+    for key, value in reference.items():
+        assert ours[key] == pytest.approx(value, abs=1e-7), key
+    assert 0 < reference["image_retrieval_recall@1"] < 1  # neither trivial nor hopeless
+
+
+def test_mean_and_median_rank_by_hand():
+    image_emb = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    text_emb = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])  # captions of images 0, 1, 2
+    metrics = retrieval_metrics(image_emb, text_emb, [0, 1, 2], ks=(1,))
+    # text→image ranks: caption 0 → image 0 first (1); caption 1 → image 1 scores 0, two above (3);
+    # caption 2 → image 2 scores 0.8, image 1 above (2)
+    assert metrics["image_retrieval_mean_rank"] == pytest.approx(2.0)
+    assert metrics["image_retrieval_median_rank"] == pytest.approx(2.0)
+    # image→text: image 0 → caption 0 ties caption 1 at 1.0, none above (1); image 1 → caption 1
+    # scores 0, caption 2 above (2); image 2 → caption 2 scores 0.8, none above (1)
+    assert metrics["text_retrieval_mean_rank"] == pytest.approx(4 / 3)
+    assert metrics["text_retrieval_median_rank"] == pytest.approx(1.0)
+
+
+def test_classification_metrics_equal_scikit_learn():
+    """CLIP_benchmark computes these with its own accuracy() and sklearn's balanced_accuracy_score;
+    its accuracy() fails on NumPy 2 (float() of a 1-element array), so sklearn's top-k accuracy,
+    the same definition, is the reference for acc1 and acc5."""
+    from sklearn.metrics import balanced_accuracy_score, top_k_accuracy_score
+
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 12, (300,), generator=generator)
+    logits = torch.randn(300, 12, generator=generator) + 1.5 * torch.nn.functional.one_hot(labels, 12)
+    ours = classification_metrics(logits, labels)
+    classes = list(range(12))
+    assert ours["acc1"] == pytest.approx(top_k_accuracy_score(labels, logits, k=1, labels=classes))
+    assert ours["acc5"] == pytest.approx(top_k_accuracy_score(labels, logits, k=5, labels=classes))
+    assert ours["mean_per_class_recall"] == pytest.approx(balanced_accuracy_score(labels, logits.argmax(dim=1)))
+    assert 0.2 < ours["acc1"] < ours["acc5"] < 1
+
+
+def test_weighted_knn_votes_by_hand():
+    memory = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0], [-1.0, 0.0]])
+    labels = torch.tensor([0, 1, 1, 2])
+    query = torch.tensor([[0.6, 0.8]])  # similarities 0.6, 0.96, 0.8, -0.6
+    votes = knn_classify(memory, labels, query, num_classes=3, k=3, temperature=0.1)
+    expected = torch.tensor([[np.exp(6.0), np.exp(9.6) + np.exp(8.0), 0.0]], dtype=torch.float32)
+    torch.testing.assert_close(votes, expected, rtol=1e-5, atol=0)
+    one_nn = knn_classify(memory, labels, query, num_classes=3, k=1).argmax(dim=1)
+    assert torch.equal(one_nn, nearest_neighbour_predict(memory, labels, query)) and one_nn.item() == 1
+    # chunking the queries changes nothing
+    queries = torch.nn.functional.normalize(torch.randn(9, 2, generator=torch.Generator().manual_seed(1)), dim=1)
+    torch.testing.assert_close(knn_classify(memory, labels, queries, 3, k=2, chunk_size=4),
+                               knn_classify(memory, labels, queries, 3, k=2))
+
+
+def _numpy_fewshot(train_x, train_y, test_x, test_y, num_classes, shots, seed, l2):
+    """CLIPPO's probe written out in numpy with the primal solve only: the same sampling order."""
+    generator = torch.Generator().manual_seed(seed)
+    chosen = []
+    for c in range(num_classes):
+        members = np.flatnonzero(train_y == c)
+        chosen.extend(members[torch.randperm(len(members), generator=generator)[:shots].numpy()])
+    x = train_x[chosen].astype(np.float64)
+    mean, std = x.mean(axis=0), x.std(axis=0, ddof=1) + 1e-5
+    design = np.hstack([(x - mean) / std, np.full((len(x), 1), 100.0)])
+    targets = 2.0 * np.eye(num_classes)[train_y[chosen]] - 1.0
+    weights = np.linalg.solve(design.T @ design + l2 * np.eye(design.shape[1]), design.T @ targets)
+    test = np.hstack([(test_x - mean) / std, np.full((len(test_x), 1), 100.0)])
+    return float(((test @ weights).argmax(axis=1) == test_y).mean())
+
+
+def test_fewshot_ridge_probe_equals_a_primal_numpy_solve():
+    rng = np.random.default_rng(0)
+    num_classes, dim = 5, 64  # 10 shots × 5 classes = 50 rows < 65 features: the dual solve runs
+    centres = rng.normal(size=(num_classes, dim))
+    train_y, test_y = rng.integers(0, num_classes, 400), rng.integers(0, num_classes, 200)
+    train_x = centres[train_y] + 2.0 * rng.normal(size=(400, dim))
+    test_x = centres[test_y] + 2.0 * rng.normal(size=(200, dim))
+    result = ridge_fewshot_probe(torch.from_numpy(train_x), torch.from_numpy(train_y), torch.from_numpy(test_x),
+                                 torch.from_numpy(test_y), num_classes, shots=10, seeds=(0, 1, 2))
+    expected = [_numpy_fewshot(train_x, train_y, test_x, test_y, num_classes, 10, seed, 1024.0) for seed in (0, 1, 2)]
+    assert result["acc1_per_seed"] == pytest.approx(expected)
+    assert result["acc1"] == pytest.approx(np.mean(expected))
+    assert 0.3 < result["acc1"] < 1.0
+    with pytest.raises(OpenAlignError, match="fewer than 200 shots"):
+        ridge_fewshot_probe(torch.from_numpy(train_x), torch.from_numpy(train_y), torch.from_numpy(test_x),
+                            torch.from_numpy(test_y), num_classes, shots=200)
