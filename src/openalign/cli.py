@@ -46,16 +46,27 @@ def _cmd_train(args: argparse.Namespace) -> None:
         print(json.dumps(result.metrics, indent=2))
 
 
-def _cmd_eval_shapes(args: argparse.Namespace) -> None:
-    from .distributed import init_distributed
-    from .eval.shapes import evaluate_shapes
-    from .train import load_checkpoint_model
+def _cmd_eval(args: argparse.Namespace) -> None:
+    from .eval import KnnEvalConfig, RetrievalEvalConfig, ShapesEvalConfig, ZeroShotEvalConfig
+    from .pretrained import load_pretrained
 
-    device = init_distributed(args.device).device
-    model = load_checkpoint_model(args.checkpoint).to(device)
-    metrics = evaluate_shapes(model, args.root, device, batch_size=args.batch_size)
-    record = {"dataset": "shapes", "model": model.config.name, "pretrained": str(args.checkpoint),
-              "task": "shapes", "metrics": metrics, "language": "en"}
+    if args.task == "shapes":
+        task, dataset = ShapesEvalConfig(root=args.root), "shapes"
+    elif args.task == "retrieval":
+        task, dataset = RetrievalEvalConfig(json=args.json, split=args.split, image_root=args.image_root), \
+            Path(args.json).stem.removeprefix("dataset_")
+    elif args.task == "zeroshot":
+        templates = {"templates": tuple(args.template)} if args.template else {}
+        task = ZeroShotEvalConfig(root=args.root, classnames=args.classnames, templates_file=args.templates_file,
+                                  **templates)
+        dataset = Path(args.root).resolve().parent.name or Path(args.root).name
+    else:
+        task, dataset = KnnEvalConfig(train_root=args.train, val_root=args.val, k=args.k), \
+            Path(args.val).resolve().parent.name
+    model, _, _ = load_pretrained(args.model, device=_device(args.device))
+    metrics = task.run(model, next(model.parameters()).device, args.batch_size)
+    record = {"dataset": dataset, "model": model.config.name, "pretrained": str(args.model), "task": args.task,
+              "metrics": metrics, "language": "en"}
     if args.output:
         Path(args.output).write_text(json.dumps(record, indent=2))
     print(json.dumps(record, indent=2))
@@ -167,15 +178,31 @@ def build_parser() -> argparse.ArgumentParser:
                        help="'latest' (this run's newest checkpoint, if any), a checkpoint or a run directory")
     train.set_defaults(func=_cmd_train)
 
-    evaluate = commands.add_parser("eval", help="evaluate a checkpoint")
+    evaluate = commands.add_parser("eval", help="evaluate a model (CLIP_benchmark's metrics and result schema)")
     tasks = evaluate.add_subparsers(dest="task", required=True, metavar="TASK")
     shapes = tasks.add_parser("shapes", help="retrieval, zero-shot and 1-NN on the built-in shapes dataset")
-    shapes.add_argument("--checkpoint", required=True, help="a checkpoint directory, or a run directory (its latest)")
     shapes.add_argument("--root", default="runs/demo/data", help="the shapes dataset directory")
-    shapes.add_argument("--batch-size", type=int, default=256)
-    shapes.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    shapes.add_argument("--output", help="also write the result JSON here")
-    shapes.set_defaults(func=_cmd_eval_shapes)
+    retrieval = tasks.add_parser("retrieval", help="image-text retrieval R@1/5/10 on a Karpathy-split JSON")
+    retrieval.add_argument("--json", required=True, help="dataset_coco.json, dataset_flickr30k.json, ...")
+    retrieval.add_argument("--split", default="test")
+    retrieval.add_argument("--image-root", help="the folder the JSON's filepath/filename are relative to "
+                                                "(default: the JSON's folder)")
+    zeroshot = tasks.add_parser("zeroshot", help="zero-shot classification of a folder of class subfolders")
+    zeroshot.add_argument("--root", required=True, help="e.g. imagenet/val (val/<class>/<image>)")
+    zeroshot.add_argument("--classnames", help="one name per class folder (sorted order), or a JSON list/mapping")
+    zeroshot.add_argument("--template", action="append", help="a prompt with {} (repeatable; default 'a photo of a {}.')")
+    zeroshot.add_argument("--templates-file", help="prompts, one per line")
+    knn = tasks.add_parser("knn", help="kNN classification: train folders are the memory, val folders the queries")
+    knn.add_argument("--train", required=True, help="e.g. imagenet/train")
+    knn.add_argument("--val", required=True, help="e.g. imagenet/val")
+    knn.add_argument("--k", type=int, default=1, help="1: COYO-ALIGN's 1-NN; 20: weighted voting")
+    for task in (shapes, retrieval, zeroshot, knn):
+        task.add_argument("--model", "--checkpoint", dest="model", required=True,
+                          help="an openalign model, checkpoint or run directory, an AlignModel directory or a hub id")
+        task.add_argument("--batch-size", type=int, default=256)
+        task.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+        task.add_argument("--output", help="also write the result JSON here")
+        task.set_defaults(func=_cmd_eval)
 
     demo = commands.add_parser("demo", help="build the shapes dataset, train a tiny ALIGN on CPU, evaluate, report")
     demo.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")

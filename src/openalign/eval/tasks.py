@@ -10,6 +10,7 @@ from torch import nn
 
 from ..config import Variants
 from ..errors import ConfigError
+from .datasets import evaluate_knn, evaluate_retrieval, evaluate_zeroshot, read_lines_or_json
 from .shapes import evaluate_shapes
 
 
@@ -40,3 +41,53 @@ class ShapesEvalConfig(EvalTaskConfig, tag="shapes"):
 
     def run(self, model: nn.Module, device: torch.device, batch_size: int, show_progress: bool = True) -> dict[str, float]:
         return evaluate_shapes(model, self.root, device, batch_size, self.knn_memory_size, show_progress)
+
+
+@dataclass
+class RetrievalEvalConfig(EvalTaskConfig, tag="retrieval"):
+    """Zero-shot retrieval on a split of a Karpathy-style JSON (COCO: ``dataset_coco.json``, Flickr30k:
+    ``dataset_flickr30k.json``); ``image_root`` defaults to the JSON's folder."""
+
+    json: str
+    split: str = "test"
+    image_root: str | None = None
+
+    def run(self, model: nn.Module, device: torch.device, batch_size: int, show_progress: bool = True) -> dict[str, float]:
+        return evaluate_retrieval(model, self.json, device, self.split, self.image_root, batch_size, show_progress)
+
+
+@dataclass
+class ZeroShotEvalConfig(EvalTaskConfig, tag="zeroshot"):
+    """Zero-shot classification of ``root``'s class folders. ``classnames``: a text file (one name per
+    folder, sorted folder order) or a JSON list or folder→name mapping; ``templates``: prompts with
+    ``{}``, inline or (``templates_file``) one per line."""
+
+    root: str
+    classnames: str | None = None
+    templates: tuple[str, ...] = ("a photo of a {}.",)
+    templates_file: str | None = None
+
+    def run(self, model: nn.Module, device: torch.device, batch_size: int, show_progress: bool = True) -> dict[str, float]:
+        templates = read_lines_or_json(self.templates_file, "templates") or self.templates
+        return evaluate_zeroshot(model, self.root, device, templates, read_lines_or_json(self.classnames, "class names"),
+                                 batch_size, show_progress)
+
+
+@dataclass
+class KnnEvalConfig(EvalTaskConfig, tag="knn"):
+    """kNN classification: ``train_root``'s class folders are the memory, ``val_root``'s the queries."""
+
+    train_root: str
+    val_root: str
+    k: int = 1
+    temperature: float = 0.07
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ConfigError("must be at least 1", "k")
+        if self.temperature <= 0:
+            raise ConfigError("must be positive", "temperature")
+
+    def run(self, model: nn.Module, device: torch.device, batch_size: int, show_progress: bool = True) -> dict[str, float]:
+        return evaluate_knn(model, self.train_root, self.val_root, device, self.k, self.temperature, batch_size,
+                            show_progress)

@@ -1,0 +1,144 @@
+"""Evaluation on real dataset layouts: Karpathy-split retrieval, and zero-shot and kNN
+classification on folders of class subfolders (ImageNet's ``train/<wnid>/*.JPEG``, ``val/...``).
+
+Each function embeds with the model in eval mode (restoring its mode afterwards) and returns
+metrics named as CLIP_benchmark names them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..data.karpathy import read_karpathy
+from ..errors import OpenAlignError
+from .classification import classification_metrics, knn_classify, zero_shot_classifier
+from .features import embed_images, embed_texts
+from .retrieval import retrieval_metrics
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
+
+
+def evaluate_retrieval(model: nn.Module, json_path: str | Path, device: torch.device, split: str = "test",
+                       image_root: str | Path | None = None, batch_size: int = 256,
+                       show_progress: bool = True) -> dict[str, float]:
+    """Image→text and text→image R@1/5/10 and ranks on one split of a Karpathy-style JSON
+    (``dataset_coco.json``: test = 5,000 images / ~25k captions; ``dataset_flickr30k.json``: 1,000 / 5,000)."""
+    items = read_karpathy(json_path, split, image_root)
+    missing = [item.path for item in items if not item.path.is_file()]
+    if missing:
+        raise OpenAlignError(f"{len(missing)} of the {len(items)} '{split}' images of '{json_path}' are missing, e.g. "
+                             f"'{missing[0]}': pass the image root (the folder holding the JSON's filepath/filename)")
+    with _eval_mode(model):
+        config = model.config
+        image_emb = embed_images(model, config.build_transform(train=False), [item.path for item in items], device,
+                                 batch_size, show_progress)
+        captions = [caption for item in items for caption in item.captions]
+        text_emb = embed_texts(model, config.build_tokenizer(), captions, device, batch_size, show_progress)
+    text_to_image = [index for index, item in enumerate(items) for _ in item.captions]
+    return retrieval_metrics(image_emb, text_emb, text_to_image)
+
+
+def read_class_folders(root: str | Path, classes: Sequence[str] | None = None) -> tuple[list[Path], torch.Tensor, list[str]]:
+    """``(image paths, labels, class folder names)`` of ``root/<class>/<image>``, classes in sorted
+    order (or the given order, which another split's folders must then match)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise OpenAlignError(f"'{root}' is not a directory; expected class subfolders, e.g. val/n01440764/*.JPEG")
+    found = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not found:
+        raise OpenAlignError(f"'{root}' has no class subfolders; expected <root>/<class>/<image> (ImageNet: "
+                             "val/n01440764/ILSVRC2012_val_00000293.JPEG)")
+    classes = list(classes) if classes is not None else found
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise OpenAlignError(f"'{root}' has class folders that the other split lacks: {', '.join(unknown[:5])}")
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        folder = root / name
+        if folder.is_dir():
+            images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+            paths += images
+            labels += [label] * len(images)
+    if not paths:
+        raise OpenAlignError(f"no images under '{root}' (extensions {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return paths, torch.tensor(labels), classes
+
+
+def read_lines_or_json(path: str | Path | None, what: str) -> list[str] | dict[str, str] | None:
+    """A text file of one entry per line, or a JSON list or object; None passes through."""
+    if path is None:
+        return None
+    path = Path(path)
+    if not path.is_file():
+        raise OpenAlignError(f"{what} file '{path}' does not exist")
+    if path.suffix == ".json":
+        return json.loads(path.read_text())
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def class_names(folders: Sequence[str], names: list[str] | dict[str, str] | None) -> list[str]:
+    """Readable names of class folders: a list in folder order (CLIP_benchmark's classnames.txt), a
+    mapping folder → name, or by default the folder name with ``_`` as space."""
+    if names is None:
+        return [folder.replace("_", " ") for folder in folders]
+    if isinstance(names, dict):
+        missing = [folder for folder in folders if folder not in names]
+        if missing:
+            raise OpenAlignError(f"the class names have no entry for folders {', '.join(missing[:5])}")
+        return [names[folder] for folder in folders]
+    if len(names) != len(folders):
+        raise OpenAlignError(f"{len(names)} class names for {len(folders)} class folders: give one per folder, "
+                             "in sorted folder order")
+    return list(names)
+
+
+def evaluate_zeroshot(model: nn.Module, root: str | Path, device: torch.device, templates: Sequence[str],
+                      names: list[str] | dict[str, str] | None = None, batch_size: int = 256,
+                      show_progress: bool = True) -> dict[str, float]:
+    """Zero-shot classification of the images in ``root``'s class folders: ``acc1``, ``acc5``,
+    ``mean_per_class_recall``. Class embedding = renormalised mean of its prompts' embeddings."""
+    if not templates or any("{}" not in template for template in templates):
+        raise OpenAlignError(f"templates must each hold '{{}}' for the class name, got {list(templates)[:3]}")
+    paths, labels, folders = read_class_folders(root)
+    readable = class_names(folders, names)
+    with _eval_mode(model):
+        config = model.config
+        tokenizer = config.build_tokenizer()
+        classifier = zero_shot_classifier(
+            lambda texts: embed_texts(model, tokenizer, texts, device, batch_size, show_progress=False),
+            readable, list(templates))
+        image_emb = embed_images(model, config.build_transform(train=False), paths, device, batch_size, show_progress)
+    return classification_metrics(image_emb @ classifier.T, labels)
+
+
+def evaluate_knn(model: nn.Module, train_root: str | Path, val_root: str | Path, device: torch.device, k: int = 1,
+                 temperature: float = 0.07, batch_size: int = 256, show_progress: bool = True) -> dict[str, float]:
+    """kNN classification as COYO-ALIGN's ImageNet kNN: the train split's image embeddings are the
+    memory, the validation images the queries; cosine 1-NN by default, weighted voting for k > 1."""
+    memory_paths, memory_labels, classes = read_class_folders(train_root)
+    query_paths, query_labels, _ = read_class_folders(val_root, classes)
+    with _eval_mode(model):
+        transform = model.config.build_transform(train=False)
+        memory = embed_images(model, transform, memory_paths, device, batch_size, show_progress,
+                              description="embedding the kNN memory")
+        queries = embed_images(model, transform, query_paths, device, batch_size, show_progress)
+    votes = knn_classify(memory, memory_labels, queries, len(classes), k=k, temperature=temperature)
+    return classification_metrics(votes, query_labels)
+
+
+class _eval_mode:
+    """``with _eval_mode(model):`` puts the model in eval mode and restores its mode afterwards."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model, self.was_training = model, model.training
+
+    def __enter__(self) -> None:
+        self.model.eval()
+
+    def __exit__(self, *exc: object) -> None:
+        self.model.train(self.was_training)

@@ -1,0 +1,137 @@
+"""Retrieval, zero-shot and kNN tasks on real dataset layouts, built here from the shapes dataset:
+a Karpathy-style JSON, and class folders (``<root>/<class>/<image>``) like ImageNet's."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import openalign
+from openalign.cli import main
+from openalign.data import read_karpathy
+from openalign.errors import OpenAlignError
+from openalign.eval import (classification_metrics, evaluate_knn, evaluate_retrieval, evaluate_shapes,
+                            evaluate_zeroshot)
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return openalign.create_model("align-test").eval()
+
+
+@pytest.fixture(scope="module")
+def folders(shapes_root, tmp_path_factory) -> Path:
+    """train/<shape>/ from labelled training images and val/<shape>/ from labelled test images."""
+    root = tmp_path_factory.mktemp("folders")
+    for split, source in (("train", "train"), ("val", "test")):
+        for item in read_karpathy(shapes_root / "dataset_shapes.json", source):
+            if item.labels:
+                (root / split / item.labels["shape"]).mkdir(parents=True, exist_ok=True)
+                shutil.copy(item.path, root / split / item.labels["shape"] / item.path.name)
+    return root
+
+
+def _embed(model, paths):
+    transform = model.config.build_transform(train=False)
+    from PIL import Image
+
+    with torch.no_grad():
+        return model.encode_image(torch.stack([transform(Image.open(p)) for p in paths]))
+
+
+def test_karpathy_retrieval_equals_the_shapes_evaluation_of_the_same_split(model, shapes_root):
+    ours = evaluate_retrieval(model, shapes_root / "dataset_shapes.json", CPU, show_progress=False)
+    reference = evaluate_shapes(model, shapes_root, CPU, knn_memory_size=8, show_progress=False)
+    for key, value in ours.items():
+        assert value == pytest.approx(reference[key]), key
+    with pytest.raises(OpenAlignError, match=r"24 of the 24 'test' images .* are missing.*pass the image root"):
+        evaluate_retrieval(model, shapes_root / "dataset_shapes.json", CPU, image_root="/nonexistent")
+
+
+def test_zeroshot_on_class_folders_equals_a_hand_computation(model, folders):
+    templates = ["a {}", "a photo of a {}."]
+    ours = evaluate_zeroshot(model, folders / "val", CPU, templates, show_progress=False)
+    classes = sorted(p.name for p in (folders / "val").iterdir())
+    paths = [p for c in classes for p in sorted((folders / "val" / c).iterdir())]
+    labels = torch.tensor([classes.index(p.parent.name) for p in paths])
+    tokenizer = model.config.build_tokenizer()
+    with torch.no_grad():
+        class_emb = torch.stack([F.normalize(model.encode_text(**tokenizer([t.format(c) for t in templates])).mean(0),
+                                             dim=0) for c in classes])
+    expected = classification_metrics(_embed(model, paths) @ class_emb.T, labels)
+    assert ours == pytest.approx(expected)
+
+
+def test_knn_on_class_folders_equals_numpy_one_nearest_neighbour(model, folders):
+    ours = evaluate_knn(model, folders / "train", folders / "val", CPU, k=1, show_progress=False)
+    classes = sorted(p.name for p in (folders / "train").iterdir())
+    train = [p for c in classes for p in sorted((folders / "train" / c).iterdir())]
+    val = [p for c in classes for p in sorted((folders / "val" / c).iterdir()) if (folders / "val" / c).is_dir()]
+    memory, queries = _embed(model, train).numpy(), _embed(model, val).numpy()
+    predicted = np.array([classes.index(train[i].parent.name) for i in (queries @ memory.T).argmax(axis=1)])
+    truth = np.array([classes.index(p.parent.name) for p in val])
+    assert ours["acc1"] == pytest.approx(float((predicted == truth).mean()))
+    weighted = evaluate_knn(model, folders / "train", folders / "val", CPU, k=20, show_progress=False)
+    assert 0 <= weighted["acc1"] <= weighted["acc5"] <= 1
+
+
+def test_wrong_layouts_say_what_was_expected(model, folders, tmp_path):
+    with pytest.raises(OpenAlignError, match="is not a directory; expected class subfolders"):
+        evaluate_zeroshot(model, tmp_path / "missing", CPU, ["a {}"])
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "image.png").write_bytes(b"")
+    with pytest.raises(OpenAlignError, match=r"has no class subfolders; expected <root>/<class>/<image>"):
+        evaluate_zeroshot(model, tmp_path / "flat", CPU, ["a {}"])
+    with pytest.raises(OpenAlignError, match="must each hold '{}'"):
+        evaluate_zeroshot(model, folders / "val", CPU, ["a photo"])
+    with pytest.raises(OpenAlignError, match="2 class names for 6 class folders"):
+        evaluate_zeroshot(model, folders / "val", CPU, ["a {}"], names=["x", "y"])
+    extra = tmp_path / "val"
+    shutil.copytree(folders / "val", extra)
+    (extra / "hexagon").mkdir()
+    shutil.copy(next((extra / "star").iterdir()), extra / "hexagon" / "x.png")
+    with pytest.raises(OpenAlignError, match="class folders that the other split lacks: hexagon"):
+        evaluate_knn(model, folders / "train", extra, CPU)
+
+
+def test_eval_commands_write_clip_benchmark_records(model, folders, shapes_root, tmp_path, capsys):
+    model_dir = model.save_pretrained(tmp_path / "model")
+    (tmp_path / "classnames.txt").write_text("\n".join(sorted(p.name for p in (folders / "val").iterdir())))
+    commands = {
+        "zeroshot": ["--root", str(folders / "val"), "--classnames", str(tmp_path / "classnames.txt"),
+                     "--template", "a {}", "--template", "a drawing of a {}"],
+        "knn": ["--train", str(folders / "train"), "--val", str(folders / "val"), "--k", "20"],
+        "retrieval": ["--json", str(shapes_root / "dataset_shapes.json")],
+    }
+    for task, options in commands.items():
+        output = tmp_path / f"{task}.json"
+        assert main(["eval", task, "--model", str(model_dir), *options, "--output", str(output)]) == 0, task
+        record = json.loads(output.read_text())
+        assert set(record) == {"dataset", "model", "pretrained", "task", "metrics", "language"}
+        assert record["task"] == task and record["metrics"]
+    assert "image_retrieval_recall@5" in json.loads((tmp_path / "retrieval.json").read_text())["metrics"]
+    assert main(["eval", "zeroshot", "--model", str(model_dir), "--root", str(tmp_path / "nowhere")]) == 2
+    assert "expected class subfolders" in " ".join(capsys.readouterr().err.split())
+
+
+def test_recipes_list_the_new_tasks_and_validate_them():
+    from openalign.errors import ConfigError
+    from openalign.recipe import load_recipe
+
+    recipe = load_recipe("demo", ["eval.tasks=[{task: knn, train_root: a, val_root: b, k: 20}, "
+                                  "{task: retrieval, json: x.json}, {task: zeroshot, root: v}]"])
+    assert [task.name for task in recipe.eval.tasks] == ["knn", "retrieval", "zeroshot"]
+    assert recipe.eval.tasks[0].k == 20 and recipe.eval.tasks[2].templates == ("a photo of a {}.",)
+    with pytest.raises(ConfigError, match=r"'eval.tasks\[0\].k' must be at least 1"):
+        load_recipe("demo", ["eval.tasks=[{task: knn, train_root: a, val_root: b, k: 0}]"])
+    with pytest.raises(ConfigError, match="'zeroshott', which is unknown; did you mean 'zeroshot'"):
+        load_recipe("demo", ["eval.tasks=[{task: zeroshott, root: a}]"])
