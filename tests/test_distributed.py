@@ -90,3 +90,21 @@ def test_the_trainer_runs_under_torchrun_and_resumes(tmp_path, shapes_root):
     assert (tmp_path / "run" / "checkpoints" / "step_00000004").is_dir()
     metrics = [r for r in read_history(tmp_path / "run") if "shapes/knn_colour_acc1" in r]
     assert len(metrics) == 2  # evaluated at the end of each invocation, by rank 0 only
+
+
+def test_sharded_evaluation_on_two_ranks_equals_one_process(tmp_path, shapes_root):
+    """Each rank embeds every other item (33 kNN memory images: 17 and 16), all gather; every rank
+    must then report exactly the single-process metrics."""
+    import json
+
+    import eval_worker
+    from openalign.eval import evaluate_shapes
+
+    torchrun(str(Path(__file__).parent / "eval_worker.py"), str(shapes_root), str(tmp_path))
+    expected = evaluate_shapes(eval_worker.build_model(), shapes_root, torch.device("cpu"), batch_size=8,
+                               knn_memory_size=eval_worker.KNN_MEMORY, show_progress=False)
+    for rank in range(2):
+        metrics = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert metrics.keys() == expected.keys()
+        for key, value in expected.items():
+            assert metrics[key] == pytest.approx(value, abs=1e-6), (rank, key)

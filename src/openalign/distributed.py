@@ -81,3 +81,27 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if world_info()[1] > 1:
         dist.barrier()
+
+
+def gather_strided_rows(local: torch.Tensor, total: int) -> torch.Tensor:
+    """Reassemble rows sharded with ``rows[rank::world_size]`` (uneven counts allowed, even zero
+    rows on a rank) into all ``total`` rows in their original order, on every rank.
+
+    Every rank must call this with its ``local`` shard of the same ``total``; the result is on
+    ``local``'s device. Without a process group it returns ``local``.
+    """
+    rank, world_size = world_info()
+    if world_size == 1:
+        return local
+    longest = -(-total // world_size)
+    backend_device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
+        else torch.device("cpu")
+    padded = torch.zeros(longest, *local.shape[1:], dtype=local.dtype, device=backend_device)
+    padded[:local.shape[0]] = local
+    shards = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(shards, padded)
+    rows = torch.empty(total, *local.shape[1:], dtype=local.dtype, device=backend_device)
+    for owner, shard in enumerate(shards):
+        count = len(range(owner, total, world_size))
+        rows[owner::world_size] = shard[:count]
+    return rows.to(local.device)

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from ..distributed import gather_strided_rows, world_info
 from ..errors import OpenAlignError
 from ..precision import autocast
 from ..progress import progress_bar
@@ -18,14 +19,20 @@ from ..progress import progress_bar
 def embed_images(model: nn.Module, transform: Callable[[Image.Image], torch.Tensor], paths: Sequence[Path],
                  device: torch.device, batch_size: int = 256, show_progress: bool = True,
                  description: str = "embedding images") -> torch.Tensor:
-    """(N, dim) L2-normalised fp32 image embeddings on the CPU, in the order of ``paths``."""
-    chunks = []
-    with progress_bar(description, len(paths), enabled=show_progress) as advance:
-        for start in range(0, len(paths), batch_size):
-            batch = torch.stack([_load(path, transform) for path in paths[start:start + batch_size]])
+    """(N, dim) L2-normalised fp32 image embeddings on the CPU, in the order of ``paths``.
+
+    Inside a process group every rank embeds ``paths[rank::world_size]`` and all ranks receive
+    all rows (every rank must call this with the same ``paths``).
+    """
+    rank, world_size = world_info()
+    mine = paths[rank::world_size]
+    chunks = [torch.zeros(0, _embed_dim(model))]
+    with progress_bar(description, len(mine), enabled=show_progress and rank == 0) as advance:
+        for start in range(0, len(mine), batch_size):
+            batch = torch.stack([_load(path, transform) for path in mine[start:start + batch_size]])
             chunks.append(encode_image_batch(model, batch.to(device)))
             advance(len(batch))
-    return torch.cat(chunks)
+    return gather_strided_rows(torch.cat(chunks), len(paths))
 
 
 @torch.no_grad()
@@ -42,15 +49,22 @@ def encode_image_batch(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
 def embed_texts(model: nn.Module, tokenizer: Callable[[list[str]], dict[str, torch.Tensor]], texts: Sequence[str],
                 device: torch.device, batch_size: int = 256, show_progress: bool = True,
                 description: str = "embedding texts") -> torch.Tensor:
-    """(N, dim) L2-normalised fp32 text embeddings on the CPU, in the order of ``texts``."""
-    chunks = []
-    with progress_bar(description, len(texts), enabled=show_progress) as advance:
-        for start in range(0, len(texts), batch_size):
-            tokens = {k: v.to(device) for k, v in tokenizer(list(texts[start:start + batch_size])).items()}
+    """(N, dim) L2-normalised fp32 text embeddings on the CPU, in the order of ``texts``; sharded
+    across ranks like :func:`embed_images`."""
+    rank, world_size = world_info()
+    mine = list(texts)[rank::world_size]
+    chunks = [torch.zeros(0, _embed_dim(model))]
+    with progress_bar(description, len(mine), enabled=show_progress and rank == 0) as advance:
+        for start in range(0, len(mine), batch_size):
+            tokens = {k: v.to(device) for k, v in tokenizer(mine[start:start + batch_size]).items()}
             with autocast(device):
                 chunks.append(model.encode_text(**tokens).float().cpu())
             advance(tokens["input_ids"].shape[0])
-    return torch.cat(chunks)
+    return gather_strided_rows(torch.cat(chunks), len(texts))
+
+
+def _embed_dim(model: nn.Module) -> int:
+    return int(model.config.embed_dim)
 
 
 def _load(path: Path, transform: Callable[[Image.Image], torch.Tensor]) -> torch.Tensor:

@@ -166,12 +166,21 @@ class _LogWindow:
 
 
 def evaluate(config: EvalConfig, model: nn.Module, ctx: DistributedContext, show_progress: bool = True) -> dict[str, float]:
-    """Run the recipe's evaluation tasks on the main rank (the others wait); metrics are named ``task/metric``."""
+    """Run the recipe's evaluation tasks on every rank; metrics are named ``task/metric``.
+
+    Feature extraction is sharded across ranks (each embeds every world_size-th item, all gather
+    the rows), and every rank computes the same metrics. Batch-norm running statistics, which
+    training keeps per device, are first set to rank 0's on all ranks, so that every shard is
+    embedded by the same model (the one checkpoints save).
+    """
+    if ctx.world_size > 1 and config.tasks:
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer, src=0)
     metrics: dict[str, float] = {}
-    if ctx.is_main:
-        for task in config.tasks:
-            results = task.run(model, ctx.device, config.batch_size, show_progress)
-            metrics.update({f"{task.name}/{key}": value for key, value in results.items()})
+    for task in config.tasks:
+        results = task.run(model, ctx.device, config.batch_size, show_progress and ctx.is_main)
+        metrics.update({f"{task.name}/{key}": value for key, value in results.items()})
+        if ctx.is_main:
             log.info("evaluation %s: %s", task.name, ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
     barrier()
     return metrics

@@ -1,0 +1,35 @@
+"""Run under ``torchrun --nproc_per_node 2``: the shapes evaluation and kNN, sharded across ranks.
+
+Arguments: the shapes dataset root, an output directory. Writes ``rank{r}.json`` with the metrics
+every rank computed. The kNN memory size is odd, so the ranks embed uneven numbers of images.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+import openalign
+from openalign.distributed import init_distributed
+from openalign.eval import evaluate_shapes
+
+KNN_MEMORY = 33
+
+
+def build_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return openalign.create_model("align-test").eval()
+
+
+def main(root: Path, out_dir: Path) -> None:
+    ctx = init_distributed("cpu")
+    metrics = evaluate_shapes(build_model(), root, ctx.device, batch_size=8, knn_memory_size=KNN_MEMORY,
+                              show_progress=False)
+    (out_dir / f"rank{ctx.rank}.json").write_text(json.dumps(metrics))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), Path(sys.argv[2]))
