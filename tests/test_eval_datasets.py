@@ -135,3 +135,41 @@ def test_recipes_list_the_new_tasks_and_validate_them():
         load_recipe("demo", ["eval.tasks=[{task: knn, train_root: a, val_root: b, k: 0}]"])
     with pytest.raises(ConfigError, match="'zeroshott', which is unknown; did you mean 'zeroshot'"):
         load_recipe("demo", ["eval.tasks=[{task: zeroshott, root: a}]"])
+
+
+def test_a_suite_runs_its_tasks_and_the_report_merges_the_results(model, folders, shapes_root, tmp_path, capsys):
+    import csv
+
+    import yaml
+
+    model_dir = model.save_pretrained(tmp_path / "model")
+    suite = {"names": ["shapes-retrieval", "shapes-knn"], "batch_size": 16,
+             "tasks": [{"task": "retrieval", "json": str(shapes_root / "dataset_shapes.json")},
+                       {"task": "knn", "train_root": str(folders / "train"), "val_root": str(folders / "val")}]}
+    (tmp_path / "suite.yaml").write_text(yaml.safe_dump(suite))
+    assert main(["eval", "suite", str(tmp_path / "suite.yaml"), "--model", str(model_dir),
+                 "--out", str(tmp_path / "results")]) == 0
+    records = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "results").glob("*.json")}
+    assert set(records) == {"shapes-retrieval", "shapes-knn"}
+    assert records["shapes-knn"]["task"] == "knn" and records["shapes-knn"]["dataset"] == "shapes-knn"
+    expected = evaluate_retrieval(model, shapes_root / "dataset_shapes.json", CPU, show_progress=False)
+    assert records["shapes-retrieval"]["metrics"] == pytest.approx(expected)
+
+    (tmp_path / "results" / "unrelated.json").write_text('{"not": "a record"}')  # skipped, not an error
+    assert main(["eval", "report", str(tmp_path / "results"), "--out", str(tmp_path / "report")]) == 0
+    markdown = (tmp_path / "report.md").read_text()
+    assert "## knn" in markdown and "## retrieval" in markdown
+    recall = 100 * expected["image_retrieval_recall@1"]
+    assert f"| align-test | {model_dir} | shapes-retrieval | " in markdown and f"{recall:.2f}" in markdown
+    rows = list(csv.DictReader((tmp_path / "report.csv").open()))
+    assert len(rows) == len(expected) + len(records["shapes-knn"]["metrics"])
+    assert main(["eval", "report", str(tmp_path / "model"), "--out", str(tmp_path / "r2")]) == 2
+    assert "no result records" in " ".join(capsys.readouterr().err.split())
+
+
+def test_the_shipped_align_suite_is_valid():
+    from openalign.eval.suite import load_suite
+
+    suite = load_suite("align")
+    assert [task.name for task in suite.tasks] == ["knn", "retrieval", "retrieval"]
+    assert suite.names == ["imagenet-knn", "flickr30k", "coco"] and suite.tasks[0].k == 1

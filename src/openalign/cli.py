@@ -72,6 +72,25 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     print(json.dumps(record, indent=2))
 
 
+def _cmd_eval_suite(args: argparse.Namespace) -> None:
+    from .eval.suite import load_suite, run_suite
+    from .pretrained import load_pretrained
+
+    suite = load_suite(args.suite)
+    model, _, _ = load_pretrained(args.model, device=_device(args.device))
+    for record in run_suite(suite, model, str(args.model), args.out, next(model.parameters()).device):
+        print(json.dumps(record))
+    print(f"results in {args.out}; merge them with: openalign eval report {args.out}")
+
+
+def _cmd_eval_report(args: argparse.Namespace) -> None:
+    from .eval.suite import collect_records, write_report
+
+    markdown, table = write_report(collect_records(args.paths), args.out)
+    print(markdown.read_text())
+    print(f"wrote {markdown} and {table}")
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
@@ -203,6 +222,16 @@ def build_parser() -> argparse.ArgumentParser:
         task.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
         task.add_argument("--output", help="also write the result JSON here")
         task.set_defaults(func=_cmd_eval)
+    suite = tasks.add_parser("suite", help="run a list of tasks from a suite file (shipped: align)")
+    suite.add_argument("suite", help="a shipped suite name or a suite YAML file")
+    suite.add_argument("--model", "--checkpoint", dest="model", required=True)
+    suite.add_argument("--out", required=True, help="directory for one result JSON per task")
+    suite.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    suite.set_defaults(func=_cmd_eval_suite)
+    report = tasks.add_parser("report", help="merge result JSON files into a markdown table and a CSV")
+    report.add_argument("paths", nargs="+", help="result files or directories holding them (searched recursively)")
+    report.add_argument("--out", default="report", help="output path without extension (default: report)")
+    report.set_defaults(func=_cmd_eval_report)
 
     demo = commands.add_parser("demo", help="build the shapes dataset, train a tiny ALIGN on CPU, evaluate, report")
     demo.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")

@@ -32,7 +32,7 @@ def list_recipes() -> list[str]:
 
 
 def find_config(kind: str, name_or_path: str | Path) -> Path:
-    """The YAML file of a registered ``kind`` ("models" or "recipes") entry, or a given path."""
+    """The YAML file of a registered ``kind`` ("models", "recipes", "suites") entry, or a given path."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml"):
         if path.is_file():
@@ -41,7 +41,7 @@ def find_config(kind: str, name_or_path: str | Path) -> Path:
     candidate = CONFIG_ROOT / kind / f"{name_or_path}.yaml"
     if candidate.is_file():
         return candidate
-    noun = "model" if kind == "models" else "recipe"
+    noun = kind.removesuffix("s")
     raise ConfigError(f"unknown {noun} '{name_or_path}'{did_you_mean(str(name_or_path), _names(kind))}")
 
 

@@ -1,0 +1,134 @@
+"""Evaluation suites (a list of tasks in one YAML file) and reports that merge result files.
+
+A suite file (``openalign eval suite align`` for the shipped ``configs/suites/align.yaml``, or
+any path)::
+
+    tasks:
+      - {task: knn, train_root: data/imagenet/train, val_root: data/imagenet/val}
+      - {task: retrieval, json: data/karpathy/dataset_flickr30k.json, image_root: data/flickr30k-images}
+    batch_size: 256
+
+Each task writes one CLIP_benchmark-schema record (``dataset``, ``model``, ``pretrained``,
+``task``, ``metrics``, ``language``) to ``OUTPUT_DIR/<task name>.json``. ``openalign eval
+report DIR...`` merges the records found under the directories into a markdown table and a CSV.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import from_dict, load_yaml
+from ..errors import OpenAlignError
+from ..registry import find_config
+from .tasks import EvalTaskConfig
+
+log = logging.getLogger(__name__)
+
+RECORD_KEYS = ("dataset", "model", "pretrained", "task", "metrics", "language")
+
+
+@dataclass
+class SuiteConfig:
+    """A named list of evaluation tasks; ``names`` (optional) labels each task's result file."""
+
+    tasks: list[EvalTaskConfig]
+    names: list[str] = field(default_factory=list)
+    batch_size: int = 256
+
+
+def load_suite(name_or_path: str | Path) -> SuiteConfig:
+    """A shipped suite (``align``, ``clippo``) or a suite YAML file, validated."""
+    suite = from_dict(SuiteConfig, load_yaml(find_config("suites", name_or_path)), "suite")
+    if not suite.tasks:
+        raise OpenAlignError(f"suite '{name_or_path}' lists no tasks")
+    if suite.names and len(suite.names) != len(suite.tasks):
+        raise OpenAlignError(f"suite '{name_or_path}' has {len(suite.names)} names for {len(suite.tasks)} tasks")
+    return suite
+
+
+def run_suite(suite: SuiteConfig, model: nn.Module, pretrained: str, output_dir: str | Path, device: torch.device,
+              show_progress: bool = True) -> list[dict[str, Any]]:
+    """Run every task, writing one record per task to ``output_dir``; returns the records."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    names = suite.names or [f"{index:02d}-{task.name}" for index, task in enumerate(suite.tasks)]
+    records = []
+    for name, task in zip(names, suite.tasks):
+        log.info("suite task %s (%s)", name, task.name)
+        metrics = task.run(model, device, suite.batch_size, show_progress)
+        record = make_record(name, model.config.name, pretrained, task.name, metrics)
+        (output_dir / f"{name}.json").write_text(json.dumps(record, indent=2))
+        records.append(record)
+    return records
+
+
+def make_record(dataset: str, model: str | None, pretrained: str, task: str, metrics: dict[str, float]) -> dict[str, Any]:
+    """A result in CLIP_benchmark's schema."""
+    return {"dataset": dataset, "model": model, "pretrained": pretrained, "task": task, "metrics": metrics,
+            "language": "en"}
+
+
+def collect_records(paths: list[str | Path]) -> list[dict[str, Any]]:
+    """The result records in the given files and (recursively) directories; other JSON is skipped."""
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files += sorted(path.rglob("*.json"))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise OpenAlignError(f"'{path}' is neither a result file nor a directory of them")
+    records = []
+    for file in files:
+        try:
+            record = json.loads(file.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(record, dict) and set(RECORD_KEYS) <= set(record) and isinstance(record["metrics"], dict):
+            records.append(record)
+    if not records:
+        raise OpenAlignError(f"no result records (JSON with {', '.join(RECORD_KEYS)}) under {', '.join(map(str, paths))}")
+    return records
+
+
+def write_report(records: list[dict[str, Any]], output: str | Path) -> tuple[Path, Path]:
+    """``output``.md (a table per task: one row per model and dataset) and ``output``.csv (one row
+    per model, dataset, task and metric)."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    lines = ["# openalign evaluation report", ""]
+    for task in sorted({record["task"] for record in records}):
+        rows = [record for record in records if record["task"] == task]
+        metrics = sorted({key for record in rows for key in record["metrics"]})
+        lines += [f"## {task}", "", "| model | pretrained | dataset | " + " | ".join(metrics) + " |",
+                  "|---|---|---|" + "---:|" * len(metrics)]
+        for record in sorted(rows, key=lambda r: (str(r["model"]), str(r["pretrained"]), str(r["dataset"]))):
+            values = [_format(metric, record["metrics"].get(metric)) for metric in metrics]
+            lines.append(f"| {record['model']} | {record['pretrained']} | {record['dataset']} | " + " | ".join(values) + " |")
+        lines.append("")
+    markdown, table = output.with_suffix(".md"), output.with_suffix(".csv")
+    markdown.write_text("\n".join(lines))
+    with table.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["model", "pretrained", "dataset", "task", "metric", "value"])
+        for record in records:
+            for metric, value in sorted(record["metrics"].items()):
+                writer.writerow([record["model"], record["pretrained"], record["dataset"], record["task"], metric, value])
+    return markdown, table
+
+
+def _format(metric: str, value: Any) -> str:
+    """Recalls and accuracies as percentages; ranks and anything else as numbers."""
+    if value is None:
+        return "–"
+    if not isinstance(value, (int, float)):
+        return str(value)
+    return f"{value:.4g}" if metric.endswith("_rank") else f"{100 * value:.2f}"
