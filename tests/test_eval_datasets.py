@@ -173,3 +173,32 @@ def test_the_shipped_align_suite_is_valid():
     suite = load_suite("align")
     assert [task.name for task in suite.tasks] == ["knn", "retrieval", "retrieval"]
     assert suite.names == ["imagenet-knn", "flickr30k", "coco"] and suite.tasks[0].k == 1
+
+
+def test_the_embedding_cache_skips_extraction_and_never_serves_stale_results(model, folders, tmp_path, monkeypatch):
+    from openalign.eval import embed_images
+    from openalign.eval.cache import CACHE_ENV
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    paths = sorted((folders / "val").rglob("*.png"))[:6]
+    transform = model.config.build_transform(train=False)
+    first = embed_images(model, transform, paths, CPU, show_progress=False)
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the cache should have answered")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(model, "encode_image", must_not_run)
+        assert torch.equal(embed_images(model, transform, paths, CPU, show_progress=False), first)
+    other = openalign.create_model("align-test").eval()  # other weights: a new key
+    assert not torch.equal(embed_images(other, transform, paths, CPU, show_progress=False), first)
+    copied = tmp_path / "copy.png"
+    shutil.copy(paths[0], copied)
+    stale = embed_images(model, transform, [copied, *paths[1:]], CPU, show_progress=False)
+    assert paths[0].parent.name != "star"
+    copied.write_bytes(next((folders / "val" / "star").iterdir()).read_bytes())  # same path, new content
+    fresh = embed_images(model, transform, [copied, *paths[1:]], CPU, show_progress=False)
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 4
+    assert not torch.allclose(fresh[0], stale[0], atol=1e-3)
+    torch.testing.assert_close(fresh[1:], stale[1:])

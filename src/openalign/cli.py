@@ -221,12 +221,14 @@ def build_parser() -> argparse.ArgumentParser:
         task.add_argument("--batch-size", type=int, default=256)
         task.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
         task.add_argument("--output", help="also write the result JSON here")
+        task.add_argument("--cache-dir", help="reuse image embeddings across runs (keyed by weights, preprocessing, files)")
         task.set_defaults(func=_cmd_eval)
     suite = tasks.add_parser("suite", help="run a list of tasks from a suite file (shipped: align)")
     suite.add_argument("suite", help="a shipped suite name or a suite YAML file")
     suite.add_argument("--model", "--checkpoint", dest="model", required=True)
     suite.add_argument("--out", required=True, help="directory for one result JSON per task")
     suite.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    suite.add_argument("--cache-dir", help="reuse image embeddings across runs (keyed by weights, preprocessing, files)")
     suite.set_defaults(func=_cmd_eval_suite)
     report = tasks.add_parser("report", help="merge result JSON files into a markdown table and a CSV")
     report.add_argument("paths", nargs="+", help="result files or directories holding them (searched recursively)")
@@ -297,6 +299,10 @@ def _setup_logging(verbose: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
+    if getattr(args, "cache_dir", None):
+        from .eval.cache import CACHE_ENV
+
+        os.environ[CACHE_ENV] = args.cache_dir
     from .errors import OpenAlignError
 
     try:

@@ -13,6 +13,7 @@ from ..distributed import gather_strided_rows, world_info
 from ..errors import OpenAlignError
 from ..precision import autocast
 from ..progress import progress_bar
+from . import cache
 
 
 @torch.no_grad()
@@ -22,9 +23,15 @@ def embed_images(model: nn.Module, transform: Callable[[Image.Image], torch.Tens
     """(N, dim) L2-normalised fp32 image embeddings on the CPU, in the order of ``paths``.
 
     Inside a process group every rank embeds ``paths[rank::world_size]`` and all ranks receive
-    all rows (every rank must call this with the same ``paths``).
+    all rows (every rank must call this with the same ``paths``). With an embedding cache
+    directory set (:mod:`openalign.eval.cache`), a second call on the same model, preprocessing
+    and files reads the result back instead.
     """
     rank, world_size = world_info()
+    directory = cache.cache_dir()
+    key = cache.cache_key(model, transform, paths) if directory else ""
+    if directory and (cached := cache.load(directory, key)) is not None:
+        return cached
     mine = paths[rank::world_size]
     chunks = [torch.zeros(0, _embed_dim(model))]
     with progress_bar(description, len(mine), enabled=show_progress and rank == 0) as advance:
@@ -32,7 +39,10 @@ def embed_images(model: nn.Module, transform: Callable[[Image.Image], torch.Tens
             batch = torch.stack([_load(path, transform) for path in mine[start:start + batch_size]])
             chunks.append(encode_image_batch(model, batch.to(device)))
             advance(len(batch))
-    return gather_strided_rows(torch.cat(chunks), len(paths))
+    embeddings = gather_strided_rows(torch.cat(chunks), len(paths))
+    if directory and rank == 0:
+        cache.save(directory, key, embeddings)
+    return embeddings
 
 
 @torch.no_grad()

@@ -1,0 +1,51 @@
+"""An on-disk cache of image embeddings, so a second evaluation of the same model and data skips
+feature extraction.
+
+Enabled by a directory in ``OPENALIGN_EMBEDDING_CACHE`` (the ``--cache-dir`` option of the eval
+commands sets it). An entry is a safetensors file named by a SHA-256 over the model's weights,
+the preprocessing, and each image's path, size and modification time: a retrained model, other
+preprocessing or a changed file gives a new key, never a stale result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+CACHE_ENV = "OPENALIGN_EMBEDDING_CACHE"
+
+
+def cache_dir() -> Path | None:
+    value = os.environ.get(CACHE_ENV)
+    return Path(value) if value else None
+
+
+def cache_key(model: nn.Module, transform: Callable[..., torch.Tensor], paths: Sequence[Path]) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes())
+    digest.update(repr(getattr(transform, "config", transform)).encode())
+    for path in map(Path, paths):
+        stat = path.stat()
+        digest.update(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()
+
+
+def load(directory: Path, key: str) -> torch.Tensor | None:
+    path = directory / f"{key}.safetensors"
+    return load_file(str(path))["embeddings"] if path.is_file() else None
+
+
+def save(directory: Path, key: str, embeddings: torch.Tensor) -> None:
+    """Written under a temporary name and renamed, so a reader never sees half a file."""
+    directory.mkdir(parents=True, exist_ok=True)
+    staging = directory / f".{key}.{os.getpid()}.tmp"
+    save_file({"embeddings": embeddings.contiguous()}, str(staging))
+    os.replace(staging, directory / f"{key}.safetensors")
