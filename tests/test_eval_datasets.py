@@ -167,12 +167,15 @@ def test_a_suite_runs_its_tasks_and_the_report_merges_the_results(model, folders
     assert "no result records" in " ".join(capsys.readouterr().err.split())
 
 
-def test_the_shipped_align_suite_is_valid():
+def test_the_shipped_suites_are_valid():
     from openalign.eval.suite import load_suite
 
     suite = load_suite("align")
     assert [task.name for task in suite.tasks] == ["knn", "retrieval", "retrieval"]
     assert suite.names == ["imagenet-knn", "flickr30k", "coco"] and suite.tasks[0].k == 1
+    clippo = load_suite("clippo")
+    assert [task.name for task in clippo.tasks] == ["zeroshot", "fewshot", "retrieval"]
+    assert (clippo.tasks[1].shots, clippo.tasks[1].seeds, clippo.tasks[1].l2) == (10, (0, 1, 2), 1024.0)
 
 
 def test_the_embedding_cache_skips_extraction_and_never_serves_stale_results(model, folders, tmp_path, monkeypatch):
@@ -202,3 +205,28 @@ def test_the_embedding_cache_skips_extraction_and_never_serves_stale_results(mod
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 4
     assert not torch.allclose(fresh[0], stale[0], atol=1e-3)
     torch.testing.assert_close(fresh[1:], stale[1:])
+
+
+def test_fewshot_probe_uses_pre_projection_features(model, folders, tmp_path):
+    from openalign.eval import evaluate_fewshot, ridge_fewshot_probe
+
+    ours = evaluate_fewshot(model, folders / "train", folders / "val", CPU, shots=3, seeds=(0, 1), show_progress=False)
+    classes = sorted(p.name for p in (folders / "train").iterdir())
+    transform = model.config.build_transform(train=False)
+    from PIL import Image
+
+    def features(root):
+        paths = [p for c in classes if (root / c).is_dir() for p in sorted((root / c).iterdir())]
+        with torch.no_grad():
+            pooled = model.image_tower(torch.stack([transform(Image.open(p)) for p in paths]))
+        assert pooled.shape[1] == model.image_tower.output_dim != model.config.embed_dim  # before the projection
+        return pooled, torch.tensor([classes.index(p.parent.name) for p in paths])
+
+    (train_x, train_y), (val_x, val_y) = features(folders / "train"), features(folders / "val")
+    expected = ridge_fewshot_probe(train_x, train_y, val_x, val_y, len(classes), shots=3, seeds=(0, 1))
+    assert ours["3shot_acc1"] == pytest.approx(expected["acc1"], abs=1e-6)
+    assert [ours["3shot_acc1_seed0"], ours["3shot_acc1_seed1"]] == pytest.approx(expected["acc1_per_seed"], abs=1e-6)
+    model_dir = model.save_pretrained(tmp_path / "model")
+    assert main(["eval", "fewshot", "--model", str(model_dir), "--train", str(folders / "train"),
+                 "--val", str(folders / "val"), "--shots", "3", "--output", str(tmp_path / "f.json")]) == 0
+    assert "3shot_acc1" in json.loads((tmp_path / "f.json").read_text())["metrics"]

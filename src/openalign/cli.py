@@ -47,7 +47,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
-    from .eval import KnnEvalConfig, RetrievalEvalConfig, ShapesEvalConfig, ZeroShotEvalConfig
+    from .eval import FewShotEvalConfig, KnnEvalConfig, RetrievalEvalConfig, ShapesEvalConfig, ZeroShotEvalConfig
     from .pretrained import load_pretrained
 
     if args.task == "shapes":
@@ -60,8 +60,11 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         task = ZeroShotEvalConfig(root=args.root, classnames=args.classnames, templates_file=args.templates_file,
                                   **templates)
         dataset = Path(args.root).resolve().parent.name or Path(args.root).name
-    else:
+    elif args.task == "knn":
         task, dataset = KnnEvalConfig(train_root=args.train, val_root=args.val, k=args.k), \
+            Path(args.val).resolve().parent.name
+    else:
+        task, dataset = FewShotEvalConfig(train_root=args.train, val_root=args.val, shots=args.shots), \
             Path(args.val).resolve().parent.name
     model, _, _ = load_pretrained(args.model, device=_device(args.device))
     metrics = task.run(model, next(model.parameters()).device, args.batch_size)
@@ -215,7 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
     knn.add_argument("--train", required=True, help="e.g. imagenet/train")
     knn.add_argument("--val", required=True, help="e.g. imagenet/val")
     knn.add_argument("--k", type=int, default=1, help="1: COYO-ALIGN's 1-NN; 20: weighted voting")
-    for task in (shapes, retrieval, zeroshot, knn):
+    fewshot = tasks.add_parser("fewshot", help="CLIPPO's few-shot ridge probe on pre-projection image features")
+    fewshot.add_argument("--train", required=True, help="class folders to sample the shots from")
+    fewshot.add_argument("--val", required=True, help="class folders to score")
+    fewshot.add_argument("--shots", type=int, default=10)
+    for task in (shapes, retrieval, zeroshot, knn, fewshot):
         task.add_argument("--model", "--checkpoint", dest="model", required=True,
                           help="an openalign model, checkpoint or run directory, an AlignModel directory or a hub id")
         task.add_argument("--batch-size", type=int, default=256)

@@ -26,8 +26,9 @@ def cache_dir() -> Path | None:
     return Path(value) if value else None
 
 
-def cache_key(model: nn.Module, transform: Callable[..., torch.Tensor], paths: Sequence[Path]) -> str:
-    digest = hashlib.sha256()
+def cache_key(model: nn.Module, transform: Callable[..., torch.Tensor], paths: Sequence[Path],
+              kind: str = "embedding") -> str:
+    digest = hashlib.sha256(kind.encode())
     for name, tensor in model.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes())

@@ -17,6 +17,7 @@ from torch import nn
 from ..data.karpathy import read_karpathy
 from ..errors import OpenAlignError
 from .classification import classification_metrics, knn_classify, zero_shot_classifier
+from .probe import ridge_fewshot_probe
 from .features import embed_images, embed_texts
 from .retrieval import retrieval_metrics
 
@@ -129,6 +130,24 @@ def evaluate_knn(model: nn.Module, train_root: str | Path, val_root: str | Path,
         queries = embed_images(model, transform, query_paths, device, batch_size, show_progress)
     votes = knn_classify(memory, memory_labels, queries, len(classes), k=k, temperature=temperature)
     return classification_metrics(votes, query_labels)
+
+
+def evaluate_fewshot(model: nn.Module, train_root: str | Path, val_root: str | Path, device: torch.device,
+                     shots: int = 10, seeds: Sequence[int] = (0, 1, 2), l2: float = 1024.0, batch_size: int = 256,
+                     show_progress: bool = True) -> dict[str, float]:
+    """CLIPPO's few-shot linear probe (:func:`~openalign.eval.probe.ridge_fewshot_probe`) on the
+    image tower's pre-projection features of ``train_root`` (sampled) and ``val_root`` (scored)."""
+    train_paths, train_labels, classes = read_class_folders(train_root)
+    val_paths, val_labels, _ = read_class_folders(val_root, classes)
+    with _eval_mode(model):
+        transform = model.config.build_transform(train=False)
+        train = embed_images(model, transform, train_paths, device, batch_size, show_progress,
+                             description="embedding probe training images", pre_projection=True)
+        val = embed_images(model, transform, val_paths, device, batch_size, show_progress, pre_projection=True)
+    result = ridge_fewshot_probe(train, train_labels, val, val_labels, len(classes), shots, seeds, l2)
+    metrics = {f"{shots}shot_acc1": float(result["acc1"])}
+    metrics.update({f"{shots}shot_acc1_seed{seed}": value for seed, value in zip(seeds, result["acc1_per_seed"])})
+    return metrics
 
 
 class _eval_mode:

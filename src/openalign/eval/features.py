@@ -19,8 +19,10 @@ from . import cache
 @torch.no_grad()
 def embed_images(model: nn.Module, transform: Callable[[Image.Image], torch.Tensor], paths: Sequence[Path],
                  device: torch.device, batch_size: int = 256, show_progress: bool = True,
-                 description: str = "embedding images") -> torch.Tensor:
-    """(N, dim) L2-normalised fp32 image embeddings on the CPU, in the order of ``paths``.
+                 description: str = "embedding images", pre_projection: bool = False) -> torch.Tensor:
+    """(N, dim) L2-normalised fp32 image embeddings on the CPU, in the order of ``paths``; with
+    ``pre_projection``, the image tower's pooled features instead (not normalised, not
+    projected: what linear probes use).
 
     Inside a process group every rank embeds ``paths[rank::world_size]`` and all ranks receive
     all rows (every rank must call this with the same ``paths``). With an embedding cache
@@ -29,15 +31,16 @@ def embed_images(model: nn.Module, transform: Callable[[Image.Image], torch.Tens
     """
     rank, world_size = world_info()
     directory = cache.cache_dir()
-    key = cache.cache_key(model, transform, paths) if directory else ""
+    key = cache.cache_key(model, transform, paths, "pre_projection" if pre_projection else "embedding") \
+        if directory else ""
     if directory and (cached := cache.load(directory, key)) is not None:
         return cached
     mine = paths[rank::world_size]
-    chunks = [torch.zeros(0, _embed_dim(model))]
+    chunks = [torch.zeros(0, model.image_tower.output_dim if pre_projection else _embed_dim(model))]
     with progress_bar(description, len(mine), enabled=show_progress and rank == 0) as advance:
         for start in range(0, len(mine), batch_size):
             batch = torch.stack([_load(path, transform) for path in mine[start:start + batch_size]])
-            chunks.append(encode_image_batch(model, batch.to(device)))
+            chunks.append(encode_image_batch(model, batch.to(device), pre_projection))
             advance(len(batch))
     embeddings = gather_strided_rows(torch.cat(chunks), len(paths))
     if directory and rank == 0:
@@ -46,13 +49,15 @@ def embed_images(model: nn.Module, transform: Callable[[Image.Image], torch.Tens
 
 
 @torch.no_grad()
-def encode_image_batch(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-    """L2-normalised fp32 embeddings on the CPU of a batch of preprocessed images, computed on the
-    model's device and dtype (bf16 autocast on GPU, channels-last)."""
+def encode_image_batch(model: nn.Module, pixels: torch.Tensor, pre_projection: bool = False) -> torch.Tensor:
+    """L2-normalised fp32 embeddings on the CPU of a batch of preprocessed images (or, with
+    ``pre_projection``, the image tower's pooled features), computed on the model's device and
+    dtype (bf16 autocast on GPU, channels-last)."""
     parameter = next(model.parameters())
     pixels = pixels.to(parameter.device, parameter.dtype).contiguous(memory_format=torch.channels_last)
     with autocast(parameter.device):
-        return model.encode_image(pixels, normalize=True).float().cpu()
+        features = model.image_tower(pixels) if pre_projection else model.encode_image(pixels, normalize=True)
+    return features.float().cpu()
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..config import Variants
 from ..errors import ConfigError
-from .datasets import evaluate_knn, evaluate_retrieval, evaluate_zeroshot, read_lines_or_json
+from .datasets import evaluate_fewshot, evaluate_knn, evaluate_retrieval, evaluate_zeroshot, read_lines_or_json
 from .shapes import evaluate_shapes
 
 
@@ -91,3 +91,25 @@ class KnnEvalConfig(EvalTaskConfig, tag="knn"):
     def run(self, model: nn.Module, device: torch.device, batch_size: int, show_progress: bool = True) -> dict[str, float]:
         return evaluate_knn(model, self.train_root, self.val_root, device, self.k, self.temperature, batch_size,
                             show_progress)
+
+
+@dataclass
+class FewShotEvalConfig(EvalTaskConfig, tag="fewshot"):
+    """CLIPPO's few-shot ridge probe: ``shots`` training images per class from ``train_root``'s class
+    folders (one draw per seed), scored on ``val_root``; pre-projection image features, λ = ``l2``."""
+
+    train_root: str
+    val_root: str
+    shots: int = 10
+    seeds: tuple[int, ...] = (0, 1, 2)
+    l2: float = 1024.0
+
+    def __post_init__(self) -> None:
+        if self.shots < 1:
+            raise ConfigError("must be at least 1", "shots")
+        if not self.seeds:
+            raise ConfigError("must list at least one seed", "seeds")
+
+    def run(self, model: nn.Module, device: torch.device, batch_size: int, show_progress: bool = True) -> dict[str, float]:
+        return evaluate_fewshot(model, self.train_root, self.val_root, device, self.shots, self.seeds, self.l2,
+                                batch_size, show_progress)
