@@ -56,3 +56,38 @@ def ridge_regression(x: torch.Tensor, y: torch.Tensor, l2: float) -> torch.Tenso
 
 def _with_bias(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, torch.full((x.shape[0], 1), BIAS_FEATURE, dtype=x.dtype)], dim=1)
+
+
+def logistic_regression_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
+                              test_labels: torch.Tensor, num_classes: int, c: float = 1.0,
+                              max_iter: int = 1000) -> dict[str, float]:
+    """The full-data linear probe: multinomial logistic regression (:func:`fit_logistic_regression`)
+    on features standardised with the training mean and std; the test metrics of
+    :func:`~openalign.eval.classification.classification_metrics`."""
+    from .classification import classification_metrics
+
+    x = train_features.cpu().double()
+    mean, std = x.mean(dim=0), x.std(dim=0) + STD_EPS
+    weight, bias = fit_logistic_regression((x - mean) / std, train_labels, num_classes, c, max_iter)
+    logits = ((test_features.cpu().double() - mean) / std) @ weight + bias
+    return classification_metrics(logits, test_labels.cpu())
+
+
+def fit_logistic_regression(x: torch.Tensor, labels: torch.Tensor, num_classes: int, c: float = 1.0,
+                            max_iter: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weight (D, C), bias (C,))`` minimising ``Σ cross-entropy + ‖W‖² / (2c)`` with the bias
+    unpenalised (scikit-learn's multinomial objective and ``C``), by full-batch L-BFGS in float64."""
+    x, y = x.double(), labels.cpu().long()
+    weight = torch.zeros(x.shape[1], num_classes, dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=max_iter, tolerance_grad=1e-10, tolerance_change=1e-12,
+                                  history_size=50, line_search_fn="strong_wolfe")
+
+    def objective() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(x @ weight + bias, y, reduction="sum") + (weight ** 2).sum() / (2 * c)
+        loss.backward()
+        return loss
+
+    optimizer.step(objective)
+    return weight.detach(), bias.detach()
