@@ -48,6 +48,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 def _cmd_eval(args: argparse.Namespace) -> None:
     from .eval import FewShotEvalConfig, KnnEvalConfig, RetrievalEvalConfig, ShapesEvalConfig, ZeroShotEvalConfig
+    from .eval.suite import make_record
     from .pretrained import load_pretrained
 
     if args.task == "shapes":
@@ -68,8 +69,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
             Path(args.val).resolve().parent.name
     model, _, _ = load_pretrained(args.model, device=_device(args.device))
     metrics = task.run(model, next(model.parameters()).device, args.batch_size)
-    record = {"dataset": dataset, "model": model.config.name, "pretrained": str(args.model), "task": args.task,
-              "metrics": metrics, "language": "en"}
+    record = make_record(dataset, model.config.name, str(args.model), args.task, metrics)
     if args.output:
         Path(args.output).write_text(json.dumps(record, indent=2))
     print(json.dumps(record, indent=2))
