@@ -130,7 +130,7 @@ def test_recipes_list_the_new_tasks_and_validate_them():
     recipe = load_recipe("demo", ["eval.tasks=[{task: knn, train_root: a, val_root: b, k: 20}, "
                                   "{task: retrieval, json: x.json}, {task: zeroshot, root: v}]"])
     assert [task.name for task in recipe.eval.tasks] == ["knn", "retrieval", "zeroshot"]
-    assert recipe.eval.tasks[0].k == 20 and recipe.eval.tasks[2].templates == ("a photo of a {}.",)
+    assert recipe.eval.tasks[0].k == 20 and recipe.eval.tasks[2].templates is None
     with pytest.raises(ConfigError, match=r"'eval.tasks\[0\].k' must be at least 1"):
         load_recipe("demo", ["eval.tasks=[{task: knn, train_root: a, val_root: b, k: 0}]"])
     with pytest.raises(ConfigError, match="'zeroshott', which is unknown; did you mean 'zeroshot'"):
@@ -230,3 +230,42 @@ def test_fewshot_probe_uses_pre_projection_features(model, folders, tmp_path):
     assert main(["eval", "fewshot", "--model", str(model_dir), "--train", str(folders / "train"),
                  "--val", str(folders / "val"), "--shots", "3", "--output", str(tmp_path / "f.json")]) == 0
     assert "3shot_acc1" in json.loads((tmp_path / "f.json").read_text())["metrics"]
+
+
+def _write_tar(path: Path, members: dict[str, bytes]) -> None:
+    import io
+    import tarfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as archive:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+
+
+def test_clip_benchmark_webdataset_layouts_give_the_same_results_as_files(model, folders, shapes_root, tmp_path):
+    classes = sorted(p.name for p in (folders / "val").iterdir())
+    images = [(p, classes.index(p.parent.name)) for c in classes for p in sorted((folders / "val" / c).iterdir())]
+    classification = tmp_path / "wds_shapes"
+    for shard, start in enumerate(range(0, len(images), 7)):  # several shards
+        _write_tar(classification / "test" / f"{shard}.tar",
+                   {name: data for n, (path, label) in enumerate(images[start:start + 7], start)
+                    for name, data in ((f"s{n:04d}.png", path.read_bytes()), (f"s{n:04d}.cls", str(label).encode()))})
+    (classification / "classnames.txt").write_text("\n".join(classes))
+    (classification / "zeroshot_classification_templates.txt").write_text("a {c}\na drawing of a {c}\n")
+    from_wds = evaluate_zeroshot(model, classification, CPU, show_progress=False)
+    from_folders = evaluate_zeroshot(model, folders / "val", CPU, ["a {}", "a drawing of a {}"], show_progress=False)
+    assert from_wds == pytest.approx(from_folders)
+
+    retrieval = tmp_path / "wds_captions"
+    items = read_karpathy(shapes_root / "dataset_shapes.json", "test")
+    _write_tar(retrieval / "test" / "0.tar",
+               {name: data for n, item in enumerate(items)
+                for name, data in ((f"{n:04d}.png", item.path.read_bytes()), (f"{n:04d}.txt", "\n".join(item.captions).encode()))})
+    (retrieval / "dataset_type.txt").write_text("retrieval\n")
+    assert evaluate_retrieval(model, retrieval, CPU, show_progress=False) == pytest.approx(
+        evaluate_retrieval(model, shapes_root / "dataset_shapes.json", CPU, show_progress=False))
+    (retrieval / "test" / "1.tar").write_bytes(b"not a tar archive")
+    with pytest.raises(OpenAlignError, match="cannot read shard '.*1.tar'"):
+        evaluate_retrieval(model, retrieval, CPU, show_progress=False)

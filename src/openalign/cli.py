@@ -59,7 +59,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     elif args.task == "zeroshot":
         templates = {"templates": tuple(args.template)} if args.template else {}
         task = ZeroShotEvalConfig(root=args.root, classnames=args.classnames, templates_file=args.templates_file,
-                                  **templates)
+                                  split=args.split, **templates)
         dataset = Path(args.root).resolve().parent.name or Path(args.root).name
     elif args.task == "knn":
         task, dataset = KnnEvalConfig(train_root=args.train, val_root=args.val, k=args.k), \
@@ -205,15 +205,18 @@ def build_parser() -> argparse.ArgumentParser:
     shapes = tasks.add_parser("shapes", help="retrieval, zero-shot and 1-NN on the built-in shapes dataset")
     shapes.add_argument("--root", default="runs/demo/data", help="the shapes dataset directory")
     retrieval = tasks.add_parser("retrieval", help="image-text retrieval R@1/5/10 on a Karpathy-split JSON")
-    retrieval.add_argument("--json", required=True, help="dataset_coco.json, dataset_flickr30k.json, ...")
+    retrieval.add_argument("--json", required=True, help="dataset_coco.json, dataset_flickr30k.json, ..., or a "
+                                                         "CLIP_benchmark webdataset root (wds_mscoco_captions/)")
     retrieval.add_argument("--split", default="test")
     retrieval.add_argument("--image-root", help="the folder the JSON's filepath/filename are relative to "
                                                 "(default: the JSON's folder)")
     zeroshot = tasks.add_parser("zeroshot", help="zero-shot classification of a folder of class subfolders")
-    zeroshot.add_argument("--root", required=True, help="e.g. imagenet/val (val/<class>/<image>)")
+    zeroshot.add_argument("--root", required=True, help="class folders (imagenet/val/<class>/<image>) or a "
+                                                        "CLIP_benchmark webdataset root (wds_imagenet1k/)")
     zeroshot.add_argument("--classnames", help="one name per class folder (sorted order), or a JSON list/mapping")
     zeroshot.add_argument("--template", action="append", help="a prompt with {} (repeatable; default 'a photo of a {}.')")
     zeroshot.add_argument("--templates-file", help="prompts, one per line")
+    zeroshot.add_argument("--split", default="test", help="the split of a CLIP_benchmark webdataset root")
     knn = tasks.add_parser("knn", help="kNN classification: train folders are the memory, val folders the queries")
     knn.add_argument("--train", required=True, help="e.g. imagenet/train")
     knn.add_argument("--val", required=True, help="e.g. imagenet/val")

@@ -14,22 +14,31 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..data.karpathy import read_karpathy
+from ..data.karpathy import CaptionedImage, read_karpathy
 from ..errors import OpenAlignError
+from .clip_benchmark_wds import is_clip_benchmark_wds, read_split
 from .classification import classification_metrics, knn_classify, zero_shot_classifier
 from .probe import ridge_fewshot_probe
 from .features import embed_images, embed_texts
 from .retrieval import retrieval_metrics
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
+DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
 
 def evaluate_retrieval(model: nn.Module, json_path: str | Path, device: torch.device, split: str = "test",
                        image_root: str | Path | None = None, batch_size: int = 256,
                        show_progress: bool = True) -> dict[str, float]:
     """Image→text and text→image R@1/5/10 and ranks on one split of a Karpathy-style JSON
-    (``dataset_coco.json``: test = 5,000 images / ~25k captions; ``dataset_flickr30k.json``: 1,000 / 5,000)."""
-    items = read_karpathy(json_path, split, image_root)
+    (``dataset_coco.json``: test = 5,000 images / ~25k captions; ``dataset_flickr30k.json``: 1,000 / 5,000),
+    or of a CLIP_benchmark webdataset directory (``wds_mscoco_captions``...)."""
+    if is_clip_benchmark_wds(json_path):
+        wds = read_split(json_path, split)
+        if wds.captions is None:
+            raise OpenAlignError(f"'{json_path}' is a classification dataset (no dataset_type.txt saying retrieval)")
+        items = [CaptionedImage(path, tuple(captions)) for path, captions in zip(wds.paths, wds.captions) if captions]
+    else:
+        items = read_karpathy(json_path, split, image_root)
     missing = [item.path for item in items if not item.path.is_file()]
     if missing:
         raise OpenAlignError(f"{len(missing)} of the {len(items)} '{split}' images of '{json_path}' are missing, e.g. "
@@ -98,21 +107,32 @@ def class_names(folders: Sequence[str], names: list[str] | dict[str, str] | None
     return list(names)
 
 
-def evaluate_zeroshot(model: nn.Module, root: str | Path, device: torch.device, templates: Sequence[str],
+def evaluate_zeroshot(model: nn.Module, root: str | Path, device: torch.device, templates: Sequence[str] | None = None,
                       names: list[str] | dict[str, str] | None = None, batch_size: int = 256,
-                      show_progress: bool = True) -> dict[str, float]:
-    """Zero-shot classification of the images in ``root``'s class folders: ``acc1``, ``acc5``,
-    ``mean_per_class_recall``. Class embedding = renormalised mean of its prompts' embeddings."""
-    if not templates or any("{}" not in template for template in templates):
-        raise OpenAlignError(f"templates must each hold '{{}}' for the class name, got {list(templates)[:3]}")
-    paths, labels, folders = read_class_folders(root)
-    readable = class_names(folders, names)
+                      show_progress: bool = True, split: str = "test") -> dict[str, float]:
+    """Zero-shot classification of the images in ``root``'s class folders, or of ``split`` of a
+    CLIP_benchmark webdataset directory (its classnames.txt and templates unless given):
+    ``acc1``, ``acc5``, ``mean_per_class_recall``. Class embedding = renormalised mean of its
+    prompts' embeddings; templates default to ``a photo of a {}.``."""
+    if is_clip_benchmark_wds(root):
+        wds = read_split(root, split)
+        if wds.labels is None or wds.classnames is None:
+            raise OpenAlignError(f"'{root}' is not a classification dataset with classnames.txt")
+        paths, labels = wds.paths, torch.tensor(wds.labels)
+        readable = class_names(wds.classnames, names if names is not None else wds.classnames)
+        templates = templates or [t.replace("{c}", "{}") for t in wds.templates or ()]
+    else:
+        paths, labels, folders = read_class_folders(root)
+        readable = class_names(folders, names)
+    templates = list(templates or DEFAULT_TEMPLATES)
+    if any("{}" not in template for template in templates):
+        raise OpenAlignError(f"templates must each hold '{{}}' for the class name, got {templates[:3]}")
     with _eval_mode(model):
         config = model.config
         tokenizer = config.build_tokenizer()
         classifier = zero_shot_classifier(
             lambda texts: embed_texts(model, tokenizer, texts, device, batch_size, show_progress=False),
-            readable, list(templates))
+            readable, templates)
         image_emb = embed_images(model, config.build_transform(train=False), paths, device, batch_size, show_progress)
     return classification_metrics(image_emb @ classifier.T, labels)
 

@@ -46,7 +46,8 @@ class ShapesEvalConfig(EvalTaskConfig, tag="shapes"):
 @dataclass
 class RetrievalEvalConfig(EvalTaskConfig, tag="retrieval"):
     """Zero-shot retrieval on a split of a Karpathy-style JSON (COCO: ``dataset_coco.json``, Flickr30k:
-    ``dataset_flickr30k.json``); ``image_root`` defaults to the JSON's folder."""
+    ``dataset_flickr30k.json``; ``image_root`` defaults to the JSON's folder) or, with ``json`` naming
+    a directory, of a CLIP_benchmark webdataset retrieval dataset."""
 
     json: str
     split: str = "test"
@@ -58,19 +59,21 @@ class RetrievalEvalConfig(EvalTaskConfig, tag="retrieval"):
 
 @dataclass
 class ZeroShotEvalConfig(EvalTaskConfig, tag="zeroshot"):
-    """Zero-shot classification of ``root``'s class folders. ``classnames``: a text file (one name per
-    folder, sorted folder order) or a JSON list or folder→name mapping; ``templates``: prompts with
-    ``{}``, inline or (``templates_file``) one per line."""
+    """Zero-shot classification of ``root``'s class folders, or of ``split`` of a CLIP_benchmark
+    webdataset directory. ``classnames``: a text file (one name per folder, sorted folder order) or
+    a JSON list or folder→name mapping; ``templates``: prompts with ``{}``, inline or
+    (``templates_file``) one per line; by default the dataset's own, else ``a photo of a {}.``."""
 
     root: str
     classnames: str | None = None
-    templates: tuple[str, ...] = ("a photo of a {}.",)
+    templates: tuple[str, ...] | None = None
     templates_file: str | None = None
+    split: str = "test"
 
     def run(self, model: nn.Module, device: torch.device, batch_size: int, show_progress: bool = True) -> dict[str, float]:
         templates = read_lines_or_json(self.templates_file, "templates") or self.templates
         return evaluate_zeroshot(model, self.root, device, templates, read_lines_or_json(self.classnames, "class names"),
-                                 batch_size, show_progress)
+                                 batch_size, show_progress, self.split)
 
 
 @dataclass
