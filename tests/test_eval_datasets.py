@@ -269,3 +269,17 @@ def test_clip_benchmark_webdataset_layouts_give_the_same_results_as_files(model,
     (retrieval / "test" / "1.tar").write_bytes(b"not a tar archive")
     with pytest.raises(OpenAlignError, match="cannot read shard '.*1.tar'"):
         evaluate_retrieval(model, retrieval, CPU, show_progress=False)
+
+
+def test_linear_probe_task_fits_on_all_training_features(model, folders, tmp_path):
+    from openalign.eval import evaluate_linear_probe, logistic_regression_probe
+    from openalign.eval.datasets import _probe_features
+
+    ours = evaluate_linear_probe(model, folders / "train", folders / "val", CPU, c=0.5, show_progress=False)
+    train, train_y, val, val_y, num_classes = _probe_features(model, folders / "train", folders / "val", CPU, 64, False)
+    assert train.shape[1] == model.image_tower.output_dim and len(train) == len(list((folders / "train").rglob("*.png")))
+    assert ours == pytest.approx(logistic_regression_probe(train, train_y, val, val_y, num_classes, c=0.5))
+    model_dir = model.save_pretrained(tmp_path / "model")
+    assert main(["eval", "linear_probe", "--model", str(model_dir), "--train", str(folders / "train"),
+                 "--val", str(folders / "val"), "--c", "0.5", "--output", str(tmp_path / "p.json")]) == 0
+    assert json.loads((tmp_path / "p.json").read_text())["metrics"] == pytest.approx(ours)

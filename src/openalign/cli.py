@@ -47,7 +47,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
-    from .eval import FewShotEvalConfig, KnnEvalConfig, RetrievalEvalConfig, ShapesEvalConfig, ZeroShotEvalConfig
+    from .eval import (FewShotEvalConfig, KnnEvalConfig, LinearProbeEvalConfig, RetrievalEvalConfig, ShapesEvalConfig,
+                       ZeroShotEvalConfig)
     from .eval.suite import make_record
     from .pretrained import load_pretrained
 
@@ -64,8 +65,11 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     elif args.task == "knn":
         task, dataset = KnnEvalConfig(train_root=args.train, val_root=args.val, k=args.k), \
             Path(args.val).resolve().parent.name
-    else:
+    elif args.task == "fewshot":
         task, dataset = FewShotEvalConfig(train_root=args.train, val_root=args.val, shots=args.shots), \
+            Path(args.val).resolve().parent.name
+    else:
+        task, dataset = LinearProbeEvalConfig(train_root=args.train, val_root=args.val, c=args.c), \
             Path(args.val).resolve().parent.name
     model, _, _ = load_pretrained(args.model, device=_device(args.device))
     metrics = task.run(model, next(model.parameters()).device, args.batch_size)
@@ -225,7 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
     fewshot.add_argument("--train", required=True, help="class folders to sample the shots from")
     fewshot.add_argument("--val", required=True, help="class folders to score")
     fewshot.add_argument("--shots", type=int, default=10)
-    for task in (shapes, retrieval, zeroshot, knn, fewshot):
+    probe = tasks.add_parser("linear_probe", help="full-data logistic-regression probe on pre-projection features")
+    probe.add_argument("--train", required=True, help="class folders to fit on")
+    probe.add_argument("--val", required=True, help="class folders to score")
+    probe.add_argument("--c", type=float, default=1.0, help="inverse L2 strength (scikit-learn's C)")
+    for task in (shapes, retrieval, zeroshot, knn, fewshot, probe):
         task.add_argument("--model", "--checkpoint", dest="model", required=True,
                           help="an openalign model, checkpoint or run directory, an AlignModel directory or a hub id")
         task.add_argument("--batch-size", type=int, default=256)

@@ -1,16 +1,16 @@
 """Evaluation: retrieval and classification metrics, feature extraction, and the tasks recipes list."""
 
 from .classification import classification_metrics, knn_classify, nearest_neighbour_predict, zero_shot_classifier
-from .datasets import evaluate_fewshot, evaluate_knn, evaluate_retrieval, evaluate_zeroshot, read_class_folders
+from .datasets import evaluate_fewshot, evaluate_knn, evaluate_linear_probe, evaluate_retrieval, evaluate_zeroshot, read_class_folders
 from .features import embed_images, embed_texts
 from .probe import logistic_regression_probe, ridge_fewshot_probe, ridge_regression
 from .retrieval import retrieval_metrics
 from .shapes import evaluate_shapes, shapes_chance_levels
-from .tasks import EvalTaskConfig, FewShotEvalConfig, KnnEvalConfig, RetrievalEvalConfig, ShapesEvalConfig, ZeroShotEvalConfig
+from .tasks import EvalTaskConfig, FewShotEvalConfig, KnnEvalConfig, LinearProbeEvalConfig, RetrievalEvalConfig, ShapesEvalConfig, ZeroShotEvalConfig
 
 __all__ = [
-    "EvalTaskConfig", "FewShotEvalConfig", "KnnEvalConfig", "RetrievalEvalConfig", "ShapesEvalConfig", "ZeroShotEvalConfig",
-    "classification_metrics", "embed_images", "embed_texts", "evaluate_fewshot", "evaluate_knn", "evaluate_retrieval", "evaluate_shapes",
+    "EvalTaskConfig", "FewShotEvalConfig", "KnnEvalConfig", "LinearProbeEvalConfig", "RetrievalEvalConfig", "ShapesEvalConfig", "ZeroShotEvalConfig",
+    "classification_metrics", "embed_images", "embed_texts", "evaluate_fewshot", "evaluate_knn", "evaluate_linear_probe", "evaluate_retrieval", "evaluate_shapes",
     "evaluate_zeroshot", "read_class_folders", "knn_classify", "logistic_regression_probe", "nearest_neighbour_predict", "retrieval_metrics", "ridge_fewshot_probe",
     "ridge_regression", "shapes_chance_levels",
     "zero_shot_classifier",

@@ -18,7 +18,7 @@ from ..data.karpathy import CaptionedImage, read_karpathy
 from ..errors import OpenAlignError
 from .clip_benchmark_wds import is_clip_benchmark_wds, read_split
 from .classification import classification_metrics, knn_classify, zero_shot_classifier
-from .probe import ridge_fewshot_probe
+from .probe import logistic_regression_probe, ridge_fewshot_probe
 from .features import embed_images, embed_texts
 from .retrieval import retrieval_metrics
 
@@ -157,6 +157,27 @@ def evaluate_fewshot(model: nn.Module, train_root: str | Path, val_root: str | P
                      show_progress: bool = True) -> dict[str, float]:
     """CLIPPO's few-shot linear probe (:func:`~openalign.eval.probe.ridge_fewshot_probe`) on the
     image tower's pre-projection features of ``train_root`` (sampled) and ``val_root`` (scored)."""
+    train, train_labels, val, val_labels, num_classes = _probe_features(model, train_root, val_root, device,
+                                                                        batch_size, show_progress)
+    result = ridge_fewshot_probe(train, train_labels, val, val_labels, num_classes, shots, seeds, l2)
+    metrics = {f"{shots}shot_acc1": float(result["acc1"])}
+    metrics.update({f"{shots}shot_acc1_seed{seed}": value for seed, value in zip(seeds, result["acc1_per_seed"])})
+    return metrics
+
+
+def evaluate_linear_probe(model: nn.Module, train_root: str | Path, val_root: str | Path, device: torch.device,
+                          c: float = 1.0, batch_size: int = 256, show_progress: bool = True) -> dict[str, float]:
+    """The full-data linear probe: logistic regression
+    (:func:`~openalign.eval.probe.logistic_regression_probe`) on the pre-projection features of all
+    of ``train_root``, scored on ``val_root``."""
+    train, train_labels, val, val_labels, num_classes = _probe_features(model, train_root, val_root, device,
+                                                                        batch_size, show_progress)
+    return logistic_regression_probe(train, train_labels, val, val_labels, num_classes, c)
+
+
+def _probe_features(model: nn.Module, train_root: str | Path, val_root: str | Path, device: torch.device,
+                    batch_size: int, show_progress: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Pre-projection image features and labels of two class-folder splits that share classes."""
     train_paths, train_labels, classes = read_class_folders(train_root)
     val_paths, val_labels, _ = read_class_folders(val_root, classes)
     with _eval_mode(model):
@@ -164,10 +185,7 @@ def evaluate_fewshot(model: nn.Module, train_root: str | Path, val_root: str | P
         train = embed_images(model, transform, train_paths, device, batch_size, show_progress,
                              description="embedding probe training images", pre_projection=True)
         val = embed_images(model, transform, val_paths, device, batch_size, show_progress, pre_projection=True)
-    result = ridge_fewshot_probe(train, train_labels, val, val_labels, len(classes), shots, seeds, l2)
-    metrics = {f"{shots}shot_acc1": float(result["acc1"])}
-    metrics.update({f"{shots}shot_acc1_seed{seed}": value for seed, value in zip(seeds, result["acc1_per_seed"])})
-    return metrics
+    return train, train_labels, val, val_labels, len(classes)
 
 
 class _eval_mode:

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..config import Variants
 from ..errors import ConfigError
-from .datasets import evaluate_fewshot, evaluate_knn, evaluate_retrieval, evaluate_zeroshot, read_lines_or_json
+from .datasets import evaluate_fewshot, evaluate_knn, evaluate_linear_probe, evaluate_retrieval, evaluate_zeroshot, read_lines_or_json
 from .shapes import evaluate_shapes
 
 
@@ -116,3 +116,20 @@ class FewShotEvalConfig(EvalTaskConfig, tag="fewshot"):
     def run(self, model: nn.Module, device: torch.device, batch_size: int, show_progress: bool = True) -> dict[str, float]:
         return evaluate_fewshot(model, self.train_root, self.val_root, device, self.shots, self.seeds, self.l2,
                                 batch_size, show_progress)
+
+
+@dataclass
+class LinearProbeEvalConfig(EvalTaskConfig, tag="linear_probe"):
+    """The full-data logistic-regression probe on pre-projection features: fit on ``train_root``'s
+    class folders, scored on ``val_root``; ``c`` is the inverse L2 strength (scikit-learn's C)."""
+
+    train_root: str
+    val_root: str
+    c: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.c <= 0:
+            raise ConfigError("must be positive", "c")
+
+    def run(self, model: nn.Module, device: torch.device, batch_size: int, show_progress: bool = True) -> dict[str, float]:
+        return evaluate_linear_probe(model, self.train_root, self.val_root, device, self.c, batch_size, show_progress)
