@@ -283,3 +283,25 @@ def test_linear_probe_task_fits_on_all_training_features(model, folders, tmp_pat
     assert main(["eval", "linear_probe", "--model", str(model_dir), "--train", str(folders / "train"),
                  "--val", str(folders / "val"), "--c", "0.5", "--output", str(tmp_path / "p.json")]) == 0
     assert json.loads((tmp_path / "p.json").read_text())["metrics"] == pytest.approx(ours)
+
+
+def test_retrieval_examples_draw_the_true_top_k(model, shapes_root, tmp_path, capsys):
+    from PIL import Image
+
+    from openalign.eval.examples import retrieval_examples
+
+    rows = retrieval_examples(model, shapes_root / "dataset_shapes.json", CPU, tmp_path / "grid.png", queries=3, k=4)
+    items = read_karpathy(shapes_root / "dataset_shapes.json", "test")
+    tokenizer, transform = model.config.build_tokenizer(), model.config.build_transform(train=False)
+    with torch.no_grad():
+        images = model.encode_image(torch.stack([transform(Image.open(item.path)) for item in items]))
+        for caption, found, truth in rows:
+            scores = model.encode_text(**tokenizer([caption]))[0] @ images.T
+            assert found == [items[i].path for i in scores.topk(4).indices.tolist()]
+            assert any(caption in item.captions and item.path == truth for item in items)
+    with Image.open(tmp_path / "grid.png") as grid:
+        assert grid.size[0] > 300 and grid.size[1] > 300
+    model_dir = model.save_pretrained(tmp_path / "model")
+    assert main(["eval", "examples", "--model", str(model_dir), "--json", str(shapes_root / "dataset_shapes.json"),
+                 "--queries", "2", "--out", str(tmp_path / "cli.png")]) == 0
+    assert (tmp_path / "cli.png").is_file() and "2 captions" in capsys.readouterr().out

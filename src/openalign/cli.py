@@ -79,6 +79,17 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     print(json.dumps(record, indent=2))
 
 
+def _cmd_eval_examples(args: argparse.Namespace) -> None:
+    from .eval.examples import retrieval_examples
+    from .pretrained import load_pretrained
+
+    model, _, _ = load_pretrained(args.model, device=_device(args.device))
+    rows = retrieval_examples(model, args.json, next(model.parameters()).device, args.out, args.split,
+                              args.image_root, args.queries, args.k, args.seed)
+    hits = sum(truth in found for _, found, truth in rows)
+    print(f"wrote {args.out}: {len(rows)} captions, {hits} with their image in the top {args.k}")
+
+
 def _cmd_eval_suite(args: argparse.Namespace) -> None:
     from .eval.suite import load_suite, run_suite
     from .pretrained import load_pretrained
@@ -241,6 +252,17 @@ def build_parser() -> argparse.ArgumentParser:
         task.add_argument("--output", help="also write the result JSON here")
         task.add_argument("--cache-dir", help="reuse image embeddings across runs (keyed by weights, preprocessing, files)")
         task.set_defaults(func=_cmd_eval)
+    examples = tasks.add_parser("examples", help="a PNG grid of captions and the top images a model retrieves")
+    examples.add_argument("--model", "--checkpoint", dest="model", required=True)
+    examples.add_argument("--json", required=True, help="a Karpathy-style JSON (dataset_coco.json, ...)")
+    examples.add_argument("--split", default="test")
+    examples.add_argument("--image-root")
+    examples.add_argument("--queries", type=int, default=6, help="captions to show (a seeded random sample)")
+    examples.add_argument("-k", "--k", type=int, default=5, help="images per caption")
+    examples.add_argument("--seed", type=int, default=0)
+    examples.add_argument("--out", default="retrieval_examples.png")
+    examples.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    examples.set_defaults(func=_cmd_eval_examples)
     suite = tasks.add_parser("suite", help="run a list of tasks from a suite file (shipped: align)")
     suite.add_argument("suite", help="a shipped suite name or a suite YAML file")
     suite.add_argument("--model", "--checkpoint", dest="model", required=True)

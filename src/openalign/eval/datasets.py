@@ -43,7 +43,7 @@ def evaluate_retrieval(model: nn.Module, json_path: str | Path, device: torch.de
     if missing:
         raise OpenAlignError(f"{len(missing)} of the {len(items)} '{split}' images of '{json_path}' are missing, e.g. "
                              f"'{missing[0]}': pass the image root (the folder holding the JSON's filepath/filename)")
-    with _eval_mode(model):
+    with eval_mode(model):
         config = model.config
         image_emb = embed_images(model, config.build_transform(train=False), [item.path for item in items], device,
                                  batch_size, show_progress)
@@ -127,7 +127,7 @@ def evaluate_zeroshot(model: nn.Module, root: str | Path, device: torch.device, 
     templates = list(templates or DEFAULT_TEMPLATES)
     if any("{}" not in template for template in templates):
         raise OpenAlignError(f"templates must each hold '{{}}' for the class name, got {templates[:3]}")
-    with _eval_mode(model):
+    with eval_mode(model):
         config = model.config
         tokenizer = config.build_tokenizer()
         classifier = zero_shot_classifier(
@@ -143,7 +143,7 @@ def evaluate_knn(model: nn.Module, train_root: str | Path, val_root: str | Path,
     memory, the validation images the queries; cosine 1-NN by default, weighted voting for k > 1."""
     memory_paths, memory_labels, classes = read_class_folders(train_root)
     query_paths, query_labels, _ = read_class_folders(val_root, classes)
-    with _eval_mode(model):
+    with eval_mode(model):
         transform = model.config.build_transform(train=False)
         memory = embed_images(model, transform, memory_paths, device, batch_size, show_progress,
                               description="embedding the kNN memory")
@@ -180,7 +180,7 @@ def _probe_features(model: nn.Module, train_root: str | Path, val_root: str | Pa
     """Pre-projection image features and labels of two class-folder splits that share classes."""
     train_paths, train_labels, classes = read_class_folders(train_root)
     val_paths, val_labels, _ = read_class_folders(val_root, classes)
-    with _eval_mode(model):
+    with eval_mode(model):
         transform = model.config.build_transform(train=False)
         train = embed_images(model, transform, train_paths, device, batch_size, show_progress,
                              description="embedding probe training images", pre_projection=True)
@@ -188,8 +188,8 @@ def _probe_features(model: nn.Module, train_root: str | Path, val_root: str | Pa
     return train, train_labels, val, val_labels, len(classes)
 
 
-class _eval_mode:
-    """``with _eval_mode(model):`` puts the model in eval mode and restores its mode afterwards."""
+class eval_mode:  # noqa: N801 (used as a context manager, like a function)
+    """``with eval_mode(model):`` puts the model in eval mode and restores its mode afterwards."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model, self.was_training = model, model.training

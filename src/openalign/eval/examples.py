@@ -1,0 +1,68 @@
+"""A picture of retrieval at work: for a few captions, the top images the model returns.
+
+``openalign eval examples --model M --json dataset_coco.json --out grid.png`` draws one row per
+caption: the caption, then its top ``k`` images, the right one framed in green and the others
+in grey, for a quick visual check that a model or an evaluation set-up is sane.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import nn
+
+from ..data.karpathy import read_karpathy
+from .datasets import eval_mode
+from .features import embed_images, embed_texts
+
+
+def retrieval_examples(model: nn.Module, json_path: str | Path, device: torch.device, output: str | Path,
+                       split: str = "test", image_root: str | Path | None = None, queries: int = 6, k: int = 5,
+                       seed: int = 0, batch_size: int = 256) -> list[tuple[str, list[Path], Path]]:
+    """Draw the grid to ``output`` (PNG) and return, per row, ``(caption, top-k image paths, true image)``.
+
+    The captions are a seeded random sample of the split's captions.
+    """
+    items = read_karpathy(json_path, split, image_root)
+    captions = [(caption, index) for index, item in enumerate(items) for caption in item.captions]
+    chosen = torch.randperm(len(captions), generator=torch.Generator().manual_seed(seed))[:queries].tolist()
+    with eval_mode(model):
+        image_emb = embed_images(model, model.config.build_transform(train=False), [item.path for item in items],
+                                 device, batch_size, show_progress=False)
+        text_emb = embed_texts(model, model.config.build_tokenizer(), [captions[i][0] for i in chosen], device,
+                               batch_size, show_progress=False)
+    top = (text_emb @ image_emb.T).topk(min(k, len(items)), dim=1).indices
+    rows = [(captions[q][0], [items[i].path for i in top[row].tolist()], items[captions[q][1]].path)
+            for row, q in enumerate(chosen)]
+    _draw(rows, Path(output))
+    return rows
+
+
+def _draw(rows: list[tuple[str, list[Path], Path]], output: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = max(len(found) for _, found, _ in rows) + 1
+    figure, axes = plt.subplots(len(rows), columns, figsize=(2.2 * columns, 2.2 * len(rows)), squeeze=False)
+    for axis_row, (caption, found, truth) in zip(axes, rows):
+        for axis in axis_row:
+            axis.set_xticks([])
+            axis.set_yticks([])
+        axis_row[0].text(0.0, 0.5, caption, wrap=True, fontsize=9, va="center")
+        axis_row[0].axis("off")
+        for rank, (axis, path) in enumerate(zip(axis_row[1:], found), start=1):
+            with Image.open(path) as image:
+                axis.imshow(image.convert("RGB"))
+            colour = "tab:green" if path == truth else "0.7"
+            for spine in axis.spines.values():
+                spine.set_edgecolor(colour)
+                spine.set_linewidth(4 if path == truth else 1)
+            axis.set_title(f"#{rank}", fontsize=8)
+    figure.tight_layout()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(output, dpi=90)
+    plt.close(figure)
