@@ -18,8 +18,6 @@ Prints a table and writes JSON (``--output``, default benchmarks/results/inferen
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import tempfile
 import time
@@ -28,10 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.console import Console
-from rich.table import Table
 from transformers import (AlignConfig, AlignModel, AlignProcessor, AlignTextConfig, AlignVisionConfig,
                           EfficientNetImageProcessor)
+
+from common import environment, report
 
 import openalign
 from openalign.data.tokenizer import load_hf_tokenizer
@@ -177,30 +175,16 @@ def main() -> None:
         rows.append({"library": library, "tower": tower, "precision": precision, "compile": args.compile,
                      "latency_ms_batch1": 1000 * latency, "batch_size": batch_size,
                      "items_per_second": batch_size / seconds})
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    environment = {"device": name, "torch": torch.__version__, "threads": torch.get_num_threads(),
-                   "preset": args.preset, "image_size": image_size, "text_length": TEXT_LENGTH, "real_tokens": REAL_TOKENS}
-    print_table(rows, environment, differences)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps({"environment": environment, "parity_relative_max_diff_fp32": differences,
-                                       "results": rows}, indent=2))
-    print(f"wrote {args.output}")
-
-
-def print_table(rows: list[dict], environment: dict, differences: dict[str, float]) -> None:
-    reference = {row["tower"]: row for row in rows if row["library"] == "transformers"}
-    table = Table(title=f"inference, {environment['preset']} preset, on {environment['device']} "
-                        f"(torch {environment['torch']}); fp32 relative difference: image {differences['image']:.1e}, "
-                        f"text {differences['text']:.1e}")
-    for column in ("library", "tower", "precision", "compile", "batch-1 ms", "batch", "items/s", "× hf"):
-        table.add_column(column, justify="left" if column in ("library", "tower") else "right")
-    for row in rows:
-        speedup = row["items_per_second"] / reference[row["tower"]]["items_per_second"]
-        table.add_row(row["library"], row["tower"], row["precision"], str(row["compile"]),
-                      f"{row['latency_ms_batch1']:.2f}", str(row["batch_size"]), f"{row['items_per_second']:.1f}",
-                      f"{speedup:.2f}")
-    Console().print(table)
-
+    env = environment(device, preset=args.preset, image_size=image_size, text_length=TEXT_LENGTH,
+                      real_tokens=REAL_TOKENS)
+    reference = {row["tower"]: row["items_per_second"] for row in rows if row["library"] == "transformers"}
+    cells = [(row["library"], row["tower"], row["precision"], str(row["compile"]), f"{row['latency_ms_batch1']:.2f}",
+              str(row["batch_size"]), f"{row['items_per_second']:.1f}",
+              f"{row['items_per_second'] / reference[row['tower']]:.2f}") for row in rows]
+    report(f"inference, {args.preset} preset, on {env['device']} (torch {env['torch']}); fp32 relative difference: "
+           f"image {differences['image']:.1e}, text {differences['text']:.1e}",
+           ("library", "tower", "precision", "compile", "batch-1 ms", "batch", "items/s", "× hf"), cells, 2,
+           {"environment": env, "parity_relative_max_diff_fp32": differences, "results": rows}, args.output)
 
 if __name__ == "__main__":
     main()

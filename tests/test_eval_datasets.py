@@ -48,11 +48,20 @@ def _embed(model, paths):
         return model.encode_image(torch.stack([transform(Image.open(p)) for p in paths]))
 
 
-def test_karpathy_retrieval_equals_the_shapes_evaluation_of_the_same_split(model, shapes_root):
+def test_karpathy_retrieval_equals_a_direct_computation(model, shapes_root):
+    """Reference: the model's own encoders on the JSON's images and captions, scored by
+    retrieval_metrics (itself checked against clip-benchmark in test_eval_reference)."""
+    from openalign.eval import retrieval_metrics
+
     ours = evaluate_retrieval(model, shapes_root / "dataset_shapes.json", CPU, show_progress=False)
-    reference = evaluate_shapes(model, shapes_root, CPU, knn_memory_size=8, show_progress=False)
-    for key, value in ours.items():
-        assert value == pytest.approx(reference[key]), key
+    items = read_karpathy(shapes_root / "dataset_shapes.json", "test")
+    tokenizer = model.config.build_tokenizer()
+    with torch.no_grad():
+        text_emb = model.encode_text(**tokenizer([c for item in items for c in item.captions]))
+    reference = retrieval_metrics(_embed(model, [item.path for item in items]), text_emb,
+                                  [n for n, item in enumerate(items) for _ in item.captions])
+    assert ours == pytest.approx(reference, abs=1e-6)
+    assert evaluate_shapes(model, shapes_root, CPU, knn_memory_size=8, show_progress=False).items() >= ours.items()
     with pytest.raises(OpenAlignError, match=r"24 of the 24 'test' images .* are missing.*pass the image root"):
         evaluate_retrieval(model, shapes_root / "dataset_shapes.json", CPU, image_root="/nonexistent")
 
@@ -273,12 +282,21 @@ def test_clip_benchmark_webdataset_layouts_give_the_same_results_as_files(model,
 
 def test_linear_probe_task_fits_on_all_training_features(model, folders, tmp_path):
     from openalign.eval import evaluate_linear_probe, logistic_regression_probe
-    from openalign.eval.datasets import _probe_features
+
+    from PIL import Image
 
     ours = evaluate_linear_probe(model, folders / "train", folders / "val", CPU, c=0.5, show_progress=False)
-    train, train_y, val, val_y, num_classes = _probe_features(model, folders / "train", folders / "val", CPU, 64, False)
-    assert train.shape[1] == model.image_tower.output_dim and len(train) == len(list((folders / "train").rglob("*.png")))
-    assert ours == pytest.approx(logistic_regression_probe(train, train_y, val, val_y, num_classes, c=0.5))
+    classes = sorted(p.name for p in (folders / "train").iterdir())
+    transform = model.config.build_transform(train=False)
+
+    def features(root):  # every image of the split, through the image tower alone (before the projection)
+        paths = [p for c in classes if (root / c).is_dir() for p in sorted((root / c).iterdir())]
+        with torch.no_grad():
+            pooled = model.image_tower(torch.stack([transform(Image.open(p)) for p in paths]))
+        return pooled, torch.tensor([classes.index(p.parent.name) for p in paths])
+
+    (train, train_y), (val, val_y) = features(folders / "train"), features(folders / "val")
+    assert ours == pytest.approx(logistic_regression_probe(train, train_y, val, val_y, len(classes), c=0.5), abs=1e-6)
     model_dir = model.save_pretrained(tmp_path / "model")
     assert main(["eval", "linear_probe", "--model", str(model_dir), "--train", str(folders / "train"),
                  "--val", str(folders / "val"), "--c", "0.5", "--output", str(tmp_path / "p.json")]) == 0

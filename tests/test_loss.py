@@ -66,7 +66,10 @@ def test_loss_records_each_direction():
     loss_fn = ContrastiveLoss()
     loss = loss_fn(image, text, torch.tensor(3.0, dtype=torch.float64))
     assert set(loss_fn.last_stats) == {"loss_i2t", "loss_t2i"}
-    assert (loss_fn.last_stats["loss_i2t"] + loss_fn.last_stats["loss_t2i"]).item() == pytest.approx(loss.item())
+    logits = 3.0 * (image @ text.T).numpy()  # rows: images, columns: texts
+    assert loss_fn.last_stats["loss_i2t"].item() == pytest.approx(_smoothed_cross_entropy(logits, 0.1))
+    assert loss_fn.last_stats["loss_t2i"].item() == pytest.approx(_smoothed_cross_entropy(logits.T, 0.1))
+    assert loss_fn.last_stats["loss_i2t"].item() != pytest.approx(loss_fn.last_stats["loss_t2i"].item())
 
 
 def test_config_rejects_out_of_range_smoothing():

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from .data.tokenizer import Tokenizer
 from .errors import OpenAlignError
 from .eval import embed_texts
+from .eval.features import IMAGE_EXTENSIONS
 from .eval.features import encode_image_batch as encode_images
 from .eval import zero_shot_classifier as _class_embeddings
 from .progress import progress_bar
@@ -33,7 +34,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 # A prompt ensemble for class names ("cat", "golden retriever"), in the manner of ALIGN paper §5.2.
 DEFAULT_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a close-up photo of a {}.",
                      "a cropped photo of a {}.", "a photo of the {}.", "a drawing of a {}.")
@@ -63,7 +63,7 @@ def zero_shot_classifier(model: nn.Module, tokenizer: Tokenizer, class_names: Se
                          batch_size: int = 64) -> torch.Tensor:
     """(num_classes, dim) fp32 class embeddings on the CPU: each class's prompt embeddings averaged
     and renormalised (:func:`openalign.eval.zero_shot_classifier` with ``model``'s text tower)."""
-    device = _model_device(model)
+    device = model_device(model)
 
     def encode_text(texts: list[str]) -> torch.Tensor:
         return embed_texts(model, tokenizer, texts, device, batch_size=batch_size, show_progress=False)
@@ -85,7 +85,7 @@ def classify(model: nn.Module, preprocess: Preprocess, tokenizer: Tokenizer, ima
     if templates:
         classes = zero_shot_classifier(model, tokenizer, labels, templates, batch_size)
     else:
-        classes = embed_texts(model, tokenizer, list(labels), _model_device(model), batch_size, show_progress=False)
+        classes = embed_texts(model, tokenizer, list(labels), model_device(model), batch_size, show_progress=False)
     image_embeddings = torch.cat([
         encode_images(model, torch.stack([_pixels(image, preprocess) for image in images[start:start + batch_size]]))
         for start in range(0, len(images), batch_size)])
@@ -289,5 +289,6 @@ def _pixels(image: ImageInput, preprocess: Preprocess) -> torch.Tensor:
         raise OpenAlignError(f"cannot read image '{image}': {error}") from None
 
 
-def _model_device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's parameters."""
     return next(model.parameters()).device

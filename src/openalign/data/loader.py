@@ -38,7 +38,7 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
                 epoch = step_epoch
                 order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
             start = position * self.global_batch + self.rank * self.batch_size
-            yield [(epoch, int(i)) for i in order[start:start + self.batch_size]]
+            yield [(epoch, index) for index in order[start:start + self.batch_size].tolist()]
             step += 1
 
 

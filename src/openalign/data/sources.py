@@ -85,10 +85,10 @@ class ShapesSourceConfig(SourceConfig, tag="shapes"):
     """The built-in shapes dataset under ``root``, generated there first if missing."""
 
     root: str
-    num_train: int = 20000
-    num_test: int = 500
-    image_size: int = 64
-    seed: int = 0
+    num_train: int = ShapesSpec.num_train
+    num_test: int = ShapesSpec.num_test
+    image_size: int = ShapesSpec.image_size
+    seed: int = ShapesSpec.seed
 
     def spec(self) -> ShapesSpec:
         return ShapesSpec(num_train=self.num_train, num_test=self.num_test, image_size=self.image_size, seed=self.seed)

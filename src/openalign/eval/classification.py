@@ -41,9 +41,8 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[s
 def nearest_neighbour_predict(memory: torch.Tensor, memory_labels: torch.Tensor, queries: torch.Tensor,
                               chunk_size: int = 4096) -> torch.Tensor:
     """The label of each query's most cosine-similar memory item (1-NN, as COYO-ALIGN's ImageNet kNN)."""
-    predictions = [memory_labels[(queries[start:start + chunk_size] @ memory.T).argmax(dim=1)]
-                   for start in range(0, queries.shape[0], chunk_size)]
-    return torch.cat(predictions)
+    num_classes = int(memory_labels.max()) + 1
+    return knn_classify(memory, memory_labels, queries, num_classes, k=1, chunk_size=chunk_size).argmax(dim=1)
 
 
 def knn_classify(memory: torch.Tensor, memory_labels: torch.Tensor, queries: torch.Tensor, num_classes: int,

@@ -61,9 +61,9 @@ def read_split(root: str | Path, split: str = "test", extract_to: str | Path | N
         except (tarfile.TarError, OSError) as error:
             raise OpenAlignError(f"cannot read shard '{shard}': {error}") from None
     paths, labels, captions = [], [], []
+    field = "txt" if kind == "retrieval" else "cls"
     for key, sample in samples.items():
         image_key = next((name for name in IMAGE_KEYS if name in sample), None)
-        field = "txt" if kind == "retrieval" else "cls"
         if image_key is None or field not in sample:
             raise OpenAlignError(f"sample '{key}' of '{root / split}' lacks an image ({'/'.join(IMAGE_KEYS)}) or "
                                  f"its .{field}")
@@ -75,11 +75,12 @@ def read_split(root: str | Path, split: str = "test", extract_to: str | Path | N
             captions.append([line.strip() for line in sample["txt"].decode().splitlines() if line.strip()])
         else:
             labels.append(int(sample["cls"].decode().strip()))
+    metadata = [root / "classnames.txt", root / "zeroshot_classification_templates.txt"]
+    classnames, templates = (read_lines(path) if path.is_file() else None for path in metadata)
     return WdsSplit(paths, None if kind == "retrieval" else labels, captions if kind == "retrieval" else None,
-                    _lines(root / "classnames.txt"), _lines(root / "zeroshot_classification_templates.txt"))
+                    classnames, templates)
 
 
-def _lines(path: Path) -> list[str] | None:
-    if not path.is_file():
-        return None
+def read_lines(path: Path) -> list[str]:
+    """The non-blank lines of a text file, stripped."""
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]

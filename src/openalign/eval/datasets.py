@@ -16,13 +16,12 @@ from torch import nn
 
 from ..data.karpathy import CaptionedImage, read_karpathy
 from ..errors import OpenAlignError
-from .clip_benchmark_wds import is_clip_benchmark_wds, read_split
+from .clip_benchmark_wds import is_clip_benchmark_wds, read_lines, read_split
 from .classification import classification_metrics, knn_classify, zero_shot_classifier
 from .probe import logistic_regression_probe, ridge_fewshot_probe
-from .features import embed_images, embed_texts
+from .features import IMAGE_EXTENSIONS, embed_captioned, embed_images, embed_texts, eval_mode
 from .retrieval import retrieval_metrics
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
 
@@ -44,13 +43,7 @@ def evaluate_retrieval(model: nn.Module, json_path: str | Path, device: torch.de
         raise OpenAlignError(f"{len(missing)} of the {len(items)} '{split}' images of '{json_path}' are missing, e.g. "
                              f"'{missing[0]}': pass the image root (the folder holding the JSON's filepath/filename)")
     with eval_mode(model):
-        config = model.config
-        image_emb = embed_images(model, config.build_transform(train=False), [item.path for item in items], device,
-                                 batch_size, show_progress)
-        captions = [caption for item in items for caption in item.captions]
-        text_emb = embed_texts(model, config.build_tokenizer(), captions, device, batch_size, show_progress)
-    text_to_image = [index for index, item in enumerate(items) for _ in item.captions]
-    return retrieval_metrics(image_emb, text_emb, text_to_image)
+        return retrieval_metrics(*embed_captioned(model, items, device, batch_size, show_progress))
 
 
 def read_class_folders(root: str | Path, classes: Sequence[str] | None = None) -> tuple[list[Path], torch.Tensor, list[str]]:
@@ -86,9 +79,7 @@ def read_lines_or_json(path: str | Path | None, what: str) -> list[str] | dict[s
     path = Path(path)
     if not path.is_file():
         raise OpenAlignError(f"{what} file '{path}' does not exist")
-    if path.suffix == ".json":
-        return json.loads(path.read_text())
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return json.loads(path.read_text()) if path.suffix == ".json" else read_lines(path)
 
 
 def class_names(folders: Sequence[str], names: list[str] | dict[str, str] | None) -> list[str]:
@@ -186,16 +177,3 @@ def _probe_features(model: nn.Module, train_root: str | Path, val_root: str | Pa
                              description="embedding probe training images", pre_projection=True)
         val = embed_images(model, transform, val_paths, device, batch_size, show_progress, pre_projection=True)
     return train, train_labels, val, val_labels, len(classes)
-
-
-class eval_mode:  # noqa: N801 (used as a context manager, like a function)
-    """``with eval_mode(model):`` puts the model in eval mode and restores its mode afterwards."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model, self.was_training = model, model.training
-
-    def __enter__(self) -> None:
-        self.model.eval()
-
-    def __exit__(self, *exc: object) -> None:
-        self.model.train(self.was_training)

@@ -14,8 +14,7 @@ from PIL import Image
 from torch import nn
 
 from ..data.karpathy import read_karpathy
-from .datasets import eval_mode
-from .features import embed_images, embed_texts
+from .features import embed_images, embed_texts, eval_mode
 
 
 def retrieval_examples(model: nn.Module, json_path: str | Path, device: torch.device, output: str | Path,

@@ -9,11 +9,15 @@ import torch
 from PIL import Image
 from torch import nn
 
+from ..data.karpathy import CaptionedImage
 from ..distributed import gather_strided_rows, world_info
 from ..errors import OpenAlignError
 from ..precision import autocast
 from ..progress import progress_bar
 from . import cache
+
+# Image files the evaluation and inference commands pick up from folders and globs.
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
 
 @torch.no_grad()
@@ -40,7 +44,7 @@ def embed_images(model: nn.Module, transform: Callable[[Image.Image], torch.Tens
     with progress_bar(description, len(mine), enabled=show_progress and rank == 0) as advance:
         for start in range(0, len(mine), batch_size):
             batch = torch.stack([_load(path, transform) for path in mine[start:start + batch_size]])
-            chunks.append(encode_image_batch(model, batch.to(device), pre_projection))
+            chunks.append(encode_image_batch(model, batch, pre_projection))
             advance(len(batch))
     embeddings = gather_strided_rows(torch.cat(chunks), len(paths))
     if directory and rank == 0:
@@ -88,3 +92,28 @@ def _load(path: Path, transform: Callable[[Image.Image], torch.Tensor]) -> torch
             return transform(image)
     except OSError as error:
         raise OpenAlignError(f"cannot read evaluation image '{path}': {error}") from None
+
+
+def embed_captioned(model: nn.Module, items: Sequence[CaptionedImage], device: torch.device, batch_size: int = 256,
+                    show_progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """``(image embeddings, caption embeddings, text_to_image)`` of captioned images, every caption
+    of every item in order: what :func:`~openalign.eval.retrieval.retrieval_metrics` takes."""
+    config = model.config
+    image_emb = embed_images(model, config.build_transform(train=False), [item.path for item in items], device,
+                             batch_size, show_progress)
+    captions = [caption for item in items for caption in item.captions]
+    text_emb = embed_texts(model, config.build_tokenizer(), captions, device, batch_size, show_progress)
+    return image_emb, text_emb, [index for index, item in enumerate(items) for _ in item.captions]
+
+
+class eval_mode:  # noqa: N801 (used as a context manager, like a function)
+    """``with eval_mode(model):`` puts the model in eval mode and restores its mode afterwards."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model, self.was_training = model, model.training
+
+    def __enter__(self) -> None:
+        self.model.eval()
+
+    def __exit__(self, *exc: object) -> None:
+        self.model.train(self.was_training)

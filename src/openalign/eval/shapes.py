@@ -15,7 +15,7 @@ from ..data.karpathy import CaptionedImage, read_karpathy
 from ..data.shapes import fix_articles
 from ..errors import OpenAlignError
 from .classification import classification_metrics, nearest_neighbour_predict, zero_shot_classifier
-from .features import embed_images, embed_texts
+from .features import embed_captioned, embed_images, embed_texts, eval_mode
 from .retrieval import retrieval_metrics
 
 
@@ -59,18 +59,12 @@ def evaluate_shapes(model: nn.Module, root: str | Path, device: torch.device, ba
     train, test, classnames = _read(Path(root))
     config = model.config
     tokenizer, transform = config.build_tokenizer(), config.build_transform(train=False)
-    was_training = model.training
-    model.eval()
-    try:
-        options = {"device": device, "batch_size": batch_size, "show_progress": show_progress}
-        image_emb = embed_images(model, transform, [item.path for item in test], **options)
-        captions = [c for item in test for c in item.captions]
-        text_emb = embed_texts(model, tokenizer, captions, **options)
-        metrics = retrieval_metrics(image_emb, text_emb, [n for n, item in enumerate(test) for _ in item.captions],
-                                    ks=RECALL_KS)
+    with eval_mode(model):
+        image_emb, text_emb, text_to_image = embed_captioned(model, test, device, batch_size, show_progress)
+        metrics = retrieval_metrics(image_emb, text_emb, text_to_image, ks=RECALL_KS)
         memory = [item for item in train if item.labels][:knn_memory_size]
-        memory_emb = embed_images(model, transform, [item.path for item in memory], description="embedding kNN memory",
-                                  **options)
+        memory_emb = embed_images(model, transform, [item.path for item in memory], device, batch_size, show_progress,
+                                  description="embedding kNN memory")
         labelled = [n for n, item in enumerate(test) if item.labels]
         for attribute, names in classnames.items():
             labels = torch.tensor([names.index(test[n].labels[attribute]) for n in labelled])
@@ -82,8 +76,6 @@ def evaluate_shapes(model: nn.Module, root: str | Path, device: torch.device, ba
             memory_labels = torch.tensor([names.index(item.labels[attribute]) for item in memory])
             predicted = nearest_neighbour_predict(memory_emb, memory_labels, image_emb[labelled])
             metrics[f"knn_{attribute}_acc1"] = (predicted == labels).float().mean().item()
-    finally:
-        model.train(was_training)
     return metrics
 
 

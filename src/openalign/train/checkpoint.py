@@ -66,6 +66,13 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) ->
     model.load_state_dict(state)
 
 
+def complete_checkpoints(directory: Path) -> list[Path]:
+    """The complete checkpoints (``step_*`` holding trainer state) in ``directory``, oldest first."""
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.glob("step_*") if p.is_dir() and (p / STATE_FILE).is_file())
+
+
 def _fsync_directory(directory: Path) -> None:
     """Flush a directory's files and entries to disk, so a rename after it publishes complete data."""
     for file in directory.iterdir():
@@ -89,9 +96,7 @@ class Checkpointer:
 
     def checkpoints(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
-        if not self.directory.is_dir():
-            return []
-        return sorted(p for p in self.directory.glob("step_*") if p.is_dir() and (p / STATE_FILE).is_file())
+        return complete_checkpoints(self.directory)
 
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
              loss_fn: nn.Module, recipe: dict[str, Any]) -> Path:
@@ -132,7 +137,7 @@ class Checkpointer:
         path = Path(spec)
         if (path / STATE_FILE).is_file():
             return path
-        found = Checkpointer(path / "checkpoints", self.keep, self.ctx).checkpoints()
+        found = complete_checkpoints(path / "checkpoints")
         if found:
             return found[-1]
         raise OpenAlignError(f"--resume '{spec}' is neither 'latest', a checkpoint directory (with {STATE_FILE}) "
@@ -216,7 +221,7 @@ def load_checkpoint_model(path: str | Path) -> nn.Module:
 
     path = Path(path)
     if not (path / WEIGHTS_FILE).is_file():
-        found = sorted(p for p in (path / "checkpoints").glob("step_*") if (p / WEIGHTS_FILE).is_file())
+        found = complete_checkpoints(path / "checkpoints")
         if not found:
             raise OpenAlignError(f"'{path}' holds no openalign checkpoint (expected {WEIGHTS_FILE} and {CONFIG_FILE}, "
                                  "or a run directory with checkpoints/step_*)")

@@ -64,9 +64,9 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True)
     recipe_dict = to_dict(recipe)
     if resume:
         start = checkpointer.resume(resume, model, optimizer, scheduler, loss_fn, recipe_dict)
-    elif checkpointer.checkpoints():
+    elif existing := checkpointer.checkpoints():
         raise OpenAlignError(f"run.output_dir '{output_dir}' already holds checkpoints of an earlier run (newest: "
-                             f"{checkpointer.checkpoints()[-1].name}): pass --resume latest to continue it, or choose "
+                             f"{existing[-1].name}): pass --resume latest to continue it, or choose "
                              "another run.output_dir")
     else:
         start = 0
@@ -160,7 +160,7 @@ class _LogWindow:
         """What is logged: means over the window and over all ranks (every rank must call this)."""
         seconds = time.perf_counter() - self.started
         scalars = {"loss": all_reduce_mean(self.loss / self.steps).item(), "lr": lr,
-                   "temperature": 1.0 / model.logit_scale.item(), "samples_per_second": batch_size * self.steps / seconds}
+                   "temperature": model.temperature.item(), "samples_per_second": batch_size * self.steps / seconds}
         scalars.update({key: all_reduce_mean(value / self.steps).item() for key, value in self.stats.items()})
         return scalars
 
