@@ -187,6 +187,25 @@ def test_the_shipped_suites_are_valid():
     assert (clippo.tasks[1].shots, clippo.tasks[1].seeds, clippo.tasks[1].l2) == (10, (0, 1, 2), 1024.0)
 
 
+def test_the_shipped_class_names_and_templates_are_clips_and_tasks_take_them_by_name(tmp_path):
+    from openalign.errors import OpenAlignError
+    from openalign.eval.datasets import read_lines_or_json
+    from openalign.eval.suite import load_suite
+
+    names = read_lines_or_json("imagenet1k_classnames", "class names")
+    assert len(names) == 1000 and names[:3] == ["tench", "goldfish", "great white shark"]
+    assert names[999] == "toilet paper" and names.count("sunglasses") == 2  # CLIP's list, sorted-wnid order
+    templates = read_lines_or_json("imagenet1k_templates", "templates")
+    assert len(templates) == 80 and "a photo of a {}." in templates and all("{}" in t for t in templates)
+    assert read_lines_or_json("clip_paper_templates", "templates") == templates + ["{}"]  # big_vision: 81
+    clippo_zeroshot = load_suite("clippo").tasks[0]
+    assert (clippo_zeroshot.classnames, clippo_zeroshot.templates_file) == ("imagenet1k_classnames", "clip_paper_templates")
+    (tmp_path / "imagenet1k_classnames").write_text("mine\n")  # a real file wins over a shipped name
+    assert read_lines_or_json(tmp_path / "imagenet1k_classnames", "class names") == ["mine"]
+    with pytest.raises(OpenAlignError, match="nor is it one of the shipped lists: clip_paper_templates"):
+        read_lines_or_json("imagenet_names.txt", "class names")
+
+
 def test_the_embedding_cache_skips_extraction_and_never_serves_stale_results(model, folders, tmp_path, monkeypatch):
     from openalign.eval import embed_images
     from openalign.eval.cache import CACHE_ENV

@@ -228,9 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
     zeroshot = tasks.add_parser("zeroshot", help="zero-shot classification of a folder of class subfolders")
     zeroshot.add_argument("--root", required=True, help="class folders (imagenet/val/<class>/<image>) or a "
                                                         "CLIP_benchmark webdataset root (wds_imagenet1k/)")
-    zeroshot.add_argument("--classnames", help="one name per class folder (sorted order), or a JSON list/mapping")
+    zeroshot.add_argument("--classnames", help="one name per class folder (sorted order), a JSON list/mapping, "
+                                                    "or a shipped list (imagenet1k_classnames)")
     zeroshot.add_argument("--template", action="append", help="a prompt with {} (repeatable; default 'a photo of a {}.')")
-    zeroshot.add_argument("--templates-file", help="prompts, one per line")
+    zeroshot.add_argument("--templates-file", help="prompts, one per line, or a shipped list "
+                                                         "(imagenet1k_templates, clip_paper_templates)")
     zeroshot.add_argument("--split", default="test", help="the split of a CLIP_benchmark webdataset root")
     knn = tasks.add_parser("knn", help="kNN classification: train folders are the memory, val folders the queries")
     knn.add_argument("--train", required=True, help="e.g. imagenet/train")

@@ -19,6 +19,7 @@ from ..errors import OpenAlignError
 from .clip_benchmark_wds import is_clip_benchmark_wds, read_lines, read_split
 from .classification import classification_metrics, knn_classify, zero_shot_classifier
 from .probe import logistic_regression_probe, ridge_fewshot_probe
+from .prompts import shipped_lines, shipped_names
 from .features import IMAGE_EXTENSIONS, embed_captioned, embed_images, embed_texts, eval_mode
 from .retrieval import retrieval_metrics
 
@@ -73,12 +74,16 @@ def read_class_folders(root: str | Path, classes: Sequence[str] | None = None) -
 
 
 def read_lines_or_json(path: str | Path | None, what: str) -> list[str] | dict[str, str] | None:
-    """A text file of one entry per line, or a JSON list or object; None passes through."""
+    """A text file of one entry per line, a JSON list or object, or the name of a list that
+    openalign ships (:mod:`openalign.eval.prompts`); None passes through."""
     if path is None:
         return None
     path = Path(path)
     if not path.is_file():
-        raise OpenAlignError(f"{what} file '{path}' does not exist")
+        if (shipped := shipped_lines(str(path))) is not None:
+            return shipped
+        raise OpenAlignError(f"{what} file '{path}' does not exist (nor is it one of the shipped lists: "
+                             f"{', '.join(shipped_names())})")
     return json.loads(path.read_text()) if path.suffix == ".json" else read_lines(path)
 
 
