@@ -103,8 +103,9 @@ def test_sharded_evaluation_on_two_ranks_equals_one_process(tmp_path, shapes_roo
     torchrun(str(Path(__file__).parent / "eval_worker.py"), str(shapes_root), str(tmp_path))
     expected = evaluate_shapes(eval_worker.build_model(), shapes_root, torch.device("cpu"), batch_size=8,
                                knn_memory_size=eval_worker.KNN_MEMORY, show_progress=False)
-    for rank in range(2):
-        metrics = json.loads((tmp_path / f"rank{rank}.json").read_text())
+    for name in ("rank0", "rank1", "rank0-cached", "rank1-cached"):
+        metrics = json.loads((tmp_path / f"{name}.json").read_text())
         assert metrics.keys() == expected.keys()
         for key, value in expected.items():
-            assert metrics[key] == pytest.approx(value, abs=1e-6), (rank, key)
+            assert metrics[key] == pytest.approx(value, abs=1e-6), (name, key)
+    assert list((tmp_path / "cache0").glob("*.safetensors")) and not (tmp_path / "cache1").exists()

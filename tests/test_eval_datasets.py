@@ -160,6 +160,8 @@ def test_a_suite_runs_its_tasks_and_the_report_merges_the_results(model, folders
                  "--out", str(tmp_path / "results")]) == 0
     records = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "results").glob("*.json")}
     assert set(records) == {"shapes-retrieval", "shapes-knn"}
+    pictures = sorted(p.name for p in (tmp_path / "results").glob("*.png"))
+    assert pictures == ["shapes-retrieval_examples.png"]  # retrieval draws its examples; kNN has none
     assert records["shapes-knn"]["task"] == "knn" and records["shapes-knn"]["dataset"] == "shapes-knn"
     expected = evaluate_retrieval(model, shapes_root / "dataset_shapes.json", CPU, show_progress=False)
     assert records["shapes-retrieval"]["metrics"] == pytest.approx(expected)
@@ -170,6 +172,9 @@ def test_a_suite_runs_its_tasks_and_the_report_merges_the_results(model, folders
     assert "## knn" in markdown and "## retrieval" in markdown
     recall = 100 * expected["image_retrieval_recall@1"]
     assert f"| align-test | {model_dir} | shapes-retrieval | " in markdown and f"{recall:.2f}" in markdown
+    assert "![results-shapes-retrieval_examples.png](report_examples/results-shapes-retrieval_examples.png)" in markdown
+    shown = tmp_path / "report_examples" / "results-shapes-retrieval_examples.png"
+    assert shown.read_bytes() == (tmp_path / "results" / "shapes-retrieval_examples.png").read_bytes()
     rows = list(csv.DictReader((tmp_path / "report.csv").open()))
     assert len(rows) == len(expected) + len(records["shapes-knn"]["metrics"])
     assert main(["eval", "report", str(tmp_path / "model"), "--out", str(tmp_path / "r2")]) == 2
@@ -233,6 +238,27 @@ def test_the_embedding_cache_skips_extraction_and_never_serves_stale_results(mod
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 4
     assert not torch.allclose(fresh[0], stale[0], atol=1e-3)
     torch.testing.assert_close(fresh[1:], stale[1:])
+
+
+def test_the_embedding_cache_keeps_text_embeddings_keyed_by_the_texts_and_the_tokenizer(model, tmp_path, monkeypatch):
+    from openalign.eval import embed_texts
+    from openalign.eval.cache import CACHE_ENV
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    tokenizer, texts = model.config.build_tokenizer(), ["a red circle", "a blue square", "a green star"]
+    first = embed_texts(model, tokenizer, texts, CPU, show_progress=False)
+    with monkeypatch.context() as patch:
+        patch.setattr(model, "encode_text", lambda **kwargs: pytest.fail("the cache should have answered"))
+        assert torch.equal(embed_texts(model, tokenizer, texts, CPU, show_progress=False), first)
+    # another text, another order, or a tokenizer that truncates differently: new entries, right values
+    changed = embed_texts(model, tokenizer, texts[:2] + ["a green circle"], CPU, show_progress=False)
+    assert torch.equal(changed[:2], first[:2]) and not torch.allclose(changed[2], first[2], atol=1e-3)
+    reordered = embed_texts(model, tokenizer, texts[::-1], CPU, show_progress=False)
+    torch.testing.assert_close(reordered, first.flip(0))
+    short = type(tokenizer)(tokenizer.hf_tokenizer, 3)  # [CLS] a [SEP]: every text the same
+    truncated = embed_texts(model, short, texts, CPU, show_progress=False)
+    torch.testing.assert_close(truncated[0], truncated[1])
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 4
 
 
 def test_fewshot_probe_uses_pre_projection_features(model, folders, tmp_path):

@@ -102,9 +102,9 @@ def _cmd_eval_suite(args: argparse.Namespace) -> None:
 
 
 def _cmd_eval_report(args: argparse.Namespace) -> None:
-    from .eval.suite import collect_records, write_report
+    from .eval.suite import collect_examples, collect_records, write_report
 
-    markdown, table = write_report(collect_records(args.paths), args.out)
+    markdown, table = write_report(collect_records(args.paths), args.out, collect_examples(args.paths))
     print(markdown.read_text())
     print(f"wrote {markdown} and {table}")
 
@@ -272,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     suite.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     suite.add_argument("--cache-dir", help="reuse image embeddings across runs (keyed by weights, preprocessing, files)")
     suite.set_defaults(func=_cmd_eval_suite)
-    report = tasks.add_parser("report", help="merge result JSON files into a markdown table and a CSV")
+    report = tasks.add_parser("report", help="merge result JSON files into a markdown table and a CSV, "
+                                                      "with the suites' retrieval example pictures")
     report.add_argument("paths", nargs="+", help="result files or directories holding them (searched recursively)")
     report.add_argument("--out", default="report", help="output path without extension (default: report)")
     report.set_defaults(func=_cmd_eval_report)

@@ -78,6 +78,17 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def all_ranks_agree(flag: bool) -> bool:
+    """Whether ``flag`` is true on every rank (every rank must call this); ``flag`` without a process group."""
+    _, world_size = world_info()
+    if world_size == 1:
+        return flag
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    value = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
 def barrier() -> None:
     if world_info()[1] > 1:
         dist.barrier()

@@ -72,6 +72,11 @@ class Tokenizer:
         self.hf_tokenizer = hf_tokenizer
         self.max_length = max_length
 
+    def __repr__(self) -> str:  # what identifies its output, e.g. for the embedding cache
+        vocabulary = self.hf_tokenizer
+        return (f"Tokenizer({vocabulary.name_or_path!r}, {type(vocabulary).__name__}, vocab_size={len(vocabulary)}, "
+                f"lowercase={getattr(vocabulary, 'do_lower_case', None)}, max_length={self.max_length})")
+
     def __call__(self, texts: str | Sequence[str]) -> dict[str, torch.Tensor]:
         batch = [texts] if isinstance(texts, str) else list(texts)
         encoded = self.hf_tokenizer(batch, padding="max_length", truncation=True, max_length=self.max_length,

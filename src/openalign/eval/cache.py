@@ -1,17 +1,18 @@
-"""An on-disk cache of image embeddings, so a second evaluation of the same model and data skips
-feature extraction.
+"""An on-disk cache of image and text embeddings, so a second evaluation of the same model and
+data skips feature extraction.
 
 Enabled by a directory in ``OPENALIGN_EMBEDDING_CACHE`` (the ``--cache-dir`` option of the eval
 commands sets it). An entry is a safetensors file named by a SHA-256 over the model's weights,
-the preprocessing, and each image's path, size and modification time: a retrained model, other
-preprocessing or a changed file gives a new key, never a stale result.
+the preprocessing (or text processor), and each image's path, size and modification time (or
+each text): a retrained model, other preprocessing or a changed file gives a new key, never a
+stale result.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -26,17 +27,25 @@ def cache_dir() -> Path | None:
     return Path(value) if value else None
 
 
-def cache_key(model: nn.Module, transform: Callable[..., torch.Tensor], paths: Sequence[Path],
-              kind: str = "embedding") -> str:
+def cache_key(model: nn.Module, preprocessing: object, entries: Iterable[str], kind: str = "embedding") -> str:
+    """SHA-256 over ``kind``, the model's weights, the preprocessing's settings (its ``config``
+    if it has one, else its ``repr``) and the entries (:func:`file_entries` or the texts)."""
     digest = hashlib.sha256(kind.encode())
     for name, tensor in model.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes())
-    digest.update(repr(getattr(transform, "config", transform)).encode())
+    digest.update(repr(getattr(preprocessing, "config", preprocessing)).encode())
+    for entry in entries:
+        digest.update(len(entry).to_bytes(8, "little"))  # length-prefixed: no two lists hash alike
+        digest.update(entry.encode("utf-8", "surrogatepass"))
+    return digest.hexdigest()
+
+
+def file_entries(paths: Sequence[Path]) -> Iterator[str]:
+    """What identifies a file's content for the cache: its absolute path, size and modification time."""
     for path in map(Path, paths):
         stat = path.stat()
-        digest.update(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
-    return digest.hexdigest()
+        yield f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
 
 
 def load(directory: Path, key: str) -> torch.Tensor | None:

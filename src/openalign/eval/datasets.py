@@ -32,6 +32,14 @@ def evaluate_retrieval(model: nn.Module, json_path: str | Path, device: torch.de
     """Image→text and text→image R@1/5/10 and ranks on one split of a Karpathy-style JSON
     (``dataset_coco.json``: test = 5,000 images / ~25k captions; ``dataset_flickr30k.json``: 1,000 / 5,000),
     or of a CLIP_benchmark webdataset directory (``wds_mscoco_captions``...)."""
+    items = retrieval_items(json_path, split, image_root)
+    with eval_mode(model):
+        return retrieval_metrics(*embed_captioned(model, items, device, batch_size, show_progress))
+
+
+def retrieval_items(json_path: str | Path, split: str = "test", image_root: str | Path | None = None) -> list[CaptionedImage]:
+    """The captioned images of one split of a Karpathy-style JSON or of a CLIP_benchmark webdataset
+    retrieval directory; every image must exist."""
     if is_clip_benchmark_wds(json_path):
         wds = read_split(json_path, split)
         if wds.captions is None:
@@ -43,8 +51,7 @@ def evaluate_retrieval(model: nn.Module, json_path: str | Path, device: torch.de
     if missing:
         raise OpenAlignError(f"{len(missing)} of the {len(items)} '{split}' images of '{json_path}' are missing, e.g. "
                              f"'{missing[0]}': pass the image root (the folder holding the JSON's filepath/filename)")
-    with eval_mode(model):
-        return retrieval_metrics(*embed_captioned(model, items, device, batch_size, show_progress))
+    return items
 
 
 def read_class_folders(root: str | Path, classes: Sequence[str] | None = None) -> tuple[list[Path], torch.Tensor, list[str]]:

@@ -1,7 +1,7 @@
 """A picture of retrieval at work: for a few captions, the top images the model returns.
 
-``openalign eval examples --model M --json dataset_coco.json --out grid.png`` draws one row per
-caption: the caption, then its top ``k`` images, the right one framed in green and the others
+``openalign eval examples --model M --json dataset_coco.json --out grid.png`` (and every retrieval
+task of ``openalign eval suite``) draws one row per caption: the caption, then its top ``k`` images, the right one framed in green and the others
 in grey, for a quick visual check that a model or an evaluation set-up is sane.
 """
 
@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ..data.karpathy import read_karpathy
+from ..distributed import world_info
+from .datasets import retrieval_items
 from .features import embed_images, embed_texts, eval_mode
 
 
@@ -22,9 +23,11 @@ def retrieval_examples(model: nn.Module, json_path: str | Path, device: torch.de
                        seed: int = 0, batch_size: int = 256) -> list[tuple[str, list[Path], Path]]:
     """Draw the grid to ``output`` (PNG) and return, per row, ``(caption, top-k image paths, true image)``.
 
-    The captions are a seeded random sample of the split's captions.
+    The captions are a seeded random sample of the split's captions. ``json_path`` is a
+    Karpathy-style JSON or a CLIP_benchmark webdataset retrieval directory, as for
+    :func:`~openalign.eval.datasets.evaluate_retrieval`.
     """
-    items = read_karpathy(json_path, split, image_root)
+    items = retrieval_items(json_path, split, image_root)
     captions = [(caption, index) for index, item in enumerate(items) for caption in item.captions]
     chosen = torch.randperm(len(captions), generator=torch.Generator().manual_seed(seed))[:queries].tolist()
     with eval_mode(model):
@@ -35,7 +38,8 @@ def retrieval_examples(model: nn.Module, json_path: str | Path, device: torch.de
     top = (text_emb @ image_emb.T).topk(min(k, len(items)), dim=1).indices
     rows = [(captions[q][0], [items[i].path for i in top[row].tolist()], items[captions[q][1]].path)
             for row, q in enumerate(chosen)]
-    _draw(rows, Path(output))
+    if world_info()[0] == 0:  # every rank embeds its share; one draws
+        _draw(rows, Path(output))
     return rows
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -10,7 +10,7 @@ from PIL import Image
 from torch import nn
 
 from ..data.karpathy import CaptionedImage
-from ..distributed import gather_strided_rows, world_info
+from ..distributed import all_ranks_agree, gather_strided_rows, world_info
 from ..errors import OpenAlignError
 from ..precision import autocast
 from ..progress import progress_bar
@@ -33,23 +33,20 @@ def embed_images(model: nn.Module, transform: Callable[[Image.Image], torch.Tens
     directory set (:mod:`openalign.eval.cache`), a second call on the same model, preprocessing
     and files reads the result back instead.
     """
-    rank, world_size = world_info()
-    directory = cache.cache_dir()
-    key = cache.cache_key(model, transform, paths, "pre_projection" if pre_projection else "embedding") \
-        if directory else ""
-    if directory and (cached := cache.load(directory, key)) is not None:
-        return cached
-    mine = paths[rank::world_size]
-    chunks = [torch.zeros(0, model.image_tower.output_dim if pre_projection else _embed_dim(model))]
-    with progress_bar(description, len(mine), enabled=show_progress and rank == 0) as advance:
-        for start in range(0, len(mine), batch_size):
-            batch = torch.stack([_load(path, transform) for path in mine[start:start + batch_size]])
-            chunks.append(encode_image_batch(model, batch, pre_projection))
-            advance(len(batch))
-    embeddings = gather_strided_rows(torch.cat(chunks), len(paths))
-    if directory and rank == 0:
-        cache.save(directory, key, embeddings)
-    return embeddings
+    kind = "pre_projection" if pre_projection else "embedding"
+
+    def extract() -> torch.Tensor:
+        rank, world_size = world_info()
+        mine = paths[rank::world_size]
+        chunks = [torch.zeros(0, model.config.image_feature_dim if pre_projection else _embed_dim(model))]
+        with progress_bar(description, len(mine), enabled=show_progress and rank == 0) as advance:
+            for start in range(0, len(mine), batch_size):
+                batch = torch.stack([_load(path, transform) for path in mine[start:start + batch_size]])
+                chunks.append(encode_image_batch(model, batch, pre_projection))
+                advance(len(batch))
+        return gather_strided_rows(torch.cat(chunks), len(paths))
+
+    return _cached(model, transform, cache.file_entries(paths), kind, extract)
 
 
 @torch.no_grad()
@@ -60,7 +57,7 @@ def encode_image_batch(model: nn.Module, pixels: torch.Tensor, pre_projection: b
     parameter = next(model.parameters())
     pixels = pixels.to(parameter.device, parameter.dtype).contiguous(memory_format=torch.channels_last)
     with autocast(parameter.device):
-        features = model.image_tower(pixels) if pre_projection else model.encode_image(pixels, normalize=True)
+        features = model.image_features(pixels) if pre_projection else model.encode_image(pixels, normalize=True)
     return features.float().cpu()
 
 
@@ -69,17 +66,42 @@ def embed_texts(model: nn.Module, tokenizer: Callable[[list[str]], dict[str, tor
                 device: torch.device, batch_size: int = 256, show_progress: bool = True,
                 description: str = "embedding texts") -> torch.Tensor:
     """(N, dim) L2-normalised fp32 text embeddings on the CPU, in the order of ``texts``; sharded
-    across ranks like :func:`embed_images`."""
-    rank, world_size = world_info()
-    mine = list(texts)[rank::world_size]
-    chunks = [torch.zeros(0, _embed_dim(model))]
-    with progress_bar(description, len(mine), enabled=show_progress and rank == 0) as advance:
-        for start in range(0, len(mine), batch_size):
-            tokens = {k: v.to(device) for k, v in tokenizer(mine[start:start + batch_size]).items()}
-            with autocast(device):
-                chunks.append(model.encode_text(**tokens).float().cpu())
-            advance(tokens["input_ids"].shape[0])
-    return gather_strided_rows(torch.cat(chunks), len(texts))
+    across ranks and cached like :func:`embed_images`. ``tokenizer`` is the model's text processor
+    (strings → the keyword inputs of ``model.encode_text``: token ids, or rendered text for CLIPPO)."""
+    texts = list(texts)
+
+    def extract() -> torch.Tensor:
+        rank, world_size = world_info()
+        mine = texts[rank::world_size]
+        chunks = [torch.zeros(0, _embed_dim(model))]
+        with progress_bar(description, len(mine), enabled=show_progress and rank == 0) as advance:
+            for start in range(0, len(mine), batch_size):
+                batch = mine[start:start + batch_size]
+                inputs = {k: v.to(device) for k, v in tokenizer(batch).items()}
+                with autocast(device):
+                    chunks.append(model.encode_text(**inputs).float().cpu())
+                advance(len(batch))
+        return gather_strided_rows(torch.cat(chunks), len(texts))
+
+    return _cached(model, tokenizer, texts, "text", extract)
+
+
+def _cached(model: nn.Module, preprocessing: object, entries: Iterable[str], kind: str,
+            extract: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``extract()``, or its result read back from the embedding cache when one is set and holds it.
+    Rank 0 writes entries; the cache answers only if it answers every rank (``extract`` is
+    collective, so ranks must not part ways)."""
+    directory = cache.cache_dir()
+    if directory is None:
+        return extract()
+    key = cache.cache_key(model, preprocessing, entries, kind)
+    cached = cache.load(directory, key)
+    if all_ranks_agree(cached is not None):
+        return cached
+    embeddings = extract()
+    if world_info()[0] == 0:
+        cache.save(directory, key, embeddings)
+    return embeddings
 
 
 def _embed_dim(model: nn.Module) -> int:

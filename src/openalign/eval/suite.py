@@ -10,7 +10,8 @@ any path)::
 
 Each task writes one CLIP_benchmark-schema record (``dataset``, ``model``, ``pretrained``,
 ``task``, ``metrics``, ``language``) to ``OUTPUT_DIR/<task name>.json``. ``openalign eval
-report DIR...`` merges the records found under the directories into a markdown table and a CSV.
+report DIR...`` merges the records found under the directories into a markdown table and a CSV,
+and shows the retrieval tasks' example pictures (``<task name>_examples.png``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,11 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,22 +32,27 @@ import torch
 from torch import nn
 
 from ..config import from_dict, load_yaml
+from ..distributed import world_info
 from ..errors import OpenAlignError
 from ..registry import find_config
+from . import cache
 from .tasks import EvalTaskConfig
 
 log = logging.getLogger(__name__)
 
 RECORD_KEYS = ("dataset", "model", "pretrained", "task", "metrics", "language")
+EXAMPLES_SUFFIX = "_examples.png"
 
 
 @dataclass
 class SuiteConfig:
-    """A named list of evaluation tasks; ``names`` (optional) labels each task's result file."""
+    """A named list of evaluation tasks; ``names`` (optional) labels each task's result file.
+    With ``examples``, tasks that can draw their results (retrieval) also write ``<name>_examples.png``."""
 
     tasks: list[EvalTaskConfig]
     names: list[str] = field(default_factory=list)
     batch_size: int = 256
+    examples: bool = True
 
 
 def load_suite(name_or_path: str | Path) -> SuiteConfig:
@@ -61,13 +72,31 @@ def run_suite(suite: SuiteConfig, model: nn.Module, pretrained: str, output_dir:
     output_dir.mkdir(parents=True, exist_ok=True)
     names = suite.names or [f"{index:02d}-{task.name}" for index, task in enumerate(suite.tasks)]
     records = []
-    for name, task in zip(names, suite.tasks):
-        log.info("suite task %s (%s)", name, task.name)
-        metrics = task.run(model, device, suite.batch_size, show_progress)
-        record = make_record(name, model.config.name, pretrained, task.name, metrics)
-        (output_dir / f"{name}.json").write_text(json.dumps(record, indent=2))
-        records.append(record)
+    with _embedding_cache():  # the examples reuse the task's embeddings
+        for name, task in zip(names, suite.tasks):
+            log.info("suite task %s (%s)", name, task.name)
+            metrics = task.run(model, device, suite.batch_size, show_progress)
+            record = make_record(name, model.config.name, pretrained, task.name, metrics)
+            (output_dir / f"{name}.json").write_text(json.dumps(record, indent=2))
+            records.append(record)
+            if suite.examples:
+                task.write_examples(model, device, output_dir / f"{name}{EXAMPLES_SUFFIX}", suite.batch_size)
     return records
+
+
+@contextmanager
+def _embedding_cache() -> Iterator[None]:
+    """The user's embedding cache if one is set, else (in a single process: ranks would not
+    share it) a temporary one for the duration."""
+    if cache.cache_dir() is not None or world_info()[1] > 1:
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="openalign-embeddings-") as directory:
+        os.environ[cache.CACHE_ENV] = directory
+        try:
+            yield
+        finally:
+            del os.environ[cache.CACHE_ENV]
 
 
 def make_record(dataset: str, model: str | None, pretrained: str, task: str, metrics: dict[str, float]) -> dict[str, Any]:
@@ -99,9 +128,14 @@ def collect_records(paths: list[str | Path]) -> list[dict[str, Any]]:
     return records
 
 
-def write_report(records: list[dict[str, Any]], output: str | Path) -> tuple[Path, Path]:
-    """``output``.md (a table per task: one row per model and dataset) and ``output``.csv (one row
-    per model, dataset, task and metric)."""
+def collect_examples(paths: list[str | Path]) -> list[Path]:
+    """The example pictures (``*_examples.png``) in the given directories, recursively."""
+    return [file for path in map(Path, paths) if path.is_dir() for file in sorted(path.rglob(f"*{EXAMPLES_SUFFIX}"))]
+
+
+def write_report(records: list[dict[str, Any]], output: str | Path, examples: list[Path] = ()) -> tuple[Path, Path]:
+    """``output``.md (a table per task: one row per model and dataset, then the example pictures,
+    copied to ``output``_examples/) and ``output``.csv (one row per model, dataset, task and metric)."""
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     lines = ["# openalign evaluation report", ""]
@@ -114,6 +148,7 @@ def write_report(records: list[dict[str, Any]], output: str | Path) -> tuple[Pat
             values = [_format(metric, record["metrics"].get(metric)) for metric in metrics]
             lines.append(f"| {record['model']} | {record['pretrained']} | {record['dataset']} | " + " | ".join(values) + " |")
         lines.append("")
+    lines += _example_section(examples, output.parent / f"{output.name}_examples")
     markdown, table = output.with_suffix(".md"), output.with_suffix(".csv")
     markdown.write_text("\n".join(lines))
     with table.open("w", newline="") as handle:
@@ -123,6 +158,20 @@ def write_report(records: list[dict[str, Any]], output: str | Path) -> tuple[Pat
             for metric, value in sorted(record["metrics"].items()):
                 writer.writerow([record["model"], record["pretrained"], record["dataset"], record["task"], metric, value])
     return markdown, table
+
+
+def _example_section(examples: list[Path], folder: Path) -> list[str]:
+    """Markdown showing each picture, copied (under a name made of its run folder and file) into ``folder``."""
+    if not examples:
+        return []
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = ["## retrieval examples", ""]
+    for picture in examples:
+        name = f"{picture.parent.name}-{picture.name}"
+        shutil.copyfile(picture, folder / name)
+        lines += [f"### {picture.parent.name}: {picture.name.removesuffix(EXAMPLES_SUFFIX)}", "",
+                  f"![{name}]({folder.name}/{name})", ""]
+    return lines
 
 
 def _format(metric: str, value: Any) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -26,6 +27,11 @@ class EvalTaskConfig(Variants):
 
     def run(self, model: nn.Module, device: torch.device, batch_size: int, show_progress: bool = True) -> dict[str, float]:
         raise NotImplementedError
+
+    def write_examples(self, model: nn.Module, device: torch.device, output: Path, batch_size: int) -> Path | None:
+        """A picture of the task's results for a quick visual check (a PNG at ``output``), where the
+        task has one; None otherwise."""
+        return None
 
 
 @dataclass
@@ -55,6 +61,13 @@ class RetrievalEvalConfig(EvalTaskConfig, tag="retrieval"):
 
     def run(self, model: nn.Module, device: torch.device, batch_size: int, show_progress: bool = True) -> dict[str, float]:
         return evaluate_retrieval(model, self.json, device, self.split, self.image_root, batch_size, show_progress)
+
+    def write_examples(self, model: nn.Module, device: torch.device, output: Path, batch_size: int) -> Path:
+        """Six captions and their top-5 images (:func:`~openalign.eval.examples.retrieval_examples`)."""
+        from .examples import retrieval_examples
+
+        retrieval_examples(model, self.json, device, output, self.split, self.image_root, batch_size=batch_size)
+        return output
 
 
 @dataclass

@@ -54,6 +54,11 @@ class ModelConfig(Variants):
     def build(self) -> nn.Module:
         raise NotImplementedError
 
+    @property
+    def image_feature_dim(self) -> int:
+        """Width of ``model.image_features(pixels)``: pooled image features before the projection."""
+        raise NotImplementedError
+
     def build_tokenizer(self) -> Callable[[list[str]], Any]:
         """What turns a list of strings into the model's text input (token ids, rendered images...)."""
         raise NotImplementedError

@@ -42,6 +42,11 @@ class DualEncoderConfig(ModelConfig, tag="dual_encoder"):
         if self.temperature_init <= 0:
             raise ConfigError("must be positive", "temperature_init")
 
+    @property
+    def image_feature_dim(self) -> int:
+        """Width of the pooled, unprojected image features (what linear probes use)."""
+        return self.image.output_dim
+
     def build(self) -> DualEncoder:
         return DualEncoder(self)
 
@@ -97,6 +102,10 @@ class DualEncoder(nn.Module):
             features = self.image_projection(features)
         features = features.float()  # bf16 autocast: normalise and compare in fp32
         return F.normalize(features, dim=-1) if normalize else features
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The image tower's pooled features, before projection and normalisation."""
+        return self.image_tower(pixels)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     normalize: bool = True) -> torch.Tensor:
