@@ -102,11 +102,12 @@ def save_pretrained(model: nn.Module, directory: str | Path, format: str = "open
 
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = model.config.build_tokenizer()
-    tokenizer.hf_tokenizer.save_pretrained(str(directory))
     config = to_dict(model.config)
-    config["text"]["tokenizer"] = "."  # the files beside this config (see _model_config)
-    if config["text"].get("pretrained"):
-        config["text"]["pretrained"] = None  # the weights are here; the sizes are in the config
+    if isinstance(tokenizer, Tokenizer):  # a vocabulary to keep beside the weights (CLIPPO renders, needs none)
+        tokenizer.hf_tokenizer.save_pretrained(str(directory))
+        config["text"]["tokenizer"] = "."  # the files beside this config (see _model_config)
+        if config["text"].get("pretrained"):
+            config["text"]["pretrained"] = None  # the weights are here; the sizes are in the config
     (directory / CONFIG_FILE).write_text(yaml.safe_dump({"model": config}, sort_keys=False))
     save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(directory / WEIGHTS_FILE))
     return directory

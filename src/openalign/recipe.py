@@ -41,8 +41,11 @@ class TrainConfig:
 
     ``batch_size`` is global (all ranks together) and must divide evenly between ranks.
     ``optimizer: lamb`` is tensorflow-addons' LAMB as COYO-ALIGN uses it; ``schedule: linear``
-    warms up linearly from 0 then decays linearly to 0 at ``steps`` (spec §3.3).
-    ``precision: auto`` is bf16 autocast on GPU and fp32 on CPU.
+    warms up linearly from 0 then decays linearly to 0 at ``steps`` (spec §3.3); ``rsqrt`` is
+    big_vision's inverse square root with time scale ``rsqrt_timescale`` (default: the warm-up);
+    ``cooldown_steps`` ramps any schedule linearly to 0 over the last steps.
+    ``precision: auto`` is bf16 autocast on GPU and fp32 on CPU. ``init_from`` initialises a
+    fresh run from a checkpoint the model knows how to read (CLIPPO: a timm ViT checkpoint).
     """
 
     steps: int
@@ -52,8 +55,11 @@ class TrainConfig:
     weight_decay: float = 1e-5
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-6
-    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    schedule: Literal["linear", "cosine", "rsqrt", "constant"] = "linear"
     warmup_steps: int = 0
+    cooldown_steps: int = 0
+    rsqrt_timescale: int | None = None
+    init_from: str | None = None
     grad_clip: float | None = None
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -74,6 +80,10 @@ class TrainConfig:
             raise ConfigError("must be a number >= 0", "eps")
         if not 0 <= self.warmup_steps <= self.steps:
             raise ConfigError(f"must be between 0 and train.steps ({self.steps})", "warmup_steps")
+        if not 0 <= self.cooldown_steps <= self.steps:
+            raise ConfigError(f"must be between 0 and train.steps ({self.steps})", "cooldown_steps")
+        if self.rsqrt_timescale is not None and self.rsqrt_timescale < 1:
+            raise ConfigError("must be at least 1, or null for the warm-up length", "rsqrt_timescale")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ConfigError("must be positive, or null for no clipping", "grad_clip")
 

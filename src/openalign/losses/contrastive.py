@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -15,14 +16,18 @@ from .base import LossConfig
 
 @dataclass
 class ContrastiveLossConfig(LossConfig, tag="contrastive"):
+    """``directions: sum`` adds the image→text and text→image terms (ALIGN, COYO-ALIGN);
+    ``mean`` averages them (CLIP, big_vision's ``bidirectional_contrastive_loss`` for CLIPPO)."""
+
     label_smoothing: float = 0.1
+    directions: Literal["sum", "mean"] = "sum"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError("must be in [0, 1)", "label_smoothing")
 
     def build(self) -> ContrastiveLoss:
-        return ContrastiveLoss(self.label_smoothing)
+        return ContrastiveLoss(self.label_smoothing, self.directions)
 
 
 class ContrastiveLoss(nn.Module):
@@ -32,13 +37,17 @@ class ContrastiveLoss(nn.Module):
     flow back to their owners), and averages over its rows; DDP's gradient averaging then
     gives exactly the single-device objective on the whole batch:
     L = mean_i CE_ε(row i of X Yᵀ·s) + mean_j CE_ε(row j of Y Xᵀ·s).
-    The two directions are **summed**, as COYO-ALIGN does (Hugging Face's ``align_loss``
-    averages them). Logits and softmax are computed in fp32.
+    The two directions are **summed** by default, as COYO-ALIGN does (Hugging Face's
+    ``align_loss`` averages them, as ``directions="mean"`` does). Logits and softmax are
+    computed in fp32.
     """
 
-    def __init__(self, label_smoothing: float = 0.1) -> None:
+    def __init__(self, label_smoothing: float = 0.1, directions: str = "sum") -> None:
         super().__init__()
+        if directions not in ("sum", "mean"):
+            raise ValueError(f"directions must be 'sum' or 'mean', got {directions!r}")
         self.label_smoothing = label_smoothing
+        self.directions = directions
         self.last_stats: dict[str, torch.Tensor] = {}
 
     def forward(self, image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
@@ -50,4 +59,5 @@ class ContrastiveLoss(nn.Module):
         loss_i2t = F.cross_entropy(logit_scale * image_emb @ all_text.T, labels, label_smoothing=self.label_smoothing)
         loss_t2i = F.cross_entropy(logit_scale * text_emb @ all_image.T, labels, label_smoothing=self.label_smoothing)
         self.last_stats = {"loss_i2t": loss_i2t.detach(), "loss_t2i": loss_t2i.detach()}
-        return loss_i2t + loss_t2i
+        total = loss_i2t + loss_t2i
+        return total / 2 if self.directions == "mean" else total

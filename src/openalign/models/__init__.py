@@ -3,12 +3,14 @@
 from .base import ImageTowerConfig, ModelConfig, TextTowerConfig
 from .bert import BertTextTower, BertTowerConfig
 from ..data.transforms import PreprocessConfig
+from .clippo import Clippo, ClippoConfig, RenderConfig
 from .dual_encoder import DualEncoder, DualEncoderConfig
 from .efficientnet import EfficientNet, EfficientNetConfig
 from .ghost_bn import GhostBatchNorm2d
+from .vit import VisionTransformerTower, ViTConfig
 
 __all__ = [
-    "BertTextTower", "BertTowerConfig", "DualEncoder", "DualEncoderConfig", "EfficientNet",
+    "BertTextTower", "BertTowerConfig", "Clippo", "ClippoConfig", "DualEncoder", "DualEncoderConfig", "EfficientNet",
     "EfficientNetConfig", "GhostBatchNorm2d", "ImageTowerConfig", "ModelConfig", "PreprocessConfig",
-    "TextTowerConfig",
+    "RenderConfig", "TextTowerConfig", "ViTConfig", "VisionTransformerTower",
 ]

@@ -57,7 +57,8 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True)
     model = model.to(memory_format=torch.channels_last)  # conv towers: faster on GPU and CPU alike
     loss_fn = recipe.loss.build().to(ctx.device)
     optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps, ctx.device)
-    scheduler = build_scheduler(optimizer, cfg.schedule, cfg.warmup_steps, cfg.steps)
+    scheduler = build_scheduler(optimizer, cfg.schedule, cfg.warmup_steps, cfg.steps, cfg.cooldown_steps,
+                                cfg.rsqrt_timescale)
     output_dir = Path(recipe.run.output_dir)
     checkpointer = Checkpointer(output_dir / "checkpoints", recipe.run.keep_checkpoints, ctx)
     torch.manual_seed(cfg.seed + 1 + ctx.rank)  # per-rank dropout and drop-connect streams
@@ -70,6 +71,8 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True)
                              "another run.output_dir")
     else:
         start = 0
+        if cfg.init_from:
+            _initialise(model, cfg.init_from)
     loader = _build_loader(recipe, per_rank, ctx, start)
     forward: nn.Module = model
     if ctx.world_size > 1:
@@ -184,6 +187,16 @@ def evaluate(config: EvalConfig, model: nn.Module, ctx: DistributedContext, show
             log.info("evaluation %s: %s", task.name, ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
     barrier()
     return metrics
+
+
+def _initialise(model: nn.Module, path: str) -> None:
+    """``train.init_from``: the model reads the checkpoint (every rank the same file, so the
+    ranks stay identical)."""
+    init_from = getattr(model, "init_from", None)
+    if init_from is None:
+        raise ConfigError(f"is set, but {type(model).__name__} cannot be initialised from a checkpoint file; "
+                          "to continue an openalign run, pass --resume instead", "train.init_from")
+    init_from(path)
 
 
 def _per_rank_batch(batch_size: int, world_size: int) -> int:

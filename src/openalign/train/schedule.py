@@ -1,4 +1,5 @@
-"""Learning-rate schedules: linear warm-up from 0, then linear (ALIGN), cosine or constant."""
+"""Learning-rate schedules: linear warm-up from 0, then linear (ALIGN), cosine, inverse square root
+(big_vision, CLIPPO) or constant; optionally a linear cool-down to 0 over the last steps."""
 
 from __future__ import annotations
 
@@ -9,16 +10,29 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 
-def lr_factor(step: int, schedule: str, warmup_steps: int, total_steps: int) -> float:
+def lr_factor(step: int, schedule: str, warmup_steps: int, total_steps: int, cooldown_steps: int = 0,
+              timescale: int | None = None) -> float:
     """The multiplier of the peak learning rate at ``step`` (0-based; 0 at step 0 with warm-up).
 
     ``linear`` is Keras' PolynomialDecay(power=1) behind COYO-ALIGN's warm-up (spec §3.3):
     step/warmup during warm-up, then 1 - (step - warmup)/(total - warmup), reaching 0 at total.
+    ``rsqrt`` is big_vision's (shared spec clippo.md §4.1): 1/√((step + timescale − warmup) /
+    timescale) after warm-up (``timescale`` defaults to the warm-up length, giving √(warmup/step)).
+    With ``cooldown_steps``, any schedule is also multiplied by min(1, (total − step)/cooldown).
     """
+    factor = _shape(step, schedule, warmup_steps, total_steps, timescale or max(1, warmup_steps))
+    if cooldown_steps:
+        factor *= min(1.0, (total_steps - step) / cooldown_steps)
+    return factor
+
+
+def _shape(step: int, schedule: str, warmup_steps: int, total_steps: int, timescale: int) -> float:
     if step < warmup_steps:
         return step / warmup_steps
     if schedule == "constant":
         return 1.0
+    if schedule == "rsqrt":
+        return 1.0 / math.sqrt((step + timescale - warmup_steps) / timescale)
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     if schedule == "linear":
         return 1.0 - progress
@@ -27,6 +41,8 @@ def lr_factor(step: int, schedule: str, warmup_steps: int, total_steps: int) -> 
     raise ValueError(f"unknown schedule '{schedule}'")
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup_steps: int, total_steps: int) -> LambdaLR:
+def build_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup_steps: int, total_steps: int,
+                    cooldown_steps: int = 0, timescale: int | None = None) -> LambdaLR:
     """A per-step scheduler: call ``scheduler.step()`` after every ``optimizer.step()``."""
-    return LambdaLR(optimizer, partial(lr_factor, schedule=schedule, warmup_steps=warmup_steps, total_steps=total_steps))
+    return LambdaLR(optimizer, partial(lr_factor, schedule=schedule, warmup_steps=warmup_steps, total_steps=total_steps,
+                                       cooldown_steps=cooldown_steps, timescale=timescale))

@@ -1,0 +1,153 @@
+"""CLIPPO: one Vision Transformer for images and for text rendered as images (shared spec clippo.md §2).
+
+The text "tokenizer" renders each string with GNU Unifont into an image of the same size as
+the pictures (:class:`~openalign.data.render.TextRenderer`), and the same encoder, pooling head
+and projection embed both: there are no modality tokens and no separate parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..data.render import TextRenderer, resolve_font_paths
+from ..data.transforms import ImageTransform, PreprocessConfig
+from ..errors import ConfigError, OpenAlignError
+from .base import ImageTowerConfig, ModelConfig
+
+
+@dataclass
+class RenderConfig:
+    """How text is rendered (spec §1.1; big_vision's ``render_unifont`` defaults). ``font_path``:
+    Unifont ``.hex`` file(s); None means ``$OPENALIGN_UNIFONT``, else Debian's
+    ``/usr/share/unifont/unifont.hex``. The image size is the model's ``preprocess.image_size``."""
+
+    font_size: int = 16
+    lower: bool = True
+    text_brightness: int = 0
+    background_brightness: int = 127
+    max_chars: int | None = 768
+    font_path: str | list[str] | None = None
+
+
+@dataclass
+class ClippoConfig(ModelConfig, tag="one_tower"):
+    """One image encoder (``encoder``, a ViT in the paper) for both modalities, a linear ``head``
+    to ``embed_dim``, and a learnable logit scale initialised to ``logit_scale_init`` (CLIPPO: 10)."""
+
+    encoder: ImageTowerConfig
+    embed_dim: int = 768
+    logit_scale_init: float = 10.0
+    render: RenderConfig = field(default_factory=RenderConfig)
+    preprocess: PreprocessConfig = field(default_factory=lambda: PreprocessConfig(
+        image_size=224, resize_size=224, random_flip=False))
+
+    def __post_init__(self) -> None:
+        if self.logit_scale_init <= 0:
+            raise ConfigError("must be positive", "logit_scale_init")
+        size = getattr(self.encoder, "image_size", None)
+        if size is not None and size != self.preprocess.image_size:
+            raise ConfigError(f"is {self.preprocess.image_size}, but the encoder takes {size} px images (and text is "
+                              f"rendered at the image size): set both to the same value", "preprocess.image_size")
+
+    @property
+    def image_feature_dim(self) -> int:
+        return self.encoder.output_dim
+
+    def build(self) -> Clippo:
+        return Clippo(self)
+
+    def build_tokenizer(self) -> RenderedText:
+        render = self.render
+        return RenderedText(TextRenderer(self.preprocess.image_size, render.font_size, render.lower,
+                                         render.text_brightness, render.background_brightness, render.max_chars,
+                                         render.font_path))
+
+    def build_transform(self, train: bool) -> ImageTransform:
+        return ImageTransform(self.preprocess, train)
+
+
+class RenderedText:
+    """CLIPPO's text processor: strings → ``{"pixels": (N, 3, H, W)}`` in [-1, 1], what
+    :meth:`Clippo.encode_text` takes (the same interface as a tokenizer's ``input_ids``)."""
+
+    def __init__(self, renderer: TextRenderer) -> None:
+        self.renderer = renderer
+
+    def __call__(self, texts: str | Sequence[str]) -> dict[str, torch.Tensor]:
+        return {"pixels": self.renderer.batch([texts] if isinstance(texts, str) else list(texts))}
+
+    def __repr__(self) -> str:  # what identifies its output, e.g. for the embedding cache
+        return f"RenderedText({self.renderer!r}, fonts={resolve_font_paths(self.renderer.font_path)})"
+
+
+class Clippo(nn.Module):
+    """The CLIPPO one-tower model (spec §2.1): ẑ = head(encoder(x)) / (‖·‖ + 1e-8) for images and
+    rendered text alike; logits = exp(t)·ẑᵢ·ẑₜ with t learned, unclipped, and no bias.
+
+    The scale is stored as ``log_temperature`` = −t (temperature = 1 / scale), the convention the
+    trainer and the other models share; the optimiser sees the same magnitudes either way.
+    """
+
+    input_fields = ("image", "text")
+
+    def __init__(self, config: ClippoConfig) -> None:
+        super().__init__()
+        from timm.layers.weight_init import lecun_normal_
+
+        self.config = config
+        self.encoder = config.encoder.build()
+        self.head = nn.Linear(self.encoder.output_dim, config.embed_dim)
+        lecun_normal_(self.head.weight)  # flax Dense default; head_zeroinit=False
+        nn.init.zeros_(self.head.bias)
+        self.log_temperature = nn.Parameter(torch.tensor(-math.log(config.logit_scale_init)))
+
+    @property
+    def temperature(self) -> torch.Tensor:
+        return self.log_temperature.exp()
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return (-self.log_temperature).exp()
+
+    def no_weight_decay(self) -> set[str]:
+        """The scale, and what the encoder exempts (position embeddings, pooling probe): big_vision
+        decays kernels only."""
+        exempt = getattr(self.encoder, "no_weight_decay", set)()
+        return {"log_temperature"} | {f"encoder.{name}" for name in exempt}
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The encoder's pooled features (big_vision's ``pre_logits``), before the head."""
+        return self.encoder(pixels)
+
+    def encode_image(self, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        features = self.head(self.encoder(pixels)).float()  # bf16 autocast: normalise in fp32
+        return features / (features.norm(dim=-1, keepdim=True) + 1e-8) if normalize else features
+
+    def encode_text(self, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Rendered text (what :meth:`ClippoConfig.build_tokenizer` gives) goes through the same path."""
+        return self.encode_image(pixels, normalize)
+
+    def forward(self, image: torch.Tensor, text: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Both modalities in one pass of the shared encoder (equal to two passes: nothing mixes
+        examples), split back into the embeddings the contrastive loss takes."""
+        embeddings = self.encode_image(torch.cat([image, text["pixels"].to(image.dtype)]))
+        image_emb, text_emb = embeddings.split([image.shape[0], text["pixels"].shape[0]])
+        return {"image_emb": image_emb, "text_emb": text_emb, "logit_scale": self.logit_scale}
+
+    def init_from(self, path: str | Path) -> None:
+        """Initialise the encoder from a timm ViT checkpoint (spec §2.4: ImageNet-21k AugReg B/16)."""
+        load = getattr(self.encoder, "load_timm_checkpoint", None)
+        if load is None:
+            raise OpenAlignError(f"this CLIPPO encoder ({type(self.encoder).__name__}) cannot load timm checkpoints")
+        load(path)
+
+    def save_pretrained(self, directory: str | Path, format: str = "openalign") -> Path:
+        from ..pretrained import save_pretrained
+
+        return save_pretrained(self, directory, format)

@@ -1,0 +1,199 @@
+"""CLIPPO (shared spec clippo.md §2-§4): the one-tower model against an independent forward pass
+written from the spec, its parameters, initialisation, timm initialisation, training and evaluation."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import openalign
+from openalign.errors import OpenAlignError
+
+pytestmark = pytest.mark.skipif(not Path("/usr/share/unifont/unifont.hex").is_file() and
+                                not __import__("os").environ.get("OPENALIGN_UNIFONT"),
+                                reason="GNU Unifont is not installed (apt-get install unifont)")
+CPU = torch.device("cpu")
+
+
+def reference_embedding(state: dict[str, torch.Tensor], x: torch.Tensor, heads: int, patch: int) -> torch.Tensor:
+    """Spec §2.1 step by step from the weights alone: conv patches, + position embeddings, pre-LN
+    blocks (MHA with biases, tanh-GELU MLP), final LayerNorm, MAP head (probe cross-attention, then
+    p + MLP(LN(p))), the dense head, and z / (|z| + 1e-8)."""
+    def ln(v, prefix):
+        return F.layer_norm(v, v.shape[-1:], state[f"{prefix}.weight"], state[f"{prefix}.bias"], eps=1e-6)
+
+    def dense(v, prefix):
+        return v @ state[f"{prefix}.weight"].T + state[f"{prefix}.bias"]
+
+    def mlp(v, prefix):
+        return dense(F.gelu(dense(v, f"{prefix}.fc1"), approximate="tanh"), f"{prefix}.fc2")
+
+    def attention(q, k, v):  # (B, Lq, C), (B, Lk, C): softmax(q kᵀ / √d) v per head
+        b, lq, c = q.shape
+        split = lambda t: t.reshape(b, t.shape[1], heads, c // heads).transpose(1, 2)  # noqa: E731
+        weights = (split(q) @ split(k).transpose(-1, -2) / math.sqrt(c // heads)).softmax(-1)
+        return (weights @ split(v)).transpose(1, 2).reshape(b, lq, c)
+
+    p = "encoder.vit"
+    tokens = F.conv2d(x, state[f"{p}.patch_embed.proj.weight"], state[f"{p}.patch_embed.proj.bias"], stride=patch)
+    tokens = tokens.flatten(2).transpose(1, 2) + state[f"{p}.pos_embed"]
+    block = 0
+    while f"{p}.blocks.{block}.norm1.weight" in state:
+        b = f"{p}.blocks.{block}"
+        h = ln(tokens, f"{b}.norm1")
+        q, k, v = dense(h, f"{b}.attn.qkv").chunk(3, dim=-1)
+        tokens = tokens + dense(attention(q, k, v), f"{b}.attn.proj")
+        tokens = tokens + mlp(ln(tokens, f"{b}.norm2"), f"{b}.mlp")
+        block += 1
+    tokens = ln(tokens, f"{p}.norm")
+    a = f"{p}.attn_pool"
+    probe = state[f"{a}.latent"].expand(x.shape[0], -1, -1)
+    k, v = dense(tokens, f"{a}.kv").chunk(2, dim=-1)
+    pooled = dense(attention(dense(probe, f"{a}.q"), k, v), f"{a}.proj")
+    pooled = (pooled + mlp(ln(pooled, f"{a}.norm"), f"{a}.mlp"))[:, 0]
+    z = dense(pooled, "head")
+    return z / (z.norm(dim=-1, keepdim=True) + 1e-8)
+
+
+def test_clippo_b16_has_the_parameters_of_big_visions_model():
+    model = openalign.create_model("clippo-b16")
+    assert sum(p.numel() for p in model.parameters()) == 93_474_817  # spec §2.2, measured on the Flax model
+    names = [name for name, _ in model.named_parameters()]
+    assert all(name.startswith(("encoder.vit.", "head.")) or name == "log_temperature" for name in names)
+    assert not any("cls_token" in name or "type" in name or "text" in name for name in names)  # nothing per modality
+    vit = model.encoder.vit
+    assert vit.pos_embed.shape == (1, 196, 768) and vit.attn_pool.latent.shape == (1, 1, 768)
+    assert model.head.weight.shape == (768, 768) and model.head.bias is not None
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert len(norms) == 12 * 2 + 1 + 1 and all(m.eps == 1e-6 for m in norms)
+    assert model.logit_scale.item() == pytest.approx(10.0)
+    assert model.config.build_tokenizer()("a cat")["pixels"].shape == (1, 3, 224, 224)
+
+
+def test_both_modalities_equal_an_independent_forward_pass_through_the_one_shared_tower():
+    torch.manual_seed(0)
+    model = openalign.create_model("clippo-test", encoder={"depth": 2}).eval()
+    state = model.state_dict()
+    images = torch.rand(3, 3, 32, 32) * 2 - 1
+    text = model.config.build_tokenizer()(["a red circle", "a blue star", ""])
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(images), reference_embedding(state, images, 2, 16),
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model.encode_text(**text), reference_embedding(state, text["pixels"], 2, 16),
+                                   rtol=1e-5, atol=1e-5)
+        out = model(images, text)
+    torch.testing.assert_close(out["image_emb"], model.encode_image(images), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["text_emb"], model.encode_text(**text), rtol=1e-5, atol=1e-6)
+    assert out["logit_scale"].item() == pytest.approx(10.0)
+
+
+def test_initialisation_follows_big_vision_and_only_kernels_are_decayed():
+    from openalign.train import parameter_groups
+
+    torch.manual_seed(0)
+    model = openalign.create_model("clippo-b16")
+    vit, width = model.encoder.vit, 768
+    assert vit.pos_embed.std().item() == pytest.approx(1 / math.sqrt(width), rel=0.02)
+    mlp_bias = vit.blocks[0].mlp.fc1.bias
+    assert 0 < mlp_bias.abs().max().item() < 1e-5
+    assert vit.blocks[0].attn.qkv.bias.abs().max().item() == 0.0
+    bound = math.sqrt(6 / (2 * width))  # xavier-uniform of each 768×768 q, k and v matrix
+    q, k, v = vit.blocks[0].attn.qkv.weight.split(width)
+    assert all(bound * 0.98 < m.abs().max().item() <= bound for m in (q, k, v))
+    patch = vit.patch_embed.proj.weight  # lecun normal: std 1/√fan_in, truncated
+    assert patch.std().item() == pytest.approx(1 / math.sqrt(16 * 16 * 3), rel=0.05)
+
+    decayed, exempt = parameter_groups(model, 0.1, "adamw")
+    decayed_ids = {id(p) for p in decayed["params"]}
+    kernels = {name for name, p in model.named_parameters() if name.endswith(".weight") and p.ndim >= 2}
+    assert {name for name, p in model.named_parameters() if id(p) in decayed_ids} == kernels
+    assert exempt["weight_decay"] == 0.0
+
+
+def test_the_encoder_initialises_from_a_timm_vit_checkpoint(tmp_path):
+    from safetensors.torch import save_file
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(1)
+    source = VisionTransformer(img_size=48, patch_size=16, embed_dim=32, depth=1, num_heads=2, num_classes=10)
+    save_file(source.state_dict(), str(tmp_path / "model.safetensors"))  # a class-token ViT on a 3×3 grid
+    model = openalign.create_model("clippo-test")
+    probe, head = model.encoder.vit.attn_pool.latent.clone(), model.head.weight.clone()
+    model.init_from(tmp_path)
+    vit = model.encoder.vit
+    torch.testing.assert_close(vit.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
+    torch.testing.assert_close(vit.patch_embed.proj.weight, source.patch_embed.proj.weight)
+    assert vit.pos_embed.shape == (1, 4, 32)  # class position dropped, 3×3 resampled to 2×2
+    assert torch.equal(vit.attn_pool.latent, probe) and torch.equal(model.head.weight, head)  # heads stay random
+
+    other = VisionTransformer(img_size=32, patch_size=16, embed_dim=64, depth=1, num_heads=2, num_classes=0)
+    save_file(other.state_dict(), str(tmp_path / "wide.safetensors"))
+    with pytest.raises(OpenAlignError, match="another ViT size"):
+        model.init_from(tmp_path / "wide.safetensors")
+    with pytest.raises(OpenAlignError, match="does not exist"):
+        model.init_from(tmp_path / "missing.safetensors")
+
+
+@pytest.mark.parametrize("step, expected", [(0, 0.0), (50, 0.5), (100, 1.0), (200, math.sqrt(0.5)),
+                                            (350, math.sqrt(100 / 350) * 0.5), (400, 0.0)])
+def test_rsqrt_schedule_with_warmup_and_cooldown_is_big_visions(step, expected):
+    from openalign.train import lr_factor
+
+    # spec §4.1 with timescale = warmup = cooldown = 100 and 400 steps (the COCO sanity run)
+    assert lr_factor(step, "rsqrt", 100, 400, cooldown_steps=100, timescale=100) == pytest.approx(expected)
+    assert lr_factor(300, "rsqrt", 100, 400, timescale=1000) == pytest.approx(1 / math.sqrt(1.2))
+
+
+def test_clippo_trains_from_its_recipe_evaluates_and_reloads(tmp_path, shapes_root):
+    from openalign.recipe import load_recipe
+    from openalign.train import train
+
+    overrides = ["model.name=clippo-test", f"data.train.root={shapes_root}", "data.train.num_train=256",
+                 "data.train.num_test=24", "data.train.image_size=32", "data.num_workers=0", "train.steps=4",
+                 "train.batch_size=16", "train.warmup_steps=1", "train.cooldown_steps=1",
+                 f"eval.tasks.0.root={shapes_root}", "eval.tasks.0.knn_memory_size=64",
+                 f"run.output_dir={tmp_path / 'run'}", "run.checkpoint_every=0", "run.tensorboard=false"]
+    recipe = load_recipe("clippo-shapes", overrides)
+    assert (recipe.loss.label_smoothing, recipe.loss.directions, recipe.train.schedule) == (0.0, "mean", "rsqrt")
+    result = train(recipe, show_progress=False)
+    assert 0.0 <= result.metrics["shapes/image_retrieval_recall@10"] <= 1.0
+    model, transform, text_processor = openalign.load_pretrained(tmp_path / "run")
+    assert isinstance(model, openalign.models.Clippo) and transform.config.image_size == 32
+    with pytest.raises(OpenAlignError, match="no AlignModel form"):
+        model.save_pretrained(tmp_path / "hf", format="hf")
+    saved = model.save_pretrained(tmp_path / "saved")
+    again, _, _ = openalign.load_pretrained(saved)
+    pixels = text_processor(["a red circle"])["pixels"]
+    torch.testing.assert_close(again.encode_text(pixels), model.encode_text(pixels))
+
+
+def test_the_coco_and_yfcc_recipes_are_big_visions_settings():
+    from openalign.recipe import load_recipe
+
+    coco = load_recipe("clippo-b16-coco")
+    t = coco.train
+    assert (t.batch_size, t.steps, t.lr, t.schedule, t.warmup_steps, t.rsqrt_timescale, t.cooldown_steps) == \
+        (4000, 400, 1e-4, "rsqrt", 100, 100, 100)
+    assert t.weight_decay * t.lr == pytest.approx(3e-4) and t.grad_clip == 1.0 and t.init_from
+    assert coco.model.preprocess.random_flip
+    yfcc = load_recipe("clippo-b16-yfcc100m")
+    t = yfcc.train
+    assert (t.batch_size, t.steps, t.lr, t.warmup_steps, t.rsqrt_timescale, t.cooldown_steps) == \
+        (8192, 100_000, 1e-3, 10_000, 10_000, 10_000)
+    assert t.weight_decay * t.lr == pytest.approx(1e-4) and not yfcc.model.preprocess.random_flip
+    assert (yfcc.loss.label_smoothing, yfcc.loss.directions) == (0.0, "mean")
+
+
+def test_init_from_is_refused_for_models_that_cannot_read_a_checkpoint(tmp_path, shapes_root):
+    from conftest import tiny_recipe_overrides
+    from openalign.errors import ConfigError
+    from openalign.recipe import load_recipe
+    from openalign.train import train
+
+    recipe = load_recipe("demo", tiny_recipe_overrides(shapes_root, tmp_path / "run") + ["train.init_from=x"])
+    with pytest.raises(ConfigError, match="train.init_from"):
+        train(recipe, show_progress=False)
