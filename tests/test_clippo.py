@@ -197,3 +197,71 @@ def test_init_from_is_refused_for_models_that_cannot_read_a_checkpoint(tmp_path,
     recipe = load_recipe("demo", tiny_recipe_overrides(shapes_root, tmp_path / "run") + ["train.init_from=x"])
     with pytest.raises(ConfigError, match="train.init_from"):
         train(recipe, show_progress=False)
+
+
+CORPUS = ("The first sentence is here. A second one follows it! Is this the third? Short. "
+          "The fifth sentence closes the document.")
+
+
+def test_sentence_pairs_are_neighbours_within_documents_with_the_first_rendered(tmp_path):
+    import gzip
+    import json
+
+    from openalign.data import SentencePairsSourceConfig
+
+    (tmp_path / "a.txt").write_text(CORPUS + "\n\nOnly one sentence in this document.\n")
+    with gzip.open(tmp_path / "b.jsonl.gz", "wt") as handle:
+        handle.write(json.dumps({"text": "Another document starts. And it ends here.", "url": "x"}) + "\n")
+    model = openalign.create_model("clippo-test")
+    processor = model.config.build_tokenizer()
+    dataset = SentencePairsSourceConfig(path=str(tmp_path / "*")).build(None, 0, 0, processor)
+    assert dataset.pairs == [("The first sentence is here.", "A second one follows it!"),
+                             ("A second one follows it!", "Is this the third?"),
+                             ("Another document starts.", "And it ends here.")]  # "Short." is under 10 characters
+    sample = dataset[(0, 1)]
+    assert torch.equal(sample["image"], processor(["A second one follows it!"])["pixels"][0])
+    assert sample["text"] == "Is this the third?"
+
+    (tmp_path / "bad.jsonl").write_text('{"content": "no text field"}\n')
+    with pytest.raises(OpenAlignError, match="bad.jsonl, line 1: .*'text' field"):
+        SentencePairsSourceConfig(path=str(tmp_path / "bad.jsonl")).build(None, 0, 0, processor)
+    with pytest.raises(OpenAlignError, match="no text files match"):
+        SentencePairsSourceConfig(path=str(tmp_path / "missing/*.txt")).build(None, 0, 0, processor)
+    align = openalign.create_model("align-test").config.build_tokenizer()
+    with pytest.raises(OpenAlignError, match="reads rendered text"):
+        SentencePairsSourceConfig(path=str(tmp_path / "a.txt")).build(None, 0, 0, align)
+
+
+def test_a_mixture_draws_each_source_at_its_weight_and_shards_map_style_sources():
+    from openalign.data.sources import MixtureDataset, _endless
+
+    class Tagged(torch.utils.data.Dataset):
+        def __init__(self, tag, size):
+            self.tag, self.size = tag, size
+
+        def __len__(self):
+            return self.size
+
+        def __getitem__(self, key):
+            return {"source": self.tag, "index": key[1]}
+
+    stream = iter(MixtureDataset([Tagged("a", 50), Tagged("b", 50)], [3.0, 1.0], seed=0))
+    draws = [next(stream)["source"] for _ in range(4000)]
+    assert draws.count("a") / len(draws) == pytest.approx(0.75, abs=0.025)
+    shards = [[next(it)["index"] for _ in range(25)] for it in (_endless(Tagged("a", 50), s, 2, 0) for s in (0, 1))]
+    assert sorted(shards[0] + shards[1]) == list(range(50))  # one pass: disjoint shards covering everything
+
+
+def test_clippo_co_trains_on_image_text_and_sentence_pairs(tmp_path, shapes_root):
+    from openalign.recipe import load_recipe
+    from openalign.train import train
+
+    (tmp_path / "corpus.txt").write_text(CORPUS + "\n" + CORPUS.replace("sentence", "line") + "\n")
+    overrides = ["model.name=clippo-test", "data.num_workers=0", "train.steps=3", "train.batch_size=8",
+                 "train.warmup_steps=1", "train.cooldown_steps=1", "eval.tasks=[]", f"run.output_dir={tmp_path / 'run'}",
+                 "run.checkpoint_every=0", "run.tensorboard=false",
+                 "data.train={type: mixture, weights: [0.5, 0.5], sources: [{type: shapes, root: " + str(shapes_root) +
+                 ", num_train: 256, num_test: 24, image_size: 32}, {type: sentence_pairs, path: " +
+                 str(tmp_path / "corpus.txt") + "}]}"]
+    result = train(load_recipe("clippo-shapes", overrides), show_progress=False)
+    assert result.step == 3

@@ -1,9 +1,19 @@
-"""Training data sources: each config builds a dataset of sample dicts ``{"image": Tensor, "text": str}``."""
+"""Training data sources: each config builds a dataset of sample dicts ``{"image": Tensor, "text": str}``.
+
+Besides image/caption sources: ``sentence_pairs`` (neighbouring sentences of a text corpus, the
+first rendered into the image slot, for CLIPPO's C4 co-training) and ``mixture`` (several
+sources sampled per example by weight).
+"""
 
 from __future__ import annotations
 
+import glob
+import gzip
+import json
 import logging
 import random
+import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +31,8 @@ from .transforms import ImageTransform
 
 log = logging.getLogger(__name__)
 
+TextProcessor = Callable[[list[str]], dict[str, torch.Tensor]]
+
 
 @dataclass
 class SourceConfig(Variants):
@@ -30,9 +42,12 @@ class SourceConfig(Variants):
     read in a resumable order) or an iterable dataset (streams).
     """
 
-    def build(self, transform: ImageTransform, seed: int, start_step: int = 0) -> Dataset | IterableDataset:
+    def build(self, transform: ImageTransform, seed: int, start_step: int = 0,
+              text_processor: TextProcessor | None = None) -> Dataset | IterableDataset:
         """``start_step`` is where a resumed run starts: streams use it to draw fresh data;
-        map-style sources ignore it (the loader's sampler resumes them exactly)."""
+        map-style sources ignore it (the loader's sampler resumes them exactly).
+        ``text_processor`` is the model's (strings → its text input), for sources that put
+        text in the image slot (sentence pairs for CLIPPO)."""
         raise NotImplementedError
 
 
@@ -76,7 +91,8 @@ class KarpathySourceConfig(SourceConfig, tag="karpathy"):
     split: str = "train"
     image_root: str | None = None
 
-    def build(self, transform: ImageTransform, seed: int, start_step: int = 0) -> CaptionDataset:
+    def build(self, transform: ImageTransform, seed: int, start_step: int = 0,
+              text_processor: TextProcessor | None = None) -> CaptionDataset:
         return CaptionDataset(read_karpathy(self.json, self.split, self.image_root), transform, seed)
 
 
@@ -93,7 +109,8 @@ class ShapesSourceConfig(SourceConfig, tag="shapes"):
     def spec(self) -> ShapesSpec:
         return ShapesSpec(num_train=self.num_train, num_test=self.num_test, image_size=self.image_size, seed=self.seed)
 
-    def build(self, transform: ImageTransform, seed: int, start_step: int = 0) -> CaptionDataset:
+    def build(self, transform: ImageTransform, seed: int, start_step: int = 0,
+              text_processor: TextProcessor | None = None) -> CaptionDataset:
         """Rank 0 generates the dataset if needed while the other ranks wait: ``root`` must be
         visible to every rank (one machine, or a shared filesystem)."""
         if world_info()[0] == 0:
@@ -136,7 +153,8 @@ class WebDatasetSourceConfig(SourceConfig, tag="webdataset"):
 
         return [Path(url) for pattern in self.urls.split("::") for url in braceexpand.braceexpand(pattern)]
 
-    def build(self, transform: ImageTransform, seed: int, start_step: int = 0) -> IterableDataset:
+    def build(self, transform: ImageTransform, seed: int, start_step: int = 0,
+              text_processor: TextProcessor | None = None) -> IterableDataset:
         import webdataset as wds
 
         shards = self.local_shards()
@@ -191,3 +209,138 @@ class _SkipCounter:
         if self.total & (self.total - 1) == 0:
             log.warning("skipped %d unreadable sample(s) of '%s' so far; latest: %r", self.total, self.urls, error)
         return True
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=\S)")
+
+
+@dataclass
+class SentencePairsSourceConfig(SourceConfig, tag="sentence_pairs"):
+    """Pairs of neighbouring sentences of a text corpus, CLIPPO's next-sentence contrastive data
+    (shared spec clippo.md §3.2): sentence A is rendered into the ``image`` slot by the model's
+    text processor, sentence B is the ``text``; the same loss applies.
+
+    ``path``: text files (a brace pattern or a glob): ``.txt`` holds one document per line,
+    ``.jsonl`` / ``.jsonl.gz`` one JSON object per line with the document in ``text_field`` (C4's
+    layout). Documents are split into sentences after ``.``, ``!`` or ``?``; pairs whose
+    sentences are shorter than ``min_chars`` are dropped (the paper's filters are unpublished).
+    The pairs are held in memory.
+    """
+
+    path: str
+    text_field: str = "text"
+    min_chars: int = 10
+
+    def build(self, transform: ImageTransform, seed: int, start_step: int = 0,
+              text_processor: TextProcessor | None = None) -> SentencePairDataset:
+        if text_processor is None or "pixels" not in text_processor(["probe"]):
+            raise OpenAlignError("data source 'sentence_pairs' renders sentences into the image slot, so it needs a "
+                                 "model that reads rendered text (CLIPPO, e.g. model: clippo-b16)")
+        pairs = [pair for document in _read_documents(self.path, self.text_field)
+                 for pair in _neighbour_pairs(document, self.min_chars)]
+        if not pairs:
+            raise OpenAlignError(f"'{self.path}' holds no pair of neighbouring sentences of at least "
+                                 f"{self.min_chars} characters")
+        log.info("sentence pairs: %d from '%s'", len(pairs), self.path)
+        return SentencePairDataset(pairs, text_processor)
+
+
+class SentencePairDataset(Dataset):
+    """``(epoch, index)`` → ``{"image": rendered sentence A, "text": sentence B}``."""
+
+    def __init__(self, pairs: list[tuple[str, str]], text_processor: TextProcessor) -> None:
+        self.pairs, self.text_processor = pairs, text_processor
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        first, second = self.pairs[key[1]]
+        return {"image": self.text_processor([first])["pixels"][0], "text": second}
+
+
+def _read_documents(pattern: str, text_field: str) -> Iterator[str]:
+    import braceexpand
+
+    paths = sorted({Path(match) for expanded in braceexpand.braceexpand(pattern) for match in glob.glob(expanded)})
+    if not paths:
+        raise OpenAlignError(f"no text files match '{pattern}' (data.train.path: .txt, .jsonl or .jsonl.gz files)")
+    for path in paths:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt", encoding="utf-8", errors="replace") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                if ".jsonl" not in path.name:
+                    yield line.strip()
+                    continue
+                try:
+                    yield str(json.loads(line)[text_field])
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise OpenAlignError(f"{path}, line {number}: not a JSON object with a '{text_field}' field "
+                                         "(set data.train.text_field)") from None
+
+
+def _neighbour_pairs(document: str, min_chars: int) -> list[tuple[str, str]]:
+    sentences = [sentence.strip() for sentence in _SENTENCE_END.split(document)]
+    return [(a, b) for a, b in zip(sentences, sentences[1:]) if len(a) >= min_chars and len(b) >= min_chars]
+
+
+@dataclass
+class MixtureSourceConfig(SourceConfig, tag="mixture"):
+    """Several sources mixed per example with probabilities ``weights`` (normalised), as big_vision's
+    ``sample_from_datasets`` mixes CLIPPO's image/alt-text and C4 data (shared spec clippo.md
+    §3.2): each batch holds a random share of each, and they are each other's negatives.
+
+    The mixture is a stream: every rank and loader worker reads its own shard of each map-style
+    source (reshuffled each pass) and its own stream of each streaming source, and a resumed
+    run draws fresh examples.
+    """
+
+    sources: list[SourceConfig]
+    weights: list[float]
+
+    def __post_init__(self) -> None:
+        if not self.sources:
+            raise ConfigError("must list at least one source", "sources")
+        if len(self.weights) != len(self.sources) or any(w < 0 for w in self.weights) or not sum(self.weights) > 0:
+            raise ConfigError(f"must be {len(self.sources)} non-negative numbers (one per source), not all 0", "weights")
+
+    def build(self, transform: ImageTransform, seed: int, start_step: int = 0,
+              text_processor: TextProcessor | None = None) -> MixtureDataset:
+        children = [source.build(transform, seed + index, start_step, text_processor)
+                    for index, source in enumerate(self.sources)]
+        return MixtureDataset(children, self.weights, seed * 1_000_003 + start_step)
+
+
+class MixtureDataset(IterableDataset):
+    """An endless stream drawing each example from child ``i`` with probability ``weights[i]``."""
+
+    def __init__(self, children: list[Dataset | IterableDataset], weights: list[float], seed: int) -> None:
+        self.children, self.seed = children, seed
+        self.weights = [w / sum(weights) for w in weights]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker = torch.utils.data.get_worker_info()
+        worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
+        rank, world_size = world_info()
+        shard, num_shards = rank * num_workers + worker_id, world_size * num_workers
+        rng = random.Random(f"{self.seed}/{shard}")
+        streams = [iter(child) if isinstance(child, IterableDataset)
+                   else _endless(child, shard, num_shards, self.seed + index)
+                   for index, child in enumerate(self.children)]
+        while True:
+            yield next(streams[rng.choices(range(len(streams)), self.weights)[0]])
+
+
+def _endless(dataset: Dataset, shard: int, num_shards: int, seed: int) -> Iterator[dict[str, Any]]:
+    """A map-style dataset's examples ``shard::num_shards`` of a fresh permutation per pass, forever."""
+    if len(dataset) < num_shards:
+        raise OpenAlignError(f"a mixture source has {len(dataset)} examples, fewer than the {num_shards} "
+                             "ranks × loader workers that each need a share")
+    epoch = 0
+    while True:
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        for index in order[shard::num_shards].tolist():
+            yield dataset[(epoch, index)]
+        epoch += 1

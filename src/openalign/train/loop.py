@@ -215,9 +215,10 @@ def _check_virtual_batch(model: nn.Module, per_rank: int, world_size: int) -> No
 
 
 def _build_loader(recipe: Recipe, per_rank: int, ctx: DistributedContext, start: int) -> torch.utils.data.DataLoader:
-    dataset = recipe.data.train.build(recipe.model.build_transform(train=True), recipe.train.seed, start)
+    text_processor = recipe.model.build_tokenizer()
+    dataset = recipe.data.train.build(recipe.model.build_transform(train=True), recipe.train.seed, start, text_processor)
     if start and isinstance(dataset, torch.utils.data.IterableDataset):
         log.warning("this data source is a stream: the resumed run reads a fresh random stream, not the exact "
                     "samples the interrupted run would have read next")
-    return build_loader(dataset, Collate(recipe.model.build_tokenizer()), per_rank, ctx.rank, ctx.world_size,
+    return build_loader(dataset, Collate(text_processor), per_rank, ctx.rank, ctx.world_size,
                         recipe.train.seed, start, recipe.data.num_workers)
