@@ -47,8 +47,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
-    from .eval import (FewShotEvalConfig, KnnEvalConfig, LinearProbeEvalConfig, RetrievalEvalConfig, ShapesEvalConfig,
-                       ZeroShotEvalConfig)
+    from .eval import (FewShotEvalConfig, KnnEvalConfig, LinearProbeEvalConfig, RetrievalEvalConfig,
+                       SentencePairEvalConfig, ShapesEvalConfig, ZeroShotEvalConfig)
     from .eval.suite import make_record
     from .pretrained import load_pretrained
 
@@ -68,6 +68,10 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     elif args.task == "fewshot":
         task, dataset = FewShotEvalConfig(train_root=args.train, val_root=args.val, shots=args.shots), \
             Path(args.val).resolve().parent.name
+    elif args.task == "sentence_pairs":
+        task = SentencePairEvalConfig(train=args.train, val=args.val, epochs=args.epochs, lr=args.lr,
+                                      head_lr=args.head_lr, seed=args.seed)
+        dataset = Path(args.val).resolve().parent.name  # GLUE's layout: <task>/dev.tsv
     else:
         task, dataset = LinearProbeEvalConfig(train_root=args.train, val_root=args.val, c=args.c), \
             Path(args.val).resolve().parent.name
@@ -246,13 +250,25 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--train", required=True, help="class folders to fit on")
     probe.add_argument("--val", required=True, help="class folders to score")
     probe.add_argument("--c", type=float, default=1.0, help="inverse L2 strength (scikit-learn's C)")
-    for task in (shapes, retrieval, zeroshot, knn, fewshot, probe):
+    pairs = tasks.add_parser("sentence_pairs", help="GLUE-style sentence(-pair) classification: fine-tune a copy of "
+                                                    "a pixel model (CLIPPO) with a linear head, score the val split")
+    pairs.add_argument("--train", required=True, help="a TSV with a header (sentence1 or sentence, optional "
+                                                      "sentence2, label) or JSONL with those keys")
+    pairs.add_argument("--val", required=True, help="the split to score, in the same format (e.g. SST-2/dev.tsv)")
+    pairs.add_argument("--epochs", type=int, default=3, help="passes over the training split")
+    pairs.add_argument("--lr", type=float, default=1e-4, help="the encoder's learning rate (AdamW)")
+    pairs.add_argument("--head-lr", type=float, default=1e-3, help="the new linear head's learning rate")
+    pairs.add_argument("--seed", type=int, default=0, help="the head's initialisation and the shuffling")
+    for task in (shapes, retrieval, zeroshot, knn, fewshot, probe, pairs):
         task.add_argument("--model", "--checkpoint", dest="model", required=True,
                           help="an openalign model, checkpoint or run directory, an AlignModel directory or a hub id")
-        task.add_argument("--batch-size", type=int, default=256)
+        task.add_argument("--batch-size", type=int, default=32 if task is pairs else 256,
+                          help="the fine-tuning (and scoring) batch" if task is pairs else None)
         task.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
         task.add_argument("--output", help="also write the result JSON here")
-        task.add_argument("--cache-dir", help="reuse image embeddings across runs (keyed by weights, preprocessing, files)")
+        if task is not pairs:  # fine-tuning changes the weights: nothing to cache
+            task.add_argument("--cache-dir", help="reuse image embeddings across runs (keyed by weights, "
+                                                  "preprocessing, files)")
         task.set_defaults(func=_cmd_eval)
     examples = tasks.add_parser("examples", help="a PNG grid of captions and the top images a model retrieves")
     examples.add_argument("--model", "--checkpoint", dest="model", required=True)

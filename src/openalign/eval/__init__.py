@@ -5,13 +5,17 @@ from .datasets import evaluate_fewshot, evaluate_knn, evaluate_linear_probe, eva
 from .features import embed_images, embed_texts
 from .probe import logistic_regression_probe, ridge_fewshot_probe, ridge_regression
 from .retrieval import retrieval_metrics
+from .sentence_pairs import finetune_sentence_pairs, read_sentence_pairs
 from .shapes import evaluate_shapes, shapes_chance_levels
-from .tasks import EvalTaskConfig, FewShotEvalConfig, KnnEvalConfig, LinearProbeEvalConfig, RetrievalEvalConfig, ShapesEvalConfig, ZeroShotEvalConfig
+from .tasks import (EvalTaskConfig, FewShotEvalConfig, KnnEvalConfig, LinearProbeEvalConfig, RetrievalEvalConfig,
+                    SentencePairEvalConfig, ShapesEvalConfig, ZeroShotEvalConfig)
 
 __all__ = [
-    "EvalTaskConfig", "FewShotEvalConfig", "KnnEvalConfig", "LinearProbeEvalConfig", "RetrievalEvalConfig", "ShapesEvalConfig", "ZeroShotEvalConfig",
+    "EvalTaskConfig", "FewShotEvalConfig", "KnnEvalConfig", "LinearProbeEvalConfig", "RetrievalEvalConfig", "SentencePairEvalConfig",
+    "ShapesEvalConfig", "ZeroShotEvalConfig",
     "classification_metrics", "embed_images", "embed_texts", "evaluate_fewshot", "evaluate_knn", "evaluate_linear_probe", "evaluate_retrieval", "evaluate_shapes",
-    "evaluate_zeroshot", "read_class_folders", "knn_classify", "logistic_regression_probe", "nearest_neighbour_predict", "retrieval_metrics", "ridge_fewshot_probe",
+    "evaluate_zeroshot", "finetune_sentence_pairs", "read_class_folders", "read_sentence_pairs", "knn_classify",
+    "logistic_regression_probe", "nearest_neighbour_predict", "retrieval_metrics", "ridge_fewshot_probe",
     "ridge_regression", "shapes_chance_levels",
     "zero_shot_classifier",
 ]

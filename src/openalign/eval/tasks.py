@@ -12,6 +12,7 @@ from torch import nn
 from ..config import Variants
 from ..errors import ConfigError
 from .datasets import evaluate_fewshot, evaluate_knn, evaluate_linear_probe, evaluate_retrieval, evaluate_zeroshot, read_lines_or_json
+from .sentence_pairs import finetune_sentence_pairs, read_sentence_pairs
 from .shapes import evaluate_shapes
 
 
@@ -146,3 +147,36 @@ class LinearProbeEvalConfig(EvalTaskConfig, tag="linear_probe"):
 
     def run(self, model: nn.Module, device: torch.device, batch_size: int, show_progress: bool = True) -> dict[str, float]:
         return evaluate_linear_probe(model, self.train_root, self.val_root, device, self.c, batch_size, show_progress)
+
+
+@dataclass
+class SentencePairEvalConfig(EvalTaskConfig, tag="sentence_pairs"):
+    """GLUE-style sentence(-pair) classification: fine-tune a copy of a pixel model (CLIPPO) with a
+    linear head on ``train`` and score ``val`` (TSV with a header, or JSONL: ``sentence1``/``sentence``,
+    optional ``sentence2``, ``label``); sentence A is rendered into the top half of the image and B
+    into the bottom half (:mod:`~openalign.eval.sentence_pairs`; shared spec clippo.md §5.4, layout
+    unverified against the paper). ``batch_size``: the training batch; None uses the evaluation's."""
+
+    train: str
+    val: str
+    epochs: int = 3
+    lr: float = 1e-4
+    head_lr: float = 1e-3
+    seed: int = 0
+    batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError("must be at least 1", "epochs")
+        for key in ("lr", "head_lr"):
+            if getattr(self, key) <= 0:
+                raise ConfigError("must be positive", key)
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError("must be at least 1 (or null: the evaluation batch size)", "batch_size")
+
+    def run(self, model: nn.Module, device: torch.device, batch_size: int, show_progress: bool = True) -> dict[str, float]:
+        *train, names = read_sentence_pairs(self.train)
+        *val, _ = read_sentence_pairs(self.val, names)
+        return finetune_sentence_pairs(model, tuple(train), tuple(val), len(names), device, self.epochs, self.lr,
+                                       self.head_lr, batch_size=self.batch_size or batch_size, seed=self.seed,
+                                       show_progress=show_progress)
