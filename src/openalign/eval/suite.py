@@ -56,7 +56,7 @@ class SuiteConfig:
 
 
 def load_suite(name_or_path: str | Path) -> SuiteConfig:
-    """A shipped suite (``align``, ``clippo``) or a suite YAML file, validated."""
+    """A shipped suite (``align``, ``clippo``, ``alip``) or a suite YAML file, validated."""
     suite = from_dict(SuiteConfig, load_yaml(find_config("suites", name_or_path)), "suite")
     if not suite.tasks:
         raise OpenAlignError(f"suite '{name_or_path}' lists no tasks")
