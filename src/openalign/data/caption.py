@@ -1,0 +1,492 @@
+"""Synthetic captions for webdataset shards: ALIP's second text per image (spec ``alip.md`` §5).
+
+ALIP pairs every YFCC15M image with its raw text *and* one synthetic caption written by the
+OFA-Base caption checkpoint (``caption_base_best.pt``: beam 5, ``max_len_b=16``,
+``no_repeat_ngram_size=3``, fp16, 480x480 input, one caption per image). OFA is not in
+``transformers``, so :func:`caption_shards` stands in for that step with any captioning model
+that ``transformers.AutoModelForImageTextToText`` loads: BLIP (``Salesforce/blip-image-captioning-base``),
+BLIP-2, GIT (``microsoft/git-base-coco``), ``VisionEncoderDecoder`` captioners
+(``nlpconnect/vit-gpt2-image-captioning``), ... Settings close to ALIP's are::
+
+    openalign data caption 'shards/{00000..00999}.tar' --captioner Salesforce/blip-image-captioning-base \\
+        --out shards_captioned --num-beams 5 --max-new-tokens 16 --no-repeat-ngram-size 3
+
+(OFA's ``max_len_b=16`` counts generated BPE tokens, like ``--max-new-tokens``; the captions are
+in the same COCO style because BLIP and GIT ``-coco`` checkpoints are also COCO-fine-tuned.)
+Generation is deterministic (greedy or beam search, never sampling); on a GPU it runs under
+bf16 autocast (fp16 where bf16 is unsupported), like OFA's fp16.
+
+**Shards.** Input shards are tar files as img2dataset writes them: ``KEY.jpg`` (or ``.png``,
+``.webp``, ...), ``KEY.txt``, optional ``KEY.json``, grouped by key like webdataset does
+(consecutive members sharing the part of the name before the first dot). Each output shard has
+the input's file name and every input member, in order, byte for byte with its mtime, mode and
+owner, plus ``KEY.<field>.txt`` (default ``KEY.caption.txt``, UTF-8, whitespace collapsed) right
+after the sample's last member, which webdataset reads as the sample's ``caption.txt`` field.
+
+**Skipped samples.** A sample without an image member, or whose image PIL cannot decode
+(corrupt or truncated bytes), is copied without a caption member and counted (by reason, with
+its key) in the summary; it never stops the job.
+
+**Unreadable shards.** A shard that is not a readable tar (truncated mid-member, missing its
+end-of-archive blocks, not a tar at all) is *skipped*: its error is logged and recorded under
+``failed_shards`` in the summary, nothing is written for it, and the other shards go on, so a
+long job is not lost to one bad file. ``openalign data caption`` then exits with status 2
+naming those shards; a rerun retries them.
+
+**Resuming.** Each output shard is written to ``<name>.tmp`` in the output directory and renamed
+to ``<name>`` once complete, so an existing ``<name>`` is always a whole shard: a rerun skips it
+(and logs that) and overwrites any leftover ``.tmp``. The model is only loaded if a shard needs
+it. ``captions.json`` in the output directory is rewritten after every shard: the captioner,
+the generation settings and per-shard counts. A rerun into a directory whose ``captions.json``
+records a different captioner or generation settings is refused rather than mixing captions.
+Two jobs must not write the same shard at the same time.
+"""
+
+from __future__ import annotations
+
+import copy
+import glob
+import io
+import json
+import logging
+import os
+import re
+import tarfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field as dataclass_field
+from pathlib import Path
+from typing import Any
+
+from ..errors import OpenAlignError
+
+log = logging.getLogger(__name__)
+
+SUMMARY_NAME = "captions.json"
+TMP_SUFFIX = ".tmp"
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "pbm", "pnm")
+# The settings that change what a caption says; a resumed run must use the same ones.
+_SETTING_KEYS = ("captioner", "field", "max_new_tokens", "num_beams", "no_repeat_ngram_size", "prompt")
+# webdataset's split of a member name into the sample key and the field (everything after the first dot).
+_KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
+
+
+class _ShardReadError(Exception):
+    """The input shard cannot be read (truncated, corrupt): the shard is skipped, the job goes on."""
+
+
+# ---------------------------------------------------------------------------------------------- shards
+
+
+def expand_shards(patterns: Sequence[str]) -> list[Path]:
+    """Local shard paths from paths, globs and brace patterns (``shards/{00000..00009}.tar``).
+
+    Raises :class:`OpenAlignError` naming every path or glob that matches no file.
+    """
+    import braceexpand
+
+    found: dict[Path, None] = {}
+    missing: list[str] = []
+    for pattern in patterns:
+        for expanded in braceexpand.braceexpand(str(pattern)):
+            expanded = os.path.expanduser(expanded)
+            if glob.has_magic(expanded):
+                matches = sorted(Path(match) for match in glob.glob(expanded) if Path(match).is_file())
+                if not matches:
+                    missing.append(expanded)
+                found.update(dict.fromkeys(matches))
+            elif Path(expanded).is_file():
+                found[Path(expanded)] = None
+            else:
+                missing.append(expanded)
+    if missing:
+        shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        raise OpenAlignError(f"{len(missing)} shard(s) not found: {shown}")
+    if not found:
+        raise OpenAlignError("no shards given: pass tar paths, globs or brace patterns ('shards/{00000..00009}.tar')")
+    return list(found)
+
+
+@dataclass
+class _Sample:
+    """One webdataset sample: consecutive members sharing a key (``key`` None: a member webdataset ignores)."""
+
+    key: str | None
+    members: list[tuple[tarfile.TarInfo, bytes | None]] = dataclass_field(default_factory=list)
+
+    def image(self) -> tuple[tarfile.TarInfo, bytes] | None:
+        for info, data in self.members:
+            match = _KEY_EXT.match(info.name)
+            if info.isfile() and match and match.group(2).lower() in IMAGE_EXTENSIONS:
+                return info, data or b""
+        return None
+
+
+def _read_samples(tar: tarfile.TarFile, source: Path, field: str) -> Iterator[_Sample]:
+    """The shard's samples in member order; read errors become :class:`_ShardReadError`."""
+    caption_ext = f"{field}.txt"
+    current: _Sample | None = None
+    members = iter(tar)
+    while True:
+        try:
+            info = next(members, None)
+            if info is None:
+                _check_end_of_archive(tar)
+                break
+            data = tar.extractfile(info).read() if info.isfile() else None
+        except (tarfile.TarError, EOFError, OSError, ValueError) as error:
+            raise _ShardReadError(f"{type(error).__name__}: {error}") from error
+        match = _KEY_EXT.match(info.name) if info.isfile() else None
+        key = match.group(1) if match else None
+        if match and match.group(2) == caption_ext:
+            raise OpenAlignError(f"shard {source} already has a '{info.name}' member: choose another --field "
+                                 f"(it names the new member KEY.<field>.txt)")
+        if current is None or key is None or key != current.key:
+            if current is not None:
+                yield current
+            current = _Sample(key)
+        current.members.append((info, data))
+    if current is not None:
+        yield current
+
+
+def _check_end_of_archive(tar: tarfile.TarFile) -> None:
+    """``tarfile`` ends quietly at a cut in a header; a whole tar ends with two zero blocks."""
+    tar.fileobj.seek(tar.offset)
+    tail = tar.fileobj.read(2 * tarfile.BLOCKSIZE)
+    if len(tail) < 2 * tarfile.BLOCKSIZE or tail.strip(b"\0"):
+        raise _ShardReadError(f"no end-of-archive marker after byte {tar.offset}: the shard is truncated")
+
+
+def _decode_image(data: bytes) -> Any:
+    """A decoded RGB PIL image, or None for bytes PIL cannot decode."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            return image.convert("RGB")
+    except Exception:  # noqa: BLE001 - any decoding failure (corrupt, truncated, bomb) skips the sample
+        return None
+
+
+# ----------------------------------------------------------------------------------------- captioner
+
+
+def _load_model(name: str, auto_class: Any) -> Any:
+    """The model through ``auto_class``; on transformers 4.x, whose image-text-to-text mapping lacks some
+    captioners, through ``AutoModelForVision2Seq`` (gone in 5.x) when the first does not know the config."""
+    import transformers
+
+    try:
+        return auto_class.from_pretrained(name)
+    except ValueError:
+        fallback = getattr(transformers, "AutoModelForVision2Seq", None)
+        if fallback is None:
+            raise
+        return fallback.from_pretrained(name)
+
+
+def _resolve_device(device: str) -> str:
+    import torch
+
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise OpenAlignError(f"device '{device}' is not one of auto, cpu, cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise OpenAlignError("--device is 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
+class Captioner:
+    """A ``transformers`` captioning model: a list of PIL images in, one caption string per image out.
+
+    Loads with ``AutoModelForImageTextToText`` (in transformers 5 the home of BLIP, BLIP-2, GIT,
+    ``VisionEncoderDecoder``, Pix2Struct, ...; the ``image-to-text`` pipeline and
+    ``AutoModelForVision2Seq`` are gone) and ``AutoProcessor``; for models without a processor
+    class (``VisionEncoderDecoder``, where ``AutoProcessor`` returns just the tokenizer) the
+    ``AutoImageProcessor`` and ``AutoTokenizer`` from the same directory or hub id.
+
+    ``prompt`` is a caption prefix ("a picture of" for BLIP) or a task prompt (Florence-2's
+    ``<CAPTION>``) passed as the processor's text; it starts the decoder for
+    ``VisionEncoderDecoder``. Prefix prompts reappear in the decoded caption, as in the models'
+    own examples.
+    """
+
+    def __init__(self, name: str, device: str = "auto", max_new_tokens: int = 20, num_beams: int = 1,
+                 prompt: str | None = None, no_repeat_ngram_size: int = 0) -> None:
+        import torch
+        from transformers import (AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer,
+                                  ProcessorMixin)
+
+        self.device = torch.device(_resolve_device(device))
+        self.prompt = prompt or None
+        self.generate_kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "num_beams": num_beams,
+                                                "do_sample": False}
+        if no_repeat_ngram_size:
+            self.generate_kwargs["no_repeat_ngram_size"] = no_repeat_ngram_size
+        try:
+            self.model = _load_model(name, AutoModelForImageTextToText)
+            processor = AutoProcessor.from_pretrained(name)
+            if isinstance(processor, ProcessorMixin):
+                self.processor, self.tokenizer = processor, processor.tokenizer
+            else:  # no processor class: AutoProcessor fell back to a tokenizer or an image processor
+                self.processor = AutoImageProcessor.from_pretrained(name)
+                self.tokenizer = AutoTokenizer.from_pretrained(name)
+        except ValueError as error:
+            if "Unrecognized configuration class" not in str(error):  # e.g. a malformed hub id
+                raise OpenAlignError(f"could not load captioner '{name}': {error}") from None
+            raise OpenAlignError(f"captioner '{name}' is not an image-captioning model: transformers has no "
+                                 f"AutoModelForImageTextToText class for its config ({str(error).splitlines()[0]})"
+                                 ) from None
+        except OSError as error:
+            raise OpenAlignError(f"could not load captioner '{name}': it is not a local model directory and "
+                                 f"not reachable on the Hugging Face hub: {error}") from None
+        self.model.to(self.device).eval()
+        self.model_type = self.model.config.model_type
+        self.encoder_decoder = bool(self.model.config.is_encoder_decoder)
+        if self.prompt and not isinstance(self.processor, ProcessorMixin) and not self.encoder_decoder:
+            raise OpenAlignError(f"captioner '{name}' takes no text prompt; drop --prompt")
+        self.autocast_dtype = None
+        if self.device.type == "cuda":
+            self.autocast_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.autocast_dtype or self.model.dtype).removeprefix("torch.")
+
+    def _inputs(self, images: list[Any]) -> dict[str, Any]:
+        import torch
+        from transformers import ProcessorMixin
+
+        if self.prompt and isinstance(self.processor, ProcessorMixin):
+            inputs = dict(self.processor(images=images, text=[self.prompt] * len(images), return_tensors="pt"))
+            if self.model_type == "git":  # GIT's processor ends the prompt with [SEP]: generation would start after it
+                ids = inputs["input_ids"]
+                if ids.shape[1] > 1 and bool((ids[:, -1] == self.tokenizer.sep_token_id).all()):
+                    inputs["input_ids"] = ids[:, :-1]
+                    if "attention_mask" in inputs:
+                        inputs["attention_mask"] = inputs["attention_mask"][:, :-1]
+        else:
+            inputs = dict(self.processor(images=images, return_tensors="pt"))
+            if self.prompt:  # an encoder-decoder without a processor: the prompt starts the decoder
+                start = self.model.generation_config.decoder_start_token_id
+                if start is None:
+                    start = self.model.config.decoder_start_token_id
+                ids = [start, *self.tokenizer(self.prompt, add_special_tokens=False)["input_ids"]]
+                inputs["decoder_input_ids"] = torch.tensor([ids] * len(images))
+        inputs.pop("token_type_ids", None)  # no captioner's generate() takes it; BLIP and GIT reject it
+        return {key: value.to(self.device) if isinstance(value, torch.Tensor) else value
+                for key, value in inputs.items()}
+
+    def __call__(self, images: list[Any]) -> list[str]:
+        import torch
+
+        if not images:
+            return []
+        inputs = self._inputs(images)
+        autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
+                    else nullcontext())
+        with torch.no_grad(), autocast:
+            generated = self.model.generate(**inputs, **self.generate_kwargs)
+        texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
+        return [" ".join(text.split()) for text in texts]
+
+
+# ------------------------------------------------------------------------------------------ the job
+
+
+def _tar_mode(name: str, write: bool) -> str:
+    if not write:
+        return "r:*"
+    return "w:gz" if name.endswith((".tar.gz", ".tgz")) else "w"
+
+
+def _caption_member(sample: _Sample, image_info: tarfile.TarInfo, field: str,
+                    caption: str) -> tuple[tarfile.TarInfo, bytes]:
+    data = caption.encode("utf-8")
+    info = tarfile.TarInfo(f"{sample.key}.{field}.txt")
+    info.size = len(data)
+    info.mtime, info.mode = image_info.mtime, image_info.mode
+    info.uid, info.gid, info.uname, info.gname = image_info.uid, image_info.gid, image_info.uname, image_info.gname
+    return info, data
+
+
+def _write_sample(tar: tarfile.TarFile, sample: _Sample, extra: tuple[tarfile.TarInfo, bytes] | None) -> None:
+    for info, data in [*sample.members, *([extra] if extra else [])]:
+        info = copy.copy(info)
+        tar.addfile(info, io.BytesIO(data) if data is not None else None)
+
+
+def _caption_shard(source: Path, tmp: Path, captioner: Captioner, batch_size: int, field: str) -> dict[str, Any]:
+    """Write ``source`` with captions to ``tmp``; the shard's counts. Raises :class:`_ShardReadError`."""
+    counts: dict[str, Any] = {"source": str(source), "samples": 0, "captioned": 0, "skipped": 0,
+                              "skipped_no_image": [], "skipped_undecodable": []}
+    start = time.perf_counter()
+
+    def flush(batch: list[_Sample], tar_out: tarfile.TarFile) -> None:
+        images, owners = [], []
+        for index, sample in enumerate(batch):
+            if sample.key is None:
+                continue
+            found = sample.image()
+            if found is None:
+                counts["skipped_no_image"].append(sample.key)
+                continue
+            image = _decode_image(found[1])
+            if image is None:
+                log.warning("%s: cannot decode %s; copying the sample without a caption", source.name, found[0].name)
+                counts["skipped_undecodable"].append(sample.key)
+                continue
+            images.append(image)
+            owners.append((index, found[0]))
+        texts = captioner(images)
+        captions = {index: (info, text) for (index, info), text in zip(owners, texts, strict=True)}
+        for index, sample in enumerate(batch):
+            extra = None
+            if index in captions:
+                image_info, caption = captions[index]
+                extra = _caption_member(sample, image_info, field, caption)
+            _write_sample(tar_out, sample, extra)
+        counts["samples"] += sum(sample.key is not None for sample in batch)
+        counts["captioned"] += len(owners)
+
+    try:
+        tar_in = tarfile.open(source, _tar_mode(source.name, write=False))
+    except (tarfile.TarError, EOFError, OSError) as error:
+        raise _ShardReadError(f"{type(error).__name__}: {error}") from error
+    with tar_in, tarfile.open(tmp, _tar_mode(source.name, write=True)) as tar_out:
+        batch: list[_Sample] = []
+        for sample in _read_samples(tar_in, source, field):
+            batch.append(sample)
+            if sum(s.key is not None for s in batch) >= batch_size:
+                flush(batch, tar_out)
+                batch = []
+        flush(batch, tar_out)
+    with open(tmp, "rb+") as written:
+        os.fsync(written.fileno())
+    counts["skipped"] = len(counts["skipped_no_image"]) + len(counts["skipped_undecodable"])
+    counts["seconds"] = round(time.perf_counter() - start, 3)
+    return counts
+
+
+def _recount(path: Path, field: str) -> dict[str, Any]:
+    """Counts of an output shard written before this job's summary knew it (samples, captioned)."""
+    keys, captioned = set(), 0
+    with tarfile.open(path, "r:*") as tar:
+        for info in tar:
+            match = _KEY_EXT.match(info.name) if info.isfile() else None
+            if match:
+                keys.add(match.group(1))
+                captioned += match.group(2) == f"{field}.txt"
+    return {"samples": len(keys), "captioned": captioned, "skipped": len(keys) - captioned, "recounted": True}
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _totals(summary: dict[str, Any]) -> dict[str, int]:
+    shards = summary["shards"].values()
+    return {"shards": len(summary["shards"]), "failed_shards": len(summary["failed_shards"]),
+            **{key: sum(entry.get(key, 0) for entry in shards) for key in ("samples", "captioned", "skipped")}}
+
+
+def caption_shards(shards: Sequence[str], captioner: str, out: str | Path, batch_size: int = 16,
+                   device: str = "auto", max_new_tokens: int = 20, num_beams: int = 1, prompt: str | None = None,
+                   field: str = "caption", show_progress: bool = True,
+                   no_repeat_ngram_size: int = 0) -> dict[str, Any]:
+    """Write a copy of each shard to ``out`` with a synthetic ``KEY.<field>.txt`` caption per image.
+
+    ``shards`` are paths, globs or brace patterns; ``captioner`` a model directory or hub id that
+    ``AutoModelForImageTextToText`` loads (see :class:`Captioner`). ALIP's OFA settings (beam 5,
+    16 tokens, no repeated trigrams) are ``num_beams=5, max_new_tokens=16, no_repeat_ngram_size=3``.
+    Shards already in ``out`` are skipped, so an interrupted job resumes; shards that cannot be
+    read are skipped and listed under ``failed_shards`` (see the module docstring).
+
+    Returns the summary also written to ``out/captions.json``: ``captioner``, ``field``,
+    ``generation`` settings, ``shards`` (per output file: ``samples``, ``captioned``, ``skipped``,
+    and the keys skipped for having no image or an undecodable one), ``failed_shards`` (name:
+    source and error) and ``totals``.
+    """
+    from ..progress import progress_bar
+
+    if batch_size < 1 or max_new_tokens < 1 or num_beams < 1 or no_repeat_ngram_size < 0:
+        raise OpenAlignError("--batch-size, --max-new-tokens and --num-beams must be at least 1 "
+                             "(--no-repeat-ngram-size at least 0)")
+    if not field or not re.fullmatch(r"[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*", field) or field == "txt":
+        raise OpenAlignError(f"--field '{field}' must be a name like 'caption' (letters, digits, _ and -), "
+                             "not 'txt' (the raw text's field)")
+    sources = expand_shards(shards)
+    out = Path(out)
+    by_name: dict[str, Path] = {}
+    for source in sources:
+        if source.name in by_name:
+            raise OpenAlignError(f"shards {by_name[source.name]} and {source} have the same file name; "
+                                 "caption them into different --out directories")
+        by_name[source.name] = source
+        if (out / source.name).resolve() == source.resolve():
+            raise OpenAlignError(f"--out {out} is the shards' own directory: choose another one")
+    out.mkdir(parents=True, exist_ok=True)
+
+    if Path(captioner).expanduser().is_dir():  # a local model: record where it is, whatever the working directory
+        captioner = str(Path(captioner).expanduser().resolve())
+    settings = {"captioner": str(captioner), "field": field, "max_new_tokens": max_new_tokens,
+                "num_beams": num_beams, "no_repeat_ngram_size": no_repeat_ngram_size, "prompt": prompt or None}
+    summary_path = out / SUMMARY_NAME
+    previous: dict[str, Any] = {}
+    if summary_path.is_file():
+        try:
+            previous = json.loads(summary_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            log.warning("ignoring unreadable %s", summary_path)
+        recorded = {key: previous.get("generation", {}).get(key, previous.get(key)) for key in _SETTING_KEYS}
+        if previous and recorded != settings:
+            raise OpenAlignError(f"{out} holds shards captioned with other settings ({recorded}); caption into a "
+                                 f"new --out, or rerun with the same settings to resume")
+    summary: dict[str, Any] = {
+        "captioner": settings["captioner"], "field": field, "member_suffix": f".{field}.txt",
+        "generation": {key: settings[key] for key in _SETTING_KEYS if key not in ("captioner", "field")},
+        "batch_size": batch_size, "device": None, "dtype": None,
+        "shards": dict(previous.get("shards", {})), "failed_shards": dict(previous.get("failed_shards", {})),
+    }
+    for key in ("device", "dtype"):
+        summary[key] = previous.get(key)
+
+    model: Captioner | None = None
+    with progress_bar("captioning shards", total=len(sources), enabled=show_progress) as advance:
+        for source in sources:
+            destination, tmp = out / source.name, out / (source.name + TMP_SUFFIX)
+            if destination.exists():
+                log.info("skipping %s: %s already exists", source, destination)
+                summary["failed_shards"].pop(source.name, None)
+                if source.name not in summary["shards"]:
+                    summary["shards"][source.name] = {"source": str(source), **_recount(destination, field)}
+                advance()
+                continue
+            if model is None:
+                model = Captioner(captioner, device, max_new_tokens, num_beams, prompt, no_repeat_ngram_size)
+                summary["device"], summary["dtype"] = str(model.device), model.dtype_name
+            try:
+                counts = _caption_shard(source, tmp, model, batch_size, field)
+            except _ShardReadError as error:
+                tmp.unlink(missing_ok=True)
+                log.error("skipping shard %s: it cannot be read (%s)", source, error)
+                summary["failed_shards"][source.name] = {"source": str(source), "error": str(error)}
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            else:
+                os.replace(tmp, destination)
+                summary["failed_shards"].pop(source.name, None)
+                summary["shards"][source.name] = counts
+                log.info("%s: captioned %d of %d samples (%d skipped)", destination, counts["captioned"],
+                         counts["samples"], counts["skipped"])
+            summary["totals"] = _totals(summary)
+            _write_json(summary_path, summary)
+            advance()
+    summary["totals"] = _totals(summary)
+    _write_json(summary_path, summary)
+    return summary
