@@ -93,6 +93,41 @@ def test_the_trainer_runs_under_torchrun_and_resumes(tmp_path, shapes_root):
     assert len(metrics) == 2  # evaluated at the end of each invocation, by rank 0 only
 
 
+def test_alip_loss_and_gradients_on_two_ranks_equal_one_process_on_the_whole_batch(tmp_path):
+    """ALIP's gates and adaptive loss over the gathered global batch, on ALIGN's towers with
+    ``text_fields: [text, caption]``: two steps' losses (the running averages move), the
+    buffers, the gate statistics and every gradient equal one process's."""
+    import alip_worker
+    from openalign.losses import ALIPLoss
+
+    torchrun(str(Path(__file__).parent / "alip_worker.py"), str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    model = alip_worker.build_model()
+    reference = alip_worker.run(ALIPLoss(), model, model, alip_worker.global_batch())
+    torch.testing.assert_close((ranks[0]["losses"] + ranks[1]["losses"]) / 2, reference["losses"], rtol=1e-5, atol=1e-6)
+    for rank in ranks:
+        for name, value in {**reference["buffers"], **reference["stats"]}.items():
+            if not name.startswith("loss_"):  # the loss terms are per rank; the gates are global
+                torch.testing.assert_close(rank["buffers"].get(name, rank["stats"].get(name)), value, rtol=1e-5,
+                                           atol=1e-6, msg=name)
+        for name, grad in reference["grads"].items():
+            scale = max(grad.abs().max().item(), 1e-3)
+            torch.testing.assert_close(rank["grads"][name], grad, rtol=1e-4, atol=1e-4 * scale, msg=name)
+    assert reference["buffers"]["history_text_caption"] < 1.0
+    assert reference["grads"]["text_tower.bert.embeddings.word_embeddings.weight"].abs().sum() > 0
+
+
+def test_alip_trains_under_torchrun(tmp_path, shapes_root):
+    overrides = [f"data.train.root={tmp_path / 'data'}", "data.train.num_train=128", "data.train.num_test=24",
+                 "data.num_workers=0", "train.steps=4", "train.batch_size=16", "train.warmup_steps=2",
+                 "train.device=cpu", f"eval.tasks.0.root={tmp_path / 'data'}", "eval.tasks.0.knn_memory_size=64",
+                 f"run.output_dir={tmp_path / 'run'}", "run.log_every=1"]
+    torchrun("-m", "openalign", "train", "alip-shapes", *overrides)
+    history = [r for r in read_history(tmp_path / "run") if "loss" in r]
+    assert [r["step"] for r in history] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in history)
+    assert all(0 < r["weight_sample"] <= 1 for r in history)
+
+
 def test_clippo_trains_under_torchrun(tmp_path, shapes_root):
     """CLIPPO's recipe on 2 gloo ranks: the rendered-text batches, the shared tower under DDP."""
     overrides = ["model.name=clippo-test", f"data.train.root={shapes_root}", "data.train.num_train=256",

@@ -122,8 +122,24 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 def _cmd_data_shapes(args: argparse.Namespace) -> None:
     from .data.shapes import ShapesSpec, build_shapes_dataset
 
-    spec = ShapesSpec(num_train=args.train, num_test=args.test, image_size=args.image_size, seed=args.seed)
+    spec = ShapesSpec(num_train=args.train, num_test=args.test, image_size=args.image_size, seed=args.seed,
+                      alt_text_noise=args.alt_text_noise)
     print(build_shapes_dataset(args.out, spec))
+
+
+def _cmd_data_caption(args: argparse.Namespace) -> None:
+    from .data.caption import caption_shards
+    from .errors import OpenAlignError
+
+    summary = caption_shards(args.shards, args.captioner, args.out, batch_size=args.batch_size, device=args.device,
+                             max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, prompt=args.prompt,
+                             field=args.field, no_repeat_ngram_size=args.no_repeat_ngram_size)
+    totals = summary["totals"]
+    print(f"{args.out}: {totals['shards']} shards, {totals['captioned']} of {totals['samples']} samples captioned, "
+          f"{totals['skipped']} skipped (no or undecodable image); summary in {Path(args.out) / 'captions.json'}")
+    if summary["failed_shards"]:
+        failed = "; ".join(f"{entry['source']} ({entry['error']})" for entry in summary["failed_shards"].values())
+        raise OpenAlignError(f"{len(summary['failed_shards'])} shard(s) could not be read and were skipped: {failed}")
 
 
 def _device(name: str) -> str:
@@ -341,8 +357,27 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--train", type=int, default=20000, help="training images (default 20000)")
     build.add_argument("--test", type=int, default=500, help="test images, 5 captions each (default 500)")
     build.add_argument("--image-size", type=int, default=64, help="image side in pixels (default 64)")
+    build.add_argument("--alt-text-noise", type=float, default=0.0,
+                       help="share of training captions replaced by web noise (ALIP experiments; default 0)")
     build.add_argument("--seed", type=int, default=0)
     build.set_defaults(func=_cmd_data_shapes)
+    caption = data_commands.add_parser("caption", help="copy webdataset shards, adding a synthetic caption per image "
+                                                       "(ALIP's OFA captions) from a transformers captioning model")
+    caption.add_argument("shards", nargs="+", metavar="SHARDS", help="tar paths, globs or brace patterns "
+                                                                     "('shards/{00000..00009}.tar')")
+    caption.add_argument("--captioner", required=True, help="a model directory or hub id that AutoModelForImageText"
+                                                            "ToText loads (Salesforce/blip-image-captioning-base, "
+                                                            "microsoft/git-base-coco, ...)")
+    caption.add_argument("--out", required=True, help="directory for the new shards and captions.json; "
+                                                      "shards already there are skipped (resume)")
+    caption.add_argument("--batch-size", type=int, default=16)
+    caption.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    caption.add_argument("--max-new-tokens", type=int, default=20, help="ALIP's OFA: 16")
+    caption.add_argument("--num-beams", type=int, default=1, help="ALIP's OFA: 5")
+    caption.add_argument("--no-repeat-ngram-size", type=int, default=0, help="ALIP's OFA: 3 (0: off)")
+    caption.add_argument("--prompt", help="text the caption starts from, e.g. 'a picture of' for BLIP")
+    caption.add_argument("--field", default="caption", help="the new member is KEY.<field>.txt (default caption)")
+    caption.set_defaults(func=_cmd_data_caption)
     return parser
 
 

@@ -201,6 +201,9 @@ def hf_config_from_model(config: DualEncoderConfig) -> Any:
     if not isinstance(config, DualEncoderConfig) or not isinstance(config.image, EfficientNetConfig) \
             or not isinstance(config.text, BertTowerConfig):
         raise OpenAlignError(f"{name} is not an EfficientNet + BERT dual encoder, so it has no AlignModel form")
+    if not config.text_projection:
+        raise OpenAlignError(f"{name} has no text projection (text_projection: false); Hugging Face's AlignModel "
+                             "always has one, so it cannot be exported to 'hf'. Save it with format='openalign'.")
     if config.image_projection:
         raise OpenAlignError(f"{name} projects its image features (image_projection: true, as ALIGN B3-mini does); "
                              "Hugging Face's AlignModel has no image projection, so it cannot be exported to 'hf'. "

@@ -46,6 +46,8 @@ class TrainConfig:
     ``cooldown_steps`` ramps any schedule linearly to 0 over the last steps.
     ``precision: auto`` is bf16 autocast on GPU and fp32 on CPU. ``init_from`` initialises a
     fresh run from a checkpoint the model knows how to read (CLIPPO: a timm ViT checkpoint).
+    ``schedule: onecycle`` is PyTorch's OneCycleLR (ALIP), warming up over ``warmup_steps``.
+    ``weight_decay_scope: all`` decays every parameter (ALIP), not only weight matrices.
     """
 
     steps: int
@@ -55,11 +57,12 @@ class TrainConfig:
     weight_decay: float = 1e-5
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-6
-    schedule: Literal["linear", "cosine", "rsqrt", "constant"] = "linear"
+    schedule: Literal["linear", "cosine", "rsqrt", "constant", "onecycle"] = "linear"
     warmup_steps: int = 0
     cooldown_steps: int = 0
     rsqrt_timescale: int | None = None
     init_from: str | None = None
+    weight_decay_scope: Literal["default", "all"] = "default"
     grad_clip: float | None = None
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -84,6 +87,9 @@ class TrainConfig:
             raise ConfigError(f"must be between 0 and train.steps ({self.steps})", "cooldown_steps")
         if self.rsqrt_timescale is not None and self.rsqrt_timescale < 1:
             raise ConfigError("must be at least 1, or null for the warm-up length", "rsqrt_timescale")
+        if self.schedule == "onecycle" and (self.cooldown_steps or not 2 <= self.warmup_steps < self.steps - 1):
+            raise ConfigError("is onecycle, which needs 2 <= train.warmup_steps < train.steps - 1 and no "
+                              "cooldown_steps (it anneals by itself)", "schedule")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ConfigError("must be positive, or null for no clipping", "grad_clip")
 

@@ -12,17 +12,23 @@ from ..errors import OpenAlignError
 log = logging.getLogger(__name__)
 
 
+_ENTRY_KEYS = {"filepath", "filename", "split"}
+
+
 @dataclass(frozen=True)
 class CaptionedImage:
-    """An image file, its captions, and optional class labels (e.g. {"shape": "circle"})."""
+    """An image file, its captions, optional class labels (e.g. {"shape": "circle"}) and any
+    other text fields of its entry (e.g. ALIP's synthetic ``caption``), which training samples carry."""
 
     path: Path
     captions: tuple[str, ...]
     labels: dict[str, str] | None = field(default=None, hash=False, compare=False)
+    fields: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
 
 
 def read_karpathy(json_path: str | Path, split: str, image_root: str | Path | None = None) -> list[CaptionedImage]:
-    """The images of one split; paths are ``image_root / filepath / filename``.
+    """The images of one split; paths are ``image_root / filepath / filename``. An entry's other
+    string keys (``"caption": "a dog on a beach"``) become the item's ``fields``.
 
     ``image_root`` defaults to the JSON's directory. Karpathy's COCO file splits into
     ``train``, ``restval``, ``val`` and ``test``; Flickr30k's into ``train``, ``val``, ``test``.
@@ -57,7 +63,8 @@ def read_karpathy(json_path: str | Path, split: str, image_root: str | Path | No
         if not captions:
             uncaptioned += 1
             continue
-        items.append(CaptionedImage(root / entry.get("filepath", "") / name, captions, entry.get("labels")))
+        extra = {key: value.strip() for key, value in entry.items() if isinstance(value, str) and key not in _ENTRY_KEYS}
+        items.append(CaptionedImage(root / entry.get("filepath", "") / name, captions, entry.get("labels"), extra))
     if empty_captions or uncaptioned:
         log.warning("'%s' split '%s': skipped %d empty caption(s) and %d image(s) left without a caption",
                     json_path, split, empty_captions, uncaptioned)

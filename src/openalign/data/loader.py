@@ -45,16 +45,23 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
 class Collate:
     """Stack samples into a batch dict: tensors are stacked, strings go through the text processor.
 
-    Text fields (``text``, and later ``caption`` and the like) become ``{"input_ids",
-    "attention_mask"}`` dicts; numbers become a tensor; anything else stays a list.
+    Text fields (``text``, ``caption`` and the like) become ``{"input_ids", "attention_mask"}``
+    dicts; numbers become a tensor; anything else stays a list. With ``fields``, only those are
+    kept (a source may carry fields this model does not read: no need to tokenise them).
     """
 
-    def __init__(self, text_processor: Callable[[list[str]], Any]) -> None:
+    def __init__(self, text_processor: Callable[[list[str]], Any], fields: Sequence[str] | None = None) -> None:
         self.text_processor = text_processor
+        self.fields = None if fields is None else set(fields)
 
     def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         batch: dict[str, Any] = {}
         for key, first in samples[0].items():
+            if self.fields is not None and key not in self.fields:
+                continue
+            if any(key not in sample for sample in samples):
+                raise OpenAlignError(f"some samples of the data source lack the field '{key}' that others have "
+                                     "(every sample must carry the fields the model reads)")
             values = [sample[key] for sample in samples]
             if isinstance(first, torch.Tensor):
                 batch[key] = torch.stack(values)

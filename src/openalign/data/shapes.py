@@ -13,7 +13,11 @@ On disk (the layout :mod:`openalign.data.karpathy` reads)::
     ROOT/images/{train,test}/NNNNNN.png
 
 Test images carry five captions each (like COCO and Flickr30k); single-shape images carry
-``labels`` {"shape", "colour"} for zero-shot and nearest-neighbour classification.
+``labels`` {"shape", "colour"} for zero-shot and nearest-neighbour classification. Every image
+also has a ``caption``: a terse, complete description standing in for a captioning model's
+output (ALIP's synthetic captions). ``alt_text_noise`` replaces that share of the training
+captions with realistic web noise: a fluent caption of another picture, a file name, or
+unrelated text.
 """
 
 from __future__ import annotations
@@ -71,13 +75,19 @@ PAIR_TEMPLATES = (
     "a picture with a {c1} {s1} {relation} a {c2} {s2}",
     "a {c2} {s2} and a {c1} {s1}",
 )
+NOISE_TEXTS = (  # alt-text that says nothing about the picture
+    "free shipping on all orders", "click here to see more", "untitled", "stock photo", "best price guaranteed",
+    "my holiday pictures 2019", "wallpaper hd download", "product image", "see description", "new arrivals",
+    "photo by john", "home decor ideas", "thumbnail", "copyright all rights reserved",
+)
 _SPLIT_IDS = {"train": 0, "test": 1}
 _SUPERSAMPLE = 4
 
 
 @dataclass(frozen=True)
 class ShapesSpec:
-    """What to generate: sizes of the splits, image side in pixels, seed, share of two-shape images."""
+    """What to generate: sizes of the splits, image side in pixels, seed, share of two-shape images,
+    and the share of training captions replaced by web noise (``alt_text_noise``, for ALIP)."""
 
     num_train: int = 20000
     num_test: int = 500
@@ -85,6 +95,11 @@ class ShapesSpec:
     seed: int = 0
     pair_fraction: float = 0.25
     captions_per_test_image: int = 5
+    alt_text_noise: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.alt_text_noise <= 1.0:
+            raise OpenAlignError(f"alt_text_noise must be a fraction in [0, 1], got {self.alt_text_noise}")
 
 
 def fix_articles(text: str) -> str:
@@ -170,8 +185,32 @@ def _pair_caption(attrs: dict[str, Any], template: str, rng: np.random.Generator
     return template.format(c1=c1, s1=s1, c2=c2, s2=s2, relation=relation)
 
 
-def generate_example(spec: ShapesSpec, split: str, index: int) -> tuple[Image.Image, list[str], dict[str, str] | None]:
-    """One image, its captions and its class labels (None for two-shape images)."""
+def synthetic_caption(attrs: dict[str, Any]) -> str:
+    """What a good captioner would say: every attribute, tersely (the stand-in for ALIP's OFA captions)."""
+    if "objects" in attrs:
+        (s1, c1), (s2, c2) = attrs["objects"]
+        return fix_articles(f"a {c1} {s1} {'to the left of' if attrs['horizontal'] else 'above'} a {c2} {s2}")
+    return fix_articles(f"a {attrs['size']} {attrs['colour']} {attrs['shape']} {attrs['position']}")
+
+
+def noisy_alt_text(attrs: dict[str, Any], rng: np.random.Generator) -> str:
+    """Web noise in place of a caption: wrong attributes, a file name, or unrelated text."""
+    kind = rng.integers(3)
+    if kind == 0:  # a fluent caption of some other picture
+        wrong = {"shape": SHAPES[rng.integers(len(SHAPES))], "colour": list(COLOURS)[rng.integers(len(COLOURS))],
+                 "size": ("small", "large")[rng.integers(2)], "position": list(POSITIONS.values())[rng.integers(9)]}
+        return fix_articles(_single_caption(wrong, SINGLE_TEMPLATES[rng.integers(len(SINGLE_TEMPLATES))], rng))
+    if kind == 1:
+        number = int(rng.integers(1, 99999))
+        return (f"IMG_{number:04d}.jpg", f"DSC{number:05d}.JPG", f"image ({number % 50}).png")[rng.integers(3)]
+    return NOISE_TEXTS[rng.integers(len(NOISE_TEXTS))]
+
+
+def generate_example(spec: ShapesSpec, split: str, index: int
+                     ) -> tuple[Image.Image, list[str], dict[str, str] | None, str]:
+    """One image, its captions, its class labels (None for two-shape images) and its synthetic
+    caption. With ``alt_text_noise``, that share of the training captions is web noise (the test
+    captions stay clean, so evaluation measures alignment)."""
     rng = np.random.default_rng([spec.seed, _SPLIT_IDS[split], index])
     is_pair = rng.uniform() < spec.pair_fraction
     image, attrs = (_pair if is_pair else _single)(rng, spec.image_size)
@@ -182,7 +221,11 @@ def generate_example(spec: ShapesSpec, split: str, index: int) -> tuple[Image.Im
     caption = _pair_caption if is_pair else _single_caption
     captions = [fix_articles(caption(attrs, templates[t], rng)) for t in chosen]
     labels = None if is_pair else {"shape": attrs["shape"], "colour": attrs["colour"]}
-    return image, captions, labels
+    noise_rng = np.random.default_rng([spec.seed, _SPLIT_IDS[split], index, 1])  # leaves the draws above alone
+    if split == "train" and spec.alt_text_noise:
+        captions = [noisy_alt_text(attrs, noise_rng) if noise_rng.uniform() < spec.alt_text_noise else caption
+                    for caption in captions]
+    return image, captions, labels, synthetic_caption(attrs)
 
 
 def build_shapes_dataset(root: str | Path, spec: ShapesSpec = ShapesSpec(), show_progress: bool = True) -> Path:
@@ -195,7 +238,7 @@ def build_shapes_dataset(root: str | Path, spec: ShapesSpec = ShapesSpec(), show
     index_path = root / "dataset_shapes.json"
     if index_path.is_file():
         existing = json.loads(index_path.read_text()).get("spec")
-        if existing == asdict(spec):
+        if isinstance(existing, dict) and {**asdict(ShapesSpec()), **existing} == asdict(spec):
             return index_path
         raise OpenAlignError(f"'{root}' already holds a shapes dataset built with {existing}, not {asdict(spec)}: "
                              "choose another directory or delete that one")
@@ -206,14 +249,14 @@ def build_shapes_dataset(root: str | Path, spec: ShapesSpec = ShapesSpec(), show
             folder = root / "images" / split
             folder.mkdir(parents=True, exist_ok=True)
             for index in range(count):
-                image, captions, labels = generate_example(spec, split, index)
+                image, captions, labels, synthetic = generate_example(spec, split, index)
                 filename = f"{index:06d}.png"
                 image.save(folder / filename)
                 sentences = [{"raw": c, "tokens": c.replace(",", "").split(), "imgid": len(images),
                               "sentid": sentence_id + k} for k, c in enumerate(captions)]
                 images.append({"filepath": f"images/{split}", "filename": filename, "imgid": len(images),
                                "split": split, "sentids": [s["sentid"] for s in sentences],
-                               "sentences": sentences, "labels": labels})
+                               "sentences": sentences, "labels": labels, "caption": synthetic})
                 sentence_id += len(captions)
                 advance()
     (root / "classnames.json").write_text(json.dumps({"shape": list(SHAPES), "colour": list(COLOURS)}, indent=1))

@@ -14,7 +14,7 @@ import logging
 import random
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +80,7 @@ class CaptionDataset(Dataset):
         except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as error:
             raise OpenAlignError(f"cannot read training image '{item.path}': {error}") from None
         caption = item.captions[int(torch.randint(len(item.captions), (), generator=generator))]
-        return {"image": pixels, "text": caption}
+        return {**item.fields, "image": pixels, "text": caption}
 
 
 @dataclass
@@ -98,16 +98,23 @@ class KarpathySourceConfig(SourceConfig, tag="karpathy"):
 
 @dataclass
 class ShapesSourceConfig(SourceConfig, tag="shapes"):
-    """The built-in shapes dataset under ``root``, generated there first if missing."""
+    """The built-in shapes dataset under ``root``, generated there first if missing; samples also
+    carry its synthetic ``caption``; ``alt_text_noise`` makes that share of raw captions web noise."""
 
     root: str
     num_train: int = ShapesSpec.num_train
     num_test: int = ShapesSpec.num_test
     image_size: int = ShapesSpec.image_size
     seed: int = ShapesSpec.seed
+    alt_text_noise: float = ShapesSpec.alt_text_noise
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.alt_text_noise <= 1.0:
+            raise ConfigError("must be a fraction in [0, 1]", "alt_text_noise")
 
     def spec(self) -> ShapesSpec:
-        return ShapesSpec(num_train=self.num_train, num_test=self.num_test, image_size=self.image_size, seed=self.seed)
+        return ShapesSpec(num_train=self.num_train, num_test=self.num_test, image_size=self.image_size, seed=self.seed,
+                          alt_text_noise=self.alt_text_noise)
 
     def build(self, transform: ImageTransform, seed: int, start_step: int = 0,
               text_processor: TextProcessor | None = None) -> CaptionDataset:
@@ -128,7 +135,9 @@ class WebDatasetSourceConfig(SourceConfig, tag="webdataset"):
     replacement: every rank and worker draws its own stream, seeded by (seed, rank, worker) and
     by the step the run starts from, so a resumed run reads new data rather than replaying the
     stream's beginning (a stream cannot be resumed at the exact sample; map-style sources can).
-    Training length is set in steps. Unreadable samples and empty captions are skipped and
+    Training length is set in steps. ``extra_keys`` carries more text fields into the samples,
+    by name: ``{caption: caption.txt}`` reads the synthetic captions ``openalign data caption``
+    adds (ALIP). Unreadable samples, empty captions and samples missing a field are skipped and
     counted in the log; ``max_consecutive_errors`` failures in a row (a wrong URL, a dead
     bucket) stop the run with an error instead of spinning forever.
     """
@@ -136,6 +145,7 @@ class WebDatasetSourceConfig(SourceConfig, tag="webdataset"):
     urls: str
     image_keys: str = "jpg;jpeg;png;webp"
     text_key: str = "txt"
+    extra_keys: dict[str, str] = field(default_factory=dict)
     shuffle_buffer: int = 2000
     max_consecutive_errors: int = 100
 
@@ -165,6 +175,7 @@ class WebDatasetSourceConfig(SourceConfig, tag="webdataset"):
                                      f"e.g. '{missing[0]}' (data.train.urls must match img2dataset's tar files)")
         stream_seed = seed * 1_000_003 + start_step
         errors = _SkipCounter(self.urls, self.max_consecutive_errors)
+        extra = dict(self.extra_keys)
         buffer = self.shuffle_buffer
 
         def shuffle(samples):
@@ -173,18 +184,21 @@ class WebDatasetSourceConfig(SourceConfig, tag="webdataset"):
             return wds.shuffle(buffer, initial=min(100, buffer), rng=rng)(samples)
 
         def to_sample(sample: dict[str, Any]) -> dict[str, Any]:
-            text = sample["text"].strip() if isinstance(sample["text"], str) else ""
-            if not text:
-                raise ValueError(f"sample '{sample.get('__key__')}' has an empty caption")
+            texts = {}
+            for name in ("text", *extra):
+                value = sample[name]
+                texts[name] = (value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)).strip()
+                if not texts[name]:
+                    raise ValueError(f"sample '{sample.get('__key__')}' has an empty '{name}'")
             errors.success()
-            return {"image": transform(sample["image"]), "text": text}
+            return {**texts, "image": transform(sample["image"])}
 
         return wds.DataPipeline(
             wds.ResampledShards(self.urls, seed=stream_seed, deterministic=True),
             wds.tarfile_to_samples(handler=errors),
             shuffle,
             wds.decode("pil", handler=errors),
-            wds.rename(image=self.image_keys, text=self.text_key, handler=errors),
+            wds.rename(image=self.image_keys, text=self.text_key, **extra, handler=errors),
             wds.map(to_sample, handler=errors),
         )
 

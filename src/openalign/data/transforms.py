@@ -27,11 +27,14 @@ class PreprocessConfig:
 
     Train: squash-resize to ``resize_size``, random ``image_size`` crop, optional horizontal
     flip. Eval: the same resize, then a centre crop (offset ``round((resize_size - image_size) / 2)``).
+    ``resize_mode: shortest`` resizes the shorter side to ``resize_size`` keeping the aspect
+    ratio instead (CLIP's and ALIP's evaluation: bicubic 224, centre crop 224).
     Pixels are then mapped by ``(x / 255 - mean) / std``; ALIGN's 0.5/0.5 gives [-1, 1].
     """
 
     image_size: int = 289
     resize_size: int = 346
+    resize_mode: Literal["squash", "shortest"] = "squash"
     interpolation: Literal["nearest", "bilinear", "bicubic", "lanczos"] = "bilinear"
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
@@ -65,11 +68,14 @@ class ImageTransform:
             image = image.convert("RGB")
         pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
         # torchvision's antialiased resize of the uint8 image, as transformers' AlignProcessor does it
-        pixels = TF.resize(pixels, [cfg.resize_size, cfg.resize_size], interpolation=_INTERPOLATION[cfg.interpolation],
-                           antialias=True)
+        size = [cfg.resize_size] if cfg.resize_mode == "shortest" else [cfg.resize_size, cfg.resize_size]
+        pixels = TF.resize(pixels, size, interpolation=_INTERPOLATION[cfg.interpolation], antialias=True)
         if self.train:
-            span = cfg.resize_size - cfg.image_size
-            top, left = (int(v) for v in torch.randint(0, span + 1, (2,), generator=generator))
+            span_h, span_w = pixels.shape[1] - cfg.image_size, pixels.shape[2] - cfg.image_size
+            if span_h == span_w:  # one draw of both offsets (squash: the crops of earlier releases)
+                top, left = (int(v) for v in torch.randint(0, span_h + 1, (2,), generator=generator))
+            else:
+                top, left = (int(torch.randint(0, span + 1, (), generator=generator)) for span in (span_h, span_w))
             pixels = pixels[:, top:top + cfg.image_size, left:left + cfg.image_size]
             if cfg.random_flip and bool(torch.rand((), generator=generator) < 0.5):
                 pixels = pixels.flip(-1)

@@ -1,6 +1,7 @@
 """Training objectives, called as ``loss_fn(**model(**batch))``."""
 
+from .alip import ALIPLoss, ALIPLossConfig
 from .base import LossConfig
 from .contrastive import ContrastiveLoss, ContrastiveLossConfig
 
-__all__ = ["ContrastiveLoss", "ContrastiveLossConfig", "LossConfig"]
+__all__ = ["ALIPLoss", "ALIPLossConfig", "ContrastiveLoss", "ContrastiveLossConfig", "LossConfig"]

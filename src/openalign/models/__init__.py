@@ -3,6 +3,7 @@
 from .base import ImageTowerConfig, ModelConfig, TextTowerConfig
 from .bert import BertTextTower, BertTowerConfig
 from ..data.transforms import PreprocessConfig
+from .clip_towers import ClipTextConfig, ClipTokenizer, OpenClipViTConfig
 from .clippo import Clippo, ClippoConfig, RenderConfig
 from .dual_encoder import DualEncoder, DualEncoderConfig
 from .efficientnet import EfficientNet, EfficientNetConfig
@@ -10,7 +11,7 @@ from .ghost_bn import GhostBatchNorm2d
 from .vit import VisionTransformerTower, ViTConfig
 
 __all__ = [
-    "BertTextTower", "BertTowerConfig", "Clippo", "ClippoConfig", "DualEncoder", "DualEncoderConfig", "EfficientNet",
-    "EfficientNetConfig", "GhostBatchNorm2d", "ImageTowerConfig", "ModelConfig", "PreprocessConfig",
+    "BertTextTower", "BertTowerConfig", "ClipTextConfig", "ClipTokenizer", "Clippo", "ClippoConfig", "DualEncoder", "DualEncoderConfig", "EfficientNet",
+    "EfficientNetConfig", "GhostBatchNorm2d", "ImageTowerConfig", "ModelConfig", "OpenClipViTConfig", "PreprocessConfig",
     "RenderConfig", "TextTowerConfig", "ViTConfig", "VisionTransformerTower",
 ]

@@ -40,6 +40,12 @@ class TextTowerConfig(TowerConfig):
     tokenizer: str = "bert-base-uncased"
     max_length: int = 64
 
+    def build_tokenizer(self) -> Callable[[list[str]], Any]:
+        """Strings → ``input_ids`` and ``attention_mask``; by default a Hugging Face tokenizer."""
+        from ..data.tokenizer import Tokenizer, load_hf_tokenizer
+
+        return Tokenizer(load_hf_tokenizer(self.tokenizer), self.max_length)
+
 
 @dataclass
 class ModelConfig(Variants):
@@ -53,6 +59,11 @@ class ModelConfig(Variants):
 
     def build(self) -> nn.Module:
         raise NotImplementedError
+
+    @property
+    def input_fields(self) -> tuple[str, ...]:
+        """The batch fields the model takes (what the loader must provide)."""
+        return ("image", "text")
 
     @property
     def image_feature_dim(self) -> int:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.tokenizer import Tokenizer, load_hf_tokenizer
 from ..data.transforms import ImageTransform, PreprocessConfig
 from ..errors import ConfigError
 from .base import ImageTowerConfig, ModelConfig, TextTowerConfig
@@ -22,25 +21,46 @@ class DualEncoderConfig(ModelConfig, tag="dual_encoder"):
     """Two towers projected to ``embed_dim``.
 
     With ``image_projection: false`` (ALIGN B7 and L2) the pooled image features are the
-    embedding and must already be ``embed_dim`` wide; the text tower always has a linear
-    projection with bias. ``temperature_init`` is τ at step 0 (logits = cosine / τ).
+    embedding and must already be ``embed_dim`` wide; likewise ``text_projection`` (ALIGN always
+    projects text, with bias; CLIP towers project inside). ``temperature_init`` is τ at step 0
+    (logits = cosine / τ); ``max_logit_scale`` caps 1/τ (CLIP, ALIP: 100).
+
+    ``text_fields`` are the batch fields the one text tower embeds, each into ``<field>_emb``:
+    ``[text]`` for ALIGN, ``[text, caption]`` for ALIP's bi-path model (raw text and synthetic
+    caption through the same weights, shared spec alip.md §1).
     """
 
     image: ImageTowerConfig
     text: TextTowerConfig
     embed_dim: int = 640
     image_projection: bool = True
+    text_projection: bool = True
     temperature_init: float = 1.0
+    max_logit_scale: float | None = None
+    text_fields: tuple[str, ...] = ("text",)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
 
     def __post_init__(self) -> None:
-        if not self.image_projection and self.image.output_dim != self.embed_dim:
-            raise ConfigError(
-                f"is {self.embed_dim}, but image_projection is false, so the pooled image features "
-                f"({self.image.output_dim}-d) are the embedding: set embed_dim to {self.image.output_dim} "
-                "or image_projection to true", "embed_dim")
+        for tower, projected in (("image", self.image_projection), ("text", self.text_projection)):
+            width = getattr(self, tower).output_dim
+            if not projected and width != self.embed_dim:
+                raise ConfigError(
+                    f"is {self.embed_dim}, but {tower}_projection is false, so the pooled {tower} features "
+                    f"({width}-d) are the embedding: set embed_dim to {width} or {tower}_projection to true",
+                    "embed_dim")
         if self.temperature_init <= 0:
             raise ConfigError("must be positive", "temperature_init")
+        if self.max_logit_scale is not None and self.max_logit_scale < 1 / self.temperature_init:
+            raise ConfigError(f"must be at least 1 / temperature_init ({1 / self.temperature_init:g}), or null",
+                              "max_logit_scale")
+        if not self.text_fields or len(set(self.text_fields)) != len(self.text_fields) or "image" in self.text_fields:
+            raise ConfigError("must name one or more distinct batch fields other than 'image', e.g. [text, caption]",
+                              "text_fields")
+
+    @property
+    def input_fields(self) -> tuple[str, ...]:
+        """The batch fields the model takes."""
+        return ("image", *self.text_fields)
 
     @property
     def image_feature_dim(self) -> int:
@@ -50,8 +70,8 @@ class DualEncoderConfig(ModelConfig, tag="dual_encoder"):
     def build(self) -> DualEncoder:
         return DualEncoder(self)
 
-    def build_tokenizer(self) -> Tokenizer:
-        return Tokenizer(load_hf_tokenizer(self.text.tokenizer), self.text.max_length)
+    def build_tokenizer(self) -> Callable[[list[str]], dict[str, torch.Tensor]]:
+        return self.text.build_tokenizer()
 
     def build_transform(self, train: bool) -> ImageTransform:
         return ImageTransform(self.preprocess, train)
@@ -67,16 +87,16 @@ class DualEncoder(nn.Module):
     ``temperature`` is ``exp(log_temperature)``.
     """
 
-    input_fields = ("image", "text")
-
     def __init__(self, config: DualEncoderConfig) -> None:
         super().__init__()
         self.config = config
+        self.input_fields = config.input_fields
         self.image_tower = config.image.build()
         self.text_tower = config.text.build()
-        self.image_projection = (nn.Linear(self.image_tower.output_dim, config.embed_dim)
+        self.image_projection = (nn.Linear(config.image.output_dim, config.embed_dim)
                                  if config.image_projection else None)
-        self.text_projection = nn.Linear(self.text_tower.output_dim, config.embed_dim)
+        self.text_projection = (nn.Linear(config.text.output_dim, config.embed_dim)
+                                if config.text_projection else None)
         self.log_temperature = nn.Parameter(torch.tensor(math.log(config.temperature_init)))
         for projection in (self.image_projection, self.text_projection):
             if projection is not None:  # Keras Dense defaults: glorot-uniform kernel, zero bias
@@ -89,8 +109,10 @@ class DualEncoder(nn.Module):
 
     @property
     def logit_scale(self) -> torch.Tensor:
-        """The multiplier of cosine similarities in the logits: 1 / temperature."""
-        return (-self.log_temperature).exp()
+        """The multiplier of cosine similarities in the logits: 1 / temperature, at most
+        ``max_logit_scale`` (past the cap only weight decay moves the parameter)."""
+        scale = (-self.log_temperature).exp()
+        return scale if self.config.max_logit_scale is None else scale.clamp(max=self.config.max_logit_scale)
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names that optimisers must neither decay nor adapt (timm's convention)."""
@@ -109,7 +131,10 @@ class DualEncoder(nn.Module):
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     normalize: bool = True) -> torch.Tensor:
-        features = self.text_projection(self.text_tower(input_ids, attention_mask)).float()
+        features = self.text_tower(input_ids, attention_mask)
+        if self.text_projection is not None:
+            features = self.text_projection(features)
+        features = features.float()
         return F.normalize(features, dim=-1) if normalize else features
 
     def save_pretrained(self, directory: str | Path, format: str = "openalign") -> Path:
@@ -119,10 +144,12 @@ class DualEncoder(nn.Module):
 
         return save_pretrained(self, directory, format)
 
-    def forward(self, image: torch.Tensor, text: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Embeddings of a batch, named as the contrastive loss takes them."""
-        return {
-            "image_emb": self.encode_image(image),
-            "text_emb": self.encode_text(text["input_ids"], text["attention_mask"]),
-            "logit_scale": self.logit_scale,
-        }
+    def forward(self, image: torch.Tensor, **texts: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Embeddings of a batch, named as the losses take them: ``image_emb``, ``<field>_emb`` for
+        each of ``text_fields`` (tokenised), and ``logit_scale``."""
+        outputs = {"image_emb": self.encode_image(image)}
+        for field_name in self.config.text_fields:
+            outputs[f"{field_name}_emb"] = self.encode_text(texts[field_name]["input_ids"],
+                                                            texts[field_name]["attention_mask"])
+        outputs["logit_scale"] = self.logit_scale
+        return outputs

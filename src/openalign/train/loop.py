@@ -56,7 +56,8 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True)
     _check_virtual_batch(model, per_rank, ctx.world_size)
     model = model.to(memory_format=torch.channels_last)  # conv towers: faster on GPU and CPU alike
     loss_fn = recipe.loss.build().to(ctx.device)
-    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps, ctx.device)
+    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps, ctx.device,
+                                cfg.weight_decay_scope == "all")
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.warmup_steps, cfg.steps, cfg.cooldown_steps,
                                 cfg.rsqrt_timescale)
     output_dir = Path(recipe.run.output_dir)
@@ -220,5 +221,5 @@ def _build_loader(recipe: Recipe, per_rank: int, ctx: DistributedContext, start:
     if start and isinstance(dataset, torch.utils.data.IterableDataset):
         log.warning("this data source is a stream: the resumed run reads a fresh random stream, not the exact "
                     "samples the interrupted run would have read next")
-    return build_loader(dataset, Collate(text_processor), per_rank, ctx.rank, ctx.world_size,
+    return build_loader(dataset, Collate(text_processor, recipe.model.input_fields), per_rank, ctx.rank, ctx.world_size,
                         recipe.train.seed, start, recipe.data.num_workers)

@@ -74,13 +74,15 @@ class Lamb(torch.optim.Optimizer):
         return state
 
 
-def parameter_groups(model: nn.Module, weight_decay: float, optimizer: str) -> list[dict[str, Any]]:
+def parameter_groups(model: nn.Module, weight_decay: float, optimizer: str,
+                     decay_all: bool = False) -> list[dict[str, Any]]:
     """Two groups: parameters with weight decay (and LAMB's trust ratio), and those without.
 
     Exempt from both: batch-norm weights and biases (tfa's ``exclude_from_weight_decay=['bn/']``,
     which LAMB also applies to layer adaptation) and whatever ``model.no_weight_decay()`` names
     (the log-temperature). AdamW also exempts every other 1-D parameter (biases, LayerNorm),
-    the usual CLIP practice.
+    the usual CLIP practice. ``decay_all`` decays every parameter instead (ALIP's one group,
+    shared spec alip.md §5).
     """
     exempt_names = set(getattr(model, "no_weight_decay", set)())
     norm_ids = {id(p) for m in model.modules() if isinstance(m, _BatchNorm) for p in m.parameters(recurse=False)}
@@ -88,7 +90,8 @@ def parameter_groups(model: nn.Module, weight_decay: float, optimizer: str) -> l
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        exempt = name in exempt_names or id(param) in norm_ids or (optimizer == "adamw" and param.ndim < 2)
+        exempt = not decay_all and (name in exempt_names or id(param) in norm_ids
+                                    or (optimizer == "adamw" and param.ndim < 2))
         (no_decay if exempt else decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if optimizer == "lamb":
@@ -97,9 +100,9 @@ def parameter_groups(model: nn.Module, weight_decay: float, optimizer: str) -> l
 
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, betas: tuple[float, float],
-                    eps: float, device: torch.device) -> torch.optim.Optimizer:
+                    eps: float, device: torch.device, decay_all: bool = False) -> torch.optim.Optimizer:
     """LAMB or AdamW over :func:`parameter_groups`; AdamW uses the fused CUDA kernel on GPU."""
-    groups = parameter_groups(model, weight_decay, name)
+    groups = parameter_groups(model, weight_decay, name, decay_all)
     if name == "lamb":
         return Lamb(groups, lr=lr, betas=betas, eps=eps)
     if name == "adamw":

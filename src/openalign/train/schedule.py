@@ -1,5 +1,6 @@
 """Learning-rate schedules: linear warm-up from 0, then linear (ALIGN), cosine, inverse square root
-(big_vision, CLIPPO) or constant; optionally a linear cool-down to 0 over the last steps."""
+(big_vision, CLIPPO) or constant, optionally with a linear cool-down to 0 over the last steps;
+and PyTorch's one-cycle policy (ALIP)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 from functools import partial
 
 import torch
-from torch.optim.lr_scheduler import LambdaLR
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
 
 
 def lr_factor(step: int, schedule: str, warmup_steps: int, total_steps: int, cooldown_steps: int = 0,
@@ -42,7 +43,17 @@ def _shape(step: int, schedule: str, warmup_steps: int, total_steps: int, timesc
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup_steps: int, total_steps: int,
-                    cooldown_steps: int = 0, timescale: int | None = None) -> LambdaLR:
-    """A per-step scheduler: call ``scheduler.step()`` after every ``optimizer.step()``."""
+                    cooldown_steps: int = 0, timescale: int | None = None) -> LRScheduler:
+    """A per-step scheduler: call ``scheduler.step()`` after every ``optimizer.step()``.
+
+    ``onecycle`` is PyTorch's ``OneCycleLR`` with its defaults, as ALIP trains (shared spec
+    alip.md §5): a cosine warm-up over ``warmup_steps`` from lr/25, cosine annealing to lr/25e4,
+    and Adam's β1 cycled 0.95 → 0.85 → 0.95 (which overrides ``train.betas[0]``).
+    """
+    if schedule == "onecycle":
+        if cooldown_steps:
+            raise ValueError("the onecycle schedule has its own annealing: set cooldown_steps to 0")
+        return OneCycleLR(optimizer, max_lr=[group["lr"] for group in optimizer.param_groups], total_steps=total_steps,
+                          pct_start=warmup_steps / total_steps, anneal_strategy="cos", cycle_momentum=True)
     return LambdaLR(optimizer, partial(lr_factor, schedule=schedule, warmup_steps=warmup_steps, total_steps=total_steps,
                                        cooldown_steps=cooldown_steps, timescale=timescale))
