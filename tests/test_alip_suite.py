@@ -123,12 +123,14 @@ def test_caltech101_follows_the_case_sensitive_folder_order_without_background()
                          "anchor"]
 
 
-def test_alip_suite_lists_the_eleven_zeroshot_tasks_with_resolvable_lists():
+def test_alip_suite_lists_the_eleven_zeroshot_tasks_with_resolvable_lists_and_the_two_retrievals():
     suite = load_suite("alip")
-    assert len(suite.tasks) == 11 and len(suite.names) == 11
-    assert set(suite.names) == {key for key in COUNTS if key != "imagenet1k"} | {"imagenet"}
+    assert len(suite.tasks) == 13 and len(suite.names) == 13
+    assert [(task.name, task.caption_prefix) for task in suite.tasks[11:]] == [("retrieval", "a photo of ")] * 2
+    assert suite.names[11:] == ["coco", "flickr30k"]
+    assert set(suite.names[:11]) == {key for key in COUNTS if key != "imagenet1k"} | {"imagenet"}
     assert len(MEAN_PER_CLASS & set(suite.names)) == 4
-    for name, task in zip(suite.names, suite.tasks):
+    for name, task in zip(suite.names[:11], suite.tasks[:11]):
         assert isinstance(task, ZeroShotEvalConfig), name
         key = "imagenet1k" if name == "imagenet" else name
         assert task.classnames == f"{key}_classnames" and task.templates_file == f"{key}_templates"

@@ -368,3 +368,18 @@ def test_retrieval_examples_draw_the_true_top_k(model, shapes_root, tmp_path, ca
     assert main(["eval", "examples", "--model", str(model_dir), "--json", str(shapes_root / "dataset_shapes.json"),
                  "--queries", "2", "--out", str(tmp_path / "cli.png")]) == 0
     assert (tmp_path / "cli.png").is_file() and "2 captions" in capsys.readouterr().out
+
+
+def test_a_caption_prefix_is_put_before_every_caption(model, shapes_root, tmp_path):
+    """ALIP's retrieval prefixes captions with "a photo of ": the same as a JSON whose captions say it."""
+    data = json.loads((shapes_root / "dataset_shapes.json").read_text())
+    for image in data["images"]:
+        for sentence in image["sentences"]:
+            sentence["raw"] = "a photo of " + sentence["raw"]
+    (tmp_path / "prefixed.json").write_text(json.dumps(data))
+    expected = evaluate_retrieval(model, tmp_path / "prefixed.json", CPU, image_root=shapes_root, show_progress=False)
+    prefixed = evaluate_retrieval(model, shapes_root / "dataset_shapes.json", CPU, show_progress=False,
+                                  caption_prefix="a photo of ")
+    assert prefixed == pytest.approx(expected)
+    assert prefixed != pytest.approx(evaluate_retrieval(model, shapes_root / "dataset_shapes.json", CPU,
+                                                        show_progress=False))

@@ -28,11 +28,15 @@ DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
 def evaluate_retrieval(model: nn.Module, json_path: str | Path, device: torch.device, split: str = "test",
                        image_root: str | Path | None = None, batch_size: int = 256,
-                       show_progress: bool = True) -> dict[str, float]:
+                       show_progress: bool = True, caption_prefix: str = "") -> dict[str, float]:
     """Image→text and text→image R@1/5/10 and ranks on one split of a Karpathy-style JSON
     (``dataset_coco.json``: test = 5,000 images / ~25k captions; ``dataset_flickr30k.json``: 1,000 / 5,000),
-    or of a CLIP_benchmark webdataset directory (``wds_mscoco_captions``...)."""
+    or of a CLIP_benchmark webdataset directory (``wds_mscoco_captions``...). ``caption_prefix``
+    is put before every caption (ALIP's evaluation: ``"a photo of "``)."""
     items = retrieval_items(json_path, split, image_root)
+    if caption_prefix:
+        items = [CaptionedImage(item.path, tuple(caption_prefix + c for c in item.captions), item.labels, item.fields)
+                 for item in items]
     with eval_mode(model):
         return retrieval_metrics(*embed_captioned(model, items, device, batch_size, show_progress))
 

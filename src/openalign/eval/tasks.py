@@ -54,14 +54,17 @@ class ShapesEvalConfig(EvalTaskConfig, tag="shapes"):
 class RetrievalEvalConfig(EvalTaskConfig, tag="retrieval"):
     """Zero-shot retrieval on a split of a Karpathy-style JSON (COCO: ``dataset_coco.json``, Flickr30k:
     ``dataset_flickr30k.json``; ``image_root`` defaults to the JSON's folder) or, with ``json`` naming
-    a directory, of a CLIP_benchmark webdataset retrieval dataset."""
+    a directory, of a CLIP_benchmark webdataset retrieval dataset. ``caption_prefix`` goes before
+    every caption (ALIP evaluates with ``"a photo of "``)."""
 
     json: str
     split: str = "test"
     image_root: str | None = None
+    caption_prefix: str = ""
 
     def run(self, model: nn.Module, device: torch.device, batch_size: int, show_progress: bool = True) -> dict[str, float]:
-        return evaluate_retrieval(model, self.json, device, self.split, self.image_root, batch_size, show_progress)
+        return evaluate_retrieval(model, self.json, device, self.split, self.image_root, batch_size, show_progress,
+                                  self.caption_prefix)
 
     def write_examples(self, model: nn.Module, device: torch.device, output: Path, batch_size: int) -> Path:
         """Six captions and their top-5 images (:func:`~openalign.eval.examples.retrieval_examples`)."""
