@@ -92,6 +92,22 @@ def test_weighted_knn_votes_by_hand():
                                knn_classify(memory, labels, queries, 3, k=2))
 
 
+def test_blocked_knn_over_the_memory_equals_a_full_matrix_in_numpy():
+    """Memory scored in blocks of 7 (a running top-k), queries in chunks of 3: the votes equal numpy's
+    full similarity matrix, argsort and weighted vote."""
+    generator = torch.Generator().manual_seed(2)
+    memory = torch.nn.functional.normalize(torch.randn(50, 8, generator=generator), dim=1)
+    queries = torch.nn.functional.normalize(torch.randn(10, 8, generator=generator), dim=1)
+    labels = torch.randint(0, 4, (50,), generator=generator)
+    similarity = queries.numpy() @ memory.numpy().T
+    expected = np.zeros((10, 4), dtype=np.float64)
+    for row in range(10):
+        for column in np.argsort(-similarity[row])[:5]:
+            expected[row, labels[column]] += np.exp(similarity[row, column] / 0.07)
+    votes = knn_classify(memory, labels, queries, 4, k=5, chunk_size=3, memory_chunk_size=7)
+    torch.testing.assert_close(votes, torch.tensor(expected, dtype=torch.float32), rtol=1e-4, atol=0)
+
+
 def _numpy_fewshot(train_x, train_y, test_x, test_y, num_classes, shots, seed, l2):
     """CLIPPO's probe written out in numpy with the primal solve only: the same sampling order."""
     generator = torch.Generator().manual_seed(seed)

@@ -46,16 +46,34 @@ def nearest_neighbour_predict(memory: torch.Tensor, memory_labels: torch.Tensor,
 
 
 def knn_classify(memory: torch.Tensor, memory_labels: torch.Tensor, queries: torch.Tensor, num_classes: int,
-                 k: int = 20, temperature: float = 0.07, chunk_size: int = 4096) -> torch.Tensor:
+                 k: int = 20, temperature: float = 0.07, chunk_size: int = 4096,
+                 memory_chunk_size: int = 16384) -> torch.Tensor:
     """(num_queries, num_classes) weighted k-NN votes: each of a query's ``k`` most cosine-similar
     memory items votes for its label with weight ``exp(similarity / temperature)`` (the weighted
-    k=20 kNN of InstDisc/DINO). ``k=1`` is COYO-ALIGN's 1-NN. Chunked top-k: the full
-    query × memory matrix is never built."""
+    k=20 kNN of InstDisc/DINO). ``k=1`` is COYO-ALIGN's 1-NN.
+
+    Blocked top-k: ``chunk_size`` queries are scored against ``memory_chunk_size`` memory items at a
+    time, keeping a running top-k, so no similarity block exceeds ``chunk_size × memory_chunk_size``
+    (256 MiB of fp32 by default) however large the memory bank (ImageNet: 1.28M × 50k)."""
     k = min(k, memory.shape[0])
     votes = []
     for start in range(0, queries.shape[0], chunk_size):
-        similarity, index = (queries[start:start + chunk_size] @ memory.T).topk(k, dim=1)
+        similarity, index = _running_topk(queries[start:start + chunk_size], memory, k, memory_chunk_size)
         chunk = torch.zeros(similarity.shape[0], num_classes, dtype=torch.float32, device=similarity.device)
         chunk.scatter_add_(1, memory_labels[index], (similarity.float() / temperature).exp())
         votes.append(chunk)
     return torch.cat(votes)
+
+
+def _running_topk(queries: torch.Tensor, memory: torch.Tensor, k: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-``k`` similarities of each query over all of ``memory`` and their memory indices,
+    scoring ``block`` memory rows at a time."""
+    best_similarity = best_index = None
+    for start in range(0, memory.shape[0], block):
+        similarity, index = (queries @ memory[start:start + block].T).topk(min(k, memory.shape[0] - start), dim=1)
+        index = index + start
+        if best_similarity is not None:
+            similarity, order = torch.cat([best_similarity, similarity], dim=1).topk(k, dim=1)
+            index = torch.cat([best_index, index], dim=1).gather(1, order)
+        best_similarity, best_index = similarity, index
+    return best_similarity, best_index
