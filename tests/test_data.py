@@ -208,3 +208,40 @@ def test_webdataset_missing_shards_and_dead_streams_are_errors(tmp_path):
     dead = WebDatasetSourceConfig(urls=str(tmp_path / "garbage" / "000000.tar"), max_consecutive_errors=5)
     with pytest.raises(OpenAlignError, match="5 consecutive samples .* failed"):
         next(iter(dead.build(WDS_TRANSFORM, seed=0)))
+
+
+def test_table_sources_read_csv_tsv_and_parquet_with_paths_or_bytes_and_drop_bad_rows(tmp_path, caplog):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from openalign.data import TableSourceConfig
+
+    (tmp_path / "images").mkdir()
+    colours = {"red.png": (220, 20, 20), "blue.png": (20, 20, 220)}
+    for name, colour in colours.items():
+        Image.new("RGB", (40, 30), colour).save(tmp_path / "images" / name)
+    (tmp_path / "pairs.csv").write_text("image,caption,synthetic\nimages/red.png,a red box,a red square\n"
+                                        "images/gone.png,a lost image,x\nimages/blue.png,,a blue square\n"
+                                        "images/blue.png,\"a blue box, wide\",a blue square\n")
+    (tmp_path / "pairs.tsv").write_text("path\ttext\nimages/red.png\tred\n")
+    encoded = []
+    for name in colours:
+        buffer = io.BytesIO()
+        Image.open(tmp_path / "images" / name).save(buffer, format="PNG")
+        encoded.append(buffer.getvalue())
+    pq.write_table(pa.table({"jpg": encoded, "txt": ["red", "blue"]}), tmp_path / "pairs.parquet")
+
+    transform = ImageTransform(PreprocessConfig(image_size=24, resize_size=24, random_flip=False), train=False)
+    csv = TableSourceConfig(path=str(tmp_path / "pairs.csv"), extra_columns={"caption": "synthetic"}).build(transform, 0)
+    assert len(csv) == 2 and "dropped 1 row(s) with empty caption, 1 row(s) with missing image file" in caplog.text
+    sample = csv[(0, 1)]
+    assert (sample["text"], sample["caption"]) == ("a blue box, wide", "a blue square")
+    torch.testing.assert_close(sample["image"], transform(Image.open(tmp_path / "images" / "blue.png")))
+    tsv = TableSourceConfig(path=str(tmp_path / "pairs.tsv"), image_column="path", text_column="text").build(transform, 0)
+    assert tsv[(0, 0)]["text"] == "red"
+    parquet = TableSourceConfig(path=str(tmp_path / "*.parquet"), image_column="jpg", text_column="txt").build(transform, 0)
+    torch.testing.assert_close(parquet[(0, 0)]["image"], csv[(0, 0)]["image"])  # the same red image, from bytes
+    with pytest.raises(OpenAlignError, match="no column 'url'; its columns are image, caption, synthetic"):
+        TableSourceConfig(path=str(tmp_path / "pairs.csv"), image_column="url").build(transform, 0)
+    with pytest.raises(OpenAlignError, match="no table matches"):
+        TableSourceConfig(path=str(tmp_path / "missing.csv")).build(transform, 0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import gzip
+import io
 import json
 import logging
 import random
@@ -94,6 +95,103 @@ class KarpathySourceConfig(SourceConfig, tag="karpathy"):
     def build(self, transform: ImageTransform, seed: int, start_step: int = 0,
               text_processor: TextProcessor | None = None) -> CaptionDataset:
         return CaptionDataset(read_karpathy(self.json, self.split, self.image_root), transform, seed)
+
+
+@dataclass
+class TableSourceConfig(SourceConfig, tag="table"):
+    """A table of captioned images: CSV, TSV or parquet (``path``: a file or a glob of them).
+
+    ``image_column`` holds image paths (relative to ``image_root``, by default the table's
+    folder) or, in parquet, the encoded image bytes; ``text_column`` the caption;
+    ``extra_columns`` maps more sample fields to columns (``{caption: synthetic_caption}``).
+    Rows with an empty caption or a missing image file are dropped when the table is read, with
+    a logged count; a missing column is an error that lists the table's columns.
+    """
+
+    path: str
+    image_column: str = "image"
+    text_column: str = "caption"
+    extra_columns: dict[str, str] = field(default_factory=dict)
+    image_root: str | None = None
+
+    def build(self, transform: ImageTransform, seed: int, start_step: int = 0,
+              text_processor: TextProcessor | None = None) -> TableDataset:
+        tables = sorted(glob.glob(self.path))
+        if not tables:
+            raise OpenAlignError(f"no table matches '{self.path}' (data.train.path: .csv, .tsv or .parquet files)")
+        rows: list[tuple[Path | bytes, str, dict[str, str]]] = []
+        dropped = {"empty caption": 0, "missing image file": 0}
+        for table_path in map(Path, tables):
+            columns = _read_table(table_path)
+            wanted = [self.image_column, self.text_column, *self.extra_columns.values()]
+            missing = [name for name in wanted if name not in columns]
+            if missing:
+                raise OpenAlignError(f"table '{table_path}' has no column {', '.join(map(repr, missing))}; its columns "
+                                     f"are {', '.join(columns)} (set data.train.image_column / text_column / "
+                                     "extra_columns)")
+            root = Path(self.image_root) if self.image_root is not None else table_path.parent
+            for number, (image, text) in enumerate(zip(columns[self.image_column], columns[self.text_column])):
+                text = str(text).strip() if text is not None else ""
+                if not text:
+                    dropped["empty caption"] += 1
+                    continue
+                if not isinstance(image, bytes):
+                    image = root / str(image)
+                    if not image.is_file():
+                        dropped["missing image file"] += 1
+                        continue
+                extra = {name: str(columns[column][number] or "").strip() for name, column in self.extra_columns.items()}
+                rows.append((image, text, extra))
+        if any(dropped.values()):
+            log.warning("table '%s': dropped %s", self.path, ", ".join(f"{n} row(s) with {why}" for why, n in
+                                                                        dropped.items() if n))
+        if not rows:
+            raise OpenAlignError(f"table '{self.path}' has no usable row (dropped: {dropped})")
+        return TableDataset(rows, transform, seed)
+
+
+def _read_table(path: Path) -> dict[str, list[Any]]:
+    """Columns of a CSV, TSV or parquet file, as Python lists."""
+    try:
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(path)
+        elif path.suffix in (".csv", ".tsv"):
+            import pyarrow.csv as pacsv
+
+            table = pacsv.read_csv(path, parse_options=pacsv.ParseOptions(delimiter="\t" if path.suffix == ".tsv" else ","),
+                                   convert_options=pacsv.ConvertOptions(strings_can_be_null=False))
+        else:
+            raise OpenAlignError(f"table '{path}' is not .csv, .tsv or .parquet")
+    except OpenAlignError:
+        raise
+    except Exception as error:  # pyarrow's parse errors name the line
+        raise OpenAlignError(f"cannot read table '{path}': {error}") from None
+    return {name: table.column(name).to_pylist() for name in table.column_names}
+
+
+class TableDataset(Dataset):
+    """``(epoch, index)`` → ``{"image", "text", **extra}`` of a table row; augmentation seeded per sample."""
+
+    def __init__(self, rows: list[tuple[Path | bytes, str, dict[str, str]]], transform: ImageTransform,
+                 seed: int) -> None:
+        self.rows, self.transform, self.seed = rows, transform, seed
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        epoch, index = key
+        image, text, extra = self.rows[index]
+        source = io.BytesIO(image) if isinstance(image, bytes) else image
+        try:
+            with Image.open(source) as opened:
+                pixels = self.transform(opened, sample_generator(self.seed, epoch, index))
+        except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as error:
+            where = f"row {index}" if isinstance(image, bytes) else f"'{image}'"
+            raise OpenAlignError(f"cannot read training image {where}: {error}") from None
+        return {**extra, "image": pixels, "text": text}
 
 
 @dataclass
