@@ -142,6 +142,13 @@ def _cmd_data_caption(args: argparse.Namespace) -> None:
         raise OpenAlignError(f"{len(summary['failed_shards'])} shard(s) could not be read and were skipped: {failed}")
 
 
+def _cmd_data_inspect(args: argparse.Namespace) -> None:
+    from .data.inspect import format_summary, inspect_shards
+
+    summary = inspect_shards(args.shards, args.text_key, show_progress=not args.json)
+    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+
+
 def _device(name: str) -> str:
     """``auto`` is CUDA when a GPU is visible, else the CPU."""
     import torch
@@ -378,6 +385,12 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_argument("--prompt", help="text the caption starts from, e.g. 'a picture of' for BLIP")
     caption.add_argument("--field", default="caption", help="the new member is KEY.<field>.txt (default caption)")
     caption.set_defaults(func=_cmd_data_caption)
+    inspect = data_commands.add_parser("inspect", help="count samples, skips by reason, caption lengths and image "
+                                                       "sizes in webdataset shards")
+    inspect.add_argument("shards", nargs="+", metavar="SHARDS", help="tar paths, globs or brace patterns")
+    inspect.add_argument("--text-key", default="txt", help="the caption member's extension (default txt)")
+    inspect.add_argument("--json", action="store_true", help='print {"samples": N, "skipped": {reason: count}, ...}')
+    inspect.set_defaults(func=_cmd_data_inspect)
     return parser
 
 

@@ -45,7 +45,6 @@ Two jobs must not write the same shard at the same time.
 from __future__ import annotations
 
 import copy
-import glob
 import io
 import json
 import logging
@@ -53,122 +52,20 @@ import os
 import re
 import tarfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field as dataclass_field
 from pathlib import Path
 from typing import Any
 
 from ..errors import OpenAlignError
+from .shards import KEY_EXT, ShardReadError, TarSample, decode_image, expand_shards, read_samples
 
 log = logging.getLogger(__name__)
 
 SUMMARY_NAME = "captions.json"
 TMP_SUFFIX = ".tmp"
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "pbm", "pnm")
 # The settings that change what a caption says; a resumed run must use the same ones.
 _SETTING_KEYS = ("captioner", "field", "max_new_tokens", "num_beams", "no_repeat_ngram_size", "prompt")
-# webdataset's split of a member name into the sample key and the field (everything after the first dot).
-_KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
-
-
-class _ShardReadError(Exception):
-    """The input shard cannot be read (truncated, corrupt): the shard is skipped, the job goes on."""
-
-
-# ---------------------------------------------------------------------------------------------- shards
-
-
-def expand_shards(patterns: Sequence[str]) -> list[Path]:
-    """Local shard paths from paths, globs and brace patterns (``shards/{00000..00009}.tar``).
-
-    Raises :class:`OpenAlignError` naming every path or glob that matches no file.
-    """
-    import braceexpand
-
-    found: dict[Path, None] = {}
-    missing: list[str] = []
-    for pattern in patterns:
-        for expanded in braceexpand.braceexpand(str(pattern)):
-            expanded = os.path.expanduser(expanded)
-            if glob.has_magic(expanded):
-                matches = sorted(Path(match) for match in glob.glob(expanded) if Path(match).is_file())
-                if not matches:
-                    missing.append(expanded)
-                found.update(dict.fromkeys(matches))
-            elif Path(expanded).is_file():
-                found[Path(expanded)] = None
-            else:
-                missing.append(expanded)
-    if missing:
-        shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
-        raise OpenAlignError(f"{len(missing)} shard(s) not found: {shown}")
-    if not found:
-        raise OpenAlignError("no shards given: pass tar paths, globs or brace patterns ('shards/{00000..00009}.tar')")
-    return list(found)
-
-
-@dataclass
-class _Sample:
-    """One webdataset sample: consecutive members sharing a key (``key`` None: a member webdataset ignores)."""
-
-    key: str | None
-    members: list[tuple[tarfile.TarInfo, bytes | None]] = dataclass_field(default_factory=list)
-
-    def image(self) -> tuple[tarfile.TarInfo, bytes] | None:
-        for info, data in self.members:
-            match = _KEY_EXT.match(info.name)
-            if info.isfile() and match and match.group(2).lower() in IMAGE_EXTENSIONS:
-                return info, data or b""
-        return None
-
-
-def _read_samples(tar: tarfile.TarFile, source: Path, field: str) -> Iterator[_Sample]:
-    """The shard's samples in member order; read errors become :class:`_ShardReadError`."""
-    caption_ext = f"{field}.txt"
-    current: _Sample | None = None
-    members = iter(tar)
-    while True:
-        try:
-            info = next(members, None)
-            if info is None:
-                _check_end_of_archive(tar)
-                break
-            data = tar.extractfile(info).read() if info.isfile() else None
-        except (tarfile.TarError, EOFError, OSError, ValueError) as error:
-            raise _ShardReadError(f"{type(error).__name__}: {error}") from error
-        match = _KEY_EXT.match(info.name) if info.isfile() else None
-        key = match.group(1) if match else None
-        if match and match.group(2) == caption_ext:
-            raise OpenAlignError(f"shard {source} already has a '{info.name}' member: choose another --field "
-                                 f"(it names the new member KEY.<field>.txt)")
-        if current is None or key is None or key != current.key:
-            if current is not None:
-                yield current
-            current = _Sample(key)
-        current.members.append((info, data))
-    if current is not None:
-        yield current
-
-
-def _check_end_of_archive(tar: tarfile.TarFile) -> None:
-    """``tarfile`` ends quietly at a cut in a header; a whole tar ends with two zero blocks."""
-    tar.fileobj.seek(tar.offset)
-    tail = tar.fileobj.read(2 * tarfile.BLOCKSIZE)
-    if len(tail) < 2 * tarfile.BLOCKSIZE or tail.strip(b"\0"):
-        raise _ShardReadError(f"no end-of-archive marker after byte {tar.offset}: the shard is truncated")
-
-
-def _decode_image(data: bytes) -> Any:
-    """A decoded RGB PIL image, or None for bytes PIL cannot decode."""
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            return image.convert("RGB")
-    except Exception:  # noqa: BLE001 - any decoding failure (corrupt, truncated, bomb) skips the sample
-        return None
 
 
 # ----------------------------------------------------------------------------------------- captioner
@@ -302,7 +199,7 @@ def _tar_mode(name: str, write: bool) -> str:
     return "w:gz" if name.endswith((".tar.gz", ".tgz")) else "w"
 
 
-def _caption_member(sample: _Sample, image_info: tarfile.TarInfo, field: str,
+def _caption_member(sample: TarSample, image_info: tarfile.TarInfo, field: str,
                     caption: str) -> tuple[tarfile.TarInfo, bytes]:
     data = caption.encode("utf-8")
     info = tarfile.TarInfo(f"{sample.key}.{field}.txt")
@@ -312,19 +209,19 @@ def _caption_member(sample: _Sample, image_info: tarfile.TarInfo, field: str,
     return info, data
 
 
-def _write_sample(tar: tarfile.TarFile, sample: _Sample, extra: tuple[tarfile.TarInfo, bytes] | None) -> None:
+def _write_sample(tar: tarfile.TarFile, sample: TarSample, extra: tuple[tarfile.TarInfo, bytes] | None) -> None:
     for info, data in [*sample.members, *([extra] if extra else [])]:
         info = copy.copy(info)
         tar.addfile(info, io.BytesIO(data) if data is not None else None)
 
 
 def _caption_shard(source: Path, tmp: Path, captioner: Captioner, batch_size: int, field: str) -> dict[str, Any]:
-    """Write ``source`` with captions to ``tmp``; the shard's counts. Raises :class:`_ShardReadError`."""
+    """Write ``source`` with captions to ``tmp``; the shard's counts. Raises :class:`ShardReadError`."""
     counts: dict[str, Any] = {"source": str(source), "samples": 0, "captioned": 0, "skipped": 0,
                               "skipped_no_image": [], "skipped_undecodable": []}
     start = time.perf_counter()
 
-    def flush(batch: list[_Sample], tar_out: tarfile.TarFile) -> None:
+    def flush(batch: list[TarSample], tar_out: tarfile.TarFile) -> None:
         images, owners = [], []
         for index, sample in enumerate(batch):
             if sample.key is None:
@@ -333,7 +230,7 @@ def _caption_shard(source: Path, tmp: Path, captioner: Captioner, batch_size: in
             if found is None:
                 counts["skipped_no_image"].append(sample.key)
                 continue
-            image = _decode_image(found[1])
+            image = decode_image(found[1])
             if image is None:
                 log.warning("%s: cannot decode %s; copying the sample without a caption", source.name, found[0].name)
                 counts["skipped_undecodable"].append(sample.key)
@@ -354,10 +251,14 @@ def _caption_shard(source: Path, tmp: Path, captioner: Captioner, batch_size: in
     try:
         tar_in = tarfile.open(source, _tar_mode(source.name, write=False))
     except (tarfile.TarError, EOFError, OSError) as error:
-        raise _ShardReadError(f"{type(error).__name__}: {error}") from error
+        raise ShardReadError(f"{type(error).__name__}: {error}") from error
     with tar_in, tarfile.open(tmp, _tar_mode(source.name, write=True)) as tar_out:
-        batch: list[_Sample] = []
-        for sample in _read_samples(tar_in, source, field):
+        batch: list[TarSample] = []
+        for sample in read_samples(tar_in):
+            if any(KEY_EXT.match(info.name) and KEY_EXT.match(info.name).group(2) == f"{field}.txt"
+                   for info, _ in sample.members):
+                raise OpenAlignError(f"shard {source} already has a '{sample.key}.{field}.txt' member: choose "
+                                     "another --field (it names the new member KEY.<field>.txt)")
             batch.append(sample)
             if sum(s.key is not None for s in batch) >= batch_size:
                 flush(batch, tar_out)
@@ -375,7 +276,7 @@ def _recount(path: Path, field: str) -> dict[str, Any]:
     keys, captioned = set(), 0
     with tarfile.open(path, "r:*") as tar:
         for info in tar:
-            match = _KEY_EXT.match(info.name) if info.isfile() else None
+            match = KEY_EXT.match(info.name) if info.isfile() else None
             if match:
                 keys.add(match.group(1))
                 captioned += match.group(2) == f"{field}.txt"
@@ -471,7 +372,7 @@ def caption_shards(shards: Sequence[str], captioner: str, out: str | Path, batch
                 summary["device"], summary["dtype"] = str(model.device), model.dtype_name
             try:
                 counts = _caption_shard(source, tmp, model, batch_size, field)
-            except _ShardReadError as error:
+            except ShardReadError as error:
                 tmp.unlink(missing_ok=True)
                 log.error("skipping shard %s: it cannot be read (%s)", source, error)
                 summary["failed_shards"][source.name] = {"source": str(source), "error": str(error)}

@@ -1,0 +1,119 @@
+"""``openalign data inspect``: what is in a set of webdataset shards, and what training would skip.
+
+Each sample is checked the way the training source reads it: an image member that PIL decodes
+completely, and a non-empty UTF-8 caption. The summary counts samples, the usable ones, skips
+by reason, unreadable (truncated) shards, caption lengths and image sizes in histogram bins, and
+image modes (grayscale, CMYK and alpha images are usable: the transforms convert them to RGB).
+"""
+
+from __future__ import annotations
+
+import bisect
+import io
+import tarfile
+import warnings
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+from PIL import Image
+
+from ..progress import progress_bar
+from .shards import KEY_EXT, ShardReadError, TarSample, expand_shards, read_samples
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+CAPTION_EDGES = (1, 10, 20, 40, 80, 160, 320)  # characters
+IMAGE_EDGES = (32, 64, 128, 256, 512, 1024, 2048)  # pixels, the longer side
+
+
+def inspect_shards(patterns: Sequence[str], text_key: str = "txt", image_keys: Sequence[str] = IMAGE_KEYS,
+                   show_progress: bool = True) -> dict[str, Any]:
+    """The summary of the shards ``patterns`` name (paths, globs, brace patterns): ``samples``,
+    ``usable``, ``skipped`` {reason: count}, ``failed_shards`` {path: error}, ``caption_chars`` and
+    ``image_longer_side`` histograms {bin: count}, ``image_modes`` {mode: count}."""
+    shards = expand_shards(patterns)
+    skipped: Counter[str] = Counter()
+    captions: Counter[str] = Counter()
+    sizes: Counter[str] = Counter()
+    modes: Counter[str] = Counter()
+    failed: dict[str, str] = {}
+    samples = usable = 0
+    with progress_bar("inspecting shards", len(shards), enabled=show_progress) as advance:
+        for shard in shards:
+            try:
+                with tarfile.open(shard, "r:*") as tar:
+                    for sample in read_samples(tar):
+                        if sample.key is None:
+                            continue
+                        samples += 1
+                        reason = _check(sample, text_key, image_keys, captions, sizes, modes)
+                        if reason:
+                            skipped[reason] += 1
+                        else:
+                            usable += 1
+            except (ShardReadError, tarfile.TarError, OSError) as error:
+                failed[str(shard)] = f"{type(error).__name__}: {error}"
+            advance()
+    return {"shards": len(shards), "samples": samples, "usable": usable, "skipped": dict(skipped),
+            "failed_shards": failed, "caption_chars": _ordered(captions, CAPTION_EDGES),
+            "image_longer_side": _ordered(sizes, IMAGE_EDGES), "image_modes": dict(modes)}
+
+
+def _check(sample: TarSample, text_key: str, image_keys: Sequence[str], captions: Counter[str], sizes: Counter[str],
+           modes: Counter[str]) -> str | None:
+    """Why training would skip ``sample``, or None; updates the histograms of what it reads."""
+    members = {KEY_EXT.match(info.name).group(2).lower(): data for info, data in sample.members
+               if info.isfile() and KEY_EXT.match(info.name)}
+    text = members.get(text_key)
+    image = next((members[key] for key in image_keys if key in members), None)
+    if image is None:
+        return "no image"
+    if text is None:
+        return "no caption"
+    try:
+        caption = text.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return "caption not UTF-8"
+    if not caption:
+        return "empty caption"
+    captions[_bin(len(caption), CAPTION_EDGES)] += 1
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(image or b"")) as opened:
+                opened.load()
+                size, mode = opened.size, opened.mode
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return "image too large (decompression bomb)"
+    except Exception:  # noqa: BLE001 - corrupt, truncated, unknown format: all unreadable
+        return "undecodable image"
+    sizes[_bin(max(size), IMAGE_EDGES)] += 1
+    modes[mode] += 1
+    return None
+
+
+def _bin(value: int, edges: Sequence[int]) -> str:
+    """The histogram bin of ``value``: "<e0", "e0-e1", ..., ">=eN"."""
+    position = bisect.bisect_right(edges, value)
+    if position == 0:
+        return f"<{edges[0]}"
+    if position == len(edges):
+        return f">={edges[-1]}"
+    return f"{edges[position - 1]}-{edges[position] - 1}"
+
+
+def _ordered(counts: Counter[str], edges: Sequence[int]) -> dict[str, int]:
+    """The bins in ascending order, empty ones included."""
+    bins = [f"<{edges[0]}"] + [f"{low}-{high - 1}" for low, high in zip(edges, edges[1:])] + [f">={edges[-1]}"]
+    return {name: counts.get(name, 0) for name in bins}
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """A short human-readable report of :func:`inspect_shards`' summary."""
+    lines = [f"{summary['shards']} shard(s), {summary['samples']} samples, {summary['usable']} usable"]
+    lines += [f"  skipped, {reason}: {count}" for reason, count in sorted(summary["skipped"].items())]
+    lines += [f"  unreadable shard {path}: {error}" for path, error in summary["failed_shards"].items()]
+    for title, key in (("caption characters", "caption_chars"), ("image longer side (px)", "image_longer_side")):
+        lines.append(f"{title}: " + ", ".join(f"{name}: {count}" for name, count in summary[key].items() if count))
+    lines.append("image modes: " + ", ".join(f"{mode}: {count}" for mode, count in sorted(summary["image_modes"].items())))
+    return "\n".join(lines)
