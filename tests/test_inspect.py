@@ -57,3 +57,31 @@ def test_inspect_counts_every_kind_of_bad_sample_and_reports_truncated_shards(tm
     assert main(["data", "inspect", str(tmp_path / "00000.tar")]) == 0
     assert "9 samples, 3 usable" in capsys.readouterr().out
     assert main(["data", "inspect", str(tmp_path / "missing.tar")]) == 2
+
+
+def test_convert_writes_a_table_as_shards_that_inspect_and_the_training_source_read(tmp_path, capsys):
+    from openalign.data import ImageTransform, WebDatasetSourceConfig
+    from openalign.data.transforms import PreprocessConfig
+
+    (tmp_path / "images").mkdir()
+    lines = ["image,caption,synthetic"]
+    for index in range(5):
+        Image.new("RGB", (24, 24), (index * 50, 0, 0)).save(tmp_path / "images" / f"{index}.png")
+        lines.append(f"images/{index}.png,red number {index},a red square")
+    lines.append("images/missing.png,lost,x")
+    (tmp_path / "pairs.csv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "shards"
+    assert main(["data", "convert", str(tmp_path / "pairs.csv"), "--out", str(out), "--samples-per-shard", "2",
+                 "--extra-column", "caption=synthetic"]) == 0
+    assert json.loads((out / "sizes.json").read_text()) == {"00000.tar": 2, "00001.tar": 2, "00002.tar": 1}
+    with tarfile.open(out / "00000.tar") as tar:
+        assert tar.getnames() == [f"00000000{i}.{ext}" for i in (0, 1) for ext in ("png", "txt", "caption.txt", "json")]
+        assert tar.extractfile("000000001.png").read() == (tmp_path / "images" / "1.png").read_bytes()
+    assert main(["data", "inspect", str(out / "*.tar"), "--json"]) == 0
+    capsys.readouterr()
+    transform = ImageTransform(PreprocessConfig(image_size=24, resize_size=24, random_flip=False), train=False)
+    source = WebDatasetSourceConfig(urls=str(out / "{00000..00002}.tar"), image_keys="png",
+                                    extra_keys={"caption": "caption.txt"}, shuffle_buffer=1)
+    sample = next(iter(source.build(transform, 0)))
+    assert sample["text"].startswith("red number") and sample["caption"] == "a red square"
+    assert main(["data", "convert", str(tmp_path / "pairs.csv"), "--out", str(out)]) == 2  # never overwrites shards

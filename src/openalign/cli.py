@@ -149,6 +149,18 @@ def _cmd_data_inspect(args: argparse.Namespace) -> None:
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
 
 
+def _cmd_data_convert(args: argparse.Namespace) -> None:
+    from .data.convert import convert_table
+    from .data.sources import TableSourceConfig
+
+    extra = dict(pair.split("=", 1) for pair in args.extra_column)
+    table = TableSourceConfig(path=args.table, image_column=args.image_column, text_column=args.text_column,
+                              extra_columns=extra, image_root=args.image_root)
+    sizes = convert_table(table, args.out, args.samples_per_shard)
+    print(f"wrote {len(sizes)} shard(s), {sum(sizes.values())} samples, to {args.out} (sizes.json beside them); "
+          f"train on them with data.train.urls='{Path(args.out) / ('{00000..%05d}.tar' % (len(sizes) - 1))}'")
+
+
 def _device(name: str) -> str:
     """``auto`` is CUDA when a GPU is visible, else the CPU."""
     import torch
@@ -391,6 +403,17 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--text-key", default="txt", help="the caption member's extension (default txt)")
     inspect.add_argument("--json", action="store_true", help='print {"samples": N, "skipped": {reason: count}, ...}')
     inspect.set_defaults(func=_cmd_data_inspect)
+    convert = data_commands.add_parser("convert", help="a CSV/TSV/parquet table of local images and captions -> "
+                                                       "webdataset shards (for URLs, use img2dataset)")
+    convert.add_argument("table", help="a .csv, .tsv or .parquet file, or a glob of them")
+    convert.add_argument("--out", required=True, help="an empty directory for the shards and sizes.json")
+    convert.add_argument("--image-column", default="image", help="image paths (or bytes, in parquet)")
+    convert.add_argument("--text-column", default="caption")
+    convert.add_argument("--extra-column", action="append", default=[], metavar="FIELD=COLUMN",
+                         help="also write COLUMN as KEY.FIELD.txt (repeatable), e.g. caption=synthetic_caption")
+    convert.add_argument("--image-root", help="what image paths are relative to (default: the table's folder)")
+    convert.add_argument("--samples-per-shard", type=int, default=10000)
+    convert.set_defaults(func=_cmd_data_convert)
     return parser
 
 

@@ -116,6 +116,10 @@ class TableSourceConfig(SourceConfig, tag="table"):
 
     def build(self, transform: ImageTransform, seed: int, start_step: int = 0,
               text_processor: TextProcessor | None = None) -> TableDataset:
+        return TableDataset(self.rows(), transform, seed)
+
+    def rows(self) -> list[tuple[Path | bytes, str, dict[str, str]]]:
+        """``(image path or bytes, caption, extra fields)`` of every usable row, in table order."""
         tables = sorted(glob.glob(self.path))
         if not tables:
             raise OpenAlignError(f"no table matches '{self.path}' (data.train.path: .csv, .tsv or .parquet files)")
@@ -147,7 +151,7 @@ class TableSourceConfig(SourceConfig, tag="table"):
                                                                         dropped.items() if n))
         if not rows:
             raise OpenAlignError(f"table '{self.path}' has no usable row (dropped: {dropped})")
-        return TableDataset(rows, transform, seed)
+        return rows
 
 
 def _read_table(path: Path) -> dict[str, list[Any]]:
