@@ -4,12 +4,13 @@ from .karpathy import CaptionedImage, read_karpathy
 from .loader import Collate, EpochBatchSampler, build_loader, move_to_device
 from .shapes import ShapesSpec, build_shapes_dataset
 from .sources import (CaptionDataset, KarpathySourceConfig, MixtureSourceConfig, SentencePairsSourceConfig,
-                      ShapesSourceConfig, SourceConfig, TableSourceConfig, WebDatasetSourceConfig)
+                      ShapesSourceConfig, SourceConfig, TableSourceConfig, TFRecordSourceConfig,
+                      WebDatasetSourceConfig)
 from .tokenizer import Tokenizer, load_hf_tokenizer
 from .transforms import ImageTransform
 
 __all__ = [
     "CaptionDataset", "CaptionedImage", "Collate", "EpochBatchSampler", "ImageTransform", "KarpathySourceConfig",
-    "MixtureSourceConfig", "SentencePairsSourceConfig", "ShapesSourceConfig", "ShapesSpec", "SourceConfig", "TableSourceConfig", "Tokenizer", "WebDatasetSourceConfig", "build_loader",
+    "MixtureSourceConfig", "SentencePairsSourceConfig", "ShapesSourceConfig", "ShapesSpec", "SourceConfig", "TFRecordSourceConfig", "TableSourceConfig", "Tokenizer", "WebDatasetSourceConfig", "build_loader",
     "build_shapes_dataset", "load_hf_tokenizer", "move_to_device", "read_karpathy",
 ]
