@@ -91,10 +91,27 @@ def test_the_running_averages_are_buffers_that_checkpoints_carry():
     assert restored.history_image_text.item() == state["history_image_text"].item()
 
 
-def test_the_gates_carry_no_gradient_and_the_embeddings_do():
-    image, text, caption = (unit(ANGLES[k]).requires_grad_() for k in ("image", "text", "caption"))
-    ALIPLoss()(image, text, caption, torch.tensor(10.0)).backward()
-    assert all(e.grad is not None and e.grad.abs().sum() > 0 for e in (image, text, caption))
+def test_the_gates_are_constants_for_the_gradient():
+    """The gradient equals that of the weighted loss with the weights frozen as numbers: no
+    gradient flows through the gates or the running averages (spec §2: computed under no_grad)."""
+    embeddings = [unit(ANGLES[k]).requires_grad_() for k in ("image", "text", "caption")]
+    ALIPLoss()(*embeddings, torch.tensor(10.0)).backward()
+    frozen = [e.detach().clone().requires_grad_() for e in embeddings]
+    weight_sample, weight_text, weight_caption = ALIPLoss().gates(*(e.detach() for e in frozen))
+    image, text, caption = frozen
+    labels = torch.arange(3)
+
+    def symmetric(y: torch.Tensor) -> torch.Tensor:  # per-sample ½[CE(i→t) + CE(t→i)], written out
+        logits = 10.0 * image @ y.T
+        return (torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+                + torch.nn.functional.cross_entropy(logits.T, labels, reduction="none")) / 2
+
+    reference = ((weight_sample * weight_text * symmetric(text)).mean()
+                 + (weight_sample * weight_caption * symmetric(caption)).mean())
+    reference.backward()
+    for ours, theirs in zip(embeddings, frozen):
+        assert theirs.grad.abs().sum() > 0
+        torch.testing.assert_close(ours.grad, theirs.grad)
 
 
 def test_alip_vit_b32_is_open_clips_vit_b32_and_embeds_both_texts_with_one_tower():

@@ -18,12 +18,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..distributed import gather_with_grad, world_info
 from ..errors import ConfigError
 from .base import LossConfig
+from .contrastive import local_cross_entropy
 
 
 @dataclass
@@ -78,10 +78,9 @@ class ALIPLoss(nn.Module):
         rank, _ = world_info()
         local = slice(rank * image_emb.shape[0], (rank + 1) * image_emb.shape[0])
         loss_text = (weight_sample[local] * weight_text[local]
-                     * self.per_sample_loss(image_emb, text_emb, all_image, all_text, logit_scale, local)).mean()
+                     * self.per_sample_loss(image_emb, text_emb, all_image, all_text, logit_scale)).mean()
         loss_caption = (weight_sample[local] * weight_caption[local]
-                        * self.per_sample_loss(image_emb, caption_emb, all_image, all_caption, logit_scale,
-                                               local)).mean()
+                        * self.per_sample_loss(image_emb, caption_emb, all_image, all_caption, logit_scale)).mean()
         self.last_stats.update(loss_text=loss_text.detach(), loss_caption=loss_caption.detach())
         return loss_text + loss_caption
 
@@ -109,9 +108,8 @@ class ALIPLoss(nn.Module):
 
     @staticmethod
     def per_sample_loss(image: torch.Tensor, text: torch.Tensor, all_image: torch.Tensor, all_text: torch.Tensor,
-                        logit_scale: torch.Tensor, rows: slice) -> torch.Tensor:
+                        logit_scale: torch.Tensor) -> torch.Tensor:
         """½[CE(image→text) + CE(text→image)] of each local row against the global batch."""
-        labels = torch.arange(rows.start, rows.stop, device=image.device)
-        image_to_text = F.cross_entropy(logit_scale * image @ all_text.T, labels, reduction="none")
-        text_to_image = F.cross_entropy(logit_scale * text @ all_image.T, labels, reduction="none")
+        image_to_text, text_to_image = local_cross_entropy(image, text, all_image, all_text, logit_scale,
+                                                           reduction="none")
         return (image_to_text + text_to_image) / 2

@@ -30,6 +30,20 @@ class ContrastiveLossConfig(LossConfig, tag="contrastive"):
         return ContrastiveLoss(self.label_smoothing, self.directions)
 
 
+def local_cross_entropy(image_emb: torch.Tensor, text_emb: torch.Tensor, all_image: torch.Tensor,
+                        all_text: torch.Tensor, logit_scale: torch.Tensor, label_smoothing: float = 0.0,
+                        reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(image→text, text→image)`` cross-entropy of this rank's rows against the gathered batch:
+    row i of ``image_emb`` must pick its own caption among ``all_text``, and the reverse; the
+    positives sit at this rank's offset in the gathered order. ``reduction`` as ``F.cross_entropy``."""
+    rank, _ = world_info()
+    local = image_emb.shape[0]
+    labels = torch.arange(local, device=image_emb.device) + rank * local
+    options = {"label_smoothing": label_smoothing, "reduction": reduction}
+    return (F.cross_entropy(logit_scale * image_emb @ all_text.T, labels, **options),
+            F.cross_entropy(logit_scale * text_emb @ all_image.T, labels, **options))
+
+
 class ContrastiveLoss(nn.Module):
     """Image→text plus text→image cross-entropy over the global batch, with label smoothing.
 
@@ -53,11 +67,8 @@ class ContrastiveLoss(nn.Module):
     def forward(self, image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
         image_emb, text_emb, logit_scale = image_emb.float(), text_emb.float(), logit_scale.float()
         all_image, all_text = gather_with_grad(image_emb), gather_with_grad(text_emb)
-        rank, _ = world_info()
-        local = image_emb.shape[0]
-        labels = torch.arange(local, device=image_emb.device) + rank * local
-        loss_i2t = F.cross_entropy(logit_scale * image_emb @ all_text.T, labels, label_smoothing=self.label_smoothing)
-        loss_t2i = F.cross_entropy(logit_scale * text_emb @ all_image.T, labels, label_smoothing=self.label_smoothing)
+        loss_i2t, loss_t2i = local_cross_entropy(image_emb, text_emb, all_image, all_text, logit_scale,
+                                                 self.label_smoothing)
         self.last_stats = {"loss_i2t": loss_i2t.detach(), "loss_t2i": loss_t2i.detach()}
         total = loss_i2t + loss_t2i
         return total / 2 if self.directions == "mean" else total
