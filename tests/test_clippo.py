@@ -263,5 +263,11 @@ def test_clippo_co_trains_on_image_text_and_sentence_pairs(tmp_path, shapes_root
                  "data.train={type: mixture, weights: [0.5, 0.5], sources: [{type: shapes, root: " + str(shapes_root) +
                  ", num_train: 256, num_test: 24, image_size: 32}, {type: sentence_pairs, path: " +
                  str(tmp_path / "corpus.txt") + "}]}"]
-    result = train(load_recipe("clippo-shapes", overrides), show_progress=False)
+    recipe = load_recipe("clippo-shapes", overrides)
+    result = train(recipe, show_progress=False)
     assert result.step == 3
+    # the stream the trainer read mixes both kinds: rendered sentences hold only ink and background
+    processor = recipe.model.build_tokenizer()
+    stream = iter(recipe.data.train.build(recipe.model.build_transform(train=True), 0, 0, processor))
+    rendered = [next(stream)["image"].unique().numel() <= 2 for _ in range(40)]
+    assert 5 < sum(rendered) < 35

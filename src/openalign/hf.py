@@ -130,6 +130,19 @@ def _preprocess_from_hf(directory: Path, image_size: int) -> dict[str, Any]:
             "mean": list(mean), "std": list(std), "random_flip": True}
 
 
+def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    """One ``.safetensors`` file, or a ``torch.save`` file loaded with ``weights_only`` (no pickled code)."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # weights_only refuses pickled code: say so plainly
+        raise OpenAlignError(f"'{path}' cannot be read safely (weights_only): {error}") from None
+    return state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
+
+
 def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
     """``model.safetensors`` (or its shards), else ``pytorch_model.bin`` loaded with ``weights_only``."""
     from safetensors.torch import load_file
@@ -144,10 +157,7 @@ def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
             state.update(load_file(str(directory / shard)))
         return state
     if (directory / "pytorch_model.bin").is_file():
-        try:
-            return torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
-        except Exception as error:  # weights_only refuses pickled code: say so plainly
-            raise OpenAlignError(f"'{directory / 'pytorch_model.bin'}' cannot be read safely (weights_only): {error}") from None
+        return read_weights_file(directory / "pytorch_model.bin")
     raise OpenAlignError(f"'{directory}' has no weights: expected model.safetensors, model.safetensors.index.json "
                          "or pytorch_model.bin")
 

@@ -255,8 +255,7 @@ def _caption_shard(source: Path, tmp: Path, captioner: Captioner, batch_size: in
     with tar_in, tarfile.open(tmp, _tar_mode(source.name, write=True)) as tar_out:
         batch: list[TarSample] = []
         for sample in read_samples(tar_in):
-            if any(KEY_EXT.match(info.name) and KEY_EXT.match(info.name).group(2) == f"{field}.txt"
-                   for info, _ in sample.members):
+            if f"{field}.txt" in sample.fields():
                 raise OpenAlignError(f"shard {source} already has a '{sample.key}.{field}.txt' member: choose "
                                      "another --field (it names the new member KEY.<field>.txt)")
             batch.append(sample)

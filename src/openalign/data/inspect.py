@@ -19,9 +19,10 @@ from typing import Any
 from PIL import Image
 
 from ..progress import progress_bar
-from .shards import KEY_EXT, ShardReadError, TarSample, expand_shards, read_samples
+from .shards import ShardReadError, TarSample, expand_shards, read_samples
+from .sources import WebDatasetSourceConfig
 
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+IMAGE_KEYS = tuple(WebDatasetSourceConfig.image_keys.split(";"))  # what training reads
 CAPTION_EDGES = (1, 10, 20, 40, 80, 160, 320)  # characters
 IMAGE_EDGES = (32, 64, 128, 256, 512, 1024, 2048)  # pixels, the longer side
 
@@ -62,8 +63,7 @@ def inspect_shards(patterns: Sequence[str], text_key: str = "txt", image_keys: S
 def _check(sample: TarSample, text_key: str, image_keys: Sequence[str], captions: Counter[str], sizes: Counter[str],
            modes: Counter[str]) -> str | None:
     """Why training would skip ``sample``, or None; updates the histograms of what it reads."""
-    members = {KEY_EXT.match(info.name).group(2).lower(): data for info, data in sample.members
-               if info.isfile() and KEY_EXT.match(info.name)}
+    members = {name.lower(): data for name, data in sample.fields().items()}
     text = members.get(text_key)
     image = next((members[key] for key in image_keys if key in members), None)
     if image is None:

@@ -61,6 +61,15 @@ class TarSample:
     key: str | None
     members: list[tuple[tarfile.TarInfo, bytes | None]] = field(default_factory=list)
 
+    def fields(self) -> dict[str, bytes]:
+        """The file members by field (the name after the key: ``jpg``, ``txt``, ``caption.txt``)."""
+        found = {}
+        for info, data in self.members:
+            match = KEY_EXT.match(info.name) if info.isfile() else None
+            if match:
+                found[match.group(2)] = data or b""
+        return found
+
     def image(self) -> tuple[tarfile.TarInfo, bytes] | None:
         for info, data in self.members:
             match = KEY_EXT.match(info.name)

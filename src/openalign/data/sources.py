@@ -252,10 +252,7 @@ class WebDatasetSourceConfig(SourceConfig, tag="webdataset"):
     max_consecutive_errors: int = 100
 
     def __post_init__(self) -> None:
-        if not self.urls:
-            raise ConfigError("must name the shards, e.g. 'data/cc3m/{00000..00331}.tar'", "urls")
-        if self.max_consecutive_errors < 1:
-            raise ConfigError("must be at least 1", "max_consecutive_errors")
+        _check_stream(self.urls, self.max_consecutive_errors, "data/cc3m/{00000..00331}.tar")
 
     def local_shards(self) -> list[Path] | None:
         """The shard paths of a local pattern, or None for remote URLs and ``pipe:`` commands."""
@@ -326,6 +323,9 @@ class TFRecordSourceConfig(SourceConfig, tag="tfrecord"):
     shuffle_buffer: int = 2000
     max_consecutive_errors: int = 100
 
+    def __post_init__(self) -> None:
+        _check_stream(self.urls, self.max_consecutive_errors, "data/coyo/*.tfrecord")
+
     def files(self) -> list[str]:
         import braceexpand
 
@@ -346,13 +346,10 @@ class TFRecordStream(IterableDataset):
         self.config, self.files, self.transform, self.seed = config, files, transform, seed
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        worker = torch.utils.data.get_worker_info()
-        worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
-        rank, world_size = world_info()
-        shard, num_shards = rank * num_workers + worker_id, world_size * num_workers
+        shard, num_shards = _stream_shard()
         if len(self.files) < num_shards:
-            raise OpenAlignError(f"{len(self.files)} TFRecord file(s) for {world_size} rank(s) × {num_workers} loader "
-                                 f"worker(s): each needs at least one file; lower data.num_workers or split the files")
+            raise OpenAlignError(f"{len(self.files)} TFRecord file(s) for {num_shards} readers (ranks × loader "
+                                 "workers): each needs at least one file; lower data.num_workers or split the files")
         mine = self.files[shard::num_shards]
         rng = random.Random(f"{self.seed}/{shard}")
         errors = _SkipCounter(self.config.urls, self.config.max_consecutive_errors)
@@ -396,6 +393,14 @@ class TFRecordStream(IterableDataset):
                 raise ValueError(f"empty '{key}'")
         with Image.open(io.BytesIO(bytes(record[config.image_key]))) as image:
             return {**texts, "image": self.transform(image)}
+
+
+def _check_stream(urls: str, max_consecutive_errors: int, example: str) -> None:
+    """The settings the streaming sources share."""
+    if not urls:
+        raise ConfigError(f"must name the files, e.g. '{example}'", "urls")
+    if max_consecutive_errors < 1:
+        raise ConfigError("must be at least 1", "max_consecutive_errors")
 
 
 class _SkipCounter:
@@ -530,16 +535,21 @@ class MixtureDataset(IterableDataset):
         self.weights = [w / sum(weights) for w in weights]
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        worker = torch.utils.data.get_worker_info()
-        worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
-        rank, world_size = world_info()
-        shard, num_shards = rank * num_workers + worker_id, world_size * num_workers
+        shard, num_shards = _stream_shard()
         rng = random.Random(f"{self.seed}/{shard}")
         streams = [iter(child) if isinstance(child, IterableDataset)
                    else _endless(child, shard, num_shards, self.seed + index)
                    for index, child in enumerate(self.children)]
         while True:
             yield next(streams[rng.choices(range(len(streams)), self.weights)[0]])
+
+
+def _stream_shard() -> tuple[int, int]:
+    """``(this reader's index, number of readers)`` over all ranks and their loader workers."""
+    worker = torch.utils.data.get_worker_info()
+    worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
+    rank, world_size = world_info()
+    return rank * num_workers + worker_id, world_size * num_workers
 
 
 def _endless(dataset: Dataset, shard: int, num_shards: int, seed: int) -> Iterator[dict[str, Any]]:

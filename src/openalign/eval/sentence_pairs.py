@@ -116,14 +116,10 @@ def _is_int(text: str) -> bool:
     return True
 
 
-def _missing_columns_error(path: Path, found: Sequence[str], where: str) -> OpenAlignError:
-    return OpenAlignError(f"'{path}'{where} has columns {', '.join(repr(c) for c in found) or '(none)'}; expected "
-                          f"'sentence1' (or 'sentence'), optionally 'sentence2', and 'label' (GLUE-style)")
-
-
 def _check_columns(path: Path, columns: Sequence[str], where: str = "") -> None:
     if not any(key in columns for key in FIRST_COLUMNS) or LABEL_COLUMN not in columns:
-        raise _missing_columns_error(path, columns, where)
+        raise OpenAlignError(f"'{path}'{where} has columns {', '.join(repr(c) for c in columns) or '(none)'}; "
+                             "expected 'sentence1' (or 'sentence'), optionally 'sentence2', and 'label' (GLUE-style)")
 
 
 def _read_tsv(path: Path, text: str) -> list[tuple[int, dict[str, str]]]:

@@ -94,13 +94,12 @@ class Clippo(nn.Module):
     trainer and the other models share; the optimiser sees the same magnitudes either way.
     """
 
-    input_fields = ("image", "text")
-
     def __init__(self, config: ClippoConfig) -> None:
         super().__init__()
         from timm.layers.weight_init import lecun_normal_
 
         self.config = config
+        self.input_fields = config.input_fields
         self.encoder = config.encoder.build()
         self.head = nn.Linear(self.encoder.output_dim, config.embed_dim)
         lecun_normal_(self.head.weight)  # flax Dense default; head_zeroinit=False

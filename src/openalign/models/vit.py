@@ -158,18 +158,11 @@ def _xavier_per_matrix(layer: nn.Linear, width: int) -> None:
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint directory (``model.safetensors`` or ``pytorch_model.bin``, as timm saves them) or file."""
+    from ..hf import read_hf_weights, read_weights_file
+
     if path.is_dir():
-        for name in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
-            if (path / name).is_file():
-                path = path / name
-                break
-        else:
-            raise OpenAlignError(f"'{path}' holds no model.safetensors or pytorch_model.bin")
+        return read_hf_weights(path)
     if not path.is_file():
         raise OpenAlignError(f"timm checkpoint '{path}' does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
+    return read_weights_file(path)
