@@ -229,13 +229,17 @@ def test_the_embedding_cache_skips_extraction_and_never_serves_stale_results(mod
         assert torch.equal(embed_images(model, transform, paths, CPU, show_progress=False), first)
     other = openalign.create_model("align-test").eval()  # other weights: a new key
     assert not torch.equal(embed_images(other, transform, paths, CPU, show_progress=False), first)
+    with torch.no_grad():  # the same model changed in place (as an optimiser step does): a new key
+        other.image_projection.weight.mul_(-1)
+    changed = embed_images(other, transform, paths, CPU, show_progress=False)
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 3 and not torch.equal(changed, first)
     copied = tmp_path / "copy.png"
     shutil.copy(paths[0], copied)
     stale = embed_images(model, transform, [copied, *paths[1:]], CPU, show_progress=False)
     assert paths[0].parent.name != "star"
     copied.write_bytes(next((folders / "val" / "star").iterdir()).read_bytes())  # same path, new content
     fresh = embed_images(model, transform, [copied, *paths[1:]], CPU, show_progress=False)
-    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 4
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 5
     assert not torch.allclose(fresh[0], stale[0], atol=1e-3)
     torch.testing.assert_close(fresh[1:], stale[1:])
 

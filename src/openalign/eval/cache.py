@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -31,13 +32,31 @@ def cache_key(model: nn.Module, preprocessing: object, entries: Iterable[str], k
     """SHA-256 over ``kind``, the model's weights, the preprocessing's settings (its ``config``
     if it has one, else its ``repr``) and the entries (:func:`file_entries` or the texts)."""
     digest = hashlib.sha256(kind.encode())
-    for name, tensor in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes())
+    digest.update(weights_digest(model).encode())
     digest.update(repr(getattr(preprocessing, "config", preprocessing)).encode())
     for entry in entries:
         digest.update(len(entry).to_bytes(8, "little"))  # length-prefixed: no two lists hash alike
         digest.update(entry.encode("utf-8", "surrogatepass"))
+    return digest.hexdigest()
+
+
+_WEIGHT_DIGESTS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, str]] = weakref.WeakKeyDictionary()
+
+
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 of the model's state dict, hashed once per version of its tensors: an evaluation
+    embeds images and texts several times with the same weights (hashing B7 takes seconds),
+    and any in-place change (an optimiser step, ``load_state_dict``) bumps a tensor's version."""
+    state = model.state_dict()
+    signature = tuple((name, tensor.data_ptr(), tensor._version) for name, tensor in state.items())
+    known = _WEIGHT_DIGESTS.get(model)
+    if known is not None and known[0] == signature:
+        return known[1]
+    digest = hashlib.sha256()
+    for name, tensor in state.items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes())
+    _WEIGHT_DIGESTS[model] = (signature, digest.hexdigest())
     return digest.hexdigest()
 
 
