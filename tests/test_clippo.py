@@ -248,7 +248,8 @@ def test_a_mixture_draws_each_source_at_its_weight_and_shards_map_style_sources(
     stream = iter(MixtureDataset([Tagged("a", 50), Tagged("b", 50)], [3.0, 1.0], seed=0))
     draws = [next(stream)["source"] for _ in range(4000)]
     assert draws.count("a") / len(draws) == pytest.approx(0.75, abs=0.025)
-    shards = [[next(it)["index"] for _ in range(25)] for it in (_endless(Tagged("a", 50), s, 2, 0) for s in (0, 1))]
+    shards = [[next(it)[0]["index"] for _ in range(25)]
+              for it in (_endless(Tagged("a", 50), s, 2, 0, None) for s in (0, 1))]
     assert sorted(shards[0] + shards[1]) == list(range(50))  # one pass: disjoint shards covering everything
 
 

@@ -83,7 +83,8 @@ def test_the_trainer_runs_under_torchrun_and_resumes(tmp_path, shapes_root):
     overrides = tiny_recipe_overrides(shapes_root, tmp_path / "run", steps=4) + ["train.device=cpu"]
     torchrun("-m", "openalign", "train", "demo", *overrides, "train.steps=2")
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints" / "step_00000002").iterdir()) == [
-        "config.yaml", "model.safetensors", "rng_rank0.pt", "rng_rank1.pt", "trainer_state.pt"]
+        "config.yaml", "data_rank0.json", "data_rank1.json", "model.safetensors", "rng_rank0.pt", "rng_rank1.pt",
+        "trainer_state.pt"]
     result = torchrun("-m", "openalign", "train", "demo", *overrides, "--resume", "latest")
     assert "resumed from" in result.stdout + result.stderr
     history = [r for r in read_history(tmp_path / "run") if "loss" in r]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+from collections import Counter
 
 import pytest
 
@@ -93,6 +94,7 @@ def test_tfrecord_source_streams_every_good_record_once_a_pass_and_counts_the_ba
     from tfrecord.writer import TFRecordWriter
 
     from openalign.data import ImageTransform, TFRecordSourceConfig
+    from openalign.data.quality import COUNTS
     from openalign.data.transforms import PreprocessConfig
     from openalign.errors import OpenAlignError
 
@@ -110,7 +112,7 @@ def test_tfrecord_source_streams_every_good_record_once_a_pass_and_counts_the_ba
     whole = (tmp_path / "part-1.tfrecord").read_bytes()
     (tmp_path / "part-2.tfrecord").write_bytes(whole[:len(whole) // 3])  # cut inside a record
     transform = ImageTransform(PreprocessConfig(image_size=16, resize_size=16, random_flip=False), train=False)
-    config = TFRecordSourceConfig(urls=str(tmp_path / "part-{0..2}.tfrecord"), shuffle_buffer=3)
+    config = TFRecordSourceConfig(urls=str(tmp_path / "part-{0..2}.tfrecord"), shuffle_buffer=3, resampled=False)
     from tfrecord.reader import tfrecord_loader
 
     expected = sorted(good)
@@ -120,9 +122,14 @@ def test_tfrecord_source_streams_every_good_record_once_a_pass_and_counts_the_ba
                 expected.append(bytes(record["txt"]).decode())
     except Exception:  # noqa: BLE001 - the cut
         pass
+    before = Counter(COUNTS)
     stream = iter(config.build(transform, 0))
     for _ in range(2):  # two passes: every good record exactly once in each
         assert sorted(next(stream)["text"] for _ in range(len(expected))) == sorted(expected)
     assert "skipped" in caplog.text
+    next(stream)  # a round never spans two passes: the second pass's bad records are all judged by now
+    counted = Counter(COUNTS) - before
+    assert (counted["skipped/undecodable image"], counted["skipped/empty caption"]) == (4, 4)
+    assert counted["skipped/truncated or corrupt shard"] >= 2
     with pytest.raises(OpenAlignError, match="no TFRecord file matches"):
         TFRecordSourceConfig(urls=str(tmp_path / "none-*.tfrecord")).build(transform, 0)

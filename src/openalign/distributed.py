@@ -68,14 +68,17 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(dist_fn.all_gather(tensor), dim=0)
 
 
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    """The sum of ``value`` over ranks (a detached copy); for logging."""
+    value = value.detach().clone()
+    if world_info()[1] > 1:
+        dist.all_reduce(value)
+    return value
+
+
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     """The mean of ``value`` over ranks (a detached copy); for logging."""
-    _, world_size = world_info()
-    value = value.detach().clone()
-    if world_size > 1:
-        dist.all_reduce(value)
-        value /= world_size
-    return value
+    return all_reduce_sum(value) / world_info()[1]
 
 
 def all_ranks_agree(flag: bool) -> bool:

@@ -25,10 +25,16 @@ from .registry import find_config, resolve_model_dict
 
 @dataclass
 class DataConfig:
-    """Training data: a source, and how many loader worker processes per rank read it."""
+    """Training data: a source, and how many loader worker processes per rank read it.
+
+    Unusable samples (corrupt images, empty captions, truncated shards ...) are skipped and
+    counted by reason in the training log and ``data_summary.json``; ``strict: true`` makes
+    the first one an error instead.
+    """
 
     train: SourceConfig
     num_workers: int = 4
+    strict: bool = False
 
     def __post_init__(self) -> None:
         if self.num_workers < 0:

@@ -1,7 +1,8 @@
 """``openalign data inspect``: what is in a set of webdataset shards, and what training would skip.
 
-Each sample is checked the way the training source reads it: an image member that PIL decodes
-completely, and a non-empty UTF-8 caption. The summary counts samples, the usable ones, skips
+Each sample is checked as the training source checks it (:mod:`openalign.data.quality`): an
+image member that PIL decodes completely, and a non-empty UTF-8 caption; skips are named by the
+reasons training logs. The summary counts samples, the usable ones, skips
 by reason, unreadable (truncated) shards, caption lengths and image sizes in histogram bins, and
 image modes (grayscale, CMYK and alpha images are usable: the transforms convert them to RGB).
 """
@@ -9,16 +10,13 @@ image modes (grayscale, CMYK and alpha images are usable: the transforms convert
 from __future__ import annotations
 
 import bisect
-import io
 import tarfile
-import warnings
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from PIL import Image
-
 from ..progress import progress_bar
+from .quality import NO_IMAGE, UNDECODABLE_IMAGE, SkipSample, caption_text, open_image
 from .shards import ShardReadError, TarSample, expand_shards, read_samples
 from .sources import WebDatasetSourceConfig
 
@@ -62,31 +60,22 @@ def inspect_shards(patterns: Sequence[str], text_key: str = "txt", image_keys: S
 
 def _check(sample: TarSample, text_key: str, image_keys: Sequence[str], captions: Counter[str], sizes: Counter[str],
            modes: Counter[str]) -> str | None:
-    """Why training would skip ``sample``, or None; updates the histograms of what it reads."""
+    """Why training would skip ``sample`` (the reason it would log), or None; updates the
+    histograms of what it reads."""
     members = {name.lower(): data for name, data in sample.fields().items()}
-    text = members.get(text_key)
-    image = next((members[key] for key in image_keys if key in members), None)
-    if image is None:
-        return "no image"
-    if text is None:
-        return "no caption"
     try:
-        caption = text.decode("utf-8").strip()
-    except UnicodeDecodeError:
-        return "caption not UTF-8"
-    if not caption:
-        return "empty caption"
-    captions[_bin(len(caption), CAPTION_EDGES)] += 1
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(image or b"")) as opened:
-                opened.load()
-                size, mode = opened.size, opened.mode
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        return "image too large (decompression bomb)"
-    except Exception:  # noqa: BLE001 - corrupt, truncated, unknown format: all unreadable
-        return "undecodable image"
+        data = next((members[key] for key in image_keys if key in members), None)
+        if data is None:
+            raise SkipSample(NO_IMAGE)
+        captions[_bin(len(caption_text(members.get(text_key))), CAPTION_EDGES)] += 1  # every readable caption
+        with open_image(data) as image:
+            try:
+                image.load()
+            except Exception as error:  # noqa: BLE001 - truncated or corrupt image data
+                raise SkipSample(UNDECODABLE_IMAGE, str(error)) from None
+            size, mode = image.size, image.mode
+    except SkipSample as skip:
+        return skip.reason
     sizes[_bin(max(size), IMAGE_EDGES)] += 1
     modes[mode] += 1
     return None

@@ -9,6 +9,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from ..errors import OpenAlignError
+from .quality import COUNTS
+from .stream import STREAM_KEY
+
+COUNTS_KEY = "__counts__"
 
 
 class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
@@ -48,6 +52,10 @@ class Collate:
     Text fields (``text``, ``caption`` and the like) become ``{"input_ids", "attention_mask"}``
     dicts; numbers become a tensor; anything else stays a list. With ``fields``, only those are
     kept (a source may carry fields this model does not read: no need to tokenise them).
+
+    Two entries serve :class:`DataMonitor`: ``__stream__``, a stream reader's position after the
+    batch's last sample (streams only), and ``__counts__``, ``(worker, this worker's skip and
+    conversion counts so far)``.
     """
 
     def __init__(self, text_processor: Callable[[list[str]], Any], fields: Sequence[str] | None = None) -> None:
@@ -56,8 +64,12 @@ class Collate:
 
     def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         batch: dict[str, Any] = {}
+        if STREAM_KEY in samples[-1]:
+            batch[STREAM_KEY] = samples[-1][STREAM_KEY]
+        worker = torch.utils.data.get_worker_info()
+        batch[COUNTS_KEY] = (worker.id if worker else -1, dict(COUNTS))
         for key, first in samples[0].items():
-            if self.fields is not None and key not in self.fields:
+            if (self.fields is not None and key not in self.fields) or key == STREAM_KEY:
                 continue
             if any(key not in sample for sample in samples):
                 raise OpenAlignError(f"some samples of the data source lack the field '{key}' that others have "
@@ -81,7 +93,7 @@ def build_loader(dataset: Dataset | IterableDataset, collate: Collate, batch_siz
     The loader draws its worker seeds from its own generator: drawing them from the global RNG
     when the iterator is created would shift the dropout stream of a resumed run.
     """
-    options: dict[str, Any] = {"num_workers": num_workers, "collate_fn": collate,
+    options: dict[str, Any] = {"num_workers": num_workers, "collate_fn": collate, "worker_init_fn": _fresh_counts,
                                "pin_memory": torch.cuda.is_available(), "persistent_workers": num_workers > 0,
                                "generator": torch.Generator().manual_seed(seed * 1_000_003 + rank)}
     if num_workers > 0:
@@ -90,6 +102,49 @@ def build_loader(dataset: Dataset | IterableDataset, collate: Collate, batch_siz
         return DataLoader(dataset, batch_size=batch_size, drop_last=True, **options)
     sampler = EpochBatchSampler(len(dataset), batch_size, rank, world_size, seed, start_step)
     return DataLoader(dataset, batch_sampler=sampler, **options)
+
+
+class DataMonitor:
+    """The training process's view of its data: the latest position of every stream reader (what
+    a checkpoint saves to resume exactly) and the skip and conversion counts of every worker.
+
+    :meth:`take` strips a batch of the entries :class:`Collate` added for it. ``saved`` is the
+    state a checkpoint held (:meth:`state` of the interrupted run): its counts carry on.
+    """
+
+    def __init__(self, saved: dict[str, Any] | None = None) -> None:
+        saved = saved or {}
+        self.positions: dict[int, Any] = {int(reader): position for reader, position in saved.get("positions", {}).items()}
+        self.base: dict[str, int] = dict(saved.get("counts", {}))
+        self.workers: dict[int, dict[str, int]] = {}
+        self.in_process = dict(COUNTS)  # with no workers, this process's counts before the run began
+
+    def take(self, batch: dict[str, Any]) -> dict[str, Any]:
+        if STREAM_KEY in batch:
+            reader, position = batch.pop(STREAM_KEY)
+            self.positions[reader] = position
+        if COUNTS_KEY in batch:
+            worker, counts = batch.pop(COUNTS_KEY)
+            if worker < 0:
+                counts = {key: count - self.in_process.get(key, 0) for key, count in counts.items()}
+            self.workers[worker] = counts
+        return batch
+
+    def counts(self) -> dict[str, int]:
+        """Skips (``skipped/<reason>``) and conversions (``converted/<mode>``) of this rank so far."""
+        total = dict(self.base)
+        for counts in self.workers.values():
+            for key, count in counts.items():
+                total[key] = total.get(key, 0) + count
+        return total
+
+    def state(self) -> dict[str, Any]:
+        return {"positions": dict(self.positions), "counts": self.counts()}
+
+
+def _fresh_counts(worker_id: int) -> None:
+    """A worker counts its own skips: not those of the process it was forked from."""
+    COUNTS.clear()
 
 
 def move_to_device(batch: Any, device: torch.device, channels_last: bool = False) -> Any:

@@ -1,6 +1,6 @@
 """Reading webdataset tar shards directly: expanding shard patterns, grouping members into
 samples as webdataset does, and telling a truncated shard from a whole one. Shared by
-``openalign data caption`` and ``openalign data inspect``."""
+the webdataset training source, ``openalign data caption`` and ``openalign data inspect``."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import io
 import os
 import re
 import tarfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from ..errors import OpenAlignError
 
@@ -78,19 +78,25 @@ class TarSample:
         return None
 
 
-def read_samples(tar: tarfile.TarFile) -> Iterator[TarSample]:
+def read_samples(tar: tarfile.TarFile, stream_end: Callable[[], None] | None = None) -> Iterator[TarSample]:
     """The shard's samples in member order (members grouped by key as webdataset groups them);
-    read errors become :class:`ShardReadError`."""
+    read errors, and a tar cut short, become :class:`ShardReadError`. ``stream_end`` checks the
+    end of a tar read as a stream (see :func:`stream_samples`); by default the file is seeked."""
     current: TarSample | None = None
     members = iter(tar)
     while True:
         try:
             info = next(members, None)
-            if info is None:
-                check_end_of_archive(tar)
-                break
-        except (tarfile.TarError, EOFError, OSError, ValueError) as error:
+        except (tarfile.TarError, EOFError, OSError, ValueError) as error:  # a cut inside a member: drop its sample
             raise ShardReadError(f"{type(error).__name__}: {error}") from error
+        if info is None:  # the last sample's members are whole, even if the tar was cut right after them
+            if current is not None:
+                yield current
+            try:
+                (stream_end or (lambda: check_end_of_archive(tar)))()
+            except (tarfile.TarError, EOFError, OSError, ValueError) as error:
+                raise ShardReadError(f"{type(error).__name__}: {error}") from error
+            return
         match = KEY_EXT.match(info.name) if info.isfile() else None
         key = match.group(1) if match else None
         if current is None or key is None or key != current.key:
@@ -102,8 +108,6 @@ def read_samples(tar: tarfile.TarFile) -> Iterator[TarSample]:
         except (tarfile.TarError, EOFError, OSError, ValueError) as error:
             raise ShardReadError(f"{type(error).__name__}: {error}") from error
         current.members.append((info, data))
-    if current is not None:
-        yield current
 
 
 def check_end_of_archive(tar: tarfile.TarFile) -> None:
@@ -112,6 +116,57 @@ def check_end_of_archive(tar: tarfile.TarFile) -> None:
     tail = tar.fileobj.read(2 * tarfile.BLOCKSIZE)
     if len(tail) < 2 * tarfile.BLOCKSIZE or tail.strip(b"\0"):
         raise ShardReadError(f"no end-of-archive marker after byte {tar.offset}: the shard is truncated")
+
+
+class _CountingReader(io.RawIOBase):
+    """A read-only stream that counts the bytes taken from ``raw``."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self.raw, self.count = raw, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.raw.read(len(buffer))
+        buffer[:len(data)] = data
+        self.count += len(data)
+        return len(data)
+
+
+def stream_samples(fileobj: BinaryIO) -> Iterator[TarSample]:
+    """The samples of a tar read front to back (a pipe, an object-storage stream, a local file),
+    as :func:`read_samples` gives them. A tar cut short, even at a member boundary where
+    ``tarfile`` stops quietly, raises :class:`ShardReadError` after its last whole sample."""
+    counter = _CountingReader(fileobj)
+    try:
+        tar = tarfile.open(fileobj=counter, mode="r|*")
+    except (tarfile.TarError, EOFError, OSError, ValueError) as error:
+        raise ShardReadError(f"{type(error).__name__}: {error}") from error
+
+    def stream_end() -> None:
+        while counter.read(1 << 16):  # drain: a whole tar has two zero blocks after the last member
+            pass
+        if counter.count < tar.offset + 2 * tarfile.BLOCKSIZE:
+            raise ShardReadError(f"the tar ends at byte {counter.count}, before its end-of-archive marker: "
+                                 "the shard is truncated")
+
+    with tar:
+        yield from read_samples(tar, stream_end)
+
+
+def open_url(url: str) -> BinaryIO:
+    """A binary stream of a shard: local paths, ``file:``, ``pipe:`` commands and http(s) through
+    webdataset's ``gopen``; other URLs (``s3://``, ``gs://``, ``az://``, ``hf://`` ...) through fsspec,
+    which needs the filesystem's package (s3fs, gcsfs, adlfs ...)."""
+    scheme = url.split(":", 1)[0] if re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:", url) else ""
+    if scheme in ("", "file", "pipe", "http", "https"):
+        from webdataset.gopen import gopen
+
+        return gopen(url, "rb")
+    import fsspec
+
+    return fsspec.open(url, "rb").open()
 
 
 def decode_image(data: bytes) -> Any:

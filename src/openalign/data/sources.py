@@ -7,28 +7,31 @@ sources sampled per example by weight).
 
 from __future__ import annotations
 
+import bisect
 import glob
 import gzip
-import io
+import itertools
 import json
 import logging
 import random
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, IterableDataset
 
 from ..config import Variants
 from ..distributed import barrier, world_info
 from ..errors import ConfigError, OpenAlignError
 from .karpathy import CaptionedImage, read_karpathy
+from .quality import NO_IMAGE, UNDECODABLE_RECORD, SkipPolicy, SkipSample, caption_text, decode_pixels, open_image
+from .shards import open_url, stream_samples
 from .shapes import ShapesSpec, build_shapes_dataset
-from .transforms import ImageTransform
+from .stream import ResumableStream, ShardStream
+from .transforms import ImageTransform, sample_generator
 
 log = logging.getLogger(__name__)
 
@@ -44,42 +47,72 @@ class SourceConfig(Variants):
     """
 
     def build(self, transform: ImageTransform, seed: int, start_step: int = 0,
-              text_processor: TextProcessor | None = None) -> Dataset | IterableDataset:
-        """``start_step`` is where a resumed run starts: streams use it to draw fresh data;
-        map-style sources ignore it (the loader's sampler resumes them exactly).
-        ``text_processor`` is the model's (strings → its text input), for sources that put
-        text in the image slot (sentence pairs for CLIPPO)."""
+              text_processor: TextProcessor | None = None, strict: bool = False) -> Dataset | IterableDataset:
+        """``start_step`` is where a resumed run starts (streams are resumed by
+        :meth:`~openalign.data.stream.ResumableStream.resume`; the loader's sampler resumes
+        map-style sources). ``text_processor`` is the model's (strings → its text input), for
+        sources that put text in the image slot (sentence pairs for CLIPPO). ``strict``
+        (``data.strict``) makes unusable samples errors instead of counted skips."""
         raise NotImplementedError
 
 
-def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
-    """The RNG of one sample's augmentation and caption choice: a pure function of its position."""
-    return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1_000_033 + index) % (2**63))
+class ImageDataset(Dataset):
+    """A map-style dataset of image samples indexed by ``(epoch, index)``, so augmentation replays
+    exactly on resume. A sample whose image cannot be read is skipped and counted, and the next
+    index stands in for it (the epoch then holds one good sample twice); with ``data.strict``
+    the skip is an error."""
+
+    def __init__(self, transform: ImageTransform, seed: int, policy: SkipPolicy) -> None:
+        self.transform, self.seed, self.policy = transform, seed, policy
+
+    def sample(self, epoch: int, index: int) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def describe(self, index: int) -> str:
+        return f"item {index}"
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        epoch, index = key
+        for offset in range(len(self)):
+            try:
+                sample = self.sample(epoch, (index + offset) % len(self))
+            except SkipSample as skip:
+                self.policy.skip(skip, self.describe((index + offset) % len(self)))
+                continue
+            self.policy.success()
+            return sample
+        raise OpenAlignError(f"data source '{self.policy.source}': no image can be read")
+
+    def pixels(self, image: Path | bytes, generator: torch.Generator) -> torch.Tensor:
+        """The transformed image of a file or of encoded bytes."""
+        if isinstance(image, Path):
+            try:
+                image = image.read_bytes()
+            except OSError as error:
+                raise SkipSample(NO_IMAGE, f"{type(error).__name__}: {error}") from None
+        with open_image(image) as opened:
+            return decode_pixels(self.transform, opened, generator)
 
 
-class CaptionDataset(Dataset):
-    """Captioned image files, indexed by ``(epoch, index)`` so augmentation replays exactly on resume.
+class CaptionDataset(ImageDataset):
+    """Captioned image files; a training sample uses one of the image's captions, chosen at random
+    each epoch."""
 
-    A training sample uses one of the image's captions, chosen at random each epoch.
-    """
-
-    def __init__(self, items: list[CaptionedImage], transform: ImageTransform, seed: int) -> None:
+    def __init__(self, items: list[CaptionedImage], transform: ImageTransform, seed: int,
+                 policy: SkipPolicy | None = None) -> None:
+        super().__init__(transform, seed, policy or SkipPolicy("captioned images"))
         self.items = items
-        self.transform = transform
-        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
-        epoch, index = key
+    def describe(self, index: int) -> str:
+        return str(self.items[index].path)
+
+    def sample(self, epoch: int, index: int) -> dict[str, Any]:
         item = self.items[index]
         generator = sample_generator(self.seed, epoch, index)
-        try:
-            with Image.open(item.path) as image:
-                pixels = self.transform(image, generator)
-        except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as error:
-            raise OpenAlignError(f"cannot read training image '{item.path}': {error}") from None
+        pixels = self.pixels(Path(item.path), generator)
         caption = item.captions[int(torch.randint(len(item.captions), (), generator=generator))]
         return {**item.fields, "image": pixels, "text": caption}
 
@@ -93,8 +126,9 @@ class KarpathySourceConfig(SourceConfig, tag="karpathy"):
     image_root: str | None = None
 
     def build(self, transform: ImageTransform, seed: int, start_step: int = 0,
-              text_processor: TextProcessor | None = None) -> CaptionDataset:
-        return CaptionDataset(read_karpathy(self.json, self.split, self.image_root), transform, seed)
+              text_processor: TextProcessor | None = None, strict: bool = False) -> CaptionDataset:
+        return CaptionDataset(read_karpathy(self.json, self.split, self.image_root), transform, seed,
+                              SkipPolicy(self.json, strict))
 
 
 @dataclass
@@ -115,8 +149,8 @@ class TableSourceConfig(SourceConfig, tag="table"):
     image_root: str | None = None
 
     def build(self, transform: ImageTransform, seed: int, start_step: int = 0,
-              text_processor: TextProcessor | None = None) -> TableDataset:
-        return TableDataset(self.rows(), transform, seed)
+              text_processor: TextProcessor | None = None, strict: bool = False) -> TableDataset:
+        return TableDataset(self.rows(), transform, seed, SkipPolicy(self.path, strict))
 
     def rows(self) -> list[tuple[Path | bytes, str, dict[str, str]]]:
         """``(image path or bytes, caption, extra fields)`` of every usable row, in table order."""
@@ -175,27 +209,24 @@ def _read_table(path: Path) -> dict[str, list[Any]]:
     return {name: table.column(name).to_pylist() for name in table.column_names}
 
 
-class TableDataset(Dataset):
+class TableDataset(ImageDataset):
     """``(epoch, index)`` → ``{"image", "text", **extra}`` of a table row; augmentation seeded per sample."""
 
     def __init__(self, rows: list[tuple[Path | bytes, str, dict[str, str]]], transform: ImageTransform,
-                 seed: int) -> None:
-        self.rows, self.transform, self.seed = rows, transform, seed
+                 seed: int, policy: SkipPolicy | None = None) -> None:
+        super().__init__(transform, seed, policy or SkipPolicy("table"))
+        self.rows = rows
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
-        epoch, index = key
+    def describe(self, index: int) -> str:
+        image = self.rows[index][0]
+        return f"row {index}" if isinstance(image, bytes) else str(image)
+
+    def sample(self, epoch: int, index: int) -> dict[str, Any]:
         image, text, extra = self.rows[index]
-        source = io.BytesIO(image) if isinstance(image, bytes) else image
-        try:
-            with Image.open(source) as opened:
-                pixels = self.transform(opened, sample_generator(self.seed, epoch, index))
-        except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as error:
-            where = f"row {index}" if isinstance(image, bytes) else f"'{image}'"
-            raise OpenAlignError(f"cannot read training image {where}: {error}") from None
-        return {**extra, "image": pixels, "text": text}
+        return {**extra, "image": self.pixels(image, sample_generator(self.seed, epoch, index)), "text": text}
 
 
 @dataclass
@@ -219,112 +250,144 @@ class ShapesSourceConfig(SourceConfig, tag="shapes"):
                           alt_text_noise=self.alt_text_noise)
 
     def build(self, transform: ImageTransform, seed: int, start_step: int = 0,
-              text_processor: TextProcessor | None = None) -> CaptionDataset:
+              text_processor: TextProcessor | None = None, strict: bool = False) -> CaptionDataset:
         """Rank 0 generates the dataset if needed while the other ranks wait: ``root`` must be
         visible to every rank (one machine, or a shared filesystem)."""
         if world_info()[0] == 0:
             build_shapes_dataset(self.root, self.spec())
         barrier()
-        return CaptionDataset(read_karpathy(Path(self.root) / "dataset_shapes.json", "train"), transform, seed)
+        return CaptionDataset(read_karpathy(Path(self.root) / "dataset_shapes.json", "train"), transform, seed,
+                              SkipPolicy(self.root, strict))
+
+
+@dataclass(kw_only=True)
+class StreamOptions:
+    """The settings the shard streams share (see :mod:`openalign.data.stream`).
+
+    ``resampled``: draw shards with replacement, an endless stream for very large datasets,
+    with training length in steps (open_clip's ``--dataset-resampled``); false: epochs, each
+    reading every sample once, the shards split between ranks and loader workers (each needs at
+    least one shard). ``open_shards`` shards are read at once per reader and ``shuffle_buffer``
+    raw samples are shuffled together. Samples whose image is under ``min_image_side`` pixels
+    on its shorter side are skipped (ALIGN's filter used 200; COYO is already filtered).
+    ``extra_keys`` carries more text fields into the samples, by name. Unreadable samples and
+    shards are skipped and counted by reason (``data.strict: true`` makes them errors), and
+    ``max_consecutive_errors`` skips in a row (a wrong URL, a dead bucket) stop the run with an
+    error instead of spinning forever.
+    """
+
+    extra_keys: dict[str, str] = field(default_factory=dict)
+    resampled: bool = True
+    open_shards: int = 8
+    shuffle_buffer: int = 2000
+    min_image_side: int = 10
+    max_consecutive_errors: int = 100
+
+    def check_stream(self, urls: str, example: str) -> None:
+        if not urls:
+            raise ConfigError(f"must name the files, e.g. '{example}'", "urls")
+        for name in ("open_shards", "shuffle_buffer", "min_image_side", "max_consecutive_errors"):
+            if getattr(self, name) < 1:
+                raise ConfigError("must be at least 1", name)
+
+    def stream(self, urls: str, shards: list[str], read_shard: Callable[[str], Iterable[Any]],
+               decode: Callable[[Any], dict[str, Any]], seed: int, strict: bool) -> ShardStream:
+        policy = SkipPolicy(urls, strict, self.max_consecutive_errors)
+        return ShardStream(shards, read_shard, decode, policy, seed, self.resampled, self.open_shards,
+                           self.shuffle_buffer)
 
 
 @dataclass
-class WebDatasetSourceConfig(SourceConfig, tag="webdataset"):
-    """Tar shards as img2dataset writes them (``KEY.jpg`` + ``KEY.txt``), streamed with ``webdataset``.
+class FieldsDecoder:
+    """A raw sample's fields (``jpg``, ``txt``, ...: bytes) → ``{"image", "text", **extra}``; what
+    cannot be used raises :class:`~openalign.data.quality.SkipSample` with the reason."""
 
-    ``urls`` is a brace pattern (``shards/{00000..01023}.tar``), an fsspec URL or a ``pipe:``
-    command; local patterns are checked when the source is built. Shards are resampled with
-    replacement: every rank and worker draws its own stream, seeded by (seed, rank, worker) and
-    by the step the run starts from, so a resumed run reads new data rather than replaying the
-    stream's beginning (a stream cannot be resumed at the exact sample; map-style sources can).
-    Training length is set in steps. ``extra_keys`` carries more text fields into the samples,
-    by name: ``{caption: caption.txt}`` reads the synthetic captions ``openalign data caption``
-    adds (ALIP). Unreadable samples, empty captions and samples missing a field are skipped and
-    counted in the log; ``max_consecutive_errors`` failures in a row (a wrong URL, a dead
-    bucket) stop the run with an error instead of spinning forever.
+    image_keys: tuple[str, ...]
+    text_key: str
+    extra_keys: dict[str, str]
+    transform: ImageTransform
+    min_image_side: int = 1
+
+    def texts(self, fields: dict[str, bytes]) -> dict[str, str]:
+        texts = {"text": caption_text(fields.get(self.text_key))}
+        for name, key in self.extra_keys.items():
+            texts[name] = caption_text(fields.get(key), f"no {key}")
+        return texts
+
+    def __call__(self, fields: dict[str, bytes], generator: torch.Generator | None = None) -> dict[str, Any]:
+        data = next((fields[key] for key in self.image_keys if key in fields), None)
+        if data is None:
+            raise SkipSample(NO_IMAGE, f"none of the fields {', '.join(self.image_keys)}")
+        texts = self.texts(fields)
+        with open_image(data, self.min_image_side) as image:
+            return {**texts, "image": decode_pixels(self.transform, image, generator)}
+
+
+@dataclass
+class WebDatasetSourceConfig(SourceConfig, StreamOptions, tag="webdataset"):
+    """Tar shards as img2dataset writes them (``KEY.jpg`` + ``KEY.txt`` + ``KEY.json``).
+
+    ``urls`` is a brace pattern (``shards/{00000..01023}.tar``; several joined by ``::``), an
+    object-storage URL read through fsspec (``s3://bucket/cc3m/{00000..00331}.tar``) or a
+    ``pipe:`` command (``pipe:aws s3 cp s3://bucket/cc3m/00000.tar -``); local shards are checked
+    when the source is built. Members are grouped into samples as webdataset groups them, and
+    shards are opened with webdataset's ``gopen``; the stream itself is
+    :class:`~openalign.data.stream.ShardStream`, because webdataset's shuffle buffer cannot
+    resume where it stopped. ``extra_keys`` maps sample fields to members: ``{caption:
+    caption.txt}`` reads the synthetic captions ``openalign data caption`` adds (ALIP).
     """
 
     urls: str
     image_keys: str = "jpg;jpeg;png;webp"
     text_key: str = "txt"
-    extra_keys: dict[str, str] = field(default_factory=dict)
-    shuffle_buffer: int = 2000
-    max_consecutive_errors: int = 100
 
     def __post_init__(self) -> None:
-        _check_stream(self.urls, self.max_consecutive_errors, "data/cc3m/{00000..00331}.tar")
+        self.check_stream(self.urls, "data/cc3m/{00000..00331}.tar")
 
-    def local_shards(self) -> list[Path] | None:
-        """The shard paths of a local pattern, or None for remote URLs and ``pipe:`` commands."""
-        if "://" in self.urls or self.urls.startswith("pipe:"):
-            return None
+    def shards(self) -> list[str]:
+        """The shard URLs: the pattern expanded; local ones must exist."""
         import braceexpand
 
-        return [Path(url) for pattern in self.urls.split("::") for url in braceexpand.braceexpand(pattern)]
+        urls = [url for pattern in self.urls.split("::") for url in braceexpand.braceexpand(pattern)]
+        local = [Path(url) for url in urls if not re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:", url)]
+        missing = [path for path in local if not path.is_file()]
+        if missing:
+            raise OpenAlignError(f"{len(missing)} of the {len(urls)} shards of '{self.urls}' do not exist, "
+                                 f"e.g. '{missing[0]}' (data.train.urls must match img2dataset's tar files)")
+        return urls
 
     def build(self, transform: ImageTransform, seed: int, start_step: int = 0,
-              text_processor: TextProcessor | None = None) -> IterableDataset:
-        import webdataset as wds
+              text_processor: TextProcessor | None = None, strict: bool = False) -> ShardStream:
+        decode = FieldsDecoder(tuple(self.image_keys.split(";")), self.text_key, dict(self.extra_keys), transform,
+                               self.min_image_side)
+        return self.stream(self.urls, self.shards(), read_tar_shard, decode, seed, strict)
 
-        shards = self.local_shards()
-        if shards is not None:
-            missing = [path for path in shards if not path.is_file()]
-            if missing:
-                raise OpenAlignError(f"{len(missing)} of the {len(shards)} shards of '{self.urls}' do not exist, "
-                                     f"e.g. '{missing[0]}' (data.train.urls must match img2dataset's tar files)")
-        stream_seed = seed * 1_000_003 + start_step
-        errors = _SkipCounter(self.urls, self.max_consecutive_errors)
-        extra = dict(self.extra_keys)
-        buffer = self.shuffle_buffer
 
-        def shuffle(samples):
-            rank, _, worker, _ = wds.utils.pytorch_worker_info()
-            rng = random.Random(f"{stream_seed}/{rank}/{worker}")  # str seeds hash deterministically
-            return wds.shuffle(buffer, initial=min(100, buffer), rng=rng)(samples)
-
-        def to_sample(sample: dict[str, Any]) -> dict[str, Any]:
-            texts = {}
-            for name in ("text", *extra):
-                value = sample[name]
-                texts[name] = (value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)).strip()
-                if not texts[name]:
-                    raise ValueError(f"sample '{sample.get('__key__')}' has an empty '{name}'")
-            errors.success()
-            return {**texts, "image": transform(sample["image"])}
-
-        return wds.DataPipeline(
-            wds.ResampledShards(self.urls, seed=stream_seed, deterministic=True),
-            wds.tarfile_to_samples(handler=errors),
-            shuffle,
-            wds.decode("pil", handler=errors),
-            wds.rename(image=self.image_keys, text=self.text_key, **extra, handler=errors),
-            wds.map(to_sample, handler=errors),
-        )
+def read_tar_shard(url: str) -> Iterator[dict[str, bytes]]:
+    """The samples of a tar shard as ``{field: bytes}`` (field names lower-cased; members webdataset
+    would ignore are left out)."""
+    with open_url(url) as stream:
+        for sample in stream_samples(stream):
+            if sample.key is not None:
+                yield {name.lower(): data for name, data in sample.fields().items()}
 
 
 @dataclass
-class TFRecordSourceConfig(SourceConfig, tag="tfrecord"):
+class TFRecordSourceConfig(SourceConfig, StreamOptions, tag="tfrecord"):
     """TFRecord files of ``tf.train.Example`` records with ``jpg`` (encoded image) and ``txt``
     (caption) bytes features: COYO-ALIGN's training data and img2dataset's ``--output_format
     tfrecord`` (shared spec align-coyo-and-hf.md §4.1), read without TensorFlow (the ``tfrecord``
-    package). ``urls``: local files, a glob or a brace pattern (``coyo/*.tfrecord``).
-
-    A stream: the files are split between ranks and loader workers (each needs at least one),
-    each pass visits a worker's files in a fresh seeded order, and samples go through a shuffle
-    buffer. Undecodable images, empty or non-UTF-8 captions and the rest of a truncated file are
-    skipped and counted in the log; ``max_consecutive_errors`` failures in a row stop the run.
-    ``extra_keys`` carries more bytes features as text fields (``{caption: caption}``).
+    package's record reader and protobuf). ``urls``: local (or mounted) files, a glob or a brace
+    pattern (``coyo/*.tfrecord``). A record that does not parse is skipped; a file cut short ends
+    there. ``extra_keys`` carries more bytes features as text fields (``{caption: caption}``).
     """
 
     urls: str
     image_key: str = "jpg"
     text_key: str = "txt"
-    extra_keys: dict[str, str] = field(default_factory=dict)
-    shuffle_buffer: int = 2000
-    max_consecutive_errors: int = 100
 
     def __post_init__(self) -> None:
-        _check_stream(self.urls, self.max_consecutive_errors, "data/coyo/*.tfrecord")
+        self.check_stream(self.urls, "data/coyo/*.tfrecord")
 
     def files(self) -> list[str]:
         import braceexpand
@@ -335,94 +398,34 @@ class TFRecordSourceConfig(SourceConfig, tag="tfrecord"):
         return found
 
     def build(self, transform: ImageTransform, seed: int, start_step: int = 0,
-              text_processor: TextProcessor | None = None) -> TFRecordStream:
-        return TFRecordStream(self, self.files(), transform, seed * 1_000_003 + start_step)
+              text_processor: TextProcessor | None = None, strict: bool = False) -> ShardStream:
+        decode = RecordDecoder((self.image_key,), self.text_key, dict(self.extra_keys), transform, self.min_image_side)
+        return self.stream(self.urls, self.files(), read_tfrecord_file, decode, seed, strict)
 
 
-class TFRecordStream(IterableDataset):
-    """The endless, sharded, shuffled stream of a :class:`TFRecordSourceConfig`."""
+def read_tfrecord_file(path: str) -> Iterator[bytes]:
+    """The serialized records of a TFRecord file (parsed later, so one bad record skips alone)."""
+    from tfrecord.reader import tfrecord_iterator
 
-    def __init__(self, config: TFRecordSourceConfig, files: list[str], transform: ImageTransform, seed: int) -> None:
-        self.config, self.files, self.transform, self.seed = config, files, transform, seed
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        shard, num_shards = _stream_shard()
-        if len(self.files) < num_shards:
-            raise OpenAlignError(f"{len(self.files)} TFRecord file(s) for {num_shards} readers (ranks × loader "
-                                 "workers): each needs at least one file; lower data.num_workers or split the files")
-        mine = self.files[shard::num_shards]
-        rng = random.Random(f"{self.seed}/{shard}")
-        errors = _SkipCounter(self.config.urls, self.config.max_consecutive_errors)
-        buffer: list[dict[str, Any]] = []
-        while True:
-            for path in rng.sample(mine, len(mine)):
-                for sample in self._samples(path, errors):
-                    buffer.append(sample)
-                    if len(buffer) >= self.config.shuffle_buffer:
-                        yield buffer.pop(rng.randrange(len(buffer)))
-            rng.shuffle(buffer)
-            yield from buffer
-            buffer = []
-
-    def _samples(self, path: str, errors: _SkipCounter) -> Iterator[dict[str, Any]]:
-        from tfrecord.reader import tfrecord_loader
-
-        config = self.config
-        keys = [config.image_key, config.text_key, *config.extra_keys.values()]
-        records = tfrecord_loader(path, None, {key: "byte" for key in keys})
-        while True:
-            try:
-                record = next(records)
-            except StopIteration:
-                return
-            except Exception as error:  # noqa: BLE001 - a truncated or corrupt file: skip its rest
-                errors(OpenAlignError(f"'{path}' is unreadable from here on: {error!r}"))
-                return
-            try:
-                yield self._decode(record)
-                errors.success()
-            except Exception as error:  # noqa: BLE001 - one bad record
-                errors(error)
-
-    def _decode(self, record: dict[str, Any]) -> dict[str, Any]:
-        config = self.config
-        texts = {}
-        for name, key in (("text", config.text_key), *config.extra_keys.items()):
-            texts[name] = bytes(record[key]).decode("utf-8").strip()
-            if not texts[name]:
-                raise ValueError(f"empty '{key}'")
-        with Image.open(io.BytesIO(bytes(record[config.image_key]))) as image:
-            return {**texts, "image": self.transform(image)}
+    for record in tfrecord_iterator(path):
+        yield bytes(record)  # the reader reuses its buffer
 
 
-def _check_stream(urls: str, max_consecutive_errors: int, example: str) -> None:
-    """The settings the streaming sources share."""
-    if not urls:
-        raise ConfigError(f"must name the files, e.g. '{example}'", "urls")
-    if max_consecutive_errors < 1:
-        raise ConfigError("must be at least 1", "max_consecutive_errors")
+class RecordDecoder(FieldsDecoder):
+    """A serialized ``tf.train.Example`` → a training sample, through its bytes features."""
 
+    def __call__(self, record: bytes, generator: torch.Generator | None = None) -> dict[str, Any]:  # type: ignore[override]
+        from google.protobuf.message import DecodeError
+        from tfrecord import example_pb2
 
-class _SkipCounter:
-    """A webdataset error handler: skip the sample, count it, log every power of two, and raise
-    once ``limit`` errors come in a row (per loader worker)."""
-
-    def __init__(self, urls: str, limit: int) -> None:
-        self.urls, self.limit = urls, limit
-        self.total = self.in_a_row = 0
-
-    def success(self) -> None:
-        self.in_a_row = 0
-
-    def __call__(self, error: Exception) -> bool:
-        self.total += 1
-        self.in_a_row += 1
-        if self.in_a_row >= self.limit:
-            raise OpenAlignError(f"{self.in_a_row} consecutive samples of '{self.urls}' failed; last error: "
-                                 f"{error!r}") from None
-        if self.total & (self.total - 1) == 0:
-            log.warning("skipped %d unreadable sample(s) of '%s' so far; latest: %r", self.total, self.urls, error)
-        return True
+        example = example_pb2.Example()
+        try:
+            example.ParseFromString(record)
+        except DecodeError as error:
+            raise SkipSample(UNDECODABLE_RECORD, str(error)) from None
+        fields = {key: bytes(feature.bytes_list.value[0]) for key, feature in example.features.feature.items()
+                  if feature.bytes_list.value}
+        return super().__call__(fields, generator)
 
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=\S)")
@@ -446,7 +449,7 @@ class SentencePairsSourceConfig(SourceConfig, tag="sentence_pairs"):
     min_chars: int = 10
 
     def build(self, transform: ImageTransform, seed: int, start_step: int = 0,
-              text_processor: TextProcessor | None = None) -> SentencePairDataset:
+              text_processor: TextProcessor | None = None, strict: bool = False) -> SentencePairDataset:
         if text_processor is None or "pixels" not in text_processor(["probe"]):
             raise OpenAlignError("data source 'sentence_pairs' renders sentences into the image slot, so it needs a "
                                  "model that reads rendered text (CLIPPO, e.g. model: clippo-b16)")
@@ -506,9 +509,9 @@ class MixtureSourceConfig(SourceConfig, tag="mixture"):
     ``sample_from_datasets`` mixes CLIPPO's image/alt-text and C4 data (shared spec clippo.md
     §3.2): each batch holds a random share of each, and they are each other's negatives.
 
-    The mixture is a stream: every rank and loader worker reads its own shard of each map-style
-    source (reshuffled each pass) and its own stream of each streaming source, and a resumed
-    run draws fresh examples.
+    The mixture is a stream (resumed exactly, as its children are): every rank and loader worker
+    reads its own shard of each map-style source (reshuffled each pass) and its own stream of
+    each streaming source.
     """
 
     sources: list[SourceConfig]
@@ -521,45 +524,67 @@ class MixtureSourceConfig(SourceConfig, tag="mixture"):
             raise ConfigError(f"must be {len(self.sources)} non-negative numbers (one per source), not all 0", "weights")
 
     def build(self, transform: ImageTransform, seed: int, start_step: int = 0,
-              text_processor: TextProcessor | None = None) -> MixtureDataset:
-        children = [source.build(transform, seed + index, start_step, text_processor)
+              text_processor: TextProcessor | None = None, strict: bool = False) -> MixtureDataset:
+        children = [source.build(transform, seed + index, start_step, text_processor, strict)
                     for index, source in enumerate(self.sources)]
-        return MixtureDataset(children, self.weights, seed * 1_000_003 + start_step)
+        return MixtureDataset(children, self.weights, seed)
 
 
-class MixtureDataset(IterableDataset):
-    """An endless stream drawing each example from child ``i`` with probability ``weights[i]``."""
+class MixtureDataset(ResumableStream):
+    """An endless stream drawing each example from child ``i`` with probability ``weights[i]``.
+
+    A reader's position is the number of draws so far and each child's position.
+    """
 
     def __init__(self, children: list[Dataset | IterableDataset], weights: list[float], seed: int) -> None:
-        self.children, self.seed = children, seed
+        super().__init__(seed)
+        for child in children:
+            if isinstance(child, IterableDataset) and not isinstance(child, ResumableStream):
+                raise OpenAlignError(f"a mixture cannot hold the stream {type(child).__name__}")
+        self.children = children
         self.weights = [w / sum(weights) for w in weights]
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        shard, num_shards = _stream_shard()
-        rng = random.Random(f"{self.seed}/{shard}")
-        streams = [iter(child) if isinstance(child, IterableDataset)
-                   else _endless(child, shard, num_shards, self.seed + index)
+    def reseed(self, salt: int) -> None:
+        super().reseed(salt)
+        for child in self.children:
+            if isinstance(child, ResumableStream):
+                child.reseed(salt)
+
+    def check_readers(self, num_readers: int, warn: bool = True) -> None:
+        for child in self.children:
+            if isinstance(child, ResumableStream):
+                child.check_readers(num_readers, warn)
+            elif len(child) < num_readers:
+                raise OpenAlignError(f"a mixture source has {len(child)} examples, fewer than the {num_readers} "
+                                     "readers (ranks × loader workers) that each need a share")
+
+    def iterate(self, reader: int, num_readers: int, position: tuple[int, tuple[Any, ...]] | None
+                ) -> Iterator[tuple[dict[str, Any], tuple[int, tuple[Any, ...]]]]:
+        self.check_readers(num_readers, warn=False)
+        draws, positions = position or (0, (None,) * len(self.children))
+        rng = random.Random(f"{self.seed}/{reader}")
+        for _ in range(draws):
+            rng.random()
+        streams = [child.iterate(reader, num_readers, positions[index]) if isinstance(child, ResumableStream)
+                   else _endless(child, reader, num_readers, self.seed + index, positions[index])
                    for index, child in enumerate(self.children)]
+        positions = list(positions)
+        cumulative = list(itertools.accumulate(self.weights))
         while True:
-            yield next(streams[rng.choices(range(len(streams)), self.weights)[0]])
+            index = min(bisect.bisect_right(cumulative, rng.random() * cumulative[-1]), len(streams) - 1)
+            draws += 1
+            sample, positions[index] = next(streams[index])
+            yield sample, (draws, tuple(positions))
 
 
-def _stream_shard() -> tuple[int, int]:
-    """``(this reader's index, number of readers)`` over all ranks and their loader workers."""
-    worker = torch.utils.data.get_worker_info()
-    worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
-    rank, world_size = world_info()
-    return rank * num_workers + worker_id, world_size * num_workers
-
-
-def _endless(dataset: Dataset, shard: int, num_shards: int, seed: int) -> Iterator[dict[str, Any]]:
-    """A map-style dataset's examples ``shard::num_shards`` of a fresh permutation per pass, forever."""
-    if len(dataset) < num_shards:
-        raise OpenAlignError(f"a mixture source has {len(dataset)} examples, fewer than the {num_shards} "
-                             "ranks × loader workers that each need a share")
-    epoch = 0
+def _endless(dataset: Dataset, reader: int, num_readers: int, seed: int, position: tuple[int, int] | None
+             ) -> Iterator[tuple[dict[str, Any], tuple[int, int]]]:
+    """A map-style dataset's examples ``reader::num_readers`` of a fresh permutation per pass,
+    forever, with the position ``(pass, examples taken in it)`` after each."""
+    epoch, taken = position or (0, 0)
     while True:
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        for index in order[shard::num_shards].tolist():
-            yield dataset[(epoch, index)]
-        epoch += 1
+        mine = order[reader::num_readers].tolist()
+        for position_in_pass in range(taken, len(mine)):
+            yield dataset[(epoch, mine[position_in_pass])], (epoch, position_in_pass + 1)
+        epoch, taken = epoch + 1, 0

@@ -45,6 +45,11 @@ class PreprocessConfig:
             raise ConfigError(f"must be at least image_size ({self.image_size}) so the crop fits", "resize_size")
 
 
+def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """The RNG of one sample's augmentation (and caption choice): a pure function of its position."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1_000_033 + index) % (2**63))
+
+
 class ImageTransform:
     """ALIGN's preprocessing (shared spec align-coyo-and-hf.md §3.5), set by a :class:`PreprocessConfig`.
 
@@ -53,6 +58,11 @@ class ImageTransform:
     and flip in training or torchvision's centre crop in eval, then
     ``x * (1 / (255 std)) - mean / std`` (ALIGN: ``x / 127.5 - 1``). Training randomness comes
     from ``generator``, so a sample's augmentation can be replayed exactly on resume.
+
+    In training, a JPEG at least twice the resize in both sides is decoded at a reduced scale
+    (PIL's draft mode: libjpeg's scaled IDCT by 1/2, 1/4 or 1/8, never below the resize), which
+    changes pixels by resampling noise only and saves most of the decoding time of large web
+    images. Evaluation decodes in full, exactly as ``AlignProcessor`` does.
     """
 
     def __init__(self, config: PreprocessConfig, train: bool) -> None:
@@ -64,6 +74,8 @@ class ImageTransform:
 
     def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
         cfg = self.config
+        if self.train and getattr(image, "format", None) == "JPEG":
+            image.draft(image.mode, (cfg.resize_size, cfg.resize_size))  # a no-op once decoded or small
         if image.mode != "RGB":
             image = image.convert("RGB")
         pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)

@@ -1,13 +1,15 @@
 """Checkpoints: safetensors weights plus optimiser, scheduler, loss, step and per-rank RNG state.
 
 A checkpoint is a directory ``checkpoints/step_XXXXXXXX/`` holding ``model.safetensors``,
-``trainer_state.pt``, ``rng_rank{r}.pt`` and the resolved recipe ``config.yaml``. It is
+``trainer_state.pt``, ``rng_rank{r}.pt``, ``data_rank{r}.json`` (where each of the rank's
+stream readers is, and its skip counts) and the resolved recipe ``config.yaml``. It is
 written under a temporary name and renamed when complete, so a crash mid-write never leaves
 a checkpoint that looks valid. With several nodes, ``output_dir`` must be on a shared filesystem.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -93,13 +95,15 @@ class Checkpointer:
         self.directory = Path(directory)
         self.keep = keep
         self.ctx = ctx
+        self.resumed_from: Path | None = None
 
     def checkpoints(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
         return complete_checkpoints(self.directory)
 
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-             loss_fn: nn.Module, recipe: dict[str, Any]) -> Path:
+             loss_fn: nn.Module, recipe: dict[str, Any], data_state: dict[str, Any] | None = None) -> Path:
+        """Write checkpoint ``step``; ``data_state`` (JSON-able) is this rank's data position."""
         final = self.directory / f"step_{step:08d}"
         staging = self.directory / f".step_{step:08d}.tmp"
         if self.ctx.is_main:
@@ -107,6 +111,8 @@ class Checkpointer:
             staging.mkdir(parents=True)
         barrier()
         torch.save(_rng_state(), staging / f"rng_rank{self.ctx.rank}.pt")
+        if data_state is not None:
+            (staging / f"data_rank{self.ctx.rank}.json").write_text(json.dumps(data_state))
         if self.ctx.is_main:
             save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(staging / WEIGHTS_FILE))
             (staging / CONFIG_FILE).write_text(yaml.safe_dump(recipe, sort_keys=False))
@@ -167,7 +173,13 @@ class Checkpointer:
             log.warning("checkpoint %s was written by %d ranks, now %d: data order is kept, dropout RNG is not",
                         path, state["world_size"], self.ctx.world_size)
         log.info("resumed from %s at step %d", path, state["step"])
+        self.resumed_from = path
         return int(state["step"])
+
+    def data_state(self) -> dict[str, Any] | None:
+        """This rank's data state in the checkpoint resumed from (None: none, or none saved)."""
+        file = self.resumed_from and self.resumed_from / f"data_rank{self.ctx.rank}.json"
+        return json.loads(file.read_text()) if file and file.is_file() else None
 
 
 # Settings a resumed run may change: where it runs, how it logs, evaluates and reads data.

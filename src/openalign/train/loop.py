@@ -8,9 +8,10 @@ of the global batch, and DDP averages the gradients.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..config import to_dict
-from ..data.loader import Collate, build_loader, move_to_device
-from ..distributed import DistributedContext, all_reduce_mean, barrier, init_distributed
+from ..data.loader import Collate, DataMonitor, build_loader, move_to_device
+from ..data.quality import summarise
+from ..data.stream import ResumableStream
+from ..distributed import DistributedContext, all_reduce_mean, all_reduce_sum, barrier, init_distributed
 from ..errors import ConfigError, OpenAlignError
 from ..models import GhostBatchNorm2d
 from ..precision import autocast
@@ -38,9 +41,13 @@ log = logging.getLogger("openalign.train")
 
 @dataclass
 class TrainResult:
+    """Where the run is, its last step, its final metrics, and the skip and conversion counts of
+    its data over all ranks (``skipped/<reason>``, ``converted/<mode>``)."""
+
     output_dir: Path
     step: int
     metrics: dict[str, float]
+    data_counts: dict[str, int] = field(default_factory=dict)
 
 
 def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True) -> TrainResult:
@@ -74,7 +81,7 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True)
         start = 0
         if cfg.init_from:
             _initialise(model, cfg.init_from)
-    loader = _build_loader(recipe, per_rank, ctx, start)
+    loader, monitor = _build_loader(recipe, per_rank, ctx, start, checkpointer.data_state())
     forward: nn.Module = model
     if ctx.world_size > 1:
         # broadcast_buffers=False: batch-norm running statistics stay per device (spec §3.4, never
@@ -96,29 +103,32 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True)
             window = _LogWindow(ctx.device)
             batches = iter(loader)
             for step in range(start + 1, cfg.steps + 1):
-                batch = move_to_device(next(batches), ctx.device, channels_last=True)
+                batch = move_to_device(monitor.take(next(batches)), ctx.device, channels_last=True)
                 lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
                 loss = train_step(model, loss_fn, optimizer, scheduler, batch, ctx.device, cfg.precision,
                                   cfg.grad_clip, forward)
                 window.add(loss, getattr(loss_fn, "last_stats", {}))
                 progress.advance(bar)
                 if step % recipe.run.log_every == 0 or step == cfg.steps:
-                    scalars = window.scalars(lr, model, cfg.batch_size)
+                    scalars = window.scalars(lr, model, cfg.batch_size, monitor)
                     logger.log(step, scalars)
                     progress.update(bar, loss=f"{scalars['loss']:.4f}", speed=f"{scalars['samples_per_second']:.0f}")
                     log.info("step %d/%d  loss %.4f  lr %.3g  temperature %.4f  %.0f samples/s", step, cfg.steps,
                              scalars["loss"], scalars["lr"], scalars["temperature"], scalars["samples_per_second"])
                     window = _LogWindow(ctx.device)
                 if (recipe.run.checkpoint_every and step % recipe.run.checkpoint_every == 0) or step == cfg.steps:
-                    checkpointer.save(step, model, optimizer, scheduler, loss_fn, recipe_dict)
+                    checkpointer.save(step, model, optimizer, scheduler, loss_fn, recipe_dict,
+                                      {**monitor.state(), "world_size": ctx.world_size,
+                                       "num_workers": recipe.data.num_workers})
                 if recipe.eval.every and step % recipe.eval.every == 0 and step != cfg.steps:
                     logger.log(step, evaluate(recipe.eval, model, ctx, show_progress=False))
+        data_counts = _report_data(monitor, ctx, output_dir)
         metrics = evaluate(recipe.eval, model, ctx, show_progress)
         if metrics:
             logger.log(step, metrics)
     finally:
         logger.close()
-    return TrainResult(output_dir=output_dir, step=step, metrics=metrics)
+    return TrainResult(output_dir=output_dir, step=step, metrics=metrics, data_counts=data_counts)
 
 
 def train_step(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
@@ -160,11 +170,14 @@ class _LogWindow:
             self.stats[key] = self.stats.get(key, 0.0) + value.detach()
         self.steps += 1
 
-    def scalars(self, lr: float, model: nn.Module, batch_size: int) -> dict[str, float]:
-        """What is logged: means over the window and over all ranks (every rank must call this)."""
+    def scalars(self, lr: float, model: nn.Module, batch_size: int, monitor: DataMonitor) -> dict[str, float]:
+        """What is logged: means over the window and over all ranks (every rank must call this),
+        and the samples skipped so far on all ranks."""
         seconds = time.perf_counter() - self.started
+        skipped = sum(n for key, n in monitor.counts().items() if key.startswith("skipped/"))
         scalars = {"loss": all_reduce_mean(self.loss / self.steps).item(), "lr": lr,
-                   "temperature": model.temperature.item(), "samples_per_second": batch_size * self.steps / seconds}
+                   "temperature": model.temperature.item(), "samples_per_second": batch_size * self.steps / seconds,
+                   "data/skipped": all_reduce_sum(torch.tensor(float(skipped), device=self.loss.device)).item()}
         scalars.update({key: all_reduce_mean(value / self.steps).item() for key, value in self.stats.items()})
         return scalars
 
@@ -215,11 +228,44 @@ def _check_virtual_batch(model: nn.Module, per_rank: int, world_size: int) -> No
                               "model.image.virtual_batch_size", "train.batch_size")
 
 
-def _build_loader(recipe: Recipe, per_rank: int, ctx: DistributedContext, start: int) -> torch.utils.data.DataLoader:
+def _build_loader(recipe: Recipe, per_rank: int, ctx: DistributedContext, start: int,
+                  saved: dict[str, Any] | None) -> tuple[torch.utils.data.DataLoader, DataMonitor]:
+    """The rank's loader, resumed at ``start``; streams continue from the ``saved`` positions of
+    their readers when the run has as many ranks and workers as the one that saved them."""
     text_processor = recipe.model.build_tokenizer()
-    dataset = recipe.data.train.build(recipe.model.build_transform(train=True), recipe.train.seed, start, text_processor)
-    if start and isinstance(dataset, torch.utils.data.IterableDataset):
-        log.warning("this data source is a stream: the resumed run reads a fresh random stream, not the exact "
-                    "samples the interrupted run would have read next")
-    return build_loader(dataset, Collate(text_processor, recipe.model.input_fields), per_rank, ctx.rank, ctx.world_size,
-                        recipe.train.seed, start, recipe.data.num_workers)
+    data = recipe.data
+    dataset = data.train.build(recipe.model.build_transform(train=True), recipe.train.seed, start, text_processor,
+                               data.strict)
+    if saved and (saved.get("world_size"), saved.get("num_workers")) != (ctx.world_size, data.num_workers):
+        log.warning("the checkpoint's data stream was read by %s rank(s) × %s worker(s), this run has %d × %d: it "
+                    "reads a fresh random stream, not the exact samples the interrupted run would have read next",
+                    saved.get("world_size"), saved.get("num_workers"), ctx.world_size, data.num_workers)
+        saved = {"counts": saved.get("counts", {})}
+    if isinstance(dataset, ResumableStream):
+        dataset.check_readers(ctx.world_size * max(data.num_workers, 1), warn=ctx.is_main)
+        if start:
+            positions = saved.get("positions") if saved else None
+            if positions is None and saved is None:
+                log.warning("the checkpoint holds no data stream position: the resumed run reads a fresh random "
+                            "stream, not the exact samples the interrupted run would have read next")
+            dataset.resume(start, {int(reader): position for reader, position in positions.items()}
+                           if positions is not None else None)
+    loader = build_loader(dataset, Collate(text_processor, recipe.model.input_fields), per_rank, ctx.rank,
+                          ctx.world_size, recipe.train.seed, start, data.num_workers)
+    return loader, DataMonitor(saved)
+
+
+def _report_data(monitor: DataMonitor, ctx: DistributedContext, output_dir: Path) -> dict[str, int]:
+    """Log the skip and conversion counts of all ranks, and write them to ``data_summary.json``."""
+    counts = monitor.counts()
+    if ctx.world_size > 1:
+        gathered: list[dict[str, int] | None] = [None] * ctx.world_size
+        torch.distributed.all_gather_object(gathered, counts)
+        counts = {}
+        for rank_counts in gathered:
+            for key, count in (rank_counts or {}).items():
+                counts[key] = counts.get(key, 0) + count
+    if ctx.is_main:
+        log.info("data: %s", summarise(counts))
+        (output_dir / "data_summary.json").write_text(json.dumps(dict(sorted(counts.items())), indent=2) + "\n")
+    return counts

@@ -1,0 +1,145 @@
+"""Dirty web data: what makes a sample unusable, and the counts of what was skipped or converted.
+
+Every training source and ``openalign data inspect`` judge a sample by the same functions, so
+the reasons ``inspect`` reports are the ones training logs. A skip is raised as
+:class:`SkipSample` and handled by a :class:`SkipPolicy`: counted by reason (or, with
+``data.strict: true``, turned into an error), and logged when a count reaches a power of two.
+
+The counts live in the process that reads the data (a loader worker, or the training process
+with ``num_workers: 0``); :class:`~openalign.data.loader.Collate` attaches a snapshot to every
+batch so that the training process can add them up over workers and ranks.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from collections import Counter
+
+from PIL import Image
+
+from ..errors import OpenAlignError
+
+log = logging.getLogger("openalign.data")
+
+# The skip reasons, as logs and ``openalign data inspect --json`` name them.
+NO_IMAGE = "no image"
+NO_CAPTION = "no caption"
+CAPTION_NOT_UTF8 = "caption not UTF-8"
+EMPTY_CAPTION = "empty caption"
+UNDECODABLE_IMAGE = "undecodable image"
+IMAGE_TOO_LARGE = "image too large (decompression bomb)"
+IMAGE_TOO_SMALL = "image too small"
+UNDECODABLE_RECORD = "undecodable record"
+TRUNCATED_SHARD = "truncated or corrupt shard"
+UNREADABLE_SHARD = "unreadable shard"
+EMPTY_SHARD = "empty shard"
+
+# Counts of this process: "skipped/<reason>" and "converted/<mode>" (images converted to RGB).
+COUNTS: Counter[str] = Counter()
+
+
+class SkipSample(Exception):
+    """A sample training cannot use; ``reason`` is one of this module's reasons."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason, self.detail = reason, detail
+
+
+def caption_text(data: bytes | str | None, missing: str = NO_CAPTION) -> str:
+    """The stripped caption of a text field's bytes; raises :class:`SkipSample` when it is
+    missing (reason ``missing``), not UTF-8, or empty or whitespace."""
+    if data is None:
+        raise SkipSample(missing)
+    if isinstance(data, str):
+        text = data
+    else:
+        try:
+            text = bytes(data).decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise SkipSample(CAPTION_NOT_UTF8, str(error)) from None
+    text = text.strip()
+    if not text:
+        raise SkipSample(EMPTY_CAPTION)
+    return text
+
+
+def open_image(data: bytes | None, min_side: int = 1) -> Image.Image:
+    """The image in ``data``, opened but not decoded (so that JPEG draft mode can still apply).
+
+    Raises :class:`SkipSample` for missing bytes, bytes PIL cannot identify, images over PIL's
+    ``MAX_IMAGE_PIXELS`` (decompression bombs) and images whose shorter side is under ``min_side``.
+    Decoding errors (a truncated JPEG) surface later, in :func:`decode_pixels`.
+    """
+    if data is None:
+        raise SkipSample(NO_IMAGE)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise SkipSample(IMAGE_TOO_LARGE, str(error)) from None
+    except Exception as error:  # noqa: BLE001 - unknown format, corrupt header: all unreadable
+        raise SkipSample(UNDECODABLE_IMAGE, f"{type(error).__name__}: {error}") from None
+    if min(image.size) < min_side:
+        raise SkipSample(IMAGE_TOO_SMALL, f"{image.size[0]}x{image.size[1]} px, under {min_side} px")
+    return image
+
+
+def decode_pixels(transform, image: Image.Image, generator=None):  # noqa: ANN001, ANN201 - ImageTransform's
+    """``transform(image, generator)``, counting a conversion to RGB; decoding errors (truncated
+    or corrupt image data) raise :class:`SkipSample`."""
+    if image.mode != "RGB":
+        COUNTS[f"converted/{image.mode}"] += 1
+    try:
+        return transform(image, generator)
+    except (OSError, ValueError, SyntaxError) as error:  # truncated or corrupt image data
+        raise SkipSample(UNDECODABLE_IMAGE, f"{type(error).__name__}: {error}") from None
+
+
+class SkipPolicy:
+    """What a source does with a :class:`SkipSample`: count and log it, or, ``strict``, raise.
+
+    ``max_consecutive`` skips in a row (a wrong URL, a dead bucket, shards of another format)
+    raise an error instead of spinning forever; the run of skips is per reading process.
+    """
+
+    def __init__(self, source: str, strict: bool = False, max_consecutive: int = 100) -> None:
+        self.source, self.strict, self.max_consecutive = source, strict, max_consecutive
+        self.in_a_row = 0
+
+    def success(self) -> None:
+        self.in_a_row = 0
+
+    def skip(self, skip: SkipSample, where: str = "", count: bool = True) -> None:
+        """Handle ``skip`` of the sample at ``where``; ``count=False`` (re-reading a resumed
+        stream's current round) only checks it."""
+        where = f" ({where})" if where else ""
+        if self.strict:
+            raise OpenAlignError(f"data source '{self.source}': {skip}{where}; data.strict is true, so this is "
+                                 "an error (set data.strict: false to skip and count such samples)")
+        self.in_a_row += 1
+        if self.in_a_row >= self.max_consecutive:
+            raise OpenAlignError(f"{self.in_a_row} consecutive samples or shards of '{self.source}' failed "
+                                 f"(raise max_consecutive_errors if that is expected); last: {skip}{where}")
+        if not count:
+            return
+        key = f"skipped/{skip.reason}"
+        COUNTS[key] += 1
+        if COUNTS[key] & (COUNTS[key] - 1) == 0:
+            log.warning("data source '%s': skipped %d sample(s) so far for %s; latest%s: %s", self.source,
+                        COUNTS[key], skip.reason, where, skip.detail or skip.reason)
+
+
+def summarise(counts: dict[str, int]) -> str:
+    """One line for the log: ``1,234 skipped (empty caption 12, ...); 56 converted to RGB (CMYK 3, ...)``."""
+    parts = []
+    for kind, verb in (("skipped", "skipped"), ("converted", "converted to RGB")):
+        items = sorted(((key.split("/", 1)[1], n) for key, n in counts.items() if key.startswith(kind + "/") and n),
+                       key=lambda item: -item[1])
+        total = sum(n for _, n in items)
+        parts.append(f"{total:,} {verb}" + (" (" + ", ".join(f"{reason} {n:,}" for reason, n in items) + ")"
+                                             if items else ""))
+    return "; ".join(parts)

@@ -1,0 +1,254 @@
+"""Streams that resume exactly: after ``--resume``, training sees the batches it would have seen.
+
+A stream is read by *readers*: every loader worker of every rank is one (``num_workers: 0``:
+the rank itself). The DataLoader takes a rank's batches from its workers in turn, so batch
+``s`` of a rank comes from worker ``s mod W``. Every sample a reader yields carries the
+reader's position after it; :class:`~openalign.data.loader.Collate` keeps the position after a
+batch's last sample, the training process keeps the latest one of each reader, and checkpoints
+save them (``data_rank{r}.pt``). On resume at step ``S``, worker ``w`` plays reader
+``(w + S) mod W``, so the next batch comes from the reader whose turn it is, and each reader
+starts where its last consumed batch ended. Nothing is replayed from the start of the stream.
+
+:class:`ShardStream` streams the samples of shard files (webdataset tars, TFRecord files). A
+reader keeps ``open_shards`` shards open; each *round* it reads the next
+``shuffle_buffer / open_shards`` raw samples of each (opening its next shard when one ends),
+and yields the decoded pool in a seeded random order. Its position is the round's start
+(which shard each slot reads, and how far in) plus the number of pool entries taken: resuming
+re-reads one round of raw bytes, skipping what was taken without decoding it.
+
+Shards are drawn either ``resampled`` (with replacement, seeded per reader and draw: for very
+large datasets, training length in steps) or in epochs: each epoch a seeded permutation of
+the shards is split between readers (``shards[reader::readers]``), every sample of a reader's
+shards is read exactly once, and a round never mixes two epochs. Readers with one shard fewer
+than others simply begin their next epoch earlier: no reader ever runs dry, so no rank waits
+on another.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch.utils.data import IterableDataset
+
+from ..distributed import world_info
+from ..errors import OpenAlignError
+from .quality import EMPTY_SHARD, TRUNCATED_SHARD, UNREADABLE_SHARD, SkipPolicy, SkipSample
+from .transforms import sample_generator
+
+log = logging.getLogger("openalign.data")
+
+STREAM_KEY = "__stream__"  # a sample's (reader, position after it)
+
+
+def reader_geometry(start_step: int = 0) -> tuple[int, int]:
+    """``(this process's reader, number of readers)``: rank ``r``'s worker ``w`` of ``W`` is reader
+    ``r·W + (w + start_step) mod W``, so that a run resumed at ``start_step`` asks each reader for
+    its next batch in the order the interrupted run would have."""
+    worker = torch.utils.data.get_worker_info()
+    worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
+    rank, world_size = world_info()
+    return rank * num_workers + (worker_id + start_step) % num_workers, world_size * num_workers
+
+
+class ResumableStream(IterableDataset):
+    """An endless stream whose readers each start from a saved position.
+
+    Subclasses implement :meth:`iterate`, yielding ``(sample, position after it)``;
+    ``__iter__`` adds the position to the sample under :data:`STREAM_KEY`.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self.start_step = 0
+        self.positions: dict[int, Any] = {}
+
+    def resume(self, start_step: int, positions: dict[int, Any] | None) -> None:
+        """Continue at ``start_step`` from the readers' saved ``positions``; with none (a checkpoint
+        without them, or another number of ranks or workers), draw a fresh stream instead."""
+        self.start_step = start_step
+        if positions is None:
+            self.reseed(start_step)
+        else:
+            self.positions = dict(positions)
+
+    def reseed(self, salt: int) -> None:
+        self.seed = self.seed * 1_000_003 + salt
+
+    def check_readers(self, num_readers: int, warn: bool = True) -> None:
+        """Raise a clear error if ``num_readers`` readers cannot share the stream (and, ``warn``,
+        log what is uneven); before the loader starts, so no worker fails mid-run."""
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        reader, num_readers = reader_geometry(self.start_step)
+        for sample, position in self.iterate(reader, num_readers, self.positions.get(reader)):
+            sample[STREAM_KEY] = (reader, position)
+            yield sample
+
+    def iterate(self, reader: int, num_readers: int, position: Any) -> Iterator[tuple[dict[str, Any], Any]]:
+        raise NotImplementedError
+
+
+class ShardPosition(NamedTuple):
+    """Where a reader of a :class:`ShardStream` is: ``round`` and ``epoch`` (0 when resampled),
+    the next shard draw, each slot's ``(draw, raw samples read)`` at the round's start (None:
+    no shard open), and how many of the round's pool entries were already taken. A tuple, so
+    checkpoints keep it as JSON; :meth:`parse` reads it back."""
+
+    round: int
+    epoch: int
+    next_draw: int
+    slots: tuple[tuple[int, int] | None, ...]
+    taken: int
+
+    @classmethod
+    def parse(cls, saved: Sequence[Any]) -> ShardPosition:
+        round_, epoch, next_draw, slots, taken = saved
+        return cls(round_, epoch, next_draw, tuple(tuple(slot) if slot else None for slot in slots), taken)
+
+
+class ShardStream(ResumableStream):
+    """The samples of ``shards``, shuffled and split between readers, exactly resumable.
+
+    ``read_shard(url)`` yields a shard's raw samples (any objects: they never leave the reader);
+    it raises :class:`~openalign.data.shards.ShardReadError` (or any error) where the
+    shard cannot be read further. ``decode(raw, generator)`` makes a training sample (its random
+    augmentation drawn from ``generator``, seeded by the sample's place in the stream) or raises
+    :class:`~openalign.data.quality.SkipSample`. Skips go to ``policy``.
+    """
+
+    def __init__(self, shards: list[str], read_shard: Callable[[str], Iterable[Any]],
+                 decode: Callable[[Any, torch.Generator], dict[str, Any]], policy: SkipPolicy, seed: int, resampled: bool = True,
+                 open_shards: int = 8, shuffle_buffer: int = 2000) -> None:
+        super().__init__(seed)
+        if not shards:
+            raise OpenAlignError(f"data source '{policy.source}' has no shards")
+        if open_shards < 1 or shuffle_buffer < 1:
+            raise OpenAlignError("open_shards and shuffle_buffer must be at least 1")
+        self.shards, self.read_shard, self.decode, self.policy = shards, read_shard, decode, policy
+        self.resampled, self.open_shards = resampled, open_shards
+        self.chunk = -(-shuffle_buffer // open_shards)
+
+    def check_readers(self, num_readers: int, warn: bool = True) -> None:
+        """In epochs, every reader needs a shard: too few is an error, an uneven split a warning."""
+        if self.resampled:
+            return
+        if len(self.shards) < num_readers:
+            raise OpenAlignError(
+                f"data source '{self.policy.source}' has {len(self.shards)} shard(s) for {num_readers} readers "
+                "(ranks × data.num_workers): in epochs each reader needs at least one. Lower data.num_workers, "
+                "split the data into more shards, or set resampled: true")
+        if len(self.shards) % num_readers and warn:
+            log.warning("data source '%s': %d shards do not split evenly between %d readers (ranks × workers): "
+                        "some read one shard more per epoch, and the others begin their next epoch earlier",
+                        self.policy.source, len(self.shards), num_readers)
+
+    def _shard(self, draw: int, reader: int, num_readers: int) -> str:
+        if self.resampled:
+            return self.shards[random.Random(f"{self.seed}/{reader}/{draw}").randrange(len(self.shards))]
+        per_epoch = len(range(reader, len(self.shards), num_readers))
+        epoch, index = divmod(draw, per_epoch)
+        order = torch.randperm(len(self.shards), generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+        return self.shards[int(order[reader::num_readers][index])]
+
+    def _in_epoch(self, draw: int, epoch: int, reader: int, num_readers: int) -> bool:
+        return self.resampled or draw // len(range(reader, len(self.shards), num_readers)) == epoch
+
+    def iterate(self, reader: int, num_readers: int, position: Sequence[Any] | None
+                ) -> Iterator[tuple[dict[str, Any], ShardPosition]]:
+        self.check_readers(num_readers, warn=False)
+        resumed = position is not None
+        position = ShardPosition.parse(position) if resumed else ShardPosition(0, 0, 0, (None,) * self.open_shards, 0)
+        if len(position.slots) != self.open_shards:
+            raise OpenAlignError(f"the saved stream position has {len(position.slots)} open shards, the source "
+                                 f"{self.open_shards}: resume with the run's own open_shards")
+        readers: dict[int, Iterator[Any]] = {}
+        try:
+            while True:
+                # a resumed round that was partly taken was read (and its shard skips counted) before
+                pool, after = self._fill(position, readers, reader, num_readers, count=not (resumed and position.taken))
+                resumed = False
+                order = list(range(len(pool)))
+                random.Random(f"{self.seed}/{reader}/{position.round}").shuffle(order)
+                for taken in range(position.taken, len(pool)):
+                    raw, pool[order[taken]] = pool[order[taken]], None
+                    try:  # the augmentation's RNG is a function of the position too
+                        sample = self.decode(raw, sample_generator(self.seed, reader, position.round * 1_000_003 + taken))
+                    except SkipSample as skip:
+                        self.policy.skip(skip)
+                        continue
+                    self.policy.success()
+                    yield sample, position._replace(taken=taken + 1)  # its epoch is the sample's epoch
+                position = after
+        finally:
+            for opened in readers.values():
+                getattr(opened, "close", lambda: None)()
+
+    def _fill(self, start: ShardPosition, readers: dict[int, Iterator[Any]], reader: int, num_readers: int,
+              count: bool) -> tuple[list[Any], ShardPosition]:
+        """The raw pool of the round that begins at ``start``, and the next round's start."""
+        slots, next_draw, pool = list(start.slots), start.next_draw, []
+        for slot in range(self.open_shards):
+            wanted = self.chunk
+            while wanted:
+                if slots[slot] is None:
+                    if not self._in_epoch(next_draw, start.epoch, reader, num_readers):
+                        break
+                    slots[slot], next_draw = (next_draw, 0), next_draw + 1
+                draw, offset = slots[slot]
+                url = self._shard(draw, reader, num_readers)
+                if slot not in readers:
+                    readers[slot] = self._open(url, offset, count)
+                try:
+                    raw = next(readers[slot], None)
+                except SkipSample as skip:
+                    raw = None
+                    self.policy.skip(skip, url, count)
+                else:
+                    if raw is None and offset == 0:
+                        self.policy.skip(SkipSample(EMPTY_SHARD), url, count)
+                if raw is None:
+                    getattr(readers.pop(slot), "close", lambda: None)()
+                    slots[slot] = None
+                    continue
+                pool.append(raw)
+                slots[slot] = (draw, offset + 1)
+                wanted -= 1
+        epoch = start.epoch
+        if all(slot is None for slot in slots) and not self._in_epoch(next_draw, epoch, reader, num_readers):
+            epoch += 1
+        return pool, ShardPosition(start.round + 1, epoch, next_draw, tuple(slots), 0)
+
+    def _open(self, url: str, skip: int, count: bool) -> Iterator[Any]:
+        """The raw samples of ``url`` after the first ``skip``; read errors end it with a
+        :class:`SkipSample` (counted by the caller)."""
+        try:
+            samples = iter(self.read_shard(url))
+            for _ in range(skip):
+                next(samples)
+        except StopIteration:
+            raise OpenAlignError(f"shard '{url}' has fewer than the {skip} samples the saved stream position "
+                                 "says were read: did the shard change since the checkpoint?") from None
+        except SkipSample:
+            raise
+        except Exception as error:  # noqa: BLE001 - a missing file, a dead URL: skip the shard
+            return _raising(SkipSample(UNREADABLE_SHARD, f"{type(error).__name__}: {error}"))
+        return _guarded(samples)
+
+
+def _raising(skip: SkipSample) -> Iterator[Any]:
+    raise skip
+    yield  # pragma: no cover - makes this a generator
+
+
+def _guarded(samples: Iterator[Any]) -> Iterator[Any]:
+    """``samples``, with a read error turned into a :class:`SkipSample` of the shard's rest."""
+    try:
+        yield from samples
+    except SkipSample:
+        raise
+    except Exception as error:  # noqa: BLE001 - truncated, corrupt, connection lost
+        raise SkipSample(TRUNCATED_SHARD, f"{type(error).__name__}: {error}") from None

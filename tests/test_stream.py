@@ -1,0 +1,337 @@
+"""Streaming shards robustly: every good sample once per epoch despite bad neighbours, exact
+resume across loader workers, no hang on too few shards, strict mode, JPEG draft mode, and
+shards read from pipes and object storage."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from openalign import get_tokenizer
+from openalign.data import ImageTransform, WebDatasetSourceConfig
+from openalign.data.loader import Collate, DataMonitor, build_loader
+from openalign.data.quality import COUNTS
+from openalign.data.shards import ShardReadError, open_url, stream_samples
+from openalign.data.sources import MixtureDataset, TableSourceConfig
+from openalign.data.stream import STREAM_KEY
+from openalign.data.transforms import PreprocessConfig
+from openalign.errors import OpenAlignError
+
+TRANSFORM = ImageTransform(PreprocessConfig(image_size=8, resize_size=10), train=True)
+
+
+def encode(mode: str, size: tuple[int, int], fmt: str = "JPEG", colour: int = 90) -> bytes:
+    buffer = io.BytesIO()
+    fill = {"L": colour, "CMYK": (colour, 20, 30, 0), "RGBA": (colour, 20, 30, 128), "P": colour}.get(mode, (colour, 20, 30))
+    Image.new(mode, size, fill).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for key, members in samples:
+            for extension, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{extension}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def dirty_shard(path: Path, shard: int, good: int = 6) -> list[str]:
+    """A shard of ``good`` usable samples (RGB, grayscale, CMYK, alpha, palette, large JPEGs: all
+    converted or decoded) between one sample of every kind that must be skipped; returns the
+    good captions."""
+    kinds = [("L", "JPEG"), ("CMYK", "JPEG"), ("RGBA", "PNG"), ("P", "PNG"), ("RGB", "JPEG"), ("RGB", "WEBP")]
+    bad = [
+        {"jpg": b"not an image", "txt": b"corrupt"},
+        {"jpg": encode("RGB", (64, 64))[:300], "txt": b"truncated jpeg"},
+        {"jpg": encode("RGB", (32, 32))},
+        {"jpg": encode("RGB", (32, 32)), "txt": b""},
+        {"jpg": encode("RGB", (32, 32)), "txt": b" \n\t "},
+        {"jpg": encode("RGB", (32, 32)), "txt": b"\xff\xfe latin-1"},
+        {"jpg": encode("RGB", (4, 4)), "txt": b"a tracking pixel"},
+        {"txt": b"no image at all"},
+        {"jpg": encode("RGB", (1100, 1000)), "txt": b"a decompression bomb (over the test's pixel limit)"},
+    ]
+    samples, captions = [], []
+    for index in range(max(good, len(bad))):
+        if index < good:
+            mode, fmt = kinds[index % len(kinds)]
+            size = (700, 500) if index % 3 == 0 else (40, 30)
+            caption = f"shard {shard} good {index}"
+            samples.append((f"{shard:03d}_{index:03d}", {fmt.lower().replace("jpeg", "jpg"): encode(mode, size, fmt),
+                                                        "txt": caption.encode(), "json": b"{}"}))
+            captions.append(caption)
+        if index < len(bad):
+            samples.append((f"{shard:03d}_bad{index:03d}", bad[index]))
+    write_tar(path, samples)
+    return captions
+
+
+@pytest.fixture
+def small_bomb_limit(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000_000)  # 1100x1000 images are "bombs" here
+
+
+def read_epochs(dataset, reader: int, readers: int, epochs: int) -> list[list[str]]:
+    """The captions ``reader`` yields in each of its first ``epochs`` epochs."""
+    result: list[list[str]] = [[] for _ in range(epochs)]
+    for sample, position in dataset.iterate(reader, readers, None):
+        if position.epoch >= epochs:
+            return result
+        result[position.epoch].append(sample["text"])
+
+
+def test_every_good_sample_arrives_exactly_once_per_epoch_despite_bad_neighbours(tmp_path, small_bomb_limit):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    good = [caption for shard in range(5) for caption in dirty_shard(shards / f"{shard:05d}.tar", shard)]
+    write_tar(shards / "00005.tar", [])  # an empty shard
+    dirty_shard(tmp_path / "whole.tar", 6)
+    whole = (tmp_path / "whole.tar").read_bytes()
+    with tarfile.open(tmp_path / "whole.tar") as tar:
+        image = next(member for member in tar.getmembers() if member.name.startswith("006_003."))
+        cut = image.offset_data + 100  # inside the 4th good sample's image
+    (shards / "00006.tar").write_bytes(whole[:cut])
+    good += ["shard 6 good 0", "shard 6 good 1", "shard 6 good 2"]  # the whole samples before the cut
+
+    config = WebDatasetSourceConfig(urls=str(shards / "{00000..00006}.tar"), image_keys="jpg;png;webp",
+                                    resampled=False, open_shards=2, shuffle_buffer=6)
+    dataset = config.build(TRANSFORM, seed=3)
+    before = Counter(COUNTS)
+    readers = [read_epochs(dataset, reader, 3, epochs=3) for reader in range(3)]  # 3 ranks × 1 worker, or 1 × 3
+    for epoch in range(3):  # each good sample exactly once per epoch, over all readers
+        assert sorted(text for epochs in readers for text in epochs[epoch]) == sorted(good)
+    assert readers[0][0] != readers[0][1]  # the shards are dealt and the samples shuffled afresh each epoch
+    counted = Counter(COUNTS) - before
+    for reason in ("undecodable image", "no caption", "empty caption", "caption not UTF-8", "image too small",
+                   "no image", "image too large (decompression bomb)", "truncated or corrupt shard", "empty shard"):
+        assert counted[f"skipped/{reason}"] >= 1, reason
+    assert counted["skipped/undecodable image"] >= 2 * 5  # corrupt and truncated, in every whole shard
+    assert {"converted/L", "converted/CMYK", "converted/RGBA", "converted/P"} <= set(counted)
+
+
+def test_strict_mode_makes_the_first_bad_sample_an_error(tmp_path):
+    dirty_shard(tmp_path / "00000.tar", 0, good=1)
+    config = WebDatasetSourceConfig(urls=str(tmp_path / "00000.tar"), shuffle_buffer=1, open_shards=1)
+    stream = iter(config.build(TRANSFORM, seed=0, strict=True))
+    next(stream)
+    with pytest.raises(OpenAlignError, match="undecodable image.*data.strict is true"):
+        next(stream)
+
+
+def test_too_few_shards_for_the_readers_is_a_clear_error_and_resampling_needs_none(tmp_path, caplog):
+    for shard in range(3):
+        dirty_shard(tmp_path / f"{shard}.tar", shard, good=2)
+    urls = str(tmp_path / "{0..2}.tar")
+    epochs = WebDatasetSourceConfig(urls=urls, resampled=False).build(TRANSFORM, seed=0)
+    with pytest.raises(OpenAlignError, match="3 shard.* for 4 readers .*Lower data.num_workers"):
+        epochs.check_readers(4)
+    with pytest.raises(OpenAlignError, match="3 shard.* for 4 readers"):
+        next(epochs.iterate(3, 4, None))  # a worker started directly fails the same way, never hangs
+    with caplog.at_level("WARNING"):
+        epochs.check_readers(2)
+    assert "do not split evenly" in caplog.text
+    resampled = WebDatasetSourceConfig(urls=urls).build(TRANSFORM, seed=0)
+    resampled.check_readers(16)
+    assert next(resampled.iterate(15, 16, None))[0]["text"].startswith("shard")
+
+
+def loader_batches(dataset, workers: int, start: int, steps: int, positions=None):
+    """Batches ``start+1 .. steps`` of a 2-sample-per-step loader (and the monitor's state after each)."""
+    if start:
+        dataset.resume(start, positions)
+    loader = build_loader(dataset, Collate(get_tokenizer("align-test")), 2, 0, 1, seed=0, start_step=start,
+                          num_workers=workers)
+    monitor, batches = DataMonitor(), []
+    for _, batch in zip(range(start, steps), loader):
+        batch = monitor.take(batch)
+        batches.append((batch, monitor.state()))
+    return batches
+
+
+@pytest.mark.parametrize("resampled", [True, False])
+def test_a_resumed_stream_yields_exactly_the_batches_of_an_uninterrupted_one(tmp_path, resampled):
+    for shard in range(4):
+        dirty_shard(tmp_path / f"{shard}.tar", shard, good=5)
+    config = WebDatasetSourceConfig(urls=str(tmp_path / "{0..3}.tar"), resampled=resampled, open_shards=2,
+                                    shuffle_buffer=4)
+    straight = loader_batches(config.build(TRANSFORM, seed=1), workers=2, start=0, steps=14)
+    for stop in (3, 8):  # resume after an odd and an even step: the workers' turns rotate
+        resumed = loader_batches(config.build(TRANSFORM, seed=1), 2, stop, 14, straight[stop - 1][1]["positions"])
+        assert len(resumed) == 14 - stop
+        for (expected, _), (actual, _) in zip(straight[stop:], resumed):
+            assert torch.equal(expected["text"]["input_ids"], actual["text"]["input_ids"])
+            assert torch.equal(expected["image"], actual["image"])  # the random crops and flips too
+
+
+def test_a_resumed_mixture_of_a_stream_and_a_table_is_exact(tmp_path):
+    for shard in range(2):
+        dirty_shard(tmp_path / f"{shard}.tar", shard, good=4)
+    (tmp_path / "img.png").write_bytes(encode("RGB", (20, 20), "PNG"))
+    (tmp_path / "pairs.csv").write_text("image,caption\n" + "".join(f"img.png,table row {i}\n" for i in range(7)))
+    children = [WebDatasetSourceConfig(urls=str(tmp_path / "{0..1}.tar"), open_shards=1, shuffle_buffer=3),
+                TableSourceConfig(path=str(tmp_path / "pairs.csv"))]
+
+    def mixture():
+        return MixtureDataset([child.build(TRANSFORM, seed) for seed, child in enumerate(children)], [1, 1], seed=4)
+
+    straight = loader_batches(mixture(), workers=0, start=0, steps=12)
+    texts = [text for batch, _ in straight for text in batch["text"]["input_ids"].tolist()]
+    assert len(texts) == 24
+    resumed = loader_batches(mixture(), 0, 5, 12, straight[4][1]["positions"])
+    for (expected, _), (actual, _) in zip(straight[5:], resumed):
+        assert torch.equal(expected["text"]["input_ids"], actual["text"]["input_ids"])
+        assert torch.equal(expected["image"], actual["image"])
+
+
+def test_persistent_workers_do_not_grow_host_memory_over_epochs(tmp_path):
+    for shard in range(4):
+        dirty_shard(tmp_path / f"{shard}.tar", shard, good=24)
+    config = WebDatasetSourceConfig(urls=str(tmp_path / "{0..3}.tar"), resampled=False, open_shards=2,
+                                    shuffle_buffer=16)
+    loader = build_loader(config.build(TRANSFORM, seed=0), Collate(get_tokenizer("align-test")), 8, 0, 1, seed=0,
+                          start_step=0, num_workers=2)
+    batches = iter(loader)
+    per_epoch = 4 * 24 // 8
+
+    def workers_rss_kib() -> int:
+        return sum(int(line.split()[1]) for worker in batches._workers
+                   for line in Path(f"/proc/{worker.pid}/status").read_text().splitlines() if line.startswith("VmRSS"))
+
+    samples = []
+    for _ in range(8):
+        for _ in range(per_epoch):
+            next(batches)
+        samples.append(workers_rss_kib())
+    growth = samples[-1] - samples[2]  # after warm-up: allocator pools and imports settle in the first epochs
+    assert growth < 8 * 1024, f"workers' RSS grew {growth} KiB over 5 epochs: {samples}"
+
+
+def test_a_tar_cut_at_a_member_boundary_is_reported_not_silently_short(tmp_path):
+    write_tar(tmp_path / "whole.tar", [(f"{i}", {"txt": b"x" * 600}) for i in range(3)])
+    whole = (tmp_path / "whole.tar").read_bytes()
+    with tarfile.open(tmp_path / "whole.tar") as tar:
+        boundary = tar.getmember("2.txt").offset  # where the third member's header starts
+    assert [s.key for s in stream_samples(io.BytesIO(whole))] == ["0", "1", "2"]
+    read = []
+    with pytest.raises(ShardReadError, match="truncated"):
+        for sample in stream_samples(io.BytesIO(whole[:boundary])):
+            read.append(sample.key)
+    assert read == ["0", "1"]  # the whole samples before the cut still arrive
+
+
+def test_shards_stream_from_pipes_and_fsspec_urls(tmp_path):
+    import fsspec
+
+    dirty_shard(tmp_path / "0.tar", 0, good=2)
+    data = (tmp_path / "0.tar").read_bytes()
+    with fsspec.open("memory://bucket/cc3m/00000.tar", "wb") as handle:
+        handle.write(data)
+    for url in (f"pipe:cat {tmp_path / '0.tar'}", "memory://bucket/cc3m/00000.tar", f"file://{tmp_path / '0.tar'}"):
+        with open_url(url) as stream:
+            assert stream.read() == data, url
+    config = WebDatasetSourceConfig(urls="memory://bucket/cc3m/{00000..00000}.tar", open_shards=1, shuffle_buffer=1)
+    assert next(iter(config.build(TRANSFORM, seed=0)))["text"] == "shard 0 good 0"
+
+
+def test_jpeg_draft_mode_decodes_large_images_faster_and_changes_only_resampling_noise():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    smooth = torch.nn.functional.interpolate(torch.from_numpy(rng.random((1, 3, 12, 16))).float(), size=(768, 1024),
+                                             mode="bicubic", align_corners=False)
+    pixels = (smooth.clamp(0, 1)[0].permute(1, 2, 0).numpy() * 255).astype("uint8")
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=92)
+    transform = ImageTransform(PreprocessConfig(image_size=289, resize_size=346, random_flip=False), train=True)
+    drafted = Image.open(io.BytesIO(buffer.getvalue()))
+    full = Image.open(io.BytesIO(buffer.getvalue()))
+    full.load()  # decoded already: draft mode no longer applies
+    out_draft = transform(drafted, torch.Generator().manual_seed(0))
+    assert drafted.size == (512, 384)  # decoded at 1/2 scale: still at least 346 on each side
+    out_full = transform(full, torch.Generator().manual_seed(0))
+    assert (out_draft - out_full).abs().mean() < 0.01  # on a [-1, 1] scale
+    evaluation = ImageTransform(transform.config, train=False)
+    untouched = Image.open(io.BytesIO(buffer.getvalue()))
+    evaluation(untouched)
+    assert untouched.size == (1024, 768)  # evaluation decodes in full, as AlignProcessor does
+
+
+def test_a_table_row_whose_image_is_corrupt_is_skipped_and_counted(tmp_path):
+    (tmp_path / "good.png").write_bytes(encode("RGB", (20, 20), "PNG"))
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    (tmp_path / "pairs.csv").write_text("image,caption\ngood.png,a good row\nbad.png,a bad row\ngood.png,another\n")
+    before = Counter(COUNTS)
+    dataset = TableSourceConfig(path=str(tmp_path / "pairs.csv")).build(TRANSFORM, 0)
+    assert dataset[(0, 1)]["text"] == "another"  # the next row stands in for the unreadable one
+    assert Counter(COUNTS) - before == {"skipped/undecodable image": 1}
+    strict = TableSourceConfig(path=str(tmp_path / "pairs.csv")).build(TRANSFORM, 0, strict=True)
+    with pytest.raises(OpenAlignError, match="undecodable image.*bad.png"):
+        strict[(0, 1)]
+
+
+def test_the_monitor_strips_its_entries_and_adds_counts_over_workers_and_resumes():
+    monitor = DataMonitor({"positions": {"0": [1]}, "counts": {"skipped/empty caption": 2}})
+    batch = monitor.take({"image": 1, STREAM_KEY: (1, "p"), "__counts__": (0, {"skipped/empty caption": 3})})
+    monitor.take({"__counts__": (1, {"skipped/no image": 1})})
+    monitor.take({"__counts__": (0, {"skipped/empty caption": 4})})  # cumulative per worker: the latest wins
+    assert batch == {"image": 1}
+    assert monitor.counts() == {"skipped/empty caption": 6, "skipped/no image": 1}
+    assert monitor.state()["positions"] == {0: [1], 1: "p"}  # as JSON gives them back, and as readers number
+
+
+def test_training_on_dirty_shards_resumes_exactly_and_reports_skips(tmp_path, shapes_root, monkeypatch):
+    import json
+
+    from openalign.recipe import load_recipe
+    from openalign.train import Checkpointer, read_history, train
+    from openalign.train.checkpoint import WEIGHTS_FILE
+    from safetensors.torch import load_file
+
+    for shard in range(3):
+        dirty_shard(tmp_path / f"{shard}.tar", shard, good=6)
+
+    def recipe(output: Path):
+        return load_recipe("demo", [
+            "model.name=align-test", "data.num_workers=2", "train.steps=6", "train.batch_size=8",
+            "train.warmup_steps=1", "eval.tasks=[]", f"run.output_dir={output}", "run.log_every=1",
+            "run.checkpoint_every=3", "run.tensorboard=false", "model.text.hidden_dropout_prob=0.2",
+            "data.train={type: webdataset, urls: '" + str(tmp_path / "{0..2}.tar") + "', open_shards: 2, "
+            "shuffle_buffer: 6, image_keys: 'jpg;png;webp'}"])
+
+    straight = train(recipe(tmp_path / "straight"), show_progress=False)
+    original_save = Checkpointer.save
+
+    def crash_after_step_3(self, step, *args):
+        path = original_save(self, step, *args)
+        if step == 3:
+            raise KeyboardInterrupt("simulated preemption")
+        return path
+
+    monkeypatch.setattr(Checkpointer, "save", crash_after_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train(recipe(tmp_path / "resumed"), show_progress=False)
+    monkeypatch.setattr(Checkpointer, "save", original_save)
+    saved = json.loads((tmp_path / "resumed" / "checkpoints" / "step_00000003" / "data_rank0.json").read_text())
+    assert set(saved) == {"positions", "counts", "world_size", "num_workers"} and len(saved["positions"]) == 2
+    resumed = train(recipe(tmp_path / "resumed"), resume="latest", show_progress=False)
+
+    weights = [load_file(str(run / "checkpoints" / "step_00000006" / WEIGHTS_FILE))
+               for run in (tmp_path / "straight", tmp_path / "resumed")]
+    for key in weights[0]:
+        assert torch.equal(weights[0][key], weights[1][key]), key
+    losses = [[r["loss"] for r in read_history(run) if "loss" in r] for run in (tmp_path / "straight", tmp_path / "resumed")]
+    assert losses[0] == losses[1]
+    # 48 samples drawn from shards where 9 of every 15 samples are bad: skips are counted, by reason
+    assert straight.data_counts["skipped/undecodable image"] >= 2 and straight.data_counts["converted/CMYK"] >= 1
+    assert resumed.data_counts == straight.data_counts  # the resumed run carries the counts on
+    summary = json.loads((tmp_path / "straight" / "data_summary.json").read_text())
+    assert summary == straight.data_counts
+    assert read_history(tmp_path / "straight")[-1]["data/skipped"] == sum(
+        n for key, n in straight.data_counts.items() if key.startswith("skipped/"))
