@@ -335,3 +335,20 @@ def test_training_on_dirty_shards_resumes_exactly_and_reports_skips(tmp_path, sh
     assert summary == straight.data_counts
     assert read_history(tmp_path / "straight")[-1]["data/skipped"] == sum(
         n for key, n in straight.data_counts.items() if key.startswith("skipped/"))
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_decoding_jpeg_bytes_with_torchvision_gives_pils_pixels_bit_for_bit(mode):
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    shape = (300, 420, 3) if mode == "RGB" else (300, 420)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(buffer, format="JPEG", quality=90)
+    data = buffer.getvalue()
+    for train in (True, False):
+        transform = ImageTransform(PreprocessConfig(image_size=289, resize_size=346), train=train)
+        assert transform._torchvision_decodes(Image.open(io.BytesIO(data)), data)
+        outputs = [transform(Image.open(io.BytesIO(data)), torch.Generator().manual_seed(5), encoded)
+                   for encoded in (data, None)]
+        assert torch.equal(outputs[0], outputs[1])

@@ -88,14 +88,15 @@ def open_image(data: bytes | None, min_side: int = 1) -> Image.Image:
     return image
 
 
-def decode_pixels(transform, image: Image.Image, generator=None):  # noqa: ANN001, ANN201 - ImageTransform's
-    """``transform(image, generator)``, counting a conversion to RGB; decoding errors (truncated
-    or corrupt image data) raise :class:`SkipSample`."""
+def decode_pixels(transform, image: Image.Image, generator=None, encoded: bytes | None = None):  # noqa: ANN001, ANN201
+    """``transform(image, generator, encoded)`` (an ImageTransform; ``encoded``: the bytes ``image``
+    was opened from), counting a conversion to RGB; decoding errors (truncated or corrupt image
+    data) raise :class:`SkipSample`."""
     if image.mode != "RGB":
         COUNTS[f"converted/{image.mode}"] += 1
     try:
-        return transform(image, generator)
-    except (OSError, ValueError, SyntaxError) as error:  # truncated or corrupt image data
+        return transform(image, generator, encoded)
+    except (OSError, ValueError, SyntaxError, RuntimeError) as error:  # truncated or corrupt image data
         raise SkipSample(UNDECODABLE_IMAGE, f"{type(error).__name__}: {error}") from None
 
 

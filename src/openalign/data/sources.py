@@ -91,7 +91,7 @@ class ImageDataset(Dataset):
             except OSError as error:
                 raise SkipSample(NO_IMAGE, f"{type(error).__name__}: {error}") from None
         with open_image(image) as opened:
-            return decode_pixels(self.transform, opened, generator)
+            return decode_pixels(self.transform, opened, generator, image)
 
 
 class CaptionDataset(ImageDataset):
@@ -320,7 +320,7 @@ class FieldsDecoder:
             raise SkipSample(NO_IMAGE, f"none of the fields {', '.join(self.image_keys)}")
         texts = self.texts(fields)
         with open_image(data, self.min_image_side) as image:
-            return {**texts, "image": decode_pixels(self.transform, image, generator)}
+            return {**texts, "image": decode_pixels(self.transform, image, generator, data)}
 
 
 @dataclass
