@@ -31,6 +31,7 @@ benchmark: install
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/inference_throughput.py
 	$(BIN)/python benchmarks/eval_throughput.py
+	$(BIN)/python benchmarks/data_throughput.py
 
 clean:
 	rm -rf runs benchmarks/results .pytest_cache
