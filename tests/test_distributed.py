@@ -159,3 +159,31 @@ def test_sharded_evaluation_on_two_ranks_equals_one_process(tmp_path, shapes_roo
         for key, value in expected.items():
             assert metrics[key] == pytest.approx(value, abs=1e-6), (name, key)
     assert list((tmp_path / "cache0").glob("*.safetensors")) and not (tmp_path / "cache1").exists()
+
+
+def test_two_ranks_resume_a_shard_stream_exactly(tmp_path):
+    """2 gloo ranks × 2 loader workers on webdataset shards: 2 steps, then ``--resume`` to 4,
+    end with the weights of 4 uninterrupted steps (every rank's readers pick up where they were)."""
+    from safetensors.torch import load_file
+    from test_stream import dirty_shard
+
+    from openalign.train.checkpoint import WEIGHTS_FILE
+
+    for shard in range(3):
+        dirty_shard(tmp_path / f"{shard}.tar", shard, good=6)
+    source = ("data.train={type: webdataset, urls: '" + str(tmp_path / "{0..2}.tar") +
+              "', open_shards: 2, shuffle_buffer: 6, image_keys: 'jpg;png;webp'}")
+
+    def run(output: str, steps: int, *extra: str) -> None:
+        torchrun("-m", "openalign", "train", "demo", "model.name=align-test", "data.num_workers=2", "train.device=cpu",
+                 f"train.steps={steps}", "train.batch_size=8", "train.schedule=constant", "train.warmup_steps=0",
+                 "eval.tasks=[]", f"run.output_dir={tmp_path / output}", "run.checkpoint_every=2",
+                 "run.tensorboard=false", source, *extra)
+
+    run("straight", 4)
+    run("resumed", 2)
+    run("resumed", 4, "--resume", "latest")
+    weights = [load_file(str(tmp_path / run / "checkpoints" / "step_00000004" / WEIGHTS_FILE))
+               for run in ("straight", "resumed")]
+    for key in weights[0]:
+        assert torch.equal(weights[0][key], weights[1][key]), key
