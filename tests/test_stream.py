@@ -42,10 +42,10 @@ def write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
                 tar.addfile(info, io.BytesIO(data))
 
 
-def dirty_shard(path: Path, shard: int, good: int = 6) -> list[str]:
+def dirty_shard(path: Path, shard: int, good: int = 6, padding: int = 0) -> list[str]:
     """A shard of ``good`` usable samples (RGB, grayscale, CMYK, alpha, palette, large JPEGs: all
     converted or decoded) between one sample of every kind that must be skipped; returns the
-    good captions."""
+    good captions. ``padding`` bytes of metadata make each good sample that much bigger."""
     kinds = [("L", "JPEG"), ("CMYK", "JPEG"), ("RGBA", "PNG"), ("P", "PNG"), ("RGB", "JPEG"), ("RGB", "WEBP")]
     bad = [
         {"jpg": b"not an image", "txt": b"corrupt"},
@@ -65,7 +65,8 @@ def dirty_shard(path: Path, shard: int, good: int = 6) -> list[str]:
             size = (700, 500) if index % 3 == 0 else (40, 30)
             caption = f"shard {shard} good {index}"
             samples.append((f"{shard:03d}_{index:03d}", {fmt.lower().replace("jpeg", "jpg"): encode(mode, size, fmt),
-                                                        "txt": caption.encode(), "json": b"{}"}))
+                                                        "txt": caption.encode(),
+                                                        "json": b"{}" + b" " * padding}))
             captions.append(caption)
         if index < len(bad):
             samples.append((f"{shard:03d}_bad{index:03d}", bad[index]))
@@ -191,8 +192,8 @@ def test_a_resumed_mixture_of_a_stream_and_a_table_is_exact(tmp_path):
 
 
 def test_persistent_workers_do_not_grow_host_memory_over_epochs(tmp_path):
-    for shard in range(4):
-        dirty_shard(tmp_path / f"{shard}.tar", shard, good=24)
+    for shard in range(4):  # 12 MB of raw samples an epoch: holding on to them would show
+        dirty_shard(tmp_path / f"{shard}.tar", shard, good=24, padding=128 * 1024)
     config = WebDatasetSourceConfig(urls=str(tmp_path / "{0..3}.tar"), resampled=False, open_shards=2,
                                     shuffle_buffer=16)
     loader = build_loader(config.build(TRANSFORM, seed=0), Collate(get_tokenizer("align-test")), 8, 0, 1, seed=0,
