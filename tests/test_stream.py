@@ -353,3 +353,24 @@ def test_decoding_jpeg_bytes_with_torchvision_gives_pils_pixels_bit_for_bit(mode
         outputs = [transform(Image.open(io.BytesIO(data)), torch.Generator().manual_seed(5), encoded)
                    for encoded in (data, None)]
         assert torch.equal(outputs[0], outputs[1])
+
+
+def test_extra_fields_keep_their_kind_text_label_or_json_through_collate(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    write_tar(tmp_path / "0.tar", [(f"{i}", {"jpg": encode("RGB", (20, 20)), "txt": f"caption {i}".encode(),
+                                             "cls": str(i % 3).encode(), "concepts.json": b'["dog", "frisbee"]',
+                                             "caption.txt": b"a synthetic caption"}) for i in range(4)])
+    config = WebDatasetSourceConfig(urls=str(tmp_path / "0.tar"), open_shards=1, shuffle_buffer=1,
+                                    extra_keys={"label": "cls", "concepts": "concepts.json", "caption": "caption.txt"})
+    stream = iter(config.build(TRANSFORM, seed=0))
+    batch = Collate(get_tokenizer("align-test"))([next(stream) for _ in range(4)])
+    assert batch["label"].tolist() == [0, 1, 2, 0]
+    assert batch["concepts"] == [["dog", "frisbee"]] * 4
+    assert set(batch["caption"]) == {"input_ids", "attention_mask"}  # text: tokenised
+    (tmp_path / "img.png").write_bytes(encode("RGB", (20, 20), "PNG"))
+    pq.write_table(pa.table({"image": ["img.png"] * 2, "caption": ["a", "b"], "class_id": [7, 8]}),
+                   tmp_path / "t.parquet")
+    table = TableSourceConfig(path=str(tmp_path / "t.parquet"), extra_columns={"label": "class_id"}).build(TRANSFORM, 0)
+    assert table[(0, 1)]["label"] == 8

@@ -137,7 +137,8 @@ class TableSourceConfig(SourceConfig, tag="table"):
 
     ``image_column`` holds image paths (relative to ``image_root``, by default the table's
     folder) or, in parquet, the encoded image bytes; ``text_column`` the caption;
-    ``extra_columns`` maps more sample fields to columns (``{caption: synthetic_caption}``).
+    ``extra_columns`` maps more sample fields to columns (``{caption: synthetic_caption}``, or
+    ``{label: class_id}``: numbers and lists keep their type).
     Rows with an empty caption or a missing image file are dropped when the table is read, with
     a logged count; a missing column is an error that lists the table's columns.
     """
@@ -152,12 +153,12 @@ class TableSourceConfig(SourceConfig, tag="table"):
               text_processor: TextProcessor | None = None, strict: bool = False) -> TableDataset:
         return TableDataset(self.rows(), transform, seed, SkipPolicy(self.path, strict))
 
-    def rows(self) -> list[tuple[Path | bytes, str, dict[str, str]]]:
+    def rows(self) -> list[tuple[Path | bytes, str, dict[str, Any]]]:
         """``(image path or bytes, caption, extra fields)`` of every usable row, in table order."""
         tables = sorted(glob.glob(self.path))
         if not tables:
             raise OpenAlignError(f"no table matches '{self.path}' (data.train.path: .csv, .tsv or .parquet files)")
-        rows: list[tuple[Path | bytes, str, dict[str, str]]] = []
+        rows: list[tuple[Path | bytes, str, dict[str, Any]]] = []
         dropped = {"empty caption": 0, "missing image file": 0}
         for table_path in map(Path, tables):
             columns = _read_table(table_path)
@@ -178,7 +179,7 @@ class TableSourceConfig(SourceConfig, tag="table"):
                     if not image.is_file():
                         dropped["missing image file"] += 1
                         continue
-                extra = {name: str(columns[column][number] or "").strip() for name, column in self.extra_columns.items()}
+                extra = {name: _cell(columns[column][number]) for name, column in self.extra_columns.items()}
                 rows.append((image, text, extra))
         if any(dropped.values()):
             log.warning("table '%s': dropped %s", self.path, ", ".join(f"{n} row(s) with {why}" for why, n in
@@ -186,6 +187,13 @@ class TableSourceConfig(SourceConfig, tag="table"):
         if not rows:
             raise OpenAlignError(f"table '{self.path}' has no usable row (dropped: {dropped})")
         return rows
+
+
+def _cell(value: Any) -> Any:
+    """An extra column's value: text stripped (None: ""), numbers and lists as they are."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    return (value or "").strip() if value is None or isinstance(value, str) else value
 
 
 def _read_table(path: Path) -> dict[str, list[Any]]:
@@ -212,7 +220,7 @@ def _read_table(path: Path) -> dict[str, list[Any]]:
 class TableDataset(ImageDataset):
     """``(epoch, index)`` → ``{"image", "text", **extra}`` of a table row; augmentation seeded per sample."""
 
-    def __init__(self, rows: list[tuple[Path | bytes, str, dict[str, str]]], transform: ImageTransform,
+    def __init__(self, rows: list[tuple[Path | bytes, str, dict[str, Any]]], transform: ImageTransform,
                  seed: int, policy: SkipPolicy | None = None) -> None:
         super().__init__(transform, seed, policy or SkipPolicy("table"))
         self.rows = rows
@@ -300,7 +308,12 @@ class StreamOptions:
 @dataclass
 class FieldsDecoder:
     """A raw sample's fields (``jpg``, ``txt``, ...: bytes) → ``{"image", "text", **extra}``; what
-    cannot be used raises :class:`~openalign.data.quality.SkipSample` with the reason."""
+    cannot be used raises :class:`~openalign.data.quality.SkipSample` with the reason.
+
+    An extra field is text, unless its member is a class label (``cls``, ``label.cls``:
+    webdataset's convention, an integer; a TFRecord ``int64`` feature) or JSON (``concepts.json``:
+    the parsed value, e.g. a list of visual concepts).
+    """
 
     image_keys: tuple[str, ...]
     text_key: str
@@ -308,10 +321,10 @@ class FieldsDecoder:
     transform: ImageTransform
     min_image_side: int = 1
 
-    def texts(self, fields: dict[str, bytes]) -> dict[str, str]:
+    def texts(self, fields: dict[str, Any]) -> dict[str, Any]:
         texts = {"text": caption_text(fields.get(self.text_key))}
         for name, key in self.extra_keys.items():
-            texts[name] = caption_text(fields.get(key), f"no {key}")
+            texts[name] = extra_value(key, fields.get(key))
         return texts
 
     def __call__(self, fields: dict[str, bytes], generator: torch.Generator | None = None) -> dict[str, Any]:
@@ -361,6 +374,19 @@ class WebDatasetSourceConfig(SourceConfig, StreamOptions, tag="webdataset"):
         decode = FieldsDecoder(tuple(self.image_keys.split(";")), self.text_key, dict(self.extra_keys), transform,
                                self.min_image_side)
         return self.stream(self.urls, self.shards(), read_tar_shard, decode, seed, strict)
+
+
+def extra_value(key: str, data: bytes | int | None) -> Any:
+    """An extra field's value by its member's kind: an int label (``*cls``), parsed JSON
+    (``*json``) or stripped text; a missing or unreadable one skips the sample."""
+    if isinstance(data, int):
+        return data
+    if data is not None and key.endswith(("cls", "json")):
+        try:
+            return int(data) if key.endswith("cls") else json.loads(data)
+        except (ValueError, UnicodeDecodeError) as error:
+            raise SkipSample(f"unreadable {key}", str(error)) from None
+    return caption_text(data, f"no {key}")
 
 
 def read_tar_shard(url: str) -> Iterator[dict[str, bytes]]:
@@ -423,8 +449,12 @@ class RecordDecoder(FieldsDecoder):
             example.ParseFromString(record)
         except DecodeError as error:
             raise SkipSample(UNDECODABLE_RECORD, str(error)) from None
-        fields = {key: bytes(feature.bytes_list.value[0]) for key, feature in example.features.feature.items()
-                  if feature.bytes_list.value}
+        fields: dict[str, Any] = {}
+        for key, feature in example.features.feature.items():
+            if feature.bytes_list.value:
+                fields[key] = bytes(feature.bytes_list.value[0])
+            elif feature.int64_list.value:
+                fields[key] = int(feature.int64_list.value[0])
         return super().__call__(fields, generator)
 
 
