@@ -374,3 +374,17 @@ def test_extra_fields_keep_their_kind_text_label_or_json_through_collate(tmp_pat
                    tmp_path / "t.parquet")
     table = TableSourceConfig(path=str(tmp_path / "t.parquet"), extra_columns={"label": "class_id"}).build(TRANSFORM, 0)
     assert table[(0, 1)]["label"] == 8
+
+
+def test_a_dead_stream_stops_training_with_one_clear_line_not_a_worker_traceback(tmp_path, capsys):
+    from openalign.cli import main
+
+    (tmp_path / "0.tar").write_bytes(b"this is not a tar file" * 100)
+    code = main(["train", "demo", "model.name=align-test", "data.num_workers=1", "train.steps=2", "train.batch_size=8",
+                 "train.warmup_steps=1",
+                 "eval.tasks=[]", f"run.output_dir={tmp_path / 'run'}", "run.tensorboard=false",
+                 "data.train={type: webdataset, urls: '" + str(tmp_path / "0.tar") + "', max_consecutive_errors: 3}"])
+    output = " ".join(capsys.readouterr().err.split())  # rich wraps long lines
+    assert code == 2
+    assert "3 consecutive samples or shards" in output and "corrupt shard" in output
+    assert "Traceback" not in output and "DataLoader worker" not in output

@@ -426,6 +426,16 @@ def _setup_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _message(error: OpenAlignError) -> str:
+    """The error's own message; one raised in a DataLoader worker arrives wrapped in the worker's
+    traceback, whose last line is the message (prefixed with the error's type)."""
+    text = str(error)
+    if "DataLoader worker process" in text and "Original Traceback" in text:
+        last = text.strip().splitlines()[-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return text
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
@@ -438,7 +448,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.func(args)
     except OpenAlignError as error:
-        console.print(f"[bold red]error:[/] {error}", highlight=False)
+        console.print(f"[bold red]error:[/] {_message(error)}", highlight=False)
         return 2
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
