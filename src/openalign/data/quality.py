@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import logging
+import threading
 import warnings
 from collections import Counter
 
@@ -38,6 +39,7 @@ EMPTY_SHARD = "empty shard"
 
 # Counts of this process: "skipped/<reason>" and "converted/<mode>" (images converted to RGB).
 COUNTS: Counter[str] = Counter()
+_LOCK = threading.Lock()
 
 
 class SkipSample(Exception):
@@ -112,11 +114,15 @@ class SkipPolicy:
         self.in_a_row = 0
 
     def success(self) -> None:
-        self.in_a_row = 0
+        self.in_a_row = 0  # a plain store: safe beside the shard-reading thread
 
     def skip(self, skip: SkipSample, where: str = "", count: bool = True) -> None:
         """Handle ``skip`` of the sample at ``where``; ``count=False`` (re-reading a resumed
         stream's current round) only checks it."""
+        with _LOCK:  # decoding and the shard-reading thread both report skips
+            self._skip(skip, where, count)
+
+    def _skip(self, skip: SkipSample, where: str, count: bool) -> None:
         where = f" ({where})" if where else ""
         if self.strict:
             raise OpenAlignError(f"data source '{self.source}': {skip}{where}; data.strict is true, so this is "

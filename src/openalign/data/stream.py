@@ -12,7 +12,8 @@ starts where its last consumed batch ended. Nothing is replayed from the start o
 :class:`ShardStream` streams the samples of shard files (webdataset tars, TFRecord files). A
 reader keeps ``open_shards`` shards open; each *round* it reads the next
 ``shuffle_buffer / open_shards`` raw samples of each (opening its next shard when one ends),
-and yields the decoded pool in a seeded random order. Its position is the round's start
+and yields the decoded pool in a seeded random order (a thread reads the next round meanwhile).
+Its position is the round's start
 (which shard each slot reads, and how far in) plus the number of pool entries taken: resuming
 re-reads one round of raw bytes, skipping what was taken without decoding it.
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import random
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
@@ -166,11 +168,16 @@ class ShardStream(ResumableStream):
             raise OpenAlignError(f"the saved stream position has {len(position.slots)} open shards, the source "
                                  f"{self.open_shards}: resume with the run's own open_shards")
         readers: dict[int, Iterator[Any]] = {}
+        # the next round is read in a thread while this one is decoded: reads from pipes and
+        # object storage wait on the network, not on the CPU (two rounds of raw bytes in memory)
+        prefetch = ThreadPoolExecutor(1, thread_name_prefix="openalign-shards")
         try:
+            # a resumed round that was partly taken was read (and its shard skips counted) before
+            pending = prefetch.submit(self._fill, position, readers, reader, num_readers,
+                                      not (resumed and position.taken))
             while True:
-                # a resumed round that was partly taken was read (and its shard skips counted) before
-                pool, after = self._fill(position, readers, reader, num_readers, count=not (resumed and position.taken))
-                resumed = False
+                pool, after = pending.result()
+                pending = prefetch.submit(self._fill, after, readers, reader, num_readers, True)
                 order = list(range(len(pool)))
                 random.Random(f"{self.seed}/{reader}/{position.round}").shuffle(order)
                 for taken in range(position.taken, len(pool)):
@@ -184,6 +191,7 @@ class ShardStream(ResumableStream):
                     yield sample, position._replace(taken=taken + 1)  # its epoch is the sample's epoch
                 position = after
         finally:
+            prefetch.shutdown(wait=True, cancel_futures=True)  # the reading thread is done with the shards
             for opened in readers.values():
                 getattr(opened, "close", lambda: None)()
 
