@@ -28,7 +28,8 @@ TRANSFORM = ImageTransform(PreprocessConfig(image_size=8, resize_size=10), train
 
 def encode(mode: str, size: tuple[int, int], fmt: str = "JPEG", colour: int = 90) -> bytes:
     buffer = io.BytesIO()
-    fill = {"L": colour, "CMYK": (colour, 20, 30, 0), "RGBA": (colour, 20, 30, 128), "P": colour}.get(mode, (colour, 20, 30))
+    fill = {"L": colour, "CMYK": (colour, 20, 30, 0), "RGBA": (colour, 20, 30, 128), "P": colour}.get(
+        mode, (colour, 20, 30))
     Image.new(mode, size, fill).save(buffer, format=fmt)
     return buffer.getvalue()
 
@@ -327,7 +328,8 @@ def test_training_on_dirty_shards_resumes_exactly_and_reports_skips(tmp_path, sh
                for run in (tmp_path / "straight", tmp_path / "resumed")]
     for key in weights[0]:
         assert torch.equal(weights[0][key], weights[1][key]), key
-    losses = [[r["loss"] for r in read_history(run) if "loss" in r] for run in (tmp_path / "straight", tmp_path / "resumed")]
+    losses = [[r["loss"] for r in read_history(run) if "loss" in r]
+              for run in (tmp_path / "straight", tmp_path / "resumed")]
     assert losses[0] == losses[1]
     # 48 samples drawn from shards where 9 of every 15 samples are bad: skips are counted, by reason
     assert straight.data_counts["skipped/undecodable image"] >= 2 and straight.data_counts["converted/CMYK"] >= 1

@@ -14,7 +14,8 @@ from .transforms import ImageTransform
 __all__ = [
     "CaptionDataset", "CaptionedImage", "Collate", "DataMonitor", "EpochBatchSampler", "ImageTransform",
     "KarpathySourceConfig", "MixtureSourceConfig", "ResumableStream", "SentencePairsSourceConfig", "ShapesSourceConfig",
-    "ShapesSpec", "ShardStream", "SkipPolicy", "SkipSample", "SourceConfig", "TFRecordSourceConfig", "TableSourceConfig",
+    "ShapesSpec", "ShardStream", "SkipPolicy", "SkipSample", "SourceConfig", "TFRecordSourceConfig",
+    "TableSourceConfig",
     "Tokenizer", "WebDatasetSourceConfig", "build_loader", "build_shapes_dataset", "load_hf_tokenizer",
     "move_to_device", "read_karpathy",
 ]

@@ -114,7 +114,8 @@ class DataMonitor:
 
     def __init__(self, saved: dict[str, Any] | None = None) -> None:
         saved = saved or {}
-        self.positions: dict[int, Any] = {int(reader): position for reader, position in saved.get("positions", {}).items()}
+        positions = saved.get("positions", {})
+        self.positions: dict[int, Any] = {int(reader): position for reader, position in positions.items()}
         self.base: dict[str, int] = dict(saved.get("counts", {}))
         self.workers: dict[int, dict[str, int]] = {}
         self.in_process = dict(COUNTS)  # with no workers, this process's counts before the run began

@@ -440,7 +440,8 @@ def read_tfrecord_file(path: str) -> Iterator[bytes]:
 class RecordDecoder(FieldsDecoder):
     """A serialized ``tf.train.Example`` → a training sample, through its bytes features."""
 
-    def __call__(self, record: bytes, generator: torch.Generator | None = None) -> dict[str, Any]:  # type: ignore[override]
+    def __call__(self, record: bytes,  # type: ignore[override]
+                 generator: torch.Generator | None = None) -> dict[str, Any]:
         from google.protobuf.message import DecodeError
         from tfrecord import example_pb2
 

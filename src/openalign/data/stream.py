@@ -123,8 +123,8 @@ class ShardStream(ResumableStream):
     """
 
     def __init__(self, shards: list[str], read_shard: Callable[[str], Iterable[Any]],
-                 decode: Callable[[Any, torch.Generator], dict[str, Any]], policy: SkipPolicy, seed: int, resampled: bool = True,
-                 open_shards: int = 8, shuffle_buffer: int = 2000) -> None:
+                 decode: Callable[[Any, torch.Generator], dict[str, Any]], policy: SkipPolicy, seed: int,
+                 resampled: bool = True, open_shards: int = 8, shuffle_buffer: int = 2000) -> None:
         super().__init__(seed)
         if not shards:
             raise OpenAlignError(f"data source '{policy.source}' has no shards")
@@ -182,8 +182,9 @@ class ShardStream(ResumableStream):
                 random.Random(f"{self.seed}/{reader}/{position.round}").shuffle(order)
                 for taken in range(position.taken, len(pool)):
                     raw, pool[order[taken]] = pool[order[taken]], None
+                    generator = sample_generator(self.seed, reader, position.round * 1_000_003 + taken)
                     try:  # the augmentation's RNG is a function of the position too
-                        sample = self.decode(raw, sample_generator(self.seed, reader, position.round * 1_000_003 + taken))
+                        sample = self.decode(raw, generator)
                     except SkipSample as skip:
                         self.policy.skip(skip)
                         continue
