@@ -390,3 +390,42 @@ def test_a_dead_stream_stops_training_with_one_clear_line_not_a_worker_traceback
     assert code == 2
     assert "3 consecutive samples or shards" in output and "corrupt shard" in output
     assert "Traceback" not in output and "DataLoader worker" not in output
+
+
+def test_tfrecords_stream_from_any_url_with_crcs_checked(tmp_path):
+    import fsspec
+    from tfrecord.writer import TFRecordWriter
+
+    from openalign.data import TFRecordSourceConfig
+    from openalign.data.tfrecords import CorruptRecord, read_records
+
+    path = tmp_path / "part-0.tfrecord"
+    writer = TFRecordWriter(str(path))
+    for index in range(3):
+        writer.write({"jpg": (encode("RGB", (20, 20)), "byte"), "txt": (f"record {index}".encode(), "byte"),
+                      "label": (index, "int")})
+    writer.close()
+    data = bytearray(path.read_bytes())
+    records = list(read_records(io.BytesIO(bytes(data))))
+    assert len(records) == 3 and all(isinstance(record, bytes) for record in records)
+    second = 12 + len(records[0]) + 4  # where the second record starts
+    data[second + 12 + 30] ^= 0xFF  # one flipped byte in its data: that record alone fails its CRC
+    flipped = list(read_records(io.BytesIO(bytes(data))))
+    assert [isinstance(record, CorruptRecord) for record in flipped] == [False, True, False]
+    with pytest.raises(ShardReadError, match="truncated"):
+        list(read_records(io.BytesIO(bytes(data[:-3]))))
+    for name in ("a", "b"):
+        with fsspec.open(f"memory://bucket/coyo/{name}.tfrecord", "wb") as handle:
+            handle.write(bytes(data))
+    config = TFRecordSourceConfig(urls="memory://bucket/coyo/*.tfrecord", resampled=False, open_shards=1,
+                                  shuffle_buffer=1, extra_keys={"label": "label"})
+    assert [url.replace(":///", "://") for url in config.files()] == ["memory://bucket/coyo/a.tfrecord",
+                                                                       "memory://bucket/coyo/b.tfrecord"]
+    before = Counter(COUNTS)
+    stream = iter(config.build(TRANSFORM, seed=0))
+    samples = [next(stream) for _ in range(4)]
+    assert sorted((s["text"], s["label"]) for s in samples) == [("record 0", 0), ("record 0", 0), ("record 2", 2),
+                                                                ("record 2", 2)]
+    assert (Counter(COUNTS) - before)["skipped/undecodable record"] == 2
+    pipe = TFRecordSourceConfig(urls=f"pipe:cat {path}", open_shards=1, shuffle_buffer=1)
+    assert next(iter(pipe.build(TRANSFORM, seed=0)))["text"] == "record 0"

@@ -155,11 +155,49 @@ def stream_samples(fileobj: BinaryIO) -> Iterator[TarSample]:
         yield from read_samples(tar, stream_end)
 
 
+def has_scheme(url: str) -> bool:
+    """Whether ``url`` names a protocol (``s3://``, ``pipe:``, ``file://``) rather than a local path."""
+    return re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:", url) is not None
+
+
+def expand_urls(pattern: str, what: str) -> list[str]:
+    """The files a training source names: brace patterns (``{00000..00099}``), several joined by
+    ``::``, and globs, local or remote (fsspec; ``pipe:`` commands are taken as they are).
+    Raises :class:`OpenAlignError` naming local files that do not exist and globs that match
+    nothing."""
+    import braceexpand
+
+    urls: list[str] = []
+    missing: list[str] = []
+    for part in pattern.split("::"):
+        for url in braceexpand.braceexpand(part):
+            if url.startswith("pipe:"):
+                urls.append(url)
+            elif glob.has_magic(url):
+                if has_scheme(url):
+                    import fsspec
+
+                    filesystem, path = fsspec.core.url_to_fs(url)
+                    matches = sorted(filesystem.unstrip_protocol(match) for match in filesystem.glob(path))
+                else:
+                    matches = sorted(match for match in glob.glob(os.path.expanduser(url)) if Path(match).is_file())
+                urls.extend(matches)
+                missing.extend([] if matches else [url])
+            elif has_scheme(url) or Path(url).expanduser().is_file():
+                urls.append(url)
+            else:
+                missing.append(url)
+    if missing:
+        raise OpenAlignError(f"{len(missing)} of the {len(urls) + len(missing)} {what} that '{pattern}' names "
+                             f"do not exist, e.g. '{missing[0]}' (data.train.urls)")
+    return urls
+
+
 def open_url(url: str) -> BinaryIO:
     """A binary stream of a shard: local paths, ``file:``, ``pipe:`` commands and http(s) through
     webdataset's ``gopen``; other URLs (``s3://``, ``gs://``, ``az://``, ``hf://`` ...) through fsspec,
     which needs the filesystem's package (s3fs, gcsfs, adlfs ...)."""
-    scheme = url.split(":", 1)[0] if re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:", url) else ""
+    scheme = url.split(":", 1)[0] if has_scheme(url) else ""
     if scheme in ("", "file", "pipe", "http", "https"):
         from webdataset.gopen import gopen
 

@@ -28,9 +28,10 @@ from ..distributed import barrier, world_info
 from ..errors import ConfigError, OpenAlignError
 from .karpathy import CaptionedImage, read_karpathy
 from .quality import NO_IMAGE, UNDECODABLE_RECORD, SkipPolicy, SkipSample, caption_text, decode_pixels, open_image
-from .shards import open_url, stream_samples
+from .shards import expand_urls, open_url, stream_samples
 from .shapes import ShapesSpec, build_shapes_dataset
 from .stream import ResumableStream, ShardStream
+from .tfrecords import CorruptRecord, read_records
 from .transforms import ImageTransform, sample_generator
 
 log = logging.getLogger(__name__)
@@ -359,15 +360,7 @@ class WebDatasetSourceConfig(SourceConfig, StreamOptions, tag="webdataset"):
 
     def shards(self) -> list[str]:
         """The shard URLs: the pattern expanded; local ones must exist."""
-        import braceexpand
-
-        urls = [url for pattern in self.urls.split("::") for url in braceexpand.braceexpand(pattern)]
-        local = [Path(url) for url in urls if not re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:", url)]
-        missing = [path for path in local if not path.is_file()]
-        if missing:
-            raise OpenAlignError(f"{len(missing)} of the {len(urls)} shards of '{self.urls}' do not exist, "
-                                 f"e.g. '{missing[0]}' (data.train.urls must match img2dataset's tar files)")
-        return urls
+        return expand_urls(self.urls, "shards")
 
     def build(self, transform: ImageTransform, seed: int, start_step: int = 0,
               text_processor: TextProcessor | None = None, strict: bool = False) -> ShardStream:
@@ -402,10 +395,12 @@ def read_tar_shard(url: str) -> Iterator[dict[str, bytes]]:
 class TFRecordSourceConfig(SourceConfig, StreamOptions, tag="tfrecord"):
     """TFRecord files of ``tf.train.Example`` records with ``jpg`` (encoded image) and ``txt``
     (caption) bytes features: COYO-ALIGN's training data and img2dataset's ``--output_format
-    tfrecord`` (shared spec align-coyo-and-hf.md §4.1), read without TensorFlow (the ``tfrecord``
-    package's record reader and protobuf). ``urls``: local (or mounted) files, a glob or a brace
-    pattern (``coyo/*.tfrecord``). A record that does not parse is skipped; a file cut short ends
-    there. ``extra_keys`` carries more bytes features as text fields (``{caption: caption}``).
+    tfrecord`` (shared spec align-coyo-and-hf.md §4.1), read without TensorFlow
+    (:mod:`openalign.data.tfrecords`, CRCs checked; the ``tfrecord`` package's protobuf). ``urls``:
+    files, globs or brace patterns, local or remote (``coyo/*.tfrecord``,
+    ``gs://bucket/coyo/*.tfrecord`` through fsspec, ``pipe:gsutil cat gs://...``). A record that
+    fails its CRC or does not parse is skipped; a file cut short ends there. ``extra_keys``
+    carries more features as fields (``{caption: caption}``; ``int64`` features are labels).
     """
 
     urls: str
@@ -416,12 +411,7 @@ class TFRecordSourceConfig(SourceConfig, StreamOptions, tag="tfrecord"):
         self.check_stream(self.urls, "data/coyo/*.tfrecord")
 
     def files(self) -> list[str]:
-        import braceexpand
-
-        found = sorted({match for pattern in braceexpand.braceexpand(self.urls) for match in glob.glob(pattern)})
-        if not found:
-            raise OpenAlignError(f"no TFRecord file matches '{self.urls}' (data.train.urls)")
-        return found
+        return expand_urls(self.urls, "TFRecord files")
 
     def build(self, transform: ImageTransform, seed: int, start_step: int = 0,
               text_processor: TextProcessor | None = None, strict: bool = False) -> ShardStream:
@@ -429,22 +419,22 @@ class TFRecordSourceConfig(SourceConfig, StreamOptions, tag="tfrecord"):
         return self.stream(self.urls, self.files(), read_tfrecord_file, decode, seed, strict)
 
 
-def read_tfrecord_file(path: str) -> Iterator[bytes]:
+def read_tfrecord_file(url: str) -> Iterator[bytes | CorruptRecord]:
     """The serialized records of a TFRecord file (parsed later, so one bad record skips alone)."""
-    from tfrecord.reader import tfrecord_iterator
-
-    for record in tfrecord_iterator(path):
-        yield bytes(record)  # the reader reuses its buffer
+    with open_url(url) as stream:
+        yield from read_records(stream)
 
 
 class RecordDecoder(FieldsDecoder):
     """A serialized ``tf.train.Example`` → a training sample, through its bytes features."""
 
-    def __call__(self, record: bytes,  # type: ignore[override]
+    def __call__(self, record: bytes | CorruptRecord,  # type: ignore[override]
                  generator: torch.Generator | None = None) -> dict[str, Any]:
         from google.protobuf.message import DecodeError
         from tfrecord import example_pb2
 
+        if isinstance(record, CorruptRecord):
+            raise SkipSample(UNDECODABLE_RECORD, record.detail)
         example = example_pb2.Example()
         try:
             example.ParseFromString(record)
