@@ -429,3 +429,23 @@ def test_tfrecords_stream_from_any_url_with_crcs_checked(tmp_path):
     assert (Counter(COUNTS) - before)["skipped/undecodable record"] == 2
     pipe = TFRecordSourceConfig(urls=f"pipe:cat {path}", open_shards=1, shuffle_buffer=1)
     assert next(iter(pipe.build(TRANSFORM, seed=0)))["text"] == "record 0"
+
+
+def test_inspect_reads_tfrecord_files_with_the_training_reasons(tmp_path, capsys):
+    import json
+
+    from tfrecord.writer import TFRecordWriter
+
+    from openalign.cli import main
+
+    writer = TFRecordWriter(str(tmp_path / "part-0.tfrecord"))
+    for jpg, txt in ((encode("RGB", (20, 20)), b"good"), (b"junk", b"corrupt image"), (encode("L", (20, 20)), b" ")):
+        writer.write({"jpg": (jpg, "byte"), "txt": (txt, "byte")})
+    writer.close()
+    data = (tmp_path / "part-0.tfrecord").read_bytes()
+    (tmp_path / "part-1.tfrecord").write_bytes(data[:-5])
+    assert main(["data", "inspect", str(tmp_path / "part-*.tfrecord"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["shards"], summary["samples"], summary["usable"]) == (2, 5, 2)
+    assert summary["skipped"] == {"undecodable image": 2, "empty caption": 1}
+    assert list(summary["failed_shards"]) == [str(tmp_path / "part-1.tfrecord")]

@@ -399,7 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     caption.set_defaults(func=_cmd_data_caption)
     inspect = data_commands.add_parser("inspect", help="count samples, skips by reason, caption lengths and image "
                                                        "sizes in webdataset shards")
-    inspect.add_argument("shards", nargs="+", metavar="SHARDS", help="tar paths, globs or brace patterns")
+    inspect.add_argument("shards", nargs="+", metavar="SHARDS",
+                         help="tar or .tfrecord paths, globs or brace patterns")
     inspect.add_argument("--text-key", default="txt", help="the caption member's extension (default txt)")
     inspect.add_argument("--json", action="store_true", help='print {"samples": N, "skipped": {reason: count}, ...}')
     inspect.set_defaults(func=_cmd_data_inspect)

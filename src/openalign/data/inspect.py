@@ -1,4 +1,5 @@
-"""``openalign data inspect``: what is in a set of webdataset shards, and what training would skip.
+"""``openalign data inspect``: what is in a set of webdataset shards or TFRecord files, and what
+training would skip.
 
 Each sample is checked as the training source checks it (:mod:`openalign.data.quality`): an
 image member that PIL decodes completely, and a non-empty UTF-8 caption; skips are named by the
@@ -12,12 +13,14 @@ from __future__ import annotations
 import bisect
 import tarfile
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from ..progress import progress_bar
-from .quality import NO_IMAGE, UNDECODABLE_IMAGE, SkipSample, caption_text, open_image
-from .shards import ShardReadError, TarSample, expand_shards, read_samples
+from .quality import NO_IMAGE, UNDECODABLE_IMAGE, UNDECODABLE_RECORD, SkipSample, caption_text, open_image
+from .shards import ShardReadError, expand_shards, read_samples
+from .tfrecords import CorruptRecord, read_records
 from .sources import WebDatasetSourceConfig
 
 IMAGE_KEYS = tuple(WebDatasetSourceConfig.image_keys.split(";"))  # what training reads
@@ -40,16 +43,14 @@ def inspect_shards(patterns: Sequence[str], text_key: str = "txt", image_keys: S
     with progress_bar("inspecting shards", len(shards), enabled=show_progress) as advance:
         for shard in shards:
             try:
-                with tarfile.open(shard, "r:*") as tar:
-                    for sample in read_samples(tar):
-                        if sample.key is None:
-                            continue
-                        samples += 1
-                        reason = _check(sample, text_key, image_keys, captions, sizes, modes)
-                        if reason:
-                            skipped[reason] += 1
-                        else:
-                            usable += 1
+                for fields in _samples(shard):
+                    samples += 1
+                    reason = (fields.reason if isinstance(fields, SkipSample)
+                              else _check(fields, text_key, image_keys, captions, sizes, modes))
+                    if reason:
+                        skipped[reason] += 1
+                    else:
+                        usable += 1
             except (ShardReadError, tarfile.TarError, OSError) as error:
                 failed[str(shard)] = f"{type(error).__name__}: {error}"
             advance()
@@ -58,11 +59,31 @@ def inspect_shards(patterns: Sequence[str], text_key: str = "txt", image_keys: S
             "image_longer_side": _ordered(sizes, IMAGE_EDGES), "image_modes": dict(modes)}
 
 
-def _check(sample: TarSample, text_key: str, image_keys: Sequence[str], captions: Counter[str], sizes: Counter[str],
-           modes: Counter[str]) -> str | None:
-    """Why training would skip ``sample`` (the reason it would log), or None; updates the
+def _samples(shard: Path) -> Iterator[dict[str, Any] | SkipSample]:
+    """The samples of a tar shard, or of a TFRecord file (``*.tfrecord``), as ``{field: bytes}``;
+    a TFRecord record that fails its CRC or does not parse comes as its :class:`SkipSample`."""
+    if ".tfrecord" in shard.name:
+        from .sources import example_fields
+
+        with open(shard, "rb") as stream:
+            for record in read_records(stream):
+                try:
+                    if isinstance(record, CorruptRecord):
+                        raise SkipSample(UNDECODABLE_RECORD, record.detail)
+                    yield example_fields(record)
+                except SkipSample as skip:
+                    yield skip
+        return
+    with tarfile.open(shard, "r:*") as tar:
+        for sample in read_samples(tar):
+            if sample.key is not None:
+                yield {name.lower(): data for name, data in sample.fields().items()}
+
+
+def _check(members: dict[str, Any], text_key: str, image_keys: Sequence[str], captions: Counter[str],
+           sizes: Counter[str], modes: Counter[str]) -> str | None:
+    """Why training would skip a sample (the reason it would log), or None; updates the
     histograms of what it reads."""
-    members = {name.lower(): data for name, data in sample.fields().items()}
     try:
         data = next((members[key] for key in image_keys if key in members), None)
         if data is None:

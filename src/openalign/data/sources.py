@@ -430,23 +430,29 @@ class RecordDecoder(FieldsDecoder):
 
     def __call__(self, record: bytes | CorruptRecord,  # type: ignore[override]
                  generator: torch.Generator | None = None) -> dict[str, Any]:
-        from google.protobuf.message import DecodeError
-        from tfrecord import example_pb2
-
         if isinstance(record, CorruptRecord):
             raise SkipSample(UNDECODABLE_RECORD, record.detail)
-        example = example_pb2.Example()
-        try:
-            example.ParseFromString(record)
-        except DecodeError as error:
-            raise SkipSample(UNDECODABLE_RECORD, str(error)) from None
-        fields: dict[str, Any] = {}
-        for key, feature in example.features.feature.items():
-            if feature.bytes_list.value:
-                fields[key] = bytes(feature.bytes_list.value[0])
-            elif feature.int64_list.value:
-                fields[key] = int(feature.int64_list.value[0])
-        return super().__call__(fields, generator)
+        return super().__call__(example_fields(record), generator)
+
+
+def example_fields(record: bytes) -> dict[str, Any]:
+    """A serialized ``tf.train.Example``'s features: bytes features as bytes, ``int64`` ones as
+    ints (the first value of each); one that does not parse raises :class:`SkipSample`."""
+    from google.protobuf.message import DecodeError
+    from tfrecord import example_pb2
+
+    example = example_pb2.Example()
+    try:
+        example.ParseFromString(record)
+    except DecodeError as error:
+        raise SkipSample(UNDECODABLE_RECORD, str(error)) from None
+    fields: dict[str, Any] = {}
+    for key, feature in example.features.feature.items():
+        if feature.bytes_list.value:
+            fields[key] = bytes(feature.bytes_list.value[0])
+        elif feature.int64_list.value:
+            fields[key] = int(feature.int64_list.value[0])
+    return fields
 
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=\S)")
