@@ -228,8 +228,12 @@ def test_a_tar_cut_at_a_member_boundary_is_reported_not_silently_short(tmp_path)
     assert read == ["0", "1"]  # the whole samples before the cut still arrive
 
 
-def test_shards_stream_from_pipes_and_fsspec_urls(tmp_path):
+def test_shards_stream_from_pipes_and_fsspec_urls(tmp_path, capsys):
+    import json
+
     import fsspec
+
+    from openalign.cli import main
 
     dirty_shard(tmp_path / "0.tar", 0, good=2)
     data = (tmp_path / "0.tar").read_bytes()
@@ -240,6 +244,9 @@ def test_shards_stream_from_pipes_and_fsspec_urls(tmp_path):
             assert stream.read() == data, url
     config = WebDatasetSourceConfig(urls="memory://bucket/cc3m/{00000..00000}.tar", open_shards=1, shuffle_buffer=1)
     assert next(iter(config.build(TRANSFORM, seed=0)))["text"] == "shard 0 good 0"
+    assert main(["data", "inspect", "memory://bucket/cc3m/*.tar", "--json"]) == 0  # inspect reads what training reads
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["usable"] == 3 and summary["skipped"]["image too small"] == 1  # the 1100 px "bomb" is fine here
 
 
 def test_jpeg_draft_mode_decodes_large_images_faster_and_changes_only_resampling_noise():

@@ -145,7 +145,8 @@ def _cmd_data_caption(args: argparse.Namespace) -> None:
 def _cmd_data_inspect(args: argparse.Namespace) -> None:
     from .data.inspect import format_summary, inspect_shards
 
-    summary = inspect_shards(args.shards, args.text_key, show_progress=not args.json)
+    summary = inspect_shards(args.shards, args.text_key, show_progress=not args.json,
+                             min_image_side=args.min_image_side)
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
 
 
@@ -400,8 +401,10 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = data_commands.add_parser("inspect", help="count samples, skips by reason, caption lengths and image "
                                                        "sizes in webdataset shards")
     inspect.add_argument("shards", nargs="+", metavar="SHARDS",
-                         help="tar or .tfrecord paths, globs or brace patterns")
+                         help="tar or .tfrecord files: paths, globs, brace patterns, s3:// or pipe: URLs")
     inspect.add_argument("--text-key", default="txt", help="the caption member's extension (default txt)")
+    inspect.add_argument("--min-image-side", type=int, default=10,
+                         help="images with a shorter side under this are skipped, as training's min_image_side")
     inspect.add_argument("--json", action="store_true", help='print {"samples": N, "skipped": {reason: count}, ...}')
     inspect.set_defaults(func=_cmd_data_inspect)
     convert = data_commands.add_parser("convert", help="a CSV/TSV/parquet table of local images and captions -> "

@@ -14,26 +14,27 @@ import bisect
 import tarfile
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 from ..progress import progress_bar
 from .quality import NO_IMAGE, UNDECODABLE_IMAGE, UNDECODABLE_RECORD, SkipSample, caption_text, open_image
-from .shards import ShardReadError, expand_shards, read_samples
-from .tfrecords import CorruptRecord, read_records
+from .shards import ShardReadError, expand_urls
+from .tfrecords import CorruptRecord
 from .sources import WebDatasetSourceConfig
 
 IMAGE_KEYS = tuple(WebDatasetSourceConfig.image_keys.split(";"))  # what training reads
+MIN_IMAGE_SIDE = WebDatasetSourceConfig.min_image_side
 CAPTION_EDGES = (1, 10, 20, 40, 80, 160, 320)  # characters
 IMAGE_EDGES = (32, 64, 128, 256, 512, 1024, 2048)  # pixels, the longer side
 
 
 def inspect_shards(patterns: Sequence[str], text_key: str = "txt", image_keys: Sequence[str] = IMAGE_KEYS,
-                   show_progress: bool = True) -> dict[str, Any]:
-    """The summary of the shards ``patterns`` name (paths, globs, brace patterns): ``samples``,
-    ``usable``, ``skipped`` {reason: count}, ``failed_shards`` {path: error}, ``caption_chars`` and
-    ``image_longer_side`` histograms {bin: count}, ``image_modes`` {mode: count}."""
-    shards = expand_shards(patterns)
+                   show_progress: bool = True, min_image_side: int = MIN_IMAGE_SIDE) -> dict[str, Any]:
+    """The summary of the shards ``patterns`` name (paths, globs, brace patterns, and the URLs
+    training reads: ``s3://...``, ``pipe:...``): ``samples``, ``usable``, ``skipped`` {reason:
+    count}, ``failed_shards`` {url: error}, ``caption_chars`` and ``image_longer_side``
+    histograms {bin: count}, ``image_modes`` {mode: count}."""
+    shards = [url for pattern in patterns for url in expand_urls(pattern, "shards")]
     skipped: Counter[str] = Counter()
     captions: Counter[str] = Counter()
     sizes: Counter[str] = Counter()
@@ -46,42 +47,39 @@ def inspect_shards(patterns: Sequence[str], text_key: str = "txt", image_keys: S
                 for fields in _samples(shard):
                     samples += 1
                     reason = (fields.reason if isinstance(fields, SkipSample)
-                              else _check(fields, text_key, image_keys, captions, sizes, modes))
+                              else _check(fields, text_key, image_keys, min_image_side, captions, sizes, modes))
                     if reason:
                         skipped[reason] += 1
                     else:
                         usable += 1
             except (ShardReadError, tarfile.TarError, OSError) as error:
-                failed[str(shard)] = f"{type(error).__name__}: {error}"
+                failed[shard] = f"{type(error).__name__}: {error}"
             advance()
     return {"shards": len(shards), "samples": samples, "usable": usable, "skipped": dict(skipped),
             "failed_shards": failed, "caption_chars": _ordered(captions, CAPTION_EDGES),
             "image_longer_side": _ordered(sizes, IMAGE_EDGES), "image_modes": dict(modes)}
 
 
-def _samples(shard: Path) -> Iterator[dict[str, Any] | SkipSample]:
-    """The samples of a tar shard, or of a TFRecord file (``*.tfrecord``), as ``{field: bytes}``;
-    a TFRecord record that fails its CRC or does not parse comes as its :class:`SkipSample`."""
-    if ".tfrecord" in shard.name:
-        from .sources import example_fields
+def _samples(url: str) -> Iterator[dict[str, Any] | SkipSample]:
+    """The samples of a tar shard, or of a TFRecord file (``*.tfrecord``), as ``{field: bytes}``,
+    read as training reads them; a TFRecord record that fails its CRC or does not parse comes as
+    its :class:`SkipSample`."""
+    from .sources import example_fields, read_tar_shard, read_tfrecord_file
 
-        with open(shard, "rb") as stream:
-            for record in read_records(stream):
-                try:
-                    if isinstance(record, CorruptRecord):
-                        raise SkipSample(UNDECODABLE_RECORD, record.detail)
-                    yield example_fields(record)
-                except SkipSample as skip:
-                    yield skip
+    if ".tfrecord" not in url.rsplit("/", 1)[-1]:
+        yield from read_tar_shard(url)
         return
-    with tarfile.open(shard, "r:*") as tar:
-        for sample in read_samples(tar):
-            if sample.key is not None:
-                yield {name.lower(): data for name, data in sample.fields().items()}
+    for record in read_tfrecord_file(url):
+        try:
+            if isinstance(record, CorruptRecord):
+                raise SkipSample(UNDECODABLE_RECORD, record.detail)
+            yield example_fields(record)
+        except SkipSample as skip:
+            yield skip
 
 
-def _check(members: dict[str, Any], text_key: str, image_keys: Sequence[str], captions: Counter[str],
-           sizes: Counter[str], modes: Counter[str]) -> str | None:
+def _check(members: dict[str, Any], text_key: str, image_keys: Sequence[str], min_image_side: int,
+           captions: Counter[str], sizes: Counter[str], modes: Counter[str]) -> str | None:
     """Why training would skip a sample (the reason it would log), or None; updates the
     histograms of what it reads."""
     try:
@@ -89,7 +87,7 @@ def _check(members: dict[str, Any], text_key: str, image_keys: Sequence[str], ca
         if data is None:
             raise SkipSample(NO_IMAGE)
         captions[_bin(len(caption_text(members.get(text_key))), CAPTION_EDGES)] += 1  # every readable caption
-        with open_image(data) as image:
+        with open_image(data, min_image_side) as image:
             try:
                 image.load()
             except Exception as error:  # noqa: BLE001 - truncated or corrupt image data
