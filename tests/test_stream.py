@@ -295,7 +295,7 @@ def test_the_monitor_strips_its_entries_and_adds_counts_over_workers_and_resumes
     assert monitor.state()["positions"] == {0: [1], 1: "p"}  # as JSON gives them back, and as readers number
 
 
-def test_training_on_dirty_shards_resumes_exactly_and_reports_skips(tmp_path, shapes_root, monkeypatch):
+def test_training_on_dirty_shards_resumes_exactly_and_reports_skips(tmp_path, shapes_root, monkeypatch, caplog):
     import json
 
     from openalign.recipe import load_recipe
@@ -306,9 +306,9 @@ def test_training_on_dirty_shards_resumes_exactly_and_reports_skips(tmp_path, sh
     for shard in range(3):
         dirty_shard(tmp_path / f"{shard}.tar", shard, good=6)
 
-    def recipe(output: Path):
+    def recipe(output: Path, workers: int = 2):
         return load_recipe("demo", [
-            "model.name=align-test", "data.num_workers=2", "train.steps=6", "train.batch_size=8",
+            "model.name=align-test", f"data.num_workers={workers}", "train.steps=6", "train.batch_size=8",
             "train.warmup_steps=1", "eval.tasks=[]", f"run.output_dir={output}", "run.log_every=1",
             "run.checkpoint_every=3", "run.tensorboard=false", "model.text.hidden_dropout_prob=0.2",
             "data.train={type: webdataset, urls: '" + str(tmp_path / "{0..2}.tar") + "', open_shards: 2, "
@@ -345,6 +345,11 @@ def test_training_on_dirty_shards_resumes_exactly_and_reports_skips(tmp_path, sh
     assert summary == straight.data_counts
     assert read_history(tmp_path / "straight")[-1]["data/skipped"] == sum(
         n for key, n in straight.data_counts.items() if key.startswith("skipped/"))
+    # other loader workers: the positions do not apply; the run says so and reads a fresh stream
+    with caplog.at_level("WARNING", logger="openalign"):
+        other = train(recipe(tmp_path / "other", workers=1), show_progress=False,
+                      resume=str(tmp_path / "straight" / "checkpoints" / "step_00000003"))
+    assert other.step == 6 and "2 worker(s), this run has 1 × 1" in " ".join(caplog.text.split())
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L"])

@@ -236,13 +236,13 @@ def _build_loader(recipe: Recipe, per_rank: int, ctx: DistributedContext, start:
     data = recipe.data
     dataset = data.train.build(recipe.model.build_transform(train=True), recipe.train.seed, start, text_processor,
                                data.strict)
-    if saved and (saved.get("world_size"), saved.get("num_workers")) != (ctx.world_size, data.num_workers):
-        log.warning("the checkpoint's data stream was read by %s rank(s) × %s worker(s), this run has %d × %d: it "
-                    "reads a fresh random stream, not the exact samples the interrupted run would have read next",
-                    saved.get("world_size"), saved.get("num_workers"), ctx.world_size, data.num_workers)
-        saved = {"counts": saved.get("counts", {})}
     if isinstance(dataset, ResumableStream):
         dataset.check_readers(ctx.world_size * max(data.num_workers, 1), warn=ctx.is_main)
+        if saved and (saved.get("world_size"), saved.get("num_workers")) != (ctx.world_size, data.num_workers):
+            log.warning("the checkpoint's data stream was read by %s rank(s) × %s worker(s), this run has %d × %d: "
+                        "it reads a fresh random stream, not the exact samples the interrupted run would have read "
+                        "next", saved.get("world_size"), saved.get("num_workers"), ctx.world_size, data.num_workers)
+            saved = {"counts": saved.get("counts", {})}
         if start:
             positions = saved.get("positions") if saved else None
             if positions is None and saved is None:
