@@ -279,7 +279,8 @@ class StreamOptions:
     least one shard). ``open_shards`` shards are read at once per reader and ``shuffle_buffer``
     raw samples are shuffled together. Samples whose image is under ``min_image_side`` pixels
     on its shorter side are skipped (ALIGN's filter used 200; COYO is already filtered).
-    ``extra_keys`` carries more text fields into the samples, by name. Unreadable samples and
+    ``extra_keys`` carries more fields into the samples, by name (see :class:`FieldsDecoder`).
+    Unreadable samples and
     shards are skipped and counted by reason (``data.strict: true`` makes them errors), and
     ``max_consecutive_errors`` skips in a row (a wrong URL, a dead bucket) stop the run with an
     error instead of spinning forever.
@@ -300,7 +301,7 @@ class StreamOptions:
                 raise ConfigError("must be at least 1", name)
 
     def stream(self, urls: str, shards: list[str], read_shard: Callable[[str], Iterable[Any]],
-               decode: Callable[[Any], dict[str, Any]], seed: int, strict: bool) -> ShardStream:
+               decode: Callable[[Any, torch.Generator], dict[str, Any]], seed: int, strict: bool) -> ShardStream:
         policy = SkipPolicy(urls, strict, self.max_consecutive_errors)
         return ShardStream(shards, read_shard, decode, policy, seed, self.resampled, self.open_shards,
                            self.shuffle_buffer)
