@@ -461,3 +461,12 @@ def test_inspect_reads_tfrecord_files_with_the_training_reasons(tmp_path, capsys
     assert (summary["shards"], summary["samples"], summary["usable"]) == (2, 5, 2)
     assert summary["skipped"] == {"undecodable image": 2, "empty caption": 1}
     assert list(summary["failed_shards"]) == [str(tmp_path / "part-1.tfrecord")]
+
+
+@pytest.mark.parametrize("resampled", [True, False])
+def test_shards_that_hold_nothing_stop_the_run_with_an_error_instead_of_a_silent_stall(tmp_path, resampled):
+    write_tar(tmp_path / "0.tar", [])
+    write_tar(tmp_path / "1.tar", [("a", {"txt": b"a caption without its image"})])
+    config = WebDatasetSourceConfig(urls=str(tmp_path / "{0..1}.tar"), resampled=resampled, max_consecutive_errors=20)
+    with pytest.raises(OpenAlignError, match="20 consecutive samples or shards .* failed"):
+        next(iter(config.build(TRANSFORM, seed=0)))
