@@ -34,3 +34,34 @@ def tiny_recipe_overrides(root: Path, output_dir: Path, steps: int = 4) -> list[
 @pytest.fixture
 def tiny_overrides():
     return tiny_recipe_overrides
+
+
+def write_tar_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
+    """A webdataset tar: each ``(key, {extension: bytes})`` sample's members, in order."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for key, members in samples:
+            for extension, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{extension}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def train_until_preempted(recipe, step: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Train ``recipe`` until its checkpoint at ``step`` is written, then stop as a preempted job does."""
+    from openalign.train import Checkpointer, train
+
+    original_save = Checkpointer.save
+
+    def save_then_crash(self, saved_step, *args):
+        path = original_save(self, saved_step, *args)
+        if saved_step == step:
+            raise KeyboardInterrupt("simulated preemption")
+        return path
+
+    monkeypatch.setattr(Checkpointer, "save", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(recipe, show_progress=False)
+    monkeypatch.setattr(Checkpointer, "save", original_save)

@@ -11,6 +11,7 @@ import pytest
 
 from PIL import Image
 
+from conftest import write_tar_shard
 from openalign.cli import main
 
 
@@ -21,18 +22,9 @@ def encode(mode: str, size: tuple[int, int], fmt: str = "JPEG") -> bytes:
     return buffer.getvalue()
 
 
-def write_shard(path, samples):
-    with tarfile.open(path, "w") as tar:
-        for key, members in samples:
-            for extension, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{extension}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-
-
 def test_inspect_counts_every_kind_of_bad_sample_and_reports_truncated_shards(tmp_path, capsys):
     good = encode("RGB", (300, 200))
-    write_shard(tmp_path / "00000.tar", [
+    write_tar_shard(tmp_path / "00000.tar", [
         ("a", {"jpg": good, "txt": b"a good caption", "json": b"{}"}),
         ("b", {"jpg": encode("L", (40, 40)), "txt": b"grayscale is fine"}),
         ("c", {"png": encode("RGBA", (2000, 1000), "PNG"), "txt": "caf\u00e9 with alpha".encode()}),

@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import train_until_preempted, write_tar_shard
 from openalign import get_tokenizer
 from openalign.data import ImageTransform, WebDatasetSourceConfig
 from openalign.data.loader import Collate, DataMonitor, build_loader
@@ -32,15 +33,6 @@ def encode(mode: str, size: tuple[int, int], fmt: str = "JPEG", colour: int = 90
         mode, (colour, 20, 30))
     Image.new(mode, size, fill).save(buffer, format=fmt)
     return buffer.getvalue()
-
-
-def write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
-    with tarfile.open(path, "w") as tar:
-        for key, members in samples:
-            for extension, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{extension}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
 
 
 def dirty_shard(path: Path, shard: int, good: int = 6, padding: int = 0) -> list[str]:
@@ -71,7 +63,7 @@ def dirty_shard(path: Path, shard: int, good: int = 6, padding: int = 0) -> list
             captions.append(caption)
         if index < len(bad):
             samples.append((f"{shard:03d}_bad{index:03d}", bad[index]))
-    write_tar(path, samples)
+    write_tar_shard(path, samples)
     return captions
 
 
@@ -93,7 +85,7 @@ def test_every_good_sample_arrives_exactly_once_per_epoch_despite_bad_neighbours
     shards = tmp_path / "shards"
     shards.mkdir()
     good = [caption for shard in range(5) for caption in dirty_shard(shards / f"{shard:05d}.tar", shard)]
-    write_tar(shards / "00005.tar", [])  # an empty shard
+    write_tar_shard(shards / "00005.tar", [])  # an empty shard
     dirty_shard(tmp_path / "whole.tar", 6)
     whole = (tmp_path / "whole.tar").read_bytes()
     with tarfile.open(tmp_path / "whole.tar") as tar:
@@ -216,7 +208,7 @@ def test_persistent_workers_do_not_grow_host_memory_over_epochs(tmp_path):
 
 
 def test_a_tar_cut_at_a_member_boundary_is_reported_not_silently_short(tmp_path):
-    write_tar(tmp_path / "whole.tar", [(f"{i}", {"txt": b"x" * 600}) for i in range(3)])
+    write_tar_shard(tmp_path / "whole.tar", [(f"{i}", {"txt": b"x" * 600}) for i in range(3)])
     whole = (tmp_path / "whole.tar").read_bytes()
     with tarfile.open(tmp_path / "whole.tar") as tar:
         boundary = tar.getmember("2.txt").offset  # where the third member's header starts
@@ -299,7 +291,7 @@ def test_training_on_dirty_shards_resumes_exactly_and_reports_skips(tmp_path, sh
     import json
 
     from openalign.recipe import load_recipe
-    from openalign.train import Checkpointer, read_history, train
+    from openalign.train import read_history, train
     from openalign.train.checkpoint import WEIGHTS_FILE
     from safetensors.torch import load_file
 
@@ -315,18 +307,7 @@ def test_training_on_dirty_shards_resumes_exactly_and_reports_skips(tmp_path, sh
             "shuffle_buffer: 6, image_keys: 'jpg;png;webp'}"])
 
     straight = train(recipe(tmp_path / "straight"), show_progress=False)
-    original_save = Checkpointer.save
-
-    def crash_after_step_3(self, step, *args):
-        path = original_save(self, step, *args)
-        if step == 3:
-            raise KeyboardInterrupt("simulated preemption")
-        return path
-
-    monkeypatch.setattr(Checkpointer, "save", crash_after_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        train(recipe(tmp_path / "resumed"), show_progress=False)
-    monkeypatch.setattr(Checkpointer, "save", original_save)
+    train_until_preempted(recipe(tmp_path / "resumed"), 3, monkeypatch)
     saved = json.loads((tmp_path / "resumed" / "checkpoints" / "step_00000003" / "data_rank0.json").read_text())
     assert set(saved) == {"positions", "counts", "world_size", "num_workers"} and len(saved["positions"]) == 2
     resumed = train(recipe(tmp_path / "resumed"), resume="latest", show_progress=False)
@@ -373,7 +354,7 @@ def test_extra_fields_keep_their_kind_text_label_or_json_through_collate(tmp_pat
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    write_tar(tmp_path / "0.tar", [(f"{i}", {"jpg": encode("RGB", (20, 20)), "txt": f"caption {i}".encode(),
+    write_tar_shard(tmp_path / "0.tar", [(f"{i}", {"jpg": encode("RGB", (20, 20)), "txt": f"caption {i}".encode(),
                                              "cls": str(i % 3).encode(), "concepts.json": b'["dog", "frisbee"]',
                                              "caption.txt": b"a synthetic caption"}) for i in range(4)])
     config = WebDatasetSourceConfig(urls=str(tmp_path / "0.tar"), open_shards=1, shuffle_buffer=1,
@@ -465,8 +446,8 @@ def test_inspect_reads_tfrecord_files_with_the_training_reasons(tmp_path, capsys
 
 @pytest.mark.parametrize("resampled", [True, False])
 def test_shards_that_hold_nothing_stop_the_run_with_an_error_instead_of_a_silent_stall(tmp_path, resampled):
-    write_tar(tmp_path / "0.tar", [])
-    write_tar(tmp_path / "1.tar", [("a", {"txt": b"a caption without its image"})])
+    write_tar_shard(tmp_path / "0.tar", [])
+    write_tar_shard(tmp_path / "1.tar", [("a", {"txt": b"a caption without its image"})])
     config = WebDatasetSourceConfig(urls=str(tmp_path / "{0..1}.tar"), resampled=resampled, max_consecutive_errors=20)
     with pytest.raises(OpenAlignError, match="20 consecutive samples or shards .* failed"):
         next(iter(config.build(TRANSFORM, seed=0)))

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import openalign
+from conftest import train_until_preempted
 from openalign.distributed import DistributedContext
 from openalign.errors import ConfigError, OpenAlignError
 from openalign.recipe import load_recipe
@@ -63,18 +64,7 @@ def test_resume_continues_exactly(tmp_path, shapes_root, tiny_overrides, monkeyp
 
     interrupted = tmp_path / "interrupted"
     recipe = load_recipe("demo", tiny_overrides(shapes_root, interrupted, steps=6) + STOCHASTIC)
-    original_save = Checkpointer.save
-
-    def crash_after_step_4(self, step, *args):
-        path = original_save(self, step, *args)
-        if step == 4:
-            raise KeyboardInterrupt("simulated preemption")
-        return path
-
-    monkeypatch.setattr(Checkpointer, "save", crash_after_step_4)
-    with pytest.raises(KeyboardInterrupt):
-        train(recipe, show_progress=False)
-    monkeypatch.setattr(Checkpointer, "save", original_save)
+    train_until_preempted(recipe, 4, monkeypatch)
     result = train(recipe, resume="latest", show_progress=False)
 
     assert result.step == 6
