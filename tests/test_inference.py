@@ -20,7 +20,7 @@ import openalign
 from openalign import inference
 from openalign.cli import main
 from openalign.errors import OpenAlignError
-from openalign.inference import classify, embed_folder, read_index, search, write_index
+from openalign.inference import classify, embed_folder, optimize_for_inference, read_index, search, write_index
 
 LABELS = ["a red square", "a green square", "a blue square"]
 GOOD_IMAGES = ["blue.png", "green.jpg", "nested/deeper/noise.PNG", "nested/red.png", "white.webp"]
@@ -62,6 +62,39 @@ def _reference_image_embeddings(model, preprocess, paths) -> torch.Tensor:
     pixels = torch.stack([preprocess(Image.open(path)) for path in paths])
     with torch.no_grad():
         return model.encode_image(pixels, normalize=True)
+
+
+def test_optimize_for_inference_folds_batch_norm_and_keeps_the_embeddings(tmp_path):
+    torch.manual_seed(0)
+    model = openalign.create_model("align-test")
+    norms = [m for m in model.image_tower.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    with torch.no_grad():  # statistics and affine maps far from the identity, as in a trained model
+        for norm in norms:
+            norm.running_mean.normal_(0, 0.5)
+            norm.running_var.uniform_(0.2, 3.0)
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.normal_(0, 0.2)
+    model.eval()
+    keys = set(model.state_dict())
+    fast = optimize_for_inference(model)
+    pixels = torch.rand(3, 3, 32, 32) * 2 - 1
+    tokens = openalign.get_tokenizer("align-test")(["a red square", "two dogs"])
+    with torch.no_grad():
+        torch.testing.assert_close(fast.encode_image(pixels), model.encode_image(pixels), atol=1e-5, rtol=0)
+        assert torch.equal(fast.encode_text(**tokens), model.encode_text(**tokens))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    assert fast.image_tower.embeddings.convolution.bias is not None
+    assert len(norms) == sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) > 10  # original kept
+    assert set(model.state_dict()) == keys and not model.training
+    with pytest.raises(OpenAlignError, match="cannot train"):
+        fast.train()
+    with pytest.raises(OpenAlignError, match="save the model it was made from"):
+        fast.save_pretrained(tmp_path / "fast")
+    assert not (tmp_path / "fast").exists()
+    model.train()  # the original still trains
+    with pytest.raises(OpenAlignError, match="eval mode"):
+        model.image_tower.fold_batch_norm()
+    assert optimize_for_inference(model, inplace=True) is model and not model.training
 
 
 def test_classify_equals_softmax_of_scaled_cosines(loaded, image_dir):

@@ -70,6 +70,7 @@ def test_loss_records_each_direction():
     assert loss_fn.last_stats["loss_i2t"].item() == pytest.approx(_smoothed_cross_entropy(logits, 0.1))
     assert loss_fn.last_stats["loss_t2i"].item() == pytest.approx(_smoothed_cross_entropy(logits.T, 0.1))
     assert loss_fn.last_stats["loss_i2t"].item() != pytest.approx(loss_fn.last_stats["loss_t2i"].item())
+    assert loss.item() == pytest.approx((loss_fn.last_stats["loss_i2t"] + loss_fn.last_stats["loss_t2i"]).item())
 
 
 def test_config_rejects_out_of_range_smoothing():

@@ -9,11 +9,15 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from rich.logging import RichHandler
 
 from .progress import console
+
+if TYPE_CHECKING:
+    from .errors import OpenAlignError
 
 log = logging.getLogger("openalign")
 
@@ -173,11 +177,19 @@ def _device(name: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 
-def _cmd_embed(args: argparse.Namespace) -> None:
-    from .inference import embed_folder, write_index
+def _inference_model(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """``load_pretrained(args.model)`` on ``args.device``, the model optimised for inference."""
+    from .inference import optimize_for_inference
     from .pretrained import load_pretrained
 
-    model, preprocess, _ = load_pretrained(args.model, device=_device(args.device))
+    model, preprocess, tokenizer = load_pretrained(args.model, device=_device(args.device))
+    return optimize_for_inference(model, inplace=True), preprocess, tokenizer
+
+
+def _cmd_embed(args: argparse.Namespace) -> None:
+    from .inference import embed_folder, write_index
+
+    model, preprocess, _ = _inference_model(args)
     paths, embeddings = embed_folder(model, preprocess, args.images, args.batch_size, args.num_workers)
     write_index(args.out, paths, embeddings, model_name=model.config.name, model_source=str(args.model))
     print(f"wrote {len(paths)} embeddings ({embeddings.shape[1]}-d) to {args.out}")
@@ -189,12 +201,11 @@ def _cmd_classify(args: argparse.Namespace) -> None:
 
     from .errors import OpenAlignError
     from .inference import DEFAULT_TEMPLATES, classify
-    from .pretrained import load_pretrained
 
     labels = [label.strip() for label in args.labels.split(",") if label.strip()]
     if not labels:
         raise OpenAlignError(f"--labels '{args.labels}' names no label; give comma-separated labels: 'a cat,a dog'")
-    model, preprocess, tokenizer = load_pretrained(args.model, device=_device(args.device))
+    model, preprocess, tokenizer = _inference_model(args)
     templates = DEFAULT_TEMPLATES if args.templates == "default" else None
     probabilities = classify(model, preprocess, tokenizer, args.images, labels, templates, args.batch_size)
     table = Table(title=f"zero-shot probabilities ({model.config.name})")
@@ -212,10 +223,9 @@ def _cmd_search(args: argparse.Namespace) -> None:
 
     from .eval import embed_texts
     from .inference import read_index, search
-    from .pretrained import load_pretrained
 
     index = read_index(args.index)
-    model, _, tokenizer = load_pretrained(args.model, device=_device(args.device))
+    model, _, tokenizer = _inference_model(args)
     if index.model_name and index.model_name != model.config.name:
         log.warning("the index was built with model '%s' (%s), but the query is embedded with '%s'",
                     index.model_name, index.model_source, model.config.name)

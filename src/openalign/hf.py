@@ -29,7 +29,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from .data.transforms import PreprocessConfig
 from .errors import ConfigError, OpenAlignError
 from .models import BertTowerConfig, DualEncoderConfig, EfficientNetConfig
 from .pretrained import HF_CONFIG_FILE, WEIGHTS_FILE, model_config_from_dict, read_json

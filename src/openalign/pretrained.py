@@ -91,6 +91,10 @@ def save_pretrained(model: nn.Module, directory: str | Path, format: str = "open
     ``model.safetensors``, tokenizer and processor files) that ``AlignModel.from_pretrained``,
     ``AlignProcessor.from_pretrained`` and the ``zero-shot-image-classification`` pipeline load.
     """
+    if any(getattr(module, "batch_norm_folded", False) for module in model.modules()):
+        raise OpenAlignError("this model was made for inference by optimize_for_inference (its batch norms are "
+                             "folded into convolutions), so its weights are not a checkpoint: save the model it "
+                             "was made from")
     directory = Path(directory)
     if format == "hf":
         from .hf import save_hf_directory

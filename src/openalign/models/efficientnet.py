@@ -16,13 +16,15 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.ops import stochastic_depth
 
-from ..errors import ConfigError
+from ..errors import ConfigError, OpenAlignError
 from .base import ImageTowerConfig
 from .ghost_bn import GhostBatchNorm2d
 
@@ -86,8 +88,26 @@ class EfficientNetConfig(ImageTowerConfig, tag="efficientnet"):
         return EfficientNet(self)
 
 
-class Stem(nn.Module):
+class ConvNorm(nn.Module):
+    """A convolution and the batch norm after it, which inference can fold into one convolution.
+
+    ``folded_names`` names the two attributes (Hugging Face's names, which vary by layer).
+    """
+
+    folded_names: ClassVar[tuple[str, str]]
+
+    def fold(self) -> None:
+        """Replace the convolution by one that applies the batch norm's eval-mode affine map too,
+        and the batch norm by the identity."""
+        conv_name, norm_name = self.folded_names
+        setattr(self, conv_name, fuse_conv_bn_eval(getattr(self, conv_name), getattr(self, norm_name)))
+        setattr(self, norm_name, nn.Identity())
+
+
+class Stem(ConvNorm):
     """3x3 stride-2 conv padded (0, 1) on each axis, BN, SiLU."""
+
+    folded_names = ("convolution", "batchnorm")
 
     def __init__(self, out_dim: int, norm: NormLayer) -> None:
         super().__init__()
@@ -98,7 +118,9 @@ class Stem(nn.Module):
         return F.silu(self.batchnorm(self.convolution(F.pad(x, (0, 1, 0, 1)))))
 
 
-class Expansion(nn.Module):
+class Expansion(ConvNorm):
+    folded_names = ("expand_conv", "expand_bn")
+
     def __init__(self, in_dim: int, out_dim: int, norm: NormLayer) -> None:
         super().__init__()
         self.expand_conv = nn.Conv2d(in_dim, out_dim, kernel_size=1, bias=False)
@@ -108,8 +130,10 @@ class Expansion(nn.Module):
         return F.silu(self.expand_bn(self.expand_conv(x)))
 
 
-class Depthwise(nn.Module):
+class Depthwise(ConvNorm):
     """Depthwise conv: "same" padding at stride 1, TF's asymmetric (k//2 - 1, k//2) at stride 2."""
+
+    folded_names = ("depthwise_conv", "depthwise_norm")
 
     def __init__(self, dim: int, kernel_size: int, stride: int, norm: NormLayer) -> None:
         super().__init__()
@@ -138,7 +162,9 @@ class SqueezeExcite(nn.Module):
         return x * torch.sigmoid(gate)
 
 
-class Projection(nn.Module):
+class Projection(ConvNorm):
+    folded_names = ("project_conv", "project_bn")
+
     def __init__(self, in_dim: int, out_dim: int, norm: NormLayer) -> None:
         super().__init__()
         self.project_conv = nn.Conv2d(in_dim, out_dim, kernel_size=1, bias=False)
@@ -181,6 +207,7 @@ class EfficientNet(nn.Module):
         self.encoder = nn.Module()
         self.encoder.blocks = nn.ModuleList(self._blocks(cfg, norm))
         self.output_dim = cfg.output_dim
+        self.batch_norm_folded = False
         self.apply(_init_weights)
 
     @staticmethod
@@ -207,6 +234,31 @@ class EfficientNet(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.forward_features(pixels).mean(dim=(2, 3))
+
+    @torch.no_grad()
+    def fold_batch_norm(self) -> None:
+        """Fold every batch norm into the convolution before it, for inference.
+
+        Each eval-mode batch norm is an affine map per channel, so the convolution can apply it:
+        one pass over each feature map fewer, with outputs equal to float rounding. Afterwards the
+        tower is for inference only: it refuses training mode, and its state dict no longer
+        matches checkpoints (save the model it was made from). Needs eval mode.
+        """
+        if self.training:
+            raise OpenAlignError("batch norm can be folded only in eval mode (it folds the running statistics): "
+                                 "call .eval() first")
+        if self.batch_norm_folded:
+            return
+        for module in list(self.modules()):
+            if isinstance(module, ConvNorm):
+                module.fold()
+        self.batch_norm_folded = True
+
+    def train(self, mode: bool = True) -> EfficientNet:
+        if mode and self.batch_norm_folded:
+            raise OpenAlignError("this EfficientNet's batch norms are folded into its convolutions for inference "
+                                 "(optimize_for_inference), so it cannot train: train the model it was made from")
+        return super().train(mode)
 
 
 def _init_weights(module: nn.Module) -> None:

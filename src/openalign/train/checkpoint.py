@@ -24,7 +24,6 @@ from torch import nn
 
 from ..distributed import DistributedContext, barrier
 from ..errors import OpenAlignError
-from ..models import ModelConfig
 
 log = logging.getLogger(__name__)
 
