@@ -54,7 +54,6 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     from .eval import (FewShotEvalConfig, KnnEvalConfig, LinearProbeEvalConfig, RetrievalEvalConfig,
                        SentencePairEvalConfig, ShapesEvalConfig, ZeroShotEvalConfig)
     from .eval.suite import make_record
-    from .pretrained import load_pretrained
 
     if args.task == "shapes":
         task, dataset = ShapesEvalConfig(root=args.root), "shapes"
@@ -79,7 +78,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     else:
         task, dataset = LinearProbeEvalConfig(train_root=args.train, val_root=args.val, c=args.c), \
             Path(args.val).resolve().parent.name
-    model, _, _ = load_pretrained(args.model, device=_device(args.device))
+    model, _, _ = _inference_model(args, optimize=not task.fine_tunes)
     metrics = task.run(model, next(model.parameters()).device, args.batch_size)
     record = make_record(dataset, model.config.name, str(args.model), args.task, metrics)
     if args.output:
@@ -89,9 +88,8 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
 def _cmd_eval_examples(args: argparse.Namespace) -> None:
     from .eval.examples import retrieval_examples
-    from .pretrained import load_pretrained
 
-    model, _, _ = load_pretrained(args.model, device=_device(args.device))
+    model, _, _ = _inference_model(args)
     rows = retrieval_examples(model, args.json, next(model.parameters()).device, args.out, args.split,
                               args.image_root, args.queries, args.k, args.seed)
     hits = sum(truth in found for _, found, truth in rows)
@@ -100,10 +98,9 @@ def _cmd_eval_examples(args: argparse.Namespace) -> None:
 
 def _cmd_eval_suite(args: argparse.Namespace) -> None:
     from .eval.suite import load_suite, run_suite
-    from .pretrained import load_pretrained
 
     suite = load_suite(args.suite)
-    model, _, _ = load_pretrained(args.model, device=_device(args.device))
+    model, _, _ = _inference_model(args, optimize=not any(task.fine_tunes for task in suite.tasks))
     for record in run_suite(suite, model, str(args.model), args.out, next(model.parameters()).device):
         print(json.dumps(record))
     print(f"results in {args.out}; merge them with: openalign eval report {args.out}")
@@ -177,13 +174,14 @@ def _device(name: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 
-def _inference_model(args: argparse.Namespace) -> tuple[Any, Any, Any]:
-    """``load_pretrained(args.model)`` on ``args.device``, the model optimised for inference."""
+def _inference_model(args: argparse.Namespace, optimize: bool = True) -> tuple[Any, Any, Any]:
+    """``load_pretrained(args.model)`` on ``args.device``, the model optimised for inference unless
+    ``optimize`` is false (a task that fine-tunes a copy)."""
     from .inference import optimize_for_inference
     from .pretrained import load_pretrained
 
     model, preprocess, tokenizer = load_pretrained(args.model, device=_device(args.device))
-    return optimize_for_inference(model, inplace=True), preprocess, tokenizer
+    return (optimize_for_inference(model, inplace=True) if optimize else model), preprocess, tokenizer
 
 
 def _cmd_embed(args: argparse.Namespace) -> None:

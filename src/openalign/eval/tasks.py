@@ -21,6 +21,7 @@ class EvalTaskConfig(Variants):
     """One evaluation; ``task`` picks the member. ``name`` prefixes its metrics in logs and reports."""
 
     tag_key: ClassVar[str] = "task"
+    fine_tunes: ClassVar[bool] = False  # trains a copy of the model: needs it trainable (not inference-optimised)
 
     @property
     def name(self) -> str:
@@ -160,6 +161,7 @@ class SentencePairEvalConfig(EvalTaskConfig, tag="sentence_pairs"):
     into the bottom half (:mod:`~openalign.eval.sentence_pairs`; shared spec clippo.md §5.4, layout
     unverified against the paper). ``batch_size``: the training batch; None uses the evaluation's."""
 
+    fine_tunes: ClassVar[bool] = True
     train: str
     val: str
     epochs: int = 3
