@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Stage, on the development machine, what the lent GPU machine's image lacks, into .gpu/
+# (git-ignored; name it in the device tool's `carry`): wheels of the pure-Python packages the
+# benchmarks import that the image does not hold, at the versions of this checkout's .venv, and
+# the bert-base-uncased vocabulary as a stub of the package openalign finds it in (the package
+# itself, 83 MB with its model, is over the 64 MiB the tool carries).
+#
+#   bash benchmarks/gpu/prepare.sh          # then: run(command="bash benchmarks/gpu/run.sh inference", carry=[".gpu"])
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PYTHON=${PYTHON:-.venv/bin/python}
+exclude=$(git rev-parse --git-path info/exclude)
+mkdir -p "$(dirname "$exclude")"
+grep -qsx '/.gpu/' "$exclude" || echo '/.gpu/' >> "$exclude"
+rm -rf .gpu && mkdir -p .gpu/whl .gpu/site
+requirements=$("$PYTHON" - <<'PY'
+from importlib.metadata import version
+print(" ".join(f"{name}=={version(name)}" for name in
+               ("webdataset", "braceexpand", "open_clip_torch", "ftfy", "wcwidth")))
+PY
+)
+# shellcheck disable=SC2086
+"$PYTHON" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    -d .gpu/whl $requirements
+"$PYTHON" - <<'PY'
+import shutil
+from pathlib import Path
+
+from openalign.data.tokenizer import _PACKAGED_COPIES, _packaged_copy
+
+package, subdir = _PACKAGED_COPIES["bert-base-uncased"]
+source = _packaged_copy("bert-base-uncased")
+if source is None:
+    raise SystemExit(f"{package} is not installed here: make install first")
+stub = Path(".gpu/site") / package
+(stub / subdir).mkdir(parents=True)
+(stub / "__init__.py").write_text('"""The bert-base-uncased vocabulary alone, staged by benchmarks/gpu/prepare.sh."""\n')
+for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+    if (source / name).is_file():
+        shutil.copy(source / name, stub / subdir / name)
+PY
+du -sh .gpu
