@@ -36,17 +36,25 @@ def tiny_overrides():
     return tiny_recipe_overrides
 
 
-def write_tar_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
-    """A webdataset tar: each ``(key, {extension: bytes})`` sample's members, in order."""
+def write_members(path: Path, members: list[tuple[str, bytes | None]], mode: str = "w") -> None:
+    """A tar of ``(name, data)`` members in order (None data: a directory entry); ``mode`` as
+    ``tarfile.open`` takes it (``w:gz`` compresses)."""
     import io
     import tarfile
 
-    with tarfile.open(path, "w") as tar:
-        for key, members in samples:
-            for extension, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{extension}")
+    with tarfile.open(path, mode) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type = tarfile.DIRTYPE
+            else:
                 info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+            tar.addfile(info, None if data is None else io.BytesIO(data))
+
+
+def write_tar_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
+    """A webdataset tar: each ``(key, {extension: bytes})`` sample's members, in order."""
+    write_members(path, [(f"{key}.{extension}", data) for key, members in samples for extension, data in members.items()])
 
 
 def train_until_preempted(recipe, step: int, monkeypatch: pytest.MonkeyPatch) -> None:

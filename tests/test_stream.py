@@ -13,12 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import train_until_preempted, write_tar_shard
+from conftest import train_until_preempted, write_members, write_tar_shard
 from openalign import get_tokenizer
 from openalign.data import ImageTransform, WebDatasetSourceConfig
 from openalign.data.loader import Collate, DataMonitor, build_loader
 from openalign.data.quality import COUNTS
-from openalign.data.shards import ShardReadError, open_url, stream_samples
+from openalign.data.shards import ShardReadError, open_url, read_samples, stream_samples
 from openalign.data.sources import MixtureDataset, TableSourceConfig
 from openalign.data.stream import STREAM_KEY
 from openalign.data.transforms import PreprocessConfig
@@ -136,13 +136,14 @@ def test_too_few_shards_for_the_readers_is_a_clear_error_and_resampling_needs_no
     assert next(resampled.iterate(15, 16, None))[0]["text"].startswith("shard")
 
 
-def loader_batches(dataset, workers: int, start: int, steps: int, positions=None):
-    """Batches ``start+1 .. steps`` of a 2-sample-per-step loader (and the monitor's state after each)."""
+def loader_batches(dataset, workers: int, start: int, steps: int, saved=None):
+    """Batches ``start+1 .. steps`` of a 2-sample-per-step loader (and the monitor's state after
+    each), resumed from a ``saved`` monitor state as the trainer resumes."""
     if start:
-        dataset.resume(start, positions)
+        dataset.resume(start, saved and saved["positions"], saved.get("reseeds", ()) if saved else ())
     loader = build_loader(dataset, Collate(get_tokenizer("align-test")), 2, 0, 1, seed=0, start_step=start,
                           num_workers=workers)
-    monitor, batches = DataMonitor(), []
+    monitor, batches = DataMonitor(saved, dataset.reseeds), []
     for _, batch in zip(range(start, steps), loader):
         batch = monitor.take(batch)
         batches.append((batch, monitor.state()))
@@ -157,7 +158,7 @@ def test_a_resumed_stream_yields_exactly_the_batches_of_an_uninterrupted_one(tmp
                                     shuffle_buffer=4)
     straight = loader_batches(config.build(TRANSFORM, seed=1), workers=2, start=0, steps=14)
     for stop in (3, 8):  # resume after an odd and an even step: the workers' turns rotate
-        resumed = loader_batches(config.build(TRANSFORM, seed=1), 2, stop, 14, straight[stop - 1][1]["positions"])
+        resumed = loader_batches(config.build(TRANSFORM, seed=1), 2, stop, 14, straight[stop - 1][1])
         assert len(resumed) == 14 - stop
         for (expected, _), (actual, _) in zip(straight[stop:], resumed):
             assert torch.equal(expected["text"]["input_ids"], actual["text"]["input_ids"])
@@ -178,10 +179,45 @@ def test_a_resumed_mixture_of_a_stream_and_a_table_is_exact(tmp_path):
     straight = loader_batches(mixture(), workers=0, start=0, steps=12)
     texts = [text for batch, _ in straight for text in batch["text"]["input_ids"].tolist()]
     assert len(texts) == 24
-    resumed = loader_batches(mixture(), 0, 5, 12, straight[4][1]["positions"])
+    resumed = loader_batches(mixture(), 0, 5, 12, straight[4][1])
     for (expected, _), (actual, _) in zip(straight[5:], resumed):
         assert torch.equal(expected["text"]["input_ids"], actual["text"]["input_ids"])
         assert torch.equal(expected["image"], actual["image"])
+
+
+def same_batches(expected, actual) -> bool:
+    return len(expected) == len(actual) and all(
+        torch.equal(a["text"]["input_ids"], b["text"]["input_ids"]) and torch.equal(a["image"], b["image"])
+        for (a, _), (b, _) in zip(expected, actual))
+
+
+def test_a_stream_drawn_afresh_on_resume_resumes_again_in_that_stream(tmp_path):
+    for shard in range(4):
+        dirty_shard(tmp_path / f"{shard}.tar", shard, good=5)
+    config = WebDatasetSourceConfig(urls=str(tmp_path / "{0..3}.tar"), resampled=False, open_shards=2,
+                                    shuffle_buffer=4)
+    # resumed at step 2 with no positions (another geometry, say): a fresh stream, reseeded
+    fresh = loader_batches(config.build(TRANSFORM, seed=1), workers=0, start=2, steps=14)
+    checkpoint = fresh[3][1]  # after step 6
+    assert checkpoint["reseeds"] == [2]
+    again = loader_batches(config.build(TRANSFORM, seed=1), 0, 6, 14, checkpoint)
+    assert same_batches(fresh[4:], again)  # steps 7..14, as the reseeded run read them
+    forgetful = loader_batches(config.build(TRANSFORM, seed=1), 0, 6, 14, {**checkpoint, "reseeds": []})
+    assert not same_batches(fresh[4:], forgetful)  # the positions alone point into another stream
+
+
+def test_shard_skips_are_counted_once_across_a_resume(tmp_path):
+    for shard in range(8):  # every other shard is empty: a skip in most rounds
+        samples = [] if shard % 2 else [(f"{shard}_{i}", {"png": encode("RGB", (20, 20), "PNG"), "txt": b"cap"})
+                                        for i in range(3)]
+        write_tar_shard(tmp_path / f"{shard}.tar", samples)
+    config = WebDatasetSourceConfig(urls=str(tmp_path / "{0..7}.tar"), resampled=False, open_shards=2,
+                                    shuffle_buffer=2)
+    straight = loader_batches(config.build(TRANSFORM, seed=0), workers=0, start=0, steps=24)
+    assert straight[-1][1]["counts"]["skipped/empty shard"] >= 8
+    for stop in (5, 6, 10, 11):
+        resumed = loader_batches(config.build(TRANSFORM, seed=0), 0, stop, 24, straight[stop - 1][1])
+        assert resumed[-1][1]["counts"] == straight[-1][1]["counts"], stop
 
 
 def test_persistent_workers_do_not_grow_host_memory_over_epochs(tmp_path):
@@ -218,6 +254,76 @@ def test_a_tar_cut_at_a_member_boundary_is_reported_not_silently_short(tmp_path)
         for sample in stream_samples(io.BytesIO(whole[:boundary])):
             read.append(sample.key)
     assert read == ["0", "1"]  # the whole samples before the cut still arrive
+
+
+def test_tar_members_group_into_samples_as_webdataset_groups_them(tmp_path):
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    from openalign.data.sources import read_tar_shard
+
+    png = encode("RGB", (20, 20), "PNG")
+    members = [("d/", None), ("d/a.png", png), ("d/sub/", None), ("d/a.txt", b"cap a"),  # a folder's tar
+               ("b.png", png), ("README", b"no dot: not a field"), ("b.txt", b"cap b"),
+               ("c.x.png", png), ("__index__", b"metadata"), ("c.x.txt", b"cap c"), ("D.PNG", png), ("D.TXT", b"d")]
+    write_members(tmp_path / "0.tar", members)
+    with open(tmp_path / "0.tar", "rb") as stream:
+        reference = [{k: v for k, v in sample.items() if not k.startswith("__")}
+                     for sample in group_by_keys(tar_file_expander([{"url": "0.tar", "stream": stream}]))]
+    assert list(read_tar_shard(str(tmp_path / "0.tar"))) == reference  # webdataset's own grouping
+    assert [sorted(sample) for sample in reference] == [["png", "txt"], ["png", "txt"], ["x.png", "x.txt"],
+                                                        ["png", "txt"]]
+    # a field twice, which webdataset refuses: that sample is skipped and counted, its neighbours arrive
+    write_members(tmp_path / "1.tar", [("a.png", png), ("a.PNG", png), ("a.txt", b"twice"),
+                                       ("b.png", png), ("b.txt", b"once")])
+    config = WebDatasetSourceConfig(urls=str(tmp_path / "1.tar"), resampled=False, open_shards=1, shuffle_buffer=4)
+    before = Counter(COUNTS)
+    assert [epochs[0] for epochs in [read_epochs(config.build(TRANSFORM, seed=0), 0, 1, 1)]] == [["once"]]
+    assert (Counter(COUNTS) - before)["skipped/repeated field"] == 1
+
+
+def test_a_damaged_header_or_compressed_shards_are_read_to_their_true_end(tmp_path):
+    samples = [(f"{i}", {"txt": f"caption {i}".encode()}) for i in range(10)]
+    write_tar_shard(tmp_path / "whole.tar", samples)
+    whole = bytearray((tmp_path / "whole.tar").read_bytes())
+    with tarfile.open(tmp_path / "whole.tar") as tar:
+        damaged = tar.getmember("4.txt").offset
+    whole[damaged + 10] ^= 1  # one bit of a header mid-shard: tarfile itself stops there quietly
+    (tmp_path / "damaged.tar").write_bytes(bytes(whole))
+    for read in (lambda: stream_samples(io.BytesIO(bytes(whole))),
+                 lambda: read_samples(tarfile.open(tmp_path / "damaged.tar"))):  # streamed and seeked
+        keys = []
+        with pytest.raises(ShardReadError, match="no end-of-archive marker"):
+            keys.extend(sample.key for sample in read())
+        assert keys == ["0", "1", "2", "3"]
+
+    for suffix, mode in ((".tar.gz", "w:gz"), (".tar.bz2", "w:bz2"), (".tar.xz", "w:xz")):
+        write_members(tmp_path / f"s{suffix}", [(f"{i}.txt", f"caption {i}".encode()) for i in range(10)], mode)
+        data = (tmp_path / f"s{suffix}").read_bytes()
+        assert [s.key for s in stream_samples(io.BytesIO(data))] == [str(i) for i in range(10)], suffix
+        with pytest.raises(ShardReadError):  # a compressed shard cut short
+            list(stream_samples(io.BytesIO(data[: len(data) // 2])))
+    png = encode("RGB", (20, 20), "PNG")
+    write_members(tmp_path / "train.tar.gz", [m for i in range(6) for m in ((f"{i}.png", png), (f"{i}.txt", b"c"))],
+                  "w:gz")  # as `openalign data caption` writes them
+    config = WebDatasetSourceConfig(urls=str(tmp_path / "train.tar.gz"), resampled=False, open_shards=1,
+                                    shuffle_buffer=4)
+    assert [len(epoch) for epoch in read_epochs(config.build(TRANSFORM, seed=0, strict=True), 0, 1, 2)] == [6, 6]
+
+
+def test_a_vanished_shard_and_a_number_for_a_caption_are_skipped_for_what_they_are(tmp_path, small_bomb_limit):
+    from openalign.data.quality import SkipSample, caption_text
+
+    with pytest.raises(SkipSample, match="caption not text: a int"):
+        caption_text(12)  # a TFRecord int64 feature where the caption should be: not 12 NUL characters
+    for shard in range(2):
+        dirty_shard(tmp_path / f"{shard}.tar", shard, good=2)
+    dataset = WebDatasetSourceConfig(urls=str(tmp_path / "{0..1}.tar"), resampled=False, open_shards=1,
+                                     shuffle_buffer=2).build(TRANSFORM, seed=0)
+    (tmp_path / "1.tar").unlink()  # gone after the run started (a deleted object, a dead URL)
+    before = Counter(COUNTS)
+    assert sorted(read_epochs(dataset, 0, 1, 1)[0]) == ["shard 0 good 0", "shard 0 good 1"]
+    counted = Counter(COUNTS) - before
+    assert counted["skipped/unreadable shard"] >= 1 and counted["skipped/truncated or corrupt shard"] == 0
 
 
 def test_shards_stream_from_pipes_and_fsspec_urls(tmp_path, capsys):
@@ -309,7 +415,8 @@ def test_training_on_dirty_shards_resumes_exactly_and_reports_skips(tmp_path, sh
     straight = train(recipe(tmp_path / "straight"), show_progress=False)
     train_until_preempted(recipe(tmp_path / "resumed"), 3, monkeypatch)
     saved = json.loads((tmp_path / "resumed" / "checkpoints" / "step_00000003" / "data_rank0.json").read_text())
-    assert set(saved) == {"positions", "counts", "world_size", "num_workers"} and len(saved["positions"]) == 2
+    assert set(saved) == {"positions", "counts", "reseeds", "world_size", "num_workers"}
+    assert len(saved["positions"]) == 2 and saved["reseeds"] == []
     resumed = train(recipe(tmp_path / "resumed"), resume="latest", show_progress=False)
 
     weights = [load_file(str(run / "checkpoints" / "step_00000006" / WEIGHTS_FILE))

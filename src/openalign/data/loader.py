@@ -110,10 +110,13 @@ class DataMonitor:
 
     :meth:`take` strips a batch of the entries :class:`Collate` added for it. ``saved`` is the
     state a checkpoint held (:meth:`state` of the interrupted run): its counts carry on.
+    ``reseeds`` are the stream's (:attr:`~openalign.data.stream.ResumableStream.reseeds`): the
+    positions are places in the stream they made, so checkpoints keep them too.
     """
 
-    def __init__(self, saved: dict[str, Any] | None = None) -> None:
+    def __init__(self, saved: dict[str, Any] | None = None, reseeds: Sequence[int] = ()) -> None:
         saved = saved or {}
+        self.reseeds = list(reseeds)
         positions = saved.get("positions", {})
         self.positions: dict[int, Any] = {int(reader): position for reader, position in positions.items()}
         self.base: dict[str, int] = dict(saved.get("counts", {}))
@@ -140,7 +143,7 @@ class DataMonitor:
         return total
 
     def state(self) -> dict[str, Any]:
-        return {"positions": dict(self.positions), "counts": self.counts()}
+        return {"positions": dict(self.positions), "counts": self.counts(), "reseeds": self.reseeds}
 
 
 def _stack(values: list[torch.Tensor], in_worker: bool) -> torch.Tensor:

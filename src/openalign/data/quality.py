@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import io
 import logging
-import threading
 import warnings
 from collections import Counter
 
@@ -27,6 +26,7 @@ log = logging.getLogger("openalign.data")
 # The skip reasons, as logs and ``openalign data inspect --json`` name them.
 NO_IMAGE = "no image"
 NO_CAPTION = "no caption"
+CAPTION_NOT_TEXT = "caption not text"
 CAPTION_NOT_UTF8 = "caption not UTF-8"
 EMPTY_CAPTION = "empty caption"
 UNDECODABLE_IMAGE = "undecodable image"
@@ -36,10 +36,10 @@ UNDECODABLE_RECORD = "undecodable record"
 TRUNCATED_SHARD = "truncated or corrupt shard"
 UNREADABLE_SHARD = "unreadable shard"
 EMPTY_SHARD = "empty shard"
+REPEATED_FIELD = "repeated field"
 
 # Counts of this process: "skipped/<reason>" and "converted/<mode>" (images converted to RGB).
 COUNTS: Counter[str] = Counter()
-_LOCK = threading.Lock()
 
 
 class SkipSample(Exception):
@@ -52,16 +52,19 @@ class SkipSample(Exception):
 
 def caption_text(data: bytes | str | None, missing: str = NO_CAPTION) -> str:
     """The stripped caption of a text field's bytes; raises :class:`SkipSample` when it is
-    missing (reason ``missing``), not UTF-8, or empty or whitespace."""
+    missing (reason ``missing``), not text (a TFRecord ``int64`` feature, say), not UTF-8, or
+    empty or whitespace."""
     if data is None:
         raise SkipSample(missing)
     if isinstance(data, str):
         text = data
-    else:
+    elif isinstance(data, bytes | bytearray | memoryview):
         try:
             text = bytes(data).decode("utf-8")
         except UnicodeDecodeError as error:
             raise SkipSample(CAPTION_NOT_UTF8, str(error)) from None
+    else:
+        raise SkipSample(CAPTION_NOT_TEXT, f"a {type(data).__name__}")
     text = text.strip()
     if not text:
         raise SkipSample(EMPTY_CAPTION)
@@ -106,7 +109,9 @@ class SkipPolicy:
     """What a source does with a :class:`SkipSample`: count and log it, or, ``strict``, raise.
 
     ``max_consecutive`` skips in a row (a wrong URL, a dead bucket, shards of another format)
-    raise an error instead of spinning forever; the run of skips is per reading process.
+    raise an error instead of spinning forever; the run of skips is per reading process. Only
+    the thread that yields a source's samples reports to its policy (a shard stream's reading
+    thread hands its skips over), so the counts and the run follow the data alone.
     """
 
     def __init__(self, source: str, strict: bool = False, max_consecutive: int = 100) -> None:
@@ -114,15 +119,10 @@ class SkipPolicy:
         self.in_a_row = 0
 
     def success(self) -> None:
-        self.in_a_row = 0  # a plain store: safe beside the shard-reading thread
+        self.in_a_row = 0
 
-    def skip(self, skip: SkipSample, where: str = "", count: bool = True) -> None:
-        """Handle ``skip`` of the sample at ``where``; ``count=False`` (re-reading a resumed
-        stream's current round) only checks it."""
-        with _LOCK:  # decoding and the shard-reading thread both report skips
-            self._skip(skip, where, count)
-
-    def _skip(self, skip: SkipSample, where: str, count: bool) -> None:
+    def skip(self, skip: SkipSample, where: str = "") -> None:
+        """Count (and now and then log) ``skip`` of the sample or shard at ``where``."""
         where = f" ({where})" if where else ""
         if self.strict:
             raise OpenAlignError(f"data source '{self.source}': {skip}{where}; data.strict is true, so this is "
@@ -131,8 +131,6 @@ class SkipPolicy:
         if self.in_a_row >= self.max_consecutive:
             raise OpenAlignError(f"{self.in_a_row} consecutive samples or shards of '{self.source}' failed "
                                  f"(raise max_consecutive_errors if that is expected); last: {skip}{where}")
-        if not count:
-            return
         key = f"skipped/{skip.reason}"
         COUNTS[key] += 1
         if COUNTS[key] & (COUNTS[key] - 1) == 0:

@@ -4,11 +4,15 @@ the webdataset training source, ``openalign data caption`` and ``openalign data 
 
 from __future__ import annotations
 
+import bz2
 import glob
+import gzip
 import io
+import lzma
 import os
 import re
 import tarfile
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +23,10 @@ from ..errors import OpenAlignError
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "pbm", "pnm")
 # webdataset's split of a member name into the sample key and the field (everything after the first dot).
 KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
+# Members webdataset skips as metadata (its default ``skip_meta``): ``__index__``, ``__meta__/...``.
+SKIPPED_META = re.compile(r"__[^/]*__($|/)")
+# What reading a damaged tar (or its compressed stream) raises.
+READ_ERRORS = (tarfile.TarError, EOFError, OSError, ValueError, zlib.error, lzma.LZMAError)
 
 
 class ShardReadError(Exception):
@@ -54,75 +62,104 @@ def expand_shards(patterns: Sequence[str]) -> list[Path]:
     return list(found)
 
 
+def member_key(info: tarfile.TarInfo) -> tuple[str, str] | None:
+    """``(sample key, field)`` of a member, or None for one webdataset ignores (not a regular file,
+    no dot in its name, metadata such as ``__index__``)."""
+    if not info.isfile() or SKIPPED_META.match(info.name):
+        return None
+    match = KEY_EXT.match(info.name)
+    return (match.group(1), match.group(2)) if match else None
+
+
 @dataclass
 class TarSample:
-    """One webdataset sample: consecutive members sharing a key (``key`` None: a member webdataset ignores)."""
+    """One webdataset sample: consecutive members sharing a key, plus the members webdataset
+    ignores that lie among them (kept, so that a shard can be rewritten whole). ``key`` None:
+    only ignored members, before the shard's first sample."""
 
     key: str | None
     members: list[tuple[tarfile.TarInfo, bytes | None]] = field(default_factory=list)
 
+    def field_items(self) -> list[tuple[str, bytes]]:
+        """``(field, data)`` of the sample's members in order (the field is the name after the key:
+        ``jpg``, ``txt``, ``caption.txt``); a field can repeat (``a.jpg`` and ``a.JPG``)."""
+        return [(found[1], data or b"") for info, data in self.members if (found := member_key(info))]
+
     def fields(self) -> dict[str, bytes]:
-        """The file members by field (the name after the key: ``jpg``, ``txt``, ``caption.txt``)."""
-        found = {}
-        for info, data in self.members:
-            match = KEY_EXT.match(info.name) if info.isfile() else None
-            if match:
-                found[match.group(2)] = data or b""
+        """The file members by field; of a repeated field, the first."""
+        found: dict[str, bytes] = {}
+        for name, data in self.field_items():
+            found.setdefault(name, data)
         return found
 
     def image(self) -> tuple[tarfile.TarInfo, bytes] | None:
         for info, data in self.members:
-            match = KEY_EXT.match(info.name)
-            if info.isfile() and match and match.group(2).lower() in IMAGE_EXTENSIONS:
+            found = member_key(info)
+            if found and found[1].lower() in IMAGE_EXTENSIONS:
                 return info, data or b""
         return None
 
 
-def read_samples(tar: tarfile.TarFile, stream_end: Callable[[], None] | None = None) -> Iterator[TarSample]:
-    """The shard's samples in member order (members grouped by key as webdataset groups them);
-    read errors, and a tar cut short, become :class:`ShardReadError`. ``stream_end`` checks the
-    end of a tar read as a stream (see :func:`stream_samples`); by default the file is seeked."""
+def read_samples(tar: tarfile.TarFile, archive_end: Callable[[int], bytes] | None = None) -> Iterator[TarSample]:
+    """The shard's samples in member order, members grouped by key as webdataset groups them
+    (the members it ignores stay in the sample they lie in and break no sample); read errors,
+    and a tar cut short or damaged, become :class:`ShardReadError`.
+
+    ``tarfile`` stops quietly at a header it cannot parse (a cut, a flipped bit), so where it
+    stops there must be the end-of-archive marker, two zero blocks: ``archive_end(offset)``
+    returns the bytes there (by default the file is seeked; see :func:`stream_samples`).
+    """
     current: TarSample | None = None
-    members = iter(tar)
     while True:
         try:
-            info = next(members, None)
-        except (tarfile.TarError, EOFError, OSError, ValueError) as error:  # a cut inside a member: drop its sample
+            info = tar.next()
+        except READ_ERRORS as error:  # a cut inside a member: drop its sample
             raise ShardReadError(f"{type(error).__name__}: {error}") from error
+        tar.members.clear()  # a stream keeps every header it read otherwise: memory grows with the shard
         if info is None:  # the last sample's members are whole, even if the tar was cut right after them
             if current is not None:
                 yield current
             try:
-                (stream_end or (lambda: check_end_of_archive(tar)))()
-            except (tarfile.TarError, EOFError, OSError, ValueError) as error:
+                tail = (archive_end or (lambda offset: _seek_read(tar, offset)))(tar.offset)
+            except READ_ERRORS as error:
                 raise ShardReadError(f"{type(error).__name__}: {error}") from error
+            if len(tail) < 2 * tarfile.BLOCKSIZE or tail.strip(b"\0"):
+                raise ShardReadError(f"no end-of-archive marker at byte {tar.offset}, where the tar's members "
+                                     "end: the shard is truncated or its next header is corrupt")
             return
-        match = KEY_EXT.match(info.name) if info.isfile() else None
-        key = match.group(1) if match else None
-        if current is None or key is None or key != current.key:
+        found = member_key(info)
+        if current is None or (found is not None and found[0] != current.key):
             if current is not None:
                 yield current  # complete: a sample ends where the next key starts
-            current = TarSample(key)
+            current = TarSample(found[0] if found else None)
         try:
-            data = tar.extractfile(info).read() if info.isfile() else None
-        except (tarfile.TarError, EOFError, OSError, ValueError) as error:
+            data = tar.extractfile(info).read() if found else None
+        except READ_ERRORS as error:
             raise ShardReadError(f"{type(error).__name__}: {error}") from error
         current.members.append((info, data))
 
 
-def check_end_of_archive(tar: tarfile.TarFile) -> None:
-    """``tarfile`` ends quietly at a cut in a header; a whole tar ends with two zero blocks."""
-    tar.fileobj.seek(tar.offset)
-    tail = tar.fileobj.read(2 * tarfile.BLOCKSIZE)
-    if len(tail) < 2 * tarfile.BLOCKSIZE or tail.strip(b"\0"):
-        raise ShardReadError(f"no end-of-archive marker after byte {tar.offset}: the shard is truncated")
+def _seek_read(tar: tarfile.TarFile, offset: int) -> bytes:
+    tar.fileobj.seek(offset)
+    return tar.fileobj.read(2 * tarfile.BLOCKSIZE)
 
 
-class _CountingReader(io.RawIOBase):
-    """A read-only stream that counts the bytes taken from ``raw``."""
+# Compressed tars, as tarfile's "r|*" recognises them: magic bytes and a streaming decompressor.
+_COMPRESSED: tuple[tuple[bytes, Callable[[BinaryIO], BinaryIO]], ...] = (
+    (b"\x1f\x8b", lambda raw: gzip.GzipFile(fileobj=raw, mode="rb")),
+    (b"BZh", lambda raw: bz2.BZ2File(raw)),
+    (b"\xfd7zXZ\x00", lambda raw: lzma.LZMAFile(raw)),
+)
+
+
+class _TarStream(io.RawIOBase):
+    """The (decompressed) bytes of a tar read front to back, keeping the latest ones, so that the
+    bytes where ``tarfile`` stopped can be checked after it stops."""
+
+    WINDOW = 1 << 16  # more than tarfile reads ahead of the header it parses (one 10 KiB record)
 
     def __init__(self, raw: BinaryIO) -> None:
-        self.raw, self.count = raw, 0
+        self.raw, self.count, self.window = raw, 0, bytearray()
 
     def readable(self) -> bool:
         return True
@@ -130,29 +167,64 @@ class _CountingReader(io.RawIOBase):
     def readinto(self, buffer: Any) -> int:
         data = self.raw.read(len(buffer))
         buffer[:len(data)] = data
+        self._keep(data)
+        return len(data)
+
+    def _keep(self, data: bytes) -> None:
         self.count += len(data)
+        self.window += data
+        if len(self.window) > 2 * self.WINDOW:  # trimmed now and then: each byte is copied about once
+            del self.window[:-self.WINDOW]
+
+    def archive_end(self, offset: int) -> bytes:
+        """Up to two blocks from ``offset`` (read on as needed), then the rest of the stream
+        drained: a pipe's writer is not left blocked."""
+        while self.count < offset + 2 * tarfile.BLOCKSIZE and (data := self.raw.read(1 << 16)):
+            self._keep(data)
+        start = len(self.window) - (self.count - offset)
+        if start < 0:
+            raise ShardReadError(f"cannot check the end of the tar: byte {offset} was read too long ago")
+        tail = bytes(self.window[start:start + 2 * tarfile.BLOCKSIZE])
+        while self.raw.read(1 << 16):
+            pass
+        return tail
+
+
+class _Prefixed(io.RawIOBase):
+    """``head`` (bytes already read from ``raw``) followed by the rest of ``raw``."""
+
+    def __init__(self, head: bytes, raw: BinaryIO) -> None:
+        self.head, self.raw = head, raw
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self.head:
+            data, self.head = self.head[:len(buffer)], self.head[len(buffer):]
+        else:
+            data = self.raw.read(len(buffer))
+        buffer[:len(data)] = data
         return len(data)
 
 
 def stream_samples(fileobj: BinaryIO) -> Iterator[TarSample]:
-    """The samples of a tar read front to back (a pipe, an object-storage stream, a local file),
-    as :func:`read_samples` gives them. A tar cut short, even at a member boundary where
-    ``tarfile`` stops quietly, raises :class:`ShardReadError` after its last whole sample."""
-    counter = _CountingReader(fileobj)
+    """The samples of a tar read front to back (a pipe, an object-storage stream, a local file;
+    plain or gzip, bzip2 or xz compressed), as :func:`read_samples` gives them. A tar cut short
+    or damaged, even at a member boundary where ``tarfile`` stops quietly, raises
+    :class:`ShardReadError` after its last whole sample."""
     try:
-        tar = tarfile.open(fileobj=counter, mode="r|*")
-    except (tarfile.TarError, EOFError, OSError, ValueError) as error:
+        head = fileobj.read(6)
+        raw: BinaryIO = io.BufferedReader(_Prefixed(head, fileobj))
+        for magic, decompress in _COMPRESSED:
+            if head.startswith(magic):
+                raw = decompress(raw)
+        stream = _TarStream(raw)
+        tar = tarfile.open(fileobj=stream, mode="r|")
+    except READ_ERRORS as error:
         raise ShardReadError(f"{type(error).__name__}: {error}") from error
-
-    def stream_end() -> None:
-        while counter.read(1 << 16):  # drain: a whole tar has two zero blocks after the last member
-            pass
-        if counter.count < tar.offset + 2 * tarfile.BLOCKSIZE:
-            raise ShardReadError(f"the tar ends at byte {counter.count}, before its end-of-archive marker: "
-                                 "the shard is truncated")
-
     with tar:
-        yield from read_samples(tar, stream_end)
+        yield from read_samples(tar, stream.archive_end)
 
 
 def has_scheme(url: str) -> bool:

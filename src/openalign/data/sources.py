@@ -27,7 +27,8 @@ from ..config import Variants
 from ..distributed import barrier, world_info
 from ..errors import ConfigError, OpenAlignError
 from .karpathy import CaptionedImage, read_karpathy
-from .quality import NO_IMAGE, UNDECODABLE_RECORD, SkipPolicy, SkipSample, caption_text, decode_pixels, open_image
+from .quality import (NO_IMAGE, REPEATED_FIELD, UNDECODABLE_RECORD, SkipPolicy, SkipSample, caption_text, decode_pixels,
+                      open_image)
 from .shards import expand_urls, open_url, stream_samples
 from .shapes import ShapesSpec, build_shapes_dataset
 from .stream import ResumableStream, ShardStream
@@ -37,6 +38,7 @@ from .transforms import ImageTransform, sample_generator
 log = logging.getLogger(__name__)
 
 TextProcessor = Callable[[list[str]], dict[str, torch.Tensor]]
+REPEATED_FIELDS = "__repeated__"  # in a raw tar sample: the field that more than one member gave
 
 
 @dataclass
@@ -330,6 +332,8 @@ class FieldsDecoder:
         return texts
 
     def __call__(self, fields: dict[str, bytes], generator: torch.Generator | None = None) -> dict[str, Any]:
+        if REPEATED_FIELDS in fields:
+            raise SkipSample(REPEATED_FIELD, f"more than one member for {fields[REPEATED_FIELDS]!r}")
         data = next((fields[key] for key in self.image_keys if key in fields), None)
         if data is None:
             raise SkipSample(NO_IMAGE, f"none of the fields {', '.join(self.image_keys)}")
@@ -365,7 +369,9 @@ class WebDatasetSourceConfig(SourceConfig, StreamOptions, tag="webdataset"):
 
     def build(self, transform: ImageTransform, seed: int, start_step: int = 0,
               text_processor: TextProcessor | None = None, strict: bool = False) -> ShardStream:
-        decode = FieldsDecoder(tuple(self.image_keys.split(";")), self.text_key, dict(self.extra_keys), transform,
+        # tar fields are matched lower-cased (read_tar_shard), so are the keys: JPG finds a.jpg
+        decode = FieldsDecoder(tuple(key.lower() for key in self.image_keys.split(";")), self.text_key.lower(),
+                               {name: key.lower() for name, key in self.extra_keys.items()}, transform,
                                self.min_image_side)
         return self.stream(self.urls, self.shards(), read_tar_shard, decode, seed, strict)
 
@@ -385,11 +391,19 @@ def extra_value(key: str, data: bytes | int | None) -> Any:
 
 def read_tar_shard(url: str) -> Iterator[dict[str, bytes]]:
     """The samples of a tar shard as ``{field: bytes}`` (field names lower-cased; members webdataset
-    would ignore are left out)."""
+    would ignore are left out). A field given twice (``a.jpg`` and ``a.JPG``), which webdataset
+    refuses, is named under :data:`REPEATED_FIELDS`, for the decoder to skip the sample."""
     with open_url(url) as stream:
         for sample in stream_samples(stream):
-            if sample.key is not None:
-                yield {name.lower(): data for name, data in sample.fields().items()}
+            if sample.key is None:
+                continue
+            fields: dict[str, Any] = {}
+            for name, data in sample.field_items():
+                name = name.lower()
+                if name in fields:
+                    fields[REPEATED_FIELDS] = name
+                fields.setdefault(name, data)
+            yield fields
 
 
 @dataclass

@@ -39,6 +39,7 @@ from torch.utils.data import IterableDataset
 from ..distributed import world_info
 from ..errors import OpenAlignError
 from .quality import EMPTY_SHARD, TRUNCATED_SHARD, UNREADABLE_SHARD, SkipPolicy, SkipSample
+from .shards import ShardReadError
 from .transforms import sample_generator
 
 log = logging.getLogger("openalign.data")
@@ -67,11 +68,15 @@ class ResumableStream(IterableDataset):
         self.seed = seed
         self.start_step = 0
         self.positions: dict[int, Any] = {}
+        self.reseeds: list[int] = []  # the salts of every reseed so far: checkpoints save them
 
-    def resume(self, start_step: int, positions: dict[int, Any] | None) -> None:
-        """Continue at ``start_step`` from the readers' saved ``positions``; with none (a checkpoint
-        without them, or another number of ranks or workers), draw a fresh stream instead."""
+    def resume(self, start_step: int, positions: dict[int, Any] | None, reseeds: Sequence[int] = ()) -> None:
+        """Continue at ``start_step`` from the readers' saved ``positions``, in the stream that the
+        saved ``reseeds`` made of this one; with no positions (a checkpoint without them, or
+        another number of ranks or workers), draw a fresh stream instead."""
         self.start_step = start_step
+        for salt in reseeds:  # positions are places in the stream that was being read, not the recipe's
+            self.reseed(salt)
         if positions is None:
             self.reseed(start_step)
         else:
@@ -79,6 +84,7 @@ class ResumableStream(IterableDataset):
 
     def reseed(self, salt: int) -> None:
         self.seed = self.seed * 1_000_003 + salt
+        self.reseeds.append(salt)
 
     def check_readers(self, num_readers: int, warn: bool = True) -> None:
         """Raise a clear error if ``num_readers`` readers cannot share the stream (and, ``warn``,
@@ -172,12 +178,16 @@ class ShardStream(ResumableStream):
         # object storage wait on the network, not on the CPU (two rounds of raw bytes in memory)
         prefetch = ThreadPoolExecutor(1, thread_name_prefix="openalign-shards")
         try:
-            # a resumed round that was partly taken was read (and its shard skips counted) before
-            pending = prefetch.submit(self._fill, position, readers, reader, num_readers,
-                                      not (resumed and position.taken))
+            pending = prefetch.submit(self._fill, position, readers, reader, num_readers)
+            # a resumed round that was partly taken was begun (and its shard skips counted) before
+            count = not (resumed and position.taken)
             while True:
-                pool, after = pending.result()
-                pending = prefetch.submit(self._fill, after, readers, reader, num_readers, True)
+                pool, after, skips = pending.result()
+                if count:  # here, not in the reading thread: counts then match the positions
+                    for skip, url in skips:
+                        self.policy.skip(skip, url)
+                count = True
+                pending = prefetch.submit(self._fill, after, readers, reader, num_readers)
                 order = list(range(len(pool)))
                 random.Random(f"{self.seed}/{reader}/{position.round}").shuffle(order)
                 for taken in range(position.taken, len(pool)):
@@ -196,13 +206,17 @@ class ShardStream(ResumableStream):
             for opened in readers.values():
                 getattr(opened, "close", lambda: None)()
 
-    def _fill(self, start: ShardPosition, readers: dict[int, Iterator[Any]], reader: int, num_readers: int,
-              count: bool) -> tuple[list[Any], ShardPosition]:
-        """The raw pool of the round that begins at ``start``, and the next round's start."""
-        slots, next_draw, pool = list(start.slots), start.next_draw, []
+    def _fill(self, start: ShardPosition, readers: dict[int, Iterator[Any]], reader: int, num_readers: int
+              ) -> tuple[list[Any], ShardPosition, list[tuple[SkipSample, str]]]:
+        """The raw pool of the round that begins at ``start``, the next round's start, and the
+        shards skipped (for the caller to count when it begins the round). After the policy's
+        ``max_consecutive`` failed shards in a row it stops early: the caller's count then raises
+        (resampling would otherwise draw dead shards forever)."""
+        slots, next_draw, pool, skips = list(start.slots), start.next_draw, [], []
+        failures = 0
         for slot in range(self.open_shards):
             wanted = self.chunk
-            while wanted:
+            while wanted and failures < self.policy.max_consecutive:
                 if slots[slot] is None:
                     if not self._in_epoch(next_draw, start.epoch, reader, num_readers):
                         break
@@ -210,28 +224,30 @@ class ShardStream(ResumableStream):
                 draw, offset = slots[slot]
                 url = self._shard(draw, reader, num_readers)
                 if slot not in readers:
-                    readers[slot] = self._open(url, offset, count)
+                    readers[slot] = self._open(url, offset)
                 try:
                     raw = next(readers[slot], None)
                 except SkipSample as skip:
                     raw = None
-                    self.policy.skip(skip, url, count)
+                    skips.append((skip, url))
                 else:
                     if raw is None and offset == 0:
-                        self.policy.skip(SkipSample(EMPTY_SHARD), url, count)
+                        skips.append((SkipSample(EMPTY_SHARD), url))
                 if raw is None:
                     getattr(readers.pop(slot), "close", lambda: None)()
                     slots[slot] = None
+                    failures = failures + 1 if offset == 0 else 0  # a shard that ends after samples is no failure
                     continue
+                failures = 0
                 pool.append(raw)
                 slots[slot] = (draw, offset + 1)
                 wanted -= 1
         epoch = start.epoch
         if all(slot is None for slot in slots) and not self._in_epoch(next_draw, epoch, reader, num_readers):
             epoch += 1
-        return pool, ShardPosition(start.round + 1, epoch, next_draw, tuple(slots), 0)
+        return pool, ShardPosition(start.round + 1, epoch, next_draw, tuple(slots), 0), skips
 
-    def _open(self, url: str, skip: int, count: bool) -> Iterator[Any]:
+    def _open(self, url: str, skip: int) -> Iterator[Any]:
         """The raw samples of ``url`` after the first ``skip``; read errors end it with a
         :class:`SkipSample` (counted by the caller)."""
         try:
@@ -245,7 +261,7 @@ class ShardStream(ResumableStream):
             raise
         except Exception as error:  # noqa: BLE001 - a missing file, a dead URL: skip the shard
             return _raising(SkipSample(UNREADABLE_SHARD, f"{type(error).__name__}: {error}"))
-        return _guarded(samples)
+        return _guarded(samples, started=skip > 0)
 
 
 def _raising(skip: SkipSample) -> Iterator[Any]:
@@ -253,11 +269,17 @@ def _raising(skip: SkipSample) -> Iterator[Any]:
     yield  # pragma: no cover - makes this a generator
 
 
-def _guarded(samples: Iterator[Any]) -> Iterator[Any]:
-    """``samples``, with a read error turned into a :class:`SkipSample` of the shard's rest."""
+def _guarded(samples: Iterator[Any], started: bool) -> Iterator[Any]:
+    """``samples``, with a read error turned into a :class:`SkipSample` of the shard's rest: a
+    truncated or corrupt shard for what its contents raise (:class:`ShardReadError`) or for a
+    read failing after its first sample; an unreadable shard for a failure before (a shard
+    reader is a generator, so a missing file or a dead URL surfaces at the first ``next``)."""
     try:
-        yield from samples
+        for sample in samples:
+            started = True
+            yield sample
     except SkipSample:
         raise
     except Exception as error:  # noqa: BLE001 - truncated, corrupt, connection lost
-        raise SkipSample(TRUNCATED_SHARD, f"{type(error).__name__}: {error}") from None
+        reason = TRUNCATED_SHARD if started or isinstance(error, ShardReadError) else UNREADABLE_SHARD
+        raise SkipSample(reason, f"{type(error).__name__}: {error}") from None

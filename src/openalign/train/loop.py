@@ -249,10 +249,10 @@ def _build_loader(recipe: Recipe, per_rank: int, ctx: DistributedContext, start:
                 log.warning("the checkpoint holds no data stream position: the resumed run reads a fresh random "
                             "stream, not the exact samples the interrupted run would have read next")
             dataset.resume(start, {int(reader): position for reader, position in positions.items()}
-                           if positions is not None else None)
+                           if positions is not None else None, saved.get("reseeds", ()) if saved else ())
     loader = build_loader(dataset, Collate(text_processor, recipe.model.input_fields), per_rank, ctx.rank,
                           ctx.world_size, recipe.train.seed, start, data.num_workers)
-    return loader, DataMonitor(saved)
+    return loader, DataMonitor(saved, dataset.reseeds if isinstance(dataset, ResumableStream) else ())
 
 
 def _report_data(monitor: DataMonitor, ctx: DistributedContext, output_dir: Path) -> dict[str, int]:
