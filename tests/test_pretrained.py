@@ -93,6 +93,22 @@ def test_a_hugging_face_directory_loads_with_identical_outputs(hf_dir, images):
     assert model.config.image.batch_norm_momentum == 0.01  # HF's 0.99 is Keras's convention (spec §8)
 
 
+@pytest.mark.parametrize("resize", [80, 81, 96])
+def test_preprocessing_equals_align_processors_where_the_crop_margin_is_odd(hf_dir, images, tmp_path, resize):
+    # margins 15, 16, 31: transformers floors the centre-crop offset where torchvision rounds
+    directory = tmp_path / "align"
+    shutil.copytree(hf_dir, directory)
+    processor = AlignProcessor.from_pretrained(directory)
+    processor.image_processor.size = {"height": resize, "width": resize}
+    processor.save_pretrained(directory)
+    model, preprocess, _ = openalign.load_pretrained(directory)
+    expected = AlignProcessor.from_pretrained(directory)(images=images, return_tensors="pt")["pixel_values"]
+    assert torch.equal(torch.stack([preprocess(image) for image in images]), expected)
+    model.save_pretrained(tmp_path / "exported", format="hf")  # and back: the crop convention survives export
+    exported = AlignProcessor.from_pretrained(tmp_path / "exported")(images=images, return_tensors="pt")
+    assert torch.equal(exported["pixel_values"], expected)
+
+
 def test_export_to_hugging_face_round_trips_through_transformers(hf_dir, images, tmp_path):
     model, preprocess, tokenizer = openalign.load_pretrained(hf_dir)
     model.save_pretrained(tmp_path / "exported", format="hf")

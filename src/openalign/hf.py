@@ -105,7 +105,8 @@ def _preprocess_from_hf(directory: Path, image_size: int) -> dict[str, Any]:
         resize = round(image_size * 346 / 289)
         log.warning("'%s' has no readable image processor (%s): using ALIGN's, resize %d and crop %d",
                     directory, error, resize, image_size)
-        return {"image_size": image_size, "resize_size": resize, "interpolation": "bilinear", "random_flip": True}
+        return {"image_size": image_size, "resize_size": resize, "interpolation": "bilinear", "random_flip": True,
+                "center_crop": "floor"}
     size, crop = processor.size, processor.crop_size
     if size.get("height") != size.get("width") or not processor.do_resize:
         raise OpenAlignError(f"'{directory}': the image processor must resize to a square (it has do_resize="
@@ -126,7 +127,7 @@ def _preprocess_from_hf(directory: Path, image_size: int) -> dict[str, Any]:
                              f"{getattr(processor, 'include_top', None)}) is neither ALIGN's x/127.5-1 nor x/255 "
                              "normalised by mean and std")
     return {"image_size": crop_side, "resize_size": resize, "interpolation": _RESAMPLE_NAMES.get(resample, "bilinear"),
-            "mean": list(mean), "std": list(std), "random_flip": True}
+            "mean": list(mean), "std": list(std), "random_flip": True, "center_crop": "floor"}
 
 
 def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
@@ -237,6 +238,11 @@ def save_hf_directory(model: nn.Module, directory: Path) -> Path:
 
     hf_config = hf_config_from_model(model.config)
     pre = model.config.preprocess
+    margin = pre.resize_size - pre.image_size
+    if pre.center_crop == "round" and round(margin / 2) != margin // 2:
+        log.warning("transformers' AlignProcessor centres the %d px crop of %d px at offset %d, this model's "
+                    "preprocessing (center_crop: round) at %d: exported, it sees its evaluation images shifted by a "
+                    "pixel", pre.image_size, pre.resize_size, margin // 2, round(margin / 2))
     resample = {name: code for code, name in _RESAMPLE_NAMES.items()}[pre.interpolation]
     tokenizer = model.config.build_tokenizer().hf_tokenizer
     tokenizer.model_max_length = MAX_LENGTH

@@ -26,7 +26,11 @@ class PreprocessConfig:
     """Image preprocessing that travels with the weights (shared spec align-coyo-and-hf.md §3.5).
 
     Train: squash-resize to ``resize_size``, random ``image_size`` crop, optional horizontal
-    flip. Eval: the same resize, then a centre crop (offset ``round((resize_size - image_size) / 2)``).
+    flip. Eval: the same resize, then a centre crop. Its offset, where the margin is odd, is
+    ``center_crop: round``: ``round(margin / 2)``, torchvision's ``CenterCrop`` (open_clip, CLIP),
+    or ``floor``: ``margin // 2``, transformers' image processors (``AlignProcessor``; Hugging Face
+    directories load with it). They differ by a pixel where ``margin / 2`` rounds up (an odd
+    margin ``4k + 3``, such as 292 → 289); ALIGN's 346 → 289 is the same either way.
     ``resize_mode: shortest`` resizes the shorter side to ``resize_size`` keeping the aspect
     ratio instead (CLIP's and ALIP's evaluation: bicubic 224, centre crop 224).
     Pixels are then mapped by ``(x / 255 - mean) / std``; ALIGN's 0.5/0.5 gives [-1, 1].
@@ -39,6 +43,7 @@ class PreprocessConfig:
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     random_flip: bool = True
+    center_crop: Literal["round", "floor"] = "round"
 
     def __post_init__(self) -> None:
         if self.resize_size < self.image_size:
@@ -100,6 +105,9 @@ class ImageTransform:
             pixels = pixels[:, top:top + cfg.image_size, left:left + cfg.image_size]
             if cfg.random_flip and bool(torch.rand((), generator=generator) < 0.5):
                 pixels = pixels.flip(-1)
+        elif cfg.center_crop == "floor":
+            top, left = (pixels.shape[1] - cfg.image_size) // 2, (pixels.shape[2] - cfg.image_size) // 2
+            pixels = pixels[:, top:top + cfg.image_size, left:left + cfg.image_size]
         else:
             pixels = TF.center_crop(pixels, [cfg.image_size, cfg.image_size])
         return pixels.float().mul_(self.scale).sub_(self.offset)
