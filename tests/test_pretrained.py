@@ -149,6 +149,29 @@ def test_a_model_trained_in_openalign_works_in_the_transformers_pipeline(tmp_pat
     assert expected.max() - expected.min() > 0.05, expected  # not a uniform guess that any model would match
 
 
+def test_export_keeps_a_capped_logit_scale_and_alignprocessors_64_tokens(images, tmp_path):
+    import math
+
+    torch.manual_seed(0)
+    model = openalign.create_model("align-test", image_projection=False, embed_dim=80, temperature_init=0.05,
+                                   max_logit_scale=50.0, text={"max_length": 64}).eval()
+    with torch.no_grad():
+        model.log_temperature.fill_(math.log(0.01))  # 1/τ = 100, past the cap: the logits use 50
+    _randomise_batch_norm(model, 3)
+    model.save_pretrained(tmp_path / "capped", format="hf")
+    processor = AlignProcessor.from_pretrained(tmp_path / "capped")
+    assert processor(text=["a cat"], return_tensors="pt")["input_ids"].shape == (1, 64)  # not the vocabulary's 128
+    tokenizer = model.config.build_tokenizer()
+    inputs = processor(text=TEXTS, images=images, padding="max_length", truncation=True, return_tensors="pt")
+    assert torch.equal(inputs["input_ids"], tokenizer(TEXTS)["input_ids"])
+    with torch.no_grad():
+        expected = model.logit_scale * model.encode_text(**tokenizer(TEXTS)) @ model.encode_image(
+            inputs["pixel_values"]).T
+        hf_logits = AlignModel.from_pretrained(tmp_path / "capped").eval()(**inputs).logits_per_text
+    assert model.logit_scale.item() == pytest.approx(50.0)
+    torch.testing.assert_close(hf_logits, expected, rtol=1e-5, atol=1e-4)
+
+
 def test_openalign_format_round_trips_and_convert_goes_both_ways(hf_dir, images, tmp_path):
     model, preprocess, tokenizer = openalign.load_pretrained(hf_dir)
     openalign_dir = openalign.pretrained.convert(hf_dir, tmp_path / "ours", to="openalign")
@@ -189,6 +212,14 @@ def test_mismatched_or_foreign_directories_get_clear_errors(hf_dir, tmp_path):
         with pytest.raises(OpenAlignError, match=message):
             openalign.load_pretrained(broken)
     (broken / "config.json").write_text(json.dumps(config))
+    for size, crop, message in (({"shortest_edge": 80}, {"height": 65, "width": 65}, "must resize to a square"),
+                                ({"height": 80, "width": 80}, {"height": 65, "width": 57}, "crops squares only")):
+        processor = AlignProcessor.from_pretrained(hf_dir)
+        processor.image_processor.size, processor.image_processor.crop_size = size, crop
+        processor.save_pretrained(broken)  # an image processor transformers runs, whose preprocessing ALIGN's is not
+        with pytest.raises(OpenAlignError, match=message):
+            openalign.load_pretrained(broken)
+    AlignProcessor.from_pretrained(hf_dir).save_pretrained(broken)
     (broken / "model.safetensors").unlink()
     with pytest.raises(OpenAlignError, match="has no weights: expected model.safetensors"):
         openalign.load_pretrained(broken)
@@ -214,7 +245,7 @@ def test_pytorch_bin_weights_load_without_running_pickled_code(hf_dir, tmp_path,
         openalign.load_pretrained(legacy)
 
 
-def test_hub_ids_go_through_huggingface_hub(monkeypatch, hf_dir):
+def test_hub_ids_go_through_huggingface_hub(monkeypatch, hf_dir, tmp_path):
     """No network in tests: the hub download is replaced by a function returning the local copy."""
     import huggingface_hub
 
@@ -231,6 +262,15 @@ def test_hub_ids_go_through_huggingface_hub(monkeypatch, hf_dir):
 
     def offline(repo_id, allow_patterns):
         raise OSError("no network")
+
+    bin_only = tmp_path / "bin-only"  # an older repo: its weights are pytorch_model.bin alone
+    shutil.copytree(hf_dir, bin_only, ignore=shutil.ignore_patterns("*.safetensors"))
+    torch.save(load_file(str(hf_dir / "model.safetensors")), bin_only / "pytorch_model.bin")
+    calls.clear()
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo_id, allow_patterns: calls.append(allow_patterns) or str(bin_only))
+    assert openalign.load_pretrained("someone/align-old")[0].config.embed_dim == 160
+    assert len(calls) == 2 and "*.bin" not in calls[0] and "*.bin" in calls[1]  # .bin fetched only when needed
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     with pytest.raises(OpenAlignError, match="could not fetch 'kakaobrain/align-base'.*no network"):

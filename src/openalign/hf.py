@@ -21,6 +21,7 @@ exported to it; that is an error rather than a silently different model.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from pathlib import Path
@@ -108,9 +109,12 @@ def _preprocess_from_hf(directory: Path, image_size: int) -> dict[str, Any]:
         return {"image_size": image_size, "resize_size": resize, "interpolation": "bilinear", "random_flip": True,
                 "center_crop": "floor"}
     size, crop = processor.size, processor.crop_size
-    if size.get("height") != size.get("width") or not processor.do_resize:
+    if size.get("height") is None or size.get("height") != size.get("width") or not processor.do_resize:
         raise OpenAlignError(f"'{directory}': the image processor must resize to a square (it has do_resize="
                              f"{processor.do_resize}, size={dict(size)}), as ALIGN's does")
+    if processor.do_center_crop and crop.get("height") != crop.get("width"):
+        raise OpenAlignError(f"'{directory}': the image processor crops to {dict(crop)}; openalign's preprocessing "
+                             "crops squares only, as ALIGN's does")
     resize = int(size["height"])
     crop_side = int(crop["height"]) if processor.do_center_crop else resize
     resample = int(processor.resample) if processor.resample is not None else 2
@@ -193,8 +197,8 @@ def state_dict_to_hf(model: nn.Module) -> dict[str, torch.Tensor]:
             state["vision_model." + key.removeprefix("image_tower.")] = value
         elif key.startswith("text_tower.bert."):
             state["text_model." + key.removeprefix("text_tower.bert.")] = value
-        elif key == "log_temperature":
-            state["temperature"] = value.exp()
+        elif key == "log_temperature":  # HF's logits divide by it: the capped scale's inverse
+            state["temperature"] = 1 / model.logit_scale.detach().cpu()
         else:
             state[key] = value
     hidden = model.config.text.hidden_size
@@ -244,8 +248,18 @@ def save_hf_directory(model: nn.Module, directory: Path) -> Path:
                     "preprocessing (center_crop: round) at %d: exported, it sees its evaluation images shifted by a "
                     "pixel", pre.image_size, pre.resize_size, margin // 2, round(margin / 2))
     resample = {name: code for code, name in _RESAMPLE_NAMES.items()}[pre.interpolation]
-    tokenizer = model.config.build_tokenizer().hf_tokenizer
+    tokenizer = copy.deepcopy(model.config.build_tokenizer().hf_tokenizer)
     tokenizer.model_max_length = MAX_LENGTH
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # the vocabulary's own fixed padding and truncation (128) are not ALIGN's
+        backend.no_padding()
+        backend.no_truncation()
+    if "max_length" in tokenizer.init_kwargs:  # AlignProcessor pads to this: ALIGN's 64, not the source's 128
+        tokenizer.init_kwargs["max_length"] = MAX_LENGTH
+    if model.config.text.max_length != MAX_LENGTH:
+        log.warning("transformers' AlignProcessor pads and truncates texts to %d tokens; this model reads %d: in "
+                    "transformers, pass max_length=%d to the processor", MAX_LENGTH, model.config.text.max_length,
+                    model.config.text.max_length)
     image_processor = EfficientNetImageProcessor(
         size={"height": pre.resize_size, "width": pre.resize_size},
         crop_size={"height": pre.image_size, "width": pre.image_size}, resample=resample, do_center_crop=True,

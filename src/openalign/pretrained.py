@@ -76,7 +76,10 @@ def resolve(name_or_path: str | Path) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(text, allow_patterns=_HUB_FILES))
+        snapshot = Path(snapshot_download(text, allow_patterns=_HUB_FILES))
+        if not any(snapshot.glob("*.safetensors")):  # an older repo, whose weights are pytorch_model.bin only
+            snapshot = Path(snapshot_download(text, allow_patterns=[*_HUB_FILES, "*.bin"]))
+        return snapshot
     except Exception as error:  # network, authentication, unknown repo: all end here
         raise OpenAlignError(f"could not fetch '{text}' from the Hugging Face hub ({type(error).__name__}: {error}); "
                              "pass a local directory instead, or set HF_HOME to a cache that holds it") from None
