@@ -199,8 +199,8 @@ def test_mismatched_or_foreign_directories_get_clear_errors(hf_dir, tmp_path):
     state["vision_model.encoder.blocks.0.extra.weight"] = torch.zeros(1)
     del state["text_model.encoder.layer.1.output.dense.bias"]
     save_file(state, str(broken / "model.safetensors"))
-    with pytest.raises(OpenAlignError, match=r"missing: text_tower\.bert\.encoder\.layer\.1\.output\.dense\.bias; "
-                                             r"unexpected: image_tower\.encoder\.blocks\.0\.extra\.weight; "
+    with pytest.raises(OpenAlignError, match=r"missing: text_model\.encoder\.layer\.1\.output\.dense\.bias; "
+                                             r"unexpected: vision_model\.encoder\.blocks\.0\.extra\.weight; "
                                              r"wrong shape: text_projection\.weight \(160, 16\) \(model: \(160, 32\)\)"):
         openalign.load_pretrained(broken)
 

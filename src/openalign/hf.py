@@ -57,7 +57,7 @@ def load_hf_directory(directory: Path) -> nn.Module:
     state = state_dict_from_hf(read_hf_weights(directory))
     from .train.checkpoint import load_state
 
-    load_state(model, state, f"'{directory}'")
+    load_state(model, state, f"'{directory}'", name=hf_key)
     return model.eval()
 
 
@@ -188,19 +188,21 @@ def state_dict_from_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 # ---------------------------------------------------------------------------------------------- writing
 
 
+def hf_key(key: str) -> str:
+    """An openalign weight's name in ``AlignModel`` (``image_tower.`` → ``vision_model.``, ...)."""
+    for ours, theirs in (("image_tower.", "vision_model."), ("text_tower.bert.", "text_model.")):
+        if key.startswith(ours):
+            return theirs + key.removeprefix(ours)
+    return "temperature" if key == "log_temperature" else key
+
+
 def state_dict_to_hf(model: nn.Module) -> dict[str, torch.Tensor]:
     """openalign names and tensors → HF ``AlignModel``'s, with an identity text pooler."""
     state: dict[str, torch.Tensor] = {}
     for key, value in model.state_dict().items():
-        value = value.detach().contiguous().cpu()
-        if key.startswith("image_tower."):
-            state["vision_model." + key.removeprefix("image_tower.")] = value
-        elif key.startswith("text_tower.bert."):
-            state["text_model." + key.removeprefix("text_tower.bert.")] = value
-        elif key == "log_temperature":  # HF's logits divide by it: the capped scale's inverse
-            state["temperature"] = 1 / model.logit_scale.detach().cpu()
-        else:
-            state[key] = value
+        if key == "log_temperature":  # HF's logits divide by it: the capped scale's inverse
+            value = 1 / model.logit_scale
+        state[hf_key(key)] = value.detach().contiguous().cpu()
     hidden = model.config.text.hidden_size
     state["text_model.pooler.dense.weight"] = torch.eye(hidden)
     state["text_model.pooler.dense.bias"] = torch.zeros(hidden)

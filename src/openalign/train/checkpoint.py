@@ -14,6 +14,7 @@ import logging
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,12 +52,14 @@ def load_weights(model: nn.Module, path: Path) -> None:
     load_state(model, load_file(str(path)), f"checkpoint '{path}'")
 
 
-def load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load ``state`` into ``model`` strictly; the error lists the first offending keys of each kind."""
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str,
+               name: Callable[[str], str] = lambda key: key) -> None:
+    """Load ``state`` into ``model`` strictly; the error lists the first offending keys of each
+    kind, as ``name`` spells them (the file's own names, where it names them otherwise)."""
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    misshapen = [f"{k} {tuple(state[k].shape)} (model: {tuple(expected[k].shape)})"
+    missing = [name(k) for k in expected if k not in state]
+    unexpected = [name(k) for k in state if k not in expected]
+    misshapen = [f"{name(k)} {tuple(state[k].shape)} (model: {tuple(expected[k].shape)})"
                  for k in expected if k in state and state[k].shape != expected[k].shape]
     if missing or unexpected or misshapen:
         problems = [f"{label}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
