@@ -9,7 +9,8 @@ embedding call: openalign's ``encode_image`` / ``encode_text`` on the model as
 channels-last, batch norms folded into the convolutions) and transformers' ``get_image_features`` /
 ``get_text_features`` (its defaults). fp32 on CPU; bf16 autocast on CUDA, where the script also
 reports how close each library's bf16 embeddings come to transformers' fp32 ones (least cosine
-similarity over a batch of 16); ``--compile`` wraps both calls in ``torch.compile``. Texts are 64 tokens (ALIGN's padded length), 20 of them real.
+similarity over a batch of 16); ``--compile`` wraps both calls in ``torch.compile``. Texts are
+64 tokens (ALIGN's padded length), 20 of them real.
 
     python benchmarks/inference_throughput.py                                  # CPU, small model, ~1 min
     python benchmarks/inference_throughput.py --preset align-base --device cuda --compile

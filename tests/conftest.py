@@ -54,7 +54,8 @@ def write_members(path: Path, members: list[tuple[str, bytes | None]], mode: str
 
 def write_tar_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
     """A webdataset tar: each ``(key, {extension: bytes})`` sample's members, in order."""
-    write_members(path, [(f"{key}.{extension}", data) for key, members in samples for extension, data in members.items()])
+    write_members(path, [(f"{key}.{extension}", data)
+                         for key, members in samples for extension, data in members.items()])
 
 
 def train_until_preempted(recipe, step: int, monkeypatch: pytest.MonkeyPatch) -> None:

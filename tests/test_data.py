@@ -101,6 +101,19 @@ def test_eval_transform_is_squash_resize_then_centre_crop_at_offset_28():
     assert np.abs(out.numpy() - expected).mean() < 0.2 / 127.5  # mostly exact: the crop is in the right place
 
 
+@pytest.mark.parametrize("resize_mode", ["squash", "shortest"])
+def test_the_default_centre_crop_is_torchvisions_where_transformers_would_differ(resize_mode):
+    import torchvision.transforms.v2 as T
+
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (101, 77, 3), dtype=np.uint8))
+    for resize, crop in ((292, 289), (80, 65)):  # margins 3 and 15: torchvision rounds 1.5 and 7.5 up
+        transform = ImageTransform(PreprocessConfig(image_size=crop, resize_size=resize, resize_mode=resize_mode),
+                                   train=False)
+        size = [resize] if resize_mode == "shortest" else [resize, resize]
+        pixels = T.Compose([T.PILToTensor(), T.Resize(size, antialias=True), T.CenterCrop(crop)])(image)
+        assert torch.equal(transform(image), pixels.float().mul_(transform.scale).sub_(transform.offset))
+
+
 def test_train_transform_is_a_replayable_random_crop():
     config = PreprocessConfig(image_size=8, resize_size=12, random_flip=True)
     image = Image.fromarray(np.arange(12 * 12 * 3, dtype=np.uint8).reshape(12, 12, 3))

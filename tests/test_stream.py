@@ -277,7 +277,7 @@ def test_tar_members_group_into_samples_as_webdataset_groups_them(tmp_path):
                                        ("b.png", png), ("b.txt", b"once")])
     config = WebDatasetSourceConfig(urls=str(tmp_path / "1.tar"), resampled=False, open_shards=1, shuffle_buffer=4)
     before = Counter(COUNTS)
-    assert [epochs[0] for epochs in [read_epochs(config.build(TRANSFORM, seed=0), 0, 1, 1)]] == [["once"]]
+    assert read_epochs(config.build(TRANSFORM, seed=0), 0, 1, 1)[0] == ["once"]
     assert (Counter(COUNTS) - before)["skipped/repeated field"] == 1
 
 

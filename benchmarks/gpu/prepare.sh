@@ -35,7 +35,7 @@ if source is None:
     raise SystemExit(f"{package} is not installed here: make install first")
 stub = Path(".gpu/site") / package
 (stub / subdir).mkdir(parents=True)
-(stub / "__init__.py").write_text('"""The bert-base-uncased vocabulary alone, staged by benchmarks/gpu/prepare.sh."""\n')
+(stub / "__init__.py").write_text('"""The bert-base-uncased vocabulary alone (see prepare.sh)."""\n')
 for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
     if (source / name).is_file():
         shutil.copy(source / name, stub / subdir / name)

@@ -166,34 +166,35 @@ def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
                          "or pytorch_model.bin")
 
 
+# openalign's weight names and AlignModel's, as prefixes and whole names
+_NAMES = (("image_tower.", "vision_model."), ("text_tower.bert.", "text_model."), ("log_temperature", "temperature"))
+
+
+def hf_key(key: str, to_hf: bool = True) -> str:
+    """An openalign weight's name in ``AlignModel`` (``image_tower.`` → ``vision_model.``, ...),
+    or, ``to_hf=False``, the reverse."""
+    for ours, theirs in _NAMES:
+        source, target = (ours, theirs) if to_hf else (theirs, ours)
+        if key.startswith(source):
+            return target + key.removeprefix(source)
+    return key
+
+
 def state_dict_from_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """HF ``AlignModel`` names and tensors → openalign's (unknown keys pass through, to be reported)."""
     ours: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         if key.startswith("text_model.pooler.") or key == "text_model.embeddings.position_ids":
             continue
-        if key.startswith("vision_model."):
-            ours["image_tower." + key.removeprefix("vision_model.")] = value
-        elif key.startswith("text_model."):
-            ours["text_tower.bert." + key.removeprefix("text_model.")] = value
-        elif key == "temperature":
+        if key == "temperature":
             if not float(value) > 0:
                 raise OpenAlignError(f"the checkpoint's temperature is {float(value)}; it must be positive")
-            ours["log_temperature"] = value.float().log().reshape(())
-        else:
-            ours[key] = value
+            value = value.float().log().reshape(())
+        ours[hf_key(key, to_hf=False)] = value
     return ours
 
 
 # ---------------------------------------------------------------------------------------------- writing
-
-
-def hf_key(key: str) -> str:
-    """An openalign weight's name in ``AlignModel`` (``image_tower.`` → ``vision_model.``, ...)."""
-    for ours, theirs in (("image_tower.", "vision_model."), ("text_tower.bert.", "text_model.")):
-        if key.startswith(ours):
-            return theirs + key.removeprefix(ours)
-    return "temperature" if key == "log_temperature" else key
 
 
 def state_dict_to_hf(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -7,7 +7,8 @@ reader's position after it; :class:`~openalign.data.loader.Collate` keeps the po
 batch's last sample, the training process keeps the latest one of each reader, and checkpoints
 save them (``data_rank{r}.json``, with the stream's reseeds). On resume at step ``S``, worker
 ``w`` plays reader ``(w + S) mod W``, so the next batch comes from the reader whose turn it is,
-and each reader starts where its last consumed batch ended. Nothing is replayed from the start of the stream.
+and each reader starts where its last consumed batch ended. Nothing is replayed from the start
+of the stream.
 
 :class:`ShardStream` streams the samples of shard files (webdataset tars, TFRecord files). A
 reader keeps ``open_shards`` shards open; each *round* it reads the next

@@ -60,7 +60,7 @@ class ImageTransform:
 
     Squash-resize to ``resize_size`` (aspect ratio not kept; torchvision's antialiased resize of
     the uint8 image, exactly as ``transformers``' ``AlignProcessor`` does it), then a random crop
-    and flip in training or torchvision's centre crop in eval, then
+    and flip in training or a centre crop in eval (``PreprocessConfig.center_crop``), then
     ``x * (1 / (255 std)) - mean / std`` (ALIGN: ``x / 127.5 - 1``). Training randomness comes
     from ``generator``, so a sample's augmentation can be replayed exactly on resume.
 
@@ -96,20 +96,16 @@ class ImageTransform:
         # torchvision's antialiased resize of the uint8 image, as transformers' AlignProcessor does it
         size = [cfg.resize_size] if cfg.resize_mode == "shortest" else [cfg.resize_size, cfg.resize_size]
         pixels = TF.resize(pixels, size, interpolation=_INTERPOLATION[cfg.interpolation], antialias=True)
-        if self.train:
-            span_h, span_w = pixels.shape[1] - cfg.image_size, pixels.shape[2] - cfg.image_size
-            if span_h == span_w:  # one draw of both offsets (squash: the crops of earlier releases)
-                top, left = (int(v) for v in torch.randint(0, span_h + 1, (2,), generator=generator))
-            else:
-                top, left = (int(torch.randint(0, span + 1, (), generator=generator)) for span in (span_h, span_w))
-            pixels = pixels[:, top:top + cfg.image_size, left:left + cfg.image_size]
-            if cfg.random_flip and bool(torch.rand((), generator=generator) < 0.5):
-                pixels = pixels.flip(-1)
-        elif cfg.center_crop == "floor":
-            top, left = (pixels.shape[1] - cfg.image_size) // 2, (pixels.shape[2] - cfg.image_size) // 2
-            pixels = pixels[:, top:top + cfg.image_size, left:left + cfg.image_size]
+        span_h, span_w = pixels.shape[1] - cfg.image_size, pixels.shape[2] - cfg.image_size
+        if not self.train:  # centred: torchvision's CenterCrop rounds the offset, transformers' floors it
+            top, left = (span // 2 if cfg.center_crop == "floor" else round(span / 2) for span in (span_h, span_w))
+        elif span_h == span_w:  # one draw of both offsets (squash: the crops of earlier releases)
+            top, left = (int(v) for v in torch.randint(0, span_h + 1, (2,), generator=generator))
         else:
-            pixels = TF.center_crop(pixels, [cfg.image_size, cfg.image_size])
+            top, left = (int(torch.randint(0, span + 1, (), generator=generator)) for span in (span_h, span_w))
+        pixels = pixels[:, top:top + cfg.image_size, left:left + cfg.image_size]
+        if self.train and cfg.random_flip and bool(torch.rand((), generator=generator) < 0.5):
+            pixels = pixels.flip(-1)
         return pixels.float().mul_(self.scale).sub_(self.offset)
 
     def _torchvision_decodes(self, image: Image.Image, encoded: bytes | None) -> bool:
