@@ -206,6 +206,30 @@ def test_a_stream_drawn_afresh_on_resume_resumes_again_in_that_stream(tmp_path):
     assert not same_batches(fresh[4:], forgetful)  # the positions alone point into another stream
 
 
+def test_a_reader_with_fewer_shards_than_slots_still_shuffles_a_full_pool(tmp_path):
+    for shard in range(2):
+        write_tar_shard(tmp_path / f"{shard}.tar", [(f"{shard}_{i}", {"png": encode("RGB", (12, 12), "PNG"),
+                                                                       "txt": f"shard {shard} sample {i}".encode()})
+                                                    for i in range(10)])
+    config = WebDatasetSourceConfig(urls=str(tmp_path / "{0..1}.tar"), resampled=False, open_shards=8,
+                                    shuffle_buffer=16)
+    dataset = config.build(TRANSFORM, seed=0)
+    rounds: Counter = Counter()
+    texts = []
+    for sample, position in dataset.iterate(0, 1, None):
+        if position.epoch:
+            break
+        rounds[position.round] += 1
+        texts.append(sample["text"])
+    # 2 shards in 8 slots: the open ones are read on until the pool holds shuffle_buffer samples
+    assert sorted(rounds.values()) == [4, 16]
+    assert sorted(texts) == sorted(f"shard {s} sample {i}" for s in range(2) for i in range(10))
+    straight = loader_batches(config.build(TRANSFORM, seed=0), workers=0, start=0, steps=12)
+    for stop in (3, 9):  # inside the full round, and inside the next epoch's
+        resumed = loader_batches(config.build(TRANSFORM, seed=0), 0, stop, 12, straight[stop - 1][1])
+        assert same_batches(straight[stop:], resumed), stop
+
+
 def test_shard_skips_are_counted_once_across_a_resume(tmp_path):
     for shard in range(8):  # every other shard is empty: a skip in most rounds
         samples = [] if shard % 2 else [(f"{shard}_{i}", {"png": encode("RGB", (20, 20), "PNG"), "txt": b"cap"})

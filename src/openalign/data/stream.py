@@ -12,7 +12,9 @@ of the stream.
 
 :class:`ShardStream` streams the samples of shard files (webdataset tars, TFRecord files). A
 reader keeps ``open_shards`` shards open; each *round* it reads the next
-``shuffle_buffer / open_shards`` raw samples of each (opening its next shard when one ends),
+``shuffle_buffer / open_shards`` raw samples of each (opening its next shard when one ends; where
+no next shard is left, as for a reader with fewer shards than slots or at an epoch's end, it
+reads on from the shards still open, so the pool keeps ``shuffle_buffer`` samples while it can),
 and yields the decoded pool in a seeded random order (a thread reads the next round meanwhile).
 Its position is the round's start
 (which shard each slot reads, and how far in) plus the number of pool entries taken: resuming
@@ -214,35 +216,39 @@ class ShardStream(ResumableStream):
         ``max_consecutive`` failed shards in a row it stops early: the caller's count then raises
         (resampling would otherwise draw dead shards forever)."""
         slots, next_draw, pool, skips = list(start.slots), start.next_draw, [], []
-        failures = 0
-        for slot in range(self.open_shards):
-            wanted = self.chunk
-            while wanted and failures < self.policy.max_consecutive:
-                if slots[slot] is None:
-                    if not self._in_epoch(next_draw, start.epoch, reader, num_readers):
-                        break
-                    slots[slot], next_draw = (next_draw, 0), next_draw + 1
-                draw, offset = slots[slot]
-                url = self._shard(draw, reader, num_readers)
-                if slot not in readers:
-                    readers[slot] = self._open(url, offset)
-                try:
-                    raw = next(readers[slot], None)
-                except SkipSample as skip:
-                    raw = None
-                    skips.append((skip, url))
-                else:
-                    if raw is None and offset == 0:
-                        skips.append((SkipSample(EMPTY_SHARD), url))
-                if raw is None:
-                    getattr(readers.pop(slot), "close", lambda: None)()
-                    slots[slot] = None
-                    failures = failures + 1 if offset == 0 else 0  # a shard that ends after samples is no failure
-                    continue
-                failures = 0
-                pool.append(raw)
-                slots[slot] = (draw, offset + 1)
-                wanted -= 1
+        failures, target, share = 0, self.chunk * self.open_shards, self.chunk
+        while share:  # a pass per round, and more while shards ended early (a reader with fewer
+            before = len(pool)  # shards than slots, an epoch's end): the shuffle pool keeps its size
+            for slot in range(self.open_shards):
+                wanted = min(share, target - len(pool))
+                while wanted and failures < self.policy.max_consecutive:
+                    if slots[slot] is None:
+                        if not self._in_epoch(next_draw, start.epoch, reader, num_readers):
+                            break
+                        slots[slot], next_draw = (next_draw, 0), next_draw + 1
+                    draw, offset = slots[slot]
+                    url = self._shard(draw, reader, num_readers)
+                    if slot not in readers:
+                        readers[slot] = self._open(url, offset)
+                    try:
+                        raw = next(readers[slot], None)
+                    except SkipSample as skip:
+                        raw = None
+                        skips.append((skip, url))
+                    else:
+                        if raw is None and offset == 0:
+                            skips.append((SkipSample(EMPTY_SHARD), url))
+                    if raw is None:
+                        getattr(readers.pop(slot), "close", lambda: None)()
+                        slots[slot] = None
+                        failures = failures + 1 if offset == 0 else 0  # a shard that ends after samples is no failure
+                        continue
+                    failures = 0
+                    pool.append(raw)
+                    slots[slot] = (draw, offset + 1)
+                    wanted -= 1
+            live = sum(slot is not None for slot in slots)
+            share = -(-(target - len(pool)) // live) if live and before < len(pool) < target else 0
         epoch = start.epoch
         if all(slot is None for slot in slots) and not self._in_epoch(next_draw, epoch, reader, num_readers):
             epoch += 1
