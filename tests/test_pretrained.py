@@ -212,10 +212,12 @@ def test_mismatched_or_foreign_directories_get_clear_errors(hf_dir, tmp_path):
         with pytest.raises(OpenAlignError, match=message):
             openalign.load_pretrained(broken)
     (broken / "config.json").write_text(json.dumps(config))
-    for size, crop, message in (({"shortest_edge": 80}, {"height": 65, "width": 65}, "must resize to a square"),
-                                ({"height": 80, "width": 80}, {"height": 65, "width": 57}, "crops squares only")):
+    for changes, message in (({"size": {"shortest_edge": 80}}, "must resize to a square"),
+                             ({"crop_size": {"height": 65, "width": 57}}, "crops squares only"),
+                             ({"resample": 4}, "PIL's BOX filter; openalign's preprocessing .* implements nearest")):
         processor = AlignProcessor.from_pretrained(hf_dir)
-        processor.image_processor.size, processor.image_processor.crop_size = size, crop
+        for name, value in changes.items():
+            setattr(processor.image_processor, name, value)
         processor.save_pretrained(broken)  # an image processor transformers runs, whose preprocessing ALIGN's is not
         with pytest.raises(OpenAlignError, match=message):
             openalign.load_pretrained(broken)

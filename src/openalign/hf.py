@@ -42,7 +42,7 @@ _EFFICIENTNET_FIELDS = ("width_coefficient", "depth_coefficient", "depth_divisor
 _BERT_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                 "max_position_embeddings", "type_vocab_size", "layer_norm_eps", "hidden_dropout_prob",
                 "attention_probs_dropout_prob")
-_RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
+_RESAMPLE_NAMES = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL codes; torchvision resizes tensors in these
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
 MAX_LENGTH = 64  # AlignProcessor's padding length; positions beyond it were never trained
 
@@ -118,6 +118,12 @@ def _preprocess_from_hf(directory: Path, image_size: int) -> dict[str, Any]:
     resize = int(size["height"])
     crop_side = int(crop["height"]) if processor.do_center_crop else resize
     resample = int(processor.resample) if processor.resample is not None else 2
+    if resample not in _RESAMPLE_NAMES:
+        from PIL.Image import Resampling
+
+        raise OpenAlignError(f"'{directory}': the image processor resizes with PIL's {Resampling(resample).name} "
+                             f"filter; openalign's preprocessing (torchvision's, on tensors) implements "
+                             f"{', '.join(_RESAMPLE_NAMES.values())}")
     offset, factor = bool(getattr(processor, "rescale_offset", False)), float(processor.rescale_factor)
     normalize = bool(processor.do_normalize) or bool(getattr(processor, "include_top", False))
     if processor.do_rescale and offset and not normalize and math.isclose(factor, 1 / 127.5, rel_tol=1e-6):
@@ -130,7 +136,7 @@ def _preprocess_from_hf(directory: Path, image_size: int) -> dict[str, Any]:
                              f"{factor}, offset={offset}, do_normalize={processor.do_normalize}, include_top="
                              f"{getattr(processor, 'include_top', None)}) is neither ALIGN's x/127.5-1 nor x/255 "
                              "normalised by mean and std")
-    return {"image_size": crop_side, "resize_size": resize, "interpolation": _RESAMPLE_NAMES.get(resample, "bilinear"),
+    return {"image_size": crop_side, "resize_size": resize, "interpolation": _RESAMPLE_NAMES[resample],
             "mean": list(mean), "std": list(std), "random_flip": True, "center_crop": "floor"}
 
 

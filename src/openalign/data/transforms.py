@@ -17,7 +17,6 @@ _INTERPOLATION = {
     "nearest": InterpolationMode.NEAREST_EXACT,
     "bilinear": InterpolationMode.BILINEAR,
     "bicubic": InterpolationMode.BICUBIC,
-    "lanczos": InterpolationMode.LANCZOS,
 }
 
 
@@ -39,7 +38,7 @@ class PreprocessConfig:
     image_size: int = 289
     resize_size: int = 346
     resize_mode: Literal["squash", "shortest"] = "squash"
-    interpolation: Literal["nearest", "bilinear", "bicubic", "lanczos"] = "bilinear"
+    interpolation: Literal["nearest", "bilinear", "bicubic"] = "bilinear"
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     random_flip: bool = True
