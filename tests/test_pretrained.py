@@ -123,6 +123,21 @@ def test_export_to_hugging_face_round_trips_through_transformers(hf_dir, images,
     assert config["vision_config"]["batch_norm_momentum"] == pytest.approx(0.99)
 
 
+def test_export_keeps_every_setting_of_the_config_it_was_loaded_from(tmp_path):
+    vision = AlignVisionConfig(width_coefficient=0.5, depth_coefficient=0.5, image_size=65, hidden_dim=640,
+                               depthwise_padding=[], batch_norm_eps=1e-4, drop_connect_rate=0.3)
+    text = AlignTextConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                           pad_token_id=1, layer_norm_eps=1e-6, hidden_dropout_prob=0.2)
+    AlignModel(AlignConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=160,
+                           temperature_init_value=0.5)).save_pretrained(tmp_path / "source")
+    model, _, _ = openalign.load_pretrained(tmp_path / "source")
+    model.save_pretrained(tmp_path / "exported", format="hf")
+    source, exported = (json.loads((tmp_path / name / "config.json").read_text()) for name in ("source", "exported"))
+    for config in (source, exported):
+        config.pop("dtype", None)  # a property of the saved tensors, not of the architecture
+    assert exported == source
+
+
 def test_a_model_trained_in_openalign_works_in_the_transformers_pipeline(tmp_path):
     from transformers import pipeline
 

@@ -40,7 +40,7 @@ _EFFICIENTNET_FIELDS = ("width_coefficient", "depth_coefficient", "depth_divisor
                         "in_channels", "out_channels", "num_block_repeats", "expand_ratios",
                         "squeeze_expansion_ratio", "drop_connect_rate", "batch_norm_eps")
 _BERT_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                "max_position_embeddings", "type_vocab_size", "layer_norm_eps", "hidden_dropout_prob",
+                "max_position_embeddings", "type_vocab_size", "layer_norm_eps", "pad_token_id", "hidden_dropout_prob",
                 "attention_probs_dropout_prob")
 _RESAMPLE_NAMES = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL codes; torchvision resizes tensors in these
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")

@@ -11,7 +11,8 @@ from ..errors import OpenAlignError
 from .base import TextTowerConfig
 
 _ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                        "intermediate_size", "max_position_embeddings", "type_vocab_size", "layer_norm_eps")
+                        "intermediate_size", "max_position_embeddings", "type_vocab_size", "layer_norm_eps",
+                        "pad_token_id")
 
 
 @dataclass
@@ -31,6 +32,7 @@ class BertTowerConfig(TextTowerConfig, tag="bert"):
     max_position_embeddings: int = 512
     type_vocab_size: int = 2
     layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0  # the embedding row that training never updates (BERT's padding_idx)
     hidden_dropout_prob: float = 0.1
     attention_probs_dropout_prob: float = 0.1
     pretrained: str | None = None
