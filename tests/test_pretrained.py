@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import (AlignConfig, AlignModel, AlignProcessor, AlignTextConfig, AlignVisionConfig, AutoTokenizer,
@@ -121,21 +122,61 @@ def test_export_to_hugging_face_round_trips_through_transformers(hf_dir, images,
     torch.testing.assert_close(exported.logits_per_text, expected.logits_per_text, rtol=1e-6, atol=1e-6)
     config = json.loads((tmp_path / "exported" / "config.json").read_text())
     assert config["vision_config"]["batch_norm_momentum"] == pytest.approx(0.99)
+    # align-base's files, which transformers 4 reads too: its AlignProcessor fails on 5's processor_config.json
+    assert (tmp_path / "exported" / "preprocessor_config.json").is_file()
+    assert not (tmp_path / "exported" / "processor_config.json").exists()
 
 
 def test_export_keeps_every_setting_of_the_config_it_was_loaded_from(tmp_path):
     vision = AlignVisionConfig(width_coefficient=0.5, depth_coefficient=0.5, image_size=65, hidden_dim=640,
                                depthwise_padding=[], batch_norm_eps=1e-4, drop_connect_rate=0.3)
     text = AlignTextConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                           pad_token_id=1, layer_norm_eps=1e-6, hidden_dropout_prob=0.2)
-    AlignModel(AlignConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=160,
-                           temperature_init_value=0.5)).save_pretrained(tmp_path / "source")
-    model, _, _ = openalign.load_pretrained(tmp_path / "source")
+                           pad_token_id=1, layer_norm_eps=1e-6, hidden_dropout_prob=0.2, hidden_act="relu")
+    hf = AlignModel(AlignConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=160,
+                                temperature_init_value=0.5)).eval()
+    hf.save_pretrained(tmp_path / "source")
+    model, _, tokenizer = openalign.load_pretrained(tmp_path / "source")
+    tokens = tokenizer(TEXTS)
+    with torch.no_grad():  # relu, not BERT's gelu, in the feed-forward layers
+        expected = F.normalize(hf.get_text_features(**tokens).pooler_output, dim=-1)
+        torch.testing.assert_close(model.encode_text(**tokens), expected, rtol=1e-5, atol=1e-5)
     model.save_pretrained(tmp_path / "exported", format="hf")
     source, exported = (json.loads((tmp_path / name / "config.json").read_text()) for name in ("source", "exported"))
     for config in (source, exported):
         config.pop("dtype", None)  # a property of the saved tensors, not of the architecture
     assert exported == source
+
+
+def test_short_position_tables_and_small_vocabularies_load_or_fail_clearly(hf_dir, images, tmp_path):
+    config = json.loads((hf_dir / "config.json").read_text())
+    short = tmp_path / "short"  # 32 positions: texts are cut to 32 tokens, not ALIGN's 64
+    shutil.copytree(hf_dir, short)
+    config["text_config"]["max_position_embeddings"] = 32
+    (short / "config.json").write_text(json.dumps(config))
+    state = load_file(str(short / "model.safetensors"))
+    for key in [key for key in state if key.endswith("num_batches_tracked")]:  # transformers does without them
+        del state[key]
+    state["text_model.embeddings.position_embeddings.weight"] = state[
+        "text_model.embeddings.position_embeddings.weight"][:32].clone()
+    save_file(state, str(short / "model.safetensors"))
+    model, _, tokenizer = openalign.load_pretrained(short)
+    inputs = AlignProcessor.from_pretrained(short)(text=TEXTS, padding="max_length", max_length=32, truncation=True,
+                                                   return_tensors="pt")
+    assert torch.equal(tokenizer(TEXTS)["input_ids"], inputs["input_ids"])
+    with torch.no_grad():
+        expected = AlignModel.from_pretrained(short).eval().get_text_features(**inputs).pooler_output
+        torch.testing.assert_close(model.encode_text(**tokenizer(TEXTS)), F.normalize(expected, dim=-1),
+                                   rtol=1e-5, atol=1e-5)
+
+    small = tmp_path / "small"  # a vocabulary larger than the embedding table: an error, not an IndexError later
+    shutil.copytree(hf_dir, small)
+    config["text_config"].update(max_position_embeddings=512, vocab_size=1000)
+    (small / "config.json").write_text(json.dumps(config))
+    state = load_file(str(small / "model.safetensors"))
+    state["text_model.embeddings.word_embeddings.weight"] = state["text_model.embeddings.word_embeddings.weight"][:1000]
+    save_file(state, str(small / "model.safetensors"))
+    with pytest.raises(OpenAlignError, match="'text.vocab_size' is 1000, but the tokenizer .* has 30522 tokens"):
+        openalign.load_pretrained(small)
 
 
 def test_a_model_trained_in_openalign_works_in_the_transformers_pipeline(tmp_path):
@@ -197,6 +238,15 @@ def test_openalign_format_round_trips_and_convert_goes_both_ways(hf_dir, images,
         for ours, theirs in zip(_our_outputs(model, preprocess, tokenizer, images),
                                 _our_outputs(*reloaded, images)):
             assert torch.equal(ours, theirs)
+    with pytest.raises(OpenAlignError, match="is the source directory"):
+        openalign.pretrained.convert(back, back, to="openalign", overwrite=True)
+    with pytest.raises(OpenAlignError, match="already holds a model .*config.json, model.safetensors.*overwrite=True"):
+        model.save_pretrained(back)
+    model.save_pretrained(back, overwrite=True)  # the AlignModel's files go: no stale config.json is left behind
+    assert not (back / "config.json").exists()
+    for ours, theirs in zip(_our_outputs(model, preprocess, tokenizer, images),
+                            _our_outputs(*openalign.load_pretrained(back), images)):
+        assert torch.equal(ours, theirs)
 
 
 def test_models_that_hugging_face_cannot_represent_are_refused(tmp_path):
@@ -204,6 +254,10 @@ def test_models_that_hugging_face_cannot_represent_are_refused(tmp_path):
         openalign.create_model("align-test").save_pretrained(tmp_path / "b3", format="hf")
     with pytest.raises(OpenAlignError, match="unknown format 'onnx'"):
         openalign.create_model("align-test").save_pretrained(tmp_path / "x", format="onnx")
+    shortest = openalign.create_model("align-test", image_projection=False, embed_dim=80,
+                                      preprocess={"resize_mode": "shortest", "resize_size": 32, "image_size": 32})
+    with pytest.raises(OpenAlignError, match="resize_mode: shortest.*square resize only"):
+        shortest.save_pretrained(tmp_path / "shortest", format="hf")
 
 
 def test_mismatched_or_foreign_directories_get_clear_errors(hf_dir, tmp_path):
@@ -306,5 +360,8 @@ def test_convert_on_the_command_line(hf_dir, tmp_path, capsys):
             torch.testing.assert_close(value, converted.state_dict()[key], rtol=1e-6, atol=0)
         elif ".pooler." not in key:  # the unused pooler is written as an identity map
             assert torch.equal(value, converted.state_dict()[key]), key
+    assert main(["convert", str(hf_dir), str(tmp_path / "ours"), "--to", "openalign"]) == 2
+    assert "already holds a model" in capsys.readouterr().err
+    assert main(["convert", str(hf_dir), str(tmp_path / "ours"), "--to", "openalign", "--overwrite"]) == 0
     assert main(["convert", str(tmp_path / "nowhere"), str(tmp_path / "x"), "--to", "hf"]) == 2
     assert "neither a directory nor a Hugging Face hub id" in " ".join(capsys.readouterr().err.split())

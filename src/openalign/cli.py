@@ -240,7 +240,7 @@ def _cmd_search(args: argparse.Namespace) -> None:
 def _cmd_convert(args: argparse.Namespace) -> None:
     from .pretrained import convert
 
-    print(f"wrote {convert(args.source, args.destination, args.to)} ({args.to} format)")
+    print(f"wrote {convert(args.source, args.destination, args.to, args.overwrite)} ({args.to} format)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -368,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("source", help=model_help)
     convert.add_argument("destination", help="the directory to write")
     convert.add_argument("--to", required=True, choices=("hf", "openalign"), help="the format to write")
+    convert.add_argument("--overwrite", action="store_true", help="replace a model already in the destination")
     convert.set_defaults(func=_cmd_convert)
 
     search = commands.add_parser("search", help="the images of an index closest to a text query")

@@ -40,8 +40,8 @@ _EFFICIENTNET_FIELDS = ("width_coefficient", "depth_coefficient", "depth_divisor
                         "in_channels", "out_channels", "num_block_repeats", "expand_ratios",
                         "squeeze_expansion_ratio", "drop_connect_rate", "batch_norm_eps")
 _BERT_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                "max_position_embeddings", "type_vocab_size", "layer_norm_eps", "pad_token_id", "hidden_dropout_prob",
-                "attention_probs_dropout_prob")
+                "hidden_act", "max_position_embeddings", "type_vocab_size", "layer_norm_eps", "pad_token_id",
+                "hidden_dropout_prob", "attention_probs_dropout_prob")
 _RESAMPLE_NAMES = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL codes; torchvision resizes tensors in these
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
 MAX_LENGTH = 64  # AlignProcessor's padding length; positions beyond it were never trained
@@ -55,6 +55,9 @@ def load_hf_directory(directory: Path) -> nn.Module:
     config = model_config_from_hf(directory)
     model = config.build()
     state = state_dict_from_hf(read_hf_weights(directory))
+    for key, value in model.state_dict().items():  # a counter transformers does not insist on either
+        if key.endswith(".num_batches_tracked"):
+            state.setdefault(key, torch.zeros_like(value))
     from .train.checkpoint import load_state
 
     load_state(model, state, f"'{directory}'", name=hf_key)
@@ -76,7 +79,6 @@ def model_config_from_hf(directory: Path) -> DualEncoderConfig:
     _require(vision.hidden_act in ("swish", "silu"), "vision_config.hidden_act", f"is '{vision.hidden_act}', not swish")
     _require(vision.pooling_type == "mean", "vision_config.pooling_type", f"is '{vision.pooling_type}', not mean")
     _require(vision.num_channels == 3, "vision_config.num_channels", f"is {vision.num_channels}, not 3")
-    _require(text.hidden_act == "gelu", "text_config.hidden_act", f"is '{text.hidden_act}', not gelu")
     _require(getattr(text, "position_embedding_type", "absolute") == "absolute", "text_config.position_embedding_type",
              "is not 'absolute'")
     image = {"type": "efficientnet", **{k: _plain(getattr(vision, k)) for k in _EFFICIENTNET_FIELDS},
@@ -85,7 +87,8 @@ def model_config_from_hf(directory: Path) -> DualEncoderConfig:
     if not has_tokenizer:
         log.warning("'%s' has no tokenizer files: using bert-base-uncased", directory)
     text_dict = {"type": "bert", **{k: _plain(getattr(text, k)) for k in _BERT_FIELDS},
-                 "tokenizer": "." if has_tokenizer else "bert-base-uncased", "max_length": MAX_LENGTH}
+                 "tokenizer": "." if has_tokenizer else "bert-base-uncased",
+                 "max_length": min(MAX_LENGTH, text.max_position_embeddings)}
     model = {"architecture": "dual_encoder", "name": directory.name, "image": image, "text": text_dict,
              "embed_dim": hf.projection_dim, "image_projection": False,
              "temperature_init": hf.temperature_init_value,
@@ -232,6 +235,9 @@ def hf_config_from_model(config: DualEncoderConfig) -> Any:
                              "Hugging Face's AlignModel has no image projection, so it cannot be exported to 'hf'. "
                              "Save it with format='openalign' instead.")
     pre = config.preprocess
+    if pre.resize_mode != "squash":
+        raise OpenAlignError(f"{name} resizes images' shorter side (resize_mode: {pre.resize_mode}); the AlignModel "
+                             "export writes ALIGN's square resize only")
     if tuple(pre.mean) != (0.5, 0.5, 0.5) or tuple(pre.std) != (0.5, 0.5, 0.5):
         raise OpenAlignError(f"{name} normalises pixels with mean {pre.mean} and std {pre.std}; the AlignModel export "
                              "writes ALIGN's x/127.5-1 only")
@@ -278,6 +284,10 @@ def save_hf_directory(model: nn.Module, directory: Path) -> Path:
     hf_config.save_pretrained(str(directory))
     save_file(state_dict_to_hf(model), str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
     AlignProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(str(directory))
+    # kakaobrain/align-base's layout, which transformers 4 reads too: the image processor in
+    # preprocessor_config.json; transformers 5's nested processor_config.json breaks 4's loading
+    image_processor.save_pretrained(str(directory))
+    (directory / "processor_config.json").unlink(missing_ok=True)
     return directory
 
 

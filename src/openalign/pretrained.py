@@ -38,6 +38,7 @@ CONFIG_FILE = "config.yaml"
 HF_CONFIG_FILE = "config.json"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model"]
+_MODEL_FILES = (CONFIG_FILE, HF_CONFIG_FILE, WEIGHTS_FILE, "pytorch_model.bin", "model.safetensors.index.json")
 
 
 def load_pretrained(name_or_path: str | Path, device: str | torch.device = "cpu"
@@ -85,7 +86,8 @@ def resolve(name_or_path: str | Path) -> Path:
                              "pass a local directory instead, or set HF_HOME to a cache that holds it") from None
 
 
-def save_pretrained(model: nn.Module, directory: str | Path, format: str = "openalign") -> Path:
+def save_pretrained(model: nn.Module, directory: str | Path, format: str = "openalign", overwrite: bool = False
+                    ) -> Path:
     """Write ``model`` (with its tokenizer and preprocessing) to ``directory``.
 
     ``format="openalign"``: ``config.yaml`` (the model config, preprocessing included),
@@ -93,18 +95,27 @@ def save_pretrained(model: nn.Module, directory: str | Path, format: str = "open
     ``format="hf"``: a ``transformers`` ``AlignModel`` directory (``config.json``,
     ``model.safetensors``, tokenizer and processor files) that ``AlignModel.from_pretrained``,
     ``AlignProcessor.from_pretrained`` and the ``zero-shot-image-classification`` pipeline load.
+
+    A directory that already holds a model is an error unless ``overwrite``; then its model files
+    (either format's) are removed first, so that no stale config describes the new weights.
     """
     if any(getattr(module, "batch_norm_folded", False) for module in model.modules()):
         raise OpenAlignError("this model was made for inference by optimize_for_inference (its batch norms are "
                              "folded into convolutions), so its weights are not a checkpoint: save the model it "
                              "was made from")
+    if format not in ("openalign", "hf"):
+        raise OpenAlignError(f"unknown format '{format}': use 'openalign' or 'hf'")
     directory = Path(directory)
+    existing = [name for name in _MODEL_FILES if (directory / name).is_file()]
+    if existing and not overwrite:
+        raise OpenAlignError(f"'{directory}' already holds a model ({', '.join(existing)}): choose a new directory, "
+                             "or pass overwrite=True (openalign convert --overwrite) to replace it")
+    for name in existing:
+        (directory / name).unlink()
     if format == "hf":
         from .hf import save_hf_directory
 
         return save_hf_directory(model, directory)
-    if format != "openalign":
-        raise OpenAlignError(f"unknown format '{format}': use 'openalign' or 'hf'")
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -120,10 +131,15 @@ def save_pretrained(model: nn.Module, directory: str | Path, format: str = "open
     return directory
 
 
-def convert(source: str | Path, destination: str | Path, to: str) -> Path:
-    """Load ``source`` (any form :func:`load_pretrained` takes) and write it in format ``to``."""
+def convert(source: str | Path, destination: str | Path, to: str, overwrite: bool = False) -> Path:
+    """Load ``source`` (any form :func:`load_pretrained` takes) and write it in format ``to`` to
+    ``destination``, which must be another directory."""
+    if Path(source).expanduser().is_dir() and Path(source).expanduser().resolve() == \
+            Path(destination).expanduser().resolve():
+        raise OpenAlignError(f"'{destination}' is the source directory: convert into a new one (writing there would "
+                             "replace the weights being converted)")
     model, _, _ = load_pretrained(source)
-    return save_pretrained(model, destination, format=to)
+    return save_pretrained(model, destination, format=to, overwrite=overwrite)
 
 
 def model_config_from_dict(model_dict: dict[str, Any], directory: Path) -> ModelConfig:

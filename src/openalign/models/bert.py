@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import OpenAlignError
+from ..config import did_you_mean
+from ..errors import ConfigError, OpenAlignError
 from .base import TextTowerConfig
 
 _ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                        "intermediate_size", "max_position_embeddings", "type_vocab_size", "layer_norm_eps",
-                        "pad_token_id")
+                        "intermediate_size", "hidden_act", "max_position_embeddings", "type_vocab_size",
+                        "layer_norm_eps", "pad_token_id")
 
 
 @dataclass
@@ -29,6 +32,7 @@ class BertTowerConfig(TextTowerConfig, tag="bert"):
     num_hidden_layers: int = 12
     num_attention_heads: int = 12
     intermediate_size: int = 3072
+    hidden_act: str = "gelu"  # the feed-forward activation, by its transformers name
     max_position_embeddings: int = 512
     type_vocab_size: int = 2
     layer_norm_eps: float = 1e-12
@@ -37,9 +41,29 @@ class BertTowerConfig(TextTowerConfig, tag="bert"):
     attention_probs_dropout_prob: float = 0.1
     pretrained: str | None = None
 
+    def __post_init__(self) -> None:
+        from transformers.activations import ACT2FN
+
+        if self.hidden_act not in ACT2FN:
+            raise ConfigError(f"is '{self.hidden_act}', not an activation transformers knows"
+                              f"{did_you_mean(self.hidden_act, ACT2FN)}", "hidden_act")
+
     @property
     def output_dim(self) -> int:
         return self.hidden_size
+
+    def build_tokenizer(self) -> Callable[[list[str]], Any]:
+        """The tokenizer, checked against the embedding tables it feeds (ids or lengths past them
+        would otherwise fail at the first text, deep in the embedding lookup)."""
+        tokenizer = super().build_tokenizer()
+        size = len(tokenizer.hf_tokenizer)
+        if size > self.vocab_size:
+            raise ConfigError(f"is {self.vocab_size}, but the tokenizer '{self.tokenizer}' has {size} tokens: use the "
+                              "tokenizer the weights were trained with", "text.vocab_size")
+        if self.max_length > self.max_position_embeddings:
+            raise ConfigError(f"is {self.max_length}, more than the {self.max_position_embeddings} positions BERT "
+                              "has (max_position_embeddings)", "text.max_length")
+        return tokenizer
 
     def build(self) -> BertTextTower:
         return BertTextTower(self)

@@ -146,7 +146,7 @@ class Clippo(nn.Module):
             raise OpenAlignError(f"this CLIPPO encoder ({type(self.encoder).__name__}) cannot load timm checkpoints")
         load(path)
 
-    def save_pretrained(self, directory: str | Path, format: str = "openalign") -> Path:
+    def save_pretrained(self, directory: str | Path, format: str = "openalign", overwrite: bool = False) -> Path:
         from ..pretrained import save_pretrained
 
-        return save_pretrained(self, directory, format)
+        return save_pretrained(self, directory, format, overwrite)

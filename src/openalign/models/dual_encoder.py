@@ -137,12 +137,12 @@ class DualEncoder(nn.Module):
         features = features.float()
         return F.normalize(features, dim=-1) if normalize else features
 
-    def save_pretrained(self, directory: str | Path, format: str = "openalign") -> Path:
+    def save_pretrained(self, directory: str | Path, format: str = "openalign", overwrite: bool = False) -> Path:
         """Write the model, its tokenizer and preprocessing: ``format="openalign"`` (read back by
         ``openalign.load_pretrained``) or ``"hf"`` (a ``transformers`` ``AlignModel`` directory)."""
         from ..pretrained import save_pretrained
 
-        return save_pretrained(self, directory, format)
+        return save_pretrained(self, directory, format, overwrite)
 
     def forward(self, image: torch.Tensor, **texts: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Embeddings of a batch, named as the losses take them: ``image_emb``, ``<field>_emb`` for
