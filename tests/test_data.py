@@ -266,3 +266,17 @@ def test_table_sources_read_csv_tsv_and_parquet_with_paths_or_bytes_and_drop_bad
         TableSourceConfig(path=str(tmp_path / "pairs.csv"), image_column="url").build(transform, 0)
     with pytest.raises(OpenAlignError, match="no table matches"):
         TableSourceConfig(path=str(tmp_path / "missing.csv")).build(transform, 0)
+
+
+def test_16_bit_and_float_images_are_scaled_to_8_bits_not_clipped():
+    ramp = np.linspace(0, 65535, 48 * 48).reshape(48, 48).astype(np.uint16)
+    eight_bit = np.rint(ramp / 257).astype(np.uint8)
+    transform = ImageTransform(PreprocessConfig(image_size=32, resize_size=32), train=False)
+    expected = transform(Image.fromarray(eight_bit).convert("RGB"))
+    buffer = io.BytesIO()
+    Image.fromarray(ramp).save(buffer, format="PNG")  # PIL opens a 16-bit grayscale PNG as I;16
+    for image in (Image.open(buffer), Image.fromarray(ramp.astype(np.int32), "I"),
+                  Image.fromarray((ramp / 65535).astype(np.float32), "F")):
+        pixels = transform(image)
+        assert (pixels - expected).abs().max() <= 1 / 127.5 + 1e-6, image.mode  # within one 8-bit level
+    assert transform(Image.fromarray(ramp)).mean() < 0.1  # PIL's own convert("RGB") would give almost 1 (white)

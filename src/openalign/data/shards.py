@@ -283,9 +283,11 @@ def decode_image(data: bytes) -> Any:
     """A decoded RGB PIL image, or None for bytes PIL cannot decode."""
     from PIL import Image
 
+    from .transforms import to_rgb
+
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
-            return image.convert("RGB")
+            return to_rgb(image)
     except Exception:  # noqa: BLE001 - any decoding failure (corrupt, truncated, bomb) skips the sample
         return None

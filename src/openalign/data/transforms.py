@@ -89,8 +89,7 @@ class ImageTransform:
         else:
             if self.train and getattr(image, "format", None) == "JPEG":
                 image.draft(image.mode, (cfg.resize_size, cfg.resize_size))  # a no-op once decoded or small
-            if image.mode != "RGB":
-                image = image.convert("RGB")
+            image = to_rgb(image)
             pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
         # torchvision's antialiased resize of the uint8 image, as transformers' AlignProcessor does it
         size = [cfg.resize_size] if cfg.resize_mode == "shortest" else [cfg.resize_size, cfg.resize_size]
@@ -112,3 +111,20 @@ class ImageTransform:
             return False
         size = self.config.resize_size  # draft mode shrinks by 2 or more when both sides allow it
         return not (self.train and min(image.size[0] // size, image.size[1] // size) >= 2)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` in 8-bit RGB. PIL's own conversion clips 16-bit and float pixels to 0-255 (a
+    16-bit PNG turns nearly white, a float TIFF of 0-1 black); they are scaled instead: 16-bit
+    integers by 255/65535 (an ``I`` image only when its values exceed 255, as PIL opens some
+    16-bit PNGs so), floats from 0-1 when they lie within it, else clipped."""
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I") or image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode.startswith("I;16") or (image.mode == "I" and values.max(initial=0) > 255):
+            values = values * (255 / 65535)
+        elif image.mode == "F" and values.min(initial=0) >= 0 and values.max(initial=0) <= 1:
+            values = values * 255
+        image = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
+    return image.convert("RGB")
