@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 import types
 from pathlib import Path
@@ -171,6 +172,26 @@ def test_index_round_trip_in_several_row_groups(tmp_path, monkeypatch):
     index = read_index(tmp_path / "index.parquet")
     assert index.paths == paths and index.model_name == "align-test" and index.model_source == "runs/m"
     assert torch.equal(index.embeddings, embeddings)
+
+
+def test_an_index_is_replaced_whole_or_not_at_all_and_keeps_non_utf8_paths(tmp_path, monkeypatch, caplog):
+    target = tmp_path / "index.parquet"
+    write_index(target, ["a.png", "b.png"], torch.randn(2, 5))
+    before = target.read_bytes()
+
+    def broken_table(*args, **kwargs):
+        raise OSError("disk full")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pa, "table", broken_table)
+        with pytest.raises(OSError, match="disk full"):
+            write_index(target, ["c.png"], torch.randn(1, 5))
+    assert target.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["index.parquet"]
+
+    latin1 = os.fsdecode(b"caf\xe9.png")  # a Linux file name that is not UTF-8 (surrogate escapes)
+    with caplog.at_level("WARNING"):
+        write_index(target, [latin1, "b.png"], torch.randn(2, 5))
+    assert read_index(target).paths == ["caf\\xe9.png", "b.png"] and "1 image path(s) are not UTF-8" in caplog.text
 
 
 def test_missing_or_malformed_index_is_an_error(tmp_path):

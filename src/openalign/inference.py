@@ -183,7 +183,11 @@ def _collate(items: list[tuple[int, torch.Tensor | str]]
 
 def write_index(path: str | Path, paths: Sequence[str], embeddings: torch.Tensor, model_name: str | None = None,
                 model_source: str | None = None) -> Path:
-    """Write ``paths`` and their ``embeddings`` (N, dim) as a parquet index; the model goes in the metadata."""
+    """Write ``paths`` and their ``embeddings`` (N, dim) as a parquet index; the model goes in the metadata.
+
+    The file appears whole or not at all (written beside ``path``, then renamed over it). Paths
+    that are not UTF-8 (possible on Linux) are kept with their odd bytes as ``\\xNN`` escapes.
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -194,16 +198,33 @@ def write_index(path: str | Path, paths: Sequence[str], embeddings: torch.Tensor
     schema = pa.schema([("path", pa.string()), ("embedding", pa.list_(pa.float32()))],
                        metadata={_METADATA_PREFIX + key: value for key, value in metadata.items() if value})
     vectors = embeddings.detach().float().cpu().numpy()
+    texts = [_printable(name) for name in paths]
+    if odd := sum(text != name for text, name in zip(texts, paths)):
+        log.warning("%d image path(s) are not UTF-8: the index keeps them with \\xNN escapes", odd)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with pq.ParquetWriter(path, schema) as writer:
-        for start in range(0, len(paths), INDEX_ROW_GROUP):  # row groups keep list offsets within int32
-            rows = vectors[start:start + INDEX_ROW_GROUP]
-            offsets = pa.array(np.arange(0, rows.size + 1, vectors.shape[1], dtype=np.int32))
-            embedding = pa.ListArray.from_arrays(offsets, pa.array(rows.reshape(-1), type=pa.float32()))
-            writer.write_table(pa.table([pa.array(paths[start:start + INDEX_ROW_GROUP], pa.string()), embedding],
-                                        schema=schema))
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        with pq.ParquetWriter(partial, schema) as writer:
+            for start in range(0, len(paths), INDEX_ROW_GROUP):  # row groups keep list offsets within int32
+                rows = vectors[start:start + INDEX_ROW_GROUP]
+                offsets = pa.array(np.arange(0, rows.size + 1, vectors.shape[1], dtype=np.int32))
+                embedding = pa.ListArray.from_arrays(offsets, pa.array(rows.reshape(-1), type=pa.float32()))
+                writer.write_table(pa.table([pa.array(texts[start:start + INDEX_ROW_GROUP], pa.string()), embedding],
+                                            schema=schema))
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
     return path
+
+
+def _printable(name: str) -> str:
+    """``name`` as valid UTF-8: a file name's undecodable bytes (surrogate escapes) as ``\\xNN``."""
+    try:
+        name.encode()
+        return name
+    except UnicodeEncodeError:
+        return name.encode(errors="surrogateescape").decode(errors="backslashreplace")
 
 
 def read_index(path: str | Path) -> EmbeddingIndex:
