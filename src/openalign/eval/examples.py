@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from ..data.transforms import to_rgb
 from ..distributed import world_info
 from .datasets import retrieval_items
 from .features import embed_images, embed_texts, eval_mode
@@ -59,7 +60,7 @@ def _draw(rows: list[tuple[str, list[Path], Path]], output: Path) -> None:
         axis_row[0].axis("off")
         for rank, (axis, path) in enumerate(zip(axis_row[1:], found), start=1):
             with Image.open(path) as image:
-                axis.imshow(image.convert("RGB"))
+                axis.imshow(to_rgb(image))
             colour = "tab:green" if path == truth else "0.7"
             for spine in axis.spines.values():
                 spine.set_edgecolor(colour)
