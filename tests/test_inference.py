@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
+import shutil
 import sys
 import types
 from pathlib import Path
@@ -184,7 +186,7 @@ def test_an_index_is_replaced_whole_or_not_at_all_and_keeps_non_utf8_paths(tmp_p
 
     with monkeypatch.context() as patch:
         patch.setattr(pa, "table", broken_table)
-        with pytest.raises(OSError, match="disk full"):
+        with pytest.raises(OpenAlignError, match="cannot write the index .*disk full"):
             write_index(target, ["c.png"], torch.randn(1, 5))
     assert target.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["index.parquet"]
 
@@ -263,7 +265,7 @@ def test_embed_classify_and_search_commands(model_dir, loaded, image_dir, tmp_pa
                  "--device", "cpu", "--batch-size", "4"]) == 0
     assert f"wrote 5 embeddings (32-d) to {out}" in capsys.readouterr().out
     index = read_index(out)
-    assert len(index.paths) == 5 and index.model_name == "align-test" and index.model_source == str(model_dir)
+    assert len(index.paths) == 5 and index.model_name == "align-test" and index.model_source == str(model_dir.resolve())
 
     model, preprocess, tokenizer = loaded
     images = [str(image_dir / "blue.png"), str(image_dir / "nested" / "red.png")]
@@ -293,3 +295,73 @@ def test_commands_report_bad_input_with_exit_2(model_dir, tmp_path, capsys):
     assert "missing.parquet' does not exist" in " ".join(capsys.readouterr().err.split())
     assert main(["classify", "--model", str(model_dir), str(tmp_path / "x.png"), "--labels", " , "]) == 2
     assert "names no label" in " ".join(capsys.readouterr().err.split())
+    assert main(["embed", "--model", str(model_dir), "--images", str(tmp_path), "--out", str(tmp_path)]) == 2
+    assert f"--out '{tmp_path}' is a directory" in " ".join(capsys.readouterr().err.split())
+    (tmp_path / "file").write_text("")
+    assert main(["embed", "--model", str(model_dir), "--images", str(tmp_path), "--out",
+                 str(tmp_path / "file" / "x.parquet")]) == 2
+    assert "'file' is a file, not a directory" in " ".join(capsys.readouterr().err.split()).replace(str(tmp_path) + "/", "")
+    with pytest.raises(SystemExit):
+        main(["embed", "--model", str(model_dir), "--images", str(tmp_path), "--out", "x.parquet", "--batch-size", "0"])
+    assert "argument --batch-size: 0 is less than 1" in capsys.readouterr().err
+    assert main(["classify", "--model", str(model_dir), str(tmp_path / "x.png"), "--labels", "a cat,a dog,a cat"]) == 2
+    assert "names 'a cat' more than once" in " ".join(capsys.readouterr().err.split())
+    assert main(["convert", str(model_dir), str(tmp_path / "file"), "--to", "openalign"]) == 2
+    assert "is a file; a model is saved to a directory" in " ".join(capsys.readouterr().err.split())
+
+
+def test_classify_and_search_print_any_label_path_or_query_verbatim(model_dir, loaded, image_dir, tmp_path, capsys,
+                                                                     monkeypatch, caplog):
+    monkeypatch.setenv("COLUMNS", "80")  # a pipe's width: twelve numeric columns must not shrink to '0.…'
+    odd = tmp_path / "[b]old [draft].png"  # rich markup in a file name
+    shutil.copy(image_dir / "blue.png", odd)
+    labels = ["[i]a cat, sleeping", *(f"label {i}" for i in range(11))]  # markup and a comma: from a file
+    (tmp_path / "labels.txt").write_text("\n".join(labels) + "\n\n")
+    assert main(["classify", "--model", str(model_dir), str(odd), "--labels-file", str(tmp_path / "labels.txt")]) == 0
+    printed = capsys.readouterr().out
+    rows = [line.split("│") for line in printed.splitlines() if re.search(r"│\s*\d\.\d{3}\s*│", line)]
+    shown = {label.strip(): float(p) for _, _, label, p, _ in rows}  # a row per label, most probable first
+    expected = classify(*loaded, [str(odd)], labels)[0]
+    assert shown == {label: round(p, 3) for label, p in zip(labels, expected.tolist())}
+    assert [float(p) for *_, p, _ in rows] == sorted(shown.values(), reverse=True)
+    assert "[b]old [draft].png" in printed and "[i]a cat, sleeping" in printed
+
+    index = tmp_path / "index.parquet"
+    write_index(index, [str(odd)], loaded[0].encode_image(loaded[1](Image.open(odd))[None]).detach(),
+                model_name="align-test", model_source="another/model")
+    with caplog.at_level("WARNING"):
+        assert main(["search", "--index", str(index), "--model", str(model_dir), "a [/] cat", "-k", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "a [/] cat" in printed and "[b]old [draft].png" in printed
+    assert "built with model 'align-test' (another/model)" in caplog.text  # same architecture, other weights
+
+
+def test_classify_and_zero_shot_refuse_inputs_that_would_be_silently_wrong(loaded, image_dir):
+    model, preprocess, tokenizer = loaded
+    image = str(image_dir / "blue.png")
+    for images, labels, templates, message in (
+            ([image], "a cat", None, "labels are one str"),
+            (image, ["a cat"], None, "images are one str"),
+            ([image], ["a cat", "a dog"], ["a photo"], "has no '{}' for the class name"),
+            ([image], ["a cat", "a dog"], ["a photo of a {label}"], "cannot be filled with a class name"),
+            ([image], ["a cat", "a dog"], "a photo of a {}", "templates are one string")):
+        with pytest.raises(OpenAlignError, match=message):
+            classify(model, preprocess, tokenizer, images, labels, templates)
+    with pytest.raises(OpenAlignError, match="no templates were given"):
+        openalign.zero_shot_classifier(model, tokenizer, ["a cat"], templates=[])
+    with pytest.raises(OpenAlignError, match="no class names were given"):
+        openalign.zero_shot_classifier(model, tokenizer, [])
+
+
+def test_indexes_from_other_writers_load_and_broken_ones_are_refused(tmp_path):
+    vectors = [[1.0, 0.0], [0.0, 1.0]]
+    other = pa.table({"path": pa.array(["a.png", "b.png"], pa.large_string()),
+                      "embedding": pa.array(vectors, pa.list_(pa.float32(), 2))})  # fixed-size lists, as polars may
+    pq.write_table(other, tmp_path / "other.parquet")
+    assert torch.equal(read_index(tmp_path / "other.parquet").embeddings, torch.tensor(vectors))
+    write_index(tmp_path / "nan.parquet", ["a.png", "b.png"], torch.tensor([[1.0, 0.0], [float("nan"), 1.0]]))
+    with pytest.raises(OpenAlignError, match="1 embedding.* with NaN or infinite values \\(b.png\\)"):
+        read_index(tmp_path / "nan.parquet")
+    write_index(tmp_path / "empty.parquet", [], torch.empty(0, 2))
+    with pytest.raises(OpenAlignError, match="holds no embeddings"):
+        read_index(tmp_path / "empty.parquet")

@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -185,55 +185,88 @@ def _inference_model(args: argparse.Namespace, optimize: bool = True) -> tuple[A
 
 
 def _cmd_embed(args: argparse.Namespace) -> None:
-    from .inference import embed_folder, write_index
+    from .errors import OpenAlignError
+    from .inference import embed_folder, model_source, write_index
 
+    out = Path(args.out)
+    blocked = next((parent for parent in (out, *out.parents) if parent.exists() and not parent.is_dir()), None)
+    if out.is_dir() or blocked not in (None, out):  # found now, not after embedding every image
+        raise OpenAlignError(f"--out '{out}' is a directory" if out.is_dir() else
+                             f"--out '{out}' cannot be written: '{blocked}' is a file, not a directory")
     model, preprocess, _ = _inference_model(args)
     paths, embeddings = embed_folder(model, preprocess, args.images, args.batch_size, args.num_workers)
-    write_index(args.out, paths, embeddings, model_name=model.config.name, model_source=str(args.model))
+    write_index(out, paths, embeddings, model_name=model.config.name, model_source=model_source(args.model))
     print(f"wrote {len(paths)} embeddings ({embeddings.shape[1]}-d) to {args.out}")
 
 
 def _cmd_classify(args: argparse.Namespace) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     from .errors import OpenAlignError
     from .inference import DEFAULT_TEMPLATES, classify
 
-    labels = [label.strip() for label in args.labels.split(",") if label.strip()]
+    if args.labels_file:
+        try:
+            lines = Path(args.labels_file).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as error:
+            raise OpenAlignError(f"cannot read --labels-file '{args.labels_file}': {error}") from None
+        labels, given = [line.strip() for line in lines if line.strip()], f"--labels-file '{args.labels_file}'"
+    else:
+        labels, given = [label.strip() for label in args.labels.split(",") if label.strip()], f"--labels '{args.labels}'"
     if not labels:
-        raise OpenAlignError(f"--labels '{args.labels}' names no label; give comma-separated labels: 'a cat,a dog'")
+        raise OpenAlignError(f"{given} names no label; give comma-separated labels ('a cat,a dog') or a file of "
+                             "one label per line (--labels-file)")
+    if repeated := sorted({label for label in labels if labels.count(label) > 1}):
+        raise OpenAlignError(f"{given} names {', '.join(map(repr, repeated))} more than once; the probability "
+                             "would be split between the copies")
     model, preprocess, tokenizer = _inference_model(args)
     templates = DEFAULT_TEMPLATES if args.templates == "default" else None
     probabilities = classify(model, preprocess, tokenizer, args.images, labels, templates, args.batch_size)
-    table = Table(title=f"zero-shot probabilities ({model.config.name})")
-    table.add_column("image", overflow="fold")
-    for label in labels:
-        table.add_column(label, justify="right")
-    for image, row in zip(args.images, probabilities.tolist()):
-        table.add_row(image, *(f"{p:.3f}" for p in row))
-    Console().print(table)
+    console = Console()
+    table = Table(title=Text(f"zero-shot probabilities ({model.config.name})"))
+    wide = max(map(len, args.images)) + sum(max(len(label), 5) + 3 for label in labels) + 4
+    if wide <= console.width:  # a column per label
+        table.add_column("image", overflow="fold")
+        for label in labels:
+            table.add_column(Text(label), justify="right", no_wrap=True)
+        for image, row in zip(args.images, probabilities.tolist()):
+            table.add_row(Text(image), *(f"{p:.3f}" for p in row))
+    else:  # too many labels for the width: a row per label, most probable first, never squeezed to '0.…'
+        for column, justify in (("image", "left"), ("label", "left"), ("probability", "right")):
+            table.add_column(column, justify=justify, overflow="fold", no_wrap=column == "probability")
+        for image, row in zip(args.images, probabilities.tolist()):
+            ranked = sorted(zip(row, labels), key=lambda pair: -pair[0])
+            for place, (p, label) in enumerate(ranked):
+                table.add_row(Text(image if place == 0 else ""), Text(label), f"{p:.3f}",
+                              end_section=place == len(row) - 1)
+    console.print(table)
 
 
 def _cmd_search(args: argparse.Namespace) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     from .eval import embed_texts
-    from .inference import read_index, search
+    from .inference import model_source, read_index, search
 
     index = read_index(args.index)
     model, _, tokenizer = _inference_model(args)
-    if index.model_name and index.model_name != model.config.name:
-        log.warning("the index was built with model '%s' (%s), but the query is embedded with '%s'",
-                    index.model_name, index.model_source, model.config.name)
+    source = model_source(args.model)
+    if (index.model_name and index.model_name != model.config.name) or \
+            (index.model_source and model_source(index.model_source) != source):
+        log.warning("the index was built with model '%s' (%s), but the query is embedded with '%s' (%s): "
+                    "scores are meaningful only with the model that built the index",
+                    index.model_name, index.model_source, model.config.name, source)
     query = embed_texts(model, tokenizer, [args.query], next(model.parameters()).device, show_progress=False)
     scores, indices = search(index.embeddings, query[0], args.k)
-    table = Table(title=f"'{args.query}' in {args.index}")
+    table = Table(title=Text(f"'{args.query}' in {args.index}"))
     for column, justify in (("rank", "right"), ("score", "right"), ("path", "left")):
         table.add_column(column, justify=justify, overflow="fold")
     for rank, (score, position) in enumerate(zip(scores.tolist(), indices.tolist()), start=1):
-        table.add_row(str(rank), f"{score:.4f}", index.paths[position])
+        table.add_row(str(rank), f"{score:.4f}", Text(index.paths[position]))
     Console().print(table)
 
 
@@ -241,6 +274,21 @@ def _cmd_convert(args: argparse.Namespace) -> None:
     from .pretrained import convert
 
     print(f"wrote {convert(args.source, args.destination, args.to, args.overwrite)} ({args.to} format)")
+
+
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least ``minimum`` (a batch size, a count of workers)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is less than {minimum}")
+        return value
+
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -285,11 +333,11 @@ def build_parser() -> argparse.ArgumentParser:
     knn = tasks.add_parser("knn", help="kNN classification: train folders are the memory, val folders the queries")
     knn.add_argument("--train", required=True, help="e.g. imagenet/train")
     knn.add_argument("--val", required=True, help="e.g. imagenet/val")
-    knn.add_argument("--k", type=int, default=1, help="1: COYO-ALIGN's 1-NN; 20: weighted voting")
+    knn.add_argument("--k", type=_at_least(1), default=1, help="1: COYO-ALIGN's 1-NN; 20: weighted voting")
     fewshot = tasks.add_parser("fewshot", help="CLIPPO's few-shot ridge probe on pre-projection image features")
     fewshot.add_argument("--train", required=True, help="class folders to sample the shots from")
     fewshot.add_argument("--val", required=True, help="class folders to score")
-    fewshot.add_argument("--shots", type=int, default=10)
+    fewshot.add_argument("--shots", type=_at_least(1), default=10)
     probe = tasks.add_parser("linear_probe", help="full-data logistic-regression probe on pre-projection features")
     probe.add_argument("--train", required=True, help="class folders to fit on")
     probe.add_argument("--val", required=True, help="class folders to score")
@@ -299,14 +347,14 @@ def build_parser() -> argparse.ArgumentParser:
     pairs.add_argument("--train", required=True, help="a TSV with a header (sentence1 or sentence, optional "
                                                       "sentence2, label) or JSONL with those keys")
     pairs.add_argument("--val", required=True, help="the split to score, in the same format (e.g. SST-2/dev.tsv)")
-    pairs.add_argument("--epochs", type=int, default=3, help="passes over the training split")
+    pairs.add_argument("--epochs", type=_at_least(1), default=3, help="passes over the training split")
     pairs.add_argument("--lr", type=float, default=1e-4, help="the encoder's learning rate (AdamW)")
     pairs.add_argument("--head-lr", type=float, default=1e-3, help="the new linear head's learning rate")
     pairs.add_argument("--seed", type=int, default=0, help="the head's initialisation and the shuffling")
     for task in (shapes, retrieval, zeroshot, knn, fewshot, probe, pairs):
         task.add_argument("--model", "--checkpoint", dest="model", required=True,
                           help="an openalign model, checkpoint or run directory, an AlignModel directory or a hub id")
-        task.add_argument("--batch-size", type=int, default=32 if task is pairs else 256,
+        task.add_argument("--batch-size", type=_at_least(1), default=32 if task is pairs else 256,
                           help="the fine-tuning (and scoring) batch" if task is pairs else None)
         task.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
         task.add_argument("--output", help="also write the result JSON here")
@@ -319,8 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     examples.add_argument("--json", required=True, help="a Karpathy-style JSON (dataset_coco.json, ...)")
     examples.add_argument("--split", default="test")
     examples.add_argument("--image-root")
-    examples.add_argument("--queries", type=int, default=6, help="captions to show (a seeded random sample)")
-    examples.add_argument("-k", "--k", type=int, default=5, help="images per caption")
+    examples.add_argument("--queries", type=_at_least(1), default=6, help="captions to show (a seeded random sample)")
+    examples.add_argument("-k", "--k", type=_at_least(1), default=5, help="images per caption")
     examples.add_argument("--seed", type=int, default=0)
     examples.add_argument("--out", default="retrieval_examples.png")
     examples.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -348,19 +396,21 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--model", required=True, help=model_help)
     embed.add_argument("--images", required=True, help="a directory (searched recursively) or a glob pattern")
     embed.add_argument("--out", required=True, help="the parquet file to write, e.g. embeddings.parquet")
-    embed.add_argument("--batch-size", type=int, default=64)
-    embed.add_argument("--num-workers", type=int, default=0, help="image-decoding worker processes")
+    embed.add_argument("--batch-size", type=_at_least(1), default=64)
+    embed.add_argument("--num-workers", type=_at_least(0), default=0, help="image-decoding worker processes")
     embed.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     embed.set_defaults(func=_cmd_embed)
 
     classify = commands.add_parser("classify", help="zero-shot probabilities of labels for images")
     classify.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     classify.add_argument("--model", required=True, help=model_help)
-    classify.add_argument("--labels", required=True, help="comma-separated labels, e.g. 'a cat,a dog'")
+    labels = classify.add_mutually_exclusive_group(required=True)
+    labels.add_argument("--labels", help="comma-separated labels, e.g. 'a cat,a dog'")
+    labels.add_argument("--labels-file", help="a text file of labels, one per line (labels may hold commas)")
     classify.add_argument("--templates", default="none", choices=("default", "none"),
                           help="'none' (default): embed the labels as written; 'default': average prompts "
                                "such as 'a photo of a {label}.', for labels that are class names ('cat,dog')")
-    classify.add_argument("--batch-size", type=int, default=64)
+    classify.add_argument("--batch-size", type=_at_least(1), default=64)
     classify.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     classify.set_defaults(func=_cmd_classify)
 
@@ -375,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("query", help="the text to search for, e.g. 'a red car'")
     search.add_argument("--index", required=True, help="a parquet index written by 'openalign embed'")
     search.add_argument("--model", required=True, help=f"{model_help}; the one that built the index")
-    search.add_argument("-k", type=int, default=5, help="how many results (default 5)")
+    search.add_argument("-k", type=_at_least(1), default=5, help="how many results (default 5)")
     search.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     search.set_defaults(func=_cmd_search)
 
@@ -399,11 +449,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                             "microsoft/git-base-coco, ...)")
     caption.add_argument("--out", required=True, help="directory for the new shards and captions.json; "
                                                       "shards already there are skipped (resume)")
-    caption.add_argument("--batch-size", type=int, default=16)
+    caption.add_argument("--batch-size", type=_at_least(1), default=16)
     caption.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    caption.add_argument("--max-new-tokens", type=int, default=20, help="ALIP's OFA: 16")
-    caption.add_argument("--num-beams", type=int, default=1, help="ALIP's OFA: 5")
-    caption.add_argument("--no-repeat-ngram-size", type=int, default=0, help="ALIP's OFA: 3 (0: off)")
+    caption.add_argument("--max-new-tokens", type=_at_least(1), default=20, help="ALIP's OFA: 16")
+    caption.add_argument("--num-beams", type=_at_least(1), default=1, help="ALIP's OFA: 5")
+    caption.add_argument("--no-repeat-ngram-size", type=_at_least(0), default=0, help="ALIP's OFA: 3 (0: off)")
     caption.add_argument("--prompt", help="text the caption starts from, e.g. 'a picture of' for BLIP")
     caption.add_argument("--field", default="caption", help="the new member is KEY.<field>.txt (default caption)")
     caption.set_defaults(func=_cmd_data_caption)
@@ -425,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--extra-column", action="append", default=[], metavar="FIELD=COLUMN",
                          help="also write COLUMN as KEY.FIELD.txt (repeatable), e.g. caption=synthetic_caption")
     convert.add_argument("--image-root", help="what image paths are relative to (default: the table's folder)")
-    convert.add_argument("--samples-per-shard", type=int, default=10000)
+    convert.add_argument("--samples-per-shard", type=_at_least(1), default=10000)
     convert.set_defaults(func=_cmd_data_convert)
     return parser
 

@@ -97,7 +97,10 @@ def classify(model: nn.Module, preprocess: Preprocess, tokenizer: Tokenizer, ima
     ``templates`` (format strings such as ``"a photo of a {}."``), as the renormalised mean of
     their prompts. Runs on the model's device and dtype; similarities are fp32, on the CPU.
     """
-    if not images or not labels:
+    for name, given in (("images", images), ("labels", labels)):
+        if isinstance(given, (str, Path, Image.Image)):
+            raise OpenAlignError(f"classify's {name} are one {type(given).__name__} ({given!s:.60}); pass a list")
+    if not len(images) or not len(labels):
         raise OpenAlignError("classify needs at least one image and one label")
     if templates:
         classes = zero_shot_classifier(model, tokenizer, labels, templates, batch_size)
@@ -189,7 +192,6 @@ def write_index(path: str | Path, paths: Sequence[str], embeddings: torch.Tensor
     that are not UTF-8 (possible on Linux) are kept with their odd bytes as ``\\xNN`` escapes.
     """
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     if embeddings.ndim != 2 or embeddings.shape[0] != len(paths):
         raise OpenAlignError(f"{len(paths)} paths but embeddings of shape {tuple(embeddings.shape)}; "
@@ -202,20 +204,36 @@ def write_index(path: str | Path, paths: Sequence[str], embeddings: torch.Tensor
     if odd := sum(text != name for text, name in zip(texts, paths)):
         log.warning("%d image path(s) are not UTF-8: the index keeps them with \\xNN escapes", odd)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial")
     try:
-        with pq.ParquetWriter(partial, schema) as writer:
-            for start in range(0, len(paths), INDEX_ROW_GROUP):  # row groups keep list offsets within int32
-                rows = vectors[start:start + INDEX_ROW_GROUP]
-                offsets = pa.array(np.arange(0, rows.size + 1, vectors.shape[1], dtype=np.int32))
-                embedding = pa.ListArray.from_arrays(offsets, pa.array(rows.reshape(-1), type=pa.float32()))
-                writer.write_table(pa.table([pa.array(texts[start:start + INDEX_ROW_GROUP], pa.string()), embedding],
-                                            schema=schema))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_rows(partial, schema, texts, vectors)
         partial.replace(path)
+    except OSError as error:
+        raise OpenAlignError(f"cannot write the index '{path}': {error}") from None
     finally:
         partial.unlink(missing_ok=True)
     return path
+
+
+def _write_rows(path: Path, schema: pa.Schema, texts: list[str], vectors: np.ndarray) -> None:
+    """The index's rows, in row groups, to ``path``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with pq.ParquetWriter(path, schema) as writer:
+        for start in range(0, len(texts), INDEX_ROW_GROUP):  # row groups keep list offsets within int32
+            rows = vectors[start:start + INDEX_ROW_GROUP]
+            offsets = pa.array(np.arange(0, rows.size + 1, vectors.shape[1], dtype=np.int32))
+            embedding = pa.ListArray.from_arrays(offsets, pa.array(rows.reshape(-1), type=pa.float32()))
+            writer.write_table(pa.table([pa.array(texts[start:start + INDEX_ROW_GROUP], pa.string()), embedding],
+                                        schema=schema))
+
+
+def model_source(name_or_path: str | Path) -> str:
+    """How an index names the model that built it: a local path made absolute, a hub id as given."""
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if path.exists() else str(name_or_path)
 
 
 def _printable(name: str) -> str:
@@ -243,6 +261,13 @@ def read_index(path: str | Path) -> EmbeddingIndex:
     embeddings = _embedding_matrix(table)
     if embeddings is None:
         raise OpenAlignError(f"index '{path}' is malformed (columns: {', '.join(table.schema.names)}); {remedy}")
+    if not len(embeddings):
+        raise OpenAlignError(f"index '{path}' holds no embeddings; {remedy}")
+    broken = (~torch.isfinite(embeddings).all(dim=1)).nonzero().flatten().tolist()
+    if broken:
+        names = ", ".join(table.column("path")[row].as_py() for row in broken[:3])
+        raise OpenAlignError(f"index '{path}' has {len(broken)} embedding(s) with NaN or infinite values ({names}"
+                             f"{', ...' if len(broken) > 3 else ''}): embed the folder again")
     metadata = {key.decode(): value.decode() for key, value in (table.schema.metadata or {}).items()}
     return EmbeddingIndex(paths=table.column("path").to_pylist(), embeddings=embeddings,
                           model_name=metadata.get(_METADATA_PREFIX + "model_name"),
@@ -256,10 +281,12 @@ def _embedding_matrix(table: pa.Table) -> torch.Tensor | None:
     import pyarrow.compute as pc
 
     names = table.schema.names
-    if "path" not in names or "embedding" not in names or not pa.types.is_string(table.schema.field("path").type):
+    if "path" not in names or "embedding" not in names or not (
+            pa.types.is_string(table.schema.field("path").type) or pa.types.is_large_string(table.schema.field("path").type)):
         return None
-    column = table.column("embedding")
-    if not pa.types.is_list(column.type) or not pa.types.is_floating(column.type.value_type):
+    column = table.column("embedding")  # lists of any of arrow's kinds, as pyarrow or polars may write them
+    if not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)
+            or pa.types.is_fixed_size_list(column.type)) or not pa.types.is_floating(column.type.value_type):
         return None
     lengths = np.unique(pc.list_value_length(column).to_numpy(zero_copy_only=False))
     if column.null_count or table.column("path").null_count or len(lengths) > 1:

@@ -106,6 +106,8 @@ def save_pretrained(model: nn.Module, directory: str | Path, format: str = "open
     if format not in ("openalign", "hf"):
         raise OpenAlignError(f"unknown format '{format}': use 'openalign' or 'hf'")
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise OpenAlignError(f"'{directory}' is a file; a model is saved to a directory")
     existing = [name for name in _MODEL_FILES if (directory / name).is_file()]
     if existing and not overwrite:
         raise OpenAlignError(f"'{directory}' already holds a model ({', '.join(existing)}): choose a new directory, "

@@ -7,6 +7,8 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..errors import OpenAlignError
+
 
 def zero_shot_classifier(encode_text: Callable[[list[str]], torch.Tensor], classnames: Sequence[str],
                          templates: Sequence[str | Callable[[str], str]]) -> torch.Tensor:
@@ -16,12 +18,35 @@ def zero_shot_classifier(encode_text: Callable[[list[str]], torch.Tensor], class
     with one ``{}`` for the class name, or a function of the class name (CLIP's prompt
     ensembling, ALIGN paper §5.2).
     """
+    _check_prompts(classnames, templates)
+
     def prompt(template: str | Callable[[str], str], name: str) -> str:
         return template(name) if callable(template) else template.format(name)
 
     weights = [F.normalize(encode_text([prompt(t, name) for t in templates]).mean(dim=0), dim=-1)
                for name in classnames]
     return torch.stack(weights)
+
+
+def _check_prompts(classnames: Sequence[str], templates: Sequence[str | Callable[[str], str]]) -> None:
+    """Clear errors for what would otherwise give silently wrong classes (a string where a list
+    belongs iterates over its letters; a template without ``{}`` gives every class one prompt)."""
+    for name, given in (("class names", classnames), ("templates", templates)):
+        if isinstance(given, str):
+            raise OpenAlignError(f"the {name} are one string ({given!r}); pass a list of them")
+        if not len(given):
+            raise OpenAlignError(f"no {name} were given")
+    for template in templates:
+        if callable(template):
+            continue
+        try:
+            filled = template.format("\0")
+        except (IndexError, KeyError, ValueError, AttributeError) as error:
+            raise OpenAlignError(f"template {template!r} cannot be filled with a class name ({type(error).__name__}: "
+                                 f"{error}); write it with one '{{}}', e.g. 'a photo of a {{}}.'") from None
+        if "\0" not in filled:
+            raise OpenAlignError(f"template {template!r} has no '{{}}' for the class name, so every class would get "
+                                 "the same prompt; e.g. 'a photo of a {}.'")
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
