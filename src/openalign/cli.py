@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -188,11 +189,12 @@ def _cmd_embed(args: argparse.Namespace) -> None:
     from .errors import OpenAlignError
     from .inference import embed_folder, model_source, write_index
 
-    out = Path(args.out)
-    blocked = next((parent for parent in (out, *out.parents) if parent.exists() and not parent.is_dir()), None)
-    if out.is_dir() or blocked not in (None, out):  # found now, not after embedding every image
-        raise OpenAlignError(f"--out '{out}' is a directory" if out.is_dir() else
-                             f"--out '{out}' cannot be written: '{blocked}' is a file, not a directory")
+    out = Path(args.out)  # checked now, not after embedding every image
+    if out.is_dir():
+        raise OpenAlignError(f"--out '{out}' is a directory")
+    parent = next(parent for parent in out.parents if parent.exists())
+    if not parent.is_dir():
+        raise OpenAlignError(f"--out '{out}' cannot be written: '{parent}' is a file, not a directory")
     model, preprocess, _ = _inference_model(args)
     paths, embeddings = embed_folder(model, preprocess, args.images, args.batch_size, args.num_workers)
     write_index(out, paths, embeddings, model_name=model.config.name, model_source=model_source(args.model))
@@ -218,7 +220,7 @@ def _cmd_classify(args: argparse.Namespace) -> None:
     if not labels:
         raise OpenAlignError(f"{given} names no label; give comma-separated labels ('a cat,a dog') or a file of "
                              "one label per line (--labels-file)")
-    if repeated := sorted({label for label in labels if labels.count(label) > 1}):
+    if repeated := sorted(label for label, times in Counter(labels).items() if times > 1):
         raise OpenAlignError(f"{given} names {', '.join(map(repr, repeated))} more than once; the probability "
                              "would be split between the copies")
     model, preprocess, tokenizer = _inference_model(args)

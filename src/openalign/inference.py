@@ -280,9 +280,10 @@ def _embedding_matrix(table: pa.Table) -> torch.Tensor | None:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    names = table.schema.names
-    if "path" not in names or "embedding" not in names or not (
-            pa.types.is_string(table.schema.field("path").type) or pa.types.is_large_string(table.schema.field("path").type)):
+    if "path" not in table.schema.names or "embedding" not in table.schema.names:
+        return None
+    path_type = table.schema.field("path").type
+    if not (pa.types.is_string(path_type) or pa.types.is_large_string(path_type)):
         return None
     column = table.column("embedding")  # lists of any of arrow's kinds, as pyarrow or polars may write them
     if not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)

@@ -34,6 +34,7 @@ import logging
 import random
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
@@ -215,44 +216,50 @@ class ShardStream(ResumableStream):
         shards skipped (for the caller to count when it begins the round). After the policy's
         ``max_consecutive`` failed shards in a row it stops early: the caller's count then raises
         (resampling would otherwise draw dead shards forever)."""
-        slots, next_draw, pool, skips = list(start.slots), start.next_draw, [], []
-        failures, target, share = 0, self.chunk * self.open_shards, self.chunk
+        fill = _Round(list(start.slots), start.next_draw)
+        target, share = self.chunk * self.open_shards, self.chunk
         while share:  # a pass per round, and more while shards ended early (a reader with fewer
-            before = len(pool)  # shards than slots, an epoch's end): the shuffle pool keeps its size
+            before = len(fill.pool)  # shards than slots, an epoch's end): the pool keeps its size
             for slot in range(self.open_shards):
-                wanted = min(share, target - len(pool))
-                while wanted and failures < self.policy.max_consecutive:
-                    if slots[slot] is None:
-                        if not self._in_epoch(next_draw, start.epoch, reader, num_readers):
-                            break
-                        slots[slot], next_draw = (next_draw, 0), next_draw + 1
-                    draw, offset = slots[slot]
-                    url = self._shard(draw, reader, num_readers)
-                    if slot not in readers:
-                        readers[slot] = self._open(url, offset)
-                    try:
-                        raw = next(readers[slot], None)
-                    except SkipSample as skip:
-                        raw = None
-                        skips.append((skip, url))
-                    else:
-                        if raw is None and offset == 0:
-                            skips.append((SkipSample(EMPTY_SHARD), url))
-                    if raw is None:
-                        getattr(readers.pop(slot), "close", lambda: None)()
-                        slots[slot] = None
-                        failures = failures + 1 if offset == 0 else 0  # a shard that ends after samples is no failure
-                        continue
-                    failures = 0
-                    pool.append(raw)
-                    slots[slot] = (draw, offset + 1)
-                    wanted -= 1
-            live = sum(slot is not None for slot in slots)
-            share = -(-(target - len(pool)) // live) if live and before < len(pool) < target else 0
+                self._read_slot(fill, slot, min(share, target - len(fill.pool)), start.epoch, readers, reader,
+                                num_readers)
+            live = sum(slot is not None for slot in fill.slots)
+            share = -(-(target - len(fill.pool)) // live) if live and before < len(fill.pool) < target else 0
         epoch = start.epoch
-        if all(slot is None for slot in slots) and not self._in_epoch(next_draw, epoch, reader, num_readers):
+        if all(slot is None for slot in fill.slots) and not self._in_epoch(fill.next_draw, epoch, reader, num_readers):
             epoch += 1
-        return pool, ShardPosition(start.round + 1, epoch, next_draw, tuple(slots), 0), skips
+        return fill.pool, ShardPosition(start.round + 1, epoch, fill.next_draw, tuple(fill.slots), 0), fill.skips
+
+    def _read_slot(self, fill: _Round, slot: int, wanted: int, epoch: int, readers: dict[int, Iterator[Any]],
+                   reader: int, num_readers: int) -> None:
+        """Up to ``wanted`` raw samples from ``slot`` into ``fill.pool``, opening the slot's next
+        shard of ``epoch`` whenever one ends."""
+        while wanted and fill.failures < self.policy.max_consecutive:
+            if fill.slots[slot] is None:
+                if not self._in_epoch(fill.next_draw, epoch, reader, num_readers):
+                    return
+                fill.slots[slot], fill.next_draw = (fill.next_draw, 0), fill.next_draw + 1
+            draw, offset = fill.slots[slot]
+            url = self._shard(draw, reader, num_readers)
+            if slot not in readers:
+                readers[slot] = self._open(url, offset)
+            try:
+                raw = next(readers[slot], None)
+            except SkipSample as skip:
+                raw = None
+                fill.skips.append((skip, url))
+            else:
+                if raw is None and offset == 0:
+                    fill.skips.append((SkipSample(EMPTY_SHARD), url))
+            if raw is None:
+                getattr(readers.pop(slot), "close", lambda: None)()
+                fill.slots[slot] = None
+                fill.failures = fill.failures + 1 if offset == 0 else 0  # a shard that ends after samples is fine
+                continue
+            fill.failures = 0
+            fill.pool.append(raw)
+            fill.slots[slot] = (draw, offset + 1)
+            wanted -= 1
 
     def _open(self, url: str, skip: int) -> Iterator[Any]:
         """The raw samples of ``url`` after the first ``skip``; read errors end it with a
@@ -269,6 +276,18 @@ class ShardStream(ResumableStream):
         except Exception as error:  # noqa: BLE001 - a missing file, a dead URL: skip the shard
             return _raising(SkipSample(UNREADABLE_SHARD, f"{type(error).__name__}: {error}"))
         return _guarded(samples, started=skip > 0)
+
+
+@dataclass
+class _Round:
+    """A round being read: its slots (``(draw, samples read)`` or None), the next shard draw, the
+    raw pool, the shard skips, and the failed shards in a row."""
+
+    slots: list[tuple[int, int] | None]
+    next_draw: int
+    pool: list[Any] = field(default_factory=list)
+    skips: list[tuple[SkipSample, str]] = field(default_factory=list)
+    failures: int = 0
 
 
 def _raising(skip: SkipSample) -> Iterator[Any]:
