@@ -197,6 +197,8 @@ def test_init_from_is_refused_for_models_that_cannot_read_a_checkpoint(tmp_path,
     recipe = load_recipe("demo", tiny_recipe_overrides(shapes_root, tmp_path / "run") + ["train.init_from=x"])
     with pytest.raises(ConfigError, match="train.init_from"):
         train(recipe, show_progress=False)
+    with pytest.raises(ConfigError, match="train.init_from"):  # a first run under --resume latest reads it too
+        train(recipe, resume="latest", show_progress=False)
 
 
 CORPUS = ("The first sentence is here. A second one follows it! Is this the third? Short. "

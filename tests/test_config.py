@@ -45,6 +45,8 @@ def test_values_are_converted_and_checked():
     ({}, "config key 'steps' is required but missing"),
     ({"steps": 1.5}, "config key 'steps' must be a whole number, got 1.5"),
     ({"steps": True}, "config key 'steps' must be a number"),
+    ({"steps": float("inf")}, "config key 'steps' must be a finite number, got inf"),
+    ({"steps": 1, "rate": "nan"}, "config key 'rate' must be a finite number, got 'nan'"),
     ({"steps": 1, "name": 3}, "config key 'name' must be a string"),
     ({"steps": 1, "shapes": [{"type": "circel"}]}, "config key 'shapes[0].type' is 'circel', which is unknown; did you mean 'circle'?"),
     ({"steps": 1, "shapes": [{"radius": 1}]}, "config key 'shapes[0].type' is required; choose one of: circle"),
@@ -94,7 +96,9 @@ def test_recipe_overrides_reach_the_model_and_are_validated():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("train.lr=nan", "'train.lr' must be a positive number"),
+    ("train.lr=nan", "'train.lr' must be a finite number, got 'nan'"),
+    ("train.grad_clip=.nan", "'train.grad_clip' must be a finite number, got nan"),
+    ("model.temperature_init=.inf", "'model.temperature_init' must be a finite number, got inf"),
     ("train.lr=0", "'train.lr' must be a positive number"),
     ("train.weight_decay=-1", "'train.weight_decay' must be a number >= 0"),
     ("train.betas=[0.9, 1.0]", "'train.betas' must be two numbers in \\[0, 1\\)"),

@@ -16,6 +16,7 @@ from openalign.recipe import load_recipe
 from openalign.train import (Checkpointer, load_checkpoint_model, load_weights, read_history, train,
                              train_step)
 from openalign.train.checkpoint import WEIGHTS_FILE
+from openalign.train.schedule import build_scheduler, load_scheduler_state
 
 # dropout and drop-connect on, so that resuming must restore the RNG too
 STOCHASTIC = ["model.image.drop_connect_rate=0.3", "model.text.hidden_dropout_prob=0.2"]
@@ -149,6 +150,39 @@ def test_resume_refuses_a_changed_recipe_but_allows_more_steps(tmp_path, shapes_
     with caplog.at_level("WARNING"):
         assert train(longer, resume="latest", show_progress=False).step == 3
     assert "train.steps changed from 2 to 3" in caplog.text
+    shorter = load_recipe("demo", tiny_overrides(shapes_root, tmp_path, steps=2) + ["eval.tasks=[]"])
+    with pytest.raises(OpenAlignError, match=r"\(step 3\) with train.steps=2: set train.steps to at least 3"):
+        train(shorter, resume="latest", show_progress=False)
+
+
+def test_a_onecycle_schedule_resumes_onto_a_longer_run():
+    def scheduler(total: int) -> torch.optim.lr_scheduler.LRScheduler:
+        optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+        return build_scheduler(optimizer, "onecycle", 3, total)
+
+    short, longer, fresh = scheduler(10), scheduler(20), scheduler(20)
+    for _ in range(6):
+        short.optimizer.step(), short.step(), fresh.optimizer.step(), fresh.step()
+    longer.optimizer.load_state_dict(short.optimizer.state_dict())
+    load_scheduler_state(longer, short.state_dict())
+    for _ in range(14):  # past the old length, on the new one: as if built with 20 steps from the start
+        for each in (longer, fresh):
+            each.optimizer.step(), each.step()
+        assert longer.get_last_lr() == fresh.get_last_lr()
+        assert longer.optimizer.param_groups[0]["betas"] == fresh.optimizer.param_groups[0]["betas"]
+
+
+def test_resuming_an_earlier_checkpoint_refuses_a_directory_with_later_ones(tmp_path):
+    checkpointer = Checkpointer(tmp_path, keep=3, ctx=DistributedContext(0, 1, 0, torch.device("cpu")))
+    model = openalign.create_model("align-test")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    loss, recipe = openalign.losses.ContrastiveLoss(), {"model": {"note": "test"}}
+    for step in (2, 4):
+        checkpointer.save(step, model, optimizer, scheduler, loss, recipe)
+    with pytest.raises(OpenAlignError, match=r"holds later checkpoints \(step_00000004\) of another history"):
+        checkpointer.resume(str(tmp_path / "step_00000002"), model, optimizer, scheduler, loss, recipe, 10)
+    assert checkpointer.resume(str(tmp_path / "step_00000004"), model, optimizer, scheduler, loss, recipe, 10) == 4
 
 
 def test_loading_a_directory_that_is_not_an_openalign_checkpoint_is_a_clear_error(tmp_path, trained_run):

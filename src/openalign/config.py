@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -156,6 +157,8 @@ def _convert_scalar(tp: Any, value: Any, path: str) -> Any:
                 raise ConfigError(f"must be a number, got {value!r}", path) from None
         if isinstance(number, bool) or not isinstance(number, (int, float)):
             raise ConfigError(f"must be a number, got {value!r}", path)
+        if not math.isfinite(number):  # no setting means anything by NaN or infinity: null where none is meant
+            raise ConfigError(f"must be a finite number, got {value!r}", path)
         if tp is int:
             if float(number) != int(number):
                 raise ConfigError(f"must be a whole number, got {value!r}", path)

@@ -79,13 +79,13 @@ class TrainConfig:
         for key in ("steps", "batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError("must be at least 1", key)
-        if not math.isfinite(self.lr) or self.lr <= 0:
+        if self.lr <= 0:
             raise ConfigError("must be a positive number", "lr")
-        if not math.isfinite(self.weight_decay) or self.weight_decay < 0:
+        if self.weight_decay < 0:
             raise ConfigError("must be a number >= 0", "weight_decay")
         if len(self.betas) != 2 or not all(0 <= beta < 1 for beta in self.betas):
             raise ConfigError("must be two numbers in [0, 1), e.g. [0.9, 0.999]", "betas")
-        if not math.isfinite(self.eps) or self.eps < 0:
+        if self.eps < 0:
             raise ConfigError("must be a number >= 0", "eps")
         if not 0 <= self.warmup_steps <= self.steps:
             raise ConfigError(f"must be between 0 and train.steps ({self.steps})", "warmup_steps")

@@ -25,6 +25,7 @@ from torch import nn
 
 from ..distributed import DistributedContext, barrier
 from ..errors import OpenAlignError
+from .schedule import load_scheduler_state
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,10 @@ def complete_checkpoints(directory: Path) -> list[Path]:
     if not directory.is_dir():
         return []
     return sorted(p for p in directory.glob("step_*") if p.is_dir() and (p / STATE_FILE).is_file())
+
+
+def _checkpoint_step(path: Path) -> int:
+    return int(path.name.removeprefix("step_"))
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -152,21 +157,27 @@ class Checkpointer:
                              "nor a run directory holding checkpoints/")
 
     def resume(self, spec: str, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-               loss_fn: nn.Module, recipe: dict[str, Any]) -> int:
+               loss_fn: nn.Module, recipe: dict[str, Any], total_steps: int) -> int:
         """Restore everything from the checkpoint ``spec`` names; returns its step (0 if none exists yet).
 
         ``recipe`` (the resolved recipe as a dict) must agree with the checkpoint's on everything
-        that shapes the run (see :func:`check_resumable`).
+        that shapes the run (see :func:`check_resumable`); ``total_steps`` may not be below the
+        checkpoint's step.
         """
         path = self.resolve(spec)
         if path is None:
             log.info("no checkpoint in %s yet: starting from step 0", self.directory)
             return 0
         check_resumable(_read_recipe(path), recipe, path)
-        load_weights(model, path / WEIGHTS_FILE)
         state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+        step = int(state["step"])
+        if step > total_steps:
+            raise OpenAlignError(f"cannot resume from '{path}' (step {step}) with train.steps={total_steps}: "
+                                 f"set train.steps to at least {step}")
+        self._check_no_later_checkpoints(path, step)
+        load_weights(model, path / WEIGHTS_FILE)
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        load_scheduler_state(scheduler, state["scheduler"])
         loss_fn.load_state_dict(state["loss"])
         rng_file = path / f"rng_rank{self.ctx.rank}.pt"
         if rng_file.is_file() and state["world_size"] == self.ctx.world_size:
@@ -174,9 +185,19 @@ class Checkpointer:
         else:
             log.warning("checkpoint %s was written by %d ranks, now %d: data order is kept, dropout RNG is not",
                         path, state["world_size"], self.ctx.world_size)
-        log.info("resumed from %s at step %d", path, state["step"])
+        log.info("resumed from %s at step %d", path, step)
         self.resumed_from = path
-        return int(state["step"])
+        return step
+
+    def _check_no_later_checkpoints(self, path: Path, step: int) -> None:
+        """Refuse to continue from ``path`` into a directory holding later checkpoints: they would
+        outlive the new ones in pruning and be what ``--resume latest`` picks, though they belong
+        to another history."""
+        later = [found.name for found in self.checkpoints() if _checkpoint_step(found) > step]
+        if later:
+            raise OpenAlignError(f"cannot resume from '{path}' (step {step}) into '{self.directory}', which holds "
+                                 f"later checkpoints ({', '.join(later[:3])}{' ...' if len(later) > 3 else ''}) of "
+                                 "another history: choose another run.output_dir, or delete them to roll back")
 
     def data_state(self) -> dict[str, Any] | None:
         """This rank's data state in the checkpoint resumed from (None: none, or none saved)."""

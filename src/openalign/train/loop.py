@@ -71,16 +71,15 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True)
     checkpointer = Checkpointer(output_dir / "checkpoints", recipe.run.keep_checkpoints, ctx)
     torch.manual_seed(cfg.seed + 1 + ctx.rank)  # per-rank dropout and drop-connect streams
     recipe_dict = to_dict(recipe)
+    start = 0
     if resume:
-        start = checkpointer.resume(resume, model, optimizer, scheduler, loss_fn, recipe_dict)
+        start = checkpointer.resume(resume, model, optimizer, scheduler, loss_fn, recipe_dict, cfg.steps)
     elif existing := checkpointer.checkpoints():
         raise OpenAlignError(f"run.output_dir '{output_dir}' already holds checkpoints of an earlier run (newest: "
                              f"{existing[-1].name}): pass --resume latest to continue it, or choose "
                              "another run.output_dir")
-    else:
-        start = 0
-        if cfg.init_from:
-            _initialise(model, cfg.init_from)
+    if start == 0 and cfg.init_from:  # also under --resume latest before the first checkpoint
+        _initialise(model, cfg.init_from)
     loader, monitor = _build_loader(recipe, per_rank, ctx, start, checkpointer.data_state())
     forward: nn.Module = model
     if ctx.world_size > 1:

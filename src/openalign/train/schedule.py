@@ -57,3 +57,12 @@ def build_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup_step
                           pct_start=warmup_steps / total_steps, anneal_strategy="cos", cycle_momentum=True)
     return LambdaLR(optimizer, partial(lr_factor, schedule=schedule, warmup_steps=warmup_steps, total_steps=total_steps,
                                        cooldown_steps=cooldown_steps, timescale=timescale))
+
+
+def load_scheduler_state(scheduler: LRScheduler, state: dict) -> None:
+    """Restore ``scheduler``'s position from a checkpoint's ``state``, keeping the length it was
+    built with: a resumed run may extend ``train.steps``, and ``OneCycleLR`` would otherwise take
+    back the old length with its state (and refuse to step past it)."""
+    if isinstance(scheduler, OneCycleLR):
+        state = {key: value for key, value in state.items() if key not in ("total_steps", "_schedule_phases")}
+    scheduler.load_state_dict(state)
