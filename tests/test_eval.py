@@ -46,8 +46,15 @@ def test_classification_metrics_by_hand():
     labels = torch.tensor([0, 1, 2, 2, 2])
     metrics = classification_metrics(logits, labels)
     assert metrics["acc1"] == pytest.approx(3 / 5)
-    assert metrics["acc5"] == pytest.approx(1.0)  # top-3 of 3 classes
+    assert math.isnan(metrics["acc5"])  # CLIP_benchmark: undefined with fewer than 5 classes
     assert metrics["mean_per_class_recall"] == pytest.approx((1 + 0 + 2 / 3) / 3)
+
+
+def test_top5_never_counts_a_class_scored_minus_infinity():
+    logits = torch.full((2, 6), float("-inf"))
+    logits[0, 0] = logits[1, 1] = 1.0  # a kNN's votes with k=1: one class each
+    metrics = classification_metrics(logits, torch.tensor([0, 5]))
+    assert metrics["acc1"] == metrics["acc5"] == 0.5
 
 
 def test_zero_shot_classifier_is_the_renormalised_mean_of_prompt_embeddings():
@@ -81,3 +88,12 @@ def test_evaluate_shapes_reports_every_metric_and_restores_train_mode(shapes_roo
     assert all(0.0 <= v <= 1.0 for k, v in metrics.items() if not k.endswith("_rank"))
     assert all(v >= 1.0 for k, v in metrics.items() if k.endswith("_rank"))
     assert model.training
+
+
+def test_the_report_shows_fractions_as_percentages_and_losses_ranks_and_missing_values_as_they_are(tmp_path):
+    from openalign.eval.suite import make_record, write_report
+
+    record = make_record("mrpc", "clippo-test", "m", "sentence_pairs",
+                         {"accuracy": 0.5, "acc5": math.nan, "train_loss": 0.2311, "text_retrieval_mean_rank": 3.5})
+    markdown, _ = write_report([record], tmp_path / "report")
+    assert "| clippo-test | m | mrpc | – | 50.00 | 3.5 | 0.2311 |" in markdown.read_text()  # metrics sorted by name

@@ -89,6 +89,7 @@ def test_knn_on_class_folders_equals_numpy_one_nearest_neighbour(model, folders)
     predicted = np.array([classes.index(train[i].parent.name) for i in (queries @ memory.T).argmax(axis=1)])
     truth = np.array([classes.index(p.parent.name) for p in val])
     assert ours["acc1"] == pytest.approx(float((predicted == truth).mean()))
+    assert ours["acc5"] == ours["acc1"]  # 1-NN ranks one class: top-5 is top-1 (as DINO's kNN)
     weighted = evaluate_knn(model, folders / "train", folders / "val", CPU, k=20, show_progress=False)
     assert 0 <= weighted["acc1"] <= weighted["acc5"] <= 1
 
@@ -315,6 +316,15 @@ def test_clip_benchmark_webdataset_layouts_give_the_same_results_as_files(model,
     from_wds = evaluate_zeroshot(model, classification, CPU, show_progress=False)
     from_folders = evaluate_zeroshot(model, folders / "val", CPU, ["a {}", "a drawing of a {}"], show_progress=False)
     assert from_wds == pytest.approx(from_folders)
+    model_dir = model.save_pretrained(tmp_path / "model")
+    assert main(["eval", "zeroshot", "--model", str(model_dir), "--root", str(classification),
+                 "--output", str(tmp_path / "z.json")]) == 0
+    assert json.loads((tmp_path / "z.json").read_text())["dataset"] == "wds_shapes"  # the dataset, not its parent
+    for label, message in ((b"99", r"'9/bad' of .* has label 99, outside the 6 classes"),
+                           (b"cat", r"'9/bad' of .* has the label b'cat'; a .cls holds a class index")):
+        _write_tar(classification / "test" / "9.tar", {"bad.png": images[0][0].read_bytes(), "bad.cls": label})
+        with pytest.raises(OpenAlignError, match=message):
+            evaluate_zeroshot(model, classification, CPU, show_progress=False)
 
     retrieval = tmp_path / "wds_captions"
     items = read_karpathy(shapes_root / "dataset_shapes.json", "test")

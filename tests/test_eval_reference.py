@@ -116,7 +116,7 @@ def _numpy_fewshot(train_x, train_y, test_x, test_y, num_classes, shots, seed, l
         members = np.flatnonzero(train_y == c)
         chosen.extend(members[torch.randperm(len(members), generator=generator)[:shots].numpy()])
     x = train_x[chosen].astype(np.float64)
-    mean, std = x.mean(axis=0), x.std(axis=0, ddof=1) + 1e-5
+    mean, std = x.mean(axis=0), x.std(axis=0) + 1e-5  # big_vision's jnp.std: the population std
     design = np.hstack([(x - mean) / std, np.full((len(x), 1), 100.0)])
     targets = 2.0 * np.eye(num_classes)[train_y[chosen]] - 1.0
     weights = np.linalg.solve(design.T @ design + l2 * np.eye(design.shape[1]), design.T @ targets)
@@ -142,6 +142,21 @@ def test_fewshot_ridge_probe_equals_a_primal_numpy_solve():
                             torch.from_numpy(test_y), num_classes, shots=200)
 
 
+@pytest.mark.parametrize("shots", [1, 2])
+def test_fewshot_ridge_probe_standardises_with_the_population_std_as_big_vision(shots):
+    """With a few shots the n−1 std shifts the accuracy: 4,000 test points see it."""
+    rng = np.random.default_rng(0)
+    num_classes, dim = 10, 64
+    centres = rng.normal(size=(num_classes, dim))
+    train_y, test_y = rng.integers(0, num_classes, 400), rng.integers(0, num_classes, 4000)
+    train_x = centres[train_y] + 2.0 * rng.normal(size=(400, dim))
+    test_x = centres[test_y] + 2.0 * rng.normal(size=(4000, dim))
+    result = ridge_fewshot_probe(torch.from_numpy(train_x), torch.from_numpy(train_y), torch.from_numpy(test_x),
+                                 torch.from_numpy(test_y), num_classes, shots=shots, seeds=(0, 1, 2))
+    expected = [_numpy_fewshot(train_x, train_y, test_x, test_y, num_classes, shots, seed, 1024.0) for seed in (0, 1, 2)]
+    assert result["acc1_per_seed"] == pytest.approx(expected)
+
+
 def test_logistic_regression_probe_equals_scikit_learn():
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
@@ -157,9 +172,9 @@ def test_logistic_regression_probe_equals_scikit_learn():
     test_x = centres[test_y] + 1.5 * rng.normal(size=(150, dim))
     ours = logistic_regression_probe(torch.from_numpy(train_x), torch.from_numpy(train_y), torch.from_numpy(test_x),
                                      torch.from_numpy(test_y), num_classes, c=0.5)
-    # sklearn standardises with the population std; ours uses the sample std (+1e-5): rescale to match
+    # standardised as sklearn's StandardScaler does (the population std), plus our 1e-5
     scaler = StandardScaler().fit(train_x)
-    scale = train_x.std(axis=0, ddof=1) + 1e-5
+    scale = scaler.scale_ + 1e-5
     reference = LogisticRegression(C=0.5, max_iter=5000, tol=1e-10).fit((train_x - scaler.mean_) / scale, train_y)
     predicted = reference.predict((test_x - scaler.mean_) / scale)
     assert ours["acc1"] == pytest.approx(float((predicted == test_y).mean()))

@@ -54,6 +54,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
 def _cmd_eval(args: argparse.Namespace) -> None:
     from .eval import (FewShotEvalConfig, KnnEvalConfig, LinearProbeEvalConfig, RetrievalEvalConfig,
                        SentencePairEvalConfig, ShapesEvalConfig, ZeroShotEvalConfig)
+    from .eval.clip_benchmark_wds import is_clip_benchmark_wds
     from .eval.suite import make_record
 
     if args.task == "shapes":
@@ -65,7 +66,8 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         templates = {"templates": tuple(args.template)} if args.template else {}
         task = ZeroShotEvalConfig(root=args.root, classnames=args.classnames, templates_file=args.templates_file,
                                   split=args.split, **templates)
-        dataset = Path(args.root).resolve().parent.name or Path(args.root).name
+        root = Path(args.root).resolve()  # a CLIP_benchmark webdataset is named by its folder, split folders by their parent
+        dataset = root.name if is_clip_benchmark_wds(root) else root.parent.name or root.name
     elif args.task == "knn":
         task, dataset = KnnEvalConfig(train_root=args.train, val_root=args.val, k=args.k), \
             Path(args.val).resolve().parent.name

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -50,15 +51,19 @@ def _check_prompts(classnames: Sequence[str], templates: Sequence[str | Callable
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """Top-1 and top-5 accuracy, and the mean over classes present in ``labels`` of per-class recall."""
+    """Top-1 and top-5 accuracy, and the mean over classes present in ``labels`` of per-class recall.
+
+    As CLIP_benchmark, ``acc5`` is NaN with fewer than 5 classes (every label would be in the top
+    5). A class scored ``-inf`` is never among the top k (a kNN class no neighbour voted for).
+    """
     labels = labels.to(logits.device)
-    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-    correct = top == labels[:, None]
+    scores, top = logits.topk(min(5, logits.shape[1]), dim=1)
+    correct = (top == labels[:, None]) & (scores > float("-inf"))
     predicted = top[:, 0]
     recalls = [(predicted[labels == c] == c).float().mean() for c in labels.unique()]
     return {
         "acc1": correct[:, 0].float().mean().item(),
-        "acc5": correct.any(dim=1).float().mean().item(),
+        "acc5": correct.any(dim=1).float().mean().item() if logits.shape[1] >= 5 else math.nan,
         "mean_per_class_recall": torch.stack(recalls).mean().item(),
     }
 

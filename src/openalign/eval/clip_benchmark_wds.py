@@ -60,7 +60,7 @@ def read_split(root: str | Path, split: str = "test", extract_to: str | Path | N
                         samples.setdefault(f"{shard.stem}/{key}", {})[extension.lower()] = archive.extractfile(member).read()
         except (tarfile.TarError, OSError) as error:
             raise OpenAlignError(f"cannot read shard '{shard}': {error}") from None
-    paths, labels, captions = [], [], []
+    paths, labels, captions, keys = [], [], [], []
     field = "txt" if kind == "retrieval" else "cls"
     for key, sample in samples.items():
         image_key = next((name for name in IMAGE_KEYS if name in sample), None)
@@ -74,11 +74,25 @@ def read_split(root: str | Path, split: str = "test", extract_to: str | Path | N
         if kind == "retrieval":
             captions.append([line.strip() for line in sample["txt"].decode().splitlines() if line.strip()])
         else:
-            labels.append(int(sample["cls"].decode().strip()))
+            labels.append(_label(sample["cls"], key, root / split))
+            keys.append(key)
     metadata = [root / "classnames.txt", root / "zeroshot_classification_templates.txt"]
     classnames, templates = (read_lines(path) if path.is_file() else None for path in metadata)
+    if classnames is not None:
+        for key, label in zip(keys, labels):
+            if not 0 <= label < len(classnames):
+                raise OpenAlignError(f"sample '{key}' of '{root / split}' has label {label}, outside the "
+                                     f"{len(classnames)} classes of {root / 'classnames.txt'}")
     return WdsSplit(paths, None if kind == "retrieval" else labels, captions if kind == "retrieval" else None,
                     classnames, templates)
+
+
+def _label(data: bytes, key: str, split: Path) -> int:
+    try:
+        return int(data.decode().strip())
+    except (UnicodeDecodeError, ValueError):
+        raise OpenAlignError(f"sample '{key}' of '{split}' has the label {data[:20]!r}; a .cls holds a class "
+                             "index (a whole number)") from None
 
 
 def read_lines(path: Path) -> list[str]:

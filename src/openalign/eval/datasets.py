@@ -156,7 +156,8 @@ def evaluate_knn(model: nn.Module, train_root: str | Path, val_root: str | Path,
                               description="embedding the kNN memory")
         queries = embed_images(model, transform, query_paths, device, batch_size, show_progress)
     votes = knn_classify(memory, memory_labels, queries, len(classes), k=k, temperature=temperature)
-    return classification_metrics(votes, query_labels)
+    # top-5 counts only classes among the k neighbours (as DINO): with k < 5 the rest are not ranked
+    return classification_metrics(votes.masked_fill(votes == 0, float("-inf")), query_labels)
 
 
 def evaluate_fewshot(model: nn.Module, train_root: str | Path, val_root: str | Path, device: torch.device,

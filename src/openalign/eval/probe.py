@@ -2,9 +2,10 @@
 
 CLIPPO (shared spec clippo.md §5.2, big_vision ``evaluators/fewshot_lsr.py``): for each seed,
 sample ``shots`` training examples per class, standardise the features with the sample's own
-mean and std (+1e-5), append a constant feature of 100 (an almost unregularised bias), regress
-the one-hot labels mapped to ±1 with ridge penalty λ = 1024 in closed form, and score
-``argmax(x W)`` on the test features. The reported accuracy is the mean over seeds.
+mean and population std (+1e-5, as ``jnp.std``), append a constant feature of 100 (an almost
+unregularised bias), regress the one-hot labels mapped to ±1 with ridge penalty λ = 1024 in
+closed form, and score ``argmax(x W)`` on the test features. The reported accuracy is the mean
+over seeds.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def ridge_fewshot_probe(train_features: torch.Tensor, train_labels: torch.Tensor
         chosen = torch.cat([torch.nonzero(train_labels.cpu() == c).flatten()[
             torch.randperm(int(counts[c]), generator=generator)[:shots]] for c in range(num_classes)])
         x = train_features.cpu()[chosen].double()
-        mean, std = x.mean(dim=0), x.std(dim=0) + STD_EPS
+        mean, std = x.mean(dim=0), x.std(dim=0, correction=0) + STD_EPS
         targets = 2.0 * torch.nn.functional.one_hot(train_labels.cpu()[chosen].long(), num_classes).double() - 1.0
         weights = ridge_regression(_with_bias((x - mean) / std), targets, l2)
         predictions = (_with_bias((test_features.double().cpu() - mean) / std) @ weights).argmax(dim=1)
@@ -67,7 +68,7 @@ def logistic_regression_probe(train_features: torch.Tensor, train_labels: torch.
     from .classification import classification_metrics
 
     x = train_features.cpu().double()
-    mean, std = x.mean(dim=0), x.std(dim=0) + STD_EPS
+    mean, std = x.mean(dim=0), x.std(dim=0, correction=0) + STD_EPS
     weight, bias = fit_logistic_regression((x - mean) / std, train_labels, num_classes, c, max_iter)
     logits = ((test_features.cpu().double() - mean) / std) @ weight + bias
     return classification_metrics(logits, test_labels.cpu())

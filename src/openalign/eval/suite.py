@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -175,9 +176,10 @@ def _example_section(examples: list[Path], folder: Path) -> list[str]:
 
 
 def _format(metric: str, value: Any) -> str:
-    """Recalls and accuracies as percentages; ranks and anything else as numbers."""
-    if value is None:
+    """Recalls and accuracies as percentages; ranks and losses as numbers; none or NaN (acc5 of
+    fewer than 5 classes) as a dash."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
     if not isinstance(value, (int, float)):
         return str(value)
-    return f"{value:.4g}" if metric.endswith("_rank") else f"{100 * value:.2f}"
+    return f"{value:.4g}" if metric.endswith(("_rank", "loss")) else f"{100 * value:.2f}"
