@@ -229,20 +229,41 @@ def test_the_embedding_cache_skips_extraction_and_never_serves_stale_results(mod
         patch.setattr(model, "encode_image", must_not_run)
         assert torch.equal(embed_images(model, transform, paths, CPU, show_progress=False), first)
     other = openalign.create_model("align-test").eval()  # other weights: a new key
-    assert not torch.equal(embed_images(other, transform, paths, CPU, show_progress=False), first)
+    original = embed_images(other, transform, paths, CPU, show_progress=False)
+    assert not torch.equal(original, first)
     with torch.no_grad():  # the same model changed in place (as an optimiser step does): a new key
         other.image_projection.weight.mul_(-1)
     changed = embed_images(other, transform, paths, CPU, show_progress=False)
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 3 and not torch.equal(changed, first)
+    other.image_projection.weight.data.mul_(-1)  # through .data, which bumps no version counter: seen too
+    assert torch.equal(embed_images(other, transform, paths, CPU, show_progress=False), original)  # its first entry
+    other.image_projection.weight.data[0] += 1
+    assert not torch.equal(embed_images(other, transform, paths, CPU, show_progress=False), original)
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 4
     copied = tmp_path / "copy.png"
     shutil.copy(paths[0], copied)
     stale = embed_images(model, transform, [copied, *paths[1:]], CPU, show_progress=False)
     assert paths[0].parent.name != "star"
     copied.write_bytes(next((folders / "val" / "star").iterdir()).read_bytes())  # same path, new content
     fresh = embed_images(model, transform, [copied, *paths[1:]], CPU, show_progress=False)
-    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 5
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 6
     assert not torch.allclose(fresh[0], stale[0], atol=1e-3)
     torch.testing.assert_close(fresh[1:], stale[1:])
+
+
+def test_weights_are_hashed_once_while_held_fixed_and_afresh_outside(model, monkeypatch):
+    from openalign.eval.cache import fixed_weights, weights_digest
+
+    calls = []
+    state_dict = model.state_dict
+    monkeypatch.setattr(model, "state_dict", lambda: calls.append(1) or state_dict())
+    with fixed_weights(model):
+        with fixed_weights(model):  # nested, as an evaluation inside a suite
+            assert weights_digest(model) == weights_digest(model)
+        weights_digest(model)
+    assert len(calls) == 1
+    weights_digest(model), weights_digest(model)
+    assert len(calls) == 3
 
 
 def test_the_embedding_cache_keeps_text_embeddings_keyed_by_the_texts_and_the_tokenizer(model, tmp_path, monkeypatch):

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from .data.tokenizer import Tokenizer
 from .errors import OpenAlignError
 from .eval import embed_texts
+from .eval.cache import fixed_weights
 from .eval.features import IMAGE_EXTENSIONS
 from .eval.features import encode_image_batch as encode_images
 from .eval import zero_shot_classifier as _class_embeddings
@@ -85,7 +86,8 @@ def zero_shot_classifier(model: nn.Module, tokenizer: Tokenizer, class_names: Se
     def encode_text(texts: list[str]) -> torch.Tensor:
         return embed_texts(model, tokenizer, texts, device, batch_size=batch_size, show_progress=False)
 
-    return _class_embeddings(encode_text, class_names, templates)
+    with fixed_weights(model):  # with an embedding cache, the weights are hashed once, not once per class
+        return _class_embeddings(encode_text, class_names, templates)
 
 
 @torch.no_grad()

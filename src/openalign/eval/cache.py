@@ -14,6 +14,7 @@ import hashlib
 import os
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -40,23 +41,38 @@ def cache_key(model: nn.Module, preprocessing: object, entries: Iterable[str], k
     return digest.hexdigest()
 
 
-_WEIGHT_DIGESTS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, str]] = weakref.WeakKeyDictionary()
+# Models whose weights are held fixed (see fixed_weights): how many scopes hold each, and its digest.
+_HELD: weakref.WeakKeyDictionary[nn.Module, list] = weakref.WeakKeyDictionary()
+
+
+@contextmanager
+def fixed_weights(model: nn.Module) -> Iterator[None]:
+    """Within this scope the caller promises not to change ``model``'s weights, so they are hashed
+    at most once: an evaluation embeds texts and images many times with the same weights (a
+    zero-shot classifier once per class), and hashing B7 takes seconds. Outside any scope every
+    key hashes the weights afresh, so no change is missed (even one made through ``.data``, which
+    no version counter sees). Scopes nest."""
+    held = _HELD.setdefault(model, [0, None])
+    held[0] += 1
+    try:
+        yield
+    finally:
+        held[0] -= 1
+        if not held[0]:
+            del _HELD[model]
 
 
 def weights_digest(model: nn.Module) -> str:
-    """SHA-256 of the model's state dict, hashed once per version of its tensors: an evaluation
-    embeds images and texts several times with the same weights (hashing B7 takes seconds),
-    and any in-place change (an optimiser step, ``load_state_dict``) bumps a tensor's version."""
-    state = model.state_dict()
-    signature = tuple((name, tensor.data_ptr(), tensor._version) for name, tensor in state.items())
-    known = _WEIGHT_DIGESTS.get(model)
-    if known is not None and known[0] == signature:
-        return known[1]
+    """SHA-256 of the model's state dict (once per :func:`fixed_weights` scope)."""
+    held = _HELD.get(model)
+    if held is not None and held[1] is not None:
+        return held[1]
     digest = hashlib.sha256()
-    for name, tensor in state.items():
+    for name, tensor in model.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes())
-    _WEIGHT_DIGESTS[model] = (signature, digest.hexdigest())
+    if held is not None:
+        held[1] = digest.hexdigest()
     return digest.hexdigest()
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -128,14 +129,14 @@ def embed_captioned(model: nn.Module, items: Sequence[CaptionedImage], device: t
     return image_emb, text_emb, [index for index, item in enumerate(items) for _ in item.captions]
 
 
-class eval_mode:  # noqa: N801 (used as a context manager, like a function)
-    """``with eval_mode(model):`` puts the model in eval mode and restores its mode afterwards."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model, self.was_training = model, model.training
-
-    def __enter__(self) -> None:
-        self.model.eval()
-
-    def __exit__(self, *exc: object) -> None:
-        self.model.train(self.was_training)
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """``with eval_mode(model):`` puts the model in eval mode and restores its mode afterwards;
+    its weights are held fixed meanwhile (:func:`~openalign.eval.cache.fixed_weights`)."""
+    was_training = model.training
+    with cache.fixed_weights(model):
+        model.eval()
+        try:
+            yield
+        finally:
+            model.train(was_training)
