@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 import openalign
+from openalign.errors import ConfigError
 from openalign.losses import ALIPLoss
 
 ANGLES = {  # 2-d unit embeddings by angle: sample 0's raw text and caption agree exactly
@@ -129,6 +130,8 @@ def test_alip_vit_b32_is_open_clips_vit_b32_and_embeds_both_texts_with_one_tower
         out = tiny(torch.randn(2, 3, 48, 48), text=tokens, caption=tokens)
     torch.testing.assert_close(out["text_emb"], out["caption_emb"])  # the same tower and weights
     torch.testing.assert_close(out["text_emb"][0], out["text_emb"][1])  # CLIP's tokenizer lower-cases
+    with pytest.raises(ConfigError, match="'model.preprocess.image_size' is 64, but the image tower takes 48 px"):
+        openalign.create_model("alip-tiny", preprocess={"image_size": 64, "resize_size": 72})
 
 
 def test_clips_tokenizer_packs_sot_ids_eot_and_keeps_eot_when_cutting():

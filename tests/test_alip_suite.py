@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -138,6 +138,10 @@ def test_alip_suite_lists_the_eleven_zeroshot_tasks_with_resolvable_lists_and_th
         classes, templates = read_lines_or_json(task.classnames, "class names"), read_lines_or_json(
             task.templates_file, "templates")
         assert (len(classes), len(templates)) == COUNTS[key], name
+        # ImageNet alone through ALIP's DALI loader: shorter side 256, crop 224 (spec §6.1)
+        expected = {"resize_mode": "shortest", "resize_size": 256, "image_size": 224, "interpolation": "bilinear"}
+        preprocess = asdict(task.preprocess) if task.preprocess else None
+        assert preprocess == ({**expected, "center_crop": None} if key == "imagenet1k" else None), name
 
 
 def test_index_named_folders_take_the_shipped_names_in_label_order():

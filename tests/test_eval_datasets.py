@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -191,6 +192,10 @@ def test_the_shipped_suites_are_valid():
     clippo = load_suite("clippo")
     assert [task.name for task in clippo.tasks] == ["zeroshot", "fewshot", "retrieval"]
     assert (clippo.tasks[1].shots, clippo.tasks[1].seeds, clippo.tasks[1].l2) == (10, (0, 1, 2), 1024.0)
+    # few-shot: resize(256)|central_crop(224) (spec clippo.md §5.2); zero-shot: the model's resize(224)
+    few_shot = clippo.tasks[1].transform(SimpleNamespace(config=openalign.model_config("clippo-b16")))
+    assert (few_shot.config.resize_mode, few_shot.config.resize_size, few_shot.config.image_size) == ("squash", 256, 224)
+    assert clippo.tasks[0].preprocess is None
 
 
 def test_the_shipped_class_names_and_templates_are_clips_and_tasks_take_them_by_name(tmp_path):
@@ -285,6 +290,32 @@ def test_the_embedding_cache_keeps_text_embeddings_keyed_by_the_texts_and_the_to
     truncated = embed_texts(model, short, texts, CPU, show_progress=False)
     torch.testing.assert_close(truncated[0], truncated[1])
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 4
+
+
+def test_a_task_can_preprocess_images_otherwise_than_the_model(model, folders):
+    """CLIPPO's few-shot probe squashes to 256 and crops 224 where its model squashes to 224: a
+    task's ``preprocess`` changes the resize and crop, never the model's mean and std."""
+    from dataclasses import replace
+
+    from openalign.config import from_dict
+    from openalign.data.transforms import ImageTransform
+    from openalign.errors import ConfigError
+    from openalign.eval import evaluate_fewshot
+    from openalign.eval.tasks import EvalTaskConfig
+
+    settings = {"task": "fewshot", "train_root": str(folders / "train"), "val_root": str(folders / "val"),
+                "shots": 3, "seeds": [0]}
+    task = from_dict(EvalTaskConfig, {**settings, "preprocess": {"resize_size": 48, "resize_mode": "shortest"}})
+    assert task.transform(model).config == replace(model.config.preprocess, resize_size=48, resize_mode="shortest")
+    changed = task.run(model, CPU, batch_size=16, show_progress=False)
+    expected = ImageTransform(replace(model.config.preprocess, resize_size=48, resize_mode="shortest"), train=False)
+    assert changed == evaluate_fewshot(model, folders / "train", folders / "val", CPU, 3, (0,), show_progress=False,
+                                       transform=expected)
+    assert changed != from_dict(EvalTaskConfig, settings).run(model, CPU, batch_size=16, show_progress=False)
+    with pytest.raises(ConfigError, match="'preprocess.resize_size' must be at least image_size"):
+        from_dict(EvalTaskConfig, {**settings, "preprocess": {"resize_size": 8}}).transform(model)
+    with pytest.raises(ConfigError, match="'preprocess' is set, but the shapes task"):
+        from_dict(EvalTaskConfig, {"task": "shapes", "root": "x", "preprocess": {"resize_size": 48}})
 
 
 def test_fewshot_probe_uses_pre_projection_features(model, folders, tmp_path):

@@ -20,7 +20,8 @@ from .clip_benchmark_wds import is_clip_benchmark_wds, read_lines, read_split
 from .classification import classification_metrics, knn_classify, zero_shot_classifier
 from .probe import logistic_regression_probe, ridge_fewshot_probe
 from .prompts import shipped_lines, shipped_names
-from .features import IMAGE_EXTENSIONS, embed_captioned, embed_images, embed_texts, eval_mode
+from .features import (IMAGE_EXTENSIONS, Transform, embed_captioned, embed_images, embed_texts, eval_mode,
+                       eval_transform)
 from .retrieval import retrieval_metrics
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
@@ -28,17 +29,19 @@ DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
 def evaluate_retrieval(model: nn.Module, json_path: str | Path, device: torch.device, split: str = "test",
                        image_root: str | Path | None = None, batch_size: int = 256,
-                       show_progress: bool = True, caption_prefix: str = "") -> dict[str, float]:
+                       show_progress: bool = True, caption_prefix: str = "",
+                       transform: Transform | None = None) -> dict[str, float]:
     """Image→text and text→image R@1/5/10 and ranks on one split of a Karpathy-style JSON
     (``dataset_coco.json``: test = 5,000 images / ~25k captions; ``dataset_flickr30k.json``: 1,000 / 5,000),
     or of a CLIP_benchmark webdataset directory (``wds_mscoco_captions``...). ``caption_prefix``
-    is put before every caption (ALIP's evaluation: ``"a photo of "``)."""
+    is put before every caption (ALIP's evaluation: ``"a photo of "``). ``transform`` (as in
+    every ``evaluate_*``): the images' preprocessing, by default the model's."""
     items = retrieval_items(json_path, split, image_root)
     if caption_prefix:
         items = [CaptionedImage(item.path, tuple(caption_prefix + c for c in item.captions), item.labels, item.fields)
                  for item in items]
     with eval_mode(model):
-        return retrieval_metrics(*embed_captioned(model, items, device, batch_size, show_progress))
+        return retrieval_metrics(*embed_captioned(model, items, device, batch_size, show_progress, transform))
 
 
 def retrieval_items(json_path: str | Path, split: str = "test", image_root: str | Path | None = None) -> list[CaptionedImage]:
@@ -116,7 +119,8 @@ def class_names(folders: Sequence[str], names: list[str] | dict[str, str] | None
 
 def evaluate_zeroshot(model: nn.Module, root: str | Path, device: torch.device, templates: Sequence[str] | None = None,
                       names: list[str] | dict[str, str] | None = None, batch_size: int = 256,
-                      show_progress: bool = True, split: str = "test") -> dict[str, float]:
+                      show_progress: bool = True, split: str = "test", transform: Transform | None = None
+                      ) -> dict[str, float]:
     """Zero-shot classification of the images in ``root``'s class folders, or of ``split`` of a
     CLIP_benchmark webdataset directory (its classnames.txt and templates unless given):
     ``acc1``, ``acc5``, ``mean_per_class_recall``. Class embedding = renormalised mean of its
@@ -140,18 +144,19 @@ def evaluate_zeroshot(model: nn.Module, root: str | Path, device: torch.device, 
         classifier = zero_shot_classifier(
             lambda texts: embed_texts(model, tokenizer, texts, device, batch_size, show_progress=False),
             readable, templates)
-        image_emb = embed_images(model, config.build_transform(train=False), paths, device, batch_size, show_progress)
+        image_emb = embed_images(model, transform or eval_transform(model), paths, device, batch_size, show_progress)
     return classification_metrics(image_emb @ classifier.T, labels)
 
 
 def evaluate_knn(model: nn.Module, train_root: str | Path, val_root: str | Path, device: torch.device, k: int = 1,
-                 temperature: float = 0.07, batch_size: int = 256, show_progress: bool = True) -> dict[str, float]:
+                 temperature: float = 0.07, batch_size: int = 256, show_progress: bool = True,
+                 transform: Transform | None = None) -> dict[str, float]:
     """kNN classification as COYO-ALIGN's ImageNet kNN: the train split's image embeddings are the
     memory, the validation images the queries; cosine 1-NN by default, weighted voting for k > 1."""
     memory_paths, memory_labels, classes = read_class_folders(train_root)
     query_paths, query_labels, _ = read_class_folders(val_root, classes)
+    transform = transform or eval_transform(model)
     with eval_mode(model):
-        transform = model.config.build_transform(train=False)
         memory = embed_images(model, transform, memory_paths, device, batch_size, show_progress,
                               description="embedding the kNN memory")
         queries = embed_images(model, transform, query_paths, device, batch_size, show_progress)
@@ -162,11 +167,11 @@ def evaluate_knn(model: nn.Module, train_root: str | Path, val_root: str | Path,
 
 def evaluate_fewshot(model: nn.Module, train_root: str | Path, val_root: str | Path, device: torch.device,
                      shots: int = 10, seeds: Sequence[int] = (0, 1, 2), l2: float = 1024.0, batch_size: int = 256,
-                     show_progress: bool = True) -> dict[str, float]:
+                     show_progress: bool = True, transform: Transform | None = None) -> dict[str, float]:
     """CLIPPO's few-shot linear probe (:func:`~openalign.eval.probe.ridge_fewshot_probe`) on the
     image tower's pre-projection features of ``train_root`` (sampled) and ``val_root`` (scored)."""
     train, train_labels, val, val_labels, num_classes = _probe_features(model, train_root, val_root, device,
-                                                                        batch_size, show_progress)
+                                                                        batch_size, show_progress, transform)
     result = ridge_fewshot_probe(train, train_labels, val, val_labels, num_classes, shots, seeds, l2)
     metrics = {f"{shots}shot_acc1": float(result["acc1"])}
     metrics.update({f"{shots}shot_acc1_seed{seed}": value for seed, value in zip(seeds, result["acc1_per_seed"])})
@@ -174,22 +179,24 @@ def evaluate_fewshot(model: nn.Module, train_root: str | Path, val_root: str | P
 
 
 def evaluate_linear_probe(model: nn.Module, train_root: str | Path, val_root: str | Path, device: torch.device,
-                          c: float = 1.0, batch_size: int = 256, show_progress: bool = True) -> dict[str, float]:
+                          c: float = 1.0, batch_size: int = 256, show_progress: bool = True,
+                          transform: Transform | None = None) -> dict[str, float]:
     """The full-data linear probe: logistic regression
     (:func:`~openalign.eval.probe.logistic_regression_probe`) on the pre-projection features of all
     of ``train_root``, scored on ``val_root``."""
     train, train_labels, val, val_labels, num_classes = _probe_features(model, train_root, val_root, device,
-                                                                        batch_size, show_progress)
+                                                                        batch_size, show_progress, transform)
     return logistic_regression_probe(train, train_labels, val, val_labels, num_classes, c)
 
 
 def _probe_features(model: nn.Module, train_root: str | Path, val_root: str | Path, device: torch.device,
-                    batch_size: int, show_progress: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+                    batch_size: int, show_progress: bool, transform: Transform | None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Pre-projection image features and labels of two class-folder splits that share classes."""
     train_paths, train_labels, classes = read_class_folders(train_root)
     val_paths, val_labels, _ = read_class_folders(val_root, classes)
+    transform = transform or eval_transform(model)
     with eval_mode(model):
-        transform = model.config.build_transform(train=False)
         train = embed_images(model, transform, train_paths, device, batch_size, show_progress,
                              description="embedding probe training images", pre_projection=True)
         val = embed_images(model, transform, val_paths, device, batch_size, show_progress, pre_projection=True)

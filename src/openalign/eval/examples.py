@@ -16,23 +16,23 @@ from torch import nn
 from ..data.transforms import to_rgb
 from ..distributed import world_info
 from .datasets import retrieval_items
-from .features import embed_images, embed_texts, eval_mode
+from .features import Transform, embed_images, embed_texts, eval_mode, eval_transform
 
 
 def retrieval_examples(model: nn.Module, json_path: str | Path, device: torch.device, output: str | Path,
                        split: str = "test", image_root: str | Path | None = None, queries: int = 6, k: int = 5,
-                       seed: int = 0, batch_size: int = 256) -> list[tuple[str, list[Path], Path]]:
+                       seed: int = 0, batch_size: int = 256, caption_prefix: str = "",
+                       transform: Transform | None = None) -> list[tuple[str, list[Path], Path]]:
     """Draw the grid to ``output`` (PNG) and return, per row, ``(caption, top-k image paths, true image)``.
 
-    The captions are a seeded random sample of the split's captions. ``json_path`` is a
-    Karpathy-style JSON or a CLIP_benchmark webdataset retrieval directory, as for
-    :func:`~openalign.eval.datasets.evaluate_retrieval`.
+    The captions are a seeded random sample of the split's captions. ``json_path``,
+    ``caption_prefix`` and ``transform`` are as for :func:`~openalign.eval.datasets.evaluate_retrieval`.
     """
     items = retrieval_items(json_path, split, image_root)
-    captions = [(caption, index) for index, item in enumerate(items) for caption in item.captions]
+    captions = [(caption_prefix + caption, index) for index, item in enumerate(items) for caption in item.captions]
     chosen = torch.randperm(len(captions), generator=torch.Generator().manual_seed(seed))[:queries].tolist()
     with eval_mode(model):
-        image_emb = embed_images(model, model.config.build_transform(train=False), [item.path for item in items],
+        image_emb = embed_images(model, transform or eval_transform(model), [item.path for item in items],
                                  device, batch_size, show_progress=False)
         text_emb = embed_texts(model, model.config.build_tokenizer(), [captions[i][0] for i in chosen], device,
                                batch_size, show_progress=False)

@@ -19,11 +19,17 @@ from . import cache
 
 # Image files the evaluation and inference commands pick up from folders and globs.
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+Transform = Callable[[Image.Image], torch.Tensor]
+
+
+def eval_transform(model: nn.Module) -> Transform:
+    """The model's own evaluation preprocessing (the one that travels with its weights)."""
+    return model.config.build_transform(train=False)
 
 
 @torch.no_grad()
-def embed_images(model: nn.Module, transform: Callable[[Image.Image], torch.Tensor], paths: Sequence[Path],
-                 device: torch.device, batch_size: int = 256, show_progress: bool = True,
+def embed_images(model: nn.Module, transform: Transform, paths: Sequence[Path], device: torch.device,
+                 batch_size: int = 256, show_progress: bool = True,
                  description: str = "embedding images", pre_projection: bool = False) -> torch.Tensor:
     """(N, dim) L2-normalised fp32 image embeddings on the CPU, in the order of ``paths``; with
     ``pre_projection``, the image tower's pooled features instead (not normalised, not
@@ -109,7 +115,7 @@ def _embed_dim(model: nn.Module) -> int:
     return int(model.config.embed_dim)
 
 
-def _load(path: Path, transform: Callable[[Image.Image], torch.Tensor]) -> torch.Tensor:
+def _load(path: Path, transform: Transform) -> torch.Tensor:
     try:
         with Image.open(path) as image:
             return transform(image)
@@ -118,11 +124,13 @@ def _load(path: Path, transform: Callable[[Image.Image], torch.Tensor]) -> torch
 
 
 def embed_captioned(model: nn.Module, items: Sequence[CaptionedImage], device: torch.device, batch_size: int = 256,
-                    show_progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+                    show_progress: bool = True, transform: Transform | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """``(image embeddings, caption embeddings, text_to_image)`` of captioned images, every caption
-    of every item in order: what :func:`~openalign.eval.retrieval.retrieval_metrics` takes."""
+    of every item in order: what :func:`~openalign.eval.retrieval.retrieval_metrics` takes.
+    ``transform``: the images' preprocessing, by default the model's (:func:`eval_transform`)."""
     config = model.config
-    image_emb = embed_images(model, config.build_transform(train=False), [item.path for item in items], device,
+    image_emb = embed_images(model, transform or eval_transform(model), [item.path for item in items], device,
                              batch_size, show_progress)
     captions = [caption for item in items for caption in item.captions]
     text_emb = embed_texts(model, config.build_tokenizer(), captions, device, batch_size, show_progress)

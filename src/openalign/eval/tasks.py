@@ -2,30 +2,66 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
 
 from ..config import Variants
+from ..data.transforms import PreprocessConfig
 from ..errors import ConfigError
 from .datasets import evaluate_fewshot, evaluate_knn, evaluate_linear_probe, evaluate_retrieval, evaluate_zeroshot, read_lines_or_json
+from .features import Transform
 from .sentence_pairs import finetune_sentence_pairs, read_sentence_pairs
 from .shapes import evaluate_shapes
 
 
 @dataclass
+class EvalPreprocess:
+    """A task's own image preprocessing, where a paper evaluates otherwise than the model
+    preprocesses (CLIPPO's few-shot probe: squash to 256, centre crop 224; ALIP's ImageNet:
+    shorter side 256, centre crop 224). Unset fields keep the model's; the mean and std always
+    do (they belong to the weights)."""
+
+    image_size: int | None = None
+    resize_size: int | None = None
+    resize_mode: Literal["squash", "shortest"] | None = None
+    interpolation: Literal["nearest", "bilinear", "bicubic"] | None = None
+    center_crop: Literal["round", "floor"] | None = None
+
+    def transform(self, model: nn.Module) -> Transform:
+        """``model``'s evaluation preprocessing with these settings in place of its own."""
+        config = model.config
+        changes = {name: value for name, value in dataclasses.asdict(self).items() if value is not None}
+        if not isinstance(getattr(config, "preprocess", None), PreprocessConfig):
+            raise ConfigError(f"is set, but {type(model).__name__} has no image preprocessing settings to change",
+                              "preprocess")
+        try:  # the model's config checks the new size against its image tower
+            config = dataclasses.replace(config, preprocess=dataclasses.replace(config.preprocess, **changes))
+        except ConfigError as error:
+            raise ConfigError(error.message, f"preprocess.{(error.key or '').removeprefix('preprocess.')}") from None
+        return config.build_transform(train=False)
+
+
+@dataclass
 class EvalTaskConfig(Variants):
-    """One evaluation; ``task`` picks the member. ``name`` prefixes its metrics in logs and reports."""
+    """One evaluation; ``task`` picks the member. ``name`` prefixes its metrics in logs and reports.
+    ``preprocess`` (:class:`EvalPreprocess`) changes the images' preprocessing for this task."""
 
     tag_key: ClassVar[str] = "task"
     fine_tunes: ClassVar[bool] = False  # trains a copy of the model: needs it trainable (not inference-optimised)
+    preprocess: EvalPreprocess | None = field(default=None, kw_only=True)
 
     @property
     def name(self) -> str:
         return str(self.tag)
+
+    def transform(self, model: nn.Module) -> Transform | None:
+        """The task's image preprocessing; None for the model's own."""
+        return self.preprocess.transform(model) if self.preprocess else None
 
     def run(self, model: nn.Module, device: torch.device, batch_size: int, show_progress: bool = True) -> dict[str, float]:
         raise NotImplementedError
@@ -46,6 +82,8 @@ class ShapesEvalConfig(EvalTaskConfig, tag="shapes"):
     def __post_init__(self) -> None:
         if self.knn_memory_size < 1:
             raise ConfigError("must be at least 1", "knn_memory_size")
+        if self.preprocess:
+            raise ConfigError("is set, but the shapes task evaluates with the model's own preprocessing", "preprocess")
 
     def run(self, model: nn.Module, device: torch.device, batch_size: int, show_progress: bool = True) -> dict[str, float]:
         return evaluate_shapes(model, self.root, device, batch_size, self.knn_memory_size, show_progress)
@@ -65,13 +103,14 @@ class RetrievalEvalConfig(EvalTaskConfig, tag="retrieval"):
 
     def run(self, model: nn.Module, device: torch.device, batch_size: int, show_progress: bool = True) -> dict[str, float]:
         return evaluate_retrieval(model, self.json, device, self.split, self.image_root, batch_size, show_progress,
-                                  self.caption_prefix)
+                                  self.caption_prefix, self.transform(model))
 
     def write_examples(self, model: nn.Module, device: torch.device, output: Path, batch_size: int) -> Path:
         """Six captions and their top-5 images (:func:`~openalign.eval.examples.retrieval_examples`)."""
         from .examples import retrieval_examples
 
-        retrieval_examples(model, self.json, device, output, self.split, self.image_root, batch_size=batch_size)
+        retrieval_examples(model, self.json, device, output, self.split, self.image_root, batch_size=batch_size,
+                           caption_prefix=self.caption_prefix, transform=self.transform(model))
         return output
 
 
@@ -91,7 +130,7 @@ class ZeroShotEvalConfig(EvalTaskConfig, tag="zeroshot"):
     def run(self, model: nn.Module, device: torch.device, batch_size: int, show_progress: bool = True) -> dict[str, float]:
         templates = read_lines_or_json(self.templates_file, "templates") or self.templates
         return evaluate_zeroshot(model, self.root, device, templates, read_lines_or_json(self.classnames, "class names"),
-                                 batch_size, show_progress, self.split)
+                                 batch_size, show_progress, self.split, self.transform(model))
 
 
 @dataclass
@@ -111,7 +150,7 @@ class KnnEvalConfig(EvalTaskConfig, tag="knn"):
 
     def run(self, model: nn.Module, device: torch.device, batch_size: int, show_progress: bool = True) -> dict[str, float]:
         return evaluate_knn(model, self.train_root, self.val_root, device, self.k, self.temperature, batch_size,
-                            show_progress)
+                            show_progress, self.transform(model))
 
 
 @dataclass
@@ -133,7 +172,7 @@ class FewShotEvalConfig(EvalTaskConfig, tag="fewshot"):
 
     def run(self, model: nn.Module, device: torch.device, batch_size: int, show_progress: bool = True) -> dict[str, float]:
         return evaluate_fewshot(model, self.train_root, self.val_root, device, self.shots, self.seeds, self.l2,
-                                batch_size, show_progress)
+                                batch_size, show_progress, self.transform(model))
 
 
 @dataclass
@@ -150,7 +189,8 @@ class LinearProbeEvalConfig(EvalTaskConfig, tag="linear_probe"):
             raise ConfigError("must be positive", "c")
 
     def run(self, model: nn.Module, device: torch.device, batch_size: int, show_progress: bool = True) -> dict[str, float]:
-        return evaluate_linear_probe(model, self.train_root, self.val_root, device, self.c, batch_size, show_progress)
+        return evaluate_linear_probe(model, self.train_root, self.val_root, device, self.c, batch_size, show_progress,
+                                     self.transform(model))
 
 
 @dataclass
@@ -178,6 +218,8 @@ class SentencePairEvalConfig(EvalTaskConfig, tag="sentence_pairs"):
                 raise ConfigError("must be positive", key)
         if self.batch_size is not None and self.batch_size < 1:
             raise ConfigError("must be at least 1 (or null: the evaluation batch size)", "batch_size")
+        if self.preprocess:
+            raise ConfigError("is set, but sentence pairs are rendered text, not preprocessed images", "preprocess")
 
     def run(self, model: nn.Module, device: torch.device, batch_size: int, show_progress: bool = True) -> dict[str, float]:
         *train, names = read_sentence_pairs(self.train)

@@ -48,6 +48,10 @@ class DualEncoderConfig(ModelConfig, tag="dual_encoder"):
                     f"is {self.embed_dim}, but {tower}_projection is false, so the pooled {tower} features "
                     f"({width}-d) are the embedding: set embed_dim to {width} or {tower}_projection to true",
                     "embed_dim")
+        size = getattr(self.image, "image_size", None)  # a ViT takes one size; a convolutional tower any
+        if size is not None and size != self.preprocess.image_size:
+            raise ConfigError(f"is {self.preprocess.image_size}, but the image tower takes {size} px images: set "
+                              "both to the same value", "preprocess.image_size")
         if self.temperature_init <= 0:
             raise ConfigError("must be positive", "temperature_init")
         if self.max_logit_scale is not None and self.max_logit_scale < 1 / self.temperature_init:
