@@ -215,6 +215,13 @@ def test_the_shipped_class_names_and_templates_are_clips_and_tasks_take_them_by_
     assert read_lines_or_json(tmp_path / "imagenet1k_classnames", "class names") == ["mine"]
     with pytest.raises(OpenAlignError, match="nor is it one of the shipped lists: .*clip_paper_templates"):
         read_lines_or_json("imagenet_names.txt", "class names")
+    for name, text in (("blank.txt", "\n  \n"), ("empty.json", "[]")):  # not a silent fall-back to the defaults
+        (tmp_path / name).write_text(text)
+        with pytest.raises(OpenAlignError, match=f"templates file '.*{name}' holds no templates"):
+            read_lines_or_json(tmp_path / name, "templates")
+    (tmp_path / "broken.json").write_text('["a {}",')
+    with pytest.raises(OpenAlignError, match="cannot read class names file '.*broken.json'"):
+        read_lines_or_json(tmp_path / "broken.json", "class names")
 
 
 def test_the_embedding_cache_skips_extraction_and_never_serves_stale_results(model, folders, tmp_path, monkeypatch):

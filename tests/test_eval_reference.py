@@ -106,6 +106,8 @@ def test_blocked_knn_over_the_memory_equals_a_full_matrix_in_numpy():
             expected[row, labels[column]] += np.exp(similarity[row, column] / 0.07)
     votes = knn_classify(memory, labels, queries, 4, k=5, chunk_size=3, memory_chunk_size=7)
     torch.testing.assert_close(votes, torch.tensor(expected, dtype=torch.float32), rtol=1e-4, atol=0)
+    small_blocks = knn_classify(memory, labels, queries, 4, k=5, chunk_size=3, memory_chunk_size=2)  # blocks < k
+    torch.testing.assert_close(small_blocks, votes)
 
 
 def _numpy_fewshot(train_x, train_y, test_x, test_y, num_classes, shots, seed, l2):

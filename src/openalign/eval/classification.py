@@ -85,7 +85,7 @@ def knn_classify(memory: torch.Tensor, memory_labels: torch.Tensor, queries: tor
     Blocked top-k: ``chunk_size`` queries are scored against ``memory_chunk_size`` memory items at a
     time, keeping a running top-k, so no similarity block exceeds ``chunk_size × memory_chunk_size``
     (256 MiB of fp32 by default) however large the memory bank (ImageNet: 1.28M × 50k)."""
-    k = min(k, memory.shape[0])
+    k, memory_chunk_size = min(k, memory.shape[0]), max(memory_chunk_size, k)  # a block must hold k candidates
     votes = []
     for start in range(0, queries.shape[0], chunk_size):
         similarity, index = _running_topk(queries[start:start + chunk_size], memory, k, memory_chunk_size)

@@ -8,6 +8,7 @@ metrics named as CLIP_benchmark names them.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from .prompts import shipped_lines, shipped_names
 from .features import (IMAGE_EXTENSIONS, Transform, embed_captioned, embed_images, embed_texts, eval_mode,
                        eval_transform)
 from .retrieval import retrieval_metrics
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
@@ -52,6 +55,9 @@ def retrieval_items(json_path: str | Path, split: str = "test", image_root: str 
         if wds.captions is None:
             raise OpenAlignError(f"'{json_path}' is a classification dataset (no dataset_type.txt saying retrieval)")
         items = [CaptionedImage(path, tuple(captions)) for path, captions in zip(wds.paths, wds.captions) if captions]
+        if uncaptioned := len(wds.paths) - len(items):
+            log.warning("%d of the %d images of '%s' have no caption and are left out of retrieval", uncaptioned,
+                        len(wds.paths), json_path)
     else:
         items = read_karpathy(json_path, split, image_root)
     missing = [item.path for item in items if not item.path.is_file()]
@@ -98,7 +104,13 @@ def read_lines_or_json(path: str | Path | None, what: str) -> list[str] | dict[s
             return shipped
         raise OpenAlignError(f"{what} file '{path}' does not exist (nor is it one of the shipped lists: "
                              f"{', '.join(shipped_names())})")
-    return json.loads(path.read_text()) if path.suffix == ".json" else read_lines(path)
+    try:
+        entries = json.loads(path.read_text()) if path.suffix == ".json" else read_lines(path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise OpenAlignError(f"cannot read {what} file '{path}': {error}") from None
+    if not isinstance(entries, (list, dict)) or not entries:  # an empty file would fall back to the defaults
+        raise OpenAlignError(f"{what} file '{path}' holds no {what}; expected one per line, or a JSON list or object")
+    return entries
 
 
 def class_names(folders: Sequence[str], names: list[str] | dict[str, str] | None) -> list[str]:
