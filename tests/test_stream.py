@@ -110,6 +110,19 @@ def test_every_good_sample_arrives_exactly_once_per_epoch_despite_bad_neighbours
     assert {"converted/L", "converted/CMYK", "converted/RGBA", "converted/P"} <= set(counted)
 
 
+def test_a_stream_reseeded_by_many_resumes_still_reads(tmp_path, small_bomb_limit):
+    """Each resume on another number of ranks or workers reseeds the stream (seed × 1,000,003 +
+    step), and checkpoints replay every earlier reseed: the pass orders must not overflow."""
+    for shard in range(2):
+        dirty_shard(tmp_path / f"{shard:05d}.tar", shard, good=2)
+    config = WebDatasetSourceConfig(urls=str(tmp_path / "{00000..00001}.tar"), image_keys="jpg;png;webp",
+                                    resampled=False, open_shards=1, shuffle_buffer=1)
+    dataset = config.build(TRANSFORM, seed=1234)
+    dataset.resume(61_000, None, [5_000, 12_000, 30_000, 45_000])
+    assert dataset.seed > 2**63
+    assert len(read_epochs(dataset, 0, 1, epochs=2)[1]) == 4
+
+
 def test_strict_mode_makes_the_first_bad_sample_an_error(tmp_path):
     dirty_shard(tmp_path / "00000.tar", 0, good=1)
     config = WebDatasetSourceConfig(urls=str(tmp_path / "00000.tar"), shuffle_buffer=1, open_shards=1)

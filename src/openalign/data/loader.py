@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from ..errors import OpenAlignError
 from .quality import COUNTS
 from .stream import STREAM_KEY
+from .transforms import epoch_generator
 
 COUNTS_KEY = "__counts__"
 
@@ -40,7 +41,7 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
             step_epoch, position = divmod(step, self.steps_per_epoch)
             if step_epoch != epoch:
                 epoch = step_epoch
-                order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+                order = torch.randperm(self.num_samples, generator=epoch_generator(self.seed, epoch))
             start = position * self.global_batch + self.rank * self.batch_size
             yield [(epoch, index) for index in order[start:start + self.batch_size].tolist()]
             step += 1

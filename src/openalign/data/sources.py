@@ -33,7 +33,7 @@ from .shards import expand_urls, open_url, stream_samples
 from .shapes import ShapesSpec, build_shapes_dataset
 from .stream import ResumableStream, ShardStream
 from .tfrecords import CorruptRecord, read_records
-from .transforms import ImageTransform, sample_generator
+from .transforms import ImageTransform, epoch_generator, sample_generator
 
 log = logging.getLogger(__name__)
 
@@ -625,7 +625,7 @@ def _endless(dataset: Dataset, reader: int, num_readers: int, seed: int, positio
     forever, with the position ``(pass, examples taken in it)`` after each."""
     epoch, taken = position or (0, 0)
     while True:
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        order = torch.randperm(len(dataset), generator=epoch_generator(seed, epoch))
         mine = order[reader::num_readers].tolist()
         for position_in_pass in range(taken, len(mine)):
             yield dataset[(epoch, mine[position_in_pass])], (epoch, position_in_pass + 1)

@@ -44,7 +44,7 @@ from ..distributed import world_info
 from ..errors import OpenAlignError
 from .quality import EMPTY_SHARD, TRUNCATED_SHARD, UNREADABLE_SHARD, SkipPolicy, SkipSample
 from .shards import ShardReadError
-from .transforms import sample_generator
+from .transforms import epoch_generator, sample_generator
 
 log = logging.getLogger("openalign.data")
 
@@ -163,7 +163,7 @@ class ShardStream(ResumableStream):
             return self.shards[random.Random(f"{self.seed}/{reader}/{draw}").randrange(len(self.shards))]
         per_epoch = len(range(reader, len(self.shards), num_readers))
         epoch, index = divmod(draw, per_epoch)
-        order = torch.randperm(len(self.shards), generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+        order = torch.randperm(len(self.shards), generator=epoch_generator(self.seed, epoch))
         return self.shards[int(order[reader::num_readers][index])]
 
     def _in_epoch(self, draw: int, epoch: int, reader: int, num_readers: int) -> bool:

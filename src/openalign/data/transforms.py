@@ -49,6 +49,12 @@ class PreprocessConfig:
             raise ConfigError(f"must be at least image_size ({self.image_size}) so the crop fits", "resize_size")
 
 
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The RNG of one pass's order. Seeds stay within 63 bits however large ``seed`` grows (a
+    stream resumed on other ranks or workers several times is reseeded each time)."""
+    return torch.Generator().manual_seed((seed * 100_003 + epoch) % (2**63))
+
+
 def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     """The RNG of one sample's augmentation (and caption choice): a pure function of its position."""
     return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1_000_033 + index) % (2**63))
