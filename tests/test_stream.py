@@ -384,6 +384,24 @@ def test_shards_stream_from_pipes_and_fsspec_urls(tmp_path, capsys):
     assert summary["usable"] == 3 and summary["skipped"]["image too small"] == 1  # the 1100 px "bomb" is fine here
 
 
+def test_shard_urls_are_expanded_into_what_opens(tmp_path, monkeypatch):
+    import fsspec
+
+    from openalign.data.shards import expand_urls
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for shard in range(2):
+        (tmp_path / f"{shard:05d}.tar").write_bytes(b"")
+    assert expand_urls("~/{00000..00001}.tar", "shards") == [str(tmp_path / "00000.tar"), str(tmp_path / "00001.tar")]
+    signed = "https://host/cc3m/00000.tar?X-Amz-Signature=abc&download=true"  # '?' is a query, not a glob
+    assert expand_urls(signed, "shards") == [signed]
+    for name in ("00000.tar", "sub.tar/inner"):
+        with fsspec.open(f"memory://bucket/dirs/{name}", "wb") as handle:
+            handle.write(b"x")
+    matched = expand_urls("memory://bucket/dirs/*.tar", "shards")  # a folder named *.tar is not a shard
+    assert len(matched) == 1 and matched[0].endswith("/bucket/dirs/00000.tar")
+
+
 def test_jpeg_draft_mode_decodes_large_images_faster_and_changes_only_resampling_noise():
     import numpy as np
 

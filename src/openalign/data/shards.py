@@ -243,20 +243,23 @@ def expand_urls(pattern: str, what: str) -> list[str]:
     missing: list[str] = []
     for part in pattern.split("::"):
         for url in braceexpand.braceexpand(part):
-            if url.startswith("pipe:"):
+            if url.startswith(("pipe:", "http:", "https:")):  # an http '?' starts a query, not a wildcard
                 urls.append(url)
             elif glob.has_magic(url):
                 if has_scheme(url):
                     import fsspec
 
                     filesystem, path = fsspec.core.url_to_fs(url)
-                    matches = sorted(filesystem.unstrip_protocol(match) for match in filesystem.glob(path))
+                    matches = sorted(filesystem.unstrip_protocol(match) for match in filesystem.glob(path)
+                                     if filesystem.isfile(match))
                 else:
                     matches = sorted(match for match in glob.glob(os.path.expanduser(url)) if Path(match).is_file())
                 urls.extend(matches)
                 missing.extend([] if matches else [url])
-            elif has_scheme(url) or Path(url).expanduser().is_file():
+            elif has_scheme(url):
                 urls.append(url)
+            elif Path(url).expanduser().is_file():
+                urls.append(os.path.expanduser(url))  # what opens it (webdataset's gopen) does not expand '~'
             else:
                 missing.append(url)
     if missing:
