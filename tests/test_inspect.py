@@ -80,6 +80,40 @@ def test_convert_writes_a_table_as_shards_that_inspect_and_the_training_source_r
     sample = next(iter(source.build(transform, 0)))
     assert sample["text"].startswith("red number") and sample["caption"] == "a red square"
     assert main(["data", "convert", str(tmp_path / "pairs.csv"), "--out", str(out)]) == 2  # never overwrites shards
+    with pytest.raises(SystemExit):
+        main(["data", "convert", str(tmp_path / "pairs.csv"), "--out", str(tmp_path / "x"), "--extra-column", "caption"])
+    assert "'caption' is not FIELD=COLUMN" in capsys.readouterr().err
+
+
+def test_convert_writes_every_image_format_and_column_type_the_training_source_reads_back(tmp_path):
+    import numpy as np
+
+    from openalign.data import ImageTransform, TableSourceConfig, WebDatasetSourceConfig
+    from openalign.data.convert import convert_table
+    from openalign.data.transforms import PreprocessConfig
+
+    pixels = np.random.default_rng(0).integers(0, 256, (20, 20, 3), dtype=np.uint8)
+    lines = ["image,caption,class_id"]
+    for index, name in enumerate(["a.bmp", "b.tif", "c.gif", "d", "e.jpg"]):  # "d": a JPEG without a suffix
+        Image.fromarray(pixels).save(tmp_path / name, format="JPEG" if name in ("d", "e.jpg") else None)
+        lines.append(f"{name},picture {index},{index}")
+    (tmp_path / "pairs.csv").write_text("\n".join(lines) + "\n")
+    table = TableSourceConfig(path=str(tmp_path / "pairs.csv"), extra_columns={"label": "class_id"})
+    convert_table(table, tmp_path / "shards", show_progress=False)
+    with tarfile.open(tmp_path / "shards" / "00000.tar") as tar:
+        names = tar.getnames()
+        assert [name.split(".", 1)[1] for name in names if name.startswith("000000001.")] == [
+            "png", "txt", "label.cls", "json"]
+        assert [name for name in names if name.endswith((".png", ".jpg"))] == [
+            "000000000.png", "000000001.png", "000000002.png", "000000003.jpg", "000000004.jpg"]
+        assert tar.extractfile("000000004.jpg").read() == (tmp_path / "e.jpg").read_bytes()  # JPEG bytes unchanged
+        lossless = np.asarray(Image.open(tar.extractfile("000000001.png")))
+    assert np.array_equal(lossless, np.asarray(Image.open(tmp_path / "b.tif")))
+    transform = ImageTransform(PreprocessConfig(image_size=16, resize_size=16, random_flip=False), train=False)
+    source = WebDatasetSourceConfig(urls=str(tmp_path / "shards" / "00000.tar"), extra_keys={"label": "label.cls"},
+                                    shuffle_buffer=1, open_shards=1)
+    samples = [sample for sample, _ in zip(source.build(transform, 0), range(5))]
+    assert sorted((sample["text"], sample["label"]) for sample in samples) == [(f"picture {i}", i) for i in range(5)]
 
 
 def test_tfrecord_source_streams_every_good_record_once_a_pass_and_counts_the_bad(tmp_path, caplog):

@@ -158,7 +158,7 @@ def _cmd_data_convert(args: argparse.Namespace) -> None:
     from .data.convert import convert_table
     from .data.sources import TableSourceConfig
 
-    extra = dict(pair.split("=", 1) for pair in args.extra_column)
+    extra = dict(args.extra_column)
     table = TableSourceConfig(path=args.table, image_column=args.image_column, text_column=args.text_column,
                               extra_columns=extra, image_root=args.image_root)
     sizes = convert_table(table, args.out, args.samples_per_shard)
@@ -293,6 +293,14 @@ def _at_least(minimum: int) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def _field_column(text: str) -> tuple[str, str]:
+    """An argparse type: ``FIELD=COLUMN``."""
+    field, _, column = text.partition("=")
+    if not field.strip() or not column.strip():
+        raise argparse.ArgumentTypeError(f"'{text}' is not FIELD=COLUMN, e.g. caption=synthetic_caption")
+    return field.strip(), column.strip()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -476,8 +484,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--out", required=True, help="an empty directory for the shards and sizes.json")
     convert.add_argument("--image-column", default="image", help="image paths (or bytes, in parquet)")
     convert.add_argument("--text-column", default="caption")
-    convert.add_argument("--extra-column", action="append", default=[], metavar="FIELD=COLUMN",
-                         help="also write COLUMN as KEY.FIELD.txt (repeatable), e.g. caption=synthetic_caption")
+    convert.add_argument("--extra-column", action="append", default=[], metavar="FIELD=COLUMN", type=_field_column,
+                         help="also write COLUMN as KEY.FIELD.txt (.cls for whole numbers, .json for other values; "
+                              "repeatable), e.g. caption=synthetic_caption")
     convert.add_argument("--image-root", help="what image paths are relative to (default: the table's folder)")
     convert.add_argument("--samples-per-shard", type=_at_least(1), default=10000)
     convert.set_defaults(func=_cmd_data_convert)

@@ -162,7 +162,8 @@ class TableSourceConfig(SourceConfig, tag="table"):
         if not tables:
             raise OpenAlignError(f"no table matches '{self.path}' (data.train.path: .csv, .tsv or .parquet files)")
         rows: list[tuple[Path | bytes, str, dict[str, Any]]] = []
-        dropped = {"empty caption": 0, "missing image file": 0}
+        dropped = {"empty caption": 0, "caption not UTF-8": 0, "missing image file": 0,
+                   **{f"empty {name}": 0 for name in self.extra_columns}}
         for table_path in map(Path, tables):
             columns = _read_table(table_path)
             wanted = [self.image_column, self.text_column, *self.extra_columns.values()]
@@ -173,16 +174,24 @@ class TableSourceConfig(SourceConfig, tag="table"):
                                      "extra_columns)")
             root = Path(self.image_root) if self.image_root is not None else table_path.parent
             for number, (image, text) in enumerate(zip(columns[self.image_column], columns[self.text_column])):
-                text = str(text).strip() if text is not None else ""
+                try:
+                    text = _cell(text.decode() if isinstance(text, bytes) else "" if text is None else str(text))
+                except UnicodeDecodeError:
+                    dropped["caption not UTF-8"] += 1
+                    continue
                 if not text:
                     dropped["empty caption"] += 1
                     continue
-                if not isinstance(image, bytes):
-                    image = root / str(image)
-                    if not image.is_file():
-                        dropped["missing image file"] += 1
-                        continue
+                image = _image_cell(image, table_path, self.image_column)
+                if isinstance(image, str):
+                    image = root / image
+                if image is None or (isinstance(image, Path) and not image.is_file()):
+                    dropped["missing image file"] += 1
+                    continue
                 extra = {name: _cell(columns[column][number]) for name, column in self.extra_columns.items()}
+                if empty := [name for name, value in extra.items() if value is None or value == ""]:
+                    dropped[f"empty {empty[0]}"] += 1  # as a webdataset sample without the field is skipped
+                    continue
                 rows.append((image, text, extra))
         if any(dropped.values()):
             log.warning("table '%s': dropped %s", self.path, ", ".join(f"{n} row(s) with {why}" for why, n in
@@ -197,6 +206,19 @@ def _cell(value: Any) -> Any:
     if isinstance(value, bytes):
         value = value.decode("utf-8", "replace")
     return (value or "").strip() if value is None or isinstance(value, str) else value
+
+
+def _image_cell(value: Any, table: Path, column: str) -> bytes | str | None:
+    """An image cell: encoded bytes, a path, or a Hugging Face ``Image`` struct (``{bytes, path}``);
+    None for an empty one."""
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if value is None or isinstance(value, bytes):
+        return value or None
+    if isinstance(value, (str, int)) and not isinstance(value, bool):  # a number: a file name CSV typing read so
+        return str(value).strip() or None
+    raise OpenAlignError(f"table '{table}' column '{column}' holds {type(value).__name__} {str(value)[:40]!r}; "
+                         "expected image paths, encoded image bytes, or Hugging Face Image structs {bytes, path}")
 
 
 def _read_table(path: Path) -> dict[str, list[Any]]:
