@@ -37,6 +37,11 @@ def test_bad_settings_exit_2_with_a_message_and_no_traceback(capsys):
 def test_data_shapes_writes_the_dataset(tmp_path, capsys):
     assert main(["data", "shapes", "--out", str(tmp_path), "--train", "8", "--test", "2", "--image-size", "16"]) == 0
     assert (tmp_path / "dataset_shapes.json").is_file() and len(list((tmp_path / "images" / "train").iterdir())) == 8
+    capsys.readouterr()
+    for option, value, message in (("--image-size", "0", "image_size must be at least 16, got 0"),
+                                   ("--train", "-3", "num_train must be at least 1, got -3")):
+        assert main(["data", "shapes", "--out", str(tmp_path / "bad"), option, value]) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_train_then_eval_through_the_console_script(tmp_path, shapes_root, tiny_overrides):

@@ -54,6 +54,17 @@ def test_inspect_counts_every_kind_of_bad_sample_and_reports_truncated_shards(tm
     assert main(["data", "inspect", str(tmp_path / "missing.tar")]) == 2
 
 
+def test_inspect_skips_what_training_skips_repeated_fields_and_upper_case_keys(tmp_path, capsys):
+    from conftest import write_members
+
+    good = encode("RGB", (40, 40))
+    write_members(tmp_path / "00000.tar", [("a.jpg", good), ("a.JPG", good), ("a.txt", b"one image too many"),
+                                           ("b.jpg", good), ("b.TXT", b"an upper-case caption member")])
+    assert main(["data", "inspect", str(tmp_path / "00000.tar"), "--json", "--text-key", "TXT"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["usable"], summary["skipped"]) == (1, {"repeated field": 1})
+
+
 def test_convert_writes_a_table_as_shards_that_inspect_and_the_training_source_read(tmp_path, capsys):
     from openalign.data import ImageTransform, WebDatasetSourceConfig
     from openalign.data.transforms import PreprocessConfig

@@ -17,10 +17,11 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from ..progress import progress_bar
-from .quality import NO_IMAGE, UNDECODABLE_IMAGE, UNDECODABLE_RECORD, SkipSample, caption_text, open_image
+from .quality import (NO_IMAGE, REPEATED_FIELD, UNDECODABLE_IMAGE, UNDECODABLE_RECORD, SkipSample, caption_text,
+                      open_image)
 from .shards import ShardReadError, expand_urls
+from .sources import REPEATED_FIELDS, WebDatasetSourceConfig
 from .tfrecords import CorruptRecord
-from .sources import WebDatasetSourceConfig
 
 IMAGE_KEYS = tuple(WebDatasetSourceConfig.image_keys.split(";"))  # what training reads
 MIN_IMAGE_SIDE = WebDatasetSourceConfig.min_image_side
@@ -82,7 +83,10 @@ def _check(members: dict[str, Any], text_key: str, image_keys: Sequence[str], mi
            captions: Counter[str], sizes: Counter[str], modes: Counter[str]) -> str | None:
     """Why training would skip a sample (the reason it would log), or None; updates the
     histograms of what it reads."""
+    text_key, image_keys = text_key.lower(), [key.lower() for key in image_keys]  # fields are lower-cased
     try:
+        if REPEATED_FIELDS in members:
+            raise SkipSample(REPEATED_FIELD)
         data = next((members[key] for key in image_keys if key in members), None)
         if data is None:
             raise SkipSample(NO_IMAGE)

@@ -98,8 +98,12 @@ class ShapesSpec:
     alt_text_noise: float = 0.0
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.alt_text_noise <= 1.0:
-            raise OpenAlignError(f"alt_text_noise must be a fraction in [0, 1], got {self.alt_text_noise}")
+        for name, least in (("num_train", 1), ("num_test", 1), ("captions_per_test_image", 1), ("image_size", 16)):
+            if getattr(self, name) < least:
+                raise OpenAlignError(f"{name} must be at least {least}, got {getattr(self, name)}")
+        for name in ("alt_text_noise", "pair_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise OpenAlignError(f"{name} must be a fraction in [0, 1], got {getattr(self, name)}")
 
 
 def fix_articles(text: str) -> str:
