@@ -130,6 +130,16 @@ def test_the_encoder_initialises_from_a_timm_vit_checkpoint(tmp_path):
     assert vit.pos_embed.shape == (1, 4, 32)  # class position dropped, 3×3 resampled to 2×2
     assert torch.equal(vit.attn_pool.latent, probe) and torch.equal(model.head.weight, head)  # heads stay random
 
+    from openalign.models.vit import ViTConfig  # mean pooling: big_vision's gap, mean(norm(x)), loads the same
+
+    averaged = ViTConfig(image_size=48, patch_size=16, width=32, depth=1, num_heads=2, pool="avg").build()
+    averaged.load_timm_checkpoint(tmp_path)
+    pixels = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(averaged(pixels), averaged.vit.norm(averaged.vit.forward_intermediates(
+            pixels, norm=False, intermediates_only=True, output_fmt="NLC")[-1]).mean(dim=1))
+    torch.testing.assert_close(averaged.vit.norm.weight, source.norm.weight)
+
     other = VisionTransformer(img_size=32, patch_size=16, embed_dim=64, depth=1, num_heads=2, num_classes=0)
     save_file(other.state_dict(), str(tmp_path / "wide.safetensors"))
     with pytest.raises(OpenAlignError, match="another ViT size"):
@@ -212,7 +222,7 @@ def test_sentence_pairs_are_neighbours_within_documents_with_the_first_rendered(
     from openalign.data import SentencePairsSourceConfig
 
     (tmp_path / "a.txt").write_text(CORPUS + "\n\nOnly one sentence in this document.\n")
-    with gzip.open(tmp_path / "b.jsonl.gz", "wt") as handle:
+    with gzip.open(tmp_path / "c4-train.00000-of-01024.json.gz", "wt") as handle:  # C4's own file names
         handle.write(json.dumps({"text": "Another document starts. And it ends here.", "url": "x"}) + "\n")
     model = openalign.create_model("clippo-test")
     processor = model.config.build_tokenizer()

@@ -501,9 +501,9 @@ class SentencePairsSourceConfig(SourceConfig, tag="sentence_pairs"):
     (shared spec clippo.md §3.2): sentence A is rendered into the ``image`` slot by the model's
     text processor, sentence B is the ``text``; the same loss applies.
 
-    ``path``: text files (a brace pattern or a glob): ``.txt`` holds one document per line,
-    ``.jsonl`` / ``.jsonl.gz`` one JSON object per line with the document in ``text_field`` (C4's
-    layout). Documents are split into sentences after ``.``, ``!`` or ``?``; pairs whose
+    ``path``: text files (a brace pattern or a glob), optionally gzipped: ``.txt`` holds one
+    document per line, ``.json`` / ``.jsonl`` one JSON object per line with the document in
+    ``text_field`` (C4's ``c4-train.*.json.gz``). Documents are split into sentences after ``.``, ``!`` or ``?``; pairs whose
     sentences are shorter than ``min_chars`` are dropped (the paper's filters are unpublished).
     The pairs are held in memory.
     """
@@ -545,14 +545,16 @@ def _read_documents(pattern: str, text_field: str) -> Iterator[str]:
 
     paths = sorted({Path(match) for expanded in braceexpand.braceexpand(pattern) for match in glob.glob(expanded)})
     if not paths:
-        raise OpenAlignError(f"no text files match '{pattern}' (data.train.path: .txt, .jsonl or .jsonl.gz files)")
+        raise OpenAlignError(f"no text files match '{pattern}' (data.train.path: .txt, .json or .jsonl files, "
+                             "gzipped or not)")
     for path in paths:
         opener = gzip.open if path.suffix == ".gz" else open
+        json_lines = Path(path.name.removesuffix(".gz")).suffix in (".json", ".jsonl")
         with opener(path, "rt", encoding="utf-8", errors="replace") as handle:
             for number, line in enumerate(handle, start=1):
                 if not line.strip():
                     continue
-                if ".jsonl" not in path.name:
+                if not json_lines:
                     yield line.strip()
                     continue
                 try:

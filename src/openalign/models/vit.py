@@ -30,8 +30,9 @@ class ViTConfig(ImageTowerConfig, tag="vit"):
     """A ViT of ``depth`` pre-LN blocks, ``width`` wide, on ``image_size`` px in ``patch_size`` patches.
 
     ``pool``: ``map`` (attention pooling with a learned probe, big_vision's MAPHead), ``token``
-    (a class token) or ``avg`` (mean of the patch tokens). ``init``: ``big_vision`` (spec §2.3)
-    or timm's own.
+    (a class token) or ``avg`` (mean of the patch tokens). Every pool reads the final LayerNorm's
+    output, as big_vision's ``gap`` does (timm's own ``avg`` would pool first, then normalise,
+    in a ``fc_norm`` that timm checkpoints lack). ``init``: ``big_vision`` (spec §2.3) or timm's own.
     """
 
     image_size: int = 224
@@ -71,7 +72,7 @@ class VisionTransformerTower(nn.Module):
         self.vit = VisionTransformer(
             img_size=config.image_size, patch_size=config.patch_size, embed_dim=config.width, depth=config.depth,
             num_heads=config.num_heads, mlp_ratio=config.mlp_ratio, qkv_bias=True, class_token=config.pool == "token",
-            global_pool=config.pool, num_classes=0, act_layer=config.activation,
+            global_pool=config.pool, fc_norm=False, num_classes=0, act_layer=config.activation,
             norm_layer=partial(nn.LayerNorm, eps=config.layer_norm_eps))
         if config.init == "big_vision":
             big_vision_init(self.vit)
