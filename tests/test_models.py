@@ -29,6 +29,21 @@ def test_public_api_shapes_and_normalisation():
     assert set(outputs) == {"image_emb", "text_emb", "logit_scale"}
 
 
+def test_projections_run_in_fp32_under_bf16_autocast():
+    """COYO-ALIGN forces both projection Dense layers to float32 under mixed precision (spec §3.7)."""
+    model = openalign.create_model("align-test").eval()
+    seen = []
+    for projection in (model.image_projection, model.text_projection):
+        projection.register_forward_hook(lambda module, inputs, output: seen.append((inputs[0].dtype, output.dtype)))
+    tokens = openalign.get_tokenizer("align-test")(["a red circle"])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        image, text = model.encode_image(torch.randn(2, 3, 32, 32)), model.encode_text(**tokens)
+        features = model.text_tower(**tokens)
+    assert seen == [(torch.float32, torch.float32)] * 2 and image.dtype == text.dtype == torch.float32
+    with torch.no_grad():
+        torch.testing.assert_close(text, torch.nn.functional.normalize(model.text_projection(features.float()), dim=-1))
+
+
 def test_temperature_is_stored_as_a_log_and_stays_positive():
     model = openalign.create_model("align-test", temperature_init=0.05)
     assert model.temperature.item() == pytest.approx(0.05) and model.logit_scale.item() == pytest.approx(20.0)

@@ -123,10 +123,7 @@ class DualEncoder(nn.Module):
         return {"log_temperature"}
 
     def encode_image(self, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        features = self.image_tower(pixels)
-        if self.image_projection is not None:
-            features = self.image_projection(features)
-        features = features.float()  # bf16 autocast: normalise and compare in fp32
+        features = _project(self.image_projection, self.image_tower(pixels))
         return F.normalize(features, dim=-1) if normalize else features
 
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -135,10 +132,7 @@ class DualEncoder(nn.Module):
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     normalize: bool = True) -> torch.Tensor:
-        features = self.text_tower(input_ids, attention_mask)
-        if self.text_projection is not None:
-            features = self.text_projection(features)
-        features = features.float()
+        features = _project(self.text_projection, self.text_tower(input_ids, attention_mask))
         return F.normalize(features, dim=-1) if normalize else features
 
     def save_pretrained(self, directory: str | Path, format: str = "openalign", overwrite: bool = False) -> Path:
@@ -157,3 +151,14 @@ class DualEncoder(nn.Module):
                                                             texts[field_name]["attention_mask"])
         outputs["logit_scale"] = self.logit_scale
         return outputs
+
+
+def _project(projection: nn.Module | None, features: torch.Tensor) -> torch.Tensor:
+    """Pooled features in fp32, through ``projection`` in fp32 even under bf16 autocast, as
+    COYO-ALIGN forces both projection Dense layers to float32 (spec §3.7); what follows
+    (normalising, the logits) is fp32 too."""
+    features = features.float()
+    if projection is None:
+        return features
+    with torch.autocast(features.device.type, enabled=False):
+        return projection(features)
