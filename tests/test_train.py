@@ -155,6 +155,25 @@ def test_resume_refuses_a_changed_recipe_but_allows_more_steps(tmp_path, shapes_
         train(shorter, resume="latest", show_progress=False)
 
 
+def test_a_diverged_loss_stops_training_before_it_is_checkpointed(tmp_path, shapes_root, tiny_overrides,
+                                                                   monkeypatch):
+    import openalign.train.loop as loop
+
+    real_step, calls = loop.train_step, []
+
+    def diverging(*args, **kwargs):
+        calls.append(1)
+        loss = real_step(*args, **kwargs)
+        return loss * float("nan") if len(calls) >= 3 else loss
+
+    monkeypatch.setattr(loop, "train_step", diverging)
+    recipe = load_recipe("demo", tiny_overrides(shapes_root, tmp_path, steps=4) + ["run.log_every=4", "eval.tasks=[]"])
+    with pytest.raises(OpenAlignError, match=r"NaN or infinite at 2 step\(s\) up to step 4: .*newest checkpoint: "
+                                             r".*step_00000002"):
+        train(recipe, show_progress=False)
+    assert [p.name for p in (tmp_path / "checkpoints").glob("step_*")] == ["step_00000002"]
+
+
 def test_a_onecycle_schedule_resumes_onto_a_longer_run():
     def scheduler(total: int) -> torch.optim.lr_scheduler.LRScheduler:
         optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)

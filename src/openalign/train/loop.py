@@ -100,6 +100,7 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True)
         with progress:
             bar = progress.add_task("training", total=cfg.steps, completed=start, loss="-", speed="-")
             window = _LogWindow(ctx.device)
+            nonfinite = torch.zeros((), device=ctx.device)  # steps whose loss was NaN or infinite
             batches = iter(loader)
             for step in range(start + 1, cfg.steps + 1):
                 batch = move_to_device(monitor.take(next(batches)), ctx.device, channels_last=True)
@@ -107,15 +108,20 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True)
                 loss = train_step(model, loss_fn, optimizer, scheduler, batch, ctx.device, cfg.precision,
                                   cfg.grad_clip, forward)
                 window.add(loss, getattr(loss_fn, "last_stats", {}))
+                nonfinite += ~torch.isfinite(loss)
                 progress.advance(bar)
-                if step % recipe.run.log_every == 0 or step == cfg.steps:
+                logs = step % recipe.run.log_every == 0 or step == cfg.steps
+                saves = (recipe.run.checkpoint_every and step % recipe.run.checkpoint_every == 0) or step == cfg.steps
+                if logs or saves:
+                    _stop_if_diverged(nonfinite, step, checkpointer)
+                if logs:
                     scalars = window.scalars(lr, model, cfg.batch_size, monitor)
                     logger.log(step, scalars)
                     progress.update(bar, loss=f"{scalars['loss']:.4f}", speed=f"{scalars['samples_per_second']:.0f}")
                     log.info("step %d/%d  loss %.4f  lr %.3g  temperature %.4f  %.0f samples/s", step, cfg.steps,
                              scalars["loss"], scalars["lr"], scalars["temperature"], scalars["samples_per_second"])
                     window = _LogWindow(ctx.device)
-                if (recipe.run.checkpoint_every and step % recipe.run.checkpoint_every == 0) or step == cfg.steps:
+                if saves:
                     checkpointer.save(step, model, optimizer, scheduler, loss_fn, recipe_dict,
                                       {**monitor.state(), "world_size": ctx.world_size,
                                        "num_workers": recipe.data.num_workers})
@@ -152,6 +158,18 @@ def train_step(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Opti
     optimizer.step()
     scheduler.step()
     return loss.detach()
+
+
+def _stop_if_diverged(nonfinite: torch.Tensor, step: int, checkpointer: Checkpointer) -> None:
+    """Stop, on every rank, before a NaN or infinite loss is logged as progress or its weights
+    are checkpointed (where pruning would soon delete the last good checkpoint)."""
+    count = int(all_reduce_sum(nonfinite).item())
+    if count:
+        newest = checkpointer.checkpoints()
+        raise OpenAlignError(f"the loss was NaN or infinite at {count} step(s) up to step {step}: training stopped "
+                             "without checkpointing them (newest checkpoint: "
+                             f"{newest[-1] if newest else 'none'}). Lower train.lr, set train.grad_clip or check the "
+                             "data, and train again (resuming would repeat the same steps)")
 
 
 class _LogWindow:
