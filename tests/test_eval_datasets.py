@@ -325,10 +325,16 @@ def test_a_task_can_preprocess_images_otherwise_than_the_model(model, folders):
         from_dict(EvalTaskConfig, {"task": "shapes", "root": "x", "preprocess": {"resize_size": 48}})
 
 
-def test_fewshot_probe_uses_pre_projection_features(model, folders, tmp_path):
+def test_fewshot_probe_uses_pre_projection_features(model, folders, tmp_path, monkeypatch):
+    import openalign.eval.datasets as datasets
     from openalign.eval import evaluate_fewshot, ridge_fewshot_probe
 
+    embedded, embed = [], datasets.embed_images
+    monkeypatch.setattr(datasets, "embed_images", lambda model, transform, paths, *args, **kwargs: embedded.append(
+        len(paths)) or embed(model, transform, paths, *args, **kwargs))
     ours = evaluate_fewshot(model, folders / "train", folders / "val", CPU, shots=3, seeds=(0, 1), show_progress=False)
+    num_train = sum(1 for _ in (folders / "train").rglob("*.png"))
+    assert embedded[0] <= 3 * 6 * 2 < num_train  # only the sampled training images (6 classes, 2 seeds)
     classes = sorted(p.name for p in (folders / "train").iterdir())
     transform = model.config.build_transform(train=False)
     from PIL import Image

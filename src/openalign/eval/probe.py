@@ -28,22 +28,36 @@ def ridge_fewshot_probe(train_features: torch.Tensor, train_labels: torch.Tensor
     Features are the frozen pre-projection ones (CLIPPO: the image tower's pooled output);
     every class needs at least ``shots`` training examples.
     """
-    counts = torch.bincount(train_labels.long().cpu(), minlength=num_classes)
+    accuracies = []
+    for seed in seeds:
+        chosen = fewshot_indices(train_labels, num_classes, shots, seed)
+        accuracies.append(ridge_accuracy(train_features.cpu()[chosen], train_labels.cpu()[chosen], test_features,
+                                         test_labels, num_classes, l2))
+    return {"acc1": sum(accuracies) / len(accuracies), "acc1_per_seed": accuracies}
+
+
+def fewshot_indices(train_labels: torch.Tensor, num_classes: int, shots: int, seed: int) -> torch.Tensor:
+    """The training examples one seed's probe draws: ``shots`` per class, in class order. They
+    depend on the labels alone, so only these need embedding."""
+    labels = train_labels.long().cpu()
+    counts = torch.bincount(labels, minlength=num_classes)
     if int(counts.min()) < shots:
         short = int(counts.argmin())
         raise OpenAlignError(f"class {short} has {int(counts[short])} training examples, fewer than {shots} shots")
-    accuracies = []
-    for seed in seeds:
-        generator = torch.Generator().manual_seed(seed)
-        chosen = torch.cat([torch.nonzero(train_labels.cpu() == c).flatten()[
-            torch.randperm(int(counts[c]), generator=generator)[:shots]] for c in range(num_classes)])
-        x = train_features.cpu()[chosen].double()
-        mean, std = x.mean(dim=0), x.std(dim=0, correction=0) + STD_EPS
-        targets = 2.0 * torch.nn.functional.one_hot(train_labels.cpu()[chosen].long(), num_classes).double() - 1.0
-        weights = ridge_regression(_with_bias((x - mean) / std), targets, l2)
-        predictions = (_with_bias((test_features.double().cpu() - mean) / std) @ weights).argmax(dim=1)
-        accuracies.append((predictions == test_labels.cpu()).double().mean().item())
-    return {"acc1": sum(accuracies) / len(accuracies), "acc1_per_seed": accuracies}
+    generator = torch.Generator().manual_seed(seed)
+    return torch.cat([torch.nonzero(labels == c).flatten()[torch.randperm(int(counts[c]), generator=generator)[:shots]]
+                      for c in range(num_classes)])
+
+
+def ridge_accuracy(x: torch.Tensor, labels: torch.Tensor, test_features: torch.Tensor, test_labels: torch.Tensor,
+                   num_classes: int, l2: float = 1024.0) -> float:
+    """Top-1 accuracy on the test features of the ridge probe fitted to the sampled ``x``."""
+    x = x.cpu().double()
+    mean, std = x.mean(dim=0), x.std(dim=0, correction=0) + STD_EPS
+    targets = 2.0 * torch.nn.functional.one_hot(labels.cpu().long(), num_classes).double() - 1.0
+    weights = ridge_regression(_with_bias((x - mean) / std), targets, l2)
+    predictions = (_with_bias((test_features.double().cpu() - mean) / std) @ weights).argmax(dim=1)
+    return (predictions == test_labels.cpu()).double().mean().item()
 
 
 def ridge_regression(x: torch.Tensor, y: torch.Tensor, l2: float) -> torch.Tensor:
