@@ -196,7 +196,8 @@ def test_the_alip_recipe_is_the_original_and_onecycle_cycles_lr_and_beta1():
 
     recipe = load_recipe("alip-vit-b32-yfcc15m")
     t = recipe.train
-    assert (t.batch_size, t.steps, t.lr, t.weight_decay, t.betas, t.grad_clip) == (4096, 117696, 1e-3, 0.2, (0.9, 0.98), 8.0)
+    assert (t.batch_size, t.steps, t.lr, t.weight_decay, t.betas, t.grad_clip) == (
+        4096, 117696, 1e-3, 0.2, (0.9, 0.98), 8.0)
     assert (t.schedule, t.warmup_steps, t.weight_decay_scope) == ("onecycle", 11770, "all")
     assert recipe.data.train.extra_keys == {"caption": "caption.txt"}
     assert (recipe.loss.gamma_s, recipe.loss.gamma_p, recipe.loss.momentum) == (2.0, 2.0, 0.99)

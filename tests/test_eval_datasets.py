@@ -194,7 +194,8 @@ def test_the_shipped_suites_are_valid():
     assert (clippo.tasks[1].shots, clippo.tasks[1].seeds, clippo.tasks[1].l2) == (10, (0, 1, 2), 1024.0)
     # few-shot: resize(256)|central_crop(224) (spec clippo.md §5.2); zero-shot: the model's resize(224)
     few_shot = clippo.tasks[1].transform(SimpleNamespace(config=openalign.model_config("clippo-b16")))
-    assert (few_shot.config.resize_mode, few_shot.config.resize_size, few_shot.config.image_size) == ("squash", 256, 224)
+    assert (few_shot.config.resize_mode, few_shot.config.resize_size, few_shot.config.image_size) == (
+        "squash", 256, 224)
     assert clippo.tasks[0].preprocess is None
 
 

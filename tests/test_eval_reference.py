@@ -155,7 +155,8 @@ def test_fewshot_ridge_probe_standardises_with_the_population_std_as_big_vision(
     test_x = centres[test_y] + 2.0 * rng.normal(size=(4000, dim))
     result = ridge_fewshot_probe(torch.from_numpy(train_x), torch.from_numpy(train_y), torch.from_numpy(test_x),
                                  torch.from_numpy(test_y), num_classes, shots=shots, seeds=(0, 1, 2))
-    expected = [_numpy_fewshot(train_x, train_y, test_x, test_y, num_classes, shots, seed, 1024.0) for seed in (0, 1, 2)]
+    expected = [_numpy_fewshot(train_x, train_y, test_x, test_y, num_classes, shots, seed, 1024.0)
+                for seed in (0, 1, 2)]
     assert result["acc1_per_seed"] == pytest.approx(expected)
 
 

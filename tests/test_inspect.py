@@ -92,7 +92,8 @@ def test_convert_writes_a_table_as_shards_that_inspect_and_the_training_source_r
     assert sample["text"].startswith("red number") and sample["caption"] == "a red square"
     assert main(["data", "convert", str(tmp_path / "pairs.csv"), "--out", str(out)]) == 2  # never overwrites shards
     with pytest.raises(SystemExit):
-        main(["data", "convert", str(tmp_path / "pairs.csv"), "--out", str(tmp_path / "x"), "--extra-column", "caption"])
+        main(["data", "convert", str(tmp_path / "pairs.csv"), "--out", str(tmp_path / "x"),
+              "--extra-column", "caption"])
     assert "'caption' is not FIELD=COLUMN" in capsys.readouterr().err
 
 

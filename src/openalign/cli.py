@@ -66,7 +66,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         templates = {"templates": tuple(args.template)} if args.template else {}
         task = ZeroShotEvalConfig(root=args.root, classnames=args.classnames, templates_file=args.templates_file,
                                   split=args.split, **templates)
-        root = Path(args.root).resolve()  # a CLIP_benchmark webdataset is named by its folder, split folders by their parent
+        root = Path(args.root).resolve()  # a webdataset is named by its own folder, a split folder by its parent
         dataset = root.name if is_clip_benchmark_wds(root) else root.parent.name or root.name
     elif args.task == "knn":
         task, dataset = KnnEvalConfig(train_root=args.train, val_root=args.val, k=args.k), \

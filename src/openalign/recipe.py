@@ -8,8 +8,6 @@ whole model config inlined, is saved with every checkpoint.
 
 from __future__ import annotations
 
-import math
-
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal

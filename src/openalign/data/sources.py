@@ -503,9 +503,9 @@ class SentencePairsSourceConfig(SourceConfig, tag="sentence_pairs"):
 
     ``path``: text files (a brace pattern or a glob), optionally gzipped: ``.txt`` holds one
     document per line, ``.json`` / ``.jsonl`` one JSON object per line with the document in
-    ``text_field`` (C4's ``c4-train.*.json.gz``). Documents are split into sentences after ``.``, ``!`` or ``?``; pairs whose
-    sentences are shorter than ``min_chars`` are dropped (the paper's filters are unpublished).
-    The pairs are held in memory.
+    ``text_field`` (C4's ``c4-train.*.json.gz``). Documents are split into sentences after ``.``,
+    ``!`` or ``?``; pairs whose sentences are shorter than ``min_chars`` are dropped (the paper's
+    filters are unpublished). The pairs are held in memory.
     """
 
     path: str
