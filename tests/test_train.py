@@ -167,9 +167,10 @@ def test_a_diverged_loss_stops_training_before_it_is_checkpointed(tmp_path, shap
         return loss * float("nan") if len(calls) >= 3 else loss
 
     monkeypatch.setattr(loop, "train_step", diverging)
-    recipe = load_recipe("demo", tiny_overrides(shapes_root, tmp_path, steps=4) + ["run.log_every=4", "eval.tasks=[]"])
-    with pytest.raises(OpenAlignError, match=r"NaN or infinite at 2 step\(s\) up to step 4: .*newest checkpoint: "
-                                             r".*step_00000002"):
+    # NaN from step 3; step 4 checkpoints without logging (log_every 5): the check runs there
+    recipe = load_recipe("demo", tiny_overrides(shapes_root, tmp_path, steps=6) + ["run.log_every=5", "eval.tasks=[]"])
+    with pytest.raises(OpenAlignError, match=r"NaN or infinite within the 4 step\(s\) up to step 4: .*newest "
+                                             r"checkpoint: .*step_00000002"):
         train(recipe, show_progress=False)
     assert [p.name for p in (tmp_path / "checkpoints").glob("step_*")] == ["step_00000002"]
 

@@ -100,7 +100,6 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True)
         with progress:
             bar = progress.add_task("training", total=cfg.steps, completed=start, loss="-", speed="-")
             window = _LogWindow(ctx.device)
-            nonfinite = torch.zeros((), device=ctx.device)  # steps whose loss was NaN or infinite
             batches = iter(loader)
             for step in range(start + 1, cfg.steps + 1):
                 batch = move_to_device(monitor.take(next(batches)), ctx.device, channels_last=True)
@@ -108,12 +107,11 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True)
                 loss = train_step(model, loss_fn, optimizer, scheduler, batch, ctx.device, cfg.precision,
                                   cfg.grad_clip, forward)
                 window.add(loss, getattr(loss_fn, "last_stats", {}))
-                nonfinite += ~torch.isfinite(loss)
                 progress.advance(bar)
                 logs = step % recipe.run.log_every == 0 or step == cfg.steps
                 saves = (recipe.run.checkpoint_every and step % recipe.run.checkpoint_every == 0) or step == cfg.steps
                 if logs or saves:
-                    _stop_if_diverged(nonfinite, step, checkpointer)
+                    _stop_if_diverged(window, step, checkpointer)
                 if logs:
                     scalars = window.scalars(lr, model, cfg.batch_size, monitor)
                     logger.log(step, scalars)
@@ -160,14 +158,15 @@ def train_step(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Opti
     return loss.detach()
 
 
-def _stop_if_diverged(nonfinite: torch.Tensor, step: int, checkpointer: Checkpointer) -> None:
+def _stop_if_diverged(window: _LogWindow, step: int, checkpointer: Checkpointer) -> None:
     """Stop, on every rank, before a NaN or infinite loss is logged as progress or its weights
-    are checkpointed (where pruning would soon delete the last good checkpoint)."""
-    count = int(all_reduce_sum(nonfinite).item())
-    if count:
+    are checkpointed (where pruning would soon delete the last good checkpoint). The window's
+    summed loss, over all ranks, is finite exactly when each of its losses is (any earlier
+    window passed this check)."""
+    if not torch.isfinite(all_reduce_sum(window.loss)):
         newest = checkpointer.checkpoints()
-        raise OpenAlignError(f"the loss was NaN or infinite at {count} step(s) up to step {step}: training stopped "
-                             "without checkpointing them (newest checkpoint: "
+        raise OpenAlignError(f"the loss was NaN or infinite within the {window.steps} step(s) up to step {step}: "
+                             "training stopped without checkpointing them (newest checkpoint: "
                              f"{newest[-1] if newest else 'none'}). Lower train.lr, set train.grad_clip or check the "
                              "data, and train again (resuming would repeat the same steps)")
 
