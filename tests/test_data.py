@@ -263,14 +263,15 @@ def test_table_sources_read_csv_tsv_and_parquet_with_paths_or_bytes_and_drop_bad
     parquet = TableSourceConfig(path=str(tmp_path / "*.parquet"), image_column="jpg", text_column="txt").build(transform, 0)
     torch.testing.assert_close(parquet[(0, 0)]["image"], csv[(0, 0)]["image"])  # the same red image, from bytes
     # Hugging Face datasets' layout: Image structs {bytes, path}, binary captions; a row lacking an extra is dropped
-    hf = pa.table({"image": [{"bytes": data, "path": None} for data in encoded] + [{"bytes": None, "path": None}],
-                   "text": pa.array([b"red", b"blue", b"none"], pa.binary()), "label": [0, None, 2]})
+    structs = [{"bytes": data, "path": None} for data in (*encoded, encoded[0], None)]
+    hf = pa.table({"image": structs, "text": pa.array([b"red", b"blue", b"\xff latin-1", b"none"], pa.binary()),
+                   "label": [0, None, 1, 2]})
     pq.write_table(hf, tmp_path / "hf.parquet")
     caplog.clear()
     rows = TableSourceConfig(path=str(tmp_path / "hf.parquet"), text_column="text", extra_columns={"label": "label"}
                              ).rows()
     assert [(image, text, extra) for image, text, extra in rows] == [(encoded[0], "red", {"label": 0})]
-    assert "1 row(s) with missing image file, 1 row(s) with empty label" in caplog.text
+    assert "1 row(s) with caption not UTF-8, 1 row(s) with missing image file, 1 row(s) with empty label" in caplog.text
     pq.write_table(pa.table({"image": [1.5], "caption": ["x"]}), tmp_path / "float.parquet")
     with pytest.raises(OpenAlignError, match="column 'image' holds float '1.5'; expected image paths, encoded"):
         TableSourceConfig(path=str(tmp_path / "float.parquet")).rows()

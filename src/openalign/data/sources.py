@@ -27,8 +27,8 @@ from ..config import Variants
 from ..distributed import barrier, world_info
 from ..errors import ConfigError, OpenAlignError
 from .karpathy import CaptionedImage, read_karpathy
-from .quality import (NO_IMAGE, REPEATED_FIELD, UNDECODABLE_RECORD, SkipPolicy, SkipSample, caption_text, decode_pixels,
-                      open_image)
+from .quality import (CAPTION_NOT_UTF8, EMPTY_CAPTION, NO_IMAGE, REPEATED_FIELD, UNDECODABLE_RECORD, SkipPolicy,
+                      SkipSample, caption_text, decode_pixels, open_image)
 from .shards import expand_urls, open_url, stream_samples
 from .shapes import ShapesSpec, build_shapes_dataset
 from .stream import ResumableStream, ShardStream
@@ -162,7 +162,7 @@ class TableSourceConfig(SourceConfig, tag="table"):
         if not tables:
             raise OpenAlignError(f"no table matches '{self.path}' (data.train.path: .csv, .tsv or .parquet files)")
         rows: list[tuple[Path | bytes, str, dict[str, Any]]] = []
-        dropped = {"empty caption": 0, "caption not UTF-8": 0, "missing image file": 0,
+        dropped = {EMPTY_CAPTION: 0, CAPTION_NOT_UTF8: 0, "missing image file": 0,
                    **{f"empty {name}": 0 for name in self.extra_columns}}
         for table_path in map(Path, tables):
             columns = _read_table(table_path)
@@ -174,13 +174,10 @@ class TableSourceConfig(SourceConfig, tag="table"):
                                      "extra_columns)")
             root = Path(self.image_root) if self.image_root is not None else table_path.parent
             for number, (image, text) in enumerate(zip(columns[self.image_column], columns[self.text_column])):
-                try:
-                    text = _cell(text.decode() if isinstance(text, bytes) else "" if text is None else str(text))
-                except UnicodeDecodeError:
-                    dropped["caption not UTF-8"] += 1
-                    continue
-                if not text:
-                    dropped["empty caption"] += 1
+                try:  # the checks shard captions get; a number (CSV typing) is its text
+                    text = caption_text(text if text is None or isinstance(text, bytes) else str(text), EMPTY_CAPTION)
+                except SkipSample as skip:
+                    dropped[skip.reason] += 1
                     continue
                 image = _image_cell(image, table_path, self.image_column)
                 if isinstance(image, str):
