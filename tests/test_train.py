@@ -135,6 +135,30 @@ def test_grad_clip_bounds_the_global_gradient_norm():
     assert moved == pytest.approx(1e-3, rel=1e-3)  # plain SGD at lr 1 moves by exactly the clipped norm
 
 
+def test_the_logit_scale_cap_holds_the_parameter_and_lets_the_loss_lower_the_scale():
+    import math
+
+    torch.manual_seed(0)
+    model = openalign.create_model("align-test", image={"virtual_batch_size": None}, temperature_init=0.1,
+                                   max_logit_scale=20.0)
+    tokens = openalign.get_tokenizer("align-test")(["a red circle", "a blue square"])
+    batch = {"image": torch.randn(2, 3, 32, 32), "text": tokens}
+    adam = torch.optim.Adam([model.log_temperature], lr=0.5)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(adam, lambda step: 1.0)
+
+    def step(sign: float) -> None:
+        train_step(model, lambda logit_scale, **_: sign * logit_scale, adam, scheduler, batch,
+                   torch.device("cpu"), "fp32")
+
+    for _ in range(5):  # raising the scale from 10 by ~0.5 in log per step: the parameter stops at the cap
+        step(-1.0)
+        assert model.log_temperature.item() >= -math.log(20.0) - 1e-6
+    assert model.logit_scale.item() == pytest.approx(20.0)
+    for _ in range(20):  # against Adam's upward momentum, a loss that lowers the scale moves it off the cap
+        step(+1.0)
+    assert model.logit_scale.item() < 19.0
+
+
 def test_a_fresh_run_refuses_an_output_dir_holding_checkpoints(trained_run, shapes_root, tiny_overrides):
     output, _ = trained_run
     with pytest.raises(OpenAlignError, match=r"already holds checkpoints .*step_00000004.*--resume latest"):

@@ -23,7 +23,8 @@ class DualEncoderConfig(ModelConfig, tag="dual_encoder"):
     With ``image_projection: false`` (ALIGN B7 and L2) the pooled image features are the
     embedding and must already be ``embed_dim`` wide; likewise ``text_projection`` (ALIGN always
     projects text, with bias; CLIP towers project inside). ``temperature_init`` is τ at step 0
-    (logits = cosine / τ); ``max_logit_scale`` caps 1/τ (CLIP, ALIP: 100).
+    (logits = cosine / τ); ``max_logit_scale`` caps 1/τ (CLIP, ALIP: 100) in the logits and, after
+    every training step, in the parameter.
 
     ``text_fields`` are the batch fields the one text tower embeds, each into ``<field>_emb``:
     ``[text]`` for ALIGN, ``[text, caption]`` for ALIP's bi-path model (raw text and synthetic
@@ -114,9 +115,24 @@ class DualEncoder(nn.Module):
     @property
     def logit_scale(self) -> torch.Tensor:
         """The multiplier of cosine similarities in the logits: 1 / temperature, at most
-        ``max_logit_scale`` (past the cap only weight decay moves the parameter)."""
+        ``max_logit_scale``.
+
+        Training keeps the parameter within the cap (:meth:`constrain_parameters`); the cap here
+        covers loaded weights past it. Its gradient is the uncapped one, so that at the cap the
+        loss can still lower the scale (``clamp`` would pass no gradient there, as open_clip,
+        which clamps only the parameter, does).
+        """
         scale = (-self.log_temperature).exp()
-        return scale if self.config.max_logit_scale is None else scale.clamp(max=self.config.max_logit_scale)
+        if self.config.max_logit_scale is None:
+            return scale
+        return scale - (scale - self.config.max_logit_scale).clamp(min=0).detach()
+
+    @torch.no_grad()
+    def constrain_parameters(self) -> None:
+        """Clamp the log-temperature into ``max_logit_scale``'s range; the trainer calls this after
+        every optimiser step, as open_clip and ALIP clamp ``logit_scale`` (shared spec alip.md §1)."""
+        if self.config.max_logit_scale is not None:
+            self.log_temperature.clamp_(min=-math.log(self.config.max_logit_scale))
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names that optimisers must neither decay nor adapt (timm's convention)."""

@@ -140,7 +140,8 @@ def train_step(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Opti
     """One optimiser step on ``batch``; returns the detached loss without synchronising with the device.
 
     ``forward`` is what runs the model (its DDP or compiled wrapper); ``model.input_fields``
-    names the batch fields it takes, and its outputs go to ``loss_fn`` by name.
+    names the batch fields it takes, and its outputs go to ``loss_fn`` by name. After the step,
+    ``model.constrain_parameters()``, where the model has it, projects parameters back into range.
     """
     missing = [name for name in model.input_fields if name not in batch]
     if missing:
@@ -155,6 +156,8 @@ def train_step(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Opti
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     scheduler.step()
+    if hasattr(model, "constrain_parameters"):  # e.g. the logit-scale cap
+        model.constrain_parameters()
     return loss.detach()
 
 
