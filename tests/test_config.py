@@ -110,6 +110,14 @@ def test_bad_optimiser_settings_are_config_errors(override, message):
         load_recipe("demo", [override])
 
 
+@pytest.mark.parametrize("key", ["lr", "grad_clip", "eps"])
+def test_train_settings_built_in_python_refuse_nan_too(key):
+    from openalign.recipe import TrainConfig
+
+    with pytest.raises(ConfigError, match=f"'{key}' must be a finite number"):
+        TrainConfig(steps=10, batch_size=8, **{key: float("nan")})
+
+
 def test_registry_lists_the_align_family():
     assert {"align-b3-mini", "align-b7-base", "align-l2-large", "align-tiny", "align-test"} <= set(openalign.list_models())
     with pytest.raises(ConfigError, match="did you mean 'align-b7-base'"):

@@ -8,6 +8,7 @@ whole model config inlined, is saved with every checkpoint.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -77,6 +78,9 @@ class TrainConfig:
         for key in ("steps", "batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError("must be at least 1", key)
+        for key in ("lr", "weight_decay", "eps", "grad_clip"):  # YAML refuses these; Python callers too
+            if getattr(self, key) is not None and not math.isfinite(getattr(self, key)):
+                raise ConfigError("must be a finite number", key)
         if self.lr <= 0:
             raise ConfigError("must be a positive number", "lr")
         if self.weight_decay < 0:
