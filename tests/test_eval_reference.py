@@ -3,6 +3,8 @@ own recall_at_k and accuracy), scikit-learn, a primal ridge solve in numpy, and 
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -177,3 +179,48 @@ def test_logistic_regression_probe_equals_scikit_learn():
     np.testing.assert_allclose(weight.numpy().T, reference.coef_, atol=1e-4)
     np.testing.assert_allclose(bias.numpy() - bias.numpy().mean(), reference.intercept_ - reference.intercept_.mean(),
                                atol=1e-4)
+
+
+def test_c_search_halves_its_step_around_the_peak_down_to_eight_points_a_decade():
+    from openalign.eval.probe import search_c
+
+    scored = []
+
+    def peaked(c):  # best at 10^1.375; 10^1.25 and 10^1.5 tie on the way, and the smaller wins
+        scored.append(round(math.log10(c), 3))
+        return -abs(math.log10(c) - 1.375)
+
+    assert search_c(peaked) == pytest.approx(10 ** 1.375)
+    assert scored == [-6, -4, -2, 0, 2, 4, 6, 1, 3, 0.5, 1.5, 1.25, 1.75, 1.125, 1.375]  # 15 fits, not 97
+    assert search_c(lambda c: 0.5) == pytest.approx(1e-6)  # ties: the strongest regularisation
+
+
+def test_logistic_regression_probe_chooses_c_on_held_out_training_examples():
+    from sklearn.linear_model import LogisticRegression
+
+    from openalign.eval import logistic_regression_probe
+    from openalign.eval.probe import stratified_split
+
+    rng = np.random.default_rng(2)  # few noisy examples in many dimensions: strong regularisation wins
+    num_classes, dim = 3, 40
+    centres = rng.normal(size=(num_classes, dim))
+    train_y, test_y = np.repeat(np.arange(num_classes), 20), rng.integers(0, num_classes, 300)
+    train_x = 0.3 * centres[train_y] + rng.normal(size=(60, dim))
+    test_x = 0.3 * centres[test_y] + rng.normal(size=(300, dim))
+    args = (torch.from_numpy(train_x), torch.from_numpy(train_y), torch.from_numpy(test_x), torch.from_numpy(test_y),
+            num_classes)
+    chosen = logistic_regression_probe(*args, c=None)
+    assert chosen == logistic_regression_probe(*args, c=chosen["c"])  # then refitted on all training examples
+
+    fit, held_out = (rows.numpy() for rows in stratified_split(torch.from_numpy(train_y), 0.2, seed=0))
+    assert len(held_out) == 12 and set(train_y[held_out]) == {0, 1, 2}  # 4 of each class's 20
+    assert sorted(np.concatenate([fit, held_out])) == list(range(60))
+    mean, std = train_x[fit].mean(0), train_x[fit].std(0) + 1e-5
+
+    def held_out_accuracy(c):  # scikit-learn's fit on the same rows, scored on the held-out ones
+        model = LogisticRegression(C=c, max_iter=5000, tol=1e-10).fit((train_x[fit] - mean) / std, train_y[fit])
+        return float((model.predict((train_x[held_out] - mean) / std) == train_y[held_out]).mean())
+
+    best = held_out_accuracy(chosen["c"])
+    assert all(best >= held_out_accuracy(10.0 ** exponent) for exponent in range(-6, 7, 2))
+    assert chosen["c"] < 1.0

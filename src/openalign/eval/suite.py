@@ -176,10 +176,10 @@ def _example_section(examples: list[Path], folder: Path) -> list[str]:
 
 
 def _format(metric: str, value: Any) -> str:
-    """Recalls and accuracies as percentages; ranks and losses as numbers; none or NaN (acc5 of
+    """Recalls and accuracies as percentages; ranks, losses and the probe's C as numbers; none or NaN (acc5 of
     fewer than 5 classes) as a dash."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
     if not isinstance(value, (int, float)):
         return str(value)
-    return f"{value:.4g}" if metric.endswith(("_rank", "loss")) else f"{100 * value:.2f}"
+    return f"{value:.4g}" if metric.endswith(("_rank", "loss")) or metric == "c" else f"{100 * value:.2f}"

@@ -178,15 +178,16 @@ class FewShotEvalConfig(EvalTaskConfig, tag="fewshot"):
 @dataclass
 class LinearProbeEvalConfig(EvalTaskConfig, tag="linear_probe"):
     """The full-data logistic-regression probe on pre-projection features: fit on ``train_root``'s
-    class folders, scored on ``val_root``; ``c`` is the inverse L2 strength (scikit-learn's C)."""
+    class folders, scored on ``val_root``; ``c`` is the inverse L2 strength (scikit-learn's C),
+    by default (null) chosen on a held-out 20% of the training images, as CLIP chose it."""
 
     train_root: str
     val_root: str
-    c: float = 1.0
+    c: float | None = None
 
     def __post_init__(self) -> None:
-        if self.c <= 0:
-            raise ConfigError("must be positive", "c")
+        if self.c is not None and self.c <= 0:
+            raise ConfigError("must be positive, or null to choose it on held-out training images", "c")
 
     def run(self, model: nn.Module, device: torch.device, batch_size: int, show_progress: bool = True) -> dict[str, float]:
         return evaluate_linear_probe(model, self.train_root, self.val_root, device, self.c, batch_size, show_progress,
