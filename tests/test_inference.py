@@ -91,6 +91,7 @@ def test_optimize_for_inference_folds_batch_norm_and_keeps_the_embeddings(tmp_pa
     assert set(model.state_dict()) == keys and not model.training
     with pytest.raises(OpenAlignError, match="cannot train"):
         fast.train()
+    assert not any(module.training for module in fast.modules())  # no dropout in the text tower after the refusal
     with pytest.raises(OpenAlignError, match="save the model it was made from"):
         fast.save_pretrained(tmp_path / "fast")
     assert not (tmp_path / "fast").exists()

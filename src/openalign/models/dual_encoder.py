@@ -134,6 +134,11 @@ class DualEncoder(nn.Module):
         if self.config.max_logit_scale is not None:
             self.log_temperature.clamp_(min=-math.log(self.config.max_logit_scale))
 
+    def train(self, mode: bool = True) -> DualEncoder:
+        if mode:  # a tower that refuses training (optimize_for_inference) refuses before any module switches
+            self.image_tower.train()
+        return super().train(mode)
+
     def no_weight_decay(self) -> set[str]:
         """Parameter names that optimisers must neither decay nor adapt (timm's convention)."""
         return {"log_temperature"}

@@ -101,7 +101,7 @@ class ConvNorm(nn.Module):
         and the batch norm by the identity."""
         conv_name, norm_name = self.folded_names
         setattr(self, conv_name, fuse_conv_bn_eval(getattr(self, conv_name), getattr(self, norm_name)))
-        setattr(self, norm_name, nn.Identity())
+        setattr(self, norm_name, nn.Identity().eval())  # eval like the rest of the folded tower
 
 
 class Stem(ConvNorm):
