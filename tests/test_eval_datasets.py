@@ -405,6 +405,26 @@ def test_clip_benchmark_webdataset_layouts_give_the_same_results_as_files(model,
         evaluate_retrieval(model, retrieval, CPU, show_progress=False)
 
 
+def test_a_webdataset_root_that_cannot_be_written_is_extracted_under_the_cache_directory(tmp_path, monkeypatch):
+    from openalign.eval.clip_benchmark_wds import read_split
+
+    root = tmp_path / "wds_tiny"
+    _write_tar(root / "test" / "0.tar", {"a.png": b"A" * 10, "a.cls": b"1", "b.jpg": b"B" * 20, "b.cls": b"0"})
+    (root / "classnames.txt").write_text("cat\ndog\n")
+    (root / ".openalign").write_text("")  # not a directory: as a read-only mount, nothing can be made there
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    first = read_split(root)
+    target = first.paths[0].parent
+    assert target.parent.parent == tmp_path / "cache" / "openalign" / "wds" and target.name == "test"
+    assert [p.name for p in first.paths] == ["0_a.png", "0_b.jpg"] and first.labels == [1, 0]
+    (target / "0_b.jpg").write_bytes(b"B" * 5)  # an interrupted extraction: rewritten whole
+    assert read_split(root) == first and (target / "0_b.jpg").read_bytes() == b"B" * 20
+    assert sorted(p.name for p in target.iterdir()) == ["0_a.png", "0_b.jpg"]  # no temporary files left
+    monkeypatch.setenv("XDG_CACHE_HOME", str(root / ".openalign"))
+    with pytest.raises(OpenAlignError, match=r"cannot extract the images of .* set XDG_CACHE_HOME to a writable"):
+        read_split(root)
+
+
 def test_linear_probe_task_fits_on_all_training_features(model, folders, tmp_path):
     from openalign.eval import evaluate_linear_probe, logistic_regression_probe
 

@@ -6,17 +6,24 @@
     ROOT/<split>/0.tar, 1.tar, ...                samples: KEY.webp|png|jpg + KEY.cls (class index)
                                                   or KEY.txt (captions, one per line)
 
-The images are extracted once to ``ROOT/.openalign/<split>/`` (or another directory), so that
-the evaluation reads files like every other task and the embedding cache can key them.
+The images are extracted once to ``ROOT/.openalign/<split>/`` (or another directory; under
+``~/.cache/openalign/wds/`` when ROOT is read-only), so that the evaluation reads files like every
+other task and the embedding cache can key them.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
 import tarfile
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import OpenAlignError
+
+log = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("webp", "png", "jpg", "jpeg")
 
@@ -39,7 +46,12 @@ def is_clip_benchmark_wds(root: str | Path) -> bool:
 
 
 def read_split(root: str | Path, split: str = "test", extract_to: str | Path | None = None) -> WdsSplit:
-    """Extract (once) and index ``root/<split>/*.tar``; errors say what the layout should be."""
+    """Extract (once) and index ``root/<split>/*.tar``; errors say what the layout should be.
+
+    The shards are streamed: images go to files as they are read (each written whole under a
+    temporary name, then renamed, so that ranks extracting together never read a half-written
+    file), and only labels and captions are kept in memory.
+    """
     root = Path(root)
     shards = sorted((root / split).glob("*.tar"), key=lambda p: (len(p.stem), p.stem))
     if not shards:
@@ -48,34 +60,37 @@ def read_split(root: str | Path, split: str = "test", extract_to: str | Path | N
     kind = (root / "dataset_type.txt").read_text().strip() if (root / "dataset_type.txt").is_file() else "classification"
     if kind not in ("classification", "retrieval"):
         raise OpenAlignError(f"'{root}' is a '{kind}' dataset; openalign evaluates classification and retrieval")
-    target = Path(extract_to) if extract_to is not None else root / ".openalign" / split
-    target.mkdir(parents=True, exist_ok=True)
-    samples: dict[str, dict[str, bytes]] = {}
+    target = _extraction_dir(root, split, extract_to)
+    field = "txt" if kind == "retrieval" else "cls"
+    images: dict[str, dict[str, Path]] = {}
+    fields: dict[str, bytes] = {}
     for shard in shards:
         try:
             with tarfile.open(shard) as archive:
                 for member in archive:
-                    if member.isfile() and "." in Path(member.name).name:
-                        key, extension = Path(member.name).name.split(".", 1)
-                        samples.setdefault(f"{shard.stem}/{key}", {})[extension.lower()] = archive.extractfile(member).read()
+                    name = Path(member.name).name
+                    if not member.isfile() or "." not in name:
+                        continue
+                    key, extension = name.split(".", 1)
+                    key, extension = f"{shard.stem}/{key}", extension.lower()
+                    if extension in IMAGE_KEYS:
+                        images.setdefault(key, {})[extension] = _extract(archive, member, target / (
+                            f"{key.replace('/', '_')}.{extension}"))
+                    elif extension == field:
+                        fields[key] = archive.extractfile(member).read()
         except (tarfile.TarError, OSError) as error:
             raise OpenAlignError(f"cannot read shard '{shard}': {error}") from None
-    paths, labels, captions, keys = [], [], [], []
-    field = "txt" if kind == "retrieval" else "cls"
-    for key, sample in samples.items():
-        image_key = next((name for name in IMAGE_KEYS if name in sample), None)
-        if image_key is None or field not in sample:
+    paths, labels, captions = [], [], []
+    keys = list(dict.fromkeys([*images, *fields]))  # in shard order
+    for key in keys:
+        if key not in images or key not in fields:
             raise OpenAlignError(f"sample '{key}' of '{root / split}' lacks an image ({'/'.join(IMAGE_KEYS)}) or "
                                  f"its .{field}")
-        path = target / f"{key.replace('/', '_')}.{image_key}"
-        if not path.is_file() or path.stat().st_size != len(sample[image_key]):
-            path.write_bytes(sample[image_key])
-        paths.append(path)
+        paths.append(next(images[key][name] for name in IMAGE_KEYS if name in images[key]))
         if kind == "retrieval":
-            captions.append([line.strip() for line in sample["txt"].decode().splitlines() if line.strip()])
+            captions.append([line.strip() for line in fields[key].decode().splitlines() if line.strip()])
         else:
-            labels.append(_label(sample["cls"], key, root / split))
-            keys.append(key)
+            labels.append(_label(fields[key], key, root / split))
     metadata = [root / "classnames.txt", root / "zeroshot_classification_templates.txt"]
     classnames, templates = (read_lines(path) if path.is_file() else None for path in metadata)
     if classnames is not None:
@@ -85,6 +100,48 @@ def read_split(root: str | Path, split: str = "test", extract_to: str | Path | N
                                      f"{len(classnames)} classes of {root / 'classnames.txt'}")
     return WdsSplit(paths, None if kind == "retrieval" else labels, captions if kind == "retrieval" else None,
                     classnames, templates)
+
+
+def _extraction_dir(root: Path, split: str, extract_to: str | Path | None) -> Path:
+    """``extract_to``, else ``root/.openalign/<split>``, else (a read-only root, as shared dataset
+    mounts often are) ``~/.cache/openalign/wds/<root's hash>/<split>``."""
+    if extract_to is not None:
+        candidates = [Path(extract_to)]
+    else:
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "openalign" / "wds"
+        digest = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
+        candidates = [root / ".openalign" / split, cache / f"{root.name}-{digest}" / split]
+    for index, target in enumerate(candidates):
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            problem = error
+            continue
+        if os.access(target, os.W_OK):
+            if index:
+                log.info("'%s' is read-only: extracting its images to %s", root, target)
+            return target
+        problem = PermissionError(f"'{target}' is not writable")
+    remedy = "pass a writable directory" if extract_to is not None else "set XDG_CACHE_HOME to a writable directory"
+    raise OpenAlignError(f"cannot extract the images of '{root / split}' to {' or '.join(map(str, candidates))}: "
+                         f"{problem}; {remedy}") from None
+
+
+def _extract(archive: tarfile.TarFile, member: tarfile.TarInfo, path: Path) -> Path:
+    """``member`` written to ``path`` unless a file of its size is there, whole or not at all."""
+    if path.is_file() and path.stat().st_size == member.size:
+        return path
+    data, temporary = archive.extractfile(member).read(), None
+    try:
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
+            temporary = Path(handle.name)
+            handle.write(data)
+        os.replace(temporary, path)
+    except OSError as error:
+        if temporary is not None:
+            temporary.unlink(missing_ok=True)
+        raise OpenAlignError(f"cannot write the extracted image '{path}': {error}") from None
+    return path
 
 
 def _label(data: bytes, key: str, split: Path) -> int:
