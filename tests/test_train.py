@@ -199,21 +199,23 @@ def test_a_diverged_loss_stops_training_before_it_is_checkpointed(tmp_path, shap
     assert [p.name for p in (tmp_path / "checkpoints").glob("step_*")] == ["step_00000002"]
 
 
-def test_a_onecycle_schedule_resumes_onto_a_longer_run():
+@pytest.mark.parametrize("schedule", ["onecycle", "cosine", "linear"])
+def test_a_schedule_resumes_onto_a_longer_run(schedule):
     def scheduler(total: int) -> torch.optim.lr_scheduler.LRScheduler:
         optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
-        return build_scheduler(optimizer, "onecycle", 3, total)
+        return build_scheduler(optimizer, schedule, 3, total)
 
     short, longer, fresh = scheduler(10), scheduler(20), scheduler(20)
     for _ in range(6):
         short.optimizer.step(), short.step(), fresh.optimizer.step(), fresh.step()
-    longer.optimizer.load_state_dict(short.optimizer.state_dict())
+    longer.optimizer.load_state_dict(short.optimizer.state_dict())  # as a checkpoint restores them
     load_scheduler_state(longer, short.state_dict())
     for _ in range(14):  # past the old length, on the new one: as if built with 20 steps from the start
+        # the rate and momentum each step uses, the first one after resuming included
+        assert longer.optimizer.param_groups[0]["lr"] == pytest.approx(fresh.optimizer.param_groups[0]["lr"])
+        assert longer.optimizer.param_groups[0]["betas"] == pytest.approx(fresh.optimizer.param_groups[0]["betas"])
         for each in (longer, fresh):
             each.optimizer.step(), each.step()
-        assert longer.get_last_lr() == fresh.get_last_lr()
-        assert longer.optimizer.param_groups[0]["betas"] == fresh.optimizer.param_groups[0]["betas"]
 
 
 def test_resuming_an_earlier_checkpoint_refuses_a_directory_with_later_ones(tmp_path):

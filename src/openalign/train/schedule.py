@@ -62,7 +62,14 @@ def build_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup_step
 def load_scheduler_state(scheduler: LRScheduler, state: dict) -> None:
     """Restore ``scheduler``'s position from a checkpoint's ``state``, keeping the length it was
     built with: a resumed run may extend ``train.steps``, and ``OneCycleLR`` would otherwise take
-    back the old length with its state (and refuse to step past it)."""
+    back the old length with its state (and refuse to step past it).
+
+    The optimiser's rate (and OneCycle's momentum), restored with the optimiser, is the old
+    schedule's: it is taken again at the same position on this one, so that the first step after
+    resuming a longer run already follows the new schedule (on the same length, nothing changes).
+    """
     if isinstance(scheduler, OneCycleLR):
         state = {key: value for key, value in state.items() if key not in ("total_steps", "_schedule_phases")}
     scheduler.load_state_dict(state)
+    scheduler.last_epoch -= 1
+    scheduler.step()
