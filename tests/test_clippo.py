@@ -198,14 +198,14 @@ def test_the_coco_and_yfcc_recipes_are_big_visions_settings():
     assert (yfcc.loss.label_smoothing, yfcc.loss.directions) == (0.0, "mean")
 
 
-def test_init_from_is_refused_for_models_that_cannot_read_a_checkpoint(tmp_path, shapes_root):
+def test_an_init_from_that_names_no_model_is_a_config_error(tmp_path, shapes_root):
     from conftest import tiny_recipe_overrides
     from openalign.errors import ConfigError
     from openalign.recipe import load_recipe
     from openalign.train import train
 
     recipe = load_recipe("demo", tiny_recipe_overrides(shapes_root, tmp_path / "run") + ["train.init_from=x"])
-    with pytest.raises(ConfigError, match="train.init_from"):
+    with pytest.raises(ConfigError, match="'train.init_from' cannot initialise this model: 'x' is neither"):
         train(recipe, show_progress=False)
     with pytest.raises(ConfigError, match="train.init_from"):  # a first run under --resume latest reads it too
         train(recipe, resume="latest", show_progress=False)

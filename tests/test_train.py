@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import openalign
-from conftest import train_until_preempted
+from conftest import tiny_recipe_overrides, train_until_preempted
 from openalign.distributed import DistributedContext
 from openalign.errors import ConfigError, OpenAlignError
 from openalign.recipe import load_recipe
@@ -102,6 +102,36 @@ def test_loading_weights_of_another_architecture_lists_the_offending_keys(traine
     output, _ = trained_run
     with pytest.raises(OpenAlignError, match=r"does not fit this model \(.*wrong shape: .*another architecture"):
         load_weights(openalign.create_model("align-tiny"), output / "checkpoints" / "step_00000004" / WEIGHTS_FILE)
+
+
+def test_a_run_starts_from_the_trained_model_train_init_from_names(trained_run, shapes_root, tmp_path):
+    output, _ = trained_run
+    source = load_checkpoint_model(output)
+    recipe = load_recipe("demo", tiny_recipe_overrides(shapes_root, tmp_path / "tuned", steps=1) + [
+        f"train.init_from={output}", "train.lr=1e-12", "eval.tasks=[]"])
+    train(recipe, show_progress=False)
+    tuned = load_checkpoint_model(tmp_path / "tuned")
+    fresh = openalign.create_model("align-test")
+    for (name, param), start in zip(tuned.named_parameters(), source.parameters()):
+        torch.testing.assert_close(param, start, atol=1e-8, rtol=0, msg=name)  # one step at lr 1e-12
+    assert not torch.allclose(fresh.text_projection.weight, source.text_projection.weight)
+    other = load_recipe("demo", tiny_recipe_overrides(shapes_root, tmp_path / "other", steps=1) + [
+        f"train.init_from={output}", "model.embed_dim=48", "eval.tasks=[]"])
+    with pytest.raises(ConfigError, match=r"train.init_from' cannot initialise this model: .* does not fit this "
+                                          r"model \(wrong shape: image_projection.weight \(32, 80\) \(model: \(48, "):
+        train(other, show_progress=False)
+
+
+def test_init_from_reads_a_hugging_face_align_model(tmp_path):
+    torch.manual_seed(0)
+    source = openalign.create_model("align-test", image_projection=False, embed_dim=80).eval()
+    source.save_pretrained(tmp_path / "hf", format="hf")
+    model = openalign.create_model("align-test", image_projection=False, embed_dim=80)
+    model.init_from(tmp_path / "hf")
+    for (name, value), expected in zip(model.state_dict().items(), source.state_dict().values()):
+        torch.testing.assert_close(value, expected, msg=name)
+    with pytest.raises(OpenAlignError, match=r"'.*hf' does not fit this model \(missing: image_projection.weight"):
+        openalign.create_model("align-test").init_from(tmp_path / "hf")
 
 
 def test_batch_that_does_not_fill_ghost_batches_is_a_config_error(tmp_path, shapes_root, tiny_overrides):

@@ -156,6 +156,17 @@ class DualEncoder(nn.Module):
         features = _project(self.text_projection, self.text_tower(input_ids, attention_mask))
         return F.normalize(features, dim=-1) if normalize else features
 
+    def init_from(self, name_or_path: str | Path) -> None:
+        """``train.init_from``: start from the weights of a trained model of this architecture, read
+        as :func:`openalign.load_pretrained` reads it (an openalign model, checkpoint or run
+        directory; a Hugging Face ``AlignModel`` directory or hub id, so that a recipe can
+        fine-tune ``kakaobrain/align-base``). Every weight must match by name and shape."""
+        from ..pretrained import load_pretrained
+        from ..train.checkpoint import load_state
+
+        source = load_pretrained(name_or_path)[0]
+        load_state(self, source.state_dict(), f"'{name_or_path}'")
+
     def save_pretrained(self, directory: str | Path, format: str = "openalign", overwrite: bool = False) -> Path:
         """Write the model, its tokenizer and preprocessing: ``format="openalign"`` (read back by
         ``openalign.load_pretrained``) or ``"hf"`` (a ``transformers`` ``AlignModel`` directory)."""

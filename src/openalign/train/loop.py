@@ -229,7 +229,10 @@ def _initialise(model: nn.Module, path: str) -> None:
     if init_from is None:
         raise ConfigError(f"is set, but {type(model).__name__} cannot be initialised from a checkpoint file; "
                           "to continue an openalign run, pass --resume instead", "train.init_from")
-    init_from(path)
+    try:
+        init_from(path)
+    except OpenAlignError as error:  # a missing path, another architecture: named as the recipe's key
+        raise ConfigError(f"cannot initialise this model: {error}", "train.init_from") from None
 
 
 def _per_rank_batch(batch_size: int, world_size: int) -> int:
