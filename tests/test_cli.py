@@ -42,6 +42,12 @@ def test_data_shapes_writes_the_dataset(tmp_path, capsys):
                                    ("--train", "-3", "num_train must be at least 1, got -3")):
         assert main(["data", "shapes", "--out", str(tmp_path / "bad"), option, value]) == 2
         assert message in capsys.readouterr().err
+    from openalign.cli import build_parser
+    from openalign.recipe import load_recipe
+
+    defaults = build_parser().parse_args(["data", "shapes", "--out", "runs/demo/data"])
+    demo = load_recipe("demo").data.train  # so that a dataset built ahead is the one the demo accepts
+    assert (defaults.train, defaults.test, defaults.image_size) == (demo.num_train, demo.num_test, demo.image_size)
 
 
 def test_train_then_eval_through_the_console_script(tmp_path, shapes_root, tiny_overrides):

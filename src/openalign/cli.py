@@ -447,9 +447,10 @@ def build_parser() -> argparse.ArgumentParser:
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="DATASET")
     build = data_commands.add_parser("shapes", help="write the built-in shapes dataset")
     build.add_argument("--out", required=True, help="output directory")
-    build.add_argument("--train", type=int, default=20000, help="training images (default 20000)")
+    build.add_argument("--train", type=int, default=10000, help="training images (default 10000, as the recipes)")
     build.add_argument("--test", type=int, default=500, help="test images, 5 captions each (default 500)")
-    build.add_argument("--image-size", type=int, default=64, help="image side in pixels (default 64)")
+    build.add_argument("--image-size", type=int, default=48,
+                       help="image side in pixels (default 48: the demo's; clippo-shapes takes 96)")
     build.add_argument("--alt-text-noise", type=float, default=0.0,
                        help="share of training captions replaced by web noise (ALIP experiments; default 0)")
     build.add_argument("--seed", type=int, default=0)
