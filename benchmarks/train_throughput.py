@@ -34,9 +34,11 @@ def synthetic_batch(model: torch.nn.Module, batch_size: int, device: torch.devic
             "text": {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}}
 
 
-def measure(name: str, batch_size: int, device: torch.device, steps: int, warmup: int, compile: bool) -> dict:
+def measure(name: str, batch_size: int, device: torch.device, steps: int, warmup: int, compile: bool,
+            standard_bn: bool = False) -> dict:
     torch.manual_seed(0)
-    model = openalign.create_model(name).to(device).to(memory_format=torch.channels_last)
+    overrides = {"image": {"virtual_batch_size": None}} if standard_bn else {}
+    model = openalign.create_model(name, **overrides).to(device).to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, "lamb", 1e-3, 1e-5, (0.9, 0.999), 1e-6, device)
     scheduler = build_scheduler(optimizer, "constant", 0, steps + warmup)
     forward = torch.compile(model) if compile else model
@@ -57,7 +59,8 @@ def measure(name: str, batch_size: int, device: torch.device, steps: int, warmup
         peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # process peak RSS (KiB on Linux)
     return {"model": name, "batch_size": batch_size, "samples_per_second": batch_size * steps / seconds,
             "seconds_per_step": seconds / steps, "peak_memory_gib": peak_gib,
-            "precision": "bf16" if device.type == "cuda" else "fp32", "compile": compile}
+            "precision": "bf16" if device.type == "cuda" else "fp32", "compile": compile,
+            "batch_norm": "standard" if standard_bn else "ghost"}
 
 
 def main() -> None:
@@ -68,17 +71,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--standard-bn", action="store_true",
+                        help="standard batch norm instead of the models' ghost batch norm (virtual_batch_size null)")
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "train_throughput.json")
     args = parser.parse_args()
     device = torch.device(args.device)
-    rows = [measure(name, batch, device, args.steps, args.warmup, args.compile)
+    rows = [measure(name, batch, device, args.steps, args.warmup, args.compile, args.standard_bn)
             for name in args.models for batch in args.batch_sizes]
     env = environment(device)
-    cells = [(row["model"], str(row["batch_size"]), row["precision"], str(row["compile"]),
+    cells = [(row["model"], str(row["batch_size"]), row["batch_norm"], row["precision"], str(row["compile"]),
               f"{row['samples_per_second']:.1f}", f"{row['seconds_per_step']:.3f}", f"{row['peak_memory_gib']:.2f}")
              for row in rows]
     report(f"training throughput on {env['device']} (torch {torch.__version__})",
-           ("model", "batch/device", "precision", "compile", "samples/s", "s/step", "peak memory GiB"), cells, 1,
+           ("model", "batch/device", "batch norm", "precision", "compile", "samples/s", "s/step", "peak memory GiB"),
+           cells, 1,
            {"environment": env, "results": rows}, args.output)
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Stage, on the development machine, what the lent GPU machine's image lacks, into .gpu/
-# (git-ignored; name it in the device tool's `carry`): wheels of the pure-Python packages the
+# Stage, on a machine where pip works, what a GPU machine without network access lacks, into
+# .gpu/ (kept out of git; copy it along with the checkout): wheels of the pure-Python packages the
 # benchmarks import that the image does not hold, at the versions of this checkout's .venv, and
 # the bert-base-uncased vocabulary as a stub of the package openalign finds it in (the package
-# itself, 83 MB with its model, is over the 64 MiB the tool carries).
+# itself is 83 MB with its model).
 #
-#   bash benchmarks/gpu/prepare.sh          # then: run(command="bash benchmarks/gpu/run.sh inference", carry=[".gpu"])
+#   bash benchmarks/gpu/prepare.sh          # then, on the GPU machine: bash benchmarks/gpu/run.sh inference
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-.venv/bin/python}

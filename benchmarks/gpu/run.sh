@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The GPU measurements docs/benchmarks.md is waiting for, on the lent machine (device tool), from the
-# repo root, with .gpu/ staged by benchmarks/gpu/prepare.sh and carried. One part per call, each
-# well inside the tool's 10-minute limit; results (JSON, the log, the GPU's name) land in $OUT:
+# The GPU measurements docs/benchmarks.md is waiting for, on a CUDA machine, from the repo root.
+# A machine without network access needs .gpu/ (benchmarks/gpu/prepare.sh, run where pip works)
+# copied along; one with openalign's dependencies installed does not. One part per run, each a few
+# minutes; results (JSON, the log, the GPU's name) land in $OUT:
 #
 #   bash benchmarks/gpu/run.sh inference   # align-base sizes vs transformers, bf16, eager and --compile
 #   bash benchmarks/gpu/run.sh train       # align-b3-mini / align-b7-base steps/s and memory, bf16
@@ -13,8 +14,10 @@ set -uo pipefail
 OUT=${OUT:-benchmarks/results/gpu}
 DEVICE=${DEVICE:-cuda}
 mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    .gpu/whl/*.whl || { echo "installing .gpu/whl failed: run benchmarks/gpu/prepare.sh and carry .gpu"; exit 1; }
+if [ -d .gpu/whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .gpu/whl/*.whl || { echo "installing .gpu/whl failed: run benchmarks/gpu/prepare.sh again"; exit 1; }
+fi
 export PYTHONPATH="$PWD/src:/tmp/site:$PWD/.gpu/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 LOG="$OUT/log.txt"
 
@@ -42,7 +45,8 @@ case ${1:-check} in
         bench inference_align_base_compile inference_throughput.py --preset align-base --device "$DEVICE" --compile ;;
     train)
         bench train train_throughput.py --models align-b3-mini align-b7-base --batch-sizes 128 256 --device "$DEVICE"
-        bench train_nonghost train_throughput.py --models align-b7-base --batch-sizes 256 --device "$DEVICE" ;;
+        bench train_standard_bn train_throughput.py --models align-b7-base --batch-sizes 256 --device "$DEVICE" \
+            --standard-bn ;;
     eval)
         bench eval_imagenet eval_throughput.py --device "$DEVICE" --knn-memory 1281167 --knn-queries 50000 ;;
     *) echo "unknown part '$1': check, inference, train or eval"; exit 2 ;;

@@ -387,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     examples.add_argument("--out", default="retrieval_examples.png")
     examples.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     examples.set_defaults(func=_cmd_eval_examples)
-    suite = tasks.add_parser("suite", help="run a list of tasks from a suite file (shipped: align)")
+    suite = tasks.add_parser("suite", help="run a list of tasks from a suite file (shipped: align, alip, clippo)")
     suite.add_argument("suite", help="a shipped suite name or a suite YAML file")
     suite.add_argument("--model", "--checkpoint", dest="model", required=True)
     suite.add_argument("--out", required=True, help="directory for one result JSON per task")
