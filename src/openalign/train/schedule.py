@@ -5,6 +5,7 @@ and PyTorch's one-cycle policy (ALIP)."""
 from __future__ import annotations
 
 import math
+import warnings
 from functools import partial
 
 import torch
@@ -72,4 +73,6 @@ def load_scheduler_state(scheduler: LRScheduler, state: dict) -> None:
         state = {key: value for key, value in state.items() if key not in ("total_steps", "_schedule_phases")}
     scheduler.load_state_dict(state)
     scheduler.last_epoch -= 1
-    scheduler.step()
+    with warnings.catch_warnings():  # a checkpoint taken before any step: no step is skipped here
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+        scheduler.step()
