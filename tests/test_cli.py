@@ -76,3 +76,35 @@ def test_demo_writes_its_report(tmp_path, shapes_root, capsys):
     assert (tmp_path / "curves.png").stat().st_size > 1000
     markdown = (tmp_path / "report.md").read_text()
     assert "| text→image R@1 |" in markdown and "× chance" in markdown
+
+
+def test_output_paths_are_checked_before_the_work_and_filesystem_errors_are_one_line(tmp_path, shapes_root,
+                                                                                     tiny_overrides, capsys,
+                                                                                     monkeypatch):
+    import openalign
+    import openalign.cli as cli
+
+    model_dir = openalign.create_model("align-test").save_pretrained(tmp_path / "model")
+    evaluate = ["eval", "shapes", "--model", str(model_dir), "--root", str(shapes_root)]
+    assert main(evaluate + ["--output", str(tmp_path / "new" / "folder" / "shapes.json")]) == 0
+    record = json.loads((tmp_path / "new" / "folder" / "shapes.json").read_text())
+    assert json.loads(capsys.readouterr().out) == record  # printed too
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output path was checked")
+
+    monkeypatch.setattr(cli, "_inference_model", no_work)
+    (tmp_path / "a_file").write_text("")
+    for arguments, message in (
+            (evaluate + ["--output", str(tmp_path)], "is a directory; name a file in it"),
+            (evaluate + ["--output", str(tmp_path / "a_file" / "shapes.json")], "cannot create the folder of"),
+            (["eval", "examples", "--model", str(model_dir), "--json", str(shapes_root / "dataset_shapes.json"),
+              "--out", str(tmp_path / "examples.txt")], "the output must end in .png or .jpg")):
+        assert main(arguments) == 2
+        err = " ".join(capsys.readouterr().err.split())
+        assert message in err and "Traceback" not in err
+    monkeypatch.undo()
+    train = ["train", "demo", *tiny_overrides(shapes_root, tmp_path / "a_file"), "eval.tasks=[]"]
+    assert main(train) == 2  # run.output_dir is a file: the OSError is one line naming the path
+    err = " ".join(capsys.readouterr().err.split())
+    assert "error:" in err and "a_file" in err and "Traceback" not in err

@@ -10,15 +10,13 @@ import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 from rich.logging import RichHandler
 
+from .errors import OpenAlignError
 from .progress import console
-
-if TYPE_CHECKING:
-    from .errors import OpenAlignError
 
 log = logging.getLogger("openalign")
 
@@ -81,17 +79,33 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     else:
         task, dataset = LinearProbeEvalConfig(train_root=args.train, val_root=args.val, c=args.c), \
             Path(args.val).resolve().parent.name
+    output = _output_file(args.output) if args.output else None  # checked before the work
     model, _, _ = _inference_model(args, optimize=not task.fine_tunes)
     metrics = task.run(model, next(model.parameters()).device, args.batch_size)
     record = make_record(dataset, model.config.name, str(args.model), args.task, metrics)
-    if args.output:
-        Path(args.output).write_text(json.dumps(record, indent=2))
     print(json.dumps(record, indent=2))
+    if output:
+        output.write_text(json.dumps(record, indent=2))
+
+
+def _output_file(path: str, suffixes: tuple[str, ...] = ()) -> Path:
+    """``path`` made ready for writing (its folder created), or an error now rather than after the work."""
+    output = Path(path).expanduser()
+    if suffixes and output.suffix.lower() not in suffixes:
+        raise OpenAlignError(f"'{path}': the output must end in {' or '.join(suffixes)}")
+    if output.is_dir():
+        raise OpenAlignError(f"'{path}' is a directory; name a file in it")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OpenAlignError(f"cannot create the folder of '{path}': {error.strerror or error}") from None
+    return output
 
 
 def _cmd_eval_examples(args: argparse.Namespace) -> None:
     from .eval.examples import retrieval_examples
 
+    _output_file(args.out, (".png", ".jpg", ".jpeg", ".pdf", ".svg"))
     model, _, _ = _inference_model(args)
     rows = retrieval_examples(model, args.json, next(model.parameters()).device, args.out, args.split,
                               args.image_root, args.queries, args.k, args.seed)
@@ -133,7 +147,6 @@ def _cmd_data_shapes(args: argparse.Namespace) -> None:
 
 def _cmd_data_caption(args: argparse.Namespace) -> None:
     from .data.caption import caption_shards
-    from .errors import OpenAlignError
 
     summary = caption_shards(args.shards, args.captioner, args.out, batch_size=args.batch_size, device=args.device,
                              max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, prompt=args.prompt,
@@ -171,8 +184,6 @@ def _device(name: str) -> str:
     import torch
 
     if name == "cuda" and not torch.cuda.is_available():
-        from .errors import OpenAlignError
-
         raise OpenAlignError("--device is 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
     return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
@@ -188,7 +199,6 @@ def _inference_model(args: argparse.Namespace, optimize: bool = True) -> tuple[A
 
 
 def _cmd_embed(args: argparse.Namespace) -> None:
-    from .errors import OpenAlignError
     from .inference import embed_folder, model_source, write_index
 
     out = Path(args.out)  # checked now, not after embedding every image
@@ -208,7 +218,6 @@ def _cmd_classify(args: argparse.Namespace) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    from .errors import OpenAlignError
     from .inference import DEFAULT_TEMPLATES, classify
 
     if args.labels_file:
@@ -522,12 +531,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .eval.cache import CACHE_ENV
 
         os.environ[CACHE_ENV] = args.cache_dir
-    from .errors import OpenAlignError
-
     try:
         args.func(args)
     except OpenAlignError as error:
         console.print(f"[bold red]error:[/] {_message(error)}", highlight=False)
+        return 2
+    except OSError as error:  # a path that is a file, a folder that cannot be written, a full disk...
+        where = f" ('{error.filename}')" if error.filename else ""
+        console.print(f"[bold red]error:[/] {error.strerror or error}{where}", highlight=False)
         return 2
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
