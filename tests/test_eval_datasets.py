@@ -405,6 +405,22 @@ def test_clip_benchmark_webdataset_layouts_give_the_same_results_as_files(model,
         evaluate_retrieval(model, retrieval, CPU, show_progress=False)
 
 
+def test_a_damaged_embedding_cache_entry_is_computed_again(model, folders, tmp_path, monkeypatch, caplog):
+    from openalign.eval import embed_images
+    from openalign.eval.cache import CACHE_ENV
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    paths, transform = sorted((folders / "val").rglob("*.png"))[:4], model.config.build_transform(train=False)
+    first = embed_images(model, transform, paths, CPU, show_progress=False)
+    entry = next((tmp_path / "cache").glob("*.safetensors"))
+    entry.write_bytes(entry.read_bytes()[:40])  # a write cut short
+    assert torch.equal(embed_images(model, transform, paths, CPU, show_progress=False), first)
+    assert "is unreadable" in caplog.text and "computing it again" in caplog.text
+    from openalign.files import read_safetensors
+
+    assert torch.equal(read_safetensors(entry)["embeddings"], first)  # and stored again
+
+
 def test_a_webdataset_root_that_cannot_be_written_is_extracted_under_the_cache_directory(tmp_path, monkeypatch):
     from openalign.eval.clip_benchmark_wds import read_split
 

@@ -312,8 +312,23 @@ def test_pytorch_bin_weights_load_without_running_pickled_code(hf_dir, tmp_path,
             return (print, ("pickled code ran",))
 
     torch.save({"temperature": Payload()}, legacy / "pytorch_model.bin")
-    with pytest.raises(OpenAlignError, match="cannot be read safely"):
+    with pytest.raises(OpenAlignError, match="holds more than tensors .*openalign loads weights only with "
+                                             "weights_only, so that no pickled code runs"):
         openalign.load_pretrained(legacy)
+
+
+@pytest.mark.parametrize("kind", ["hf", "openalign"])
+def test_a_truncated_weights_file_is_named_with_the_remedy(hf_dir, tmp_path, kind):
+    import shutil
+
+    source = hf_dir if kind == "hf" else openalign.create_model("align-test").save_pretrained(tmp_path / "ours")
+    copy = tmp_path / "copy"
+    shutil.copytree(source, copy)
+    weights = copy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100_000])  # a download cut short
+    with pytest.raises(OpenAlignError, match=r"'.*copy/model.safetensors' is truncated or corrupt .*: copy or "
+                                             "download it again"):
+        openalign.load_pretrained(copy)
 
 
 def test_hub_ids_go_through_huggingface_hub(monkeypatch, hf_dir, tmp_path):

@@ -134,6 +134,22 @@ def test_init_from_reads_a_hugging_face_align_model(tmp_path):
         openalign.create_model("align-test").init_from(tmp_path / "hf")
 
 
+@pytest.mark.parametrize("damaged", ["trainer_state.pt", "model.safetensors", "rng_rank0.pt"])
+def test_resuming_a_damaged_checkpoint_names_it_and_the_one_to_fall_back_on(trained_run, tmp_path, shapes_root,
+                                                                           damaged):
+    import shutil
+
+    output, _ = trained_run
+    run = tmp_path / "run"
+    shutil.copytree(output, run)
+    file = run / "checkpoints" / "step_00000004" / damaged
+    file.write_bytes(file.read_bytes()[:100])  # a copy cut short
+    recipe = load_recipe("demo", tiny_recipe_overrides(shapes_root, run))
+    with pytest.raises(OpenAlignError, match=rf"checkpoint '.*step_00000004' is damaged: '.*{damaged}' is truncated "
+                                             r"or corrupt .*; delete .*step_00000004 to resume from .*step_00000002"):
+        train(recipe, resume="latest", show_progress=False)
+
+
 def test_batch_that_does_not_fill_ghost_batches_is_a_config_error(tmp_path, shapes_root, tiny_overrides):
     recipe = load_recipe("demo", tiny_overrides(shapes_root, tmp_path) + ["train.batch_size=10"])
     with pytest.raises(ConfigError, match="not a multiple of the ghost batch norm's virtual_batch_size=4"):

@@ -32,7 +32,8 @@ from torch import nn
 
 from .errors import ConfigError, OpenAlignError
 from .models import BertTowerConfig, DualEncoderConfig, EfficientNetConfig
-from .pretrained import HF_CONFIG_FILE, WEIGHTS_FILE, model_config_from_dict, read_json
+from .files import read_json, read_safetensors, read_torch_file
+from .pretrained import HF_CONFIG_FILE, WEIGHTS_FILE, model_config_from_dict
 
 log = logging.getLogger(__name__)
 
@@ -146,28 +147,21 @@ def _preprocess_from_hf(directory: Path, image_size: int) -> dict[str, Any]:
 def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
     """One ``.safetensors`` file, or a ``torch.save`` file loaded with ``weights_only`` (no pickled code)."""
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # weights_only refuses pickled code: say so plainly
-        raise OpenAlignError(f"'{path}' cannot be read safely (weights_only): {error}") from None
+        return read_safetensors(path)
+    state = read_torch_file(path)
     return state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
 
 
 def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
     """``model.safetensors`` (or its shards), else ``pytorch_model.bin`` loaded with ``weights_only``."""
-    from safetensors.torch import load_file
-
     if (directory / WEIGHTS_FILE).is_file():
-        return load_file(str(directory / WEIGHTS_FILE))
+        return read_safetensors(directory / WEIGHTS_FILE)
     index = directory / "model.safetensors.index.json"
     if index.is_file():
         shards = sorted(set(read_json(index).get("weight_map", {}).values()))
         state: dict[str, torch.Tensor] = {}
         for shard in shards:
-            state.update(load_file(str(directory / shard)))
+            state.update(read_safetensors(directory / shard))
         return state
     if (directory / "pytorch_model.bin").is_file():
         return read_weights_file(directory / "pytorch_model.bin")

@@ -15,7 +15,6 @@ no pickled code runs and no ``trust_remote_code``.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
@@ -154,9 +153,3 @@ def model_config_from_dict(model_dict: dict[str, Any], directory: Path) -> Model
             text["pretrained"] = None
     return from_dict(ModelConfig, model_dict, "model")
 
-
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise OpenAlignError(f"cannot read '{path}': {error}") from None

@@ -11,6 +11,7 @@ stale result.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
@@ -18,8 +19,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
+
+from ..errors import OpenAlignError
+from ..files import read_safetensors
+
+log = logging.getLogger(__name__)
 
 CACHE_ENV = "OPENALIGN_EMBEDDING_CACHE"
 
@@ -84,8 +90,16 @@ def file_entries(paths: Sequence[Path]) -> Iterator[str]:
 
 
 def load(directory: Path, key: str) -> torch.Tensor | None:
+    """The cached embeddings, or None: none cached, or a damaged entry (removed, to be computed again)."""
     path = directory / f"{key}.safetensors"
-    return load_file(str(path))["embeddings"] if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return read_safetensors(path)["embeddings"]
+    except (OpenAlignError, KeyError) as error:
+        log.warning("embedding cache entry %s is unreadable (%s): computing it again", path, error)
+        path.unlink(missing_ok=True)
+        return None
 
 
 def save(directory: Path, key: str, embeddings: torch.Tensor) -> None:

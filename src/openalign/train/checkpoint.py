@@ -20,11 +20,12 @@ from typing import Any
 
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from ..distributed import DistributedContext, barrier
 from ..errors import OpenAlignError
+from ..files import read_json, read_safetensors, read_torch_file
 from .schedule import load_scheduler_state
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 def load_weights(model: nn.Module, path: Path) -> None:
     """Load ``path`` (safetensors) into ``model``; any missing, extra or misshapen key is an error."""
-    load_state(model, load_file(str(path)), f"checkpoint '{path}'")
+    load_state(model, read_safetensors(path), f"checkpoint '{path}'")
 
 
 def load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str,
@@ -169,25 +170,41 @@ class Checkpointer:
             log.info("no checkpoint in %s yet: starting from step 0", self.directory)
             return 0
         check_resumable(_read_recipe(path), recipe, path)
-        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+        try:
+            state = read_torch_file(path / STATE_FILE)
+        except OpenAlignError as error:
+            raise self._damaged(path, error) from None
         step = int(state["step"])
         if step > total_steps:
             raise OpenAlignError(f"cannot resume from '{path}' (step {step}) with train.steps={total_steps}: "
                                  f"set train.steps to at least {step}")
         self._check_no_later_checkpoints(path, step)
-        load_weights(model, path / WEIGHTS_FILE)
+        try:
+            load_weights(model, path / WEIGHTS_FILE)
+        except OpenAlignError as error:
+            raise self._damaged(path, error) from None
         optimizer.load_state_dict(state["optimizer"])
         load_scheduler_state(scheduler, state["scheduler"])
         loss_fn.load_state_dict(state["loss"])
         rng_file = path / f"rng_rank{self.ctx.rank}.pt"
         if rng_file.is_file() and state["world_size"] == self.ctx.world_size:
-            _set_rng_state(torch.load(rng_file, weights_only=True))
+            try:
+                _set_rng_state(read_torch_file(rng_file))
+            except OpenAlignError as error:
+                raise self._damaged(path, error) from None
         else:
             log.warning("checkpoint %s was written by %d ranks, now %d: data order is kept, dropout RNG is not",
                         path, state["world_size"], self.ctx.world_size)
         log.info("resumed from %s at step %d", path, step)
         self.resumed_from = path
         return step
+
+    def _damaged(self, path: Path, error: OpenAlignError) -> OpenAlignError:
+        """The error for an unreadable file of checkpoint ``path``, naming the checkpoint to fall back on."""
+        earlier = [found for found in self.checkpoints() if _checkpoint_step(found) < _checkpoint_step(path)]
+        remedy = (f"delete {path} to resume from {earlier[-1]}" if earlier else
+                  "no earlier checkpoint is left: start the run again in a new run.output_dir")
+        return OpenAlignError(f"checkpoint '{path}' is damaged: {error}; {remedy}")
 
     def _check_no_later_checkpoints(self, path: Path, step: int) -> None:
         """Refuse to continue from ``path`` into a directory holding later checkpoints: they would
@@ -202,7 +219,7 @@ class Checkpointer:
     def data_state(self) -> dict[str, Any] | None:
         """This rank's data state in the checkpoint resumed from (None: none, or none saved)."""
         file = self.resumed_from and self.resumed_from / f"data_rank{self.ctx.rank}.json"
-        return json.loads(file.read_text()) if file and file.is_file() else None
+        return read_json(file) if file and file.is_file() else None
 
 
 # Settings a resumed run may change: where it runs, how it logs, evaluates and reads data.

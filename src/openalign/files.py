@@ -1,0 +1,48 @@
+"""Reading weight, state and JSON files, with one clear error for a truncated or corrupt file.
+
+A download cut short or a checkpoint written while the disk filled up fails here with the file's
+path and what to do, instead of the storage library's own exception from deep in a load.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import OpenAlignError
+
+
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as error:
+        raise OpenAlignError(f"'{path}' is truncated or corrupt ({error}): copy or download it again") from None
+
+
+def read_torch_file(path: str | Path) -> Any:
+    """A ``torch.save`` file, loaded with ``weights_only`` so that no pickled code runs."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:  # weights_only refused an object: never load it otherwise
+        first_line = str(error).strip().splitlines()[0]
+        raise OpenAlignError(f"'{path}' holds more than tensors ({first_line}); openalign loads weights only "
+                             "with weights_only, so that no pickled code runs: save its state dict alone") from None
+    except (RuntimeError, EOFError, OSError) as error:
+        raise OpenAlignError(f"'{path}' is truncated or corrupt ({str(error).strip().splitlines()[0]}): copy or "
+                             "download it again") from None
+
+
+def read_json(path: str | Path) -> Any:
+    """A JSON file's value."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise OpenAlignError(f"cannot read '{path}': {error}") from None
