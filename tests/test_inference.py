@@ -360,9 +360,15 @@ def test_indexes_from_other_writers_load_and_broken_ones_are_refused(tmp_path):
                       "embedding": pa.array(vectors, pa.list_(pa.float32(), 2))})  # fixed-size lists, as polars may
     pq.write_table(other, tmp_path / "other.parquet")
     assert torch.equal(read_index(tmp_path / "other.parquet").embeddings, torch.tensor(vectors))
-    write_index(tmp_path / "nan.parquet", ["a.png", "b.png"], torch.tensor([[1.0, 0.0], [float("nan"), 1.0]]))
+    nan = pa.table({"path": ["a.png", "b.png"], "embedding": pa.array([[1.0, 0.0], [float("nan"), 1.0]],
+                                                                      pa.list_(pa.float32()))})
+    pq.write_table(nan, tmp_path / "nan.parquet")  # as another writer might
     with pytest.raises(OpenAlignError, match="1 embedding.* with NaN or infinite values \\(b.png\\)"):
         read_index(tmp_path / "nan.parquet")
+    with pytest.raises(OpenAlignError, match="the model gave 1 embedding.* NaN or infinite values \\(b.png\\); "
+                                             "nothing was written"):
+        write_index(tmp_path / "ours.parquet", ["a.png", "b.png"], torch.tensor([[1.0, 0.0], [float("nan"), 1.0]]))
+    assert not (tmp_path / "ours.parquet").exists()
     write_index(tmp_path / "empty.parquet", [], torch.empty(0, 2))
     with pytest.raises(OpenAlignError, match="holds no embeddings"):
         read_index(tmp_path / "empty.parquet")

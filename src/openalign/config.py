@@ -222,8 +222,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
         raise ConfigError(f"config file '{path}' is not valid YAML: {error}") from None
     if data is None:
         return {}
@@ -248,7 +248,20 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override '{text}' must look like key.path=value, e.g. train.lr=1e-3")
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as error:
+        problem = str(error).splitlines()[0]
+        raise ConfigError(f"override '{text}': the value is not valid YAML ({problem}); close its brackets, "
+                          "or quote it to give a string") from None
+
+
+def require_at_least(settings: Any, minimum: int, *names: str) -> None:
+    """A ConfigError naming the first of ``names`` whose value in ``settings`` is below ``minimum``."""
+    for name in names:
+        value = getattr(settings, name)
+        if value < minimum:
+            raise ConfigError(f"must be at least {minimum}, got {value}", name)
 
 
 def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:

@@ -186,6 +186,15 @@ def _collate(items: list[tuple[int, torch.Tensor | str]]
     return [index for index, _ in loaded], pixels, errors
 
 
+def _non_finite(embeddings: torch.Tensor, paths: Sequence[str]) -> str:
+    """'N embedding(s) with NaN or infinite values (the first paths)', or '' when all are finite."""
+    broken = (~torch.isfinite(embeddings).all(dim=1)).nonzero().flatten().tolist()
+    if not broken:
+        return ""
+    names = ", ".join(str(paths[row]) for row in broken[:3]) + (", ..." if len(broken) > 3 else "")
+    return f"{len(broken)} embedding(s) with NaN or infinite values ({names})"
+
+
 def write_index(path: str | Path, paths: Sequence[str], embeddings: torch.Tensor, model_name: str | None = None,
                 model_source: str | None = None) -> Path:
     """Write ``paths`` and their ``embeddings`` (N, dim) as a parquet index; the model goes in the metadata.
@@ -198,6 +207,8 @@ def write_index(path: str | Path, paths: Sequence[str], embeddings: torch.Tensor
     if embeddings.ndim != 2 or embeddings.shape[0] != len(paths):
         raise OpenAlignError(f"{len(paths)} paths but embeddings of shape {tuple(embeddings.shape)}; "
                              "expected one embedding row per path")
+    if broken := _non_finite(embeddings, paths):
+        raise OpenAlignError(f"the model gave {broken}; nothing was written: are its weights broken?")
     metadata = {"model_name": model_name, "model_source": model_source}
     schema = pa.schema([("path", pa.string()), ("embedding", pa.list_(pa.float32()))],
                        metadata={_METADATA_PREFIX + key: value for key, value in metadata.items() if value})
@@ -265,11 +276,8 @@ def read_index(path: str | Path) -> EmbeddingIndex:
         raise OpenAlignError(f"index '{path}' is malformed (columns: {', '.join(table.schema.names)}); {remedy}")
     if not len(embeddings):
         raise OpenAlignError(f"index '{path}' holds no embeddings; {remedy}")
-    broken = (~torch.isfinite(embeddings).all(dim=1)).nonzero().flatten().tolist()
-    if broken:
-        names = ", ".join(table.column("path")[row].as_py() for row in broken[:3])
-        raise OpenAlignError(f"index '{path}' has {len(broken)} embedding(s) with NaN or infinite values ({names}"
-                             f"{', ...' if len(broken) > 3 else ''}): embed the folder again")
+    if broken := _non_finite(embeddings, table.column("path").to_pylist()):
+        raise OpenAlignError(f"index '{path}' has {broken}: embed the folder again")
     metadata = {key.decode(): value.decode() for key, value in (table.schema.metadata or {}).items()}
     return EmbeddingIndex(paths=table.column("path").to_pylist(), embeddings=embeddings,
                           model_name=metadata.get(_METADATA_PREFIX + "model_name"),

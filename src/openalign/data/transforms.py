@@ -11,6 +11,7 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
+from ..config import require_at_least
 from ..errors import ConfigError
 
 _INTERPOLATION = {
@@ -45,6 +46,12 @@ class PreprocessConfig:
     center_crop: Literal["round", "floor"] = "round"
 
     def __post_init__(self) -> None:
+        require_at_least(self, 1, "image_size")
+        for name in ("mean", "std"):
+            if len(getattr(self, name)) != 3:
+                raise ConfigError(f"must give 3 values (red, green, blue), got {list(getattr(self, name))}", name)
+        if min(self.std) <= 0:
+            raise ConfigError(f"must be positive (pixels are divided by it), got {list(self.std)}", "std")
         if self.resize_size < self.image_size:
             raise ConfigError(f"must be at least image_size ({self.image_size}) so the crop fits", "resize_size")
 

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..config import Variants
+from ..config import Variants, require_at_least
 
 
 @dataclass
@@ -39,6 +39,9 @@ class TextTowerConfig(TowerConfig):
 
     tokenizer: str = "bert-base-uncased"
     max_length: int = 64
+
+    def __post_init__(self) -> None:
+        require_at_least(self, 1, "max_length")
 
     def build_tokenizer(self) -> Callable[[list[str]], Any]:
         """Strings → ``input_ids`` and ``attention_mask``; by default a Hugging Face tokenizer."""

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import did_you_mean
+from ..config import did_you_mean, require_at_least
 from ..errors import ConfigError, OpenAlignError
 from .base import TextTowerConfig
 
@@ -44,6 +44,18 @@ class BertTowerConfig(TextTowerConfig, tag="bert"):
     def __post_init__(self) -> None:
         from transformers.activations import ACT2FN
 
+        super().__post_init__()
+        require_at_least(self, 1, "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                         "intermediate_size", "max_position_embeddings", "type_vocab_size")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(f"is {self.hidden_size}, which num_attention_heads {self.num_attention_heads} does not "
+                              "divide", "hidden_size")
+        if not 0 <= self.pad_token_id < self.vocab_size:
+            raise ConfigError(f"is {self.pad_token_id}, outside the vocabulary (0 to {self.vocab_size - 1})",
+                              "pad_token_id")
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError("must be in [0, 1)", name)
         if self.hidden_act not in ACT2FN:
             raise ConfigError(f"is '{self.hidden_act}', not an activation transformers knows"
                               f"{did_you_mean(self.hidden_act, ACT2FN)}", "hidden_act")

@@ -74,6 +74,7 @@ class ClipTextConfig(TextTowerConfig, tag="clip_text"):
     activation: Literal["gelu"] = "gelu"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.tokenizer != "clip-bpe":
             raise ConfigError(f"is '{self.tokenizer}'; the CLIP text tower reads CLIP's BPE ids: use 'clip-bpe'",
                               "tokenizer")

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.transforms import ImageTransform, PreprocessConfig
+from ..config import require_at_least
 from ..errors import ConfigError
 from .base import ImageTowerConfig, ModelConfig, TextTowerConfig
 
@@ -42,6 +43,7 @@ class DualEncoderConfig(ModelConfig, tag="dual_encoder"):
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
 
     def __post_init__(self) -> None:
+        require_at_least(self, 1, "embed_dim")
         for tower, projected in (("image", self.image_projection), ("text", self.text_projection)):
             width = getattr(self, tower).output_dim
             if not projected and width != self.embed_dim:
