@@ -128,6 +128,27 @@ def test_convert_writes_every_image_format_and_column_type_the_training_source_r
     assert sorted((sample["text"], sample["label"]) for sample in samples) == [(f"picture {i}", i) for i in range(5)]
 
 
+def test_convert_skips_and_counts_an_unreadable_image_and_keeps_shards_full(tmp_path, caplog):
+    from openalign.data import TableSourceConfig
+    from openalign.data.convert import convert_table
+
+    lines = ["image,caption"]
+    for name in ("a.png", "broken.jpg", "b.png", "c.png"):
+        if name == "broken.jpg":
+            (tmp_path / name).write_text("not an image")
+        else:
+            Image.new("RGB", (8, 8), "red").save(tmp_path / name)
+        lines.append(f"{name},a picture")
+    (tmp_path / "pairs.csv").write_text("\n".join(lines) + "\n")
+    sizes = convert_table(TableSourceConfig(path=str(tmp_path / "pairs.csv")), tmp_path / "shards",
+                          samples_per_shard=2, show_progress=False)
+    assert sizes == {"00000.tar": 2, "00001.tar": 1}
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["00000.tar", "00001.tar", "sizes.json"]
+    with tarfile.open(tmp_path / "shards" / "00000.tar") as tar:
+        assert [name for name in tar.getnames() if name.endswith(".png")] == ["000000000.png", "000000002.png"]
+    assert "skipped 1 of 4 rows whose image PIL cannot read" in caplog.text and "broken.jpg" in caplog.text
+
+
 def test_tfrecord_source_streams_every_good_record_once_a_pass_and_counts_the_bad(tmp_path, caplog):
     from tfrecord.writer import TFRecordWriter
 

@@ -7,7 +7,8 @@ column (``KEY.<field>.txt``, ``caption.txt`` for ALIP; ``.cls`` for whole number
 for other values) and ``KEY.json``; keys are zero-padded row numbers, shards ``00000.tar``,
 ``00001.tar``, ... with ``samples_per_shard`` samples each, and ``sizes.json`` maps each shard
 to its sample count.
-Each shard is written under a temporary name and renamed when complete.
+Each shard is written under a temporary name and renamed when complete. Rows whose image PIL
+cannot read are skipped, counted and logged.
 
 For URL lists, download with img2dataset instead (an optional dependency, not vendored)::
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import tarfile
 from pathlib import Path
@@ -32,12 +34,18 @@ from ..progress import progress_bar
 from .sources import TableSourceConfig
 from .transforms import to_rgb
 
+log = logging.getLogger(__name__)
+
 _PNG_MODES = frozenset({"1", "L", "LA", "P", "RGB", "RGBA", "I;16"})  # what PNG stores as it is
 
 
 def convert_table(table: TableSourceConfig, out: str | Path, samples_per_shard: int = 10000,
                   show_progress: bool = True) -> dict[str, int]:
-    """Write ``table``'s usable rows as shards under ``out``; returns ``sizes.json``'s mapping."""
+    """Write ``table``'s usable rows as shards under ``out``; returns ``sizes.json``'s mapping.
+
+    A row whose image PIL cannot read is skipped, counted and logged (as training skips such
+    samples), so one bad file does not lose the job; every shard but the last is full.
+    """
     if samples_per_shard < 1:
         raise OpenAlignError(f"samples_per_shard must be at least 1, got {samples_per_shard}")
     out = Path(out)
@@ -45,32 +53,79 @@ def convert_table(table: TableSourceConfig, out: str | Path, samples_per_shard: 
         raise OpenAlignError(f"'{out}' already holds shards: choose an empty output directory")
     out.mkdir(parents=True, exist_ok=True)
     rows = table.rows()
-    sizes: dict[str, int] = {}
-    with progress_bar("writing shards", len(rows), enabled=show_progress) as advance:
-        for shard, start in enumerate(range(0, len(rows), samples_per_shard)):
-            name = f"{shard:05d}.tar"
-            staging = out / f".{name}.tmp"
-            with tarfile.open(staging, "w") as tar:
-                for index in range(start, min(start + samples_per_shard, len(rows))):
-                    _write_sample(tar, f"{index:09d}", *rows[index])
-                    advance()
-            os.replace(staging, out / name)
-            sizes[name] = min(samples_per_shard, len(rows) - start)
-    (out / "sizes.json").write_text(json.dumps(sizes, indent=1))
-    return sizes
+    writer = _ShardWriter(out, samples_per_shard)
+    unreadable: list[str] = []
+    try:
+        with progress_bar("writing shards", len(rows), enabled=show_progress) as advance:
+            for index, (image, caption, extra) in enumerate(rows):
+                members = _sample_members(image, caption, extra)
+                if members is None:
+                    unreadable.append(str(image) if isinstance(image, Path) else f"row {index}")
+                else:
+                    writer.add(f"{index:09d}", members)
+                advance()
+        writer.close()
+    finally:
+        writer.discard()
+    if unreadable:
+        log.warning("skipped %d of %d rows whose image PIL cannot read: %s%s", len(unreadable), len(rows),
+                    ", ".join(unreadable[:5]), " ..." if len(unreadable) > 5 else "")
+    (out / "sizes.json").write_text(json.dumps(writer.sizes, indent=1))
+    return writer.sizes
 
 
-def _write_sample(tar: tarfile.TarFile, key: str, image: Path | bytes, caption: str, extra: dict[str, Any]) -> None:
-    extension, data = _member_image(image.read_bytes() if isinstance(image, Path) else image, key)
+class _ShardWriter:
+    """Samples into ``00000.tar``, ``00001.tar``, ... of ``per_shard`` each, each written under a
+    temporary name and renamed when complete."""
+
+    def __init__(self, out: Path, per_shard: int) -> None:
+        self.out, self.per_shard = out, per_shard
+        self.sizes: dict[str, int] = {}
+        self.tar: tarfile.TarFile | None = None
+        self.count = 0
+
+    @property
+    def name(self) -> str:
+        return f"{len(self.sizes):05d}.tar"
+
+    def add(self, key: str, members: dict[str, bytes]) -> None:
+        if self.tar is None:
+            self.tar, self.count = tarfile.open(self.out / f".{self.name}.tmp", "w"), 0
+        for suffix, payload in members.items():
+            info = tarfile.TarInfo(f"{key}.{suffix}")
+            info.size = len(payload)
+            self.tar.addfile(info, io.BytesIO(payload))
+        self.count += 1
+        if self.count == self.per_shard:
+            self.close()
+
+    def close(self) -> None:
+        """Finish the open shard, if any."""
+        if self.tar is not None:
+            self.tar.close()
+            self.tar = None
+            os.replace(self.out / f".{self.name}.tmp", self.out / self.name)
+            self.sizes[self.name] = self.count
+
+    def discard(self) -> None:
+        """Remove an unfinished shard (after an error)."""
+        if self.tar is not None:
+            self.tar.close()
+            self.tar = None
+            (self.out / f".{self.name}.tmp").unlink(missing_ok=True)
+
+
+def _sample_members(image: Path | bytes, caption: str, extra: dict[str, Any]) -> dict[str, bytes] | None:
+    """A sample's members by suffix, or None when PIL cannot read its image."""
+    converted = _member_image(image.read_bytes() if isinstance(image, Path) else image)
+    if converted is None:
+        return None
+    extension, data = converted
     source: dict[str, Any] = {"caption": caption, **extra}
     if isinstance(image, Path):
         source["source"] = str(image)
-    members = {extension: data, "txt": caption.encode(), **dict(_extra_member(name, value) for name, value in
-                                                                extra.items()), "json": json.dumps(source).encode()}
-    for suffix, payload in members.items():
-        info = tarfile.TarInfo(f"{key}.{suffix}")
-        info.size = len(payload)
-        tar.addfile(info, io.BytesIO(payload))
+    return {extension: data, "txt": caption.encode(), **dict(_extra_member(name, value) for name, value in
+                                                            extra.items()), "json": json.dumps(source).encode()}
 
 
 def _extra_member(name: str, value: Any) -> tuple[str, bytes]:
@@ -83,10 +138,11 @@ def _extra_member(name: str, value: Any) -> tuple[str, bytes]:
     return f"{name}.json", json.dumps(value).encode()
 
 
-def _member_image(data: bytes, key: str) -> tuple[str, bytes]:
+def _member_image(data: bytes) -> tuple[str, bytes] | None:
     """The image member's extension and bytes, by the bytes' format (not the file name): JPEG
     (MPO, a camera's JPEG with extra frames, included), PNG and WebP as they are, which the
-    training source reads; other formats (BMP, TIFF, GIF...) re-encoded losslessly as PNG."""
+    training source reads; other formats (BMP, TIFF, GIF...) re-encoded losslessly as PNG.
+    None when PIL cannot read the bytes."""
     try:
         with Image.open(io.BytesIO(data)) as image:
             kind = (image.format or "").lower()
@@ -97,4 +153,4 @@ def _member_image(data: bytes, key: str) -> tuple[str, bytes]:
             (image if image.mode in _PNG_MODES else to_rgb(image)).save(converted, format="PNG")
             return "png", converted.getvalue()
     except Exception:  # noqa: BLE001 - any unreadable bytes
-        raise OpenAlignError(f"row {int(key)}: the image is not one PIL can read (or write as PNG)") from None
+        return None
