@@ -331,6 +331,18 @@ def test_a_truncated_weights_file_is_named_with_the_remedy(hf_dir, tmp_path, kin
         openalign.load_pretrained(copy)
 
 
+def test_a_model_directory_whose_tokenizer_is_missing_or_truncated_is_a_clear_error(tmp_path):
+    directory = openalign.create_model("align-test").save_pretrained(tmp_path / "model")
+    tokenizer = directory / "tokenizer.json"
+    tokenizer.write_text(tokenizer.read_text()[:500])
+    with pytest.raises(OpenAlignError, match=r"the tokenizer in '.*model' cannot be loaded \(Expecting"):
+        openalign.load_pretrained(directory)
+    for file in directory.glob("tokenizer*"):
+        file.unlink()
+    with pytest.raises(OpenAlignError, match=r"cannot be loaded .* it needs tokenizer.json, or vocab.txt"):
+        openalign.load_pretrained(directory)
+
+
 def test_hub_ids_go_through_huggingface_hub(monkeypatch, hf_dir, tmp_path):
     """No network in tests: the hub download is replaced by a function returning the local copy."""
     import huggingface_hub

@@ -30,7 +30,13 @@ def load_hf_tokenizer(name: str) -> Any:
 
     path = Path(name).expanduser()
     if path.is_dir():
-        return AutoTokenizer.from_pretrained(str(path))
+        try:
+            return AutoTokenizer.from_pretrained(str(path))
+        except (OSError, ValueError, UnicodeDecodeError) as error:  # files missing, truncated or not a tokenizer's
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise OpenAlignError(f"the tokenizer in '{path}' cannot be loaded ({first_line}): it needs "
+                                 "tokenizer.json, or vocab.txt with tokenizer_config.json; copy them from where "
+                                 "the model came from") from None
     if path.is_file():
         raise OpenAlignError(f"tokenizer '{name}' is a file: point at the directory that holds it "
                              "(tokenizer.json or vocab.txt with tokenizer_config.json)")
