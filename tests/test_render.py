@@ -246,6 +246,10 @@ def test_malformed_font_files(tmp_path):
     bad.write_text("0061:0000000000003C42023E4242463A0000\n0062:00000000000000000000000000000XYZ\n")
     with pytest.raises(OpenAlignError, match=r"line 2: the glyph of U\+0062 is not hexadecimal"):
         Unifont.load(bad)
+    bad.write_text("0061:0000000000003C42023E4242463A0000\n")  # a font without Basic Latin: blank captions
+    with pytest.raises(OpenAlignError, match=r"has no glyph for 93 of the 94 printable ASCII characters "
+                                             r"\(!\"#\$%&'\(\)\*\.\.\.\): give GNU Unifont's unifont.hex"):
+        Unifont.load(bad)
 
 
 def test_custom_and_combined_fonts(tmp_path, monkeypatch, caplog):

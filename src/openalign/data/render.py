@@ -165,6 +165,11 @@ class Unifont:
         rows = np.concatenate([np.zeros((1, GLYPH_SIZE), np.uint16), rows[keep]])
         self.index = np.zeros(_NUM_CODEPOINTS, dtype=np.int32)
         self.index[unique] = np.arange(1, len(unique) + 1, dtype=np.int32)
+        missing = [chr(code) for code in range(0x21, 0x7F) if not self.index[code]]
+        if missing:  # captions would render (partly) blank, and a text tower would learn nothing from them
+            raise OpenAlignError(f"the font {', '.join(paths)} has no glyph for {len(missing)} of the 94 printable "
+                                 f"ASCII characters ({''.join(missing[:10])}...): give GNU Unifont's unifont.hex "
+                                 "(the Basic Multilingual Plane), with unifont_upper.hex after it if wanted")
         shifts = np.arange(GLYPH_SIZE - 1, -1, -1, dtype=np.uint16)
         self.bitmaps = ((rows[:, :, None] >> shifts) & 1).astype(bool)
         packed = np.packbits(self.bitmaps.transpose(0, 2, 1), axis=-1, bitorder="little")
