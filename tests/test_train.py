@@ -150,6 +150,20 @@ def test_resuming_a_damaged_checkpoint_names_it_and_the_one_to_fall_back_on(trai
         train(recipe, resume="latest", show_progress=False)
 
 
+def test_a_run_restarted_from_step_0_replaces_the_abandoned_history_with_a_warning(tmp_path, caplog):
+    from openalign.train.logger import TrainLogger
+
+    earlier = TrainLogger(tmp_path, enabled=True, tensorboard=False)  # killed before its first checkpoint
+    earlier.log(1, {"loss": 1.0})
+    earlier.log(2, {"loss": 1.0})
+    earlier.close()
+    restarted = TrainLogger(tmp_path, enabled=True, tensorboard=False, start_step=0)
+    restarted.log(1, {"loss": 0.5})
+    restarted.close()
+    assert read_history(tmp_path) == [{"step": 1, "loss": 0.5}]
+    assert "replacing 2 logged record(s) after step 0 of an earlier run" in caplog.text
+
+
 def test_batch_that_does_not_fill_ghost_batches_is_a_config_error(tmp_path, shapes_root, tiny_overrides):
     recipe = load_recipe("demo", tiny_overrides(shapes_root, tmp_path) + ["train.batch_size=10"])
     with pytest.raises(ConfigError, match="not a multiple of the ghost batch norm's virtual_batch_size=4"):

@@ -24,7 +24,8 @@ class TrainLogger:
     """Writes ``history.jsonl`` and TensorBoard scalars under ``directory``.
 
     On resume at ``start_step``, records logged after that step by the interrupted run are
-    dropped, so the history reads as one uninterrupted run.
+    dropped, so the history reads as one uninterrupted run; a run starting at step 0 replaces
+    the records of one that left no checkpoint (with a warning), in TensorBoard too.
     """
 
     def __init__(self, directory: str | Path, enabled: bool, tensorboard: bool, start_step: int = 0) -> None:
@@ -34,14 +35,18 @@ class TrainLogger:
             return
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        kept = [r for r in read_history(self.directory) if r["step"] <= start_step] if start_step else []
+        earlier = read_history(self.directory)
+        kept = [record for record in earlier if record["step"] <= start_step]
+        if len(kept) < len(earlier):
+            log.warning("%s: replacing %d logged record(s) after step %d of an earlier run", self.directory,
+                        len(earlier) - len(kept), start_step)
         self.file = open(self.directory / HISTORY_FILE, "w")
         for record in kept:
             self.file.write(json.dumps(record) + "\n")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(self.directory / "tensorboard"), purge_step=start_step or None)
+            self.writer = SummaryWriter(str(self.directory / "tensorboard"), purge_step=start_step)
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         if not self.enabled:
