@@ -405,6 +405,19 @@ def test_clip_benchmark_webdataset_layouts_give_the_same_results_as_files(model,
         evaluate_retrieval(model, retrieval, CPU, show_progress=False)
 
 
+def test_a_class_folder_without_images_stays_a_class_with_a_warning(tmp_path, caplog):
+    from PIL import Image
+
+    from openalign.eval import read_class_folders
+
+    (tmp_path / "cat").mkdir(), (tmp_path / "dog").mkdir()
+    Image.new("RGB", (4, 4)).save(tmp_path / "cat" / "1.png")
+    (tmp_path / "dog" / "notes.txt").write_text("no pictures here")
+    paths, labels, classes = read_class_folders(tmp_path)
+    assert classes == ["cat", "dog"] and labels.tolist() == [0] and [p.name for p in paths] == ["1.png"]
+    assert "1 class folder(s) of" in caplog.text and "hold no images (dog)" in caplog.text
+
+
 def test_a_damaged_embedding_cache_entry_is_computed_again(model, folders, tmp_path, monkeypatch, caplog):
     from openalign.eval import embed_images
     from openalign.eval.cache import CACHE_ENV

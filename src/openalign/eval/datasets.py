@@ -81,15 +81,19 @@ def read_class_folders(root: str | Path, classes: Sequence[str] | None = None) -
     unknown = sorted(set(found) - set(classes))
     if unknown:
         raise OpenAlignError(f"'{root}' has class folders that the other split lacks: {', '.join(unknown[:5])}")
-    paths, labels = [], []
+    paths, labels, empty = [], [], []
     for label, name in enumerate(classes):
         folder = root / name
-        if folder.is_dir():
-            images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-            paths += images
-            labels += [label] * len(images)
+        images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        paths += images
+        labels += [label] * len(images)
+        if folder.is_dir() and not images:
+            empty.append(name)
     if not paths:
         raise OpenAlignError(f"no images under '{root}' (extensions {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    if empty:
+        log.warning("%d class folder(s) of '%s' hold no images (%s%s): they remain classes to predict, with no "
+                    "examples", len(empty), root, ", ".join(empty[:5]), ", ..." if len(empty) > 5 else "")
     return paths, torch.tensor(labels), classes
 
 
