@@ -181,6 +181,10 @@ def test_a_suite_runs_its_tasks_and_the_report_merges_the_results(model, folders
     assert len(rows) == len(expected) + len(records["shapes-knn"]["metrics"])
     assert main(["eval", "report", str(tmp_path / "model"), "--out", str(tmp_path / "r2")]) == 2
     assert "no result records" in " ".join(capsys.readouterr().err.split())
+    (tmp_path / "broken.json").write_text('{"dataset": "shapes"')  # named explicitly: an error, not a skip
+    assert main(["eval", "report", str(tmp_path / "results"), str(tmp_path / "broken.json"), "--out",
+                 str(tmp_path / "r3")]) == 2
+    assert "broken.json' cannot be read" in " ".join(capsys.readouterr().err.split())
 
 
 def test_the_shipped_suites_are_valid():

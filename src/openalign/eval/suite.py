@@ -107,23 +107,28 @@ def make_record(dataset: str, model: str | None, pretrained: str, task: str, met
 
 
 def collect_records(paths: list[str | Path]) -> list[dict[str, Any]]:
-    """The result records in the given files and (recursively) directories; other JSON is skipped."""
-    files: list[Path] = []
+    """The result records in the given files and (recursively) directories. Other JSON found in a
+    directory is skipped; a file named explicitly must be a record."""
+    files: list[tuple[Path, bool]] = []
     for path in map(Path, paths):
         if path.is_dir():
-            files += sorted(path.rglob("*.json"))
+            files += [(file, False) for file in sorted(path.rglob("*.json"))]
         elif path.is_file():
-            files.append(path)
+            files.append((path, True))
         else:
             raise OpenAlignError(f"'{path}' is neither a result file nor a directory of them")
     records = []
-    for file in files:
+    for file, named in files:
         try:
             record = json.loads(file.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            record = error
         if isinstance(record, dict) and set(RECORD_KEYS) <= set(record) and isinstance(record["metrics"], dict):
             records.append(record)
+        elif named:
+            problem = f"cannot be read ({record})" if isinstance(record, Exception) else "is not a result record"
+            raise OpenAlignError(f"'{file}' {problem}: expected the JSON that an eval command writes, with "
+                                 f"{', '.join(RECORD_KEYS)}")
     if not records:
         raise OpenAlignError(f"no result records (JSON with {', '.join(RECORD_KEYS)}) under {', '.join(map(str, paths))}")
     return records
