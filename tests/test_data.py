@@ -140,6 +140,9 @@ def test_tokenizer_is_bert_base_uncased_padded_to_max_length():
     long = tokenizer(["word " * 200, "A Photo OF a CAT"])
     assert long["input_ids"].shape == (2, 64) and long["input_ids"][0, -1] == 102  # truncated, [SEP] kept
     assert long["input_ids"][1, :7].tolist() == [101, 1037, 6302, 1997, 1037, 4937, 102]  # lower-cased
+    none = tokenizer([])  # an empty batch is an empty batch, of the same width
+    assert none["input_ids"].shape == none["attention_mask"].shape == (0, 64)
+    assert none["input_ids"].dtype == torch.long
 
 
 def test_sampler_epochs_are_permutations_split_between_ranks():

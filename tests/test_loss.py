@@ -78,3 +78,12 @@ def test_config_rejects_out_of_range_smoothing():
 
     with pytest.raises(ConfigError, match="label_smoothing"):
         ContrastiveLossConfig(label_smoothing=1.5)
+
+
+def test_unpaired_batches_and_bad_smoothing_are_clear_errors():
+    embeddings = F.normalize(torch.randn(4, 8), dim=-1)
+    with pytest.raises(ValueError, match="row i of the image embeddings with row i of the text embeddings, but got "
+                                         "4 images and 3 texts"):
+        ContrastiveLoss()(embeddings, embeddings[:3], torch.tensor(10.0))
+    with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\), got -1"):
+        ContrastiveLoss(label_smoothing=-1)

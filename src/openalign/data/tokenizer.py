@@ -85,6 +85,9 @@ class Tokenizer:
 
     def __call__(self, texts: str | Sequence[str]) -> dict[str, torch.Tensor]:
         batch = [texts] if isinstance(texts, str) else list(texts)
+        if not batch:
+            empty = torch.zeros(0, self.max_length, dtype=torch.long)
+            return {"input_ids": empty, "attention_mask": empty.clone()}
         encoded = self.hf_tokenizer(batch, padding="max_length", truncation=True, max_length=self.max_length,
                                     return_tensors="pt", return_token_type_ids=False)
         return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}

@@ -36,6 +36,9 @@ def local_cross_entropy(image_emb: torch.Tensor, text_emb: torch.Tensor, all_ima
     """``(image→text, text→image)`` cross-entropy of this rank's rows against the gathered batch:
     row i of ``image_emb`` must pick its own caption among ``all_text``, and the reverse; the
     positives sit at this rank's offset in the gathered order. ``reduction`` as ``F.cross_entropy``."""
+    if image_emb.shape[0] != text_emb.shape[0] or all_image.shape[0] != all_text.shape[0]:
+        raise ValueError(f"the loss pairs row i of the image embeddings with row i of the text embeddings, but "
+                         f"got {image_emb.shape[0]} images and {text_emb.shape[0]} texts")
     rank, _ = world_info()
     local = image_emb.shape[0]
     labels = torch.arange(local, device=image_emb.device) + rank * local
@@ -60,6 +63,8 @@ class ContrastiveLoss(nn.Module):
         super().__init__()
         if directions not in ("sum", "mean"):
             raise ValueError(f"directions must be 'sum' or 'mean', got {directions!r}")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.label_smoothing = label_smoothing
         self.directions = directions
         self.last_stats: dict[str, torch.Tensor] = {}
