@@ -227,6 +227,8 @@ def test_webdataset_missing_shards_and_dead_streams_are_errors(tmp_path):
     urls = _write_shards(tmp_path / "shards", good=2)
     with pytest.raises(OpenAlignError, match=r"1 of the 2 shards .* do not exist, e.g. '.*000001.tar'"):
         WebDatasetSourceConfig(urls=urls.replace("000000}", "000001}")).build(WDS_TRANSFORM, seed=0)
+    with pytest.raises(OpenAlignError, match=r"'.*shards' is a directory: name its shards, e.g. '.*shards/\*.tar'"):
+        WebDatasetSourceConfig(urls=str(tmp_path / "shards")).build(WDS_TRANSFORM, seed=0)
     (tmp_path / "garbage").mkdir()
     (tmp_path / "garbage" / "000000.tar").write_bytes(b"this is not a tar file" * 100)
     dead = WebDatasetSourceConfig(urls=str(tmp_path / "garbage" / "000000.tar"), max_consecutive_errors=5)

@@ -369,6 +369,8 @@ def test_indexes_from_other_writers_load_and_broken_ones_are_refused(tmp_path):
                                              "nothing was written"):
         write_index(tmp_path / "ours.parquet", ["a.png", "b.png"], torch.tensor([[1.0, 0.0], [float("nan"), 1.0]]))
     assert not (tmp_path / "ours.parquet").exists()
+    with pytest.raises(OpenAlignError, match="index '.*' is a directory; expected a parquet file"):
+        read_index(tmp_path)
     write_index(tmp_path / "empty.parquet", [], torch.empty(0, 2))
     with pytest.raises(OpenAlignError, match="holds no embeddings"):
         read_index(tmp_path / "empty.parquet")

@@ -266,7 +266,8 @@ def read_index(path: str | Path) -> EmbeddingIndex:
     remedy = ("expected a parquet file with columns 'path' (string) and 'embedding' (list of floats), "
               "as 'openalign embed' writes")
     if not Path(path).is_file():
-        raise OpenAlignError(f"index '{path}' does not exist; {remedy}")
+        problem = "is a directory" if Path(path).is_dir() else "does not exist"
+        raise OpenAlignError(f"index '{path}' {problem}; {remedy}")
     try:
         table = pq.read_table(path)
     except (pa.ArrowException, OSError) as error:

@@ -262,6 +262,9 @@ def expand_urls(pattern: str, what: str) -> list[str]:
                 urls.append(os.path.expanduser(url))  # what opens it (webdataset's gopen) does not expand '~'
             else:
                 missing.append(url)
+    if missing and Path(missing[0]).expanduser().is_dir():
+        raise OpenAlignError(f"'{missing[0]}' is a directory: name its {what}, e.g. '{missing[0].rstrip('/')}/*.tar' "
+                             "or a brace range (data.train.urls)")
     if missing:
         raise OpenAlignError(f"{len(missing)} of the {len(urls) + len(missing)} {what} that '{pattern}' names "
                              f"do not exist, e.g. '{missing[0]}' (data.train.urls)")
