@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import sys
-from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -218,7 +217,7 @@ def _cmd_classify(args: argparse.Namespace) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    from .inference import DEFAULT_TEMPLATES, classify
+    from .inference import DEFAULT_TEMPLATES, check_labels, classify
 
     if args.labels_file:
         try:
@@ -231,9 +230,7 @@ def _cmd_classify(args: argparse.Namespace) -> None:
     if not labels:
         raise OpenAlignError(f"{given} names no label; give comma-separated labels ('a cat,a dog') or a file of "
                              "one label per line (--labels-file)")
-    if repeated := sorted(label for label, times in Counter(labels).items() if times > 1):
-        raise OpenAlignError(f"{given} names {', '.join(map(repr, repeated))} more than once; the probability "
-                             "would be split between the copies")
+    check_labels(labels, given)  # before the model loads
     model, preprocess, tokenizer = _inference_model(args)
     templates = DEFAULT_TEMPLATES if args.templates == "default" else None
     probabilities = classify(model, preprocess, tokenizer, args.images, labels, templates, args.batch_size)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import glob
 import logging
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,6 +105,7 @@ def classify(model: nn.Module, preprocess: Preprocess, tokenizer: Tokenizer, ima
             raise OpenAlignError(f"classify's {name} are one {type(given).__name__} ({given!s:.60}); pass a list")
     if not len(images) or not len(labels):
         raise OpenAlignError("classify needs at least one image and one label")
+    check_labels(labels)
     if templates:
         classes = zero_shot_classifier(model, tokenizer, labels, templates, batch_size)
     else:
@@ -113,6 +115,15 @@ def classify(model: nn.Module, preprocess: Preprocess, tokenizer: Tokenizer, ima
         for start in range(0, len(images), batch_size)])
     logits = model.logit_scale.detach().float().cpu() * image_embeddings @ classes.T
     return logits.softmax(dim=-1)
+
+
+def check_labels(labels: Sequence[str], given: str = "classify's labels") -> None:
+    """Refuse blank labels, and repeated ones, whose copies would split their probability."""
+    if any(not label.strip() for label in labels):
+        raise OpenAlignError(f"{given}: a label is blank")
+    if repeated := sorted(label for label, times in Counter(labels).items() if times > 1):
+        raise OpenAlignError(f"{given}: {', '.join(map(repr, repeated))} given more than once; the probability "
+                             "would be split between the copies")
 
 
 def embed_folder(model: nn.Module, preprocess: Preprocess, images: str | Path, batch_size: int = 64,
