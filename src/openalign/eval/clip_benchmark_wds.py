@@ -17,7 +17,7 @@ import hashlib
 import logging
 import os
 import tarfile
-import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,15 +131,12 @@ def _extract(archive: tarfile.TarFile, member: tarfile.TarInfo, path: Path) -> P
     """``member`` written to ``path`` unless a file of its size is there, whole or not at all."""
     if path.is_file() and path.stat().st_size == member.size:
         return path
-    data, temporary = archive.extractfile(member).read(), None
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # unique across ranks and hosts
     try:
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
-            temporary = Path(handle.name)
-            handle.write(data)
+        temporary.write_bytes(archive.extractfile(member).read())  # the usual permissions, for shared roots
         os.replace(temporary, path)
     except OSError as error:
-        if temporary is not None:
-            temporary.unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise OpenAlignError(f"cannot write the extracted image '{path}': {error}") from None
     return path
 
