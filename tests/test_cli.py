@@ -97,7 +97,7 @@ def test_output_paths_are_checked_before_the_work_and_filesystem_errors_are_one_
     (tmp_path / "a_file").write_text("")
     for arguments, message in (
             (evaluate + ["--output", str(tmp_path)], "is a directory; name a file in it"),
-            (evaluate + ["--output", str(tmp_path / "a_file" / "shapes.json")], "cannot create the folder of"),
+            (evaluate + ["--output", str(tmp_path / "a_file" / "shapes.json")], "a_file' is a file, not a directory"),
             (["eval", "examples", "--model", str(model_dir), "--json", str(shapes_root / "dataset_shapes.json"),
               "--out", str(tmp_path / "examples.txt")], "the output must end in .png or .jpg")):
         assert main(arguments) == 2

@@ -297,7 +297,7 @@ def test_commands_report_bad_input_with_exit_2(model_dir, tmp_path, capsys):
     assert main(["classify", "--model", str(model_dir), str(tmp_path / "x.png"), "--labels", " , "]) == 2
     assert "names no label" in " ".join(capsys.readouterr().err.split())
     assert main(["embed", "--model", str(model_dir), "--images", str(tmp_path), "--out", str(tmp_path)]) == 2
-    assert f"--out '{tmp_path}' is a directory" in " ".join(capsys.readouterr().err.split())
+    assert f"'{tmp_path}' is a directory; name a file in it" in " ".join(capsys.readouterr().err.split())
     (tmp_path / "file").write_text("")
     assert main(["embed", "--model", str(model_dir), "--images", str(tmp_path), "--out",
                  str(tmp_path / "file" / "x.parquet")]) == 2

@@ -94,6 +94,9 @@ def _output_file(path: str, suffixes: tuple[str, ...] = ()) -> Path:
         raise OpenAlignError(f"'{path}': the output must end in {' or '.join(suffixes)}")
     if output.is_dir():
         raise OpenAlignError(f"'{path}' is a directory; name a file in it")
+    existing = next(parent for parent in output.parents if parent.exists())
+    if not existing.is_dir():
+        raise OpenAlignError(f"'{path}' cannot be written: '{existing}' is a file, not a directory")
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -200,12 +203,7 @@ def _inference_model(args: argparse.Namespace, optimize: bool = True) -> tuple[A
 def _cmd_embed(args: argparse.Namespace) -> None:
     from .inference import embed_folder, model_source, write_index
 
-    out = Path(args.out)  # checked now, not after embedding every image
-    if out.is_dir():
-        raise OpenAlignError(f"--out '{out}' is a directory")
-    parent = next(parent for parent in out.parents if parent.exists())
-    if not parent.is_dir():
-        raise OpenAlignError(f"--out '{out}' cannot be written: '{parent}' is a file, not a directory")
+    out = _output_file(args.out)  # checked now, not after embedding every image
     model, preprocess, _ = _inference_model(args)
     paths, embeddings = embed_folder(model, preprocess, args.images, args.batch_size, args.num_workers)
     write_index(out, paths, embeddings, model_name=model.config.name, model_source=model_source(args.model))
