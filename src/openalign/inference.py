@@ -288,10 +288,11 @@ def read_index(path: str | Path) -> EmbeddingIndex:
         raise OpenAlignError(f"index '{path}' is malformed (columns: {', '.join(table.schema.names)}); {remedy}")
     if not len(embeddings):
         raise OpenAlignError(f"index '{path}' holds no embeddings; {remedy}")
-    if broken := _non_finite(embeddings, table.column("path").to_pylist()):
+    paths = table.column("path").to_pylist()
+    if broken := _non_finite(embeddings, paths):
         raise OpenAlignError(f"index '{path}' has {broken}: embed the folder again")
     metadata = {key.decode(): value.decode() for key, value in (table.schema.metadata or {}).items()}
-    return EmbeddingIndex(paths=table.column("path").to_pylist(), embeddings=embeddings,
+    return EmbeddingIndex(paths=paths, embeddings=embeddings,
                           model_name=metadata.get(_METADATA_PREFIX + "model_name"),
                           model_source=metadata.get(_METADATA_PREFIX + "model_source"))
 

@@ -152,4 +152,3 @@ def model_config_from_dict(model_dict: dict[str, Any], directory: Path) -> Model
         if text.get("pretrained"):
             text["pretrained"] = None
     return from_dict(ModelConfig, model_dict, "model")
-

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from .config import apply_overrides, from_dict, load_yaml
+from .config import apply_overrides, from_dict, load_yaml, require_at_least
 from .data import SourceConfig
 from .errors import ConfigError
 from .eval.tasks import EvalTaskConfig
@@ -75,9 +75,7 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for key in ("steps", "batch_size"):
-            if getattr(self, key) < 1:
-                raise ConfigError("must be at least 1", key)
+        require_at_least(self, 1, "steps", "batch_size")
         for key in ("lr", "weight_decay", "eps", "grad_clip"):  # YAML refuses these; Python callers too
             if getattr(self, key) is not None and not math.isfinite(getattr(self, key)):
                 raise ConfigError("must be a finite number", key)
@@ -113,12 +111,9 @@ class RunSettings:
     tensorboard: bool = True
 
     def __post_init__(self) -> None:
-        if self.log_every < 1:
-            raise ConfigError("must be at least 1", "log_every")
+        require_at_least(self, 1, "log_every", "keep_checkpoints")
         if self.checkpoint_every < 0:
             raise ConfigError("must be 0 (only at the end) or more", "checkpoint_every")
-        if self.keep_checkpoints < 1:
-            raise ConfigError("must be at least 1", "keep_checkpoints")
 
 
 @dataclass

@@ -75,7 +75,7 @@ def _with_bias(x: torch.Tensor) -> torch.Tensor:
 
 
 def logistic_regression_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
-                              test_labels: torch.Tensor, num_classes: int, c: float | None = 1.0,
+                              test_labels: torch.Tensor, num_classes: int, c: float | None = None,
                               max_iter: int = 1000, val_proportion: float = 0.2, seed: int = 0) -> dict[str, float]:
     """The full-data linear probe: multinomial logistic regression (:func:`fit_logistic_regression`)
     on features standardised with the training mean and std; the test metrics of

@@ -35,6 +35,7 @@ from torch import nn
 from ..config import from_dict, load_yaml
 from ..distributed import world_info
 from ..errors import OpenAlignError
+from ..files import read_json
 from ..registry import find_config
 from . import cache
 from .tasks import EvalTaskConfig
@@ -120,15 +121,16 @@ def collect_records(paths: list[str | Path]) -> list[dict[str, Any]]:
     records = []
     for file, named in files:
         try:
-            record = json.loads(file.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            record = error
+            record = read_json(file)
+        except OpenAlignError:
+            if named:
+                raise
+            continue
         if isinstance(record, dict) and set(RECORD_KEYS) <= set(record) and isinstance(record["metrics"], dict):
             records.append(record)
         elif named:
-            problem = f"cannot be read ({record})" if isinstance(record, Exception) else "is not a result record"
-            raise OpenAlignError(f"'{file}' {problem}: expected the JSON that an eval command writes, with "
-                                 f"{', '.join(RECORD_KEYS)}")
+            raise OpenAlignError(f"'{file}' is not a result record: expected the JSON that an eval command writes, "
+                                 f"with {', '.join(RECORD_KEYS)}")
     if not records:
         raise OpenAlignError(f"no result records (JSON with {', '.join(RECORD_KEYS)}) under {', '.join(map(str, paths))}")
     return records

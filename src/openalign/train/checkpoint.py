@@ -170,28 +170,19 @@ class Checkpointer:
             log.info("no checkpoint in %s yet: starting from step 0", self.directory)
             return 0
         check_resumable(_read_recipe(path), recipe, path)
-        try:
-            state = read_torch_file(path / STATE_FILE)
-        except OpenAlignError as error:
-            raise self._damaged(path, error) from None
+        state = self._read(path, STATE_FILE, read_torch_file)
         step = int(state["step"])
         if step > total_steps:
             raise OpenAlignError(f"cannot resume from '{path}' (step {step}) with train.steps={total_steps}: "
                                  f"set train.steps to at least {step}")
         self._check_no_later_checkpoints(path, step)
-        try:
-            load_weights(model, path / WEIGHTS_FILE)
-        except OpenAlignError as error:
-            raise self._damaged(path, error) from None
+        load_state(model, self._read(path, WEIGHTS_FILE, read_safetensors), f"checkpoint '{path / WEIGHTS_FILE}'")
         optimizer.load_state_dict(state["optimizer"])
         load_scheduler_state(scheduler, state["scheduler"])
         loss_fn.load_state_dict(state["loss"])
         rng_file = path / f"rng_rank{self.ctx.rank}.pt"
         if rng_file.is_file() and state["world_size"] == self.ctx.world_size:
-            try:
-                _set_rng_state(read_torch_file(rng_file))
-            except OpenAlignError as error:
-                raise self._damaged(path, error) from None
+            _set_rng_state(self._read(path, rng_file.name, read_torch_file))
         else:
             log.warning("checkpoint %s was written by %d ranks, now %d: data order is kept, dropout RNG is not",
                         path, state["world_size"], self.ctx.world_size)
@@ -199,12 +190,15 @@ class Checkpointer:
         self.resumed_from = path
         return step
 
-    def _damaged(self, path: Path, error: OpenAlignError) -> OpenAlignError:
-        """The error for an unreadable file of checkpoint ``path``, naming the checkpoint to fall back on."""
-        earlier = [found for found in self.checkpoints() if _checkpoint_step(found) < _checkpoint_step(path)]
-        remedy = (f"delete {path} to resume from {earlier[-1]}" if earlier else
-                  "no earlier checkpoint is left: start the run again in a new run.output_dir")
-        return OpenAlignError(f"checkpoint '{path}' is damaged: {error}; {remedy}")
+    def _read(self, path: Path, name: str, read: Callable[[Path], Any]) -> Any:
+        """File ``name`` of checkpoint ``path``; a damaged one is an error naming the checkpoint to fall back on."""
+        try:
+            return read(path / name)
+        except OpenAlignError as error:
+            earlier = [found for found in self.checkpoints() if _checkpoint_step(found) < _checkpoint_step(path)]
+            remedy = (f"delete {path} to resume from {earlier[-1]}" if earlier else
+                      "no earlier checkpoint is left: start the run again in a new run.output_dir")
+            raise OpenAlignError(f"checkpoint '{path}' is damaged: {error}; {remedy}") from None
 
     def _check_no_later_checkpoints(self, path: Path, step: int) -> None:
         """Refuse to continue from ``path`` into a directory holding later checkpoints: they would
