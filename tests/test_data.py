@@ -265,6 +265,13 @@ def test_table_sources_read_csv_tsv_and_parquet_with_paths_or_bytes_and_drop_bad
     torch.testing.assert_close(sample["image"], transform(Image.open(tmp_path / "images" / "blue.png")))
     tsv = TableSourceConfig(path=str(tmp_path / "pairs.tsv"), image_column="path", text_column="text").build(transform, 0)
     assert tsv[(0, 0)]["text"] == "red"
+    # captions and file names are read as written, not as the numbers CSV typing would make of them; labels are numbers
+    (tmp_path / "images" / "0001").write_bytes((tmp_path / "images" / "red.png").read_bytes())
+    (tmp_path / "numbers.csv").write_text("image,caption,label\n0001,007,3\n0001,1.50,4\n")
+    numbers = TableSourceConfig(path=str(tmp_path / "numbers.csv"), image_root=str(tmp_path / "images"),
+                                extra_columns={"label": "label"}).rows()
+    assert numbers == [(tmp_path / "images" / "0001", "007", {"label": 3}),
+                       (tmp_path / "images" / "0001", "1.50", {"label": 4})]
     parquet = TableSourceConfig(path=str(tmp_path / "*.parquet"), image_column="jpg", text_column="txt").build(transform, 0)
     torch.testing.assert_close(parquet[(0, 0)]["image"], csv[(0, 0)]["image"])  # the same red image, from bytes
     # Hugging Face datasets' layout: Image structs {bytes, path}, binary captions; a row lacking an extra is dropped

@@ -165,7 +165,7 @@ class TableSourceConfig(SourceConfig, tag="table"):
         dropped = {EMPTY_CAPTION: 0, CAPTION_NOT_UTF8: 0, "missing image file": 0,
                    **{f"empty {name}": 0 for name in self.extra_columns}}
         for table_path in map(Path, tables):
-            columns = _read_table(table_path)
+            columns = _read_table(table_path, text_columns=(self.image_column, self.text_column))
             wanted = [self.image_column, self.text_column, *self.extra_columns.values()]
             missing = [name for name in wanted if name not in columns]
             if missing:
@@ -174,7 +174,7 @@ class TableSourceConfig(SourceConfig, tag="table"):
                                      "extra_columns)")
             root = Path(self.image_root) if self.image_root is not None else table_path.parent
             for number, (image, text) in enumerate(zip(columns[self.image_column], columns[self.text_column])):
-                try:  # the checks shard captions get; a number (CSV typing) is its text
+                try:  # the checks shard captions get; a number (a parquet column of numbers) is its text
                     text = caption_text(text if text is None or isinstance(text, bytes) else str(text), EMPTY_CAPTION)
                 except SkipSample as skip:
                     dropped[skip.reason] += 1
@@ -212,24 +212,30 @@ def _image_cell(value: Any, table: Path, column: str) -> bytes | str | None:
         value = value.get("bytes") or value.get("path")
     if value is None or isinstance(value, bytes):
         return value or None
-    if isinstance(value, (str, int)) and not isinstance(value, bool):  # a number: a file name CSV typing read so
+    if isinstance(value, (str, int)) and not isinstance(value, bool):  # a number: a file name in a parquet int column
         return str(value).strip() or None
     raise OpenAlignError(f"table '{table}' column '{column}' holds {type(value).__name__} {str(value)[:40]!r}; "
                          "expected image paths, encoded image bytes, or Hugging Face Image structs {bytes, path}")
 
 
-def _read_table(path: Path) -> dict[str, list[Any]]:
-    """Columns of a CSV, TSV or parquet file, as Python lists."""
+def _read_table(path: Path, text_columns: tuple[str, ...] = ()) -> dict[str, list[Any]]:
+    """Columns of a CSV, TSV or parquet file, as Python lists.
+
+    In CSV and TSV, ``text_columns`` are read as written: type inference would turn a caption
+    "007" into 7 and a file name "0001" into 1; other columns keep inferred numbers (labels).
+    """
     try:
         if path.suffix == ".parquet":
             import pyarrow.parquet as pq
 
             table = pq.read_table(path)
         elif path.suffix in (".csv", ".tsv"):
+            import pyarrow as pa
             import pyarrow.csv as pacsv
 
             table = pacsv.read_csv(path, parse_options=pacsv.ParseOptions(delimiter="\t" if path.suffix == ".tsv" else ","),
-                                   convert_options=pacsv.ConvertOptions(strings_can_be_null=False))
+                                   convert_options=pacsv.ConvertOptions(
+                                       strings_can_be_null=False, column_types=dict.fromkeys(text_columns, pa.string())))
         else:
             raise OpenAlignError(f"table '{path}' is not .csv, .tsv or .parquet")
     except OpenAlignError:
