@@ -84,7 +84,7 @@ def test_resume_latest_without_checkpoints_starts_from_scratch(tmp_path):
         checkpointer.resolve(str(tmp_path / "nowhere"))
 
 
-def test_incomplete_checkpoints_are_ignored_and_old_ones_pruned(tmp_path):
+def test_incomplete_checkpoints_are_ignored_with_a_warning_and_old_ones_pruned(tmp_path, caplog):
     ctx = DistributedContext(0, 1, 0, torch.device("cpu"))
     checkpointer = Checkpointer(tmp_path, keep=2, ctx=ctx)
     model = openalign.create_model("align-test")
@@ -96,6 +96,9 @@ def test_incomplete_checkpoints_are_ignored_and_old_ones_pruned(tmp_path):
     (tmp_path / ".step_00000009.tmp").mkdir()  # a save that crashed half-way
     (tmp_path / "step_00000010").mkdir()  # a directory without trainer state
     assert [p.name for p in checkpointer.checkpoints()] == ["step_00000002", "step_00000003"]
+    with caplog.at_level("WARNING"):
+        assert checkpointer.resolve("latest").name == "step_00000003"
+    assert "passes over step_00000010" in caplog.text and "(incomplete)" in caplog.text
 
 
 def test_loading_weights_of_another_architecture_lists_the_offending_keys(trained_run):

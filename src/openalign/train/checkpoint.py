@@ -147,6 +147,11 @@ class Checkpointer:
         """``latest`` (None when there is none yet), a checkpoint directory, or a run directory (its latest)."""
         if spec == "latest":
             found = self.checkpoints()
+            incomplete = sorted(p.name for p in self.directory.glob("step_*") if p.is_dir() and not (p / STATE_FILE)
+                                .is_file() and (not found or _checkpoint_step(p) > _checkpoint_step(found[-1])))
+            if incomplete:  # saves are atomic: only a hand-made or hand-damaged directory lacks its state
+                log.warning("--resume latest passes over %s in %s: no %s in it (incomplete)", ", ".join(incomplete),
+                            self.directory, STATE_FILE)
             return found[-1] if found else None
         path = Path(spec)
         if (path / STATE_FILE).is_file():
