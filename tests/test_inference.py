@@ -131,6 +131,36 @@ def test_classify_with_templates_averages_the_prompts(loaded, image_dir):
     assert openalign.zero_shot_classifier(model, tokenizer, names, templates).shape == (2, model.config.embed_dim)
 
 
+def test_preprocess_takes_8_bit_arrays_and_tensors_and_names_what_it_refuses(loaded, image_dir):
+    model, preprocess, tokenizer = loaded
+    image = Image.open(image_dir / "blue.png")
+    expected = preprocess(image)
+    array = np.array(image)
+    for pixels in (array, torch.from_numpy(array).permute(2, 0, 1)):
+        torch.testing.assert_close(preprocess(pixels), expected, rtol=0, atol=0)
+    gray = array[..., 0]
+    torch.testing.assert_close(preprocess(gray[..., None]), preprocess(Image.fromarray(gray)), rtol=0, atol=0)
+    torch.testing.assert_close(classify(model, preprocess, tokenizer, [array], LABELS),
+                               classify(model, preprocess, tokenizer, [image], LABELS))
+    for bad, message in ((torch.rand(3, 8, 8), r"uint8 \(C, H, W\) .*; got float32 \(3, 8, 8\)"),
+                         (array.astype(np.float32), r"as uint8 \(H, W\) .*; got float32 \(40, 48, 3\)"),
+                         (str(image_dir / "blue.png"), "got str \\(open a file with PIL.Image.open\\)")):
+        with pytest.raises(TypeError, match=message):
+            preprocess(bad)
+
+
+@pytest.mark.parametrize("device, message", [("tpu", "'tpu' is not a torch device"),
+                                             ("cuda:7", "CUDA|only .* CUDA device"),
+                                             ("mps", "'mps' is not available here")])
+def test_load_pretrained_refuses_a_device_this_machine_lacks(model_dir, device, message):
+    if device == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    with pytest.raises(OpenAlignError, match=message):
+        openalign.load_pretrained(model_dir, device=device)
+    assert next(openalign.load_pretrained(model_dir, device="auto")[0].parameters()).device.type == (
+        "cuda" if torch.cuda.is_available() else "cpu")
+
+
 def test_classify_names_an_unreadable_image(loaded, image_dir):
     model, preprocess, tokenizer = loaded
     with pytest.raises(OpenAlignError, match="corrupt.png"):

@@ -181,22 +181,13 @@ def _cmd_data_convert(args: argparse.Namespace) -> None:
           f"train on them with data.train.urls='{Path(args.out) / ('{00000..%05d}.tar' % (len(sizes) - 1))}'")
 
 
-def _device(name: str) -> str:
-    """``auto`` is CUDA when a GPU is visible, else the CPU."""
-    import torch
-
-    if name == "cuda" and not torch.cuda.is_available():
-        raise OpenAlignError("--device is 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
-
-
 def _inference_model(args: argparse.Namespace, optimize: bool = True) -> tuple[Any, Any, Any]:
     """``load_pretrained(args.model)`` on ``args.device``, the model optimised for inference unless
     ``optimize`` is false (a task that fine-tunes a copy)."""
     from .inference import optimize_for_inference
     from .pretrained import load_pretrained
 
-    model, preprocess, tokenizer = load_pretrained(args.model, device=_device(args.device))
+    model, preprocess, tokenizer = load_pretrained(args.model, device=args.device)
     return (optimize_for_inference(model, inplace=True) if optimize else model), preprocess, tokenizer
 
 

@@ -26,6 +26,29 @@ class DistributedContext:
         return self.rank == 0
 
 
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` (CUDA when a GPU is visible, else the CPU) or a device this machine has; any other
+    name is an error that says why, before a model is loaded onto it."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        target = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise OpenAlignError(f"device '{device}' is not a torch device (use 'auto', 'cpu', 'cuda' or 'cuda:N')") from None
+    if target.type == "cuda":
+        if not torch.cuda.is_available():
+            raise OpenAlignError(f"device '{device}' is CUDA but no CUDA device is visible; use 'auto' or 'cpu'")
+        if target.index is not None and target.index >= torch.cuda.device_count():
+            raise OpenAlignError(f"device '{device}': only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif target.type != "cpu":
+        try:
+            torch.empty(0, device=target)
+        except RuntimeError as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise OpenAlignError(f"device '{device}' is not available here: {reason}") from None
+    return target
+
+
 def init_distributed(device: str = "auto") -> DistributedContext:
     """Join the process group that ``torchrun`` describes in the environment (NCCL on GPU, gloo on CPU).
 

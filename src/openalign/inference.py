@@ -47,7 +47,7 @@ _METADATA_PREFIX = "openalign."
 # What PIL raises for a file that is not a readable image (truncated, corrupt, of another format).
 _UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
-ImageInput = Image.Image | str | Path
+ImageInput = Image.Image | np.ndarray | torch.Tensor | str | Path
 Preprocess = Callable[[Image.Image], torch.Tensor]
 
 
@@ -96,7 +96,7 @@ def classify(model: nn.Module, preprocess: Preprocess, tokenizer: Tokenizer, ima
              labels: Sequence[str], templates: Sequence[str] | None = None, batch_size: int = 64) -> torch.Tensor:
     """(num_images, num_labels) probabilities: softmax over labels of ``logit_scale`` × cosine similarity.
 
-    ``images`` are PIL images or paths; ``labels`` are embedded as written, or, with
+    ``images`` are PIL images, 8-bit pixels (see ``preprocess``) or paths; ``labels`` are embedded as written, or, with
     ``templates`` (format strings such as ``"a photo of a {}."``), as the renormalised mean of
     their prompts. Runs on the model's device and dtype; similarities are fp32, on the CPU.
     """
@@ -368,8 +368,9 @@ def _faiss_search(index_embeddings: torch.Tensor, queries: torch.Tensor, k: int
 
 
 def _pixels(image: ImageInput, preprocess: Preprocess) -> torch.Tensor:
-    """The preprocessed pixels of a PIL image or an image file; a bad file is an error that names it."""
-    if isinstance(image, Image.Image):
+    """The preprocessed pixels of an image (PIL or 8-bit pixels) or an image file; a bad file is an
+    error that names it."""
+    if not isinstance(image, (str, Path)):
         return preprocess(image)
     try:
         with Image.open(image) as opened:

@@ -26,6 +26,7 @@ from torch import nn
 
 from .config import from_dict, to_dict
 from .data.tokenizer import Tokenizer
+from .distributed import resolve_device
 from .data.transforms import ImageTransform
 from .errors import OpenAlignError
 from .models import ModelConfig
@@ -42,11 +43,13 @@ _MODEL_FILES = (CONFIG_FILE, HF_CONFIG_FILE, WEIGHTS_FILE, "pytorch_model.bin", 
 
 def load_pretrained(name_or_path: str | Path, device: str | torch.device = "cpu"
                     ) -> tuple[nn.Module, ImageTransform, Tokenizer]:
-    """``(model, preprocess, tokenizer)`` of a trained model, the model in eval mode on ``device``.
+    """``(model, preprocess, tokenizer)`` of a trained model, the model in eval mode on ``device``
+    (``"auto"``: a GPU when one is visible).
 
     ``preprocess`` maps a PIL image to the model's input tensor (eval transform); ``tokenizer``
     maps a string or a list of strings to ``input_ids`` and ``attention_mask``.
     """
+    device = resolve_device(device)
     path = resolve(name_or_path)
     if (path / HF_CONFIG_FILE).is_file() and not (path / CONFIG_FILE).is_file():
         from .hf import load_hf_directory

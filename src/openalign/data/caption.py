@@ -85,16 +85,6 @@ def _load_model(name: str, auto_class: Any) -> Any:
         return fallback.from_pretrained(name)
 
 
-def _resolve_device(device: str) -> str:
-    import torch
-
-    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
-        raise OpenAlignError(f"device '{device}' is not one of auto, cpu, cuda")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise OpenAlignError("--device is 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-
-
 class Captioner:
     """A ``transformers`` captioning model: a list of PIL images in, one caption string per image out.
 
@@ -116,7 +106,9 @@ class Captioner:
         from transformers import (AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer,
                                   ProcessorMixin)
 
-        self.device = torch.device(_resolve_device(device))
+        from ..distributed import resolve_device
+
+        self.device = resolve_device(device)
         self.prompt = prompt or None
         self.generate_kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "num_beams": num_beams,
                                                 "do_sample": False}

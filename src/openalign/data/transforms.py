@@ -89,12 +89,16 @@ class ImageTransform:
         self.scale = torch.tensor(1.0 / (255.0 * std), dtype=torch.float32).view(3, 1, 1)
         self.offset = torch.tensor(np.asarray(config.mean) / std, dtype=torch.float32).view(3, 1, 1)
 
-    def __call__(self, image: Image.Image, generator: torch.Generator | None = None,
+    def __call__(self, image: Image.Image | np.ndarray | torch.Tensor, generator: torch.Generator | None = None,
                  encoded: bytes | None = None) -> torch.Tensor:
-        """The preprocessed image; ``encoded``, the bytes ``image`` was opened from, lets an RGB or
-        grayscale JPEG that draft mode would not shrink be decoded by torchvision's libjpeg-turbo
-        decoder instead of PIL's: the same pixels, bit for bit, in three quarters of the time."""
+        """The preprocessed image: a PIL image, or 8-bit pixels (a ``(H, W[, C])`` array or a
+        ``(C, H, W)`` tensor, as torchvision decodes). ``encoded``, the bytes ``image`` was opened
+        from, lets an RGB or grayscale JPEG that draft mode would not shrink be decoded by
+        torchvision's libjpeg-turbo decoder instead of PIL's: the same pixels, bit for bit, in
+        three quarters of the time."""
         cfg = self.config
+        if not isinstance(image, Image.Image):
+            image = _from_pixels(image)
         if self._torchvision_decodes(image, encoded):
             from torchvision.io import ImageReadMode, decode_jpeg
 
@@ -124,6 +128,22 @@ class ImageTransform:
             return False
         size = self.config.resize_size  # draft mode shrinks by 2 or more when both sides allow it
         return not (self.train and min(image.size[0] // size, image.size[1] // size) >= 2)
+
+
+def _from_pixels(pixels: object) -> Image.Image:
+    """A PIL image of 8-bit pixels: a ``(H, W)``, ``(H, W, 1|3|4)`` array or a ``(1|3, H, W)`` tensor."""
+    if isinstance(pixels, torch.Tensor):
+        if pixels.dtype != torch.uint8 or pixels.ndim != 3 or pixels.shape[0] not in (1, 3):
+            raise TypeError(f"preprocess takes a tensor image as uint8 (C, H, W) with 1 or 3 channels, as torchvision "
+                            f"decodes it; got {str(pixels.dtype).removeprefix('torch.')} {tuple(pixels.shape)}")
+        pixels = pixels.permute(1, 2, 0).cpu().numpy()
+    if not isinstance(pixels, np.ndarray):
+        raise TypeError(f"preprocess takes a PIL image, a uint8 array (H, W, C) or a uint8 tensor (C, H, W); "
+                        f"got {type(pixels).__name__} (open a file with PIL.Image.open)")
+    if pixels.dtype != np.uint8 or not (pixels.ndim == 2 or pixels.ndim == 3 and pixels.shape[2] in (1, 3, 4)):
+        raise TypeError(f"preprocess takes an array image as uint8 (H, W) or (H, W, 1|3|4); got {pixels.dtype} "
+                        f"{pixels.shape}")
+    return Image.fromarray(pixels[..., 0] if pixels.ndim == 3 and pixels.shape[2] == 1 else pixels)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
