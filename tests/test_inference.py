@@ -324,6 +324,8 @@ def test_commands_report_bad_input_with_exit_2(model_dir, tmp_path, capsys):
     assert "no image files in" in err and "Traceback" not in err
     assert main(["search", "--index", str(tmp_path / "missing.parquet"), "--model", str(model_dir), "a cat"]) == 2
     assert "missing.parquet' does not exist" in " ".join(capsys.readouterr().err.split())
+    assert main(["search", "--index", str(tmp_path / "missing.parquet"), "--model", str(model_dir), " "]) == 2
+    assert "the search query is blank" in " ".join(capsys.readouterr().err.split())
     assert main(["classify", "--model", str(model_dir), str(tmp_path / "x.png"), "--labels", " , "]) == 2
     assert "names no label" in " ".join(capsys.readouterr().err.split())
     assert main(["embed", "--model", str(model_dir), "--images", str(tmp_path), "--out", str(tmp_path)]) == 2

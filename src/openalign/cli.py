@@ -251,6 +251,8 @@ def _cmd_search(args: argparse.Namespace) -> None:
     from .eval import embed_texts
     from .inference import model_source, read_index, search
 
+    if not args.query.strip():
+        raise OpenAlignError("the search query is blank: give the text to search for, e.g. \"a red car\"")
     index = read_index(args.index)
     model, _, tokenizer = _inference_model(args)
     source = model_source(args.model)
