@@ -111,6 +111,11 @@ def test_recipe_overrides_reach_the_model_and_are_validated():
     ("model.text.pad_token_id=999999", "'model.text.pad_token_id' is 999999, outside the vocabulary"),
     ("model.preprocess.std=[0, 0, 0]", "'model.preprocess.std' must be positive"),
     ("train.lr=[1", "override 'train.lr=\\[1': the value is not valid YAML"),
+    # an extra sample field that would replace the caption, or be written as another tar member
+    ("data.train={type: webdataset, urls: a.tar, extra_keys: {text: caption.txt}}",
+     "'data.train.extra_keys' names the sample's own field 'text'"),
+    ("data.train={type: table, path: a.csv, extra_columns: {a/b: synthetic}}",
+     "'data.train.extra_columns' has field name 'a/b'"),
 ])
 def test_bad_settings_are_config_errors(override, message):
     with pytest.raises(ConfigError, match=message):

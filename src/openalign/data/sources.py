@@ -38,6 +38,20 @@ from .transforms import ImageTransform, epoch_generator, sample_generator
 log = logging.getLogger(__name__)
 
 TextProcessor = Callable[[list[str]], dict[str, torch.Tensor]]
+_FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")  # a sample field: a Python name, a tar member suffix
+
+
+def check_extra_fields(names: Iterable[str], key: str) -> None:
+    """Extra sample fields must not replace a sample's own ``image`` or ``text`` (silently, in the
+    sample dict) and must be plain names (``a/b`` or ``a.b`` would be read back as other members)."""
+    for name in names:
+        if name in ("image", "text"):
+            raise ConfigError(f"names the sample's own field '{name}': give the extra field another name "
+                              "(e.g. caption for synthetic captions)", key)
+        if not _FIELD_NAME.match(name):
+            raise ConfigError(f"has field name {name!r}: use letters, digits and _", key)
+
+
 REPEATED_FIELDS = "__repeated__"  # in a raw tar sample: the field that more than one member gave
 
 
@@ -151,6 +165,9 @@ class TableSourceConfig(SourceConfig, tag="table"):
     text_column: str = "caption"
     extra_columns: dict[str, str] = field(default_factory=dict)
     image_root: str | None = None
+
+    def __post_init__(self) -> None:
+        check_extra_fields(self.extra_columns, "extra_columns")
 
     def build(self, transform: ImageTransform, seed: int, start_step: int = 0,
               text_processor: TextProcessor | None = None, strict: bool = False) -> TableDataset:
@@ -326,6 +343,7 @@ class StreamOptions:
         for name in ("open_shards", "shuffle_buffer", "min_image_side", "max_consecutive_errors"):
             if getattr(self, name) < 1:
                 raise ConfigError("must be at least 1", name)
+        check_extra_fields(self.extra_keys, "extra_keys")
 
     def stream(self, urls: str, shards: list[str], read_shard: Callable[[str], Iterable[Any]],
                decode: Callable[[Any, torch.Generator], dict[str, Any]], seed: int, strict: bool) -> ShardStream:
