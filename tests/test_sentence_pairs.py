@@ -112,6 +112,8 @@ def test_readers_map_labels_and_report_bad_files(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"sentence": "a", "label": 0}\n{"sentence": "b"}\n')
     with pytest.raises(OpenAlignError, match="line 2: lacks label"):
         read_sentence_pairs(tmp_path / "bad.jsonl")
+    with pytest.raises(OpenAlignError, match="line 3: the label is blank"):  # a GLUE test split
+        read_sentence_pairs(write_tsv(tmp_path / "test.tsv", ["sentence", "label"], [("a", "1"), ("b", " ")]))
 
 
 def test_a_missing_column_names_the_columns_found_and_expected(tmp_path):

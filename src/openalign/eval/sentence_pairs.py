@@ -96,6 +96,9 @@ def read_sentence_pairs(path: str | Path, label_names: Sequence[str] | None = No
         if second is not None:
             second.append(row[SECOND_COLUMN])
         raw_labels.append(row[LABEL_COLUMN].strip())
+        if not raw_labels[-1]:
+            raise OpenAlignError(f"'{path}', line {line}: the label is blank (GLUE's test splits are unlabelled: "
+                                 "evaluate on the dev split)")
     if label_names is None:
         distinct = set(raw_labels)
         label_names = sorted(distinct, key=int) if all(_is_int(label) for label in distinct) else sorted(distinct)
