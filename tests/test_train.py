@@ -305,3 +305,25 @@ def test_loading_a_directory_that_is_not_an_openalign_checkpoint_is_a_clear_erro
     (foreign / "config.yaml").write_text("architectures: [AlignModel]\n")
     with pytest.raises(OpenAlignError, match="is not an openalign recipe"):
         load_checkpoint_model(foreign)
+
+
+def _report_autocast(self, model, device, batch_size, show_progress):
+    """An evaluation task's ``run`` that reports whether bf16 autocast is on where tasks open it."""
+    from openalign.precision import autocast
+
+    with autocast(device):
+        return {"bf16": float(torch.is_autocast_enabled(device.type))}
+
+
+def test_evaluation_runs_at_the_runs_precision_also_when_resuming_a_finished_run(tmp_path, shapes_root, tiny_overrides,
+                                                                                 caplog, monkeypatch):
+    recipe = load_recipe("demo", tiny_overrides(shapes_root, tmp_path, steps=2) + ["train.precision=bf16",
+                                                                                    "eval.every=1"])
+    recipe.eval.tasks = recipe.eval.tasks[:1]
+    monkeypatch.setattr(type(recipe.eval.tasks[0]), "run", _report_autocast)
+    key = f"{recipe.eval.tasks[0].name}/bf16"
+    assert train(recipe, show_progress=False).metrics == {key: 1.0}
+    assert [r[key] for r in read_history(tmp_path) if key in r] == [1.0, 1.0]  # during training and at the end
+    with caplog.at_level("INFO"):
+        assert train(recipe, resume="latest", show_progress=False).metrics == {key: 1.0}
+    assert "had already reached step 2: evaluating only" in caplog.text

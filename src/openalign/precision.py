@@ -2,10 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
 import torch
 
+_PRECISION: contextvars.ContextVar[str] = contextvars.ContextVar("openalign_precision", default="auto")
 
-def autocast(device: torch.device, precision: str = "auto") -> torch.autocast:
-    """An autocast context: bf16 for ``precision="bf16"``, or for ``"auto"`` on CUDA; fp32 otherwise."""
+
+def autocast(device: torch.device, precision: str | None = None) -> torch.autocast:
+    """An autocast context: bf16 for ``precision="bf16"``, or for ``"auto"`` on CUDA; fp32 otherwise.
+
+    ``None`` is the precision a :func:`precision_scope` around the call sets (``"auto"`` outside one).
+    """
+    precision = precision or _PRECISION.get()
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+
+@contextlib.contextmanager
+def precision_scope(precision: str) -> Iterator[None]:
+    """Run the code inside (evaluation tasks, which call :func:`autocast` without a precision) at
+    ``precision``: evaluation during training uses the run's ``train.precision``."""
+    token = _PRECISION.set(precision)
+    try:
+        yield
+    finally:
+        _PRECISION.reset(token)

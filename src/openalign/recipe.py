@@ -49,8 +49,9 @@ class TrainConfig:
     warms up linearly from 0 then decays linearly to 0 at ``steps`` (spec §3.3); ``rsqrt`` is
     big_vision's inverse square root with time scale ``rsqrt_timescale`` (default: the warm-up);
     ``cooldown_steps`` ramps any schedule linearly to 0 over the last steps.
-    ``precision: auto`` is bf16 autocast on GPU and fp32 on CPU. ``init_from`` initialises a
-    fresh run from a checkpoint the model knows how to read (CLIPPO: a timm ViT checkpoint).
+    ``precision: auto`` is bf16 autocast on GPU and fp32 on CPU; evaluation during the run uses
+    the same. ``init_from`` initialises a fresh run from weights: anything :func:`load_pretrained`
+    reads (ALIGN, ALIP), or a checkpoint the model knows how to read (CLIPPO: a timm ViT one).
     ``schedule: onecycle`` is PyTorch's OneCycleLR (ALIP), warming up over ``warmup_steps``.
     ``weight_decay_scope: all`` decays every parameter (ALIP), not only weight matrices.
     """

@@ -28,7 +28,7 @@ from ..data.stream import ResumableStream
 from ..distributed import DistributedContext, all_reduce_mean, all_reduce_sum, barrier, init_distributed
 from ..errors import ConfigError, OpenAlignError
 from ..models import GhostBatchNorm2d
-from ..precision import autocast
+from ..precision import autocast, precision_scope
 from ..progress import make_progress
 from ..recipe import EvalConfig, Recipe
 from .checkpoint import Checkpointer
@@ -124,9 +124,11 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True)
                                       {**monitor.state(), "world_size": ctx.world_size,
                                        "num_workers": recipe.data.num_workers})
                 if recipe.eval.every and step % recipe.eval.every == 0 and step != cfg.steps:
-                    logger.log(step, evaluate(recipe.eval, model, ctx, show_progress=False))
+                    logger.log(step, evaluate(recipe.eval, model, ctx, show_progress=False, precision=cfg.precision))
         data_counts = _report_data(monitor, ctx, output_dir)
-        metrics = evaluate(recipe.eval, model, ctx, show_progress)
+        if start == cfg.steps:
+            log.info("the run had already reached step %d: evaluating only", start)
+        metrics = evaluate(recipe.eval, model, ctx, show_progress, cfg.precision)
         if metrics:
             logger.log(step, metrics)
     finally:
@@ -201,8 +203,10 @@ class _LogWindow:
         return scalars
 
 
-def evaluate(config: EvalConfig, model: nn.Module, ctx: DistributedContext, show_progress: bool = True) -> dict[str, float]:
-    """Run the recipe's evaluation tasks on every rank; metrics are named ``task/metric``.
+def evaluate(config: EvalConfig, model: nn.Module, ctx: DistributedContext, show_progress: bool = True,
+             precision: str = "auto") -> dict[str, float]:
+    """Run the recipe's evaluation tasks on every rank at ``precision`` (the run's
+    ``train.precision``); metrics are named ``task/metric``.
 
     Feature extraction is sharded across ranks (each embeds every world_size-th item, all gather
     the rows), and every rank computes the same metrics. Batch-norm running statistics, which
@@ -214,7 +218,8 @@ def evaluate(config: EvalConfig, model: nn.Module, ctx: DistributedContext, show
             torch.distributed.broadcast(buffer, src=0)
     metrics: dict[str, float] = {}
     for task in config.tasks:
-        results = task.run(model, ctx.device, config.batch_size, show_progress and ctx.is_main)
+        with precision_scope(precision):
+            results = task.run(model, ctx.device, config.batch_size, show_progress and ctx.is_main)
         metrics.update({f"{task.name}/{key}": value for key, value in results.items()})
         if ctx.is_main:
             log.info("evaluation %s: %s", task.name, ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
