@@ -225,8 +225,12 @@ def test_shortest_side_preprocessing_equals_torchvisions_resize_and_centre_crop(
                            T.CenterCrop(224), T.ToDtype(torch.float32, scale=True),
                            T.Normalize([0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711])])
     torch.testing.assert_close(model.config.build_transform(train=False)(image), reference(image), atol=1e-5, rtol=0)
-    crop = model.config.build_transform(train=True)(image, torch.Generator().manual_seed(0))
-    assert crop.shape == (3, 224, 224)
+    # training: DALI's random-area crop (0.7-1 of the area, aspect 0.8-1.25) squashed to 224, so a
+    # square image is cropped at varying scales, not only flipped (spec alip.md §5 "Loader")
+    square = Image.fromarray(np.random.default_rng(1).integers(0, 255, (300, 300, 3), dtype=np.uint8))
+    crops = [model.config.build_transform(train=True)(square, torch.Generator().manual_seed(s)) for s in range(6)]
+    assert all(crop.shape == (3, 224, 224) for crop in crops)
+    assert not any(torch.equal(crop, crops[0]) or torch.equal(crop, crops[0].flip(-1)) for crop in crops[1:])
 
 
 def test_alip_trains_from_its_recipe_and_resumes_its_running_averages(tmp_path, shapes_root):

@@ -17,7 +17,7 @@ from openalign.data import (Collate, EpochBatchSampler, ImageTransform, ShapesSp
                             build_shapes_dataset, read_karpathy)
 from openalign.data.shapes import COLOURS, SHAPES, generate_example
 from openalign.data.transforms import PreprocessConfig
-from openalign.errors import OpenAlignError
+from openalign.errors import ConfigError, OpenAlignError
 
 
 def test_shapes_dataset_layout(shapes_root):
@@ -123,6 +123,70 @@ def test_train_transform_is_a_replayable_random_crop():
     assert len({c.sum().item() for c in crops}) > 3  # positions and flips vary
     torch.testing.assert_close(transform(image, torch.Generator().manual_seed(5)), crops[5])
     assert all(c.min() >= -1 and c.max() <= 1 for c in crops)
+
+
+def test_random_area_boxes_cover_the_share_and_aspect_asked_for():
+    from openalign.data.transforms import random_area_box
+
+    generator = torch.Generator().manual_seed(0)
+    boxes = [random_area_box(400, 400, (0.7, 1.0), (0.8, 1.25), generator) for _ in range(2000)]
+    areas = np.array([h * w / (400 * 400) for _, _, h, w in boxes])
+    aspects = np.array([w / h for _, _, h, w in boxes])
+    assert all(0 <= top and 0 <= left and top + h <= 400 and left + w <= 400 for top, left, h, w in boxes)
+    assert areas.min() > 0.69 and areas.max() <= 1.0 and aspects.min() > 0.79 and aspects.max() < 1.26
+    # spread over both ranges (crops that do not fit are drawn again, as DALI does)
+    assert areas.min() < 0.71 and areas.max() > 0.97 and aspects.min() < 0.82 and aspects.max() > 1.23
+    # a strip no allowed crop fits: the whole height, cut to the widest allowed aspect, centred
+    assert random_area_box(10, 1000, (0.7, 1.0), (0.8, 1.25), generator) == (0, 494, 10, 12)
+    assert random_area_box(1000, 10, (0.7, 1.0), (0.8, 1.25), generator) == (494, 0, 12, 10)
+
+
+def test_random_area_training_crops_then_squashes_and_flips_replayably():
+    """ALIP's DALI augmentation (spec alip.md §5): random-area crop, bilinear squash to 224, flip."""
+    import torchvision.transforms.v2.functional as TF
+
+    from openalign.data.transforms import random_area_box
+
+    config = PreprocessConfig(image_size=24, resize_size=24, resize_mode="shortest", interpolation="bicubic",
+                              antialias="always", random_area=(0.7, 1.0), random_aspect=(0.8, 1.25),
+                              train_interpolation="bilinear", random_flip=True)
+    image = Image.fromarray(np.random.default_rng(2).integers(0, 256, (40, 60, 3), dtype=np.uint8))
+    transform = ImageTransform(config, train=True)
+    pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)
+    flips = 0
+    for seed in range(12):
+        generator = torch.Generator().manual_seed(seed)
+        top, left, height, width = random_area_box(40, 60, (0.7, 1.0), (0.8, 1.25), generator)
+        expected = TF.resized_crop(pixels, top, left, height, width, [24, 24],
+                                   interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+        if bool(torch.rand((), generator=generator) < 0.5):
+            expected, flips = expected.flip(-1), flips + 1
+        assert torch.equal(transform(image, torch.Generator().manual_seed(seed)),
+                           expected.float().mul_(transform.scale).sub_(transform.offset))
+    assert 0 < flips < 12
+    assert transform.draft_size == 33  # ceil(24 * sqrt(1.25 / 0.7)): the smallest crop still covers 24 px
+    with pytest.raises(ConfigError, match="'random_area' must be \\[low, high\\] with 0 < low <= high <= 1"):
+        PreprocessConfig(random_area=(0.0, 1.0))
+    with pytest.raises(ConfigError, match="'random_aspect' must be \\[low, high\\]"):
+        PreprocessConfig(random_aspect=(1.25, 0.8))
+
+
+@pytest.mark.parametrize("antialias, in_training, in_evaluation", [("eval", False, True), ("never", False, False),
+                                                                  ("always", True, True)])
+def test_antialiasing_follows_the_setting_in_training_and_evaluation(antialias, in_training, in_evaluation):
+    """ALIGN ("eval"): COYO trained on tf.image.resize, which does not antialias; AlignProcessor does."""
+    import torchvision.transforms.v2.functional as TF
+
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 256, (90, 120, 3), dtype=np.uint8))
+    pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)
+    config = PreprocessConfig(image_size=30, resize_size=30, random_flip=False, antialias=antialias)
+    for train, antialiased in ((True, in_training), (False, in_evaluation)):
+        expected = TF.resize(pixels, [30, 30], interpolation=TF.InterpolationMode.BILINEAR, antialias=antialiased)
+        other = TF.resize(pixels, [30, 30], interpolation=TF.InterpolationMode.BILINEAR, antialias=not antialiased)
+        transform = ImageTransform(config, train=train)
+        assert not torch.equal(expected, other)
+        assert torch.equal(transform(image, torch.Generator().manual_seed(0)),
+                           expected.float().mul_(transform.scale).sub_(transform.offset))
 
 
 def test_grayscale_and_alpha_images_become_rgb():

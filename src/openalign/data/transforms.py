@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -34,6 +35,15 @@ class PreprocessConfig:
     ``resize_mode: shortest`` resizes the shorter side to ``resize_size`` keeping the aspect
     ratio instead (CLIP's and ALIP's evaluation: bicubic 224, centre crop 224).
     Pixels are then mapped by ``(x / 255 - mean) / std``; ALIGN's 0.5/0.5 gives [-1, 1].
+
+    ``random_area`` (training only) replaces the resize and crop by a random-area crop of the
+    image, as DALI's ``image_random_crop`` and torchvision's ``RandomResizedCrop`` take it (ALIP:
+    area [0.7, 1] of the image, aspect ``random_aspect`` [0.8, 1.25] drawn log-uniformly, up to 100
+    tries, else the whole image cut to the nearest allowed aspect), squashed to ``image_size``
+    with ``train_interpolation`` (default: ``interpolation``).
+    ``antialias``: where a shrinking resize antialiases. ``eval`` (ALIGN): COYO-ALIGN trained on
+    ``tf.image.resize``, which does not, and ``AlignProcessor`` evaluates with torchvision's,
+    which does; ``never`` (CLIPPO: big_vision's ``resize``); ``always`` (ALIP: DALI and PIL).
     """
 
     image_size: int = 289
@@ -44,6 +54,10 @@ class PreprocessConfig:
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     random_flip: bool = True
     center_crop: Literal["round", "floor"] = "round"
+    antialias: Literal["eval", "never", "always"] = "eval"
+    random_area: tuple[float, float] | None = None
+    random_aspect: tuple[float, float] = (3 / 4, 4 / 3)
+    train_interpolation: Literal["nearest", "bilinear", "bicubic"] | None = None
 
     def __post_init__(self) -> None:
         require_at_least(self, 1, "image_size")
@@ -54,6 +68,11 @@ class PreprocessConfig:
             raise ConfigError(f"must be positive (pixels are divided by it), got {list(self.std)}", "std")
         if self.resize_size < self.image_size:
             raise ConfigError(f"must be at least image_size ({self.image_size}) so the crop fits", "resize_size")
+        for name, upper in (("random_area", 1.0), ("random_aspect", math.inf)):
+            value = getattr(self, name)
+            if value is not None and (len(value) != 2 or not 0 < value[0] <= value[1] <= upper):
+                raise ConfigError(f"must be [low, high] with 0 < low <= high{' <= 1' if upper == 1 else ''}, "
+                                  f"got {list(value)}", name)
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -105,12 +124,21 @@ class ImageTransform:
             pixels = decode_jpeg(torch.frombuffer(bytearray(encoded), dtype=torch.uint8), mode=ImageReadMode.RGB)
         else:
             if self.train and getattr(image, "format", None) == "JPEG":
-                image.draft(image.mode, (cfg.resize_size, cfg.resize_size))  # a no-op once decoded or small
+                image.draft(image.mode, (self.draft_size, self.draft_size))  # a no-op once decoded or small
             image = to_rgb(image)
             pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
-        # torchvision's antialiased resize of the uint8 image, as transformers' AlignProcessor does it
+        antialias = cfg.antialias == "always" or (cfg.antialias == "eval" and not self.train)
+        if self.train and cfg.random_area is not None:
+            top, left, height, width = random_area_box(pixels.shape[1], pixels.shape[2], cfg.random_area,
+                                                       cfg.random_aspect, generator)
+            pixels = TF.resize(pixels[:, top:top + height, left:left + width], [cfg.image_size, cfg.image_size],
+                               interpolation=_INTERPOLATION[cfg.train_interpolation or cfg.interpolation],
+                               antialias=antialias)
+            return self._flip_and_normalise(pixels, generator)
+        # torchvision's resize of the uint8 image, as transformers' AlignProcessor does it
         size = [cfg.resize_size] if cfg.resize_mode == "shortest" else [cfg.resize_size, cfg.resize_size]
-        pixels = TF.resize(pixels, size, interpolation=_INTERPOLATION[cfg.interpolation], antialias=True)
+        interpolation = cfg.interpolation if not self.train else cfg.train_interpolation or cfg.interpolation
+        pixels = TF.resize(pixels, size, interpolation=_INTERPOLATION[interpolation], antialias=antialias)
         span_h, span_w = pixels.shape[1] - cfg.image_size, pixels.shape[2] - cfg.image_size
         if not self.train:  # centred: torchvision's CenterCrop rounds the offset, transformers' floors it
             top, left = (span // 2 if cfg.center_crop == "floor" else round(span / 2) for span in (span_h, span_w))
@@ -118,16 +146,53 @@ class ImageTransform:
             top, left = (int(v) for v in torch.randint(0, span_h + 1, (2,), generator=generator))
         else:
             top, left = (int(torch.randint(0, span + 1, (), generator=generator)) for span in (span_h, span_w))
-        pixels = pixels[:, top:top + cfg.image_size, left:left + cfg.image_size]
-        if self.train and cfg.random_flip and bool(torch.rand((), generator=generator) < 0.5):
+        return self._flip_and_normalise(pixels[:, top:top + cfg.image_size, left:left + cfg.image_size], generator)
+
+    def _flip_and_normalise(self, pixels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        if self.train and self.config.random_flip and bool(torch.rand((), generator=generator) < 0.5):
             pixels = pixels.flip(-1)
         return pixels.float().mul_(self.scale).sub_(self.offset)
+
+    @property
+    def draft_size(self) -> int:
+        """The side a training JPEG may be decoded down to: the resize, or with ``random_area``,
+        the smallest image whose smallest allowed crop still covers ``image_size``."""
+        cfg = self.config
+        if cfg.random_area is None:
+            return cfg.resize_size
+        return math.ceil(cfg.image_size * math.sqrt(max(cfg.random_aspect[1], 1 / cfg.random_aspect[0])
+                                                     / cfg.random_area[0]))
 
     def _torchvision_decodes(self, image: Image.Image, encoded: bytes | None) -> bool:
         if encoded is None or getattr(image, "format", None) != "JPEG" or image.mode not in ("RGB", "L"):
             return False
-        size = self.config.resize_size  # draft mode shrinks by 2 or more when both sides allow it
+        size = self.draft_size  # draft mode shrinks by 2 or more when both sides allow it
         return not (self.train and min(image.size[0] // size, image.size[1] // size) >= 2)
+
+
+def random_area_box(height: int, width: int, area: tuple[float, float], aspect: tuple[float, float],
+                    generator: torch.Generator | None = None, attempts: int = 100) -> tuple[int, int, int, int]:
+    """``(top, left, height, width)`` of a random crop covering a share ``area`` of the image with
+    aspect ratio (width / height) in ``aspect``, drawn log-uniformly; after ``attempts`` crops that
+    do not fit, the whole image cut to the nearest allowed aspect ratio, centred (DALI's and
+    torchvision's ``RandomResizedCrop`` procedure)."""
+    log_low, log_high = math.log(aspect[0]), math.log(aspect[1])
+    for _ in range(attempts):
+        share, position = torch.rand(2, generator=generator, dtype=torch.float64).tolist()
+        target = height * width * (area[0] + (area[1] - area[0]) * share)
+        ratio = math.exp(log_low + (log_high - log_low) * position)
+        crop_w, crop_h = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
+        if 0 < crop_w <= width and 0 < crop_h <= height:
+            top = int(torch.randint(0, height - crop_h + 1, (), generator=generator))
+            left = int(torch.randint(0, width - crop_w + 1, (), generator=generator))
+            return top, left, crop_h, crop_w
+    ratio = width / height
+    crop_h, crop_w = height, width
+    if ratio < aspect[0]:
+        crop_h = max(1, round(width / aspect[0]))
+    elif ratio > aspect[1]:
+        crop_w = max(1, round(height * aspect[1]))
+    return (height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w
 
 
 def _from_pixels(pixels: object) -> Image.Image:
