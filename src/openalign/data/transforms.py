@@ -89,8 +89,9 @@ def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
 class ImageTransform:
     """ALIGN's preprocessing (shared spec align-coyo-and-hf.md §3.5), set by a :class:`PreprocessConfig`.
 
-    Squash-resize to ``resize_size`` (aspect ratio not kept; torchvision's antialiased resize of
-    the uint8 image, exactly as ``transformers``' ``AlignProcessor`` does it), then a random crop
+    Squash-resize to ``resize_size`` (aspect ratio not kept; torchvision's resize of the uint8
+    image, antialiased in evaluation exactly as ``transformers``' ``AlignProcessor`` does it and,
+    by default, not in training, as COYO's ``tf.image.resize``: ``antialias``), then a random crop
     and flip in training or a centre crop in eval (``PreprocessConfig.center_crop``), then
     ``x * (1 / (255 std)) - mean / std`` (ALIGN: ``x / 127.5 - 1``). Training randomness comes
     from ``generator``, so a sample's augmentation can be replayed exactly on resume.
