@@ -81,6 +81,48 @@ def test_zeroshot_on_class_folders_equals_a_hand_computation(model, folders):
     assert ours == pytest.approx(expected)
 
 
+def test_canonicalized_zeroshot_prompts_are_big_visions(model, folders, monkeypatch):
+    """CLIPPO reads prompts as rendered pixels: big_vision strips punctuation (spec clippo.md §5.1)."""
+    from openalign.eval import datasets
+    from openalign.eval.classification import canonicalize_prompt
+    from openalign.eval.suite import load_suite
+
+    assert canonicalize_prompt("a bad photo of a kite (bird of prey).", "{}") == "a bad photo of a kite bird of prey"
+    assert canonicalize_prompt("itap of the {}.", "{}") == "itap of the {}"
+    assert canonicalize_prompt("Chesapeake_Bay  retriever, dog (x)", ",") == "chesapeake bay retriever, dog x"
+    assert canonicalize_prompt("jack-o'-lantern", ",") == "jackolantern"
+    classes = sorted(p.name for p in (folders / "val").iterdir())
+    names = [f"The {name.title()} (shape)" for name in classes]
+    seen: list[str] = []
+    embed_texts = datasets.embed_texts
+    monkeypatch.setattr(datasets, "embed_texts", lambda m, t, texts, *a, **k: seen.extend(texts) or
+                        embed_texts(m, t, texts, *a, **k))
+    canonical = evaluate_zeroshot(model, folders / "val", CPU, ["a photo of a {}.", "{}!"], names, show_progress=False,
+                                  canonicalize=True)
+    assert seen == [prompt for name in classes for prompt in (f"a photo of a the {name} shape", f"the {name} shape")]
+    seen.clear()
+    expected = evaluate_zeroshot(model, folders / "val", CPU, ["a photo of a {}", "{}"],
+                                 [f"the {name} shape" for name in classes], show_progress=False)
+    assert canonical == expected
+    clippo = load_suite("clippo").tasks[0]
+    assert clippo.canonicalize and not load_suite("alip").tasks[0].canonicalize
+
+
+def test_imagenets_wordnet_id_folders_are_prompted_by_clips_class_names(model, folders, tmp_path, caplog):
+    from openalign.eval.datasets import _imagenet_names
+
+    wnids = sorted(f"n{index:08d}" for index in range(1000))
+    with caplog.at_level("INFO"):
+        names = _imagenet_names(wnids, "imagenet/val")
+    assert names[:2] == ["tench", "goldfish"] and len(names) == 1000 and "prompting with CLIP's class names" in caplog.text
+    assert _imagenet_names(["circle", "square"], "x") is None
+    for index, shape in enumerate(sorted(p.name for p in (folders / "val").iterdir())[:2]):
+        shutil.copytree(folders / "val" / shape, tmp_path / f"n0144076{index}")
+    with caplog.at_level("WARNING"):
+        evaluate_zeroshot(model, tmp_path, CPU, ["a {}"], show_progress=False)
+    assert "class folders of" in caplog.text and "are WordNet ids (n01440760, ...)" in caplog.text
+
+
 def test_knn_on_class_folders_equals_numpy_one_nearest_neighbour(model, folders):
     ours = evaluate_knn(model, folders / "train", folders / "val", CPU, k=1, show_progress=False)
     classes = sorted(p.name for p in (folders / "train").iterdir())

@@ -62,7 +62,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     elif args.task == "zeroshot":
         templates = {"templates": tuple(args.template)} if args.template else {}
         task = ZeroShotEvalConfig(root=args.root, classnames=args.classnames, templates_file=args.templates_file,
-                                  split=args.split, **templates)
+                                  split=args.split, canonicalize=args.canonicalize, **templates)
         root = Path(args.root).resolve()  # a webdataset is named by its own folder, a split folder by its parent
         dataset = root.name if is_clip_benchmark_wds(root) else root.parent.name or root.name
     elif args.task == "knn":
@@ -339,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     zeroshot.add_argument("--templates-file", help="prompts, one per line, or a shipped list "
                                                          "(imagenet1k_templates, clip_paper_templates)")
     zeroshot.add_argument("--split", default="test", help="the split of a CLIP_benchmark webdataset root")
+    zeroshot.add_argument("--canonicalize", action="store_true",
+                          help="prompts as big_vision writes them: no punctuation, lower case (CLIPPO's protocol)")
     knn = tasks.add_parser("knn", help="kNN classification: train folders are the memory, val folders the queries")
     knn.add_argument("--train", required=True, help="e.g. imagenet/train")
     knn.add_argument("--val", required=True, help="e.g. imagenet/val")

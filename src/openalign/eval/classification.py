@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import re
+import string
 from collections.abc import Callable, Sequence
 
 import torch
@@ -27,6 +29,17 @@ def zero_shot_classifier(encode_text: Callable[[list[str]], torch.Tensor], class
     weights = [F.normalize(encode_text([prompt(t, name) for t in templates]).mean(dim=0), dim=-1)
                for name in classnames]
     return torch.stack(weights)
+
+
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def canonicalize_prompt(text: str, keep: str = "") -> str:
+    """big_vision's zero-shot text canonicalisation (CLIPPO's evaluation, shared spec clippo.md
+    §5.1): ``_`` as a space, ASCII punctuation removed except each whole occurrence of ``keep``
+    (``","`` in class names, ``"{}"`` in templates), lower case, runs of white space as one."""
+    parts = text.replace("_", " ").split(keep) if keep else [text.replace("_", " ")]
+    return re.sub(r"\s+", " ", keep.join(part.translate(_PUNCTUATION) for part in parts).lower()).strip()
 
 
 def _check_prompts(classnames: Sequence[str], templates: Sequence[str | Callable[[str], str]]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from torch import nn
 from ..data.karpathy import CaptionedImage, read_karpathy
 from ..errors import OpenAlignError
 from .clip_benchmark_wds import is_clip_benchmark_wds, read_lines, read_split
-from .classification import classification_metrics, knn_classify, zero_shot_classifier
+from .classification import canonicalize_prompt, classification_metrics, knn_classify, zero_shot_classifier
 from .probe import fewshot_indices, logistic_regression_probe, ridge_accuracy
 from .prompts import shipped_lines, shipped_names
 from .features import (IMAGE_EXTENSIONS, Transform, embed_captioned, embed_images, embed_texts, eval_mode,
@@ -135,12 +136,13 @@ def class_names(folders: Sequence[str], names: list[str] | dict[str, str] | None
 
 def evaluate_zeroshot(model: nn.Module, root: str | Path, device: torch.device, templates: Sequence[str] | None = None,
                       names: list[str] | dict[str, str] | None = None, batch_size: int = 256,
-                      show_progress: bool = True, split: str = "test", transform: Transform | None = None
-                      ) -> dict[str, float]:
+                      show_progress: bool = True, split: str = "test", transform: Transform | None = None,
+                      canonicalize: bool = False) -> dict[str, float]:
     """Zero-shot classification of the images in ``root``'s class folders, or of ``split`` of a
     CLIP_benchmark webdataset directory (its classnames.txt and templates unless given):
     ``acc1``, ``acc5``, ``mean_per_class_recall``. Class embedding = renormalised mean of its
-    prompts' embeddings; templates default to ``a photo of a {}.``."""
+    prompts' embeddings; templates default to ``a photo of a {}.``. ``canonicalize``: names and
+    templates as big_vision canonicalises them (:func:`canonicalize_prompt`; CLIPPO)."""
     if is_clip_benchmark_wds(root):
         wds = read_split(root, split)
         if wds.labels is None or wds.classnames is None:
@@ -150,10 +152,13 @@ def evaluate_zeroshot(model: nn.Module, root: str | Path, device: torch.device, 
         templates = templates or [t.replace("{c}", "{}") for t in wds.templates or ()]
     else:
         paths, labels, folders = read_class_folders(root)
-        readable = class_names(folders, names)
+        readable = class_names(folders, names if names is not None else _imagenet_names(folders, root))
     templates = list(templates or DEFAULT_TEMPLATES)
     if any("{}" not in template for template in templates):
         raise OpenAlignError(f"templates must each hold '{{}}' for the class name, got {templates[:3]}")
+    if canonicalize:
+        readable = [canonicalize_prompt(name, ",") for name in readable]
+        templates = [canonicalize_prompt(template, "{}") for template in templates]
     with eval_mode(model):
         config = model.config
         tokenizer = config.build_tokenizer()
@@ -162,6 +167,20 @@ def evaluate_zeroshot(model: nn.Module, root: str | Path, device: torch.device, 
             readable, templates)
         image_emb = embed_images(model, transform or eval_transform(model), paths, device, batch_size, show_progress)
     return classification_metrics(image_emb @ classifier.T, labels)
+
+
+def _imagenet_names(folders: Sequence[str], root: str | Path) -> list[str] | None:
+    """CLIP's ImageNet class names for ImageNet's 1,000 WordNet-id folders (``n01440764``, ...), which
+    prompts cannot use; other WordNet-id folders get a warning (None: folder names as they are)."""
+    if not folders or not all(re.fullmatch(r"n\d{8}", folder) for folder in folders):
+        return None
+    if len(folders) == 1000:
+        log.info("'%s' has ImageNet's 1,000 WordNet-id folders: prompting with CLIP's class names "
+                 "(imagenet1k_classnames)", root)
+        return shipped_lines("imagenet1k_classnames")
+    log.warning("the class folders of '%s' are WordNet ids (%s, ...): the prompts name them so, which no text encoder "
+                "reads; pass class names (--classnames / classnames)", root, folders[0])
+    return None
 
 
 def evaluate_knn(model: nn.Module, train_root: str | Path, val_root: str | Path, device: torch.device, k: int = 1,

@@ -119,18 +119,20 @@ class ZeroShotEvalConfig(EvalTaskConfig, tag="zeroshot"):
     """Zero-shot classification of ``root``'s class folders, or of ``split`` of a CLIP_benchmark
     webdataset directory. ``classnames``: a text file (one name per folder, sorted folder order) or
     a JSON list or folder→name mapping; ``templates``: prompts with ``{}``, inline or
-    (``templates_file``) one per line; by default the dataset's own, else ``a photo of a {}.``."""
+    (``templates_file``) one per line; by default the dataset's own, else ``a photo of a {}.``.
+    ``canonicalize``: big_vision's canonical prompts (no punctuation, lower case; CLIPPO)."""
 
     root: str
     classnames: str | None = None
     templates: tuple[str, ...] | None = None
     templates_file: str | None = None
     split: str = "test"
+    canonicalize: bool = False
 
     def run(self, model: nn.Module, device: torch.device, batch_size: int, show_progress: bool = True) -> dict[str, float]:
         templates = read_lines_or_json(self.templates_file, "templates") or self.templates
         return evaluate_zeroshot(model, self.root, device, templates, read_lines_or_json(self.classnames, "class names"),
-                                 batch_size, show_progress, self.split, self.transform(model))
+                                 batch_size, show_progress, self.split, self.transform(model), self.canonicalize)
 
 
 @dataclass
