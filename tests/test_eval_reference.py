@@ -155,7 +155,7 @@ def test_logistic_regression_probe_equals_scikit_learn():
     from sklearn.preprocessing import StandardScaler
 
     from openalign.eval import logistic_regression_probe
-    from openalign.eval.probe import fit_logistic_regression
+    from openalign.eval.probe import _fit_and_score, fit_logistic_regression
 
     rng = np.random.default_rng(1)
     num_classes, dim = 4, 16
@@ -163,15 +163,26 @@ def test_logistic_regression_probe_equals_scikit_learn():
     train_y, test_y = rng.integers(0, num_classes, 300), rng.integers(0, num_classes, 150)
     train_x = centres[train_y] + 1.5 * rng.normal(size=(300, dim))
     test_x = centres[test_y] + 1.5 * rng.normal(size=(150, dim))
-    ours = logistic_regression_probe(torch.from_numpy(train_x), torch.from_numpy(train_y), torch.from_numpy(test_x),
-                                     torch.from_numpy(test_y), num_classes, c=0.5)
-    # standardised as sklearn's StandardScaler does (the population std), plus our 1e-5
+    train_x, test_x = 5.0 * train_x + 3.0, 5.0 * test_x + 3.0  # not standardised: the two fits differ
+    args = (torch.from_numpy(train_x), torch.from_numpy(train_y), torch.from_numpy(test_x), torch.from_numpy(test_y),
+            num_classes)
+    # CLIP's probe: scikit-learn on the features as they are
+    raw = LogisticRegression(C=0.5, max_iter=5000, tol=1e-10).fit(train_x, train_y)
+    ours = logistic_regression_probe(*args, c=0.5)
+    np.testing.assert_allclose(ours["acc1"], float((raw.predict(test_x) == test_y).mean()))
+    _, our_logits = _fit_and_score(*args, 0.5, 1000, standardize=False)
+    np.testing.assert_allclose(our_logits.softmax(-1).numpy(), raw.predict_proba(test_x), atol=1e-5)
+    logits = torch.from_numpy(raw.decision_function(test_x))
+    assert ours == pytest.approx({**classification_metrics(logits, torch.from_numpy(test_y)), "c": 0.5}, abs=1e-6,
+                                 nan_ok=True)  # acc5 is NaN below 5 classes
+    # standardize=True: standardised as sklearn's StandardScaler does (the population std), plus our 1e-5
     scaler = StandardScaler().fit(train_x)
     scale = scaler.scale_ + 1e-5
     reference = LogisticRegression(C=0.5, max_iter=5000, tol=1e-10).fit((train_x - scaler.mean_) / scale, train_y)
+    standardized = logistic_regression_probe(*args, c=0.5, standardize=True)
     predicted = reference.predict((test_x - scaler.mean_) / scale)
-    assert ours["acc1"] == pytest.approx(float((predicted == test_y).mean()))
-    assert 0.4 < ours["acc1"] < 1.0
+    assert standardized["acc1"] == pytest.approx(float((predicted == test_y).mean()))
+    assert 0.4 < standardized["acc1"] < 1.0
     # the objective is strictly convex: the fitted weights themselves must agree (up to the
     # softmax's shift invariance, which the penalty pins for W but not for the bias)
     weight, bias = fit_logistic_regression(torch.from_numpy((train_x - scaler.mean_) / scale),
@@ -215,11 +226,10 @@ def test_logistic_regression_probe_chooses_c_on_held_out_training_examples():
     fit, held_out = (rows.numpy() for rows in stratified_split(torch.from_numpy(train_y), 0.2, seed=0))
     assert len(held_out) == 12 and set(train_y[held_out]) == {0, 1, 2}  # 4 of each class's 20
     assert sorted(np.concatenate([fit, held_out])) == list(range(60))
-    mean, std = train_x[fit].mean(0), train_x[fit].std(0) + 1e-5
 
     def held_out_accuracy(c):  # scikit-learn's fit on the same rows, scored on the held-out ones
-        model = LogisticRegression(C=c, max_iter=5000, tol=1e-10).fit((train_x[fit] - mean) / std, train_y[fit])
-        return float((model.predict((train_x[held_out] - mean) / std) == train_y[held_out]).mean())
+        model = LogisticRegression(C=c, max_iter=5000, tol=1e-10).fit(train_x[fit], train_y[fit])
+        return float((model.predict(train_x[held_out]) == train_y[held_out]).mean())
 
     best = held_out_accuracy(chosen["c"])
     assert all(best >= held_out_accuracy(10.0 ** exponent) for exponent in range(-6, 7, 2))

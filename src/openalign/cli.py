@@ -76,7 +76,8 @@ def _cmd_eval(args: argparse.Namespace) -> None:
                                       head_lr=args.head_lr, seed=args.seed)
         dataset = Path(args.val).resolve().parent.name  # GLUE's layout: <task>/dev.tsv
     else:
-        task, dataset = LinearProbeEvalConfig(train_root=args.train, val_root=args.val, c=args.c), \
+        task, dataset = LinearProbeEvalConfig(train_root=args.train, val_root=args.val, c=args.c,
+                                              standardize=args.standardize), \
             Path(args.val).resolve().parent.name
     output = _output_file(args.output) if args.output else None  # checked before the work
     model, _, _ = _inference_model(args, optimize=not task.fine_tunes)
@@ -355,6 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--c", type=float, default=None,
                        help="inverse L2 strength (scikit-learn's C); default: chosen on a held-out 20%% of the "
                             "training images by CLIP's search over 1e-6..1e6")
+    probe.add_argument("--standardize", action="store_true",
+                       help="standardise the features first (default: as they are, as CLIP's probe)")
     pairs = tasks.add_parser("sentence_pairs", help="GLUE-style sentence(-pair) classification: fine-tune a copy of "
                                                     "a pixel model (CLIPPO) with a linear head, score the val split")
     pairs.add_argument("--train", required=True, help="a TSV with a header (sentence1 or sentence, optional "

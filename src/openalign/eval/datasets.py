@@ -225,13 +225,13 @@ def evaluate_fewshot(model: nn.Module, train_root: str | Path, val_root: str | P
 
 def evaluate_linear_probe(model: nn.Module, train_root: str | Path, val_root: str | Path, device: torch.device,
                           c: float | None = None, batch_size: int = 256, show_progress: bool = True,
-                          transform: Transform | None = None) -> dict[str, float]:
+                          transform: Transform | None = None, standardize: bool = False) -> dict[str, float]:
     """The full-data linear probe: logistic regression
     (:func:`~openalign.eval.probe.logistic_regression_probe`) on the pre-projection features of all
     of ``train_root``, scored on ``val_root``; ``c=None`` chooses C on held-out training images, as CLIP."""
     train, train_labels, val, val_labels, num_classes = _probe_features(model, train_root, val_root, device,
                                                                         batch_size, show_progress, transform)
-    return logistic_regression_probe(train, train_labels, val, val_labels, num_classes, c)
+    return logistic_regression_probe(train, train_labels, val, val_labels, num_classes, c, standardize=standardize)
 
 
 def _probe_features(model: nn.Module, train_root: str | Path, val_root: str | Path, device: torch.device,

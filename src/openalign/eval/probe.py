@@ -76,9 +76,11 @@ def _with_bias(x: torch.Tensor) -> torch.Tensor:
 
 def logistic_regression_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
                               test_labels: torch.Tensor, num_classes: int, c: float | None = None,
-                              max_iter: int = 1000, val_proportion: float = 0.2, seed: int = 0) -> dict[str, float]:
+                              max_iter: int = 1000, val_proportion: float = 0.2, seed: int = 0,
+                              standardize: bool = False) -> dict[str, float]:
     """The full-data linear probe: multinomial logistic regression (:func:`fit_logistic_regression`)
-    on features standardised with the training mean and std; the test metrics of
+    on the features as they are, as CLIP fits scikit-learn's (``standardize``: on features
+    standardised with the training mean and std instead); the test metrics of
     :func:`~openalign.eval.classification.classification_metrics` and the ``c`` used.
 
     ``c=None`` chooses C as CLIP does (paper appendix A.3): :func:`search_c` scores each C on a
@@ -92,18 +94,20 @@ def logistic_regression_probe(train_features: torch.Tensor, train_labels: torch.
 
         def val_accuracy(candidate: float) -> float:
             return _fit_and_score(train_features[fit], train_labels[fit], train_features[held_out],
-                                  train_labels[held_out], num_classes, candidate, max_iter)[0]
+                                  train_labels[held_out], num_classes, candidate, max_iter, standardize)[0]
 
         c = search_c(val_accuracy)
-    logits = _fit_and_score(train_features, train_labels, test_features, test_labels, num_classes, c, max_iter)[1]
+    logits = _fit_and_score(train_features, train_labels, test_features, test_labels, num_classes, c, max_iter,
+                            standardize)[1]
     return {**classification_metrics(logits, test_labels.cpu()), "c": c}
 
 
 def _fit_and_score(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
-                   test_labels: torch.Tensor, num_classes: int, c: float, max_iter: int) -> tuple[float, torch.Tensor]:
+                   test_labels: torch.Tensor, num_classes: int, c: float, max_iter: int,
+                   standardize: bool) -> tuple[float, torch.Tensor]:
     """(top-1 accuracy, logits) on the test features of the probe fitted with ``c``."""
     x = train_features.cpu().double()
-    mean, std = x.mean(dim=0), x.std(dim=0, correction=0) + STD_EPS
+    mean, std = (x.mean(dim=0), x.std(dim=0, correction=0) + STD_EPS) if standardize else (0.0, 1.0)
     weight, bias = fit_logistic_regression((x - mean) / std, train_labels, num_classes, c, max_iter)
     logits = ((test_features.cpu().double() - mean) / std) @ weight + bias
     return (logits.argmax(dim=1) == test_labels.cpu()).double().mean().item(), logits

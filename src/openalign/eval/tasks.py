@@ -181,11 +181,13 @@ class FewShotEvalConfig(EvalTaskConfig, tag="fewshot"):
 class LinearProbeEvalConfig(EvalTaskConfig, tag="linear_probe"):
     """The full-data logistic-regression probe on pre-projection features: fit on ``train_root``'s
     class folders, scored on ``val_root``; ``c`` is the inverse L2 strength (scikit-learn's C),
-    by default (null) chosen on a held-out 20% of the training images, as CLIP chose it."""
+    by default (null) chosen on a held-out 20% of the training images, as CLIP chose it. The
+    features are used as they are, as CLIP's; ``standardize`` standardises them first."""
 
     train_root: str
     val_root: str
     c: float | None = None
+    standardize: bool = False
 
     def __post_init__(self) -> None:
         if self.c is not None and self.c <= 0:
@@ -193,7 +195,7 @@ class LinearProbeEvalConfig(EvalTaskConfig, tag="linear_probe"):
 
     def run(self, model: nn.Module, device: torch.device, batch_size: int, show_progress: bool = True) -> dict[str, float]:
         return evaluate_linear_probe(model, self.train_root, self.val_root, device, self.c, batch_size, show_progress,
-                                     self.transform(model))
+                                     self.transform(model), self.standardize)
 
 
 @dataclass
