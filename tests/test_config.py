@@ -77,11 +77,15 @@ def test_every_shipped_recipe_is_valid(name):
 
 
 def test_coyo_align_recipes_carry_the_published_settings():
-    """Spec §3.1: conf/cc3m.flags and conf/coyo700m.flags."""
+    """Spec §3.1: conf/cc3m.flags and conf/coyo700m.flags, and the paper's L2 run."""
     cc3m, coyo = load_recipe("align-b3-mini-cc3m"), load_recipe("align-b7-base-coyo700m")
+    paper = load_recipe("align-l2-large-coyo700m")
     assert (cc3m.train.batch_size, cc3m.train.lr, cc3m.train.warmup_steps, cc3m.train.steps) == (16384, 5e-3, 10_000, 100_000)
     assert (coyo.train.batch_size, coyo.train.lr, coyo.train.warmup_steps, coyo.train.steps) == (65536, 2e-3, 40_000, 300_000)
-    for recipe in (cc3m, coyo):
+    assert (paper.train.batch_size, paper.train.lr, paper.train.warmup_steps, paper.train.steps) == \
+        (16384, 1e-3, 10_000, 1_200_000)
+    assert paper.model.embed_dim == 1376 and paper.model.text.num_hidden_layers == 24  # L2 + BERT-large
+    for recipe in (cc3m, coyo, paper):
         assert (recipe.train.optimizer, recipe.train.weight_decay, recipe.train.eps, recipe.train.schedule) == ("lamb", 1e-5, 1e-6, "linear")
         assert recipe.loss.label_smoothing == 0.1 and recipe.model.image.virtual_batch_size == 16
 
