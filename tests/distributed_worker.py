@@ -15,7 +15,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 import openalign
-from openalign.distributed import init_distributed
+from openalign.distributed import average_buffers, init_distributed
 from openalign.losses import ContrastiveLoss
 
 BATCH = 16
@@ -49,7 +49,11 @@ def main(out_dir: Path) -> None:
     loss = ContrastiveLoss(label_smoothing=0.1)(**ddp(**shard(global_batch(), ctx.rank, ctx.world_size)))
     loss.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters()}
-    torch.save({"loss": loss.detach(), "grads": grads}, out_dir / f"rank{ctx.rank}.pt")
+    own = {name: b.clone() for name, b in model.named_buffers()}  # this rank's batch-norm statistics
+    average_buffers(model)
+    averaged = {name: b.clone() for name, b in model.named_buffers()}
+    torch.save({"loss": loss.detach(), "grads": grads, "buffers": own, "averaged": averaged},
+               out_dir / f"rank{ctx.rank}.pt")
     torch.distributed.destroy_process_group()
 
 

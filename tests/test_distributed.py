@@ -63,6 +63,17 @@ def test_every_gradient_equals_single_process_full_batch(two_rank_results, one_p
     assert reference["image_tower.embeddings.convolution.weight"].abs().sum() > 0
 
 
+def test_checkpoints_and_evaluation_get_the_mean_of_the_ranks_batch_norm_statistics(two_rank_results):
+    """Keras reads TPU replicas' moving averages as their mean: so do checkpoints and evaluation."""
+    own = [rank["buffers"] for rank in two_rank_results]
+    running = [name for name in own[0] if name.endswith("running_mean")]
+    assert running and not torch.equal(own[0][running[0]], own[1][running[0]])  # each rank saw its own data
+    for name, value in own[0].items():
+        expected = (value + own[1][name]) / 2 if value.is_floating_point() else value
+        for rank in two_rank_results:
+            torch.testing.assert_close(rank["averaged"][name], expected, rtol=1e-6, atol=1e-7, msg=name)
+
+
 def test_strided_shards_form_the_single_process_ghost_batches():
     """The premise of the comparison: rank r's ghost batch g is the single process's ghost batch 2g + r."""
     batch = distributed_worker.global_batch()["image"]

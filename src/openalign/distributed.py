@@ -104,6 +104,22 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     return all_reduce_sum(value) / world_info()[1]
 
 
+def average_buffers(module: torch.nn.Module) -> None:
+    """Set ``module``'s floating-point buffers (batch-norm running statistics) to their mean over
+    ranks, in place, as Keras reads the moving averages of TPU replicas (ON_READ, MEAN); integer
+    buffers (counters) are rank 0's. Running statistics do not enter training-mode forward passes,
+    so averaging them before a checkpoint or an evaluation leaves training unchanged."""
+    _, world_size = world_info()
+    if world_size == 1:
+        return
+    for buffer in module.buffers():
+        if buffer.is_floating_point():
+            dist.all_reduce(buffer)
+            buffer.div_(world_size)
+        else:
+            dist.broadcast(buffer, src=0)
+
+
 def all_ranks_agree(flag: bool) -> bool:
     """Whether ``flag`` is true on every rank (every rank must call this); ``flag`` without a process group."""
     _, world_size = world_info()

@@ -25,7 +25,8 @@ from ..config import to_dict
 from ..data.loader import Collate, DataMonitor, build_loader, move_to_device
 from ..data.quality import summarise
 from ..data.stream import ResumableStream
-from ..distributed import DistributedContext, all_reduce_mean, all_reduce_sum, barrier, init_distributed
+from ..distributed import (DistributedContext, all_reduce_mean, all_reduce_sum, average_buffers, barrier,
+                           init_distributed)
 from ..errors import ConfigError, OpenAlignError
 from ..models import GhostBatchNorm2d
 from ..precision import autocast, precision_scope
@@ -84,7 +85,7 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True)
     forward: nn.Module = model
     if ctx.world_size > 1:
         # broadcast_buffers=False: batch-norm running statistics stay per device (spec §3.4, never
-        # synchronised); checkpoints and evaluation use rank 0's.
+        # synchronised in training); checkpoints and evaluation use their mean over ranks.
         forward = DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
                                           broadcast_buffers=False)
     if cfg.compile:
@@ -120,6 +121,7 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True)
                              scalars["loss"], scalars["lr"], scalars["temperature"], scalars["samples_per_second"])
                     window = _LogWindow(ctx.device)
                 if saves:
+                    average_buffers(model)  # what the checkpoint holds: the mean of the ranks' statistics
                     checkpointer.save(step, model, optimizer, scheduler, loss_fn, recipe_dict,
                                       {**monitor.state(), "world_size": ctx.world_size,
                                        "num_workers": recipe.data.num_workers})
@@ -210,12 +212,11 @@ def evaluate(config: EvalConfig, model: nn.Module, ctx: DistributedContext, show
 
     Feature extraction is sharded across ranks (each embeds every world_size-th item, all gather
     the rows), and every rank computes the same metrics. Batch-norm running statistics, which
-    training keeps per device, are first set to rank 0's on all ranks, so that every shard is
-    embedded by the same model (the one checkpoints save).
+    training keeps per device, are first set to their mean over ranks (as checkpoints save them),
+    so that every shard is embedded by the same model.
     """
-    if ctx.world_size > 1 and config.tasks:
-        for buffer in model.buffers():
-            torch.distributed.broadcast(buffer, src=0)
+    if config.tasks:
+        average_buffers(model)
     metrics: dict[str, float] = {}
     for task in config.tasks:
         with precision_scope(precision):
