@@ -260,6 +260,14 @@ def test_models_that_hugging_face_cannot_represent_are_refused(tmp_path):
         shortest.save_pretrained(tmp_path / "shortest", format="hf")
 
 
+def test_export_warns_where_align_processor_would_preprocess_otherwise(tmp_path, caplog):
+    plain = openalign.create_model("align-test", image_projection=False, embed_dim=80,
+                                   preprocess={"resize_size": 36, "image_size": 32, "antialias": "never"})
+    with caplog.at_level("WARNING"):
+        plain.save_pretrained(tmp_path / "plain", format="hf")
+    assert "antialiases when it shrinks images, and this model's evaluation (antialias: never)" in caplog.text
+
+
 def test_mismatched_or_foreign_directories_get_clear_errors(hf_dir, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(hf_dir, broken)

@@ -256,6 +256,9 @@ def save_hf_directory(model: nn.Module, directory: Path) -> Path:
         log.warning("transformers' AlignProcessor centres the %d px crop of %d px at offset %d, this model's "
                     "preprocessing (center_crop: round) at %d: exported, it sees its evaluation images shifted by a "
                     "pixel", pre.image_size, pre.resize_size, margin // 2, round(margin / 2))
+    if pre.antialias == "never":
+        log.warning("transformers' AlignProcessor antialiases when it shrinks images, and this model's evaluation "
+                    "(antialias: never) does not: exported, it sees slightly smoother images")
     resample = {name: code for code, name in _RESAMPLE_NAMES.items()}[pre.interpolation]
     tokenizer = copy.deepcopy(model.config.build_tokenizer().hf_tokenizer)
     tokenizer.model_max_length = MAX_LENGTH

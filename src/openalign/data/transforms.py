@@ -179,9 +179,9 @@ def random_area_box(height: int, width: int, area: tuple[float, float], aspect: 
     torchvision's ``RandomResizedCrop`` procedure)."""
     log_low, log_high = math.log(aspect[0]), math.log(aspect[1])
     for _ in range(attempts):
-        share, position = torch.rand(2, generator=generator, dtype=torch.float64).tolist()
+        share, slant = torch.rand(2, generator=generator, dtype=torch.float64).tolist()
         target = height * width * (area[0] + (area[1] - area[0]) * share)
-        ratio = math.exp(log_low + (log_high - log_low) * position)
+        ratio = math.exp(log_low + (log_high - log_low) * slant)
         crop_w, crop_h = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
         if 0 < crop_w <= width and 0 < crop_h <= height:
             top = int(torch.randint(0, height - crop_h + 1, (), generator=generator))
