@@ -44,7 +44,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         try:
             torch.empty(0, device=target)
         except RuntimeError as error:
-            reason = str(error).strip().split(". ")[0] if str(error).strip() else type(error).__name__  # first sentence
+            # torch's first sentence; the rest lists every backend it has
+            reason = str(error).strip().split(". ")[0] if str(error).strip() else type(error).__name__
             raise OpenAlignError(f"device '{device}' is not available here: {reason}") from None
     return target
 
