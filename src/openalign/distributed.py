@@ -34,7 +34,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     try:
         target = torch.device(device)
     except (RuntimeError, TypeError):
-        raise OpenAlignError(f"device '{device}' is not a torch device (use 'auto', 'cpu', 'cuda' or 'cuda:N')") from None
+        raise OpenAlignError(f"device '{device}' is not a torch device (use 'auto', 'cpu', 'cuda' or 'cuda:N')"
+                             ) from None
     if target.type == "cuda":
         if not torch.cuda.is_available():
             raise OpenAlignError(f"device '{device}' is CUDA but no CUDA device is visible; use 'auto' or 'cpu'")
