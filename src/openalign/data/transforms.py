@@ -129,17 +129,16 @@ class ImageTransform:
             image = to_rgb(image)
             pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
         antialias = cfg.antialias == "always" or (cfg.antialias == "eval" and not self.train)
+        interpolation = _INTERPOLATION[(cfg.train_interpolation if self.train else None) or cfg.interpolation]
         if self.train and cfg.random_area is not None:
             top, left, height, width = random_area_box(pixels.shape[1], pixels.shape[2], cfg.random_area,
                                                        cfg.random_aspect, generator)
             pixels = TF.resize(pixels[:, top:top + height, left:left + width], [cfg.image_size, cfg.image_size],
-                               interpolation=_INTERPOLATION[cfg.train_interpolation or cfg.interpolation],
-                               antialias=antialias)
+                               interpolation=interpolation, antialias=antialias)
             return self._flip_and_normalise(pixels, generator)
         # torchvision's resize of the uint8 image, as transformers' AlignProcessor does it
         size = [cfg.resize_size] if cfg.resize_mode == "shortest" else [cfg.resize_size, cfg.resize_size]
-        interpolation = cfg.interpolation if not self.train else cfg.train_interpolation or cfg.interpolation
-        pixels = TF.resize(pixels, size, interpolation=_INTERPOLATION[interpolation], antialias=antialias)
+        pixels = TF.resize(pixels, size, interpolation=interpolation, antialias=antialias)
         span_h, span_w = pixels.shape[1] - cfg.image_size, pixels.shape[2] - cfg.image_size
         if not self.train:  # centred: torchvision's CenterCrop rounds the offset, transformers' floors it
             top, left = (span // 2 if cfg.center_crop == "floor" else round(span / 2) for span in (span_h, span_w))
