@@ -523,7 +523,7 @@ def test_linear_probe_task_fits_on_all_training_features(model, folders, tmp_pat
     assert json.loads((tmp_path / "p.json").read_text())["metrics"] == pytest.approx(ours)
 
 
-def test_retrieval_examples_draw_the_true_top_k(model, shapes_root, tmp_path, capsys):
+def test_retrieval_examples_draw_the_true_top_k(model, shapes_root, tmp_path, capsys, monkeypatch):
     from PIL import Image
 
     from openalign.eval.examples import retrieval_examples
@@ -540,9 +540,12 @@ def test_retrieval_examples_draw_the_true_top_k(model, shapes_root, tmp_path, ca
     with Image.open(tmp_path / "grid.png") as grid:
         assert grid.size[0] > 300 and grid.size[1] > 300
     model_dir = model.save_pretrained(tmp_path / "model")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
     assert main(["eval", "examples", "--model", str(model_dir), "--json", str(shapes_root / "dataset_shapes.json"),
-                 "--queries", "2", "--out", str(tmp_path / "cli.png")]) == 0
-    assert (tmp_path / "cli.png").is_file() and "2 captions" in capsys.readouterr().out
+                 "--queries", "2", "--out", "~/grids/cli.png"]) == 0  # a ~ path, as a shell would not expand it
+    assert (tmp_path / "home" / "grids" / "cli.png").is_file() and not (tmp_path / "~").exists()
+    assert "2 captions" in capsys.readouterr().out
 
 
 def test_a_caption_prefix_is_put_before_every_caption(model, shapes_root, tmp_path):

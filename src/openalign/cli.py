@@ -108,12 +108,12 @@ def _output_file(path: str, suffixes: tuple[str, ...] = ()) -> Path:
 def _cmd_eval_examples(args: argparse.Namespace) -> None:
     from .eval.examples import retrieval_examples
 
-    _output_file(args.out, (".png", ".jpg", ".jpeg", ".pdf", ".svg"))
+    out = _output_file(args.out, (".png", ".jpg", ".jpeg", ".pdf", ".svg"))
     model, _, _ = _inference_model(args)
-    rows = retrieval_examples(model, args.json, next(model.parameters()).device, args.out, args.split,
+    rows = retrieval_examples(model, args.json, next(model.parameters()).device, out, args.split,
                               args.image_root, args.queries, args.k, args.seed)
     hits = sum(truth in found for _, found, truth in rows)
-    print(f"wrote {args.out}: {len(rows)} captions, {hits} with their image in the top {args.k}")
+    print(f"wrote {out}: {len(rows)} captions, {hits} with their image in the top {args.k}")
 
 
 def _cmd_eval_suite(args: argparse.Namespace) -> None:

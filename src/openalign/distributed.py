@@ -58,14 +58,11 @@ def init_distributed(device: str = "auto") -> DistributedContext:
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    if device == "cuda" and not torch.cuda.is_available():
-        raise OpenAlignError("train.device is 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
-    if use_cuda:
+    target = resolve_device(device)
+    use_cuda = target.type == "cuda"
+    if use_cuda:  # each process of a node on its own GPU
         torch.cuda.set_device(local_rank)
         target = torch.device("cuda", local_rank)
-    else:
-        target = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
