@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, IterableDataset
 
-from ..config import Variants
+from ..config import Variants, require_at_least
 from ..distributed import barrier, world_info
 from ..errors import ConfigError, OpenAlignError
 from .karpathy import CaptionedImage, read_karpathy
@@ -340,9 +340,7 @@ class StreamOptions:
     def check_stream(self, urls: str, example: str) -> None:
         if not urls:
             raise ConfigError(f"must name the files, e.g. '{example}'", "urls")
-        for name in ("open_shards", "shuffle_buffer", "min_image_side", "max_consecutive_errors"):
-            if getattr(self, name) < 1:
-                raise ConfigError("must be at least 1", name)
+        require_at_least(self, 1, "open_shards", "shuffle_buffer", "min_image_side", "max_consecutive_errors")
         check_extra_fields(self.extra_keys, "extra_keys")
 
     def stream(self, urls: str, shards: list[str], read_shard: Callable[[str], Iterable[Any]],

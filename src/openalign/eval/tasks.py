@@ -10,7 +10,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import nn
 
-from ..config import Variants
+from ..config import Variants, require_at_least
 from ..data.transforms import PreprocessConfig
 from ..errors import ConfigError
 from .datasets import evaluate_fewshot, evaluate_knn, evaluate_linear_probe, evaluate_retrieval, evaluate_zeroshot, read_lines_or_json
@@ -80,8 +80,7 @@ class ShapesEvalConfig(EvalTaskConfig, tag="shapes"):
     knn_memory_size: int = 5000
 
     def __post_init__(self) -> None:
-        if self.knn_memory_size < 1:
-            raise ConfigError("must be at least 1", "knn_memory_size")
+        require_at_least(self, 1, "knn_memory_size")
         if self.preprocess:
             raise ConfigError("is set, but the shapes task evaluates with the model's own preprocessing", "preprocess")
 
@@ -145,8 +144,7 @@ class KnnEvalConfig(EvalTaskConfig, tag="knn"):
     temperature: float = 0.07
 
     def __post_init__(self) -> None:
-        if self.k < 1:
-            raise ConfigError("must be at least 1", "k")
+        require_at_least(self, 1, "k")
         if self.temperature <= 0:
             raise ConfigError("must be positive", "temperature")
 
@@ -167,8 +165,7 @@ class FewShotEvalConfig(EvalTaskConfig, tag="fewshot"):
     l2: float = 1024.0
 
     def __post_init__(self) -> None:
-        if self.shots < 1:
-            raise ConfigError("must be at least 1", "shots")
+        require_at_least(self, 1, "shots")
         if not self.seeds:
             raise ConfigError("must list at least one seed", "seeds")
 
@@ -216,8 +213,7 @@ class SentencePairEvalConfig(EvalTaskConfig, tag="sentence_pairs"):
     batch_size: int | None = None
 
     def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise ConfigError("must be at least 1", "epochs")
+        require_at_least(self, 1, "epochs")
         for key in ("lr", "head_lr"):
             if getattr(self, key) <= 0:
                 raise ConfigError("must be positive", key)
