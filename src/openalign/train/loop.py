@@ -26,7 +26,7 @@ from ..data.loader import Collate, DataMonitor, build_loader, move_to_device
 from ..data.quality import summarise
 from ..data.stream import ResumableStream
 from ..distributed import (DistributedContext, all_reduce_mean, all_reduce_sum, average_buffers, barrier,
-                           init_distributed)
+                           init_distributed, world_info)
 from ..errors import ConfigError, OpenAlignError
 from ..models import GhostBatchNorm2d
 from ..precision import autocast, precision_scope
@@ -170,7 +170,7 @@ def _stop_if_diverged(window: _LogWindow, step: int, checkpointer: Checkpointer)
     are checkpointed (where pruning would soon delete the last good checkpoint). The window's
     summed loss, over all ranks, is finite exactly when each of its losses is (any earlier
     window passed this check)."""
-    if not torch.isfinite(all_reduce_sum(window.loss)):
+    if not torch.isfinite(window.summed_loss()):
         newest = checkpointer.checkpoints()
         raise OpenAlignError(f"the loss was NaN or infinite within the {window.steps} step(s) up to step {step}: "
                              "training stopped without checkpointing them (newest checkpoint: "
@@ -186,9 +186,18 @@ class _LogWindow:
         self.loss = torch.zeros((), device=device)
         self.stats: dict[str, torch.Tensor] = {}
         self.steps, self.started = 0, time.perf_counter()
+        self._summed: torch.Tensor | None = None
+
+    def summed_loss(self) -> torch.Tensor:
+        """The window's losses summed over all ranks: one collective, shared by the divergence
+        check and the log line (every rank must call this)."""
+        if self._summed is None:
+            self._summed = all_reduce_sum(self.loss)
+        return self._summed
 
     def add(self, loss: torch.Tensor, stats: dict[str, torch.Tensor]) -> None:
         self.loss += loss
+        self._summed = None
         for key, value in stats.items():
             self.stats[key] = self.stats.get(key, 0.0) + value.detach()
         self.steps += 1
@@ -198,7 +207,7 @@ class _LogWindow:
         and the samples skipped so far on all ranks."""
         seconds = time.perf_counter() - self.started
         skipped = sum(n for key, n in monitor.counts().items() if key.startswith("skipped/"))
-        scalars = {"loss": all_reduce_mean(self.loss / self.steps).item(), "lr": lr,
+        scalars = {"loss": (self.summed_loss() / (self.steps * world_info()[1])).item(), "lr": lr,
                    "temperature": model.temperature.item(), "samples_per_second": batch_size * self.steps / seconds,
                    "data/skipped": all_reduce_sum(torch.tensor(float(skipped), device=self.loss.device)).item()}
         scalars.update({key: all_reduce_mean(value / self.steps).item() for key, value in self.stats.items()})
