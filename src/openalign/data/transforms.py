@@ -108,6 +108,9 @@ class ImageTransform:
         std = np.asarray(config.std, dtype=np.float64)
         self.scale = torch.tensor(1.0 / (255.0 * std), dtype=torch.float32).view(3, 1, 1)
         self.offset = torch.tensor(np.asarray(config.mean) / std, dtype=torch.float32).view(3, 1, 1)
+        self.antialias = config.antialias == "always" or (config.antialias == "eval" and not train)
+        self.interpolation = _INTERPOLATION[(config.train_interpolation if train else None) or config.interpolation]
+        self.draft_size = _draft_size(config)
 
     def __call__(self, image: Image.Image | np.ndarray | torch.Tensor, generator: torch.Generator | None = None,
                  encoded: bytes | None = None) -> torch.Tensor:
@@ -128,17 +131,15 @@ class ImageTransform:
                 image.draft(image.mode, (self.draft_size, self.draft_size))  # a no-op once decoded or small
             image = to_rgb(image)
             pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
-        antialias = cfg.antialias == "always" or (cfg.antialias == "eval" and not self.train)
-        interpolation = _INTERPOLATION[(cfg.train_interpolation if self.train else None) or cfg.interpolation]
         if self.train and cfg.random_area is not None:
             top, left, height, width = random_area_box(pixels.shape[1], pixels.shape[2], cfg.random_area,
                                                        cfg.random_aspect, generator)
             pixels = TF.resize(pixels[:, top:top + height, left:left + width], [cfg.image_size, cfg.image_size],
-                               interpolation=interpolation, antialias=antialias)
+                               interpolation=self.interpolation, antialias=self.antialias)
             return self._flip_and_normalise(pixels, generator)
         # torchvision's resize of the uint8 image, as transformers' AlignProcessor does it
         size = [cfg.resize_size] if cfg.resize_mode == "shortest" else [cfg.resize_size, cfg.resize_size]
-        pixels = TF.resize(pixels, size, interpolation=interpolation, antialias=antialias)
+        pixels = TF.resize(pixels, size, interpolation=self.interpolation, antialias=self.antialias)
         span_h, span_w = pixels.shape[1] - cfg.image_size, pixels.shape[2] - cfg.image_size
         if not self.train:  # centred: torchvision's CenterCrop rounds the offset, transformers' floors it
             top, left = (span // 2 if cfg.center_crop == "floor" else round(span / 2) for span in (span_h, span_w))
@@ -153,21 +154,20 @@ class ImageTransform:
             pixels = pixels.flip(-1)
         return pixels.float().mul_(self.scale).sub_(self.offset)
 
-    @property
-    def draft_size(self) -> int:
-        """The side a training JPEG may be decoded down to: the resize, or with ``random_area``,
-        the smallest image whose smallest allowed crop still covers ``image_size``."""
-        cfg = self.config
-        if cfg.random_area is None:
-            return cfg.resize_size
-        return math.ceil(cfg.image_size * math.sqrt(max(cfg.random_aspect[1], 1 / cfg.random_aspect[0])
-                                                     / cfg.random_area[0]))
-
     def _torchvision_decodes(self, image: Image.Image, encoded: bytes | None) -> bool:
         if encoded is None or getattr(image, "format", None) != "JPEG" or image.mode not in ("RGB", "L"):
             return False
         size = self.draft_size  # draft mode shrinks by 2 or more when both sides allow it
         return not (self.train and min(image.size[0] // size, image.size[1] // size) >= 2)
+
+
+def _draft_size(cfg: PreprocessConfig) -> int:
+    """The side a training JPEG may be decoded down to: the resize, or with ``random_area``, the
+    smallest image whose smallest allowed crop still covers ``image_size``."""
+    if cfg.random_area is None:
+        return cfg.resize_size
+    return math.ceil(cfg.image_size * math.sqrt(max(cfg.random_aspect[1], 1 / cfg.random_aspect[0])
+                                                / cfg.random_area[0]))
 
 
 def random_area_box(height: int, width: int, area: tuple[float, float], aspect: tuple[float, float],
