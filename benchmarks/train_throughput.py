@@ -7,6 +7,8 @@ the model's input size, and times ``openalign.train.train_step`` after warm-up s
     python benchmarks/train_throughput.py                                   # CPU: tiny models
     python benchmarks/train_throughput.py --models align-b3-mini align-b7-base \\
         --batch-sizes 128 256 --device cuda --compile                       # GPU
+    python benchmarks/train_throughput.py --models align-tiny --batch-sizes 128 \\
+        --accum-steps 1 2 4                      # the cost of gradient accumulation (train.accum_steps)
 
 Prints a table and writes JSON (``--output``, default benchmarks/results/train_throughput.json).
 """
@@ -35,7 +37,7 @@ def synthetic_batch(model: torch.nn.Module, batch_size: int, device: torch.devic
 
 
 def measure(name: str, batch_size: int, device: torch.device, steps: int, warmup: int, compile: bool,
-            standard_bn: bool = False) -> dict:
+            standard_bn: bool = False, accum_steps: int = 1) -> dict:
     torch.manual_seed(0)
     overrides = {"image": {"virtual_batch_size": None}} if standard_bn else {}
     model = openalign.create_model(name, **overrides).to(device).to(memory_format=torch.channels_last)
@@ -50,7 +52,8 @@ def measure(name: str, batch_size: int, device: torch.device, steps: int, warmup
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             start = time.perf_counter()
-        loss = train_step(model, loss_fn, optimizer, scheduler, batch, device, forward=forward)
+        loss = train_step(model, loss_fn, optimizer, scheduler, batch, device, forward=forward,
+                          accum_steps=accum_steps)
     loss.item()  # wait for the device
     seconds = time.perf_counter() - start
     if device.type == "cuda":
@@ -60,7 +63,7 @@ def measure(name: str, batch_size: int, device: torch.device, steps: int, warmup
     return {"model": name, "batch_size": batch_size, "samples_per_second": batch_size * steps / seconds,
             "seconds_per_step": seconds / steps, "peak_memory_gib": peak_gib,
             "precision": "bf16" if device.type == "cuda" else "fp32", "compile": compile,
-            "batch_norm": "standard" if standard_bn else "ghost"}
+            "batch_norm": "standard" if standard_bn else "ghost", "accum_steps": accum_steps}
 
 
 def main() -> None:
@@ -73,17 +76,21 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--standard-bn", action="store_true",
                         help="standard batch norm instead of the models' ghost batch norm (virtual_batch_size null)")
+    parser.add_argument("--accum-steps", nargs="+", type=int, default=[1],
+                        help="train.accum_steps values: each batch in that many micro-batches, caching features")
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "train_throughput.json")
     args = parser.parse_args()
     device = torch.device(args.device)
-    rows = [measure(name, batch, device, args.steps, args.warmup, args.compile, args.standard_bn)
-            for name in args.models for batch in args.batch_sizes]
+    rows = [measure(name, batch, device, args.steps, args.warmup, args.compile, args.standard_bn, accum)
+            for name in args.models for batch in args.batch_sizes for accum in args.accum_steps]
     env = environment(device)
-    cells = [(row["model"], str(row["batch_size"]), row["batch_norm"], row["precision"], str(row["compile"]),
+    cells = [(row["model"], str(row["batch_size"]), str(row["accum_steps"]), row["batch_norm"], row["precision"],
+              str(row["compile"]),
               f"{row['samples_per_second']:.1f}", f"{row['seconds_per_step']:.3f}", f"{row['peak_memory_gib']:.2f}")
              for row in rows]
     report(f"training throughput on {env['device']} (torch {torch.__version__})",
-           ("model", "batch/device", "batch norm", "precision", "compile", "samples/s", "s/step", "peak memory GiB"),
+           ("model", "batch/device", "accum", "batch norm", "precision", "compile", "samples/s", "s/step",
+            "peak memory GiB"),
            cells, 1,
            {"environment": env, "results": rows}, args.output)
 

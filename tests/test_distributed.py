@@ -49,16 +49,19 @@ def test_loss_equals_single_process_full_batch(two_rank_results, one_process_ref
     assert two_rank_results[0]["loss"] != two_rank_results[1]["loss"]  # each rank has its own rows
 
 
-def test_every_gradient_equals_single_process_full_batch(two_rank_results, one_process_reference):
-    """Tolerance scales with each tensor's largest gradient: summation order differs between the
-    two runs, and some gradients are analytically zero (a BN bias followed by another batch norm),
-    so they hold only rounding noise of about 1e-8."""
+@pytest.mark.parametrize("run", ["grads", "accumulated_grads"])
+def test_every_gradient_equals_single_process_full_batch(two_rank_results, one_process_reference, run):
+    """Also when each rank accumulates two micro-batches (train.accum_steps: 2), whose negatives
+    are the whole global batch. Tolerance scales with each tensor's largest gradient: summation
+    order differs between the runs, and some gradients are analytically zero (a BN bias followed
+    by another batch norm), so they hold only rounding noise of about 1e-8."""
     reference = one_process_reference["grads"]
     for rank in two_rank_results:
-        assert rank["grads"].keys() == reference.keys()
+        assert rank[run].keys() == reference.keys()
         for name, grad in reference.items():
             scale = max(grad.abs().max().item(), 1e-3)
-            torch.testing.assert_close(rank["grads"][name], grad, rtol=1e-4, atol=1e-4 * scale, msg=name)
+            torch.testing.assert_close(rank[run][name], grad, rtol=1e-4, atol=1e-4 * scale, msg=name)
+        torch.testing.assert_close(rank["accumulated_loss"], rank["loss"], rtol=1e-6, atol=1e-6)
     assert reference["log_temperature"].abs() > 0
     assert reference["image_tower.embeddings.convolution.weight"].abs().sum() > 0
 

@@ -46,7 +46,9 @@ case ${1:-check} in
     train)
         bench train train_throughput.py --models align-b3-mini align-b7-base --batch-sizes 128 256 --device "$DEVICE"
         bench train_standard_bn train_throughput.py --models align-b7-base --batch-sizes 256 --device "$DEVICE" \
-            --standard-bn ;;
+            --standard-bn
+        bench train_accum train_throughput.py --models align-b7-base --batch-sizes 256 --accum-steps 1 2 4 \
+            --device "$DEVICE" ;;
     eval)
         bench eval_imagenet eval_throughput.py --device "$DEVICE" --knn-memory 1281167 --knn-queries 50000 ;;
     *) echo "unknown part '$1': check, inference, train or eval"; exit 2 ;;

@@ -54,6 +54,9 @@ class TrainConfig:
     reads (ALIGN, ALIP), or a checkpoint the model knows how to read (CLIPPO: a timm ViT one).
     ``schedule: onecycle`` is PyTorch's OneCycleLR (ALIP), warming up over ``warmup_steps``.
     ``weight_decay_scope: all`` decays every parameter (ALIP), not only weight matrices.
+    ``accum_steps`` k > 1 embeds each rank's share of the batch in k micro-batches, caching
+    features, so that a batch k times larger than fits in memory trains exactly as the whole
+    batch would (every example a negative for every other), for one extra forward pass.
     """
 
     steps: int
@@ -73,10 +76,11 @@ class TrainConfig:
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool = False
+    accum_steps: int = 1
     seed: int = 0
 
     def __post_init__(self) -> None:
-        require_at_least(self, 1, "steps", "batch_size")
+        require_at_least(self, 1, "steps", "batch_size", "accum_steps")
         for key in ("lr", "weight_decay", "eps", "grad_clip"):  # YAML refuses these; Python callers too
             if getattr(self, key) is not None and not math.isfinite(getattr(self, key)):
                 raise ConfigError("must be a finite number", key)

@@ -32,6 +32,7 @@ from ..models import GhostBatchNorm2d
 from ..precision import autocast, precision_scope
 from ..progress import make_progress
 from ..recipe import EvalConfig, Recipe
+from .accumulate import accumulated_backward
 from .checkpoint import Checkpointer
 from .logger import TrainLogger
 from .optim import build_optimizer
@@ -58,10 +59,10 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True)
     directory, or a run directory; training then continues exactly where it stopped.
     """
     cfg, ctx = recipe.train, init_distributed(recipe.train.device)
-    per_rank = _per_rank_batch(cfg.batch_size, ctx.world_size)
+    per_rank = _per_rank_batch(cfg.batch_size, ctx.world_size, cfg.accum_steps)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = recipe.model.build().to(ctx.device)
-    _check_virtual_batch(model, per_rank, ctx.world_size)
+    _check_virtual_batch(model, per_rank // cfg.accum_steps, ctx.world_size)
     model = model.to(memory_format=torch.channels_last)  # conv towers: faster on GPU and CPU alike
     loss_fn = recipe.loss.build().to(ctx.device)
     optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps, ctx.device,
@@ -106,7 +107,7 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True)
                 batch = move_to_device(monitor.take(next(batches)), ctx.device, channels_last=True)
                 lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
                 loss = train_step(model, loss_fn, optimizer, scheduler, batch, ctx.device, cfg.precision,
-                                  cfg.grad_clip, forward)
+                                  cfg.grad_clip, forward, cfg.accum_steps)
                 window.add(loss, getattr(loss_fn, "last_stats", {}))
                 progress.advance(bar)
                 logs = step % recipe.run.log_every == 0 or step == cfg.steps
@@ -140,22 +141,29 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True)
 
 def train_step(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                batch: dict[str, Any], device: torch.device, precision: str = "auto", grad_clip: float | None = None,
-               forward: nn.Module | None = None) -> torch.Tensor:
+               forward: nn.Module | None = None, accum_steps: int = 1) -> torch.Tensor:
     """One optimiser step on ``batch``; returns the detached loss without synchronising with the device.
 
     ``forward`` is what runs the model (its DDP or compiled wrapper); ``model.input_fields``
-    names the batch fields it takes, and its outputs go to ``loss_fn`` by name. After the step,
-    ``model.constrain_parameters()``, where the model has it, projects parameters back into range.
+    names the batch fields it takes, and its outputs go to ``loss_fn`` by name. With
+    ``accum_steps`` k > 1 the batch is embedded in k micro-batches and the gradient is still
+    exactly that of the loss on the whole batch (see :mod:`openalign.train.accumulate`). After
+    the step, ``model.constrain_parameters()``, where the model has it, projects parameters back
+    into range.
     """
     missing = [name for name in model.input_fields if name not in batch]
     if missing:
         raise OpenAlignError(f"the model needs batch fields {missing}, which the data source does not provide "
                              f"(it gives {sorted(batch)})")
-    with autocast(device, precision):
-        outputs = (forward or model)(**{name: batch[name] for name in model.input_fields})
-    loss = loss_fn(**outputs)  # outside autocast: logits and softmax in fp32
+    inputs = {name: batch[name] for name in model.input_fields}
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    if accum_steps > 1:
+        loss = accumulated_backward(forward or model, model, loss_fn, inputs, device, precision, accum_steps)
+    else:
+        with autocast(device, precision):
+            outputs = (forward or model)(**inputs)
+        loss = loss_fn(**outputs)  # outside autocast: logits and softmax in fp32
+        loss.backward()
     if grad_clip is not None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
@@ -250,19 +258,21 @@ def _initialise(model: nn.Module, path: str) -> None:
         raise ConfigError(f"cannot initialise this model: {error}", "train.init_from") from None
 
 
-def _per_rank_batch(batch_size: int, world_size: int) -> int:
-    if batch_size % world_size:
-        raise ConfigError(f"is {batch_size}, which does not divide evenly between {world_size} ranks", "train.batch_size")
+def _per_rank_batch(batch_size: int, world_size: int, accum_steps: int) -> int:
+    if batch_size % (world_size * accum_steps):
+        raise ConfigError(f"is {batch_size}, which does not divide evenly between {world_size} rank(s)"
+                          f"{f' × {accum_steps} micro-batches (train.accum_steps)' if accum_steps > 1 else ''}",
+                          "train.batch_size")
     return batch_size // world_size
 
 
-def _check_virtual_batch(model: nn.Module, per_rank: int, world_size: int) -> None:
+def _check_virtual_batch(model: nn.Module, micro_batch: int, world_size: int) -> None:
     sizes = {m.virtual_batch_size for m in model.modules() if isinstance(m, GhostBatchNorm2d) and m.virtual_batch_size}
     for size in sizes:
-        if per_rank % size:
-            raise ConfigError(f"gives {per_rank} examples per device ({world_size} ranks), which is not a multiple of "
-                              f"the ghost batch norm's virtual_batch_size={size}: change train.batch_size or "
-                              "model.image.virtual_batch_size", "train.batch_size")
+        if micro_batch % size:
+            raise ConfigError(f"gives {micro_batch} examples per device and micro-batch ({world_size} ranks), which "
+                              f"is not a multiple of the ghost batch norm's virtual_batch_size={size}: change "
+                              "train.batch_size, train.accum_steps or model.image.virtual_batch_size", "train.batch_size")
 
 
 def _build_loader(recipe: Recipe, per_rank: int, ctx: DistributedContext, start: int,
