@@ -409,3 +409,28 @@ def test_indexes_from_other_writers_load_and_broken_ones_are_refused(tmp_path):
     write_index(tmp_path / "empty.parquet", [], torch.empty(0, 2))
     with pytest.raises(OpenAlignError, match="holds no embeddings"):
         read_index(tmp_path / "empty.parquet")
+
+
+def test_inference_turns_photos_upright_by_their_exif_orientation(loaded, tmp_path):
+    """A camera's portrait photo is stored sideways with EXIF orientation 6 (display rotated 90°
+    clockwise): embed and classify see it as displayed, as transformers' pipelines do."""
+    model, preprocess, tokenizer = loaded
+    upright = np.random.default_rng(3).integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    upright[:, :28] //= 4  # left half dark: any turn or mirror changes the picture
+    stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)  # stored 56 × 40, sideways
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    (tmp_path / "photos").mkdir()
+    stored.save(tmp_path / "photos" / "portrait.png", exif=exif)
+    with torch.no_grad():
+        expected = model.encode_image(preprocess(Image.fromarray(upright))[None], normalize=True)
+        sideways = model.encode_image(preprocess(stored)[None], normalize=True)
+    assert not torch.allclose(expected, sideways, atol=1e-3)
+    _, embedded = embed_folder(model, preprocess, tmp_path / "photos")
+    torch.testing.assert_close(embedded, expected, rtol=1e-5, atol=1e-6)
+    with Image.open(tmp_path / "photos" / "portrait.png") as opened:
+        from_pil = classify(model, preprocess, tokenizer, [opened], LABELS)
+    from_path = classify(model, preprocess, tokenizer, [tmp_path / "photos" / "portrait.png"], LABELS)
+    reference = classify(model, preprocess, tokenizer, [upright], LABELS)  # pixels: taken as they are
+    torch.testing.assert_close(from_pil, reference)
+    torch.testing.assert_close(from_path, reference)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -96,9 +96,10 @@ def classify(model: nn.Module, preprocess: Preprocess, tokenizer: Tokenizer, ima
              labels: Sequence[str], templates: Sequence[str] | None = None, batch_size: int = 64) -> torch.Tensor:
     """(num_images, num_labels) probabilities: softmax over labels of ``logit_scale`` × cosine similarity.
 
-    ``images`` are PIL images, 8-bit pixels (see ``preprocess``) or paths; ``labels`` are embedded as written, or, with
-    ``templates`` (format strings such as ``"a photo of a {}."``), as the renormalised mean of
-    their prompts. Runs on the model's device and dtype; similarities are fp32, on the CPU.
+    ``images`` are PIL images, 8-bit pixels (see ``preprocess``) or paths; PIL images and files are
+    turned upright by their EXIF orientation first (:func:`upright`). ``labels`` are embedded as
+    written, or, with ``templates`` (format strings such as ``"a photo of a {}."``), as the
+    renormalised mean of their prompts. Runs on the model's device and dtype; similarities are fp32, on the CPU.
     """
     for name, given in (("images", images), ("labels", labels)):
         if isinstance(given, (str, Path, Image.Image)):
@@ -130,7 +131,8 @@ def embed_folder(model: nn.Module, preprocess: Preprocess, images: str | Path, b
                  num_workers: int = 0) -> tuple[list[str], torch.Tensor]:
     """``(paths, embeddings)`` of the images in a directory (recursively) or matching a glob pattern.
 
-    Files that cannot be read as images are skipped and counted in a logged warning; the
+    Images are turned upright by their EXIF orientation (:func:`upright`). Files that cannot be
+    read as images are skipped and counted in a logged warning; the
     returned paths are those of the embedded images, in sorted order, one per embedding row.
     """
     candidates = find_images(images)
@@ -183,7 +185,7 @@ class _ImageFiles(Dataset):
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | str]:
         try:
             with Image.open(self.paths[index]) as image:
-                return index, self.preprocess(image)
+                return index, self.preprocess(upright(image))
         except _UNREADABLE as error:
             return index, f"{type(error).__name__}: {error}"
 
@@ -368,15 +370,29 @@ def _faiss_search(index_embeddings: torch.Tensor, queries: torch.Tensor, k: int
 
 
 def _pixels(image: ImageInput, preprocess: Preprocess) -> torch.Tensor:
-    """The preprocessed pixels of an image (PIL or 8-bit pixels) or an image file; a bad file is an
-    error that names it."""
+    """The preprocessed pixels of an image (PIL or 8-bit pixels) or an image file, PIL images and
+    files turned upright; a bad file is an error that names it."""
+    if isinstance(image, Image.Image):
+        return preprocess(upright(image))
     if not isinstance(image, (str, Path)):
         return preprocess(image)
     try:
         with Image.open(image) as opened:
-            return preprocess(opened)
+            return preprocess(upright(opened))
     except _UNREADABLE as error:
         raise OpenAlignError(f"cannot read image '{image}': {error}") from None
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """``image`` as it is meant to be seen: rotated or mirrored as its EXIF orientation says (a
+    camera's portrait photo is stored sideways), as transformers' ``load_image`` and pipelines do.
+
+    Only inference does this; evaluation datasets are read as the papers' loaders read them,
+    without it. An image without an orientation is returned as it is, not yet decoded, so that
+    preprocessing can still decode a large JPEG at reduced size."""
+    if image.getexif().get(ExifTags.Base.Orientation, 1) in (0, 1):
+        return image
+    return ImageOps.exif_transpose(image)
 
 
 def model_device(model: nn.Module) -> torch.device:
