@@ -236,17 +236,21 @@ def test_the_shipped_suites_are_valid():
     assert [task.name for task in suite.tasks] == ["knn", "retrieval", "retrieval"]
     assert suite.names == ["imagenet-knn", "flickr30k", "coco"] and suite.tasks[0].k == 1
     clippo = load_suite("clippo")
-    assert [task.name for task in clippo.tasks] == ["zeroshot", "fewshot", "retrieval"]
-    assert (clippo.tasks[1].shots, clippo.tasks[1].seeds, clippo.tasks[1].l2) == (10, (0, 1, 2), 1024.0)
+    assert [task.name for task in clippo.tasks] == ["zeroshot"] * 3 + ["fewshot", "retrieval"]
+    assert clippo.names[:3] == ["imagenet-zeroshot", "cifar100-zeroshot", "pets-zeroshot"]
+    assert (clippo.tasks[3].shots, clippo.tasks[3].seeds, clippo.tasks[3].l2) == (10, (0, 1, 2), 1024.0)
     # few-shot: resize(256)|central_crop(224) (spec clippo.md §5.2); zero-shot: the model's resize(224)
-    few_shot = clippo.tasks[1].transform(SimpleNamespace(config=openalign.model_config("clippo-b16")))
+    few_shot = clippo.tasks[3].transform(SimpleNamespace(config=openalign.model_config("clippo-b16")))
     assert (few_shot.config.resize_mode, few_shot.config.resize_size, few_shot.config.image_size) == (
         "squash", 256, 224)
-    assert clippo.tasks[0].preprocess is None
+    # zero-shot as big_vision's default evaluator: ImageNet, CIFAR-100 and Pets, 81 prompts, canonicalised
+    assert all(task.preprocess is None and task.canonicalize and task.templates_file == "clip_paper_templates"
+               for task in clippo.tasks[:3])
 
 
 def test_the_shipped_class_names_and_templates_are_clips_and_tasks_take_them_by_name(tmp_path):
     from openalign.errors import OpenAlignError
+    from openalign.eval.classification import canonicalize_prompt
     from openalign.eval.datasets import read_lines_or_json
     from openalign.eval.suite import load_suite
 
@@ -258,6 +262,15 @@ def test_the_shipped_class_names_and_templates_are_clips_and_tasks_take_them_by_
     assert read_lines_or_json("clip_paper_templates", "templates") == templates + ["{}"]  # big_vision: 81
     clippo_zeroshot = load_suite("clippo").tasks[0]
     assert (clippo_zeroshot.classnames, clippo_zeroshot.templates_file) == ("imagenet1k_classnames", "clip_paper_templates")
+    # CLIPPO prompts CIFAR-100 and Pets with TFDS's label names, canonicalised: the shipped CLIP names
+    # canonicalise to the same strings (TFDS's names at a few indices, written out here)
+    tfds = {"cifar100_classnames": {1: "aquarium_fish", 41: "lawn_mower", 99: "worm"},
+            "pets_classnames": {0: "Abyssinian", 2: "american_pit_bull_terrier", 9: "British_Shorthair",
+                                36: "yorkshire_terrier"}}
+    for task in load_suite("clippo").tasks[1:3]:
+        shipped = read_lines_or_json(task.classnames, "class names")
+        for index, name in tfds[task.classnames].items():
+            assert canonicalize_prompt(shipped[index], ",") == canonicalize_prompt(name, ",")
     (tmp_path / "imagenet1k_classnames").write_text("mine\n")  # a real file wins over a shipped name
     assert read_lines_or_json(tmp_path / "imagenet1k_classnames", "class names") == ["mine"]
     with pytest.raises(OpenAlignError, match="nor is it one of the shipped lists: .*clip_paper_templates"):
