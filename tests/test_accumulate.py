@@ -118,7 +118,7 @@ def test_outputs_that_are_not_per_example_are_refused():
         step_gradients(Pooled(), lambda **outputs: outputs["image_emb"].sum(), batch, 2)
 
 
-def test_a_run_with_accumulation_trains_as_one_without(tmp_path, shapes_root, tiny_overrides):
+def test_a_run_with_accumulation_trains_as_one_without(tmp_path, shapes_root, tiny_overrides, caplog):
     """The same recipe with ``train.accum_steps: 2`` logs the same losses step after step, and its
     batch norms counted two micro-batches per step. (Its weights are compared through the losses:
     LAMB turns the rounding noise of analytically zero gradients into full-size steps of weights
@@ -128,10 +128,12 @@ def test_a_run_with_accumulation_trains_as_one_without(tmp_path, shapes_root, ti
         output = tmp_path / f"accum{accum_steps}"
         recipe = load_recipe("demo", tiny_overrides(shapes_root, output, steps=3) + [
             "eval.tasks=[]", f"train.accum_steps={accum_steps}"])
-        train(recipe, show_progress=False)
+        with caplog.at_level("INFO", logger="openalign.train"):
+            train(recipe, show_progress=False)
         losses.append([record["loss"] for record in read_history(output) if "loss" in record])
         weights.append(load_file(output / "checkpoints" / "step_00000003" / "model.safetensors"))
     assert len(losses[0]) == 3 and losses[1] == pytest.approx(losses[0], rel=1e-5)
+    assert "batch 16: 1 rank(s) × 16 example(s), each in 2 micro-batches of 8" in caplog.text
     counter = "image_tower.embeddings.batchnorm.num_batches_tracked"
     assert (weights[0][counter].item(), weights[1][counter].item()) == (3, 6)
 
