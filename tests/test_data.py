@@ -369,3 +369,19 @@ def test_16_bit_and_float_images_are_scaled_to_8_bits_not_clipped():
         pixels = transform(image)
         assert (pixels - expected).abs().max() <= 1 / 127.5 + 1e-6, image.mode  # within one 8-bit level
     assert transform(Image.fromarray(ramp)).mean() < 0.1  # PIL's own convert("RGB") would give almost 1 (white)
+
+
+def test_written_whole_replaces_a_file_in_one_rename_or_leaves_it_as_it_was(tmp_path):
+    from openalign.files import written_whole
+
+    target = tmp_path / "summary.json"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with written_whole(target) as temporary:
+            temporary.write_text("half")
+            assert target.read_text() == "old" and temporary.parent == tmp_path
+            raise RuntimeError("killed mid-write")
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+    with written_whole(target) as temporary:
+        temporary.write_text("new")
+    assert target.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["summary.json"]

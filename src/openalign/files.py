@@ -6,8 +6,12 @@ path and what to do, instead of the storage library's own exception from deep in
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import pickle
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,3 +50,18 @@ def read_json(path: str | Path) -> Any:
         return json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise OpenAlignError(f"cannot read '{path}': {error}") from None
+
+
+@contextlib.contextmanager
+def written_whole(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write to; when the block completes it replaces ``path``
+    in one rename, so that readers (other ranks, a resumed job) see the old file or the whole new
+    one, never half of one. When the block raises, the temporary file is removed. The name is
+    unique across processes and hosts, so ranks sharing a filesystem never write into one file."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .data.tokenizer import Tokenizer
 from .errors import OpenAlignError
+from .files import written_whole
 from .eval import embed_texts
 from .eval.cache import fixed_weights
 from .eval.features import IMAGE_EXTENSIONS
@@ -230,15 +231,12 @@ def write_index(path: str | Path, paths: Sequence[str], embeddings: torch.Tensor
     if odd := sum(text != name for text, name in zip(texts, paths)):
         log.warning("%d image path(s) are not UTF-8: the index keeps them with \\xNN escapes", odd)
     path = Path(path)
-    partial = path.with_name(f".{path.name}.partial")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_rows(partial, schema, texts, vectors)
-        partial.replace(path)
+        with written_whole(path) as partial:
+            _write_rows(partial, schema, texts, vectors)
     except OSError as error:
         raise OpenAlignError(f"cannot write the index '{path}': {error}") from None
-    finally:
-        partial.unlink(missing_ok=True)
     return path
 
 

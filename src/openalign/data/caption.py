@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import OpenAlignError
+from ..files import written_whole
 from .shards import KEY_EXT, ShardReadError, TarSample, decode_image, expand_shards, read_samples
 
 log = logging.getLogger(__name__)
@@ -275,9 +276,8 @@ def _recount(path: Path, field: str) -> dict[str, Any]:
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    with written_whole(path) as temporary:
+        temporary.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def _totals(summary: dict[str, Any]) -> dict[str, int]:

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import OpenAlignError
-from ..files import read_safetensors
+from ..files import read_safetensors, written_whole
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,5 @@ def load(directory: Path, key: str) -> torch.Tensor | None:
 def save(directory: Path, key: str, embeddings: torch.Tensor) -> None:
     """Written under a temporary name and renamed, so a reader never sees half a file."""
     directory.mkdir(parents=True, exist_ok=True)
-    staging = directory / f".{key}.{os.getpid()}.tmp"
-    save_file({"embeddings": embeddings.contiguous()}, str(staging))
-    os.replace(staging, directory / f"{key}.safetensors")
+    with written_whole(directory / f"{key}.safetensors") as staging:
+        save_file({"embeddings": embeddings.contiguous()}, str(staging))

@@ -17,11 +17,11 @@ import hashlib
 import logging
 import os
 import tarfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import OpenAlignError
+from ..files import written_whole
 
 log = logging.getLogger(__name__)
 
@@ -131,12 +131,10 @@ def _extract(archive: tarfile.TarFile, member: tarfile.TarInfo, path: Path) -> P
     """``member`` written to ``path`` unless a file of its size is there, whole or not at all."""
     if path.is_file() and path.stat().st_size == member.size:
         return path
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # unique across ranks and hosts
     try:
-        temporary.write_bytes(archive.extractfile(member).read())  # the usual permissions, for shared roots
-        os.replace(temporary, path)
+        with written_whole(path) as temporary:  # a name unique across ranks and hosts
+            temporary.write_bytes(archive.extractfile(member).read())  # the usual permissions, for shared roots
     except OSError as error:
-        temporary.unlink(missing_ok=True)
         raise OpenAlignError(f"cannot write the extracted image '{path}': {error}") from None
     return path
 
