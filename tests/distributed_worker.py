@@ -1,9 +1,10 @@
 """Run under ``torchrun --nproc_per_node 2``: one DDP forward/backward of ALIGN's loss on this rank's shard.
 
 Writes ``rank{r}.pt`` with the loss and every parameter's gradient into the directory given as
-the first argument, and the same for a training step that accumulates two micro-batches. Rank r takes examples r, r + world, r + 2·world, ... of the global batch
-that ``global_batch()`` builds, so that its ghost batches are exactly those a single process
-forms from the whole batch (see tests/test_distributed.py).
+the first argument, and the same for a training step that accumulates two micro-batches. Rank r
+takes examples r, r + world, r + 2·world, ... of the global batch that ``global_batch()``
+builds, so that its ghost batches are exactly those a single process forms from the whole batch
+(see tests/test_distributed.py).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import sys
 from pathlib import Path
 
 import torch
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 import openalign
@@ -53,14 +55,23 @@ def main(out_dir: Path) -> None:
     own = {name: b.clone() for name, b in model.named_buffers()}  # this rank's batch-norm statistics
     average_buffers(model)
     averaged = {name: b.clone() for name, b in model.named_buffers()}
-    accumulated = build_model()  # the same step in two micro-batches per rank (train.accum_steps: 2)
+    # the same step in two micro-batches per rank (train.accum_steps: 2), DDP set up as train() does it,
+    # counting DDP's gradient all-reduces (one per bucket and synchronised backward pass)
+    accumulated, all_reduces = build_model(), []
+    accumulated_ddp = DistributedDataParallel(accumulated, broadcast_buffers=False)
+
+    def counting_all_reduce(state, bucket):
+        all_reduces.append(bucket.index())
+        return default_hooks.allreduce_hook(None, bucket)
+
+    accumulated_ddp.register_comm_hook(None, counting_all_reduce)
     sgd = torch.optim.SGD(accumulated.parameters(), lr=0.0)
     accumulated_loss = train_step(accumulated, ContrastiveLoss(label_smoothing=0.1), sgd,
                                   torch.optim.lr_scheduler.LambdaLR(sgd, lambda step: 1.0),
                                   shard(global_batch(), ctx.rank, ctx.world_size), ctx.device, "fp32",
-                                  forward=DistributedDataParallel(accumulated), accum_steps=2)
+                                  forward=accumulated_ddp, accum_steps=2)
     torch.save({"loss": loss.detach(), "grads": grads, "buffers": own, "averaged": averaged,
-                "accumulated_loss": accumulated_loss,
+                "accumulated_loss": accumulated_loss, "all_reduced_buckets": all_reduces,
                 "accumulated_grads": {name: p.grad.clone() for name, p in accumulated.named_parameters()}},
                out_dir / f"rank{ctx.rank}.pt")
     torch.distributed.destroy_process_group()

@@ -47,18 +47,46 @@ def assert_same_gradients(actual: dict, expected: dict) -> None:
 
 
 @pytest.mark.parametrize("accum_steps", [2, 4])
-def test_accumulated_gradients_equal_the_whole_batch_with_ghost_batch_norm(accum_steps):
+def test_accumulated_gradients_and_statistics_equal_the_whole_batch_with_ghost_batch_norm(accum_steps):
     """Ghost batches of 4 in a batch of 16: strided micro-batches hold whole ghost batches. The
     logit scale, live in every micro-batch's loss, gets its gradient once, not ``accum_steps``
-    times; the batch-norm statistics advance once per micro-batch, not again in the caching pass."""
+    times; the batch-norm running statistics end the step as the whole batch leaves them."""
     torch.manual_seed(0)
     model = openalign.create_model("align-test")
     reference = copy.deepcopy(model)
     expected = step_gradients(reference, ContrastiveLoss(), tiny_batch(), 1)
     assert_same_gradients(step_gradients(model, ContrastiveLoss(), tiny_batch(), accum_steps), expected)
     assert expected["log_temperature"].abs() > 1e-4
-    counters = [b for name, b in model.named_buffers() if name.endswith("num_batches_tracked")]
-    assert counters and all(counter.item() == accum_steps for counter in counters)
+    whole, initial = dict(reference.named_buffers()), dict(openalign.create_model("align-test").named_buffers())
+    running = [name for name in whole if name.endswith("running_var")]
+    assert running and not torch.equal(whole[running[0]], initial[running[0]])  # the step moved them
+    for name, buffer in model.named_buffers():
+        torch.testing.assert_close(buffer, whole[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_compiled_models_accumulate_too():
+    """``train.compile`` hands train_step a compiled module (here with the eager backend, which
+    traces as inductor does but compiles nothing): its graphs with and without gradient give the
+    whole batch's gradient too."""
+    torch.manual_seed(0)
+    model = openalign.create_model("align-test")
+    expected = step_gradients(copy.deepcopy(model), ContrastiveLoss(), tiny_batch(), 1)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.0)
+    train_step(model, ContrastiveLoss(), sgd, torch.optim.lr_scheduler.LambdaLR(sgd, lambda step: 1.0),
+               tiny_batch(), CPU, "fp32", forward=torch.compile(model, backend="eager"), accum_steps=2)
+    assert_same_gradients({name: p.grad for name, p in model.named_parameters()}, expected)
+
+
+def test_standard_batch_norm_is_refused_since_each_micro_batch_would_get_its_own_statistics(
+        tmp_path, shapes_root, tiny_overrides):
+    model = openalign.create_model("align-test", image={"virtual_batch_size": None})
+    with pytest.raises(OpenAlignError, match=r"'image_tower\..*' is standard batch norm"):
+        step_gradients(model, ContrastiveLoss(), tiny_batch(), 2)
+    recipe = load_recipe("demo", tiny_overrides(shapes_root, tmp_path) + [
+        "train.accum_steps=2", "model.image.virtual_batch_size=null"])
+    with pytest.raises(ConfigError, match=r"train.accum_steps.*is 2, but .* standard batch norm"):
+        train(recipe, show_progress=False)
+    step_gradients(model.eval(), ContrastiveLoss(), tiny_batch(), 2)  # frozen statistics (eval mode) are fine
 
 
 def test_dropout_is_replayed_so_the_gradient_stays_exact():
@@ -118,24 +146,35 @@ def test_outputs_that_are_not_per_example_are_refused():
         step_gradients(Pooled(), lambda **outputs: outputs["image_emb"].sum(), batch, 2)
 
 
-def test_a_run_with_accumulation_trains_as_one_without(tmp_path, shapes_root, tiny_overrides, caplog):
-    """The same recipe with ``train.accum_steps: 2`` logs the same losses step after step, and its
-    batch norms counted two micro-batches per step. (Its weights are compared through the losses:
-    LAMB turns the rounding noise of analytically zero gradients into full-size steps of weights
-    that do not affect the output.)"""
+def test_a_run_with_accumulation_trains_as_one_without(tmp_path, shapes_root, tiny_overrides, caplog, monkeypatch):
+    """The same recipe with ``train.accum_steps: 2`` (and ``train.compile``, with the eager backend
+    to keep the test fast) logs the same losses step after step and saves the same batch-norm
+    statistics after its first step. (Later steps are compared through the losses: LAMB turns the
+    rounding noise of analytically zero gradients into full-size steps of weights that do not
+    affect the output, such as a batch-norm bias before another batch norm, but do shift the
+    later one's statistics.)"""
+    from openalign.train import loop
+
+    real_compile, real_accumulate, accumulated = torch.compile, loop.accumulated_backward, []
+    monkeypatch.setattr(torch, "compile", lambda module, **options: real_compile(module, backend="eager"))
+    monkeypatch.setattr(loop, "accumulated_backward",
+                        lambda *args: accumulated.append(args[-1]) or real_accumulate(*args))
     losses, weights = [], []
-    for accum_steps in (1, 2):
-        output = tmp_path / f"accum{accum_steps}"
+    for settings in (["train.accum_steps=1"], ["train.accum_steps=2", "train.compile=true"]):
+        output = tmp_path / settings[0]
         recipe = load_recipe("demo", tiny_overrides(shapes_root, output, steps=3) + [
-            "eval.tasks=[]", f"train.accum_steps={accum_steps}"])
+            "eval.tasks=[]", "run.checkpoint_every=1", *settings])
         with caplog.at_level("INFO", logger="openalign.train"):
             train(recipe, show_progress=False)
         losses.append([record["loss"] for record in read_history(output) if "loss" in record])
-        weights.append(load_file(output / "checkpoints" / "step_00000003" / "model.safetensors"))
+        weights.append(load_file(output / "checkpoints" / "step_00000001" / "model.safetensors"))
     assert len(losses[0]) == 3 and losses[1] == pytest.approx(losses[0], rel=1e-5)
     assert "batch 16: 1 rank(s) × 16 example(s), each in 2 micro-batches of 8" in caplog.text
-    counter = "image_tower.embeddings.batchnorm.num_batches_tracked"
-    assert (weights[0][counter].item(), weights[1][counter].item()) == (3, 6)
+    assert accumulated == [2, 2, 2]
+    statistics = [name for name in weights[0] if "running_" in name or "num_batches" in name]
+    assert statistics and weights[0]["image_tower.embeddings.batchnorm.num_batches_tracked"].item() == 1
+    for name in statistics:
+        torch.testing.assert_close(weights[1][name], weights[0][name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("accum_steps, message", [

@@ -59,12 +59,15 @@ def _state(directory: Path) -> dict[str, torch.Tensor]:
     return load_file(str(sorted((directory / "checkpoints").glob("step_*"))[-1] / WEIGHTS_FILE))
 
 
-def test_resume_continues_exactly(tmp_path, shapes_root, tiny_overrides, monkeypatch):
+@pytest.mark.parametrize("accum_steps", [1, 2])
+def test_resume_continues_exactly(tmp_path, shapes_root, tiny_overrides, monkeypatch, accum_steps):
+    """Also with gradient accumulation, whose re-embedding replays the random draws."""
+    settings = STOCHASTIC + [f"train.accum_steps={accum_steps}"]
     straight = tmp_path / "straight"
-    train(load_recipe("demo", tiny_overrides(shapes_root, straight, steps=6) + STOCHASTIC), show_progress=False)
+    train(load_recipe("demo", tiny_overrides(shapes_root, straight, steps=6) + settings), show_progress=False)
 
     interrupted = tmp_path / "interrupted"
-    recipe = load_recipe("demo", tiny_overrides(shapes_root, interrupted, steps=6) + STOCHASTIC)
+    recipe = load_recipe("demo", tiny_overrides(shapes_root, interrupted, steps=6) + settings)
     train_until_preempted(recipe, 4, monkeypatch)
     result = train(recipe, resume="latest", show_progress=False)
 

@@ -32,7 +32,7 @@ from ..models import GhostBatchNorm2d
 from ..precision import autocast, precision_scope
 from ..progress import make_progress
 from ..recipe import EvalConfig, Recipe
-from .accumulate import accumulated_backward
+from .accumulate import accumulated_backward, check_accumulable
 from .checkpoint import Checkpointer
 from .logger import TrainLogger
 from .optim import build_optimizer
@@ -63,6 +63,11 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = recipe.model.build().to(ctx.device)
     _check_virtual_batch(model, per_rank // cfg.accum_steps, ctx.world_size)
+    if cfg.accum_steps > 1:
+        try:
+            check_accumulable(model)
+        except OpenAlignError as error:
+            raise ConfigError(f"is {cfg.accum_steps}, but {error}", "train.accum_steps") from None
     model = model.to(memory_format=torch.channels_last)  # conv towers: faster on GPU and CPU alike
     loss_fn = recipe.loss.build().to(ctx.device)
     optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps, ctx.device,
@@ -160,12 +165,13 @@ def train_step(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Opti
         raise OpenAlignError(f"the model needs batch fields {missing}, which the data source does not provide "
                              f"(it gives {sorted(batch)})")
     inputs = {name: batch[name] for name in model.input_fields}
+    forward = model if forward is None else forward  # not `or`: a compiled module's truth value is its len()
     optimizer.zero_grad(set_to_none=True)
     if accum_steps > 1:
-        loss = accumulated_backward(forward or model, model, loss_fn, inputs, device, precision, accum_steps)
+        loss = accumulated_backward(forward, model, loss_fn, inputs, device, precision, accum_steps)
     else:
         with autocast(device, precision):
-            outputs = (forward or model)(**inputs)
+            outputs = forward(**inputs)
         loss = loss_fn(**outputs)  # outside autocast: logits and softmax in fp32
         loss.backward()
     if grad_clip is not None:
@@ -276,7 +282,8 @@ def _check_virtual_batch(model: nn.Module, micro_batch: int, world_size: int) ->
         if micro_batch % size:
             raise ConfigError(f"gives {micro_batch} examples per device and micro-batch ({world_size} ranks), which "
                               f"is not a multiple of the ghost batch norm's virtual_batch_size={size}: change "
-                              "train.batch_size, train.accum_steps or model.image.virtual_batch_size", "train.batch_size")
+                              "train.batch_size, train.accum_steps or model.image.virtual_batch_size",
+                              "train.batch_size")
 
 
 def _build_loader(recipe: Recipe, per_rank: int, ctx: DistributedContext, start: int,
