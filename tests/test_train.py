@@ -140,6 +140,23 @@ def test_init_from_reads_a_hugging_face_align_model(tmp_path):
         openalign.create_model("align-test").init_from(tmp_path / "hf")
 
 
+def test_init_from_reads_weights_into_the_model_without_building_a_second_one(trained_run, tmp_path, monkeypatch):
+    """A second L2-large would cost gigabytes of host memory on every rank, and its random start-up."""
+    from openalign.models.dual_encoder import DualEncoder
+
+    output, _ = trained_run
+    openalign.create_model("align-test", image_projection=False, embed_dim=80).save_pretrained(tmp_path / "hf",
+                                                                                              format="hf")
+    models = [openalign.create_model("align-test"),
+              openalign.create_model("align-test", image_projection=False, embed_dim=80)]
+    real_init, built = DualEncoder.__init__, []
+    monkeypatch.setattr(DualEncoder, "__init__", lambda self, config: built.append(config) or real_init(self, config))
+    models[0].init_from(output)
+    models[1].init_from(tmp_path / "hf")
+    assert built == []
+    torch.testing.assert_close(models[0].text_projection.weight, load_checkpoint_model(output).text_projection.weight)
+
+
 @pytest.mark.parametrize("damaged", ["trainer_state.pt", "model.safetensors", "rng_rank0.pt"])
 def test_resuming_a_damaged_checkpoint_names_it_and_the_one_to_fall_back_on(trained_run, tmp_path, shapes_root,
                                                                            damaged):

@@ -53,16 +53,21 @@ MAX_LENGTH = 64  # AlignProcessor's padding length; positions beyond it were nev
 
 def load_hf_directory(directory: Path) -> nn.Module:
     """An openalign model holding the weights of the ``AlignModel`` saved in ``directory``."""
-    config = model_config_from_hf(directory)
-    model = config.build()
+    model = model_config_from_hf(directory).build()
+    load_hf_weights(model, directory)
+    return model.eval()
+
+
+def load_hf_weights(model: nn.Module, directory: Path, source: str | None = None) -> None:
+    """The weights of the ``AlignModel`` saved in ``directory`` into ``model``; any missing, extra
+    or misshapen weight is an error that names it as ``AlignModel`` does (and the ``source``)."""
     state = state_dict_from_hf(read_hf_weights(directory))
     for key, value in model.state_dict().items():  # a counter transformers does not insist on either
         if key.endswith(".num_batches_tracked"):
             state.setdefault(key, torch.zeros_like(value))
     from .train.checkpoint import load_state
 
-    load_state(model, state, f"'{directory}'", name=hf_key)
-    return model.eval()
+    load_state(model, state, source or f"'{directory}'", name=hf_key)
 
 
 def model_config_from_hf(directory: Path) -> DualEncoderConfig:

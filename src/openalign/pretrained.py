@@ -51,7 +51,7 @@ def load_pretrained(name_or_path: str | Path, device: str | torch.device = "cpu"
     """
     device = resolve_device(device)
     path = resolve(name_or_path)
-    if (path / HF_CONFIG_FILE).is_file() and not (path / CONFIG_FILE).is_file():
+    if _is_hf_directory(path):
         from .hf import load_hf_directory
 
         model = load_hf_directory(path)
@@ -63,6 +63,28 @@ def load_pretrained(name_or_path: str | Path, device: str | torch.device = "cpu"
         model = load_checkpoint_model(path)
     model = model.to(device).eval()
     return model, model.config.build_transform(train=False), model.config.build_tokenizer()
+
+
+def load_pretrained_weights(model: nn.Module, name_or_path: str | Path) -> None:
+    """The weights of a trained model, found as :func:`load_pretrained` finds them, into ``model``
+    (of the same architecture: every weight must match by name and shape), without building a
+    second model: for a large model that would double the host memory and the start-up time."""
+    path = resolve(name_or_path)
+    if _is_hf_directory(path):
+        from .hf import load_hf_weights
+
+        load_hf_weights(model, path, f"'{name_or_path}'")
+    else:
+        from .files import read_safetensors
+        from .train.checkpoint import checkpoint_directory, load_state
+
+        weights = checkpoint_directory(path) / WEIGHTS_FILE
+        load_state(model, read_safetensors(weights), f"'{name_or_path}' ({weights})")
+
+
+def _is_hf_directory(path: Path) -> bool:
+    """A Hugging Face ``AlignModel`` directory: a ``config.json`` and no openalign ``config.yaml``."""
+    return (path / HF_CONFIG_FILE).is_file() and not (path / CONFIG_FILE).is_file()
 
 
 def resolve(name_or_path: str | Path) -> Path:

@@ -163,11 +163,9 @@ class DualEncoder(nn.Module):
         as :func:`openalign.load_pretrained` reads it (an openalign model, checkpoint or run
         directory; a Hugging Face ``AlignModel`` directory or hub id, so that a recipe can
         fine-tune ``kakaobrain/align-base``). Every weight must match by name and shape."""
-        from ..pretrained import load_pretrained
-        from ..train.checkpoint import load_state
+        from ..pretrained import load_pretrained_weights
 
-        source = load_pretrained(name_or_path)[0]
-        load_state(self, source.state_dict(), f"'{name_or_path}'")
+        load_pretrained_weights(self, name_or_path)
 
     def save_pretrained(self, directory: str | Path, format: str = "openalign", overwrite: bool = False) -> Path:
         """Write the model, its tokenizer and preprocessing: ``format="openalign"`` (read back by

@@ -270,13 +270,20 @@ def load_checkpoint_model(path: str | Path) -> nn.Module:
     """
     from ..pretrained import model_config_from_dict
 
-    path = Path(path)
-    if not (path / WEIGHTS_FILE).is_file():
-        found = complete_checkpoints(path / "checkpoints")
-        if not found:
-            raise OpenAlignError(f"'{path}' holds no openalign checkpoint (expected {WEIGHTS_FILE} and {CONFIG_FILE}, "
-                                 "or a run directory with checkpoints/step_*)")
-        path = found[-1]
+    path = checkpoint_directory(path)
     model = model_config_from_dict(_read_recipe(path)["model"], path).build()
     load_weights(model, path / WEIGHTS_FILE)
     return model.eval()
+
+
+def checkpoint_directory(path: str | Path) -> Path:
+    """``path`` itself when it holds a model's weights (a model or checkpoint directory), else the
+    latest complete checkpoint of the run directory ``path``."""
+    path = Path(path)
+    if (path / WEIGHTS_FILE).is_file():
+        return path
+    found = complete_checkpoints(path / "checkpoints")
+    if not found:
+        raise OpenAlignError(f"'{path}' holds no openalign checkpoint (expected {WEIGHTS_FILE} and {CONFIG_FILE}, "
+                             "or a run directory with checkpoints/step_*)")
+    return found[-1]
