@@ -75,11 +75,9 @@ def load_pretrained_weights(model: nn.Module, name_or_path: str | Path) -> None:
 
         load_hf_weights(model, path, f"'{name_or_path}'")
     else:
-        from .files import read_safetensors
-        from .train.checkpoint import checkpoint_directory, load_state
+        from .train.checkpoint import checkpoint_directory, load_weights
 
-        weights = checkpoint_directory(path) / WEIGHTS_FILE
-        load_state(model, read_safetensors(weights), f"'{name_or_path}' ({weights})")
+        load_weights(model, checkpoint_directory(path) / WEIGHTS_FILE)
 
 
 def _is_hf_directory(path: Path) -> bool:
