@@ -29,11 +29,12 @@ def tiny_batch(fields: tuple[str, ...] = ("text",)) -> dict:
     return batch
 
 
-def step_gradients(model: torch.nn.Module, loss_fn: torch.nn.Module, batch: dict, accum_steps: int) -> dict:
+def step_gradients(model: torch.nn.Module, loss_fn: torch.nn.Module, batch: dict, accum_steps: int,
+                   forward: torch.nn.Module | None = None) -> dict:
     """The gradients one ``train_step`` leaves (plain SGD at lr 0: the weights stay as they were)."""
     sgd = torch.optim.SGD(model.parameters(), lr=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(sgd, lambda step: 1.0)
-    train_step(model, loss_fn, sgd, scheduler, batch, CPU, "fp32", accum_steps=accum_steps)
+    train_step(model, loss_fn, sgd, scheduler, batch, CPU, "fp32", forward=forward, accum_steps=accum_steps)
     return {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
@@ -71,10 +72,8 @@ def test_compiled_models_accumulate_too():
     torch.manual_seed(0)
     model = openalign.create_model("align-test")
     expected = step_gradients(copy.deepcopy(model), ContrastiveLoss(), tiny_batch(), 1)
-    sgd = torch.optim.SGD(model.parameters(), lr=0.0)
-    train_step(model, ContrastiveLoss(), sgd, torch.optim.lr_scheduler.LambdaLR(sgd, lambda step: 1.0),
-               tiny_batch(), CPU, "fp32", forward=torch.compile(model, backend="eager"), accum_steps=2)
-    assert_same_gradients({name: p.grad for name, p in model.named_parameters()}, expected)
+    compiled = torch.compile(model, backend="eager")
+    assert_same_gradients(step_gradients(model, ContrastiveLoss(), tiny_batch(), 2, compiled), expected)
 
 
 def test_standard_batch_norm_is_refused_since_each_micro_batch_would_get_its_own_statistics(

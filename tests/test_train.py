@@ -128,33 +128,27 @@ def test_a_run_starts_from_the_trained_model_train_init_from_names(trained_run, 
         train(other, show_progress=False)
 
 
-def test_init_from_reads_a_hugging_face_align_model(tmp_path):
-    torch.manual_seed(0)
-    source = openalign.create_model("align-test", image_projection=False, embed_dim=80).eval()
-    source.save_pretrained(tmp_path / "hf", format="hf")
-    model = openalign.create_model("align-test", image_projection=False, embed_dim=80)
-    model.init_from(tmp_path / "hf")
-    for (name, value), expected in zip(model.state_dict().items(), source.state_dict().values()):
-        torch.testing.assert_close(value, expected, msg=name)
-    with pytest.raises(OpenAlignError, match=r"'.*hf' does not fit this model \(missing: image_projection.weight"):
-        openalign.create_model("align-test").init_from(tmp_path / "hf")
-
-
 def test_init_from_reads_weights_into_the_model_without_building_a_second_one(trained_run, tmp_path, monkeypatch):
-    """A second L2-large would cost gigabytes of host memory on every rank, and its random start-up."""
+    """From a Hugging Face AlignModel directory and from an openalign run. A second model would
+    cost an L2-large run gigabytes of host memory on every rank, and its random start-up."""
     from openalign.models.dual_encoder import DualEncoder
 
     output, _ = trained_run
-    openalign.create_model("align-test", image_projection=False, embed_dim=80).save_pretrained(tmp_path / "hf",
-                                                                                              format="hf")
-    models = [openalign.create_model("align-test"),
-              openalign.create_model("align-test", image_projection=False, embed_dim=80)]
+    torch.manual_seed(0)
+    source = openalign.create_model("align-test", image_projection=False, embed_dim=80).eval()
+    source.save_pretrained(tmp_path / "hf", format="hf")
+    models = [openalign.create_model("align-test", image_projection=False, embed_dim=80),
+              openalign.create_model("align-test")]
     real_init, built = DualEncoder.__init__, []
     monkeypatch.setattr(DualEncoder, "__init__", lambda self, config: built.append(config) or real_init(self, config))
-    models[0].init_from(output)
-    models[1].init_from(tmp_path / "hf")
+    models[0].init_from(tmp_path / "hf")
+    models[1].init_from(output)
     assert built == []
-    torch.testing.assert_close(models[0].text_projection.weight, load_checkpoint_model(output).text_projection.weight)
+    for (name, value), expected in zip(models[0].state_dict().items(), source.state_dict().values()):
+        torch.testing.assert_close(value, expected, msg=name)
+    torch.testing.assert_close(models[1].text_projection.weight, load_checkpoint_model(output).text_projection.weight)
+    with pytest.raises(OpenAlignError, match=r"'.*hf' does not fit this model \(missing: image_projection.weight"):
+        models[1].init_from(tmp_path / "hf")
 
 
 @pytest.mark.parametrize("damaged", ["trainer_state.pt", "model.safetensors", "rng_rank0.pt"])
