@@ -574,3 +574,24 @@ def test_a_caption_prefix_is_put_before_every_caption(model, shapes_root, tmp_pa
     assert prefixed == pytest.approx(expected)
     assert prefixed != pytest.approx(evaluate_retrieval(model, shapes_root / "dataset_shapes.json", CPU,
                                                         show_progress=False))
+
+
+def test_the_embedding_cache_keys_on_the_models_config_and_precision(model, folders, tmp_path, monkeypatch):
+    """The same weights under another config (batch norm's epsilon is no weight) or at bf16 instead
+    of fp32 embed differently: each is a new entry, not the first one's rows."""
+    from openalign.eval import embed_images
+    from openalign.eval.cache import CACHE_ENV
+    from openalign.precision import precision_scope
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    paths = sorted((folders / "val").rglob("*.png"))[:4]
+    transform = model.config.build_transform(train=False)
+    first = embed_images(model, transform, paths, CPU, show_progress=False)
+    other = openalign.create_model("align-test", image={"batch_norm_eps": 0.5}).eval()
+    other.load_state_dict(model.state_dict())
+    assert not torch.allclose(embed_images(other, transform, paths, CPU, show_progress=False), first, atol=1e-4)
+    with precision_scope("bf16"):
+        bf16 = embed_images(model, transform, paths, CPU, show_progress=False)
+    assert not torch.equal(bf16, first)
+    torch.testing.assert_close(bf16, first, atol=0.05, rtol=0)  # the same model, at another precision
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 3

@@ -16,9 +16,13 @@ def autocast(device: torch.device, precision: str | None = None) -> torch.autoca
 
     ``None`` is the precision a :func:`precision_scope` around the call sets (``"auto"`` outside one).
     """
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_dtype(device, precision) is not None)
+
+
+def autocast_dtype(device: torch.device, precision: str | None = None) -> torch.dtype | None:
+    """The dtype :func:`autocast` computes in on ``device`` (bf16), or None where it is fp32."""
     precision = precision or _PRECISION.get()
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+    return torch.bfloat16 if precision == "bf16" or (precision == "auto" and device.type == "cuda") else None
 
 
 @contextlib.contextmanager

@@ -2,14 +2,16 @@
 data skips feature extraction.
 
 Enabled by a directory in ``OPENALIGN_EMBEDDING_CACHE`` (the ``--cache-dir`` option of the eval
-commands sets it). An entry is a safetensors file named by a SHA-256 over the model's weights,
-the preprocessing (or text processor), and each image's path, size and modification time (or
-each text): a retrained model, other preprocessing or a changed file gives a new key, never a
-stale result.
+commands sets it). An entry is a safetensors file named by a SHA-256 over the model's weights
+and its config (settings that hold no weights: activation, layer-norm epsilon, pooling), the
+precision it runs at, the preprocessing (or text processor), and each image's path, size and
+modification time (or each text): a retrained or reconfigured model, bf16 instead of fp32, other
+preprocessing or a changed file gives a new key, never a stale result.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -24,6 +26,7 @@ from torch import nn
 
 from ..errors import OpenAlignError
 from ..files import read_safetensors, written_whole
+from ..precision import autocast_dtype
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +39,14 @@ def cache_dir() -> Path | None:
 
 
 def cache_key(model: nn.Module, preprocessing: object, entries: Iterable[str], kind: str = "embedding") -> str:
-    """SHA-256 over ``kind``, the model's weights, the preprocessing's settings (its ``config``
-    if it has one, else its ``repr``) and the entries (:func:`file_entries` or the texts)."""
+    """SHA-256 over ``kind``, the model's weights and config (its registry name aside), the
+    precision :func:`~openalign.precision.autocast` sets on the model's device, the
+    preprocessing's settings (its ``config`` if it has one, else its ``repr``) and the entries
+    (:func:`file_entries` or the texts)."""
     digest = hashlib.sha256(kind.encode())
     digest.update(weights_digest(model).encode())
+    digest.update(repr(dataclasses.replace(model.config, name=None)).encode())
+    digest.update(str(autocast_dtype(next(model.parameters()).device)).encode())  # None: fp32
     digest.update(repr(getattr(preprocessing, "config", preprocessing)).encode())
     for entry in entries:
         digest.update(len(entry).to_bytes(8, "little"))  # length-prefixed: no two lists hash alike
