@@ -56,10 +56,26 @@ def test_mean_and_median_rank_by_hand():
     # caption 2 → image 2 scores 0.8, image 1 above (2)
     assert metrics["image_retrieval_mean_rank"] == pytest.approx(2.0)
     assert metrics["image_retrieval_median_rank"] == pytest.approx(2.0)
-    # image→text: image 0 → caption 0 ties caption 1 at 1.0, none above (1); image 1 → caption 1
-    # scores 0, caption 2 above (2); image 2 → caption 2 scores 0.8, none above (1)
-    assert metrics["text_retrieval_mean_rank"] == pytest.approx(4 / 3)
-    assert metrics["text_retrieval_median_rank"] == pytest.approx(1.0)
+    # image→text, where a tie counts against the positive: image 0 → caption 0 ties caption 1 at 1.0 (2);
+    # image 1 → caption 1 scores 0, caption 2 above and caption 0 tied (3); image 2 → caption 2 scores 0.8,
+    # none above (1)
+    assert metrics["text_retrieval_mean_rank"] == pytest.approx(2.0)
+    assert metrics["text_retrieval_median_rank"] == pytest.approx(2.0)
+
+
+def test_the_median_rank_of_an_even_count_is_open_clips():
+    """open_clip: floor(median(rank - 1)) + 1, where the median of an even count is the mean of the
+    two middle values: ranks 1, 1, 3, 4 give floor(1.0) + 1 = 2 (not the lower middle, 1)."""
+    scores = torch.tensor([[1.0, 0.5, 0.2, 0.1], [0.1, 1.0, 0.0, 0.0], [0.9, 0.8, 0.5, 0.1], [0.9, 0.8, 0.7, 0.1]])
+    metrics = retrieval_metrics(torch.eye(4), scores, [0, 1, 2, 3], ks=(1,))  # caption j's scores: row j
+    assert metrics["image_retrieval_mean_rank"] == pytest.approx(9 / 4)
+    assert metrics["image_retrieval_median_rank"] == 2
+
+
+def test_a_collapsed_model_ranks_last_not_first():
+    metrics = retrieval_metrics(torch.zeros(4, 3), torch.zeros(8, 3), [0, 0, 1, 1, 2, 2, 3, 3], ks=(1,))
+    assert metrics["image_retrieval_mean_rank"] == metrics["image_retrieval_median_rank"] == 4
+    assert metrics["text_retrieval_mean_rank"] == 7  # ahead of its best caption: the other images' six
 
 
 def test_classification_metrics_equal_scikit_learn():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -14,9 +15,11 @@ def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_i
     ``image_retrieval_recall@k`` (text→image): the share of captions whose image is among their
     top k images. ``text_retrieval_recall@k`` (image→text): the share of images with at least
     one of their captions among their top k captions. These are CLIP_benchmark's definitions,
-    top k included (``torch.topk`` decides ties, as there). ``*_mean_rank`` / ``*_median_rank``:
-    the 1-based rank of the best-placed positive, counting only keys that score strictly higher
-    (ties in the positive's favour). Scores are computed ``chunk_size`` queries at a time,
+    top k included (``torch.topk`` decides ties, as there). ``*_mean_rank`` / ``*_median_rank``
+    (open_clip's): the 1-based rank of the best-placed positive, with the non-positive keys that
+    tie it counted ahead of it, so that a collapsed model (every score equal) ranks last rather
+    than first; the median is open_clip's, ``floor(median(rank - 1)) + 1`` with the mean of the
+    two middle ranks of an even count. Scores are computed ``chunk_size`` queries at a time,
     never as one full matrix.
     """
     text_to_image = torch.as_tensor(text_to_image, dtype=torch.long, device=image_emb.device)
@@ -36,10 +39,12 @@ def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_i
                 top = scores.topk(min(k, keys.shape[0]), dim=1).indices
                 hits[k].append(positive.gather(1, top).any(dim=1))
             best = scores.masked_fill(~positive, float("-inf")).max(dim=1, keepdim=True).values
-            ranks.append(1 + (scores > best).sum(dim=1))
+            ranks.append(1 + ((scores >= best) & ~positive).sum(dim=1))
         for k in ks:
             metrics[f"{direction}_recall@{k}"] = torch.cat(hits[k]).float().mean().item()
         rank = torch.cat(ranks).float()
         metrics[f"{direction}_mean_rank"] = rank.mean().item()
-        metrics[f"{direction}_median_rank"] = rank.median().item()
+        ordered = rank.sort().values - 1
+        middle = (ordered[(len(ordered) - 1) // 2] + ordered[len(ordered) // 2]) / 2
+        metrics[f"{direction}_median_rank"] = math.floor(middle.item()) + 1
     return metrics
