@@ -100,14 +100,24 @@ def test_weighted_knn_votes_by_hand():
     labels = torch.tensor([0, 1, 1, 2])
     query = torch.tensor([[0.6, 0.8]])  # similarities 0.6, 0.96, 0.8, -0.6
     votes = knn_classify(memory, labels, query, num_classes=3, k=3, temperature=0.1)
-    expected = torch.tensor([[np.exp(6.0), np.exp(9.6) + np.exp(8.0), 0.0]], dtype=torch.float32)
-    torch.testing.assert_close(votes, expected, rtol=1e-5, atol=0)
+    expected = torch.tensor([[np.exp(6.0), np.exp(9.6) + np.exp(8.0), 0.0]], dtype=torch.float32) / np.exp(9.6)
+    torch.testing.assert_close(votes, expected, rtol=1e-5, atol=0)  # relative to the nearest neighbour's
     one_nn = knn_classify(memory, labels, query, num_classes=3, k=1).argmax(dim=1)
     assert torch.equal(one_nn, nearest_neighbour_predict(memory, labels, query)) and one_nn.item() == 1
     # chunking the queries changes nothing
     queries = torch.nn.functional.normalize(torch.randn(9, 2, generator=torch.Generator().manual_seed(1)), dim=1)
     torch.testing.assert_close(knn_classify(memory, labels, queries, 3, k=2, chunk_size=4),
                                knn_classify(memory, labels, queries, 3, k=2))
+
+
+def test_weighted_knn_votes_do_not_overflow_at_a_small_temperature():
+    """exp(0.999 / 0.01) is infinite in fp32: unscaled, both classes would tie at inf."""
+    memory = torch.nn.functional.normalize(torch.tensor([[0.9496, 0.3135], [0.999, 0.0447]]), dim=1)
+    votes = knn_classify(memory, torch.tensor([0, 1]), torch.tensor([[1.0, 0.0]]), num_classes=2, k=2,
+                         temperature=0.01)
+    assert torch.isfinite(votes).all() and votes.argmax().item() == 1
+    similarities = memory[:, 0].double()  # the query is (1, 0)
+    torch.testing.assert_close(votes[0], torch.exp((similarities - similarities[1]) / 0.01).float(), rtol=1e-4, atol=0)
 
 
 def test_blocked_knn_over_the_memory_equals_a_full_matrix_in_numpy():
@@ -121,7 +131,7 @@ def test_blocked_knn_over_the_memory_equals_a_full_matrix_in_numpy():
     expected = np.zeros((10, 4), dtype=np.float64)
     for row in range(10):
         for column in np.argsort(-similarity[row])[:5]:
-            expected[row, labels[column]] += np.exp(similarity[row, column] / 0.07)
+            expected[row, labels[column]] += np.exp((similarity[row, column] - similarity[row].max()) / 0.07)
     votes = knn_classify(memory, labels, queries, 4, k=5, chunk_size=3, memory_chunk_size=7)
     torch.testing.assert_close(votes, torch.tensor(expected, dtype=torch.float32), rtol=1e-4, atol=0)
     small_blocks = knn_classify(memory, labels, queries, 4, k=5, chunk_size=3, memory_chunk_size=2)  # blocks < k

@@ -93,7 +93,10 @@ def knn_classify(memory: torch.Tensor, memory_labels: torch.Tensor, queries: tor
                  memory_chunk_size: int = 16384) -> torch.Tensor:
     """(num_queries, num_classes) weighted k-NN votes: each of a query's ``k`` most cosine-similar
     memory items votes for its label with weight ``exp(similarity / temperature)`` (the weighted
-    k=20 kNN of InstDisc/DINO). ``k=1`` is COYO-ALIGN's 1-NN.
+    k=20 kNN of InstDisc/DINO). ``k=1`` is COYO-ALIGN's 1-NN. A query's votes are scaled by
+    ``exp(-best similarity / temperature)`` (its nearest neighbour's weight is 1), which ranks the
+    classes as before and cannot overflow fp32 at any temperature (unscaled, ``exp(0.99 / 0.01)``
+    is infinite and every class would tie).
 
     Blocked top-k: ``chunk_size`` queries are scored against ``memory_chunk_size`` memory items at a
     time, keeping a running top-k, so no similarity block exceeds ``chunk_size × memory_chunk_size``
@@ -103,7 +106,8 @@ def knn_classify(memory: torch.Tensor, memory_labels: torch.Tensor, queries: tor
     for start in range(0, queries.shape[0], chunk_size):
         similarity, index = _running_topk(queries[start:start + chunk_size], memory, k, memory_chunk_size)
         chunk = torch.zeros(similarity.shape[0], num_classes, dtype=torch.float32, device=similarity.device)
-        chunk.scatter_add_(1, memory_labels[index], (similarity.float() / temperature).exp())
+        similarity = similarity.float()  # sorted: column 0 is the best
+        chunk.scatter_add_(1, memory_labels[index], ((similarity - similarity[:, :1]) / temperature).exp())
         votes.append(chunk)
     return torch.cat(votes)
 
