@@ -170,7 +170,8 @@ def test_eval_commands_write_clip_benchmark_records(model, folders, shapes_root,
         assert main(["eval", task, "--model", str(model_dir), *options, "--output", str(output)]) == 0, task
         record = json.loads(output.read_text())
         assert set(record) == {"dataset", "model", "pretrained", "task", "metrics", "language"}
-        assert record["task"] == task and record["metrics"]
+        assert record["task"] == {"zeroshot": "zeroshot_classification", "retrieval": "zeroshot_retrieval"}.get(task, task)
+        assert record["metrics"]
     assert "image_retrieval_recall@5" in json.loads((tmp_path / "retrieval.json").read_text())["metrics"]
     assert main(["eval", "zeroshot", "--model", str(model_dir), "--root", str(tmp_path / "nowhere")]) == 2
     assert "expected class subfolders" in " ".join(capsys.readouterr().err.split())
@@ -533,7 +534,9 @@ def test_linear_probe_task_fits_on_all_training_features(model, folders, tmp_pat
     model_dir = model.save_pretrained(tmp_path / "model")
     assert main(["eval", "linear_probe", "--model", str(model_dir), "--train", str(folders / "train"),
                  "--val", str(folders / "val"), "--c", "0.5", "--output", str(tmp_path / "p.json")]) == 0
-    assert json.loads((tmp_path / "p.json").read_text())["metrics"] == pytest.approx(ours)
+    record = json.loads((tmp_path / "p.json").read_text())
+    assert record["task"] == "linear_probe" and record["metrics"] == pytest.approx(ours)
+    assert set(ours) == {"lp_acc1", "lp_acc5", "lp_mean_per_class_recall", "c"}  # CLIP_benchmark's names
 
 
 def test_retrieval_examples_draw_the_true_top_k(model, shapes_root, tmp_path, capsys, monkeypatch):

@@ -195,20 +195,20 @@ def test_logistic_regression_probe_equals_scikit_learn():
     # CLIP's probe: scikit-learn on the features as they are
     raw = LogisticRegression(C=0.5, max_iter=5000, tol=1e-10).fit(train_x, train_y)
     ours = logistic_regression_probe(*args, c=0.5)
-    np.testing.assert_allclose(ours["acc1"], float((raw.predict(test_x) == test_y).mean()))
+    np.testing.assert_allclose(ours["lp_acc1"], float((raw.predict(test_x) == test_y).mean()))
     _, our_logits = _fit_and_score(*args, 0.5, 1000, standardize=False)
     np.testing.assert_allclose(our_logits.softmax(-1).numpy(), raw.predict_proba(test_x), atol=1e-5)
     logits = torch.from_numpy(raw.decision_function(test_x))
-    assert ours == pytest.approx({**classification_metrics(logits, torch.from_numpy(test_y)), "c": 0.5}, abs=1e-6,
-                                 nan_ok=True)  # acc5 is NaN below 5 classes
+    expected = {f"lp_{key}": value for key, value in classification_metrics(logits, torch.from_numpy(test_y)).items()}
+    assert ours == pytest.approx({**expected, "c": 0.5}, abs=1e-6, nan_ok=True)  # acc5 is NaN below 5 classes
     # standardize=True: standardised as sklearn's StandardScaler does (the population std), plus our 1e-5
     scaler = StandardScaler().fit(train_x)
     scale = scaler.scale_ + 1e-5
     reference = LogisticRegression(C=0.5, max_iter=5000, tol=1e-10).fit((train_x - scaler.mean_) / scale, train_y)
     standardized = logistic_regression_probe(*args, c=0.5, standardize=True)
     predicted = reference.predict((test_x - scaler.mean_) / scale)
-    assert standardized["acc1"] == pytest.approx(float((predicted == test_y).mean()))
-    assert 0.4 < standardized["acc1"] < 1.0
+    assert standardized["lp_acc1"] == pytest.approx(float((predicted == test_y).mean()))
+    assert 0.4 < standardized["lp_acc1"] < 1.0
     _, standardized_logits = _fit_and_score(*args, 0.5, 1000, standardize=True)  # the probe's own standardising
     np.testing.assert_allclose(standardized_logits.softmax(-1).numpy(),
                                reference.predict_proba((test_x - scaler.mean_) / scale), atol=1e-5)

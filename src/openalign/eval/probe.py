@@ -81,7 +81,8 @@ def logistic_regression_probe(train_features: torch.Tensor, train_labels: torch.
     """The full-data linear probe: multinomial logistic regression (:func:`fit_logistic_regression`)
     on the features as they are, as CLIP fits scikit-learn's (``standardize``: on features
     standardised with the training mean and std instead); the test metrics of
-    :func:`~openalign.eval.classification.classification_metrics` and the ``c`` used.
+    :func:`~openalign.eval.classification.classification_metrics` under CLIP_benchmark's linear-probe
+    names (``lp_acc1``, ``lp_acc5``, ``lp_mean_per_class_recall``) and the ``c`` used.
 
     ``c=None`` chooses C as CLIP does (paper appendix A.3): :func:`search_c` scores each C on a
     held-out ``val_proportion`` of every class's training examples (split with ``seed``); the
@@ -99,7 +100,8 @@ def logistic_regression_probe(train_features: torch.Tensor, train_labels: torch.
         c = search_c(val_accuracy)
     logits = _fit_and_score(train_features, train_labels, test_features, test_labels, num_classes, c, max_iter,
                             standardize)[1]
-    return {**classification_metrics(logits, test_labels.cpu()), "c": c}
+    return {**{f"lp_{name}": value for name, value in classification_metrics(logits, test_labels.cpu()).items()},
+            "c": c}
 
 
 def _fit_and_score(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,

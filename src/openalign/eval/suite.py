@@ -43,6 +43,8 @@ from .tasks import EvalTaskConfig
 log = logging.getLogger(__name__)
 
 RECORD_KEYS = ("dataset", "model", "pretrained", "task", "metrics", "language")
+# records name a task as CLIP_benchmark does where it has one (the others: openalign's names)
+CLIP_BENCHMARK_TASKS = {"zeroshot": "zeroshot_classification", "retrieval": "zeroshot_retrieval"}
 EXAMPLES_SUFFIX = "_examples.png"
 
 
@@ -102,9 +104,10 @@ def _embedding_cache() -> Iterator[None]:
 
 
 def make_record(dataset: str, model: str | None, pretrained: str, task: str, metrics: dict[str, float]) -> dict[str, Any]:
-    """A result in CLIP_benchmark's schema."""
-    return {"dataset": dataset, "model": model, "pretrained": pretrained, "task": task, "metrics": metrics,
-            "language": "en"}
+    """A result in CLIP_benchmark's schema, ``task`` by CLIP_benchmark's name where it has one
+    (``zeroshot_classification``, ``zeroshot_retrieval``, ``linear_probe``)."""
+    return {"dataset": dataset, "model": model, "pretrained": pretrained, "task": CLIP_BENCHMARK_TASKS.get(task, task),
+            "metrics": metrics, "language": "en"}
 
 
 def collect_records(paths: list[str | Path]) -> list[dict[str, Any]]:
