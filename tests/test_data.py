@@ -357,6 +357,29 @@ def test_table_sources_read_csv_tsv_and_parquet_with_paths_or_bytes_and_drop_bad
         TableSourceConfig(path=str(tmp_path / "missing.csv")).build(transform, 0)
 
 
+def test_tsv_captions_are_read_verbatim_and_one_bad_caption_drops_one_row(tmp_path, caplog):
+    """Alt-text TSVs have no quoting: a caption starting with a quote mark must not swallow the
+    rows after it. A caption that is not UTF-8 drops its row, not the table; compressed and
+    upper-case file names are tables too."""
+    import gzip
+
+    from openalign.data import TableSourceConfig
+
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(tmp_path / "a.png")
+    captions = ['"Best" pizza in town', '"The Road Not Taken - Robert Frost', "third row", 'a 5 x 7" frame']
+    table = "image\tcaption\n" + "".join(f"a.png\t{caption}\n" for caption in captions)
+    (tmp_path / "alt.tsv").write_text(table)
+    assert [text for _, text, _ in TableSourceConfig(path=str(tmp_path / "alt.tsv")).rows()] == captions
+    (tmp_path / "ALT.TSV.gz").write_bytes(gzip.compress(table.encode()))
+    assert [text for _, text, _ in TableSourceConfig(path=str(tmp_path / "ALT.TSV.gz")).rows()] == captions
+    (tmp_path / "mixed.csv").write_bytes(b"image,caption\na.png,caf\xe9 latin-1\na.png,caf\xc3\xa9 utf-8\n")
+    assert [text for _, text, _ in TableSourceConfig(path=str(tmp_path / "mixed.csv")).rows()] == ["café utf-8"]
+    assert "dropped 1 row(s) with caption not UTF-8" in caplog.text
+    (tmp_path / "a.parquet.gz").write_bytes(b"")
+    with pytest.raises(OpenAlignError, match="is not .csv, .tsv"):
+        TableSourceConfig(path=str(tmp_path / "a.parquet.gz")).rows()
+
+
 def test_16_bit_and_float_images_are_scaled_to_8_bits_not_clipped():
     ramp = np.linspace(0, 65535, 48 * 48).reshape(48, 48).astype(np.uint16)
     eight_bit = np.rint(ramp / 257).astype(np.uint8)

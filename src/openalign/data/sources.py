@@ -182,7 +182,7 @@ class TableSourceConfig(SourceConfig, tag="table"):
         dropped = {EMPTY_CAPTION: 0, CAPTION_NOT_UTF8: 0, "missing image file": 0,
                    **{f"empty {name}": 0 for name in self.extra_columns}}
         for table_path in map(Path, tables):
-            columns = _read_table(table_path, text_columns=(self.image_column, self.text_column))
+            columns = _read_table(table_path, text_columns=(self.image_column,), byte_columns=(self.text_column,))
             wanted = [self.image_column, self.text_column, *self.extra_columns.values()]
             missing = [name for name in wanted if name not in columns]
             if missing:
@@ -235,26 +235,45 @@ def _image_cell(value: Any, table: Path, column: str) -> bytes | str | None:
                          "expected image paths, encoded image bytes, or Hugging Face Image structs {bytes, path}")
 
 
-def _read_table(path: Path, text_columns: tuple[str, ...] = ()) -> dict[str, list[Any]]:
+_COMPRESSIONS = (".gz", ".bz2", ".zst", ".lz4")  # of CSV and TSV files, which pyarrow reads by the name
+
+
+def _table_format(path: Path) -> str | None:
+    """``parquet``, ``csv`` or ``tsv`` by the file name (any case; CSV and TSV also compressed, as
+    ``captions.tsv.gz``), or None."""
+    name = path.name.lower()
+    compressed = name.endswith(_COMPRESSIONS)
+    kind = name.rsplit(".", 2 if compressed else 1)[-2 if compressed else -1] if "." in name else ""
+    return kind if kind in ("csv", "tsv") or (kind == "parquet" and not compressed) else None
+
+
+def _read_table(path: Path, text_columns: tuple[str, ...] = (), byte_columns: tuple[str, ...] = ()
+                ) -> dict[str, list[Any]]:
     """Columns of a CSV, TSV or parquet file, as Python lists.
 
     In CSV and TSV, ``text_columns`` are read as written: type inference would turn a caption
     "007" into 7 and a file name "0001" into 1; other columns keep inferred numbers (labels).
+    ``byte_columns`` are read as undecoded bytes, so that one caption that is not UTF-8 is one
+    dropped row rather than an unreadable table. A TSV has no quoting (CC3M's and img2dataset's
+    alt-text: a caption may start with ``"``); a CSV quotes as RFC 4180 does.
     """
+    kind = _table_format(path)
     try:
-        if path.suffix == ".parquet":
+        if kind == "parquet":
             import pyarrow.parquet as pq
 
             table = pq.read_table(path)
-        elif path.suffix in (".csv", ".tsv"):
+        elif kind in ("csv", "tsv"):
             import pyarrow as pa
             import pyarrow.csv as pacsv
 
-            table = pacsv.read_csv(path, parse_options=pacsv.ParseOptions(delimiter="\t" if path.suffix == ".tsv" else ","),
-                                   convert_options=pacsv.ConvertOptions(
-                                       strings_can_be_null=False, column_types=dict.fromkeys(text_columns, pa.string())))
+            parse = pacsv.ParseOptions(delimiter="\t", quote_char=False) if kind == "tsv" else pacsv.ParseOptions()
+            types = {**dict.fromkeys(text_columns, pa.string()), **dict.fromkeys(byte_columns, pa.binary())}
+            table = pacsv.read_csv(path, parse_options=parse, convert_options=pacsv.ConvertOptions(
+                strings_can_be_null=False, column_types=types))
         else:
-            raise OpenAlignError(f"table '{path}' is not .csv, .tsv or .parquet")
+            raise OpenAlignError(f"table '{path}' is not .csv, .tsv (either may be compressed: .gz, .bz2, .zst, "
+                                 ".lz4) or .parquet")
     except OpenAlignError:
         raise
     except Exception as error:  # pyarrow's parse errors name the line
