@@ -470,7 +470,7 @@ def test_training_on_dirty_shards_resumes_exactly_and_reports_skips(tmp_path, sh
     straight = train(recipe(tmp_path / "straight"), show_progress=False)
     train_until_preempted(recipe(tmp_path / "resumed"), 3, monkeypatch)
     saved = json.loads((tmp_path / "resumed" / "checkpoints" / "step_00000003" / "data_rank0.json").read_text())
-    assert set(saved) == {"positions", "counts", "reseeds", "world_size", "num_workers"}
+    assert set(saved) == {"positions", "counts", "reseeds", "stream", "world_size", "num_workers"}
     assert len(saved["positions"]) == 2 and saved["reseeds"] == []
     resumed = train(recipe(tmp_path / "resumed"), resume="latest", show_progress=False)
 
@@ -493,6 +493,33 @@ def test_training_on_dirty_shards_resumes_exactly_and_reports_skips(tmp_path, sh
         other = train(recipe(tmp_path / "other", workers=1), show_progress=False,
                       resume=str(tmp_path / "straight" / "checkpoints" / "step_00000003"))
     assert other.step == 6 and "2 worker(s), this run has 1 × 1" in " ".join(caplog.text.split())
+
+
+def test_saved_positions_apply_only_to_the_same_readers_and_the_same_shards(tmp_path, caplog):
+    """A rank without workers is the one reader a rank with one worker is: its positions apply. A
+    shard added to the glob since (img2dataset still writing) renumbers the shards the positions
+    name: the run says so and reads a fresh stream rather than repeat some samples and skip others."""
+    from openalign.distributed import DistributedContext
+    from openalign.recipe import load_recipe
+    from openalign.train.loop import _build_loader
+
+    for shard in range(2):
+        dirty_shard(tmp_path / f"{shard}.tar", shard, good=6)
+    recipe = load_recipe("demo", ["model.name=align-test", "data.num_workers=0", "eval.tasks=[]",
+                                  "data.train={type: webdataset, resampled: false, open_shards: 1, urls: '"
+                                  + str(tmp_path / "*.tar") + "'}"])
+    ctx = DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    fingerprint = _build_loader(recipe, 8, ctx, 0, None)[1].fingerprint
+    position = [2, 0, 1, [[0, 4]], 3]
+    saved = {"positions": {"0": position}, "counts": {}, "reseeds": [], "world_size": 1, "num_workers": 1,
+             "stream": fingerprint}
+    with caplog.at_level("WARNING", logger="openalign"):
+        assert _build_loader(recipe, 8, ctx, 3, saved)[0].dataset.positions == {0: position}
+        assert "fresh random stream" not in caplog.text
+        dirty_shard(tmp_path / "2.tar", 2, good=6)
+        loader, monitor = _build_loader(recipe, 8, ctx, 3, saved)
+    assert loader.dataset.positions == {} and monitor.fingerprint != fingerprint
+    assert "shards are not those the checkpoint's stream positions refer to" in caplog.text
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L"])

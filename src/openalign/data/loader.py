@@ -112,12 +112,13 @@ class DataMonitor:
     :meth:`take` strips a batch of the entries :class:`Collate` added for it. ``saved`` is the
     state a checkpoint held (:meth:`state` of the interrupted run): its counts carry on.
     ``reseeds`` are the stream's (:attr:`~openalign.data.stream.ResumableStream.reseeds`): the
-    positions are places in the stream they made, so checkpoints keep them too.
+    positions are places in the stream they made, so checkpoints keep them too, and its
+    ``fingerprint`` (:meth:`~openalign.data.stream.ResumableStream.fingerprint`).
     """
 
-    def __init__(self, saved: dict[str, Any] | None = None, reseeds: Sequence[int] = ()) -> None:
+    def __init__(self, saved: dict[str, Any] | None = None, reseeds: Sequence[int] = (), fingerprint: str = "") -> None:
         saved = saved or {}
-        self.reseeds = list(reseeds)
+        self.reseeds, self.fingerprint = list(reseeds), fingerprint
         positions = saved.get("positions", {})
         self.positions: dict[int, Any] = {int(reader): position for reader, position in positions.items()}
         self.base: dict[str, int] = dict(saved.get("counts", {}))
@@ -144,7 +145,8 @@ class DataMonitor:
         return total
 
     def state(self) -> dict[str, Any]:
-        return {"positions": dict(self.positions), "counts": self.counts(), "reseeds": self.reseeds}
+        return {"positions": dict(self.positions), "counts": self.counts(), "reseeds": self.reseeds,
+                "stream": self.fingerprint}
 
 
 def _stack(values: list[torch.Tensor], in_worker: bool) -> torch.Tensor:

@@ -30,6 +30,7 @@ on another.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 from concurrent.futures import ThreadPoolExecutor
@@ -94,6 +95,11 @@ class ResumableStream(IterableDataset):
         """Raise a clear error if ``num_readers`` readers cannot share the stream (and, ``warn``,
         log what is uneven); before the loader starts, so no worker fails mid-run."""
 
+    def fingerprint(self) -> str:
+        """What saved positions are places in (checkpoints keep it): a stream with another
+        fingerprint must not resume from them."""
+        return ""
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         reader, num_readers = reader_geometry(self.start_step)
         for sample, position in self.iterate(reader, num_readers, self.positions.get(reader)):
@@ -157,6 +163,15 @@ class ShardStream(ResumableStream):
             log.warning("data source '%s': %d shards do not split evenly between %d readers (ranks × workers): "
                         "some read one shard more per epoch, and the others begin their next epoch earlier",
                         self.policy.source, len(self.shards), num_readers)
+
+    def fingerprint(self) -> str:
+        """The shard list and how it is drawn: positions name shards by their index in the list, so
+        a shard added or removed since (img2dataset still writing, a bad shard deleted) would make
+        a resumed run read some samples twice and others never."""
+        digest = hashlib.sha256(f"{len(self.shards)} resampled={self.resampled}".encode())
+        for url in self.shards:
+            digest.update(b"\0" + url.encode("utf-8", "surrogatepass"))
+        return digest.hexdigest()[:16]
 
     def _shard(self, draw: int, reader: int, num_readers: int) -> str:
         if self.resampled:

@@ -296,10 +296,16 @@ def _build_loader(recipe: Recipe, per_rank: int, ctx: DistributedContext, start:
                                data.strict)
     if isinstance(dataset, ResumableStream):
         dataset.check_readers(ctx.world_size * max(data.num_workers, 1), warn=ctx.is_main)
-        if saved and (saved.get("world_size"), saved.get("num_workers")) != (ctx.world_size, data.num_workers):
-            log.warning("the checkpoint's data stream was read by %s rank(s) × %s worker(s), this run has %d × %d: "
-                        "it reads a fresh random stream, not the exact samples the interrupted run would have read "
-                        "next", saved.get("world_size"), saved.get("num_workers"), ctx.world_size, data.num_workers)
+        fresh = " it reads a fresh random stream, not the exact samples the interrupted run would have read next"
+        # a rank without workers is one reader, as a rank with one worker is
+        readers = (ctx.world_size, max(data.num_workers, 1))
+        if saved and (saved.get("world_size"), max(saved.get("num_workers") or 0, 1)) != readers:
+            log.warning("the checkpoint's data stream was read by %s rank(s) × %s worker(s), this run has %d × %d:"
+                        + fresh, saved.get("world_size"), saved.get("num_workers"), ctx.world_size, data.num_workers)
+            saved = {"counts": saved.get("counts", {})}
+        elif saved and saved.get("stream", dataset.fingerprint()) != dataset.fingerprint():
+            log.warning("the data source's shards are not those the checkpoint's stream positions refer to (a shard "
+                        "was added or removed, or the source changed between resampled and epochs):" + fresh)
             saved = {"counts": saved.get("counts", {})}
         if start:
             positions = saved.get("positions") if saved else None
@@ -310,7 +316,9 @@ def _build_loader(recipe: Recipe, per_rank: int, ctx: DistributedContext, start:
                            if positions is not None else None, saved.get("reseeds", ()) if saved else ())
     loader = build_loader(dataset, Collate(text_processor, recipe.model.input_fields), per_rank, ctx.rank,
                           ctx.world_size, recipe.train.seed, start, data.num_workers)
-    return loader, DataMonitor(saved, dataset.reseeds if isinstance(dataset, ResumableStream) else ())
+    if not isinstance(dataset, ResumableStream):
+        return loader, DataMonitor(saved)
+    return loader, DataMonitor(saved, dataset.reseeds, dataset.fingerprint())
 
 
 def _report_data(monitor: DataMonitor, ctx: DistributedContext, output_dir: Path) -> dict[str, int]:
