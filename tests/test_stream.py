@@ -387,7 +387,7 @@ def test_shards_stream_from_pipes_and_fsspec_urls(tmp_path, capsys):
 def test_shard_urls_are_expanded_into_what_opens(tmp_path, monkeypatch):
     import fsspec
 
-    from openalign.data.shards import expand_urls
+    from openalign.data.shards import expand_shards, expand_urls
 
     monkeypatch.setenv("HOME", str(tmp_path))
     for shard in range(2):
@@ -400,6 +400,16 @@ def test_shard_urls_are_expanded_into_what_opens(tmp_path, monkeypatch):
             handle.write(b"x")
     matched = expand_urls("memory://bucket/dirs/*.tar", "shards")  # a folder named *.tar is not a shard
     assert len(matched) == 1 and matched[0].endswith("/bucket/dirs/00000.tar")
+    (tmp_path / "crawl[1]").mkdir()  # an existing file whose name holds glob characters is that file
+    (tmp_path / "crawl[1]" / "0.tar").write_bytes(b"")
+    assert expand_urls(str(tmp_path / "crawl[1]" / "0.tar"), "shards") == [str(tmp_path / "crawl[1]" / "0.tar")]
+    assert expand_shards([tmp_path / "crawl[1]" / "0.tar"]) == [tmp_path / "crawl[1]" / "0.tar"]
+    # object storage without its fsspec package (no s3fs here): one clear line, before any worker starts
+    for url in ("s3://bucket/{00000..00001}.tar", "s3://bucket/*.tar"):
+        with pytest.raises(OpenAlignError, match="cannot read 's3://bucket/.*': Install s3fs"):
+            expand_urls(url, "shards")
+    with pytest.raises(OpenAlignError, match="fsspec knows no protocol 'nosuch'"):
+        expand_urls("nosuch://bucket/0.tar", "shards")
 
 
 def test_jpeg_draft_mode_decodes_large_images_faster_and_changes_only_resampling_noise():

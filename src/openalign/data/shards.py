@@ -45,7 +45,9 @@ def expand_shards(patterns: Sequence[str]) -> list[Path]:
     for pattern in patterns:
         for expanded in braceexpand.braceexpand(str(pattern)):
             expanded = os.path.expanduser(expanded)
-            if glob.has_magic(expanded):
+            if Path(expanded).is_file():  # a file whose name holds '[', '*' or '?' is itself, not a glob
+                found[Path(expanded)] = None
+            elif glob.has_magic(expanded):
                 matches = sorted(Path(match) for match in glob.glob(expanded) if Path(match).is_file())
                 if not matches:
                     missing.append(expanded)
@@ -245,11 +247,13 @@ def expand_urls(pattern: str, what: str) -> list[str]:
         for url in braceexpand.braceexpand(part):
             if url.startswith(("pipe:", "http:", "https:")):  # an http '?' starts a query, not a wildcard
                 urls.append(url)
+            elif not has_scheme(url) and Path(url).expanduser().is_file():  # a name with '[' or '?' included
+                urls.append(os.path.expanduser(url))  # what opens it (webdataset's gopen) does not expand '~'
             elif glob.has_magic(url):
                 if has_scheme(url):
                     import fsspec
 
-                    filesystem, path = fsspec.core.url_to_fs(url)
+                    filesystem, path = fsspec.core.url_to_fs(check_filesystem(url))
                     matches = sorted(filesystem.unstrip_protocol(match) for match in filesystem.glob(path)
                                      if filesystem.isfile(match))
                 else:
@@ -257,9 +261,7 @@ def expand_urls(pattern: str, what: str) -> list[str]:
                 urls.extend(matches)
                 missing.extend([] if matches else [url])
             elif has_scheme(url):
-                urls.append(url)
-            elif Path(url).expanduser().is_file():
-                urls.append(os.path.expanduser(url))  # what opens it (webdataset's gopen) does not expand '~'
+                urls.append(check_filesystem(url))
             else:
                 missing.append(url)
     if missing and Path(missing[0]).expanduser().is_dir():
@@ -269,6 +271,24 @@ def expand_urls(pattern: str, what: str) -> list[str]:
         raise OpenAlignError(f"{len(missing)} of the {len(urls) + len(missing)} {what} that '{pattern}' names "
                              f"do not exist, e.g. '{missing[0]}' (data.train.urls)")
     return urls
+
+
+def check_filesystem(url: str) -> str:
+    """``url``, once fsspec is known to read its protocol (``file:`` and ``pipe:`` need nothing);
+    else an error that names the package to install, before any worker tries a shard."""
+    scheme = url.split(":", 1)[0].lower()
+    if scheme in ("file", "pipe", "http", "https"):
+        return url
+    import fsspec
+
+    try:
+        fsspec.get_filesystem_class(scheme)
+    except ImportError as error:  # fsspec's message names the package: "Install s3fs to access S3"
+        raise OpenAlignError(f"cannot read '{url}': {error} (pip install it)") from None
+    except ValueError:
+        raise OpenAlignError(f"cannot read '{url}': fsspec knows no protocol '{scheme}' (s3://, gs://, az://, hf://, "
+                             "pipe: ...)") from None
+    return url
 
 
 def open_url(url: str) -> BinaryIO:
@@ -282,7 +302,7 @@ def open_url(url: str) -> BinaryIO:
         return gopen(url, "rb")
     import fsspec
 
-    return fsspec.open(url, "rb").open()
+    return fsspec.open(check_filesystem(url), "rb").open()
 
 
 def decode_image(data: bytes) -> Any:
