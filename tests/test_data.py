@@ -357,6 +357,20 @@ def test_table_sources_read_csv_tsv_and_parquet_with_paths_or_bytes_and_drop_bad
         TableSourceConfig(path=str(tmp_path / "missing.csv")).build(transform, 0)
 
 
+def test_a_caption_of_only_characters_the_tokenizer_deletes_is_empty():
+    """Zero-width spaces, byte-order marks, NULs and U+FFFD tokenize to [CLS] [SEP] alone: the
+    sample has no text to learn from, as a blank caption has none."""
+    from openalign.data.quality import SkipSample, caption_text
+
+    tokenizer = get_tokenizer("align-test")
+    for invisible in ("\u200b", "\x00", " \ufeff\u200b ", "\ufffd", "\u200d\u2060".encode()):
+        text = invisible.decode() if isinstance(invisible, bytes) else invisible
+        assert tokenizer([text])["attention_mask"].sum().item() == 2  # [CLS] [SEP]: what the check stands for
+        with pytest.raises(SkipSample, match="empty caption"):
+            caption_text(invisible)
+    assert caption_text(" a\u200bb ") == "a\u200bb" and caption_text("\u00e9") == "\u00e9"
+
+
 def test_tsv_captions_are_read_verbatim_and_one_bad_caption_drops_one_row(tmp_path, caplog):
     """Alt-text TSVs have no quoting: a caption starting with a quote mark must not swallow the
     rows after it. A caption that is not UTF-8 drops its row, not the table; compressed and

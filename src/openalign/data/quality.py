@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import logging
+import unicodedata
 import warnings
 from collections import Counter
 
@@ -53,7 +54,9 @@ class SkipSample(Exception):
 def caption_text(data: bytes | str | None, missing: str = NO_CAPTION) -> str:
     """The stripped caption of a text field's bytes; raises :class:`SkipSample` when it is
     missing (reason ``missing``), not text (a TFRecord ``int64`` feature, say), not UTF-8, or
-    empty or whitespace."""
+    empty: nothing but whitespace and the characters BERT's tokenizer deletes (controls, format
+    characters such as zero-width spaces and byte-order marks, U+FFFD), which would train on
+    ``[CLS] [SEP]``."""
     if data is None:
         raise SkipSample(missing)
     if isinstance(data, str):
@@ -66,7 +69,7 @@ def caption_text(data: bytes | str | None, missing: str = NO_CAPTION) -> str:
     else:
         raise SkipSample(CAPTION_NOT_TEXT, f"a {type(data).__name__}")
     text = text.strip()
-    if not text:
+    if not any(not char.isspace() and char != "\ufffd" and unicodedata.category(char)[0] != "C" for char in text):
         raise SkipSample(EMPTY_CAPTION)
     return text
 
