@@ -570,6 +570,21 @@ def test_extra_fields_keep_their_kind_text_label_or_json_through_collate(tmp_pat
     assert table[(0, 1)]["label"] == 8
 
 
+def test_a_null_json_field_and_a_sample_without_an_image_are_counted_skips_that_say_why():
+    from openalign.data.quality import SkipSample
+    from openalign.data.sources import FieldsDecoder
+
+    decode = FieldsDecoder(("jpg",), "txt", {"concepts": "concepts.json"}, TRANSFORM)
+    image = encode("RGB", (20, 20))
+    assert decode({"jpg": image, "txt": b"a", "concepts.json": b'["dog"]'})["concepts"] == ["dog"]
+    with pytest.raises(SkipSample, match="no concepts.json") as null:  # not a None for Collate to choke on
+        decode({"jpg": image, "txt": b"a", "concepts.json": b"null"})
+    assert null.value.detail == "null"
+    with pytest.raises(SkipSample) as no_image:  # a dotted key: the image went under 'b.jpg'
+        decode({"b.jpg": image, "txt": b"a", "concepts.json": b"[]"})
+    assert no_image.value.detail == "none of the fields jpg; it has b.jpg, concepts.json, txt"
+
+
 def test_a_dead_stream_stops_training_with_one_clear_line_not_a_worker_traceback(tmp_path, capsys):
     from openalign.cli import main
 

@@ -396,7 +396,8 @@ class FieldsDecoder:
             raise SkipSample(REPEATED_FIELD, f"more than one member for {fields[REPEATED_FIELDS]!r}")
         data = next((fields[key] for key in self.image_keys if key in fields), None)
         if data is None:
-            raise SkipSample(NO_IMAGE, f"none of the fields {', '.join(self.image_keys)}")
+            raise SkipSample(NO_IMAGE, f"none of the fields {', '.join(self.image_keys)}; it has "
+                                       f"{', '.join(sorted(fields)) or 'none'}")
         texts = self.texts(fields)
         with open_image(data, self.min_image_side) as image:
             return {**texts, "image": decode_pixels(self.transform, image, generator, data)}
@@ -438,14 +439,18 @@ class WebDatasetSourceConfig(SourceConfig, StreamOptions, tag="webdataset"):
 
 def extra_value(key: str, data: bytes | int | None) -> Any:
     """An extra field's value by its member's kind: an int label (``*cls``), parsed JSON
-    (``*json``) or stripped text; a missing or unreadable one skips the sample."""
+    (``*json``) or stripped text; a missing or unreadable one (JSON ``null`` included: no batch
+    can hold it) skips the sample."""
     if isinstance(data, int):
         return data
     if data is not None and key.endswith(("cls", "json")):
         try:
-            return int(data) if key.endswith("cls") else json.loads(data)
+            value = int(data) if key.endswith("cls") else json.loads(data)
         except (ValueError, UnicodeDecodeError) as error:
             raise SkipSample(f"unreadable {key}", str(error)) from None
+        if value is None:
+            raise SkipSample(f"no {key}", "null")
+        return value
     return caption_text(data, f"no {key}")
 
 
