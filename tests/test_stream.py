@@ -533,7 +533,7 @@ def test_saved_positions_apply_only_to_the_same_readers_and_the_same_shards(tmp_
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L"])
-def test_decoding_jpeg_bytes_with_torchvision_gives_pils_pixels_bit_for_bit(mode):
+def test_decoding_jpeg_bytes_with_torchvision_gives_pils_pixels_bit_for_bit(mode, monkeypatch):
     import numpy as np
 
     rng = np.random.default_rng(1)
@@ -547,6 +547,11 @@ def test_decoding_jpeg_bytes_with_torchvision_gives_pils_pixels_bit_for_bit(mode
         outputs = [transform(Image.open(io.BytesIO(data)), torch.Generator().manual_seed(5), encoded)
                    for encoded in (data, None)]
         assert torch.equal(outputs[0], outputs[1])
+    # a torchvision without image decoding (deprecated since 0.29 for TorchCodec): PIL decodes, the same pixels
+    monkeypatch.setattr("openalign.data.transforms._jpeg_decoder", lambda: None)
+    transform = ImageTransform(PreprocessConfig(image_size=289, resize_size=346), train=False)
+    assert not transform._torchvision_decodes(Image.open(io.BytesIO(data)), data)
+    assert torch.equal(transform(Image.open(io.BytesIO(data)), encoded=data), outputs[0])
 
 
 def test_extra_fields_keep_their_kind_text_label_or_json_through_collate(tmp_path):

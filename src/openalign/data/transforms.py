@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -123,9 +125,7 @@ class ImageTransform:
         if not isinstance(image, Image.Image):
             image = _from_pixels(image)
         if self._torchvision_decodes(image, encoded):
-            from torchvision.io import ImageReadMode, decode_jpeg
-
-            pixels = decode_jpeg(torch.frombuffer(bytearray(encoded), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            pixels = _jpeg_decoder()(encoded)
         else:
             if self.train and getattr(image, "format", None) == "JPEG":
                 image.draft(image.mode, (self.draft_size, self.draft_size))  # a no-op once decoded or small
@@ -157,8 +157,22 @@ class ImageTransform:
     def _torchvision_decodes(self, image: Image.Image, encoded: bytes | None) -> bool:
         if encoded is None or getattr(image, "format", None) != "JPEG" or image.mode not in ("RGB", "L"):
             return False
+        if _jpeg_decoder() is None:
+            return False
         size = self.draft_size  # draft mode shrinks by 2 or more when both sides allow it
         return not (self.train and min(image.size[0] // size, image.size[1] // size) >= 2)
+
+
+@functools.cache
+def _jpeg_decoder() -> Callable[[bytes], torch.Tensor] | None:
+    """torchvision's libjpeg-turbo decoder (bytes → (3, H, W) uint8), or None where this
+    torchvision has none: torchvision 0.29 deprecates its image decoding for TorchCodec's, and
+    PIL decodes the same pixels (a quarter slower)."""
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+    except ImportError:
+        return None
+    return lambda encoded: decode_jpeg(torch.frombuffer(bytearray(encoded), dtype=torch.uint8), mode=ImageReadMode.RGB)
 
 
 def _draft_size(cfg: PreprocessConfig) -> int:
