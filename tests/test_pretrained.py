@@ -240,6 +240,11 @@ def test_openalign_format_round_trips_and_convert_goes_both_ways(hf_dir, images,
             assert torch.equal(ours, theirs)
     with pytest.raises(OpenAlignError, match="is the source directory"):
         openalign.pretrained.convert(back, back, to="openalign", overwrite=True)
+    (back / "checkpoints" / "step_1").mkdir(parents=True)  # a model inside the source: a run's checkpoint, say
+    (back / "checkpoints" / "step_1" / "config.yaml").write_text("model: {}\n")
+    with pytest.raises(OpenAlignError, match="holds a model inside the source"):
+        openalign.pretrained.convert(back, back / "checkpoints" / "step_1", to="openalign", overwrite=True)
+    shutil.rmtree(back / "checkpoints")
     with pytest.raises(OpenAlignError, match="already holds a model .*config.json, model.safetensors.*overwrite=True"):
         model.save_pretrained(back)
     model.save_pretrained(back, overwrite=True)  # the AlignModel's files go: no stale config.json is left behind
@@ -252,6 +257,14 @@ def test_openalign_format_round_trips_and_convert_goes_both_ways(hf_dir, images,
 def test_models_that_hugging_face_cannot_represent_are_refused(tmp_path):
     with pytest.raises(OpenAlignError, match="image_projection: true, as ALIGN B3-mini does.*format='openalign'"):
         openalign.create_model("align-test").save_pretrained(tmp_path / "b3", format="hf")
+    assert not (tmp_path / "b3").exists() and not list(tmp_path.iterdir())  # nor a staging directory left behind
+    # a refused export over an existing model, overwrite or not, leaves that model as it was
+    good = openalign.create_model("align-test", image_projection=False, embed_dim=80)
+    before = {path.name: path.read_bytes() for path in good.save_pretrained(tmp_path / "good", format="hf").iterdir()}
+    with pytest.raises(OpenAlignError, match="image_projection: true"):
+        openalign.create_model("align-test").save_pretrained(tmp_path / "good", format="hf", overwrite=True)
+    assert {path.name: path.read_bytes() for path in (tmp_path / "good").iterdir()} == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["good"]
     with pytest.raises(OpenAlignError, match="unknown format 'onnx'"):
         openalign.create_model("align-test").save_pretrained(tmp_path / "x", format="onnx")
     shortest = openalign.create_model("align-test", image_projection=False, embed_dim=80,

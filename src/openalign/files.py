@@ -10,8 +10,9 @@ import contextlib
 import json
 import os
 import pickle
+import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,3 +66,24 @@ def written_whole(path: str | Path) -> Iterator[Path]:
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def filled_whole(directory: str | Path, replaces: Iterable[str] = ()) -> Iterator[Path]:
+    """A temporary directory beside ``directory`` to write files into. When the block completes,
+    the files of ``directory`` named in ``replaces`` are removed and the new files moved in (the
+    directory is created if need be; its other files stay). When the block raises, ``directory``
+    is untouched: a refused or failed save never costs the model that was there."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    temporary = directory.with_name(f".{directory.name}.{uuid.uuid4().hex}.tmp")
+    temporary.mkdir()
+    try:
+        yield temporary
+        directory.mkdir(exist_ok=True)
+        for name in replaces:
+            (directory / name).unlink(missing_ok=True)
+        for path in temporary.iterdir():
+            os.replace(path, directory / path.name)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)

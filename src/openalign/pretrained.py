@@ -29,6 +29,7 @@ from .data.tokenizer import Tokenizer
 from .distributed import resolve_device
 from .data.transforms import ImageTransform
 from .errors import OpenAlignError
+from .files import filled_whole
 from .models import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,9 @@ def save_pretrained(model: nn.Module, directory: str | Path, format: str = "open
     ``AlignProcessor.from_pretrained`` and the ``zero-shot-image-classification`` pipeline load.
 
     A directory that already holds a model is an error unless ``overwrite``; then its model files
-    (either format's) are removed first, so that no stale config describes the new weights.
+    (either format's) are replaced, so that no stale config describes the new weights. The files
+    are written beside the directory and moved in once all are written: an export that is
+    refused (an architecture ``hf`` cannot hold) or fails leaves the directory as it was.
     """
     if any(getattr(module, "batch_norm_folded", False) for module in model.modules()):
         raise OpenAlignError("this model was made for inference by optimize_for_inference (its batch norms are "
@@ -134,15 +137,19 @@ def save_pretrained(model: nn.Module, directory: str | Path, format: str = "open
     if existing and not overwrite:
         raise OpenAlignError(f"'{directory}' already holds a model ({', '.join(existing)}): choose a new directory, "
                              "or pass overwrite=True (openalign convert --overwrite) to replace it")
-    for name in existing:
-        (directory / name).unlink()
-    if format == "hf":
-        from .hf import save_hf_directory
+    with filled_whole(directory, replaces=existing) as staging:  # a refused export leaves the old model there
+        if format == "hf":
+            from .hf import save_hf_directory
 
-        return save_hf_directory(model, directory)
+            save_hf_directory(model, staging)
+        else:
+            _save_openalign_directory(model, staging)
+    return directory
+
+
+def _save_openalign_directory(model: nn.Module, directory: Path) -> None:
     from safetensors.torch import save_file
 
-    directory.mkdir(parents=True, exist_ok=True)
     tokenizer = model.config.build_tokenizer()
     config = to_dict(model.config)
     if isinstance(tokenizer, Tokenizer):  # a vocabulary to keep beside the weights (CLIPPO renders, needs none)
@@ -152,16 +159,18 @@ def save_pretrained(model: nn.Module, directory: str | Path, format: str = "open
             config["text"]["pretrained"] = None  # the weights are here; the sizes are in the config
     (directory / CONFIG_FILE).write_text(yaml.safe_dump({"model": config}, sort_keys=False))
     save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(directory / WEIGHTS_FILE))
-    return directory
 
 
 def convert(source: str | Path, destination: str | Path, to: str, overwrite: bool = False) -> Path:
     """Load ``source`` (any form :func:`load_pretrained` takes) and write it in format ``to`` to
     ``destination``, which must be another directory."""
-    if Path(source).expanduser().is_dir() and Path(source).expanduser().resolve() == \
-            Path(destination).expanduser().resolve():
+    origin, target = Path(source).expanduser().resolve(), Path(destination).expanduser().resolve()
+    if origin.is_dir() and target == origin:
         raise OpenAlignError(f"'{destination}' is the source directory: convert into a new one (writing there would "
                              "replace the weights being converted)")
+    if origin.is_dir() and target.is_relative_to(origin) and any((target / name).is_file() for name in _MODEL_FILES):
+        raise OpenAlignError(f"'{destination}' holds a model inside the source '{source}' (a checkpoint of the run, "
+                             "say): convert into a new directory rather than replace it")
     model, _, _ = load_pretrained(source)
     return save_pretrained(model, destination, format=to, overwrite=overwrite)
 
