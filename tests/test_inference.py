@@ -116,6 +116,21 @@ def test_classify_equals_softmax_of_scaled_cosines(loaded, image_dir):
     torch.testing.assert_close(probabilities, expected, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_model_cast_to_half_precision_classifies_and_embeds(loaded, image_dir, dtype):
+    """As documented, inference runs in the model's dtype: a model cast with .to(bf16) or .half()
+    embeds (its projections in fp32, as under autocast) close to the fp32 model."""
+    import copy
+
+    model, preprocess, tokenizer = loaded
+    half = copy.deepcopy(model).to(dtype)
+    paths = [image_dir / name for name in GOOD_IMAGES]
+    expected = classify(model, preprocess, tokenizer, paths, LABELS)
+    torch.testing.assert_close(classify(half, preprocess, tokenizer, paths, LABELS), expected, atol=0.05, rtol=0)
+    embeddings = embed_folder(half, preprocess, image_dir)[1]
+    assert embeddings.dtype == torch.float32 and torch.isfinite(embeddings).all()
+
+
 def test_classify_with_templates_averages_the_prompts(loaded, image_dir):
     model, preprocess, tokenizer = loaded
     templates = ["a photo of a {}.", "a drawing of a {}."]

@@ -185,12 +185,14 @@ class DualEncoder(nn.Module):
         return outputs
 
 
-def _project(projection: nn.Module | None, features: torch.Tensor) -> torch.Tensor:
+def _project(projection: nn.Linear | None, features: torch.Tensor) -> torch.Tensor:
     """Pooled features in fp32, through ``projection`` in fp32 even under bf16 autocast, as
     COYO-ALIGN forces both projection Dense layers to float32 (spec §3.7); what follows
-    (normalising, the logits) is fp32 too."""
+    (normalising, the logits) is fp32 too. A model cast to bf16 or fp16 (``model.half()``)
+    projects with its weights in fp32 likewise."""
     features = features.float()
     if projection is None:
         return features
+    bias = None if projection.bias is None else projection.bias.float()
     with torch.autocast(features.device.type, enabled=False):
-        return projection(features)
+        return F.linear(features, projection.weight.float(), bias)
