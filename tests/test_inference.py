@@ -199,6 +199,25 @@ def test_embed_folder_takes_a_glob_and_worker_processes(loaded, image_dir):
     assert embeddings.shape == (2, model.config.embed_dim)
 
 
+def test_a_folder_and_its_glob_list_the_same_files_through_symlinks(tmp_path, monkeypatch):
+    """A directory link to '..' must not list the tree again and again (glob.glob follows it
+    through '**'); a broken link is listed, to be counted unreadable; a file named with glob
+    characters is itself."""
+    from openalign.inference import find_images
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "x.jpg").write_bytes(b"")
+    (tmp_path / "real" / "photo[1].jpg").write_bytes(b"")
+    (tmp_path / "real" / "loop").symlink_to("..")
+    (tmp_path / "broken.jpg").symlink_to("nowhere.jpg")
+    expected = [str(tmp_path / "broken.jpg"), str(tmp_path / "real" / "photo[1].jpg"), str(tmp_path / "real" / "x.jpg")]
+    assert find_images(tmp_path) == expected
+    assert find_images(str(tmp_path / "**" / "*.jpg")) == expected
+    assert find_images(str(tmp_path / "real" / "photo[1].jpg")) == [str(tmp_path / "real" / "photo[1].jpg")]
+    monkeypatch.chdir(tmp_path)
+    assert find_images("**/*.jpg") == ["broken.jpg", "real/photo[1].jpg", "real/x.jpg"]
+
+
 def test_embed_folder_without_images_is_an_error(loaded, tmp_path):
     model, preprocess, _ = loaded
     (tmp_path / "notes.txt").write_text("no images here")

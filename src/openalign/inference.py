@@ -11,7 +11,7 @@ import copy
 import glob
 import logging
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -159,13 +159,22 @@ def embed_folder(model: nn.Module, preprocess: Preprocess, images: str | Path, b
 
 
 def find_images(images: str | Path) -> list[str]:
-    """Sorted image files (by extension) in directory ``images``, recursively, or matching glob ``images``."""
+    """Sorted image files (by extension) in directory ``images``, recursively, or matching glob
+    ``images`` (``photos/**/*.jpg``; a file whose name holds glob characters is itself). Neither
+    descends into symlinked directories (a link to ``..`` would list a tree over and over);
+    symlinked files are listed, broken ones too, to be counted among the unreadable."""
     text = str(images)
-    if Path(text).is_dir():
-        found = (str(path) for path in Path(text).rglob("*"))
-    else:
-        found = glob.iglob(text, recursive=True)
-    paths = sorted(path for path in found if Path(path).suffix.lower() in IMAGE_EXTENSIONS and Path(path).is_file())
+    path = Path(text)
+    if path.is_dir():
+        found: Iterable[Path] = path.rglob("*")
+    elif path.is_file() or path.is_symlink() or not glob.has_magic(text):
+        found = [path]
+    else:  # pathlib's glob, unlike glob.glob, does not follow symlinked directories through '**'
+        first = next(index for index, part in enumerate(path.parts) if glob.has_magic(part))
+        root = Path(*path.parts[:first]) if first else Path(".")
+        found = root.glob(str(Path(*path.parts[first:])))
+    paths = sorted(str(match) for match in found if match.suffix.lower() in IMAGE_EXTENSIONS and not match.is_dir()
+                   and (match.is_file() or match.is_symlink()))
     if not paths:
         kinds = ", ".join(sorted(extension.lstrip(".") for extension in IMAGE_EXTENSIONS))
         raise OpenAlignError(f"no image files in '{text}': expected a directory (searched recursively) or a glob "
