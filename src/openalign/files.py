@@ -37,8 +37,11 @@ def read_torch_file(path: str | Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:  # weights_only refused an object: never load it otherwise
-        first_line = str(error).strip().splitlines()[0]
-        raise OpenAlignError(f"'{path}' holds more than tensors ({first_line}); openalign loads weights only "
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        # torch's own line that names what was refused ("Unsupported global: GLOBAL print ...")
+        refused = next((line.split(":", 1)[1].split(". ")[0].strip() for line in lines
+                        if line.startswith("WeightsUnpickler error:")), lines[0] if lines else type(error).__name__)
+        raise OpenAlignError(f"'{path}' holds more than tensors ({refused}); openalign loads weights only "
                              "with weights_only, so that no pickled code runs: save its state dict alone") from None
     except (RuntimeError, EOFError, OSError) as error:
         raise OpenAlignError(f"'{path}' is truncated or corrupt ({str(error).strip().splitlines()[0]}): copy or "
