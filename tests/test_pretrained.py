@@ -393,8 +393,11 @@ def test_hub_ids_go_through_huggingface_hub(monkeypatch, hf_dir, tmp_path):
     assert len(calls) == 2 and "*.bin" not in calls[0] and "*.bin" in calls[1]  # .bin fetched only when needed
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
-    with pytest.raises(OpenAlignError, match="could not fetch 'kakaobrain/align-base'.*no network"):
+    with pytest.raises(OpenAlignError, match="'kakaobrain/align-base' is no directory here, and as a hub id it could "
+                                             "not be fetched .*no network.*check the path"):
         openalign.load_pretrained("kakaobrain/align-base")
+    monkeypatch.chdir(hf_dir)  # loaded as '.', the model is named by its directory
+    assert openalign.load_pretrained(".")[0].config.name == hf_dir.name
 
 
 def test_convert_on_the_command_line(hf_dir, tmp_path, capsys):

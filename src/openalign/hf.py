@@ -95,7 +95,7 @@ def model_config_from_hf(directory: Path) -> DualEncoderConfig:
     text_dict = {"type": "bert", **{k: _plain(getattr(text, k)) for k in _BERT_FIELDS},
                  "tokenizer": "." if has_tokenizer else "bert-base-uncased",
                  "max_length": min(MAX_LENGTH, text.max_position_embeddings)}
-    model = {"architecture": "dual_encoder", "name": directory.name, "image": image, "text": text_dict,
+    model = {"architecture": "dual_encoder", "name": directory.resolve().name, "image": image, "text": text_dict,
              "embed_dim": hf.projection_dim, "image_projection": False,
              "temperature_init": hf.temperature_init_value,
              "preprocess": _preprocess_from_hf(directory, vision.image_size)}

@@ -105,8 +105,9 @@ def resolve(name_or_path: str | Path) -> Path:
             snapshot = Path(snapshot_download(text, allow_patterns=[*_HUB_FILES, "*.bin"]))
         return snapshot
     except Exception as error:  # network, authentication, unknown repo: all end here
-        raise OpenAlignError(f"could not fetch '{text}' from the Hugging Face hub ({type(error).__name__}: {error}); "
-                             "pass a local directory instead, or set HF_HOME to a cache that holds it") from None
+        raise OpenAlignError(f"'{text}' is no directory here, and as a hub id it could not be fetched from the Hugging "
+                             f"Face hub ({type(error).__name__}: {error}); check the path, or set HF_HOME to a cache "
+                             "that holds the model") from None
 
 
 def save_pretrained(model: nn.Module, directory: str | Path, format: str = "openalign", overwrite: bool = False
