@@ -297,7 +297,9 @@ def test_mismatched_or_foreign_directories_get_clear_errors(hf_dir, tmp_path):
     config = json.loads((hf_dir / "config.json").read_text())
     for change, message in (({"model_type": "clip"}, "describes a 'clip' model, not ALIGN"),
                             ({"vision_config": {**config["vision_config"], "depthwise_padding": [3]}},
-                             "'vision_config.depthwise_padding' is \\[3\\]")):
+                             "'vision_config.depthwise_padding' is \\[3\\]"),
+                            ({"projection_dim": 128}, "projection_dim is 128, but AlignModel takes the vision model's "
+                             "pooled features, unprojected, .* makes them 160 wide")):
         (broken / "config.json").write_text(json.dumps({**config, **change}))
         with pytest.raises(OpenAlignError, match=message):
             openalign.load_pretrained(broken)
