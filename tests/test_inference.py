@@ -374,6 +374,9 @@ def test_commands_report_bad_input_with_exit_2(model_dir, tmp_path, capsys):
     assert "argument --batch-size: 0 is less than 1" in capsys.readouterr().err
     assert main(["classify", "--model", str(model_dir), str(tmp_path / "x.png"), "--labels", "a cat,a dog,a cat"]) == 2
     assert "'a cat' given more than once" in " ".join(capsys.readouterr().err.split())
+    # a missing image is reported before the model loads (from the hub, that is a download)
+    assert main(["classify", "--model", str(tmp_path / "no-model"), str(tmp_path / "x.png"), "--labels", "a cat"]) == 2
+    assert f"1 of the 1 image files not found: '{tmp_path / 'x.png'}'" in " ".join(capsys.readouterr().err.split())
     assert main(["convert", str(model_dir), str(tmp_path / "file"), "--to", "openalign"]) == 2
     assert "is a file; a model is saved to a directory" in " ".join(capsys.readouterr().err.split())
 
@@ -414,6 +417,7 @@ def test_classify_and_zero_shot_refuse_inputs_that_would_be_silently_wrong(loade
             ([image], ["a cat", "a dog"], ["a photo of a {label}"], "cannot be filled with a class name"),
             ([image], ["a cat", "a dog"], "a photo of a {}", "templates are one string"),
             ([image], ["a cat", "a cat"], None, "'a cat' given more than once; the probability would be split"),
+            ([image], ["a cat", "A  Cat"], None, "'a cat' and 'A  Cat' are the same text to the model's tokenizer"),
             ([image], ["a cat", " "], None, "a label is blank")):
         with pytest.raises(OpenAlignError, match=message):
             classify(model, preprocess, tokenizer, images, labels, templates)

@@ -220,7 +220,10 @@ def _cmd_classify(args: argparse.Namespace) -> None:
     if not labels:
         raise OpenAlignError(f"{given} names no label; give comma-separated labels ('a cat,a dog') or a file of "
                              "one label per line (--labels-file)")
-    check_labels(labels, given)  # before the model loads
+    check_labels(labels, given)  # before the model loads, as the images are
+    if missing := [image for image in args.images if not Path(image).is_file()]:
+        raise OpenAlignError(f"{len(missing)} of the {len(args.images)} image files not found: "
+                             f"{', '.join(map(repr, missing[:5]))}{' ...' if len(missing) > 5 else ''}")
     model, preprocess, tokenizer = _inference_model(args)
     templates = DEFAULT_TEMPLATES if args.templates == "default" else None
     probabilities = classify(model, preprocess, tokenizer, args.images, labels, templates, args.batch_size)

@@ -107,7 +107,7 @@ def classify(model: nn.Module, preprocess: Preprocess, tokenizer: Tokenizer, ima
             raise OpenAlignError(f"classify's {name} are one {type(given).__name__} ({given!s:.60}); pass a list")
     if not len(images) or not len(labels):
         raise OpenAlignError("classify needs at least one image and one label")
-    check_labels(labels)
+    check_labels(labels, tokenizer=tokenizer)
     if templates:
         classes = zero_shot_classifier(model, tokenizer, labels, templates, batch_size)
     else:
@@ -119,13 +119,23 @@ def classify(model: nn.Module, preprocess: Preprocess, tokenizer: Tokenizer, ima
     return logits.softmax(dim=-1)
 
 
-def check_labels(labels: Sequence[str], given: str = "classify's labels") -> None:
-    """Refuse blank labels, and repeated ones, whose copies would split their probability."""
+def check_labels(labels: Sequence[str], given: str = "classify's labels", tokenizer: Tokenizer | None = None) -> None:
+    """Refuse blank labels, and repeated ones, whose copies would split their probability; with
+    ``tokenizer``, also labels it reads alike (``a cat`` and ``A Cat`` to an uncased BERT)."""
     if any(not label.strip() for label in labels):
         raise OpenAlignError(f"{given}: a label is blank")
     if repeated := sorted(label for label, times in Counter(labels).items() if times > 1):
         raise OpenAlignError(f"{given}: {', '.join(map(repr, repeated))} given more than once; the probability "
                              "would be split between the copies")
+    if tokenizer is None:
+        return
+    tensors = [value for value in tokenizer(list(labels)).values() if isinstance(value, torch.Tensor)]
+    first: dict[bytes, str] = {}
+    for row, label in enumerate(labels):
+        seen = first.setdefault(b"".join(tensor[row].numpy().tobytes() for tensor in tensors), label)
+        if seen != label:
+            raise OpenAlignError(f"{given}: {seen!r} and {label!r} are the same text to the model's tokenizer; the "
+                                 "probability would be split between them")
 
 
 def embed_folder(model: nn.Module, preprocess: Preprocess, images: str | Path, batch_size: int = 64,
