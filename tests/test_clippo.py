@@ -196,6 +196,13 @@ def test_the_coco_and_yfcc_recipes_are_big_visions_settings():
         (8192, 100_000, 1e-3, 10_000, 10_000, 10_000)
     assert t.weight_decay * t.lr == pytest.approx(1e-4) and not yfcc.model.preprocess.random_flip
     assert (yfcc.loss.label_smoothing, yfcc.loss.directions) == (0.0, "mean")
+    # CLIPPO reads prompts as pixels: every zero-shot evaluation canonicalises them as big_vision does (§5.1)
+    from openalign.eval.suite import load_suite
+    from openalign.eval.tasks import ZeroShotEvalConfig
+
+    tasks = [task for name in ("clippo-b16-coco", "clippo-b16-yfcc100m") for task in load_recipe(name).eval.tasks]
+    zero_shot = [task for task in [*tasks, *load_suite("clippo").tasks] if isinstance(task, ZeroShotEvalConfig)]
+    assert len(zero_shot) >= 4 and all(task.canonicalize for task in zero_shot)
 
 
 def test_an_init_from_that_names_no_model_is_a_config_error(tmp_path, shapes_root):
