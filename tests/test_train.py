@@ -234,6 +234,14 @@ def test_the_logit_scale_cap_holds_the_parameter_and_lets_the_loss_lower_the_sca
     for _ in range(20):  # against Adam's upward momentum, a loss that lowers the scale moves it off the cap
         step(+1.0)
     assert model.logit_scale.item() < 19.0
+    floored = openalign.create_model("alip-tiny")  # ALIP, as open_clip, keeps the scale within [1, 100]
+    assert (floored.config.min_logit_scale, floored.config.max_logit_scale) == (1.0, 100.0)
+    with torch.no_grad():
+        floored.log_temperature.fill_(0.5)  # a scale of 0.61
+    floored.constrain_parameters()
+    assert floored.logit_scale.item() == pytest.approx(1.0)
+    with pytest.raises(ConfigError, match="min_logit_scale' must be positive and at most 1 / temperature_init"):
+        openalign.create_model("alip-tiny", min_logit_scale=20.0)
 
 
 def test_a_fresh_run_refuses_an_output_dir_holding_checkpoints(trained_run, shapes_root, tiny_overrides):

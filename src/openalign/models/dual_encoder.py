@@ -25,7 +25,8 @@ class DualEncoderConfig(ModelConfig, tag="dual_encoder"):
     embedding and must already be ``embed_dim`` wide; likewise ``text_projection`` (ALIGN always
     projects text, with bias; CLIP towers project inside). ``temperature_init`` is τ at step 0
     (logits = cosine / τ); ``max_logit_scale`` caps 1/τ (CLIP, ALIP: 100) in the logits and, after
-    every training step, in the parameter.
+    every training step, in the parameter; ``min_logit_scale`` floors the parameter after every
+    step (open_clip and ALIP clamp ``logit_scale`` to [0, ln 100]: a multiplier of at least 1).
 
     ``text_fields`` are the batch fields the one text tower embeds, each into ``<field>_emb``:
     ``[text]`` for ALIGN, ``[text, caption]`` for ALIP's bi-path model (raw text and synthetic
@@ -39,6 +40,7 @@ class DualEncoderConfig(ModelConfig, tag="dual_encoder"):
     text_projection: bool = True
     temperature_init: float = 1.0
     max_logit_scale: float | None = None
+    min_logit_scale: float | None = None
     text_fields: tuple[str, ...] = ("text",)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
 
@@ -60,6 +62,9 @@ class DualEncoderConfig(ModelConfig, tag="dual_encoder"):
         if self.max_logit_scale is not None and self.max_logit_scale < 1 / self.temperature_init:
             raise ConfigError(f"must be at least 1 / temperature_init ({1 / self.temperature_init:g}), or null",
                               "max_logit_scale")
+        if self.min_logit_scale is not None and not 0 < self.min_logit_scale <= 1 / self.temperature_init:
+            raise ConfigError(f"must be positive and at most 1 / temperature_init ({1 / self.temperature_init:g}), "
+                              "or null", "min_logit_scale")
         if not self.text_fields or len(set(self.text_fields)) != len(self.text_fields) or "image" in self.text_fields:
             raise ConfigError("must name one or more distinct batch fields other than 'image', e.g. [text, caption]",
                               "text_fields")
@@ -131,10 +136,13 @@ class DualEncoder(nn.Module):
 
     @torch.no_grad()
     def constrain_parameters(self) -> None:
-        """Clamp the log-temperature into ``max_logit_scale``'s range; the trainer calls this after
-        every optimiser step, as open_clip and ALIP clamp ``logit_scale`` (shared spec alip.md §1)."""
-        if self.config.max_logit_scale is not None:
-            self.log_temperature.clamp_(min=-math.log(self.config.max_logit_scale))
+        """Clamp the log-temperature into the range ``min_logit_scale`` and ``max_logit_scale`` set;
+        the trainer calls this after every optimiser step, as open_clip and ALIP clamp
+        ``logit_scale`` (shared spec alip.md §1)."""
+        highest, lowest = self.config.max_logit_scale, self.config.min_logit_scale  # log τ = -log(scale)
+        if highest is not None or lowest is not None:
+            self.log_temperature.clamp_(min=None if highest is None else -math.log(highest),
+                                        max=None if lowest is None else -math.log(lowest))
 
     def train(self, mode: bool = True) -> DualEncoder:
         if mode:  # a tower that refuses training (optimize_for_inference) refuses before any module switches
@@ -193,6 +201,8 @@ def _project(projection: nn.Linear | None, features: torch.Tensor) -> torch.Tens
     features = features.float()
     if projection is None:
         return features
-    bias = None if projection.bias is None else projection.bias.float()
     with torch.autocast(features.device.type, enabled=False):
+        if projection.weight.dtype == torch.float32:
+            return projection(features)  # the module itself, so that its hooks run
+        bias = None if projection.bias is None else projection.bias.float()
         return F.linear(features, projection.weight.float(), bias)
