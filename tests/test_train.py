@@ -181,6 +181,28 @@ def test_a_run_restarted_from_step_0_replaces_the_abandoned_history_with_a_warni
     assert "replacing 2 logged record(s) after step 0 of an earlier run" in caplog.text
 
 
+def test_tensorboard_after_a_resume_reads_as_one_run_keeping_the_checkpoint_steps_records(tmp_path):
+    """Resumed from a checkpoint at step 2, the run replaces steps 3 and on; step 2's loss and the
+    evaluation logged at it belong to the checkpoint and stay, in TensorBoard as in the history."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from openalign.train.logger import TrainLogger
+
+    first = TrainLogger(tmp_path, enabled=True, tensorboard=True)
+    for step in range(1, 5):
+        first.log(step, {"loss": float(step)})
+    first.log(2, {"eval/acc1": 0.5})
+    first.close()
+    resumed = TrainLogger(tmp_path, enabled=True, tensorboard=True, start_step=2)
+    for step in (3, 4):
+        resumed.log(step, {"loss": 10.0 * step})
+    resumed.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
+    assert [(e.step, e.value) for e in events.Scalars("eval/acc1")] == [(2, 0.5)]
+
+
 def test_batch_that_does_not_fill_ghost_batches_is_a_config_error(tmp_path, shapes_root, tiny_overrides):
     recipe = load_recipe("demo", tiny_overrides(shapes_root, tmp_path) + ["train.batch_size=10"])
     with pytest.raises(ConfigError, match="not a multiple of the ghost batch norm's virtual_batch_size=4"):

@@ -46,7 +46,8 @@ class TrainLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(self.directory / "tensorboard"), purge_step=start_step)
+            # the records up to start_step are the checkpoint's own (its eval included): later ones are replaced
+            self.writer = SummaryWriter(str(self.directory / "tensorboard"), purge_step=start_step + 1)
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         if not self.enabled:
