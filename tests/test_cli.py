@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from openalign.cli import main
@@ -25,6 +26,17 @@ def test_config_prints_the_resolved_recipe_with_overrides(capsys):
     resolved = yaml.safe_load(capsys.readouterr().out)
     assert resolved["train"]["lr"] == 1e-3
     assert resolved["model"]["image"]["width_coefficient"] == 1.2  # the registry entry is inlined
+
+
+def test_overrides_may_follow_options(monkeypatch, capsys):
+    """'openalign train demo --resume latest train.steps=2000' extends a run: argparse alone refused it."""
+    seen = []
+    monkeypatch.setattr("openalign.cli._cmd_train", lambda args: seen.append((args.overrides, args.resume)))
+    assert main(["train", "demo", "train.lr=1e-3", "--resume", "latest", "train.steps=2000"]) == 0
+    assert seen == [(["train.lr=1e-3", "train.steps=2000"], "latest")]
+    with pytest.raises(SystemExit):
+        main(["train", "demo", "--resume", "latest", "--bogus", "train.steps=2000"])
+    assert "unrecognized arguments: --bogus train.steps=2000" in capsys.readouterr().err
 
 
 def test_bad_settings_exit_2_with_a_message_and_no_traceback(capsys):

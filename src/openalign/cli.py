@@ -521,7 +521,14 @@ def _message(error: OpenAlignError) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # KEY=VALUE overrides after an option (train demo --resume latest train.steps=2000): argparse gives
+    # the positional list only the words before it
+    if extra and hasattr(args, "overrides") and all("=" in word and not word.startswith("-") for word in extra):
+        args.overrides, extra = [*args.overrides, *extra], []
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _setup_logging(args.verbose)
     if getattr(args, "cache_dir", None):
         from .eval.cache import CACHE_ENV
