@@ -36,6 +36,8 @@ def _cmd_config(args: argparse.Namespace) -> None:
     from .config import to_dict
     from .recipe import load_recipe
 
+    print(f"# openalign config {args.recipe}: every setting resolved. The model's are inlined: to train another "
+          "model,\n# replace the whole model section by 'model: NAME' (or pass model.name=NAME), not its name alone.")
     print(yaml.safe_dump(to_dict(load_recipe(args.recipe, args.overrides)), sort_keys=False), end="")
 
 

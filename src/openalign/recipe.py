@@ -8,18 +8,21 @@ whole model config inlined, is saved with every checkpoint.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from .config import apply_overrides, from_dict, load_yaml, require_at_least
+from .config import apply_overrides, from_dict, load_yaml, parse_override, require_at_least
 from .data import SourceConfig
 from .errors import ConfigError
 from .eval.tasks import EvalTaskConfig
 from .losses import ContrastiveLossConfig, LossConfig
 from .models import ModelConfig
 from .registry import find_config, resolve_model_dict
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -151,10 +154,28 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] | tuple[str, ...]
 
 
 def recipe_from_dict(raw: dict, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    if isinstance(raw.get("model"), str):
-        raw = {**raw, "model": {"name": raw["model"]}}
-    raw = apply_overrides(raw, overrides)
+    """A validated recipe from its mapping and overrides. ``model.name=OTHER`` over a resolved model
+    (a recipe printed by ``openalign config``, a checkpoint's ``config.yaml``: every setting
+    inlined) selects the registry's OTHER, as ``model=OTHER`` does, rather than relabel the
+    inlined settings; the overrides after it apply to OTHER."""
+    raw = _model_as_mapping(raw)
+    for text in overrides:
+        keys, value = parse_override(text)
+        model = raw.get("model")
+        if keys == ["model", "name"] and isinstance(model, dict) and "architecture" in model and \
+                value != model.get("name"):
+            log.info("model.name=%s: the recipe's resolved model settings (%s) give way to %s's", value,
+                     model.get("name"), value)
+            raw = {**raw, "model": {"name": value}}
+        else:
+            raw = _model_as_mapping(apply_overrides(raw, [text]))
     if "model" not in raw:
         raise ConfigError("is required: name a registered model, e.g. 'model: align-b3-mini'", "model")
     raw["model"] = resolve_model_dict(raw["model"])
     return from_dict(Recipe, raw)
+
+
+def _model_as_mapping(raw: dict) -> dict:
+    """``raw`` with a model given by name (in the file, or ``model=NAME``) as ``{name: NAME}``, which
+    later ``model.*`` overrides refine."""
+    return {**raw, "model": {"name": raw["model"]}} if isinstance(raw.get("model"), str) else raw
