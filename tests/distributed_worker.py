@@ -10,6 +10,7 @@ builds, so that its ghost batches are exactly those a single process forms from 
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -49,7 +50,9 @@ def main(out_dir: Path) -> None:
     ctx = init_distributed("cpu")
     model = build_model()
     ddp = DistributedDataParallel(model)
-    loss = ContrastiveLoss(label_smoothing=0.1)(**ddp(**shard(global_batch(), ctx.rank, ctx.world_size)))
+    with warnings.catch_warnings(record=True) as caught:  # the gathering loss warns of nothing
+        warnings.simplefilter("always")
+        loss = ContrastiveLoss(label_smoothing=0.1)(**ddp(**shard(global_batch(), ctx.rank, ctx.world_size)))
     loss.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters()}
     own = {name: b.clone() for name, b in model.named_buffers()}  # this rank's batch-norm statistics
@@ -70,7 +73,7 @@ def main(out_dir: Path) -> None:
                                   torch.optim.lr_scheduler.LambdaLR(sgd, lambda step: 1.0),
                                   shard(global_batch(), ctx.rank, ctx.world_size), ctx.device, "fp32",
                                   forward=accumulated_ddp, accum_steps=2)
-    torch.save({"loss": loss.detach(), "grads": grads, "buffers": own, "averaged": averaged,
+    torch.save({"loss": loss.detach(), "grads": grads, "warnings": [str(w.message) for w in caught], "buffers": own, "averaged": averaged,
                 "accumulated_loss": accumulated_loss, "all_reduced_buckets": all_reduces,
                 "accumulated_grads": {name: p.grad.clone() for name, p in accumulated.named_parameters()}},
                out_dir / f"rank{ctx.rank}.pt")

@@ -73,6 +73,10 @@ def test_accumulating_ranks_report_their_own_loss_and_all_reduce_each_bucket_onc
         assert buckets and sorted(buckets) == list(range(len(buckets)))
 
 
+def test_the_gathering_loss_warns_of_nothing(two_rank_results):
+    assert [rank["warnings"] for rank in two_rank_results] == [[], []]
+
+
 def test_checkpoints_and_evaluation_get_the_mean_of_the_ranks_batch_norm_statistics(two_rank_results):
     """Keras reads TPU replicas' moving averages as their mean: so do checkpoints and evaluation."""
     own = [rank["buffers"] for rank in two_rank_results]

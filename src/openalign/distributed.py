@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -87,7 +88,9 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     _, world_size = world_info()
     if world_size == 1:
         return tensor
-    return torch.cat(dist_fn.all_gather(tensor), dim=0)
+    with warnings.catch_warnings():  # its successor is private (_functional_collectives); warned of every step
+        warnings.filterwarnings("ignore", "torch.distributed.nn.functional.all_gather is deprecated", FutureWarning)
+        return torch.cat(dist_fn.all_gather(tensor), dim=0)
 
 
 def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
