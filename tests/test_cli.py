@@ -102,6 +102,9 @@ def test_demo_writes_its_report(tmp_path, shapes_root, capsys):
     assert (tmp_path / "curves.png").stat().st_size > 1000
     markdown = (tmp_path / "report.md").read_text()
     assert "| text→image R@1 |" in markdown and "× chance" in markdown
+    assert main(["demo", "--out", str(tmp_path / "bare"), *overrides, "eval.tasks=[]"]) == 2  # before training
+    assert "keep a 'shapes' task in eval.tasks" in " ".join(capsys.readouterr().err.split())
+    assert not (tmp_path / "bare" / "checkpoints").exists()
 
 
 def test_output_paths_are_checked_before_the_work_and_filesystem_errors_are_one_line(tmp_path, shapes_root,

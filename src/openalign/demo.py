@@ -10,7 +10,9 @@ from typing import Any
 
 from rich.table import Table
 
+from .errors import OpenAlignError
 from .eval.shapes import shapes_chance_levels
+from .eval.tasks import ShapesEvalConfig
 from .progress import console
 from .recipe import Recipe, load_recipe
 from .train import read_history, train
@@ -30,6 +32,9 @@ def run_demo(output_dir: str | Path = "runs/demo", overrides: tuple[str, ...] = 
     data_root = output_dir / "data"
     recipe = load_recipe("demo", [f"run.output_dir={output_dir}", f"data.train.root={data_root}",
                                   f"eval.tasks.0.root={data_root}", *overrides])
+    if not any(isinstance(task, ShapesEvalConfig) for task in recipe.eval.tasks):  # checked before training
+        raise OpenAlignError("the demo's report is its shapes evaluation: keep a 'shapes' task in eval.tasks, or run "
+                             "'openalign train demo' for training alone")
     for stale in ("checkpoints", "tensorboard"):
         shutil.rmtree(output_dir / stale, ignore_errors=True)
     started = time.perf_counter()
