@@ -174,12 +174,13 @@ class Checkpointer:
         if path is None:
             log.info("no checkpoint in %s yet: starting from step 0", self.directory)
             return 0
-        check_resumable(_read_recipe(path), recipe, path)
+        saved_recipe = self._read(path, CONFIG_FILE, lambda file: _read_recipe(file.parent))
         state = self._read(path, STATE_FILE, read_torch_file)
         step = int(state["step"])
         if step > total_steps:
             raise OpenAlignError(f"cannot resume from '{path}' (step {step}) with train.steps={total_steps}: "
                                  f"set train.steps to at least {step}")
+        check_resumable(saved_recipe, recipe, path)
         self._check_no_later_checkpoints(path, step)
         load_state(model, self._read(path, WEIGHTS_FILE, read_safetensors), f"checkpoint '{path / WEIGHTS_FILE}'")
         optimizer.load_state_dict(state["optimizer"])
@@ -217,8 +218,10 @@ class Checkpointer:
 
     def data_state(self) -> dict[str, Any] | None:
         """This rank's data state in the checkpoint resumed from (None: none, or none saved)."""
-        file = self.resumed_from and self.resumed_from / f"data_rank{self.ctx.rank}.json"
-        return read_json(file) if file and file.is_file() else None
+        name = f"data_rank{self.ctx.rank}.json"
+        if self.resumed_from is None or not (self.resumed_from / name).is_file():
+            return None
+        return self._read(self.resumed_from, name, read_json)
 
 
 # Settings a resumed run may change: where it runs, how it logs, evaluates and reads data.
@@ -253,8 +256,11 @@ def _read_recipe(path: Path) -> dict[str, Any]:
     try:
         recipe = yaml.safe_load((path / CONFIG_FILE).read_text())
     except (OSError, yaml.YAMLError) as error:
-        raise OpenAlignError(f"checkpoint '{path}' has no readable {CONFIG_FILE} (the recipe it was trained with): "
-                             f"{error}") from None
+        mark = getattr(error, "problem_mark", None)  # a YAML error's own text spans several lines
+        reason = (f"{error.problem} at line {mark.line + 1}" if mark is not None and getattr(error, "problem", None)
+                  else str(error).strip().splitlines()[0])
+        raise OpenAlignError(f"'{path / CONFIG_FILE}' (the recipe the checkpoint was trained with) is unreadable: "
+                             f"{reason}") from None
     if not isinstance(recipe, dict) or not isinstance(recipe.get("model"), dict):
         raise OpenAlignError(f"'{path / CONFIG_FILE}' is not an openalign recipe (it has no 'model' section)")
     return recipe
