@@ -205,6 +205,17 @@ def test_tensorboard_after_a_resume_reads_as_one_run_keeping_the_checkpoint_step
     assert [(e.step, e.value) for e in events.Scalars("eval/acc1")] == [(2, 0.5)]
 
 
+def test_evaluation_data_that_does_not_exist_is_an_error_before_the_first_step(tmp_path, shapes_root,
+                                                                                tiny_overrides):
+    recipe = load_recipe("demo", tiny_overrides(shapes_root, tmp_path) + [
+        f"eval.tasks=[{{task: shapes, root: '{shapes_root}'}}, {{task: knn, train_root: '{shapes_root}', "
+        f"val_root: '{tmp_path / 'no' / 'val'}'}}, {{task: retrieval, json: '{tmp_path / 'coco.json'}'}}]"])
+    with pytest.raises(ConfigError, match=r"eval.tasks' names data that does not exist: eval.tasks.1.val_root: "
+                                          r".*no/val; eval.tasks.2.json: .*coco.json$"):
+        train(recipe, show_progress=False)
+    assert not (tmp_path / "checkpoints").exists()
+
+
 def test_batch_that_does_not_fill_ghost_batches_is_a_config_error(tmp_path, shapes_root, tiny_overrides):
     recipe = load_recipe("demo", tiny_overrides(shapes_root, tmp_path) + ["train.batch_size=10"])
     with pytest.raises(ConfigError, match="not a multiple of the ghost batch norm's virtual_batch_size=4"):

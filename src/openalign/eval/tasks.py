@@ -66,6 +66,14 @@ class EvalTaskConfig(Variants):
     def run(self, model: nn.Module, device: torch.device, batch_size: int, show_progress: bool = True) -> dict[str, float]:
         raise NotImplementedError
 
+    data_paths: ClassVar[tuple[str, ...]] = ()  # the settings that name files or folders the task reads
+
+    def missing_data(self) -> list[str]:
+        """``key: path`` of each file or folder the task reads that does not exist: a training run
+        checks before its first step, not at its first evaluation."""
+        return [f"{key}: {value}" for key in self.data_paths
+                if (value := getattr(self, key)) is not None and not Path(value).expanduser().exists()]
+
     def write_examples(self, model: nn.Module, device: torch.device, output: Path, batch_size: int) -> Path | None:
         """A picture of the task's results for a quick visual check (a PNG at ``output``), where the
         task has one; None otherwise."""
@@ -95,6 +103,8 @@ class RetrievalEvalConfig(EvalTaskConfig, tag="retrieval"):
     a directory, of a CLIP_benchmark webdataset retrieval dataset. ``caption_prefix`` goes before
     every caption (ALIP evaluates with ``"a photo of "``)."""
 
+    data_paths: ClassVar[tuple[str, ...]] = ("json", "image_root")
+
     json: str
     split: str = "test"
     image_root: str | None = None
@@ -121,6 +131,8 @@ class ZeroShotEvalConfig(EvalTaskConfig, tag="zeroshot"):
     (``templates_file``) one per line; by default the dataset's own, else ``a photo of a {}.``.
     ``canonicalize``: big_vision's canonical prompts (no punctuation, lower case; CLIPPO)."""
 
+    data_paths: ClassVar[tuple[str, ...]] = ("root",)
+
     root: str
     classnames: str | None = None
     templates: tuple[str, ...] | None = None
@@ -137,6 +149,8 @@ class ZeroShotEvalConfig(EvalTaskConfig, tag="zeroshot"):
 @dataclass
 class KnnEvalConfig(EvalTaskConfig, tag="knn"):
     """kNN classification: ``train_root``'s class folders are the memory, ``val_root``'s the queries."""
+
+    data_paths: ClassVar[tuple[str, ...]] = ("train_root", "val_root")
 
     train_root: str
     val_root: str
@@ -157,6 +171,8 @@ class KnnEvalConfig(EvalTaskConfig, tag="knn"):
 class FewShotEvalConfig(EvalTaskConfig, tag="fewshot"):
     """CLIPPO's few-shot ridge probe: ``shots`` training images per class from ``train_root``'s class
     folders (one draw per seed), scored on ``val_root``; pre-projection image features, λ = ``l2``."""
+
+    data_paths: ClassVar[tuple[str, ...]] = ("train_root", "val_root")
 
     train_root: str
     val_root: str
@@ -181,6 +197,8 @@ class LinearProbeEvalConfig(EvalTaskConfig, tag="linear_probe"):
     by default (null) chosen on a held-out 20% of the training images, as CLIP chose it. The
     features are used as they are, as CLIP's; ``standardize`` standardises them first."""
 
+    data_paths: ClassVar[tuple[str, ...]] = ("train_root", "val_root")
+
     train_root: str
     val_root: str
     c: float | None = None
@@ -202,6 +220,8 @@ class SentencePairEvalConfig(EvalTaskConfig, tag="sentence_pairs"):
     optional ``sentence2``, ``label``); sentence A is rendered into the top half of the image and B
     into the bottom half (:mod:`~openalign.eval.sentence_pairs`; shared spec clippo.md §5.4, layout
     unverified against the paper). ``batch_size``: the training batch; None uses the evaluation's."""
+
+    data_paths: ClassVar[tuple[str, ...]] = ("train", "val")
 
     fine_tunes: ClassVar[bool] = True
     train: str

@@ -60,6 +60,9 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True)
     """
     cfg, ctx = recipe.train, init_distributed(recipe.train.device)
     per_rank = _per_rank_batch(cfg.batch_size, ctx.world_size, cfg.accum_steps)
+    if missing := [f"eval.tasks.{index}.{path}" for index, task in enumerate(recipe.eval.tasks)
+                   for path in task.missing_data()]:  # found now, not after hours of training
+        raise ConfigError(f"names data that does not exist: {'; '.join(missing)}", "eval.tasks")
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = recipe.model.build().to(ctx.device)
     _check_virtual_batch(model, per_rank // cfg.accum_steps, ctx.world_size)
