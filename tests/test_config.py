@@ -115,6 +115,7 @@ def test_recipe_overrides_reach_the_model_and_are_validated():
     ("model.text.pad_token_id=999999", "'model.text.pad_token_id' is 999999, outside the vocabulary"),
     ("model.preprocess.std=[0, 0, 0]", "'model.preprocess.std' must be positive"),
     ("train.lr=[1", "override 'train.lr=\\[1': the value is not valid YAML"),
+    ("train.betas.0=0.95", "'train.betas' is not set in this recipe, so it has no item 0: give the whole list"),
     # an extra sample field that would replace the caption, or be written as another tar member
     ("data.train={type: webdataset, urls: a.tar, extra_keys: {text: caption.txt}}",
      "'data.train.extra_keys' names the sample's own field 'text'"),

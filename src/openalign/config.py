@@ -271,7 +271,11 @@ def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[s
         keys, value = parse_override(text)
         node: Any = result
         for depth, key in enumerate(keys[:-1]):
-            node = _child(node, key, ".".join(keys[: depth + 1]))
+            where = ".".join(keys[: depth + 1])
+            if isinstance(node, dict) and node.get(key) is None and keys[depth + 1].isdigit():
+                raise ConfigError(f"is not set in this recipe, so it has no item {keys[depth + 1]}: give the whole "
+                                  f"list, e.g. {where}=[...]", where)
+            node = _child(node, key, where)
         _set(node, keys[-1], value, ".".join(keys))
     return result
 
