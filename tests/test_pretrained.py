@@ -265,6 +265,11 @@ def test_models_that_hugging_face_cannot_represent_are_refused(tmp_path):
         openalign.create_model("align-test").save_pretrained(tmp_path / "good", format="hf", overwrite=True)
     assert {path.name: path.read_bytes() for path in (tmp_path / "good").iterdir()} == before
     assert sorted(path.name for path in tmp_path.iterdir()) == ["good"]
+    (tmp_path / "good" / "processor_config.json").write_text("{}")  # transformers 5's, which breaks transformers 4
+    (tmp_path / "link").symlink_to(tmp_path / "good")  # through a symlink (to another disk, say), and over a model
+    good.save_pretrained(tmp_path / "link", format="hf", overwrite=True)
+    assert sorted(path.name for path in (tmp_path / "good").iterdir()) == sorted(before)  # no staging folder left
+    assert openalign.load_pretrained(tmp_path / "link")[0].config.embed_dim == 80
     with pytest.raises(OpenAlignError, match="unknown format 'onnx'"):
         openalign.create_model("align-test").save_pretrained(tmp_path / "x", format="onnx")
     shortest = openalign.create_model("align-test", image_projection=False, embed_dim=80,

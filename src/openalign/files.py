@@ -73,20 +73,29 @@ def written_whole(path: str | Path) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def filled_whole(directory: str | Path, replaces: Iterable[str] = ()) -> Iterator[Path]:
-    """A temporary directory beside ``directory`` to write files into. When the block completes,
-    the files of ``directory`` named in ``replaces`` are removed and the new files moved in (the
-    directory is created if need be; its other files stay). When the block raises, ``directory``
-    is untouched: a refused or failed save never costs the model that was there."""
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    temporary = directory.with_name(f".{directory.name}.{uuid.uuid4().hex}.tmp")
-    temporary.mkdir()
+    """A temporary folder inside ``directory`` (created if need be, through symlinks and mount
+    points: the same filesystem) to write files into. When the block completes, the new files
+    replace their namesakes, one rename each, and the files named in ``replaces`` that the block
+    did not write are removed; other files stay. When the block raises, ``directory`` is as it was
+    (folders created for it removed): a refused or failed save never costs the model there, and
+    at no moment is a file of it gone before its replacement is in place."""
+    directory = Path(directory).expanduser().resolve()
+    created = [folder for folder in (directory, *directory.parents) if not folder.exists()]
+    directory.mkdir(parents=True, exist_ok=True)
+    staging = directory / f".openalign-staging-{uuid.uuid4().hex}"
+    staging.mkdir()
+    completed = False
     try:
-        yield temporary
-        directory.mkdir(exist_ok=True)
-        for name in replaces:
+        yield staging
+        written = {path.name for path in staging.iterdir()}
+        for name in written:
+            os.replace(staging / name, directory / name)
+        for name in set(replaces) - written:
             (directory / name).unlink(missing_ok=True)
-        for path in temporary.iterdir():
-            os.replace(path, directory / path.name)
+        completed = True
     finally:
-        shutil.rmtree(temporary, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        if not completed:
+            for folder in created:  # deepest first; only what is still empty
+                with contextlib.suppress(OSError):
+                    folder.rmdir()

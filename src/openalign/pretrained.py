@@ -138,7 +138,9 @@ def save_pretrained(model: nn.Module, directory: str | Path, format: str = "open
     if existing and not overwrite:
         raise OpenAlignError(f"'{directory}' already holds a model ({', '.join(existing)}): choose a new directory, "
                              "or pass overwrite=True (openalign convert --overwrite) to replace it")
-    with filled_whole(directory, replaces=existing) as staging:  # a refused export leaves the old model there
+    # transformers 5's processor_config.json (see hf.save_hf_directory) would outlive an export over one
+    stale = [*existing, "processor_config.json"] if format == "hf" else existing
+    with filled_whole(directory, replaces=stale) as staging:  # a refused export leaves the old model there
         if format == "hf":
             from .hf import save_hf_directory
 
