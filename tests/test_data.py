@@ -369,6 +369,7 @@ def test_a_caption_of_only_characters_the_tokenizer_deletes_is_empty():
         with pytest.raises(SkipSample, match="empty caption"):
             caption_text(invisible)
     assert caption_text(" a\u200bb ") == "a\u200bb" and caption_text("\u00e9") == "\u00e9"
+    assert caption_text("\U0001FAE8") == "\U0001FAE8"  # an emoji newer than this Python's Unicode (category Cn)
 
 
 def test_tsv_captions_are_read_verbatim_and_one_bad_caption_drops_one_row(tmp_path, caplog):

@@ -170,7 +170,8 @@ def test_eval_commands_write_clip_benchmark_records(model, folders, shapes_root,
         assert main(["eval", task, "--model", str(model_dir), *options, "--output", str(output)]) == 0, task
         record = json.loads(output.read_text())
         assert set(record) == {"dataset", "model", "pretrained", "task", "metrics", "language"}
-        assert record["task"] == {"zeroshot": "zeroshot_classification", "retrieval": "zeroshot_retrieval"}.get(task, task)
+        clip_benchmark_name = {"zeroshot": "zeroshot_classification", "retrieval": "zeroshot_retrieval"}.get(task, task)
+        assert record["task"] == clip_benchmark_name
         assert record["metrics"]
     assert "image_retrieval_recall@5" in json.loads((tmp_path / "retrieval.json").read_text())["metrics"]
     assert main(["eval", "zeroshot", "--model", str(model_dir), "--root", str(tmp_path / "nowhere")]) == 2

@@ -118,6 +118,11 @@ def test_weighted_knn_votes_do_not_overflow_at_a_small_temperature():
     assert torch.isfinite(votes).all() and votes.argmax().item() == 1
     similarities = memory[:, 0].double()  # the query is (1, 0)
     torch.testing.assert_close(votes[0], torch.exp((similarities - similarities[1]) / 0.01).float(), rtol=1e-4, atol=0)
+    # at T = 1e-4 the first class's vote, exp(-0.05 / 1e-4), underflows: it is still a vote, above a class
+    # no neighbour chose
+    votes = knn_classify(memory, torch.tensor([0, 1]), torch.tensor([[1.0, 0.0]]), num_classes=3, k=2,
+                         temperature=1e-4)
+    assert votes[0, 1] == 1.0 and 0 < votes[0, 0] < 1e-30 and votes[0, 2] == 0
 
 
 def test_blocked_knn_over_the_memory_equals_a_full_matrix_in_numpy():

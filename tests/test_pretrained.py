@@ -340,8 +340,8 @@ def test_pytorch_bin_weights_load_without_running_pickled_code(hf_dir, tmp_path,
             return (print, ("pickled code ran",))
 
     torch.save({"temperature": Payload()}, legacy / "pytorch_model.bin")
-    with pytest.raises(OpenAlignError, match=r"holds more than tensors \(Unsupported global: GLOBAL print "
-                                             "was not an allowed global by default\); openalign loads weights only with "
+    with pytest.raises(OpenAlignError, match=r"holds more than tensors \(Unsupported global: GLOBAL print was not "
+                                             r"an allowed global by default\); openalign loads weights only with "
                                              "weights_only, so that no pickled code runs"):
         openalign.load_pretrained(legacy)
 

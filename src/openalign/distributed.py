@@ -12,6 +12,11 @@ import torch.distributed.nn.functional as dist_fn
 
 from .errors import OpenAlignError
 
+# gather_with_grad's all_gather warns at every step that it is deprecated for a private successor
+# (torch.distributed._functional_collectives); set once here, as a filter set per call would reset
+# every module's "warn once" registry
+warnings.filterwarnings("ignore", "torch.distributed.nn.functional.all_gather is deprecated", FutureWarning)
+
 
 @dataclass(frozen=True)
 class DistributedContext:
@@ -88,9 +93,7 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     _, world_size = world_info()
     if world_size == 1:
         return tensor
-    with warnings.catch_warnings():  # its successor is private (_functional_collectives); warned of every step
-        warnings.filterwarnings("ignore", "torch.distributed.nn.functional.all_gather is deprecated", FutureWarning)
-        return torch.cat(dist_fn.all_gather(tensor), dim=0)
+    return torch.cat(dist_fn.all_gather(tensor), dim=0)
 
 
 def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:

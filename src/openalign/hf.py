@@ -103,8 +103,8 @@ def model_config_from_hf(directory: Path) -> DualEncoderConfig:
         return model_config_from_dict(model, directory)
     except ConfigError as error:
         if error.key == "model.embed_dim":  # AlignModel has no image projection: say it in config.json's terms
-            raise OpenAlignError(f"'{directory / HF_CONFIG_FILE}': projection_dim is {hf.projection_dim}, but AlignModel "
-                                 "takes the vision model's pooled features, unprojected, as image embeddings, and "
+            raise OpenAlignError(f"'{directory / HF_CONFIG_FILE}': projection_dim is {hf.projection_dim}, but "
+                                 "AlignModel takes the vision model's pooled features, unprojected, as image embeddings, and "
                                  f"this vision_config makes them {_vision_width(image)} wide: the two must be equal"
                                  ) from None
         raise OpenAlignError(f"'{directory / HF_CONFIG_FILE}' cannot be represented: {error}") from None

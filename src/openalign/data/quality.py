@@ -69,7 +69,8 @@ def caption_text(data: bytes | str | None, missing: str = NO_CAPTION) -> str:
     else:
         raise SkipSample(CAPTION_NOT_TEXT, f"a {type(data).__name__}")
     text = text.strip()
-    if not any(not char.isspace() and char != "\ufffd" and unicodedata.category(char)[0] != "C" for char in text):
+    if not any(not char.isspace() and char != "\ufffd" and unicodedata.category(char) not in ("Cc", "Cf")
+               for char in text):  # as BERT's _is_control; unassigned (newer) code points, emoji say, are text
         raise SkipSample(EMPTY_CAPTION)
     return text
 

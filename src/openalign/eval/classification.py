@@ -96,7 +96,8 @@ def knn_classify(memory: torch.Tensor, memory_labels: torch.Tensor, queries: tor
     k=20 kNN of InstDisc/DINO). ``k=1`` is COYO-ALIGN's 1-NN. A query's votes are scaled by
     ``exp(-best similarity / temperature)`` (its nearest neighbour's weight is 1), which ranks the
     classes as before and cannot overflow fp32 at any temperature (unscaled, ``exp(0.99 / 0.01)``
-    is infinite and every class would tie).
+    is infinite and every class would tie); a class with votes scores above 0 even where they
+    underflow, so 0 means no neighbour voted for it.
 
     Blocked top-k: ``chunk_size`` queries are scored against ``memory_chunk_size`` memory items at a
     time, keeping a running top-k, so no similarity block exceeds ``chunk_size × memory_chunk_size``
@@ -107,7 +108,12 @@ def knn_classify(memory: torch.Tensor, memory_labels: torch.Tensor, queries: tor
         similarity, index = _running_topk(queries[start:start + chunk_size], memory, k, memory_chunk_size)
         chunk = torch.zeros(similarity.shape[0], num_classes, dtype=torch.float32, device=similarity.device)
         similarity = similarity.float()  # sorted: column 0 is the best
-        chunk.scatter_add_(1, memory_labels[index], ((similarity - similarity[:, :1]) / temperature).exp())
+        labels = memory_labels[index]
+        chunk.scatter_add_(1, labels, ((similarity - similarity[:, :1]) / temperature).exp())
+        # a class whose votes underflow (neighbours far below the best at a small temperature) still
+        # outranks one no neighbour voted for: the smallest positive vote, not 0
+        voted = torch.zeros_like(chunk, dtype=torch.bool).scatter_(1, labels, True)
+        chunk = torch.where(voted, chunk.clamp(min=torch.finfo(chunk.dtype).tiny), chunk)
         votes.append(chunk)
     return torch.cat(votes)
 
