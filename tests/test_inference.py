@@ -214,8 +214,16 @@ def test_a_folder_and_its_glob_list_the_same_files_through_symlinks(tmp_path, mo
     assert find_images(tmp_path) == expected
     assert find_images(str(tmp_path / "**" / "*.jpg")) == expected
     assert find_images(str(tmp_path / "real" / "photo[1].jpg")) == [str(tmp_path / "real" / "photo[1].jpg")]
+    (tmp_path / "._x.jpg").write_bytes(b"")  # hidden: macOS's AppleDouble files, say
+    (tmp_path / ".cache").mkdir()
+    (tmp_path / ".cache" / "y.jpg").write_bytes(b"")
+    assert find_images(tmp_path) == expected and find_images(str(tmp_path / "**")) == expected
+    assert find_images(str(tmp_path / ".*.jpg")) == [str(tmp_path / "._x.jpg")]  # named: listed
     monkeypatch.chdir(tmp_path)
     assert find_images("**/*.jpg") == ["broken.jpg", "real/photo[1].jpg", "real/x.jpg"]
+    assert find_images("real/**.jpg") == ["real/photo[1].jpg", "real/x.jpg"]  # '**' inside a name: '*', as glob
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert find_images("~/real/x.jpg") == [str(tmp_path / "real" / "x.jpg")]
 
 
 def test_embed_folder_without_images_is_an_error(loaded, tmp_path):

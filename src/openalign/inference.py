@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import copy
 import glob
+import os
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -170,19 +171,19 @@ def embed_folder(model: nn.Module, preprocess: Preprocess, images: str | Path, b
 
 def find_images(images: str | Path) -> list[str]:
     """Sorted image files (by extension) in directory ``images``, recursively, or matching glob
-    ``images`` (``photos/**/*.jpg``; a file whose name holds glob characters is itself). Neither
-    descends into symlinked directories (a link to ``..`` would list a tree over and over);
-    symlinked files are listed, broken ones too, to be counted among the unreadable."""
-    text = str(images)
+    ``images`` (``photos/**/*.jpg``, ``~`` expanded; a file whose name holds glob characters is
+    itself). As ``glob`` does, both skip hidden files and folders (a pattern lists them where it
+    names them: ``.*``). Neither form descends into symlinked directories (a link to ``..`` would list a tree
+    over and over); symlinked files are listed, broken ones too, to be counted among the unreadable."""
+    text = os.path.expanduser(str(images))
     path = Path(text)
-    if path.is_dir():
-        found: Iterable[Path] = path.rglob("*")
+    if path.is_dir():  # hidden files and folders skipped, as a glob skips them (macOS's ._ files, say)
+        found: Iterable[Path] = (match for match in path.rglob("*")
+                                 if not any(name.startswith(".") for name in match.relative_to(path).parts))
     elif path.is_file() or path.is_symlink() or not glob.has_magic(text):
         found = [path]
-    else:  # pathlib's glob, unlike glob.glob, does not follow symlinked directories through '**'
-        first = next(index for index, part in enumerate(path.parts) if glob.has_magic(part))
-        root = Path(*path.parts[:first]) if first else Path(".")
-        found = root.glob(str(Path(*path.parts[first:])))
+    else:
+        found = _glob_without_symlinked_folders(path)
     paths = sorted(str(match) for match in found if match.suffix.lower() in IMAGE_EXTENSIONS and not match.is_dir()
                    and (match.is_file() or match.is_symlink()))
     if not paths:
@@ -190,6 +191,21 @@ def find_images(images: str | Path) -> list[str]:
         raise OpenAlignError(f"no image files in '{text}': expected a directory (searched recursively) or a glob "
                              f"pattern matching files with one of the extensions {kinds}")
     return paths
+
+
+def _glob_without_symlinked_folders(pattern: Path) -> Iterator[Path]:
+    """``glob.glob(pattern, recursive=True)``'s matches (``**`` alone: any depth; ``**`` within a
+    name: ``*``; no hidden names unless the pattern names some, ``.*``), found through pathlib,
+    whose ``**`` does not follow symlinked directories as glob's does."""
+    first = next(index for index, part in enumerate(pattern.parts) if glob.has_magic(part))
+    root = Path(*pattern.parts[:first]) if first else Path(".")
+    parts = [part if part == "**" else part.replace("**", "*") for part in pattern.parts[first:]]
+    if parts[-1] == "**":  # glob's 'photos/**' lists files too; pathlib's, folders only
+        parts.append("*")
+    hidden_allowed = any(part.startswith(".") for part in parts)
+    for match in root.glob(str(Path(*parts))):
+        if hidden_allowed or not any(name.startswith(".") for name in match.relative_to(root).parts):
+            yield match
 
 
 class _ImageFiles(Dataset):
