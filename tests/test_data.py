@@ -374,8 +374,9 @@ def test_a_caption_of_only_characters_the_tokenizer_deletes_is_empty():
 
 def test_tsv_captions_are_read_verbatim_and_one_bad_caption_drops_one_row(tmp_path, caplog):
     """Alt-text TSVs have no quoting: a caption starting with a quote mark must not swallow the
-    rows after it. A caption that is not UTF-8 drops its row, not the table; compressed and
-    upper-case file names are tables too."""
+    rows after it; TSVs that pandas writes quote fields, and read as written too. A caption that
+    is not UTF-8 drops its row, not the table; compressed and upper-case file names are tables too."""
+    import csv
     import gzip
 
     from openalign.data import TableSourceConfig
@@ -385,8 +386,15 @@ def test_tsv_captions_are_read_verbatim_and_one_bad_caption_drops_one_row(tmp_pa
     table = "image\tcaption\n" + "".join(f"a.png\t{caption}\n" for caption in captions)
     (tmp_path / "alt.tsv").write_text(table)
     assert [text for _, text, _ in TableSourceConfig(path=str(tmp_path / "alt.tsv")).rows()] == captions
-    (tmp_path / "ALT.TSV.gz").write_bytes(gzip.compress(table.encode()))
-    assert [text for _, text, _ in TableSourceConfig(path=str(tmp_path / "ALT.TSV.gz")).rows()] == captions
+    (tmp_path / "ALT.TSV.GZ").write_bytes(gzip.compress(table.encode()))
+    assert [text for _, text, _ in TableSourceConfig(path=str(tmp_path / "ALT.TSV.GZ")).rows()] == captions
+    # a TSV that pandas or the csv module wrote quotes such fields: read as written
+    with open(tmp_path / "quoted.tsv", "w", newline="") as handle:
+        writer = csv.writer(handle, delimiter="\t")
+        writer.writerow(["image", "caption"])
+        writer.writerows([["a.png", caption] for caption in [*captions, "a\ttab", "two\nlines"]])
+    assert [text for _, text, _ in TableSourceConfig(path=str(tmp_path / "quoted.tsv")).rows()] == \
+        [*captions, "a\ttab", "two\nlines"]
     (tmp_path / "mixed.csv").write_bytes(b"image,caption\na.png,caf\xe9 latin-1\na.png,caf\xc3\xa9 utf-8\n")
     assert [text for _, text, _ in TableSourceConfig(path=str(tmp_path / "mixed.csv")).rows()] == ["café utf-8"]
     assert "dropped 1 row(s) with caption not UTF-8" in caplog.text

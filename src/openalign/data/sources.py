@@ -235,7 +235,8 @@ def _image_cell(value: Any, table: Path, column: str) -> bytes | str | None:
                          "expected image paths, encoded image bytes, or Hugging Face Image structs {bytes, path}")
 
 
-_COMPRESSIONS = (".gz", ".bz2", ".zst", ".lz4")  # of CSV and TSV files, which pyarrow reads by the name
+_CODECS = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd", ".lz4": "lz4"}  # of CSV and TSV files, by the suffix
+_COMPRESSIONS = tuple(_CODECS)
 
 
 def _table_format(path: Path) -> str | None:
@@ -254,8 +255,10 @@ def _read_table(path: Path, text_columns: tuple[str, ...] = (), byte_columns: tu
     In CSV and TSV, ``text_columns`` are read as written: type inference would turn a caption
     "007" into 7 and a file name "0001" into 1; other columns keep inferred numbers (labels).
     ``byte_columns`` are read as undecoded bytes, so that one caption that is not UTF-8 is one
-    dropped row rather than an unreadable table. A TSV has no quoting (CC3M's and img2dataset's
-    alt-text: a caption may start with ``"``); a CSV quotes as RFC 4180 does.
+    dropped row rather than an unreadable table. Fields may be quoted as RFC 4180 (and pandas)
+    quote them. A TSV whose quoted reading puts a tab or a line break into a text field is alt-text
+    written without quoting (CC3M's: a caption that begins with ``"`` would swallow the rows after
+    it), and is read unquoted instead, where that reading holds together.
     """
     kind = _table_format(path)
     try:
@@ -264,13 +267,13 @@ def _read_table(path: Path, text_columns: tuple[str, ...] = (), byte_columns: tu
 
             table = pq.read_table(path)
         elif kind in ("csv", "tsv"):
-            import pyarrow as pa
-            import pyarrow.csv as pacsv
-
-            parse = pacsv.ParseOptions(delimiter="\t", quote_char=False) if kind == "tsv" else pacsv.ParseOptions()
-            types = {**dict.fromkeys(text_columns, pa.string()), **dict.fromkeys(byte_columns, pa.binary())}
-            table = pacsv.read_csv(path, parse_options=parse, convert_options=pacsv.ConvertOptions(
-                strings_can_be_null=False, column_types=types))
+            table = _read_delimited(path, kind, text_columns, byte_columns, quoted=True)
+            if kind == "tsv" and _holds_tab_or_line_break(table, (*text_columns, *byte_columns)):
+                try:
+                    table = _read_delimited(path, kind, text_columns, byte_columns, quoted=False)
+                    log.info("table '%s': read unquoted (quoted, its fields would span tabs or lines)", path)
+                except Exception:  # noqa: BLE001 - the quotes hold fields with tabs or line breaks: keep them
+                    pass
         else:
             raise OpenAlignError(f"table '{path}' is not .csv, .tsv (either may be compressed: .gz, .bz2, .zst, "
                                  ".lz4) or .parquet")
@@ -279,6 +282,29 @@ def _read_table(path: Path, text_columns: tuple[str, ...] = (), byte_columns: tu
     except Exception as error:  # pyarrow's parse errors name the line
         raise OpenAlignError(f"cannot read table '{path}': {error}") from None
     return {name: table.column(name).to_pylist() for name in table.column_names}
+
+
+def _read_delimited(path: Path, kind: str, text_columns: tuple[str, ...], byte_columns: tuple[str, ...],
+                    quoted: bool) -> Any:
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    compression = _CODECS.get(path.suffix.lower())  # any case: pyarrow's own guess knows '.gz' only
+    parse = pacsv.ParseOptions(delimiter="\t" if kind == "tsv" else ",", quote_char='"' if quoted else False)
+    types = {**dict.fromkeys(text_columns, pa.string()), **dict.fromkeys(byte_columns, pa.binary())}
+    with pa.input_stream(str(path), compression=compression) as stream:
+        return pacsv.read_csv(stream, parse_options=parse, convert_options=pacsv.ConvertOptions(
+            strings_can_be_null=False, column_types=types))
+
+
+def _holds_tab_or_line_break(table: Any, columns: tuple[str, ...]) -> bool:
+    for name in columns:
+        if name in table.column_names:
+            for value in table.column(name).to_pylist():
+                text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value or "")
+                if "\t" in text or "\n" in text or "\r" in text:
+                    return True
+    return False
 
 
 class TableDataset(ImageDataset):
