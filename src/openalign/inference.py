@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import glob
+import hashlib
 import os
 import logging
 from collections import Counter
@@ -130,13 +131,15 @@ def check_labels(labels: Sequence[str], given: str = "classify's labels", tokeni
                              "would be split between the copies")
     if tokenizer is None:
         return
-    tensors = [value for value in tokenizer(list(labels)).values() if isinstance(value, torch.Tensor)]
     first: dict[bytes, str] = {}
-    for row, label in enumerate(labels):
-        seen = first.setdefault(b"".join(tensor[row].numpy().tobytes() for tensor in tensors), label)
-        if seen != label:
-            raise OpenAlignError(f"{given}: {seen!r} and {label!r} are the same text to the model's tokenizer; the "
-                                 "probability would be split between them")
+    for start in range(0, len(labels), 64):  # a pixel tokenizer (CLIPPO) renders 600 kB per label
+        chunk = list(labels[start:start + 64])
+        tensors = [value for value in tokenizer(chunk).values() if isinstance(value, torch.Tensor)]
+        for row, label in enumerate(chunk):
+            digest = hashlib.sha256(b"".join(tensor[row].numpy().tobytes() for tensor in tensors)).digest()
+            if (seen := first.setdefault(digest, label)) != label:
+                raise OpenAlignError(f"{given}: {seen!r} and {label!r} are the same text to the model's tokenizer; "
+                                     "the probability would be split between them")
 
 
 def embed_folder(model: nn.Module, preprocess: Preprocess, images: str | Path, batch_size: int = 64,
