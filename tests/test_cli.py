@@ -28,7 +28,6 @@ def test_config_prints_the_resolved_recipe_with_overrides(capsys):
     assert resolved["model"]["image"]["width_coefficient"] == 1.2  # the registry entry is inlined
 
 
-
 def test_model_name_over_a_resolved_recipe_selects_that_model(tmp_path, capsys):
     """'openalign config demo > my_recipe.yaml' is a template: model.name=align-b3-mini on it must
     build B3-mini, not relabel the inlined align-tiny; later model overrides apply to B3-mini."""
@@ -40,6 +39,9 @@ def test_model_name_over_a_resolved_recipe_selects_that_model(tmp_path, capsys):
     recipe = load_recipe(tmp_path / "my_recipe.yaml", ["model.name=align-b3-mini", "model.temperature_init=0.5"])
     reference = load_recipe("demo", ["model=align-b3-mini", "model.temperature_init=0.5"]).model
     assert recipe.model == reference and recipe.model.embed_dim == 640 and recipe.model.preprocess.image_size == 289
+    edited = (tmp_path / "my_recipe.yaml").read_text().replace("name: align-tiny", "name: align-b3-mini", 1)
+    (tmp_path / "edited.yaml").write_text(edited)  # the name edited in the file, then given again: B3-mini still
+    assert load_recipe(tmp_path / "edited.yaml", ["model.name=align-b3-mini"]).model.embed_dim == 640
 
 
 def test_overrides_may_follow_options(monkeypatch, capsys):

@@ -157,15 +157,15 @@ def recipe_from_dict(raw: dict, overrides: list[str] | tuple[str, ...] = ()) -> 
     """A validated recipe from its mapping and overrides. ``model.name=OTHER`` over a resolved model
     (a recipe printed by ``openalign config``, a checkpoint's ``config.yaml``: every setting
     inlined) selects the registry's OTHER, as ``model=OTHER`` does, rather than relabel the
-    inlined settings; the overrides after it apply to OTHER."""
+    inlined settings (its name alone may have been edited); the overrides after it apply to OTHER."""
     raw = _model_as_mapping(raw)
-    for text in overrides:
+    for number, text in enumerate(overrides):
         keys, value = parse_override(text)
         model = raw.get("model")
-        if keys == ["model", "name"] and isinstance(model, dict) and "architecture" in model and \
-                value != model.get("name"):
-            log.info("model.name=%s: the recipe's resolved model settings (%s) give way to %s's", value,
-                     model.get("name"), value)
+        if keys == ["model", "name"] and isinstance(model, dict) and "architecture" in model:
+            if dropped := [earlier for earlier in overrides[:number] if earlier.startswith("model.")]:
+                log.warning("%s replaces the recipe's resolved model, and with it the earlier override(s) %s: give "
+                            "them after it", text, ", ".join(dropped))
             raw = {**raw, "model": {"name": value}}
         else:
             raw = _model_as_mapping(apply_overrides(raw, [text]))
