@@ -531,6 +531,21 @@ def test_saved_positions_apply_only_to_the_same_readers_and_the_same_shards(tmp_
     assert loader.dataset.positions == {} and monitor.fingerprint != fingerprint
     assert "shards are not those the checkpoint's stream positions refer to" in caplog.text
 
+    # the same shards moved to another folder (another mount) are the same stream; in a mixture, a
+    # shard added to one source changes the mixture's fingerprint
+    from openalign.data.sources import MixtureDataset
+    from openalign.data.stream import ShardStream
+
+    def stream(urls):
+        return ShardStream(urls, read_shard=None, decode=None, policy=None, seed=0, resampled=False)
+
+    moved = [stream(["/data/cc3m/00000.tar", "/data/cc3m/00001.tar"]), stream(["/mnt/cc3m/00000.tar",
+                                                                             "/mnt/cc3m/00001.tar"])]
+    assert moved[0].fingerprint() == moved[1].fingerprint()
+    grown = stream(["/mnt/cc3m/00000.tar", "/mnt/cc3m/00001.tar", "/mnt/cc3m/00002.tar"])
+    mixtures = [MixtureDataset([child, stream(["/b/0.tar"])], [0.5, 0.5], seed=0) for child in (moved[1], grown)]
+    assert mixtures[0].fingerprint() != mixtures[1].fingerprint() and mixtures[0].fingerprint()
+
 
 @pytest.mark.parametrize("mode", ["RGB", "L"])
 def test_decoding_jpeg_bytes_with_torchvision_gives_pils_pixels_bit_for_bit(mode, monkeypatch):

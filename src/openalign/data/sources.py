@@ -10,6 +10,7 @@ from __future__ import annotations
 import bisect
 import glob
 import gzip
+import hashlib
 import itertools
 import json
 import logging
@@ -684,6 +685,12 @@ class MixtureDataset(ResumableStream):
         for child in self.children:
             if isinstance(child, ResumableStream):
                 child.reseed(salt)
+
+    def fingerprint(self) -> str:
+        """Its streams' fingerprints and its weights: a shard added to any source changes it."""
+        parts = [child.fingerprint() if isinstance(child, ResumableStream) else
+                 f"{len(child) if hasattr(child, '__len__') else '?'} items" for child in self.children]
+        return hashlib.sha256(repr((parts, self.weights)).encode()).hexdigest()[:16]
 
     def check_readers(self, num_readers: int, warn: bool = True) -> None:
         for child in self.children:

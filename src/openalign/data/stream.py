@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import random
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -168,9 +169,11 @@ class ShardStream(ResumableStream):
         """The shard list and how it is drawn: positions name shards by their index in the list, so
         a shard added or removed since (img2dataset still writing, a bad shard deleted) would make
         a resumed run read some samples twice and others never."""
+        common = os.path.commonprefix(self.shards)
+        common = common[:common.rfind("/") + 1]  # the folder they share: moving the dataset keeps the fingerprint
         digest = hashlib.sha256(f"{len(self.shards)} resampled={self.resampled}".encode())
         for url in self.shards:
-            digest.update(b"\0" + url.encode("utf-8", "surrogatepass"))
+            digest.update(b"\0" + url[len(common):].encode("utf-8", "surrogatepass"))
         return digest.hexdigest()[:16]
 
     def _shard(self, draw: int, reader: int, num_readers: int) -> str:
