@@ -299,6 +299,21 @@ def test_resume_refuses_a_changed_recipe_but_allows_more_steps(tmp_path, shapes_
         train(shorter, resume="latest", show_progress=False)
 
 
+def test_a_checkpoint_older_than_a_setting_resumes_with_its_current_value(caplog):
+    """An ALIP run checkpointed before model.min_logit_scale existed resumes with the floor, warned of;
+    a setting that differs is still refused."""
+    from openalign.train.checkpoint import check_resumable
+
+    current = {"model": {"name": "alip-tiny", "min_logit_scale": 1.0, "max_logit_scale": 100.0}, "train": {"lr": 1.0}}
+    saved = {"model": {"name": "alip-tiny", "max_logit_scale": 100.0}, "train": {"lr": 1.0}}
+    with caplog.at_level("WARNING"):
+        check_resumable(saved, current, Path("step_4"))
+    assert "checkpoint 'step_4' predates the setting(s) model.min_logit_scale: the resumed run uses " \
+           "model.min_logit_scale=1.0" in caplog.text
+    with pytest.raises(OpenAlignError, match=r"model.max_logit_scale: 100.0 -> 50.0"):
+        check_resumable(saved, {**current, "model": {**current["model"], "max_logit_scale": 50.0}}, Path("step_4"))
+
+
 def test_a_diverged_loss_stops_training_before_it_is_checkpointed(tmp_path, shapes_root, tiny_overrides,
                                                                    monkeypatch):
     import openalign.train.loop as loop

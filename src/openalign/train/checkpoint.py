@@ -238,10 +238,16 @@ def check_resumable(saved: dict[str, Any], current: dict[str, Any], path: Path) 
     """Refuse to resume ``saved`` (a checkpoint's recipe) with a ``current`` recipe that differs in
     the model, loss, data or optimisation: the optimiser state would silently override a new
     ``train.lr``, and any other change breaks the promise that resuming equals never stopping.
-    ``train.steps`` may change (to extend a run) with a warning: the schedule is then stretched."""
+    ``train.steps`` may change (to extend a run) with a warning: the schedule is then stretched.
+    A setting the checkpoint's recipe lacks (added to openalign since it was written, such as
+    ``model.min_logit_scale``) takes the current recipe's value, with a warning."""
     old, new = _flatten(saved), _flatten(current)
+    if added := sorted(key for key in new.keys() - old.keys() if not key.startswith(RESUMABLE_CHANGES)):
+        log.warning("checkpoint '%s' predates the setting(s) %s: the resumed run uses %s", path, ", ".join(added),
+                    ", ".join(f"{key}={new[key]!r}" for key in added))
     changed = sorted(key for key in old.keys() | new.keys()
-                     if old.get(key) != new.get(key) and not key.startswith(RESUMABLE_CHANGES) and key != "train.steps")
+                     if key in old and old.get(key) != new.get(key) and not key.startswith(RESUMABLE_CHANGES)
+                     and key != "train.steps")
     if changed:
         details = "; ".join(f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in changed[:6])
         raise OpenAlignError(f"cannot resume from '{path}': the recipe differs from the one it was trained with "
