@@ -213,16 +213,19 @@ def test_a_suite_runs_its_tasks_and_the_report_merges_the_results(model, folders
     assert records["shapes-retrieval"]["metrics"] == pytest.approx(expected)
 
     (tmp_path / "results" / "unrelated.json").write_text('{"not": "a record"}')  # skipped, not an error
+    older = {**records["shapes-retrieval"], "task": "retrieval", "dataset": "older"}  # before CLIP_benchmark's names
+    (tmp_path / "results" / "older.json").write_text(json.dumps(older))
     assert main(["eval", "report", str(tmp_path / "results"), "--out", str(tmp_path / "report")]) == 0
     markdown = (tmp_path / "report.md").read_text()
-    assert "## knn" in markdown and "## retrieval" in markdown
+    assert markdown.count("## zeroshot_retrieval") == 1 and "| older |" in markdown  # one table for both
+    assert "## knn" in markdown and "## zeroshot_retrieval" in markdown
     recall = 100 * expected["image_retrieval_recall@1"]
     assert f"| align-test | {model_dir} | shapes-retrieval | " in markdown and f"{recall:.2f}" in markdown
     assert "![results-shapes-retrieval_examples.png](report_examples/results-shapes-retrieval_examples.png)" in markdown
     shown = tmp_path / "report_examples" / "results-shapes-retrieval_examples.png"
     assert shown.read_bytes() == (tmp_path / "results" / "shapes-retrieval_examples.png").read_bytes()
     rows = list(csv.DictReader((tmp_path / "report.csv").open()))
-    assert len(rows) == len(expected) + len(records["shapes-knn"]["metrics"])
+    assert len(rows) == 2 * len(expected) + len(records["shapes-knn"]["metrics"])  # the older record's too
     assert main(["eval", "report", str(tmp_path / "model"), "--out", str(tmp_path / "r2")]) == 2
     assert "no result records" in " ".join(capsys.readouterr().err.split())
     (tmp_path / "broken.json").write_text('{"dataset": "shapes"')  # named explicitly: an error, not a skip

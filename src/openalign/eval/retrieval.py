@@ -46,5 +46,5 @@ def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_i
         metrics[f"{direction}_mean_rank"] = rank.mean().item()
         ordered = rank.sort().values - 1
         middle = (ordered[(len(ordered) - 1) // 2] + ordered[len(ordered) // 2]) / 2
-        metrics[f"{direction}_median_rank"] = math.floor(middle.item()) + 1
+        metrics[f"{direction}_median_rank"] = float(math.floor(middle.item()) + 1)
     return metrics

@@ -130,7 +130,8 @@ def collect_records(paths: list[str | Path]) -> list[dict[str, Any]]:
                 raise
             continue
         if isinstance(record, dict) and set(RECORD_KEYS) <= set(record) and isinstance(record["metrics"], dict):
-            records.append(record)
+            # records written before tasks took CLIP_benchmark's names table with the new ones
+            records.append({**record, "task": CLIP_BENCHMARK_TASKS.get(record["task"], record["task"])})
         elif named:
             raise OpenAlignError(f"'{file}' is not a result record: expected the JSON that an eval command writes, "
                                  f"with {', '.join(RECORD_KEYS)}")
