@@ -480,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_argument("--field", default="caption", help="the new member is KEY.<field>.txt (default caption)")
     caption.set_defaults(func=_cmd_data_caption)
     inspect = data_commands.add_parser("inspect", help="count samples, skips by reason, caption lengths and image "
-                                                       "sizes in webdataset shards")
+                                                       "sizes in webdataset shards or TFRecord files")
     inspect.add_argument("shards", nargs="+", metavar="SHARDS",
                          help="tar or .tfrecord files: paths, globs, brace patterns, s3:// or pipe: URLs")
     inspect.add_argument("--text-key", default="txt", help="the caption member's extension (default txt)")
