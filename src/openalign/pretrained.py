@@ -122,8 +122,9 @@ def save_pretrained(model: nn.Module, directory: str | Path, format: str = "open
 
     A directory that already holds a model is an error unless ``overwrite``; then its model files
     (either format's) are replaced, so that no stale config describes the new weights. The files
-    are written beside the directory and moved in once all are written: an export that is
-    refused (an architecture ``hf`` cannot hold) or fails leaves the directory as it was.
+    are written to a staging folder inside the directory and moved in once all are written
+    (:func:`~openalign.files.filled_whole`): an export that is refused (an architecture ``hf``
+    cannot hold) or fails leaves the directory as it was.
     """
     if any(getattr(module, "batch_norm_folded", False) for module in model.modules()):
         raise OpenAlignError("this model was made for inference by optimize_for_inference (its batch norms are "
