@@ -245,7 +245,7 @@ def _table_format(path: Path) -> str | None:
     ``captions.tsv.gz``), or None."""
     name = path.name.lower()
     compressed = name.endswith(_COMPRESSIONS)
-    kind = name.rsplit(".", 2 if compressed else 1)[-2 if compressed else -1] if "." in name else ""
+    kind = Path(name.rsplit(".", 1)[0] if compressed else name).suffix.lstrip(".")
     return kind if kind in ("csv", "tsv") or (kind == "parquet" and not compressed) else None
 
 
@@ -299,13 +299,10 @@ def _read_delimited(path: Path, kind: str, text_columns: tuple[str, ...], byte_c
 
 
 def _holds_tab_or_line_break(table: Any, columns: tuple[str, ...]) -> bool:
-    for name in columns:
-        if name in table.column_names:
-            for value in table.column(name).to_pylist():
-                text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value or "")
-                if "\t" in text or "\n" in text or "\r" in text:
-                    return True
-    return False
+    import pyarrow.compute as pc
+
+    return any(pc.any(pc.match_substring_regex(table.column(name), "[\t\n\r]")).as_py()
+               for name in columns if name in table.column_names)
 
 
 class TableDataset(ImageDataset):

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 
@@ -44,7 +44,5 @@ def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_i
             metrics[f"{direction}_recall@{k}"] = torch.cat(hits[k]).float().mean().item()
         rank = torch.cat(ranks).float()
         metrics[f"{direction}_mean_rank"] = rank.mean().item()
-        ordered = rank.sort().values - 1
-        middle = (ordered[(len(ordered) - 1) // 2] + ordered[len(ordered) // 2]) / 2
-        metrics[f"{direction}_median_rank"] = float(math.floor(middle.item()) + 1)
+        metrics[f"{direction}_median_rank"] = float(np.floor(np.median(rank.cpu().numpy() - 1)) + 1)
     return metrics

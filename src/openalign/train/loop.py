@@ -299,16 +299,9 @@ def _build_loader(recipe: Recipe, per_rank: int, ctx: DistributedContext, start:
                                data.strict)
     if isinstance(dataset, ResumableStream):
         dataset.check_readers(ctx.world_size * max(data.num_workers, 1), warn=ctx.is_main)
-        fresh = " it reads a fresh random stream, not the exact samples the interrupted run would have read next"
-        # a rank without workers is one reader, as a rank with one worker is
-        readers = (ctx.world_size, max(data.num_workers, 1))
-        if saved and (saved.get("world_size"), max(saved.get("num_workers") or 0, 1)) != readers:
-            log.warning("the checkpoint's data stream was read by %s rank(s) × %s worker(s), this run has %d × %d:"
-                        + fresh, saved.get("world_size"), saved.get("num_workers"), ctx.world_size, data.num_workers)
-            saved = {"counts": saved.get("counts", {})}
-        elif saved and saved.get("stream", dataset.fingerprint()) != dataset.fingerprint():
-            log.warning("the data source's shards are not those the checkpoint's stream positions refer to (a shard "
-                        "was added or removed, or the source changed between resampled and epochs):" + fresh)
+        if saved and (reason := _stream_moved(saved, ctx.world_size, data.num_workers, dataset.fingerprint())):
+            log.warning("%s: it reads a fresh random stream, not the exact samples the interrupted run would have read "
+                        "next", reason)
             saved = {"counts": saved.get("counts", {})}
         if start:
             positions = saved.get("positions") if saved else None
@@ -322,6 +315,18 @@ def _build_loader(recipe: Recipe, per_rank: int, ctx: DistributedContext, start:
     if not isinstance(dataset, ResumableStream):
         return loader, DataMonitor(saved)
     return loader, DataMonitor(saved, dataset.reseeds, dataset.fingerprint())
+
+
+def _stream_moved(saved: dict[str, Any], world_size: int, num_workers: int, fingerprint: str) -> str | None:
+    """Why the checkpoint's stream positions do not apply to this run's stream, or None."""
+    # a rank without workers is one reader, as a rank with one worker is
+    if (saved.get("world_size"), max(saved.get("num_workers") or 0, 1)) != (world_size, max(num_workers, 1)):
+        return (f"the checkpoint's data stream was read by {saved.get('world_size')} rank(s) × "
+                f"{saved.get('num_workers')} worker(s), this run has {world_size} × {num_workers}")
+    if saved.get("stream", fingerprint) != fingerprint:
+        return ("the data source's shards are not those the checkpoint's stream positions refer to (a shard was added "
+                "or removed, or the source changed between resampled and epochs)")
+    return None
 
 
 def _report_data(monitor: DataMonitor, ctx: DistributedContext, output_dir: Path) -> dict[str, int]:
