@@ -17,6 +17,9 @@ from ..errors import ConfigError
 from .base import ImageTowerConfig, ModelConfig, TextTowerConfig
 
 
+MIN_TEMPERATURE = 1e-4  # logit scale 1e4: beyond it half precision overflows (65504 at a cosine of 1)
+
+
 @dataclass
 class DualEncoderConfig(ModelConfig, tag="dual_encoder"):
     """Two towers projected to ``embed_dim``.
@@ -27,6 +30,7 @@ class DualEncoderConfig(ModelConfig, tag="dual_encoder"):
     (logits = cosine / τ); ``max_logit_scale`` caps 1/τ (CLIP, ALIP: 100) in the logits and, after
     every training step, in the parameter; ``min_logit_scale`` floors the parameter after every
     step (open_clip and ALIP clamp ``logit_scale`` to [0, ln 100]: a multiplier of at least 1).
+    ``temperature_init`` is at least ``MIN_TEMPERATURE`` (1e-4; the papers start at 0.07 or 1).
 
     ``text_fields`` are the batch fields the one text tower embeds, each into ``<field>_emb``:
     ``[text]`` for ALIGN, ``[text, caption]`` for ALIP's bi-path model (raw text and synthetic
@@ -57,8 +61,10 @@ class DualEncoderConfig(ModelConfig, tag="dual_encoder"):
         if size is not None and size != self.preprocess.image_size:
             raise ConfigError(f"is {self.preprocess.image_size}, but the image tower takes {size} px images: set "
                               "both to the same value", "preprocess.image_size")
-        if self.temperature_init <= 0:
-            raise ConfigError("must be positive", "temperature_init")
+        if not MIN_TEMPERATURE <= self.temperature_init:
+            raise ConfigError(f"must be at least {MIN_TEMPERATURE:g}, got {self.temperature_init:g}: logits are "
+                              "cosine / temperature, and a smaller one overflows half precision (and, below "
+                              "3e-39, float32) and saturates the softmax", "temperature_init")
         if self.max_logit_scale is not None and self.max_logit_scale < 1 / self.temperature_init:
             raise ConfigError(f"must be at least 1 / temperature_init ({1 / self.temperature_init:g}), or null",
                               "max_logit_scale")
