@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -132,13 +134,17 @@ def average_buffers(module: torch.nn.Module) -> None:
             buffer.copy_(part.view_as(buffer))
 
 
+def _backend_device() -> torch.device:
+    """Where the process group's collectives take their tensors: the rank's GPU under NCCL."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def all_ranks_agree(flag: bool) -> bool:
     """Whether ``flag`` is true on every rank (every rank must call this); ``flag`` without a process group."""
     _, world_size = world_info()
     if world_size == 1:
         return flag
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    value = torch.tensor([int(flag)], device=device)
+    value = torch.tensor([int(flag)], device=_backend_device())
     dist.all_reduce(value, op=dist.ReduceOp.MIN)
     return bool(value.item())
 
@@ -146,6 +152,53 @@ def all_ranks_agree(flag: bool) -> bool:
 def barrier() -> None:
     if world_info()[1] > 1:
         dist.barrier()
+
+
+class PeerFailure(OpenAlignError):
+    """What the other ranks raise when a :func:`fail_together` block failed on some ranks."""
+
+
+_AGREED = "_openalign_ranks_agreed"  # marks an error every rank already knows of
+
+
+@contextmanager
+def fail_together(what: str) -> Iterator[None]:
+    """Run a block that every rank runs and, when it raises on some ranks, raise on all of them.
+
+    The ranks whose block raised re-raise their own error; the others raise :class:`PeerFailure`,
+    naming the ranks that failed. Without this, one rank's clear error (a config check that
+    only rank 0 makes, a full disk under rank 0's checkpoint) left the others waiting in the next
+    collective until the process group tore down, with a "connection closed" traceback (gloo) or
+    a hang until the timeout (NCCL). The block's exit is a barrier: one collective on every rank,
+    whether it failed or not. Every rank must enter the block, and the block may hold no other
+    collective than nested ``fail_together`` blocks (an error they agreed on passes through
+    the outer blocks without another collective).
+    """
+    rank, world_size = world_info()
+    if world_size == 1:
+        yield
+        return
+    try:
+        yield
+    except Exception as error:
+        if not getattr(error, _AGREED, False):
+            _failed_ranks(failed=True)
+            setattr(error, _AGREED, True)
+        raise
+    if failed := _failed_ranks(failed=False):
+        error = PeerFailure(f"{what} failed on rank {', '.join(map(str, failed))} (its error is above); "
+                            f"rank {rank} stops too")
+        setattr(error, _AGREED, True)
+        raise error
+
+
+def _failed_ranks(failed: bool) -> list[int]:
+    """The ranks that passed ``failed=True`` (every rank must call this)."""
+    rank, world_size = world_info()
+    flags = torch.zeros(world_size, dtype=torch.int32, device=_backend_device())
+    flags[rank] = int(failed)
+    dist.all_reduce(flags)
+    return flags.nonzero().flatten().tolist()
 
 
 def gather_strided_rows(local: torch.Tensor, total: int) -> torch.Tensor:
@@ -159,8 +212,7 @@ def gather_strided_rows(local: torch.Tensor, total: int) -> torch.Tensor:
     if world_size == 1:
         return local
     longest = -(-total // world_size)
-    backend_device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
-        else torch.device("cpu")
+    backend_device = _backend_device()
     padded = torch.zeros(longest, *local.shape[1:], dtype=local.dtype, device=backend_device)
     padded[:local.shape[0]] = local
     shards = [torch.empty_like(padded) for _ in range(world_size)]

@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset
 
 from ..config import Variants, require_at_least
-from ..distributed import barrier, world_info
+from ..distributed import fail_together, world_info
 from ..errors import ConfigError, OpenAlignError
 from .karpathy import CaptionedImage, read_karpathy
 from .quality import (CAPTION_NOT_UTF8, EMPTY_CAPTION, NO_IMAGE, REPEATED_FIELD, UNDECODABLE_RECORD, SkipPolicy,
@@ -349,9 +349,9 @@ class ShapesSourceConfig(SourceConfig, tag="shapes"):
               text_processor: TextProcessor | None = None, strict: bool = False) -> CaptionDataset:
         """Rank 0 generates the dataset if needed while the other ranks wait: ``root`` must be
         visible to every rank (one machine, or a shared filesystem)."""
-        if world_info()[0] == 0:
-            build_shapes_dataset(self.root, self.spec())
-        barrier()
+        with fail_together("generating the shapes dataset"):  # a barrier; rank 0's error stops every rank
+            if world_info()[0] == 0:
+                build_shapes_dataset(self.root, self.spec())
         return CaptionDataset(read_karpathy(Path(self.root) / "dataset_shapes.json", "train"), transform, seed,
                               SkipPolicy(self.root, strict))
 

@@ -23,7 +23,7 @@ import yaml
 from safetensors.torch import save_file
 from torch import nn
 
-from ..distributed import DistributedContext, barrier
+from ..distributed import DistributedContext, fail_together
 from ..errors import OpenAlignError
 from ..files import read_json, read_safetensors, read_torch_file
 from .schedule import load_scheduler_state
@@ -114,34 +114,41 @@ class Checkpointer:
         """Write checkpoint ``step``; ``data_state`` (JSON-able) is this rank's data position."""
         final = self.directory / f"step_{step:08d}"
         staging = self.directory / f".step_{step:08d}.tmp"
-        if self.ctx.is_main:
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(parents=True)
-        barrier()
-        torch.save(_rng_state(), staging / f"rng_rank{self.ctx.rank}.pt")
-        if data_state is not None:
-            (staging / f"data_rank{self.ctx.rank}.json").write_text(json.dumps(data_state))
-        if self.ctx.is_main:
-            save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(staging / WEIGHTS_FILE))
-            (staging / CONFIG_FILE).write_text(yaml.safe_dump(recipe, sort_keys=False))
-            torch.save({"step": step, "world_size": self.ctx.world_size, "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "loss": loss_fn.state_dict()}, staging / STATE_FILE)
-        barrier()
-        if self.ctx.is_main:
-            _fsync_directory(staging)
-            if final.exists():  # a re-run of the same step: move the old one aside, never leave a gap
-                previous = self.directory / f".step_{step:08d}.old"
-                shutil.rmtree(previous, ignore_errors=True)
-                os.replace(final, previous)
-                os.replace(staging, final)
-                shutil.rmtree(previous, ignore_errors=True)
-            else:
-                os.replace(staging, final)
-            _fsync_directory(self.directory)
-            for old in self.checkpoints()[:-self.keep]:
-                shutil.rmtree(old, ignore_errors=True)
-        barrier()
+        # each phase ends in a barrier at which a rank's error (a full disk) stops every rank
+        with fail_together(f"saving checkpoint {final.name}"):
+            if self.ctx.is_main:
+                shutil.rmtree(staging, ignore_errors=True)
+                staging.mkdir(parents=True)
+        with fail_together(f"saving checkpoint {final.name}"):
+            torch.save(_rng_state(), staging / f"rng_rank{self.ctx.rank}.pt")
+            if data_state is not None:
+                (staging / f"data_rank{self.ctx.rank}.json").write_text(json.dumps(data_state))
+            if self.ctx.is_main:
+                save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
+                          str(staging / WEIGHTS_FILE))
+                (staging / CONFIG_FILE).write_text(yaml.safe_dump(recipe, sort_keys=False))
+                torch.save({"step": step, "world_size": self.ctx.world_size, "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(), "loss": loss_fn.state_dict()}, staging / STATE_FILE)
+        with fail_together(f"saving checkpoint {final.name}"):
+            if self.ctx.is_main:
+                self._publish(staging, final)
         return final
+
+    def _publish(self, staging: Path, final: Path) -> None:
+        """Rename the complete ``staging`` to ``final`` (replacing a checkpoint of the same step
+        without a moment with neither) and prune the oldest checkpoints beyond ``keep``."""
+        _fsync_directory(staging)
+        if final.exists():  # a re-run of the same step: move the old one aside, never leave a gap
+            previous = final.with_name(f".{final.name}.old")
+            shutil.rmtree(previous, ignore_errors=True)
+            os.replace(final, previous)
+            os.replace(staging, final)
+            shutil.rmtree(previous, ignore_errors=True)
+        else:
+            os.replace(staging, final)
+        _fsync_directory(self.directory)
+        for old in self.checkpoints()[:-self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
 
     def resolve(self, spec: str) -> Path | None:
         """``latest`` (None when there is none yet), a checkpoint directory, or a run directory (its latest)."""

@@ -26,7 +26,7 @@ from ..data.loader import Collate, DataMonitor, build_loader, move_to_device
 from ..data.quality import summarise
 from ..data.stream import ResumableStream
 from ..distributed import (DistributedContext, all_reduce_mean, all_reduce_sum, average_buffers, barrier,
-                           init_distributed, world_info)
+                           fail_together, init_distributed, world_info)
 from ..errors import ConfigError, OpenAlignError
 from ..models import GhostBatchNorm2d
 from ..precision import autocast, precision_scope
@@ -59,38 +59,41 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True)
     directory, or a run directory; training then continues exactly where it stopped.
     """
     cfg, ctx = recipe.train, init_distributed(recipe.train.device)
-    per_rank = _per_rank_batch(cfg.batch_size, ctx.world_size, cfg.accum_steps)
-    if missing := [f"eval.tasks.{index}.{path}" for index, task in enumerate(recipe.eval.tasks)
-                   for path in task.missing_data()]:  # found now, not after hours of training
-        raise ConfigError(f"names data that does not exist: {'; '.join(missing)}", "eval.tasks")
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = recipe.model.build().to(ctx.device)
-    _check_virtual_batch(model, per_rank // cfg.accum_steps, ctx.world_size)
-    if cfg.accum_steps > 1:
-        try:
-            check_accumulable(model)
-        except OpenAlignError as error:
-            raise ConfigError(f"is {cfg.accum_steps}, but {error}", "train.accum_steps") from None
-    model = model.to(memory_format=torch.channels_last)  # conv towers: faster on GPU and CPU alike
-    loss_fn = recipe.loss.build().to(ctx.device)
-    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps, ctx.device,
-                                cfg.weight_decay_scope == "all")
-    scheduler = build_scheduler(optimizer, cfg.schedule, cfg.warmup_steps, cfg.steps, cfg.cooldown_steps,
-                                cfg.rsqrt_timescale)
-    output_dir = Path(recipe.run.output_dir)
-    checkpointer = Checkpointer(output_dir / "checkpoints", recipe.run.keep_checkpoints, ctx)
-    torch.manual_seed(cfg.seed + 1 + ctx.rank)  # per-rank dropout and drop-connect streams
-    recipe_dict = to_dict(recipe)
-    start = 0
-    if resume:
-        start = checkpointer.resume(resume, model, optimizer, scheduler, loss_fn, recipe_dict, cfg.steps)
-    elif existing := checkpointer.checkpoints():
-        raise OpenAlignError(f"run.output_dir '{output_dir}' already holds checkpoints of an earlier run (newest: "
-                             f"{existing[-1].name}): pass --resume latest to continue it, or choose "
-                             "another run.output_dir")
-    if start == 0 and cfg.init_from:  # also under --resume latest before the first checkpoint
-        _initialise(model, cfg.init_from)
-    loader, monitor = _build_loader(recipe, per_rank, ctx, start, checkpointer.data_state())
+    # checks and reads that may fail on some ranks only (rank 0 generates the demo data; each rank
+    # reads its own data position): every rank stops with a clear error, none waits in DDP's set-up
+    with fail_together("setting up training"):
+        per_rank = _per_rank_batch(cfg.batch_size, ctx.world_size, cfg.accum_steps)
+        if missing := [f"eval.tasks.{index}.{path}" for index, task in enumerate(recipe.eval.tasks)
+                       for path in task.missing_data()]:  # found now, not after hours of training
+            raise ConfigError(f"names data that does not exist: {'; '.join(missing)}", "eval.tasks")
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        model = recipe.model.build().to(ctx.device)
+        _check_virtual_batch(model, per_rank // cfg.accum_steps, ctx.world_size)
+        if cfg.accum_steps > 1:
+            try:
+                check_accumulable(model)
+            except OpenAlignError as error:
+                raise ConfigError(f"is {cfg.accum_steps}, but {error}", "train.accum_steps") from None
+        model = model.to(memory_format=torch.channels_last)  # conv towers: faster on GPU and CPU alike
+        loss_fn = recipe.loss.build().to(ctx.device)
+        optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps, ctx.device,
+                                    cfg.weight_decay_scope == "all")
+        scheduler = build_scheduler(optimizer, cfg.schedule, cfg.warmup_steps, cfg.steps, cfg.cooldown_steps,
+                                    cfg.rsqrt_timescale)
+        output_dir = Path(recipe.run.output_dir)
+        checkpointer = Checkpointer(output_dir / "checkpoints", recipe.run.keep_checkpoints, ctx)
+        torch.manual_seed(cfg.seed + 1 + ctx.rank)  # per-rank dropout and drop-connect streams
+        recipe_dict = to_dict(recipe)
+        start = 0
+        if resume:
+            start = checkpointer.resume(resume, model, optimizer, scheduler, loss_fn, recipe_dict, cfg.steps)
+        elif existing := checkpointer.checkpoints():
+            raise OpenAlignError(f"run.output_dir '{output_dir}' already holds checkpoints of an earlier run (newest: "
+                                 f"{existing[-1].name}): pass --resume latest to continue it, or choose "
+                                 "another run.output_dir")
+        if start == 0 and cfg.init_from:  # also under --resume latest before the first checkpoint
+            _initialise(model, cfg.init_from)
+        loader, monitor = _build_loader(recipe, per_rank, ctx, start, checkpointer.data_state())
     forward: nn.Module = model
     if ctx.world_size > 1:
         # broadcast_buffers=False: batch-norm running statistics stay per device (spec §3.4, never

@@ -1,0 +1,67 @@
+"""Run under ``torchrun --nproc_per_node 2``: ``fail_together`` blocks that fail on one rank.
+
+Argument: an output directory. Each scenario is run by both ranks, then a sum over ranks checks
+that their collectives are still paired (a rank one collective ahead would sum other values or
+hang). Writes ``rank{r}.json``: per scenario, the error each rank raised and that sum.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from openalign.distributed import DistributedContext, all_reduce_sum, fail_together, init_distributed
+from openalign.train.checkpoint import Checkpointer
+
+
+def scenario(ctx: DistributedContext, name: str, out_dir: Path) -> None:
+    rank = ctx.rank
+    if name == "a checkpoint save fails on rank 1":  # its data position cannot be written
+        model = torch.nn.Linear(2, 2)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        Checkpointer(out_dir / "checkpoints", 2, ctx).save(1, model, optimizer, scheduler, torch.nn.Identity(), {},
+                                                          {"position": 1 if rank == 0 else object()})
+    elif name == "none fails":
+        with fail_together("outer"):
+            with fail_together("inner"):
+                pass
+    elif name == "rank 1 fails before an inner block":
+        with fail_together("outer"):
+            if rank == 1:
+                raise ValueError("rank 1's own error")
+            with fail_together("inner"):  # rank 0 learns of rank 1's error here, and the outer block passes it on
+                pass
+    elif name == "rank 0 fails inside an inner block":
+        with fail_together("outer"):
+            with fail_together("inner"):
+                if rank == 0:
+                    raise ValueError("rank 0's own error")
+            with fail_together("second inner"):
+                pass
+    elif name == "both fail":
+        with fail_together("outer"):
+            raise ValueError(f"rank {rank}'s own error")
+
+
+def main(out_dir: Path) -> None:
+    ctx = init_distributed("cpu")
+    results = {}
+    for index, name in enumerate(["none fails", "rank 1 fails before an inner block",
+                                  "rank 0 fails inside an inner block", "both fail",
+                                  "a checkpoint save fails on rank 1"]):
+        try:
+            scenario(ctx, name, out_dir)
+            error = None
+        except Exception as raised:  # noqa: BLE001 - the test reads what was raised
+            error = f"{type(raised).__name__}: {raised}"
+        paired = all_reduce_sum(torch.tensor(float(index))).item()  # 2 × index when the ranks are in step
+        results[name] = {"error": error, "paired": paired}
+    (out_dir / f"rank{ctx.rank}.json").write_text(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
