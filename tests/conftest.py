@@ -10,6 +10,11 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# CLIPPO renders text with GNU Unifont: Debian's `unifont` package (which .ci/run installs), or $OPENALIGN_UNIFONT
+needs_unifont = pytest.mark.skipif(not Path("/usr/share/unifont/unifont.hex").is_file()
+                                   and not os.environ.get("OPENALIGN_UNIFONT"),
+                                   reason="GNU Unifont is not installed (apt-get install unifont)")
+
 
 @pytest.fixture(scope="session")
 def shapes_root(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -4,18 +4,17 @@ written from the spec, its parameters, initialisation, timm initialisation, trai
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import needs_unifont
+
 import openalign
 from openalign.errors import OpenAlignError
 
-pytestmark = pytest.mark.skipif(not Path("/usr/share/unifont/unifont.hex").is_file() and
-                                not __import__("os").environ.get("OPENALIGN_UNIFONT"),
-                                reason="GNU Unifont is not installed (apt-get install unifont)")
+pytestmark = needs_unifont
 CPU = torch.device("cpu")
 
 

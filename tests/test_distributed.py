@@ -16,6 +16,7 @@ from openalign.train import read_history
 
 sys.path.insert(0, str(Path(__file__).parent))
 import distributed_worker  # noqa: E402
+from conftest import needs_unifont  # noqa: E402
 
 WORKER = Path(__file__).parent / "distributed_worker.py"
 
@@ -191,6 +192,7 @@ def test_alip_trains_under_torchrun(tmp_path, shapes_root):
     assert all(0 < r["weight_sample"] <= 1 for r in history)
 
 
+@needs_unifont
 def test_clippo_trains_under_torchrun(tmp_path, shapes_root):
     """CLIPPO's recipe on 2 gloo ranks: the rendered-text batches, the shared tower under DDP."""
     overrides = ["model.name=clippo-test", f"data.train.root={shapes_root}", "data.train.num_train=256",

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 from pathlib import Path
 
 import pytest
 import torch
+
+from conftest import needs_unifont
 
 import openalign
 from openalign.cli import main
@@ -20,9 +21,6 @@ from openalign.errors import ConfigError, OpenAlignError
 from openalign.eval import SentencePairEvalConfig, finetune_sentence_pairs, read_sentence_pairs
 from openalign.eval.sentence_pairs import classification_scores, render_pairs
 
-needs_unifont = pytest.mark.skipif(not Path("/usr/share/unifont/unifont.hex").is_file()
-                                   and not os.environ.get("OPENALIGN_UNIFONT"),
-                                   reason="GNU Unifont is not installed (apt-get install unifont)")
 WORDS = ("cat", "dog", "red", "sun", "box", "map")
 
 
