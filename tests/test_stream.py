@@ -5,6 +5,7 @@ shards read from pipes and object storage."""
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -17,7 +18,7 @@ from conftest import train_until_preempted, write_members, write_tar_shard
 from openalign import get_tokenizer
 from openalign.data import ImageTransform, WebDatasetSourceConfig
 from openalign.data.loader import Collate, DataMonitor, build_loader
-from openalign.data.quality import COUNTS
+from openalign.data.quality import COUNTS, SkipSample
 from openalign.data.shards import ShardReadError, open_url, read_samples, stream_samples
 from openalign.data.sources import MixtureDataset, TableSourceConfig
 from openalign.data.stream import STREAM_KEY
@@ -291,6 +292,36 @@ def test_a_tar_cut_at_a_member_boundary_is_reported_not_silently_short(tmp_path)
         for sample in stream_samples(io.BytesIO(whole[:boundary])):
             read.append(sample.key)
     assert read == ["0", "1"]  # the whole samples before the cut still arrive
+
+
+@pytest.mark.parametrize("cut_before, kept", [("2.txt", ["caption 0", "caption 1"]),  # inside sample 2
+                                              ("3.jpg", ["caption 0", "caption 1", "caption 2"])])  # after it
+def test_the_sample_a_cut_shard_ends_in_is_used_if_whole_and_else_skipped_as_cut_short(tmp_path, capsys, cut_before,
+                                                                                        kept):
+    """Before, a cut between a sample's image and its caption skipped the sample as "no caption"
+    (and ``data inspect`` reported it so), as if the data had none."""
+    from openalign.cli import main
+    from openalign.data.sources import FieldsDecoder, read_tar_shard
+
+    write_tar_shard(tmp_path / "whole.tar", [(f"{i}", {"jpg": encode("RGB", (20, 20)), "txt": f"caption {i}".encode()})
+                                             for i in range(4)])
+    with tarfile.open(tmp_path / "whole.tar") as tar:
+        cut = tar.getmember(cut_before).offset
+    (tmp_path / "cut.tar").write_bytes((tmp_path / "whole.tar").read_bytes()[:cut])
+    decode, captions, skips = FieldsDecoder(("jpg",), "txt", {}, TRANSFORM), [], []
+    with pytest.raises(ShardReadError, match="truncated"):
+        for fields in read_tar_shard(str(tmp_path / "cut.tar")):
+            try:
+                captions.append(decode(fields)["text"])
+            except SkipSample as skip:
+                skips.append(str(skip))
+    assert captions == kept
+    assert skips == ([] if len(kept) == 3 else ["sample cut short by its shard's end: the shard ends after its jpg "
+                                                "member(s)"])
+    assert main(["data", "inspect", str(tmp_path / "cut.tar"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["usable"], summary["skipped"]) == (len(kept), {} if len(kept) == 3 else
+                                                        {"sample cut short by its shard's end": 1})
 
 
 def test_tar_members_group_into_samples_as_webdataset_groups_them(tmp_path):

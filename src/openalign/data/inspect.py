@@ -20,7 +20,7 @@ from ..progress import progress_bar
 from .quality import (NO_IMAGE, REPEATED_FIELD, UNDECODABLE_IMAGE, UNDECODABLE_RECORD, SkipSample, caption_text,
                       open_image)
 from .shards import ShardReadError, expand_urls
-from .sources import REPEATED_FIELDS, WebDatasetSourceConfig
+from .sources import REPEATED_FIELDS, WebDatasetSourceConfig, check_not_cut_short
 from .tfrecords import CorruptRecord
 
 IMAGE_KEYS = tuple(WebDatasetSourceConfig.image_keys.split(";"))  # what training reads
@@ -87,6 +87,7 @@ def _check(members: dict[str, Any], text_key: str, image_keys: Sequence[str], mi
     try:
         if REPEATED_FIELDS in members:
             raise SkipSample(REPEATED_FIELD)
+        check_not_cut_short(members, image_keys, [text_key])
         data = next((members[key] for key in image_keys if key in members), None)
         if data is None:
             raise SkipSample(NO_IMAGE)

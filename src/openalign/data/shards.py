@@ -77,10 +77,13 @@ def member_key(info: tarfile.TarInfo) -> tuple[str, str] | None:
 class TarSample:
     """One webdataset sample: consecutive members sharing a key, plus the members webdataset
     ignores that lie among them (kept, so that a shard can be rewritten whole). ``key`` None:
-    only ignored members, before the shard's first sample."""
+    only ignored members, before the shard's first sample. ``cut_short``: the shard is cut or
+    damaged right after the sample's members, so members it had may be missing (its members
+    are whole)."""
 
     key: str | None
     members: list[tuple[tarfile.TarInfo, bytes | None]] = field(default_factory=list)
+    cut_short: bool = False
 
     def field_items(self) -> list[tuple[str, bytes]]:
         """``(field, data)`` of the sample's members in order (the field is the name after the key:
@@ -115,19 +118,18 @@ def read_samples(tar: tarfile.TarFile, archive_end: Callable[[int], bytes] | Non
     while True:
         try:
             info = tar.next()
-        except READ_ERRORS as error:  # a cut inside a member: drop its sample
+            tail = (archive_end or (lambda offset: _seek_read(tar, offset)))(tar.offset) if info is None else b""
+        except READ_ERRORS as error:  # a cut inside a header
+            yield from _cut_short(current)
             raise ShardReadError(f"{type(error).__name__}: {error}") from error
         tar.members.clear()  # a stream keeps every header it read otherwise: memory grows with the shard
-        if info is None:  # the last sample's members are whole, even if the tar was cut right after them
-            if current is not None:
-                yield current
-            try:
-                tail = (archive_end or (lambda offset: _seek_read(tar, offset)))(tar.offset)
-            except READ_ERRORS as error:
-                raise ShardReadError(f"{type(error).__name__}: {error}") from error
+        if info is None:
             if len(tail) < 2 * tarfile.BLOCKSIZE or tail.strip(b"\0"):
+                yield from _cut_short(current)
                 raise ShardReadError(f"no end-of-archive marker at byte {tar.offset}, where the tar's members "
                                      "end: the shard is truncated or its next header is corrupt")
+            if current is not None:
+                yield current
             return
         found = member_key(info)
         if current is None or (found is not None and found[0] != current.key):
@@ -136,9 +138,19 @@ def read_samples(tar: tarfile.TarFile, archive_end: Callable[[int], bytes] | Non
             current = TarSample(found[0] if found else None)
         try:
             data = tar.extractfile(info).read() if found else None
-        except READ_ERRORS as error:
+        except READ_ERRORS as error:  # a cut inside the member's data
+            yield from _cut_short(current)
             raise ShardReadError(f"{type(error).__name__}: {error}") from error
         current.members.append((info, data))
+
+
+def _cut_short(sample: TarSample | None) -> Iterator[TarSample]:
+    """The sample being read where the shard is cut, marked as such: its whole members may be
+    all it needs (a cut between two samples), or it lost some (a cut inside it). The reader
+    judges: a sample lacking a field it needs is skipped as cut short, not as lacking it."""
+    if sample is not None and sample.members:
+        sample.cut_short = True
+        yield sample
 
 
 def _seek_read(tar: tarfile.TarFile, offset: int) -> bytes:

@@ -16,7 +16,7 @@ import json
 import logging
 import random
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,8 +28,8 @@ from ..config import Variants, require_at_least
 from ..distributed import fail_together, world_info
 from ..errors import ConfigError, OpenAlignError
 from .karpathy import CaptionedImage, read_karpathy
-from .quality import (CAPTION_NOT_UTF8, EMPTY_CAPTION, NO_IMAGE, REPEATED_FIELD, UNDECODABLE_RECORD, SkipPolicy,
-                      SkipSample, caption_text, decode_pixels, open_image)
+from .quality import (CAPTION_NOT_UTF8, CUT_SHORT_SAMPLE, EMPTY_CAPTION, NO_IMAGE, REPEATED_FIELD, UNDECODABLE_RECORD,
+                      SkipPolicy, SkipSample, caption_text, decode_pixels, open_image)
 from .shards import expand_urls, open_url, stream_samples
 from .shapes import ShapesSpec, build_shapes_dataset
 from .stream import ResumableStream, ShardStream
@@ -54,6 +54,7 @@ def check_extra_fields(names: Iterable[str], key: str) -> None:
 
 
 REPEATED_FIELDS = "__repeated__"  # in a raw tar sample: the field that more than one member gave
+CUT_SHORT = "__cut_short__"  # in a raw tar sample: the shard is cut right after its members (TarSample.cut_short)
 
 
 @dataclass
@@ -418,6 +419,7 @@ class FieldsDecoder:
     def __call__(self, fields: dict[str, bytes], generator: torch.Generator | None = None) -> dict[str, Any]:
         if REPEATED_FIELDS in fields:
             raise SkipSample(REPEATED_FIELD, f"more than one member for {fields[REPEATED_FIELDS]!r}")
+        check_not_cut_short(fields, self.image_keys, [self.text_key, *self.extra_keys.values()])
         data = next((fields[key] for key in self.image_keys if key in fields), None)
         if data is None:
             raise SkipSample(NO_IMAGE, f"none of the fields {', '.join(self.image_keys)}; it has "
@@ -492,7 +494,18 @@ def read_tar_shard(url: str) -> Iterator[dict[str, bytes]]:
                 if name in fields:
                     fields[REPEATED_FIELDS] = name
                 fields.setdefault(name, data)
+            if sample.cut_short:
+                fields[CUT_SHORT] = True
             yield fields
+
+
+def check_not_cut_short(fields: dict[str, Any], image_keys: Sequence[str], keys: Iterable[str]) -> None:
+    """Skip a sample that the shard's cut left without the image (one of ``image_keys``) or a
+    field of ``keys``, for that reason rather than as a sample lacking the field."""
+    if CUT_SHORT in fields and (not any(key in fields for key in image_keys) or
+                                any(key not in fields for key in keys)):
+        kept = sorted(name for name in fields if name not in (CUT_SHORT, REPEATED_FIELDS))
+        raise SkipSample(CUT_SHORT_SAMPLE, f"the shard ends after its {', '.join(kept) or 'no'} member(s)")
 
 
 @dataclass
