@@ -111,6 +111,7 @@ class Tokenizer:
             return text
         prefix = text[:cut]
         kept = self.max_length - self.hf_tokenizer.num_special_tokens_to_add()
-        if len(self.hf_tokenizer(prefix, add_special_tokens=False)["input_ids"]) > kept:
+        tokens = self.hf_tokenizer(prefix, add_special_tokens=False, truncation=True, max_length=kept + 1)["input_ids"]
+        if len(tokens) > kept:
             return prefix
         return text
