@@ -170,7 +170,9 @@ class KnnEvalConfig(EvalTaskConfig, tag="knn"):
 @dataclass
 class FewShotEvalConfig(EvalTaskConfig, tag="fewshot"):
     """CLIPPO's few-shot ridge probe: ``shots`` training images per class from ``train_root``'s class
-    folders (one draw per seed), scored on ``val_root``; pre-projection image features, λ = ``l2``."""
+    folders (one draw per seed), scored on ``val_root``; pre-projection image features, λ = ``l2``.
+    big_vision draws ImageNet's shots from TFDS's ``train[:65000]``, an order class folders do not
+    have: here they are drawn from all of ``train_root`` (uniform per class either way)."""
 
     data_paths: ClassVar[tuple[str, ...]] = ("train_root", "val_root")
 
