@@ -168,8 +168,9 @@ def fail_together(what: str) -> Iterator[None]:
     The ranks whose block raised re-raise their own error; the others raise :class:`PeerFailure`,
     naming the ranks that failed. Without this, one rank's clear error (a config check that
     only rank 0 makes, a full disk under rank 0's checkpoint) left the others waiting in the next
-    collective until the process group tore down, with a "connection closed" traceback (gloo) or
-    a hang until the timeout (NCCL). The block's exit is a barrier: one collective on every rank,
+    collective: under gloo they died with a "connection closed" traceback; under NCCL they wait
+    until the launcher kills them (torchrun does) or the collective times out (minutes, under a
+    launcher that does not). The block's exit is a barrier: one collective on every rank,
     whether it failed or not. Every rank must enter the block, and the block may hold no other
     collective than nested ``fail_together`` blocks (an error they agreed on passes through
     the outer blocks without another collective).
