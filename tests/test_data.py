@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import random
@@ -235,6 +236,20 @@ def test_long_texts_tokenize_as_the_tokenizer_does_from_a_prefix():
     assert torch.equal(ours["attention_mask"], reference["attention_mask"])
     assert max(seen) < 1_000_000  # the megabyte caption was cut
     assert 5122 in seen and 1000 in seen  # where a prefix's words are too few for the tokens kept, or it has no space
+
+
+def test_a_cut_through_an_added_token_spanning_spaces_leaves_the_kept_tokens_alone():
+    """'new york city' is one added token; a cut after 'york' makes the prefix end 'new', 'york'.
+    With one token to spare that prefix was kept and its 'new' replaced the added token."""
+    hf = copy.deepcopy(get_tokenizer("align-b7-base").hf_tokenizer)
+    hf.add_tokens(["new york city"])
+    head = ("w" + " " * 30) * 12 + "w"
+    prefix = head + " " * (511 - len(head) - len(" new york")) + " new york"  # 13 'w', 'new', 'york'; 511 chars
+    text = prefix + " city" + " and more words" * 100
+    assert text.rfind(" ", 0, 32 * 16) == len(prefix)  # the cut: right before 'city'
+    ours = Tokenizer(hf, max_length=16)(text)["input_ids"][0]
+    assert hf.convert_ids_to_tokens(ours.tolist())[-2:] == ["new york city", "[SEP]"]
+    assert torch.equal(ours, hf(text, truncation=True, max_length=16, return_tensors="pt")["input_ids"][0])
 
 
 def test_sampler_epochs_are_permutations_split_between_ranks():

