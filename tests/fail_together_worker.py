@@ -12,8 +12,11 @@ import sys
 from pathlib import Path
 
 import torch
+from PIL import Image
 
+import openalign
 from openalign.distributed import DistributedContext, all_reduce_sum, fail_together, init_distributed
+from openalign.eval.features import embed_images, eval_transform
 from openalign.train.checkpoint import Checkpointer
 
 
@@ -25,6 +28,15 @@ def scenario(ctx: DistributedContext, name: str, out_dir: Path) -> None:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
         Checkpointer(out_dir / "checkpoints", 2, ctx).save(1, model, optimizer, scheduler, torch.nn.Identity(), {},
                                                           {"position": 1 if rank == 0 else object()})
+    elif name == "an evaluation image only rank 1 reads is unreadable":  # ranks embed paths[rank::2]
+        images, folder = [], out_dir / f"images{rank}"  # each rank its own copy: no two writers of one file
+        folder.mkdir()
+        for index in range(4):
+            images.append(folder / f"{index}.png")
+            Image.new("RGB", (40, 40), (60 * index, 20, 20)).save(images[-1])
+        images[1].write_bytes(b"not an image")
+        model = openalign.create_model("align-test").eval()
+        embed_images(model, eval_transform(model), images, torch.device("cpu"), batch_size=2, show_progress=False)
     elif name == "none fails":
         with fail_together("outer"):
             with fail_together("inner"):
@@ -52,7 +64,8 @@ def main(out_dir: Path) -> None:
     results = {}
     for index, name in enumerate(["none fails", "rank 1 fails before an inner block",
                                   "rank 0 fails inside an inner block", "both fail",
-                                  "a checkpoint save fails on rank 1"]):
+                                  "a checkpoint save fails on rank 1",
+                                  "an evaluation image only rank 1 reads is unreadable"]):
         try:
             scenario(ctx, name, out_dir)
             error = None

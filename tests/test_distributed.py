@@ -127,7 +127,7 @@ def test_an_error_on_some_ranks_stops_every_rank_with_a_clear_error(tmp_path):
     pass an agreed error on without another collective, so the ranks' collectives stay paired."""
     torchrun(str(Path(__file__).parent / "fail_together_worker.py"), str(tmp_path))
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    assert [[rank[name]["paired"] for name in rank] for rank in ranks] == [[0, 2, 4, 6, 8]] * 2
+    assert [[rank[name]["paired"] for name in rank] for rank in ranks] == [[0, 2, 4, 6, 8, 10]] * 2
     errors = {name: [rank[name]["error"] for rank in ranks] for name in ranks[0]}
     assert errors == {
         "none fails": [None, None],
@@ -139,6 +139,10 @@ def test_an_error_on_some_ranks_stops_every_rank_with_a_clear_error(tmp_path):
         "a checkpoint save fails on rank 1": ["PeerFailure: saving checkpoint step_00000001 failed on rank 1 (its "
                                               "error is above); rank 0 stops too",
                                               "TypeError: Object of type object is not JSON serializable"],
+        "an evaluation image only rank 1 reads is unreadable": [
+            "PeerFailure: embedding images failed on rank 1 (its error is above); rank 0 stops too",
+            f"OpenAlignError: cannot read evaluation image '{tmp_path / 'images1' / '1.png'}': cannot identify "
+            f"image file '{tmp_path / 'images1' / '1.png'}'"],
     }
     assert not (tmp_path / "checkpoints" / "step_00000001").exists()  # never published
 

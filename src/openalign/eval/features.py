@@ -11,7 +11,7 @@ from PIL import Image
 from torch import nn
 
 from ..data.karpathy import CaptionedImage
-from ..distributed import all_ranks_agree, gather_strided_rows, world_info
+from ..distributed import all_ranks_agree, fail_together, gather_strided_rows, world_info
 from ..errors import OpenAlignError
 from ..precision import autocast
 from ..progress import progress_bar
@@ -46,7 +46,9 @@ def embed_images(model: nn.Module, transform: Transform, paths: Sequence[Path], 
         rank, world_size = world_info()
         mine = paths[rank::world_size]
         chunks = [torch.zeros(0, model.config.image_feature_dim if pre_projection else _embed_dim(model))]
-        with progress_bar(description, len(mine), enabled=show_progress and rank == 0) as advance:
+        # an image that only this rank reads may fail: every rank stops, none waits in the gather
+        with fail_together(description), \
+                progress_bar(description, len(mine), enabled=show_progress and rank == 0) as advance:
             for start in range(0, len(mine), batch_size):
                 batch = torch.stack([_load(path, transform) for path in mine[start:start + batch_size]])
                 chunks.append(encode_image_batch(model, batch, pre_projection))
@@ -81,7 +83,8 @@ def embed_texts(model: nn.Module, tokenizer: Callable[[list[str]], dict[str, tor
         rank, world_size = world_info()
         mine = texts[rank::world_size]
         chunks = [torch.zeros(0, _embed_dim(model))]
-        with progress_bar(description, len(mine), enabled=show_progress and rank == 0) as advance:
+        with fail_together(description), \
+                progress_bar(description, len(mine), enabled=show_progress and rank == 0) as advance:
             for start in range(0, len(mine), batch_size):
                 batch = mine[start:start + batch_size]
                 inputs = {k: v.to(device) for k, v in tokenizer(batch).items()}
