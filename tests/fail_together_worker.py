@@ -7,6 +7,7 @@ hang). Writes ``rank{r}.json``: per scenario, the error each rank raised and tha
 
 from __future__ import annotations
 
+import datetime
 import json
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch
 from PIL import Image
 
 import openalign
-from openalign.distributed import DistributedContext, all_reduce_sum, fail_together, init_distributed
+from openalign.distributed import DistributedContext, PeerFailure, all_reduce_sum, fail_together, init_distributed
 from openalign.eval.features import embed_images, eval_transform
 from openalign.train.checkpoint import Checkpointer
 
@@ -54,16 +55,27 @@ def scenario(ctx: DistributedContext, name: str, out_dir: Path) -> None:
                     raise ValueError("rank 0's own error")
             with fail_together("second inner"):
                 pass
+    elif name == "an agreed error raised again as another":  # as `raise ConfigError(...) from None` would
+        with fail_together("outer"):
+            try:
+                with fail_together("inner"):
+                    if rank == 1:
+                        raise ValueError("rank 1's own error")
+            except PeerFailure:  # on rank 0 only
+                raise RuntimeError("wrapped") from None
     elif name == "both fail":
         with fail_together("outer"):
             raise ValueError(f"rank {rank}'s own error")
 
 
 def main(out_dir: Path) -> None:
+    # unpaired collectives would wait for gloo's default 30 minutes: fail the test within one
+    torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     ctx = init_distributed("cpu")
     results = {}
     for index, name in enumerate(["none fails", "rank 1 fails before an inner block",
                                   "rank 0 fails inside an inner block", "both fail",
+                                  "an agreed error raised again as another",
                                   "a checkpoint save fails on rank 1",
                                   "an evaluation image only rank 1 reads is unreadable"]):
         try:

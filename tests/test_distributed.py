@@ -127,20 +127,21 @@ def test_an_error_on_some_ranks_stops_every_rank_with_a_clear_error(tmp_path):
     pass an agreed error on without another collective, so the ranks' collectives stay paired."""
     torchrun(str(Path(__file__).parent / "fail_together_worker.py"), str(tmp_path))
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    assert [[rank[name]["paired"] for name in rank] for rank in ranks] == [[0, 2, 4, 6, 8, 10]] * 2
+    assert [[rank[name]["paired"] for name in rank] for rank in ranks] == [[0, 2, 4, 6, 8, 10, 12]] * 2
     errors = {name: [rank[name]["error"] for rank in ranks] for name in ranks[0]}
     assert errors == {
         "none fails": [None, None],
-        "rank 1 fails before an inner block": ["PeerFailure: inner failed on rank 1 (its error is above); rank 0 "
-                                               "stops too", "ValueError: rank 1's own error"],
-        "rank 0 fails inside an inner block": ["ValueError: rank 0's own error", "PeerFailure: inner failed on rank 0 "
-                                               "(its error is above); rank 1 stops too"],
+        "rank 1 fails before an inner block": ["PeerFailure: rank 1 failed (its error is above); rank 0 stops too, "
+                                               "while inner", "ValueError: rank 1's own error"],
+        "rank 0 fails inside an inner block": ["ValueError: rank 0's own error", "PeerFailure: rank 0 failed (its "
+                                               "error is above); rank 1 stops too, while inner"],
         "both fail": ["ValueError: rank 0's own error", "ValueError: rank 1's own error"],
-        "a checkpoint save fails on rank 1": ["PeerFailure: saving checkpoint step_00000001 failed on rank 1 (its "
-                                              "error is above); rank 0 stops too",
+        "an agreed error raised again as another": ["RuntimeError: wrapped", "ValueError: rank 1's own error"],
+        "a checkpoint save fails on rank 1": ["PeerFailure: rank 1 failed (its error is above); rank 0 stops too, "
+                                              "while saving checkpoint step_00000001",
                                               "TypeError: Object of type object is not JSON serializable"],
         "an evaluation image only rank 1 reads is unreadable": [
-            "PeerFailure: embedding images failed on rank 1 (its error is above); rank 0 stops too",
+            "PeerFailure: rank 1 failed (its error is above); rank 0 stops too, while embedding images",
             f"OpenAlignError: cannot read evaluation image '{tmp_path / 'images1' / '1.png'}': cannot identify "
             f"image file '{tmp_path / 'images1' / '1.png'}'"],
     }
@@ -157,7 +158,7 @@ def test_a_check_that_fails_on_rank_0_only_stops_the_trainer_on_every_rank_clean
     output = " ".join((result.stdout + result.stderr).split())  # the console wraps lines
     assert result.returncode != 0
     assert "already holds a shapes dataset" in output
-    assert "error: generating the shapes dataset failed on rank 0 (its error is above); rank 1 stops too" in output
+    assert "error: rank 0 failed (its error is above); rank 1 stops too, while generating the shapes dataset" in output
     assert "[rank1]: Traceback" not in output and "Connection closed" not in output
 
 

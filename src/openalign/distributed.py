@@ -172,8 +172,9 @@ def fail_together(what: str) -> Iterator[None]:
     until the launcher kills them (torchrun does) or the collective times out (minutes, under a
     launcher that does not). The block's exit is a barrier: one collective on every rank,
     whether it failed or not. Every rank must enter the block, and the block may hold no other
-    collective than nested ``fail_together`` blocks (an error they agreed on passes through
-    the outer blocks without another collective).
+    collective than nested ``fail_together`` blocks (an error they agreed on, or one raised in
+    handling it, passes through the outer blocks without another collective). ``KeyboardInterrupt``
+    and ``SystemExit`` pass without agreement: the launcher stops the other ranks.
     """
     rank, world_size = world_info()
     if world_size == 1:
@@ -182,15 +183,26 @@ def fail_together(what: str) -> Iterator[None]:
     try:
         yield
     except Exception as error:
-        if not getattr(error, _AGREED, False):
+        if not _agreed(error):
             _failed_ranks(failed=True)
             setattr(error, _AGREED, True)
         raise
     if failed := _failed_ranks(failed=False):
-        error = PeerFailure(f"{what} failed on rank {', '.join(map(str, failed))} (its error is above); "
-                            f"rank {rank} stops too")
+        # the failed rank may have failed before this block, in its enclosing one: name no step for it
+        error = PeerFailure(f"rank {', '.join(map(str, failed))} failed (its error is above); rank {rank} stops "
+                            f"too, while {what}")
         setattr(error, _AGREED, True)
         raise error
+
+
+def _agreed(error: BaseException | None) -> bool:
+    """Whether the ranks agreed on ``error`` already, or on an error it was raised in handling
+    (``raise ConfigError(...) from None`` in an ``except`` around an inner block)."""
+    while error is not None:
+        if getattr(error, _AGREED, False):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _failed_ranks(failed: bool) -> list[int]:
