@@ -211,45 +211,94 @@ def test_tokenizer_is_bert_base_uncased_padded_to_max_length():
     assert none["input_ids"].dtype == torch.long
 
 
-def test_long_texts_tokenize_as_the_tokenizer_does_from_a_prefix():
-    """A megabyte caption is cut at a space before tokenization, with the same tokens as the whole
-    text, whatever the words, accents, CJK, punctuation and runs of spaces near the cut."""
-    tokenizer = Tokenizer(get_tokenizer("align-b7-base").hf_tokenizer, max_length=16)
-    hf = tokenizer.hf_tokenizer
+def _tokenizer_variant(kind: str):
+    """bert-base-uncased as shipped, changed, or a small tokenizer of another structure trained here."""
+    from tokenizers import Tokenizer as Backend, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if kind.startswith("bert"):
+        hf = copy.deepcopy(get_tokenizer("align-b7-base").hf_tokenizer)
+        if kind == "bert truncating on the left":
+            hf.truncation_side = "left"
+        elif kind == "bert with an added token holding a space":
+            hf.add_tokens(["new york city"])
+        return hf
+    backend = Backend(models.BPE(unk_token="[UNK]"))
+    backend.pre_tokenizer = {"byte-level BPE": pre_tokenizers.ByteLevel(add_prefix_space=False),
+                             "Metaspace with split": pre_tokenizers.Metaspace(split=True),
+                             "Metaspace without split": pre_tokenizers.Metaspace(split=False)}[kind]
+    corpus = ["a photo of a red car parked by the sea", "new york city at night", "the cat sat on the mat"] * 30
+    backend.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=200, special_tokens=["[PAD]", "[UNK]", "[CLS]",
+                                                                                           "[SEP]"]))
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", backend.token_to_id("[CLS]")),
+                                                 ("[SEP]", backend.token_to_id("[SEP]"))])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]")
+
+
+@pytest.mark.parametrize("kind, cuts", [
+    ("bert", " \t\n"), ("byte-level BPE", " \t\n"), ("Metaspace with split", " "),
+    # where a cut could change the kept tokens, texts are read whole
+    ("bert truncating on the left", ""), ("bert with an added token holding a space", ""),
+    ("Metaspace without split", ""),
+])
+def test_long_texts_are_cut_before_tokenization_only_where_the_tokens_stay_the_same(kind, cuts, monkeypatch):
+    """A caption of megabytes is cut at whitespace before tokenization, with the same tokens as
+    the whole text, whatever the words, accents, CJK, punctuation and runs of whitespace near
+    the cut; a tokenizer whose structure would let a cut change them is not cut."""
+    from openalign.data.tokenizer import whitespace_cuts
+
+    hf = _tokenizer_variant(kind)
+    assert whitespace_cuts(hf) == cuts
     rng = random.Random(0)
-    pieces = ["cat", "Café", "naïve", "東京", "!!", "x" * 120, "e\u0301", "\u200b", "--", "über", "a.b", "3.14"]
-    texts = [" ".join(rng.choice(pieces) + rng.choice(["", " ", "  ", "\n", "\t"]) for _ in range(rng.randint(50, 400)))
-             for _ in range(300)]
-    texts += ["word " * 200_000, "x" * 121 + " " + "y" * 5000, " " * 600 + "late words", "w" * 1000]
+    pieces = ["cat", "Café", "naïve", "東京", "!!", "x" * 120, "e\u0301", "\u200b", "--", "new york", "city", "3.14"]
+    texts = ["".join(rng.choice(pieces) + rng.choice(["", " ", "  ", "\n", "\t", " \n "]) for _ in range(500))
+             for _ in range(60)]
+    texts += ["new york city " * 20_000, "x" * 121 + " " + "y" * 5000, " " * 600 + "late words", "w" * 1000]
+    if kind == "bert with an added token holding a space":  # a cut inside it: "p", "##ne", ... replace it
+        hf.add_tokens(["pneumonoultramicroscopicsilicovolcanoconiosis disease"])
+        texts.append("x " * 13 + "pneumonoultramicroscopicsilicovolcanoconiosis disease" + "y" * 600)
     seen: list[int] = []
-    original = hf.__call__
+    original = type(hf).__call__
 
-    def spy(batch, **kwargs):
+    def spy(self, batch, **kwargs):
         seen.extend(len(text) for text in ([batch] if isinstance(batch, str) else batch))
-        return original(batch, **kwargs)
+        return original(self, batch, **kwargs)
 
-    tokenizer.hf_tokenizer = type("Spy", (), {"__call__": staticmethod(spy),
-                                              "num_special_tokens_to_add": hf.num_special_tokens_to_add})()
-    ours = tokenizer(texts)
+    monkeypatch.setattr(type(hf), "__call__", spy)
+    ours = Tokenizer(hf, max_length=16)(texts)
+    monkeypatch.undo()
     reference = hf(texts, padding="max_length", truncation=True, max_length=16, return_tensors="pt")
     assert torch.equal(ours["input_ids"], reference["input_ids"])
     assert torch.equal(ours["attention_mask"], reference["attention_mask"])
-    assert max(seen) < 1_000_000  # the megabyte caption was cut
-    assert 5122 in seen and 1000 in seen  # where a prefix's words are too few for the tokens kept, or it has no space
+    assert (max(seen) < 280_000) == bool(cuts)  # the long caption was cut where the tokenizer allows it
+    assert 1000 in seen  # no whitespace early on: read whole
+    if kind == "bert":
+        assert 5122 in seen  # the prefix is one [UNK] (a word over 100 characters), too few tokens: read whole
 
 
-def test_a_cut_through_an_added_token_spanning_spaces_leaves_the_kept_tokens_alone():
-    """'new york city' is one added token; a cut after 'york' makes the prefix end 'new', 'york'.
-    With one token to spare that prefix was kept and its 'new' replaced the added token."""
-    hf = copy.deepcopy(get_tokenizer("align-b7-base").hf_tokenizer)
-    hf.add_tokens(["new york city"])
-    head = ("w" + " " * 30) * 12 + "w"
-    prefix = head + " " * (511 - len(head) - len(" new york")) + " new york"  # 13 'w', 'new', 'york'; 511 chars
-    text = prefix + " city" + " and more words" * 100
-    assert text.rfind(" ", 0, 32 * 16) == len(prefix)  # the cut: right before 'city'
-    ours = Tokenizer(hf, max_length=16)(text)["input_ids"][0]
-    assert hf.convert_ids_to_tokens(ours.tolist())[-2:] == ["new york city", "[SEP]"]
-    assert torch.equal(ours, hf(text, truncation=True, max_length=16, return_tensors="pt")["input_ids"][0])
+def test_clip_bpe_cuts_long_texts_with_the_same_tokens(monkeypatch):
+    """ALIP's CLIP tokenizer (open_clip's, which splits words at any whitespace) cuts alike."""
+    from openalign.models.clip_towers import ClipTokenizer
+
+    rng = random.Random(0)
+    pieces = ["cat", "Café", "cafÃ©", "&amp;", "&lt;b&gt;", "東京", "don't", "'s", "x" * 120, "ﬁ", "\u00a0", "3.14"]
+    texts = ["".join(rng.choice(pieces) + rng.choice(["", " ", "  ", "\n", "\t"]) for _ in range(500))
+             for _ in range(40)] + ["a photo of a red car " * 20_000]
+    tokenizer = ClipTokenizer(max_length=16)
+    tokenizer(["load"])
+    simple, seen = tokenizer._tokenizer, []
+    original = type(simple).__call__
+
+    def spy(self, batch, **kwargs):
+        seen.extend(len(text) for text in batch)
+        return original(self, batch, **kwargs)
+
+    monkeypatch.setattr(type(simple), "__call__", spy)
+    ours = tokenizer(texts)["input_ids"]
+    monkeypatch.undo()
+    assert torch.equal(ours, simple(texts, context_length=16)) and max(seen) < 400_000
 
 
 def test_sampler_epochs_are_permutations_split_between_ranks():

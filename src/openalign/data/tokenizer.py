@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,7 @@ from ..errors import OpenAlignError
 
 log = logging.getLogger(__name__)
 
-# A text longer than this many characters per token of max_length is cut before tokenization (see Tokenizer)
+# A text longer than this many characters per kept token is cut before tokenization (shorten_long_text)
 LONG_TEXT_CHARS_PER_TOKEN = 32
 CUT_SPARE_TOKENS = 8
 
@@ -81,6 +81,7 @@ class Tokenizer:
     def __init__(self, hf_tokenizer: Any, max_length: int) -> None:
         self.hf_tokenizer = hf_tokenizer
         self.max_length = max_length
+        self._cuts: str | None = None  # whitespace_cuts, found at the first long text
 
     def __repr__(self) -> str:  # what identifies its output, e.g. for the embedding cache
         vocabulary = self.hf_tokenizer
@@ -97,24 +98,62 @@ class Tokenizer:
         return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
 
     def _shortened(self, text: str) -> str:
-        """``text``, or a prefix of it that tokenizes to the same first ``max_length`` tokens.
-
-        The tokenizer reads the whole text before it truncates: a caption of megabytes (web
-        alt-text has them) held a loader worker for seconds. A long text is cut at its last space
-        within ``LONG_TEXT_CHARS_PER_TOKEN × max_length`` characters: the words before a space
-        tokenize alike whatever follows it (BERT's WordPiece, byte-level BPE and SentencePiece
-        all split words at spaces first). Only the prefix's last tokens can differ from the
-        text's: spaces that end it, or an added token spanning a space at the cut ("New York").
-        So the prefix is kept only if it yields ``CUT_SPARE_TOKENS`` more tokens than truncation
-        keeps, and the result is the same; otherwise the whole text is read.
-        """
-        limit = LONG_TEXT_CHARS_PER_TOKEN * self.max_length
-        if len(text) <= limit or (cut := text.rfind(" ", 0, limit)) <= 0:
-            return text
-        prefix = text[:cut]
+        """``text``, or a prefix of it with the same first ``max_length`` tokens (see
+        :func:`shorten_long_text`), where this tokenizer's structure allows a cut (:func:`whitespace_cuts`)."""
         kept = self.max_length - self.hf_tokenizer.num_special_tokens_to_add()
-        wanted = kept + CUT_SPARE_TOKENS
-        tokens = self.hf_tokenizer(prefix, add_special_tokens=False, truncation=True, max_length=wanted)["input_ids"]
-        if len(tokens) == wanted:
-            return prefix
+        if len(text) <= LONG_TEXT_CHARS_PER_TOKEN * kept:
+            return text
+        if self._cuts is None:
+            self._cuts = whitespace_cuts(self.hf_tokenizer)
+        return shorten_long_text(text, kept, lambda prefix, most: len(self.hf_tokenizer(
+            prefix, add_special_tokens=False, truncation=True, max_length=most)["input_ids"]), self._cuts)
+
+
+def shorten_long_text(text: str, kept: int, count_tokens: Callable[[str, int], int], separators: str = " \t\n"
+                      ) -> str:
+    """``text``, or a prefix of it whose first ``kept`` tokens are the text's.
+
+    A tokenizer reads the whole text before it truncates: a caption of megabytes (web alt-text
+    has them) held a loader worker for seconds. A text longer than ``LONG_TEXT_CHARS_PER_TOKEN ×
+    kept`` characters is cut at the last of ``separators`` within that length. For a tokenizer
+    whose words never span those characters (:func:`whitespace_cuts`), the words
+    before the cut tokenize alike whatever follows it, and only the prefix's last tokens can
+    differ from the text's (the whitespace that ends it). So the prefix is kept only if it
+    yields ``CUT_SPARE_TOKENS`` more tokens than are kept (``count_tokens(prefix, most)``
+    counts up to ``most``); otherwise the whole text is read. A text without whitespace early
+    on (a base64 data URI) is read whole.
+    """
+    limit = LONG_TEXT_CHARS_PER_TOKEN * kept
+    if len(text) <= limit:
         return text
+    cut = max((text.rfind(separator, 0, limit) for separator in separators), default=-1)
+    if cut <= 0:
+        return text
+    prefix, wanted = text[:cut], kept + CUT_SPARE_TOKENS
+    return prefix if count_tokens(prefix, wanted) >= wanted else text
+
+
+def whitespace_cuts(hf_tokenizer: Any) -> str:
+    """The whitespace characters (of space, tab and line break) at which a text can be cut
+    leaving the tokens before the cut alone; empty when none can. That needs a fast tokenizer
+    that truncates on the right, no added token holding whitespace (one could span the cut), and
+    a normaliser and pre-tokenizer that keep the words of ``"ab<c>cd<c><c>ef"`` in pieces of their
+    own (whitespace may lead or end a piece): BERT's WordPiece and byte-level BPE split at all three,
+    SentencePiece's Metaspace (with ``split``) at spaces. The model then tokenizes each piece
+    alone. Slow tokenizers, and any other structure, are read whole."""
+    backend = getattr(hf_tokenizer, "backend_tokenizer", None)
+    if backend is None or backend.pre_tokenizer is None or getattr(hf_tokenizer, "truncation_side", "right") != "right":
+        return ""
+    added = getattr(hf_tokenizer, "added_tokens_decoder", {}).values()
+    if any(any(character.isspace() for character in str(getattr(token, "content", token))) for token in added):
+        return ""
+    return "".join(separator for separator in " \t\n" if _splits_at(backend, separator))
+
+
+def _splits_at(backend: Any, separator: str) -> bool:
+    probe = f"ab{separator}cd{separator}{separator}ef"
+    if backend.normalizer is not None:
+        probe = backend.normalizer.normalize_str(probe)
+    pieces = [piece for piece, _ in backend.pre_tokenizer.pre_tokenize_str(probe)]
+    words = ["".join(character for character in piece if character in "abcdef") for piece in pieces]
+    return [word for word in words if word] == ["ab", "cd", "ef"]

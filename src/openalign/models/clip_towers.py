@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ..data.tokenizer import shorten_long_text
 from ..errors import ConfigError, OpenAlignError
 from .base import ImageTowerConfig, TextTowerConfig
 
@@ -113,7 +114,11 @@ class ClipTokenizer:
     def __call__(self, texts: str | Sequence[str]) -> dict[str, torch.Tensor]:
         if self._tokenizer is None:
             self._tokenizer = _open_clip().tokenizer.SimpleTokenizer()
-        ids = self._tokenizer([texts] if isinstance(texts, str) else list(texts), context_length=self.max_length)
+        tokenizer, kept = self._tokenizer, self.max_length - 2  # [SOT] and [EOT]
+        # open_clip splits words at any whitespace: a long text is cut there first (shorten_long_text)
+        batch = [shorten_long_text(text, kept, lambda prefix, most: len(tokenizer.encode(prefix)))
+                 for text in ([texts] if isinstance(texts, str) else texts)]
+        ids = tokenizer(batch, context_length=self.max_length)
         return {"input_ids": ids, "attention_mask": (ids != 0).long()}
 
     def __getstate__(self) -> dict:
