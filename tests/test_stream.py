@@ -709,6 +709,26 @@ def test_inspect_reads_tfrecord_files_with_the_training_reasons(tmp_path, capsys
     assert list(summary["failed_shards"]) == [str(tmp_path / "part-1.tfrecord")]
 
 
+def test_shards_cut_inside_their_first_sample_count_as_failed_shards(tmp_path, monkeypatch):
+    """Such a shard yields its first sample, cut short, then fails: the guard against dead shards
+    (max_consecutive_errors in a row) must still trip after that many, not after a shuffle
+    buffer's worth of them (a round of 2,000 by default)."""
+    write_tar_shard(tmp_path / "whole.tar", [("k", {"jpg": encode("RGB", (20, 20)), "txt": b"a caption"})])
+    with tarfile.open(tmp_path / "whole.tar") as tar:
+        cut = tar.getmember("k.txt").offset + 100  # inside the caption's header
+    for index in range(60):
+        (tmp_path / f"{index}.tar").write_bytes((tmp_path / "whole.tar").read_bytes()[:cut])
+    from openalign.data import sources
+
+    opened: list[str] = []
+    monkeypatch.setattr(sources, "open_url", lambda url: opened.append(url) or open_url(url))
+    config = WebDatasetSourceConfig(urls=str(tmp_path / "{0..59}.tar"), resampled=False, open_shards=1,
+                                    shuffle_buffer=60, max_consecutive_errors=5)
+    with pytest.raises(OpenAlignError, match="5 consecutive samples or shards .* failed"):
+        next(iter(config.build(TRANSFORM, seed=0)))
+    assert len(opened) == 5  # before: all 60 of the round
+
+
 @pytest.mark.parametrize("resampled", [True, False])
 def test_shards_that_hold_nothing_stop_the_run_with_an_error_instead_of_a_silent_stall(tmp_path, resampled):
     write_tar_shard(tmp_path / "0.tar", [])

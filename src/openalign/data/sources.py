@@ -28,7 +28,7 @@ from ..config import Variants, require_at_least
 from ..distributed import fail_together, world_info
 from ..errors import ConfigError, OpenAlignError
 from .karpathy import CaptionedImage, read_karpathy
-from .quality import (CAPTION_NOT_UTF8, CUT_SHORT_SAMPLE, EMPTY_CAPTION, NO_IMAGE, REPEATED_FIELD, UNDECODABLE_RECORD,
+from .quality import (CAPTION_NOT_UTF8, CUT_SHORT, CUT_SHORT_SAMPLE, EMPTY_CAPTION, NO_IMAGE, REPEATED_FIELD, UNDECODABLE_RECORD,
                       SkipPolicy, SkipSample, caption_text, decode_pixels, open_image)
 from .shards import expand_urls, open_url, stream_samples
 from .shapes import ShapesSpec, build_shapes_dataset
@@ -54,7 +54,6 @@ def check_extra_fields(names: Iterable[str], key: str) -> None:
 
 
 REPEATED_FIELDS = "__repeated__"  # in a raw tar sample: the field that more than one member gave
-CUT_SHORT = "__cut_short__"  # in a raw tar sample: the shard is cut right after its members (TarSample.cut_short)
 
 
 @dataclass

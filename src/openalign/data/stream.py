@@ -44,7 +44,7 @@ from torch.utils.data import IterableDataset
 
 from ..distributed import world_info
 from ..errors import OpenAlignError
-from .quality import EMPTY_SHARD, TRUNCATED_SHARD, UNREADABLE_SHARD, SkipPolicy, SkipSample
+from .quality import CUT_SHORT, EMPTY_SHARD, TRUNCATED_SHARD, UNREADABLE_SHARD, SkipPolicy, SkipSample
 from .shards import ShardReadError
 from .transforms import epoch_generator, sample_generator
 
@@ -272,9 +272,14 @@ class ShardStream(ResumableStream):
             if raw is None:
                 getattr(readers.pop(slot), "close", lambda: None)()
                 fill.slots[slot] = None
-                fill.failures = fill.failures + 1 if offset == 0 else 0  # a shard that ends after samples is fine
+                # a shard that ends after samples is fine; one cut inside its first has failed all the same
+                failed = offset == 0 or (draw, slot) in fill.cut_first
+                fill.failures = fill.failures + 1 if failed else 0
                 continue
-            fill.failures = 0
+            if offset == 0 and isinstance(raw, dict) and CUT_SHORT in raw:
+                fill.cut_first.add((draw, slot))
+            else:
+                fill.failures = 0
             fill.pool.append(raw)
             fill.slots[slot] = (draw, offset + 1)
             wanted -= 1
@@ -299,13 +304,15 @@ class ShardStream(ResumableStream):
 @dataclass
 class _Round:
     """A round being read: its slots (``(draw, samples read)`` or None), the next shard draw, the
-    raw pool, the shard skips, and the failed shards in a row."""
+    raw pool, the shard skips, the failed shards in a row, and the shards whose first sample
+    was cut short (the shard ends in it: it failed, though it yielded a sample)."""
 
     slots: list[tuple[int, int] | None]
     next_draw: int
     pool: list[Any] = field(default_factory=list)
     skips: list[tuple[SkipSample, str]] = field(default_factory=list)
     failures: int = 0
+    cut_first: set[tuple[int, int]] = field(default_factory=set)  # (draw, slot): cut inside its first sample
 
 
 def _raising(skip: SkipSample) -> Iterator[Any]:
