@@ -16,6 +16,15 @@ needs_unifont = pytest.mark.skipif(not Path("/usr/share/unifont/unifont.hex").is
                                    reason="GNU Unifont is not installed (apt-get install unifont)")
 
 
+@pytest.fixture(autouse=True)
+def _fresh_skip_counts() -> None:
+    """Skip counts live per process, and a reason is logged when its count reaches a power of two:
+    each test starts from none, so what it logs does not depend on the tests before it."""
+    from openalign.data.quality import COUNTS
+
+    COUNTS.clear()
+
+
 @pytest.fixture(scope="session")
 def shapes_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small built-in dataset: 256 training and 24 test images of 32 px."""
