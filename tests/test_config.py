@@ -160,3 +160,12 @@ def test_a_recipe_file_that_is_not_utf8_is_a_config_error(tmp_path):
     (tmp_path / "recipe.yaml").write_bytes(b"\xff\xfemodel: align-tiny\n")
     with pytest.raises(ConfigError, match="is not valid YAML"):
         load_recipe(str(tmp_path / "recipe.yaml"))
+
+
+def test_every_clippo_model_resizes_as_big_vision_does():
+    """Bilinear, without antialiasing (shared spec clippo.md §4); clippo-test antialiased."""
+    clippo_models = [name for name in openalign.list_models() if name.startswith("clippo")]
+    assert len(clippo_models) >= 3
+    for name in clippo_models:
+        preprocess = openalign.model_config(name).preprocess
+        assert (preprocess.antialias, preprocess.interpolation) == ("never", "bilinear"), name
