@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -195,6 +196,9 @@ def test_tensorboard_after_a_resume_reads_as_one_run_keeping_the_checkpoint_step
         first.log(step, {"loss": float(step)})
     first.log(2, {"eval/acc1": 0.5})
     first.close()
+    # a resumed run starts later, in another process: TensorBoard orders event files by name, whose
+    # time is in seconds and whose per-process counter sorts as text (writer 10 before writer 9)
+    time.sleep(1.1)
     resumed = TrainLogger(tmp_path, enabled=True, tensorboard=True, start_step=2)
     for step in (3, 4):
         resumed.log(step, {"loss": 10.0 * step})
