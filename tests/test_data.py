@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+import openalign
 from openalign import get_tokenizer
 from openalign.data import (Collate, EpochBatchSampler, ImageTransform, ShapesSpec, Tokenizer, WebDatasetSourceConfig,
                             build_shapes_dataset, read_karpathy)
@@ -195,6 +196,27 @@ def test_grayscale_and_alpha_images_become_rgb():
     transform = ImageTransform(PreprocessConfig(image_size=8, resize_size=8), train=False)
     for mode in ("L", "RGBA", "CMYK", "P"):
         assert transform(Image.new(mode, (10, 10))).shape == (3, 8, 8)
+
+
+def test_training_reads_literal_special_tokens_in_alt_text_as_text_as_coyo_align_does(tmp_path, shapes_root,
+                                                                                       tiny_overrides, monkeypatch):
+    """COYO-ALIGN's TF-Hub BERT preprocessing reads "[SEP]" in a caption as "[", "sep", "]"; a
+    [PAD] (id 0) inside the text would be attended. AlignProcessor, at inference, reads them as
+    special tokens, and so do evaluation and the inference API."""
+    from openalign.data import loader
+    from openalign.recipe import load_recipe
+    from openalign.train import train
+
+    config = openalign.model_config("align-test")
+    assert config.build_tokenizer(train=True)("a [SEP] b [PAD]")["input_ids"][0, :10].tolist() == [
+        101, 1037, 1031, 19802, 1033, 1038, 1031, 11687, 1033, 102]
+    assert config.build_tokenizer()("a [SEP] b [PAD]")["input_ids"][0, :6].tolist() == [101, 1037, 102, 1038, 0, 102]
+    processors = []
+    original = loader.Collate.__init__
+    monkeypatch.setattr(loader.Collate, "__init__", lambda self, processor, *rest: (
+        processors.append(processor), original(self, processor, *rest))[1])
+    train(load_recipe("demo", tiny_overrides(shapes_root, tmp_path, steps=1) + ["eval.tasks=[]"]), show_progress=False)
+    assert [processor.split_special_tokens for processor in processors] == [True]
 
 
 def test_tokenizer_is_bert_base_uncased_padded_to_max_length():

@@ -76,17 +76,22 @@ class Tokenizer:
 
     Returns ``{"input_ids": LongTensor (N, max_length), "attention_mask": LongTensor (N, max_length)}``
     with [CLS] ... [SEP] and [PAD]=0, as COYO-ALIGN's ``bert_pack_inputs`` packs them.
+    ``split_special_tokens`` reads literal special tokens in a text ("[SEP]") as text, as
+    COYO-ALIGN's training does; without it they are the special tokens, as ``AlignProcessor``
+    reads them (training batches use it: ``build_tokenizer(train=True)``).
     """
 
-    def __init__(self, hf_tokenizer: Any, max_length: int) -> None:
+    def __init__(self, hf_tokenizer: Any, max_length: int, split_special_tokens: bool = False) -> None:
         self.hf_tokenizer = hf_tokenizer
         self.max_length = max_length
+        self.split_special_tokens = split_special_tokens  # literal "[SEP]" in a text: "[", "sep", "]"
         self._cuts: str | None = None  # whitespace_cuts, found at the first long text
 
     def __repr__(self) -> str:  # what identifies its output, e.g. for the embedding cache
         vocabulary = self.hf_tokenizer
         return (f"Tokenizer({vocabulary.name_or_path!r}, {type(vocabulary).__name__}, vocab_size={len(vocabulary)}, "
-                f"lowercase={getattr(vocabulary, 'do_lower_case', None)}, max_length={self.max_length})")
+                f"lowercase={getattr(vocabulary, 'do_lower_case', None)}, max_length={self.max_length}"
+                f"{', split_special_tokens=True' if self.split_special_tokens else ''})")
 
     def __call__(self, texts: str | Sequence[str]) -> dict[str, torch.Tensor]:
         batch = [texts] if isinstance(texts, str) else list(texts)
@@ -94,7 +99,8 @@ class Tokenizer:
             empty = torch.zeros(0, self.max_length, dtype=torch.long)
             return {"input_ids": empty, "attention_mask": empty.clone()}
         encoded = self.hf_tokenizer([self._shortened(text) for text in batch], padding="max_length", truncation=True,
-                                    max_length=self.max_length, return_tensors="pt", return_token_type_ids=False)
+                                    max_length=self.max_length, return_tensors="pt", return_token_type_ids=False,
+                                    split_special_tokens=self.split_special_tokens)
         return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
 
     def _shortened(self, text: str) -> str:
@@ -106,7 +112,8 @@ class Tokenizer:
         if self._cuts is None:
             self._cuts = whitespace_cuts(self.hf_tokenizer)
         return shorten_long_text(text, kept, lambda prefix, most: len(self.hf_tokenizer(
-            prefix, add_special_tokens=False, truncation=True, max_length=most)["input_ids"]), self._cuts)
+            prefix, add_special_tokens=False, truncation=True, max_length=most,
+            split_special_tokens=self.split_special_tokens)["input_ids"]), self._cuts)
 
 
 def shorten_long_text(text: str, kept: int, count_tokens: Callable[[str, int], int], separators: str = " \t\n"

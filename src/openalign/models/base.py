@@ -43,11 +43,15 @@ class TextTowerConfig(TowerConfig):
     def __post_init__(self) -> None:
         require_at_least(self, 1, "max_length")
 
-    def build_tokenizer(self) -> Callable[[list[str]], Any]:
-        """Strings → ``input_ids`` and ``attention_mask``; by default a Hugging Face tokenizer."""
+    def build_tokenizer(self, train: bool = False) -> Callable[[list[str]], Any]:
+        """Strings → ``input_ids`` and ``attention_mask``; by default a Hugging Face tokenizer. In
+        training (``train``) literal special tokens in the text (alt-text reading "[SEP]" or
+        "[PAD]") are read as text, as COYO-ALIGN's TF-Hub preprocessing reads them (spec
+        align-coyo-and-hf.md §3.6); otherwise they are the special tokens, as ``AlignProcessor``
+        reads them."""
         from ..data.tokenizer import Tokenizer, load_hf_tokenizer
 
-        return Tokenizer(load_hf_tokenizer(self.tokenizer), self.max_length)
+        return Tokenizer(load_hf_tokenizer(self.tokenizer), self.max_length, split_special_tokens=train)
 
 
 @dataclass
@@ -73,8 +77,9 @@ class ModelConfig(Variants):
         """Width of ``model.image_features(pixels)``: pooled image features before the projection."""
         raise NotImplementedError
 
-    def build_tokenizer(self) -> Callable[[list[str]], Any]:
-        """What turns a list of strings into the model's text input (token ids, rendered images...)."""
+    def build_tokenizer(self, train: bool = False) -> Callable[[list[str]], Any]:
+        """What turns a list of strings into the model's text input (token ids, rendered images...);
+        ``train``: for training batches, where they differ."""
         raise NotImplementedError
 
     def build_transform(self, train: bool) -> Callable[..., torch.Tensor]:

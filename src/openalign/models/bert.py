@@ -64,10 +64,10 @@ class BertTowerConfig(TextTowerConfig, tag="bert"):
     def output_dim(self) -> int:
         return self.hidden_size
 
-    def build_tokenizer(self) -> Callable[[list[str]], Any]:
+    def build_tokenizer(self, train: bool = False) -> Callable[[list[str]], Any]:
         """The tokenizer, checked against the embedding tables it feeds (ids or lengths past them
         would otherwise fail at the first text, deep in the embedding lookup)."""
-        tokenizer = super().build_tokenizer()
+        tokenizer = super().build_tokenizer(train)
         size = len(tokenizer.hf_tokenizer)
         if size > self.vocab_size:
             raise ConfigError(f"is {self.vocab_size}, but the tokenizer '{self.tokenizer}' has {size} tokens: use the "

@@ -83,7 +83,9 @@ class ClipTextConfig(TextTowerConfig, tag="clip_text"):
     def build(self) -> nn.Module:
         return ClipTextTower(self)
 
-    def build_tokenizer(self) -> ClipTokenizer:
+    def build_tokenizer(self, train: bool = False) -> ClipTokenizer:
+        """open_clip's tokenizer, in training too: ALIP trained with it (a literal ``<|endoftext|>``
+        in the text is the special token there)."""
         return ClipTokenizer(self.max_length)
 
 

@@ -62,7 +62,7 @@ class ClippoConfig(ModelConfig, tag="one_tower"):
     def build(self) -> Clippo:
         return Clippo(self)
 
-    def build_tokenizer(self) -> RenderedText:
+    def build_tokenizer(self, train: bool = False) -> RenderedText:
         render = self.render
         return RenderedText(TextRenderer(self.preprocess.image_size, render.font_size, render.lower,
                                          render.text_brightness, render.background_brightness, render.max_chars,

@@ -88,8 +88,8 @@ class DualEncoderConfig(ModelConfig, tag="dual_encoder"):
     def build(self) -> DualEncoder:
         return DualEncoder(self)
 
-    def build_tokenizer(self) -> Callable[[list[str]], dict[str, torch.Tensor]]:
-        return self.text.build_tokenizer()
+    def build_tokenizer(self, train: bool = False) -> Callable[[list[str]], dict[str, torch.Tensor]]:
+        return self.text.build_tokenizer(train)
 
     def build_transform(self, train: bool) -> ImageTransform:
         return ImageTransform(self.preprocess, train)

@@ -296,7 +296,7 @@ def _build_loader(recipe: Recipe, per_rank: int, ctx: DistributedContext, start:
                   saved: dict[str, Any] | None) -> tuple[torch.utils.data.DataLoader, DataMonitor]:
     """The rank's loader, resumed at ``start``; streams continue from the ``saved`` positions of
     their readers when the run has as many ranks and workers as the one that saved them."""
-    text_processor = recipe.model.build_tokenizer()
+    text_processor = recipe.model.build_tokenizer(train=True)
     data = recipe.data
     dataset = data.train.build(recipe.model.build_transform(train=True), recipe.train.seed, start, text_processor,
                                data.strict)
