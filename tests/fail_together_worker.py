@@ -62,7 +62,17 @@ def scenario(ctx: DistributedContext, name: str, out_dir: Path) -> None:
                     if rank == 1:
                         raise ValueError("rank 1's own error")
             except PeerFailure:  # on rank 0 only
-                raise RuntimeError("wrapped") from None
+                raise RuntimeError("wrapped") from LookupError("another cause")
+    elif name == "a clean-up block after an agreed error fails on the other rank":
+        with fail_together("outer"):
+            try:
+                with fail_together("inner"):
+                    if rank == 0:
+                        raise ValueError("rank 0's own error")
+            finally:
+                with fail_together("clean-up"):  # entered after the agreement: agreed on afresh
+                    if rank == 1:
+                        raise OSError("rank 1's clean-up error")
     elif name == "both fail":
         with fail_together("outer"):
             raise ValueError(f"rank {rank}'s own error")
@@ -76,6 +86,7 @@ def main(out_dir: Path) -> None:
     for index, name in enumerate(["none fails", "rank 1 fails before an inner block",
                                   "rank 0 fails inside an inner block", "both fail",
                                   "an agreed error raised again as another",
+                                  "a clean-up block after an agreed error fails on the other rank",
                                   "a checkpoint save fails on rank 1",
                                   "an evaluation image only rank 1 reads is unreadable"]):
         try:

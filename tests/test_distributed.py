@@ -127,7 +127,7 @@ def test_an_error_on_some_ranks_stops_every_rank_with_a_clear_error(tmp_path):
     pass an agreed error on without another collective, so the ranks' collectives stay paired."""
     torchrun(str(Path(__file__).parent / "fail_together_worker.py"), str(tmp_path))
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    assert [[rank[name]["paired"] for name in rank] for rank in ranks] == [[0, 2, 4, 6, 8, 10, 12]] * 2
+    assert [[rank[name]["paired"] for name in rank] for rank in ranks] == [[0, 2, 4, 6, 8, 10, 12, 14]] * 2
     errors = {name: [rank[name]["error"] for rank in ranks] for name in ranks[0]}
     assert errors == {
         "none fails": [None, None],
@@ -137,6 +137,9 @@ def test_an_error_on_some_ranks_stops_every_rank_with_a_clear_error(tmp_path):
                                                "error is above); rank 1 stops too, while inner"],
         "both fail": ["ValueError: rank 0's own error", "ValueError: rank 1's own error"],
         "an agreed error raised again as another": ["RuntimeError: wrapped", "ValueError: rank 1's own error"],
+        "a clean-up block after an agreed error fails on the other rank": [
+            "PeerFailure: rank 1 failed (its error is above); rank 0 stops too, while clean-up",
+            "OSError: rank 1's clean-up error"],
         "a checkpoint save fails on rank 1": ["PeerFailure: rank 1 failed (its error is above); rank 0 stops too, "
                                               "while saving checkpoint step_00000001",
                                               "TypeError: Object of type object is not JSON serializable"],

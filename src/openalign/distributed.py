@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import warnings
 from collections.abc import Iterator
@@ -158,7 +159,9 @@ class PeerFailure(OpenAlignError):
     """What the other ranks raise when a :func:`fail_together` block failed on some ranks."""
 
 
-_AGREED = "_openalign_ranks_agreed"  # marks an error every rank already knows of
+_AGREED = "_openalign_agreement"  # on an error every rank knows of: the number of the agreement
+_agreements = itertools.count(1)  # this process's agreements on failures, numbered in order
+_latest_agreement = 0
 
 
 @contextmanager
@@ -172,36 +175,52 @@ def fail_together(what: str) -> Iterator[None]:
     until the launcher kills them (torchrun does) or the collective times out (minutes, under a
     launcher that does not). The block's exit is a barrier: one collective on every rank,
     whether it failed or not. Every rank must enter the block, and the block may hold no other
-    collective than nested ``fail_together`` blocks (an error they agreed on, or one raised in
-    handling it, passes through the outer blocks without another collective). ``KeyboardInterrupt``
-    and ``SystemExit`` pass without agreement: the launcher stops the other ranks.
+    collective than nested ``fail_together`` blocks. An error the ranks agreed on inside the
+    block, or one raised in handling it (``raise ConfigError(...) from None`` in an ``except``
+    around an inner block), passes through without another collective; an error of a block
+    entered after that agreement (a clean-up in a ``finally``) is agreed on afresh.
+    ``KeyboardInterrupt`` and ``SystemExit`` pass without agreement: the launcher stops the
+    other ranks.
     """
     rank, world_size = world_info()
     if world_size == 1:
         yield
         return
+    entered = _latest_agreement
     try:
         yield
     except Exception as error:
-        if not _agreed(error):
+        if not _agreed_since(error, entered):
             _failed_ranks(failed=True)
-            setattr(error, _AGREED, True)
+            _mark_agreed(error)
         raise
     if failed := _failed_ranks(failed=False):
         # the failed rank may have failed before this block, in its enclosing one: name no step for it
-        error = PeerFailure(f"rank {', '.join(map(str, failed))} failed (its error is above); rank {rank} stops "
-                            f"too, while {what}")
-        setattr(error, _AGREED, True)
+        which = f"rank {failed[0]} failed (its error is above)" if len(failed) == 1 else \
+            f"ranks {', '.join(map(str, failed))} failed (their errors are above)"
+        error = PeerFailure(f"{which}; rank {rank} stops too, while {what}")
+        _mark_agreed(error)
         raise error
 
 
-def _agreed(error: BaseException | None) -> bool:
-    """Whether the ranks agreed on ``error`` already, or on an error it was raised in handling
-    (``raise ConfigError(...) from None`` in an ``except`` around an inner block)."""
-    while error is not None:
-        if getattr(error, _AGREED, False):
+def _mark_agreed(error: BaseException) -> None:
+    global _latest_agreement
+    _latest_agreement = next(_agreements)
+    setattr(error, _AGREED, _latest_agreement)
+
+
+def _agreed_since(error: BaseException, entered: int) -> bool:
+    """Whether the ranks agreed, after the block was ``entered``, on ``error`` or on an error it
+    was raised in handling (its cause or context, and theirs)."""
+    pending, seen = [error], set()
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if getattr(current, _AGREED, 0) > entered:
             return True
-        error = error.__cause__ or error.__context__
+        pending += [current.__cause__, current.__context__]
     return False
 
 
