@@ -116,8 +116,8 @@ class Tokenizer:
             split_special_tokens=self.split_special_tokens)["input_ids"]), self._cuts)
 
 
-def shorten_long_text(text: str, kept: int, count_tokens: Callable[[str, int], int], separators: str = " \t\n"
-                      ) -> str:
+def shorten_long_text(text: str, kept: int, count_tokens: Callable[[str, int], int], separators: str = " \t\n",
+                      cuts_at: Callable[[str, int], bool] | None = None) -> str:
     """``text``, or a prefix of it whose first ``kept`` tokens are the text's.
 
     A tokenizer reads the whole text before it truncates: a caption of megabytes (web alt-text
@@ -128,22 +128,34 @@ def shorten_long_text(text: str, kept: int, count_tokens: Callable[[str, int], i
     differ from the text's (the whitespace that ends it). So the prefix is kept only if it
     yields ``CUT_SPARE_TOKENS`` more tokens than are kept (``count_tokens(prefix, most)``
     counts up to ``most``); otherwise the whole text is read. A text without whitespace early
-    on (a base64 data URI) is read whole.
+    on (a base64 data URI) is read whole. ``cuts_at(text, cut)``, where given, may refuse a cut
+    (a cleaner that reads a whole line at once: :func:`ftfy_reads_the_prefix_alike`).
     """
     limit = LONG_TEXT_CHARS_PER_TOKEN * kept
     if len(text) <= limit:
         return text
     cut = max((text.rfind(separator, 0, limit) for separator in separators), default=-1)
-    if cut <= 0:
+    if cut <= 0 or (cuts_at is not None and not cuts_at(text, cut)):
         return text
     prefix, wanted = text[:cut], kept + CUT_SPARE_TOKENS
     return prefix if count_tokens(prefix, wanted) >= wanted else text
 
 
+def ftfy_reads_the_prefix_alike(text: str, cut: int) -> bool:
+    """Whether ftfy (open_clip's cleaning) fixes ``text[:cut]`` as it fixes the same characters
+    of ``text``. ftfy decides per line: any ``<`` in a line turns its HTML unescaping off, and
+    mojibake repair weighs the whole line. So the cut must end a line, or the rest of its line
+    must be ASCII without ``<``."""
+    end = text.find("\n", cut)
+    rest = text[cut:end if end >= 0 else len(text)]
+    return text[cut] == "\n" or (rest.isascii() and "<" not in rest)
+
+
 def whitespace_cuts(hf_tokenizer: Any) -> str:
     """The whitespace characters (of space, tab and line break) at which a text can be cut
     leaving the tokens before the cut alone; empty when none can. That needs a fast tokenizer
-    that truncates on the right, no added token holding whitespace (one could span the cut), and
+    that truncates on the right, no added token holding whitespace or stripping it beside it (one
+    could span the cut), and
     a normaliser and pre-tokenizer that keep the words of ``"ab<c>cd<c><c>ef"`` in pieces of their
     own (whitespace may lead or end a piece): BERT's WordPiece and byte-level BPE split at all three,
     SentencePiece's Metaspace (with ``split``) at spaces. The model then tokenizes each piece
@@ -152,8 +164,9 @@ def whitespace_cuts(hf_tokenizer: Any) -> str:
     if backend is None or backend.pre_tokenizer is None or getattr(hf_tokenizer, "truncation_side", "right") != "right":
         return ""
     added = getattr(hf_tokenizer, "added_tokens_decoder", {}).values()
-    if any(any(character.isspace() for character in str(getattr(token, "content", token))) for token in added):
-        return ""
+    if any(any(character.isspace() for character in str(getattr(token, "content", token))) or
+           getattr(token, "lstrip", False) or getattr(token, "rstrip", False) for token in added):
+        return ""  # a token holding whitespace, or taking the whitespace beside it (RoBERTa's <mask>)
     return "".join(separator for separator in " \t\n" if _splits_at(backend, separator))
 
 

@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..data.tokenizer import shorten_long_text
+from ..data.tokenizer import ftfy_reads_the_prefix_alike, shorten_long_text
 from ..errors import ConfigError, OpenAlignError
 from .base import ImageTowerConfig, TextTowerConfig
 
@@ -84,7 +84,7 @@ class ClipTextConfig(TextTowerConfig, tag="clip_text"):
         return ClipTextTower(self)
 
     def build_tokenizer(self, train: bool = False) -> ClipTokenizer:
-        """open_clip's tokenizer, in training too: ALIP trained with it (a literal ``<|endoftext|>``
+        """open_clip's tokenizer, in training too: ALIP trained with it (a literal ``<end_of_text>``
         in the text is the special token there)."""
         return ClipTokenizer(self.max_length)
 
@@ -117,8 +117,10 @@ class ClipTokenizer:
         if self._tokenizer is None:
             self._tokenizer = _open_clip().tokenizer.SimpleTokenizer()
         tokenizer, kept = self._tokenizer, self.max_length - 2  # [SOT] and [EOT]
-        # open_clip splits words at any whitespace: a long text is cut there first (shorten_long_text)
-        batch = [shorten_long_text(text, kept, lambda prefix, most: len(tokenizer.encode(prefix)))
+        # open_clip splits words at any whitespace: a long text is cut there first (shorten_long_text),
+        # where its ftfy cleaning reads the prefix as it reads the text
+        batch = [shorten_long_text(text, kept, lambda prefix, most: len(tokenizer.encode(prefix)),
+                                   cuts_at=ftfy_reads_the_prefix_alike)
                  for text in ([texts] if isinstance(texts, str) else texts)]
         ids = tokenizer(batch, context_length=self.max_length)
         return {"input_ids": ids, "attention_mask": (ids != 0).long()}
