@@ -106,7 +106,7 @@ def openalign_loader(pattern: str, model: str, batch_size: int, workers: int) ->
     from openalign.factory import model_config
 
     config = model_config(model)
-    tokenizer = config.build_tokenizer()
+    tokenizer = config.build_tokenizer(train=True)  # as the trainer builds it
     dataset = WebDatasetSourceConfig(urls=pattern).build(config.build_transform(train=True), seed=0,
                                                          text_processor=tokenizer)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, drop_last=True,
