@@ -132,7 +132,7 @@ def shorten_long_text(text: str, kept: int, count_tokens: Callable[[str, int], i
     (a cleaner that reads a whole line at once: :func:`ftfy_reads_the_prefix_alike`).
     """
     limit = LONG_TEXT_CHARS_PER_TOKEN * kept
-    if len(text) <= limit:
+    if kept < 1 or len(text) <= limit:
         return text
     cut = max((text.rfind(separator, 0, limit) for separator in separators), default=-1)
     if cut <= 0 or (cuts_at is not None and not cuts_at(text, cut)):
@@ -154,12 +154,12 @@ def ftfy_reads_the_prefix_alike(text: str, cut: int) -> bool:
 def whitespace_cuts(hf_tokenizer: Any) -> str:
     """The whitespace characters (of space, tab and line break) at which a text can be cut
     leaving the tokens before the cut alone; empty when none can. That needs a fast tokenizer
-    that truncates on the right, no added token holding whitespace or stripping it beside it (one
-    could span the cut), and
-    a normaliser and pre-tokenizer that keep the words of ``"ab<c>cd<c><c>ef"`` in pieces of their
-    own (whitespace may lead or end a piece): BERT's WordPiece and byte-level BPE split at all three,
-    SentencePiece's Metaspace (with ``split``) at spaces. The model then tokenizes each piece
-    alone. Slow tokenizers, and any other structure, are read whole."""
+    that truncates on the right, no added token holding whitespace or stripping the whitespace
+    beside it (it could span the cut), and a normaliser and pre-tokenizer that keep the words of
+    ``"ab<c>cd<c><c>ef"`` in pieces of their own (whitespace may lead or end a piece): BERT's
+    WordPiece and byte-level BPE split at all three, SentencePiece's Metaspace (with ``split``)
+    at spaces. The model then tokenizes each piece alone. Slow tokenizers, and any other
+    structure, are read whole."""
     backend = getattr(hf_tokenizer, "backend_tokenizer", None)
     if backend is None or backend.pre_tokenizer is None or getattr(hf_tokenizer, "truncation_side", "right") != "right":
         return ""
