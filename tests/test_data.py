@@ -280,7 +280,8 @@ def test_long_texts_are_cut_before_tokenization_only_where_the_tokens_stay_the_s
     hf = _tokenizer_variant(kind)
     assert whitespace_cuts(hf) == cuts
     rng = random.Random(0)
-    pieces = ["cat", "Café", "naïve", "東京", "!!", "x" * 120, "e\u0301", "\u200b", "--", "new york", "city", "3.14"]
+    pieces = ["cat", "Café", "naïve", "東京", "!!", "x" * 120, "e\u0301", "\u200b", "--", "new york", "city",
+              "3.14"]
     texts = ["".join(rng.choice(pieces) + rng.choice(["", " ", "  ", "\n", "\t", " \n "]) for _ in range(500))
              for _ in range(60)]
     texts += ["new york city " * 20_000, "x" * 121 + " " + "y" * 5000, " " * 600 + "late words", "w" * 1000]
@@ -313,8 +314,8 @@ def test_clip_bpe_cuts_long_texts_with_the_same_tokens(monkeypatch):
     from openalign.models.clip_towers import ClipTokenizer
 
     rng = random.Random(0)
-    pieces = ["cat", "Café", "cafÃ©", "â€œquotedâ€", "&amp;", "&amp;amp;amp;", "&EACUTE;cole", "&lt;b&gt;", "<b>",
-              "東京", "don't", "'s", "x" * 120, "ﬁ", "\u00a0", "3.14", "<end_of_text>"]
+    pieces = ["cat", "Café", "cafÃ©", "â€œquotedâ€", "&amp;", "&amp;amp;amp;", "&EACUTE;cole", "&lt;b&gt;",
+              "<b>", "東京", "don't", "'s", "x" * 120, "ﬁ", "\u00a0", "3.14", "<end_of_text>"]
     texts = ["".join(rng.choice(pieces) + rng.choice(["", " ", "  ", "\t", *(["\n"] * several_lines)])
                      for _ in range(500))
              for _ in range(40) for several_lines in (False, True)]  # ftfy decides per line: half are one line

@@ -28,8 +28,8 @@ from ..config import Variants, require_at_least
 from ..distributed import fail_together, world_info
 from ..errors import ConfigError, OpenAlignError
 from .karpathy import CaptionedImage, read_karpathy
-from .quality import (CAPTION_NOT_UTF8, CUT_SHORT, CUT_SHORT_SAMPLE, EMPTY_CAPTION, NO_IMAGE, REPEATED_FIELD, UNDECODABLE_RECORD,
-                      SkipPolicy, SkipSample, caption_text, decode_pixels, open_image)
+from .quality import (CAPTION_NOT_UTF8, CUT_SHORT, CUT_SHORT_SAMPLE, EMPTY_CAPTION, NO_IMAGE, REPEATED_FIELD,
+                      UNDECODABLE_RECORD, SkipPolicy, SkipSample, caption_text, decode_pixels, open_image)
 from .shards import expand_urls, open_url, stream_samples
 from .shapes import ShapesSpec, build_shapes_dataset
 from .stream import ResumableStream, ShardStream
