@@ -9,11 +9,12 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	# the versions the README's numbers were taken with (constraints.txt): a fresh install repeats them
+	$(BIN)/python -m pip install --quiet -e ".[test]" -c constraints.txt
 	# CLIP_benchmark's own metrics are the tests' reference; its package pins open_clip & co., so no deps
 	$(BIN)/python -m pip install --quiet --no-deps clip-benchmark==1.6.2
 	touch $(STAMP)
