@@ -98,15 +98,15 @@ class Tokenizer:
         if not batch:
             empty = torch.zeros(0, self.max_length, dtype=torch.long)
             return {"input_ids": empty, "attention_mask": empty.clone()}
-        encoded = self.hf_tokenizer([self._shortened(text) for text in batch], padding="max_length", truncation=True,
-                                    max_length=self.max_length, return_tensors="pt", return_token_type_ids=False,
+        kept = self.max_length - self.hf_tokenizer.num_special_tokens_to_add()  # the text's tokens truncation keeps
+        encoded = self.hf_tokenizer([self._shortened(text, kept) for text in batch], padding="max_length",
+                                    truncation=True, max_length=self.max_length, return_tensors="pt", return_token_type_ids=False,
                                     split_special_tokens=self.split_special_tokens)
         return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
 
-    def _shortened(self, text: str) -> str:
-        """``text``, or a prefix of it with the same first ``max_length`` tokens (see
+    def _shortened(self, text: str, kept: int) -> str:
+        """``text``, or a prefix of it with the same first ``kept`` tokens (see
         :func:`shorten_long_text`), where this tokenizer's structure allows a cut (:func:`whitespace_cuts`)."""
-        kept = self.max_length - self.hf_tokenizer.num_special_tokens_to_add()
         if len(text) <= LONG_TEXT_CHARS_PER_TOKEN * kept:
             return text
         if self._cuts is None:
