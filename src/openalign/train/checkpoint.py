@@ -115,11 +115,12 @@ class Checkpointer:
         final = self.directory / f"step_{step:08d}"
         staging = self.directory / f".step_{step:08d}.tmp"
         # each phase ends in a barrier at which a rank's error (a full disk) stops every rank
-        with fail_together(f"saving checkpoint {final.name}"):
+        what = f"saving checkpoint {final.name}"
+        with fail_together(what):
             if self.ctx.is_main:
                 shutil.rmtree(staging, ignore_errors=True)
                 staging.mkdir(parents=True)
-        with fail_together(f"saving checkpoint {final.name}"):
+        with fail_together(what):
             torch.save(_rng_state(), staging / f"rng_rank{self.ctx.rank}.pt")
             if data_state is not None:
                 (staging / f"data_rank{self.ctx.rank}.json").write_text(json.dumps(data_state))
@@ -129,7 +130,7 @@ class Checkpointer:
                 (staging / CONFIG_FILE).write_text(yaml.safe_dump(recipe, sort_keys=False))
                 torch.save({"step": step, "world_size": self.ctx.world_size, "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict(), "loss": loss_fn.state_dict()}, staging / STATE_FILE)
-        with fail_together(f"saving checkpoint {final.name}"):
+        with fail_together(what):
             if self.ctx.is_main:
                 self._publish(staging, final)
         return final
