@@ -111,6 +111,7 @@ def test_recipe_overrides_reach_the_model_and_are_validated():
     # model settings that would fail deep in torch or transformers, or train at chance
     ("model.temperature_init=1e-40", "'model.temperature_init' must be at least 0.0001, got 1e-40"),
     ("model.temperature_init=0", "'model.temperature_init' must be at least 0.0001, got 0"),
+    ("model.temperature_init=1e30", "'model.temperature_init' must be at most 100, got 1e\\+30"),
     ("model.embed_dim=0", "'model.embed_dim' must be at least 1, got 0"),
     ("model.text.max_length=0", "'model.text.max_length' must be at least 1, got 0"),
     ("model.text.num_attention_heads=3", "'model.text.hidden_size' is 128, which num_attention_heads 3 does not"),

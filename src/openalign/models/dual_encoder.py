@@ -18,6 +18,7 @@ from .base import ImageTowerConfig, ModelConfig, TextTowerConfig
 
 
 MIN_TEMPERATURE = 1e-4  # logit scale 1e4: beyond it half precision overflows (65504 at a cosine of 1)
+MAX_TEMPERATURE = 100.0  # logit scale 0.01: logits within ±0.01, a softmax all but uniform at every pair
 
 
 @dataclass
@@ -30,7 +31,8 @@ class DualEncoderConfig(ModelConfig, tag="dual_encoder"):
     (logits = cosine / τ); ``max_logit_scale`` caps 1/τ (CLIP, ALIP: 100) in the logits and, after
     every training step, in the parameter; ``min_logit_scale`` floors the parameter after every
     step (open_clip and ALIP clamp ``logit_scale`` to [0, ln 100]: a multiplier of at least 1).
-    ``temperature_init`` is at least ``MIN_TEMPERATURE`` (1e-4; the papers start at 0.07 or 1).
+    ``temperature_init`` is within ``MIN_TEMPERATURE`` and ``MAX_TEMPERATURE`` (1e-4 and 100; the
+    papers start at 0.07 or 1).
 
     ``text_fields`` are the batch fields the one text tower embeds, each into ``<field>_emb``:
     ``[text]`` for ALIGN, ``[text, caption]`` for ALIP's bi-path model (raw text and synthetic
@@ -65,6 +67,12 @@ class DualEncoderConfig(ModelConfig, tag="dual_encoder"):
             raise ConfigError(f"must be at least {MIN_TEMPERATURE:g}, got {self.temperature_init:g}: logits are "
                               "cosine / temperature, and a smaller one overflows half precision (and, below "
                               "3e-39, float32) and saturates the softmax", "temperature_init")
+        if not self.temperature_init <= MAX_TEMPERATURE:
+            raise ConfigError(f"must be at most {MAX_TEMPERATURE:g}, got {self.temperature_init:g}: logits are "
+                              "cosine / temperature, so a larger one leaves every logit within "
+                              f"±{1 / MAX_TEMPERATURE:g}, a softmax near uniform and gradients near zero; the "
+                              "papers start at 1 (ALIGN) or 0.07 (CLIP's logit scale 14.3 is its inverse)",
+                              "temperature_init")
         if self.max_logit_scale is not None and self.max_logit_scale < 1 / self.temperature_init:
             raise ConfigError(f"must be at least 1 / temperature_init ({1 / self.temperature_init:g}), or null",
                               "max_logit_scale")
