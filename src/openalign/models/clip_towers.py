@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..data.tokenizer import ftfy_reads_the_prefix_alike, shorten_long_text
+from ..data.tokenizer import PUNCTUATION_CUTS, open_clip_reads_the_prefix_alike, shorten_long_text
 from ..errors import ConfigError, OpenAlignError
 from .base import ImageTowerConfig, TextTowerConfig
 
@@ -117,10 +117,10 @@ class ClipTokenizer:
         if self._tokenizer is None:
             self._tokenizer = _open_clip().tokenizer.SimpleTokenizer()
         tokenizer, kept = self._tokenizer, self.max_length - 2  # [SOT] and [EOT]
-        # open_clip splits words at any whitespace: a long text is cut there first (shorten_long_text),
-        # where its ftfy cleaning reads the prefix as it reads the text
+        # open_clip splits words at any whitespace and punctuation: a long text is cut there first
+        # (shorten_long_text), where it reads the prefix as it reads the text
         batch = [shorten_long_text(text, kept, lambda prefix, most: len(tokenizer.encode(prefix)),
-                                   cuts_at=ftfy_reads_the_prefix_alike)
+                                   separators=" \t\n" + PUNCTUATION_CUTS, cuts_at=open_clip_reads_the_prefix_alike)
                  for text in ([texts] if isinstance(texts, str) else texts)]
         ids = tokenizer(batch, context_length=self.max_length)
         return {"input_ids": ids, "attention_mask": (ids != 0).long()}
