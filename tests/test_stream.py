@@ -10,10 +10,12 @@ import tarfile
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import openalign
 from conftest import train_until_preempted, write_members, write_tar_shard
 from openalign import get_tokenizer
 from openalign.data import ImageTransform, WebDatasetSourceConfig
@@ -444,15 +446,14 @@ def test_shard_urls_are_expanded_into_what_opens(tmp_path, monkeypatch):
 
 
 def test_jpeg_draft_mode_decodes_large_images_faster_and_changes_only_resampling_noise():
-    import numpy as np
-
     rng = np.random.default_rng(0)
     smooth = torch.nn.functional.interpolate(torch.from_numpy(rng.random((1, 3, 12, 16))).float(), size=(768, 1024),
                                              mode="bicubic", align_corners=False)
     pixels = (smooth.clamp(0, 1)[0].permute(1, 2, 0).numpy() * 255).astype("uint8")
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="JPEG", quality=92)
-    transform = ImageTransform(PreprocessConfig(image_size=289, resize_size=346, random_flip=False), train=True)
+    transform = ImageTransform(PreprocessConfig(image_size=289, resize_size=346, random_flip=False,
+                                                antialias="always"), train=True)
     drafted = Image.open(io.BytesIO(buffer.getvalue()))
     full = Image.open(io.BytesIO(buffer.getvalue()))
     full.load()  # decoded already: draft mode no longer applies
@@ -464,6 +465,25 @@ def test_jpeg_draft_mode_decodes_large_images_faster_and_changes_only_resampling
     untouched = Image.open(io.BytesIO(buffer.getvalue()))
     evaluation(untouched)
     assert untouched.size == (1024, 768)  # evaluation decodes in full, as AlignProcessor does
+
+
+@pytest.mark.parametrize("model, jpeg_draft, drafts", [
+    ("align-test", None, False), ("clippo-test", None, False), ("alip-vit-b32", None, True),
+    ("align-test", True, True), ("alip-vit-b32", False, False)])
+def test_jpeg_draft_mode_is_used_by_default_only_before_a_resize_that_antialiases(model, jpeg_draft, drafts):
+    """Scaled decoding averages pixels: before ALIGN's and CLIPPO's training resize, which do not
+    antialias, it would blur what their reference training aliases (a 1024 × 768 JPEG of noise:
+    a mean change of 22 grey levels), so they decode in full unless ``jpeg_draft`` says otherwise."""
+    import dataclasses
+
+    preprocess = openalign.model_config(model).preprocess
+    preprocess = dataclasses.replace(preprocess, jpeg_draft=jpeg_draft)
+    buffer = io.BytesIO()
+    side = 4 * preprocess.resize_size
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    image = Image.open(io.BytesIO(buffer.getvalue()))
+    ImageTransform(preprocess, train=True)(image, torch.Generator().manual_seed(0), encoded=buffer.getvalue())
+    assert (image.size != (side, side)) == drafts
 
 
 def test_a_table_row_whose_image_is_corrupt_is_skipped_and_counted(tmp_path):
@@ -580,8 +600,6 @@ def test_saved_positions_apply_only_to_the_same_readers_and_the_same_shards(tmp_
 
 @pytest.mark.parametrize("mode", ["RGB", "L"])
 def test_decoding_jpeg_bytes_with_torchvision_gives_pils_pixels_bit_for_bit(mode, monkeypatch):
-    import numpy as np
-
     rng = np.random.default_rng(1)
     shape = (300, 420, 3) if mode == "RGB" else (300, 420)
     buffer = io.BytesIO()

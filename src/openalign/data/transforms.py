@@ -46,6 +46,10 @@ class PreprocessConfig:
     ``antialias``: where a shrinking resize antialiases. ``eval`` (ALIGN): COYO-ALIGN trained on
     ``tf.image.resize``, which does not, and ``AlignProcessor`` evaluates with torchvision's,
     which does; ``never`` (CLIPPO: big_vision's ``resize``); ``always`` (ALIP: DALI and PIL).
+    ``jpeg_draft``: whether training decodes a large JPEG at a reduced scale (:class:`ImageTransform`);
+    by default (null) only where training's resize antialiases. Scaled decoding averages pixels,
+    so before a resize that does not antialias (ALIGN's ``tf.image.resize``, CLIPPO's) it would
+    blur what the reference training aliases: set ``true`` there to trade that for decoding speed.
     """
 
     image_size: int = 289
@@ -60,6 +64,7 @@ class PreprocessConfig:
     random_area: tuple[float, float] | None = None
     random_aspect: tuple[float, float] = (3 / 4, 4 / 3)
     train_interpolation: Literal["nearest", "bilinear", "bicubic"] | None = None
+    jpeg_draft: bool | None = None
 
     def __post_init__(self) -> None:
         require_at_least(self, 1, "image_size")
@@ -98,10 +103,11 @@ class ImageTransform:
     ``x * (1 / (255 std)) - mean / std`` (ALIGN: ``x / 127.5 - 1``). Training randomness comes
     from ``generator``, so a sample's augmentation can be replayed exactly on resume.
 
-    In training, a JPEG at least twice the resize in both sides is decoded at a reduced scale
-    (PIL's draft mode: libjpeg's scaled IDCT by 1/2, 1/4 or 1/8, never below the resize), which
-    changes pixels by resampling noise only and saves most of the decoding time of large web
-    images. Evaluation decodes in full, exactly as ``AlignProcessor`` does.
+    In training with ``jpeg_draft`` (by default where the resize antialiases: ALIP), a JPEG at
+    least twice the resize in both sides is decoded at a reduced scale (PIL's draft mode:
+    libjpeg's scaled IDCT by 1/2, 1/4 or 1/8, never below the resize), which before an
+    antialiasing resize changes pixels by resampling noise only and saves most of the decoding
+    time of large web images. Evaluation decodes in full, exactly as ``AlignProcessor`` does.
     """
 
     def __init__(self, config: PreprocessConfig, train: bool) -> None:
@@ -113,6 +119,7 @@ class ImageTransform:
         self.antialias = config.antialias == "always" or (config.antialias == "eval" and not train)
         self.interpolation = _INTERPOLATION[(config.train_interpolation if train else None) or config.interpolation]
         self.draft_size = _draft_size(config)
+        self.draft = train and (self.antialias if config.jpeg_draft is None else config.jpeg_draft)
 
     def __call__(self, image: Image.Image | np.ndarray | torch.Tensor, generator: torch.Generator | None = None,
                  encoded: bytes | None = None) -> torch.Tensor:
@@ -127,7 +134,7 @@ class ImageTransform:
         if self._torchvision_decodes(image, encoded):
             pixels = _jpeg_decoder()(encoded)
         else:
-            if self.train and getattr(image, "format", None) == "JPEG":
+            if self.draft and getattr(image, "format", None) == "JPEG":
                 image.draft(image.mode, (self.draft_size, self.draft_size))  # a no-op once decoded or small
             image = to_rgb(image)
             pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
@@ -160,7 +167,7 @@ class ImageTransform:
         if _jpeg_decoder() is None:
             return False
         size = self.draft_size  # draft mode shrinks by 2 or more when both sides allow it
-        return not (self.train and min(image.size[0] // size, image.size[1] // size) >= 2)
+        return not (self.draft and min(image.size[0] // size, image.size[1] // size) >= 2)
 
 
 @functools.cache
