@@ -164,9 +164,15 @@ def test_a_recipe_file_that_is_not_utf8_is_a_config_error(tmp_path):
 
 
 def test_every_clippo_model_resizes_as_big_vision_does():
-    """Bilinear, without antialiasing (shared spec clippo.md §4); clippo-test antialiased."""
+    """Bilinear, without antialiasing (shared spec clippo.md §4), in every registered CLIPPO model
+    and in one configured in code without a ``preprocess`` (clippo-test and the code default
+    antialiased)."""
+    from openalign.models.clippo import ClippoConfig
+
     clippo_models = [name for name in openalign.list_models() if name.startswith("clippo")]
     assert len(clippo_models) >= 3
     for name in clippo_models:
         preprocess = openalign.model_config(name).preprocess
         assert (preprocess.antialias, preprocess.interpolation) == ("never", "bilinear"), name
+    preprocess = ClippoConfig(encoder=openalign.model_config("clippo-b16").encoder).preprocess
+    assert (preprocess.antialias, preprocess.interpolation) == ("never", "bilinear")

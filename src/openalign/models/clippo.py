@@ -45,7 +45,7 @@ class ClippoConfig(ModelConfig, tag="one_tower"):
     logit_scale_init: float = 10.0
     render: RenderConfig = field(default_factory=RenderConfig)
     preprocess: PreprocessConfig = field(default_factory=lambda: PreprocessConfig(
-        image_size=224, resize_size=224, random_flip=False))
+        image_size=224, resize_size=224, random_flip=False, antialias="never"))  # big_vision's resize (spec §4)
 
     def __post_init__(self) -> None:
         if self.logit_scale_init <= 0:
