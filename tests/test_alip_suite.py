@@ -144,6 +144,14 @@ def test_alip_suite_lists_the_eleven_zeroshot_tasks_with_resolvable_lists_and_th
         assert preprocess == ({**expected, "center_crop": None} if key == "imagenet1k" else None), name
 
 
+def test_the_recipes_imagenet_zeroshot_during_training_is_the_suites():
+    from openalign.recipe import load_recipe
+
+    suite = load_suite("alip")
+    (during_training,) = load_recipe("alip-vit-b32-yfcc15m").eval.tasks
+    assert during_training == suite.tasks[suite.names.index("imagenet")]
+
+
 def test_index_named_folders_take_the_shipped_names_in_label_order():
     names = read_lines_or_json("flowers_classnames", "class names")
     folders = sorted(f"{index:03d}" for index in range(102))
