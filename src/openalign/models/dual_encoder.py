@@ -107,10 +107,11 @@ class DualEncoder(nn.Module):
     """ALIGN (shared spec align-coyo-and-hf.md §1.3, §6.2).
 
     The temperature is stored as its logarithm (``log_temperature``), so τ = exp(log τ) is
-    positive whatever the optimiser does. The trainer gives it neither weight decay nor a LAMB
-    trust ratio, so each step moves log τ by about ±lr: the multiplicative τ ← τ(1 ∓ lr) update
-    that tfa LAMB's trust ratio gives COYO-ALIGN's scalar τ (spec §1.3). Hugging Face's
-    ``temperature`` is ``exp(log_temperature)``.
+    positive whatever the optimiser does. The trainer gives it no LAMB trust ratio and, unless
+    ``weight_decay_scope: all`` (ALIP), no weight decay, so each step moves log τ by at most about
+    lr: the multiplicative τ ← τ(1 ∓ lr) update that tfa LAMB's trust ratio gives COYO-ALIGN's
+    scalar τ (spec §1.3) where the gradient's sign holds from step to step, smaller where it
+    flips (Adam's update is then below 1). Hugging Face's ``temperature`` is ``exp(log_temperature)``.
     """
 
     def __init__(self, config: DualEncoderConfig) -> None:
