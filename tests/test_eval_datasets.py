@@ -178,6 +178,39 @@ def test_eval_commands_write_clip_benchmark_records(model, folders, shapes_root,
     assert "expected class subfolders" in " ".join(capsys.readouterr().err.split())
 
 
+def test_evaluation_runs_at_the_precision_the_suite_or_the_command_line_asks(model, shapes_root, tmp_path,
+                                                                            monkeypatch):
+    """ALIP's paper evaluates in fp32 (spec alip.md §6.1), so its suite says so; ``--precision``
+    overrides a suite's and sets a task's (``auto``: bf16 autocast on GPU only)."""
+    import yaml
+
+    from openalign.eval import features
+    from openalign.eval.suite import load_suite
+    from openalign.precision import autocast_dtype
+
+    seen: list[torch.dtype | None] = []
+    original = features.autocast
+    monkeypatch.setattr(features, "autocast", lambda device, *rest: (
+        seen.append(autocast_dtype(device, *rest)), original(device, *rest))[1])
+    model_dir = model.save_pretrained(tmp_path / "model")
+    suite = {"precision": "bf16", "examples": False,
+             "tasks": [{"task": "retrieval", "json": str(shapes_root / "dataset_shapes.json")}]}
+    (tmp_path / "suite.yaml").write_text(yaml.safe_dump(suite))
+    expected = {None: None, "bf16": torch.bfloat16, "fp32": None, "auto": None}  # on this CPU
+    for flag in (None, "fp32"):
+        seen.clear()
+        assert main(["eval", "suite", str(tmp_path / "suite.yaml"), "--model", str(model_dir),
+                     "--out", str(tmp_path / "results"), *(["--precision", flag] if flag else [])]) == 0
+        assert seen and set(seen) == {expected[flag or "bf16"]}, flag
+    for flag in (None, "bf16"):
+        seen.clear()
+        assert main(["eval", "shapes", "--model", str(model_dir), "--root", str(shapes_root),
+                     *(["--precision", flag] if flag else [])]) == 0
+        assert seen and set(seen) == {expected[flag]}, flag
+    assert load_suite("alip").precision == "fp32"
+    assert {load_suite(name).precision for name in ("align", "clippo")} == {"auto"}
+
+
 def test_recipes_list_the_new_tasks_and_validate_them():
     from openalign.errors import ConfigError
     from openalign.recipe import load_recipe

@@ -15,6 +15,7 @@ import yaml
 from rich.logging import RichHandler
 
 from .errors import OpenAlignError
+from .precision import PRECISIONS, precision_scope
 from .progress import console
 
 log = logging.getLogger("openalign")
@@ -83,7 +84,8 @@ def _cmd_eval(args: argparse.Namespace) -> None:
             Path(args.val).resolve().parent.name
     output = _output_file(args.output) if args.output else None  # checked before the work
     model, _, _ = _inference_model(args, optimize=not task.fine_tunes)
-    metrics = task.run(model, next(model.parameters()).device, args.batch_size)
+    with precision_scope(args.precision):
+        metrics = task.run(model, next(model.parameters()).device, args.batch_size)
     record = make_record(dataset, model.config.name, str(args.model), args.task, metrics)
     print(json.dumps(record, indent=2))
     if output:
@@ -112,8 +114,9 @@ def _cmd_eval_examples(args: argparse.Namespace) -> None:
 
     out = _output_file(args.out, (".png", ".jpg", ".jpeg", ".pdf", ".svg"))
     model, _, _ = _inference_model(args)
-    rows = retrieval_examples(model, args.json, next(model.parameters()).device, out, args.split,
-                              args.image_root, args.queries, args.k, args.seed)
+    with precision_scope(args.precision):
+        rows = retrieval_examples(model, args.json, next(model.parameters()).device, out, args.split,
+                                  args.image_root, args.queries, args.k, args.seed)
     hits = sum(truth in found for _, found, truth in rows)
     print(f"wrote {out}: {len(rows)} captions, {hits} with their image in the top {args.k}")
 
@@ -123,7 +126,8 @@ def _cmd_eval_suite(args: argparse.Namespace) -> None:
 
     suite = load_suite(args.suite)
     model, _, _ = _inference_model(args, optimize=not any(task.fine_tunes for task in suite.tasks))
-    for record in run_suite(suite, model, str(args.model), args.out, next(model.parameters()).device):
+    for record in run_suite(suite, model, str(args.model), args.out, next(model.parameters()).device,
+                            precision=args.precision):
         print(json.dumps(record))
     print(f"results in {args.out}; merge them with: openalign eval report {args.out}")
 
@@ -328,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="evaluate a model (CLIP_benchmark's metrics and result schema)")
     tasks = evaluate.add_subparsers(dest="task", required=True, metavar="TASK")
+    precision_help = "auto (default): bf16 autocast on GPU, fp32 on CPU; bf16 or fp32 anywhere"
     shapes = tasks.add_parser("shapes", help="retrieval, zero-shot and 1-NN on the built-in shapes dataset")
     shapes.add_argument("--root", default="runs/demo/data", help="the shapes dataset directory")
     retrieval = tasks.add_parser("retrieval", help="image-text retrieval R@1/5/10 on a Karpathy-split JSON")
@@ -378,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
         task.add_argument("--batch-size", type=_at_least(1), default=32 if task is pairs else 256,
                           help="the fine-tuning (and scoring) batch" if task is pairs else None)
         task.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+        task.add_argument("--precision", default="auto", choices=PRECISIONS, help=precision_help)
         task.add_argument("--output", help="also write the result JSON here")
         if task is not pairs:  # fine-tuning changes the weights: nothing to cache
             task.add_argument("--cache-dir", help="reuse image embeddings across runs (keyed by weights, "
@@ -393,12 +399,15 @@ def build_parser() -> argparse.ArgumentParser:
     examples.add_argument("--seed", type=int, default=0)
     examples.add_argument("--out", default="retrieval_examples.png")
     examples.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    examples.add_argument("--precision", default="auto", choices=PRECISIONS, help=precision_help)
     examples.set_defaults(func=_cmd_eval_examples)
     suite = tasks.add_parser("suite", help="run a list of tasks from a suite file (shipped: align, alip, clippo)")
     suite.add_argument("suite", help="a shipped suite name or a suite YAML file")
     suite.add_argument("--model", "--checkpoint", dest="model", required=True)
     suite.add_argument("--out", required=True, help="directory for one result JSON per task")
     suite.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    suite.add_argument("--precision", choices=PRECISIONS, help="as for a task; default: the suite's "
+                                                              "(shipped: fp32 for alip, as the paper; auto otherwise)")
     suite.add_argument("--cache-dir", help="reuse image embeddings across runs (keyed by weights, preprocessing, files)")
     suite.set_defaults(func=_cmd_eval_suite)
     report = tasks.add_parser("report", help="merge result JSON files into a markdown table and a CSV, "

@@ -5,8 +5,12 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Iterator
+from typing import Literal
 
 import torch
+
+Precision = Literal["auto", "bf16", "fp32"]
+PRECISIONS: tuple[str, ...] = ("auto", "bf16", "fp32")
 
 _PRECISION: contextvars.ContextVar[str] = contextvars.ContextVar("openalign_precision", default="auto")
 

@@ -17,6 +17,7 @@ from typing import Literal
 from .config import apply_overrides, from_dict, load_yaml, parse_override, require_at_least
 from .data import SourceConfig
 from .errors import ConfigError
+from .precision import Precision
 from .eval.tasks import EvalTaskConfig
 from .losses import ContrastiveLossConfig, LossConfig
 from .models import ModelConfig
@@ -76,7 +77,7 @@ class TrainConfig:
     init_from: str | None = None
     weight_decay_scope: Literal["default", "all"] = "default"
     grad_clip: float | None = None
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    precision: Precision = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool = False
     accum_steps: int = 1

@@ -36,6 +36,7 @@ from ..config import from_dict, load_yaml
 from ..distributed import world_info
 from ..errors import OpenAlignError
 from ..files import read_json
+from ..precision import Precision, precision_scope
 from ..registry import find_config
 from . import cache
 from .tasks import EvalTaskConfig
@@ -51,12 +52,15 @@ EXAMPLES_SUFFIX = "_examples.png"
 @dataclass
 class SuiteConfig:
     """A named list of evaluation tasks; ``names`` (optional) labels each task's result file.
-    With ``examples``, tasks that can draw their results (retrieval) also write ``<name>_examples.png``."""
+    With ``examples``, tasks that can draw their results (retrieval) also write ``<name>_examples.png``.
+    ``precision``: the model's (``auto``: bf16 autocast on GPU, fp32 on CPU); a paper that
+    evaluates in fp32 (ALIP) says ``fp32``."""
 
     tasks: list[EvalTaskConfig]
     names: list[str] = field(default_factory=list)
     batch_size: int = 256
     examples: bool = True
+    precision: Precision = "auto"
 
 
 def load_suite(name_or_path: str | Path) -> SuiteConfig:
@@ -70,13 +74,14 @@ def load_suite(name_or_path: str | Path) -> SuiteConfig:
 
 
 def run_suite(suite: SuiteConfig, model: nn.Module, pretrained: str, output_dir: str | Path, device: torch.device,
-              show_progress: bool = True) -> list[dict[str, Any]]:
-    """Run every task, writing one record per task to ``output_dir``; returns the records."""
+              show_progress: bool = True, precision: Precision | None = None) -> list[dict[str, Any]]:
+    """Run every task at ``precision`` (default: the suite's), writing one record per task to
+    ``output_dir``; returns the records."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     names = suite.names or [f"{index:02d}-{task.name}" for index, task in enumerate(suite.tasks)]
     records = []
-    with _embedding_cache():  # the examples reuse the task's embeddings
+    with _embedding_cache(), precision_scope(precision or suite.precision):  # the examples reuse the embeddings
         for name, task in zip(names, suite.tasks):
             log.info("suite task %s (%s)", name, task.name)
             metrics = task.run(model, device, suite.batch_size, show_progress)
