@@ -59,17 +59,24 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str,
     """Load ``state`` into ``model`` strictly; the error lists the first offending keys of each
     kind, as ``name`` spells them (the file's own names, where it names them otherwise)."""
     expected = model.state_dict()
-    missing = [name(k) for k in expected if k not in state]
-    unexpected = [name(k) for k in state if k not in expected]
-    misshapen = [f"{name(k)} {tuple(state[k].shape)} (model: {tuple(expected[k].shape)})"
-                 for k in expected if k in state and state[k].shape != expected[k].shape]
+    check_fits({k: tuple(v.shape) for k, v in state.items()}, {k: tuple(v.shape) for k, v in expected.items()},
+               f"{source} does not fit this model", name)
+    model.load_state_dict(state)
+
+
+def check_fits(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], problem: str,
+               name: Callable[[str], str] = lambda key: key) -> None:
+    """Raise "``problem`` (missing: ...; unexpected: ...; wrong shape: ...)" unless the weights
+    ``found`` (name → shape) are exactly those ``expected``, listing the first offending names
+    of each kind as ``name`` spells them."""
+    missing = [name(k) for k in expected if k not in found]
+    unexpected = [name(k) for k in found if k not in expected]
+    misshapen = [f"{name(k)} {found[k]} (model: {expected[k]})" for k in expected if k in found and found[k] != expected[k]]
     if missing or unexpected or misshapen:
         problems = [f"{label}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
                     for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshapen))
                     if keys]
-        raise OpenAlignError(f"{source} does not fit this model ({'; '.join(problems)}): "
-                             "was it trained with another architecture?")
-    model.load_state_dict(state)
+        raise OpenAlignError(f"{problem} ({'; '.join(problems)}): was it trained with another architecture?")
 
 
 def complete_checkpoints(directory: Path) -> list[Path]:
