@@ -284,7 +284,8 @@ def _cmd_search(args: argparse.Namespace) -> None:
 def _cmd_convert(args: argparse.Namespace) -> None:
     from .pretrained import convert
 
-    print(f"wrote {convert(args.source, args.destination, args.to, args.overwrite)} ({args.to} format)")
+    print(f"wrote {convert(args.source, args.destination, args.to, args.overwrite, args.architecture)} "
+          f"({args.to} format)")
 
 
 def _at_least(minimum: int) -> Callable[[str], int]:
@@ -449,6 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("destination", help="the directory to write")
     convert.add_argument("--to", required=True, choices=("hf", "openalign"), help="the format to write")
     convert.add_argument("--overwrite", action="store_true", help="replace a model already in the destination")
+    convert.add_argument("--architecture", metavar="MODEL",
+                         help="for a weights file released without a config: the architecture it holds, e.g. "
+                              "alip-vit-b32 for ALIP's ALIP_YFCC15M_B32.pt, clippo-b16 for CLIPPO's .npz files")
     convert.set_defaults(func=_cmd_convert)
 
     search = commands.add_parser("search", help="the images of an index closest to a text query")

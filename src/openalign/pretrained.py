@@ -7,7 +7,9 @@
   checkpoint);
 - a Hugging Face ``AlignModel`` directory (``config.json``, ``model.safetensors`` or
   ``pytorch_model.bin``, tokenizer and preprocessor files);
-- a hub id such as ``kakaobrain/align-base``, fetched with ``huggingface_hub`` into its cache.
+- a hub id such as ``kakaobrain/align-base``, fetched with ``huggingface_hub`` into its cache;
+- a weights file released by a paper's own code, with the ``architecture`` it holds
+  (:mod:`openalign.external`: ALIP's open_clip state dict, CLIPPO's big_vision ``.npz``).
 
 Weights are read with safetensors, or ``torch.load(weights_only=True)`` for ``.bin`` files:
 no pickled code runs and no ``trust_remote_code``.
@@ -42,15 +44,21 @@ _HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model"]
 _MODEL_FILES = (CONFIG_FILE, HF_CONFIG_FILE, WEIGHTS_FILE, "pytorch_model.bin", "model.safetensors.index.json")
 
 
-def load_pretrained(name_or_path: str | Path, device: str | torch.device = "cpu"
+def load_pretrained(name_or_path: str | Path, device: str | torch.device = "cpu", architecture: str | None = None
                     ) -> tuple[nn.Module, ImageTransform, Tokenizer]:
     """``(model, preprocess, tokenizer)`` of a trained model, the model in eval mode on ``device``
     (``"auto"``: a GPU when one is visible).
 
     ``preprocess`` maps a PIL image to the model's input tensor (eval transform); ``tokenizer``
-    maps a string or a list of strings to ``input_ids`` and ``attention_mask``.
+    maps a string or a list of strings to ``input_ids`` and ``attention_mask``. ``architecture``
+    (a registered model name or config file) is for a weights file without a config: ALIP's
+    ``ALIP_YFCC15M_B32.pt`` is ``alip-vit-b32``, CLIPPO's ``clippo_b16_yfcc100m.npz`` ``clippo-b16``.
     """
     device = resolve_device(device)
+    file = Path(name_or_path).expanduser()
+    if architecture is not None or file.is_file():
+        model = _load_weights_file(file, architecture)
+        return model.to(device).eval(), model.config.build_transform(train=False), model.config.build_tokenizer()
     path = resolve(name_or_path)
     if _is_hf_directory(path):
         from .hf import load_hf_directory
@@ -81,6 +89,22 @@ def load_pretrained_weights(model: nn.Module, name_or_path: str | Path) -> None:
         load_weights(model, checkpoint_directory(path) / WEIGHTS_FILE)
 
 
+def _load_weights_file(path: Path, architecture: str | None) -> nn.Module:
+    from .external import load_external_weights
+    from .factory import create_model
+
+    if not path.is_file():
+        raise OpenAlignError(f"'{path}' is not a file: an architecture is named for a weights file (a directory or "
+                             "hub id names its own)")
+    if architecture is None:
+        raise OpenAlignError(f"'{path}' is a weights file without a config: name the architecture it holds, e.g. "
+                             f"load_pretrained('{path}', architecture='alip-vit-b32') or 'openalign convert {path} "
+                             "DIR --architecture alip-vit-b32' (see 'openalign models')")
+    model = create_model(architecture)
+    load_external_weights(model, path)
+    return model
+
+
 def _is_hf_directory(path: Path) -> bool:
     """A Hugging Face ``AlignModel`` directory: a ``config.json`` and no openalign ``config.yaml``."""
     return (path / HF_CONFIG_FILE).is_file() and not (path / CONFIG_FILE).is_file()
@@ -94,7 +118,8 @@ def resolve(name_or_path: str | Path) -> Path:
     text = str(name_or_path)
     if path.exists():
         raise OpenAlignError(f"'{text}' is a file; expected a model directory (an openalign model or checkpoint "
-                             "directory, or a Hugging Face AlignModel directory) or a hub id")
+                             "directory, or a Hugging Face AlignModel directory) or a hub id, or, for a weights "
+                             "file, the architecture it holds")
     if not _HUB_ID.match(text):
         raise OpenAlignError(f"'{text}' is neither a directory nor a Hugging Face hub id like 'kakaobrain/align-base'")
     try:
@@ -165,9 +190,10 @@ def _save_openalign_directory(model: nn.Module, directory: Path) -> None:
     save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(directory / WEIGHTS_FILE))
 
 
-def convert(source: str | Path, destination: str | Path, to: str, overwrite: bool = False) -> Path:
-    """Load ``source`` (any form :func:`load_pretrained` takes) and write it in format ``to`` to
-    ``destination``, which must be another directory."""
+def convert(source: str | Path, destination: str | Path, to: str, overwrite: bool = False,
+            architecture: str | None = None) -> Path:
+    """Load ``source`` (any form :func:`load_pretrained` takes, a weights file with its
+    ``architecture``) and write it in format ``to`` to ``destination``, which must be another directory."""
     origin, target = Path(source).expanduser().resolve(), Path(destination).expanduser().resolve()
     if origin.is_dir() and target == origin:
         raise OpenAlignError(f"'{destination}' is the source directory: convert into a new one (writing there would "
@@ -175,7 +201,7 @@ def convert(source: str | Path, destination: str | Path, to: str, overwrite: boo
     if origin.is_dir() and target.is_relative_to(origin) and any((target / name).is_file() for name in _MODEL_FILES):
         raise OpenAlignError(f"'{destination}' holds a model inside the source '{source}' (a checkpoint of the run, "
                              "say): convert into a new directory rather than replace it")
-    model, _, _ = load_pretrained(source)
+    model, _, _ = load_pretrained(source, architecture=architecture)
     return save_pretrained(model, destination, format=to, overwrite=overwrite)
 
 

@@ -1,0 +1,112 @@
+"""Weights released by the papers' own code: ALIP's open_clip state dict and CLIPPO's big_vision
+.npz load into openalign models with the original code's outputs. The references are open_clip's
+own CLIP model and an independent numpy forward of big_vision's CLIPPO (tests/big_vision_reference.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+import big_vision_reference as big_vision
+import openalign
+from openalign.cli import main
+from openalign.errors import OpenAlignError
+
+
+def _open_clip_model(layers: int = 2) -> torch.nn.Module:
+    """open_clip's CLIP at alip-tiny's sizes (GELU, as ALIP), every weight randomised so that
+    a transposed or swapped tensor shows."""
+    import open_clip
+
+    torch.manual_seed(0)
+    model = open_clip.model.CLIP(
+        embed_dim=128, vision_cfg=open_clip.model.CLIPVisionCfg(layers=layers, width=128, head_width=32,
+                                                                image_size=48, patch_size=8),
+        text_cfg=open_clip.model.CLIPTextCfg(context_length=32, vocab_size=49408, width=128, heads=4, layers=2))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+        model.logit_scale.fill_(3.1)
+    return model.eval()
+
+
+def test_alips_released_open_clip_weights_load_with_open_clips_outputs(tmp_path):
+    """ALIP_YFCC15M_B32.pt is a DDP state dict of open_clip's ViT-B/32 CLIP (spec alip.md §8.20);
+    the same layout at alip-tiny's sizes gives open_clip's embeddings and logit scale, directly
+    and after ``openalign convert --architecture``."""
+    import open_clip
+
+    reference = _open_clip_model()
+    checkpoint = tmp_path / "ALIP_tiny.pt"
+    torch.save({"epoch": 32, "state_dict": {f"module.{k}": v for k, v in reference.state_dict().items()}}, checkpoint)
+    pixels = torch.randn(3, 3, 48, 48)
+    texts = ["a photo of a red car", "two dogs on a beach at sunset", ""]
+    with torch.no_grad():
+        expected_images = reference.encode_image(pixels, normalize=True)
+        expected_texts = reference.encode_text(open_clip.tokenize(texts, context_length=32), normalize=True)
+
+    model, _, tokenizer = openalign.load_pretrained(checkpoint, architecture="alip-tiny")
+    assert main(["convert", str(checkpoint), str(tmp_path / "converted"), "--to", "openalign",
+                 "--architecture", "alip-tiny"]) == 0
+    converted, _, _ = openalign.load_pretrained(tmp_path / "converted")
+    for loaded in (model, converted):
+        with torch.no_grad():
+            images, text = loaded.encode_image(pixels), loaded.encode_text(**tokenizer(texts))
+        torch.testing.assert_close(images, expected_images, atol=1e-5, rtol=0)
+        torch.testing.assert_close(text, expected_texts, atol=1e-5, rtol=0)
+        assert loaded.logit_scale.item() == pytest.approx(np.exp(3.1), rel=1e-6)
+
+
+def test_clippos_released_big_vision_weights_load_with_big_visions_outputs(tmp_path):
+    """A big_vision CLIPPO checkpoint (params/img/..., params/t, and optimiser state) at
+    clippo-test's sizes gives the embeddings and scale of a numpy forward written from
+    big_vision's code."""
+    params = big_vision.make_params(width=32, depth=2, heads=2, mlp_dim=64, patch=8, image_size=32, embed_dim=16)
+    big_vision.save_npz(params, tmp_path / "clippo_tiny.npz")
+    config = openalign.model_config("clippo-test")
+    config = dataclasses.replace(config, encoder=dataclasses.replace(config.encoder, patch_size=8, depth=2,
+                                                                     mlp_ratio=2.0))
+    from openalign.external import load_external_weights
+
+    only_params = {k.removeprefix("params/"): v for k, v in params.items() if k.startswith("params/")}
+    big_vision.save_npz(only_params, tmp_path / "params_only.npz")  # a file of the parameters alone
+    images = np.random.default_rng(1).uniform(-1, 1, (3, 32, 32, 3)).astype(np.float32)
+    for file in ("clippo_tiny.npz", "params_only.npz"):
+        model = openalign.create_model(config).eval()
+        load_external_weights(model, tmp_path / file)
+        with torch.no_grad():
+            ours = model.encode_image(torch.from_numpy(images).permute(0, 3, 1, 2))
+        np.testing.assert_allclose(ours.numpy(), big_vision.forward(params, images), atol=2e-6, rtol=0)
+        assert model.logit_scale.item() == pytest.approx(big_vision.logit_scale(params), rel=1e-6)
+    big_vision.save_npz({**params, "params/txt/Embed_0/embedding": np.zeros((4, 32), np.float32)},
+                        tmp_path / "two_towers.npz")  # LiT's layout: a text tower CLIPPO does not have
+    with pytest.raises(OpenAlignError, match="unexpected: txt/Embed_0/embedding"):
+        load_external_weights(openalign.create_model(config), tmp_path / "two_towers.npz")
+
+
+def test_released_weights_that_do_not_fit_get_errors_naming_them(tmp_path):
+    torch.save(_open_clip_model(layers=3).state_dict(), tmp_path / "deeper.pt")
+    with pytest.raises(OpenAlignError, match=r"open_clip weights .* does not fit this model \(unexpected: "
+                                             r"visual\.transformer\.resblocks\.2\."):
+        openalign.load_pretrained(tmp_path / "deeper.pt", architecture="alip-tiny")
+    with pytest.raises(OpenAlignError, match="loads into a model with open_clip towers .* not into 'align-test'"):
+        openalign.load_pretrained(tmp_path / "deeper.pt", architecture="align-test")
+    with pytest.raises(OpenAlignError, match="is a weights file without a config: name the architecture"):
+        openalign.load_pretrained(tmp_path / "deeper.pt")
+
+    params = big_vision.make_params(width=32, depth=2, heads=2, mlp_dim=64, patch=16, image_size=32, embed_dim=16)
+    big_vision.save_npz(params, tmp_path / "clippo.npz")
+    with pytest.raises(OpenAlignError, match=r"do not fit 'clippo-test' \(unexpected: Transformer/encoderblock_1/"):
+        openalign.load_pretrained(tmp_path / "clippo.npz", architecture="clippo-test")  # one block, not two
+    with pytest.raises(OpenAlignError, match="loads into a CLIPPO model with a ViT encoder"):
+        openalign.load_pretrained(tmp_path / "clippo.npz", architecture="align-test")
+    whole = (tmp_path / "clippo.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(whole[:5000])
+    middle = len(whole) // 2
+    (tmp_path / "flipped.npz").write_bytes(whole[:middle] + bytes([whole[middle] ^ 0xFF]) + whole[middle + 1:])
+    for broken in ("cut.npz", "flipped.npz"):
+        with pytest.raises(OpenAlignError, match="is not a readable .npz file"):
+            openalign.load_pretrained(tmp_path / broken, architecture="clippo-test")
