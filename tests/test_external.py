@@ -110,3 +110,41 @@ def test_released_weights_that_do_not_fit_get_errors_naming_them(tmp_path):
     for broken in ("cut.npz", "flipped.npz"):
         with pytest.raises(OpenAlignError, match="is not a readable .npz file"):
             openalign.load_pretrained(tmp_path / broken, architecture="clippo-test")
+
+
+def test_clippo_b16_expects_the_parameter_tree_of_the_released_checkpoints():
+    """The shapes of spec clippo.md §2.2 (measured on big_vision's model), written out here."""
+    from openalign.external import _check_big_vision_fits
+
+    attention = {**{f"{n}/kernel": (768, 12, 64) for n in ("query", "key", "value")},
+                 **{f"{n}/bias": (12, 64) for n in ("query", "key", "value")},
+                 "out/kernel": (12, 64, 768), "out/bias": (768,)}
+    mlp = {"Dense_0/kernel": (768, 3072), "Dense_0/bias": (3072,), "Dense_1/kernel": (3072, 768), "Dense_1/bias": (768,)}
+    shapes = {"embedding/kernel": (16, 16, 3, 768), "embedding/bias": (768,), "pos_embedding": (1, 196, 768),
+              "Transformer/encoder_norm/scale": (768,), "Transformer/encoder_norm/bias": (768,),
+              "MAPHead_0/probe": (1, 1, 768), "MAPHead_0/LayerNorm_0/scale": (768,),
+              "MAPHead_0/LayerNorm_0/bias": (768,), "head/kernel": (768, 768), "head/bias": (768,), "t": (1,)}
+    shapes |= {f"MAPHead_0/MultiHeadDotProductAttention_0/{k}": v for k, v in attention.items()}
+    shapes |= {f"MAPHead_0/MlpBlock_0/{k}": v for k, v in mlp.items()}
+    for block in range(12):
+        prefix = f"Transformer/encoderblock_{block}/"
+        shapes |= {f"{prefix}LayerNorm_{i}/{p}": (768,) for i in (0, 1) for p in ("scale", "bias")}
+        shapes |= {f"{prefix}MultiHeadDotProductAttention_0/{k}": v for k, v in attention.items()}
+        shapes |= {f"{prefix}MlpBlock_0/{k}": v for k, v in mlp.items()}
+    model = openalign.create_model("clippo-b16")
+    assert sum(int(np.prod(shape)) for shape in shapes.values()) == 93_474_817  # the spec's count
+    _check_big_vision_fits(model, shapes, "clippo_b16_yfcc100m.npz")  # no error
+    with pytest.raises(OpenAlignError, match=r"wrong shape: pos_embedding \(1, 197, 768\)"):
+        _check_big_vision_fits(model, {**shapes, "pos_embedding": (1, 197, 768)}, "with_a_class_token.npz")
+
+
+def test_alip_vit_b32_takes_the_weights_of_open_clips_vit_b32_by_name_and_shape():
+    """ALIP's file loads strictly into ALIP's create_model("ViT-B/32") (spec alip.md §8.20), whose
+    weights are open_clip's ViT-B-32's: every one maps onto alip-vit-b32's at its shape."""
+    import open_clip
+
+    from openalign.external import _from_open_clip
+
+    theirs = {_from_open_clip(k): tuple(v.shape) for k, v in open_clip.create_model("ViT-B-32").state_dict().items()}
+    ours = {k: tuple(v.shape) for k, v in openalign.create_model("alip-vit-b32").state_dict().items()}
+    assert theirs == ours
