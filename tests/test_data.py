@@ -329,6 +329,11 @@ def test_clip_bpe_cuts_long_texts_with_the_same_tokens(monkeypatch):
     data_uri = "data:image/png;base64," + base64.b64encode(random.Random(1).randbytes(300_000)).decode()
     texts += ["a photo of a red car " * 20_000, "&amp;amp;amp; " * 20 + "w " * 300 + "<b>", data_uri,
               "ab" + "/" * 3000 + "cd"]
+    # mojibake split by a cut (ftfy repairs the line only if the whole line decodes): "år 2019 été" as
+    # Windows-1252, then a lossy "Ã?" or "Ã " at the cut (the last separator within 32 × 14 characters)
+    for split in ("Ã?", "Ã "):
+        head = "Ã¥r 2019 Ã©tÃ© " + ("photo of a red car " * 30)[:32 * 14 - 15 - 5].rstrip() + "x"
+        texts.append(head + split + "b" * 500 + " more text")
     tokenizer = ClipTokenizer(max_length=16)
     tokenizer(["load"])
     simple, seen = tokenizer._tokenizer, []

@@ -147,10 +147,12 @@ def ftfy_reads_the_prefix_alike(text: str, cut: int) -> bool:
     """Whether ftfy (open_clip's cleaning) fixes ``text[:cut]`` as it fixes the same characters
     of ``text``. ftfy decides per line: any ``<`` in a line turns its HTML unescaping off, and
     mojibake repair weighs the whole line. So the cut must end a line, or the rest of its line
-    must be ASCII without ``<``."""
+    must be ASCII without ``<`` and the 4 characters before the cut ASCII too: a UTF-8
+    sequence read as Windows-1252 (``Ã?``, ``Ã `` for "à") spans at most 4 characters, and one
+    the cut split would no longer decode, which turns the repair of the whole line off."""
     end = text.find("\n", cut)
     rest = text[cut:end if end >= 0 else len(text)]
-    return text[cut] == "\n" or (rest.isascii() and "<" not in rest)
+    return text[cut] == "\n" or (rest.isascii() and "<" not in rest and text[max(0, cut - 4):cut].isascii())
 
 
 def open_clip_reads_the_prefix_alike(text: str, cut: int) -> bool:
