@@ -163,6 +163,14 @@ def test_a_recipe_file_that_is_not_utf8_is_a_config_error(tmp_path):
         load_recipe(str(tmp_path / "recipe.yaml"))
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 1e-30, 0.0, -1.0, 1e5])
+def test_clippo_logit_scale_init_is_bounded_like_the_dual_encoders_temperature(value):
+    from openalign.models.clippo import ClippoConfig
+
+    with pytest.raises(ConfigError, match="'logit_scale_init' must be within 0.01 and 10000"):
+        ClippoConfig(encoder=openalign.model_config("clippo-b16").encoder, logit_scale_init=value)
+
+
 def test_every_clippo_model_resizes_as_big_vision_does():
     """Bilinear, without antialiasing (shared spec clippo.md §4), in every registered CLIPPO model
     and in one configured in code without a ``preprocess`` (clippo-test and the code default

@@ -19,6 +19,7 @@ from ..data.render import TextRenderer, resolve_font_paths
 from ..data.transforms import ImageTransform, PreprocessConfig
 from ..errors import ConfigError, OpenAlignError
 from .base import ImageTowerConfig, ModelConfig
+from .dual_encoder import MAX_TEMPERATURE, MIN_TEMPERATURE
 
 
 @dataclass
@@ -48,8 +49,11 @@ class ClippoConfig(ModelConfig, tag="one_tower"):
         image_size=224, resize_size=224, random_flip=False, antialias="never"))  # big_vision's resize (spec §4)
 
     def __post_init__(self) -> None:
-        if self.logit_scale_init <= 0:
-            raise ConfigError("must be positive", "logit_scale_init")
+        low, high = 1 / MAX_TEMPERATURE, 1 / MIN_TEMPERATURE
+        if not low <= self.logit_scale_init <= high:  # written so that NaN fails too
+            raise ConfigError(f"must be within {low:g} and {high:g}, got {self.logit_scale_init:g}: logits are cosine "
+                              "× scale, so a larger one overflows half precision and a smaller one leaves the "
+                              "softmax near uniform (CLIPPO starts at 10)", "logit_scale_init")
         size = getattr(self.encoder, "image_size", None)
         if size is not None and size != self.preprocess.image_size:
             raise ConfigError(f"is {self.preprocess.image_size}, but the encoder takes {size} px images (and text is "
