@@ -467,17 +467,20 @@ def test_jpeg_draft_mode_decodes_large_images_faster_and_changes_only_resampling
     assert untouched.size == (1024, 768)  # evaluation decodes in full, as AlignProcessor does
 
 
-@pytest.mark.parametrize("model, jpeg_draft, drafts", [
-    ("align-test", None, False), ("clippo-test", None, False), ("alip-vit-b32", None, True),
-    ("align-test", True, True), ("alip-vit-b32", False, False)])
-def test_jpeg_draft_mode_is_used_by_default_only_before_a_resize_that_antialiases(model, jpeg_draft, drafts):
+@pytest.mark.parametrize("model, jpeg_draft, drafts, interpolation", [
+    ("align-test", None, False, None), ("clippo-test", None, False, None), ("alip-vit-b32", None, True, None),
+    ("align-test", True, True, None), ("alip-vit-b32", False, False, None),
+    ("alip-vit-b32", None, False, "nearest")])  # nearest does not antialias, whatever antialias says
+def test_jpeg_draft_mode_is_used_by_default_only_before_a_resize_that_antialiases(model, jpeg_draft, drafts,
+                                                                                   interpolation):
     """Scaled decoding averages pixels: before ALIGN's and CLIPPO's training resize, which do not
     antialias, it would blur what their reference training aliases (a 1024 × 768 JPEG of noise:
     a mean change of 22 grey levels), so they decode in full unless ``jpeg_draft`` says otherwise."""
     import dataclasses
 
     preprocess = openalign.model_config(model).preprocess
-    preprocess = dataclasses.replace(preprocess, jpeg_draft=jpeg_draft)
+    preprocess = dataclasses.replace(preprocess, jpeg_draft=jpeg_draft,
+                                     train_interpolation=interpolation or preprocess.train_interpolation)
     buffer = io.BytesIO()
     side = 4 * preprocess.resize_size
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)).save(buffer, "JPEG")

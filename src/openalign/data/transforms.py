@@ -47,7 +47,7 @@ class PreprocessConfig:
     ``tf.image.resize``, which does not, and ``AlignProcessor`` evaluates with torchvision's,
     which does; ``never`` (CLIPPO: big_vision's ``resize``); ``always`` (ALIP: DALI and PIL).
     ``jpeg_draft``: whether training decodes a large JPEG at a reduced scale (:class:`ImageTransform`);
-    by default (null) only where training's resize antialiases. Scaled decoding averages pixels,
+    by default (null) only where training's resize antialiases (not nearest). Scaled decoding averages pixels,
     so before a resize that does not antialias (ALIGN's ``tf.image.resize``, CLIPPO's) it would
     blur what the reference training aliases: set ``true`` there to trade that for decoding speed.
     """
@@ -119,7 +119,8 @@ class ImageTransform:
         self.antialias = config.antialias == "always" or (config.antialias == "eval" and not train)
         self.interpolation = _INTERPOLATION[(config.train_interpolation if train else None) or config.interpolation]
         self.draft_size = _draft_size(config)
-        self.draft = train and (self.antialias if config.jpeg_draft is None else config.jpeg_draft)
+        antialiases = self.antialias and self.interpolation != InterpolationMode.NEAREST_EXACT  # nearest never does
+        self.draft = train and (antialiases if config.jpeg_draft is None else config.jpeg_draft)
 
     def __call__(self, image: Image.Image | np.ndarray | torch.Tensor, generator: torch.Generator | None = None,
                  encoded: bytes | None = None) -> torch.Tensor:
