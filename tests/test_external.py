@@ -96,6 +96,21 @@ def test_released_weights_that_do_not_fit_get_errors_naming_them(tmp_path):
         openalign.load_pretrained(tmp_path / "deeper.pt", architecture="align-test")
     with pytest.raises(OpenAlignError, match="is a weights file without a config: name the architecture"):
         openalign.load_pretrained(tmp_path / "deeper.pt")
+    with pytest.raises(OpenAlignError, match="weights file '.*missing.pt' does not exist"):
+        openalign.load_pretrained(tmp_path / "missing.pt", architecture="alip-tiny")
+    state = _open_clip_model().state_dict()
+    broken = {"list.pt": [torch.zeros(1)], "with_epoch.pt": {**state, "epoch": 3},
+              "two_scales.pt": {**state, "logit_scale": torch.ones(2)}}
+    messages = {"list.pt": "holds a list, not a state dict", "with_epoch.pt": r"values that are not weights \(epoch",
+                "two_scales.pt": r"wrong shape: logit_scale \(2,\)"}
+    for name, content in broken.items():
+        torch.save(content, tmp_path / name)
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "text.pt").write_text("not weights at all\n")
+    messages |= {"empty.pt": "truncated or corrupt", "text.pt": "truncated or corrupt"}
+    for name, message in messages.items():
+        with pytest.raises(OpenAlignError, match=message):
+            openalign.load_pretrained(tmp_path / name, architecture="alip-tiny")
 
     params = big_vision.make_params(width=32, depth=2, heads=2, mlp_dim=64, patch=16, image_size=32, embed_dim=16)
     big_vision.save_npz(params, tmp_path / "clippo.npz")
@@ -105,9 +120,11 @@ def test_released_weights_that_do_not_fit_get_errors_naming_them(tmp_path):
         openalign.load_pretrained(tmp_path / "clippo.npz", architecture="align-test")
     whole = (tmp_path / "clippo.npz").read_bytes()
     (tmp_path / "cut.npz").write_bytes(whole[:5000])
-    middle = len(whole) // 2
-    (tmp_path / "flipped.npz").write_bytes(whole[:middle] + bytes([whole[middle] ^ 0xFF]) + whole[middle + 1:])
-    for broken in ("cut.npz", "flipped.npz"):
+    np.savez_compressed(tmp_path / "compressed.npz", **params)
+    for name, data in (("flipped.npz", whole), ("flipped_compressed.npz", (tmp_path / "compressed.npz").read_bytes())):
+        middle = len(data) // 2
+        (tmp_path / name).write_bytes(data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1:])
+    for broken in ("cut.npz", "flipped.npz", "flipped_compressed.npz"):
         with pytest.raises(OpenAlignError, match="is not a readable .npz file"):
             openalign.load_pretrained(tmp_path / broken, architecture="clippo-test")
 

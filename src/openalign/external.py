@@ -15,6 +15,7 @@ weights must then fit it exactly: a missing, extra or misshapen weight is an err
 from __future__ import annotations
 
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -47,10 +48,17 @@ def load_open_clip_weights(model: nn.Module, path: Path) -> None:
             and isinstance(getattr(config, "text", None), ClipTextConfig)):
         raise OpenAlignError(f"'{path}' is read as an open_clip state dict, which loads into a model with open_clip "
                              f"towers (alip-vit-b32, alip-tiny), not into '{config.name}'")
-    state = {key.removeprefix("module."): value for key, value in read_weights_file(path).items()}
+    raw = read_weights_file(path)
+    if not isinstance(raw, dict) or not raw:
+        raise OpenAlignError(f"'{path}' holds a {type(raw).__name__}, not a state dict (weight names → tensors)")
+    others = [f"{key} ({type(value).__name__})" for key, value in raw.items() if not isinstance(value, torch.Tensor)]
+    if others:
+        raise OpenAlignError(f"'{path}' holds values that are not weights ({', '.join(others[:3])}): save the model's "
+                             "state dict alone, or under the key 'state_dict'")
+    state = {key.removeprefix("module."): value for key, value in raw.items()}
     state.pop("attn_mask", None)  # the causal mask some open_clip versions saved: the towers build their own
     ours = {_from_open_clip(key): value for key, value in state.items()}
-    if "log_temperature" in ours:
+    if "log_temperature" in ours and ours["log_temperature"].numel() == 1:  # else reported as misshapen
         ours["log_temperature"] = -ours["log_temperature"].reshape(())
     load_state(model, ours, f"open_clip weights '{path}'", name=_to_open_clip)
 
@@ -81,7 +89,7 @@ def load_big_vision_weights(model: nn.Module, path: Path) -> None:
             prefix = next((p for p in BIG_VISION_PREFIXES if f"{p}img/embedding/kernel" in archive.files), "params/")
             arrays = {name[len(prefix):]: archive[name] for name in archive.files
                       if name.startswith(prefix) and not name.startswith("opt/")}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
         raise OpenAlignError(f"'{path}' is not a readable .npz file ({error}): copy or download it again") from None
     found = {name.removeprefix("img/"): array.shape for name, array in arrays.items()}
     _check_big_vision_fits(model, found, path)

@@ -37,14 +37,18 @@ def read_torch_file(path: str | Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:  # weights_only refused an object: never load it otherwise
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        # torch's own line that names what was refused ("Unsupported global: GLOBAL print ...")
-        refused = next((line.split(":", 1)[1].split(". ")[0].strip() for line in lines
-                        if line.startswith("WeightsUnpickler error:")), lines[0] if lines else type(error).__name__)
+        # torch's own words after "WeightsUnpickler error:" name what was refused ("Unsupported global:
+        # GLOBAL print ...") or, for bytes that are no pickle at all, "Unsupported operand 110"
+        text = str(error).partition("WeightsUnpickler error:")[2]
+        refused = next((line.strip().split(". ")[0] for line in text.splitlines() if line.strip()), "")
+        if not refused.startswith("Unsupported global"):
+            raise OpenAlignError(f"'{path}' is truncated or corrupt, or not a torch.save file "
+                                 f"({refused or type(error).__name__}): copy or download it again") from None
         raise OpenAlignError(f"'{path}' holds more than tensors ({refused}); openalign loads weights only "
                              "with weights_only, so that no pickled code runs: save its state dict alone") from None
-    except (RuntimeError, EOFError, OSError) as error:
-        raise OpenAlignError(f"'{path}' is truncated or corrupt ({str(error).strip().splitlines()[0]}): copy or "
+    except (RuntimeError, EOFError, OSError, IndexError, KeyError, ValueError) as error:  # what torch's readers raise
+        reason = ": ".join([type(error).__name__, *str(error).strip().splitlines()[:1]])
+        raise OpenAlignError(f"'{path}' is truncated or corrupt, or not a torch.save file ({reason}): copy or "
                              "download it again") from None
 
 

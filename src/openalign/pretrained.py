@@ -93,6 +93,8 @@ def _load_weights_file(path: Path, architecture: str | None) -> nn.Module:
     from .external import load_external_weights
     from .factory import create_model
 
+    if not path.exists():
+        raise OpenAlignError(f"weights file '{path}' does not exist")
     if not path.is_file():
         raise OpenAlignError(f"'{path}' is not a file: an architecture is named for a weights file (a directory or "
                              "hub id names its own)")
