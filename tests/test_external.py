@@ -35,8 +35,8 @@ def _open_clip_model(layers: int = 2) -> torch.nn.Module:
 
 def test_alips_released_open_clip_weights_load_with_open_clips_outputs(tmp_path):
     """ALIP_YFCC15M_B32.pt is a DDP state dict of open_clip's ViT-B/32 CLIP (spec alip.md §8.20);
-    the same layout at alip-tiny's sizes gives open_clip's embeddings and logit scale, directly
-    and after ``openalign convert --architecture``."""
+    the same layout at alip-tiny's sizes gives open_clip's embeddings and logit scale, directly,
+    after ``openalign convert --architecture`` and as ``train.init_from``."""
     import open_clip
 
     reference = _open_clip_model()
@@ -52,7 +52,9 @@ def test_alips_released_open_clip_weights_load_with_open_clips_outputs(tmp_path)
     assert main(["convert", str(checkpoint), str(tmp_path / "converted"), "--to", "openalign",
                  "--architecture", "alip-tiny"]) == 0
     converted, _, _ = openalign.load_pretrained(tmp_path / "converted")
-    for loaded in (model, converted):
+    fine_tuned = openalign.create_model("alip-tiny").eval()
+    fine_tuned.init_from(checkpoint)  # train.init_from: a recipe fine-tunes from the released file
+    for loaded in (model, converted, fine_tuned):
         with torch.no_grad():
             images, text = loaded.encode_image(pixels), loaded.encode_text(**tokenizer(texts))
         torch.testing.assert_close(images, expected_images, atol=1e-5, rtol=0)

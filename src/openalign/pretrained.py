@@ -77,7 +77,14 @@ def load_pretrained(name_or_path: str | Path, device: str | torch.device = "cpu"
 def load_pretrained_weights(model: nn.Module, name_or_path: str | Path) -> None:
     """The weights of a trained model, found as :func:`load_pretrained` finds them, into ``model``
     (of the same architecture: every weight must match by name and shape), without building a
-    second model: for a large model that would double the host memory and the start-up time."""
+    second model: for a large model that would double the host memory and the start-up time.
+    A weights file released without a config (:mod:`openalign.external`: ALIP's) is read as
+    weights of ``model``'s architecture."""
+    if Path(name_or_path).expanduser().is_file():
+        from .external import load_external_weights
+
+        load_external_weights(model, Path(name_or_path).expanduser())
+        return
     path = resolve(name_or_path)
     if _is_hf_directory(path):
         from .hf import load_hf_weights

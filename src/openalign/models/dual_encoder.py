@@ -185,7 +185,8 @@ class DualEncoder(nn.Module):
         """``train.init_from``: start from the weights of a trained model of this architecture, read
         as :func:`openalign.load_pretrained` reads it (an openalign model, checkpoint or run
         directory; a Hugging Face ``AlignModel`` directory or hub id, so that a recipe can
-        fine-tune ``kakaobrain/align-base``). Every weight must match by name and shape."""
+        fine-tune ``kakaobrain/align-base``; ALIP's released ``ALIP_YFCC15M_B32.pt``). Every
+        weight must match by name and shape."""
         from ..pretrained import load_pretrained_weights
 
         load_pretrained_weights(self, name_or_path)
