@@ -76,9 +76,10 @@ def test_clippos_released_big_vision_weights_load_with_big_visions_outputs(tmp_p
     only_params = {k.removeprefix("params/"): v for k, v in params.items() if k.startswith("params/")}
     big_vision.save_npz(only_params, tmp_path / "params_only.npz")  # a file of the parameters alone
     images = np.random.default_rng(1).uniform(-1, 1, (3, 32, 32, 3)).astype(np.float32)
-    for file in ("clippo_tiny.npz", "params_only.npz"):
+    for file, load in (("clippo_tiny.npz", load_external_weights), ("params_only.npz", load_external_weights),
+                       ("clippo_tiny.npz", lambda model, path: model.init_from(path))):  # train.init_from
         model = openalign.create_model(config).eval()
-        load_external_weights(model, tmp_path / file)
+        load(model, tmp_path / file)
         with torch.no_grad():
             ours = model.encode_image(torch.from_numpy(images).permute(0, 3, 1, 2))
         np.testing.assert_allclose(ours.numpy(), big_vision.forward(params, images), atol=2e-6, rtol=0)

@@ -55,7 +55,8 @@ class TrainConfig:
     ``cooldown_steps`` ramps any schedule linearly to 0 over the last steps.
     ``precision: auto`` is bf16 autocast on GPU and fp32 on CPU; evaluation during the run uses
     the same. ``init_from`` initialises a fresh run from weights: anything :func:`load_pretrained`
-    reads (ALIGN, ALIP), or a checkpoint the model knows how to read (CLIPPO: a timm ViT one).
+    reads (ALIGN, ALIP; ALIP's released file), or a checkpoint the model knows how to read
+    (CLIPPO: a timm ViT one for the encoder, or a released big_vision ``.npz`` for the whole model).
     ``schedule: onecycle`` is PyTorch's OneCycleLR (ALIP), warming up over ``warmup_steps``.
     ``weight_decay_scope: all`` decays every parameter (ALIP), not only weight matrices.
     ``accum_steps`` k > 1 embeds each rank's share of the batch in k micro-batches, caching

@@ -144,7 +144,13 @@ class Clippo(nn.Module):
         return {"image_emb": image_emb, "text_emb": text_emb, "logit_scale": self.logit_scale}
 
     def init_from(self, path: str | Path) -> None:
-        """Initialise the encoder from a timm ViT checkpoint (spec §2.4: ImageNet-21k AugReg B/16)."""
+        """Initialise the encoder from a timm ViT checkpoint (spec §2.4: ImageNet-21k AugReg B/16),
+        or the whole model from a released big_vision CLIPPO checkpoint (``.npz``, spec §6)."""
+        if Path(path).suffix == ".npz":
+            from ..external import load_big_vision_weights
+
+            load_big_vision_weights(self, Path(path))
+            return
         load = getattr(self.encoder, "load_timm_checkpoint", None)
         if load is None:
             raise OpenAlignError(f"this CLIPPO encoder ({type(self.encoder).__name__}) cannot load timm checkpoints")
