@@ -248,17 +248,24 @@ def test_a_suite_runs_its_tasks_and_the_report_merges_the_results(model, folders
     (tmp_path / "results" / "unrelated.json").write_text('{"not": "a record"}')  # skipped, not an error
     older = {**records["shapes-retrieval"], "task": "retrieval", "dataset": "older"}  # before CLIP_benchmark's names
     (tmp_path / "results" / "older.json").write_text(json.dumps(older))
+    probe = {**older, "dataset": "probe-old", "task": "linear_probe", "metrics": {"lp_acc1": 0.5, "c": 0.5}}
+    (tmp_path / "results" / "probe_old.json").write_text(json.dumps(probe))  # ours, before the rename
+    theirs = {**probe, "dataset": "probe-cb", "metrics": {"lp_acc1": 0.6, "weight_decay": 1e-4}}
+    (tmp_path / "results" / "probe_cb.json").write_text(json.dumps(theirs))  # CLIP_benchmark's protocol
     assert main(["eval", "report", str(tmp_path / "results"), "--out", str(tmp_path / "report")]) == 0
     markdown = (tmp_path / "report.md").read_text()
     assert markdown.count("## zeroshot_retrieval") == 1 and "| older |" in markdown  # one table for both
     assert "## knn" in markdown and "## zeroshot_retrieval" in markdown
+    probes = markdown.split("## logistic_regression_probe")[1].split("## ")[0]
+    assert "| probe-old |" in probes and "| probe-cb |" not in probes  # two protocols, two tables
+    assert "| probe-cb |" in markdown.split("## linear_probe")[1].split("## ")[0]
     recall = 100 * expected["image_retrieval_recall@1"]
     assert f"| align-test | {model_dir} | shapes-retrieval | " in markdown and f"{recall:.2f}" in markdown
     assert "![results-shapes-retrieval_examples.png](report_examples/results-shapes-retrieval_examples.png)" in markdown
     shown = tmp_path / "report_examples" / "results-shapes-retrieval_examples.png"
     assert shown.read_bytes() == (tmp_path / "results" / "shapes-retrieval_examples.png").read_bytes()
     rows = list(csv.DictReader((tmp_path / "report.csv").open()))
-    assert len(rows) == 2 * len(expected) + len(records["shapes-knn"]["metrics"])  # the older record's too
+    assert len(rows) == 2 * len(expected) + len(records["shapes-knn"]["metrics"]) + 2 + 2  # older records too
     assert main(["eval", "report", str(tmp_path / "model"), "--out", str(tmp_path / "r2")]) == 2
     assert "no result records" in " ".join(capsys.readouterr().err.split())
     (tmp_path / "broken.json").write_text('{"dataset": "shapes"')  # named explicitly: an error, not a skip
@@ -572,7 +579,7 @@ def test_linear_probe_task_fits_on_all_training_features(model, folders, tmp_pat
     assert main(["eval", "linear_probe", "--model", str(model_dir), "--train", str(folders / "train"),
                  "--val", str(folders / "val"), "--c", "0.5", "--output", str(tmp_path / "p.json")]) == 0
     record = json.loads((tmp_path / "p.json").read_text())
-    assert record["task"] == "linear_probe" and record["metrics"] == pytest.approx(ours)
+    assert record["task"] == "logistic_regression_probe" and record["metrics"] == pytest.approx(ours)
     assert set(ours) == {"lp_acc1", "lp_acc5", "lp_mean_per_class_recall", "c"}  # CLIP_benchmark's names
 
 

@@ -44,8 +44,12 @@ from .tasks import EvalTaskConfig
 log = logging.getLogger(__name__)
 
 RECORD_KEYS = ("dataset", "model", "pretrained", "task", "metrics", "language")
-# records name a task as CLIP_benchmark does where it has one (the others: openalign's names)
-CLIP_BENCHMARK_TASKS = {"zeroshot": "zeroshot_classification", "retrieval": "zeroshot_retrieval"}
+# records name a task as CLIP_benchmark does where it has one (the others: openalign's names). The
+# full-data probe follows the CLIP paper (appendix A.3: L-BFGS logistic regression on pre-projection
+# features, C searched on held-out training images), not CLIP_benchmark's "linear_probe" (AdamW on
+# normalised embeddings, a weight-decay sweep): its records say so, so that tables do not mix the two
+RECORD_TASKS = {"zeroshot": "zeroshot_classification", "retrieval": "zeroshot_retrieval",
+                "linear_probe": "logistic_regression_probe"}
 EXAMPLES_SUFFIX = "_examples.png"
 
 
@@ -110,9 +114,19 @@ def _embedding_cache() -> Iterator[None]:
 
 def make_record(dataset: str, model: str | None, pretrained: str, task: str, metrics: dict[str, float]) -> dict[str, Any]:
     """A result in CLIP_benchmark's schema, ``task`` by CLIP_benchmark's name where it has one
-    (``zeroshot_classification``, ``zeroshot_retrieval``, ``linear_probe``)."""
-    return {"dataset": dataset, "model": model, "pretrained": pretrained, "task": CLIP_BENCHMARK_TASKS.get(task, task),
+    (``zeroshot_classification``, ``zeroshot_retrieval``; see ``RECORD_TASKS``)."""
+    return {"dataset": dataset, "model": model, "pretrained": pretrained, "task": RECORD_TASKS.get(task, task),
             "metrics": metrics, "language": "en"}
+
+
+def _current_task_name(record: dict[str, Any]) -> str:
+    """The task name openalign writes now, for a record an earlier version wrote: the tasks
+    before they took CLIP_benchmark's names, and the logistic-regression probe, which an earlier
+    version named ``linear_probe`` (CLIP_benchmark's own such records have no ``c``)."""
+    task = record["task"]
+    if task == "linear_probe" and "c" not in record["metrics"]:
+        return task
+    return RECORD_TASKS.get(task, task)
 
 
 def collect_records(paths: list[str | Path]) -> list[dict[str, Any]]:
@@ -135,8 +149,7 @@ def collect_records(paths: list[str | Path]) -> list[dict[str, Any]]:
                 raise
             continue
         if isinstance(record, dict) and set(RECORD_KEYS) <= set(record) and isinstance(record["metrics"], dict):
-            # records written before tasks took CLIP_benchmark's names table with the new ones
-            records.append({**record, "task": CLIP_BENCHMARK_TASKS.get(record["task"], record["task"])})
+            records.append({**record, "task": _current_task_name(record)})
         elif named:
             raise OpenAlignError(f"'{file}' is not a result record: expected the JSON that an eval command writes, "
                                  f"with {', '.join(RECORD_KEYS)}")
