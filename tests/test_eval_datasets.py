@@ -3,6 +3,7 @@ a Karpathy-style JSON, and class folders (``<root>/<class>/<image>``) like Image
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -623,9 +624,10 @@ def test_a_caption_prefix_is_put_before_every_caption(model, shapes_root, tmp_pa
                                                         show_progress=False))
 
 
-def test_the_embedding_cache_keys_on_the_models_config_and_precision(model, folders, tmp_path, monkeypatch):
-    """The same weights under another config (batch norm's epsilon is no weight) or at bf16 instead
-    of fp32 embed differently: each is a new entry, not the first one's rows."""
+def test_the_embedding_cache_keys_on_the_models_config_precision_and_mode(model, folders, tmp_path, monkeypatch):
+    """The same weights under another config (batch norm's epsilon is no weight), at bf16 instead
+    of fp32, in train mode or through a training transform embed differently: each is a new
+    entry, not the first one's rows."""
     from openalign.eval import embed_images
     from openalign.eval.cache import CACHE_ENV
     from openalign.precision import precision_scope
@@ -642,3 +644,10 @@ def test_the_embedding_cache_keys_on_the_models_config_and_precision(model, fold
     assert not torch.equal(bf16, first)
     torch.testing.assert_close(bf16, first, atol=0.05, rtol=0)  # the same model, at another precision
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 3
+    # a training transform (random crops) or a model in train mode (batch statistics) embeds otherwise
+    augmented = embed_images(model, model.config.build_transform(train=True), paths, CPU, show_progress=False)
+    assert not torch.allclose(augmented, first, atol=1e-4)
+    training = copy.deepcopy(model).train()  # its batch norms' running statistics move: a copy
+    assert not torch.allclose(embed_images(training, transform, paths, CPU, show_progress=False), first, atol=1e-4)
+    assert torch.equal(embed_images(model, transform, paths, CPU, show_progress=False), first)  # still served
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 5

@@ -40,14 +40,17 @@ def cache_dir() -> Path | None:
 
 def cache_key(model: nn.Module, preprocessing: object, entries: Iterable[str], kind: str = "embedding") -> str:
     """SHA-256 over ``kind``, the model's weights and config (its registry name aside), the
-    precision :func:`~openalign.precision.autocast` sets on the model's device, the
-    preprocessing's settings (its ``config`` if it has one, else its ``repr``) and the entries
-    (:func:`file_entries` or the texts)."""
+    precision :func:`~openalign.precision.autocast` sets on the model's device, which modules are
+    in train mode, the preprocessing's settings (its ``config`` if it has one, else its ``repr``,
+    and its ``train`` flag) and the entries (:func:`file_entries` or the texts)."""
     digest = hashlib.sha256(kind.encode())
     digest.update(weights_digest(model).encode())
     digest.update(repr(dataclasses.replace(model.config, name=None)).encode())
     digest.update(str(autocast_dtype(next(model.parameters()).device)).encode())  # None: fp32
+    # train mode (dropout, batch statistics) and a training transform (random crops) embed otherwise
+    digest.update(str([name for name, module in model.named_modules() if module.training]).encode())
     digest.update(repr(getattr(preprocessing, "config", preprocessing)).encode())
+    digest.update(f"train={getattr(preprocessing, 'train', None)}".encode())
     for entry in entries:
         digest.update(len(entry).to_bytes(8, "little"))  # length-prefixed: no two lists hash alike
         digest.update(entry.encode("utf-8", "surrogatepass"))
