@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -554,6 +555,12 @@ def test_a_webdataset_root_that_cannot_be_written_is_extracted_under_the_cache_d
     (target / "0_b.jpg").write_bytes(b"B" * 5)  # an interrupted extraction: rewritten whole
     assert read_split(root) == first and (target / "0_b.jpg").read_bytes() == b"B" * 20
     assert sorted(p.name for p in target.iterdir()) == ["0_a.png", "0_b.jpg"]  # no temporary files left
+    extracted = (target / "0_b.jpg").stat().st_mtime_ns
+    assert read_split(root) == first and (target / "0_b.jpg").stat().st_mtime_ns == extracted  # not again
+    _write_tar(root / "test" / "0.tar", {"a.png": b"A" * 10, "a.cls": b"1", "b.jpg": b"C" * 20, "b.cls": b"1"})
+    os.utime(root / "test" / "0.tar", ns=(extracted + 10**9, extracted + 10**9))  # made again, later
+    remade = read_split(root)  # another image of the same size under the same key: extracted again
+    assert remade.labels == [1, 1] and (target / "0_b.jpg").read_bytes() == b"C" * 20
     monkeypatch.setenv("XDG_CACHE_HOME", str(root / ".openalign"))
     with pytest.raises(OpenAlignError, match=r"cannot extract the images of .* set XDG_CACHE_HOME to a writable"):
         read_split(root)

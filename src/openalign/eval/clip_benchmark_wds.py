@@ -66,6 +66,7 @@ def read_split(root: str | Path, split: str = "test", extract_to: str | Path | N
     fields: dict[str, bytes] = {}
     for shard in shards:
         try:
+            shard_mtime = shard.stat().st_mtime_ns
             with tarfile.open(shard) as archive:
                 for member in archive:
                     name = Path(member.name).name
@@ -75,7 +76,7 @@ def read_split(root: str | Path, split: str = "test", extract_to: str | Path | N
                     key, extension = f"{shard.stem}/{key}", extension.lower()
                     if extension in IMAGE_KEYS:
                         images.setdefault(key, {})[extension] = _extract(archive, member, target / (
-                            f"{key.replace('/', '_')}.{extension}"))
+                            f"{key.replace('/', '_')}.{extension}"), shard_mtime)
                     elif extension == field:
                         fields[key] = archive.extractfile(member).read()
         except (tarfile.TarError, OSError) as error:
@@ -127,9 +128,11 @@ def _extraction_dir(root: Path, split: str, extract_to: str | Path | None) -> Pa
                          f"{problem}; {remedy}") from None
 
 
-def _extract(archive: tarfile.TarFile, member: tarfile.TarInfo, path: Path) -> Path:
-    """``member`` written to ``path`` unless a file of its size is there, whole or not at all."""
-    if path.is_file() and path.stat().st_size == member.size:
+def _extract(archive: tarfile.TarFile, member: tarfile.TarInfo, path: Path, shard_mtime: int) -> Path:
+    """``member`` written to ``path``, whole or not at all, unless a file of its size, extracted
+    since the shard was last written (``shard_mtime``, ns), is there: a shard made again in
+    place may hold another image of the same size under the same key."""
+    if path.is_file() and path.stat().st_size == member.size and path.stat().st_mtime_ns >= shard_mtime:
         return path
     try:
         with written_whole(path) as temporary:  # a name unique across ranks and hosts
