@@ -93,6 +93,13 @@ def test_classification_metrics_equal_scikit_learn():
     assert ours["acc5"] == pytest.approx(top_k_accuracy_score(labels, logits, k=5, labels=classes))
     assert ours["mean_per_class_recall"] == pytest.approx(balanced_accuracy_score(labels, logits.argmax(dim=1)))
     assert 0.2 < ours["acc1"] < ours["acc5"] < 1
+    # tied logits (a degenerate or quantised model): the prediction is argmax's, the first of the tied
+    tied = torch.zeros(6, 10)
+    tied[0, [3, 7]] = tied[3, [3, 9]] = tied[4, [0, 1]] = 1.0
+    tied[1, 7] = tied[2, 3] = tied[5, 0] = 1.0
+    tied_labels = torch.tensor([3, 7, 3, 3, 1, 0])
+    assert classification_metrics(tied, tied_labels)["mean_per_class_recall"] == pytest.approx(
+        balanced_accuracy_score(tied_labels, tied.argmax(dim=1)))
 
 
 def test_weighted_knn_votes_by_hand():

@@ -72,7 +72,7 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[s
     labels = labels.to(logits.device)
     scores, top = logits.topk(min(5, logits.shape[1]), dim=1)
     correct = (top == labels[:, None]) & (scores > float("-inf"))
-    predicted = top[:, 0]
+    predicted = logits.argmax(dim=1)  # as CLIP_benchmark: the first of tied logits, where topk may pick another
     recalls = [(predicted[labels == c] == c).float().mean() for c in labels.unique()]
     return {
         "acc1": correct[:, 0].float().mean().item(),
