@@ -83,6 +83,28 @@ def test_zeroshot_on_class_folders_equals_a_hand_computation(model, folders):
     assert ours == pytest.approx(expected)
 
 
+def test_zeroshot_takes_each_classs_own_prompts_from_a_cupl_json(model, folders, tmp_path):
+    """CuPL's JSON (class name → its own prompts), which CLIP_benchmark takes as templates."""
+    from openalign.eval import ZeroShotEvalConfig
+
+    classes = sorted(p.name for p in (folders / "val").iterdir())
+    prompts = {name: [f"a {name} drawn in {colour}" for colour in ("red", "blue")][:1 + index % 2]
+               for index, name in enumerate(classes)}
+    (tmp_path / "cupl.json").write_text(json.dumps(prompts))
+    ours = ZeroShotEvalConfig(root=str(folders / "val"), templates_file=str(tmp_path / "cupl.json")).run(
+        model, CPU, 16, show_progress=False)
+    paths = [p for c in classes for p in sorted((folders / "val" / c).iterdir())]
+    labels = torch.tensor([classes.index(p.parent.name) for p in paths])
+    tokenizer = model.config.build_tokenizer()
+    with torch.no_grad():
+        class_emb = torch.stack([F.normalize(model.encode_text(**tokenizer(prompts[c])).mean(0), dim=0) for c in classes])
+    assert ours == pytest.approx(classification_metrics(_embed(model, paths) @ class_emb.T, labels))
+    (tmp_path / "partial.json").write_text(json.dumps({classes[0]: ["a thing"]}))
+    with pytest.raises(OpenAlignError, match=rf"per-class prompts .* have none for {len(classes) - 1} of the "):
+        ZeroShotEvalConfig(root=str(folders / "val"), templates_file=str(tmp_path / "partial.json")).run(
+            model, CPU, 16, show_progress=False)
+
+
 def test_canonicalized_zeroshot_prompts_are_big_visions(model, folders, monkeypatch):
     """CLIPPO reads prompts as rendered pixels: big_vision strips punctuation (spec clippo.md §5.1)."""
     from openalign.eval import datasets

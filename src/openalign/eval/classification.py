@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 import string
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -14,21 +14,35 @@ from ..errors import OpenAlignError
 
 
 def zero_shot_classifier(encode_text: Callable[[list[str]], torch.Tensor], classnames: Sequence[str],
-                         templates: Sequence[str | Callable[[str], str]]) -> torch.Tensor:
+                         templates: Sequence[str | Callable[[str], str]] | Mapping[str, Sequence[str]]
+                         ) -> torch.Tensor:
     """(num_classes, dim) class embeddings: the renormalised mean of each class's prompt embeddings.
 
     ``encode_text`` maps a list of strings to L2-normalised embeddings; a template is a string
     with one ``{}`` for the class name, or a function of the class name (CLIP's prompt
-    ensembling, ALIGN paper §5.2).
+    ensembling, ALIGN paper §5.2). A mapping of class name → its own prompts (CuPL's JSON, which
+    CLIP_benchmark takes) gives each class those instead.
     """
-    _check_prompts(classnames, templates)
+    if isinstance(templates, Mapping):
+        prompts = _per_class_prompts(classnames, templates)
+    else:
+        _check_prompts(classnames, templates)
+        prompts = [[template(name) if callable(template) else template.format(name) for template in templates]
+                   for name in classnames]
+    return torch.stack([F.normalize(encode_text(own).mean(dim=0), dim=-1) for own in prompts])
 
-    def prompt(template: str | Callable[[str], str], name: str) -> str:
-        return template(name) if callable(template) else template.format(name)
 
-    weights = [F.normalize(encode_text([prompt(t, name) for t in templates]).mean(dim=0), dim=-1)
-               for name in classnames]
-    return torch.stack(weights)
+def _per_class_prompts(classnames: Sequence[str], prompts: Mapping[str, Sequence[str]]) -> list[list[str]]:
+    missing = [name for name in classnames if name not in prompts]
+    if missing:
+        raise OpenAlignError(f"the per-class prompts (a mapping of class name to its prompts, as CuPL's) have none "
+                             f"for {len(missing)} of the {len(classnames)} classes, e.g. {missing[:3]}; their keys "
+                             f"are {list(prompts)[:3]}")
+    for name in classnames:
+        own = prompts[name]
+        if isinstance(own, str) or not own or not all(isinstance(prompt, str) for prompt in own):
+            raise OpenAlignError(f"the prompts of class {name!r} must be a non-empty list of strings, got {own!r:.80}")
+    return [list(prompts[name]) for name in classnames]
 
 
 _PUNCTUATION = str.maketrans("", "", string.punctuation)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -134,14 +134,16 @@ def class_names(folders: Sequence[str], names: list[str] | dict[str, str] | None
     return list(names)
 
 
-def evaluate_zeroshot(model: nn.Module, root: str | Path, device: torch.device, templates: Sequence[str] | None = None,
+def evaluate_zeroshot(model: nn.Module, root: str | Path, device: torch.device,
+                      templates: Sequence[str] | Mapping[str, Sequence[str]] | None = None,
                       names: list[str] | dict[str, str] | None = None, batch_size: int = 256,
                       show_progress: bool = True, split: str = "test", transform: Transform | None = None,
                       canonicalize: bool = False) -> dict[str, float]:
     """Zero-shot classification of the images in ``root``'s class folders, or of ``split`` of a
     CLIP_benchmark webdataset directory (its classnames.txt and templates unless given):
     ``acc1``, ``acc5``, ``mean_per_class_recall``. Class embedding = renormalised mean of its
-    prompts' embeddings; templates default to ``a photo of a {}.``. ``canonicalize``: names and
+    prompts' embeddings; templates default to ``a photo of a {}.``; a mapping of class name →
+    prompts gives each class its own (CuPL's JSON). ``canonicalize``: names and
     templates as big_vision canonicalises them (:func:`canonicalize_prompt`; CLIPPO)."""
     if is_clip_benchmark_wds(root):
         wds = read_split(root, split)
@@ -153,12 +155,19 @@ def evaluate_zeroshot(model: nn.Module, root: str | Path, device: torch.device, 
     else:
         paths, labels, folders = read_class_folders(root)
         readable = class_names(folders, names if names is not None else _imagenet_names(folders, root))
-    templates = list(templates or DEFAULT_TEMPLATES)
-    if any("{}" not in template for template in templates):
-        raise OpenAlignError(f"templates must each hold '{{}}' for the class name, got {templates[:3]}")
+    if isinstance(templates, Mapping):  # CuPL: each class's own prompts, keyed by its name
+        templates = {canonicalize_prompt(name, ",") if canonicalize else name: [
+            canonicalize_prompt(prompt) if canonicalize else prompt for prompt in prompts]
+            for name, prompts in templates.items()}
+    else:
+        templates = list(templates or DEFAULT_TEMPLATES)
+        if any("{}" not in template for template in templates):
+            raise OpenAlignError(f"templates must each hold '{{}}' for the class name, got {templates[:3]} (per-class "
+                                 "prompts are a JSON object of class name to its prompts)")
+        if canonicalize:
+            templates = [canonicalize_prompt(template, "{}") for template in templates]
     if canonicalize:
         readable = [canonicalize_prompt(name, ",") for name in readable]
-        templates = [canonicalize_prompt(template, "{}") for template in templates]
     with eval_mode(model):
         config = model.config
         tokenizer = config.build_tokenizer()
