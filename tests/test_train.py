@@ -338,6 +338,34 @@ def test_a_diverged_loss_stops_training_before_it_is_checkpointed(tmp_path, shap
     assert [p.name for p in (tmp_path / "checkpoints").glob("step_*")] == ["step_00000002"]
 
 
+@pytest.mark.parametrize("grad_clip", [None, 1.0])
+def test_an_infinite_gradient_under_a_finite_loss_stops_training_before_it_is_checkpointed(
+        tmp_path, shapes_root, tiny_overrides, monkeypatch, grad_clip):
+    """The update of a NaN or infinite gradient makes the weights NaN while the loss, computed
+    before it, is finite: the run stops before checkpointing them, as for a NaN loss."""
+    import openalign.train.loop as loop
+
+    real_step, calls = loop.train_step, []
+
+    def infinite_gradient(model, *args, **kwargs):
+        calls.append(1)
+        hook = model.text_projection.weight.register_hook(lambda grad: grad * float("inf")) if len(calls) == 3 \
+            else None
+        try:
+            return real_step(model, *args, **kwargs)
+        finally:
+            if hook is not None:
+                hook.remove()
+
+    monkeypatch.setattr(loop, "train_step", infinite_gradient)
+    overrides = ["run.log_every=5", "eval.tasks=[]", f"train.grad_clip={'null' if grad_clip is None else grad_clip}"]
+    recipe = load_recipe("demo", tiny_overrides(shapes_root, tmp_path, steps=6) + overrides)
+    with pytest.raises(OpenAlignError, match=r"the loss \(or its gradient\) was NaN or infinite within the 4 step\(s\) "
+                                             r"up to step 4: .*newest checkpoint: .*step_00000002"):
+        train(recipe, show_progress=False)
+    assert [p.name for p in (tmp_path / "checkpoints").glob("step_*")] == ["step_00000002"]
+
+
 @pytest.mark.parametrize("schedule", ["onecycle", "cosine", "linear"])
 def test_a_schedule_resumes_onto_a_longer_run(schedule):
     def scheduler(total: int) -> torch.optim.lr_scheduler.LRScheduler:

@@ -164,7 +164,7 @@ def train_step(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Opti
     ``accum_steps`` k > 1 the batch is embedded in k micro-batches and the gradient is still
     exactly that of the loss on the whole batch (see :mod:`openalign.train.accumulate`). After
     the step, ``model.constrain_parameters()``, where the model has it, projects parameters back
-    into range.
+    into range. The loss returned is NaN where the gradient was NaN or infinite.
     """
     missing = [name for name in model.input_fields if name not in batch]
     if missing:
@@ -180,23 +180,27 @@ def train_step(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Opti
             outputs = forward(**inputs)
         loss = loss_fn(**outputs)  # outside autocast: logits and softmax in fp32
         loss.backward()
-    if grad_clip is not None:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    gradients = [p.grad for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip is not None else \
+        torch.nn.utils.get_total_norm(gradients)
     optimizer.step()
     scheduler.step()
     if hasattr(model, "constrain_parameters"):  # e.g. the logit-scale cap
         model.constrain_parameters()
-    return loss.detach()
+    # a finite loss with a NaN or infinite gradient has just made the weights NaN: reported as a
+    # NaN loss, the divergence check stops the run before they are checkpointed (no synchronisation)
+    return torch.where(torch.isfinite(norm), loss.detach(), torch.full_like(loss.detach(), float("nan")))
 
 
 def _stop_if_diverged(window: _LogWindow, step: int, checkpointer: Checkpointer) -> None:
-    """Stop, on every rank, before a NaN or infinite loss is logged as progress or its weights
+    """Stop, on every rank, before a NaN or infinite loss (or gradient) is logged as progress or its weights
     are checkpointed (where pruning would soon delete the last good checkpoint). The window's
     summed loss, over all ranks, is finite exactly when each of its losses is (any earlier
     window passed this check)."""
     if not torch.isfinite(window.summed_loss()):
         newest = checkpointer.checkpoints()
-        raise OpenAlignError(f"the loss was NaN or infinite within the {window.steps} step(s) up to step {step}: "
+        raise OpenAlignError(f"the loss (or its gradient) was NaN or infinite within the {window.steps} step(s) up to "
+                             f"step {step}: "
                              "training stopped without checkpointing them (newest checkpoint: "
                              f"{newest[-1] if newest else 'none'}). Lower train.lr, set train.grad_clip or check the "
                              "data, and train again (resuming would repeat the same steps)")
