@@ -93,6 +93,12 @@ def test_train_then_eval_through_the_console_script(tmp_path, shapes_root, tiny_
     assert record["task"] == "shapes" and set(record) >= {"dataset", "model", "pretrained", "metrics", "language"}
 
 
+def test_errors_print_square_brackets_as_written(capsys):
+    """The console reads [..] as markup: an error's "[low, high]" or "[text, caption]" vanished."""
+    assert main(["config", "demo", "model.preprocess.random_area=[0.0, 1.0]"]) == 2
+    assert "must be [low, high] with 0 < low <= high <= 1" in " ".join(capsys.readouterr().err.split())
+
+
 def test_demo_writes_its_report(tmp_path, shapes_root, capsys):
     shutil.copytree(shapes_root, tmp_path / "data")
     overrides = ["model.name=align-test", "data.train.num_train=256", "data.train.num_test=24",

@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 from rich.logging import RichHandler
+from rich.markup import escape
 
 from .errors import OpenAlignError
 from .precision import PRECISIONS, precision_scope
@@ -552,11 +553,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.func(args)
     except OpenAlignError as error:
-        console.print(f"[bold red]error:[/] {_message(error)}", highlight=False)
+        console.print(f"[bold red]error:[/] {escape(_message(error))}", highlight=False)  # "[text, caption]" stays
         return 2
     except OSError as error:  # a path that is a file, a folder that cannot be written, a full disk...
         where = f" ('{error.filename}')" if error.filename else ""
-        console.print(f"[bold red]error:[/] {error.strerror or error}{where}", highlight=False)
+        console.print(f"[bold red]error:[/] {escape(f'{error.strerror or error}{where}')}", highlight=False)
         return 2
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import OpenAlignError
@@ -45,7 +46,7 @@ def run_demo(output_dir: str | Path = "runs/demo", overrides: tuple[str, ...] = 
               "chance": shapes_chance_levels(data_root), "train": _train_summary(recipe, seconds)}
     write_report(output_dir, report, read_history(output_dir))
     console.print(metrics_table(report))
-    console.print(f"report: {output_dir / 'report.md'}")
+    console.print(f"report: {escape(str(output_dir / 'report.md'))}")
     return report
 
 
