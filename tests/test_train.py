@@ -338,6 +338,18 @@ def test_a_diverged_loss_stops_training_before_it_is_checkpointed(tmp_path, shap
     assert [p.name for p in (tmp_path / "checkpoints").glob("step_*")] == ["step_00000002"]
 
 
+@pytest.mark.parametrize("recipe, overrides, needed", [
+    ("demo", ["loss={type: alip}"], "image_emb, text_emb, caption_emb, logit_scale"),
+    ("alip-shapes", ["model.text_fields=[text]"], "image_emb, text_emb, caption_emb, logit_scale"),
+    ("demo", ["model.text_fields=[text, caption]"], "image_emb, text_emb, logit_scale")])
+def test_a_loss_that_does_not_take_the_models_outputs_is_a_config_error_before_training(
+        tmp_path, recipe, overrides, needed):
+    with pytest.raises(ConfigError, match=rf"'loss' the '\w+' loss takes {needed}, but the model gives .* set "
+                                          r"model.text_fields"):
+        train(load_recipe(recipe, [f"run.output_dir={tmp_path}", *overrides]), show_progress=False)
+    assert not (tmp_path / "checkpoints").exists()
+
+
 @pytest.mark.parametrize("grad_clip", [None, 1.0])
 def test_an_infinite_gradient_under_a_finite_loss_stops_training_before_it_is_checkpointed(
         tmp_path, shapes_root, tiny_overrides, monkeypatch, grad_clip):

@@ -73,6 +73,12 @@ class ModelConfig(Variants):
         return ("image", "text")
 
     @property
+    def output_fields(self) -> tuple[str, ...]:
+        """What the model's forward returns for the loss: an embedding per input field
+        (``<field>_emb``) and ``logit_scale``."""
+        return (*(f"{field}_emb" for field in self.input_fields), "logit_scale")
+
+    @property
     def image_feature_dim(self) -> int:
         """Width of ``model.image_features(pixels)``: pooled image features before the projection."""
         raise NotImplementedError

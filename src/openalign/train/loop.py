@@ -8,6 +8,7 @@ of the global batch, and DDP averages the gradients.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import time
@@ -28,6 +29,7 @@ from ..data.stream import ResumableStream
 from ..distributed import (DistributedContext, all_reduce_mean, all_reduce_sum, average_buffers, barrier,
                            fail_together, init_distributed, world_info)
 from ..errors import ConfigError, OpenAlignError
+from ..losses import LossConfig
 from ..models import GhostBatchNorm2d
 from ..precision import autocast, precision_scope
 from ..progress import make_progress
@@ -76,6 +78,7 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True)
                 raise ConfigError(f"is {cfg.accum_steps}, but {error}", "train.accum_steps") from None
         model = model.to(memory_format=torch.channels_last)  # conv towers: faster on GPU and CPU alike
         loss_fn = recipe.loss.build().to(ctx.device)
+        _check_loss_takes(loss_fn, recipe.model.output_fields, recipe.loss)
         optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps, ctx.device,
                                     cfg.weight_decay_scope == "all")
         scheduler = build_scheduler(optimizer, cfg.schedule, cfg.warmup_steps, cfg.steps, cfg.cooldown_steps,
@@ -276,6 +279,22 @@ def _initialise(model: nn.Module, path: str) -> None:
         init_from(path)
     except OpenAlignError as error:  # a missing path, another architecture: named as the recipe's key
         raise ConfigError(f"cannot initialise this model: {error}", "train.init_from") from None
+
+
+def _check_loss_takes(loss_fn: nn.Module, outputs: tuple[str, ...], config: LossConfig) -> None:
+    """The loss takes exactly the model's outputs (by name), else a config error now rather than
+    a TypeError at step 1: ALIP's loss needs a ``caption`` text field, the contrastive loss one only."""
+    parameters = inspect.signature(loss_fn.forward).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return
+    needed = [p.name for p in parameters if p.default is inspect.Parameter.empty]
+    taken = {p.name for p in parameters}
+    if set(needed) <= set(outputs) <= taken:
+        return
+    kind = config.tag
+    raise ConfigError(f"the '{kind}' loss takes {', '.join(needed)}, but the model gives {', '.join(outputs)}: set "
+                      "model.text_fields to the text fields the loss reads (ALIP's: [text, caption]; the contrastive "
+                      "loss: [text]), or choose the loss that fits the model", "loss")
 
 
 def _per_rank_batch(batch_size: int, world_size: int, accum_steps: int) -> int:
