@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -103,6 +104,12 @@ def test_incomplete_checkpoints_are_ignored_with_a_warning_and_old_ones_pruned(t
     with caplog.at_level("WARNING"):
         assert checkpointer.resolve("latest").name == "step_00000003"
     assert "passes over step_00000010" in caplog.text and "(incomplete)" in caplog.text
+    shutil.copytree(tmp_path / "step_00000003", tmp_path / "step_00000003.bak")  # an operator's backup copy
+    shutil.copytree(tmp_path / "step_00000002", tmp_path / "step_100000000")  # a step past 8 digits
+    assert checkpointer.resolve("latest").name == "step_100000000"  # by number, not by name; the copy is no step
+    checkpointer.save(4, model, optimizer, scheduler, loss, {"note": "test"})
+    assert [p.name for p in checkpointer.checkpoints()] == ["step_00000004", "step_100000000"]
+    assert (tmp_path / "step_00000003.bak").is_dir()  # not pruned either
 
 
 def test_loading_weights_of_another_architecture_lists_the_offending_keys(trained_run):

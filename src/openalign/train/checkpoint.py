@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -80,10 +81,19 @@ def check_fits(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int,
 
 
 def complete_checkpoints(directory: Path) -> list[Path]:
-    """The complete checkpoints (``step_*`` holding trainer state) in ``directory``, oldest first."""
+    """The complete checkpoints (``step_<number>`` holding trainer state) in ``directory``, oldest first."""
+    return [path for path in step_folders(directory) if (path / STATE_FILE).is_file()]
+
+
+def step_folders(directory: Path) -> list[Path]:
+    """The folders named ``step_<number>`` in ``directory``, by step; any other name (a hand-made
+    ``step_00000004.bak``) is no checkpoint, to resume from or to prune."""
     if not directory.is_dir():
         return []
-    return sorted(p for p in directory.glob("step_*") if p.is_dir() and (p / STATE_FILE).is_file())
+    return sorted((p for p in directory.iterdir() if _STEP_NAME.fullmatch(p.name) and p.is_dir()), key=_checkpoint_step)
+
+
+_STEP_NAME = re.compile(r"step_\d+")
 
 
 def _checkpoint_step(path: Path) -> int:
@@ -162,8 +172,8 @@ class Checkpointer:
         """``latest`` (None when there is none yet), a checkpoint directory, or a run directory (its latest)."""
         if spec == "latest":
             found = self.checkpoints()
-            incomplete = sorted(p.name for p in self.directory.glob("step_*") if p.is_dir() and not (p / STATE_FILE)
-                                .is_file() and (not found or _checkpoint_step(p) > _checkpoint_step(found[-1])))
+            incomplete = [p.name for p in step_folders(self.directory) if not (p / STATE_FILE).is_file()
+                          and (not found or _checkpoint_step(p) > _checkpoint_step(found[-1]))]
             if incomplete:  # saves are atomic: only a hand-made or hand-damaged directory lacks its state
                 log.warning("--resume latest passes over %s in %s: no %s in it (incomplete)", ", ".join(incomplete),
                             self.directory, STATE_FILE)
