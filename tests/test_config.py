@@ -113,6 +113,7 @@ def test_recipe_overrides_reach_the_model_and_are_validated():
     ("model.temperature_init=0", "'model.temperature_init' must be at least 0.0001, got 0"),
     ("model.temperature_init=1e30", "'model.temperature_init' must be at most 100, got 1e\\+30"),
     ("model.embed_dim=0", "'model.embed_dim' must be at least 1, got 0"),
+    ("eval.batch_size=0", "'eval.batch_size' must be at least 1, got 0"),
     ("model.text.max_length=0", "'model.text.max_length' must be at least 1, got 0"),
     ("model.text.num_attention_heads=3", "'model.text.hidden_size' is 128, which num_attention_heads 3 does not"),
     ("model.text.pad_token_id=999999", "'model.text.pad_token_id' is 999999, outside the vocabulary"),

@@ -680,3 +680,11 @@ def test_the_embedding_cache_keys_on_the_models_config_precision_and_mode(model,
     assert not torch.allclose(embed_images(training, transform, paths, CPU, show_progress=False), first, atol=1e-4)
     assert torch.equal(embed_images(model, transform, paths, CPU, show_progress=False), first)  # still served
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 5
+
+
+def test_a_suite_with_a_batch_size_below_one_is_refused(tmp_path):
+    from openalign.eval.suite import load_suite
+
+    (tmp_path / "suite.yaml").write_text("tasks: [{task: shapes, root: data}]\nbatch_size: 0\n")
+    with pytest.raises(OpenAlignError, match="has batch_size 0; it must be at least 1"):
+        load_suite(tmp_path / "suite.yaml")

@@ -137,6 +137,7 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if self.every < 0:
             raise ConfigError("must be 0 (only at the end) or more", "every")
+        require_at_least(self, 1, "batch_size")
 
 
 @dataclass

@@ -70,6 +70,8 @@ class SuiteConfig:
 def load_suite(name_or_path: str | Path) -> SuiteConfig:
     """A shipped suite (``align``, ``clippo``, ``alip``) or a suite YAML file, validated."""
     suite = from_dict(SuiteConfig, load_yaml(find_config("suites", name_or_path)), "suite")
+    if suite.batch_size < 1:
+        raise OpenAlignError(f"suite '{name_or_path}' has batch_size {suite.batch_size}; it must be at least 1")
     if not suite.tasks:
         raise OpenAlignError(f"suite '{name_or_path}' lists no tasks")
     if suite.names and len(suite.names) != len(suite.tasks):
