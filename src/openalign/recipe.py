@@ -103,6 +103,9 @@ class TrainConfig:
             raise ConfigError(f"must be between 0 and train.steps ({self.steps})", "cooldown_steps")
         if self.rsqrt_timescale is not None and self.rsqrt_timescale < 1:
             raise ConfigError("must be at least 1, or null for the warm-up length", "rsqrt_timescale")
+        if self.schedule == "rsqrt" and self.rsqrt_timescale is None and self.warmup_steps == 0:
+            raise ConfigError("is null, which means the warm-up length, but train.warmup_steps is 0: give the time "
+                              "scale in steps (big_vision's default: 10000)", "rsqrt_timescale")
         if self.schedule == "onecycle" and (self.cooldown_steps or not 2 <= self.warmup_steps < self.steps - 1):
             raise ConfigError("is onecycle, which needs 2 <= train.warmup_steps < train.steps - 1 and no "
                               "cooldown_steps (it anneals by itself)", "schedule")
