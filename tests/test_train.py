@@ -82,6 +82,24 @@ def test_resume_continues_exactly(tmp_path, shapes_root, tiny_overrides, monkeyp
     assert losses[0] == losses[1] and len(losses[0]) == 6
 
 
+def test_a_run_stopped_at_a_checkpoint_keeps_the_evaluation_of_that_step(tmp_path, shapes_root, tiny_overrides,
+                                                                          monkeypatch):
+    """An evaluation due at a checkpoint step is in the history of a run preempted right after
+    that checkpoint, as in one never stopped."""
+    settings = ["eval.every=2", "run.checkpoint_every=2"]
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    train(load_recipe("demo", tiny_overrides(shapes_root, straight, steps=6) + settings), show_progress=False)
+    recipe = load_recipe("demo", tiny_overrides(shapes_root, interrupted, steps=6) + settings)
+    train_until_preempted(recipe, 4, monkeypatch)
+    train(recipe, resume="latest", show_progress=False)
+    evaluations = [[(r["step"], r) for r in read_history(d) if "loss" not in r] for d in (straight, interrupted)]
+    assert [step for step, _ in evaluations[0]] == [2, 4, 6]
+    assert [step for step, _ in evaluations[1]] == [2, 4, 6]
+    for (_, expected), (_, actual) in zip(*evaluations):
+        assert {k: v for k, v in expected.items() if k != "time"} == pytest.approx(
+            {k: v for k, v in actual.items() if k != "time"})
+
+
 def test_resume_latest_without_checkpoints_starts_from_scratch(tmp_path):
     checkpointer = Checkpointer(tmp_path / "checkpoints", 3, DistributedContext(0, 1, 0, torch.device("cpu")))
     assert checkpointer.resolve("latest") is None

@@ -139,13 +139,15 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True)
                     log.info("step %d/%d  loss %.4f  lr %.3g  temperature %.4f  %.0f samples/s", step, cfg.steps,
                              scalars["loss"], scalars["lr"], scalars["temperature"], scalars["samples_per_second"])
                     window = _LogWindow(ctx.device)
+                # evaluated before the checkpoint: a run stopped between the two resumes from the one before
+                # and evaluates this step again, where one stopped after the save would never have
+                if recipe.eval.every and step % recipe.eval.every == 0 and step != cfg.steps:
+                    logger.log(step, evaluate(recipe.eval, model, ctx, show_progress=False, precision=cfg.precision))
                 if saves:
                     average_buffers(model)  # what the checkpoint holds: the mean of the ranks' statistics
                     checkpointer.save(step, model, optimizer, scheduler, loss_fn, recipe_dict,
                                       {**monitor.state(), "world_size": ctx.world_size,
                                        "num_workers": recipe.data.num_workers})
-                if recipe.eval.every and step % recipe.eval.every == 0 and step != cfg.steps:
-                    logger.log(step, evaluate(recipe.eval, model, ctx, show_progress=False, precision=cfg.precision))
         data_counts = _report_data(monitor, ctx, output_dir)
         if start == cfg.steps:
             log.info("the run had already reached step %d: evaluating only", start)
