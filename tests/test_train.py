@@ -100,6 +100,21 @@ def test_a_run_stopped_at_a_checkpoint_keeps_the_evaluation_of_that_step(tmp_pat
             {k: v for k, v in actual.items() if k != "time"})
 
 
+def test_the_log_line_after_a_resume_covers_the_steps_of_a_run_never_stopped(tmp_path, shapes_root, tiny_overrides,
+                                                                              monkeypatch):
+    """Logs every 3 steps, checkpoints every 2: the resumed run's line at step 6 averages steps
+    4 to 6, as the straight run's, not 5 and 6 only."""
+    settings = ["run.log_every=3", "run.checkpoint_every=2", "eval.tasks=[]"]
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    train(load_recipe("demo", tiny_overrides(shapes_root, straight, steps=6) + settings), show_progress=False)
+    recipe = load_recipe("demo", tiny_overrides(shapes_root, interrupted, steps=6) + settings)
+    train_until_preempted(recipe, 4, monkeypatch)
+    train(recipe, resume="latest", show_progress=False)
+    lines = [[{k: v for k, v in r.items() if k != "samples_per_second"} for r in read_history(d) if "loss" in r]
+             for d in (straight, interrupted)]
+    assert [r["step"] for r in lines[0]] == [3, 6] and lines[0] == lines[1]
+
+
 def test_resume_latest_without_checkpoints_starts_from_scratch(tmp_path):
     checkpointer = Checkpointer(tmp_path / "checkpoints", 3, DistributedContext(0, 1, 0, torch.device("cpu")))
     assert checkpointer.resolve("latest") is None

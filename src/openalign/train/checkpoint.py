@@ -241,9 +241,10 @@ class Checkpointer:
                                  f"later checkpoints ({', '.join(later[:3])}{' ...' if len(later) > 3 else ''}) of "
                                  "another history: choose another run.output_dir, or delete them to roll back")
 
-    def data_state(self) -> dict[str, Any] | None:
-        """This rank's data state in the checkpoint resumed from (None: none, or none saved)."""
-        name = f"data_rank{self.ctx.rank}.json"
+    def data_state(self, rank: int | None = None) -> dict[str, Any] | None:
+        """This rank's (or ``rank``'s) data state in the checkpoint resumed from (None: none, or
+        none saved)."""
+        name = f"data_rank{self.ctx.rank if rank is None else rank}.json"
         if self.resumed_from is None or not (self.resumed_from / name).is_file():
             return None
         return self._read(self.resumed_from, name, read_json)

@@ -119,7 +119,8 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True)
                                  enabled=show_progress and ctx.is_main)
         with progress:
             bar = progress.add_task("training", total=cfg.steps, completed=start, loss="-", speed="-")
-            window = _LogWindow(ctx.device)
+            # the log window of the checkpoint resumed from: the same on every rank (rank 0 always saves one)
+            window = _LogWindow(ctx.device, (checkpointer.data_state(rank=0) or {}).get("log_window"))
             batches = iter(loader)
             for step in range(start + 1, cfg.steps + 1):
                 batch = move_to_device(monitor.take(next(batches)), ctx.device, channels_last=True)
@@ -147,7 +148,7 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True)
                     average_buffers(model)  # what the checkpoint holds: the mean of the ranks' statistics
                     checkpointer.save(step, model, optimizer, scheduler, loss_fn, recipe_dict,
                                       {**monitor.state(), "world_size": ctx.world_size,
-                                       "num_workers": recipe.data.num_workers})
+                                       "num_workers": recipe.data.num_workers, "log_window": window.state()})
         data_counts = _report_data(monitor, ctx, output_dir)
         if start == cfg.steps:
             log.info("the run had already reached step %d: evaluating only", start)
@@ -213,13 +214,27 @@ def _stop_if_diverged(window: _LogWindow, step: int, checkpointer: Checkpointer)
 
 class _LogWindow:
     """The steps between two log lines: their losses (and the loss's own statistics, such as the
-    two directions' terms) summed on the device without synchronising, and their wall time."""
+    two directions' terms) summed on the device without synchronising, and their wall time.
 
-    def __init__(self, device: torch.device) -> None:
-        self.loss = torch.zeros((), device=device)
-        self.stats: dict[str, torch.Tensor] = {}
-        self.steps, self.started = 0, time.perf_counter()
+    A checkpoint saves the steps of the window so far (:meth:`state`) and a resumed run starts
+    from them (``carried``), so that its first log line covers the same steps as in a run never
+    stopped; its speed counts the steps since the resume only."""
+
+    def __init__(self, device: torch.device, carried: dict[str, Any] | None = None) -> None:
+        carried = carried or {"loss": 0.0, "stats": {}, "steps": 0}
+        # each rank holds the carried per-rank mean: summed over ranks, then divided by their number, it is
+        # the same at any number of ranks
+        self.loss = torch.tensor(float(carried["loss"]), device=device)
+        self.stats: dict[str, torch.Tensor] = {key: torch.tensor(float(value), device=device)
+                                               for key, value in carried["stats"].items()}
+        self.steps, self.timed_steps, self.started = int(carried["steps"]), 0, time.perf_counter()
         self._summed: torch.Tensor | None = None
+
+    def state(self) -> dict[str, Any]:
+        """The window so far, as means over the ranks (every rank must call this)."""
+        world = world_info()[1]
+        return {"loss": self.summed_loss().item() / world, "steps": self.steps,
+                "stats": {key: all_reduce_mean(value).item() for key, value in sorted(self.stats.items())}}
 
     def summed_loss(self) -> torch.Tensor:
         """The window's losses summed over all ranks: one collective, shared by the divergence
@@ -234,6 +249,7 @@ class _LogWindow:
         for key, value in stats.items():
             self.stats[key] = self.stats.get(key, 0.0) + value.detach()
         self.steps += 1
+        self.timed_steps += 1
 
     def scalars(self, lr: float, model: nn.Module, batch_size: int, monitor: DataMonitor) -> dict[str, float]:
         """What is logged: means over the window and over all ranks (every rank must call this),
@@ -241,7 +257,7 @@ class _LogWindow:
         seconds = time.perf_counter() - self.started
         skipped = sum(n for key, n in monitor.counts().items() if key.startswith("skipped/"))
         scalars = {"loss": (self.summed_loss() / (self.steps * world_info()[1])).item(), "lr": lr,
-                   "temperature": model.temperature.item(), "samples_per_second": batch_size * self.steps / seconds,
+                   "temperature": model.temperature.item(), "samples_per_second": batch_size * self.timed_steps / seconds,
                    "data/skipped": all_reduce_sum(torch.tensor(float(skipped), device=self.loss.device)).item()}
         scalars.update({key: all_reduce_mean(value / self.steps).item() for key, value in self.stats.items()})
         return scalars
