@@ -484,3 +484,6 @@ def test_evaluation_runs_at_the_runs_precision_also_when_resuming_a_finished_run
     with caplog.at_level("INFO"):
         assert train(recipe, resume="latest", show_progress=False).metrics == {key: 1.0}
     assert "had already reached step 2: evaluating only" in caplog.text
+    # the new final evaluation replaces the earlier one: the history reads as one run
+    assert [(r["step"], "loss" in r) for r in read_history(tmp_path)] == [(1, True), (1, False), (2, True),
+                                                                           (2, False)]

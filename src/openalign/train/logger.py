@@ -25,10 +25,13 @@ class TrainLogger:
 
     On resume at ``start_step``, records logged after that step by the interrupted run are
     dropped, so the history reads as one uninterrupted run; a run starting at step 0 replaces
-    the records of one that left no checkpoint (with a warning), in TensorBoard too.
+    the records of one that left no checkpoint (with a warning), in TensorBoard too. With
+    ``reevaluating`` (a finished run resumed, which evaluates again) the evaluation records of
+    ``start_step`` go too: the new ones replace them in the history.
     """
 
-    def __init__(self, directory: str | Path, enabled: bool, tensorboard: bool, start_step: int = 0) -> None:
+    def __init__(self, directory: str | Path, enabled: bool, tensorboard: bool, start_step: int = 0,
+                 reevaluating: bool = False) -> None:
         self.enabled = enabled
         self.writer = None
         if not enabled:
@@ -36,7 +39,8 @@ class TrainLogger:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         earlier = read_history(self.directory)
-        kept = [record for record in earlier if record["step"] <= start_step]
+        kept = [record for record in earlier if record["step"] < start_step or record["step"] == start_step
+                and not (reevaluating and "loss" not in record)]
         if len(kept) < len(earlier):
             log.warning("%s: replacing %d logged record(s) after step %d of an earlier run", self.directory,
                         len(earlier) - len(kept), start_step)

@@ -108,7 +108,7 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True)
     if ctx.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.yaml").write_text(yaml.safe_dump(recipe_dict, sort_keys=False))
-    logger = TrainLogger(output_dir, ctx.is_main, recipe.run.tensorboard, start)
+    logger = TrainLogger(output_dir, ctx.is_main, recipe.run.tensorboard, start, reevaluating=start == cfg.steps)
     if ctx.is_main:
         log.info("batch %d: %d rank(s) × %d example(s)%s", cfg.batch_size, ctx.world_size, per_rank,
                  f", each in {cfg.accum_steps} micro-batches of {per_rank // cfg.accum_steps}"
