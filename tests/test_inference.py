@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
@@ -480,3 +481,35 @@ def test_inference_turns_photos_upright_by_their_exif_orientation(loaded, tmp_pa
     reference = classify(model, preprocess, tokenizer, [upright], LABELS)  # pixels: taken as they are
     torch.testing.assert_close(from_pil, reference)
     torch.testing.assert_close(from_path, reference)
+
+
+def test_a_photo_whose_exif_is_malformed_is_embedded_as_stored(loaded, tmp_path):
+    """Pillow's exif_transpose rewrites the EXIF block and raises on a malformed one (here a
+    struct.error), though the pixels decode: the photo is embedded as stored, not the run stopped.
+    Every orientation of a sound EXIF block still turns as exif_transpose turns it."""
+    from PIL import ImageOps
+
+    from openalign.inference import upright
+
+    model, preprocess, tokenizer = loaded
+    pixels = Image.fromarray(np.random.default_rng(4).integers(0, 256, (20, 30, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112], exif[0x010F] = 6, "Camera"
+    buffer = io.BytesIO()
+    pixels.save(buffer, "JPEG", exif=exif.tobytes())
+    data = bytearray(buffer.getvalue())
+    data[data.find(b"Exif\x00\x00") + 17] = 0  # inside the first IFD entry
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "bad_exif.jpg").write_bytes(bytes(data))
+    with Image.open(io.BytesIO(bytes(data))) as opened, pytest.raises(Exception):
+        ImageOps.exif_transpose(opened)
+    paths, embedded = embed_folder(model, preprocess, tmp_path / "photos")
+    assert len(paths) == 1 and embedded.shape[0] == 1
+    assert classify(model, preprocess, tokenizer, [tmp_path / "photos" / "bad_exif.jpg"], LABELS).shape == (1, len(LABELS))
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        buffer = io.BytesIO()
+        pixels.save(buffer, "PNG", exif=exif)
+        with Image.open(buffer) as ours, Image.open(io.BytesIO(buffer.getvalue())) as theirs:
+            assert np.array_equal(np.asarray(upright(ours)), np.asarray(ImageOps.exif_transpose(theirs))), orientation

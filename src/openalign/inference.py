@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import ExifTags, Image, ImageOps
+from PIL import ExifTags, Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -426,9 +426,19 @@ def upright(image: Image.Image) -> Image.Image:
     Only inference does this; evaluation datasets are read as the papers' loaders read them,
     without it. An image without an orientation is returned as it is, not yet decoded, so that
     preprocessing can still decode a large JPEG at reduced size."""
-    if image.getexif().get(ExifTags.Base.Orientation, 1) in (0, 1):
+    try:
+        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    except Exception:  # EXIF of a camera or editor gone wrong (struct.error, TypeError, ...): the pixels still read
         return image
-    return ImageOps.exif_transpose(image)
+    method = _ORIENTATIONS.get(orientation) if isinstance(orientation, int) else None
+    # transposed here rather than by ImageOps.exif_transpose, which also rewrites the (possibly malformed) EXIF
+    return image if method is None else image.transpose(method)
+
+
+# EXIF orientation → the transposition that shows the image upright (EXIF 2.3, as Pillow's exif_transpose)
+_ORIENTATIONS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+                 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+                 8: Image.Transpose.ROTATE_90}
 
 
 def model_device(model: nn.Module) -> torch.device:
