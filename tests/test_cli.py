@@ -93,6 +93,22 @@ def test_train_then_eval_through_the_console_script(tmp_path, shapes_root, tiny_
     assert record["task"] == "shapes" and set(record) >= {"dataset", "model", "pretrained", "metrics", "language"}
 
 
+def test_demo_refuses_to_start_afresh_in_another_runs_directory(tmp_path, capsys):
+    """The demo deletes its own directory's checkpoints to train from step 0, never another run's."""
+    other = tmp_path / "my-run"
+    (other / "checkpoints" / "step_00001000").mkdir(parents=True)
+    (other / "config.yaml").write_text("data: {train: {type: webdataset, urls: /data/{0..9}.tar}}\n")
+    assert main(["demo", "--out", str(other)]) == 2
+    assert "holds a run that 'openalign demo' did not make" in " ".join(capsys.readouterr().err.split())
+    assert (other / "checkpoints" / "step_00001000").is_dir()
+    from openalign.demo import _is_demo_run
+
+    earlier_demo = tmp_path / "demo"  # made by a version without the marker: its config names its own data
+    earlier_demo.mkdir()
+    (earlier_demo / "config.yaml").write_text(f"data: {{train: {{type: shapes, root: {earlier_demo / 'data'}}}}}\n")
+    assert _is_demo_run(earlier_demo) and not _is_demo_run(other)
+
+
 def test_errors_print_square_brackets_as_written(capsys):
     """The console reads [..] as markup: an error's "[low, high]" or "[text, caption]" vanished."""
     assert main(["config", "demo", "model.preprocess.random_area=[0.0, 1.0]"]) == 2

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
 from rich.markup import escape
 from rich.table import Table
 
@@ -18,6 +19,8 @@ from .progress import console
 from .recipe import Recipe, load_recipe
 from .train import read_history, train
 
+DEMO_MARKER = ".openalign-demo"  # what tells a demo's own run directory, which it may start afresh
+STALE = ("checkpoints", "tensorboard")
 METRIC_LABELS = {
     "image_retrieval_recall@1": "text→image R@1", "image_retrieval_recall@5": "text→image R@5",
     "image_retrieval_recall@10": "text→image R@10", "text_retrieval_recall@1": "image→text R@1",
@@ -36,7 +39,12 @@ def run_demo(output_dir: str | Path = "runs/demo", overrides: tuple[str, ...] = 
     if not any(isinstance(task, ShapesEvalConfig) for task in recipe.eval.tasks):  # checked before training
         raise OpenAlignError("the demo's report is its shapes evaluation: keep a 'shapes' task in eval.tasks, or run "
                              "'openalign train demo' for training alone")
-    for stale in ("checkpoints", "tensorboard"):
+    if any((output_dir / stale).exists() for stale in STALE) and not _is_demo_run(output_dir):
+        raise OpenAlignError(f"'{output_dir}' holds a run that 'openalign demo' did not make (its checkpoints and "
+                             "TensorBoard logs would be deleted): pass another --out")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / DEMO_MARKER).write_text("made by 'openalign demo', which starts it afresh each time\n")
+    for stale in STALE:  # the demo trains from step 0 each time
         shutil.rmtree(output_dir / stale, ignore_errors=True)
     started = time.perf_counter()
     result = train(recipe, show_progress=show_progress)
@@ -48,6 +56,18 @@ def run_demo(output_dir: str | Path = "runs/demo", overrides: tuple[str, ...] = 
     console.print(metrics_table(report))
     console.print(f"report: {escape(str(output_dir / 'report.md'))}")
     return report
+
+
+def _is_demo_run(output_dir: Path) -> bool:
+    """A run directory the demo made: its marker, or (an earlier version's) a config that trained
+    on the shapes dataset generated inside it."""
+    if (output_dir / DEMO_MARKER).is_file():
+        return True
+    try:
+        train_data = yaml.safe_load((output_dir / "config.yaml").read_text())["data"]["train"]
+        return train_data.get("type") == "shapes" and Path(train_data["root"]) == output_dir / "data"
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return False
 
 
 def _train_summary(recipe: Recipe, seconds: float) -> dict[str, Any]:
