@@ -513,3 +513,20 @@ def test_a_photo_whose_exif_is_malformed_is_embedded_as_stored(loaded, tmp_path)
         pixels.save(buffer, "PNG", exif=exif)
         with Image.open(buffer) as ours, Image.open(io.BytesIO(buffer.getvalue())) as theirs:
             assert np.array_equal(np.asarray(upright(ours)), np.asarray(ImageOps.exif_transpose(theirs))), orientation
+
+
+def test_inference_runs_a_model_in_train_mode_as_in_eval_mode_and_leaves_it_so(loaded, tmp_path):
+    """A model fresh from create_model is in train mode: batch statistics would move its running
+    statistics and make its outputs depend on the batch."""
+    model, preprocess, tokenizer = loaded
+    images = [np.random.default_rng(seed).integers(0, 256, (24, 24, 3), dtype=np.uint8) for seed in range(3)]
+    expected = classify(model.eval(), preprocess, tokenizer, images, LABELS, templates=["a photo of {}"])
+    buffers = {name: value.clone() for name, value in model.named_buffers()}
+    model.train()
+    try:
+        assert torch.equal(classify(model, preprocess, tokenizer, images, LABELS, templates=["a photo of {}"],
+                                    batch_size=3), expected)
+        assert model.training  # its mode restored
+        assert all(torch.equal(value, buffers[name]) for name, value in model.named_buffers())
+    finally:
+        model.eval()

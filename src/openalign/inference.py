@@ -29,8 +29,7 @@ from .data.tokenizer import Tokenizer
 from .errors import OpenAlignError
 from .files import written_whole
 from .eval import embed_texts
-from .eval.cache import fixed_weights
-from .eval.features import IMAGE_EXTENSIONS
+from .eval.features import IMAGE_EXTENSIONS, eval_mode
 from .eval.features import encode_image_batch as encode_images
 from .eval import zero_shot_classifier as _class_embeddings
 from .progress import progress_bar
@@ -90,7 +89,7 @@ def zero_shot_classifier(model: nn.Module, tokenizer: Tokenizer, class_names: Se
     def encode_text(texts: list[str]) -> torch.Tensor:
         return embed_texts(model, tokenizer, texts, device, batch_size=batch_size, show_progress=False)
 
-    with fixed_weights(model):  # with an embedding cache, the weights are hashed once, not once per class
+    with eval_mode(model):  # weights held fixed: with an embedding cache, hashed once, not once per class
         return _class_embeddings(encode_text, class_names, templates)
 
 
@@ -99,6 +98,7 @@ def classify(model: nn.Module, preprocess: Preprocess, tokenizer: Tokenizer, ima
              labels: Sequence[str], templates: Sequence[str] | None = None, batch_size: int = 64) -> torch.Tensor:
     """(num_images, num_labels) probabilities: softmax over labels of ``logit_scale`` × cosine similarity.
 
+    The model runs in eval mode (its own mode is restored after).
     ``images`` are PIL images, 8-bit pixels (see ``preprocess``) or paths; PIL images and files are
     turned upright by their EXIF orientation first (:func:`upright`). ``labels`` are embedded as
     written, or, with ``templates`` (format strings such as ``"a photo of a {}."``), as the
@@ -110,13 +110,14 @@ def classify(model: nn.Module, preprocess: Preprocess, tokenizer: Tokenizer, ima
     if not len(images) or not len(labels):
         raise OpenAlignError("classify needs at least one image and one label")
     check_labels(labels, tokenizer=tokenizer)
-    if templates:
-        classes = zero_shot_classifier(model, tokenizer, labels, templates, batch_size)
-    else:
-        classes = embed_texts(model, tokenizer, list(labels), model_device(model), batch_size, show_progress=False)
-    image_embeddings = torch.cat([
-        encode_images(model, torch.stack([_pixels(image, preprocess) for image in images[start:start + batch_size]]))
-        for start in range(0, len(images), batch_size)])
+    with eval_mode(model):  # a model fresh from create_model is in train mode: batch statistics, dropout
+        if templates:
+            classes = zero_shot_classifier(model, tokenizer, labels, templates, batch_size)
+        else:
+            classes = embed_texts(model, tokenizer, list(labels), model_device(model), batch_size, show_progress=False)
+        batches = (images[start:start + batch_size] for start in range(0, len(images), batch_size))
+        image_embeddings = torch.cat([encode_images(model, torch.stack([_pixels(image, preprocess) for image in batch]))
+                                      for batch in batches])
     logits = model.logit_scale.detach().float().cpu() * image_embeddings @ classes.T
     return logits.softmax(dim=-1)
 
@@ -156,7 +157,7 @@ def embed_folder(model: nn.Module, preprocess: Preprocess, images: str | Path, b
     kept: list[int] = []
     chunks: list[torch.Tensor] = []
     failures: list[tuple[str, str]] = []
-    with progress_bar("embedding images", len(candidates)) as advance:
+    with progress_bar("embedding images", len(candidates)) as advance, eval_mode(model):
         for indices, pixels, errors in loader:
             if indices:
                 kept.extend(indices)
