@@ -530,3 +530,21 @@ def test_inference_runs_a_model_in_train_mode_as_in_eval_mode_and_leaves_it_so(l
         assert all(torch.equal(value, buffers[name]) for name, value in model.named_buffers())
     finally:
         model.eval()
+
+
+def test_classify_and_search_send_no_control_characters_to_the_terminal(model_dir, loaded, image_dir, tmp_path,
+                                                                         capsys):
+    """A file name (or someone else's index) holding an escape sequence or a line break is shown
+    escaped; a labels file saved with a byte-order mark has no U+FEFF in its first label."""
+    odd = tmp_path / "evil\x1b[31mred\nline.png"
+    shutil.copy(image_dir / "blue.png", odd)
+    (tmp_path / "labels.txt").write_text("\ufeffa cat\na dog\n", encoding="utf-8")
+    assert main(["classify", "--model", str(model_dir), str(odd), "--labels-file", str(tmp_path / "labels.txt")]) == 0
+    printed = capsys.readouterr().out
+    assert "\x1b[31m" not in printed and "\\x1b[31mred\\nline.png" in "".join(printed.split())
+    assert "\ufeff" not in printed and "a cat" in printed
+    index = tmp_path / "index.parquet"
+    write_index(index, [str(odd)], loaded[0].encode_image(loaded[1](Image.open(odd))[None]).detach())
+    assert main(["search", "--index", str(index), "--model", str(model_dir), "a cat", "-k", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "\x1b" not in printed and "\\x1b[31mred" in "".join(printed.split())

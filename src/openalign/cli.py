@@ -210,6 +210,7 @@ def _cmd_embed(args: argparse.Namespace) -> None:
 
 
 def _cmd_classify(args: argparse.Namespace) -> None:
+    from rich.cells import cell_len
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
@@ -218,7 +219,7 @@ def _cmd_classify(args: argparse.Namespace) -> None:
 
     if args.labels_file:
         try:
-            lines = Path(args.labels_file).read_text(encoding="utf-8").splitlines()
+            lines = Path(args.labels_file).read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark is no text
         except (OSError, UnicodeDecodeError) as error:
             raise OpenAlignError(f"cannot read --labels-file '{args.labels_file}': {error}") from None
         labels, given = [line.strip() for line in lines if line.strip()], f"--labels-file '{args.labels_file}'"
@@ -236,22 +237,29 @@ def _cmd_classify(args: argparse.Namespace) -> None:
     probabilities = classify(model, preprocess, tokenizer, args.images, labels, templates, args.batch_size)
     console = Console()
     table = Table(title=Text(f"zero-shot probabilities ({model.config.name})"))
-    wide = max(map(len, args.images)) + sum(max(len(label), 5) + 3 for label in labels) + 4
+    wide = max(cell_len(_shown(image)) for image in args.images) + sum(
+        max(cell_len(_shown(label)), 5) + 3 for label in labels) + 4  # terminal cells: a CJK character takes two
     if wide <= console.width:  # a column per label
         table.add_column("image", overflow="fold")
         for label in labels:
-            table.add_column(Text(label), justify="right", no_wrap=True)
+            table.add_column(Text(_shown(label)), justify="right", no_wrap=True)
         for image, row in zip(args.images, probabilities.tolist()):
-            table.add_row(Text(image), *(f"{p:.3f}" for p in row))
+            table.add_row(Text(_shown(image)), *(f"{p:.3f}" for p in row))
     else:  # too many labels for the width: a row per label, most probable first, never squeezed to '0.…'
         for column, justify in (("image", "left"), ("label", "left"), ("probability", "right")):
             table.add_column(column, justify=justify, overflow="fold", no_wrap=column == "probability")
         for image, row in zip(args.images, probabilities.tolist()):
             ranked = sorted(zip(row, labels), key=lambda pair: -pair[0])
             for place, (p, label) in enumerate(ranked):
-                table.add_row(Text(image if place == 0 else ""), Text(label), f"{p:.3f}",
+                table.add_row(Text(_shown(image) if place == 0 else ""), Text(_shown(label)), f"{p:.3f}",
                               end_section=place == len(row) - 1)
     console.print(table)
+
+
+def _shown(text: str) -> str:
+    """``text`` safe for the terminal: control characters (an escape sequence or a line break in a
+    file name or an index someone else made) written as escapes, not sent to the terminal."""
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
 
 
 def _cmd_search(args: argparse.Namespace) -> None:
@@ -278,7 +286,7 @@ def _cmd_search(args: argparse.Namespace) -> None:
     for column, justify in (("rank", "right"), ("score", "right"), ("path", "left")):
         table.add_column(column, justify=justify, overflow="fold")
     for rank, (score, position) in enumerate(zip(scores.tolist(), indices.tolist()), start=1):
-        table.add_row(str(rank), f"{score:.4f}", Text(index.paths[position]))
+        table.add_row(str(rank), f"{score:.4f}", Text(_shown(index.paths[position])))
     Console().print(table)
 
 
