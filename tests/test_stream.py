@@ -126,6 +126,24 @@ def test_a_stream_reseeded_by_many_resumes_still_reads(tmp_path, small_bomb_limi
     assert len(read_epochs(dataset, 0, 1, epochs=2)[1]) == 4
 
 
+def test_a_loader_worker_started_by_spawn_reads_for_the_rank_its_stream_was_built_on(tmp_path, monkeypatch):
+    """A spawned (or forkserver) worker has no process group: it must still read as reader
+    r·W + w, not as rank 0 (every rank would then train on the same samples)."""
+    from openalign.data import stream as stream_module
+
+    for shard in range(4):
+        dirty_shard(tmp_path / f"{shard}.tar", shard, good=2)
+    config = WebDatasetSourceConfig(urls=str(tmp_path / "{0..3}.tar"), image_keys="jpg;png;webp", open_shards=1,
+                                    shuffle_buffer=1)
+    monkeypatch.setattr(stream_module, "world_info", lambda: (1, 2))  # built on rank 1 of 2
+    dataset = config.build(TRANSFORM, seed=0)
+    monkeypatch.undo()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=1, multiprocessing_context="spawn",
+                                         collate_fn=Collate(get_tokenizer("align-test")))
+    readers = {batch[STREAM_KEY][0] for _, batch in zip(range(2), loader)}
+    assert readers == {1}  # rank 1's only reader of 2, not rank 0's
+
+
 def test_strict_mode_makes_the_first_bad_sample_an_error(tmp_path):
     dirty_shard(tmp_path / "00000.tar", 0, good=1)
     config = WebDatasetSourceConfig(urls=str(tmp_path / "00000.tar"), shuffle_buffer=1, open_shards=1)

@@ -53,13 +53,16 @@ log = logging.getLogger("openalign.data")
 STREAM_KEY = "__stream__"  # a sample's (reader, position after it)
 
 
-def reader_geometry(start_step: int = 0) -> tuple[int, int]:
+def reader_geometry(start_step: int = 0, rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
     """``(this process's reader, number of readers)``: rank ``r``'s worker ``w`` of ``W`` is reader
     ``r·W + (w + start_step) mod W``, so that a run resumed at ``start_step`` asks each reader for
-    its next batch in the order the interrupted run would have."""
+    its next batch in the order the interrupted run would have. ``rank`` and ``world_size``
+    default to the process group's: a loader worker started by spawn or forkserver (Python
+    3.14's default on Linux, macOS's) has none, so a stream passes the ones it was built under."""
     worker = torch.utils.data.get_worker_info()
     worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
-    rank, world_size = world_info()
+    if rank is None or world_size is None:
+        rank, world_size = world_info()
     return rank * num_workers + (worker_id + start_step) % num_workers, world_size * num_workers
 
 
@@ -72,6 +75,7 @@ class ResumableStream(IterableDataset):
 
     def __init__(self, seed: int) -> None:
         self.seed = seed
+        self.rank, self.world_size = world_info()  # the building process's: its loader workers may have no group
         self.start_step = 0
         self.positions: dict[int, Any] = {}
         self.reseeds: list[int] = []  # the salts of every reseed so far: checkpoints save them
@@ -102,7 +106,7 @@ class ResumableStream(IterableDataset):
         return ""
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        reader, num_readers = reader_geometry(self.start_step)
+        reader, num_readers = reader_geometry(self.start_step, self.rank, self.world_size)
         for sample, position in self.iterate(reader, num_readers, self.positions.get(reader)):
             sample[STREAM_KEY] = (reader, position)
             yield sample
