@@ -542,6 +542,16 @@ def test_tsv_captions_are_read_verbatim_and_one_bad_caption_drops_one_row(tmp_pa
     (tmp_path / "a.parquet.gz").write_bytes(b"")
     with pytest.raises(OpenAlignError, match="is not .csv, .tsv"):
         TableSourceConfig(path=str(tmp_path / "a.parquet.gz")).rows()
+    # past the CSV reader's 1 MB blocks: quoted line breaks (pandas), and an alt-text TSV whose
+    # small unquoted reading failed or whose large one lost a block of rows to an unclosed quote
+    many = [f"caption {i}" + (" with\na line break" if i % 7 == 0 else "") for i in range(80_000)]
+    with open(tmp_path / "big.csv", "w", newline="") as handle:
+        csv.writer(handle).writerows([["image", "caption"], *(["a.png", caption] for caption in many)])
+    assert [text for _, text, _ in TableSourceConfig(path=str(tmp_path / "big.csv")).rows()] == many
+    for rows in (200, 60_000):
+        alt = [f"caption {i}" if i != rows // 2 else '"an unclosed quote' for i in range(rows)]
+        (tmp_path / "cc3m.tsv").write_text("image\tcaption\n" + "".join(f"a.png\t{caption}\n" for caption in alt))
+        assert [text for _, text, _ in TableSourceConfig(path=str(tmp_path / "cc3m.tsv")).rows()] == alt, rows
 
 
 def test_16_bit_and_float_images_are_scaled_to_8_bits_not_clipped():

@@ -268,13 +268,8 @@ def _read_table(path: Path, text_columns: tuple[str, ...] = (), byte_columns: tu
 
             table = pq.read_table(path)
         elif kind in ("csv", "tsv"):
-            table = _read_delimited(path, kind, text_columns, byte_columns, quoted=True)
-            if kind == "tsv" and _holds_tab_or_line_break(table, (*text_columns, *byte_columns)):
-                try:
-                    table = _read_delimited(path, kind, text_columns, byte_columns, quoted=False)
-                    log.info("table '%s': read unquoted (quoted, its fields would span tabs or lines)", path)
-                except Exception:  # noqa: BLE001 - the quotes hold fields with tabs or line breaks: keep them
-                    pass
+            table = _read_tsv(path, text_columns, byte_columns) if kind == "tsv" else \
+                _read_delimited(path, kind, text_columns, byte_columns, quoted=True)
         else:
             raise OpenAlignError(f"table '{path}' is not .csv, .tsv (either may be compressed: .gz, .bz2, .zst, "
                                  ".lz4) or .parquet")
@@ -285,13 +280,34 @@ def _read_table(path: Path, text_columns: tuple[str, ...] = (), byte_columns: tu
     return {name: table.column(name).to_pylist() for name in table.column_names}
 
 
+def _read_tsv(path: Path, text_columns: tuple[str, ...], byte_columns: tuple[str, ...]) -> Any:
+    """A TSV, quoted as a CSV unless that cannot be meant: CC3M's TSVs are unquoted, and a caption
+    that starts with an unclosed ``"`` would, quoted, swallow the rows after it (or fail the read)."""
+    try:
+        table, quoted_error = _read_delimited(path, "tsv", text_columns, byte_columns, quoted=True), None
+        if not _holds_tab_or_line_break(table, (*text_columns, *byte_columns)):
+            return table
+    except Exception as error:  # noqa: BLE001 - read unquoted below; this error is reported if that fails too
+        quoted_error = error
+    try:
+        unquoted = _read_delimited(path, "tsv", text_columns, byte_columns, quoted=False)
+    except Exception:  # noqa: BLE001 - the quotes hold fields with tabs or line breaks: keep them
+        if quoted_error is not None:
+            raise quoted_error from None
+        return table
+    log.info("table '%s': read unquoted (quoted, its fields would span tabs or lines)", path)
+    return unquoted
+
+
 def _read_delimited(path: Path, kind: str, text_columns: tuple[str, ...], byte_columns: tuple[str, ...],
                     quoted: bool) -> Any:
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
     compression = _CODECS.get(path.suffix.lower())  # any case: pyarrow's own guess knows '.gz' only
-    parse = pacsv.ParseOptions(delimiter="\t" if kind == "tsv" else ",", quote_char='"' if quoted else False)
+    # quoted fields may hold line breaks (pandas writes them): the parser must not cut blocks at every line
+    parse = pacsv.ParseOptions(delimiter="\t" if kind == "tsv" else ",", quote_char='"' if quoted else False,
+                               newlines_in_values=quoted)
     types = {**dict.fromkeys(text_columns, pa.string()), **dict.fromkeys(byte_columns, pa.binary())}
     with pa.input_stream(str(path), compression=compression) as stream:
         return pacsv.read_csv(stream, parse_options=parse, convert_options=pacsv.ConvertOptions(
