@@ -390,6 +390,9 @@ def test_a_damaged_header_or_compressed_shards_are_read_to_their_true_end(tmp_pa
         assert [s.key for s in stream_samples(io.BytesIO(data))] == [str(i) for i in range(10)], suffix
         with pytest.raises(ShardReadError):  # a compressed shard cut short
             list(stream_samples(io.BytesIO(data[: len(data) // 2])))
+    write_members(tmp_path / "BZh.tar", [(f"BZh2024_{i}.txt", b"c") for i in range(3)])  # plain, named like bzip2
+    assert [s.key for s in stream_samples(io.BytesIO((tmp_path / "BZh.tar").read_bytes()))] == [
+        f"BZh2024_{i}" for i in range(3)]
     png = encode("RGB", (20, 20), "PNG")
     write_members(tmp_path / "train.tar.gz", [m for i in range(6) for m in ((f"{i}.png", png), (f"{i}.txt", b"c"))],
                   "w:gz")  # as `openalign data caption` writes them

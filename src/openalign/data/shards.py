@@ -158,11 +158,12 @@ def _seek_read(tar: tarfile.TarFile, offset: int) -> bytes:
     return tar.fileobj.read(2 * tarfile.BLOCKSIZE)
 
 
-# Compressed tars, as tarfile's "r|*" recognises them: magic bytes and a streaming decompressor.
-_COMPRESSED: tuple[tuple[bytes, Callable[[BinaryIO], BinaryIO]], ...] = (
-    (b"\x1f\x8b", lambda raw: gzip.GzipFile(fileobj=raw, mode="rb")),
-    (b"BZh", lambda raw: bz2.BZ2File(raw)),
-    (b"\xfd7zXZ\x00", lambda raw: lzma.LZMAFile(raw)),
+# Compressed tars: magic bytes and a streaming decompressor. bzip2's is "BZh", a block size
+# digit and a block's own magic (a plain tar's first member may be named "BZh..." too).
+_COMPRESSED: tuple[tuple[re.Pattern[bytes], Callable[[BinaryIO], BinaryIO]], ...] = (
+    (re.compile(rb"\x1f\x8b"), lambda raw: gzip.GzipFile(fileobj=raw, mode="rb")),
+    (re.compile(rb"BZh[1-9](1AY&SY|\x17rE8P\x90)"), lambda raw: bz2.BZ2File(raw)),  # a block, or an empty stream
+    (re.compile(rb"\xfd7zXZ\x00"), lambda raw: lzma.LZMAFile(raw)),
 )
 
 
@@ -228,10 +229,10 @@ def stream_samples(fileobj: BinaryIO) -> Iterator[TarSample]:
     or damaged, even at a member boundary where ``tarfile`` stops quietly, raises
     :class:`ShardReadError` after its last whole sample."""
     try:
-        head = fileobj.read(6)
+        head = fileobj.read(10)
         raw: BinaryIO = io.BufferedReader(_Prefixed(head, fileobj))
         for magic, decompress in _COMPRESSED:
-            if head.startswith(magic):
+            if magic.match(head):
                 raw = decompress(raw)
         stream = _TarStream(raw)
         tar = tarfile.open(fileobj=stream, mode="r|")
