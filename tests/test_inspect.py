@@ -7,12 +7,14 @@ import json
 import tarfile
 from collections import Counter
 
+import numpy as np
 import pytest
 
 from PIL import Image
 
 from conftest import write_tar_shard
 from openalign.cli import main
+from openalign.errors import OpenAlignError
 
 
 def encode(mode: str, size: tuple[int, int], fmt: str = "JPEG") -> bytes:
@@ -132,21 +134,32 @@ def test_convert_skips_and_counts_an_unreadable_image_and_keeps_shards_full(tmp_
     from openalign.data import TableSourceConfig
     from openalign.data.convert import convert_table
 
-    lines = ["image,caption"]
-    for name in ("a.png", "broken.jpg", "b.png", "c.png"):
+    import datetime
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = []
+    for name in ("a.png", "broken.jpg", "b.png", "cut.png", "c.png"):
         if name == "broken.jpg":
             (tmp_path / name).write_text("not an image")
         else:
-            Image.new("RGB", (8, 8), "red").save(tmp_path / name)
-        lines.append(f"{name},a picture")
-    (tmp_path / "pairs.csv").write_text("\n".join(lines) + "\n")
-    sizes = convert_table(TableSourceConfig(path=str(tmp_path / "pairs.csv")), tmp_path / "shards",
-                          samples_per_shard=2, show_progress=False)
+            Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / name)
+        rows.append({"image": name, "caption": "a picture", "taken": datetime.datetime(2024, 5, 1, 12, 30)})
+    (tmp_path / "cut.png").write_bytes((tmp_path / "cut.png").read_bytes()[:500])  # opens, does not decode
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "pairs.parquet")
+    table = TableSourceConfig(path=str(tmp_path / "pairs.parquet"), extra_columns={"taken": "taken"})
+    sizes = convert_table(table, tmp_path / "shards", samples_per_shard=2, show_progress=False)
     assert sizes == {"00000.tar": 2, "00001.tar": 1}
     assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["00000.tar", "00001.tar", "sizes.json"]
     with tarfile.open(tmp_path / "shards" / "00000.tar") as tar:
         assert [name for name in tar.getnames() if name.endswith(".png")] == ["000000000.png", "000000002.png"]
-    assert "skipped 1 of 4 rows whose image PIL cannot read" in caplog.text and "broken.jpg" in caplog.text
+        assert tar.extractfile("000000000.taken.json").read() == b'"2024-05-01 12:30:00"'  # a timestamp as text
+    assert "skipped 2 of 5 rows whose image PIL cannot read" in caplog.text and "broken.jpg" in caplog.text
+    assert "cut.png" in caplog.text
+    (tmp_path / "none.csv").write_text("image,caption\nbroken.jpg,a picture\n")
+    with pytest.raises(OpenAlignError, match="none of the 1 rows of the table has an image PIL can read"):
+        convert_table(TableSourceConfig(path=str(tmp_path / "none.csv")), tmp_path / "none", show_progress=False)
 
 
 def test_tfrecord_source_streams_every_good_record_once_a_pass_and_counts_the_bad(tmp_path, caplog):

@@ -70,6 +70,9 @@ def convert_table(table: TableSourceConfig, out: str | Path, samples_per_shard: 
     if unreadable:
         log.warning("skipped %d of %d rows whose image PIL cannot read: %s%s", len(unreadable), len(rows),
                     ", ".join(unreadable[:5]), " ..." if len(unreadable) > 5 else "")
+    if not writer.sizes:
+        raise OpenAlignError(f"none of the {len(rows)} rows of the table has an image PIL can read (first: "
+                             f"{', '.join(unreadable[:3])}): no shard written; check image_column and image_root")
     (out / "sizes.json").write_text(json.dumps(writer.sizes, indent=1))
     return writer.sizes
 
@@ -125,17 +128,19 @@ def _sample_members(image: Path | bytes, caption: str, extra: dict[str, Any]) ->
     if isinstance(image, Path):
         source["source"] = str(image)
     return {extension: data, "txt": caption.encode(), **dict(_extra_member(name, value) for name, value in
-                                                            extra.items()), "json": json.dumps(source).encode()}
+                                                            extra.items()),
+            "json": json.dumps(source, default=str).encode()}
 
 
 def _extra_member(name: str, value: Any) -> tuple[str, bytes]:
     """An extra column as the member the ``webdataset`` source reads back with its type: text as
-    ``NAME.txt``, a whole number as ``NAME.cls``, anything else (floats, lists) as ``NAME.json``."""
+    ``NAME.txt``, a whole number as ``NAME.cls``, anything else (floats, lists) as ``NAME.json``
+    (what JSON has no type for, a timestamp say, as its text)."""
     if isinstance(value, str):
         return f"{name}.txt", value.encode()
     if isinstance(value, int) and not isinstance(value, bool):
         return f"{name}.cls", str(value).encode()
-    return f"{name}.json", json.dumps(value).encode()
+    return f"{name}.json", json.dumps(value, default=str).encode()
 
 
 def _member_image(data: bytes) -> tuple[str, bytes] | None:
@@ -146,9 +151,9 @@ def _member_image(data: bytes) -> tuple[str, bytes] | None:
     try:
         with Image.open(io.BytesIO(data)) as image:
             kind = (image.format or "").lower()
+            image.load()  # decoded whole: a truncated file opens, and training would skip it
             if kind in ("jpeg", "mpo", "png", "webp"):
                 return {"jpeg": "jpg", "mpo": "jpg"}.get(kind, kind), data
-            image.load()
             converted = io.BytesIO()
             (image if image.mode in _PNG_MODES else to_rgb(image)).save(converted, format="PNG")
             return "png", converted.getvalue()
