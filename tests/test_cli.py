@@ -152,7 +152,11 @@ def test_output_paths_are_checked_before_the_work_and_filesystem_errors_are_one_
             (evaluate + ["--output", str(tmp_path)], "is a directory; name a file in it"),
             (evaluate + ["--output", str(tmp_path / "a_file" / "shapes.json")], "a_file' is a file, not a directory"),
             (["eval", "examples", "--model", str(model_dir), "--json", str(shapes_root / "dataset_shapes.json"),
-              "--out", str(tmp_path / "examples.txt")], "the output must end in .png or .jpg")):
+              "--out", str(tmp_path / "examples.txt")], "the output must end in .png or .jpg"),
+            # a folder that refuses new files, even to root (sysfs, where there is one)
+            *[(["embed", "--model", str(model_dir), "--images", str(shapes_root), "--out", f"{folder}/index.parquet"],
+               "cannot be written: its folder refuses new files")
+              for folder in ("/sys/kernel",) if Path(folder).is_dir()]):
         assert main(arguments) == 2
         err = " ".join(capsys.readouterr().err.split())
         assert message in err and "Traceback" not in err

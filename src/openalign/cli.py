@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,11 @@ def _output_file(path: str, suffixes: tuple[str, ...] = ()) -> Path:
         output.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise OpenAlignError(f"cannot create the folder of '{path}': {error.strerror or error}") from None
+    try:  # the output is written whole under a temporary name beside it: that must be possible too
+        tempfile.TemporaryFile(dir=output.parent).close()
+    except OSError as error:
+        raise OpenAlignError(f"'{path}' cannot be written: its folder refuses new files ({error.strerror or error})"
+                             ) from None
     return output
 
 
