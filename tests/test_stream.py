@@ -555,7 +555,7 @@ def test_training_on_dirty_shards_resumes_exactly_and_reports_skips(tmp_path, sh
     straight = train(recipe(tmp_path / "straight"), show_progress=False)
     train_until_preempted(recipe(tmp_path / "resumed"), 3, monkeypatch)
     saved = json.loads((tmp_path / "resumed" / "checkpoints" / "step_00000003" / "data_rank0.json").read_text())
-    assert set(saved) == {"positions", "counts", "reseeds", "stream", "world_size", "num_workers"}
+    assert set(saved) == {"positions", "counts", "reseeds", "stream", "world_size", "num_workers", "log_window"}
     assert len(saved["positions"]) == 2 and saved["reseeds"] == []
     resumed = train(recipe(tmp_path / "resumed"), resume="latest", show_progress=False)
 
