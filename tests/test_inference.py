@@ -341,6 +341,18 @@ def test_embed_classify_and_search_commands(model_dir, loaded, image_dir, tmp_pa
     assert f"wrote 5 embeddings (32-d) to {out}" in capsys.readouterr().out
     index = read_index(out)
     assert len(index.paths) == 5 and index.model_name == "align-test" and index.model_source == str(model_dir.resolve())
+    assert main(["embed", "--model", str(model_dir), "--images", str(image_dir), "--out", str(out)]) == 0  # replaced
+    capsys.readouterr()
+    picture = tmp_path / "keep.png"
+    shutil.copy(image_dir / "blue.png", picture)
+    (tmp_path / "link.parquet").symlink_to(out)
+    assert main(["embed", "--model", str(model_dir), "--images", str(image_dir), "--out", str(picture)]) == 2
+    assert "exists and is not a parquet index" in " ".join(capsys.readouterr().err.split())
+    assert picture.read_bytes() == (image_dir / "blue.png").read_bytes()  # not replaced by an index
+    link = tmp_path / "link.parquet"
+    assert main(["embed", "--model", str(model_dir), "--images", str(image_dir), "--out", str(link)]) == 0
+    assert link.is_symlink()  # the link kept, its target written
+    capsys.readouterr()
 
     model, preprocess, tokenizer = loaded
     images = [str(image_dir / "blue.png"), str(image_dir / "nested" / "red.png")]

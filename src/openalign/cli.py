@@ -208,7 +208,12 @@ def _inference_model(args: argparse.Namespace, optimize: bool = True) -> tuple[A
 def _cmd_embed(args: argparse.Namespace) -> None:
     from .inference import embed_folder, model_source, write_index
 
-    out = _output_file(args.out)  # checked now, not after embedding every image
+    out = _output_file(args.out).resolve()  # checked now, not after embedding every image; a link's target written
+    if out.is_file():  # an index is replaced; anything else (one of the images, say) is not
+        with open(out, "rb") as existing:
+            if existing.read(4) != b"PAR1":
+                raise OpenAlignError(f"'{args.out}' exists and is not a parquet index, which is all 'embed' replaces: "
+                                     "choose another --out")
     model, preprocess, _ = _inference_model(args)
     paths, embeddings = embed_folder(model, preprocess, args.images, args.batch_size, args.num_workers)
     write_index(out, paths, embeddings, model_name=model.config.name, model_source=model_source(args.model))
