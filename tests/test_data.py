@@ -6,7 +6,9 @@ import base64
 import copy
 import io
 import json
+import os
 import random
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -536,6 +538,12 @@ def test_tsv_captions_are_read_verbatim_and_one_bad_caption_drops_one_row(tmp_pa
         writer.writerows([["a.png", caption] for caption in [*captions, "a\ttab", "two\nlines"]])
     assert [text for _, text, _ in TableSourceConfig(path=str(tmp_path / "quoted.tsv")).rows()] == \
         [*captions, "a\ttab", "two\nlines"]
+    # an image file name that is not UTF-8 (written on a Latin-1 system) still names its file
+    shutil.copy(tmp_path / "a.png", os.path.join(os.fsencode(tmp_path), b"caf\xe9.png"))
+    (tmp_path / "latin1.csv").write_bytes(b"image,caption\ncaf\xe9.png,a red square\nmissing\xe9.png,gone\n")
+    rows = TableSourceConfig(path=str(tmp_path / "latin1.csv")).rows()
+    assert [(image.read_bytes() == (tmp_path / "a.png").read_bytes(), text) for image, text, _ in rows] == [
+        (True, "a red square")]
     (tmp_path / "mixed.csv").write_bytes(b"image,caption\na.png,caf\xe9 latin-1\na.png,caf\xc3\xa9 utf-8\n")
     assert [text for _, text, _ in TableSourceConfig(path=str(tmp_path / "mixed.csv")).rows()] == ["café utf-8"]
     assert "dropped 1 row(s) with caption not UTF-8" in caplog.text

@@ -14,6 +14,7 @@ import hashlib
 import itertools
 import json
 import logging
+import os
 import random
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -183,7 +184,7 @@ class TableSourceConfig(SourceConfig, tag="table"):
         dropped = {EMPTY_CAPTION: 0, CAPTION_NOT_UTF8: 0, "missing image file": 0,
                    **{f"empty {name}": 0 for name in self.extra_columns}}
         for table_path in map(Path, tables):
-            columns = _read_table(table_path, text_columns=(self.image_column,), byte_columns=(self.text_column,))
+            columns = _read_table(table_path, byte_columns=(self.text_column,), path_columns=(self.image_column,))
             wanted = [self.image_column, self.text_column, *self.extra_columns.values()]
             missing = [name for name in wanted if name not in columns]
             if missing:
@@ -249,12 +250,14 @@ def _table_format(path: Path) -> str | None:
     return kind if kind in ("csv", "tsv") or (kind == "parquet" and not compressed) else None
 
 
-def _read_table(path: Path, text_columns: tuple[str, ...] = (), byte_columns: tuple[str, ...] = ()
-                ) -> dict[str, list[Any]]:
+def _read_table(path: Path, text_columns: tuple[str, ...] = (), byte_columns: tuple[str, ...] = (),
+                path_columns: tuple[str, ...] = ()) -> dict[str, list[Any]]:
     """Columns of a CSV, TSV or parquet file, as Python lists.
 
     In CSV and TSV, ``text_columns`` are read as written: type inference would turn a caption
     "007" into 7 and a file name "0001" into 1; other columns keep inferred numbers (labels).
+    ``path_columns`` too, their bytes decoded as the file system decodes names (a name that is
+    not UTF-8 still names its file, rather than making the table unreadable).
     ``byte_columns`` are read as undecoded bytes, so that one caption that is not UTF-8 is one
     dropped row rather than an unreadable table. Fields may be quoted as RFC 4180 (and pandas)
     quote them. A TSV whose quoted reading puts a tab or a line break into a text field is alt-text
@@ -268,8 +271,12 @@ def _read_table(path: Path, text_columns: tuple[str, ...] = (), byte_columns: tu
 
             table = pq.read_table(path)
         elif kind in ("csv", "tsv"):
-            table = _read_tsv(path, text_columns, byte_columns) if kind == "tsv" else \
-                _read_delimited(path, kind, text_columns, byte_columns, quoted=True)
+            binary = (*byte_columns, *path_columns)
+            table = _read_tsv(path, text_columns, binary) if kind == "tsv" else \
+                _read_delimited(path, kind, text_columns, binary, quoted=True)
+            columns = {name: table.column(name).to_pylist() for name in table.column_names}
+            return {name: [os.fsdecode(cell) if name in path_columns and cell is not None else cell for cell in cells]
+                    for name, cells in columns.items()}
         else:
             raise OpenAlignError(f"table '{path}' is not .csv, .tsv (either may be compressed: .gz, .bz2, .zst, "
                                  ".lz4) or .parquet")
