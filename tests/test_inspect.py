@@ -205,3 +205,23 @@ def test_tfrecord_source_streams_every_good_record_once_a_pass_and_counts_the_ba
     assert counted["skipped/truncated or corrupt shard"] >= 2
     with pytest.raises(OpenAlignError, match="1 of the 1 TFRecord files .* do not exist"):
         TFRecordSourceConfig(urls=str(tmp_path / "none-*.tfrecord")).build(transform, 0)
+
+
+def test_inspect_reads_tfrecords_by_either_name_and_their_image_key_as_training_does(tmp_path):
+    """A '.tfrec' file is a TFRecord too, and a record whose image is under 'png' has none to the
+    TFRecord source (image_key 'jpg'): inspect says what training will do."""
+    from tfrecord.writer import TFRecordWriter
+
+    from openalign.data.inspect import inspect_shards
+
+    png = io.BytesIO()
+    Image.new("RGB", (32, 32), "red").save(png, "PNG")
+    for name, key in (("a.tfrecord", "png"), ("b.tfrec", "jpg")):
+        writer = TFRecordWriter(str(tmp_path / name))
+        for i in range(3):
+            writer.write({key: (png.getvalue(), "byte"), "txt": (f"record {i}".encode(), "byte")})
+        writer.close()
+    under_png = inspect_shards([str(tmp_path / "a.tfrecord")], show_progress=False)
+    assert (under_png["usable"], under_png["skipped"]) == (0, {"no image": 3})
+    tfrec = inspect_shards([str(tmp_path / "b.tfrec")], show_progress=False)
+    assert (tfrec["usable"], tfrec["failed_shards"]) == (3, {})

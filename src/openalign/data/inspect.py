@@ -20,10 +20,11 @@ from ..progress import progress_bar
 from .quality import (NO_IMAGE, REPEATED_FIELD, UNDECODABLE_IMAGE, UNDECODABLE_RECORD, SkipSample, caption_text,
                       open_image)
 from .shards import ShardReadError, expand_urls
-from .sources import REPEATED_FIELDS, WebDatasetSourceConfig, check_not_cut_short
+from .sources import REPEATED_FIELDS, TFRecordSourceConfig, WebDatasetSourceConfig, check_not_cut_short
 from .tfrecords import CorruptRecord
 
 IMAGE_KEYS = tuple(WebDatasetSourceConfig.image_keys.split(";"))  # what training reads
+TFRECORD_IMAGE_KEYS = (TFRecordSourceConfig.image_key,)  # and from TFRecords
 MIN_IMAGE_SIDE = WebDatasetSourceConfig.min_image_side
 CAPTION_EDGES = (1, 10, 20, 40, 80, 160, 320)  # characters
 IMAGE_EDGES = (32, 64, 128, 256, 512, 1024, 2048)  # pixels, the longer side
@@ -44,11 +45,13 @@ def inspect_shards(patterns: Sequence[str], text_key: str = "txt", image_keys: S
     samples = usable = 0
     with progress_bar("inspecting shards", len(shards), enabled=show_progress) as advance:
         for shard in shards:
+            # a TFRecord's image is under the TFRecord source's key, unless other keys were asked for
+            keys = TFRECORD_IMAGE_KEYS if _is_tfrecord(shard) and image_keys is IMAGE_KEYS else image_keys
             try:
                 for fields in _samples(shard):
                     samples += 1
                     reason = (fields.reason if isinstance(fields, SkipSample)
-                              else _check(fields, text_key, image_keys, min_image_side, captions, sizes, modes))
+                              else _check(fields, text_key, keys, min_image_side, captions, sizes, modes))
                     if reason:
                         skipped[reason] += 1
                     else:
@@ -62,12 +65,12 @@ def inspect_shards(patterns: Sequence[str], text_key: str = "txt", image_keys: S
 
 
 def _samples(url: str) -> Iterator[dict[str, Any] | SkipSample]:
-    """The samples of a tar shard, or of a TFRecord file (``*.tfrecord``), as ``{field: bytes}``,
+    """The samples of a tar shard, or of a TFRecord file (:func:`_is_tfrecord`), as ``{field: bytes}``,
     read as training reads them; a TFRecord record that fails its CRC or does not parse comes as
     its :class:`SkipSample`."""
     from .sources import example_fields, read_tar_shard, read_tfrecord_file
 
-    if ".tfrecord" not in url.rsplit("/", 1)[-1]:
+    if not _is_tfrecord(url):
         yield from read_tar_shard(url)
         return
     for record in read_tfrecord_file(url):
@@ -77,6 +80,12 @@ def _samples(url: str) -> Iterator[dict[str, Any] | SkipSample]:
             yield example_fields(record)
         except SkipSample as skip:
             yield skip
+
+
+def _is_tfrecord(url: str) -> bool:
+    """A TFRecord file, by its name: ``*.tfrecord*`` or ``*.tfrec`` (any case)."""
+    name = url.rsplit("/", 1)[-1].lower()
+    return ".tfrecord" in name or name.endswith(".tfrec")
 
 
 def _check(members: dict[str, Any], text_key: str, image_keys: Sequence[str], min_image_side: int,
