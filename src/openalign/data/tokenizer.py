@@ -102,8 +102,8 @@ class Tokenizer:
             return {"input_ids": empty, "attention_mask": empty.clone()}
         kept = self.max_length - self.hf_tokenizer.num_special_tokens_to_add()  # the text's tokens truncation keeps
         encoded = self.hf_tokenizer([self._shortened(text, kept) for text in batch], padding="max_length",
-                                    truncation=True, max_length=self.max_length, return_tensors="pt", return_token_type_ids=False,
-                                    split_special_tokens=self.split_special_tokens)
+                                    truncation=True, max_length=self.max_length, return_tensors="pt",
+                                    return_token_type_ids=False, split_special_tokens=self.split_special_tokens)
         return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
 
     def _shortened(self, text: str, kept: int) -> str:
@@ -191,17 +191,20 @@ def cut_characters(hf_tokenizer: Any) -> str:
 
 
 def _splits_at(backend: Any, separator: str) -> bool:
-    probe = f"ab{separator}cd{separator}{separator}ef"
-    if backend.normalizer is not None:
-        probe = backend.normalizer.normalize_str(probe)
-    pieces = [piece for piece, _ in backend.pre_tokenizer.pre_tokenize_str(probe)]
-    words = ["".join(character for character in piece if character in "abcdef") for piece in pieces]
+    """Whether the words around ``separator`` come out in pieces of their own."""
+    words = ["".join(c for c in piece if c in "abcdef") for piece in _pieces(backend, f"ab{separator}cd{separator}"
+                                                                                        f"{separator}ef")]
     return [word for word in words if word] == ["ab", "cd", "ef"]
 
 
 def _isolates(backend: Any, character: str) -> bool:
-    probe = f"ab{character}{character}cd{character}ef"
+    """Whether each ``character`` comes out as a piece of its own, even in a run of them."""
+    return _pieces(backend, f"ab{character}{character}cd{character}ef") == ["ab", character, character, "cd",
+                                                                            character, "ef"]
+
+
+def _pieces(backend: Any, probe: str) -> list[str]:
+    """What the tokenizer's normaliser and pre-tokenizer make of ``probe``."""
     if backend.normalizer is not None:
         probe = backend.normalizer.normalize_str(probe)
-    return [piece for piece, _ in backend.pre_tokenizer.pre_tokenize_str(probe)] == [
-        "ab", character, character, "cd", character, "ef"]
+    return [piece for piece, _ in backend.pre_tokenizer.pre_tokenize_str(probe)]
