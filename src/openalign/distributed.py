@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import os
 import warnings
 from collections.abc import Iterator
@@ -160,8 +159,7 @@ class PeerFailure(OpenAlignError):
 
 
 _AGREED = "_openalign_agreement"  # on an error every rank knows of: the number of the agreement
-_agreements = itertools.count(1)  # this process's agreements on failures, numbered in order
-_latest_agreement = 0
+_latest_agreement = 0  # this process's agreements on failures, numbered in order: the latest
 
 
 @contextmanager
@@ -205,7 +203,7 @@ def fail_together(what: str) -> Iterator[None]:
 
 def _mark_agreed(error: BaseException) -> None:
     global _latest_agreement
-    _latest_agreement = next(_agreements)
+    _latest_agreement += 1
     setattr(error, _AGREED, _latest_agreement)
 
 
