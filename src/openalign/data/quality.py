@@ -36,7 +36,6 @@ IMAGE_TOO_SMALL = "image too small"
 UNDECODABLE_RECORD = "undecodable record"
 TRUNCATED_SHARD = "truncated or corrupt shard"
 CUT_SHORT_SAMPLE = "sample cut short by its shard's end"
-
 CUT_SHORT = "__cut_short__"  # in a raw tar sample: the shard is cut right after its members (TarSample.cut_short)
 UNREADABLE_SHARD = "unreadable shard"
 EMPTY_SHARD = "empty shard"

@@ -274,9 +274,6 @@ def _read_table(path: Path, text_columns: tuple[str, ...] = (), byte_columns: tu
             binary = (*byte_columns, *path_columns)
             table = _read_tsv(path, text_columns, binary) if kind == "tsv" else \
                 _read_delimited(path, kind, text_columns, binary, quoted=True)
-            columns = {name: table.column(name).to_pylist() for name in table.column_names}
-            return {name: [os.fsdecode(cell) if name in path_columns and cell is not None else cell for cell in cells]
-                    for name, cells in columns.items()}
         else:
             raise OpenAlignError(f"table '{path}' is not .csv, .tsv (either may be compressed: .gz, .bz2, .zst, "
                                  ".lz4) or .parquet")
@@ -284,7 +281,11 @@ def _read_table(path: Path, text_columns: tuple[str, ...] = (), byte_columns: tu
         raise
     except Exception as error:  # pyarrow's parse errors name the line
         raise OpenAlignError(f"cannot read table '{path}': {error}") from None
-    return {name: table.column(name).to_pylist() for name in table.column_names}
+    columns = {name: table.column(name).to_pylist() for name in table.column_names}
+    for name in path_columns if kind != "parquet" else ():  # read as bytes above: decoded as file names are
+        if name in columns:
+            columns[name] = [None if cell is None else os.fsdecode(cell) for cell in columns[name]]
+    return columns
 
 
 def _read_tsv(path: Path, text_columns: tuple[str, ...], byte_columns: tuple[str, ...]) -> Any:
