@@ -72,7 +72,8 @@ def check_fits(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int,
     of each kind as ``name`` spells them."""
     missing = [name(k) for k in expected if k not in found]
     unexpected = [name(k) for k in found if k not in expected]
-    misshapen = [f"{name(k)} {found[k]} (model: {expected[k]})" for k in expected if k in found and found[k] != expected[k]]
+    misshapen = [f"{name(k)} {found[k]} (model: {expected[k]})"
+                 for k in expected if k in found and found[k] != expected[k]]
     if missing or unexpected or misshapen:
         problems = [f"{label}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
                     for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshapen))

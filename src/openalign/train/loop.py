@@ -186,28 +186,28 @@ def train_step(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Opti
             outputs = forward(**inputs)
         loss = loss_fn(**outputs)  # outside autocast: logits and softmax in fp32
         loss.backward()
-    gradients = [p.grad for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip is not None else \
-        torch.nn.utils.get_total_norm(gradients)
+    if grad_clip is not None:
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
     optimizer.step()
     scheduler.step()
     if hasattr(model, "constrain_parameters"):  # e.g. the logit-scale cap
         model.constrain_parameters()
     # a finite loss with a NaN or infinite gradient has just made the weights NaN: reported as a
     # NaN loss, the divergence check stops the run before they are checkpointed (no synchronisation)
-    return torch.where(torch.isfinite(norm), loss.detach(), torch.full_like(loss.detach(), float("nan")))
+    return loss.detach().where(norm.isfinite(), torch.nan)
 
 
 def _stop_if_diverged(window: _LogWindow, step: int, checkpointer: Checkpointer) -> None:
-    """Stop, on every rank, before a NaN or infinite loss (or gradient) is logged as progress or its weights
-    are checkpointed (where pruning would soon delete the last good checkpoint). The window's
+    """Stop, on every rank, before a NaN or infinite loss (or gradient) is logged as progress or
+    its weights are checkpointed (where pruning would soon delete the last good checkpoint). The window's
     summed loss, over all ranks, is finite exactly when each of its losses is (any earlier
     window passed this check)."""
     if not torch.isfinite(window.summed_loss()):
         newest = checkpointer.checkpoints()
         raise OpenAlignError(f"the loss (or its gradient) was NaN or infinite within the {window.steps} step(s) up to "
-                             f"step {step}: "
-                             "training stopped without checkpointing them (newest checkpoint: "
+                             f"step {step}: training stopped without checkpointing them (newest checkpoint: "
                              f"{newest[-1] if newest else 'none'}). Lower train.lr, set train.grad_clip or check the "
                              "data, and train again (resuming would repeat the same steps)")
 
@@ -257,7 +257,8 @@ class _LogWindow:
         seconds = time.perf_counter() - self.started
         skipped = sum(n for key, n in monitor.counts().items() if key.startswith("skipped/"))
         scalars = {"loss": (self.summed_loss() / (self.steps * world_info()[1])).item(), "lr": lr,
-                   "temperature": model.temperature.item(), "samples_per_second": batch_size * self.timed_steps / seconds,
+                   "temperature": model.temperature.item(),
+                   "samples_per_second": batch_size * self.timed_steps / seconds,
                    "data/skipped": all_reduce_sum(torch.tensor(float(skipped), device=self.loss.device)).item()}
         scalars.update({key: all_reduce_mean(value / self.steps).item() for key, value in self.stats.items()})
         return scalars
@@ -309,10 +310,9 @@ def _check_loss_takes(loss_fn: nn.Module, outputs: tuple[str, ...], config: Loss
     taken = {p.name for p in parameters}
     if set(needed) <= set(outputs) <= taken:
         return
-    kind = config.tag
-    raise ConfigError(f"the '{kind}' loss takes {', '.join(needed)}, but the model gives {', '.join(outputs)}: set "
-                      "model.text_fields to the text fields the loss reads (ALIP's: [text, caption]; the contrastive "
-                      "loss: [text]), or choose the loss that fits the model", "loss")
+    raise ConfigError(f"the '{config.tag}' loss takes {', '.join(needed)}, but the model gives "
+                      f"{', '.join(outputs)}: set model.text_fields to the text fields the loss reads (ALIP's: "
+                      "[text, caption]; the contrastive loss: [text]), or choose the loss that fits the model", "loss")
 
 
 def _per_rank_batch(batch_size: int, world_size: int, accum_steps: int) -> int:
