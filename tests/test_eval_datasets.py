@@ -97,7 +97,8 @@ def test_zeroshot_takes_each_classs_own_prompts_from_a_cupl_json(model, folders,
     labels = torch.tensor([classes.index(p.parent.name) for p in paths])
     tokenizer = model.config.build_tokenizer()
     with torch.no_grad():
-        class_emb = torch.stack([F.normalize(model.encode_text(**tokenizer(prompts[c])).mean(0), dim=0) for c in classes])
+        class_emb = torch.stack([F.normalize(model.encode_text(**tokenizer(prompts[c])).mean(0), dim=0)
+                                 for c in classes])
     assert ours == pytest.approx(classification_metrics(_embed(model, paths) @ class_emb.T, labels))
     (tmp_path / "partial.json").write_text(json.dumps({classes[0]: ["a thing"]}))
     with pytest.raises(OpenAlignError, match=rf"per-class prompts .* have none for {len(classes) - 1} of the "):

@@ -139,7 +139,8 @@ def test_clippo_b16_expects_the_parameter_tree_of_the_released_checkpoints():
     attention = {**{f"{n}/kernel": (768, 12, 64) for n in ("query", "key", "value")},
                  **{f"{n}/bias": (12, 64) for n in ("query", "key", "value")},
                  "out/kernel": (12, 64, 768), "out/bias": (768,)}
-    mlp = {"Dense_0/kernel": (768, 3072), "Dense_0/bias": (3072,), "Dense_1/kernel": (3072, 768), "Dense_1/bias": (768,)}
+    mlp = {"Dense_0/kernel": (768, 3072), "Dense_0/bias": (3072,), "Dense_1/kernel": (3072, 768),
+           "Dense_1/bias": (768,)}
     shapes = {"embedding/kernel": (16, 16, 3, 768), "embedding/bias": (768,), "pos_embedding": (1, 196, 768),
               "Transformer/encoder_norm/scale": (768,), "Transformer/encoder_norm/bias": (768,),
               "MAPHead_0/probe": (1, 1, 768), "MAPHead_0/LayerNorm_0/scale": (768,),

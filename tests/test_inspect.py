@@ -144,7 +144,8 @@ def test_convert_skips_and_counts_an_unreadable_image_and_keeps_shards_full(tmp_
         if name == "broken.jpg":
             (tmp_path / name).write_text("not an image")
         else:
-            Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / name)
+            noise = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+            Image.fromarray(noise).save(tmp_path / name)
         rows.append({"image": name, "caption": "a picture", "taken": datetime.datetime(2024, 5, 1, 12, 30)})
     (tmp_path / "cut.png").write_bytes((tmp_path / "cut.png").read_bytes()[:500])  # opens, does not decode
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "pairs.parquet")

@@ -66,14 +66,17 @@ def load_open_clip_weights(model: nn.Module, path: Path) -> None:
 def _from_open_clip(key: str) -> str:
     if key == "logit_scale":  # open_clip's log of the logit scale: −log τ
         return "log_temperature"
-    return f"image_tower.{key.removeprefix('visual.')}" if key.startswith("visual.") else f"text_tower.transformer.{key}"
+    if key.startswith("visual."):
+        return f"image_tower.{key.removeprefix('visual.')}"
+    return f"text_tower.transformer.{key}"
 
 
 def _to_open_clip(key: str) -> str:
     if key == "log_temperature":
         return "logit_scale"
-    return f"visual.{key.removeprefix('image_tower.')}" if key.startswith("image_tower.") else \
-        key.removeprefix("text_tower.transformer.")
+    if key.startswith("image_tower."):
+        return f"visual.{key.removeprefix('image_tower.')}"
+    return key.removeprefix("text_tower.transformer.")
 
 
 def load_big_vision_weights(model: nn.Module, path: Path) -> None:

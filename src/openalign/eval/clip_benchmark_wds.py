@@ -132,7 +132,7 @@ def _extract(archive: tarfile.TarFile, member: tarfile.TarInfo, path: Path, shar
     """``member`` written to ``path``, whole or not at all, unless a file of its size, extracted
     since the shard was last written (``shard_mtime``, ns), is there: a shard made again in
     place may hold another image of the same size under the same key."""
-    if path.is_file() and path.stat().st_size == member.size and path.stat().st_mtime_ns >= shard_mtime:
+    if path.is_file() and (done := path.stat()).st_size == member.size and done.st_mtime_ns >= shard_mtime:
         return path
     try:
         with written_whole(path) as temporary:  # a name unique across ranks and hosts

@@ -156,9 +156,9 @@ def evaluate_zeroshot(model: nn.Module, root: str | Path, device: torch.device,
         paths, labels, folders = read_class_folders(root)
         readable = class_names(folders, names if names is not None else _imagenet_names(folders, root))
     if isinstance(templates, Mapping):  # CuPL: each class's own prompts, keyed by its name
-        templates = {canonicalize_prompt(name, ",") if canonicalize else name: [
-            canonicalize_prompt(prompt) if canonicalize else prompt for prompt in prompts]
-            for name, prompts in templates.items()}
+        if canonicalize:
+            templates = {canonicalize_prompt(name, ","): [canonicalize_prompt(prompt) for prompt in prompts]
+                         for name, prompts in templates.items()}
     else:
         templates = list(templates or DEFAULT_TEMPLATES)
         if any("{}" not in template for template in templates):
