@@ -53,6 +53,9 @@ def hf_dir(tmp_path_factory) -> Path:
         size={"height": 78, "width": 78}, crop_size={"height": 65, "width": 65}, resample=2, do_center_crop=True,
         rescale_factor=1 / 127.5, rescale_offset=True, do_normalize=False, include_top=False)
     tokenizer = AutoTokenizer.from_pretrained(str(_packaged_copy("bert-base-uncased")))
+    tokenizer.backend_tokenizer.no_padding()  # align-base's tokenizer has none of the packaged copy's 128-token
+    tokenizer.backend_tokenizer.no_truncation()  # settings, which AlignProcessor would pad to over its own 64
+    del tokenizer.init_kwargs["max_length"]
     AlignProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(directory)
     return directory
 
@@ -226,6 +229,29 @@ def test_export_keeps_a_capped_logit_scale_and_alignprocessors_64_tokens(images,
         hf_logits = AlignModel.from_pretrained(tmp_path / "capped").eval()(**inputs).logits_per_text
     assert model.logit_scale.item() == pytest.approx(50.0)
     torch.testing.assert_close(hf_logits, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_a_model_reading_16_tokens_exports_a_processor_that_pads_to_16(images, tmp_path):
+    torch.manual_seed(0)
+    model = openalign.create_model("align-test", image_projection=False, embed_dim=80, text={"max_length": 16}).eval()
+    model.save_pretrained(tmp_path / "short", format="hf")
+    processor = AlignProcessor.from_pretrained(tmp_path / "short")
+    assert processor(text=["a cat"], return_tensors="pt")["input_ids"].shape == (1, 16)  # not AlignProcessor's 64
+    inputs = processor(text=TEXTS, images=images, truncation=True, return_tensors="pt")
+    tokenizer = model.config.build_tokenizer()
+    assert torch.equal(inputs["input_ids"], tokenizer(TEXTS)["input_ids"])
+    with torch.no_grad():
+        expected = model.logit_scale * model.encode_text(**tokenizer(TEXTS)) @ model.encode_image(
+            inputs["pixel_values"]).T
+        hf_logits = AlignModel.from_pretrained(tmp_path / "short").eval()(**inputs).logits_per_text
+    torch.testing.assert_close(hf_logits, expected, rtol=1e-5, atol=1e-4)
+    reloaded, _, reloaded_tokenizer = openalign.load_pretrained(tmp_path / "short")
+    assert reloaded.config.text.max_length == 16 and reloaded_tokenizer(TEXTS)["input_ids"].shape == (3, 16)
+    settings = json.loads((tmp_path / "short" / "tokenizer_config.json").read_text())
+    for bad, message in ((600, "max_length is 600; .* between 2 and 512"), ("16", "max_length is '16'")):
+        (tmp_path / "short" / "tokenizer_config.json").write_text(json.dumps({**settings, "max_length": bad}))
+        with pytest.raises(OpenAlignError, match=message):
+            openalign.load_pretrained(tmp_path / "short")
 
 
 def test_openalign_format_round_trips_and_convert_goes_both_ways(hf_dir, images, tmp_path):

@@ -94,7 +94,7 @@ def model_config_from_hf(directory: Path) -> DualEncoderConfig:
         log.warning("'%s' has no tokenizer files: using bert-base-uncased", directory)
     text_dict = {"type": "bert", **{k: _plain(getattr(text, k)) for k in _BERT_FIELDS},
                  "tokenizer": "." if has_tokenizer else "bert-base-uncased",
-                 "max_length": min(MAX_LENGTH, text.max_position_embeddings)}
+                 "max_length": _text_length(directory, text.max_position_embeddings)}
     model = {"architecture": "dual_encoder", "name": directory.resolve().name, "image": image, "text": text_dict,
              "embed_dim": hf.projection_dim, "image_projection": False,
              "temperature_init": hf.temperature_init_value,
@@ -108,6 +108,20 @@ def model_config_from_hf(directory: Path) -> DualEncoderConfig:
                                  f"this vision_config makes them {_vision_width(image)} wide: the two must be equal"
                                  ) from None
         raise OpenAlignError(f"'{directory / HF_CONFIG_FILE}' cannot be represented: {error}") from None
+
+
+def _text_length(directory: Path, positions: int) -> int:
+    """The tokens AlignProcessor pads texts to: the tokenizer's ``max_length`` where its
+    ``tokenizer_config.json`` sets one (openalign's exports do), else ALIGN's 64."""
+    path = directory / "tokenizer_config.json"
+    settings = read_json(path) if path.is_file() else {}
+    length = settings.get("max_length") if isinstance(settings, dict) else None
+    if length is None:
+        return min(MAX_LENGTH, positions)
+    if isinstance(length, bool) or not isinstance(length, int) or not 2 <= length <= positions:
+        raise OpenAlignError(f"'{path}': max_length is {length!r}; the text model reads between 2 and {positions} "
+                             "tokens (max_position_embeddings)")
+    return length
 
 
 def _vision_width(image: dict[str, Any]) -> int:
@@ -278,17 +292,15 @@ def save_hf_directory(model: nn.Module, directory: Path) -> Path:
                     "(antialias: never) does not: exported, it sees slightly smoother images")
     resample = {name: code for code, name in _RESAMPLE_NAMES.items()}[pre.interpolation]
     tokenizer = copy.deepcopy(model.config.build_tokenizer().hf_tokenizer)
-    tokenizer.model_max_length = MAX_LENGTH
+    length = model.config.text.max_length
+    tokenizer.model_max_length = length
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:  # the vocabulary's own fixed padding and truncation (128) are not ALIGN's
         backend.no_padding()
         backend.no_truncation()
-    if "max_length" in tokenizer.init_kwargs:  # AlignProcessor pads to this: ALIGN's 64, not the source's 128
-        tokenizer.init_kwargs["max_length"] = MAX_LENGTH
-    if model.config.text.max_length != MAX_LENGTH:
-        log.warning("transformers' AlignProcessor pads and truncates texts to %d tokens; this model reads %d: in "
-                    "transformers, pass max_length=%d to the processor", MAX_LENGTH, model.config.text.max_length,
-                    model.config.text.max_length)
+    # AlignProcessor pads to a tokenizer's max_length over its own 64: this model's length, not the source's 128;
+    # model_config_from_hf reads it back
+    tokenizer.init_kwargs["max_length"] = length
     image_processor = EfficientNetImageProcessor(
         size={"height": pre.resize_size, "width": pre.resize_size},
         crop_size={"height": pre.image_size, "width": pre.image_size}, resample=resample, do_center_crop=True,
