@@ -268,16 +268,38 @@ def test_openalign_format_round_trips_and_convert_goes_both_ways(hf_dir, images,
         openalign.pretrained.convert(back, back, to="openalign", overwrite=True)
     (back / "checkpoints" / "step_1").mkdir(parents=True)  # a model inside the source: a run's checkpoint, say
     (back / "checkpoints" / "step_1" / "config.yaml").write_text("model: {}\n")
-    with pytest.raises(OpenAlignError, match="holds a model inside the source"):
+    with pytest.raises(OpenAlignError, match="is inside the source"):
         openalign.pretrained.convert(back, back / "checkpoints" / "step_1", to="openalign", overwrite=True)
+    with pytest.raises(OpenAlignError, match="is inside the source"):  # a new checkpoint a resume would take
+        openalign.pretrained.convert(back, back / "checkpoints" / "step_2", to="openalign")
+    assert sorted(path.name for path in (back / "checkpoints").iterdir()) == ["step_1"]
     shutil.rmtree(back / "checkpoints")
     with pytest.raises(OpenAlignError, match="already holds a model .*config.json, model.safetensors.*overwrite=True"):
         model.save_pretrained(back)
     model.save_pretrained(back, overwrite=True)  # the AlignModel's files go: no stale config.json is left behind
-    assert not (back / "config.json").exists()
+    assert not (back / "config.json").exists() and not (back / "preprocessor_config.json").exists()
     for ours, theirs in zip(_our_outputs(model, preprocess, tokenizer, images),
                             _our_outputs(*openalign.load_pretrained(back), images)):
         assert torch.equal(ours, theirs)
+
+
+def test_overwriting_a_model_removes_its_vocabulary_processor_and_weight_shards(hf_dir, tmp_path):
+    target = tmp_path / "target"
+    shutil.copytree(hf_dir, target)
+    state = load_file(str(target / "model.safetensors"))  # as transformers shards a large model
+    names = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": names[:10], "model-00002-of-00002.safetensors": names[10:]}
+    for shard, keys in shards.items():
+        save_file({key: state[key] for key in keys}, str(target / shard))
+    (target / "model.safetensors").unlink()
+    (target / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {key: shard for shard, keys in shards.items() for key in keys}}))
+    (target / "notes.txt").write_text("mine")  # not a model's file: it stays
+    assert openalign.load_pretrained(target)[0].config.embed_dim == 160
+    clippo = openalign.create_model("clippo-test")
+    clippo.save_pretrained(target, overwrite=True)  # renders its texts: no vocabulary of its own
+    assert sorted(path.name for path in target.iterdir()) == ["config.yaml", "model.safetensors", "notes.txt"]
+    assert openalign.load_pretrained(target)[0].config.name == "clippo-test"
 
 
 def test_models_that_hugging_face_cannot_represent_are_refused(tmp_path):

@@ -17,6 +17,7 @@ no pickled code runs and no ``trust_remote_code``.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from pathlib import Path
@@ -42,6 +43,11 @@ HF_CONFIG_FILE = "config.json"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model"]
 _MODEL_FILES = (CONFIG_FILE, HF_CONFIG_FILE, WEIGHTS_FILE, "pytorch_model.bin", "model.safetensors.index.json")
+# the files a model keeps beside its weights (tokenizer, processor): replaced with it, so that none of an
+# overwritten model's outlives it (a CLIPPO model, which needs no vocabulary, over a BERT one, say)
+_COMPANION_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json",
+                    "added_tokens.json", "vocab.json", "merges.txt", "preprocessor_config.json",
+                    "processor_config.json")
 
 
 def load_pretrained(name_or_path: str | Path, device: str | torch.device = "cpu", architecture: str | None = None
@@ -155,7 +161,8 @@ def save_pretrained(model: nn.Module, directory: str | Path, format: str = "open
     ``AlignProcessor.from_pretrained`` and the ``zero-shot-image-classification`` pipeline load.
 
     A directory that already holds a model is an error unless ``overwrite``; then its model files
-    (either format's) are replaced, so that no stale config describes the new weights. The files
+    (either format's, with their tokenizer and processor files and weight shards) are replaced, so
+    that no stale config, vocabulary or processor describes the new weights. The files
     are written to a staging folder inside the directory and moved in once all are written
     (:func:`~openalign.files.filled_whole`): an export that is refused (an architecture ``hf``
     cannot hold) or fails leaves the directory as it was.
@@ -173,8 +180,7 @@ def save_pretrained(model: nn.Module, directory: str | Path, format: str = "open
     if existing and not overwrite:
         raise OpenAlignError(f"'{directory}' already holds a model ({', '.join(existing)}): choose a new directory, "
                              "or pass overwrite=True (openalign convert --overwrite) to replace it")
-    # transformers 5's processor_config.json (see hf.save_hf_directory) would outlive an export over one
-    stale = [*existing, "processor_config.json"] if format == "hf" else existing
+    stale = [*existing, *_COMPANION_FILES, *_weight_shards(directory)] if existing else []
     with filled_whole(directory, replaces=stale) as staging:  # a refused export leaves the old model there
         if format == "hf":
             from .hf import save_hf_directory
@@ -183,6 +189,16 @@ def save_pretrained(model: nn.Module, directory: str | Path, format: str = "open
         else:
             _save_openalign_directory(model, staging)
     return directory
+
+
+def _weight_shards(directory: Path) -> list[str]:
+    """The weight files ``model.safetensors.index.json`` in ``directory`` names, if it is there and readable."""
+    index = directory / "model.safetensors.index.json"
+    try:
+        names = set(json.loads(index.read_text()).get("weight_map", {}).values()) if index.is_file() else set()
+    except (OSError, ValueError, AttributeError, TypeError):  # a damaged index: the overwrite removes it, its shards stay
+        return []
+    return sorted(name for name in names if isinstance(name, str) and Path(name).name == name)
 
 
 def _save_openalign_directory(model: nn.Module, directory: Path) -> None:
@@ -202,14 +218,14 @@ def _save_openalign_directory(model: nn.Module, directory: Path) -> None:
 def convert(source: str | Path, destination: str | Path, to: str, overwrite: bool = False,
             architecture: str | None = None) -> Path:
     """Load ``source`` (any form :func:`load_pretrained` takes, a weights file with its
-    ``architecture``) and write it in format ``to`` to ``destination``, which must be another directory."""
+    ``architecture``) and write it in format ``to`` to ``destination``, a directory outside the source."""
     origin, target = Path(source).expanduser().resolve(), Path(destination).expanduser().resolve()
     if origin.is_dir() and target == origin:
         raise OpenAlignError(f"'{destination}' is the source directory: convert into a new one (writing there would "
                              "replace the weights being converted)")
-    if origin.is_dir() and target.is_relative_to(origin) and any((target / name).is_file() for name in _MODEL_FILES):
-        raise OpenAlignError(f"'{destination}' holds a model inside the source '{source}' (a checkpoint of the run, "
-                             "say): convert into a new directory rather than replace it")
+    if origin.is_dir() and target.is_relative_to(origin):  # a run's checkpoint, or a new one a resume would take
+        raise OpenAlignError(f"'{destination}' is inside the source '{source}': convert into a directory outside "
+                             "it (a model written there could replace one of its checkpoints, or be taken for one)")
     model, _, _ = load_pretrained(source, architecture=architecture)
     return save_pretrained(model, destination, format=to, overwrite=overwrite)
 
