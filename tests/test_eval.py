@@ -97,3 +97,10 @@ def test_the_report_shows_fractions_as_percentages_and_losses_ranks_and_missing_
                          {"accuracy": 0.5, "acc5": math.nan, "train_loss": 0.2311, "text_retrieval_mean_rank": 3.5})
     markdown, _ = write_report([record], tmp_path / "report")
     assert "| clippo-test | m | mrpc | – | 50.00 | 3.5 | 0.2311 |" in markdown.read_text()  # metrics sorted by name
+    probe = make_record("cifar10", "align-test", "m", "clip_benchmark_probe",
+                        {"lp_acc1": 0.25, "weight_decay": 0.0001, "lr": 0.1, "epochs": 10, "seed": 0, "fewshot_k": -1,
+                         "normalized": True})
+    markdown, _ = write_report([probe], tmp_path / "probe")
+    assert probe["task"] == "linear_probe"  # CLIP_benchmark's name for its protocol
+    # epochs, fewshot_k, lp_acc1, lr, normalized, seed, weight_decay: its settings as they are
+    assert "| align-test | m | cifar10 | 10 | -1 | 25.00 | 0.1 | True | 0 | 0.0001 |" in markdown.read_text()

@@ -614,6 +614,51 @@ def test_linear_probe_task_fits_on_all_training_features(model, folders, tmp_pat
     assert set(ours) == {"lp_acc1", "lp_acc5", "lp_mean_per_class_recall", "c"}  # CLIP_benchmark's names
 
 
+def test_clip_benchmark_probe_task_embeds_only_the_rows_it_uses(model, folders, tmp_path, monkeypatch, capsys):
+    from openalign.eval import adamw_linear_probe, clip_benchmark_probe_rows, evaluate_clip_benchmark_probe
+    from openalign.eval import features as features_module
+
+    classes = sorted(p.name for p in (folders / "train").iterdir())
+
+    def split(root):
+        paths = [p for c in classes if (root / c).is_dir() for p in sorted((root / c).iterdir())]
+        return paths, torch.tensor([classes.index(p.parent.name) for p in paths])
+
+    (train_paths, train_y), (val_paths, val_y) = split(folders / "train"), split(folders / "val")
+    rows, held_out = clip_benchmark_probe_rows(train_y, len(classes), fewshot_k=2, seed=1, val_proportion=0.3)
+    train_x = _embed(model, [train_paths[i] for i in rows])  # L2-normalised embeddings, as CLIP_benchmark's
+    sweep_x = _embed(model, [train_paths[i] for i in held_out])
+    expected = adamw_linear_probe(train_x, train_y[rows], _embed(model, val_paths), val_y, len(classes), sweep_x,
+                                  train_y[held_out], fewshot_k=2, epochs=3, seed=1)
+    embedded = []
+    original = features_module._load
+    monkeypatch.setattr(features_module, "_load", lambda path, transform: embedded.append(path) or original(
+        path, transform))
+    ours = evaluate_clip_benchmark_probe(model, folders / "train", folders / "val", CPU, sweep_proportion=0.3,
+                                         fewshot_k=2, epochs=3, seed=1, show_progress=False)
+    assert ours == pytest.approx(expected, abs=1e-6)
+    assert ours["fewshot_k"] == 2 and ours["normalized"] is True and 0 <= ours["lp_acc1"] <= 1
+    assert len(embedded) == 2 * len(classes) + len(held_out) + len(val_paths) < len(train_paths) + len(val_paths)
+
+    model_dir = model.save_pretrained(tmp_path / "model")
+    assert main(["eval", "clip_benchmark_probe", "--model", str(model_dir), "--train", str(folders / "train"),
+                 "--val", str(folders / "val"), "--sweep-proportion", "0.3", "--fewshot-k", "2", "--epochs", "3",
+                 "--seed", "1", "--output", str(tmp_path / "lp.json")]) == 0
+    record = json.loads((tmp_path / "lp.json").read_text())
+    assert record["task"] == "linear_probe" and record["metrics"] == pytest.approx(expected, abs=1e-6)
+    capsys.readouterr()
+    assert main(["eval", "clip_benchmark_probe", "--model", str(model_dir), "--train", str(folders / "train"),
+                 "--val", str(folders / "val"), "--fewshot-k", "1000"]) == 2
+    assert f"'{folders / 'train'}': class 'square' has 24 training examples, fewer than fewshot_k=1000" in " ".join(
+        capsys.readouterr().err.split())
+    assert main(["eval", "clip_benchmark_probe", "--model", str(model_dir), "--train", str(folders / "train"),
+                 "--val", str(folders / "val"), "--fewshot-k", "0"]) == 2
+    assert "fewshot_k' must be at least 1 (images per class), or -1" in " ".join(capsys.readouterr().err.split())
+    with pytest.raises(SystemExit):  # one way to choose the weight decay at a time, as CLIP_benchmark
+        main(["eval", "clip_benchmark_probe", "--model", "m", "--train", "a", "--val", "b", "--sweep", "c",
+              "--sweep-proportion", "0.2"])
+
+
 def test_retrieval_examples_draw_the_true_top_k(model, shapes_root, tmp_path, capsys, monkeypatch):
     from PIL import Image
 

@@ -276,3 +276,100 @@ def test_logistic_regression_probe_chooses_c_on_held_out_training_examples():
     # set, or on training rows the fit saw, would pick another)
     assert chosen["c"] == pytest.approx(search_c(held_out_accuracy))
     assert chosen["c"] < 1.0
+
+
+def _clip_benchmark_linear_probe(monkeypatch, tmp_path, features, fewshot_k, seed, batch_size):
+    """CLIP_benchmark's linear_probe.evaluate, run on the CPU: its features cached where it reads
+    them, its .cuda() and 'cuda' moves made no-ops (it asserts device == 'cuda'), AMP off, and its
+    top-k accuracy helper written for numpy 2."""
+    linear_probe = pytest.importorskip("clip_benchmark.metrics.linear_probe")
+    cache = tmp_path / "features" / "model"
+    cache.mkdir(parents=True)
+    for split, (x, y) in features.items():
+        torch.save(x, cache / f"features_{split}.pt")
+        torch.save(y, cache / f"targets_{split}.pt")
+    original_to = torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *args, **kwargs: self)
+    monkeypatch.setattr(torch.nn.Module, "cuda", lambda self, *args, **kwargs: self)
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *args, **kwargs: original_to(
+        self, *("cpu" if arg == "cuda" else arg for arg in args), **kwargs))
+
+    def accuracy(output, target, topk=(1,)):  # its own, without float() of a 1-element array (numpy 2.x refuses)
+        correct = output.topk(max(topk), 1, True, True)[1].t().eq(target.view(1, -1))
+        return [correct[:k].float().sum().item() / len(target) for k in topk]
+
+    monkeypatch.setattr(linear_probe, "accuracy", accuracy)
+    torch.manual_seed(seed)  # its few-shot permutation draws from the global generator
+    return linear_probe.evaluate(
+        torch.nn.Identity(), None, None, fewshot_k, batch_size, 0, 0.1, 10, "model", seed, str(tmp_path / "features"),
+        "cuda", val_dataloader=[] if "val" in features else None, amp=False)
+
+
+def _probe_clusters(num_classes, counts, dim=8, seed=0):
+    """Normalised, overlapping Gaussian clusters: (features, labels) for each of ``counts``."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(num_classes, dim))
+    splits = []
+    for count in counts:
+        labels = np.arange(count) % num_classes
+        x = torch.from_numpy(0.6 * centres[labels] + rng.normal(size=(count, dim))).float()
+        splits.append((torch.nn.functional.normalize(x, dim=1), torch.from_numpy(labels)))
+    return splits
+
+
+@pytest.mark.parametrize("fewshot_k, with_val", [(-1, True), (4, True), (-1, False), (5, False)])
+def test_adamw_linear_probe_equals_clip_benchmarks(monkeypatch, tmp_path, fewshot_k, with_val):
+    from openalign.eval.probe import adamw_linear_probe, clip_benchmark_probe_rows
+
+    train, val, test = _probe_clusters(6, (60, 30, 120))
+    features = {"train": train, "test": test, **({"val": val} if with_val else {})}
+    seed = 3
+    # one batch an epoch: CLIP_benchmark shuffles with its DataLoader's draws, openalign with its
+    # own generator, so that only the order within the batch (float rounding) differs
+    reference = _clip_benchmark_linear_probe(monkeypatch, tmp_path, features, fewshot_k, seed, batch_size=128)
+    monkeypatch.undo()
+    rows, held_out = clip_benchmark_probe_rows(train[1], 6, fewshot_k, seed)
+    assert held_out is None
+    ours = adamw_linear_probe(train[0][rows], train[1][rows], *test, 6, *(val if with_val else (None, None)),
+                              fewshot_k=fewshot_k, lr=0.1, epochs=10, batch_size=128, seed=seed)
+    assert ours["weight_decay"] == reference["weight_decay"]
+    for key in ("lp_acc1", "lp_acc5", "lp_mean_per_class_recall"):
+        assert ours[key] == pytest.approx(reference[key], abs=1e-6), key
+    assert {key: ours[key] for key in ("epochs", "seed", "fewshot_k", "normalized")} == {
+        key: reference[key] for key in ("epochs", "seed", "fewshot_k", "normalized")}
+    if with_val and fewshot_k < 0:  # a sweep that chose something other than its first or last point
+        assert 1e-6 < ours["weight_decay"] < 1e2, ours["weight_decay"]
+
+
+@pytest.mark.parametrize("count, proportion", [(10, 0.2), (11, 0.25), (7, 0.5), (1000, 0.1)])
+def test_the_probes_held_out_rows_are_torchs_random_split(count, proportion):
+    from openalign.eval.probe import random_split_rows
+
+    kept, held_out = random_split_rows(count, proportion, torch.Generator().manual_seed(5))
+    reference = torch.utils.data.random_split(range(count), [1 - proportion, proportion],
+                                              generator=torch.Generator().manual_seed(5))
+    assert kept.tolist() == reference[0].indices and held_out.tolist() == reference[1].indices
+
+
+def test_the_probes_few_shot_rows_are_the_first_k_of_each_class_in_a_permutation():
+    from openalign.eval.probe import clip_benchmark_probe_rows
+
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 0, 1])
+    rows, _ = clip_benchmark_probe_rows(labels, 3, fewshot_k=2, seed=4)
+    permutation = torch.randperm(12, generator=torch.Generator().manual_seed(4)).tolist()
+    expected, taken = [], {0: 0, 1: 0, 2: 0}  # CLIP_benchmark's loop, by hand
+    for row in permutation:
+        if taken[int(labels[row])] < 2:
+            taken[int(labels[row])] += 1
+            expected.append(row)
+    assert rows.tolist() == expected
+    assert clip_benchmark_probe_rows(labels, 3, fewshot_k=-1, seed=4)[0].tolist() == permutation
+    rows, held_out = clip_benchmark_probe_rows(labels, 3, fewshot_k=1, seed=4, val_proportion=0.25)
+    assert len(held_out) == 3 and not set(rows.tolist()) & set(held_out.tolist())
+    assert sorted(labels[rows].tolist()) == [0, 1, 2]
+    with pytest.raises(OpenAlignError, match="class 2 has 3 training examples, fewer than fewshot_k=4"):
+        clip_benchmark_probe_rows(labels, 3, fewshot_k=4)
+    with pytest.raises(OpenAlignError, match="a share of 0.01 of 12 training examples holds out 0 and keeps 12"):
+        clip_benchmark_probe_rows(labels, 3, val_proportion=0.01)
+    with pytest.raises(OpenAlignError, match="fewshot_k must be at least 1"):
+        clip_benchmark_probe_rows(labels, 3, fewshot_k=0)

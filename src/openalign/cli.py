@@ -54,8 +54,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
-    from .eval import (FewShotEvalConfig, KnnEvalConfig, LinearProbeEvalConfig, RetrievalEvalConfig,
-                       SentencePairEvalConfig, ShapesEvalConfig, ZeroShotEvalConfig)
+    from .eval import (ClipBenchmarkProbeEvalConfig, FewShotEvalConfig, KnnEvalConfig, LinearProbeEvalConfig,
+                       RetrievalEvalConfig, SentencePairEvalConfig, ShapesEvalConfig, ZeroShotEvalConfig)
     from .eval.clip_benchmark_wds import is_clip_benchmark_wds
     from .eval.suite import make_record
 
@@ -80,6 +80,12 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         task = SentencePairEvalConfig(train=args.train, val=args.val, epochs=args.epochs, lr=args.lr,
                                       head_lr=args.head_lr, seed=args.seed)
         dataset = Path(args.val).resolve().parent.name  # GLUE's layout: <task>/dev.tsv
+    elif args.task == "clip_benchmark_probe":
+        task = ClipBenchmarkProbeEvalConfig(train_root=args.train, val_root=args.val, sweep_root=args.sweep,
+                                            sweep_proportion=args.sweep_proportion, fewshot_k=args.fewshot_k,
+                                            lr=args.lr, epochs=args.epochs, batch_size=args.probe_batch_size,
+                                            seed=args.seed)
+        dataset = Path(args.val).resolve().parent.name
     else:
         task, dataset = LinearProbeEvalConfig(train_root=args.train, val_root=args.val, c=args.c,
                                               standardize=args.standardize), \
@@ -389,6 +395,21 @@ def build_parser() -> argparse.ArgumentParser:
                             "training images by CLIP's search over 1e-6..1e6")
     probe.add_argument("--standardize", action="store_true",
                        help="standardise the features first (default: as they are, as CLIP's probe)")
+    lp = tasks.add_parser("clip_benchmark_probe", help="CLIP_benchmark's linear probe: AdamW on normalised "
+                                                       "image embeddings, a weight-decay sweep")
+    lp.add_argument("--train", required=True, help="class folders to fit on")
+    lp.add_argument("--val", required=True, help="class folders to score (CLIP_benchmark's test split)")
+    sweep = lp.add_mutually_exclusive_group()
+    sweep.add_argument("--sweep", help="class folders to choose the weight decay on (CLIP_benchmark's --val_split); "
+                                       "without this or --sweep-proportion the weight decay is 0")
+    sweep.add_argument("--sweep-proportion", type=float, help="choose it on this random share of the training "
+                                                               "images instead (CLIP_benchmark's --val_proportion)")
+    lp.add_argument("--fewshot-k", type=int, default=-1, help="training images per class; -1 (default): all")
+    lp.add_argument("--lr", type=float, default=0.1, help="AdamW's peak learning rate (cosine to 0)")
+    lp.add_argument("--epochs", type=_at_least(1), default=10)
+    lp.add_argument("--probe-batch-size", type=_at_least(1), default=64, help="the probe's training batch")
+    lp.add_argument("--seed", type=int, default=0, help="the few-shot sample, held-out share, initialisation, "
+                                                        "shuffling")
     pairs = tasks.add_parser("sentence_pairs", help="GLUE-style sentence(-pair) classification: fine-tune a copy of "
                                                     "a pixel model (CLIPPO) with a linear head, score the val split")
     pairs.add_argument("--train", required=True, help="a TSV with a header (sentence1 or sentence, optional "
@@ -398,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     pairs.add_argument("--lr", type=float, default=1e-4, help="the encoder's learning rate (AdamW)")
     pairs.add_argument("--head-lr", type=float, default=1e-3, help="the new linear head's learning rate")
     pairs.add_argument("--seed", type=int, default=0, help="the head's initialisation and the shuffling")
-    for task in (shapes, retrieval, zeroshot, knn, fewshot, probe, pairs):
+    for task in (shapes, retrieval, zeroshot, knn, fewshot, probe, lp, pairs):
         task.add_argument("--model", "--checkpoint", dest="model", required=True,
                           help="an openalign model, checkpoint or run directory, an AlignModel directory or a hub id")
         task.add_argument("--batch-size", type=_at_least(1), default=32 if task is pairs else 256,

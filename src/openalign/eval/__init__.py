@@ -1,19 +1,22 @@
 """Evaluation: retrieval and classification metrics, feature extraction, and the tasks recipes list."""
 
 from .classification import classification_metrics, knn_classify, nearest_neighbour_predict, zero_shot_classifier
-from .datasets import evaluate_fewshot, evaluate_knn, evaluate_linear_probe, evaluate_retrieval, evaluate_zeroshot, read_class_folders
+from .datasets import (evaluate_clip_benchmark_probe, evaluate_fewshot, evaluate_knn, evaluate_linear_probe,
+                       evaluate_retrieval, evaluate_zeroshot, read_class_folders)
 from .features import embed_images, embed_texts
-from .probe import logistic_regression_probe, ridge_fewshot_probe, ridge_regression
+from .probe import (adamw_linear_probe, clip_benchmark_probe_rows, logistic_regression_probe, ridge_fewshot_probe,
+                    ridge_regression)
 from .retrieval import retrieval_metrics
 from .sentence_pairs import finetune_sentence_pairs, read_sentence_pairs
 from .shapes import evaluate_shapes, shapes_chance_levels
-from .tasks import (EvalTaskConfig, FewShotEvalConfig, KnnEvalConfig, LinearProbeEvalConfig, RetrievalEvalConfig,
+from .tasks import (ClipBenchmarkProbeEvalConfig, EvalTaskConfig, FewShotEvalConfig, KnnEvalConfig, LinearProbeEvalConfig, RetrievalEvalConfig,
                     SentencePairEvalConfig, ShapesEvalConfig, ZeroShotEvalConfig)
 
 __all__ = [
-    "EvalTaskConfig", "FewShotEvalConfig", "KnnEvalConfig", "LinearProbeEvalConfig", "RetrievalEvalConfig", "SentencePairEvalConfig",
+    "ClipBenchmarkProbeEvalConfig", "EvalTaskConfig", "FewShotEvalConfig", "KnnEvalConfig", "LinearProbeEvalConfig", "RetrievalEvalConfig", "SentencePairEvalConfig",
     "ShapesEvalConfig", "ZeroShotEvalConfig",
-    "classification_metrics", "embed_images", "embed_texts", "evaluate_fewshot", "evaluate_knn", "evaluate_linear_probe", "evaluate_retrieval", "evaluate_shapes",
+    "adamw_linear_probe", "classification_metrics", "clip_benchmark_probe_rows", "evaluate_clip_benchmark_probe",
+    "embed_images", "embed_texts", "evaluate_fewshot", "evaluate_knn", "evaluate_linear_probe", "evaluate_retrieval", "evaluate_shapes",
     "evaluate_zeroshot", "finetune_sentence_pairs", "read_class_folders", "read_sentence_pairs", "knn_classify",
     "logistic_regression_probe", "nearest_neighbour_predict", "retrieval_metrics", "ridge_fewshot_probe",
     "ridge_regression", "shapes_chance_levels",

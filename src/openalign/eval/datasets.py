@@ -20,7 +20,8 @@ from ..data.karpathy import CaptionedImage, read_karpathy
 from ..errors import OpenAlignError
 from .clip_benchmark_wds import is_clip_benchmark_wds, read_lines, read_split
 from .classification import canonicalize_prompt, classification_metrics, knn_classify, zero_shot_classifier
-from .probe import fewshot_indices, logistic_regression_probe, ridge_accuracy
+from .probe import (adamw_linear_probe, clip_benchmark_probe_rows, fewshot_indices, logistic_regression_probe,
+                    ridge_accuracy)
 from .prompts import shipped_lines, shipped_names
 from .features import (IMAGE_EXTENSIONS, Transform, embed_captioned, embed_images, embed_texts, eval_mode,
                        eval_transform)
@@ -241,6 +242,45 @@ def evaluate_linear_probe(model: nn.Module, train_root: str | Path, val_root: st
     train, train_labels, val, val_labels, num_classes = _probe_features(model, train_root, val_root, device,
                                                                         batch_size, show_progress, transform)
     return logistic_regression_probe(train, train_labels, val, val_labels, num_classes, c, standardize=standardize)
+
+
+def evaluate_clip_benchmark_probe(model: nn.Module, train_root: str | Path, val_root: str | Path,
+                                  device: torch.device, sweep_root: str | Path | None = None,
+                                  sweep_proportion: float | None = None, fewshot_k: int = -1, lr: float = 0.1,
+                                  epochs: int = 10, probe_batch_size: int = 64, seed: int = 0,
+                                  batch_size: int = 256, show_progress: bool = True,
+                                  transform: Transform | None = None) -> dict[str, float]:
+    """CLIP_benchmark's ``linear_probe`` (:func:`~openalign.eval.probe.adamw_linear_probe`) on the
+    L2-normalised image embeddings of ``train_root`` (fit) and ``val_root`` (scored: CLIP_benchmark's
+    test split). The weight decay is chosen on ``sweep_root`` (its ``--val_split``) or on a random
+    ``sweep_proportion`` of ``train_root`` (its ``--val_proportion``); with neither it is 0. Only the
+    images the probe uses are embedded (``fewshot_k`` of each class, where set)."""
+    if sweep_root is not None and sweep_proportion is not None:
+        raise OpenAlignError("give sweep_root or sweep_proportion, not both (CLIP_benchmark's --val_split and "
+                             "--val_proportion exclude each other too)")
+    train_paths, train_labels, classes = read_class_folders(train_root)
+    val_paths, val_labels, _ = read_class_folders(val_root, classes)
+    try:
+        rows, held_out = clip_benchmark_probe_rows(train_labels, len(classes), fewshot_k, seed, sweep_proportion,
+                                                   classes)
+    except OpenAlignError as error:
+        held = f" (after holding out {sweep_proportion:g} of them)" if sweep_proportion is not None else ""
+        raise OpenAlignError(f"'{train_root}': {error}{held}") from None
+    sweep_paths, sweep_labels = None, None
+    if sweep_root is not None:
+        sweep_paths, sweep_labels, _ = read_class_folders(sweep_root, classes)
+    elif held_out is not None:
+        sweep_paths, sweep_labels = [train_paths[int(row)] for row in held_out], train_labels[held_out]
+    transform = transform or eval_transform(model)
+    with eval_mode(model):
+        train = embed_images(model, transform, [train_paths[int(row)] for row in rows], device, batch_size,
+                             show_progress, description="embedding probe training images")
+        sweep = None if sweep_paths is None else embed_images(
+            model, transform, sweep_paths, device, batch_size, show_progress,
+            description="embedding the weight-decay sweep's images")
+        val = embed_images(model, transform, val_paths, device, batch_size, show_progress)
+    return adamw_linear_probe(train, train_labels[rows], val, val_labels, len(classes), sweep, sweep_labels,
+                              fewshot_k, lr, epochs, probe_batch_size, seed, device)
 
 
 def _probe_features(model: nn.Module, train_root: str | Path, val_root: str | Path, device: torch.device,

@@ -11,8 +11,10 @@ over seeds.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
 from ..errors import OpenAlignError
@@ -174,3 +176,167 @@ def fit_logistic_regression(x: torch.Tensor, labels: torch.Tensor, num_classes: 
 
     optimizer.step(objective)
     return weight.detach(), bias.detach()
+
+
+# ------------------------------------------------------------------ CLIP_benchmark's linear probe
+
+WEIGHT_DECAYS = np.logspace(-6, 2, num=97).tolist()  # CLIP_benchmark's grid: 1e-6..1e2, 12 a decade
+
+
+def clip_benchmark_probe_rows(labels: torch.Tensor, num_classes: int, fewshot_k: int = -1, seed: int = 0,
+                              val_proportion: float | None = None, class_names: Sequence[str] | None = None
+                              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(the training rows CLIP_benchmark's linear probe trains on, in its order; the rows it holds out
+    to choose the weight decay on, or None). With ``val_proportion`` (its ``--val_proportion``), a
+    random share of the rows is held out first (:func:`random_split_rows`); then the rest are
+    permuted, and with ``fewshot_k > 0`` only the first ``fewshot_k`` of each class are kept
+    (:func:`fewshot_permutation`). The draws come from one generator seeded with ``seed``, in
+    CLIP_benchmark's order. The rows depend on the labels alone, so only they need embedding.
+    ``class_names`` name the classes in the error for one with fewer than ``fewshot_k`` rows."""
+    labels = labels.long().cpu()
+    generator = torch.Generator().manual_seed(seed)
+    rows, held_out = torch.arange(len(labels)), None
+    if val_proportion is not None:
+        rows, held_out = random_split_rows(len(labels), val_proportion, generator)
+        if not len(held_out) or not len(rows):
+            raise OpenAlignError(f"a share of {val_proportion:g} of {len(labels)} training examples holds out "
+                                 f"{len(held_out)} and keeps {len(rows)}: both need at least one")
+    return rows[fewshot_permutation(labels[rows], num_classes, fewshot_k, generator, class_names)], held_out
+
+
+def adamw_linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
+                       test_labels: torch.Tensor, num_classes: int, val_features: torch.Tensor | None = None,
+                       val_labels: torch.Tensor | None = None, fewshot_k: int = -1, lr: float = 0.1,
+                       epochs: int = 10, batch_size: int = 64, seed: int = 0,
+                       device: str | torch.device = "cpu") -> dict[str, float]:
+    """CLIP_benchmark's ``linear_probe`` (``metrics/linear_probe.py``; shared spec anchors §6.2) on
+    L2-normalised image embeddings: a linear layer trained (:func:`train_linear_probe`) with AdamW
+    and cross-entropy for ``epochs`` passes of shuffled ``batch_size`` batches, the learning rate
+    following a cosine from ``lr`` to 0 over all steps (no warm-up).
+
+    ``train_features`` are the rows :func:`clip_benchmark_probe_rows` chose, in its order. With
+    ``val_features``, the weight decay is chosen on them (:func:`weight_decay_sweep`) and the final
+    probe trains on the training and validation rows together (few-shot, ``fewshot_k > 0``: on the
+    training rows alone); without, the weight decay is 0. Returns the test metrics of
+    :func:`~openalign.eval.classification.classification_metrics` under CLIP_benchmark's names
+    (``lp_acc1``, ``lp_acc5``, ``lp_mean_per_class_recall``) and the settings it records.
+
+    The probe's initialisation and shuffling draw from a generator seeded with ``seed``: the same
+    initialisation as CLIP_benchmark's (which seeds the global generator), another shuffling
+    order. Training is in fp32 (CLIP_benchmark: AMP on GPU).
+    """
+    from .classification import classification_metrics
+
+    x, y = train_features.float(), train_labels.long()
+
+    def fit(features: torch.Tensor, labels: torch.Tensor, weight_decay: float) -> torch.nn.Linear:
+        return train_linear_probe(features, labels, num_classes, weight_decay, lr, epochs, batch_size, seed, device)
+
+    if val_features is not None and val_labels is not None:
+        val_x, val_y = val_features.float(), val_labels.long()
+
+        def val_accuracy(weight_decay: float) -> float:
+            logits = _probe_logits(fit(x, y, weight_decay), val_x)
+            return (logits.argmax(dim=1) == val_y.cpu()).double().mean().item()
+
+        weight_decay = weight_decay_sweep(val_accuracy)
+        if fewshot_k < 0:  # full data: the final probe also learns from the validation rows
+            x, y = torch.cat([x, val_x]), torch.cat([y, val_y])
+    else:
+        weight_decay = 0.0
+    logits = _probe_logits(fit(x, y, weight_decay), test_features.float())
+    metrics = {f"lp_{name}": value for name, value in classification_metrics(logits, test_labels.cpu()).items()}
+    return {**metrics, "weight_decay": weight_decay, "lr": lr, "epochs": epochs, "seed": seed,
+            "fewshot_k": fewshot_k, "normalized": True}
+
+
+def fewshot_permutation(labels: torch.Tensor, num_classes: int, fewshot_k: int, generator: torch.Generator,
+                        class_names: Sequence[str] | None = None) -> torch.Tensor:
+    """The training rows CLIP_benchmark's probe uses, in its order: a random permutation of all
+    rows, keeping (``fewshot_k > 0``) only the first ``fewshot_k`` of each class."""
+    if fewshot_k == 0:
+        raise OpenAlignError("fewshot_k must be at least 1 (examples per class), or -1 for all of them")
+    labels = labels.long().cpu()
+    permutation = torch.randperm(len(labels), generator=generator)
+    if fewshot_k < 0:
+        return permutation
+    counts = torch.bincount(labels, minlength=num_classes)
+    if int(counts.min()) < fewshot_k:
+        short = int(counts.argmin())
+        name = f"class '{class_names[short]}'" if class_names is not None else f"class {short}"
+        raise OpenAlignError(f"{name} has {int(counts[short])} training examples, fewer than fewshot_k={fewshot_k}")
+    permuted = labels[permutation]
+    # the rank of each row among the earlier rows of its class, in permutation order
+    rank = torch.zeros(len(labels), dtype=torch.long)
+    for label in range(num_classes):
+        rows = torch.nonzero(permuted == label).flatten()
+        rank[rows] = torch.arange(len(rows))
+    return permutation[rank < fewshot_k]
+
+
+def random_split_rows(count: int, proportion: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept rows, held-out rows) as ``torch.utils.data.random_split(rows, [1 - proportion, proportion])``
+    splits them (CLIP_benchmark's ``--val_proportion``): ``floor`` of each share, the remainder given
+    to the kept rows first, both in the order of one random permutation."""
+    kept, held_out = math.floor(count * (1 - proportion)), math.floor(count * proportion)
+    remainder = count - kept - held_out
+    kept, held_out = kept + (remainder + 1) // 2, held_out + remainder // 2
+    permutation = torch.randperm(count, generator=generator)
+    return permutation[:kept], permutation[kept:kept + held_out]
+
+
+def train_linear_probe(x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decay: float, lr: float,
+                       epochs: int, batch_size: int, seed: int, device: str | torch.device = "cpu"
+                       ) -> torch.nn.Linear:
+    """CLIP_benchmark's probe training: a ``nn.Linear`` initialised as PyTorch initialises one,
+    AdamW (``weight_decay`` on all parameters), cross-entropy, ``epochs`` passes over ``x`` in
+    shuffled ``batch_size`` batches (the last one smaller), cosine learning rate without warm-up."""
+    generator = torch.Generator().manual_seed(seed)
+    probe = torch.nn.Linear(x.shape[1], num_classes, device="meta").to_empty(device="cpu")
+    torch.nn.init.kaiming_uniform_(probe.weight, a=math.sqrt(5), generator=generator)  # nn.Linear's own
+    bound = 1 / math.sqrt(x.shape[1])
+    torch.nn.init.uniform_(probe.bias, -bound, bound, generator=generator)
+    probe = probe.to(device)
+    optimizer = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=weight_decay)
+    x, y = x.to(device), y.to(device)
+    steps_per_epoch = math.ceil(len(x) / batch_size)
+    total = epochs * steps_per_epoch
+    with torch.enable_grad():
+        for epoch in range(epochs):
+            order = torch.randperm(len(x), generator=generator).to(device)
+            for step in range(steps_per_epoch):
+                rows = order[step * batch_size:(step + 1) * batch_size]
+                for group in optimizer.param_groups:
+                    group["lr"] = 0.5 * (1 + math.cos(math.pi * (epoch * steps_per_epoch + step) / total)) * lr
+                optimizer.zero_grad()
+                torch.nn.functional.cross_entropy(probe(x[rows]), y[rows]).backward()
+                optimizer.step()
+    return probe
+
+
+def weight_decay_sweep(score: Callable[[float], float]) -> float:
+    """The weight decay CLIP_benchmark's probe takes (after CLIP's appendix A.3): score the 7 points
+    1e-6, 1e-4.67, ..., 1e2 of its 97-point grid, then the grid points 8, 4, 2 and 1 steps either
+    side of the best so far; the best is the first highest score in the order scored (each round:
+    left, best, right), so ties go to the smaller weight decay. Each weight decay is trained once.
+    (CLIP_benchmark returns the grid's first point when every candidate of a round scores 0; here
+    it is the first candidate.)"""
+    scores: dict[int, float] = {}
+
+    def best_of(candidates: list[int]) -> int:
+        for index in candidates:
+            if index not in scores:
+                scores[index] = score(WEIGHT_DECAYS[index])
+        return max(candidates, key=lambda index: (scores[index], -candidates.index(index)))
+
+    best = best_of(list(range(0, len(WEIGHT_DECAYS), 16)))
+    span = 8
+    while span:
+        best = best_of([max(best - span, 0), best, min(best + span, len(WEIGHT_DECAYS) - 1)])
+        span //= 2
+    return WEIGHT_DECAYS[best]
+
+
+@torch.no_grad()
+def _probe_logits(probe: torch.nn.Linear, features: torch.Tensor) -> torch.Tensor:
+    return probe(features.to(probe.weight.device)).float().cpu()

@@ -47,9 +47,10 @@ RECORD_KEYS = ("dataset", "model", "pretrained", "task", "metrics", "language")
 # records name a task as CLIP_benchmark does where it has one (the others: openalign's names). The
 # full-data probe follows the CLIP paper (appendix A.3: L-BFGS logistic regression on pre-projection
 # features, C searched on held-out training images), not CLIP_benchmark's "linear_probe" (AdamW on
-# normalised embeddings, a weight-decay sweep): its records say so, so that tables do not mix the two
+# normalised embeddings, a weight-decay sweep; openalign's clip_benchmark_probe task): its records say
+# so, so that tables do not mix the two
 RECORD_TASKS = {"zeroshot": "zeroshot_classification", "retrieval": "zeroshot_retrieval",
-                "linear_probe": "logistic_regression_probe"}
+                "linear_probe": "logistic_regression_probe", "clip_benchmark_probe": "linear_probe"}
 EXAMPLES_SUFFIX = "_examples.png"
 
 
@@ -206,11 +207,15 @@ def _example_section(examples: list[Path], folder: Path) -> list[str]:
     return lines
 
 
+# the settings a probe's record carries beside its metrics (CLIP_benchmark's linear probe records these)
+_SETTINGS = ("c", "weight_decay", "lr", "epochs", "seed", "fewshot_k")
+
+
 def _format(metric: str, value: Any) -> str:
-    """Recalls and accuracies as percentages; ranks, losses and the probe's C as numbers; none or NaN (acc5 of
-    fewer than 5 classes) as a dash."""
+    """Recalls and accuracies as percentages; ranks, losses and the probes' settings as numbers; none
+    or NaN (acc5 of fewer than 5 classes) as a dash."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
-    if not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         return str(value)
-    return f"{value:.4g}" if metric.endswith(("_rank", "loss")) or metric == "c" else f"{100 * value:.2f}"
+    return f"{value:.4g}" if metric.endswith(("_rank", "loss")) or metric in _SETTINGS else f"{100 * value:.2f}"

@@ -13,7 +13,8 @@ from torch import nn
 from ..config import Variants, require_at_least
 from ..data.transforms import PreprocessConfig
 from ..errors import ConfigError
-from .datasets import evaluate_fewshot, evaluate_knn, evaluate_linear_probe, evaluate_retrieval, evaluate_zeroshot, read_lines_or_json
+from .datasets import (evaluate_clip_benchmark_probe, evaluate_fewshot, evaluate_knn, evaluate_linear_probe,
+                       evaluate_retrieval, evaluate_zeroshot, read_lines_or_json)
 from .features import Transform
 from .sentence_pairs import finetune_sentence_pairs, read_sentence_pairs
 from .shapes import evaluate_shapes
@@ -214,6 +215,48 @@ class LinearProbeEvalConfig(EvalTaskConfig, tag="linear_probe"):
     def run(self, model: nn.Module, device: torch.device, batch_size: int, show_progress: bool = True) -> dict[str, float]:
         return evaluate_linear_probe(model, self.train_root, self.val_root, device, self.c, batch_size, show_progress,
                                      self.transform(model), self.standardize)
+
+
+@dataclass
+class ClipBenchmarkProbeEvalConfig(EvalTaskConfig, tag="clip_benchmark_probe"):
+    """CLIP_benchmark's ``linear_probe`` (its records' name too): a linear layer trained with AdamW
+    on the L2-normalised image embeddings of ``train_root``'s class folders, scored on
+    ``val_root``'s (:func:`~openalign.eval.probe.adamw_linear_probe`). The weight decay is chosen on
+    ``sweep_root`` (CLIP_benchmark's ``--val_split``) or a random ``sweep_proportion`` of the
+    training images (``--val_proportion``); with neither it is 0. ``fewshot_k``: images per class
+    (-1: all), ``lr``, ``epochs``, ``batch_size`` (the probe's): CLIP_benchmark's ``--fewshot_*``
+    and ``--batch_size`` defaults. The embedding batch is the evaluation's."""
+
+    data_paths: ClassVar[tuple[str, ...]] = ("train_root", "val_root", "sweep_root")
+
+    train_root: str
+    val_root: str
+    sweep_root: str | None = None
+    sweep_proportion: float | None = None
+    fewshot_k: int = -1
+    lr: float = 0.1
+    epochs: int = 10
+    batch_size: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.sweep_root is not None and self.sweep_proportion is not None:
+            raise ConfigError("is set with sweep_root: choose the weight decay on one or the other",
+                              "sweep_proportion")
+        if self.sweep_proportion is not None and not 0 < self.sweep_proportion < 1:
+            raise ConfigError("must lie between 0 and 1 (a share of the training images), or be null",
+                              "sweep_proportion")
+        if self.fewshot_k == 0 or self.fewshot_k < -1:
+            raise ConfigError("must be at least 1 (images per class), or -1 for all of them", "fewshot_k")
+        if not self.lr > 0:
+            raise ConfigError("must be positive", "lr")
+        require_at_least(self, 1, "epochs", "batch_size")
+
+    def run(self, model: nn.Module, device: torch.device, batch_size: int, show_progress: bool = True) -> dict[str, float]:
+        return evaluate_clip_benchmark_probe(model, self.train_root, self.val_root, device, self.sweep_root,
+                                             self.sweep_proportion, self.fewshot_k, self.lr, self.epochs,
+                                             self.batch_size, self.seed, batch_size, show_progress,
+                                             self.transform(model))
 
 
 @dataclass
