@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import (AlignConfig, AlignModel, AlignProcessor, AlignTextConfig, AlignVisionConfig, AutoTokenizer,
@@ -254,6 +255,20 @@ def test_a_model_reading_16_tokens_exports_a_processor_that_pads_to_16(images, t
             openalign.load_pretrained(tmp_path / "short")
 
 
+def test_a_fixed_length_in_tokenizer_json_is_read_as_align_processor_reads_it(hf_dir, tmp_path):
+    fixed = tmp_path / "fixed"
+    shutil.copytree(hf_dir, fixed)
+    tokenizer = AutoTokenizer.from_pretrained(str(_packaged_copy("bert-base-uncased")))  # truncates at 128
+    tokenizer.save_pretrained(fixed)
+    settings = json.loads((fixed / "tokenizer_config.json").read_text())
+    settings.pop("max_length", None)  # as transformers 4 wrote it: the length is in tokenizer.json alone
+    (fixed / "tokenizer_config.json").write_text(json.dumps(settings))
+    expected = AlignProcessor.from_pretrained(fixed)(text=TEXTS, truncation=True, return_tensors="pt")["input_ids"]
+    _, _, ours = openalign.load_pretrained(fixed)
+    assert torch.equal(ours(TEXTS)["input_ids"], expected)
+    assert expected.shape[1] == (128 if int(transformers.__version__.split(".")[0]) >= 5 else 64)
+
+
 def test_openalign_format_round_trips_and_convert_goes_both_ways(hf_dir, images, tmp_path):
     model, preprocess, tokenizer = openalign.load_pretrained(hf_dir)
     openalign_dir = openalign.pretrained.convert(hf_dir, tmp_path / "ours", to="openalign")
@@ -300,6 +315,14 @@ def test_overwriting_a_model_removes_its_vocabulary_processor_and_weight_shards(
     clippo.save_pretrained(target, overwrite=True)  # renders its texts: no vocabulary of its own
     assert sorted(path.name for path in target.iterdir()) == ["config.yaml", "model.safetensors", "notes.txt"]
     assert openalign.load_pretrained(target)[0].config.name == "clippo-test"
+    # a damaged index names the user's files and folders, and the folder above: none of them goes
+    (target / "runs").mkdir()
+    (target / "vocab.json").mkdir()  # a folder under a tokenizer file's name
+    (target / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"a": "notes.txt", "b": "runs", "c": "..", "d": "../target/notes.txt"}}))
+    clippo.save_pretrained(target, overwrite=True)
+    assert sorted(path.name for path in target.iterdir()) == ["config.yaml", "model.safetensors", "notes.txt", "runs",
+                                                               "vocab.json"]
 
 
 def test_models_that_hugging_face_cannot_represent_are_refused(tmp_path):

@@ -80,7 +80,7 @@ def filled_whole(directory: str | Path, replaces: Iterable[str] = ()) -> Iterato
     """A temporary folder inside ``directory`` (created if need be, through symlinks and mount
     points: the same filesystem) to write files into. When the block completes, the new files
     replace their namesakes, one rename each, and the files named in ``replaces`` that the block
-    did not write are removed; other files stay. When the block raises, ``directory`` is as it was
+    did not write are removed (a folder of such a name stays); other files stay. When the block raises, ``directory`` is as it was
     (folders created for it removed): a refused or failed save never costs the model there, and
     at no moment is a file of it gone before its replacement is in place."""
     directory = Path(directory).expanduser().resolve()
@@ -94,8 +94,9 @@ def filled_whole(directory: str | Path, replaces: Iterable[str] = ()) -> Iterato
         written = {path.name for path in staging.iterdir()}
         for name in written:
             os.replace(staging / name, directory / name)
-        for name in set(replaces) - written:
-            (directory / name).unlink(missing_ok=True)
+        for name in sorted(set(replaces) - written):
+            if (directory / name).is_file() or (directory / name).is_symlink():  # never a folder of that name
+                (directory / name).unlink()
         completed = True
     finally:
         shutil.rmtree(staging, ignore_errors=True)

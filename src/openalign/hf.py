@@ -94,7 +94,7 @@ def model_config_from_hf(directory: Path) -> DualEncoderConfig:
         log.warning("'%s' has no tokenizer files: using bert-base-uncased", directory)
     text_dict = {"type": "bert", **{k: _plain(getattr(text, k)) for k in _BERT_FIELDS},
                  "tokenizer": "." if has_tokenizer else "bert-base-uncased",
-                 "max_length": _text_length(directory, text.max_position_embeddings)}
+                 "max_length": _text_length(directory, text.max_position_embeddings, has_tokenizer)}
     model = {"architecture": "dual_encoder", "name": directory.resolve().name, "image": image, "text": text_dict,
              "embed_dim": hf.projection_dim, "image_projection": False,
              "temperature_init": hf.temperature_init_value,
@@ -110,17 +110,18 @@ def model_config_from_hf(directory: Path) -> DualEncoderConfig:
         raise OpenAlignError(f"'{directory / HF_CONFIG_FILE}' cannot be represented: {error}") from None
 
 
-def _text_length(directory: Path, positions: int) -> int:
-    """The tokens AlignProcessor pads texts to: the tokenizer's ``max_length`` where its
-    ``tokenizer_config.json`` sets one (openalign's exports do), else ALIGN's 64."""
-    path = directory / "tokenizer_config.json"
-    settings = read_json(path) if path.is_file() else {}
-    length = settings.get("max_length") if isinstance(settings, dict) else None
+def _text_length(directory: Path, positions: int, has_tokenizer: bool) -> int:
+    """The tokens AlignProcessor pads texts to: its tokenizer's ``max_length`` as transformers
+    loads it (``tokenizer_config.json``'s, which openalign's exports write; transformers 5 also
+    takes a fixed length from ``tokenizer.json``), else ALIGN's 64."""
+    from .data.tokenizer import load_hf_tokenizer
+
+    length = load_hf_tokenizer(str(directory)).init_kwargs.get("max_length") if has_tokenizer else None
     if length is None:
         return min(MAX_LENGTH, positions)
     if isinstance(length, bool) or not isinstance(length, int) or not 2 <= length <= positions:
-        raise OpenAlignError(f"'{path}': max_length is {length!r}; the text model reads between 2 and {positions} "
-                             "tokens (max_position_embeddings)")
+        raise OpenAlignError(f"'{directory}': the tokenizer's max_length is {length!r}; the text model reads "
+                             f"between 2 and {positions} tokens (max_position_embeddings)")
     return length
 
 

@@ -192,13 +192,15 @@ def save_pretrained(model: nn.Module, directory: str | Path, format: str = "open
 
 
 def _weight_shards(directory: Path) -> list[str]:
-    """The weight files ``model.safetensors.index.json`` in ``directory`` names, if it is there and readable."""
+    """The weight files ``model.safetensors.index.json`` in ``directory`` names, if it is there and
+    readable: only ``*.safetensors`` files in ``directory`` itself (a damaged index names no other file)."""
     index = directory / "model.safetensors.index.json"
     try:
         names = set(json.loads(index.read_text()).get("weight_map", {}).values()) if index.is_file() else set()
-    except (OSError, ValueError, AttributeError, TypeError):  # a damaged index: the overwrite removes it, its shards stay
+    except (OSError, ValueError, AttributeError, TypeError):  # damaged: the overwrite removes it, its shards stay
         return []
-    return sorted(name for name in names if isinstance(name, str) and Path(name).name == name)
+    return sorted(name for name in names if isinstance(name, str) and Path(name).name == name  # no other folder's
+                  and name.endswith(".safetensors") and not name.startswith(".") and (directory / name).is_file())
 
 
 def _save_openalign_directory(model: nn.Module, directory: Path) -> None:
