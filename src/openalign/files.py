@@ -80,9 +80,10 @@ def filled_whole(directory: str | Path, replaces: Iterable[str] = ()) -> Iterato
     """A temporary folder inside ``directory`` (created if need be, through symlinks and mount
     points: the same filesystem) to write files into. When the block completes, the new files
     replace their namesakes, one rename each, and the files named in ``replaces`` that the block
-    did not write are removed (a folder of such a name stays); other files stay. When the block raises, ``directory`` is as it was
-    (folders created for it removed): a refused or failed save never costs the model there, and
-    at no moment is a file of it gone before its replacement is in place."""
+    did not write are removed (a folder of such a name stays); other files stay. When the block
+    raises, ``directory`` is as it was (folders created for it removed): a refused or failed save
+    never costs the model there, and at no moment is a file of it gone before its replacement is
+    in place."""
     directory = Path(directory).expanduser().resolve()
     created = [folder for folder in (directory, *directory.parents) if not folder.exists()]
     directory.mkdir(parents=True, exist_ok=True)

@@ -9,16 +9,16 @@ from .probe import (adamw_linear_probe, clip_benchmark_probe_rows, logistic_regr
 from .retrieval import retrieval_metrics
 from .sentence_pairs import finetune_sentence_pairs, read_sentence_pairs
 from .shapes import evaluate_shapes, shapes_chance_levels
-from .tasks import (ClipBenchmarkProbeEvalConfig, EvalTaskConfig, FewShotEvalConfig, KnnEvalConfig, LinearProbeEvalConfig, RetrievalEvalConfig,
-                    SentencePairEvalConfig, ShapesEvalConfig, ZeroShotEvalConfig)
+from .tasks import (ClipBenchmarkProbeEvalConfig, EvalTaskConfig, FewShotEvalConfig, KnnEvalConfig,
+                    LinearProbeEvalConfig, RetrievalEvalConfig, SentencePairEvalConfig, ShapesEvalConfig,
+                    ZeroShotEvalConfig)
 
 __all__ = [
-    "ClipBenchmarkProbeEvalConfig", "EvalTaskConfig", "FewShotEvalConfig", "KnnEvalConfig", "LinearProbeEvalConfig", "RetrievalEvalConfig", "SentencePairEvalConfig",
-    "ShapesEvalConfig", "ZeroShotEvalConfig",
-    "adamw_linear_probe", "classification_metrics", "clip_benchmark_probe_rows", "evaluate_clip_benchmark_probe",
-    "embed_images", "embed_texts", "evaluate_fewshot", "evaluate_knn", "evaluate_linear_probe", "evaluate_retrieval", "evaluate_shapes",
-    "evaluate_zeroshot", "finetune_sentence_pairs", "read_class_folders", "read_sentence_pairs", "knn_classify",
-    "logistic_regression_probe", "nearest_neighbour_predict", "retrieval_metrics", "ridge_fewshot_probe",
-    "ridge_regression", "shapes_chance_levels",
-    "zero_shot_classifier",
+    "ClipBenchmarkProbeEvalConfig", "EvalTaskConfig", "FewShotEvalConfig", "KnnEvalConfig", "LinearProbeEvalConfig",
+    "RetrievalEvalConfig", "SentencePairEvalConfig", "ShapesEvalConfig", "ZeroShotEvalConfig",
+    "adamw_linear_probe", "classification_metrics", "clip_benchmark_probe_rows", "embed_images", "embed_texts",
+    "evaluate_clip_benchmark_probe", "evaluate_fewshot", "evaluate_knn", "evaluate_linear_probe",
+    "evaluate_retrieval", "evaluate_shapes", "evaluate_zeroshot", "finetune_sentence_pairs", "knn_classify",
+    "logistic_regression_probe", "nearest_neighbour_predict", "read_class_folders", "read_sentence_pairs",
+    "retrieval_metrics", "ridge_fewshot_probe", "ridge_regression", "shapes_chance_levels", "zero_shot_classifier",
 ]

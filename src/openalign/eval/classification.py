@@ -87,10 +87,10 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[s
     scores, top = logits.topk(min(5, logits.shape[1]), dim=1)
     correct = (top == labels[:, None]) & (scores > float("-inf"))
     predicted = logits.argmax(dim=1)  # as CLIP_benchmark: the first of tied logits, where topk may pick another
-    recalls = [(predicted[labels == c] == c).float().mean() for c in labels.unique()]
+    recalls = [(predicted[labels == c] == c).double().mean() for c in labels.unique()]  # fractions exactly
     return {
-        "acc1": correct[:, 0].float().mean().item(),
-        "acc5": correct.any(dim=1).float().mean().item() if logits.shape[1] >= 5 else math.nan,
+        "acc1": correct[:, 0].double().mean().item(),
+        "acc5": correct.any(dim=1).double().mean().item() if logits.shape[1] >= 5 else math.nan,
         "mean_per_class_recall": torch.stack(recalls).mean().item(),
     }
 

@@ -264,8 +264,7 @@ def evaluate_clip_benchmark_probe(model: nn.Module, train_root: str | Path, val_
         rows, held_out = clip_benchmark_probe_rows(train_labels, len(classes), fewshot_k, seed, sweep_proportion,
                                                    classes)
     except OpenAlignError as error:
-        held = f" (after holding out {sweep_proportion:g} of them)" if sweep_proportion is not None else ""
-        raise OpenAlignError(f"'{train_root}': {error}{held}") from None
+        raise OpenAlignError(f"'{train_root}': {error}") from None
     sweep_paths, sweep_labels = None, None
     if sweep_root is not None:
         sweep_paths, sweep_labels, _ = read_class_folders(sweep_root, classes)

@@ -197,11 +197,15 @@ def clip_benchmark_probe_rows(labels: torch.Tensor, num_classes: int, fewshot_k:
     generator = torch.Generator().manual_seed(seed)
     rows, held_out = torch.arange(len(labels)), None
     if val_proportion is not None:
+        if not 0 < val_proportion < 1:
+            raise OpenAlignError(f"val_proportion is {val_proportion:g}: a share of the training examples lies "
+                                 "between 0 and 1")
         rows, held_out = random_split_rows(len(labels), val_proportion, generator)
         if not len(held_out) or not len(rows):
             raise OpenAlignError(f"a share of {val_proportion:g} of {len(labels)} training examples holds out "
                                  f"{len(held_out)} and keeps {len(rows)}: both need at least one")
-    return rows[fewshot_permutation(labels[rows], num_classes, fewshot_k, generator, class_names)], held_out
+    held = f" once {len(held_out)} are held out" if held_out is not None else ""
+    return rows[fewshot_permutation(labels[rows], num_classes, fewshot_k, generator, class_names, held)], held_out
 
 
 def adamw_linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
@@ -219,7 +223,8 @@ def adamw_linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor,
     probe trains on the training and validation rows together (few-shot, ``fewshot_k > 0``: on the
     training rows alone); without, the weight decay is 0. Returns the test metrics of
     :func:`~openalign.eval.classification.classification_metrics` under CLIP_benchmark's names
-    (``lp_acc1``, ``lp_acc5``, ``lp_mean_per_class_recall``) and the settings it records.
+    (``lp_acc1``, ``lp_acc5``, ``lp_mean_per_class_recall``) and the settings it records;
+    ``lp_acc5`` is NaN unless some test label is 5 or more, as CLIP_benchmark's probe has it.
 
     The probe's initialisation and shuffling draw from a generator seeded with ``seed``: the same
     initialisation as CLIP_benchmark's (which seeds the global generator), another shuffling
@@ -228,16 +233,20 @@ def adamw_linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor,
     from .classification import classification_metrics
 
     x, y = train_features.float(), train_labels.long()
+    if (val_features is None) != (val_labels is None):
+        raise OpenAlignError("give val_features and val_labels together (the weight decay is chosen on both)")
+    if val_labels is not None and not len(val_labels):
+        raise OpenAlignError("the validation set to choose the weight decay on is empty")
 
     def fit(features: torch.Tensor, labels: torch.Tensor, weight_decay: float) -> torch.nn.Linear:
         return train_linear_probe(features, labels, num_classes, weight_decay, lr, epochs, batch_size, seed, device)
 
     if val_features is not None and val_labels is not None:
-        val_x, val_y = val_features.float(), val_labels.long()
+        val_x, val_y = val_features.float(), val_labels.long().cpu()
 
         def val_accuracy(weight_decay: float) -> float:
             logits = _probe_logits(fit(x, y, weight_decay), val_x)
-            return (logits.argmax(dim=1) == val_y.cpu()).double().mean().item()
+            return (logits.argmax(dim=1) == val_y).double().mean().item()
 
         weight_decay = weight_decay_sweep(val_accuracy)
         if fewshot_k < 0:  # full data: the final probe also learns from the validation rows
@@ -246,14 +255,18 @@ def adamw_linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor,
         weight_decay = 0.0
     logits = _probe_logits(fit(x, y, weight_decay), test_features.float())
     metrics = {f"lp_{name}": value for name, value in classification_metrics(logits, test_labels.cpu()).items()}
+    if int(test_labels.max()) < 5:  # as CLIP_benchmark's probe: no top-5 unless a test label is 5 or more
+        metrics["lp_acc5"] = math.nan
     return {**metrics, "weight_decay": weight_decay, "lr": lr, "epochs": epochs, "seed": seed,
             "fewshot_k": fewshot_k, "normalized": True}
 
 
 def fewshot_permutation(labels: torch.Tensor, num_classes: int, fewshot_k: int, generator: torch.Generator,
-                        class_names: Sequence[str] | None = None) -> torch.Tensor:
+                        class_names: Sequence[str] | None = None, context: str = "") -> torch.Tensor:
     """The training rows CLIP_benchmark's probe uses, in its order: a random permutation of all
-    rows, keeping (``fewshot_k > 0``) only the first ``fewshot_k`` of each class."""
+    rows, keeping (``fewshot_k > 0``) only the first ``fewshot_k`` of each class. Every class needs
+    ``fewshot_k`` rows (CLIP_benchmark checks only the classes it saw: one without training
+    images passed there, unseen by the probe); the error names the class and ``context``."""
     if fewshot_k == 0:
         raise OpenAlignError("fewshot_k must be at least 1 (examples per class), or -1 for all of them")
     labels = labels.long().cpu()
@@ -262,15 +275,15 @@ def fewshot_permutation(labels: torch.Tensor, num_classes: int, fewshot_k: int, 
         return permutation
     counts = torch.bincount(labels, minlength=num_classes)
     if int(counts.min()) < fewshot_k:
-        short = int(counts.argmin())
+        short, count = int(counts.argmin()), int(counts.min())
         name = f"class '{class_names[short]}'" if class_names is not None else f"class {short}"
-        raise OpenAlignError(f"{name} has {int(counts[short])} training examples, fewer than fewshot_k={fewshot_k}")
+        raise OpenAlignError(f"{name} has {count} training example{'' if count == 1 else 's'}{context}, fewer "
+                             f"than fewshot_k={fewshot_k}")
     permuted = labels[permutation]
-    # the rank of each row among the earlier rows of its class, in permutation order
-    rank = torch.zeros(len(labels), dtype=torch.long)
-    for label in range(num_classes):
-        rows = torch.nonzero(permuted == label).flatten()
-        rank[rows] = torch.arange(len(rows))
+    by_class = torch.argsort(permuted, stable=True)  # each class's rows, in permutation order
+    first_of_class = torch.cumsum(counts, 0) - counts
+    rank = torch.empty_like(by_class)
+    rank[by_class] = torch.arange(len(labels)) - first_of_class[permuted[by_class]]  # place within its class
     return permutation[rank < fewshot_k]
 
 
@@ -298,7 +311,7 @@ def train_linear_probe(x: torch.Tensor, y: torch.Tensor, num_classes: int, weigh
     torch.nn.init.uniform_(probe.bias, -bound, bound, generator=generator)
     probe = probe.to(device)
     optimizer = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=weight_decay)
-    x, y = x.to(device), y.to(device)
+    x, y = x.to(device, torch.float32), y.to(device)
     steps_per_epoch = math.ceil(len(x) / batch_size)
     total = epochs * steps_per_epoch
     with torch.enable_grad():
@@ -318,9 +331,7 @@ def weight_decay_sweep(score: Callable[[float], float]) -> float:
     """The weight decay CLIP_benchmark's probe takes (after CLIP's appendix A.3): score the 7 points
     1e-6, 1e-4.67, ..., 1e2 of its 97-point grid, then the grid points 8, 4, 2 and 1 steps either
     side of the best so far; the best is the first highest score in the order scored (each round:
-    left, best, right), so ties go to the smaller weight decay. Each weight decay is trained once.
-    (CLIP_benchmark returns the grid's first point when every candidate of a round scores 0; here
-    it is the first candidate.)"""
+    left, best, right), so ties go to the smaller weight decay. Each weight decay is trained once."""
     scores: dict[int, float] = {}
 
     def best_of(candidates: list[int]) -> int:

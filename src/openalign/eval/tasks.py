@@ -252,7 +252,8 @@ class ClipBenchmarkProbeEvalConfig(EvalTaskConfig, tag="clip_benchmark_probe"):
             raise ConfigError("must be positive", "lr")
         require_at_least(self, 1, "epochs", "batch_size")
 
-    def run(self, model: nn.Module, device: torch.device, batch_size: int, show_progress: bool = True) -> dict[str, float]:
+    def run(self, model: nn.Module, device: torch.device, batch_size: int, show_progress: bool = True
+            ) -> dict[str, float]:
         return evaluate_clip_benchmark_probe(model, self.train_root, self.val_root, device, self.sweep_root,
                                              self.sweep_proportion, self.fewshot_k, self.lr, self.epochs,
                                              self.batch_size, self.seed, batch_size, show_progress,
