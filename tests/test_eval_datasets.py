@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -14,11 +15,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import openalign
 from openalign.cli import main
 from openalign.data import read_karpathy
-from openalign.errors import OpenAlignError
+from openalign.errors import ConfigError, OpenAlignError
 from openalign.eval import (classification_metrics, evaluate_knn, evaluate_retrieval, evaluate_shapes,
                             evaluate_zeroshot)
 
@@ -734,3 +736,54 @@ def test_a_suite_with_a_batch_size_below_one_is_refused(tmp_path):
     (tmp_path / "suite.yaml").write_text("tasks: [{task: shapes, root: data}]\nbatch_size: 0\n")
     with pytest.raises(OpenAlignError, match="has batch_size 0; it must be at least 1"):
         load_suite(tmp_path / "suite.yaml")
+
+
+def test_review_bad_inputs_are_refused_before_results_are_lost(model, folders, shapes_root, tmp_path, capsys, caplog,
+                                                               monkeypatch):
+    import yaml
+
+    from openalign.eval.suite import load_suite
+    from openalign.eval.tasks import ClipBenchmarkProbeEvalConfig, LinearProbeEvalConfig, SentencePairEvalConfig
+
+    task = {"task": "knn", "train_root": "a", "val_root": "b"}
+    for names, message in ((["knn", "knn"], "names several tasks 'knn'"), (["a", "../../escape"], "not a plain file"),
+                           (["a", "x/y"], "not a plain file"), (["a", ""], "not a plain file")):
+        (tmp_path / "suite.yaml").write_text(yaml.safe_dump({"names": names, "tasks": [task, task]}))
+        with pytest.raises(OpenAlignError, match=message):
+            load_suite(tmp_path / "suite.yaml")
+    for make, key in ((lambda: LinearProbeEvalConfig("a", "b", c=math.nan), "c"),
+                      (lambda: ClipBenchmarkProbeEvalConfig("a", "b", lr=math.inf), "lr"),
+                      (lambda: SentencePairEvalConfig("a", "b", head_lr=math.nan), "head_lr")):
+        with pytest.raises(ConfigError, match=f"'{key}' must be positive and finite"):
+            make()
+
+    model_dir = model.save_pretrained(tmp_path / "model")
+    dataset = tmp_path / "dataset.json"
+    dataset.write_text('{"images": []}')  # a dataset file named as the output by mistake: kept
+    args = ["eval", "knn", "--model", str(model_dir), "--train", str(folders / "train"), "--val", str(folders / "val")]
+    assert main([*args, "--output", str(dataset)]) == 2
+    assert dataset.read_text() == '{"images": []}' and "is not an openalign result" in capsys.readouterr().err
+    assert main([*args, "--output", str(tmp_path / "r" / "knn.json")]) == 0
+    assert main([*args, "--output", str(tmp_path / "r" / "knn.json")]) == 0  # an earlier result is replaced
+    (tmp_path / "r" / "broken.json").write_text("{bad")
+    (tmp_path / "table.csv").write_text("url,caption\n")
+    assert main(["eval", "report", str(tmp_path / "r"), "--out", str(tmp_path / "table")]) == 2
+    assert (tmp_path / "table.csv").read_text() == "url,caption\n"
+    with caplog.at_level("WARNING"):
+        assert main(["eval", "report", str(tmp_path / "r"), "--out", str(tmp_path / "report")]) == 0
+        assert main(["eval", "report", str(tmp_path / "r"), "--out", str(tmp_path / "report")]) == 0  # ours: replaced
+    assert "skipped 1 JSON file(s) that are not readable result records" in caplog.text
+
+    shutil.copytree(folders, tmp_path / "folders")
+    (tmp_path / "folders" / "val" / ".ipynb_checkpoints").mkdir()  # no class
+    expected = evaluate_knn(model, folders / "train", folders / "val", CPU, show_progress=False)
+    assert evaluate_knn(model, tmp_path / "folders" / "train", tmp_path / "folders" / "val", CPU,
+                        show_progress=False) == expected
+    classes = sorted(p.name for p in (folders / "val").iterdir())
+    with pytest.raises(OpenAlignError, match="class names repeat \\('circle'\\)"):
+        evaluate_zeroshot(model, folders / "val", CPU, names=["circle"] * len(classes), show_progress=False)
+    with pytest.raises(OpenAlignError, match="class name None is not a non-empty string"):
+        evaluate_zeroshot(model, folders / "val", CPU, names={c: None for c in classes}, show_progress=False)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # every image is then a decompression bomb
+    with pytest.raises(OpenAlignError, match="cannot read evaluation image"):
+        evaluate_knn(model, folders / "train", folders / "val", CPU, show_progress=False)

@@ -437,6 +437,10 @@ def test_a_model_directory_whose_tokenizer_is_missing_or_truncated_is_a_clear_er
     tokenizer.write_text(tokenizer.read_text()[:500])
     with pytest.raises(OpenAlignError, match=r"the tokenizer in '.*model' cannot be loaded \(Expecting"):
         openalign.load_pretrained(directory)
+    for wrong in ('{"garbage": 1}', "[]", '"x"'):  # JSON of another structure: KeyError, TypeError, ... inside
+        tokenizer.write_text(wrong)
+        with pytest.raises(OpenAlignError, match=r"the tokenizer in '.*model' cannot be loaded"):
+            openalign.load_pretrained(directory)
     for file in directory.glob("tokenizer*"):
         file.unlink()
     with pytest.raises(OpenAlignError, match=r"cannot be loaded .* it needs tokenizer.json, or vocab.txt"):

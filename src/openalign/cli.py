@@ -90,7 +90,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         task, dataset = LinearProbeEvalConfig(train_root=args.train, val_root=args.val, c=args.c,
                                               standardize=args.standardize), \
             Path(args.val).resolve().parent.name
-    output = _output_file(args.output) if args.output else None  # checked before the work
+    output = _replaceable(_output_file(args.output), _is_record) if args.output else None  # checked before the work
     model, _, _ = _inference_model(args, optimize=not task.fine_tunes)
     with precision_scope(args.precision):
         metrics = task.run(model, next(model.parameters()).device, args.batch_size)
@@ -98,6 +98,25 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     print(json.dumps(record, indent=2))
     if output:
         output.write_text(json.dumps(record, indent=2))
+
+
+def _replaceable(output: Path, written_by_us: Callable[[Path], bool]) -> Path:
+    """``output``, unless it is a file that openalign did not write (``written_by_us``): a dataset
+    JSON or a model's config named by mistake is refused, not replaced."""
+    if output.is_file() and not written_by_us(output):
+        raise OpenAlignError(f"'{output}' exists and is not an openalign result: choose another file (it is "
+                             "replaced only when it holds an earlier result)")
+    return output
+
+
+def _is_record(path: Path) -> bool:
+    from .eval.suite import RECORD_KEYS
+
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and set(RECORD_KEYS) <= set(record)
 
 
 def _output_file(path: str, suffixes: tuple[str, ...] = ()) -> Path:
@@ -148,6 +167,11 @@ def _cmd_eval_suite(args: argparse.Namespace) -> None:
 def _cmd_eval_report(args: argparse.Namespace) -> None:
     from .eval.suite import collect_examples, collect_records, write_report
 
+    if not Path(args.out).name:
+        raise OpenAlignError(f"--out '{args.out}' names no file: give a prefix, e.g. results/report")
+    for suffix, opening in ((".md", "# openalign evaluation report"), (".csv", "model,pretrained,dataset,task,")):
+        _replaceable(Path(args.out).with_suffix(suffix), lambda path, opening=opening: path.read_text(
+            errors="replace").startswith(opening))
     markdown, table = write_report(collect_records(args.paths), args.out, collect_examples(args.paths))
     print(markdown.read_text())
     print(f"wrote {markdown} and {table}")

@@ -38,7 +38,7 @@ def load_hf_tokenizer(name: str) -> Any:
     if path.is_dir():
         try:
             return AutoTokenizer.from_pretrained(str(path))
-        except (OSError, ValueError, UnicodeDecodeError) as error:  # files missing, truncated or not a tokenizer's
+        except Exception as error:  # files missing, truncated, not a tokenizer's, or of the wrong structure
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise OpenAlignError(f"the tokenizer in '{path}' cannot be loaded ({first_line}): it needs "
                                  "tokenizer.json, or vocab.txt with tokenizer_config.json; copy them from where "

@@ -75,7 +75,8 @@ def read_class_folders(root: str | Path, classes: Sequence[str] | None = None) -
     root = Path(root)
     if not root.is_dir():
         raise OpenAlignError(f"'{root}' is not a directory; expected class subfolders, e.g. val/n01440764/*.JPEG")
-    found = sorted(p.name for p in root.iterdir() if p.is_dir())
+    # hidden folders (.ipynb_checkpoints) are no classes
+    found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not found:
         raise OpenAlignError(f"'{root}' has no class subfolders; expected <root>/<class>/<image> (ImageNet: "
                              "val/n01440764/ILSVRC2012_val_00000293.JPEG)")
@@ -128,11 +129,24 @@ def class_names(folders: Sequence[str], names: list[str] | dict[str, str] | None
         missing = [folder for folder in folders if folder not in names]
         if missing:
             raise OpenAlignError(f"the class names have no entry for folders {', '.join(missing[:5])}")
-        return [names[folder] for folder in folders]
+        return _distinct_names([names[folder] for folder in folders])
     if len(names) != len(folders):
         raise OpenAlignError(f"{len(names)} class names for {len(folders)} class folders: give one per folder, "
                              "in sorted folder order")
-    return list(names)
+    return _distinct_names(list(names))
+
+
+def _distinct_names(names: list[object]) -> list[str]:
+    """``names``, checked to be distinct, non-empty strings: two classes of one name are one prompt
+    (and the first would win every tie), a number or null no prompt at all."""
+    for name in names:
+        if not isinstance(name, str) or not name.strip():
+            raise OpenAlignError(f"class name {name!r} is not a non-empty string: give each class a name")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise OpenAlignError(f"class names repeat ({', '.join(map(repr, repeated[:5]))}): two classes of one name "
+                             "cannot be told apart by a prompt")
+    return names
 
 
 def evaluate_zeroshot(model: nn.Module, root: str | Path, device: torch.device,

@@ -122,7 +122,7 @@ def _load(path: Path, transform: Transform) -> torch.Tensor:
     try:
         with Image.open(path) as image:
             return transform(image)
-    except OSError as error:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise OpenAlignError(f"cannot read evaluation image '{path}': {error}") from None
 
 

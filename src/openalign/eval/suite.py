@@ -77,6 +77,14 @@ def load_suite(name_or_path: str | Path) -> SuiteConfig:
         raise OpenAlignError(f"suite '{name_or_path}' lists no tasks")
     if suite.names and len(suite.names) != len(suite.tasks):
         raise OpenAlignError(f"suite '{name_or_path}' has {len(suite.names)} names for {len(suite.tasks)} tasks")
+    repeated = sorted({name for name in suite.names if suite.names.count(name) > 1})
+    if repeated:  # each names a result file: a second would replace the first's
+        raise OpenAlignError(f"suite '{name_or_path}' names several tasks {', '.join(map(repr, repeated))}: each "
+                             "name is a result file, so the names must differ")
+    unsafe = [name for name in suite.names if not name or name.startswith(".") or "/" in name or "\\" in name]
+    if unsafe:
+        raise OpenAlignError(f"suite '{name_or_path}': task name {unsafe[0]!r} is not a plain file name (no "
+                             "folders, no leading dot): it names a result file in the output folder")
     return suite
 
 
@@ -143,19 +151,25 @@ def collect_records(paths: list[str | Path]) -> list[dict[str, Any]]:
             files.append((path, True))
         else:
             raise OpenAlignError(f"'{path}' is neither a result file nor a directory of them")
-    records = []
+    records, skipped = [], []
     for file, named in files:
         try:
             record = read_json(file)
         except OpenAlignError:
             if named:
                 raise
+            skipped.append(file)
             continue
         if isinstance(record, dict) and set(RECORD_KEYS) <= set(record) and isinstance(record["metrics"], dict):
             records.append({**record, "task": _current_task_name(record)})
         elif named:
             raise OpenAlignError(f"'{file}' is not a result record: expected the JSON that an eval command writes, "
                                  f"with {', '.join(RECORD_KEYS)}")
+        else:
+            skipped.append(file)
+    if skipped:
+        log.warning("skipped %d JSON file(s) that are not readable result records: %s%s", len(skipped),
+                    ", ".join(map(str, skipped[:3])), ", ..." if len(skipped) > 3 else "")
     if not records:
         raise OpenAlignError(f"no result records (JSON with {', '.join(RECORD_KEYS)}) under {', '.join(map(str, paths))}")
     return records

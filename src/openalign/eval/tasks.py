@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -209,8 +210,8 @@ class LinearProbeEvalConfig(EvalTaskConfig, tag="linear_probe"):
     standardize: bool = False
 
     def __post_init__(self) -> None:
-        if self.c is not None and self.c <= 0:
-            raise ConfigError("must be positive, or null to choose it on held-out training images", "c")
+        if self.c is not None and not 0 < self.c < math.inf:  # NaN too
+            raise ConfigError("must be positive and finite, or null to choose it on held-out training images", "c")
 
     def run(self, model: nn.Module, device: torch.device, batch_size: int, show_progress: bool = True) -> dict[str, float]:
         return evaluate_linear_probe(model, self.train_root, self.val_root, device, self.c, batch_size, show_progress,
@@ -248,8 +249,8 @@ class ClipBenchmarkProbeEvalConfig(EvalTaskConfig, tag="clip_benchmark_probe"):
                               "sweep_proportion")
         if self.fewshot_k == 0 or self.fewshot_k < -1:
             raise ConfigError("must be at least 1 (images per class), or -1 for all of them", "fewshot_k")
-        if not self.lr > 0:
-            raise ConfigError("must be positive", "lr")
+        if not 0 < self.lr < math.inf:  # NaN too
+            raise ConfigError("must be positive and finite", "lr")
         require_at_least(self, 1, "epochs", "batch_size")
 
     def run(self, model: nn.Module, device: torch.device, batch_size: int, show_progress: bool = True
@@ -282,8 +283,8 @@ class SentencePairEvalConfig(EvalTaskConfig, tag="sentence_pairs"):
     def __post_init__(self) -> None:
         require_at_least(self, 1, "epochs")
         for key in ("lr", "head_lr"):
-            if getattr(self, key) <= 0:
-                raise ConfigError("must be positive", key)
+            if not 0 < getattr(self, key) < math.inf:  # NaN too
+                raise ConfigError("must be positive and finite", key)
         if self.batch_size is not None and self.batch_size < 1:
             raise ConfigError("must be at least 1 (or null: the evaluation batch size)", "batch_size")
         if self.preprocess:
