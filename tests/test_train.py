@@ -329,6 +329,14 @@ def test_a_fresh_run_refuses_an_output_dir_holding_checkpoints(trained_run, shap
         train(load_recipe("demo", tiny_overrides(shapes_root, output)), show_progress=False)
 
 
+def test_a_run_refuses_an_output_dir_holding_a_saved_model(tmp_path, shapes_root, tiny_overrides):
+    saved = openalign.create_model("align-tiny").save_pretrained(tmp_path / "saved")
+    before = (saved / "config.yaml").read_text()
+    with pytest.raises(OpenAlignError, match=r"holds a saved model \(model.safetensors\).*replace its config.yaml"):
+        train(load_recipe("demo", tiny_overrides(shapes_root, saved)), show_progress=False)
+    assert (saved / "config.yaml").read_text() == before
+
+
 def test_resume_refuses_a_changed_recipe_but_allows_more_steps(tmp_path, shapes_root, tiny_overrides, caplog):
     train(load_recipe("demo", tiny_overrides(shapes_root, tmp_path, steps=2) + ["eval.tasks=[]"]), show_progress=False)
     changed = load_recipe("demo", tiny_overrides(shapes_root, tmp_path, steps=2) + ["eval.tasks=[]", "train.lr=0.5"])

@@ -94,6 +94,10 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True)
             raise OpenAlignError(f"run.output_dir '{output_dir}' already holds checkpoints of an earlier run (newest: "
                                  f"{existing[-1].name}): pass --resume latest to continue it, or choose "
                                  "another run.output_dir")
+        elif saved := [name for name in ("model.safetensors", "config.json") if (output_dir / name).is_file()]:
+            raise OpenAlignError(f"run.output_dir '{output_dir}' holds a saved model ({', '.join(saved)}): a run "
+                                 "there would replace its config.yaml and break it; choose another run.output_dir "
+                                 "(train.init_from can start from that model)")
         if start == 0 and cfg.init_from:  # also under --resume latest before the first checkpoint
             _initialise(model, cfg.init_from)
         loader, monitor = _build_loader(recipe, per_rank, ctx, start, checkpointer.data_state())
