@@ -534,6 +534,16 @@ def test_clip_benchmark_webdataset_layouts_give_the_same_results_as_files(model,
     (retrieval / "test" / "1.tar").write_bytes(b"not a tar archive")
     with pytest.raises(OpenAlignError, match="cannot read shard '.*1.tar'"):
         evaluate_retrieval(model, retrieval, CPU, show_progress=False)
+    whole = (retrieval / "test" / "0.tar").read_bytes()
+    (retrieval / "test" / "1.tar").unlink()
+    import tarfile
+
+    with tarfile.open(retrieval / "test" / "0.tar") as archive:
+        headers = [member.offset for member in archive.getmembers()]
+    for cut in (headers[len(headers) // 2], headers[-1] + 100):  # at a header (tarfile stops quietly), and in one
+        (retrieval / "test" / "0.tar").write_bytes(whole[:cut])
+        with pytest.raises(OpenAlignError, match="shard '.*0.tar' is truncated or damaged: no end-of-archive"):
+            evaluate_retrieval(model, retrieval, CPU, show_progress=False)
 
 
 def test_a_class_folder_without_images_stays_a_class_with_a_warning(tmp_path, caplog):

@@ -153,6 +153,13 @@ def _cut_short(sample: TarSample | None) -> Iterator[TarSample]:
         yield sample
 
 
+def ends_whole(tar: tarfile.TarFile) -> bool:
+    """Whether a tar that ``tarfile`` has read to its end (it stops quietly at a cut or a damaged
+    header) ends there with the end-of-archive marker, two zero blocks."""
+    tail = _seek_read(tar, tar.offset)
+    return len(tail) == 2 * tarfile.BLOCKSIZE and not tail.strip(b"\0")
+
+
 def _seek_read(tar: tarfile.TarFile, offset: int) -> bytes:
     tar.fileobj.seek(offset)
     return tar.fileobj.read(2 * tarfile.BLOCKSIZE)

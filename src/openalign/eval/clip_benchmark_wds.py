@@ -20,6 +20,7 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..data.shards import ends_whole
 from ..errors import OpenAlignError
 from ..files import written_whole
 
@@ -79,6 +80,9 @@ def read_split(root: str | Path, split: str = "test", extract_to: str | Path | N
                             f"{key.replace('/', '_')}.{extension}"), shard_mtime)
                     elif extension == field:
                         fields[key] = archive.extractfile(member).read()
+                if not ends_whole(archive):  # tarfile stops quietly at a cut: the rest would be left out unsaid
+                    raise OpenAlignError(f"shard '{shard}' is truncated or damaged: no end-of-archive marker at byte "
+                                         f"{archive.offset}, where its members end; download or export it again")
         except (tarfile.TarError, OSError) as error:
             raise OpenAlignError(f"cannot read shard '{shard}': {error}") from None
     paths, labels, captions = [], [], []
