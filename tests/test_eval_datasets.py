@@ -23,6 +23,7 @@ from openalign.data import read_karpathy
 from openalign.errors import ConfigError, OpenAlignError
 from openalign.eval import (classification_metrics, evaluate_knn, evaluate_retrieval, evaluate_shapes,
                             evaluate_zeroshot)
+from openalign.eval.datasets import read_lines_or_json
 
 CPU = torch.device("cpu")
 
@@ -797,3 +798,15 @@ def test_review_bad_inputs_are_refused_before_results_are_lost(model, folders, s
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # every image is then a decompression bomb
     with pytest.raises(OpenAlignError, match="cannot read evaluation image"):
         evaluate_knn(model, folders / "train", folders / "val", CPU, show_progress=False)
+
+
+def test_prompt_files_and_caption_files_of_the_wrong_content_are_clear_errors(model, folders, tmp_path):
+    for content, message in (("[1, 2]", "templates must each hold"), ('["a {}", null]', "templates must each hold"),
+                             ('{"circle": "a circle"}', "map each class name to a non-empty list of prompts")):
+        (tmp_path / "prompts.json").write_text(content)
+        with pytest.raises(OpenAlignError, match=message):
+            evaluate_zeroshot(model, folders / "val", CPU, read_lines_or_json(tmp_path / "prompts.json", "templates"),
+                              show_progress=False)
+    (tmp_path / "utf16.json").write_text('{"images": []}', encoding="utf-16")
+    with pytest.raises(OpenAlignError, match="is not a Karpathy-style caption file"):
+        read_karpathy(tmp_path / "utf16.json", "test")

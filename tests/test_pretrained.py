@@ -499,3 +499,14 @@ def test_convert_on_the_command_line(hf_dir, tmp_path, capsys):
     assert main(["convert", str(hf_dir), str(tmp_path / "ours"), "--to", "openalign", "--overwrite"]) == 0
     assert main(["convert", str(tmp_path / "nowhere"), str(tmp_path / "x"), "--to", "hf"]) == 2
     assert "neither a directory nor a Hugging Face hub id" in " ".join(capsys.readouterr().err.split())
+
+
+def test_a_config_json_of_wrong_types_is_a_clear_error(hf_dir, tmp_path):
+    settings = json.loads((hf_dir / "config.json").read_text())
+    for name, change in (("projection", {"projection_dim": "eighty"}), ("vision", {"vision_config": "x"}),
+                         ("list", None)):
+        broken = tmp_path / name
+        shutil.copytree(hf_dir, broken)
+        (broken / "config.json").write_text(json.dumps([] if change is None else {**settings, **change}))
+        with pytest.raises(OpenAlignError, match=r"config.json' is (not a valid AlignConfig|not a JSON object)"):
+            openalign.load_pretrained(broken)

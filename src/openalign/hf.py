@@ -73,12 +73,18 @@ def load_hf_weights(model: nn.Module, directory: Path, source: str | None = None
 def model_config_from_hf(directory: Path) -> DualEncoderConfig:
     """The openalign config equivalent to ``directory``'s ``config.json`` and preprocessor files."""
     raw = read_json(directory / HF_CONFIG_FILE)
+    if not isinstance(raw, dict):
+        raise OpenAlignError(f"'{directory / HF_CONFIG_FILE}' is not a JSON object: not a model's config")
     if raw.get("model_type") != "align":
         raise OpenAlignError(f"'{directory / HF_CONFIG_FILE}' describes a '{raw.get('model_type')}' model, not ALIGN "
                              "(model_type 'align', transformers.AlignModel)")
     from transformers import AlignConfig
 
-    hf = AlignConfig.from_pretrained(str(directory))
+    try:
+        hf = AlignConfig.from_pretrained(str(directory))
+    except Exception as error:  # values of the wrong type or structure: transformers' own checks fail in many ways
+        raise OpenAlignError(f"'{directory / HF_CONFIG_FILE}' is not a valid AlignConfig ({type(error).__name__}: "
+                             f"{str(error).strip().splitlines()[0] if str(error).strip() else ''})") from None
     vision, text = hf.vision_config, hf.text_config
     _require(list(vision.depthwise_padding) == [], "vision_config.depthwise_padding",
              f"is {list(vision.depthwise_padding)}; openalign's EfficientNet implements ALIGN's [] only")

@@ -40,7 +40,7 @@ def read_karpathy(json_path: str | Path, split: str, image_root: str | Path | No
     try:
         data = json.loads(json_path.read_text())
         entries = data["images"]
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
         raise OpenAlignError(f"'{json_path}' is not a Karpathy-style caption file (expected "
                              f"{{\"images\": [{{\"filename\", \"split\", \"sentences\": [{{\"raw\"}}]}}]}}): {error}") from None
     root = Path(image_root) if image_root is not None else json_path.parent

@@ -171,12 +171,15 @@ def evaluate_zeroshot(model: nn.Module, root: str | Path, device: torch.device,
         paths, labels, folders = read_class_folders(root)
         readable = class_names(folders, names if names is not None else _imagenet_names(folders, root))
     if isinstance(templates, Mapping):  # CuPL: each class's own prompts, keyed by its name
+        if not all(isinstance(prompts, list) and prompts and all(isinstance(p, str) for p in prompts)
+                   for prompts in templates.values()):
+            raise OpenAlignError("per-class prompts must map each class name to a non-empty list of prompts")
         if canonicalize:
             templates = {canonicalize_prompt(name, ","): [canonicalize_prompt(prompt) for prompt in prompts]
                          for name, prompts in templates.items()}
     else:
         templates = list(templates or DEFAULT_TEMPLATES)
-        if any("{}" not in template for template in templates):
+        if any(not isinstance(template, str) or "{}" not in template for template in templates):
             raise OpenAlignError(f"templates must each hold '{{}}' for the class name, got {templates[:3]} (per-class "
                                  "prompts are a JSON object of class name to its prompts)")
         if canonicalize:
