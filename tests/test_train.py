@@ -210,6 +210,26 @@ def test_resuming_a_damaged_checkpoint_names_it_and_the_one_to_fall_back_on(trai
         train(recipe, resume="latest", show_progress=False)
 
 
+@pytest.mark.parametrize("damaged, content", [("trainer_state.pt", {"foo": 1}), ("rng_rank0.pt", [1, 2]),
+                                              ("data_rank0.json", []), ("data_rank0.json", {"foo": 1})])
+def test_resuming_a_checkpoint_file_of_another_structure_names_it(trained_run, tmp_path, shapes_root, damaged,
+                                                                   content):
+    import json
+    import shutil
+
+    output, _ = trained_run
+    run = tmp_path / "run"
+    shutil.copytree(output, run)
+    file = run / "checkpoints" / "step_00000004" / damaged
+    if damaged.endswith(".json"):
+        file.write_text(json.dumps(content))
+    else:
+        torch.save(content, file)  # a valid torch file, but no trainer state: KeyError/TypeError deep in resume before
+    recipe = load_recipe("demo", tiny_recipe_overrides(shapes_root, run))
+    with pytest.raises(OpenAlignError, match=rf"checkpoint '.*step_00000004' is damaged: '{damaged}' does not hold"):
+        train(recipe, resume="latest", show_progress=False)
+
+
 def test_a_run_restarted_from_step_0_replaces_the_abandoned_history_with_a_warning(tmp_path, caplog):
     from openalign.train.logger import TrainLogger
 

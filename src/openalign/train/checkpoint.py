@@ -50,6 +50,16 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _holding(read: Callable[[Path], Any], *keys: str) -> Callable[[Path], dict[str, Any]]:
+    """``read``, checked to give a mapping with ``keys``: a file of another structure is damaged."""
+    def checked(path: Path) -> dict[str, Any]:
+        value = read(path)
+        if not isinstance(value, dict) or any(key not in value for key in keys):
+            raise OpenAlignError(f"'{path.name}' does not hold {', '.join(keys)}")
+        return value
+    return checked
+
+
 def load_weights(model: nn.Module, path: Path) -> None:
     """Load ``path`` (safetensors) into ``model``; any missing, extra or misshapen key is an error."""
     load_state(model, read_safetensors(path), f"checkpoint '{path}'")
@@ -201,7 +211,8 @@ class Checkpointer:
             log.info("no checkpoint in %s yet: starting from step 0", self.directory)
             return 0
         saved_recipe = self._read(path, CONFIG_FILE, lambda file: _read_recipe(file.parent))
-        state = self._read(path, STATE_FILE, read_torch_file)
+        state = self._read(path, STATE_FILE, _holding(read_torch_file, "step", "optimizer", "scheduler", "loss",
+                                                      "world_size"))
         step = int(state["step"])
         if step > total_steps:
             raise OpenAlignError(f"cannot resume from '{path}' (step {step}) with train.steps={total_steps}: "
@@ -214,7 +225,7 @@ class Checkpointer:
         loss_fn.load_state_dict(state["loss"])
         rng_file = path / f"rng_rank{self.ctx.rank}.pt"
         if rng_file.is_file() and state["world_size"] == self.ctx.world_size:
-            _set_rng_state(self._read(path, rng_file.name, read_torch_file))
+            _set_rng_state(self._read(path, rng_file.name, _holding(read_torch_file, "torch", "python")))
         else:
             log.warning("checkpoint %s was written by %d ranks, now %d: data order is kept, dropout RNG is not",
                         path, state["world_size"], self.ctx.world_size)
@@ -248,7 +259,7 @@ class Checkpointer:
         name = f"data_rank{self.ctx.rank if rank is None else rank}.json"
         if self.resumed_from is None or not (self.resumed_from / name).is_file():
             return None
-        return self._read(self.resumed_from, name, read_json)
+        return self._read(self.resumed_from, name, _holding(read_json, "counts"))
 
 
 # Settings a resumed run may change: where it runs, how it logs, evaluates and reads data.
