@@ -21,8 +21,8 @@ import openalign
 from openalign.cli import main
 from openalign.data import read_karpathy
 from openalign.errors import ConfigError, OpenAlignError
-from openalign.eval import (classification_metrics, evaluate_knn, evaluate_retrieval, evaluate_shapes,
-                            evaluate_zeroshot)
+from openalign.eval import (classification_metrics, evaluate_fewshot, evaluate_knn, evaluate_retrieval,
+                            evaluate_shapes, evaluate_zeroshot)
 from openalign.eval.datasets import read_lines_or_json
 
 CPU = torch.device("cpu")
@@ -784,6 +784,14 @@ def test_review_bad_inputs_are_refused_before_results_are_lost(model, folders, s
         assert main(["eval", "report", str(tmp_path / "r"), "--out", str(tmp_path / "report")]) == 0
         assert main(["eval", "report", str(tmp_path / "r"), "--out", str(tmp_path / "report")]) == 0  # ours: replaced
     assert "skipped 1 JSON file(s) that are not readable result records" in caplog.text
+    (tmp_path / "suite.yaml").write_text(yaml.safe_dump({"tasks": [
+        {"task": "knn", "train_root": str(folders / "train"), "val_root": str(folders / "val")},
+        {"task": "zeroshot", "root": str(tmp_path / "absent")}]}))
+    assert main(["eval", "suite", str(tmp_path / "suite.yaml"), "--model", str(model_dir), "--out",
+                 str(tmp_path / "suite_out")]) == 2
+    assert "tasks[1].root: " in capsys.readouterr().err and not (tmp_path / "suite_out").exists()  # before task 0
+    with pytest.raises(OpenAlignError, match="class 'square' has 24 training examples, fewer than 1000 shots"):
+        evaluate_fewshot(model, folders / "train", folders / "val", CPU, shots=1000, show_progress=False)
 
     shutil.copytree(folders, tmp_path / "folders")
     (tmp_path / "folders" / "val" / ".ipynb_checkpoints").mkdir()  # no class

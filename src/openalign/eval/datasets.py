@@ -235,7 +235,7 @@ def evaluate_fewshot(model: nn.Module, train_root: str | Path, val_root: str | P
     Only the sampled training images are embedded (ImageNet 10-shot: at most 30,000 of 1.28M)."""
     train_paths, train_labels, classes = read_class_folders(train_root)
     val_paths, val_labels, _ = read_class_folders(val_root, classes)
-    chosen = {seed: fewshot_indices(train_labels, len(classes), shots, seed) for seed in seeds}
+    chosen = {seed: fewshot_indices(train_labels, len(classes), shots, seed, classes) for seed in seeds}
     needed = sorted({int(index) for indices in chosen.values() for index in indices})
     row = {index: position for position, index in enumerate(needed)}
     transform = transform or eval_transform(model)

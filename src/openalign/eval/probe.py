@@ -39,14 +39,16 @@ def ridge_fewshot_probe(train_features: torch.Tensor, train_labels: torch.Tensor
     return {"acc1": sum(accuracies) / len(accuracies), "acc1_per_seed": accuracies}
 
 
-def fewshot_indices(train_labels: torch.Tensor, num_classes: int, shots: int, seed: int) -> torch.Tensor:
+def fewshot_indices(train_labels: torch.Tensor, num_classes: int, shots: int, seed: int,
+                    class_names: Sequence[str] | None = None) -> torch.Tensor:
     """The training examples one seed's probe draws: ``shots`` per class, in class order. They
     depend on the labels alone, so only these need embedding."""
     labels = train_labels.long().cpu()
     counts = torch.bincount(labels, minlength=num_classes)
     if int(counts.min()) < shots:
         short = int(counts.argmin())
-        raise OpenAlignError(f"class {short} has {int(counts[short])} training examples, fewer than {shots} shots")
+        name = f"class '{class_names[short]}'" if class_names is not None else f"class {short}"
+        raise OpenAlignError(f"{name} has {int(counts[short])} training examples, fewer than {shots} shots")
     generator = torch.Generator().manual_seed(seed)
     return torch.cat([torch.nonzero(labels == c).flatten()[torch.randperm(int(counts[c]), generator=generator)[:shots]]
                       for c in range(num_classes)])

@@ -92,6 +92,9 @@ def run_suite(suite: SuiteConfig, model: nn.Module, pretrained: str, output_dir:
               show_progress: bool = True, precision: Precision | None = None) -> list[dict[str, Any]]:
     """Run every task at ``precision`` (default: the suite's), writing one record per task to
     ``output_dir``; returns the records."""
+    if missing := [f"tasks[{index}].{path}" for index, task in enumerate(suite.tasks) for path in task.missing_data()]:
+        raise OpenAlignError(f"the suite names data that does not exist: {'; '.join(missing)} (checked before any "
+                             "task runs)")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     names = suite.names or [f"{index:02d}-{task.name}" for index, task in enumerate(suite.tasks)]
