@@ -5,6 +5,7 @@ shards read from pipes and object storage."""
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import tarfile
 from collections import Counter
@@ -778,3 +779,20 @@ def test_shards_that_hold_nothing_stop_the_run_with_an_error_instead_of_a_silent
     config = WebDatasetSourceConfig(urls=str(tmp_path / "{0..1}.tar"), resampled=resampled, max_consecutive_errors=20)
     with pytest.raises(OpenAlignError, match="20 consecutive samples or shards .* failed"):
         next(iter(config.build(TRANSFORM, seed=0)))
+
+
+def test_empty_shards_among_good_ones_in_one_round_do_not_count_as_a_run_of_failures(tmp_path):
+    """A round reads many small shards before its samples are decoded: the skips of its empty
+    shards were counted back-to-back, as if in a row, and a run of mostly good small shards
+    stopped with 'consecutive ... failed' (CLI review)."""
+    good = [(f"k{i}", {"jpg": encode("RGB", (20, 20)), "txt": b"a caption"}) for i in range(3)]
+    empty = {0, 1, 3}
+    for index in range(9):
+        write_tar_shard(tmp_path / f"{index}.tar", [] if index in empty else good)
+    config = WebDatasetSourceConfig(urls=str(tmp_path / "{0..8}.tar"), resampled=False, open_shards=1,
+                                    shuffle_buffer=50, max_consecutive_errors=3)
+    stream = config.build(TRANSFORM, seed=0)
+    order = [int(Path(stream._shard(draw, 0, 1)).stem) for draw in range(9)]  # no three empty ones in a row
+    assert not any(all(shard in empty for shard in order[i:i + 3]) for i in range(7)), order
+    samples = list(itertools.islice(iter(stream), 10))
+    assert len(samples) == 10

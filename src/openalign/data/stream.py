@@ -210,7 +210,9 @@ class ShardStream(ResumableStream):
             while True:
                 pool, after, skips = pending.result()
                 if count:  # here, not in the reading thread: counts then match the positions
-                    for skip, url in skips:
+                    for skip, url, after_reads in skips:
+                        if after_reads:  # a shard read fine since the skip before: the run of failures ended
+                            self.policy.success()
                         self.policy.skip(skip, url)
                 count = True
                 pending = prefetch.submit(self._fill, after, readers, reader, num_readers)
@@ -233,7 +235,7 @@ class ShardStream(ResumableStream):
                 getattr(opened, "close", lambda: None)()
 
     def _fill(self, start: ShardPosition, readers: dict[int, Iterator[Any]], reader: int, num_readers: int
-              ) -> tuple[list[Any], ShardPosition, list[tuple[SkipSample, str]]]:
+              ) -> tuple[list[Any], ShardPosition, list[tuple[SkipSample, str, bool]]]:
         """The raw pool of the round that begins at ``start``, the next round's start, and the
         shards skipped (for the caller to count when it begins the round). After the policy's
         ``max_consecutive`` failed shards in a row it stops early: the caller's count then raises
@@ -269,10 +271,10 @@ class ShardStream(ResumableStream):
                 raw = next(readers[slot], None)
             except SkipSample as skip:
                 raw = None
-                fill.skips.append((skip, url))
+                fill.skip(skip, url)
             else:
                 if raw is None and offset == 0:
-                    fill.skips.append((SkipSample(EMPTY_SHARD), url))
+                    fill.skip(SkipSample(EMPTY_SHARD), url)
             if raw is None:
                 getattr(readers.pop(slot), "close", lambda: None)()
                 fill.slots[slot] = None
@@ -283,7 +285,7 @@ class ShardStream(ResumableStream):
             if offset == 0 and isinstance(raw, dict) and CUT_SHORT in raw:
                 fill.cut_first.add((draw, slot))
             else:
-                fill.failures = 0
+                fill.failures, fill.read_since_skip = 0, True
             fill.pool.append(raw)
             fill.slots[slot] = (draw, offset + 1)
             wanted -= 1
@@ -308,15 +310,21 @@ class ShardStream(ResumableStream):
 @dataclass
 class _Round:
     """A round being read: its slots (``(draw, samples read)`` or None), the next shard draw, the
-    raw pool, the shard skips, the failed shards in a row, and the shards whose first sample
-    was cut short (the shard ends in it: it failed, though it yielded a sample)."""
+    raw pool, the shard skips (each with whether a sample was read since the skip before: the
+    caller ends the policy's run of failures there), the failed shards in a row, and the shards
+    whose first sample was cut short (the shard ends in it: it failed, though it yielded a sample)."""
 
     slots: list[tuple[int, int] | None]
     next_draw: int
     pool: list[Any] = field(default_factory=list)
-    skips: list[tuple[SkipSample, str]] = field(default_factory=list)
+    skips: list[tuple[SkipSample, str, bool]] = field(default_factory=list)
     failures: int = 0
     cut_first: set[tuple[int, int]] = field(default_factory=set)  # (draw, slot): cut inside its first sample
+    read_since_skip: bool = False
+
+    def skip(self, skip: SkipSample, url: str) -> None:
+        self.skips.append((skip, url, self.read_since_skip))
+        self.read_since_skip = False
 
 
 def _raising(skip: SkipSample) -> Iterator[Any]:
