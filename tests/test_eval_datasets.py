@@ -523,12 +523,19 @@ def test_clip_benchmark_webdataset_layouts_give_the_same_results_as_files(model,
         _write_tar(classification / "test" / "9.tar", {"bad.png": images[0][0].read_bytes(), "bad.cls": label})
         with pytest.raises(OpenAlignError, match=message):
             evaluate_zeroshot(model, classification, CPU, show_progress=False)
+    (classification / "test" / "9.tar").unlink()
+    (classification / "classnames.txt").write_text("\n".join(classes), encoding="utf-16")
+    with pytest.raises(OpenAlignError, match="classnames.txt' is not UTF-8 text"):
+        evaluate_zeroshot(model, classification, CPU, show_progress=False)
 
     retrieval = tmp_path / "wds_captions"
     items = read_karpathy(shapes_root / "dataset_shapes.json", "test")
     _write_tar(retrieval / "test" / "0.tar",
                {name: data for n, item in enumerate(items)
                 for name, data in ((f"{n:04d}.png", item.path.read_bytes()), (f"{n:04d}.txt", "\n".join(item.captions).encode()))})
+    (retrieval / "dataset_type.txt").write_text("retrieval\n", encoding="utf-16")
+    with pytest.raises(OpenAlignError, match="dataset_type.txt' is not UTF-8 text"):
+        evaluate_retrieval(model, retrieval, CPU, show_progress=False)
     (retrieval / "dataset_type.txt").write_text("retrieval\n")
     assert evaluate_retrieval(model, retrieval, CPU, show_progress=False) == pytest.approx(
         evaluate_retrieval(model, shapes_root / "dataset_shapes.json", CPU, show_progress=False))

@@ -58,7 +58,7 @@ def read_split(root: str | Path, split: str = "test", extract_to: str | Path | N
     if not shards:
         raise OpenAlignError(f"'{root / split}' holds no .tar shards; expected CLIP_benchmark's webdataset layout "
                              f"({root}/<split>/0.tar ... with classnames.txt or dataset_type.txt beside <split>)")
-    kind = (root / "dataset_type.txt").read_text().strip() if (root / "dataset_type.txt").is_file() else "classification"
+    kind = _text(root / "dataset_type.txt").strip() if (root / "dataset_type.txt").is_file() else "classification"
     if kind not in ("classification", "retrieval"):
         raise OpenAlignError(f"'{root}' is a '{kind}' dataset; openalign evaluates classification and retrieval")
     target = _extraction_dir(root, split, extract_to)
@@ -93,7 +93,12 @@ def read_split(root: str | Path, split: str = "test", extract_to: str | Path | N
                                  f"its .{field}")
         paths.append(next(images[key][name] for name in IMAGE_KEYS if name in images[key]))
         if kind == "retrieval":
-            captions.append([line.strip() for line in fields[key].decode().splitlines() if line.strip()])
+            try:
+                text = fields[key].decode()
+            except UnicodeDecodeError as error:
+                raise OpenAlignError(f"the captions of sample '{key}' of '{root / split}' are not UTF-8 ({error})"
+                                     ) from None
+            captions.append([line.strip() for line in text.splitlines() if line.strip()])
         else:
             labels.append(_label(fields[key], key, root / split))
     metadata = [root / "classnames.txt", root / "zeroshot_classification_templates.txt"]
@@ -156,4 +161,12 @@ def _label(data: bytes, key: str, split: Path) -> int:
 
 def read_lines(path: Path) -> list[str]:
     """The non-blank lines of a text file, stripped."""
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return [line.strip() for line in _text(path).splitlines() if line.strip()]
+
+
+def _text(path: Path) -> str:
+    """A UTF-8 text file's content; another encoding is an error naming the file."""
+    try:
+        return path.read_text()
+    except UnicodeDecodeError as error:
+        raise OpenAlignError(f"'{path}' is not UTF-8 text ({error}): save it as UTF-8") from None
