@@ -126,6 +126,9 @@ def test_demo_writes_its_report(tmp_path, shapes_root, capsys):
     assert (tmp_path / "curves.png").stat().st_size > 1000
     markdown = (tmp_path / "report.md").read_text()
     assert "| text→image R@1 |" in markdown and "× chance" in markdown
+    elsewhere = [f"data.train.root={shapes_root}", f"eval.tasks.0.root={shapes_root}"]  # not <out>/data
+    assert main(["demo", "--out", str(tmp_path / "elsewhere"), *overrides, *elsewhere]) == 0
+    assert json.loads((tmp_path / "elsewhere" / "metrics.json").read_text())["chance"] == report["chance"]
     assert main(["demo", "--out", str(tmp_path / "bare"), *overrides, "eval.tasks=[]"]) == 2  # before training
     assert "keep a 'shapes' task in eval.tasks" in " ".join(capsys.readouterr().err.split())
     assert not (tmp_path / "bare" / "checkpoints").exists()

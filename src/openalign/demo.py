@@ -50,8 +50,9 @@ def run_demo(output_dir: str | Path = "runs/demo", overrides: tuple[str, ...] = 
     result = train(recipe, show_progress=show_progress)
     seconds = time.perf_counter() - started
     metrics = {key.split("/", 1)[1]: value for key, value in result.metrics.items()}
+    evaluated = next(task for task in recipe.eval.tasks if isinstance(task, ShapesEvalConfig))  # its data, wherever
     report = {"dataset": "shapes", "model": recipe.model.name, "task": "demo", "metrics": metrics,
-              "chance": shapes_chance_levels(data_root), "train": _train_summary(recipe, seconds)}
+              "chance": shapes_chance_levels(Path(evaluated.root)), "train": _train_summary(recipe, seconds)}
     write_report(output_dir, report, read_history(output_dir))
     console.print(metrics_table(report))
     console.print(f"report: {escape(str(output_dir / 'report.md'))}")
