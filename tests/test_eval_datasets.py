@@ -791,6 +791,8 @@ def test_review_bad_inputs_are_refused_before_results_are_lost(model, folders, s
         assert main(["eval", "report", str(tmp_path / "r"), "--out", str(tmp_path / "report")]) == 0
         assert main(["eval", "report", str(tmp_path / "r"), "--out", str(tmp_path / "report")]) == 0  # ours: replaced
     assert "skipped 1 JSON file(s) that are not readable result records" in caplog.text
+    assert main(["eval", "report", str(tmp_path / "r"), "--out", ""]) == 2
+    assert "names no file: give a prefix" in capsys.readouterr().err
     (tmp_path / "suite.yaml").write_text(yaml.safe_dump({"tasks": [
         {"task": "knn", "train_root": str(folders / "train"), "val_root": str(folders / "val")},
         {"task": "zeroshot", "root": str(tmp_path / "absent")}]}))
