@@ -25,6 +25,7 @@ from PIL import ExifTags, Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from .data.quality import UNREADABLE_IMAGE_ERRORS
 from .data.tokenizer import Tokenizer
 from .errors import OpenAlignError
 from .files import written_whole
@@ -46,8 +47,6 @@ FAISS_MIN_ROWS = 100_000  # above this, search uses faiss's exact inner-product 
 SEARCH_CHUNK_ROWS = 65_536
 INDEX_ROW_GROUP = 65_536  # rows per parquet row group
 _METADATA_PREFIX = "openalign."
-# What PIL raises for a file that is not a readable image (truncated, corrupt, of another format).
-_UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 ImageInput = Image.Image | np.ndarray | torch.Tensor | str | Path
 Preprocess = Callable[[Image.Image], torch.Tensor]
@@ -226,7 +225,7 @@ class _ImageFiles(Dataset):
         try:
             with Image.open(self.paths[index]) as image:
                 return index, self.preprocess(upright(image))
-        except _UNREADABLE as error:
+        except UNREADABLE_IMAGE_ERRORS as error:
             return index, f"{type(error).__name__}: {error}"
 
 
@@ -416,7 +415,7 @@ def _pixels(image: ImageInput, preprocess: Preprocess) -> torch.Tensor:
     try:
         with Image.open(image) as opened:
             return preprocess(upright(opened))
-    except _UNREADABLE as error:
+    except UNREADABLE_IMAGE_ERRORS as error:
         raise OpenAlignError(f"cannot read image '{image}': {error}") from None
 
 

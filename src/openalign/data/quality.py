@@ -77,6 +77,10 @@ def caption_text(data: bytes | str | None, missing: str = NO_CAPTION) -> str:
     return text
 
 
+# What PIL raises for a file that is not a readable image (truncated, corrupt, of another format, a bomb)
+UNREADABLE_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
 def open_image(data: bytes | None, min_side: int = 1) -> Image.Image:
     """The image in ``data``, opened but not decoded (so that JPEG draft mode can still apply).
 

@@ -11,6 +11,7 @@ from PIL import Image
 from torch import nn
 
 from ..data.karpathy import CaptionedImage
+from ..data.quality import UNREADABLE_IMAGE_ERRORS
 from ..distributed import all_ranks_agree, fail_together, gather_strided_rows, world_info
 from ..errors import OpenAlignError
 from ..precision import autocast
@@ -122,7 +123,7 @@ def _load(path: Path, transform: Transform) -> torch.Tensor:
     try:
         with Image.open(path) as image:
             return transform(image)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+    except UNREADABLE_IMAGE_ERRORS as error:
         raise OpenAlignError(f"cannot read evaluation image '{path}': {error}") from None
 
 
