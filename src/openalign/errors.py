@@ -7,6 +7,12 @@ class OpenAlignError(Exception):
     """A problem with user input (a config, a path, a dataset, a checkpoint) that the user can fix."""
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of ``error``'s message (a library's may span many), or its type's name."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 class ConfigError(OpenAlignError, ValueError):
     """A config key or value is wrong; the message names the key and the fix.
 

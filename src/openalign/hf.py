@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ConfigError, OpenAlignError
+from .errors import ConfigError, OpenAlignError, first_line
 from .models import BertTowerConfig, DualEncoderConfig, EfficientNetConfig
 from .files import read_json, read_safetensors, read_torch_file
 from .pretrained import HF_CONFIG_FILE, WEIGHTS_FILE, model_config_from_dict
@@ -84,7 +84,7 @@ def model_config_from_hf(directory: Path) -> DualEncoderConfig:
         hf = AlignConfig.from_pretrained(str(directory))
     except Exception as error:  # values of the wrong type or structure: transformers' own checks fail in many ways
         raise OpenAlignError(f"'{directory / HF_CONFIG_FILE}' is not a valid AlignConfig ({type(error).__name__}: "
-                             f"{str(error).strip().splitlines()[0] if str(error).strip() else ''})") from None
+                             f"{first_line(error)})") from None
     vision, text = hf.vision_config, hf.text_config
     _require(list(vision.depthwise_padding) == [], "vision_config.depthwise_padding",
              f"is {list(vision.depthwise_padding)}; openalign's EfficientNet implements ALIGN's [] only")

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..errors import OpenAlignError
+from ..errors import OpenAlignError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,7 @@ def load_hf_tokenizer(name: str) -> Any:
         try:
             return AutoTokenizer.from_pretrained(str(path))
         except Exception as error:  # files missing, truncated, not a tokenizer's, or of the wrong structure
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise OpenAlignError(f"the tokenizer in '{path}' cannot be loaded ({first_line}): it needs "
+            raise OpenAlignError(f"the tokenizer in '{path}' cannot be loaded ({first_line(error)}): it needs "
                                  "tokenizer.json, or vocab.txt with tokenizer_config.json; copy them from where "
                                  "the model came from") from None
     if path.is_file():
