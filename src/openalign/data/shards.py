@@ -124,7 +124,7 @@ def read_samples(tar: tarfile.TarFile, archive_end: Callable[[int], bytes] | Non
             raise ShardReadError(f"{type(error).__name__}: {error}") from error
         tar.members.clear()  # a stream keeps every header it read otherwise: memory grows with the shard
         if info is None:
-            if len(tail) < 2 * tarfile.BLOCKSIZE or tail.strip(b"\0"):
+            if not _is_end_marker(tail):
                 yield from _cut_short(current)
                 raise ShardReadError(f"no end-of-archive marker at byte {tar.offset}, where the tar's members "
                                      "end: the shard is truncated or its next header is corrupt")
@@ -156,7 +156,11 @@ def _cut_short(sample: TarSample | None) -> Iterator[TarSample]:
 def ends_whole(tar: tarfile.TarFile) -> bool:
     """Whether a tar that ``tarfile`` has read to its end (it stops quietly at a cut or a damaged
     header) ends there with the end-of-archive marker, two zero blocks."""
-    tail = _seek_read(tar, tar.offset)
+    return _is_end_marker(_seek_read(tar, tar.offset))
+
+
+def _is_end_marker(tail: bytes) -> bool:
+    """Whether the bytes where a tar's members end are its end-of-archive marker, two zero blocks."""
     return len(tail) == 2 * tarfile.BLOCKSIZE and not tail.strip(b"\0")
 
 
