@@ -100,23 +100,29 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         output.write_text(json.dumps(record, indent=2))
 
 
-def _replaceable(output: Path, written_by_us: Callable[[Path], bool]) -> Path:
+def _replaceable(output: Path, written_by_us: Callable[[Path], bool], what: str = "an openalign result") -> Path:
     """``output``, unless it is a file that openalign did not write (``written_by_us``): a dataset
-    JSON or a model's config named by mistake is refused, not replaced."""
+    JSON, a model's config or one of the images named by mistake is refused, not replaced."""
     if output.is_file() and not written_by_us(output):
-        raise OpenAlignError(f"'{output}' exists and is not an openalign result: choose another file (it is "
-                             "replaced only when it holds an earlier result)")
+        raise OpenAlignError(f"'{output}' exists and is not {what}, which is all this command replaces: choose "
+                             "another file")
     return output
 
 
 def _is_record(path: Path) -> bool:
-    from .eval.suite import RECORD_KEYS
+    from .eval.suite import is_record
 
     try:
-        record = json.loads(path.read_text())
+        return is_record(json.loads(path.read_text()))
     except (OSError, ValueError):
         return False
-    return isinstance(record, dict) and set(RECORD_KEYS) <= set(record)
+
+
+def _starts_with(opening: bytes) -> Callable[[Path], bool]:
+    def check(path: Path) -> bool:
+        with open(path, "rb") as file:
+            return file.read(len(opening)) == opening
+    return check
 
 
 def _output_file(path: str, suffixes: tuple[str, ...] = ()) -> Path:
@@ -169,9 +175,8 @@ def _cmd_eval_report(args: argparse.Namespace) -> None:
 
     if not Path(args.out).name:
         raise OpenAlignError(f"--out '{args.out}' names no file: give a prefix, e.g. results/report")
-    for suffix, opening in ((".md", "# openalign evaluation report"), (".csv", "model,pretrained,dataset,task,")):
-        _replaceable(Path(args.out).with_suffix(suffix), lambda path, opening=opening: path.read_text(
-            errors="replace").startswith(opening))
+    for suffix, opening in ((".md", b"# openalign evaluation report"), (".csv", b"model,pretrained,dataset,task,")):
+        _replaceable(Path(args.out).with_suffix(suffix), _starts_with(opening), "an openalign report")
     markdown, table = write_report(collect_records(args.paths), args.out, collect_examples(args.paths))
     print(markdown.read_text())
     print(f"wrote {markdown} and {table}")
@@ -238,12 +243,8 @@ def _inference_model(args: argparse.Namespace, optimize: bool = True) -> tuple[A
 def _cmd_embed(args: argparse.Namespace) -> None:
     from .inference import embed_folder, model_source, write_index
 
-    out = _output_file(args.out).resolve()  # checked now, not after embedding every image; a link's target written
-    if out.is_file():  # an index is replaced; anything else (one of the images, say) is not
-        with open(out, "rb") as existing:
-            if existing.read(4) != b"PAR1":
-                raise OpenAlignError(f"'{args.out}' exists and is not a parquet index, which is all 'embed' replaces: "
-                                     "choose another --out")
+    # checked now, not after embedding every image; a link's target written; only an index replaced
+    out = _replaceable(_output_file(args.out).resolve(), _starts_with(b"PAR1"), "a parquet index")
     model, preprocess, _ = _inference_model(args)
     paths, embeddings = embed_folder(model, preprocess, args.images, args.batch_size, args.num_workers)
     write_index(out, paths, embeddings, model_name=model.config.name, model_source=model_source(args.model))

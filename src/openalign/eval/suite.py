@@ -23,6 +23,7 @@ import math
 import os
 import shutil
 import tempfile
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -77,7 +78,7 @@ def load_suite(name_or_path: str | Path) -> SuiteConfig:
         raise OpenAlignError(f"suite '{name_or_path}' lists no tasks")
     if suite.names and len(suite.names) != len(suite.tasks):
         raise OpenAlignError(f"suite '{name_or_path}' has {len(suite.names)} names for {len(suite.tasks)} tasks")
-    repeated = sorted({name for name in suite.names if suite.names.count(name) > 1})
+    repeated = sorted(name for name, count in Counter(suite.names).items() if count > 1)
     if repeated:  # each names a result file: a second would replace the first's
         raise OpenAlignError(f"suite '{name_or_path}' names several tasks {', '.join(map(repr, repeated))}: each "
                              "name is a result file, so the names must differ")
@@ -143,6 +144,11 @@ def _current_task_name(record: dict[str, Any]) -> str:
     return RECORD_TASKS.get(task, task)
 
 
+def is_record(value: Any) -> bool:
+    """Whether ``value`` (a JSON file's) is a result record as the eval commands write them."""
+    return isinstance(value, dict) and set(RECORD_KEYS) <= set(value) and isinstance(value["metrics"], dict)
+
+
 def collect_records(paths: list[str | Path]) -> list[dict[str, Any]]:
     """The result records in the given files and (recursively) directories. Other JSON found in a
     directory is skipped; a file named explicitly must be a record."""
@@ -163,7 +169,7 @@ def collect_records(paths: list[str | Path]) -> list[dict[str, Any]]:
                 raise
             skipped.append(file)
             continue
-        if isinstance(record, dict) and set(RECORD_KEYS) <= set(record) and isinstance(record["metrics"], dict):
+        if is_record(record):
             records.append({**record, "task": _current_task_name(record)})
         elif named:
             raise OpenAlignError(f"'{file}' is not a result record: expected the JSON that an eval command writes, "
