@@ -44,14 +44,23 @@ def fewshot_indices(train_labels: torch.Tensor, num_classes: int, shots: int, se
     """The training examples one seed's probe draws: ``shots`` per class, in class order. They
     depend on the labels alone, so only these need embedding."""
     labels = train_labels.long().cpu()
-    counts = torch.bincount(labels, minlength=num_classes)
-    if int(counts.min()) < shots:
-        short = int(counts.argmin())
-        name = f"class '{class_names[short]}'" if class_names is not None else f"class {short}"
-        raise OpenAlignError(f"{name} has {int(counts[short])} training examples, fewer than {shots} shots")
+    counts = class_counts(labels, num_classes, shots, f"{shots} shots", class_names)
     generator = torch.Generator().manual_seed(seed)
     return torch.cat([torch.nonzero(labels == c).flatten()[torch.randperm(int(counts[c]), generator=generator)[:shots]]
                       for c in range(num_classes)])
+
+
+def class_counts(labels: torch.Tensor, num_classes: int, needed: int, what: str,
+                 class_names: Sequence[str] | None = None, context: str = "") -> torch.Tensor:
+    """Each class's number of ``labels``; a class with fewer than ``needed`` is an error naming
+    it (by ``class_names`` where given), ``context`` and ``what`` needed them."""
+    counts = torch.bincount(labels, minlength=num_classes)
+    if int(counts.min()) < needed:
+        short, count = int(counts.argmin()), int(counts.min())
+        name = f"class '{class_names[short]}'" if class_names is not None else f"class {short}"
+        raise OpenAlignError(f"{name} has {count} training example{'' if count == 1 else 's'}{context}, fewer than "
+                             f"{what}")
+    return counts
 
 
 def ridge_accuracy(x: torch.Tensor, labels: torch.Tensor, test_features: torch.Tensor, test_labels: torch.Tensor,
@@ -234,7 +243,7 @@ def adamw_linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor,
     """
     from .classification import classification_metrics
 
-    x, y = train_features.float(), train_labels.long()
+    x, y = train_features.to(device, torch.float32), train_labels.to(device, torch.long)  # moved once, not per fit
     if (val_features is None) != (val_labels is None):
         raise OpenAlignError("give val_features and val_labels together (the weight decay is chosen on both)")
     if val_labels is not None and not len(val_labels):
@@ -244,11 +253,11 @@ def adamw_linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor,
         return train_linear_probe(features, labels, num_classes, weight_decay, lr, epochs, batch_size, seed, device)
 
     if val_features is not None and val_labels is not None:
-        val_x, val_y = val_features.float(), val_labels.long().cpu()
+        val_x, val_y = val_features.to(device, torch.float32), val_labels.to(device, torch.long)
 
         def val_accuracy(weight_decay: float) -> float:
             logits = _probe_logits(fit(x, y, weight_decay), val_x)
-            return (logits.argmax(dim=1) == val_y).double().mean().item()
+            return (logits.argmax(dim=1) == val_y.cpu()).double().mean().item()
 
         weight_decay = weight_decay_sweep(val_accuracy)
         if fewshot_k < 0:  # full data: the final probe also learns from the validation rows
@@ -275,12 +284,7 @@ def fewshot_permutation(labels: torch.Tensor, num_classes: int, fewshot_k: int, 
     permutation = torch.randperm(len(labels), generator=generator)
     if fewshot_k < 0:
         return permutation
-    counts = torch.bincount(labels, minlength=num_classes)
-    if int(counts.min()) < fewshot_k:
-        short, count = int(counts.argmin()), int(counts.min())
-        name = f"class '{class_names[short]}'" if class_names is not None else f"class {short}"
-        raise OpenAlignError(f"{name} has {count} training example{'' if count == 1 else 's'}{context}, fewer "
-                             f"than fewshot_k={fewshot_k}")
+    counts = class_counts(labels, num_classes, fewshot_k, f"fewshot_k={fewshot_k}", class_names, context)
     permuted = labels[permutation]
     by_class = torch.argsort(permuted, stable=True)  # each class's rows, in permutation order
     first_of_class = torch.cumsum(counts, 0) - counts
@@ -340,7 +344,7 @@ def weight_decay_sweep(score: Callable[[float], float]) -> float:
         for index in candidates:
             if index not in scores:
                 scores[index] = score(WEIGHT_DECAYS[index])
-        return max(candidates, key=lambda index: (scores[index], -candidates.index(index)))
+        return max(candidates, key=scores.__getitem__)  # the first of equal scores
 
     best = best_of(list(range(0, len(WEIGHT_DECAYS), 16)))
     span = 8
