@@ -17,7 +17,6 @@ no pickled code runs and no ``trust_remote_code``.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
@@ -32,7 +31,7 @@ from .data.tokenizer import Tokenizer
 from .distributed import resolve_device
 from .data.transforms import ImageTransform
 from .errors import OpenAlignError
-from .files import filled_whole
+from .files import filled_whole, read_json
 from .models import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -196,8 +195,8 @@ def _weight_shards(directory: Path) -> list[str]:
     readable: only ``*.safetensors`` files in ``directory`` itself (a damaged index names no other file)."""
     index = directory / "model.safetensors.index.json"
     try:
-        names = set(json.loads(index.read_text()).get("weight_map", {}).values()) if index.is_file() else set()
-    except (OSError, ValueError, AttributeError, TypeError):  # damaged: the overwrite removes it, its shards stay
+        names = set(read_json(index).get("weight_map", {}).values()) if index.is_file() else set()
+    except (OpenAlignError, AttributeError, TypeError):  # damaged: the overwrite removes it, its shards stay
         return []
     return sorted(name for name in names if isinstance(name, str) and Path(name).name == name  # no other folder's
                   and name.endswith(".safetensors") and not name.startswith(".") and (directory / name).is_file())
@@ -222,12 +221,10 @@ def convert(source: str | Path, destination: str | Path, to: str, overwrite: boo
     """Load ``source`` (any form :func:`load_pretrained` takes, a weights file with its
     ``architecture``) and write it in format ``to`` to ``destination``, a directory outside the source."""
     origin, target = Path(source).expanduser().resolve(), Path(destination).expanduser().resolve()
-    if origin.is_dir() and target == origin:
-        raise OpenAlignError(f"'{destination}' is the source directory: convert into a new one (writing there would "
-                             "replace the weights being converted)")
-    if origin.is_dir() and target.is_relative_to(origin):  # a run's checkpoint, or a new one a resume would take
-        raise OpenAlignError(f"'{destination}' is inside the source '{source}': convert into a directory outside "
-                             "it (a model written there could replace one of its checkpoints, or be taken for one)")
+    if origin.is_dir() and target.is_relative_to(origin):  # the source, a run's checkpoint, or a new one
+        raise OpenAlignError(f"'{destination}' is the source '{source}' or inside it: convert into a directory "
+                             "outside it (a model written there could replace the weights being converted or a "
+                             "checkpoint, or be taken for one)")
     model, _, _ = load_pretrained(source, architecture=architecture)
     return save_pretrained(model, destination, format=to, overwrite=overwrite)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -142,7 +143,7 @@ def _distinct_names(names: list[object]) -> list[str]:
     for name in names:
         if not isinstance(name, str) or not name.strip():
             raise OpenAlignError(f"class name {name!r} is not a non-empty string: give each class a name")
-    repeated = sorted({name for name in names if names.count(name) > 1})
+    repeated = sorted(name for name, count in Counter(names).items() if count > 1)
     if repeated:
         raise OpenAlignError(f"class names repeat ({', '.join(map(repr, repeated[:5]))}): two classes of one name "
                              "cannot be told apart by a prompt")

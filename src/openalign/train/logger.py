@@ -39,8 +39,8 @@ class TrainLogger:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         earlier = read_history(self.directory)
-        kept = [record for record in earlier if record["step"] < start_step or record["step"] == start_step
-                and not (reevaluating and "loss" not in record)]
+        kept = [record for record in earlier if record["step"] < start_step
+                or (record["step"] == start_step and not (reevaluating and "loss" not in record))]
         if len(kept) < len(earlier):
             log.warning("%s: replacing %d logged record(s) after step %d of an earlier run", self.directory,
                         len(earlier) - len(kept), start_step)
