@@ -240,3 +240,51 @@ def test_prompts_and_a_vision_encoder_decoder_captioner(shards, tmp_path, git_ca
     with pytest.raises(OpenAlignError, match="could not load captioner"):
         caption_shards([str(shards / "00001.tar")], str(tmp_path / "no-such-model"), tmp_path / "x",
                        show_progress=False)
+
+
+def test_a_rerun_recaptions_damaged_outputs_and_refuses_ones_from_another_source(shards, tmp_path, git_captioner,
+                                                                                   monkeypatch, caplog):
+    out = tmp_path / "out"
+    caption_shards([str(shards / "*.tar")], git_captioner, out, max_new_tokens=4, show_progress=False)
+    whole = {name: (out / name).read_bytes() for name in ("00000.tar", "00001.tar")}
+    calls = []
+    original_call = Captioner.__call__
+    monkeypatch.setattr(Captioner, "__call__", lambda self, images: calls.append(len(images)) or
+                        original_call(self, images))
+
+    # The same files moved elsewhere: nothing to do.
+    moved = tmp_path / "moved"
+    shards.rename(moved)
+    caption_shards([str(moved / "*.tar")], git_captioner, out, max_new_tokens=4, show_progress=False)
+    assert calls == []
+
+    # An output cut short since it was written is captioned again, with a warning.
+    (out / "00001.tar").write_bytes(whole["00001.tar"][:3000])
+    with caplog.at_level(logging.WARNING, logger="openalign"):
+        summary = caption_shards([str(moved / "*.tar")], git_captioner, out, max_new_tokens=4, show_progress=False)
+    assert calls == [5] and "damaged" in caplog.text
+    assert (out / "00001.tar").read_bytes() == whole["00001.tar"] and summary["totals"]["captioned"] == 8
+
+    # Another shard of the same name is an error before anything is captioned, whether the summary knows the output
+    # or not; the outputs stay as they were.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "00000.tar").write_bytes((moved / "00001.tar").read_bytes())
+    (other / "00002.tar").write_bytes((moved / "00000.tar").read_bytes())
+    calls.clear()
+    for lose_summary in (False, True):
+        if lose_summary:
+            (out / "captions.json").unlink()
+        with pytest.raises(OpenAlignError, match=r"00000.tar was captioned from another file than .*other/00000.tar"):
+            caption_shards([str(other / "*.tar")], git_captioner, out, max_new_tokens=4, show_progress=False)
+        assert calls == [] and not (out / "00002.tar").exists()
+        assert {name: (out / name).read_bytes() for name in whole} == whole
+
+    # Without the summary, the outputs are read whole: a cut one is captioned again, a whole one is recounted.
+    (out / "00000.tar").write_bytes(whole["00000.tar"][:5000])  # cut inside a member
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="openalign"):
+        summary = caption_shards([str(moved / "*.tar")], git_captioner, out, max_new_tokens=4, show_progress=False)
+    assert calls == [3] and "cannot be read" in caplog.text  # 00000.tar's three decodable images
+    assert (out / "00000.tar").read_bytes() == whole["00000.tar"]
+    assert summary["shards"]["00001.tar"]["recounted"] and summary["totals"]["captioned"] == 8

@@ -34,17 +34,24 @@ long job is not lost to one bad file. ``openalign data caption`` then exits with
 naming those shards; a rerun retries them.
 
 **Resuming.** Each output shard is written to ``<name>.tmp`` in the output directory and renamed
-to ``<name>`` once complete, so an existing ``<name>`` is always a whole shard: a rerun skips it
-(and logs that) and overwrites any leftover ``.tmp``. The model is only loaded if a shard needs
-it. ``captions.json`` in the output directory is rewritten after every shard: the captioner,
-the generation settings and per-shard counts. A rerun into a directory whose ``captions.json``
-records a different captioner or generation settings is refused rather than mixing captions.
-Two jobs must not write the same shard at the same time.
+to ``<name>`` once complete, so an existing ``<name>`` was a whole shard: a rerun skips it (and
+logs that) and overwrites any leftover ``.tmp``. The model is only loaded if a shard needs it.
+``captions.json`` in the output directory is rewritten after every shard: the captioner, the
+generation settings and per-shard counts, with each output's size and its source's size and
+SHA-256 of its first MiB. A rerun into a directory whose ``captions.json`` records a different
+captioner or generation settings is refused rather than mixing captions. Before captioning
+anything, a rerun checks every existing output: one of another size than written (damaged
+since) is captioned again, with a warning; one captioned from another source file of the same
+name (a different shard, or the same path with new content) stops the job with an error naming
+both. An output the summary does not know (the summary was lost) is read whole: a damaged one is
+captioned again, one whose members are not its source's stops the job. Two jobs must not write
+the same shard at the same time.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import io
 import json
 import logging
@@ -59,7 +66,8 @@ from typing import Any
 
 from ..errors import OpenAlignError
 from ..files import written_whole
-from .shards import KEY_EXT, ShardReadError, TarSample, decode_image, expand_shards, read_samples
+from .shards import (READ_ERRORS, ShardReadError, TarSample, decode_image, expand_shards, member_key,
+                     read_samples)
 
 log = logging.getLogger(__name__)
 
@@ -242,6 +250,7 @@ def _caption_shard(source: Path, tmp: Path, captioner: Captioner, batch_size: in
         counts["captioned"] += len(owners)
 
     try:
+        counts["source_fingerprint"] = _fingerprint(source)
         tar_in = tarfile.open(source, _tar_mode(source.name, write=False))
     except (tarfile.TarError, EOFError, OSError) as error:
         raise ShardReadError(f"{type(error).__name__}: {error}") from error
@@ -258,21 +267,66 @@ def _caption_shard(source: Path, tmp: Path, captioner: Captioner, batch_size: in
         flush(batch, tar_out)
     with open(tmp, "rb+") as written:
         os.fsync(written.fileno())
+    counts["output_bytes"] = tmp.stat().st_size
     counts["skipped"] = len(counts["skipped_no_image"]) + len(counts["skipped_undecodable"])
     counts["seconds"] = round(time.perf_counter() - start, 3)
     return counts
 
 
-def _recount(path: Path, field: str) -> dict[str, Any]:
-    """Counts of an output shard written before this job's summary knew it (samples, captioned)."""
-    keys, captioned = set(), 0
-    with tarfile.open(path, "r:*") as tar:
-        for info in tar:
-            match = KEY_EXT.match(info.name) if info.isfile() else None
-            if match:
-                keys.add(match.group(1))
-                captioned += match.group(2) == f"{field}.txt"
-    return {"samples": len(keys), "captioned": captioned, "skipped": len(keys) - captioned, "recounted": True}
+def _fingerprint(path: Path) -> dict[str, Any]:
+    """A cheap identity of a source shard: its size and the SHA-256 of its first MiB (the first
+    members' names and bytes), so that a rerun notices another file of the same name without
+    reading every finished shard again."""
+    with open(path, "rb") as file:
+        head = file.read(1 << 20)
+    return {"bytes": path.stat().st_size, "head_sha256": hashlib.sha256(head).hexdigest()}
+
+
+def _members(path: Path) -> list[tarfile.TarInfo]:
+    """A whole tar's members in order. Raises :class:`ShardReadError` (cut, damaged)."""
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            return [info for sample in read_samples(tar) for info, _ in sample.members]
+    except READ_ERRORS as error:
+        raise ShardReadError(f"{type(error).__name__}: {error}") from error
+
+
+def _finished_entry(source: Path, destination: Path, entry: dict[str, Any] | None,
+                    field: str) -> dict[str, Any] | None:
+    """The summary entry of an existing output shard a rerun keeps, or None where it is damaged and
+    must be captioned again. Raises :class:`OpenAlignError` where it was made from another file."""
+    other_file = (f"{destination} was captioned from another file than {source}: caption into a new --out, "
+                  f"or delete {destination} to caption {source} into it")
+    if entry is not None and "output_bytes" in entry:
+        if entry.get("source_fingerprint") != _fingerprint(source):
+            raise OpenAlignError(f"{other_file} (it was {entry.get('source')}, "
+                                 f"{entry.get('source_fingerprint', {}).get('bytes')} bytes)")
+        size = destination.stat().st_size
+        if size == entry["output_bytes"]:
+            return entry
+        log.warning("%s is %d bytes, not the %d bytes written: it is damaged; captioning %s again",
+                    destination, size, entry["output_bytes"], source)
+        return None
+    # Not in the summary (it was lost, or the shard was written just before a kill): read it whole.
+    try:
+        members = _members(destination)
+    except ShardReadError as error:
+        log.warning("%s cannot be read (%s); captioning %s again", destination, error, source)
+        return None
+    fields = [member_key(info) for info in members]
+    copied = [info.name for info, found in zip(members, fields) if not (found and found[1] == f"{field}.txt")]
+    try:
+        source_names = [info.name for info in _members(source)]
+    except ShardReadError as error:
+        log.warning("keeping %s: it is whole, but %s cannot be read to check it was made from it (%s)",
+                    destination, source, error)
+        source_names = copied
+    if copied != source_names:
+        raise OpenAlignError(f"{other_file} (its members are not {source}'s)")
+    keys = {found[0] for found in fields if found}
+    captioned = sum(bool(found and found[1] == f"{field}.txt") for found in fields)
+    return {"source": str(source), "samples": len(keys), "captioned": captioned, "skipped": len(keys) - captioned,
+            "recounted": True}
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
@@ -347,15 +401,21 @@ def caption_shards(shards: Sequence[str], captioner: str, out: str | Path, batch
     for key in ("device", "dtype"):
         summary[key] = previous.get(key)
 
+    finished: dict[str, dict[str, Any]] = {}  # checked before any captioning: a wrong file stops the job first
+    for source in sources:
+        if (out / source.name).exists():
+            entry = _finished_entry(source, out / source.name, summary["shards"].get(source.name), field)
+            if entry is not None:
+                finished[source.name] = entry
+
     model: Captioner | None = None
     with progress_bar("captioning shards", total=len(sources), enabled=show_progress) as advance:
         for source in sources:
             destination, tmp = out / source.name, out / (source.name + TMP_SUFFIX)
-            if destination.exists():
+            if source.name in finished:
                 log.info("skipping %s: %s already exists", source, destination)
                 summary["failed_shards"].pop(source.name, None)
-                if source.name not in summary["shards"]:
-                    summary["shards"][source.name] = {"source": str(source), **_recount(destination, field)}
+                summary["shards"][source.name] = finished[source.name]
                 advance()
                 continue
             if model is None:
