@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 import openalign
@@ -274,9 +275,36 @@ def test_evaluation_data_that_does_not_exist_is_an_error_before_the_first_step(t
     recipe = load_recipe("demo", tiny_overrides(shapes_root, tmp_path) + [
         f"eval.tasks=[{{task: shapes, root: '{shapes_root}'}}, {{task: knn, train_root: '{shapes_root}', "
         f"val_root: '{tmp_path / 'no' / 'val'}'}}, {{task: retrieval, json: '{tmp_path / 'coco.json'}'}}]"])
-    with pytest.raises(ConfigError, match=r"eval.tasks' names data that does not exist: eval.tasks.1.val_root: "
-                                          r".*no/val; eval.tasks.2.json: .*coco.json$"):
+    with pytest.raises(ConfigError, match=r"eval.tasks' names data it cannot use: eval.tasks\[1\].val_root: "
+                                          r".*no/val does not exist; eval.tasks\[2\].json: .*coco.json does not exist$"):
         train(recipe, show_progress=False)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_evaluation_data_that_cannot_be_used_is_an_error_before_the_first_step(tmp_path, shapes_root,
+                                                                                tiny_overrides):
+    """Class names, prompts, caption lists and class folders are read at the start, not at the first evaluation."""
+    for split, classes in (("train", ("cat", "dog")), ("val", ("cat", "bird"))):
+        for name in classes:
+            (tmp_path / split / name).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(tmp_path / split / name / "0.png")
+    (tmp_path / "names.txt").write_text("a cat\na dog\na bird\n")  # three names for two folders
+    (tmp_path / "prompts.txt").write_text("a photo\n")  # no {} for the class name
+    (tmp_path / "coco.json").write_text('{"images": "none"}')
+    recipe = load_recipe("demo", tiny_overrides(shapes_root, tmp_path) + [
+        f"eval.tasks=[{{task: shapes, root: '{shapes_root}'}}, "
+        f"{{task: zeroshot, root: '{tmp_path / 'train'}', classnames: '{tmp_path / 'names.txt'}'}}, "
+        f"{{task: zeroshot, root: '{tmp_path / 'train'}', templates_file: '{tmp_path / 'prompts.txt'}'}}, "
+        f"{{task: knn, train_root: '{tmp_path / 'train'}', val_root: '{tmp_path / 'val'}'}}, "
+        f"{{task: retrieval, json: '{tmp_path / 'coco.json'}'}}]"])
+    with pytest.raises(ConfigError) as raised:
+        train(recipe, show_progress=False)
+    problems = str(raised.value).split("; ")
+    assert len(problems) == 4
+    assert "eval.tasks[1] (zeroshot): " in problems[0] and "3 class names" in problems[0]
+    assert problems[1].startswith("eval.tasks[2] (zeroshot): templates must each hold '{}'")
+    assert problems[2].startswith("eval.tasks[3] (knn): ") and "other split lacks: bird" in problems[2]
+    assert problems[3].startswith("eval.tasks[4] (retrieval): ")
     assert not (tmp_path / "checkpoints").exists()
 
 

@@ -23,13 +23,18 @@ def zero_shot_classifier(encode_text: Callable[[list[str]], torch.Tensor], class
     ensembling, ALIGN paper §5.2). A mapping of class name → its own prompts (CuPL's JSON, which
     CLIP_benchmark takes) gives each class those instead.
     """
+    return torch.stack([F.normalize(encode_text(own).mean(dim=0), dim=-1)
+                        for own in class_prompts(classnames, templates)])
+
+
+def class_prompts(classnames: Sequence[str],
+                  templates: Sequence[str | Callable[[str], str]] | Mapping[str, Sequence[str]]) -> list[list[str]]:
+    """Each class's prompts, as :func:`zero_shot_classifier` embeds them; checked, not embedded."""
     if isinstance(templates, Mapping):
-        prompts = _per_class_prompts(classnames, templates)
-    else:
-        _check_prompts(classnames, templates)
-        prompts = [[template(name) if callable(template) else template.format(name) for template in templates]
-                   for name in classnames]
-    return torch.stack([F.normalize(encode_text(own).mean(dim=0), dim=-1) for own in prompts])
+        return _per_class_prompts(classnames, templates)
+    _check_prompts(classnames, templates)
+    return [[template(name) if callable(template) else template.format(name) for template in templates]
+            for name in classnames]
 
 
 def _per_class_prompts(classnames: Sequence[str], prompts: Mapping[str, Sequence[str]]) -> list[list[str]]:

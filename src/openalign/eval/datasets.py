@@ -20,7 +20,8 @@ from torch import nn
 from ..data.karpathy import CaptionedImage, read_karpathy
 from ..errors import OpenAlignError
 from .clip_benchmark_wds import is_clip_benchmark_wds, read_lines, read_split
-from .classification import canonicalize_prompt, classification_metrics, knn_classify, zero_shot_classifier
+from .classification import (canonicalize_prompt, class_prompts, classification_metrics, knn_classify,
+                             zero_shot_classifier)
 from .probe import (adamw_linear_probe, clip_benchmark_probe_rows, fewshot_indices, logistic_regression_probe,
                     ridge_accuracy)
 from .prompts import shipped_lines, shipped_names
@@ -74,17 +75,7 @@ def read_class_folders(root: str | Path, classes: Sequence[str] | None = None) -
     """``(image paths, labels, class folder names)`` of ``root/<class>/<image>``, classes in sorted
     order (or the given order, which another split's folders must then match)."""
     root = Path(root)
-    if not root.is_dir():
-        raise OpenAlignError(f"'{root}' is not a directory; expected class subfolders, e.g. val/n01440764/*.JPEG")
-    # hidden folders (.ipynb_checkpoints) are no classes
-    found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not found:
-        raise OpenAlignError(f"'{root}' has no class subfolders; expected <root>/<class>/<image> (ImageNet: "
-                             "val/n01440764/ILSVRC2012_val_00000293.JPEG)")
-    classes = list(classes) if classes is not None else found
-    unknown = sorted(set(found) - set(classes))
-    if unknown:
-        raise OpenAlignError(f"'{root}' has class folders that the other split lacks: {', '.join(unknown[:5])}")
+    classes = class_folders(root, classes)
     paths, labels, empty = [], [], []
     for label, name in enumerate(classes):
         folder = root / name
@@ -99,6 +90,23 @@ def read_class_folders(root: str | Path, classes: Sequence[str] | None = None) -
         log.warning("%d class folder(s) of '%s' hold no images (%s%s): they remain classes to predict, with no "
                     "examples", len(empty), root, ", ".join(empty[:5]), ", ..." if len(empty) > 5 else "")
     return paths, torch.tensor(labels), classes
+
+
+def class_folders(root: str | Path, classes: Sequence[str] | None = None) -> list[str]:
+    """The class folders of ``root`` in sorted order (or the given order, whose classes must hold
+    all of ``root``'s); a cheap check of a class-folder dataset, its images not listed."""
+    root = Path(root)
+    if not root.is_dir():
+        raise OpenAlignError(f"'{root}' is not a directory; expected class subfolders, e.g. val/n01440764/*.JPEG")
+    # hidden folders (.ipynb_checkpoints) are no classes
+    found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not found:
+        raise OpenAlignError(f"'{root}' has no class subfolders; expected <root>/<class>/<image> (ImageNet: "
+                             "val/n01440764/ILSVRC2012_val_00000293.JPEG)")
+    unknown = sorted(set(found) - set(classes)) if classes is not None else []
+    if unknown:
+        raise OpenAlignError(f"'{root}' has class folders that the other split lacks: {', '.join(unknown[:5])}")
+    return list(classes) if classes is not None else found
 
 
 def read_lines_or_json(path: str | Path | None, what: str) -> list[str] | dict[str, str] | None:
@@ -161,6 +169,23 @@ def evaluate_zeroshot(model: nn.Module, root: str | Path, device: torch.device,
     prompts' embeddings; templates default to ``a photo of a {}.``; a mapping of class name →
     prompts gives each class its own (CuPL's JSON). ``canonicalize``: names and
     templates as big_vision canonicalises them (:func:`canonicalize_prompt`; CLIPPO)."""
+    paths, labels, readable, templates = zeroshot_inputs(root, templates, names, split, canonicalize)
+    with eval_mode(model):
+        config = model.config
+        tokenizer = config.build_tokenizer()
+        classifier = zero_shot_classifier(
+            lambda texts: embed_texts(model, tokenizer, texts, device, batch_size, show_progress=False),
+            readable, templates)
+        image_emb = embed_images(model, transform or eval_transform(model), paths, device, batch_size, show_progress)
+    return classification_metrics(image_emb @ classifier.T, labels)
+
+
+def zeroshot_inputs(root: str | Path, templates: Sequence[str] | Mapping[str, Sequence[str]] | None = None,
+                    names: list[str] | dict[str, str] | None = None, split: str = "test", canonicalize: bool = False
+                    ) -> tuple[list[Path], torch.Tensor, list[str], list[str] | dict[str, list[str]]]:
+    """``(image paths, labels, class names, templates)`` as :func:`evaluate_zeroshot` uses them:
+    everything it reads and checks before embedding, so that bad class names or prompts are found
+    before a training run's first step."""
     if is_clip_benchmark_wds(root):
         wds = read_split(root, split)
         if wds.labels is None or wds.classnames is None:
@@ -187,14 +212,8 @@ def evaluate_zeroshot(model: nn.Module, root: str | Path, device: torch.device,
             templates = [canonicalize_prompt(template, "{}") for template in templates]
     if canonicalize:
         readable = [canonicalize_prompt(name, ",") for name in readable]
-    with eval_mode(model):
-        config = model.config
-        tokenizer = config.build_tokenizer()
-        classifier = zero_shot_classifier(
-            lambda texts: embed_texts(model, tokenizer, texts, device, batch_size, show_progress=False),
-            readable, templates)
-        image_emb = embed_images(model, transform or eval_transform(model), paths, device, batch_size, show_progress)
-    return classification_metrics(image_emb @ classifier.T, labels)
+    class_prompts(readable, templates)
+    return paths, labels, readable, templates
 
 
 def _imagenet_names(folders: Sequence[str], root: str | Path) -> list[str] | None:

@@ -40,7 +40,7 @@ from ..files import read_json
 from ..precision import Precision, precision_scope
 from ..registry import find_config
 from . import cache
-from .tasks import EvalTaskConfig
+from .tasks import EvalTaskConfig, data_problems
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +93,8 @@ def run_suite(suite: SuiteConfig, model: nn.Module, pretrained: str, output_dir:
               show_progress: bool = True, precision: Precision | None = None) -> list[dict[str, Any]]:
     """Run every task at ``precision`` (default: the suite's), writing one record per task to
     ``output_dir``; returns the records."""
-    if missing := [f"tasks[{index}].{path}" for index, task in enumerate(suite.tasks) for path in task.missing_data()]:
-        raise OpenAlignError(f"the suite names data that does not exist: {'; '.join(missing)} (checked before any "
-                             "task runs)")
+    if problems := data_problems(suite.tasks, "tasks"):
+        raise OpenAlignError(f"the suite names data it cannot use (checked before any task runs): {'; '.join(problems)}")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     names = suite.names or [f"{index:02d}-{task.name}" for index, task in enumerate(suite.tasks)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -13,9 +14,10 @@ from torch import nn
 
 from ..config import Variants, require_at_least
 from ..data.transforms import PreprocessConfig
-from ..errors import ConfigError
-from .datasets import (evaluate_clip_benchmark_probe, evaluate_fewshot, evaluate_knn, evaluate_linear_probe,
-                       evaluate_retrieval, evaluate_zeroshot, read_lines_or_json)
+from ..errors import ConfigError, OpenAlignError
+from .datasets import (class_folders, evaluate_clip_benchmark_probe, evaluate_fewshot, evaluate_knn,
+                       evaluate_linear_probe, evaluate_retrieval, evaluate_zeroshot, read_lines_or_json,
+                       retrieval_items, zeroshot_inputs)
 from .features import Transform
 from .sentence_pairs import finetune_sentence_pairs, read_sentence_pairs
 from .shapes import evaluate_shapes
@@ -69,17 +71,44 @@ class EvalTaskConfig(Variants):
         raise NotImplementedError
 
     data_paths: ClassVar[tuple[str, ...]] = ()  # the settings that name files or folders the task reads
+    # the settings that name class-folder datasets: the first one's classes, which the others' must be among
+    class_roots: ClassVar[tuple[str, ...]] = ()
 
     def missing_data(self) -> list[str]:
-        """``key: path`` of each file or folder the task reads that does not exist: a training run
-        checks before its first step, not at its first evaluation."""
+        """``key: path`` of each file or folder the task reads that does not exist."""
         return [f"{key}: {value}" for key in self.data_paths
                 if (value := getattr(self, key)) is not None and not Path(value).expanduser().exists()]
+
+    def check_data(self) -> None:
+        """Read what the task reads before embedding anything (class names, prompts, caption lists,
+        class folders, sentence files) and raise :class:`OpenAlignError` for what it cannot use.
+        By default: the class folders of ``class_roots`` (not their images)."""
+        roots = [value for key in self.class_roots if (value := getattr(self, key)) is not None]
+        if roots:
+            classes = class_folders(roots[0])
+            for root in roots[1:]:
+                class_folders(root, classes)
 
     def write_examples(self, model: nn.Module, device: torch.device, output: Path, batch_size: int) -> Path | None:
         """A picture of the task's results for a quick visual check (a PNG at ``output``), where the
         task has one; None otherwise."""
         return None
+
+
+def data_problems(tasks: Sequence[EvalTaskConfig], prefix: str) -> list[str]:
+    """What each task cannot use, by ``<prefix>[<index>]``: the paths that do not exist, and for a
+    task whose paths all exist, :meth:`~EvalTaskConfig.check_data`'s error. A training run and a
+    suite check this before their first step, not at their first evaluation."""
+    problems = []
+    for index, task in enumerate(tasks):
+        if missing := task.missing_data():
+            problems += [f"{prefix}[{index}].{path} does not exist" for path in missing]
+            continue
+        try:
+            task.check_data()
+        except OpenAlignError as error:
+            problems.append(f"{prefix}[{index}] ({task.name}): {error}")
+    return problems
 
 
 @dataclass
@@ -112,6 +141,9 @@ class RetrievalEvalConfig(EvalTaskConfig, tag="retrieval"):
     image_root: str | None = None
     caption_prefix: str = ""
 
+    def check_data(self) -> None:
+        retrieval_items(self.json, self.split, self.image_root)
+
     def run(self, model: nn.Module, device: torch.device, batch_size: int, show_progress: bool = True) -> dict[str, float]:
         return evaluate_retrieval(model, self.json, device, self.split, self.image_root, batch_size, show_progress,
                                   self.caption_prefix, self.transform(model))
@@ -143,10 +175,17 @@ class ZeroShotEvalConfig(EvalTaskConfig, tag="zeroshot"):
     split: str = "test"
     canonicalize: bool = False
 
+    def check_data(self) -> None:
+        zeroshot_inputs(self.root, self._templates(), read_lines_or_json(self.classnames, "class names"), self.split,
+                        self.canonicalize)
+
+    def _templates(self) -> tuple[str, ...] | list[str] | dict[str, str] | None:
+        return read_lines_or_json(self.templates_file, "templates") or self.templates
+
     def run(self, model: nn.Module, device: torch.device, batch_size: int, show_progress: bool = True) -> dict[str, float]:
-        templates = read_lines_or_json(self.templates_file, "templates") or self.templates
-        return evaluate_zeroshot(model, self.root, device, templates, read_lines_or_json(self.classnames, "class names"),
-                                 batch_size, show_progress, self.split, self.transform(model), self.canonicalize)
+        return evaluate_zeroshot(model, self.root, device, self._templates(),
+                                 read_lines_or_json(self.classnames, "class names"), batch_size, show_progress,
+                                 self.split, self.transform(model), self.canonicalize)
 
 
 @dataclass
@@ -154,6 +193,7 @@ class KnnEvalConfig(EvalTaskConfig, tag="knn"):
     """kNN classification: ``train_root``'s class folders are the memory, ``val_root``'s the queries."""
 
     data_paths: ClassVar[tuple[str, ...]] = ("train_root", "val_root")
+    class_roots: ClassVar[tuple[str, ...]] = ("train_root", "val_root")
 
     train_root: str
     val_root: str
@@ -178,6 +218,7 @@ class FewShotEvalConfig(EvalTaskConfig, tag="fewshot"):
     have: here they are drawn from all of ``train_root`` (uniform per class either way)."""
 
     data_paths: ClassVar[tuple[str, ...]] = ("train_root", "val_root")
+    class_roots: ClassVar[tuple[str, ...]] = ("train_root", "val_root")
 
     train_root: str
     val_root: str
@@ -203,6 +244,7 @@ class LinearProbeEvalConfig(EvalTaskConfig, tag="linear_probe"):
     features are used as they are, as CLIP's; ``standardize`` standardises them first."""
 
     data_paths: ClassVar[tuple[str, ...]] = ("train_root", "val_root")
+    class_roots: ClassVar[tuple[str, ...]] = ("train_root", "val_root")
 
     train_root: str
     val_root: str
@@ -229,6 +271,7 @@ class ClipBenchmarkProbeEvalConfig(EvalTaskConfig, tag="clip_benchmark_probe"):
     and ``--batch_size`` defaults. The embedding batch is the evaluation's."""
 
     data_paths: ClassVar[tuple[str, ...]] = ("train_root", "val_root", "sweep_root")
+    class_roots: ClassVar[tuple[str, ...]] = ("train_root", "val_root", "sweep_root")
 
     train_root: str
     val_root: str
@@ -289,6 +332,9 @@ class SentencePairEvalConfig(EvalTaskConfig, tag="sentence_pairs"):
             raise ConfigError("must be at least 1 (or null: the evaluation batch size)", "batch_size")
         if self.preprocess:
             raise ConfigError("is set, but sentence pairs are rendered text, not preprocessed images", "preprocess")
+
+    def check_data(self) -> None:
+        read_sentence_pairs(self.val, read_sentence_pairs(self.train)[-1])
 
     def run(self, model: nn.Module, device: torch.device, batch_size: int, show_progress: bool = True) -> dict[str, float]:
         *train, names = read_sentence_pairs(self.train)

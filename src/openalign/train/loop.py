@@ -29,6 +29,7 @@ from ..data.stream import ResumableStream
 from ..distributed import (DistributedContext, all_reduce_mean, all_reduce_sum, average_buffers, barrier,
                            fail_together, init_distributed, world_info)
 from ..errors import ConfigError, OpenAlignError
+from ..eval.tasks import data_problems
 from ..losses import LossConfig
 from ..models import GhostBatchNorm2d
 from ..precision import autocast, precision_scope
@@ -65,9 +66,8 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True)
     # reads its own data position): every rank stops with a clear error, none waits in DDP's set-up
     with fail_together("setting up training"):
         per_rank = _per_rank_batch(cfg.batch_size, ctx.world_size, cfg.accum_steps)
-        if missing := [f"eval.tasks.{index}.{path}" for index, task in enumerate(recipe.eval.tasks)
-                       for path in task.missing_data()]:  # found now, not after hours of training
-            raise ConfigError(f"names data that does not exist: {'; '.join(missing)}", "eval.tasks")
+        if problems := data_problems(recipe.eval.tasks, "eval.tasks"):  # found now, not after hours of training
+            raise ConfigError(f"names data it cannot use: {'; '.join(problems)}", "eval.tasks")
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model = recipe.model.build().to(ctx.device)
         _check_virtual_batch(model, per_rank // cfg.accum_steps, ctx.world_size)
