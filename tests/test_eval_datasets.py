@@ -682,7 +682,7 @@ def test_clip_benchmark_probe_task_embeds_only_the_rows_it_uses(model, folders, 
 def test_retrieval_examples_draw_the_true_top_k(model, shapes_root, tmp_path, capsys, monkeypatch):
     from PIL import Image
 
-    from openalign.eval.examples import retrieval_examples
+    from openalign.eval.examples import PICTURE_SUFFIXES, _draw, is_examples_picture, retrieval_examples
 
     rows = retrieval_examples(model, shapes_root / "dataset_shapes.json", CPU, tmp_path / "grid.png", queries=3, k=4)
     items = read_karpathy(shapes_root / "dataset_shapes.json", "test")
@@ -702,6 +702,19 @@ def test_retrieval_examples_draw_the_true_top_k(model, shapes_root, tmp_path, ca
                  "--queries", "2", "--out", "~/grids/cli.png"]) == 0  # a ~ path, as a shell would not expand it
     assert (tmp_path / "home" / "grids" / "cli.png").is_file() and not (tmp_path / "~").exists()
     assert "2 captions" in capsys.readouterr().out
+
+    # --out replaces an earlier picture, never another file of that name (a dataset image named by mistake)
+    dataset_image = shutil.copy(items[0].path, tmp_path / "image.png")
+    before = Path(dataset_image).read_bytes()
+    args = ["eval", "examples", "--model", str(model_dir), "--json", str(shapes_root / "dataset_shapes.json"),
+            "--queries", "2", "--out"]
+    assert main([*args, str(dataset_image)]) == 2 and Path(dataset_image).read_bytes() == before
+    assert "is not an openalign examples picture" in capsys.readouterr().err
+    assert main([*args, "~/grids/cli.png"]) == 0
+    for suffix in PICTURE_SUFFIXES:  # every format carries the mark
+        _draw(rows, tmp_path / f"grid{suffix}")
+        assert is_examples_picture(tmp_path / f"grid{suffix}")
+    assert not is_examples_picture(Path(dataset_image))
 
 
 def test_a_caption_prefix_is_put_before_every_caption(model, shapes_root, tmp_path):
@@ -799,6 +812,14 @@ def test_review_bad_inputs_are_refused_before_results_are_lost(model, folders, s
     assert main(["eval", "suite", str(tmp_path / "suite.yaml"), "--model", str(model_dir), "--out",
                  str(tmp_path / "suite_out")]) == 2
     assert "tasks[1].root: " in capsys.readouterr().err and not (tmp_path / "suite_out").exists()  # before task 0
+    (tmp_path / "suite_out").mkdir()
+    (tmp_path / "suite_out" / "00-knn.json").write_text('{"images": []}')  # not a result: kept, before any task
+    (tmp_path / "suite.yaml").write_text(yaml.safe_dump({"tasks": [
+        {"task": "knn", "train_root": str(folders / "train"), "val_root": str(folders / "val")}]}))
+    assert main(["eval", "suite", str(tmp_path / "suite.yaml"), "--model", str(model_dir), "--out",
+                 str(tmp_path / "suite_out")]) == 2
+    assert "exists and is not an openalign result" in " ".join(capsys.readouterr().err.split())
+    assert (tmp_path / "suite_out" / "00-knn.json").read_text() == '{"images": []}'
     with pytest.raises(OpenAlignError, match="class 'square' has 24 training examples, fewer than 1000 shots"):
         evaluate_fewshot(model, folders / "train", folders / "val", CPU, shots=1000, show_progress=False)
 

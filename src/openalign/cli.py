@@ -17,6 +17,7 @@ from rich.logging import RichHandler
 from rich.markup import escape
 
 from .errors import OpenAlignError
+from .files import replaceable, starts_with
 from .precision import PRECISIONS, precision_scope
 from .progress import console
 
@@ -90,7 +91,10 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         task, dataset = LinearProbeEvalConfig(train_root=args.train, val_root=args.val, c=args.c,
                                               standardize=args.standardize), \
             Path(args.val).resolve().parent.name
-    output = _replaceable(_output_file(args.output), _is_record) if args.output else None  # checked before the work
+    from .eval.suite import is_record_file
+
+    # checked before the work
+    output = replaceable(_output_file(args.output), is_record_file, "an openalign result") if args.output else None
     model, _, _ = _inference_model(args, optimize=not task.fine_tunes)
     with precision_scope(args.precision):
         metrics = task.run(model, next(model.parameters()).device, args.batch_size)
@@ -98,31 +102,6 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     print(json.dumps(record, indent=2))
     if output:
         output.write_text(json.dumps(record, indent=2))
-
-
-def _replaceable(output: Path, written_by_us: Callable[[Path], bool], what: str = "an openalign result") -> Path:
-    """``output``, unless it is a file that openalign did not write (``written_by_us``): a dataset
-    JSON, a model's config or one of the images named by mistake is refused, not replaced."""
-    if output.is_file() and not written_by_us(output):
-        raise OpenAlignError(f"'{output}' exists and is not {what}, which is all this command replaces: choose "
-                             "another file")
-    return output
-
-
-def _is_record(path: Path) -> bool:
-    from .eval.suite import is_record
-
-    try:
-        return is_record(json.loads(path.read_text()))
-    except (OSError, ValueError):
-        return False
-
-
-def _starts_with(opening: bytes) -> Callable[[Path], bool]:
-    def check(path: Path) -> bool:
-        with open(path, "rb") as file:
-            return file.read(len(opening)) == opening
-    return check
 
 
 def _output_file(path: str, suffixes: tuple[str, ...] = ()) -> Path:
@@ -148,9 +127,9 @@ def _output_file(path: str, suffixes: tuple[str, ...] = ()) -> Path:
 
 
 def _cmd_eval_examples(args: argparse.Namespace) -> None:
-    from .eval.examples import retrieval_examples
+    from .eval.examples import PICTURE_SUFFIXES, is_examples_picture, retrieval_examples
 
-    out = _output_file(args.out, (".png", ".jpg", ".jpeg", ".pdf", ".svg"))
+    out = replaceable(_output_file(args.out, PICTURE_SUFFIXES), is_examples_picture, "an openalign examples picture")
     model, _, _ = _inference_model(args)
     with precision_scope(args.precision):
         rows = retrieval_examples(model, args.json, next(model.parameters()).device, out, args.split,
@@ -176,7 +155,7 @@ def _cmd_eval_report(args: argparse.Namespace) -> None:
     if not Path(args.out).name:
         raise OpenAlignError(f"--out '{args.out}' names no file: give a prefix, e.g. results/report")
     for suffix, opening in ((".md", b"# openalign evaluation report"), (".csv", b"model,pretrained,dataset,task,")):
-        _replaceable(Path(args.out).with_suffix(suffix), _starts_with(opening), "an openalign report")
+        replaceable(Path(args.out).with_suffix(suffix), starts_with(opening), "an openalign report")
     markdown, table = write_report(collect_records(args.paths), args.out, collect_examples(args.paths))
     print(markdown.read_text())
     print(f"wrote {markdown} and {table}")
@@ -244,7 +223,7 @@ def _cmd_embed(args: argparse.Namespace) -> None:
     from .inference import embed_folder, model_source, write_index
 
     # checked now, not after embedding every image; a link's target written; only an index replaced
-    out = _replaceable(_output_file(args.out).resolve(), _starts_with(b"PAR1"), "a parquet index")
+    out = replaceable(_output_file(args.out).resolve(), starts_with(b"PAR1"), "a parquet index")
     model, preprocess, _ = _inference_model(args)
     paths, embeddings = embed_folder(model, preprocess, args.images, args.batch_size, args.num_workers)
     write_index(out, paths, embeddings, model_name=model.config.name, model_source=model_source(args.model))

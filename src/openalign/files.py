@@ -12,7 +12,7 @@ import os
 import pickle
 import shutil
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,23 @@ def read_json(path: str | Path) -> Any:
         return json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise OpenAlignError(f"cannot read '{path}': {error}") from None
+
+
+def replaceable(output: Path, written_by_us: Callable[[Path], bool], what: str) -> Path:
+    """``output``, unless it is a file that openalign did not write (``written_by_us`` says no): a
+    dataset JSON, a model's config or an image named as an output by mistake is refused, not replaced."""
+    if output.is_file() and not written_by_us(output):
+        raise OpenAlignError(f"'{output}' exists and is not {what}, which is all this command replaces: choose "
+                             "another file")
+    return output
+
+
+def starts_with(opening: bytes) -> Callable[[Path], bool]:
+    """A test of whether a file begins with ``opening`` (for :func:`replaceable`)."""
+    def check(path: Path) -> bool:
+        with open(path, "rb") as file:
+            return file.read(len(opening)) == opening
+    return check
 
 
 @contextlib.contextmanager

@@ -18,6 +18,11 @@ from ..distributed import world_info
 from .datasets import retrieval_items
 from .features import Transform, embed_images, embed_texts, eval_mode, eval_transform
 
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pdf", ".svg")
+# Written into every picture's metadata (PNG Software, PDF/SVG Creator, JPEG comment), so that a
+# rerun replaces its own picture and nothing else of that name.
+MARK = "openalign retrieval examples"
+
 
 def retrieval_examples(model: nn.Module, json_path: str | Path, device: torch.device, output: str | Path,
                        split: str = "test", image_root: str | Path | None = None, queries: int = 6, k: int = 5,
@@ -68,5 +73,20 @@ def _draw(rows: list[tuple[str, list[Path], Path]], output: Path) -> None:
             axis.set_title(f"#{rank}", fontsize=8)
     figure.tight_layout()
     output.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(output, dpi=90)
+    suffix = output.suffix.lower()
+    if suffix in (".jpg", ".jpeg"):
+        options = {"pil_kwargs": {"comment": MARK.encode()}}
+    else:
+        options = {"metadata": {"Software" if suffix == ".png" else "Creator": MARK}}
+    figure.savefig(output, dpi=90, **options)
     plt.close(figure)
+
+
+def is_examples_picture(path: Path) -> bool:
+    """Whether ``path`` is a picture :func:`retrieval_examples` drew (its mark lies in the first or,
+    in a PDF, the last 64 KiB)."""
+    window = 1 << 16
+    with open(path, "rb") as file:
+        head = file.read(window)
+        file.seek(max(0, file.seek(0, 2) - window))
+        return MARK.encode() in head + file.read()

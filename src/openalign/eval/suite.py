@@ -36,10 +36,11 @@ from torch import nn
 from ..config import from_dict, load_yaml
 from ..distributed import world_info
 from ..errors import OpenAlignError
-from ..files import read_json
+from ..files import read_json, replaceable
 from ..precision import Precision, precision_scope
 from ..registry import find_config
 from . import cache
+from .examples import is_examples_picture
 from .tasks import EvalTaskConfig, data_problems
 
 log = logging.getLogger(__name__)
@@ -96,8 +97,14 @@ def run_suite(suite: SuiteConfig, model: nn.Module, pretrained: str, output_dir:
     if problems := data_problems(suite.tasks, "tasks"):
         raise OpenAlignError(f"the suite names data it cannot use (checked before any task runs): {'; '.join(problems)}")
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     names = suite.names or [f"{index:02d}-{task.name}" for index, task in enumerate(suite.tasks)]
+    if output_dir.exists() and not output_dir.is_dir():
+        raise OpenAlignError(f"the suite's output folder '{output_dir}' is a file")
+    for name in names:  # earlier results are replaced; other files of those names are not
+        replaceable(output_dir / f"{name}.json", is_record_file, "an openalign result")
+        if suite.examples:
+            replaceable(output_dir / f"{name}{EXAMPLES_SUFFIX}", is_examples_picture, "an openalign examples picture")
+    output_dir.mkdir(parents=True, exist_ok=True)
     records = []
     with _embedding_cache(), precision_scope(precision or suite.precision):  # the examples reuse the embeddings
         for name, task in zip(names, suite.tasks):
@@ -146,6 +153,14 @@ def _current_task_name(record: dict[str, Any]) -> str:
 def is_record(value: Any) -> bool:
     """Whether ``value`` (a JSON file's) is a result record as the eval commands write them."""
     return isinstance(value, dict) and set(RECORD_KEYS) <= set(value) and isinstance(value["metrics"], dict)
+
+
+def is_record_file(path: Path) -> bool:
+    """Whether ``path`` holds a result record (so that a command may replace it)."""
+    try:
+        return is_record(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return False
 
 
 def collect_records(paths: list[str | Path]) -> list[dict[str, Any]]:
