@@ -289,7 +289,8 @@ def test_openalign_format_round_trips_and_convert_goes_both_ways(hf_dir, images,
         openalign.pretrained.convert(back, back / "checkpoints" / "step_2", to="openalign")
     assert sorted(path.name for path in (back / "checkpoints").iterdir()) == ["step_1"]
     shutil.rmtree(back / "checkpoints")
-    with pytest.raises(OpenAlignError, match="already holds a model .*config.json, model.safetensors.*overwrite=True"):
+    with pytest.raises(OpenAlignError, match="already holds model or tokenizer files .*config.json, model.safetensors"
+                                             ".*overwrite=True"):
         model.save_pretrained(back)
     model.save_pretrained(back, overwrite=True)  # the AlignModel's files go: no stale config.json is left behind
     assert not (back / "config.json").exists() and not (back / "preprocessor_config.json").exists()
@@ -482,7 +483,7 @@ def test_hub_ids_go_through_huggingface_hub(monkeypatch, hf_dir, tmp_path):
     assert openalign.load_pretrained(".")[0].config.name == hf_dir.name
 
 
-def test_convert_on_the_command_line(hf_dir, tmp_path, capsys):
+def test_convert_on_the_command_line(hf_dir, tmp_path, capsys, monkeypatch):
     from openalign.cli import main
 
     assert main(["convert", str(hf_dir), str(tmp_path / "ours"), "--to", "openalign"]) == 0
@@ -495,7 +496,19 @@ def test_convert_on_the_command_line(hf_dir, tmp_path, capsys):
         elif ".pooler." not in key:  # the unused pooler is written as an identity map
             assert torch.equal(value, converted.state_dict()[key]), key
     assert main(["convert", str(hf_dir), str(tmp_path / "ours"), "--to", "openalign"]) == 2
-    assert "already holds a model" in capsys.readouterr().err
+    assert "already holds model or tokenizer files" in capsys.readouterr().err
+    assert main(["convert", str(hf_dir), "", "--to", "openalign"]) == 2  # not the working directory
+    assert "the directory to save the model to is empty" in capsys.readouterr().err
+    (tmp_path / "stray").mkdir()
+    (tmp_path / "stray" / "tokenizer.json").write_text("the user's own")  # no model, but a file the save writes
+    assert main(["convert", str(hf_dir), str(tmp_path / "stray"), "--to", "openalign"]) == 2
+    assert "(tokenizer.json)" in capsys.readouterr().err
+    with monkeypatch.context() as patch:  # a file of a name not listed is found once written, and kept too
+        patch.setattr(openalign.pretrained, "_COMPANION_FILES", ())
+        assert main(["convert", str(hf_dir), str(tmp_path / "stray"), "--to", "openalign"]) == 2
+    assert "(tokenizer.json)" in capsys.readouterr().err
+    assert sorted(path.name for path in (tmp_path / "stray").iterdir()) == ["tokenizer.json"]
+    assert (tmp_path / "stray" / "tokenizer.json").read_text() == "the user's own"
     assert main(["convert", str(hf_dir), str(tmp_path / "ours"), "--to", "openalign", "--overwrite"]) == 0
     assert main(["convert", str(tmp_path / "nowhere"), str(tmp_path / "x"), "--to", "hf"]) == 2
     assert "neither a directory nor a Hugging Face hub id" in " ".join(capsys.readouterr().err.split())

@@ -159,7 +159,8 @@ def save_pretrained(model: nn.Module, directory: str | Path, format: str = "open
     ``model.safetensors``, tokenizer and processor files) that ``AlignModel.from_pretrained``,
     ``AlignProcessor.from_pretrained`` and the ``zero-shot-image-classification`` pipeline load.
 
-    A directory that already holds a model is an error unless ``overwrite``; then its model files
+    A directory that already holds a model, or any file of the name of one the save writes (a
+    stray ``tokenizer.json``), is an error unless ``overwrite``; then its model files
     (either format's, with their tokenizer and processor files and weight shards) are replaced, so
     that no stale config, vocabulary or processor describes the new weights. The files
     are written to a staging folder inside the directory and moved in once all are written
@@ -172,13 +173,12 @@ def save_pretrained(model: nn.Module, directory: str | Path, format: str = "open
                              "was made from")
     if format not in ("openalign", "hf"):
         raise OpenAlignError(f"unknown format '{format}': use 'openalign' or 'hf'")
-    directory = Path(directory)
+    directory = _named(directory)
     if directory.exists() and not directory.is_dir():
         raise OpenAlignError(f"'{directory}' is a file; a model is saved to a directory")
     existing = [name for name in _MODEL_FILES if (directory / name).is_file()]
-    if existing and not overwrite:
-        raise OpenAlignError(f"'{directory}' already holds a model ({', '.join(existing)}): choose a new directory, "
-                             "or pass overwrite=True (openalign convert --overwrite) to replace it")
+    if not overwrite and (found := [*existing, *(name for name in _COMPANION_FILES if (directory / name).exists())]):
+        raise _holds_model_files(directory, found)
     stale = [*existing, *_COMPANION_FILES, *_weight_shards(directory)] if existing else []
     with filled_whole(directory, replaces=stale) as staging:  # a refused export leaves the old model there
         if format == "hf":
@@ -187,7 +187,23 @@ def save_pretrained(model: nn.Module, directory: str | Path, format: str = "open
             save_hf_directory(model, staging)
         else:
             _save_openalign_directory(model, staging)
+        if not overwrite and (found := sorted(path.name for path in staging.iterdir()
+                                              if (directory / path.name).exists())):
+            raise _holds_model_files(directory, found)  # any other file the save writes: never replaced unasked
     return directory
+
+
+def _named(directory: str | Path) -> Path:
+    """The directory a model is saved to; an empty path is an error, not the working directory."""
+    if not str(directory).strip():
+        raise OpenAlignError("the directory to save the model to is empty: name one (an empty path would be the "
+                             "working directory)")
+    return Path(directory)
+
+
+def _holds_model_files(directory: Path, names: list[str]) -> OpenAlignError:
+    return OpenAlignError(f"'{directory}' already holds model or tokenizer files ({', '.join(names)}): choose a new "
+                          "directory, or pass overwrite=True (openalign convert --overwrite) to replace them")
 
 
 def _weight_shards(directory: Path) -> list[str]:
@@ -220,7 +236,7 @@ def convert(source: str | Path, destination: str | Path, to: str, overwrite: boo
             architecture: str | None = None) -> Path:
     """Load ``source`` (any form :func:`load_pretrained` takes, a weights file with its
     ``architecture``) and write it in format ``to`` to ``destination``, a directory outside the source."""
-    origin, target = Path(source).expanduser().resolve(), Path(destination).expanduser().resolve()
+    origin, target = Path(source).expanduser().resolve(), _named(destination).expanduser().resolve()
     if origin.is_dir() and target.is_relative_to(origin):  # the source, a run's checkpoint, or a new one
         raise OpenAlignError(f"'{destination}' is the source '{source}' or inside it: convert into a directory "
                              "outside it (a model written there could replace the weights being converted or a "

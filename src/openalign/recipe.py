@@ -125,6 +125,9 @@ class RunSettings:
 
     def __post_init__(self) -> None:
         require_at_least(self, 1, "log_every", "keep_checkpoints")
+        if not self.output_dir.strip():
+            raise ConfigError("is empty: name the run's folder (an empty path would be the working directory)",
+                              "output_dir")
         if self.checkpoint_every < 0:
             raise ConfigError("must be 0 (only at the end) or more", "checkpoint_every")
 
