@@ -66,8 +66,10 @@ def test_data_shapes_writes_the_dataset(tmp_path, capsys):
     assert main(["data", "shapes", "--out", str(tmp_path), "--train", "8", "--test", "2", "--image-size", "16"]) == 0
     assert (tmp_path / "dataset_shapes.json").is_file() and len(list((tmp_path / "images" / "train").iterdir())) == 8
     capsys.readouterr()
-    for option, value, message in (("--image-size", "0", "image_size must be at least 16, got 0"),
-                                   ("--train", "-3", "num_train must be at least 1, got -3")):
+    for option, value, message in (("--image-size", "0", "--image-size must be at least 16, got 0"),
+                                   ("--image-size", "100000", "--image-size must be at most 1024, got 100000"),
+                                   ("--train", "-3", "--train must be at least 1, got -3"),
+                                   ("--alt-text-noise", "2", "--alt-text-noise must be a fraction in [0, 1], got 2")):
         assert main(["data", "shapes", "--out", str(tmp_path / "bad"), option, value]) == 2
         assert message in capsys.readouterr().err
     from openalign.cli import build_parser

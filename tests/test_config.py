@@ -126,6 +126,7 @@ def test_recipe_overrides_reach_the_model_and_are_validated():
     ("data.train={type: table, path: a.csv, extra_columns: {a/b: synthetic}}",
      "'data.train.extra_columns' has field name 'a/b'"),
     ("run.output_dir=''", "'run.output_dir' is empty: name the run's folder"),
+    ("data.train.image_size=100000", "'data.train.image_size' must be at most 1024, got 100000"),
 ])
 def test_bad_settings_are_config_errors(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -16,7 +16,7 @@ import yaml
 from rich.logging import RichHandler
 from rich.markup import escape
 
-from .errors import OpenAlignError
+from .errors import ConfigError, OpenAlignError
 from .files import replaceable, starts_with
 from .precision import PRECISIONS, precision_scope
 from .progress import console
@@ -170,8 +170,12 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 def _cmd_data_shapes(args: argparse.Namespace) -> None:
     from .data.shapes import ShapesSpec, build_shapes_dataset
 
-    spec = ShapesSpec(num_train=args.train, num_test=args.test, image_size=args.image_size, seed=args.seed,
-                      alt_text_noise=args.alt_text_noise)
+    try:
+        spec = ShapesSpec(num_train=args.train, num_test=args.test, image_size=args.image_size, seed=args.seed,
+                          alt_text_noise=args.alt_text_noise)
+    except ConfigError as error:  # named as the option that set it
+        option = {"num_train": "train", "num_test": "test"}.get(error.key or "", error.key or "")
+        raise OpenAlignError(f"--{option.replace('_', '-')} {error.message}") from None
     print(build_shapes_dataset(args.out, spec))
 
 

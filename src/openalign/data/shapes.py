@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..errors import OpenAlignError
+from ..errors import ConfigError, OpenAlignError
 from ..progress import progress_bar
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond")
@@ -82,6 +82,7 @@ NOISE_TEXTS = (  # alt-text that says nothing about the picture
 )
 _SPLIT_IDS = {"train": 0, "test": 1}
 _SUPERSAMPLE = 4
+MAX_IMAGE_SIZE = 1024  # drawn at 4x: a 4096-px canvas; larger would take gigabytes per image
 
 
 @dataclass(frozen=True)
@@ -100,10 +101,12 @@ class ShapesSpec:
     def __post_init__(self) -> None:
         for name, least in (("num_train", 1), ("num_test", 1), ("captions_per_test_image", 1), ("image_size", 16)):
             if getattr(self, name) < least:
-                raise OpenAlignError(f"{name} must be at least {least}, got {getattr(self, name)}")
+                raise ConfigError(f"must be at least {least}, got {getattr(self, name)}", name)
+        if self.image_size > MAX_IMAGE_SIZE:
+            raise ConfigError(f"must be at most {MAX_IMAGE_SIZE}, got {self.image_size}", "image_size")
         for name in ("alt_text_noise", "pair_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise OpenAlignError(f"{name} must be a fraction in [0, 1], got {getattr(self, name)}")
+                raise ConfigError(f"must be a fraction in [0, 1], got {getattr(self, name)}", name)
 
 
 def fix_articles(text: str) -> str:

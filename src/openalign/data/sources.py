@@ -362,8 +362,7 @@ class ShapesSourceConfig(SourceConfig, tag="shapes"):
     alt_text_noise: float = ShapesSpec.alt_text_noise
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.alt_text_noise <= 1.0:
-            raise ConfigError("must be a fraction in [0, 1]", "alt_text_noise")
+        self.spec()  # its checks, as config errors of these keys
 
     def spec(self) -> ShapesSpec:
         return ShapesSpec(num_train=self.num_train, num_test=self.num_test, image_size=self.image_size, seed=self.seed,
