@@ -581,6 +581,13 @@ def test_a_damaged_embedding_cache_entry_is_computed_again(model, folders, tmp_p
     from openalign.files import read_safetensors
 
     assert torch.equal(read_safetensors(entry)["embeddings"], first)  # and stored again
+    from safetensors.torch import save_file
+
+    for wrong in (first[:3], first[:, 0], first.to(torch.int32)):  # readable, but not these images' embeddings
+        save_file({"embeddings": wrong.contiguous()}, str(entry))
+        caplog.clear()
+        assert torch.equal(embed_images(model, transform, paths, CPU, show_progress=False), first)
+        assert f"not {len(paths)} rows of embeddings" in caplog.text
 
 
 def test_a_webdataset_root_that_cannot_be_written_is_extracted_under_the_cache_directory(tmp_path, monkeypatch):

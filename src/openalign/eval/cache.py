@@ -99,13 +99,18 @@ def file_entries(paths: Sequence[Path]) -> Iterator[str]:
         yield f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
 
 
-def load(directory: Path, key: str) -> torch.Tensor | None:
-    """The cached embeddings, or None: none cached, or a damaged entry (removed, to be computed again)."""
+def load(directory: Path, key: str, rows: int) -> torch.Tensor | None:
+    """The cached embeddings (a floating-point matrix of ``rows`` rows), or None: none cached, or a
+    damaged entry or one of another shape (removed, to be computed again)."""
     path = directory / f"{key}.safetensors"
     if not path.is_file():
         return None
     try:
-        return read_safetensors(path)["embeddings"]
+        embeddings = read_safetensors(path)["embeddings"]
+        if embeddings.ndim != 2 or embeddings.shape[0] != rows or not embeddings.is_floating_point():
+            raise OpenAlignError(f"it holds a {embeddings.dtype} tensor of shape {tuple(embeddings.shape)}, not "
+                                 f"{rows} rows of embeddings")
+        return embeddings
     except (OpenAlignError, KeyError) as error:
         log.warning("embedding cache entry %s is unreadable (%s): computing it again", path, error)
         path.unlink(missing_ok=True)

@@ -105,8 +105,9 @@ def _cached(model: nn.Module, preprocessing: object, entries: Iterable[str], kin
     directory = cache.cache_dir()
     if directory is None:
         return extract()
+    entries = list(entries)
     key = cache.cache_key(model, preprocessing, entries, kind)
-    cached = cache.load(directory, key)
+    cached = cache.load(directory, key, len(entries))
     if all_ranks_agree(cached is not None):
         return cached
     embeddings = extract()
