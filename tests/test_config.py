@@ -115,6 +115,7 @@ def test_recipe_overrides_reach_the_model_and_are_validated():
     ("model.embed_dim=0", "'model.embed_dim' must be at least 1, got 0"),
     ("eval.batch_size=0", "'eval.batch_size' must be at least 1, got 0"),
     ("model.text.max_length=0", "'model.text.max_length' must be at least 1, got 0"),
+    ("model.text.max_length=100000", "'model.text.max_length' is 100000, more than the 512 positions BERT has"),
     ("model.text.num_attention_heads=3", "'model.text.hidden_size' is 128, which num_attention_heads 3 does not"),
     ("model.text.pad_token_id=999999", "'model.text.pad_token_id' is 999999, outside the vocabulary"),
     ("model.preprocess.std=[0, 0, 0]", "'model.preprocess.std' must be positive"),
@@ -164,6 +165,18 @@ def test_a_recipe_file_that_is_not_utf8_is_a_config_error(tmp_path):
     (tmp_path / "recipe.yaml").write_bytes(b"\xff\xfemodel: align-tiny\n")
     with pytest.raises(ConfigError, match="is not valid YAML"):
         load_recipe(str(tmp_path / "recipe.yaml"))
+
+
+def test_a_key_given_twice_is_a_config_error_not_the_last_one_silently(tmp_path):
+    recipe = (openalign.registry.find_config("recipes", "demo")).read_text()
+    assert "\ntrain:\n" in recipe
+    (tmp_path / "recipe.yaml").write_text(recipe.replace("\ntrain:\n", "\ntrain:\n  lr: 0.5\n  lr: 0.1\n", 1))
+    with pytest.raises(ConfigError, match=r"the key 'lr' is given twice \(lines \d+ and \d+\); keep one"):
+        load_recipe(str(tmp_path / "recipe.yaml"))
+    with pytest.raises(ConfigError, match="the key 'lr' is given twice"):
+        load_recipe("demo", ["train={lr: 0.5, lr: 0.1}"])
+    anchors = "base: &defaults {lr: 0.5, steps: 2}\ntrain:\n  <<: *defaults\n  lr: 0.1\n"  # a merge key's may be set
+    assert openalign.config.parse_yaml(anchors)["train"] == {"lr": 0.1, "steps": 2}
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), 1e-30, 0.0, -1.0, 1e5])

@@ -216,13 +216,43 @@ def _pick_variant(cls: type, data: dict, path: str) -> type:
     return cls.variants[name]  # type: ignore[attr-defined]
 
 
+class _NoRepeatsLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key written twice in one mapping is an error (PyYAML
+    keeps the last one silently: a recipe's first ``lr:`` would be ignored without a word)."""
+
+
+def _mapping_without_repeats(loader: _NoRepeatsLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, yaml.Mark] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # '<<: *defaults': its keys may be overridden
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            first = seen.setdefault(key, key_node.start_mark)
+        except TypeError:  # an unhashable key: the safe loader's own error says so
+            continue
+        if first is not key_node.start_mark:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"the key {key!r} is given twice (lines {first.line + 1} and "
+                f"{key_node.start_mark.line + 1}); keep one", key_node.start_mark)
+    return loader.construct_mapping(node, deep)
+
+
+_NoRepeatsLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_repeats)
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML's safe loading, with a key given twice in one mapping an error."""
+    return yaml.load(text, Loader=_NoRepeatsLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping, with errors that name the file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = parse_yaml(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as error:
         raise ConfigError(f"config file '{path}' is not valid YAML: {error}") from None
     if data is None:
@@ -249,7 +279,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not key.strip():
         raise ConfigError(f"override '{text}' must look like key.path=value, e.g. train.lr=1e-3")
     try:
-        return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+        return key.strip().split("."), parse_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as error:
         problem = str(error).splitlines()[0]
         raise ConfigError(f"override '{text}': the value is not valid YAML ({problem}); close its brackets, "

@@ -59,6 +59,8 @@ class BertTowerConfig(TextTowerConfig, tag="bert"):
         if self.hidden_act not in ACT2FN:
             raise ConfigError(f"is '{self.hidden_act}', not an activation transformers knows"
                               f"{did_you_mean(self.hidden_act, ACT2FN)}", "hidden_act")
+        if not self.pretrained:  # a pretrained BERT's positions are known once it is loaded (build_tokenizer)
+            self._check_length("max_length")
 
     @property
     def output_dim(self) -> int:
@@ -72,10 +74,13 @@ class BertTowerConfig(TextTowerConfig, tag="bert"):
         if size > self.vocab_size:
             raise ConfigError(f"is {self.vocab_size}, but the tokenizer '{self.tokenizer}' has {size} tokens: use the "
                               "tokenizer the weights were trained with", "text.vocab_size")
+        self._check_length("text.max_length")
+        return tokenizer
+
+    def _check_length(self, key: str) -> None:
         if self.max_length > self.max_position_embeddings:
             raise ConfigError(f"is {self.max_length}, more than the {self.max_position_embeddings} positions BERT "
-                              "has (max_position_embeddings)", "text.max_length")
-        return tokenizer
+                              "has (max_position_embeddings)", key)
 
     def build(self) -> BertTextTower:
         return BertTextTower(self)
