@@ -62,6 +62,29 @@ def test_bad_settings_exit_2_with_a_message_and_no_traceback(capsys):
     assert "Traceback" not in err
 
 
+def test_paths_that_are_not_files_are_said_to_be_what_they_are_and_os_errors_name_the_option(tmp_path, capsys):
+    import os
+
+    from openalign.data.karpathy import read_karpathy
+    from openalign.data.shards import expand_shards
+    from openalign.errors import OpenAlignError
+
+    (tmp_path / "recipe.yaml").mkdir()
+    os.mkfifo(tmp_path / "captions.json")
+    (tmp_path / "shards").mkdir()
+    assert main(["config", str(tmp_path / "recipe.yaml")]) == 2
+    assert "recipe.yaml' is a directory, not a file" in " ".join(capsys.readouterr().err.split())
+    with pytest.raises(OpenAlignError, match="captions.json' is not a regular file"):  # not "does not exist"
+        read_karpathy(tmp_path / "captions.json", "test")
+    with pytest.raises(OpenAlignError, match=r"1 shard\(s\) not found: .*shards \(is a directory, not a file\)"):
+        expand_shards([str(tmp_path / "shards")])
+    (tmp_path / "a_file").write_text("")
+    assert main(["data", "shapes", "--out", str(tmp_path / "a_file" / "sub"), "--train", "2", "--test", "1",
+                 "--image-size", "16"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "error: --out: Not a directory" in err and "Traceback" not in err
+
+
 def test_data_shapes_writes_the_dataset(tmp_path, capsys):
     assert main(["data", "shapes", "--out", str(tmp_path), "--train", "8", "--test", "2", "--image-size", "16"]) == 0
     assert (tmp_path / "dataset_shapes.json").is_file() and len(list((tmp_path / "images" / "train").iterdir())) == 8

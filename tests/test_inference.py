@@ -397,7 +397,8 @@ def test_commands_report_bad_input_with_exit_2(model_dir, tmp_path, capsys):
     assert "'a cat' given more than once" in " ".join(capsys.readouterr().err.split())
     # a missing image is reported before the model loads (from the hub, that is a download)
     assert main(["classify", "--model", str(tmp_path / "no-model"), str(tmp_path / "x.png"), "--labels", "a cat"]) == 2
-    assert f"1 of the 1 image files not found: '{tmp_path / 'x.png'}'" in " ".join(capsys.readouterr().err.split())
+    assert f"1 of the 1 images are not files: '{tmp_path / 'x.png'}' does not exist" in " ".join(
+        capsys.readouterr().err.split())
     assert main(["convert", str(model_dir), str(tmp_path / "file"), "--to", "openalign"]) == 2
     assert "is a file; a model is saved to a directory" in " ".join(capsys.readouterr().err.split())
 
@@ -463,7 +464,7 @@ def test_indexes_from_other_writers_load_and_broken_ones_are_refused(tmp_path):
                                              "nothing was written"):
         write_index(tmp_path / "ours.parquet", ["a.png", "b.png"], torch.tensor([[1.0, 0.0], [float("nan"), 1.0]]))
     assert not (tmp_path / "ours.parquet").exists()
-    with pytest.raises(OpenAlignError, match="index '.*' is a directory; expected a parquet file"):
+    with pytest.raises(OpenAlignError, match="index '.*' is a directory, not a file; expected a parquet file"):
         read_index(tmp_path)
     write_index(tmp_path / "empty.parquet", [], torch.empty(0, 2))
     with pytest.raises(OpenAlignError, match="holds no embeddings"):

@@ -17,7 +17,7 @@ from rich.logging import RichHandler
 from rich.markup import escape
 
 from .errors import ConfigError, OpenAlignError
-from .files import replaceable, starts_with
+from .files import not_a_file, replaceable, starts_with
 from .precision import PRECISIONS, precision_scope
 from .progress import console
 
@@ -255,8 +255,9 @@ def _cmd_classify(args: argparse.Namespace) -> None:
                              "one label per line (--labels-file)")
     check_labels(labels, given)  # before the model loads, as the images are
     if missing := [image for image in args.images if not Path(image).is_file()]:
-        raise OpenAlignError(f"{len(missing)} of the {len(args.images)} image files not found: "
-                             f"{', '.join(map(repr, missing[:5]))}{' ...' if len(missing) > 5 else ''}")
+        raise OpenAlignError(f"{len(missing)} of the {len(args.images)} images are not files: "
+                             f"{', '.join(f'{image!r} {not_a_file(image)}' for image in missing[:5])}"
+                             f"{' ...' if len(missing) > 5 else ''}")
     model, preprocess, tokenizer = _inference_model(args)
     templates = DEFAULT_TEMPLATES if args.templates == "default" else None
     probabilities = classify(model, preprocess, tokenizer, args.images, labels, templates, args.batch_size)
@@ -584,6 +585,28 @@ def _message(error: OpenAlignError) -> str:
     return text
 
 
+def _argument_of(filename: Any, parser: argparse.ArgumentParser, args: argparse.Namespace) -> str | None:
+    """The option (``--out``) or argument (``DESTINATION``) of the command that ran whose path is
+    ``filename`` or a folder holding it, to name in an OS error; None if none is."""
+    target = Path(os.fsdecode(filename)).expanduser().resolve()
+    parsers, actions = [parser], []
+    while parsers:  # the command's own parser: the one whose default func ran
+        current = parsers.pop()
+        for action in current._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                parsers += list(action.choices.values())
+        if current.get_default("func") is args.func:
+            actions = current._actions
+    for action in actions:
+        values = getattr(args, action.dest, None)
+        for value in values if isinstance(values, list) else [values]:
+            if isinstance(value, str) and value.strip() and "=" not in value:
+                given = Path(value).expanduser().resolve()
+                if target == given or given in target.parents:
+                    return max(action.option_strings, key=len) if action.option_strings else action.dest.upper()
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -605,7 +628,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except OSError as error:  # a path that is a file, a folder that cannot be written, a full disk...
         where = f" ('{error.filename}')" if error.filename else ""
-        console.print(f"[bold red]error:[/] {escape(f'{error.strerror or error}{where}')}", highlight=False)
+        given = _argument_of(error.filename, parser, args) if error.filename else None
+        message = f"{given + ': ' if given else ''}{error.strerror or error}{where}"
+        console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
         return 2
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")

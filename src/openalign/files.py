@@ -52,6 +52,17 @@ def read_torch_file(path: str | Path) -> Any:
                              "download it again") from None
 
 
+def not_a_file(path: str | Path) -> str:
+    """Why ``path``, which is not a regular file, cannot be read as one: it does not exist, is a
+    directory, a broken link, or something else (a FIFO, a device)."""
+    path = Path(path)
+    if path.is_dir():
+        return "is a directory, not a file"
+    if path.exists():
+        return "is not a regular file"
+    return "is a broken symbolic link" if path.is_symlink() else "does not exist"
+
+
 def read_json(path: str | Path) -> Any:
     """A JSON file's value."""
     try:

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from .data.quality import UNREADABLE_IMAGE_ERRORS
 from .data.tokenizer import Tokenizer
 from .errors import OpenAlignError
-from .files import written_whole
+from .files import not_a_file, written_whole
 from .eval import embed_texts
 from .eval.features import IMAGE_EXTENSIONS, eval_mode
 from .eval.features import encode_image_batch as encode_images
@@ -315,8 +315,7 @@ def read_index(path: str | Path) -> EmbeddingIndex:
     remedy = ("expected a parquet file with columns 'path' (string) and 'embedding' (list of floats), "
               "as 'openalign embed' writes")
     if not Path(path).is_file():
-        problem = "is a directory" if Path(path).is_dir() else "does not exist"
-        raise OpenAlignError(f"index '{path}' {problem}; {remedy}")
+        raise OpenAlignError(f"index '{path}' {not_a_file(path)}; {remedy}")
     try:
         table = pq.read_table(path)
     except (pa.ArrowException, OSError) as error:

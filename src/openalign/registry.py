@@ -13,6 +13,7 @@ from typing import Any
 
 from .config import deep_merge, did_you_mean, load_yaml
 from .errors import ConfigError
+from .files import not_a_file
 
 CONFIG_ROOT = Path(__file__).parent / "configs"
 
@@ -37,7 +38,7 @@ def find_config(kind: str, name_or_path: str | Path) -> Path:
     if path.suffix in (".yaml", ".yml"):
         if path.is_file():
             return path
-        raise ConfigError(f"config file '{path}' does not exist")
+        raise ConfigError(f"config file '{path}' {not_a_file(path)}")
     candidate = CONFIG_ROOT / kind / f"{name_or_path}.yaml"
     if candidate.is_file():
         return candidate

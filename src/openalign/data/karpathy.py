@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import OpenAlignError
+from ..files import not_a_file
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ def read_karpathy(json_path: str | Path, split: str, image_root: str | Path | No
     """
     json_path = Path(json_path)
     if not json_path.is_file():
-        raise OpenAlignError(f"caption file '{json_path}' does not exist (expected a Karpathy-style JSON "
+        raise OpenAlignError(f"caption file '{json_path}' {not_a_file(json_path)} (expected a Karpathy-style JSON "
                              "such as dataset_coco.json)")
     try:
         data = json.loads(json_path.read_text())

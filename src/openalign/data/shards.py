@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from ..errors import OpenAlignError
+from ..files import not_a_file
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "pbm", "pnm")
 # webdataset's split of a member name into the sample key and the field (everything after the first dot).
@@ -52,10 +53,8 @@ def expand_shards(patterns: Sequence[str]) -> list[Path]:
                 if not matches:
                     missing.append(expanded)
                 found.update(dict.fromkeys(matches))
-            elif Path(expanded).is_file():
-                found[Path(expanded)] = None
-            else:
-                missing.append(expanded)
+            else:  # a folder or a FIFO is no shard either, and is said to be what it is
+                missing.append(f"{expanded} ({not_a_file(expanded)})" if os.path.lexists(expanded) else expanded)
     if missing:
         shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
         raise OpenAlignError(f"{len(missing)} shard(s) not found: {shown}")

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..data.karpathy import CaptionedImage, read_karpathy
 from ..errors import OpenAlignError
+from ..files import not_a_file
 from .clip_benchmark_wds import is_clip_benchmark_wds, read_lines, read_split
 from .classification import (canonicalize_prompt, class_prompts, classification_metrics, knn_classify,
                              zero_shot_classifier)
@@ -118,7 +119,7 @@ def read_lines_or_json(path: str | Path | None, what: str) -> list[str] | dict[s
     if not path.is_file():
         if (shipped := shipped_lines(str(path))) is not None:
             return shipped
-        raise OpenAlignError(f"{what} file '{path}' does not exist (nor is it one of the shipped lists: "
+        raise OpenAlignError(f"{what} file '{path}' {not_a_file(path)} (nor is it one of the shipped lists: "
                              f"{', '.join(shipped_names())})")
     try:
         entries = json.loads(path.read_text()) if path.suffix == ".json" else read_lines(path)

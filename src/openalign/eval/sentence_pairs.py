@@ -52,6 +52,7 @@ from torch import nn
 
 from ..data.render import value_range
 from ..errors import OpenAlignError
+from ..files import not_a_file
 from ..precision import autocast
 from ..progress import progress_bar
 from .features import eval_mode
@@ -80,7 +81,7 @@ def read_sentence_pairs(path: str | Path, label_names: Sequence[str] | None = No
     """
     path = Path(path)
     if not path.is_file():
-        raise OpenAlignError(f"sentence-pair file '{path}' does not exist")
+        raise OpenAlignError(f"sentence-pair file '{path}' {not_a_file(path)}")
     try:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as error:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, OpenAlignError
+from ..files import not_a_file
 from .base import ImageTowerConfig
 
 log = logging.getLogger(__name__)
@@ -165,5 +166,5 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.is_dir():
         return read_hf_weights(path)
     if not path.is_file():
-        raise OpenAlignError(f"timm checkpoint '{path}' does not exist")
+        raise OpenAlignError(f"timm checkpoint '{path}' {not_a_file(path)}")
     return read_weights_file(path)
