@@ -121,6 +121,9 @@ def test_released_weights_that_do_not_fit_get_errors_naming_them(tmp_path):
         openalign.load_pretrained(tmp_path / "clippo.npz", architecture="clippo-test")  # one block, not two
     with pytest.raises(OpenAlignError, match="loads into a CLIPPO model with a ViT encoder"):
         openalign.load_pretrained(tmp_path / "clippo.npz", architecture="align-test")
+    params = big_vision.make_params(width=32, depth=1, heads=2, mlp_dim=128, patch=16, image_size=32, embed_dim=16)
+    big_vision.save_npz(params, tmp_path / "clippo.npz")  # clippo-test's shapes: only the damage is wrong
+    openalign.load_pretrained(tmp_path / "clippo.npz", architecture="clippo-test")
     whole = (tmp_path / "clippo.npz").read_bytes()
     (tmp_path / "cut.npz").write_bytes(whole[:5000])
     np.savez_compressed(tmp_path / "compressed.npz", **params)

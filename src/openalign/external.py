@@ -87,20 +87,31 @@ def load_big_vision_weights(model: nn.Module, path: Path) -> None:
     if not isinstance(model, Clippo) or not hasattr(model.encoder, "vit"):
         raise OpenAlignError(f"'{path}' is read as a big_vision checkpoint, which loads into a CLIPPO model with a "
                              f"ViT encoder (clippo-b16), not into '{model.config.name}'")
-    try:  # the parameters only: the optimiser's state beside them is most of the file
-        with np.load(path, allow_pickle=False) as archive:
+    try:  # shapes first, from the headers (the optimiser's state, most of the file, is never read); timm reads
+        with np.load(path, allow_pickle=False) as archive:  # the encoder: the file's arrays are read once
             prefix = next((p for p in BIG_VISION_PREFIXES if f"{p}img/embedding/kernel" in archive.files), "params/")
-            arrays = {name[len(prefix):]: archive[name] for name in archive.files
-                      if name.startswith(prefix) and not name.startswith("opt/")}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+            found = {name[len(prefix):].removeprefix("img/"): _npz_shape(archive, name) for name in archive.files
+                     if name.startswith(prefix) and not name.startswith("opt/")}
+            _check_big_vision_fits(model, found, path)
+            head = {name: archive[f"{prefix}{name}"] for name in ("img/head/kernel", "img/head/bias", "t")}
+        with torch.no_grad():
+            model.encoder.vit.load_pretrained(str(path), prefix=f"{prefix}img/")  # transposes, q/k/v, MAP head
+            model.head.weight.copy_(torch.from_numpy(head["img/head/kernel"].T.copy()))
+            model.head.bias.copy_(torch.from_numpy(head["img/head/bias"].copy()))
+            model.log_temperature.fill_(-float(head["t"].reshape(-1)[0]))  # t = log of the logit scale
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:  # not the fit check's errors
         raise OpenAlignError(f"'{path}' is not a readable .npz file ({error}): copy or download it again") from None
-    found = {name.removeprefix("img/"): array.shape for name, array in arrays.items()}
-    _check_big_vision_fits(model, found, path)
-    with torch.no_grad():
-        model.encoder.vit.load_pretrained(str(path), prefix=f"{prefix}img/")  # timm: transposes, q/k/v, MAP head
-        model.head.weight.copy_(torch.from_numpy(arrays["img/head/kernel"].T.copy()))
-        model.head.bias.copy_(torch.from_numpy(arrays["img/head/bias"].copy()))
-        model.log_temperature.fill_(-float(arrays["t"].reshape(-1)[0]))  # t = log of the logit scale
+
+
+def _npz_shape(archive: np.lib.npyio.NpzFile, name: str) -> tuple[int, ...]:
+    """The shape of an array in an ``.npz`` file from its header, the array itself not read."""
+    with archive.zip.open(f"{name}.npy") as member:
+        version = np.lib.format.read_magic(member)
+        if version == (1, 0):
+            return tuple(np.lib.format.read_array_header_1_0(member)[0])
+        if version == (2, 0):
+            return tuple(np.lib.format.read_array_header_2_0(member)[0])
+    return tuple(archive[name].shape)  # a later format version: read it
 
 
 def _check_big_vision_fits(model: nn.Module, found: dict[str, tuple[int, ...]], path: Path) -> None:
