@@ -152,7 +152,8 @@ def test_caption_shards_adds_a_caption_member_and_copies_every_member(shards, tm
     assert first["skipped_no_image"] == ["000004"] and first["skipped_undecodable"] == ["000002"]
     assert summary["totals"] == {"shards": 2, "failed_shards": 0, "samples": 10, "captioned": 8, "skipped": 2}
     assert summary["captioner"] == git_captioner and summary["failed_shards"] == {}
-    assert summary["generation"] == {"max_new_tokens": 6, "num_beams": 1, "no_repeat_ngram_size": 0, "prompt": None}
+    # ALIP's OFA settings by default: beam 5, no repeated trigrams
+    assert summary["generation"] == {"max_new_tokens": 6, "num_beams": 5, "no_repeat_ngram_size": 3, "prompt": None}
     assert summary["device"] == "cpu" and not list(out.glob("*.tmp"))
 
     import webdataset as wds  # the loader sees the caption as the sample's caption.txt field

@@ -536,9 +536,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "shards already there are skipped (resume)")
     caption.add_argument("--batch-size", type=_at_least(1), default=16)
     caption.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    caption.add_argument("--max-new-tokens", type=_at_least(1), default=20, help="ALIP's OFA: 16")
-    caption.add_argument("--num-beams", type=_at_least(1), default=1, help="ALIP's OFA: 5")
-    caption.add_argument("--no-repeat-ngram-size", type=_at_least(0), default=0, help="ALIP's OFA: 3 (0: off)")
+    caption.add_argument("--max-new-tokens", type=_at_least(1), default=16, help="ALIP's OFA: 16 (the default)")
+    caption.add_argument("--num-beams", type=_at_least(1), default=5, help="ALIP's OFA: 5 (the default; 1: greedy)")
+    caption.add_argument("--no-repeat-ngram-size", type=_at_least(0), default=3,
+                         help="ALIP's OFA: 3 (the default; 0: off)")
     caption.add_argument("--prompt", help="text the caption starts from, e.g. 'a picture of' for BLIP")
     caption.add_argument("--field", default="caption", help="the new member is KEY.<field>.txt (default caption)")
     caption.set_defaults(func=_cmd_data_caption)

@@ -9,7 +9,7 @@ BLIP-2, GIT (``microsoft/git-base-coco``), ``VisionEncoderDecoder`` captioners
 (``nlpconnect/vit-gpt2-image-captioning``), ... Settings close to ALIP's are::
 
     openalign data caption 'shards/{00000..00999}.tar' --captioner Salesforce/blip-image-captioning-base \\
-        --out shards_captioned --num-beams 5 --max-new-tokens 16 --no-repeat-ngram-size 3
+        --out shards_captioned  # the defaults: --num-beams 5 --max-new-tokens 16 --no-repeat-ngram-size 3
 
 (OFA's ``max_len_b=16`` counts generated BPE tokens, like ``--max-new-tokens``; the captions are
 in the same COCO style because BLIP and GIT ``-coco`` checkpoints are also COCO-fine-tuned.)
@@ -109,8 +109,8 @@ class Captioner:
     own examples.
     """
 
-    def __init__(self, name: str, device: str = "auto", max_new_tokens: int = 20, num_beams: int = 1,
-                 prompt: str | None = None, no_repeat_ngram_size: int = 0) -> None:
+    def __init__(self, name: str, device: str = "auto", max_new_tokens: int = 16, num_beams: int = 5,
+                 prompt: str | None = None, no_repeat_ngram_size: int = 3) -> None:
         import torch
         from transformers import (AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer,
                                   ProcessorMixin)
@@ -341,14 +341,15 @@ def _totals(summary: dict[str, Any]) -> dict[str, int]:
 
 
 def caption_shards(shards: Sequence[str], captioner: str, out: str | Path, batch_size: int = 16,
-                   device: str = "auto", max_new_tokens: int = 20, num_beams: int = 1, prompt: str | None = None,
+                   device: str = "auto", max_new_tokens: int = 16, num_beams: int = 5, prompt: str | None = None,
                    field: str = "caption", show_progress: bool = True,
-                   no_repeat_ngram_size: int = 0) -> dict[str, Any]:
+                   no_repeat_ngram_size: int = 3) -> dict[str, Any]:
     """Write a copy of each shard to ``out`` with a synthetic ``KEY.<field>.txt`` caption per image.
 
     ``shards`` are paths, globs or brace patterns; ``captioner`` a model directory or hub id that
-    ``AutoModelForImageTextToText`` loads (see :class:`Captioner`). ALIP's OFA settings (beam 5,
-    16 tokens, no repeated trigrams) are ``num_beams=5, max_new_tokens=16, no_repeat_ngram_size=3``.
+    ``AutoModelForImageTextToText`` loads (see :class:`Captioner`). The generation defaults are
+    ALIP's OFA settings: beam 5, 16 new tokens, no repeated trigrams (``num_beams=1`` and
+    ``no_repeat_ngram_size=0`` give greedy decoding, several times faster).
     Shards already in ``out`` are skipped, so an interrupted job resumes; shards that cannot be
     read are skipped and listed under ``failed_shards`` (see the module docstring).
 
