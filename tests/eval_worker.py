@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 import openalign
-from openalign.distributed import init_distributed
+from openalign.distributed import init_distributed, shutdown
 from openalign.eval import evaluate_shapes
 from openalign.eval.cache import CACHE_ENV
 
@@ -37,6 +37,7 @@ def main(root: Path, out_dir: Path) -> None:
     for _ in range(2):
         cached = evaluate_shapes(model, root, ctx.device, batch_size=8, knn_memory_size=KNN_MEMORY, show_progress=False)
     (out_dir / f"rank{ctx.rank}-cached.json").write_text(json.dumps(cached))
+    shutdown()
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 
 import openalign
-from openalign.distributed import DistributedContext, PeerFailure, all_reduce_sum, fail_together, init_distributed
+from openalign.distributed import (DistributedContext, PeerFailure, all_reduce_sum, fail_together, init_distributed,
+                                   shutdown)
 from openalign.eval.features import embed_images, eval_transform
 from openalign.train.checkpoint import Checkpointer
 
@@ -97,6 +98,7 @@ def main(out_dir: Path) -> None:
         paired = all_reduce_sum(torch.tensor(float(index))).item()  # 2 × index when the ranks are in step
         results[name] = {"error": error, "paired": paired}
     (out_dir / f"rank{ctx.rank}.json").write_text(json.dumps(results))
+    shutdown()  # a process group alive at exit can abort its process (gloo: "terminate called ...")
 
 
 if __name__ == "__main__":

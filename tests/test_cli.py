@@ -193,3 +193,16 @@ def test_output_paths_are_checked_before_the_work_and_filesystem_errors_are_one_
     assert main(train) == 2  # run.output_dir is a file: the OSError is one line naming the path
     err = " ".join(capsys.readouterr().err.split())
     assert "error:" in err and "a_file" in err and "Traceback" not in err
+
+
+def test_a_command_that_succeeds_destroys_the_process_group(tmp_path, capsys):
+    """torchrun reported ranks that exited with a live gloo group as failed ("terminate called without an
+    active exception", exit -6), after runs that had succeeded."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        assert main(["recipes"]) == 0 and not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

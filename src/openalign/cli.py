@@ -16,6 +16,7 @@ import yaml
 from rich.logging import RichHandler
 from rich.markup import escape
 
+from .distributed import shutdown
 from .errors import ConfigError, OpenAlignError
 from .files import not_a_file, replaceable, starts_with
 from .precision import PRECISIONS, precision_scope
@@ -624,6 +625,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ[CACHE_ENV] = args.cache_dir
     try:
         args.func(args)
+        shutdown()  # after a success only: after an error a peer may still be inside a collective
     except OpenAlignError as error:
         console.print(f"[bold red]error:[/] {escape(_message(error))}", highlight=False)  # "[text, caption]" stays
         return 2

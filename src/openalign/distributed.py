@@ -78,6 +78,14 @@ def init_distributed(device: str = "auto") -> DistributedContext:
     return DistributedContext(rank=rank, world_size=world_size, local_rank=local_rank, device=target)
 
 
+def shutdown() -> None:
+    """Destroy the default process group, if there is one. A process that exits with it alive can
+    abort in its destructor (gloo: "terminate called without an active exception", exit code -6,
+    which torchrun reports as that rank failing, after a run that succeeded)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def world_info() -> tuple[int, int]:
     """(rank, world size) of the current process group, or (0, 1) without one."""
     if dist.is_available() and dist.is_initialized():
