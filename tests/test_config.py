@@ -177,6 +177,10 @@ def test_a_key_given_twice_is_a_config_error_not_the_last_one_silently(tmp_path)
         load_recipe("demo", ["train={lr: 0.5, lr: 0.1}"])
     anchors = "base: &defaults {lr: 0.5, steps: 2}\ntrain:\n  <<: *defaults\n  lr: 0.1\n"  # a merge key's may be set
     assert openalign.config.parse_yaml(anchors)["train"] == {"lr": 0.1, "steps": 2}
+    itself = openalign.config.parse_yaml("a: &a {x: *a}")["a"]  # an anchor inside its own mapping, as safe_load
+    assert itself["x"] is itself
+    with pytest.raises(Exception, match="the key 'key' is given twice"):  # one alias as the key twice
+        openalign.config.parse_yaml("k: &k key\n? *k\n: 1\n? *k\n: 2\n")
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), 1e-30, 0.0, -1.0, 1e5])

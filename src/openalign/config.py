@@ -17,7 +17,7 @@ import difflib
 import math
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar, get_args, get_origin, get_type_hints
 
@@ -222,21 +222,23 @@ class _NoRepeatsLoader(yaml.SafeLoader):
     keeps the last one silently: a recipe's first ``lr:`` would be ignored without a word)."""
 
 
-def _mapping_without_repeats(loader: _NoRepeatsLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    seen: dict[Any, yaml.Mark] = {}
-    for key_node, _ in node.value:
+def _mapping_without_repeats(loader: _NoRepeatsLoader, node: yaml.MappingNode) -> Iterator[dict]:
+    first: dict[Any, int] = {}  # key -> its index among the mapping's own keys
+    for index, (key_node, _) in enumerate(node.value):
         if key_node.tag == "tag:yaml.org,2002:merge":  # '<<: *defaults': its keys may be overridden
             continue
         key = loader.construct_object(key_node, deep=True)
         try:
-            first = seen.setdefault(key, key_node.start_mark)
+            earlier = first.setdefault(key, index)
         except TypeError:  # an unhashable key: the safe loader's own error says so
             continue
-        if first is not key_node.start_mark:
+        if earlier != index:
             raise yaml.constructor.ConstructorError(
-                None, None, f"the key {key!r} is given twice (lines {first.line + 1} and "
-                f"{key_node.start_mark.line + 1}); keep one", key_node.start_mark)
-    return loader.construct_mapping(node, deep)
+                None, None, f"the key {key!r} is given twice (lines {node.value[earlier][0].start_mark.line + 1} "
+                f"and {key_node.start_mark.line + 1}); keep one", key_node.start_mark)
+    data: dict = {}
+    yield data  # made first and filled after, as the safe loader does: an anchor may refer to its own mapping
+    data.update(loader.construct_mapping(node))
 
 
 _NoRepeatsLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_repeats)
