@@ -289,3 +289,10 @@ def test_a_rerun_recaptions_damaged_outputs_and_refuses_ones_from_another_source
     assert calls == [3] and "cannot be read" in caplog.text  # 00000.tar's three decodable images
     assert (out / "00000.tar").read_bytes() == whole["00000.tar"]
     assert summary["shards"]["00001.tar"]["recounted"] and summary["totals"]["captioned"] == 8
+    # ... and recorded as checked, so that the next rerun reads no shard whole again
+    reads = []
+    original_members = caption_module._members
+    monkeypatch.setattr(caption_module, "_members", lambda path: reads.append(path) or original_members(path))
+    assert caption_shards([str(moved / "*.tar")], git_captioner, out, max_new_tokens=4,
+                          show_progress=False)["totals"] == summary["totals"]
+    assert reads == [] and calls == [3]

@@ -83,6 +83,20 @@ def test_paths_that_are_not_files_are_said_to_be_what_they_are_and_os_errors_nam
                  "--image-size", "16"]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "error: --out: Not a directory" in err and "Traceback" not in err
+    # the nearest path given names the option: not --images, which holds --out's folder
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "index.parquet").mkdir()
+    from openalign.cli import _argument_of, build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["embed", "--model", str(tmp_path), "--images", str(tmp_path / "photos"), "--out",
+                              str(tmp_path / "photos" / "index.parquet" / "x")])
+    assert _argument_of(str(tmp_path / "photos" / "index.parquet" / "x"), parser, args) == "--out"
+    assert _argument_of(str(tmp_path / "photos" / "a.jpg"), parser, args) == "--images"
+    (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
+    assert main(["data", "shapes", "--out", str(tmp_path / "loop1" / "sub"), "--train", "2", "--test", "1"]) == 2
+    assert "Traceback" not in capsys.readouterr().err  # a symbolic-link loop is an error like any other
 
 
 def test_data_shapes_writes_the_dataset(tmp_path, capsys):

@@ -269,6 +269,10 @@ def test_a_suite_runs_its_tasks_and_the_report_merges_the_results(model, folders
     assert set(records) == {"shapes-retrieval", "shapes-knn"}
     pictures = sorted(p.name for p in (tmp_path / "results").glob("*.png"))
     assert pictures == ["shapes-retrieval_examples.png"]  # retrieval draws its examples; kNN has none
+    picture = tmp_path / "results" / pictures[0]
+    Image.open(picture).save(picture)  # without its mark, as before pictures were marked: beside its record
+    assert main(["eval", "suite", str(tmp_path / "suite.yaml"), "--model", str(model_dir),
+                 "--out", str(tmp_path / "results")]) == 0  # so an earlier suite's, and replaced
     assert records["shapes-knn"]["task"] == "knn" and records["shapes-knn"]["dataset"] == "shapes-knn"
     expected = evaluate_retrieval(model, shapes_root / "dataset_shapes.json", CPU, show_progress=False)
     assert records["shapes-retrieval"]["metrics"] == pytest.approx(expected)

@@ -90,6 +90,19 @@ def test_clippos_released_big_vision_weights_load_with_big_visions_outputs(tmp_p
         load_external_weights(openalign.create_model(config), tmp_path / "two_towers.npz")
 
 
+def test_npz_shapes_are_read_from_the_headers_of_members_with_and_without_npy(tmp_path):
+    import zipfile
+
+    from openalign.external import _npz_shape
+
+    np.savez(tmp_path / "a.npz", x=np.zeros((2, 3), np.float32))
+    with zipfile.ZipFile(tmp_path / "a.npz", "a") as archive, archive.open("bare", "w") as member:
+        np.lib.format.write_array(member, np.zeros((4,), np.int8))  # a member np.load lists under its own name
+    with np.load(tmp_path / "a.npz") as archive:
+        assert sorted(archive.files) == ["bare", "x"]
+        assert (_npz_shape(archive, "x"), _npz_shape(archive, "bare")) == ((2, 3), (4,))
+
+
 def test_released_weights_that_do_not_fit_get_errors_naming_them(tmp_path):
     torch.save(_open_clip_model(layers=3).state_dict(), tmp_path / "deeper.pt")
     with pytest.raises(OpenAlignError, match=r"open_clip weights .* does not fit this model \(unexpected: "

@@ -590,7 +590,10 @@ def _message(error: OpenAlignError) -> str:
 def _argument_of(filename: Any, parser: argparse.ArgumentParser, args: argparse.Namespace) -> str | None:
     """The option (``--out``) or argument (``DESTINATION``) of the command that ran whose path is
     ``filename`` or a folder holding it, to name in an OS error; None if none is."""
-    target = Path(os.fsdecode(filename)).expanduser().resolve()
+    try:
+        target = Path(os.fsdecode(filename)).expanduser().resolve()
+    except (OSError, RuntimeError, TypeError, ValueError):  # a symbolic-link loop, a number for a name
+        return None
     parsers, actions = [parser], []
     while parsers:  # the command's own parser: the one whose default func ran
         current = parsers.pop()
@@ -599,14 +602,20 @@ def _argument_of(filename: Any, parser: argparse.ArgumentParser, args: argparse.
                 parsers += list(action.choices.values())
         if current.get_default("func") is args.func:
             actions = current._actions
+    closest: tuple[int, str] | None = None  # the path given that is nearest the file: the most parts
     for action in actions:
         values = getattr(args, action.dest, None)
         for value in values if isinstance(values, list) else [values]:
-            if isinstance(value, str) and value.strip() and "=" not in value:
+            if not (isinstance(value, str) and value.strip() and "=" not in value):
+                continue
+            try:
                 given = Path(value).expanduser().resolve()
-                if target == given or given in target.parents:
-                    return max(action.option_strings, key=len) if action.option_strings else action.dest.upper()
-    return None
+            except (OSError, RuntimeError, ValueError):
+                continue
+            if (target == given or given in target.parents) and (closest is None or len(given.parts) > closest[0]):
+                name = max(action.option_strings, key=len) if action.option_strings else action.dest.upper()
+                closest = (len(given.parts), name)
+    return closest[1] if closest else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -105,7 +105,8 @@ def load_big_vision_weights(model: nn.Module, path: Path) -> None:
 
 def _npz_shape(archive: np.lib.npyio.NpzFile, name: str) -> tuple[int, ...]:
     """The shape of an array in an ``.npz`` file from its header, the array itself not read."""
-    with archive.zip.open(f"{name}.npy") as member:
+    member_name = f"{name}.npy" if f"{name}.npy" in archive.zip.namelist() else name  # np.load lists both
+    with archive.zip.open(member_name) as member:
         version = np.lib.format.read_magic(member)
         if version == (1, 0):
             return tuple(np.lib.format.read_array_header_1_0(member)[0])

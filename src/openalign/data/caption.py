@@ -325,8 +325,11 @@ def _finished_entry(source: Path, destination: Path, entry: dict[str, Any] | Non
         raise OpenAlignError(f"{other_file} (its members are not {source}'s)")
     keys = {found[0] for found in fields if found}
     captioned = sum(bool(found and found[1] == f"{field}.txt") for found in fields)
-    return {"source": str(source), "samples": len(keys), "captioned": captioned, "skipped": len(keys) - captioned,
-            "recounted": True}
+    # recorded now as a whole output is, so that the next rerun checks it without reading it again; an older
+    # version's entry keeps its details (the skipped keys, the time)
+    return {**(entry or {}), "source": str(source), "source_fingerprint": _fingerprint(source),
+            "samples": len(keys), "captioned": captioned, "skipped": len(keys) - captioned,
+            "output_bytes": destination.stat().st_size, **({} if entry else {"recounted": True})}
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:

@@ -101,9 +101,11 @@ def run_suite(suite: SuiteConfig, model: nn.Module, pretrained: str, output_dir:
     if output_dir.exists() and not output_dir.is_dir():
         raise OpenAlignError(f"the suite's output folder '{output_dir}' is a file")
     for name in names:  # earlier results are replaced; other files of those names are not
-        replaceable(output_dir / f"{name}.json", is_record_file, "an openalign result")
-        if suite.examples:
-            replaceable(output_dir / f"{name}{EXAMPLES_SUFFIX}", is_examples_picture, "an openalign examples picture")
+        record = replaceable(output_dir / f"{name}.json", is_record_file, "an openalign result")
+        if suite.examples:  # a picture beside its record is an earlier suite's (before pictures were marked, too)
+            replaceable(output_dir / f"{name}{EXAMPLES_SUFFIX}",
+                        lambda picture: is_examples_picture(picture) or is_record_file(record),
+                        "an openalign examples picture")
     output_dir.mkdir(parents=True, exist_ok=True)
     records = []
     with _embedding_cache(), precision_scope(precision or suite.precision):  # the examples reuse the embeddings
