@@ -1,0 +1,42 @@
+"""The benchmark scripts run end to end at tiny sizes: the GPU runbook (benchmarks/gpu/run.sh) has
+minutes on a lent machine, not time to find a script broken by a library change."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+TINY = {
+    "inference_throughput.py": ["--preset", "small", "--device", "cpu", "--warmup", "1", "--iterations", "1",
+                                "--batch-size", "4"],
+    "train_throughput.py": ["--models", "align-test", "--batch-sizes", "16", "--steps", "1", "--warmup", "1",
+                            "--device", "cpu", "--accum-steps", "1", "2"],
+    "eval_throughput.py": ["--device", "cpu", "--images", "50", "--knn-memory", "200", "--knn-queries", "20",
+                           "--classes", "10"],
+    "render_throughput.py": ["--texts", "20", "--repeats", "1"],
+    "data_throughput.py": ["--shards", "1", "--samples-per-shard", "16", "--model", "align-test", "--batch-size", "8",
+                           "--workers", "0", "--batches", "1", "--warmup", "1"],
+}
+
+
+@pytest.mark.parametrize("script", sorted(TINY))
+def test_the_benchmark_runs_and_writes_its_table(script, tmp_path):
+    output = tmp_path / "result.json"
+    result = subprocess.run([sys.executable, str(BENCHMARKS / script), *TINY[script], "--output", str(output)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert f"wrote {output}" in result.stdout
+    written = json.loads(output.read_text())
+    rows = written.get("rows") or written.get("results")
+    assert rows and "environment" in written
+    if script == "inference_throughput.py":  # the same weights in both libraries give the same embeddings
+        assert {row["library"] for row in rows} == {"openalign", "transformers"}
+        assert max(written["parity_relative_max_diff_fp32"].values()) < 1e-4
+    if script == "train_throughput.py":
+        assert [row["accum_steps"] for row in rows] == [1, 2] and all(row["samples_per_second"] > 0 for row in rows)
