@@ -115,6 +115,8 @@ def test_the_trainer_runs_under_torchrun_and_resumes(tmp_path, shapes_root):
         "trainer_state.pt"]
     result = torchrun("-m", "openalign", "train", "demo", *overrides, "--resume", "latest")
     assert "resumed from" in result.stdout + result.stderr
+    assert result.stdout.count('"shapes/knn_colour_acc1"') == 1  # the final metrics, printed by rank 0 only
+    assert "FutureWarning" not in result.stderr  # DDP's renamed buffer switch
     history = [r for r in read_history(tmp_path / "run") if "loss" in r]
     assert [r["step"] for r in history] == [1, 2, 3, 4]
     assert (tmp_path / "run" / "checkpoints" / "step_00000004").is_dir()

@@ -41,17 +41,21 @@ def _cmd_config(args: argparse.Namespace) -> None:
     from .config import to_dict
     from .recipe import load_recipe
 
+    resolved = yaml.safe_dump(to_dict(load_recipe(args.recipe, args.overrides)), sort_keys=False)  # checked first:
+    # nothing is printed for a recipe with a mistake (`openalign config demo ... > my_recipe.yaml`)
     print(f"# openalign config {args.recipe}: every setting resolved. The model's are inlined: to train another "
           "model,\n# replace the whole model section by 'model: NAME' (or pass model.name=NAME), not its name alone.")
-    print(yaml.safe_dump(to_dict(load_recipe(args.recipe, args.overrides)), sort_keys=False), end="")
+    print(resolved, end="")
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
     from .recipe import load_recipe
     from .train import train
 
+    from .distributed import world_info
+
     result = train(load_recipe(args.recipe, args.overrides), resume=args.resume)
-    if result.metrics:
+    if result.metrics and world_info()[0] == 0:  # every rank has them; one prints
         print(json.dumps(result.metrics, indent=2))
 
 

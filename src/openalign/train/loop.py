@@ -103,10 +103,14 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True)
         loader, monitor = _build_loader(recipe, per_rank, ctx, start, checkpointer.data_state())
     forward: nn.Module = model
     if ctx.world_size > 1:
-        # broadcast_buffers=False: batch-norm running statistics stay per device (spec §3.4, never
-        # synchronised in training); checkpoints and evaluation use their mean over ranks.
+        # batch-norm running statistics stay per device (spec §3.4, never synchronised in training);
+        # checkpoints and evaluation use their mean over ranks. torch 2.13 renamed the switch
+        # (forward_sync_buffers also syncs once at the start, where every rank holds the same buffers:
+        # the same seed, or the same checkpoint).
+        keep_buffers = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(
+            DistributedDataParallel).parameters else "broadcast_buffers"
         forward = DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
-                                          broadcast_buffers=False)
+                                          **{keep_buffers: False})
     if cfg.compile:
         forward = torch.compile(forward)
     if ctx.is_main:
