@@ -287,6 +287,7 @@ def test_a_suite_runs_its_tasks_and_the_report_merges_the_results(model, folders
     assert main(["eval", "report", str(tmp_path / "results"), "--out", str(tmp_path / "report")]) == 0
     markdown = (tmp_path / "report.md").read_text()
     assert markdown.count("## zeroshot_retrieval") == 1 and "| older |" in markdown  # one table for both
+    assert "| image_retrieval_recall@1 | image_retrieval_recall@5 | image_retrieval_recall@10 |" in markdown
     assert "## knn" in markdown and "## zeroshot_retrieval" in markdown
     probes = markdown.split("## logistic_regression_probe")[1].split("## ")[0]
     assert "| probe-old |" in probes and "| probe-cb |" not in probes  # two protocols, two tables

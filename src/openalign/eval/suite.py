@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 from collections import Counter
@@ -213,7 +214,7 @@ def write_report(records: list[dict[str, Any]], output: str | Path, examples: li
     lines = ["# openalign evaluation report", ""]
     for task in sorted({record["task"] for record in records}):
         rows = [record for record in records if record["task"] == task]
-        metrics = sorted({key for record in rows for key in record["metrics"]})
+        metrics = sorted({key for record in rows for key in record["metrics"]}, key=_natural)
         lines += [f"## {task}", "", "| model | pretrained | dataset | " + " | ".join(metrics) + " |",
                   "|---|---|---|" + "---:|" * len(metrics)]
         for record in sorted(rows, key=lambda r: (str(r["model"]), str(r["pretrained"]), str(r["dataset"]))):
@@ -227,9 +228,14 @@ def write_report(records: list[dict[str, Any]], output: str | Path, examples: li
         writer = csv.writer(handle)
         writer.writerow(["model", "pretrained", "dataset", "task", "metric", "value"])
         for record in records:
-            for metric, value in sorted(record["metrics"].items()):
+            for metric, value in sorted(record["metrics"].items(), key=lambda item: _natural(item[0])):
                 writer.writerow([record["model"], record["pretrained"], record["dataset"], record["task"], metric, value])
     return markdown, table
+
+
+def _natural(name: str) -> list[tuple[int, int | str]]:
+    """A sort key that orders the numbers in names by value: recall@1, recall@5, recall@10."""
+    return [(1, int(part)) if part.isdigit() else (0, part) for part in re.split(r"(\d+)", name)]
 
 
 def _example_section(examples: list[Path], folder: Path) -> list[str]:
