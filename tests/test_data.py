@@ -61,7 +61,8 @@ def test_generation_is_deterministic_and_seeded():
 def test_existing_dataset_is_reused_but_never_silently_replaced(shapes_root):
     spec = ShapesSpec(num_train=256, num_test=24, image_size=32)
     assert build_shapes_dataset(shapes_root, spec, show_progress=False) == shapes_root / "dataset_shapes.json"
-    with pytest.raises(OpenAlignError, match="already holds a shapes dataset"):
+    with pytest.raises(OpenAlignError, match="already holds a shapes dataset .*to use it, set "
+                                             "data.train.num_train=256 data.train.num_test=24 "):
         build_shapes_dataset(shapes_root, ShapesSpec(num_train=10, num_test=2, image_size=32), show_progress=False)
 
 

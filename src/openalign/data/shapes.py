@@ -90,9 +90,9 @@ class ShapesSpec:
     """What to generate: sizes of the splits, image side in pixels, seed, share of two-shape images,
     and the share of training captions replaced by web noise (``alt_text_noise``, for ALIP)."""
 
-    num_train: int = 20000
+    num_train: int = 10000  # the demo's: a recipe with only data.train.root uses what 'data shapes' builds
     num_test: int = 500
-    image_size: int = 64
+    image_size: int = 48
     seed: int = 0
     pair_fraction: float = 0.25
     captions_per_test_image: int = 5
@@ -247,8 +247,12 @@ def build_shapes_dataset(root: str | Path, spec: ShapesSpec = ShapesSpec(), show
         existing = json.loads(index_path.read_text()).get("spec")
         if isinstance(existing, dict) and {**asdict(ShapesSpec()), **existing} == asdict(spec):
             return index_path
+        differ = {key: value for key, value in existing.items() if asdict(spec).get(key) != value} \
+            if isinstance(existing, dict) else {}
+        use = " ".join(f"data.train.{key}={value}" for key, value in differ.items())
         raise OpenAlignError(f"'{root}' already holds a shapes dataset built with {existing}, not {asdict(spec)}: "
-                             "choose another directory or delete that one")
+                             f"to use it, set {use or 'its settings'} (a recipe's keys; 'data shapes' takes --train, "
+                             "--test, --image-size, --seed), or choose another directory, or delete that one")
     images, sentence_id = [], 0
     total = spec.num_train + spec.num_test
     with progress_bar("building the shapes dataset", total, enabled=show_progress) as advance:

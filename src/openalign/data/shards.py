@@ -289,10 +289,10 @@ def expand_urls(pattern: str, what: str) -> list[str]:
                 missing.append(url)
     if missing and Path(missing[0]).expanduser().is_dir():
         raise OpenAlignError(f"'{missing[0]}' is a directory: name its {what}, e.g. '{missing[0].rstrip('/')}/*.tar' "
-                             "or a brace range (data.train.urls)")
+                             "or a brace range (in a recipe: data.train.urls)")
     if missing:
         raise OpenAlignError(f"{len(missing)} of the {len(urls) + len(missing)} {what} that '{pattern}' names "
-                             f"do not exist, e.g. '{missing[0]}' (data.train.urls)")
+                             f"do not exist, e.g. '{missing[0]}' (in a recipe: data.train.urls)")
     return urls
 
 

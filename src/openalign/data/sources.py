@@ -189,7 +189,8 @@ class TableSourceConfig(SourceConfig, tag="table"):
             missing = [name for name in wanted if name not in columns]
             if missing:
                 raise OpenAlignError(f"table '{table_path}' has no column {', '.join(map(repr, missing))}; its columns "
-                                     f"are {', '.join(columns)} (set data.train.image_column / text_column / "
+                                     f"are {', '.join(columns)} (name them with --image-column / --text-column / "
+                                     "--extra-column, or in a recipe data.train.image_column / text_column / "
                                      "extra_columns)")
             root = Path(self.image_root) if self.image_root is not None else table_path.parent
             for number, (image, text) in enumerate(zip(columns[self.image_column], columns[self.text_column])):
