@@ -167,6 +167,14 @@ def test_a_recipe_file_that_is_not_utf8_is_a_config_error(tmp_path):
         load_recipe(str(tmp_path / "recipe.yaml"))
 
 
+def test_a_shapes_evaluation_without_a_root_evaluates_the_training_data():
+    recipe = load_recipe("demo", ["data.train.root=elsewhere"])  # not runs/demo/data, another dataset
+    assert recipe.eval.tasks[0].root == "elsewhere"
+    assert load_recipe("demo", ["eval.tasks.0.root=other"]).eval.tasks[0].root == "other"
+    with pytest.raises(ConfigError, match=r"'eval.tasks\[0\].root' is not set, and data.train is no shapes dataset"):
+        load_recipe("demo", ["data.train={type: webdataset, urls: a.tar}"])
+
+
 def test_a_key_given_twice_is_a_config_error_not_the_last_one_silently(tmp_path):
     recipe = (openalign.registry.find_config("recipes", "demo")).read_text()
     assert "\ntrain:\n" in recipe

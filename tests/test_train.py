@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import time
 from pathlib import Path
@@ -296,11 +297,12 @@ def test_evaluation_data_that_cannot_be_used_is_an_error_before_the_first_step(t
         f"{{task: zeroshot, root: '{tmp_path / 'train'}', classnames: '{tmp_path / 'names.txt'}'}}, "
         f"{{task: zeroshot, root: '{tmp_path / 'train'}', templates_file: '{tmp_path / 'prompts.txt'}'}}, "
         f"{{task: knn, train_root: '{tmp_path / 'train'}', val_root: '{tmp_path / 'val'}'}}, "
-        f"{{task: retrieval, json: '{tmp_path / 'coco.json'}'}}]"])
+        f"{{task: retrieval, json: '{tmp_path / 'coco.json'}'}}, {{task: shapes, root: '{tmp_path / 'train'}'}}]"])
     with pytest.raises(ConfigError) as raised:
         train(recipe, show_progress=False)
-    problems = str(raised.value).split("; ")
-    assert len(problems) == 4
+    problems = re.split(r"; (?=eval\.tasks\[)", str(raised.value))
+    assert len(problems) == 5
+    assert problems[4].startswith("eval.tasks[5] (shapes): ") and "is not a shapes dataset" in problems[4]
     assert "eval.tasks[1] (zeroshot): " in problems[0] and "3 class names" in problems[0]
     assert problems[1].startswith("eval.tasks[2] (zeroshot): templates must each hold '{}'")
     assert problems[2].startswith("eval.tasks[3] (knn): ") and "other split lacks: bird" in problems[2]

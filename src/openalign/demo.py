@@ -34,8 +34,7 @@ def run_demo(output_dir: str | Path = "runs/demo", overrides: tuple[str, ...] = 
     """Run the ``demo`` recipe into ``output_dir`` from step 0 and write its report; returns the report data."""
     output_dir = Path(output_dir)
     data_root = output_dir / "data"
-    recipe = load_recipe("demo", [f"run.output_dir={output_dir}", f"data.train.root={data_root}",
-                                  f"eval.tasks.0.root={data_root}", *overrides])
+    recipe = load_recipe("demo", [f"run.output_dir={output_dir}", f"data.train.root={data_root}", *overrides])
     if not any(isinstance(task, ShapesEvalConfig) for task in recipe.eval.tasks):  # checked before training
         raise OpenAlignError("the demo's report is its shapes evaluation: keep a 'shapes' task in eval.tasks, or run "
                              "'openalign train demo' for training alone")

@@ -155,6 +155,17 @@ class Recipe:
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunSettings = field(default_factory=RunSettings)
 
+    def __post_init__(self) -> None:
+        from .data.sources import ShapesSourceConfig
+        from .eval.tasks import ShapesEvalConfig
+
+        for index, task in enumerate(self.eval.tasks):  # a shapes task without a root evaluates the training data
+            if isinstance(task, ShapesEvalConfig) and task.root is None:
+                if not isinstance(self.data.train, ShapesSourceConfig):
+                    raise ConfigError("is not set, and data.train is no shapes dataset to evaluate: name one",
+                                      f"eval.tasks[{index}].root")
+                task.root = self.data.train.root
+
 
 def load_recipe(name_or_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """A validated recipe from the registry or a YAML path, with ``key.path=value`` overrides applied."""

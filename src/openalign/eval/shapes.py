@@ -39,6 +39,11 @@ def _prompt(template: str, name: str) -> str:
 RECALL_KS = (1, 5, 10)
 
 
+def check_shapes_dataset(root: str | Path) -> None:
+    """An error unless ``root`` holds a shapes dataset (both its files, readable)."""
+    _read(Path(root))
+
+
 def _read(root: Path) -> tuple[list[CaptionedImage], list[CaptionedImage], dict[str, list[str]]]:
     index, names = root / "dataset_shapes.json", root / "classnames.json"
     if not index.is_file() or not names.is_file():

@@ -20,7 +20,7 @@ from .datasets import (class_folders, evaluate_clip_benchmark_probe, evaluate_fe
                        retrieval_items, zeroshot_inputs)
 from .features import Transform
 from .sentence_pairs import finetune_sentence_pairs, read_sentence_pairs
-from .shapes import evaluate_shapes
+from .shapes import check_shapes_dataset, evaluate_shapes
 
 
 @dataclass
@@ -113,9 +113,10 @@ def data_problems(tasks: Sequence[EvalTaskConfig], prefix: str) -> list[str]:
 
 @dataclass
 class ShapesEvalConfig(EvalTaskConfig, tag="shapes"):
-    """The built-in dataset at ``root``: retrieval R@1/5/10, zero-shot and 1-NN shape and colour accuracy."""
+    """The built-in dataset at ``root``: retrieval R@1/5/10, zero-shot and 1-NN shape and colour
+    accuracy. In a recipe whose training data is a shapes dataset, ``root`` defaults to it."""
 
-    root: str
+    root: str | None = None
     knn_memory_size: int = 5000
 
     def __post_init__(self) -> None:
@@ -123,7 +124,13 @@ class ShapesEvalConfig(EvalTaskConfig, tag="shapes"):
         if self.preprocess:
             raise ConfigError("is set, but the shapes task evaluates with the model's own preprocessing", "preprocess")
 
+    def check_data(self) -> None:
+        if self.root is None:
+            raise OpenAlignError("root is not set: name the shapes dataset to evaluate")
+        check_shapes_dataset(self.root)
+
     def run(self, model: nn.Module, device: torch.device, batch_size: int, show_progress: bool = True) -> dict[str, float]:
+        self.check_data()
         return evaluate_shapes(model, self.root, device, batch_size, self.knn_memory_size, show_progress)
 
 

@@ -66,8 +66,6 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True)
     # reads its own data position): every rank stops with a clear error, none waits in DDP's set-up
     with fail_together("setting up training"):
         per_rank = _per_rank_batch(cfg.batch_size, ctx.world_size, cfg.accum_steps)
-        if problems := data_problems(recipe.eval.tasks, "eval.tasks"):  # found now, not after hours of training
-            raise ConfigError(f"names data it cannot use: {'; '.join(problems)}", "eval.tasks")
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model = recipe.model.build().to(ctx.device)
         _check_virtual_batch(model, per_rank // cfg.accum_steps, ctx.world_size)
@@ -101,6 +99,10 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True)
         if start == 0 and cfg.init_from:  # also under --resume latest before the first checkpoint
             _initialise(model, cfg.init_from)
         loader, monitor = _build_loader(recipe, per_rank, ctx, start, checkpointer.data_state())
+        # found now, not hours in; after the loader, which generates a shapes dataset that is missing (one to
+        # evaluate may be the training data)
+        if problems := data_problems(recipe.eval.tasks, "eval.tasks"):
+            raise ConfigError(f"names data it cannot use: {'; '.join(problems)}", "eval.tasks")
     forward: nn.Module = model
     if ctx.world_size > 1:
         # batch-norm running statistics stay per device (spec §3.4, never synchronised in training);
