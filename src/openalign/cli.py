@@ -48,6 +48,21 @@ def _cmd_config(args: argparse.Namespace) -> None:
     print(resolved, end="")
 
 
+DEMO_DATA = "runs/demo/data"
+
+
+def _trained_on_shapes(model: str) -> str | None:
+    """The shapes dataset a run directory's recipe trained on, if ``model`` is one."""
+    try:
+        recipe = yaml.safe_load((Path(model).expanduser() / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    train = recipe.get("data", {}).get("train") if isinstance(recipe, dict) and isinstance(recipe.get("data"),
+                                                                                               dict) else None
+    root = train.get("root") if isinstance(train, dict) and train.get("type") == "shapes" else None
+    return root if isinstance(root, str) else None
+
+
 def _cmd_train(args: argparse.Namespace) -> None:
     from .recipe import load_recipe
     from .train import train
@@ -66,7 +81,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     from .eval.suite import make_record
 
     if args.task == "shapes":
-        task, dataset = ShapesEvalConfig(root=args.root), "shapes"
+        task, dataset = ShapesEvalConfig(root=args.root or _trained_on_shapes(args.model) or DEMO_DATA), "shapes"
     elif args.task == "retrieval":
         task, dataset = RetrievalEvalConfig(json=args.json, split=args.split, image_root=args.image_root), \
             Path(args.json).stem.removeprefix("dataset_")
@@ -375,7 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     tasks = evaluate.add_subparsers(dest="task", required=True, metavar="TASK")
     precision_help = "auto (default): bf16 autocast on GPU, fp32 on CPU; bf16 or fp32 anywhere"
     shapes = tasks.add_parser("shapes", help="retrieval, zero-shot and 1-NN on the built-in shapes dataset")
-    shapes.add_argument("--root", default="runs/demo/data", help="the shapes dataset directory")
+    shapes.add_argument("--root", help=f"the shapes dataset directory (default: the one a run given as --model "
+                        f"trained on, else {DEMO_DATA})")
     retrieval = tasks.add_parser("retrieval", help="image-text retrieval R@1/5/10 on a Karpathy-split JSON")
     retrieval.add_argument("--json", required=True, help="dataset_coco.json, dataset_flickr30k.json, ..., or a "
                                                          "CLIP_benchmark webdataset root (wds_mscoco_captions/)")
