@@ -175,6 +175,19 @@ def test_a_shapes_evaluation_without_a_root_evaluates_the_training_data():
         load_recipe("demo", ["data.train={type: webdataset, urls: a.tar}"])
 
 
+def test_an_override_of_a_sections_type_starts_it_afresh_keeping_the_other_overrides():
+    """`data convert` suggests data.train.type=webdataset data.train.urls=...: the demo's shapes keys (root,
+    num_train, ...) would otherwise be unknown keys of a webdataset source."""
+    for overrides in (["data.train.type=webdataset", "data.train.urls=a.tar"],
+                      ["data.train.urls=a.tar", "data.train.type=webdataset"]):
+        recipe = load_recipe("demo", [*overrides, "eval.tasks.0.root=shapes"])
+        assert type(recipe.data.train).__name__ == "WebDatasetSourceConfig" and recipe.data.train.urls == "a.tar"
+    task = load_recipe("demo", ["eval.tasks.0.task=knn", "eval.tasks.0.train_root=a", "eval.tasks.0.val_root=b"])
+    assert (task.eval.tasks[0].train_root, task.eval.tasks[0].k) == ("a", 1)  # no knn_memory_size left over
+    same = load_recipe("demo", ["data.train.num_train=7", "data.train.type=shapes"]).data.train  # no change
+    assert (same.num_train, same.root) == (7, "runs/demo/data")
+
+
 def test_a_key_given_twice_is_a_config_error_not_the_last_one_silently(tmp_path):
     recipe = (openalign.registry.find_config("recipes", "demo")).read_text()
     assert "\ntrain:\n" in recipe

@@ -230,7 +230,8 @@ def _cmd_data_convert(args: argparse.Namespace) -> None:
                               extra_columns=extra, image_root=args.image_root)
     sizes = convert_table(table, args.out, args.samples_per_shard)
     print(f"wrote {len(sizes)} shard(s), {sum(sizes.values())} samples, to {args.out} (sizes.json beside them); "
-          f"train on them with data.train.urls='{Path(args.out) / ('{00000..%05d}.tar' % (len(sizes) - 1))}'")
+          f"train on them with data.train.type=webdataset "
+          f"data.train.urls='{Path(args.out) / ('{00000..%05d}.tar' % (len(sizes) - 1))}'")
 
 
 def _inference_model(args: argparse.Namespace, optimize: bool = True) -> tuple[Any, Any, Any]:

@@ -297,9 +297,17 @@ def require_at_least(settings: Any, minimum: int, *names: str) -> None:
             raise ConfigError(f"must be at least {minimum}, got {value}", name)
 
 
-def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
-    """A copy of ``data`` with each ``key.path=value`` override set (list items by index)."""
+def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str],
+                    overridden: set[tuple[str, ...]] | None = None) -> dict[str, Any]:
+    """A copy of ``data`` with each ``key.path=value`` override set (list items by index).
+
+    An override that changes a section's variant (``data.train.type=webdataset`` where the recipe
+    has ``type: shapes``) starts that section afresh: the recipe's other settings of it, which
+    belong to the old variant, are dropped; those set by overrides are kept, in any order.
+    ``overridden`` (updated) holds the key paths earlier overrides set, for one applied at a time."""
     result = copy.deepcopy(dict(data))
+    overridden = set() if overridden is None else overridden
+    tag_keys = _tag_keys()
     for text in overrides:
         keys, value = parse_override(text)
         node: Any = result
@@ -309,8 +317,24 @@ def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[s
                 raise ConfigError(f"is not set in this recipe, so it has no item {keys[depth + 1]}: give the whole "
                                   f"list, e.g. {where}=[...]", where)
             node = _child(node, key, where)
+        if isinstance(node, dict) and keys[-1] in tag_keys and keys[-1] in node and node[keys[-1]] != value:
+            section = tuple(keys[:-1])
+            for other in [key for key in node if key != keys[-1]]:
+                if not any(path[:len(section) + 1] == (*section, other) for path in overridden):
+                    del node[other]
         _set(node, keys[-1], value, ".".join(keys))
+        overridden.add(tuple(keys))
     return result
+
+
+def _tag_keys() -> set[str]:
+    """The keys that name a variant in any family of settings (``type``, ``task``, ...)."""
+    found, families = set(), [Variants]
+    while families:
+        family = families.pop()
+        found.add(family.tag_key)
+        families += family.__subclasses__()
+    return found
 
 
 def _child(node: Any, key: str, where: str) -> Any:

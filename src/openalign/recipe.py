@@ -179,6 +179,7 @@ def recipe_from_dict(raw: dict, overrides: list[str] | tuple[str, ...] = ()) -> 
     inlined) selects the registry's OTHER, as ``model=OTHER`` does, rather than relabel the
     inlined settings (its name alone may have been edited); the overrides after it apply to OTHER."""
     raw = _model_as_mapping(raw)
+    overridden: set[tuple[str, ...]] = set()  # what the overrides set so far: a change of type keeps it
     for number, text in enumerate(overrides):
         keys, value = parse_override(text)
         model = raw.get("model")
@@ -188,7 +189,7 @@ def recipe_from_dict(raw: dict, overrides: list[str] | tuple[str, ...] = ()) -> 
                             "them after it", text, ", ".join(dropped))
             raw = {**raw, "model": {"name": value}}
         else:
-            raw = _model_as_mapping(apply_overrides(raw, [text]))
+            raw = _model_as_mapping(apply_overrides(raw, [text], overridden))
     if "model" not in raw:
         raise ConfigError("is required: name a registered model, e.g. 'model: align-b3-mini'", "model")
     raw["model"] = resolve_model_dict(raw["model"])
