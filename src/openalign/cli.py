@@ -16,7 +16,7 @@ import yaml
 from rich.logging import RichHandler
 from rich.markup import escape
 
-from .distributed import shutdown
+from .distributed import shutdown, world_info
 from .errors import ConfigError, OpenAlignError
 from .files import not_a_file, replaceable, starts_with
 from .precision import PRECISIONS, precision_scope
@@ -57,8 +57,8 @@ def _trained_on_shapes(model: str) -> str | None:
         recipe = yaml.safe_load((Path(model).expanduser() / "config.yaml").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return None
-    train = recipe.get("data", {}).get("train") if isinstance(recipe, dict) and isinstance(recipe.get("data"),
-                                                                                               dict) else None
+    data = recipe.get("data") if isinstance(recipe, dict) else None
+    train = data.get("train") if isinstance(data, dict) else None
     root = train.get("root") if isinstance(train, dict) and train.get("type") == "shapes" else None
     return root if isinstance(root, str) else None
 
@@ -66,8 +66,6 @@ def _trained_on_shapes(model: str) -> str | None:
 def _cmd_train(args: argparse.Namespace) -> None:
     from .recipe import load_recipe
     from .train import train
-
-    from .distributed import world_info
 
     result = train(load_recipe(args.recipe, args.overrides), resume=args.resume)
     if result.metrics and world_info()[0] == 0:  # every rank has them; one prints
@@ -78,7 +76,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     from .eval import (ClipBenchmarkProbeEvalConfig, FewShotEvalConfig, KnnEvalConfig, LinearProbeEvalConfig,
                        RetrievalEvalConfig, SentencePairEvalConfig, ShapesEvalConfig, ZeroShotEvalConfig)
     from .eval.clip_benchmark_wds import is_clip_benchmark_wds
-    from .eval.suite import make_record
+    from .eval.suite import is_record_file, make_record
 
     if args.task == "shapes":
         task, dataset = ShapesEvalConfig(root=args.root or _trained_on_shapes(args.model) or DEMO_DATA), "shapes"
@@ -111,8 +109,6 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         task, dataset = LinearProbeEvalConfig(train_root=args.train, val_root=args.val, c=args.c,
                                               standardize=args.standardize), \
             Path(args.val).resolve().parent.name
-    from .eval.suite import is_record_file
-
     # checked before the work
     output = replaceable(_output_file(args.output), is_record_file, "an openalign result") if args.output else None
     model, _, _ = _inference_model(args, optimize=not task.fine_tunes)
