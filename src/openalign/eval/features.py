@@ -56,7 +56,7 @@ def embed_images(model: nn.Module, transform: Transform, paths: Sequence[Path], 
                 advance(len(batch))
         return gather_strided_rows(torch.cat(chunks), len(paths))
 
-    return _cached(model, transform, cache.file_entries(paths), kind, extract)
+    return _cached(model, transform, cache.file_entries(paths), len(paths), kind, extract)
 
 
 @torch.no_grad()
@@ -94,20 +94,19 @@ def embed_texts(model: nn.Module, tokenizer: Callable[[list[str]], dict[str, tor
                 advance(len(batch))
         return gather_strided_rows(torch.cat(chunks), len(texts))
 
-    return _cached(model, tokenizer, texts, "text", extract)
+    return _cached(model, tokenizer, texts, len(texts), "text", extract)
 
 
-def _cached(model: nn.Module, preprocessing: object, entries: Iterable[str], kind: str,
+def _cached(model: nn.Module, preprocessing: object, entries: Iterable[str], rows: int, kind: str,
             extract: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """``extract()``, or its result read back from the embedding cache when one is set and holds it.
-    Rank 0 writes entries; the cache answers only if it answers every rank (``extract`` is
+    """``extract()``, or its result (``rows`` embeddings, one per entry) read back from the embedding
+    cache when one is set and holds it. Rank 0 writes entries; the cache answers only if it answers every rank (``extract`` is
     collective, so ranks must not part ways)."""
     directory = cache.cache_dir()
     if directory is None:
         return extract()
-    entries = list(entries)
-    key = cache.cache_key(model, preprocessing, entries, kind)
-    cached = cache.load(directory, key, len(entries))
+    key = cache.cache_key(model, preprocessing, entries, kind)  # the entries streamed: ImageNet's are 1.28M
+    cached = cache.load(directory, key, rows)
     if all_ranks_agree(cached is not None):
         return cached
     embeddings = extract()
