@@ -38,7 +38,7 @@ to ``<name>`` once complete, so an existing ``<name>`` was a whole shard: a reru
 logs that) and overwrites any leftover ``.tmp``. The model is only loaded if a shard needs it.
 ``captions.json`` in the output directory is rewritten after every shard: the captioner, the
 generation settings and per-shard counts, with each output's size and its source's size and
-SHA-256 of its first MiB. A rerun into a directory whose ``captions.json`` records a different
+SHA-256 of its first 64 KiB. A rerun into a directory whose ``captions.json`` records a different
 captioner or generation settings is refused rather than mixing captions. Before captioning
 anything, a rerun checks every existing output: one of another size than written (damaged
 since) is captioned again, with a warning; one captioned from another source file of the same
@@ -274,11 +274,11 @@ def _caption_shard(source: Path, tmp: Path, captioner: Captioner, batch_size: in
 
 
 def _fingerprint(path: Path) -> dict[str, Any]:
-    """A cheap identity of a source shard: its size and the SHA-256 of its first MiB (the first
-    members' names and bytes), so that a rerun notices another file of the same name without
-    reading every finished shard again."""
+    """A cheap identity of a source shard: its size and the SHA-256 of its first 64 KiB (the first
+    members' names, which hold the shard's own keys, and bytes), so that a rerun notices another
+    file of the same name without reading every finished shard again (10,000 shards: 640 MB)."""
     with open(path, "rb") as file:
-        head = file.read(1 << 20)
+        head = file.read(1 << 16)
     return {"bytes": path.stat().st_size, "head_sha256": hashlib.sha256(head).hexdigest()}
 
 
