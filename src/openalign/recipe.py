@@ -156,15 +156,11 @@ class Recipe:
     run: RunSettings = field(default_factory=RunSettings)
 
     def __post_init__(self) -> None:
-        from .data.sources import ShapesSourceConfig
-        from .eval.tasks import ShapesEvalConfig
-
         for index, task in enumerate(self.eval.tasks):  # a shapes task without a root evaluates the training data
-            if isinstance(task, ShapesEvalConfig) and task.root is None:
-                if not isinstance(self.data.train, ShapesSourceConfig):
-                    raise ConfigError("is not set, and data.train is no shapes dataset to evaluate: name one",
-                                      f"eval.tasks[{index}].root")
-                task.root = self.data.train.root
+            try:
+                task.take_training_data(self.data.train)
+            except ConfigError as error:
+                raise ConfigError(error.message, f"eval.tasks[{index}].{error.key}") from None
 
 
 def load_recipe(name_or_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:

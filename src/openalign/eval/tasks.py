@@ -74,6 +74,10 @@ class EvalTaskConfig(Variants):
     # the settings that name class-folder datasets: the first one's classes, which the others' must be among
     class_roots: ClassVar[tuple[str, ...]] = ()
 
+    def take_training_data(self, train: Variants) -> None:
+        """Fill the settings a recipe leaves to its training data ``train`` (``data.train``); by
+        default there are none. Raises :class:`ConfigError` of the task's own key."""
+
     def missing_data(self) -> list[str]:
         """``key: path`` of each file or folder the task reads that does not exist."""
         return [f"{key}: {value}" for key in self.data_paths
@@ -124,14 +128,22 @@ class ShapesEvalConfig(EvalTaskConfig, tag="shapes"):
         if self.preprocess:
             raise ConfigError("is set, but the shapes task evaluates with the model's own preprocessing", "preprocess")
 
+    def take_training_data(self, train: Variants) -> None:
+        if self.root is None:
+            if train.tag != "shapes":
+                raise ConfigError("is not set, and data.train is no shapes dataset to evaluate: name one", "root")
+            self.root = train.root  # type: ignore[attr-defined]
+
     def check_data(self) -> None:
+        check_shapes_dataset(self._root())
+
+    def _root(self) -> str:
         if self.root is None:
             raise OpenAlignError("root is not set: name the shapes dataset to evaluate")
-        check_shapes_dataset(self.root)
+        return self.root
 
     def run(self, model: nn.Module, device: torch.device, batch_size: int, show_progress: bool = True) -> dict[str, float]:
-        self.check_data()
-        return evaluate_shapes(model, self.root, device, batch_size, self.knn_memory_size, show_progress)
+        return evaluate_shapes(model, self._root(), device, batch_size, self.knn_memory_size, show_progress)
 
 
 @dataclass
