@@ -51,18 +51,6 @@ def _cmd_config(args: argparse.Namespace) -> None:
 DEMO_DATA = "runs/demo/data"
 
 
-def _trained_on_shapes(model: str) -> str | None:
-    """The shapes dataset a run directory's recipe trained on, if ``model`` is one."""
-    try:
-        recipe = yaml.safe_load((Path(model).expanduser() / "config.yaml").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return None
-    data = recipe.get("data") if isinstance(recipe, dict) else None
-    train = data.get("train") if isinstance(data, dict) else None
-    root = train.get("root") if isinstance(train, dict) and train.get("type") == "shapes" else None
-    return root if isinstance(root, str) else None
-
-
 def _cmd_train(args: argparse.Namespace) -> None:
     from .recipe import load_recipe
     from .train import train
@@ -79,7 +67,9 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     from .eval.suite import is_record_file, make_record
 
     if args.task == "shapes":
-        task, dataset = ShapesEvalConfig(root=args.root or _trained_on_shapes(args.model) or DEMO_DATA), "shapes"
+        from .demo import trained_shapes_root
+
+        task, dataset = ShapesEvalConfig(root=args.root or trained_shapes_root(args.model) or DEMO_DATA), "shapes"
     elif args.task == "retrieval":
         task, dataset = RetrievalEvalConfig(json=args.json, split=args.split, image_root=args.image_root), \
             Path(args.json).stem.removeprefix("dataset_")

@@ -63,11 +63,20 @@ def _is_demo_run(output_dir: Path) -> bool:
     on the shapes dataset generated inside it."""
     if (output_dir / DEMO_MARKER).is_file():
         return True
+    root = trained_shapes_root(output_dir)
+    return root is not None and Path(root) == output_dir / "data"
+
+
+def trained_shapes_root(run: str | Path) -> str | None:
+    """The shapes dataset a run directory's recipe (its ``config.yaml``) trained on, if it is one."""
     try:
-        train_data = yaml.safe_load((output_dir / "config.yaml").read_text())["data"]["train"]
-        return train_data.get("type") == "shapes" and Path(train_data["root"]) == output_dir / "data"
-    except (OSError, yaml.YAMLError, KeyError, TypeError):
-        return False
+        recipe = yaml.safe_load((Path(run).expanduser() / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    data = recipe.get("data") if isinstance(recipe, dict) else None
+    train = data.get("train") if isinstance(data, dict) else None
+    root = train.get("root") if isinstance(train, dict) and train.get("type") == "shapes" else None
+    return root if isinstance(root, str) else None
 
 
 def _train_summary(recipe: Recipe, seconds: float) -> dict[str, Any]:
