@@ -523,15 +523,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = commands.add_parser("data", help="datasets")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="DATASET")
+    from .data.shapes import ShapesSpec  # its defaults, which a recipe's shapes data shares
+
     build = data_commands.add_parser("shapes", help="write the built-in shapes dataset")
     build.add_argument("--out", required=True, help="output directory")
-    build.add_argument("--train", type=int, default=10000, help="training images (default 10000, as the recipes)")
-    build.add_argument("--test", type=int, default=500, help="test images, 5 captions each (default 500)")
-    build.add_argument("--image-size", type=int, default=48,
-                       help="image side in pixels (default 48: the demo's; clippo-shapes takes 96)")
-    build.add_argument("--alt-text-noise", type=float, default=0.0,
+    build.add_argument("--train", type=int, default=ShapesSpec.num_train,
+                       help=f"training images (default {ShapesSpec.num_train}, as the recipes)")
+    build.add_argument("--test", type=int, default=ShapesSpec.num_test,
+                       help=f"test images, 5 captions each (default {ShapesSpec.num_test})")
+    build.add_argument("--image-size", type=int, default=ShapesSpec.image_size,
+                       help=f"image side in pixels (default {ShapesSpec.image_size}: the demo's; clippo-shapes "
+                            "takes 96)")
+    build.add_argument("--alt-text-noise", type=float, default=ShapesSpec.alt_text_noise,
                        help="share of training captions replaced by web noise (ALIP experiments; default 0)")
-    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--seed", type=int, default=ShapesSpec.seed)
     build.set_defaults(func=_cmd_data_shapes)
     caption = data_commands.add_parser("caption", help="copy webdataset shards, adding a synthetic caption per image "
                                                        "(ALIP's OFA captions) from a transformers captioning model")
