@@ -177,8 +177,8 @@ def save_pretrained(model: nn.Module, directory: str | Path, format: str = "open
     if directory.exists() and not directory.is_dir():
         raise OpenAlignError(f"'{directory}' is a file; a model is saved to a directory")
     existing = [name for name in _MODEL_FILES if (directory / name).is_file()]
-    if not overwrite and (found := [*existing, *(name for name in _COMPANION_FILES if (directory / name).exists())]):
-        raise _holds_model_files(directory, found)
+    if existing and not overwrite:  # found before the export's work; any other file of a name it writes, after
+        raise _holds_model_files(directory, existing)
     stale = [*existing, *_COMPANION_FILES, *_weight_shards(directory)] if existing else []
     with filled_whole(directory, replaces=stale) as staging:  # a refused export leaves the old model there
         if format == "hf":
@@ -189,7 +189,7 @@ def save_pretrained(model: nn.Module, directory: str | Path, format: str = "open
             _save_openalign_directory(model, staging)
         if not overwrite and (found := sorted(path.name for path in staging.iterdir()
                                               if (directory / path.name).exists())):
-            raise _holds_model_files(directory, found)  # any other file the save writes: never replaced unasked
+            raise _holds_model_files(directory, found)  # a stray tokenizer.json, say: never replaced unasked
     return directory
 
 
