@@ -11,7 +11,7 @@ run starts from the same seed and is evaluated on the same test split.
     python benchmarks/alip_vs_align.py                     # 3 noise levels x 2 losses
     python benchmarks/alip_vs_align.py --steps 200 --noise 0 0.6
 
-Prints a table and writes JSON (``--output``, default benchmarks/results/alip_vs_align.json).
+Prints a table and writes JSON (``--output``, default runs/benchmarks/alip_vs_align.json).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import environment, report
+from common import add_output, environment, report
 from openalign.recipe import load_recipe
 from openalign.train import train
 
@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--train", type=int, default=10000, help="training images per dataset")
-    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "alip_vs_align.json")
+    add_output(parser, "alip_vs_align")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="alip-vs-align-") as workdir:
         runs = [run(noise, loss, args, Path(workdir)) for noise in args.noise for loss in LOSSES]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 from collections.abc import Sequence
@@ -11,6 +12,15 @@ from typing import Any
 import torch
 from rich.console import Console
 from rich.table import Table
+
+
+def add_output(parser: argparse.ArgumentParser, name: str) -> None:
+    """``--output``: by default a scratch file under ``runs/benchmarks/`` (relative to the working directory), so
+    that a trial run never replaces a measurement that docs/benchmarks.md cites; those are in
+    ``benchmarks/results/`` and are written only when named, as the docs' commands do."""
+    parser.add_argument("--output", type=Path, default=Path("runs") / "benchmarks" / f"{name}.json",
+                        help=f"where the JSON goes (default runs/benchmarks/{name}.json; the recorded measurements "
+                             f"are benchmarks/results/*.json, written only when named here)")
 
 
 def environment(device: torch.device, **extra: Any) -> dict[str, Any]:

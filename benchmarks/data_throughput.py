@@ -32,7 +32,7 @@ sample (~4%) more for reading than in a long run. Torch runs one thread in the m
 
     python benchmarks/data_throughput.py
 
-Prints a table and writes JSON (``--output``, default benchmarks/results/data_throughput.json).
+Prints a table and writes JSON (``--output``, default runs/benchmarks/data_throughput.json).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import environment, report
+from common import add_output, environment, report
 from PIL import Image
 
 WORDS = ("a man woman dog cat riding sitting on top of the with next to wave surfboard beach table plate food "
@@ -165,7 +165,7 @@ def main() -> None:
     parser.add_argument("--workers", default="0,1,2", help="comma-separated loader worker counts")
     parser.add_argument("--batches", type=int, default=30, help="timed batches per reader")
     parser.add_argument("--warmup", type=int, default=3, help="untimed batches per reader")
-    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "data_throughput.json")
+    add_output(parser, "data_throughput")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: tokenizers load offline
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # loader workers fork after the tokenizer loads

@@ -10,7 +10,7 @@ Both sides are checked to agree where both run.
     python benchmarks/eval_throughput.py                                   # CPU-sized defaults
     python benchmarks/eval_throughput.py --device cuda --knn-memory 1281167 --knn-queries 50000
 
-Prints a table and writes JSON (``--output``, default benchmarks/results/eval_throughput.json).
+Prints a table and writes JSON (``--output``, default runs/benchmarks/eval_throughput.json).
 """
 
 from __future__ import annotations
@@ -18,12 +18,11 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from common import environment, report
+from common import add_output, environment, report
 from openalign.eval import knn_classify, retrieval_metrics
 
 
@@ -65,7 +64,7 @@ def main() -> None:
     parser.add_argument("--knn-queries", type=int, default=10_000, help="ImageNet: 50000")
     parser.add_argument("--classes", type=int, default=1000)
     parser.add_argument("--naive-limit-gib", type=float, default=4.0)
-    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "eval_throughput.json")
+    add_output(parser, "eval_throughput")
     args = parser.parse_args()
     device = torch.device(args.device)
     generator = torch.Generator().manual_seed(0)

@@ -15,7 +15,7 @@ similarity over a batch of 16); ``--compile`` wraps both calls in ``torch.compil
     python benchmarks/inference_throughput.py                                  # CPU, small model, ~1 min
     python benchmarks/inference_throughput.py --preset align-base --device cuda --compile
 
-Prints a table and writes JSON (``--output``, default benchmarks/results/inference_throughput.json).
+Prints a table and writes JSON (``--output``, default runs/benchmarks/inference_throughput.json).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch
 from transformers import (AlignConfig, AlignModel, AlignProcessor, AlignTextConfig, AlignVisionConfig,
                           EfficientNetImageProcessor)
 
-from common import environment, report
+from common import add_output, environment, report
 
 import openalign
 from openalign.data.tokenizer import load_hf_tokenizer
@@ -174,8 +174,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iterations", type=int, default=10)
     parser.add_argument("--compile", action="store_true", help="torch.compile both libraries' calls")
-    parser.add_argument("--output", type=Path,
-                        default=Path(__file__).parent / "results" / "inference_throughput.json")
+    add_output(parser, "inference_throughput")
     args = parser.parse_args()
     device = torch.device(args.device)
     batch_size = args.batch_size or (256 if device.type == "cuda" else 64)

@@ -12,7 +12,7 @@ memory per text (page faults), not by rendering; ship uint8 and convert on the G
 
     python benchmarks/render_throughput.py
 
-Prints a table and writes JSON (``--output``, default benchmarks/results/render_throughput.json).
+Prints a table and writes JSON (``--output``, default runs/benchmarks/render_throughput.json).
 """
 
 from __future__ import annotations
@@ -21,11 +21,10 @@ import argparse
 import random
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
-from common import environment, report
+from common import add_output, environment, report
 from openalign.data.render import TextRenderer, Unifont, render_texts
 
 WORDS = ("a man woman dog cat riding sitting on top of the with next to wave surfboard beach table plate food "
@@ -68,7 +67,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "render_throughput.json")
+    add_output(parser, "render_throughput")
     args = parser.parse_args()
     torch.set_num_threads(1)
     generator = random.Random(0)

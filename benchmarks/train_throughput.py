@@ -10,7 +10,7 @@ the model's input size, and times ``openalign.train.train_step`` after warm-up s
     python benchmarks/train_throughput.py --models align-tiny --batch-sizes 128 \\
         --accum-steps 1 2 4                      # the cost of gradient accumulation (train.accum_steps)
 
-Prints a table and writes JSON (``--output``, default benchmarks/results/train_throughput.json).
+Prints a table and writes JSON (``--output``, default runs/benchmarks/train_throughput.json).
 """
 
 from __future__ import annotations
@@ -18,10 +18,9 @@ from __future__ import annotations
 import argparse
 import resource
 import time
-from pathlib import Path
 
 import torch
-from common import environment, report
+from common import add_output, environment, report
 
 import openalign
 from openalign.losses import ContrastiveLoss
@@ -78,7 +77,7 @@ def main() -> None:
                         help="standard batch norm instead of the models' ghost batch norm (virtual_batch_size null)")
     parser.add_argument("--accum-steps", nargs="+", type=int, default=[1],
                         help="train.accum_steps values: each batch in that many micro-batches, caching features")
-    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "train_throughput.json")
+    add_output(parser, "train_throughput")
     args = parser.parse_args()
     device = torch.device(args.device)
     rows = [measure(name, batch, device, args.steps, args.warmup, args.compile, args.standard_bn, accum)

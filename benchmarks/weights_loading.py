@@ -6,7 +6,7 @@ the numbers are the loader's, not a download's.
     python benchmarks/weights_loading.py                  # clippo-b16: 93M parameters, 376 MB
     python benchmarks/weights_loading.py --preset clippo-test
 
-Prints a table and writes JSON (``--output``, default benchmarks/results/weights_loading.json).
+Prints a table and writes JSON (``--output``, default runs/benchmarks/weights_loading.json).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from common import environment, report
+from common import add_output, environment, report
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import big_vision_reference  # noqa: E402  (the tests' writer of big_vision checkpoints)
@@ -42,7 +42,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="clippo-b16")
     parser.add_argument("--repeats", type=int, default=2, help="loads, each in a fresh process; the best is kept")
-    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "weights_loading.json")
+    add_output(parser, "weights_loading")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as folder:
