@@ -92,8 +92,14 @@ def test_paths_that_are_not_files_are_said_to_be_what_they_are_and_os_errors_nam
     parser = build_parser()
     args = parser.parse_args(["embed", "--model", str(tmp_path), "--images", str(tmp_path / "photos"), "--out",
                               str(tmp_path / "photos" / "index.parquet" / "x")])
-    assert _argument_of(str(tmp_path / "photos" / "index.parquet" / "x"), parser, args) == "--out"
-    assert _argument_of(str(tmp_path / "photos" / "a.jpg"), parser, args) == "--images"
+    assert _argument_of(str(tmp_path / "photos" / "index.parquet" / "x"), args) == "--out"
+    assert _argument_of(str(tmp_path / "photos" / "a.jpg"), args) == "--images"
+    # the eval tasks share one function: each still names its own options
+    args = parser.parse_args(["eval", "retrieval", "--model", "m", "--json", str(tmp_path / "karpathy.json")])
+    assert _argument_of(str(tmp_path / "karpathy.json"), args) == "--json"
+    args = parser.parse_args(["eval", "knn", "--model", "m", "--train", str(tmp_path / "t"), "--val",
+                              str(tmp_path / "v")])
+    assert _argument_of(str(tmp_path / "v" / "cat" / "1.jpg"), args) == "--val"
     (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
     (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
     assert main(["data", "shapes", "--out", str(tmp_path / "loop1" / "sub"), "--train", "2", "--test", "1"]) == 2

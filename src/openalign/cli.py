@@ -353,25 +353,31 @@ def _field_column(text: str) -> tuple[str, str]:
     return field.strip(), column.strip()
 
 
+def _runs(command: argparse.ArgumentParser, func: Callable[[argparse.Namespace], int | None]) -> None:
+    """Make ``func`` the command's action, and record the command's own parser in what it parses, for
+    ``_argument_of`` (the eval tasks share one function)."""
+    command.set_defaults(func=func, command_parser=command)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="openalign", description="Train, evaluate and use ALIGN-family models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    commands.add_parser("models", help="list registered architectures").set_defaults(func=_cmd_models)
-    commands.add_parser("recipes", help="list shipped recipes").set_defaults(func=_cmd_recipes)
+    _runs(commands.add_parser("models", help="list registered architectures"), _cmd_models)
+    _runs(commands.add_parser("recipes", help="list shipped recipes"), _cmd_recipes)
 
     config = commands.add_parser("config", help="print a recipe with overrides applied, fully resolved")
     config.add_argument("recipe", help="recipe name (see 'openalign recipes') or YAML path")
     config.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.lr=1e-3")
-    config.set_defaults(func=_cmd_config)
+    _runs(config, _cmd_config)
 
     train = commands.add_parser("train", help="train from a recipe (launch with torchrun for several GPUs)")
     train.add_argument("recipe", help="recipe name (see 'openalign recipes') or YAML path")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.lr=1e-3 train.batch_size=256")
     train.add_argument("--resume", metavar="latest|PATH",
                        help="'latest' (this run's newest checkpoint, if any), a checkpoint or a run directory")
-    train.set_defaults(func=_cmd_train)
+    _runs(train, _cmd_train)
 
     evaluate = commands.add_parser("eval", help="evaluate a model (CLIP_benchmark's metrics and result schema)")
     tasks = evaluate.add_subparsers(dest="task", required=True, metavar="TASK")
@@ -447,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
         if task is not pairs:  # fine-tuning changes the weights: nothing to cache
             task.add_argument("--cache-dir", help="reuse image embeddings across runs (keyed by weights, "
                                                   "preprocessing, files)")
-        task.set_defaults(func=_cmd_eval)
+        _runs(task, _cmd_eval)
     examples = tasks.add_parser("examples", help="a PNG grid of captions and the top images a model retrieves")
     examples.add_argument("--model", "--checkpoint", dest="model", required=True)
     examples.add_argument("--json", required=True, help="a Karpathy-style JSON (dataset_coco.json, ...)")
@@ -459,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     examples.add_argument("--out", default="retrieval_examples.png")
     examples.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     examples.add_argument("--precision", default="auto", choices=PRECISIONS, help=precision_help)
-    examples.set_defaults(func=_cmd_eval_examples)
+    _runs(examples, _cmd_eval_examples)
     suite = tasks.add_parser("suite", help="run a list of tasks from a suite file (shipped: align, alip, clippo)")
     suite.add_argument("suite", help="a shipped suite name or a suite YAML file")
     suite.add_argument("--model", "--checkpoint", dest="model", required=True)
@@ -468,17 +474,17 @@ def build_parser() -> argparse.ArgumentParser:
     suite.add_argument("--precision", choices=PRECISIONS, help="as for a task; default: the suite's "
                                                               "(shipped: fp32 for alip, as the paper; auto otherwise)")
     suite.add_argument("--cache-dir", help="reuse image embeddings across runs (keyed by weights, preprocessing, files)")
-    suite.set_defaults(func=_cmd_eval_suite)
+    _runs(suite, _cmd_eval_suite)
     report = tasks.add_parser("report", help="merge result JSON files into a markdown table and a CSV, "
                                                       "with the suites' retrieval example pictures")
     report.add_argument("paths", nargs="+", help="result files or directories holding them (searched recursively)")
     report.add_argument("--out", default="report", help="output path without extension (default: report)")
-    report.set_defaults(func=_cmd_eval_report)
+    _runs(report, _cmd_eval_report)
 
     demo = commands.add_parser("demo", help="build the shapes dataset, train a tiny ALIGN on CPU, evaluate, report")
     demo.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
     demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of the demo recipe")
-    demo.set_defaults(func=_cmd_demo)
+    _runs(demo, _cmd_demo)
 
     model_help = "a model directory, run directory, Hugging Face AlignModel directory or hub id"
     embed = commands.add_parser("embed", help="embed a folder of images into a parquet index")
@@ -488,7 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--batch-size", type=_at_least(1), default=64)
     embed.add_argument("--num-workers", type=_at_least(0), default=0, help="image-decoding worker processes")
     embed.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    embed.set_defaults(func=_cmd_embed)
+    _runs(embed, _cmd_embed)
 
     classify = commands.add_parser("classify", help="zero-shot probabilities of labels for images")
     classify.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
@@ -501,7 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "such as 'a photo of a {label}.', for labels that are class names ('cat,dog')")
     classify.add_argument("--batch-size", type=_at_least(1), default=64)
     classify.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    classify.set_defaults(func=_cmd_classify)
+    _runs(classify, _cmd_classify)
 
     convert = commands.add_parser("convert", help="rewrite a model as a Hugging Face AlignModel or openalign directory")
     convert.add_argument("source", help=model_help)
@@ -511,7 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--architecture", metavar="MODEL",
                          help="for a weights file released without a config: the architecture it holds, e.g. "
                               "alip-vit-b32 for ALIP's ALIP_YFCC15M_B32.pt, clippo-b16 for CLIPPO's .npz files")
-    convert.set_defaults(func=_cmd_convert)
+    _runs(convert, _cmd_convert)
 
     search = commands.add_parser("search", help="the images of an index closest to a text query")
     search.add_argument("query", help="the text to search for, e.g. 'a red car'")
@@ -519,7 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--model", required=True, help=f"{model_help}; the one that built the index")
     search.add_argument("-k", type=_at_least(1), default=5, help="how many results (default 5)")
     search.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    search.set_defaults(func=_cmd_search)
+    _runs(search, _cmd_search)
 
     data = commands.add_parser("data", help="datasets")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="DATASET")
@@ -537,7 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--alt-text-noise", type=float, default=ShapesSpec.alt_text_noise,
                        help="share of training captions replaced by web noise (ALIP experiments; default 0)")
     build.add_argument("--seed", type=int, default=ShapesSpec.seed)
-    build.set_defaults(func=_cmd_data_shapes)
+    _runs(build, _cmd_data_shapes)
     caption = data_commands.add_parser("caption", help="copy webdataset shards, adding a synthetic caption per image "
                                                        "(ALIP's OFA captions) from a transformers captioning model")
     caption.add_argument("shards", nargs="+", metavar="SHARDS", help="tar paths, globs or brace patterns "
@@ -555,7 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="ALIP's OFA: 3 (the default; 0: off)")
     caption.add_argument("--prompt", help="text the caption starts from, e.g. 'a picture of' for BLIP")
     caption.add_argument("--field", default="caption", help="the new member is KEY.<field>.txt (default caption)")
-    caption.set_defaults(func=_cmd_data_caption)
+    _runs(caption, _cmd_data_caption)
     inspect = data_commands.add_parser("inspect", help="count samples, skips by reason, caption lengths and image "
                                                        "sizes in webdataset shards or TFRecord files")
     inspect.add_argument("shards", nargs="+", metavar="SHARDS",
@@ -564,7 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--min-image-side", type=int, default=10,
                          help="images with a shorter side under this are skipped, as training's min_image_side")
     inspect.add_argument("--json", action="store_true", help='print {"samples": N, "skipped": {reason: count}, ...}')
-    inspect.set_defaults(func=_cmd_data_inspect)
+    _runs(inspect, _cmd_data_inspect)
     convert = data_commands.add_parser("convert", help="a CSV/TSV/parquet table of local images and captions -> "
                                                        "webdataset shards (for URLs, use img2dataset)")
     convert.add_argument("table", help="a .csv, .tsv or .parquet file, or a glob of them")
@@ -576,7 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "repeatable), e.g. caption=synthetic_caption")
     convert.add_argument("--image-root", help="what image paths are relative to (default: the table's folder)")
     convert.add_argument("--samples-per-shard", type=_at_least(1), default=10000)
-    convert.set_defaults(func=_cmd_data_convert)
+    _runs(convert, _cmd_data_convert)
     return parser
 
 
@@ -599,23 +605,15 @@ def _message(error: OpenAlignError) -> str:
     return text
 
 
-def _argument_of(filename: Any, parser: argparse.ArgumentParser, args: argparse.Namespace) -> str | None:
+def _argument_of(filename: Any, args: argparse.Namespace) -> str | None:
     """The option (``--out``) or argument (``DESTINATION``) of the command that ran whose path is
     ``filename`` or a folder holding it, to name in an OS error; None if none is."""
     try:
         target = Path(os.fsdecode(filename)).expanduser().resolve()
     except (OSError, RuntimeError, TypeError, ValueError):  # a symbolic-link loop, a number for a name
         return None
-    parsers, actions = [parser], []
-    while parsers:  # the command's own parser: the one whose default func ran
-        current = parsers.pop()
-        for action in current._actions:
-            if isinstance(action, argparse._SubParsersAction):
-                parsers += list(action.choices.values())
-        if current.get_default("func") is args.func:
-            actions = current._actions
     closest: tuple[int, str] | None = None  # the path given that is nearest the file: the most parts
-    for action in actions:
+    for action in args.command_parser._actions:  # argparse has no public list of a parser's arguments
         values = getattr(args, action.dest, None)
         for value in values if isinstance(values, list) else [values]:
             if not (isinstance(value, str) and value.strip() and "=" not in value):
@@ -652,7 +650,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except OSError as error:  # a path that is a file, a folder that cannot be written, a full disk...
         where = f" ('{error.filename}')" if error.filename else ""
-        given = _argument_of(error.filename, parser, args) if error.filename else None
+        given = _argument_of(error.filename, args) if error.filename else None
         message = f"{given + ': ' if given else ''}{error.strerror or error}{where}"
         console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
         return 2
