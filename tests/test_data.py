@@ -196,6 +196,41 @@ def test_antialiasing_follows_the_setting_in_training_and_evaluation(antialias, 
                            expected.float().mul_(transform.scale).sub_(transform.offset))
 
 
+def tf_bilinear_resize(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
+    """tf.image.resize(method="bilinear", antialias=False) of an (H, W, C) image in float64: half-pixel
+    centres, source positions clamped to the image, no smoothing."""
+    def weights(out: int, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        position = (np.arange(out) + 0.5) * (size / out) - 0.5
+        low = np.floor(position)
+        return (np.clip(low, 0, size - 1).astype(int), np.clip(np.ceil(position), 0, size - 1).astype(int),
+                position - low)
+
+    top, bottom, dy = weights(height, pixels.shape[0])
+    left, right, dx = weights(width, pixels.shape[1])
+    x = pixels.astype(np.float64)
+    rows = x[top] * (1 - dy)[:, None, None] + x[bottom] * dy[:, None, None]
+    return rows[:, left] * (1 - dx)[None, :, None] + rows[:, right] * dx[None, :, None]
+
+
+def test_clippo_resizes_as_big_vision_does_truncating_to_uint8():
+    """big_vision's resize(224) is tf.image.resize without antialiasing, cast back to uint8: the
+    value is truncated (spec clippo.md §4), where torchvision's uint8 resize rounds."""
+    preprocess = openalign.model_config("clippo-b16").preprocess
+    image = np.random.default_rng(5).integers(0, 256, (375, 500, 3), dtype=np.uint8)
+    reference = tf_bilinear_resize(image, 224, 224)
+    transform = ImageTransform(preprocess, train=False)
+    pixels = (transform(Image.fromarray(image)) + transform.offset) / transform.scale  # back to 0..255
+    pixels = pixels.round().permute(1, 2, 0).numpy()
+    # away from a level, where a float32 resize (torchvision's, TF's: each off by up to ~0.01) and this
+    # float64 one truncate alike
+    clear = np.abs(reference - np.round(reference)) > 0.02
+    assert np.array_equal(pixels[clear], np.floor(reference[clear]))
+    assert clear.mean() > 0.95
+    assert (pixels == np.round(reference)).mean() < 0.6  # rounding instead would differ in about half
+    with pytest.raises(ConfigError, match="'resize_rounding' floor works with bilinear and nearest"):
+        PreprocessConfig(interpolation="bicubic", resize_rounding="floor")
+
+
 def test_grayscale_and_alpha_images_become_rgb():
     transform = ImageTransform(PreprocessConfig(image_size=8, resize_size=8), train=False)
     for mode in ("L", "RGBA", "CMYK", "P"):

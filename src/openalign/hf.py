@@ -297,6 +297,10 @@ def save_hf_directory(model: nn.Module, directory: Path) -> Path:
     if pre.antialias == "never":
         log.warning("transformers' AlignProcessor antialiases when it shrinks images, and this model's evaluation "
                     "(antialias: never) does not: exported, it sees slightly smoother images")
+    if pre.resize_rounding != "round":
+        log.warning("transformers' AlignProcessor rounds resized pixels to the nearest level, and this model's "
+                    "preprocessing (resize_rounding: %s) does not: exported, it sees some pixels a level brighter",
+                    pre.resize_rounding)
     resample = {name: code for code, name in _RESAMPLE_NAMES.items()}[pre.interpolation]
     tokenizer = copy.deepcopy(model.config.build_tokenizer().hf_tokenizer)
     length = model.config.text.max_length

@@ -10,6 +10,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode
@@ -50,6 +51,11 @@ class PreprocessConfig:
     by default (null) only where training's resize antialiases (not nearest). Scaled decoding averages pixels,
     so before a resize that does not antialias (ALIGN's ``tf.image.resize``, CLIPPO's) it would
     blur what the reference training aliases: set ``true`` there to trade that for decoding speed.
+    ``resize_rounding``: how the resized pixels become 8-bit again. ``round`` (default): to the
+    nearest level, as torchvision's uint8 resize and ``AlignProcessor`` do; ``floor``: the resize
+    in float, then truncated, as big_vision's ``resize`` casts its result back to uint8 (CLIPPO,
+    spec clippo.md §4; rounding would make half the pixels one level brighter); bilinear or nearest
+    only (torch's float bicubic is not torchvision's uint8 one).
     """
 
     image_size: int = 289
@@ -65,6 +71,7 @@ class PreprocessConfig:
     random_aspect: tuple[float, float] = (3 / 4, 4 / 3)
     train_interpolation: Literal["nearest", "bilinear", "bicubic"] | None = None
     jpeg_draft: bool | None = None
+    resize_rounding: Literal["round", "floor"] = "round"
 
     def __post_init__(self) -> None:
         require_at_least(self, 1, "image_size")
@@ -75,6 +82,9 @@ class PreprocessConfig:
             raise ConfigError(f"must be positive (pixels are divided by it), got {list(self.std)}", "std")
         if self.resize_size < self.image_size:
             raise ConfigError(f"must be at least image_size ({self.image_size}) so the crop fits", "resize_size")
+        if self.resize_rounding == "floor" and "bicubic" in (self.interpolation, self.train_interpolation):
+            raise ConfigError("floor works with bilinear and nearest resizing, not bicubic (torch's float bicubic "
+                              "weighs pixels differently from torchvision's uint8 one)", "resize_rounding")
         for name, upper in (("random_area", 1.0), ("random_aspect", math.inf)):
             value = getattr(self, name)
             if value is not None and (len(value) != 2 or not 0 < value[0] <= value[1] <= upper):
@@ -142,12 +152,11 @@ class ImageTransform:
         if self.train and cfg.random_area is not None:
             top, left, height, width = random_area_box(pixels.shape[1], pixels.shape[2], cfg.random_area,
                                                        cfg.random_aspect, generator)
-            pixels = TF.resize(pixels[:, top:top + height, left:left + width], [cfg.image_size, cfg.image_size],
-                               interpolation=self.interpolation, antialias=self.antialias)
+            pixels = self._resize(pixels[:, top:top + height, left:left + width], [cfg.image_size, cfg.image_size])
             return self._flip_and_normalise(pixels, generator)
         # torchvision's resize of the uint8 image, as transformers' AlignProcessor does it
         size = [cfg.resize_size] if cfg.resize_mode == "shortest" else [cfg.resize_size, cfg.resize_size]
-        pixels = TF.resize(pixels, size, interpolation=self.interpolation, antialias=self.antialias)
+        pixels = self._resize(pixels, size)
         span_h, span_w = pixels.shape[1] - cfg.image_size, pixels.shape[2] - cfg.image_size
         if not self.train:  # centred: torchvision's CenterCrop rounds the offset, transformers' floors it
             top, left = (span // 2 if cfg.center_crop == "floor" else round(span / 2) for span in (span_h, span_w))
@@ -156,6 +165,17 @@ class ImageTransform:
         else:
             top, left = (int(torch.randint(0, span + 1, (), generator=generator)) for span in (span_h, span_w))
         return self._flip_and_normalise(pixels[:, top:top + cfg.image_size, left:left + cfg.image_size], generator)
+
+    def _resize(self, pixels: torch.Tensor, size: list[int]) -> torch.Tensor:
+        if self.config.resize_rounding == "round":  # torchvision's uint8 resize rounds
+            return TF.resize(pixels, size, interpolation=self.interpolation, antialias=self.antialias)
+        if len(size) == 1:  # the shorter side to size[0], the longer truncated as torchvision sizes it
+            height, width = pixels.shape[1:]
+            size = [size[0], int(size[0] * width / height)] if height <= width else [int(size[0] * height / width), size[0]]
+        # torch's interpolate: torchvision's float resize gives the same values in three times the time
+        antialias = {"antialias": self.antialias} if self.interpolation != InterpolationMode.NEAREST_EXACT else {}
+        resized = F.interpolate(pixels.float()[None], size=size, mode=self.interpolation.value, **antialias)[0]
+        return resized.clamp_(0, 255).to(torch.uint8)  # truncates, as tf.cast does
 
     def _flip_and_normalise(self, pixels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         if self.train and self.config.random_flip and bool(torch.rand((), generator=generator) < 0.5):

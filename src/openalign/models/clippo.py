@@ -46,7 +46,8 @@ class ClippoConfig(ModelConfig, tag="one_tower"):
     logit_scale_init: float = 10.0
     render: RenderConfig = field(default_factory=RenderConfig)
     preprocess: PreprocessConfig = field(default_factory=lambda: PreprocessConfig(
-        image_size=224, resize_size=224, random_flip=False, antialias="never"))  # big_vision's resize (spec §4)
+        image_size=224, resize_size=224, random_flip=False, antialias="never", resize_rounding="floor"))
+    # big_vision's resize (spec §4): no antialiasing, truncated to uint8
 
     def __post_init__(self) -> None:
         low, high = 1 / MAX_TEMPERATURE, 1 / MIN_TEMPERATURE
