@@ -58,7 +58,12 @@ def caption_text(data: bytes | str | None, missing: str = NO_CAPTION) -> str:
     missing (reason ``missing``), not text (a TFRecord ``int64`` feature, say), not UTF-8, or
     empty: nothing but whitespace and the characters BERT's tokenizer deletes (controls, format
     characters such as zero-width spaces and byte-order marks, U+FFFD), which would train on
-    ``[CLS] [SEP]``."""
+    ``[CLS] [SEP]``.
+
+    The same holds for CLIPPO, although big_vision renders whatever it is given (spec clippo.md
+    §1.3: invalid UTF-8 as U+FFFD, an empty caption as a blank grey image, outer spaces as
+    blank cells): a pair without readable text teaches nothing, so it is skipped and counted by
+    reason rather than rendered."""
     if data is None:
         raise SkipSample(missing)
     if isinstance(data, str):

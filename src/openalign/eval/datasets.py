@@ -169,7 +169,11 @@ def evaluate_zeroshot(model: nn.Module, root: str | Path, device: torch.device,
     ``acc1``, ``acc5``, ``mean_per_class_recall``. Class embedding = renormalised mean of its
     prompts' embeddings; templates default to ``a photo of a {}.``; a mapping of class name →
     prompts gives each class its own (CuPL's JSON). ``canonicalize``: names and
-    templates as big_vision canonicalises them (:func:`canonicalize_prompt`; CLIPPO)."""
+    templates as big_vision canonicalises them (:func:`canonicalize_prompt`; CLIPPO).
+
+    Logits stay float and every image counts once. ALIP's code (spec alip.md §8, items 12 and 13)
+    stores its logits as integers, breaking top-1 ties by order, and counts the zero rows padding
+    its last ImageNet batches as class 0; neither is reproduced."""
     paths, labels, readable, templates = zeroshot_inputs(root, templates, names, split, canonicalize)
     with eval_mode(model):
         config = model.config
