@@ -347,8 +347,17 @@ def test_embed_classify_and_search_commands(model_dir, loaded, image_dir, tmp_pa
     shutil.copy(image_dir / "blue.png", picture)
     (tmp_path / "link.parquet").symlink_to(out)
     assert main(["embed", "--model", str(model_dir), "--images", str(image_dir), "--out", str(picture)]) == 2
-    assert "exists and is not a parquet index" in " ".join(capsys.readouterr().err.split())
+    assert "exists and is not an index of embeddings" in " ".join(capsys.readouterr().err.split())
     assert picture.read_bytes() == (image_dir / "blue.png").read_bytes()  # not replaced by an index
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = tmp_path / "pairs.parquet"  # a parquet data table is no index either
+    pq.write_table(pa.table({"image": ["a.jpg"], "caption": ["a cat"]}), table)
+    before = table.read_bytes()
+    assert main(["embed", "--model", str(model_dir), "--images", str(image_dir), "--out", str(table)]) == 2
+    assert "exists and is not an index of embeddings" in " ".join(capsys.readouterr().err.split())
+    assert table.read_bytes() == before
     link = tmp_path / "link.parquet"
     assert main(["embed", "--model", str(model_dir), "--images", str(image_dir), "--out", str(link)]) == 0
     assert link.is_symlink()  # the link kept, its target written

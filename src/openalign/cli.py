@@ -231,10 +231,10 @@ def _inference_model(args: argparse.Namespace, optimize: bool = True) -> tuple[A
 
 
 def _cmd_embed(args: argparse.Namespace) -> None:
-    from .inference import embed_folder, model_source, write_index
+    from .inference import embed_folder, is_index, model_source, write_index
 
     # checked now, not after embedding every image; a link's target written; only an index replaced
-    out = replaceable(_output_file(args.out).resolve(), starts_with(b"PAR1"), "a parquet index")
+    out = replaceable(_output_file(args.out).resolve(), is_index, "an index of embeddings")
     model, preprocess, _ = _inference_model(args)
     paths, embeddings = embed_folder(model, preprocess, args.images, args.batch_size, args.num_workers)
     write_index(out, paths, embeddings, model_name=model.config.name, model_source=model_source(args.model))

@@ -292,6 +292,19 @@ def _write_rows(path: Path, schema: pa.Schema, texts: list[str], vectors: np.nda
                                         schema=schema))
 
 
+def is_index(path: Path) -> bool:
+    """Whether ``path`` is a parquet file of exactly an index's columns (``path``, ``embedding``), one
+    that ``openalign embed`` may replace; a data table, even a parquet one, is not."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        names = pq.read_schema(path).names
+    except (pa.ArrowException, OSError):
+        return False
+    return sorted(names) == ["embedding", "path"]
+
+
 def model_source(name_or_path: str | Path) -> str:
     """How an index names the model that built it: a local path made absolute, a hub id as given."""
     path = Path(name_or_path).expanduser()
