@@ -154,13 +154,40 @@ def test_convert_skips_and_counts_an_unreadable_image_and_keeps_shards_full(tmp_
     assert sizes == {"00000.tar": 2, "00001.tar": 1}
     assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["00000.tar", "00001.tar", "sizes.json"]
     with tarfile.open(tmp_path / "shards" / "00000.tar") as tar:
-        assert [name for name in tar.getnames() if name.endswith(".png")] == ["000000000.png", "000000002.png"]
+        assert [name for name in tar.getnames() if name.endswith(".png")] == ["000000000.png", "000000001.png"]
         assert tar.extractfile("000000000.taken.json").read() == b'"2024-05-01 12:30:00"'  # a timestamp as text
-    assert "skipped 2 of 5 rows whose image PIL cannot read" in caplog.text and "broken.jpg" in caplog.text
-    assert "cut.png" in caplog.text
+        assert json.loads(tar.extractfile("000000001.json").read())["table_row"].endswith("pairs.parquet data row 3")
+    assert "skipped 2 of 5 rows whose image cannot be read" in caplog.text
+    assert "pairs.parquet data row 2 (broken.jpg): not an image PIL can read" in caplog.text
+    assert "data row 4 (cut.png)" in caplog.text
+    # a file the file system will not read (/proc/self/mem: an I/O error) is one skipped row, not the job's end;
+    # rows of image bytes are named by their row in the table, counted before rows without a caption are dropped
+    caplog.clear()
+    image = (tmp_path / "a.png").read_bytes()
+    pq.write_table(pa.table({"image": [image, image, b"corrupt", image], "caption": [" ", "one", "two", "three"]}),
+                   tmp_path / "bytes.parquet")
+    (tmp_path / "io.csv").write_text("image,caption\na.png,fine\n/proc/self/mem,unreadable\n")
+    for name, expected in (("bytes.parquet", "bytes.parquet data row 3 (image bytes): not an image PIL can read"),
+                           ("io.csv", "io.csv data row 2: Input/output error")):
+        assert convert_table(TableSourceConfig(path=str(tmp_path / name)), tmp_path / f"out_{name}",
+                             show_progress=False) == {"00000.tar": 2 if name == "bytes.parquet" else 1}
+        assert "skipped 1 of" in caplog.text and expected in caplog.text
     (tmp_path / "none.csv").write_text("image,caption\nbroken.jpg,a picture\n")
-    with pytest.raises(OpenAlignError, match="none of the 1 rows of the table has an image PIL can read"):
+    with pytest.raises(OpenAlignError, match="none of the 1 rows of the table has an image that can be read"):
         convert_table(TableSourceConfig(path=str(tmp_path / "none.csv")), tmp_path / "none", show_progress=False)
+
+
+def test_a_csv_quote_left_open_is_an_error_naming_its_row_and_multi_line_captions_are_logged(tmp_path, caplog):
+    from openalign.data import TableSourceConfig
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.jpg")
+    (tmp_path / "open.csv").write_text('image,caption\na.jpg,fine\na.jpg,"open quote\na.jpg,three\na.jpg,four\n')
+    with pytest.raises(OpenAlignError, match="quote that is never closed: data row 2's text field"):
+        TableSourceConfig(path=str(tmp_path / "open.csv")).rows()  # it would have read 2 rows of 4
+    (tmp_path / "lines.csv").write_text('image,caption\na.jpg,fine\na.jpg,"two\nlines"\na.jpg,"say ""hi"""\n')
+    rows = TableSourceConfig(path=str(tmp_path / "lines.csv")).rows()
+    assert [text for _, text, _ in rows] == ["fine", "two\nlines", 'say "hi"']
+    assert "1 text field(s) span several lines (the first in data row 2)" in caplog.text
 
 
 def test_tfrecord_source_streams_every_good_record_once_a_pass_and_counts_the_bad(tmp_path, caplog):

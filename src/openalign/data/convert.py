@@ -4,11 +4,13 @@ The shards have img2dataset's layout, so the ``webdataset`` training source and 
 inspect`` read them: per sample ``KEY.jpg``, ``KEY.png`` or ``KEY.webp`` (the file's bytes,
 unchanged; other formats re-encoded as PNG), ``KEY.txt`` (the caption), a member per extra
 column (``KEY.<field>.txt``, ``caption.txt`` for ALIP; ``.cls`` for whole numbers, ``.json``
-for other values) and ``KEY.json``; keys are zero-padded row numbers, shards ``00000.tar``,
-``00001.tar``, ... with ``samples_per_shard`` samples each, and ``sizes.json`` maps each shard
-to its sample count.
-Each shard is written under a temporary name and renamed when complete. Rows whose image PIL
-cannot read are skipped, counted and logged.
+for other values) and ``KEY.json`` (the caption, the extra fields and where the sample came
+from: its image file, or its table and row); keys number the samples written
+(``000000000``, ``000000001``, ...), shards ``00000.tar``, ``00001.tar``, ... with
+``samples_per_shard`` samples each, and ``sizes.json`` maps each shard to its sample count.
+Each shard is written under a temporary name and renamed when complete. Rows whose image cannot
+be read (PIL cannot decode it, or the file system refuses it) are skipped, counted and logged by
+table row.
 
 For URL lists, download with img2dataset instead (an optional dependency, not vendored)::
 
@@ -43,7 +45,7 @@ def convert_table(table: TableSourceConfig, out: str | Path, samples_per_shard: 
                   show_progress: bool = True) -> dict[str, int]:
     """Write ``table``'s usable rows as shards under ``out``; returns ``sizes.json``'s mapping.
 
-    A row whose image PIL cannot read is skipped, counted and logged (as training skips such
+    A row whose image cannot be read is skipped, counted and logged (as training skips such
     samples), so one bad file does not lose the job; every shard but the last is full.
     """
     if samples_per_shard < 1:
@@ -52,27 +54,33 @@ def convert_table(table: TableSourceConfig, out: str | Path, samples_per_shard: 
     if out.is_dir() and any(out.glob("*.tar")):
         raise OpenAlignError(f"'{out}' already holds shards: choose an empty output directory")
     out.mkdir(parents=True, exist_ok=True)
-    rows = table.rows()
+    rows = table.located_rows()
     writer = _ShardWriter(out, samples_per_shard)
     unreadable: list[str] = []
     try:
         with progress_bar("writing shards", len(rows), enabled=show_progress) as advance:
-            for index, (image, caption, extra) in enumerate(rows):
-                members = _sample_members(image, caption, extra)
-                if members is None:
-                    unreadable.append(str(image) if isinstance(image, Path) else f"row {index}")
+            for origin, (image, caption, extra) in rows:
+                try:
+                    members = _sample_members(image, caption, extra, origin)
+                except OSError as error:  # permissions, an I/O error: this row's, not the job's
+                    members, problem = None, f"{origin}: {error.strerror or error}"
                 else:
-                    writer.add(f"{index:09d}", members)
+                    problem = f"{origin} ({image.name if isinstance(image, Path) else 'image bytes'}): not an image " \
+                              "PIL can read"
+                if members is None:
+                    unreadable.append(problem)
+                else:
+                    writer.add(f"{writer.written:09d}", members)
                 advance()
         writer.close()
     finally:
         writer.discard()
     if unreadable:
-        log.warning("skipped %d of %d rows whose image PIL cannot read: %s%s", len(unreadable), len(rows),
-                    ", ".join(unreadable[:5]), " ..." if len(unreadable) > 5 else "")
+        log.warning("skipped %d of %d rows whose image cannot be read: %s%s", len(unreadable), len(rows),
+                    "; ".join(unreadable[:5]), " ..." if len(unreadable) > 5 else "")
     if not writer.sizes:
-        raise OpenAlignError(f"none of the {len(rows)} rows of the table has an image PIL can read (first: "
-                             f"{', '.join(unreadable[:3])}): no shard written; check image_column and image_root")
+        raise OpenAlignError(f"none of the {len(rows)} rows of the table has an image that can be read (first: "
+                             f"{'; '.join(unreadable[:3])}): no shard written; check image_column and image_root")
     (out / "sizes.json").write_text(json.dumps(writer.sizes, indent=1))
     return writer.sizes
 
@@ -86,6 +94,7 @@ class _ShardWriter:
         self.sizes: dict[str, int] = {}
         self.tar: tarfile.TarFile | None = None
         self.count = 0
+        self.written = 0  # samples added, in all shards
 
     @property
     def name(self) -> str:
@@ -99,6 +108,7 @@ class _ShardWriter:
             info.size = len(payload)
             self.tar.addfile(info, io.BytesIO(payload))
         self.count += 1
+        self.written += 1
         if self.count == self.per_shard:
             self.close()
 
@@ -118,13 +128,14 @@ class _ShardWriter:
             (self.out / f".{self.name}.tmp").unlink(missing_ok=True)
 
 
-def _sample_members(image: Path | bytes, caption: str, extra: dict[str, Any]) -> dict[str, bytes] | None:
-    """A sample's members by suffix, or None when PIL cannot read its image."""
+def _sample_members(image: Path | bytes, caption: str, extra: dict[str, Any], origin: str) -> dict[str, bytes] | None:
+    """A sample's members by suffix, or None when PIL cannot read its image; ``origin``, its table
+    row, goes in its JSON (and its image file, if it has one). Raises OSError when the file cannot be read."""
     converted = _member_image(image.read_bytes() if isinstance(image, Path) else image)
     if converted is None:
         return None
     extension, data = converted
-    source: dict[str, Any] = {"caption": caption, **extra}
+    source: dict[str, Any] = {"caption": caption, **extra, "table_row": origin}
     if isinstance(image, Path):
         source["source"] = str(image)
     return {extension: data, "txt": caption.encode(), **dict(_extra_member(name, value) for name, value in

@@ -177,10 +177,15 @@ class TableSourceConfig(SourceConfig, tag="table"):
 
     def rows(self) -> list[tuple[Path | bytes, str, dict[str, Any]]]:
         """``(image path or bytes, caption, extra fields)`` of every usable row, in table order."""
+        return [row for _, row in self.located_rows()]
+
+    def located_rows(self) -> list[tuple[str, tuple[Path | bytes, str, dict[str, Any]]]]:
+        """:meth:`rows`, each after where it is: ``'<table> data row <n>'`` (counted from 1 after
+        the header), to name a row whose image turns out unreadable."""
         tables = sorted(glob.glob(self.path))
         if not tables:
             raise OpenAlignError(f"no table matches '{self.path}' (data.train.path: .csv, .tsv or .parquet files)")
-        rows: list[tuple[Path | bytes, str, dict[str, Any]]] = []
+        rows: list[tuple[str, tuple[Path | bytes, str, dict[str, Any]]]] = []
         dropped = {EMPTY_CAPTION: 0, CAPTION_NOT_UTF8: 0, "missing image file": 0,
                    **{f"empty {name}": 0 for name in self.extra_columns}}
         for table_path in map(Path, tables):
@@ -209,7 +214,7 @@ class TableSourceConfig(SourceConfig, tag="table"):
                 if empty := [name for name, value in extra.items() if value is None or value == ""]:
                     dropped[f"empty {empty[0]}"] += 1  # as a webdataset sample without the field is skipped
                     continue
-                rows.append((image, text, extra))
+                rows.append((f"{table_path} data row {number + 1}", (image, text, extra)))
         if any(dropped.values()):
             log.warning("table '%s': dropped %s", self.path, ", ".join(f"{n} row(s) with {why}" for why, n in
                                                                         dropped.items() if n))
@@ -273,8 +278,11 @@ def _read_table(path: Path, text_columns: tuple[str, ...] = (), byte_columns: tu
             table = pq.read_table(path)
         elif kind in ("csv", "tsv"):
             binary = (*byte_columns, *path_columns)
-            table = _read_tsv(path, text_columns, binary) if kind == "tsv" else \
-                _read_delimited(path, kind, text_columns, binary, quoted=True)
+            if kind == "tsv":
+                table = _read_tsv(path, text_columns, binary)
+            else:
+                table = _read_delimited(path, kind, text_columns, binary, quoted=True)
+                _check_quotes(path, table, (*text_columns, *byte_columns))
         else:
             raise OpenAlignError(f"table '{path}' is not .csv, .tsv (either may be compressed: .gz, .bz2, .zst, "
                                  ".lz4) or .parquet")
@@ -321,6 +329,31 @@ def _read_delimited(path: Path, kind: str, text_columns: tuple[str, ...], byte_c
     with pa.input_stream(str(path), compression=compression) as stream:
         return pacsv.read_csv(stream, parse_options=parse, convert_options=pacsv.ConvertOptions(
             strings_can_be_null=False, column_types=types))
+
+
+def _check_quotes(path: Path, table: Any, columns: tuple[str, ...]) -> None:
+    """A CSV's quotes come in pairs (a quote inside a field is written twice), so an odd number of
+    them is a field whose quote was never closed: it swallowed every row after it. That is an
+    error naming the row; text fields spanning lines are otherwise legitimate, and only logged."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    quotes = 0
+    with pa.input_stream(str(path), compression=_CODECS.get(path.suffix.lower())) as stream:
+        while block := stream.read(1 << 24):
+            quotes += block.count(b'"')
+    spanning = [pc.match_substring_regex(table.column(name), "[\n\r]") for name in columns
+                if name in table.column_names]
+    rows = [index for index, flags in enumerate(zip(*(column.to_pylist() for column in spanning))) if any(flags)]
+    if quotes % 2:
+        where = f"data row {rows[-1] + 1}'s" if rows else "a"
+        raise OpenAlignError(f"table '{path}' has a quote that is never closed: {where} text field, which begins "
+                             "with it, runs to the end of the file, taking the rows after it. Close the quote, "
+                             "or write a quote inside a field as two (\"\")")
+    if rows:
+        log.warning("table '%s': %d text field(s) span several lines (the first in data row %d): right for quoted "
+                    "multi-line captions; if a quote was left open, the rows up to its closing were read as one",
+                    path, len(rows), rows[0] + 1)
 
 
 def _holds_tab_or_line_break(table: Any, columns: tuple[str, ...]) -> bool:
