@@ -91,6 +91,17 @@ def test_only_imagenet_repeats_names_as_clip_does():
         assert repeated == (["missile", "sunglasses"] if key == "imagenet1k" else []), key
 
 
+def test_imagenet_zero_shot_takes_clips_names_with_their_repeats(tmp_path):
+    """The papers, open_clip and CLIP_benchmark evaluate ImageNet with these names, repeats and all:
+    the task must accept them, given or by default for the WordNet-id folders."""
+    for index in range(1000):
+        (tmp_path / f"n{index:08d}").mkdir()
+        Image.new("RGB", (1, 1)).save(tmp_path / f"n{index:08d}" / "0.png")
+    ZeroShotEvalConfig(root=str(tmp_path), classnames="imagenet1k_classnames",
+                       templates_file="imagenet1k_templates").check_data()
+    ZeroShotEvalConfig(root=str(tmp_path)).check_data()
+
+
 @pytest.mark.parametrize("key", ["cifar10", "cifar100", "food101", "sun397", "dtd", "aircraft"])
 def test_alphabetical_label_orders_are_sorted(key):
     """These datasets number their classes in (case-sensitive) sorted name order."""

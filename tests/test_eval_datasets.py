@@ -23,7 +23,9 @@ from openalign.data import read_karpathy
 from openalign.errors import ConfigError, OpenAlignError
 from openalign.eval import (classification_metrics, evaluate_fewshot, evaluate_knn, evaluate_retrieval,
                             evaluate_shapes, evaluate_zeroshot)
-from openalign.eval.datasets import read_lines_or_json
+from openalign.eval import datasets
+from openalign.eval.datasets import class_names, read_lines_or_json
+from openalign.eval.prompts import shipped_lines
 
 CPU = torch.device("cpu")
 
@@ -841,8 +843,18 @@ def test_review_bad_inputs_are_refused_before_results_are_lost(model, folders, s
     assert evaluate_knn(model, tmp_path / "folders" / "train", tmp_path / "folders" / "val", CPU,
                         show_progress=False) == expected
     classes = sorted(p.name for p in (folders / "val").iterdir())
-    with pytest.raises(OpenAlignError, match="class names repeat \\('circle'\\)"):
-        evaluate_zeroshot(model, folders / "val", CPU, names=["circle"] * len(classes), show_progress=False)
+    # a repeated name is logged, not refused: CLIP's ImageNet names repeat 'missile' and 'sunglasses'
+    names = ["circle"] * len(classes)
+    monkeypatch.setattr(datasets, "_REPEATS_LOGGED", set())
+    with caplog.at_level("WARNING"):
+        repeated = evaluate_zeroshot(model, folders / "val", CPU, names=names, show_progress=False)
+    assert "class names repeat ('circle')" in caplog.text and 0 <= repeated["acc1"] <= 1
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # logged once a process, not at every evaluation
+        assert evaluate_zeroshot(model, folders / "val", CPU, names=names, show_progress=False) == repeated
+    assert "class names repeat" not in caplog.text
+    shipped = shipped_lines("imagenet1k_classnames")
+    assert class_names([f"n{index:08d}" for index in range(1000)], shipped) == shipped
     with pytest.raises(OpenAlignError, match="class name None is not a non-empty string"):
         evaluate_zeroshot(model, folders / "val", CPU, names={c: None for c in classes}, show_progress=False)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # every image is then a decompression bomb

@@ -139,23 +139,30 @@ def class_names(folders: Sequence[str], names: list[str] | dict[str, str] | None
         missing = [folder for folder in folders if folder not in names]
         if missing:
             raise OpenAlignError(f"the class names have no entry for folders {', '.join(missing[:5])}")
-        return _distinct_names([names[folder] for folder in folders])
+        return _checked_names([names[folder] for folder in folders])
     if len(names) != len(folders):
         raise OpenAlignError(f"{len(names)} class names for {len(folders)} class folders: give one per folder, "
                              "in sorted folder order")
-    return _distinct_names(list(names))
+    return _checked_names(list(names))
 
 
-def _distinct_names(names: list[object]) -> list[str]:
-    """``names``, checked to be distinct, non-empty strings: two classes of one name are one prompt
-    (and the first would win every tie), a number or null no prompt at all."""
+_REPEATS_LOGGED: set[tuple[str, ...]] = set()
+
+
+def _checked_names(names: list[object]) -> list[str]:
+    """``names``, checked to be non-empty strings (a number or null is no prompt at all). A repeated
+    name is logged, not refused: CLIP's ImageNet names, which the papers, open_clip and CLIP_benchmark
+    evaluate with, name two classes 'missile' and two 'sunglasses'; such classes get one embedding,
+    and a tie between them goes to one of them, as in those references."""
     for name in names:
         if not isinstance(name, str) or not name.strip():
             raise OpenAlignError(f"class name {name!r} is not a non-empty string: give each class a name")
-    repeated = sorted(name for name, count in Counter(names).items() if count > 1)
-    if repeated:
-        raise OpenAlignError(f"class names repeat ({', '.join(map(repr, repeated[:5]))}): two classes of one name "
-                             "cannot be told apart by a prompt")
+    repeated = tuple(sorted(name for name, count in Counter(names).items() if count > 1))
+    if repeated and repeated not in _REPEATS_LOGGED:  # once a process, not at every evaluation
+        _REPEATS_LOGGED.add(repeated)
+        log.warning("class names repeat (%s%s): the classes of one name cannot be told apart by a prompt (as in "
+                    "CLIP's ImageNet names, which the papers evaluate with)", ", ".join(map(repr, repeated[:5])),
+                    ", ..." if len(repeated) > 5 else "")
     return names
 
 
