@@ -104,3 +104,7 @@ def test_the_report_shows_fractions_as_percentages_and_losses_ranks_and_missing_
     assert probe["task"] == "linear_probe"  # CLIP_benchmark's name for its protocol
     # epochs, fewshot_k, lp_acc1, lr, normalized, seed, weight_decay: its settings as they are
     assert "| align-test | m | cifar10 | 10 | -1 | 25.00 | 0.1 | True | 0 | 0.0001 |" in markdown.read_text()
+    # a prefix is a prefix, dots and all (versions do not collide); its .md or .csv names it too
+    for prefix, files in (("align_v1.0", ("align_v1.0.md", "align_v1.0.csv")),
+                          ("align_v1.5", ("align_v1.5.md", "align_v1.5.csv")), ("table.md", ("table.md", "table.csv"))):
+        assert [path.name for path in write_report([probe], tmp_path / prefix)] == list(files)

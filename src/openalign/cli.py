@@ -156,12 +156,13 @@ def _cmd_eval_suite(args: argparse.Namespace) -> None:
 
 
 def _cmd_eval_report(args: argparse.Namespace) -> None:
-    from .eval.suite import collect_examples, collect_records, write_report
+    from .eval.suite import collect_examples, collect_records, report_files, write_report
 
     if not Path(args.out).name:
         raise OpenAlignError(f"--out '{args.out}' names no file: give a prefix, e.g. results/report")
-    for suffix, opening in ((".md", b"# openalign evaluation report"), (".csv", b"model,pretrained,dataset,task,")):
-        replaceable(Path(args.out).with_suffix(suffix), starts_with(opening), "an openalign report")
+    markdown, table, _ = report_files(args.out)
+    for path, opening in ((markdown, b"# openalign evaluation report"), (table, b"model,pretrained,dataset,task,")):
+        replaceable(path, starts_with(opening), "an openalign report")
     markdown, table = write_report(collect_records(args.paths), args.out, collect_examples(args.paths))
     print(markdown.read_text())
     print(f"wrote {markdown} and {table}")

@@ -206,11 +206,21 @@ def collect_examples(paths: list[str | Path]) -> list[Path]:
     return [file for path in map(Path, paths) if path.is_dir() for file in sorted(path.rglob(f"*{EXAMPLES_SUFFIX}"))]
 
 
+def report_files(output: str | Path) -> tuple[Path, Path, Path]:
+    """The markdown table, the CSV and the pictures' folder of the report ``output`` names: the
+    prefix (``reports/align_v1.0``: ``align_v1.0.md``, not ``align_v1.md``) or its ``.md`` or
+    ``.csv`` file."""
+    output = Path(output)
+    stem = output.with_suffix("") if output.suffix.lower() in (".md", ".csv") else output
+    return (stem.with_name(f"{stem.name}.md"), stem.with_name(f"{stem.name}.csv"),
+            stem.with_name(f"{stem.name}_examples"))
+
+
 def write_report(records: list[dict[str, Any]], output: str | Path, examples: list[Path] = ()) -> tuple[Path, Path]:
     """``output``.md (a table per task: one row per model and dataset, then the example pictures,
     copied to ``output``_examples/) and ``output``.csv (one row per model, dataset, task and metric)."""
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
+    markdown, table, pictures = report_files(output)
+    markdown.parent.mkdir(parents=True, exist_ok=True)
     lines = ["# openalign evaluation report", ""]
     for task in sorted({record["task"] for record in records}):
         rows = [record for record in records if record["task"] == task]
@@ -221,8 +231,7 @@ def write_report(records: list[dict[str, Any]], output: str | Path, examples: li
             values = [_format(metric, record["metrics"].get(metric)) for metric in metrics]
             lines.append(f"| {record['model']} | {record['pretrained']} | {record['dataset']} | " + " | ".join(values) + " |")
         lines.append("")
-    lines += _example_section(examples, output.parent / f"{output.name}_examples")
-    markdown, table = output.with_suffix(".md"), output.with_suffix(".csv")
+    lines += _example_section(examples, pictures)
     markdown.write_text("\n".join(lines))
     with table.open("w", newline="") as handle:
         writer = csv.writer(handle)
