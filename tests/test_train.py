@@ -212,6 +212,31 @@ def test_resuming_a_damaged_checkpoint_names_it_and_the_one_to_fall_back_on(trai
         train(recipe, resume="latest", show_progress=False)
 
 
+def test_a_saved_config_cut_at_a_line_break_is_damaged_not_filled_with_defaults(trained_run, tmp_path, shapes_root):
+    """YAML cut at a line break is still YAML: without its closing line, a checkpoint's recipe or a
+    model directory's config would load with the missing settings at their defaults."""
+    output, _ = trained_run
+    run = tmp_path / "run"
+    shutil.copytree(output, run)
+    for step in ("step_00000002", "step_00000004"):
+        config = run / "checkpoints" / step / "config.yaml"
+        lines = config.read_text().splitlines(keepends=True)
+        assert lines[-1] == "# end\n" and len(lines) > 20
+        config.write_text("".join(lines[:len(lines) // 2]))
+    recipe = load_recipe("demo", tiny_recipe_overrides(shapes_root, run))
+    with pytest.raises(OpenAlignError, match=r"checkpoint '.*step_00000004' is damaged: .*config.yaml' is cut short: "
+                                             r"its last line, '# end', is missing"):
+        train(recipe, resume="latest", show_progress=False)
+    model_dir = tmp_path / "model"
+    openalign.load_pretrained(str(output))[0].save_pretrained(model_dir, format="openalign")
+    lines = (model_dir / "config.yaml").read_text().splitlines(keepends=True)
+    (model_dir / "config.yaml").write_text("".join(lines[:-3]))
+    with pytest.raises(OpenAlignError, match="config.yaml' is cut short"):
+        openalign.load_pretrained(str(model_dir))
+    (model_dir / "config.yaml").write_text("".join(lines[1:-3]))  # no opening line: hand-written, read as it is
+    openalign.load_pretrained(str(model_dir))
+
+
 @pytest.mark.parametrize("damaged, content", [("trainer_state.pt", {"foo": 1}), ("rng_rank0.pt", [1, 2]),
                                               ("data_rank0.json", []), ("data_rank0.json", {"foo": 1})])
 def test_resuming_a_checkpoint_file_of_another_structure_names_it(trained_run, tmp_path, shapes_root, damaged,

@@ -249,6 +249,24 @@ def parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_NoRepeatsLoader)  # noqa: S506 (a SafeLoader subclass)
 
 
+# A config openalign saves (a checkpoint's or run's recipe, a model directory's config) opens and
+# closes with these lines. A file that opens with the first and lacks the last was cut short (an
+# interrupted copy or save): YAML cut at a line break is still YAML, and its missing settings
+# would quietly take their defaults. A file without the opening line (hand-written) is read as is.
+SAVED_OPENING = "# openalign config: the last line is '# end'; a file without it was cut short\n"
+SAVED_END = "# end\n"
+
+
+def dump_saved(data: Mapping[str, Any]) -> str:
+    """``data`` as YAML between :data:`SAVED_OPENING` and :data:`SAVED_END`."""
+    return SAVED_OPENING + yaml.safe_dump(dict(data), sort_keys=False) + SAVED_END
+
+
+def cut_short(text: str) -> bool:
+    """Whether ``text`` is a saved config (:func:`dump_saved`) that lost its end."""
+    return text.startswith(SAVED_OPENING) and not text.rstrip().endswith(SAVED_END.rstrip())
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping, with errors that name the file."""
     path = Path(path)

@@ -23,10 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
-from .config import from_dict, to_dict
+from .config import dump_saved, from_dict, to_dict
 from .data.tokenizer import Tokenizer
 from .distributed import resolve_device
 from .data.transforms import ImageTransform
@@ -228,7 +227,7 @@ def _save_openalign_directory(model: nn.Module, directory: Path) -> None:
         config["text"]["tokenizer"] = "."  # the files beside this config (see _model_config)
         if config["text"].get("pretrained"):
             config["text"]["pretrained"] = None  # the weights are here; the sizes are in the config
-    (directory / CONFIG_FILE).write_text(yaml.safe_dump({"model": config}, sort_keys=False))
+    (directory / CONFIG_FILE).write_text(dump_saved({"model": config}))
     save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(directory / WEIGHTS_FILE))
 
 

@@ -24,6 +24,7 @@ import yaml
 from safetensors.torch import save_file
 from torch import nn
 
+from ..config import SAVED_END, cut_short, dump_saved
 from ..distributed import DistributedContext, fail_together
 from ..errors import OpenAlignError
 from ..files import read_json, read_safetensors, read_torch_file
@@ -155,7 +156,7 @@ class Checkpointer:
             if self.ctx.is_main:
                 save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
                           str(staging / WEIGHTS_FILE))
-                (staging / CONFIG_FILE).write_text(yaml.safe_dump(recipe, sort_keys=False))
+                (staging / CONFIG_FILE).write_text(dump_saved(recipe))
                 torch.save({"step": step, "world_size": self.ctx.world_size, "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict(), "loss": loss_fn.state_dict()}, staging / STATE_FILE)
         with fail_together(what):
@@ -298,8 +299,12 @@ def check_resumable(saved: dict[str, Any], current: dict[str, Any], path: Path) 
 
 def _read_recipe(path: Path) -> dict[str, Any]:
     try:
-        recipe = yaml.safe_load((path / CONFIG_FILE).read_text())
-    except (OSError, yaml.YAMLError) as error:
+        text = (path / CONFIG_FILE).read_text(encoding="utf-8")
+        if cut_short(text):
+            raise OpenAlignError(f"'{path / CONFIG_FILE}' is cut short: its last line, '{SAVED_END.strip()}', is "
+                                 "missing (an interrupted copy or save)")
+        recipe = yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
         mark = getattr(error, "problem_mark", None)  # a YAML error's own text spans several lines
         reason = (f"{error.problem} at line {mark.line + 1}" if mark is not None and getattr(error, "problem", None)
                   else str(error).strip().splitlines()[0])

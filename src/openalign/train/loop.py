@@ -17,12 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from rich.progress import TextColumn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..config import to_dict
+from ..config import dump_saved, to_dict
 from ..data.loader import Collate, DataMonitor, build_loader, move_to_device
 from ..data.quality import summarise
 from ..data.stream import ResumableStream
@@ -117,7 +116,7 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True)
         forward = torch.compile(forward)
     if ctx.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.yaml").write_text(yaml.safe_dump(recipe_dict, sort_keys=False))
+        (output_dir / "config.yaml").write_text(dump_saved(recipe_dict))
     logger = TrainLogger(output_dir, ctx.is_main, recipe.run.tensorboard, start, reevaluating=start == cfg.steps)
     if ctx.is_main:
         log.info("batch %d: %d rank(s) × %d example(s)%s", cfg.batch_size, ctx.world_size, per_rank,
