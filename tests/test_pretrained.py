@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -508,6 +509,27 @@ def test_convert_on_the_command_line(hf_dir, tmp_path, capsys):
     assert main(["convert", str(hf_dir), str(tmp_path / "ours"), "--to", "openalign", "--overwrite"]) == 0
     assert main(["convert", str(tmp_path / "nowhere"), str(tmp_path / "x"), "--to", "hf"]) == 2
     assert "neither a directory nor a Hugging Face hub id" in " ".join(capsys.readouterr().err.split())
+    # a model directory's own files name the directory, not an architecture or an open_clip state dict
+    ours = tmp_path / "ours"
+    assert main(["convert", str(ours / "model.safetensors"), str(tmp_path / "y"), "--to", "openalign",
+                 "--architecture", "align-test"]) == 2
+    assert "is the weights file of the model in" in " ".join(capsys.readouterr().err.split())
+    for name, kind in (("config.yaml", "config"), ("model.safetensors", "weights")):
+        with pytest.raises(OpenAlignError, match=f"is the {kind} file of the model in '.*ours': name that directory"):
+            openalign.load_pretrained(ours / name)
+    with tarfile.open(tmp_path / "shard.tar", "w") as tar:  # a webdataset shard: torch's advice is not repeated
+        tar.add(ours / "config.yaml", "config.yaml")
+    assert main(["convert", str(tmp_path / "shard.tar"), str(tmp_path / "z"), "--to", "openalign", "--architecture",
+                 "alip-tiny"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "is a tar archive, not a weights file openalign reads" in err and "weights_only" not in err
+    # a run directory's config.yaml is its recipe: never replaced by a model's, even with --overwrite
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("model: {name: align-test}\ntrain: {steps: 2}\n")
+    assert main(["convert", str(ours), str(run), "--to", "openalign", "--overwrite"]) == 2
+    assert "is a training run's directory" in " ".join(capsys.readouterr().err.split())
+    assert (run / "config.yaml").read_text() == "model: {name: align-test}\ntrain: {steps: 2}\n"
 
 
 def test_a_config_json_of_wrong_types_is_a_clear_error(hf_dir, tmp_path):

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import nn
 
 from .config import dump_saved, from_dict, to_dict
@@ -110,12 +111,24 @@ def _load_weights_file(path: Path, architecture: str | None) -> nn.Module:
         raise OpenAlignError(f"'{path}' is not a file: an architecture is named for a weights file (a directory or "
                              "hub id names its own)")
     if architecture is None:
+        if hint := model_directory_hint(path):
+            raise OpenAlignError(f"'{path}' {hint}")
         raise OpenAlignError(f"'{path}' is a weights file without a config: name the architecture it holds, e.g. "
                              f"load_pretrained('{path}', architecture='alip-vit-b32') or 'openalign convert {path} "
-                             "DIR --architecture alip-vit-b32' (see 'openalign models')")
+                             "DIR --architecture alip-vit-b32' (see 'openalign models'), then use DIR")
     model = create_model(architecture)
     load_external_weights(model, path)
     return model
+
+
+def model_directory_hint(path: Path) -> str | None:
+    """What to name instead of ``path``, a file of a model, checkpoint or run directory (its config or
+    weights), which is loaded by its directory; None for a file on its own (a released weights file)."""
+    folder = path.parent
+    if not any((folder / name).is_file() for name in (CONFIG_FILE, HF_CONFIG_FILE)):
+        return None
+    kind = "config" if path.name in (CONFIG_FILE, HF_CONFIG_FILE) else "weights"
+    return f"is the {kind} file of the model in '{folder}': name that directory, which holds config and weights"
 
 
 def _is_hf_directory(path: Path) -> bool:
@@ -175,6 +188,9 @@ def save_pretrained(model: nn.Module, directory: str | Path, format: str = "open
     directory = _named(directory)
     if directory.exists() and not directory.is_dir():
         raise OpenAlignError(f"'{directory}' is a file; a model is saved to a directory")
+    if _is_run_directory(directory):  # overwrite or not: its config.yaml is the run's recipe, not a model's
+        raise OpenAlignError(f"'{directory}' is a training run's directory: its config.yaml is the run's recipe, "
+                             "which a saved model's config would replace; save the model to another directory")
     existing = [name for name in _MODEL_FILES if (directory / name).is_file()]
     if existing and not overwrite:  # found before the export's work; any other file of a name it writes, after
         raise _holds_model_files(directory, existing)
@@ -190,6 +206,17 @@ def save_pretrained(model: nn.Module, directory: str | Path, format: str = "open
                                               if (directory / path.name).exists())):
             raise _holds_model_files(directory, found)  # a stray tokenizer.json, say: never replaced unasked
     return directory
+
+
+def _is_run_directory(directory: Path) -> bool:
+    """A training run's output directory: checkpoints, or a config.yaml holding more than a model."""
+    if (directory / "checkpoints").is_dir():
+        return True
+    try:
+        saved = yaml.safe_load((directory / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    return isinstance(saved, dict) and bool(set(saved) - {"model"})
 
 
 def _named(directory: str | Path) -> Path:
