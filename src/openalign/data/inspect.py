@@ -34,7 +34,7 @@ def inspect_shards(patterns: Sequence[str], text_key: str = "txt", image_keys: S
                    show_progress: bool = True, min_image_side: int = MIN_IMAGE_SIDE) -> dict[str, Any]:
     """The summary of the shards ``patterns`` name (paths, globs, brace patterns, and the URLs
     training reads: ``s3://...``, ``pipe:...``): ``samples``, ``usable``, ``skipped`` {reason:
-    count}, ``failed_shards`` {url: error}, ``caption_chars`` and ``image_longer_side``
+    count}, ``failed_shards`` {url: error}, ``empty_shards`` [url] (read whole, without a sample), ``caption_chars`` and ``image_longer_side``
     histograms {bin: count}, ``image_modes`` {mode: count}."""
     shards = [url for pattern in patterns for url in expand_urls(pattern, "shards")]
     skipped: Counter[str] = Counter()
@@ -42,11 +42,13 @@ def inspect_shards(patterns: Sequence[str], text_key: str = "txt", image_keys: S
     sizes: Counter[str] = Counter()
     modes: Counter[str] = Counter()
     failed: dict[str, str] = {}
+    empty: list[str] = []  # whole, but without a sample: an archive of nothing, say, or a file of zeros
     samples = usable = 0
     with progress_bar("inspecting shards", len(shards), enabled=show_progress) as advance:
         for shard in shards:
             # a TFRecord's image is under the TFRecord source's key, unless other keys were asked for
             keys = TFRECORD_IMAGE_KEYS if _is_tfrecord(shard) and image_keys is IMAGE_KEYS else image_keys
+            before = samples
             try:
                 for fields in _samples(shard):
                     samples += 1
@@ -58,9 +60,12 @@ def inspect_shards(patterns: Sequence[str], text_key: str = "txt", image_keys: S
                         usable += 1
             except (ShardReadError, tarfile.TarError, OSError) as error:
                 failed[shard] = f"{type(error).__name__}: {error}"
+            else:
+                if samples == before:
+                    empty.append(shard)
             advance()
     return {"shards": len(shards), "samples": samples, "usable": usable, "skipped": dict(skipped),
-            "failed_shards": failed, "caption_chars": _ordered(captions, CAPTION_EDGES),
+            "failed_shards": failed, "empty_shards": empty, "caption_chars": _ordered(captions, CAPTION_EDGES),
             "image_longer_side": _ordered(sizes, IMAGE_EDGES), "image_modes": dict(modes)}
 
 
@@ -135,7 +140,11 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines = [f"{summary['shards']} shard(s), {summary['samples']} samples, {summary['usable']} usable"]
     lines += [f"  skipped, {reason}: {count}" for reason, count in sorted(summary["skipped"].items())]
     lines += [f"  unreadable shard {path}: {error}" for path, error in summary["failed_shards"].items()]
+    if empty := summary["empty_shards"]:
+        lines.append(f"  {len(empty)} shard(s) without a sample: {', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''}")
     for title, key in (("caption characters", "caption_chars"), ("image longer side (px)", "image_longer_side")):
-        lines.append(f"{title}: " + ", ".join(f"{name}: {count}" for name, count in summary[key].items() if count))
-    lines.append("image modes: " + ", ".join(f"{mode}: {count}" for mode, count in sorted(summary["image_modes"].items())))
+        lines.append(f"{title}: " + (", ".join(f"{name}: {count}" for name, count in summary[key].items() if count)
+                                     or "none"))
+    lines.append("image modes: " + (", ".join(f"{mode}: {count}" for mode, count in sorted(summary["image_modes"].items()))
+                                    or "none"))
     return "\n".join(lines)
