@@ -410,6 +410,12 @@ def test_a_run_refuses_an_output_dir_holding_a_saved_model(tmp_path, shapes_root
     with pytest.raises(OpenAlignError, match=r"holds a saved model \(model.safetensors\).*replace its config.yaml"):
         train(load_recipe("demo", tiny_overrides(shapes_root, saved)), show_progress=False)
     assert (saved / "config.yaml").read_text() == before
+    # a file on the way is a config error naming the key, not the OS's 'File exists'
+    (tmp_path / "picture.jpg").write_bytes(b"")
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
+    for output, blocking in (("picture.jpg", "a file"), ("picture.jpg/run", "a file"), ("gone", "a broken symbolic")):
+        with pytest.raises(ConfigError, match=f"'run.output_dir' is '.*{output}', but '.*' is {blocking}"):
+            train(load_recipe("demo", tiny_overrides(shapes_root, tmp_path / output)), show_progress=False)
 
 
 def test_resume_refuses_a_changed_recipe_but_allows_more_steps(tmp_path, shapes_root, tiny_overrides, caplog):

@@ -81,6 +81,12 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True)
         scheduler = build_scheduler(optimizer, cfg.schedule, cfg.warmup_steps, cfg.steps, cfg.cooldown_steps,
                                     cfg.rsqrt_timescale)
         output_dir = Path(recipe.run.output_dir)
+        # the nearest part of the path that is there must be a directory, or making it fails with a bare OS error
+        there = next((path for path in (output_dir, *output_dir.parents) if path.exists() or path.is_symlink()))
+        if not there.is_dir():
+            kind = "a file" if there.exists() else "a broken symbolic link"
+            raise ConfigError(f"is '{output_dir}', but '{there}' is {kind}, where a directory must be: choose another",
+                              "run.output_dir")
         checkpointer = Checkpointer(output_dir / "checkpoints", recipe.run.keep_checkpoints, ctx)
         torch.manual_seed(cfg.seed + 1 + ctx.rank)  # per-rank dropout and drop-connect streams
         recipe_dict = to_dict(recipe)
