@@ -97,6 +97,11 @@ def test_convert_writes_a_table_as_shards_that_inspect_and_the_training_source_r
     sample = next(iter(source.build(transform, 0)))
     assert sample["text"].startswith("red number") and sample["caption"] == "a red square"
     assert main(["data", "convert", str(tmp_path / "pairs.csv"), "--out", str(out)]) == 2  # never overwrites shards
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "sizes.json").write_text("{}")  # nor another dataset's sizes.json
+    assert main(["data", "convert", str(tmp_path / "pairs.csv"), "--out", str(tmp_path / "other")]) == 2
+    assert "already holds shards or a sizes.json" in " ".join(capsys.readouterr().err.split())
+    assert (tmp_path / "other" / "sizes.json").read_text() == "{}"
     with pytest.raises(SystemExit):
         main(["data", "convert", str(tmp_path / "pairs.csv"), "--out", str(tmp_path / "x"),
               "--extra-column", "caption"])

@@ -575,7 +575,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert = data_commands.add_parser("convert", help="a CSV/TSV/parquet table of local images and captions -> "
                                                        "webdataset shards (for URLs, use img2dataset)")
     convert.add_argument("table", help="a .csv, .tsv or .parquet file, or a glob of them")
-    convert.add_argument("--out", required=True, help="an empty directory for the shards and sizes.json")
+    convert.add_argument("--out", required=True, help="the directory for the shards and sizes.json (created if need "
+                                                      "be; one holding shards or a sizes.json is refused)")
     convert.add_argument("--image-column", default="image", help="image paths (or bytes, in parquet)")
     convert.add_argument("--text-column", default="caption")
     convert.add_argument("--extra-column", action="append", default=[], metavar="FIELD=COLUMN", type=_field_column,

@@ -51,8 +51,8 @@ def convert_table(table: TableSourceConfig, out: str | Path, samples_per_shard: 
     if samples_per_shard < 1:
         raise OpenAlignError(f"samples_per_shard must be at least 1, got {samples_per_shard}")
     out = Path(out)
-    if out.is_dir() and any(out.glob("*.tar")):
-        raise OpenAlignError(f"'{out}' already holds shards: choose an empty output directory")
+    if out.is_dir() and (any(out.glob("*.tar")) or (out / "sizes.json").exists()):
+        raise OpenAlignError(f"'{out}' already holds shards or a sizes.json: choose a directory without them")
     out.mkdir(parents=True, exist_ok=True)
     rows = table.located_rows()
     writer = _ShardWriter(out, samples_per_shard)
