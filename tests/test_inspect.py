@@ -187,16 +187,30 @@ def test_convert_skips_and_counts_an_unreadable_image_and_keeps_shards_full(tmp_
 
 
 def test_a_csv_quote_left_open_is_an_error_naming_its_row_and_multi_line_captions_are_logged(tmp_path, caplog):
+    import gzip
+
     from openalign.data import TableSourceConfig
 
     Image.new("RGB", (8, 8)).save(tmp_path / "a.jpg")
-    (tmp_path / "open.csv").write_text('image,caption\na.jpg,fine\na.jpg,"open quote\na.jpg,three\na.jpg,four\n')
-    with pytest.raises(OpenAlignError, match="quote that is never closed: data row 2's text field"):
-        TableSourceConfig(path=str(tmp_path / "open.csv")).rows()  # it would have read 2 rows of 4
+    for name, content, row in (
+            ("open.csv", 'image,caption\na.jpg,fine\na.jpg,"open quote\na.jpg,three\na.jpg,four\n', 2),
+            # the quote left open in another column, after a legitimate multi-line caption
+            ("label.csv", 'image,caption,label\na.jpg,"multi\nline",1\na.jpg,a cow,"2\na.jpg,a cat,3\n', 2)):
+        (tmp_path / name).write_text(content)
+        with pytest.raises(OpenAlignError, match=f"quote that is never closed: a field of data row {row} opens"):
+            TableSourceConfig(path=str(tmp_path / name), extra_columns={"label": "label"} if "label" in name
+                              else {}).rows()  # pyarrow alone reads 2 rows of 4
+    with gzip.open(tmp_path / "open.csv.gz", "wt") as file:
+        file.write((tmp_path / "open.csv").read_text())
+    with pytest.raises(OpenAlignError, match="quote that is never closed: a field of data row 2 opens"):
+        TableSourceConfig(path=str(tmp_path / "open.csv.gz")).rows()
+    # a quote inside an unquoted field is text (CSV opens a quoted field only at its start)
+    (tmp_path / "inch.csv").write_text('image,caption\na.jpg,a 12" pizza\na.jpg,a dog\n')
+    assert [text for _, text, _ in TableSourceConfig(path=str(tmp_path / "inch.csv")).rows()] == ['a 12" pizza', "a dog"]
     (tmp_path / "lines.csv").write_text('image,caption\na.jpg,fine\na.jpg,"two\nlines"\na.jpg,"say ""hi"""\n')
     rows = TableSourceConfig(path=str(tmp_path / "lines.csv")).rows()
     assert [text for _, text, _ in rows] == ["fine", "two\nlines", 'say "hi"']
-    assert "1 text field(s) span several lines (the first in data row 2)" in caplog.text
+    assert "1 row(s) have fields spanning several lines (the first: data row 2)" in caplog.text
 
 
 def test_tfrecord_source_streams_every_good_record_once_a_pass_and_counts_the_bad(tmp_path, caplog):

@@ -282,7 +282,7 @@ def _read_table(path: Path, text_columns: tuple[str, ...] = (), byte_columns: tu
                 table = _read_tsv(path, text_columns, binary)
             else:
                 table = _read_delimited(path, kind, text_columns, binary, quoted=True)
-                _check_quotes(path, table, (*text_columns, *byte_columns))
+                _check_quotes(path, table)
         else:
             raise OpenAlignError(f"table '{path}' is not .csv, .tsv (either may be compressed: .gz, .bz2, .zst, "
                                  ".lz4) or .parquet")
@@ -331,29 +331,40 @@ def _read_delimited(path: Path, kind: str, text_columns: tuple[str, ...], byte_c
             strings_can_be_null=False, column_types=types))
 
 
-def _check_quotes(path: Path, table: Any, columns: tuple[str, ...]) -> None:
-    """A CSV's quotes come in pairs (a quote inside a field is written twice), so an odd number of
-    them is a field whose quote was never closed: it swallowed every row after it. That is an
-    error naming the row; text fields spanning lines are otherwise legitimate, and only logged."""
+def _check_quotes(path: Path, table: Any) -> None:
+    """A CSV field that opens with a quote never closed runs to the end of the file, taking the rows
+    after it; pyarrow reads that without complaint, so it is an error here, naming the row. A
+    field spanning lines is what such a quote leaves, and is also a legitimate quoted multi-line
+    caption: only then is the file read again, by Python's strict CSV reader, which fails at the end
+    of the data inside a quote; the other fields spanning lines are logged."""
+    import csv
+    import io
+
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    quotes = 0
-    with pa.input_stream(str(path), compression=_CODECS.get(path.suffix.lower())) as stream:
-        while block := stream.read(1 << 24):
-            quotes += block.count(b'"')
-    spanning = [pc.match_substring_regex(table.column(name), "[\n\r]") for name in columns
-                if name in table.column_names]
+    spanning = [pc.match_substring_regex(table.column(name), "[\n\r]") for name in table.column_names
+                if pa.types.is_string(table.column(name).type) or pa.types.is_binary(table.column(name).type)]
     rows = [index for index, flags in enumerate(zip(*(column.to_pylist() for column in spanning))) if any(flags)]
-    if quotes % 2:
-        where = f"data row {rows[-1] + 1}'s" if rows else "a"
-        raise OpenAlignError(f"table '{path}' has a quote that is never closed: {where} text field, which begins "
-                             "with it, runs to the end of the file, taking the rows after it. Close the quote, "
-                             "or write a quote inside a field as two (\"\")")
-    if rows:
-        log.warning("table '%s': %d text field(s) span several lines (the first in data row %d): right for quoted "
-                    "multi-line captions; if a quote was left open, the rows up to its closing were read as one",
-                    path, len(rows), rows[0] + 1)
+    if not rows:
+        return
+    limit = csv.field_size_limit(2**31 - 1)  # a field holding the rows it swallowed is long
+    read = 0
+    try:
+        with pa.input_stream(str(path), compression=_CODECS.get(path.suffix.lower())) as stream, \
+                io.TextIOWrapper(stream, encoding="utf-8", errors="replace", newline="") as text:
+            for _ in csv.reader(text, strict=True):
+                read += 1
+    except csv.Error as error:
+        if "unexpected end of data" in str(error):  # the header is the first row read
+            raise OpenAlignError(f"table '{path}' has a quote that is never closed: a field of data row {read} "
+                                 "opens with it and runs to the end of the file, taking the rows after it. Close "
+                                 "the quote, or write a quote inside a quoted field as two (\"\")") from None
+    finally:
+        csv.field_size_limit(limit)
+    log.warning("table '%s': %d row(s) have fields spanning several lines (the first: data row %d): right for quoted "
+                "multi-line captions; if a quote was left open, the rows up to its closing were read as one",
+                path, len(rows), rows[0] + 1)
 
 
 def _holds_tab_or_line_break(table: Any, columns: tuple[str, ...]) -> bool:
