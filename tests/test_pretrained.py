@@ -517,6 +517,12 @@ def test_convert_on_the_command_line(hf_dir, tmp_path, capsys):
     for name, kind in (("config.yaml", "config"), ("model.safetensors", "weights")):
         with pytest.raises(OpenAlignError, match=f"is the {kind} file of the model in '.*ours': name that directory"):
             openalign.load_pretrained(ours / name)
+    released = tmp_path / "released"  # open_clip's hub layout: a CLIP config.json beside the weights file
+    released.mkdir()
+    (released / "config.json").write_text('{"model_type": "clip"}')
+    torch.save({"logit_scale": torch.zeros(())}, released / "open_clip_pytorch_model.bin")
+    with pytest.raises(OpenAlignError, match="is a weights file without a config: name the architecture"):
+        openalign.load_pretrained(released / "open_clip_pytorch_model.bin")
     with tarfile.open(tmp_path / "shard.tar", "w") as tar:  # a webdataset shard: torch's advice is not repeated
         tar.add(ours / "config.yaml", "config.yaml")
     assert main(["convert", str(tmp_path / "shard.tar"), str(tmp_path / "z"), "--to", "openalign", "--architecture",

@@ -49,7 +49,7 @@ def load_open_clip_weights(model: nn.Module, path: Path) -> None:
         from .pretrained import model_directory_hint
 
         if hint := model_directory_hint(path):
-            raise OpenAlignError(f"'{path}' {hint} (an architecture is named only for a released weights file)")
+            raise OpenAlignError(f"'{path}' {hint}")
         raise OpenAlignError(f"'{path}' is read as an open_clip state dict, which loads into a model with open_clip "
                              f"towers (alip-vit-b32, alip-tiny), not into '{config.name}'")
     raw = read_weights_file(path)

@@ -124,11 +124,21 @@ def _load_weights_file(path: Path, architecture: str | None) -> nn.Module:
 def model_directory_hint(path: Path) -> str | None:
     """What to name instead of ``path``, a file of a model, checkpoint or run directory (its config or
     weights), which is loaded by its directory; None for a file on its own (a released weights file)."""
-    folder = path.parent
-    if not any((folder / name).is_file() for name in (CONFIG_FILE, HF_CONFIG_FILE)):
+    folder, own = path.parent, {CONFIG_FILE: "config", WEIGHTS_FILE: "weights"}
+    openalign_model = all((folder / name).is_file() for name in own)
+    hf_model = path.name in (HF_CONFIG_FILE, WEIGHTS_FILE, "pytorch_model.bin") and _is_hf_directory(folder) and \
+        isinstance(config := _read_json_or_none(folder / HF_CONFIG_FILE), dict) and config.get("model_type") == "align"
+    if not (openalign_model and path.name in own) and not hf_model:  # a released file beside configs of its own
         return None
-    kind = "config" if path.name in (CONFIG_FILE, HF_CONFIG_FILE) else "weights"
+    kind = "weights" if path.name in (WEIGHTS_FILE, "pytorch_model.bin") else "config"
     return f"is the {kind} file of the model in '{folder}': name that directory, which holds config and weights"
+
+
+def _read_json_or_none(path: Path) -> Any:
+    try:
+        return read_json(path)
+    except OpenAlignError:
+        return None
 
 
 def _is_hf_directory(path: Path) -> bool:
