@@ -235,6 +235,8 @@ def test_a_saved_config_cut_at_a_line_break_is_damaged_not_filled_with_defaults(
         openalign.load_pretrained(str(model_dir))
     (model_dir / "config.yaml").write_text("".join(lines[1:-3]))  # no opening line: hand-written, read as it is
     openalign.load_pretrained(str(model_dir))
+    (model_dir / "config.yaml").write_text("".join(lines) + "# a note added after the end\n")
+    openalign.load_pretrained(str(model_dir))
 
 
 @pytest.mark.parametrize("damaged, content", [("trainer_state.pt", {"foo": 1}), ("rng_rank0.pt", [1, 2]),

@@ -250,10 +250,10 @@ def parse_yaml(text: str) -> Any:
 
 
 # A config openalign saves (a checkpoint's or run's recipe, a model directory's config) opens and
-# closes with these lines. A file that opens with the first and lacks the last was cut short (an
-# interrupted copy or save): YAML cut at a line break is still YAML, and its missing settings
+# closes with these lines. A file that opens with the first and lacks the last (anywhere: a note may
+# follow it) was cut short (an interrupted copy or save): YAML cut at a line break is still YAML, and its missing settings
 # would quietly take their defaults. A file without the opening line (hand-written) is read as is.
-SAVED_OPENING = "# openalign config: the last line is '# end'; a file without it was cut short\n"
+SAVED_OPENING = "# openalign config: it closes with the line '# end'; a file without it was cut short\n"
 SAVED_END = "# end\n"
 
 
@@ -264,7 +264,7 @@ def dump_saved(data: Mapping[str, Any]) -> str:
 
 def cut_short(text: str) -> bool:
     """Whether ``text`` is a saved config (:func:`dump_saved`) that lost its end."""
-    return text.startswith(SAVED_OPENING) and not text.rstrip().endswith(SAVED_END.rstrip())
+    return text.startswith(SAVED_OPENING) and SAVED_END.strip() not in map(str.strip, text.splitlines())
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
