@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, replace
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -181,3 +182,42 @@ def test_a_suite_task_runs_on_index_named_class_folders(tmp_path):
     metrics = task.run(model, torch.device("cpu"), batch_size=16, show_progress=False)
     assert {"acc1", "acc5", "mean_per_class_recall"} <= set(metrics)
     assert all(0.0 <= metrics[key] <= 1.0 for key in ("acc1", "acc5", "mean_per_class_recall"))
+
+
+def _lay_out(task: Any, base: Path) -> None:
+    """Under ``base``, the data a shipped suite task names, as the suite's comments lay it out:
+    class folders named by zero-padded label index (one 1-pixel image each, as many as the task's
+    class names), Karpathy JSONs with their images."""
+    import json
+
+    def image(path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (1, 1)).save(path)
+
+    if isinstance(task, ZeroShotEvalConfig) or hasattr(task, "train_root"):
+        count = len(read_lines_or_json(task.classnames, "class names")) if getattr(task, "classnames", None) else 1000
+        for root in [getattr(task, key, None) for key in ("root", "train_root", "val_root", "sweep_root")]:
+            for index in range(count) if root else ():
+                image(base / root / f"{index:04d}" / "0.png")
+    else:  # retrieval: a Karpathy JSON of two test images
+        root = base / (task.image_root or Path(task.json).parent)
+        entries = [{"filepath": "test2014", "filename": f"{index}.jpg", "split": "test",
+                    "sentences": [{"raw": f"picture {index}"}]} for index in range(2)]
+        for entry in entries:
+            image(root / entry["filepath"] / entry["filename"])
+        (base / task.json).parent.mkdir(parents=True, exist_ok=True)
+        (base / task.json).write_text(json.dumps({"images": entries}))
+
+
+@pytest.mark.parametrize("name", ["align", "alip", "clippo"])
+def test_every_shipped_suite_accepts_data_laid_out_as_it_says(name, tmp_path, monkeypatch):
+    """What a suite checks before its first task (names, prompts, class folders, caption files)
+    passes on data laid out as the suite's comments say, with its own class-name lists: CLIP's
+    ImageNet names, repeats and all, were once refused, so no shipped suite with ImageNet ran."""
+    from openalign.eval.tasks import data_problems
+
+    suite = load_suite(name)
+    monkeypatch.chdir(tmp_path)  # the suites name data/... relative to where they run
+    for task in suite.tasks:
+        _lay_out(task, tmp_path)
+    assert data_problems(suite.tasks, "tasks") == []
