@@ -8,6 +8,7 @@ sources sampled per example by weight).
 from __future__ import annotations
 
 import bisect
+import functools
 import glob
 import gzip
 import hashlib
@@ -345,7 +346,10 @@ def _check_quotes(path: Path, table: Any) -> None:
 
     spanning = [pc.match_substring_regex(table.column(name), "[\n\r]") for name in table.column_names
                 if pa.types.is_string(table.column(name).type) or pa.types.is_binary(table.column(name).type)]
-    rows = [index for index, flags in enumerate(zip(*(column.to_pylist() for column in spanning))) if any(flags)]
+    if not spanning:
+        return
+    flags = functools.reduce(pc.or_, spanning)
+    rows = pc.indices_nonzero(pc.fill_null(flags, False)).to_pylist()
     if not rows:
         return
     limit = csv.field_size_limit(2**31 - 1)  # a field holding the rows it swallowed is long
