@@ -214,10 +214,10 @@ def test_every_shipped_suite_accepts_data_laid_out_as_it_says(name, tmp_path, mo
     """What a suite checks before its first task (names, prompts, class folders, caption files)
     passes on data laid out as the suite's comments say, with its own class-name lists: CLIP's
     ImageNet names, repeats and all, were once refused, so no shipped suite with ImageNet ran."""
-    from openalign.eval.tasks import data_problems
+    from openalign.eval.tasks import task_problems
 
     suite = load_suite(name)
     monkeypatch.chdir(tmp_path)  # the suites name data/... relative to where they run
     for task in suite.tasks:
         _lay_out(task, tmp_path)
-    assert data_problems(suite.tasks, "tasks") == []
+    assert task_problems(suite.tasks, "tasks") == []

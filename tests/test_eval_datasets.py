@@ -783,6 +783,26 @@ def test_a_suite_with_a_batch_size_below_one_is_refused(tmp_path):
         load_suite(tmp_path / "suite.yaml")
 
 
+def test_a_suite_task_the_model_cannot_take_is_refused_before_the_first_task(folders, shapes_root, tmp_path):
+    """A suite written for a larger model (CLIPPO's few-shot task resizes to 256 and crops 224) with
+    a small one: the error comes before the first task, not after the tasks before it."""
+    import yaml
+
+    from openalign.eval.suite import load_suite, run_suite
+
+    model = openalign.create_model("alip-tiny")  # a ViT: it takes one image size only
+    (tmp_path / "suite.yaml").write_text(yaml.safe_dump({"tasks": [
+        {"task": "retrieval", "json": str(shapes_root / "dataset_shapes.json")},
+        {"task": "fewshot", "train_root": str(folders / "train"), "val_root": str(folders / "val"), "shots": 1,
+         "preprocess": {"resize_size": 256, "image_size": 224}}]}))
+    size = model.config.preprocess.image_size
+    with pytest.raises(OpenAlignError, match=rf"the suite cannot run \(checked before any task runs\): tasks\[1\] "
+                                             rf"\(fewshot\): config key 'preprocess.image_size' is 224, but this "
+                                             rf"model takes {size} px images"):
+        run_suite(load_suite(tmp_path / "suite.yaml"), model, "m", tmp_path / "results", CPU, show_progress=False)
+    assert not (tmp_path / "results").exists()
+
+
 def test_review_bad_inputs_are_refused_before_results_are_lost(model, folders, shapes_root, tmp_path, capsys, caplog,
                                                                monkeypatch):
     import yaml

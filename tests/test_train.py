@@ -303,8 +303,16 @@ def test_evaluation_data_that_does_not_exist_is_an_error_before_the_first_step(t
     recipe = load_recipe("demo", tiny_overrides(shapes_root, tmp_path) + [
         f"eval.tasks=[{{task: shapes, root: '{shapes_root}'}}, {{task: knn, train_root: '{shapes_root}', "
         f"val_root: '{tmp_path / 'no' / 'val'}'}}, {{task: retrieval, json: '{tmp_path / 'coco.json'}'}}]"])
-    with pytest.raises(ConfigError, match=r"eval.tasks' names data it cannot use: eval.tasks\[1\].val_root: "
+    with pytest.raises(ConfigError, match=r"eval.tasks' cannot run: eval.tasks\[1\].val_root: "
                                           r".*no/val does not exist; eval.tasks\[2\].json: .*coco.json does not exist$"):
+        train(recipe, show_progress=False)
+    assert not (tmp_path / "checkpoints").exists()
+    # a task the model cannot take is found now too (sentence pairs need rendered text), not at the first evaluation
+    (tmp_path / "sst.tsv").write_text("sentence\tlabel\ngood\t1\nbad\t0\n")
+    recipe = load_recipe("demo", tiny_overrides(shapes_root, tmp_path) + [
+        f"eval.tasks=[{{task: sentence_pairs, train: '{tmp_path}/sst.tsv', val: '{tmp_path}/sst.tsv'}}]"])
+    with pytest.raises(ConfigError, match=r"cannot run: eval.tasks\[0\] \(sentence_pairs\): sentence-pair fine-tuning "
+                                          r"needs a model that reads rendered text"):
         train(recipe, show_progress=False)
     assert not (tmp_path / "checkpoints").exists()
 

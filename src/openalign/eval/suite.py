@@ -42,7 +42,7 @@ from ..precision import Precision, precision_scope
 from ..registry import find_config
 from . import cache
 from .examples import is_examples_picture
-from .tasks import EvalTaskConfig, data_problems
+from .tasks import EvalTaskConfig, task_problems
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +95,8 @@ def run_suite(suite: SuiteConfig, model: nn.Module, pretrained: str, output_dir:
               show_progress: bool = True, precision: Precision | None = None) -> list[dict[str, Any]]:
     """Run every task at ``precision`` (default: the suite's), writing one record per task to
     ``output_dir``; returns the records."""
-    if problems := data_problems(suite.tasks, "tasks"):
-        raise OpenAlignError(f"the suite names data it cannot use (checked before any task runs): {'; '.join(problems)}")
+    if problems := task_problems(suite.tasks, "tasks", model):
+        raise OpenAlignError(f"the suite cannot run (checked before any task runs): {'; '.join(problems)}")
     output_dir = Path(output_dir)
     names = suite.names or [f"{index:02d}-{task.name}" for index, task in enumerate(suite.tasks)]
     if output_dir.exists() and not output_dir.is_dir():

@@ -19,7 +19,7 @@ from .datasets import (class_folders, evaluate_clip_benchmark_probe, evaluate_fe
                        evaluate_linear_probe, evaluate_retrieval, evaluate_zeroshot, read_lines_or_json,
                        retrieval_items, zeroshot_inputs)
 from .features import Transform
-from .sentence_pairs import finetune_sentence_pairs, read_sentence_pairs
+from .sentence_pairs import finetune_sentence_pairs, read_sentence_pairs, text_renderer
 from .shapes import check_shapes_dataset, evaluate_shapes
 
 
@@ -43,9 +43,15 @@ class EvalPreprocess:
         if not isinstance(getattr(config, "preprocess", None), PreprocessConfig):
             raise ConfigError(f"is set, but {type(model).__name__} has no image preprocessing settings to change",
                               "preprocess")
+        own = config.preprocess.image_size
         try:  # the model's config checks the new size against its image tower
             config = dataclasses.replace(config, preprocess=dataclasses.replace(config.preprocess, **changes))
         except ConfigError as error:
+            if self.image_size is not None and self.image_size != own:
+                raise ConfigError(f"is {self.image_size}, but this model takes {own} px images: a task's "
+                                  "preprocessing changes how images are resized and cropped, not the size the model "
+                                  "takes (an evaluation written for a larger model; use a copy without it)",
+                                  "preprocess.image_size") from None
             raise ConfigError(error.message, f"preprocess.{(error.key or '').removeprefix('preprocess.')}") from None
         return config.build_transform(train=False)
 
@@ -93,23 +99,34 @@ class EvalTaskConfig(Variants):
             for root in roots[1:]:
                 class_folders(root, classes)
 
+    def check_model(self, model: nn.Module) -> None:
+        """Raise :class:`OpenAlignError` if the task cannot evaluate ``model`` (by default: its
+        ``preprocess`` does not fit the model), before any embedding."""
+        self.transform(model)
+
     def write_examples(self, model: nn.Module, device: torch.device, output: Path, batch_size: int) -> Path | None:
         """A picture of the task's results for a quick visual check (a PNG at ``output``), where the
         task has one; None otherwise."""
         return None
 
 
-def data_problems(tasks: Sequence[EvalTaskConfig], prefix: str) -> list[str]:
-    """What each task cannot use, by ``<prefix>[<index>]``: the paths that do not exist, and for a
-    task whose paths all exist, :meth:`~EvalTaskConfig.check_data`'s error. A training run and a
-    suite check this before their first step, not at their first evaluation."""
+def task_problems(tasks: Sequence[EvalTaskConfig], prefix: str, model: nn.Module | None = None) -> list[str]:
+    """What each task cannot use, by ``<prefix>[<index>]``: the paths that do not exist, for a task
+    whose paths all exist :meth:`~EvalTaskConfig.check_data`'s error, and with ``model``
+    :meth:`~EvalTaskConfig.check_model`'s. A training run and a suite check this before their first
+    step, not at their first evaluation (or, in a suite, at the task that fails, hours in)."""
     problems = []
     for index, task in enumerate(tasks):
         if missing := task.missing_data():
             problems += [f"{prefix}[{index}].{path} does not exist" for path in missing]
-            continue
+        else:
+            try:
+                task.check_data()
+            except OpenAlignError as error:
+                problems.append(f"{prefix}[{index}] ({task.name}): {error}")
         try:
-            task.check_data()
+            if model is not None:
+                task.check_model(model)
         except OpenAlignError as error:
             problems.append(f"{prefix}[{index}] ({task.name}): {error}")
     return problems
@@ -354,6 +371,9 @@ class SentencePairEvalConfig(EvalTaskConfig, tag="sentence_pairs"):
 
     def check_data(self) -> None:
         read_sentence_pairs(self.val, read_sentence_pairs(self.train)[-1])
+
+    def check_model(self, model: nn.Module) -> None:
+        text_renderer(model)
 
     def run(self, model: nn.Module, device: torch.device, batch_size: int, show_progress: bool = True) -> dict[str, float]:
         *train, names = read_sentence_pairs(self.train)

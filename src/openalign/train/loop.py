@@ -28,7 +28,7 @@ from ..data.stream import ResumableStream
 from ..distributed import (DistributedContext, all_reduce_mean, all_reduce_sum, average_buffers, barrier,
                            fail_together, init_distributed, world_info)
 from ..errors import ConfigError, OpenAlignError
-from ..eval.tasks import data_problems
+from ..eval.tasks import task_problems
 from ..losses import LossConfig
 from ..models import GhostBatchNorm2d
 from ..precision import autocast, precision_scope
@@ -106,8 +106,8 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True)
         loader, monitor = _build_loader(recipe, per_rank, ctx, start, checkpointer.data_state())
         # found now, not hours in; after the loader, which generates a shapes dataset that is missing (one to
         # evaluate may be the training data)
-        if problems := data_problems(recipe.eval.tasks, "eval.tasks"):
-            raise ConfigError(f"names data it cannot use: {'; '.join(problems)}", "eval.tasks")
+        if problems := task_problems(recipe.eval.tasks, "eval.tasks", model):
+            raise ConfigError(f"cannot run: {'; '.join(problems)}", "eval.tasks")
     forward: nn.Module = model
     if ctx.world_size > 1:
         # batch-norm running statistics stay per device (spec §3.4, never synchronised in training);
