@@ -693,6 +693,31 @@ def test_clip_benchmark_probe_task_embeds_only_the_rows_it_uses(model, folders, 
               "--sweep-proportion", "0.2"])
 
 
+def test_example_captions_stay_in_their_column_beside_the_images(tmp_path, monkeypatch):
+    """matplotlib's own wrapping runs to the figure's edge: a COCO-length caption went under the
+    first image. Each caption ends left of its row's first image and within the picture."""
+    import matplotlib.pyplot as plt
+
+    from openalign.eval.examples import _draw
+
+    drawn = []
+    monkeypatch.setattr(plt, "close", drawn.append)  # keep the figure to measure it
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    found = [tmp_path / "a.png"] * 5
+    captions = ["a photo of a brown dog running along the beach beside the water at sunset " * 4,
+                "Supercalifragilisticexpialidocious" * 3, "short"]
+    _draw([(caption, found, found[0]) for caption in captions], tmp_path / "grid.png")
+    figure = drawn[0]
+    renderer = figure.canvas.get_renderer()
+    rows = [figure.axes[row * 6:(row + 1) * 6] for row in range(len(captions))]
+    for caption_axis, first_image, *_ in rows:
+        [text] = caption_axis.texts
+        extent = text.get_window_extent(renderer)
+        assert extent.x1 <= first_image.get_window_extent(renderer).x0
+        assert extent.y0 >= 0 and extent.y1 <= figure.bbox.height
+    assert rows[0][0].texts[0].get_text().endswith("…")  # too long for the column: cut, and said to be
+
+
 def test_retrieval_examples_draw_the_true_top_k(model, shapes_root, tmp_path, capsys, monkeypatch):
     from PIL import Image
 

@@ -7,6 +7,7 @@ in grey, for a quick visual check that a model or an evaluation set-up is sane.
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import torch
@@ -49,6 +50,20 @@ def retrieval_examples(model: nn.Module, json_path: str | Path, device: torch.de
     return rows
 
 
+CAPTION_COLUMNS, CAPTION_LINES = 24, 8  # what the first column (2.2 inches at 9 pt) holds
+
+
+def wrapped_caption(caption: str) -> str:
+    """``caption`` in lines that fit the picture's first column, at most :data:`CAPTION_LINES` of them
+    (the last cut with an ellipsis): matplotlib's own wrapping runs to the figure's edge, under the
+    images beside it."""
+    lines = textwrap.wrap(caption, CAPTION_COLUMNS, break_long_words=True, break_on_hyphens=True) or [""]
+    if len(lines) > CAPTION_LINES:
+        lines = lines[:CAPTION_LINES]
+        lines[-1] = lines[-1][:CAPTION_COLUMNS - 1] + "…"
+    return "\n".join(lines)
+
+
 def _draw(rows: list[tuple[str, list[Path], Path]], output: Path) -> None:
     import matplotlib
 
@@ -61,7 +76,7 @@ def _draw(rows: list[tuple[str, list[Path], Path]], output: Path) -> None:
         for axis in axis_row:
             axis.set_xticks([])
             axis.set_yticks([])
-        axis_row[0].text(0.0, 0.5, caption, wrap=True, fontsize=9, va="center")
+        axis_row[0].text(0.0, 0.5, wrapped_caption(caption), fontsize=9, va="center")
         axis_row[0].axis("off")
         for rank, (axis, path) in enumerate(zip(axis_row[1:], found), start=1):
             with Image.open(path) as image:
