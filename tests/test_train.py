@@ -408,6 +408,34 @@ def test_the_logit_scale_cap_holds_the_parameter_and_lets_the_loss_lower_the_sca
         openalign.create_model("alip-tiny", min_logit_scale=20.0)
 
 
+def test_a_second_run_in_a_run_directory_in_use_is_refused(tmp_path, shapes_root, tiny_overrides):
+    """Two runs in one run.output_dir would interleave their checkpoints and history lines."""
+    from openalign.files import held_directory
+
+    recipe = load_recipe("demo", tiny_overrides(shapes_root, tmp_path / "run", steps=2) + ["eval.tasks=[]"])
+    with held_directory(tmp_path / "run", "run.output_dir"):  # as a run in another process holds it
+        with pytest.raises(OpenAlignError, match=r"run.output_dir '.*run' is in use by another openalign run "
+                                                 r"\(process \d+ on .*\): wait for it to finish"):
+            train(recipe, show_progress=False)
+        assert not (tmp_path / "run" / "checkpoints").exists()
+    assert train(recipe, show_progress=False).step == 2  # released with the run that held it
+    assert train(load_recipe("demo", tiny_overrides(shapes_root, tmp_path / "run", steps=3) + ["eval.tasks=[]"]),
+                 resume="latest", show_progress=False).step == 3  # and by each run as it ends
+
+
+def test_a_history_line_cut_short_is_dropped_on_resume_and_a_damaged_one_named(trained_run, tmp_path, shapes_root,
+                                                                             tiny_overrides, caplog):
+    output, _ = trained_run
+    run = tmp_path / "run"
+    shutil.copytree(output, run)
+    history = (run / "history.jsonl").read_text()
+    (run / "history.jsonl").write_text(history[:-30])  # the last record, cut by a full disk or a stop
+    assert len(read_history(run)) == len(history.splitlines()) - 1 and "is cut short" in caplog.text
+    (run / "history.jsonl").write_text("{not json\n" + history)
+    with pytest.raises(OpenAlignError, match=r"history.jsonl' is damaged at line 1 .*delete that line, or the file"):
+        train(load_recipe("demo", tiny_overrides(shapes_root, run, steps=5)), resume="latest", show_progress=False)
+
+
 def test_a_fresh_run_refuses_an_output_dir_holding_checkpoints(trained_run, shapes_root, tiny_overrides):
     output, _ = trained_run
     with pytest.raises(OpenAlignError, match=r"already holds checkpoints .*step_00000004.*--resume latest"):

@@ -11,6 +11,7 @@ import json
 import os
 import pickle
 import shutil
+import socket
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -137,3 +138,33 @@ def filled_whole(directory: str | Path, replaces: Iterable[str] = ()) -> Iterato
             for folder in created:  # deepest first; only what is still empty
                 with contextlib.suppress(OSError):
                     folder.rmdir()
+
+
+LOCK_FILE = ".openalign.lock"
+
+
+@contextlib.contextmanager
+def held_directory(directory: Path, what: str) -> Iterator[None]:
+    """Hold ``directory`` (created if need be) for the block, so that a second openalign process
+    asking for it is refused with ``what`` and the holder's process and host; an advisory lock
+    on ``.openalign.lock`` inside it, released when the block ends or the process dies, however it
+    dies. Where the system has no ``flock`` (Windows), nothing is held."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / LOCK_FILE, "a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise OpenAlignError(f"{what} '{directory}' is in use by another openalign run ({holder}): wait for it "
+                                 "to finish, or choose another") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        yield  # the lock goes with the file's closing

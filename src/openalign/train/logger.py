@@ -7,17 +7,39 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from ..errors import OpenAlignError
+
 log = logging.getLogger("openalign.train")
 
 HISTORY_FILE = "history.jsonl"
 
 
 def read_history(directory: str | Path) -> list[dict[str, Any]]:
-    """The logged records of a run, in order."""
+    """The logged records of a run, in order. A last line cut short (the run stopped, or the disk
+    filled, while writing it) is dropped with a warning; a damaged line before it is an error
+    naming it."""
     path = Path(directory) / HISTORY_FILE
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    try:
+        lines = [(number, line) for number, line in enumerate(path.read_text().splitlines(), start=1) if line.strip()]
+    except (OSError, UnicodeDecodeError) as error:
+        raise OpenAlignError(f"cannot read the run's history '{path}': {error}") from None
+    records = []
+    for position, (number, line) in enumerate(lines):
+        try:
+            record = json.loads(line)
+            if not (isinstance(record, dict) and isinstance(record.get("step"), int)):
+                raise ValueError("not a record with a step")
+        except ValueError as error:
+            if position == len(lines) - 1:
+                log.warning("%s: line %d is cut short (%s): dropped; it was being written when the run stopped",
+                            path, number, error)
+                break
+            raise OpenAlignError(f"the run's history '{path}' is damaged at line {number} ({error}): delete that "
+                                 "line, or the file (checkpoints do not need it; the records it held are lost)") from None
+        records.append(record)
+    return records
 
 
 class TrainLogger:

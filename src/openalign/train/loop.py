@@ -8,6 +8,7 @@ of the global batch, and DDP averages the gradients.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import logging
@@ -29,6 +30,7 @@ from ..distributed import (DistributedContext, all_reduce_mean, all_reduce_sum, 
                            fail_together, init_distributed, world_info)
 from ..errors import ConfigError, OpenAlignError
 from ..eval.tasks import task_problems
+from ..files import held_directory
 from ..losses import LossConfig
 from ..models import GhostBatchNorm2d
 from ..precision import autocast, precision_scope
@@ -58,8 +60,15 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True)
     """Train ``recipe`` to ``train.steps``, checkpointing and evaluating as it says.
 
     ``resume`` is ``"latest"`` (the newest checkpoint of this run, if any), a checkpoint
-    directory, or a run directory; training then continues exactly where it stopped.
+    directory, or a run directory; training then continues exactly where it stopped. A second
+    run in the same ``run.output_dir`` while this one runs is refused (it would interleave their
+    checkpoints and history).
     """
+    with contextlib.ExitStack() as held:
+        return _train(recipe, resume, show_progress, held)
+
+
+def _train(recipe: Recipe, resume: str | None, show_progress: bool, held: contextlib.ExitStack) -> TrainResult:
     cfg, ctx = recipe.train, init_distributed(recipe.train.device)
     # checks and reads that may fail on some ranks only (rank 0 generates the demo data; each rank
     # reads its own data position): every rank stops with a clear error, none waits in DDP's set-up
@@ -87,6 +96,8 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True)
             kind = "a file" if there.exists() else "a broken symbolic link"
             raise ConfigError(f"is '{output_dir}', but '{there}' is {kind}, where a directory must be: choose another",
                               "run.output_dir")
+        if ctx.is_main:  # held until the run ends: checked before the directory's checkpoints are
+            held.enter_context(held_directory(output_dir, "run.output_dir"))
         checkpointer = Checkpointer(output_dir / "checkpoints", recipe.run.keep_checkpoints, ctx)
         torch.manual_seed(cfg.seed + 1 + ctx.rank)  # per-rank dropout and drop-connect streams
         recipe_dict = to_dict(recipe)
@@ -120,10 +131,11 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True)
                                           **{keep_buffers: False})
     if cfg.compile:
         forward = torch.compile(forward)
-    if ctx.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.yaml").write_text(dump_saved(recipe_dict))
-    logger = TrainLogger(output_dir, ctx.is_main, recipe.run.tensorboard, start, reevaluating=start == cfg.steps)
+    with fail_together("starting the run's logs"):  # a damaged history on rank 0 stops every rank with its error
+        if ctx.is_main:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            (output_dir / "config.yaml").write_text(dump_saved(recipe_dict))
+        logger = TrainLogger(output_dir, ctx.is_main, recipe.run.tensorboard, start, reevaluating=start == cfg.steps)
     if ctx.is_main:
         log.info("batch %d: %d rank(s) × %d example(s)%s", cfg.batch_size, ctx.world_size, per_rank,
                  f", each in {cfg.accum_steps} micro-batches of {per_rank // cfg.accum_steps}"
