@@ -138,13 +138,20 @@ def test_incomplete_checkpoints_are_ignored_with_a_warning_and_old_ones_pruned(t
     assert [p.name for p in checkpointer.checkpoints()] == ["step_00000002", "step_00000003"]
     with caplog.at_level("WARNING"):
         assert checkpointer.resolve("latest").name == "step_00000003"
-    assert "passes over step_00000010" in caplog.text and "(incomplete)" in caplog.text
+    assert "passes over step_00000010" in caplog.text and "(incomplete: damaged" in caplog.text
     shutil.copytree(tmp_path / "step_00000003", tmp_path / "step_00000003.bak")  # an operator's backup copy
     shutil.copytree(tmp_path / "step_00000002", tmp_path / "step_100000000")  # a step past 8 digits
     assert checkpointer.resolve("latest").name == "step_100000000"  # by number, not by name; the copy is no step
     checkpointer.save(4, model, optimizer, scheduler, loss, {"note": "test"})
     assert [p.name for p in checkpointer.checkpoints()] == ["step_00000004", "step_100000000"]
     assert (tmp_path / "step_00000003.bak").is_dir()  # not pruned either
+    # a prune stopped halfway through deleting a checkpoint: it had been renamed first, so the next prune
+    # finishes it, where a step folder left without its state would never have been pruned
+    (tmp_path / ".step_00000001.deleting").mkdir()
+    (tmp_path / ".step_00000001.deleting" / "model.safetensors").write_bytes(b"weights")
+    checkpointer.save(5, model, optimizer, scheduler, loss, {"note": "test"})
+    assert [p.name for p in checkpointer.checkpoints()] == ["step_00000005", "step_100000000"]
+    assert not list(tmp_path.glob(".*.deleting")) and not (tmp_path / "step_00000004").exists()
 
 
 def test_loading_weights_of_another_architecture_lists_the_offending_keys(trained_run):

@@ -177,18 +177,24 @@ class Checkpointer:
         else:
             os.replace(staging, final)
         _fsync_directory(self.directory)
+        # renamed, then deleted: a prune stopped halfway leaves a hidden folder that the next one deletes,
+        # not a step folder without its state, which no later prune would see (it lists complete ones)
         for old in self.checkpoints()[:-self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            os.replace(old, old.with_name(f".{old.name}.deleting"))
+        for leftover in self.directory.glob(".step_*.deleting"):
+            shutil.rmtree(leftover, ignore_errors=True)
 
     def resolve(self, spec: str) -> Path | None:
         """``latest`` (None when there is none yet), a checkpoint directory, or a run directory (its latest)."""
         if spec == "latest":
             found = self.checkpoints()
-            incomplete = [p.name for p in step_folders(self.directory) if not (p / STATE_FILE).is_file()
-                          and (not found or _checkpoint_step(p) > _checkpoint_step(found[-1]))]
-            if incomplete:  # saves are atomic: only a hand-made or hand-damaged directory lacks its state
-                log.warning("--resume latest passes over %s in %s: no %s in it (incomplete)", ", ".join(incomplete),
-                            self.directory, STATE_FILE)
+            # saves and prunes are atomic: only a hand-made or damaged folder, or one an earlier version's
+            # interrupted prune left, lacks its state; none is resumed from, pruned or deleted here
+            incomplete = [p.name for p in step_folders(self.directory) if not (p / STATE_FILE).is_file()]
+            if incomplete:
+                log.warning("--resume latest passes over %s in %s: no %s in it (incomplete: damaged, or left by an "
+                            "interrupted prune); delete it to free its space", ", ".join(incomplete), self.directory,
+                            STATE_FILE)
             return found[-1] if found else None
         path = Path(spec)
         if (path / STATE_FILE).is_file():
