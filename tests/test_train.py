@@ -443,6 +443,27 @@ def test_a_history_line_cut_short_is_dropped_on_resume_and_a_damaged_one_named(t
         train(load_recipe("demo", tiny_overrides(shapes_root, run, steps=5)), resume="latest", show_progress=False)
 
 
+def test_resuming_with_fewer_ranks_carries_every_ranks_skip_counts(trained_run, tmp_path, shapes_root, tiny_overrides,
+                                                                   caplog):
+    """A checkpoint of two ranks resumed by one: the totals go on from both ranks' counts (rank 1's
+    were dropped), and the warning says what starts afresh."""
+    import json
+
+    output, _ = trained_run
+    run = tmp_path / "run"
+    shutil.copytree(output, run)
+    checkpoint = run / "checkpoints" / "step_00000004"
+    state = json.loads((checkpoint / "data_rank0.json").read_text())
+    for rank, skipped in ((0, 3), (1, 4)):
+        (checkpoint / f"data_rank{rank}.json").write_text(json.dumps(
+            {**state, "world_size": 2, "counts": {"skipped/undecodable image": skipped}}))
+    trainer_state = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
+    torch.save({**trainer_state, "world_size": 2}, checkpoint / "trainer_state.pt")
+    result = train(load_recipe("demo", tiny_overrides(shapes_root, run, steps=5)), resume="latest", show_progress=False)
+    assert result.data_counts.get("skipped/undecodable image") == 7
+    assert "was written by 2 ranks, now 1: the dropout RNG starts afresh" in caplog.text
+
+
 def test_a_fresh_run_refuses_an_output_dir_holding_checkpoints(trained_run, shapes_root, tiny_overrides):
     output, _ = trained_run
     with pytest.raises(OpenAlignError, match=r"already holds checkpoints .*step_00000004.*--resume latest"):

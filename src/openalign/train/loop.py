@@ -114,7 +114,7 @@ def _train(recipe: Recipe, resume: str | None, show_progress: bool, held: contex
                                  "(train.init_from can start from that model)")
         if start == 0 and cfg.init_from:  # also under --resume latest before the first checkpoint
             _initialise(model, cfg.init_from)
-        loader, monitor = _build_loader(recipe, per_rank, ctx, start, checkpointer.data_state())
+        loader, monitor = _build_loader(recipe, per_rank, ctx, start, _carried_data_state(checkpointer, ctx))
         # found now, not hours in; after the loader, which generates a shapes dataset that is missing (one to
         # evaluate may be the training data)
         if problems := task_problems(recipe.eval.tasks, "eval.tasks", model):
@@ -386,6 +386,22 @@ def _build_loader(recipe: Recipe, per_rank: int, ctx: DistributedContext, start:
     if not isinstance(dataset, ResumableStream):
         return loader, DataMonitor(saved)
     return loader, DataMonitor(saved, dataset.reseeds, dataset.fingerprint())
+
+
+def _carried_data_state(checkpointer: Checkpointer, ctx: DistributedContext) -> dict[str, Any] | None:
+    """This rank's data state from the checkpoint resumed from (None: none). From a checkpoint
+    written by another number of ranks, rank 0 carries the skip counts of every rank that wrote
+    it and the other ranks none, so that the run's totals go on from the checkpoint's; every rank
+    gets the saved layout, by which :func:`_stream_moved` finds a stream's positions do not apply."""
+    first = checkpointer.data_state(rank=0)
+    if first is None or first.get("world_size") in (None, ctx.world_size):
+        return checkpointer.data_state()
+    counts: dict[str, int] = {}
+    for rank in range(int(first["world_size"])) if ctx.is_main else ():
+        for key, count in ((checkpointer.data_state(rank=rank) or {}).get("counts") or {}).items():
+            counts[key] = counts.get(key, 0) + count
+    mine = checkpointer.data_state() if ctx.rank < int(first["world_size"]) else None
+    return {**(mine or first), "counts": counts}
 
 
 def _stream_moved(saved: dict[str, Any], world_size: int, num_workers: int, fingerprint: str) -> str | None:
