@@ -261,3 +261,25 @@ def test_two_ranks_resume_a_shard_stream_exactly(tmp_path):
                for run in ("straight", "resumed")]
     for key in weights[0]:
         assert torch.equal(weights[0][key], weights[1][key]), key
+
+
+def test_a_data_error_on_one_rank_mid_run_is_that_ranks_message_and_no_traceback_on_the_other(tmp_path):
+    """Rank 1's shards fail (its storage, say) after set-up: its error is printed with its rank, and
+    rank 0, whose next collective loses rank 1, says so instead of gloo's "connection closed" traceback."""
+    from test_stream import dirty_shard
+
+    for shard in range(2):
+        dirty_shard(tmp_path / f"{shard}.tar", shard, good=6)
+    # a pipe that serves the shard to rank 0 and garbage to rank 1
+    fetch = tmp_path / "fetch.sh"
+    fetch.write_text(f'#!/bin/sh\nif [ "$RANK" = 1 ]; then head -c 2048 /dev/urandom; else cat {tmp_path}/$1.tar; fi\n')
+    fetch.chmod(0o755)
+    source = "data.train={type: webdataset, urls: 'pipe:" + str(fetch) + " {0..1}', open_shards: 1, shuffle_buffer: 4}"
+    result = torchrun("-m", "openalign", "train", "demo", "model.name=align-test", "data.num_workers=0",
+                      "train.device=cpu", "train.steps=3", "train.batch_size=8", "train.warmup_steps=0", "eval.tasks=[]",
+                      f"run.output_dir={tmp_path / 'run'}", "run.tensorboard=false", source, check=False)
+    output = " ".join((result.stdout + result.stderr).split())
+    assert result.returncode != 0
+    assert "error: rank 1: " in output and "failed (raise max_consecutive_errors" in output
+    assert "error: rank 0: another rank stopped while this one waited for it in a collective" in output
+    assert "[rank0]: Traceback" not in output and "[rank0]: RuntimeError" not in output

@@ -16,7 +16,7 @@ import yaml
 from rich.logging import RichHandler
 from rich.markup import escape
 
-from .distributed import shutdown, world_info
+from .distributed import PeerFailure, shutdown, world_info
 from .errors import ConfigError, OpenAlignError
 from .files import not_a_file, replaceable, starts_with
 from .precision import PRECISIONS, precision_scope
@@ -597,6 +597,24 @@ def _setup_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _rank() -> str:
+    """``rank N: `` in a run of several processes, so that each line says whose error it is."""
+    rank, world_size = world_info()
+    return f"rank {rank}: " if world_size > 1 else ""
+
+
+def _peer_stopped(error: RuntimeError) -> bool:
+    """Whether ``error`` is a collective's, raised because another rank's process ended (gloo:
+    "Connection closed by peer"; NCCL: a DistBackendError)."""
+    if world_info()[1] == 1:
+        return False
+    import torch.distributed as dist
+
+    text = str(error).lower()
+    return isinstance(error, getattr(dist, "DistBackendError", ())) or "closed by peer" in text or \
+        "reset by peer" in text
+
+
 def _message(error: OpenAlignError) -> str:
     """The error's own message; one raised in a DataLoader worker arrives wrapped in the worker's
     traceback, whose last line is the message (prefixed with the error's type)."""
@@ -648,8 +666,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.func(args)
         shutdown()  # after a success only: after an error a peer may still be inside a collective
     except OpenAlignError as error:
-        console.print(f"[bold red]error:[/] {escape(_message(error))}", highlight=False)  # "[text, caption]" stays
+        who = "" if isinstance(error, PeerFailure) else _rank()  # a peer failure names the ranks itself
+        console.print(f"[bold red]error:[/] {who}{escape(_message(error))}", highlight=False)  # "[text, caption]" stays
         return 2
+    except RuntimeError as error:
+        if not _peer_stopped(error):
+            raise
+        # a rank's error outside a fail_together block (a data stream failing on it alone): its own error is the
+        # one to read; the others' is only that their next collective lost it
+        console.print(f"[bold red]error:[/] {_rank()}another rank stopped while this one waited for it in a "
+                      "collective (its error is above, or in the launcher's log): this rank stops too", highlight=False)
+        return 1
     except OSError as error:  # a path that is a file, a folder that cannot be written, a full disk...
         where = f" ('{error.filename}')" if error.filename else ""
         given = _argument_of(error.filename, args) if error.filename else None
