@@ -174,7 +174,7 @@ class ShardStream(ResumableStream):
         a shard added or removed since (img2dataset still writing, a bad shard deleted) would make
         a resumed run read some samples twice and others never."""
         common = os.path.commonprefix(self.shards)
-        common = common[:common.rfind("/") + 1]  # the folder they share: moving the dataset keeps the fingerprint
+        common = common[:common.rfind("/") + 1]  # the folder they share is left out: the fingerprint is the list itself
         digest = hashlib.sha256(f"{len(self.shards)} resampled={self.resampled}".encode())
         for url in self.shards:
             digest.update(b"\0" + url[len(common):].encode("utf-8", "surrogatepass"))
