@@ -826,6 +826,13 @@ def test_a_suite_task_the_model_cannot_take_is_refused_before_the_first_task(fol
                                              rf"model takes {size} px images"):
         run_suite(load_suite(tmp_path / "suite.yaml"), model, "m", tmp_path / "results", CPU, show_progress=False)
     assert not (tmp_path / "results").exists()
+    # a conv tower takes any size: there the error is the crop that does not fit, as it says
+    from openalign.eval.tasks import EvalPreprocess
+
+    conv = openalign.create_model("align-tiny")
+    EvalPreprocess(image_size=64, resize_size=72).transform(conv)
+    with pytest.raises(ConfigError, match=r"'preprocess.resize_size' must be at least image_size \(64\)"):
+        EvalPreprocess(image_size=64).transform(conv)
 
 
 def test_review_bad_inputs_are_refused_before_results_are_lost(model, folders, shapes_root, tmp_path, capsys, caplog,

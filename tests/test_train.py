@@ -416,18 +416,77 @@ def test_the_logit_scale_cap_holds_the_parameter_and_lets_the_loss_lower_the_sca
 
 
 def test_a_second_run_in_a_run_directory_in_use_is_refused(tmp_path, shapes_root, tiny_overrides):
-    """Two runs in one run.output_dir would interleave their checkpoints and history lines."""
+    """Two runs in one run.output_dir would interleave their checkpoints and history lines; a demo
+    started where one runs would delete its checkpoints. A refused run leaves no folder behind."""
+    import subprocess
+    import sys
+
+    from openalign.demo import DEMO_MARKER, run_demo
+    from openalign.files import LOCK_FILE
+
+    holder = subprocess.Popen(  # another process running in the directory
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from openalign.files import held_directory\n"
+         f"with held_directory(Path({str(tmp_path / 'run')!r}), 'run.output_dir'):\n"
+         "    print('held', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        (tmp_path / "run" / "checkpoints" / "step_00000005").mkdir(parents=True)  # the other run's
+        recipe = load_recipe("demo", tiny_overrides(shapes_root, tmp_path / "run", steps=2) + ["eval.tasks=[]"])
+        with pytest.raises(OpenAlignError, match=r"run.output_dir '.*run' is in use by another openalign run "
+                                                 rf"\(process {holder.pid} on .*\): wait for it to finish"):
+            train(recipe, resume="latest", show_progress=False)
+        (tmp_path / "run" / DEMO_MARKER).write_text("")  # a demo's folder: a second demo would start it afresh
+        with pytest.raises(OpenAlignError, match="--out '.*run' is in use by another openalign run"):
+            run_demo(tmp_path / "run", ("model.name=align-test",), show_progress=False)
+        assert (tmp_path / "run" / "checkpoints" / "step_00000005").is_dir()  # not deleted by the demo
+    finally:
+        holder.kill()
+        holder.wait()
+    (tmp_path / "run" / "checkpoints" / "step_00000005").rmdir()
+    assert train(recipe, show_progress=False).step == 2  # released with the process that held it
+    # a refused run (a --resume that names nothing) leaves no new folder behind
+    with pytest.raises(OpenAlignError, match="neither 'latest'"):
+        train(load_recipe("demo", tiny_overrides(shapes_root, tmp_path / "new")), resume=str(tmp_path / "nothing"),
+              show_progress=False)
+    assert not (tmp_path / "new").exists() and (tmp_path / "run" / LOCK_FILE).is_file()
+
+
+def test_a_file_system_without_locks_runs_unguarded_with_a_warning(tmp_path, monkeypatch, caplog):
+    import errno
+    import fcntl
+
     from openalign.files import held_directory
 
-    recipe = load_recipe("demo", tiny_overrides(shapes_root, tmp_path / "run", steps=2) + ["eval.tasks=[]"])
-    with held_directory(tmp_path / "run", "run.output_dir"):  # as a run in another process holds it
-        with pytest.raises(OpenAlignError, match=r"run.output_dir '.*run' is in use by another openalign run "
-                                                 r"\(process \d+ on .*\): wait for it to finish"):
-            train(recipe, show_progress=False)
-        assert not (tmp_path / "run" / "checkpoints").exists()
-    assert train(recipe, show_progress=False).step == 2  # released with the run that held it
-    assert train(load_recipe("demo", tiny_overrides(shapes_root, tmp_path / "run", steps=3) + ["eval.tasks=[]"]),
-                 resume="latest", show_progress=False).step == 3  # and by each run as it ends
+    def no_locks(*args):
+        raise OSError(errno.ENOSYS, "Function not implemented")  # Lustre without flock, some FUSE mounts
+
+    monkeypatch.setattr(fcntl, "lockf", no_locks)
+    with held_directory(tmp_path / "run", "run.output_dir"):
+        pass
+    assert "cannot lock" in caplog.text and "nothing stops a second run from using run.output_dir" in caplog.text
+
+
+def test_a_run_that_raised_holds_its_directory_no_longer_though_its_loader_workers_live(tmp_path, shapes_root,
+                                                                                       tiny_overrides, monkeypatch):
+    """The lock is the process's: DataLoader workers forked during the run, which a kept traceback
+    keeps alive, do not hold it (an flock, shared with them, stayed held)."""
+    import subprocess
+    import sys
+
+    recipe = load_recipe("demo", tiny_overrides(shapes_root, tmp_path / "run") + ["data.num_workers=2",
+                                                                                  "eval.tasks=[]"])
+    def save_then_fail(*args):
+        raise OpenAlignError("a full disk, say")
+
+    monkeypatch.setattr(Checkpointer, "save", save_then_fail)
+    with pytest.raises(OpenAlignError) as stopped:  # its traceback, kept, keeps the loader and its workers alive
+        train(recipe, show_progress=False)
+    probe = subprocess.run(
+        [sys.executable, "-c", "from pathlib import Path; from openalign.files import held_directory\n"
+         f"with held_directory(Path({str(tmp_path / 'run')!r}), 'run.output_dir'): print('held')"],
+        capture_output=True, text=True)
+    assert probe.stdout.strip() == "held", probe.stderr[-2000:]
+    del stopped
 
 
 def test_a_history_line_cut_short_is_dropped_on_resume_and_a_damaged_one_named(trained_run, tmp_path, shapes_root,

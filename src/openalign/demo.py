@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
@@ -12,9 +13,11 @@ import yaml
 from rich.markup import escape
 from rich.table import Table
 
+from .distributed import world_info
 from .errors import OpenAlignError
 from .eval.shapes import shapes_chance_levels
 from .eval.tasks import ShapesEvalConfig
+from .files import held_directory
 from .progress import console
 from .recipe import Recipe, load_recipe
 from .train import read_history, train
@@ -41,13 +44,14 @@ def run_demo(output_dir: str | Path = "runs/demo", overrides: tuple[str, ...] = 
     if any((output_dir / stale).exists() for stale in STALE) and not _is_demo_run(output_dir):
         raise OpenAlignError(f"'{output_dir}' holds a run that 'openalign demo' did not make (its checkpoints and "
                              "TensorBoard logs would be deleted): pass another --out")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / DEMO_MARKER).write_text("made by 'openalign demo', which starts it afresh each time\n")
-    for stale in STALE:  # the demo trains from step 0 each time
-        shutil.rmtree(output_dir / stale, ignore_errors=True)
-    started = time.perf_counter()
-    result = train(recipe, show_progress=show_progress)
-    seconds = time.perf_counter() - started
+    with held_directory(output_dir, "--out") if world_info()[0] == 0 else contextlib.nullcontext():
+        # held before the stale run is deleted: a demo running there keeps its checkpoints
+        (output_dir / DEMO_MARKER).write_text("made by 'openalign demo', which starts it afresh each time\n")
+        for stale in STALE:  # the demo trains from step 0 each time
+            shutil.rmtree(output_dir / stale, ignore_errors=True)
+        started = time.perf_counter()
+        result = train(recipe, show_progress=show_progress)
+        seconds = time.perf_counter() - started
     metrics = {key.split("/", 1)[1]: value for key, value in result.metrics.items()}
     evaluated = next(task for task in recipe.eval.tasks if isinstance(task, ShapesEvalConfig))  # its data, wherever
     report = {"dataset": "shapes", "model": recipe.model.name, "task": "demo", "metrics": metrics,

@@ -7,7 +7,9 @@ path and what to do, instead of the storage library's own exception from deep in
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import logging
 import os
 import pickle
 import shutil
@@ -20,6 +22,8 @@ from typing import Any
 import torch
 
 from .errors import OpenAlignError
+
+log = logging.getLogger(__name__)
 
 
 def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
@@ -141,30 +145,58 @@ def filled_whole(directory: str | Path, replaces: Iterable[str] = ()) -> Iterato
 
 
 LOCK_FILE = ".openalign.lock"
+_HELD: dict[Path, int] = {}  # the directories this process holds, and how many blocks hold each
 
 
 @contextlib.contextmanager
 def held_directory(directory: Path, what: str) -> Iterator[None]:
-    """Hold ``directory`` (created if need be) for the block, so that a second openalign process
-    asking for it is refused with ``what`` and the holder's process and host; an advisory lock
-    on ``.openalign.lock`` inside it, released when the block ends or the process dies, however it
-    dies. Where the system has no ``flock`` (Windows), nothing is held."""
+    """Hold ``directory`` (created if need be) for the block, so that another process asking for it
+    is refused with ``what`` and the holder's process and host: a POSIX lock on ``.openalign.lock``
+    inside it (``lockf``: per process, so DataLoader workers forked meanwhile do not keep it, and
+    it goes when the process ends, however it ends; NFS has it). Blocks of one process nest (the
+    demo holds its folder around the run it trains). A folder the block created, left holding the
+    lock file alone when the block raises (a refused run), is removed. Where the file system or
+    the system has no such locks (Windows, Lustre without ``flock``), nothing is held: a warning."""
+    key = directory.expanduser().resolve()
+    if key in _HELD:
+        _HELD[key] += 1
+        try:
+            yield
+        finally:
+            _HELD[key] -= 1
+        return
     try:
         import fcntl
     except ImportError:
         yield
         return
+    created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / LOCK_FILE, "a+", encoding="utf-8") as handle:
+    handle = open(directory / LOCK_FILE, "a+", encoding="utf-8")
+    try:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise OpenAlignError(f"{what} '{directory}' is in use by another openalign run ({holder}): wait for it "
-                                 "to finish, or choose another") from None
+            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno not in (errno.EACCES, errno.EAGAIN):  # no locks here: run unguarded, and say so
+                log.warning("cannot lock '%s' (%s): nothing stops a second run from using %s '%s' meanwhile",
+                            directory / LOCK_FILE, error.strerror or error, what, directory)
+            else:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                raise OpenAlignError(f"{what} '{directory}' is in use by another openalign run ({holder}): wait for "
+                                     "it to finish, or choose another") from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"process {os.getpid()} on {socket.gethostname()}\n")
         handle.flush()
-        yield  # the lock goes with the file's closing
+        _HELD[key] = 1
+        try:
+            yield
+        except BaseException:
+            if created and [path.name for path in directory.iterdir()] == [LOCK_FILE]:
+                shutil.rmtree(directory, ignore_errors=True)  # a refused run leaves no folder behind
+            raise
+        finally:
+            del _HELD[key]
+    finally:
+        handle.close()  # the lock goes with it (a POSIX lock goes with any of the process's handles on the file)

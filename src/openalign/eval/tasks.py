@@ -47,7 +47,7 @@ class EvalPreprocess:
         try:  # the model's config checks the new size against its image tower
             config = dataclasses.replace(config, preprocess=dataclasses.replace(config.preprocess, **changes))
         except ConfigError as error:
-            if self.image_size is not None and self.image_size != own:
+            if (error.key or "").endswith("image_size") and self.image_size is not None and self.image_size != own:
                 raise ConfigError(f"is {self.image_size}, but this model takes {own} px images: a task's "
                                   "preprocessing changes how images are resized and cropped, not the size the model "
                                   "takes (an evaluation written for a larger model; use a copy without it)",
