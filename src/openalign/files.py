@@ -193,8 +193,9 @@ def held_directory(directory: Path, what: str) -> Iterator[None]:
         try:
             yield
         except BaseException:
-            if created and [path.name for path in directory.iterdir()] == [LOCK_FILE]:
-                shutil.rmtree(directory, ignore_errors=True)  # a refused run leaves no folder behind
+            with contextlib.suppress(OSError):  # the block's error is the one to report
+                if created and [path.name for path in directory.iterdir()] == [LOCK_FILE]:
+                    shutil.rmtree(directory, ignore_errors=True)  # a refused run leaves no folder behind
             raise
         finally:
             del _HELD[key]
