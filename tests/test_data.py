@@ -626,3 +626,16 @@ def test_written_whole_replaces_a_file_in_one_rename_or_leaves_it_as_it_was(tmp_
     with written_whole(target) as temporary:
         temporary.write_text("new")
     assert target.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+
+
+def test_skips_are_logged_as_samples_or_as_shards(monkeypatch, caplog):
+    from collections import Counter
+
+    from openalign.data import quality
+
+    monkeypatch.setattr(quality, "COUNTS", Counter())  # the counts so far decide when a skip is logged
+    policy = quality.SkipPolicy("shards")
+    policy.skip(quality.SkipSample(quality.TRUNCATED_SHARD, "ReadError"), "00001.tar")
+    policy.skip(quality.SkipSample(quality.EMPTY_CAPTION))
+    assert "skipped 1 shard(s) so far for truncated or corrupt shard; latest (00001.tar)" in caplog.text
+    assert "skipped 1 sample(s) so far for empty caption" in caplog.text

@@ -149,8 +149,9 @@ class SkipPolicy:
         key = f"skipped/{skip.reason}"
         COUNTS[key] += 1
         if COUNTS[key] & (COUNTS[key] - 1) == 0:
-            log.warning("data source '%s': skipped %d sample(s) so far for %s; latest%s: %s", self.source,
-                        COUNTS[key], skip.reason, where, skip.detail or skip.reason)
+            what = "shard(s)" if skip.reason.endswith("shard") else "sample(s)"  # a shard's failure counts once
+            log.warning("data source '%s': skipped %d %s so far for %s; latest%s: %s", self.source,
+                        COUNTS[key], what, skip.reason, where, skip.detail or skip.reason)
 
 
 def summarise(counts: dict[str, int]) -> str:
