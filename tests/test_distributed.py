@@ -275,9 +275,11 @@ def test_a_data_error_on_one_rank_mid_run_is_that_ranks_message_and_no_traceback
     fetch.write_text(f'#!/bin/sh\nif [ "$RANK" = 1 ]; then head -c 2048 /dev/urandom; else cat {tmp_path}/$1.tar; fi\n')
     fetch.chmod(0o755)
     source = "data.train={type: webdataset, urls: 'pipe:" + str(fetch) + " {0..1}', open_shards: 1, shuffle_buffer: 4}"
-    result = torchrun("-m", "openalign", "train", "demo", "model.name=align-test", "data.num_workers=0",
-                      "train.device=cpu", "train.steps=3", "train.batch_size=8", "train.warmup_steps=0", "eval.tasks=[]",
-                      f"run.output_dir={tmp_path / 'run'}", "run.tensorboard=false", source, check=False)
+    # the launcher stops every rank once one has exited: checking every 5 s, it lets rank 0 reach its collective
+    result = torchrun("--monitor-interval", "5", "-m", "openalign", "train", "demo", "model.name=align-test",
+                      "data.num_workers=0", "train.device=cpu", "train.steps=3", "train.batch_size=8",
+                      "train.warmup_steps=0", "eval.tasks=[]", f"run.output_dir={tmp_path / 'run'}",
+                      "run.tensorboard=false", source, check=False)
     output = " ".join((result.stdout + result.stderr).split())
     assert result.returncode != 0
     assert "error: rank 1: " in output and "failed (raise max_consecutive_errors" in output
