@@ -603,16 +603,15 @@ def _rank() -> str:
     return f"rank {rank}: " if world_size > 1 else ""
 
 
-def _peer_stopped(error: RuntimeError) -> bool:
-    """Whether ``error`` is a collective's, raised because another rank's process ended (gloo:
-    "Connection closed by peer"; NCCL: a DistBackendError)."""
-    if world_info()[1] == 1:
-        return False
-    import torch.distributed as dist
+# what a collective raises when another rank's process has ended: gloo's "Connection closed by peer", and the
+# words of NCCL's and torch's errors that blame the remote side; a rank's own failure (NCCL out of memory) says none
+_PEER_GONE = ("closed by peer", "reset by peer", "remote process exited", "remote worker")
 
+
+def _peer_stopped(error: RuntimeError) -> bool:
+    """Whether ``error`` is a collective's, raised because another rank's process ended."""
     text = str(error).lower()
-    return isinstance(error, getattr(dist, "DistBackendError", ())) or "closed by peer" in text or \
-        "reset by peer" in text
+    return world_info()[1] > 1 and any(words in text for words in _PEER_GONE)
 
 
 def _message(error: OpenAlignError) -> str:
