@@ -267,6 +267,16 @@ def cut_short(text: str) -> bool:
     return text.startswith(SAVED_OPENING) and SAVED_END.strip() not in map(str.strip, text.splitlines())
 
 
+def peek_yaml(path: str | Path) -> dict[str, Any] | None:
+    """The mapping a YAML file holds, or None for a file that is missing, unreadable or holds none:
+    for a look at a file that may not be a recipe (is this a run's directory?), not for loading one."""
+    try:
+        data = yaml.safe_load(Path(path).expanduser().read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping, with errors that name the file."""
     path = Path(path)

@@ -9,10 +9,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
 from rich.markup import escape
 from rich.table import Table
 
+from .config import peek_yaml
 from .distributed import world_info
 from .errors import OpenAlignError
 from .eval.shapes import shapes_chance_levels
@@ -73,11 +73,8 @@ def _is_demo_run(output_dir: Path) -> bool:
 
 def trained_shapes_root(run: str | Path) -> str | None:
     """The shapes dataset a run directory's recipe (its ``config.yaml``) trained on, if it is one."""
-    try:
-        recipe = yaml.safe_load((Path(run).expanduser() / "config.yaml").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return None
-    data = recipe.get("data") if isinstance(recipe, dict) else None
+    recipe = peek_yaml(Path(run) / "config.yaml") or {}
+    data = recipe.get("data")
     train = data.get("train") if isinstance(data, dict) else None
     root = train.get("root") if isinstance(train, dict) and train.get("type") == "shapes" else None
     return root if isinstance(root, str) else None

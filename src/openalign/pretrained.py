@@ -23,10 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
-from .config import dump_saved, from_dict, to_dict
+from .config import dump_saved, from_dict, peek_yaml, to_dict
 from .data.tokenizer import Tokenizer
 from .distributed import resolve_device
 from .data.transforms import ImageTransform
@@ -220,13 +219,8 @@ def save_pretrained(model: nn.Module, directory: str | Path, format: str = "open
 
 def _is_run_directory(directory: Path) -> bool:
     """A training run's output directory: checkpoints, or a config.yaml holding more than a model."""
-    if (directory / "checkpoints").is_dir():
-        return True
-    try:
-        saved = yaml.safe_load((directory / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return False
-    return isinstance(saved, dict) and bool(set(saved) - {"model"})
+    saved = peek_yaml(directory / CONFIG_FILE)
+    return (directory / "checkpoints").is_dir() or bool(saved and set(saved) - {"model"})
 
 
 def _named(directory: str | Path) -> Path:
