@@ -517,6 +517,8 @@ def test_convert_on_the_command_line(hf_dir, tmp_path, capsys):
     for name, kind in (("config.yaml", "config"), ("model.safetensors", "weights")):
         with pytest.raises(OpenAlignError, match=f"is the {kind} file of the model in '.*ours': name that directory"):
             openalign.load_pretrained(ours / name)
+    with pytest.raises(OpenAlignError, match="is the weights file of the model in '.*': name that directory"):
+        openalign.load_pretrained(hf_dir / "model.safetensors")  # a Hugging Face ALIGN directory's, too
     released = tmp_path / "released"  # open_clip's hub layout: a CLIP config.json beside the weights file
     released.mkdir()
     (released / "config.json").write_text('{"model_type": "clip"}')

@@ -123,21 +123,25 @@ def _load_weights_file(path: Path, architecture: str | None) -> nn.Module:
 def model_directory_hint(path: Path) -> str | None:
     """What to name instead of ``path``, a file of a model, checkpoint or run directory (its config or
     weights), which is loaded by its directory; None for a file on its own (a released weights file)."""
-    folder, own = path.parent, {CONFIG_FILE: "config", WEIGHTS_FILE: "weights"}
-    openalign_model = all((folder / name).is_file() for name in own)
-    hf_model = path.name in (HF_CONFIG_FILE, WEIGHTS_FILE, "pytorch_model.bin") and _is_hf_directory(folder) and \
-        isinstance(config := _read_json_or_none(folder / HF_CONFIG_FILE), dict) and config.get("model_type") == "align"
-    if not (openalign_model and path.name in own) and not hf_model:  # a released file beside configs of its own
+    folder = path.parent
+    if (folder / CONFIG_FILE).is_file() and (folder / WEIGHTS_FILE).is_file():  # an openalign model's
+        is_model = path.name in (CONFIG_FILE, WEIGHTS_FILE)
+    else:  # a Hugging Face ALIGN directory's (a released file beside a CLIP config.json is one on its own)
+        is_model = path.name in (HF_CONFIG_FILE, WEIGHTS_FILE, "pytorch_model.bin") and _is_hf_directory(folder) \
+            and _model_type(folder) == "align"
+    if not is_model:
         return None
-    kind = "weights" if path.name in (WEIGHTS_FILE, "pytorch_model.bin") else "config"
+    kind = "config" if path.name in (CONFIG_FILE, HF_CONFIG_FILE) else "weights"
     return f"is the {kind} file of the model in '{folder}': name that directory, which holds config and weights"
 
 
-def _read_json_or_none(path: Path) -> Any:
+def _model_type(folder: Path) -> Any:
+    """The ``model_type`` of ``folder``'s ``config.json``; None where it has none to read."""
     try:
-        return read_json(path)
+        config = read_json(folder / HF_CONFIG_FILE)
     except OpenAlignError:
         return None
+    return config.get("model_type") if isinstance(config, dict) else None
 
 
 def _is_hf_directory(path: Path) -> bool:

@@ -63,14 +63,13 @@ def convert_table(table: TableSourceConfig, out: str | Path, samples_per_shard: 
                 try:
                     members = _sample_members(image, caption, extra, origin)
                 except OSError as error:  # permissions, an I/O error: this row's, not the job's
-                    members, problem = None, f"{origin}: {error.strerror or error}"
+                    unreadable.append(f"{origin}: {error.strerror or error}")
                 else:
-                    problem = f"{origin} ({image.name if isinstance(image, Path) else 'image bytes'}): not an image " \
-                              "PIL can read"
-                if members is None:
-                    unreadable.append(problem)
-                else:
-                    writer.add(f"{writer.written:09d}", members)
+                    if members is not None:
+                        writer.add(f"{writer.written:09d}", members)
+                    else:
+                        name = image.name if isinstance(image, Path) else "image bytes"
+                        unreadable.append(f"{origin} ({name}): not an image PIL can read")
                 advance()
         writer.close()
     finally:

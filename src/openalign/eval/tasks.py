@@ -124,11 +124,11 @@ def task_problems(tasks: Sequence[EvalTaskConfig], prefix: str, model: nn.Module
                 task.check_data()
             except OpenAlignError as error:
                 problems.append(f"{prefix}[{index}] ({task.name}): {error}")
-        try:
-            if model is not None:
+        if model is not None:
+            try:
                 task.check_model(model)
-        except OpenAlignError as error:
-            problems.append(f"{prefix}[{index}] ({task.name}): {error}")
+            except OpenAlignError as error:
+                problems.append(f"{prefix}[{index}] ({task.name}): {error}")
     return problems
 
 
