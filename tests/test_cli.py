@@ -133,8 +133,8 @@ def test_train_then_eval_through_the_console_script(tmp_path, shapes_root, tiny_
     assert result.returncode == 0, result.stderr[-3000:]
     assert "shapes/image_retrieval_recall@1" in json.loads(result.stdout)
     # no --root: the shapes dataset the run trained on (its config.yaml says which), not runs/demo/data
-    result = subprocess.run([script, "eval", "shapes", "--checkpoint", str(run), "--output", str(tmp_path / "eval.json")],
-                            capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    result = subprocess.run([script, "eval", "shapes", "--checkpoint", str(run), "--output",
+                             str(tmp_path / "eval.json")], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((tmp_path / "eval.json").read_text())
     assert record["task"] == "shapes" and set(record) >= {"dataset", "model", "pretrained", "metrics", "language"}

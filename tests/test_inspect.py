@@ -206,7 +206,8 @@ def test_a_csv_quote_left_open_is_an_error_naming_its_row_and_multi_line_caption
         TableSourceConfig(path=str(tmp_path / "open.csv.gz")).rows()
     # a quote inside an unquoted field is text (CSV opens a quoted field only at its start)
     (tmp_path / "inch.csv").write_text('image,caption\na.jpg,a 12" pizza\na.jpg,a dog\n')
-    assert [text for _, text, _ in TableSourceConfig(path=str(tmp_path / "inch.csv")).rows()] == ['a 12" pizza', "a dog"]
+    rows = TableSourceConfig(path=str(tmp_path / "inch.csv")).rows()
+    assert [text for _, text, _ in rows] == ['a 12" pizza', "a dog"]
     (tmp_path / "lines.csv").write_text('image,caption\na.jpg,fine\na.jpg,"two\nlines"\na.jpg,"say ""hi"""\n')
     rows = TableSourceConfig(path=str(tmp_path / "lines.csv")).rows()
     assert [text for _, text, _ in rows] == ["fine", "two\nlines", 'say "hi"']

@@ -425,7 +425,7 @@ def test_a_second_run_in_a_run_directory_in_use_is_refused(tmp_path, shapes_root
     from openalign.files import LOCK_FILE
 
     holder = subprocess.Popen(  # another process running in the directory
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from openalign.files import held_directory\n"
+        [sys.executable, "-c", "import time; from pathlib import Path; from openalign.files import held_directory\n"
          f"with held_directory(Path({str(tmp_path / 'run')!r}), 'run.output_dir'):\n"
          "    print('held', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
     try:

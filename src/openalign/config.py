@@ -251,8 +251,9 @@ def parse_yaml(text: str) -> Any:
 
 # A config openalign saves (a checkpoint's or run's recipe, a model directory's config) opens and
 # closes with these lines. A file that opens with the first and lacks the last (anywhere: a note may
-# follow it) was cut short (an interrupted copy or save): YAML cut at a line break is still YAML, and its missing settings
-# would quietly take their defaults. A file without the opening line (hand-written) is read as is.
+# follow it) was cut short (an interrupted copy or save): YAML cut at a line break is still YAML,
+# and its missing settings would quietly take their defaults. A file without the opening line
+# (hand-written) is read as is.
 SAVED_OPENING = "# openalign config: it closes with the line '# end'; a file without it was cut short\n"
 SAVED_END = "# end\n"
 

@@ -53,8 +53,9 @@ def read_torch_file(path: str | Path) -> Any:
                              "with weights_only, so that no pickled code runs: save its state dict alone") from None
     except (RuntimeError, EOFError, OSError, IndexError, KeyError, ValueError) as error:  # what torch's readers raise
         if "legacy .tar format" in str(error):  # a tar archive: torch's oldest format, which only unpickling reads
-            raise OpenAlignError(f"'{path}' is a tar archive, not a weights file openalign reads (torch's legacy "
-                                 ".tar checkpoints need pickled code run to load, which openalign never does)") from None
+            raise OpenAlignError(f"'{path}' is a tar archive, not a weights file openalign reads (torch's "
+                                 "legacy .tar checkpoints need pickled code run to load, which openalign never "
+                                 "does)") from None
         # torch's first sentence only: its advice on weights_only=False is not one openalign follows
         reason = ": ".join([type(error).__name__, *str(error).strip().splitlines()[:1]]).split(". ")[0]
         raise OpenAlignError(f"'{path}' is truncated or corrupt, or not a torch.save file ({reason}): copy or "

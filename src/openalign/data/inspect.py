@@ -34,8 +34,9 @@ def inspect_shards(patterns: Sequence[str], text_key: str = "txt", image_keys: S
                    show_progress: bool = True, min_image_side: int = MIN_IMAGE_SIDE) -> dict[str, Any]:
     """The summary of the shards ``patterns`` name (paths, globs, brace patterns, and the URLs
     training reads: ``s3://...``, ``pipe:...``): ``samples``, ``usable``, ``skipped`` {reason:
-    count}, ``failed_shards`` {url: error}, ``empty_shards`` [url] (read whole, without a sample), ``caption_chars`` and ``image_longer_side``
-    histograms {bin: count}, ``image_modes`` {mode: count}."""
+    count}, ``failed_shards`` {url: error}, ``empty_shards`` [url] (read whole, without a
+    sample), ``caption_chars`` and ``image_longer_side`` histograms {bin: count}, ``image_modes``
+    {mode: count}."""
     shards = [url for pattern in patterns for url in expand_urls(pattern, "shards")]
     skipped: Counter[str] = Counter()
     captions: Counter[str] = Counter()
@@ -141,10 +142,11 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines += [f"  skipped, {reason}: {count}" for reason, count in sorted(summary["skipped"].items())]
     lines += [f"  unreadable shard {path}: {error}" for path, error in summary["failed_shards"].items()]
     if empty := summary["empty_shards"]:
-        lines.append(f"  {len(empty)} shard(s) without a sample: {', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''}")
-    for title, key in (("caption characters", "caption_chars"), ("image longer side (px)", "image_longer_side")):
-        lines.append(f"{title}: " + (", ".join(f"{name}: {count}" for name, count in summary[key].items() if count)
-                                     or "none"))
-    lines.append("image modes: " + (", ".join(f"{mode}: {count}" for mode, count in sorted(summary["image_modes"].items()))
-                                    or "none"))
+        lines.append(f"  {len(empty)} shard(s) without a sample: {', '.join(empty[:5])}"
+                     f"{' ...' if len(empty) > 5 else ''}")
+    for title, counts in (("caption characters", summary["caption_chars"]),
+                          ("image longer side (px)", summary["image_longer_side"]),
+                          ("image modes", dict(sorted(summary["image_modes"].items())))):
+        shown = ", ".join(f"{name}: {count}" for name, count in counts.items() if count)
+        lines.append(f"{title}: {shown or 'none'}")
     return "\n".join(lines)

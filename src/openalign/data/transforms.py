@@ -171,7 +171,8 @@ class ImageTransform:
             return TF.resize(pixels, size, interpolation=self.interpolation, antialias=self.antialias)
         if len(size) == 1:  # the shorter side to size[0], the longer truncated as torchvision sizes it
             height, width = pixels.shape[1:]
-            size = [size[0], int(size[0] * width / height)] if height <= width else [int(size[0] * height / width), size[0]]
+            longer = int(size[0] * max(height, width) / min(height, width))
+            size = [size[0], longer] if height <= width else [longer, size[0]]
         # torch's interpolate: torchvision's float resize gives the same values in three times the time
         antialias = {"antialias": self.antialias} if self.interpolation != InterpolationMode.NEAREST_EXACT else {}
         resized = F.interpolate(pixels.float()[None], size=size, mode=self.interpolation.value, **antialias)[0]

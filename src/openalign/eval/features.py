@@ -99,9 +99,9 @@ def embed_texts(model: nn.Module, tokenizer: Callable[[list[str]], dict[str, tor
 
 def _cached(model: nn.Module, preprocessing: object, entries: Iterable[str], rows: int, kind: str,
             extract: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """``extract()``, or its result (``rows`` embeddings, one per entry) read back from the embedding
-    cache when one is set and holds it. Rank 0 writes entries; the cache answers only if it answers every rank (``extract`` is
-    collective, so ranks must not part ways)."""
+    """``extract()``, or its result (``rows`` embeddings, one per entry) read back from the
+    embedding cache when one is set and holds it. Rank 0 writes entries; the cache answers only if
+    it answers every rank (``extract`` is collective, so ranks must not part ways)."""
     directory = cache.cache_dir()
     if directory is None:
         return extract()

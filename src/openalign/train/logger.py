@@ -36,8 +36,9 @@ def read_history(directory: str | Path) -> list[dict[str, Any]]:
                 log.warning("%s: line %d is cut short (%s): dropped; it was being written when the run stopped",
                             path, number, error)
                 break
-            raise OpenAlignError(f"the run's history '{path}' is damaged at line {number} ({error}): delete that "
-                                 "line, or the file (checkpoints do not need it; the records it held are lost)") from None
+            raise OpenAlignError(f"the run's history '{path}' is damaged at line {number} ({error}): delete "
+                                 "that line, or the file (checkpoints do not need it; the records it held are "
+                                 "lost)") from None
         records.append(record)
     return records
 
