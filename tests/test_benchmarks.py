@@ -20,6 +20,7 @@ TINY = {
     "eval_throughput.py": ["--device", "cpu", "--images", "50", "--knn-memory", "200", "--knn-queries", "20",
                            "--classes", "10"],
     "render_throughput.py": ["--texts", "20", "--repeats", "1"],
+    "transform_throughput.py": ["--model", "clippo-test", "--images", "2", "--repeats", "1"],
     "weights_loading.py": ["--preset", "clippo-test", "--repeats", "1"],
     "data_throughput.py": ["--shards", "1", "--samples-per-shard", "16", "--model", "align-test", "--batch-size", "8",
                            "--workers", "0", "--batches", "1", "--warmup", "1"],

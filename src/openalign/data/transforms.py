@@ -10,7 +10,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode
@@ -169,13 +168,7 @@ class ImageTransform:
     def _resize(self, pixels: torch.Tensor, size: list[int]) -> torch.Tensor:
         if self.config.resize_rounding == "round":  # torchvision's uint8 resize rounds
             return TF.resize(pixels, size, interpolation=self.interpolation, antialias=self.antialias)
-        if len(size) == 1:  # the shorter side to size[0], the longer truncated as torchvision sizes it
-            height, width = pixels.shape[1:]
-            longer = int(size[0] * max(height, width) / min(height, width))
-            size = [size[0], longer] if height <= width else [longer, size[0]]
-        # torch's interpolate: torchvision's float resize gives the same values in three times the time
-        antialias = {"antialias": self.antialias} if self.interpolation != InterpolationMode.NEAREST_EXACT else {}
-        resized = F.interpolate(pixels.float()[None], size=size, mode=self.interpolation.value, **antialias)[0]
+        resized = TF.resize(pixels.float(), size, interpolation=self.interpolation, antialias=self.antialias)
         return resized.clamp_(0, 255).to(torch.uint8)  # truncates, as tf.cast does
 
     def _flip_and_normalise(self, pixels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
