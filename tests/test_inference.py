@@ -333,6 +333,20 @@ def test_search_uses_faiss_for_large_indexes_when_installed(monkeypatch):
     np.testing.assert_allclose(scores.numpy(), expected_scores[0], atol=1e-5)
 
 
+def test_search_with_faiss_matches_brute_force(monkeypatch):
+    pytest.importorskip("faiss")  # in the test extras; the search extra's
+    monkeypatch.setattr(inference, "FAISS_MIN_ROWS", 100)
+    generator = torch.Generator().manual_seed(0)
+    index = torch.randn(16, 500, generator=generator, dtype=torch.float64).T  # not contiguous, float64
+    queries = torch.randn(3, 16, generator=generator).bfloat16()
+    scores, indices = search(index, queries, k=7)
+    expected_scores, expected_indices = _brute_force(index.float().numpy(), queries.float().numpy(), 7)
+    assert indices.dtype == torch.long and np.array_equal(indices.numpy(), expected_indices)
+    np.testing.assert_allclose(scores.numpy(), expected_scores, atol=1e-5)
+    assert search(index[:101], queries[0], k=500)[1].tolist() == _brute_force(  # k beyond the index: all of it
+        index[:101].float().numpy(), queries[:1].float().numpy(), 101)[1][0].tolist()
+
+
 def test_embed_classify_and_search_commands(model_dir, loaded, image_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "400")  # wide tables: paths stay on one line
     out = tmp_path / "index.parquet"
