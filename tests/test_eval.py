@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from openalign import create_model
-from openalign.eval import (classification_metrics, evaluate_shapes, nearest_neighbour_predict, retrieval_metrics,
-                            shapes_chance_levels, zero_shot_classifier)
+from openalign.eval import (class_embeddings, classification_metrics, evaluate_shapes, nearest_neighbour_predict,
+                            retrieval_metrics, shapes_chance_levels)
 
 # scores[text, image]; captions 0-1 belong to image 0, caption 2 to image 1, captions 3-4 to image 2
 SCORES = torch.tensor([[0.9, 0.1, 0.0],
@@ -57,9 +57,9 @@ def test_top5_never_counts_a_class_scored_minus_infinity():
     assert metrics["acc1"] == metrics["acc5"] == 0.5
 
 
-def test_zero_shot_classifier_is_the_renormalised_mean_of_prompt_embeddings():
+def test_class_embeddings_are_the_renormalised_mean_of_prompt_embeddings():
     table = {"a cat": [1.0, 0.0], "the cat": [0.0, 1.0], "a dog": [-1.0, 0.0], "the dog": [-1.0, 0.0]}
-    weights = zero_shot_classifier(lambda texts: torch.tensor([table[t] for t in texts]), ["cat", "dog"], ["a {}", "the {}"])
+    weights = class_embeddings(lambda texts: torch.tensor([table[t] for t in texts]), ["cat", "dog"], ["a {}", "the {}"])
     torch.testing.assert_close(weights, torch.tensor([[1 / math.sqrt(2), 1 / math.sqrt(2)], [-1.0, 0.0]]))
 
 
@@ -67,6 +67,36 @@ def test_nearest_neighbour_takes_the_most_similar_memory_label():
     memory = F.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]), dim=-1)
     queries = F.normalize(torch.tensor([[0.9, 0.1], [0.1, 0.9], [0.6, 0.5]]), dim=-1)
     assert nearest_neighbour_predict(memory, torch.tensor([7, 8, 9]), queries, chunk_size=2).tolist() == [7, 8, 9]
+
+
+def test_metrics_refuse_inputs_that_would_give_numbers_silently_wrong():
+    from openalign.errors import OpenAlignError
+    from openalign.eval import knn_classify
+
+    memory, queries = torch.tensor([[1.0, 0.0], [0.0, 10.0]]), torch.tensor([[1.0, 0.3]])
+    with pytest.raises(OpenAlignError, match=r"memory row 1 has norm 10: pass F.normalize\(memory"):
+        nearest_neighbour_predict(memory, torch.tensor([0, 1]), queries)  # dot products would pick label 1, cosine 0
+    memory = F.normalize(memory, dim=-1)
+    with pytest.raises(OpenAlignError, match="queries row 0 has norm 1.044"):
+        knn_classify(memory, torch.tensor([0, 1]), queries, num_classes=2)
+    queries = F.normalize(queries, dim=-1)
+    assert nearest_neighbour_predict(memory.bfloat16(), torch.tensor([0, 1]), queries.bfloat16()).tolist() == [0]
+    dead = torch.cat([memory, torch.zeros(1, 2)])  # a dead model's zero embeddings are scored, not refused
+    assert knn_classify(dead, torch.tensor([0, 1, 1]), queries, num_classes=2, k=3).shape == (1, 2)
+    with pytest.raises(OpenAlignError, match=r"memory_labels\[1\] is 7, but there are 3 classes"):
+        knn_classify(memory, torch.tensor([0, 7]), queries, num_classes=3)
+    with pytest.raises(OpenAlignError, match="k is 0"):
+        knn_classify(memory, torch.tensor([0, 1]), queries, num_classes=2, k=0)
+    with pytest.raises(OpenAlignError, match="queries are 3-d but the memory is 2-d"):
+        knn_classify(memory, torch.tensor([0, 1]), F.normalize(torch.ones(1, 3), dim=-1), num_classes=2)
+    with pytest.raises(OpenAlignError, match=r"text_to_image\[3\] is 5, but there are 3 images"):
+        retrieval_metrics(torch.eye(3), SCORES[:4], [0, 1, 2, 5])
+    with pytest.raises(OpenAlignError, match=r"text_to_image must hold one entry per row \(5\)"):
+        retrieval_metrics(torch.eye(3), SCORES, [0, 1, 2])
+    with pytest.raises(OpenAlignError, match=r"labels\[2\] is 7, but there are 3 classes"):
+        classification_metrics(torch.randn(3, 3), torch.tensor([0, 1, 7]))
+    with pytest.raises(OpenAlignError, match="must be whole numbers"):
+        classification_metrics(torch.randn(3, 3), torch.tensor([0.0, 1.0, 2.0]))
 
 
 def test_chance_levels(shapes_root):

@@ -32,7 +32,7 @@ from .files import not_a_file, written_whole
 from .eval import embed_texts
 from .eval.features import IMAGE_EXTENSIONS, eval_mode
 from .eval.features import encode_image_batch as encode_images
-from .eval import zero_shot_classifier as _class_embeddings
+from .eval import class_embeddings
 from .progress import progress_bar
 
 if TYPE_CHECKING:
@@ -82,14 +82,14 @@ def zero_shot_classifier(model: nn.Module, tokenizer: Tokenizer, class_names: Se
                          templates: Sequence[str | Callable[[str], str]] = DEFAULT_TEMPLATES,
                          batch_size: int = 64) -> torch.Tensor:
     """(num_classes, dim) fp32 class embeddings on the CPU: each class's prompt embeddings averaged
-    and renormalised (:func:`openalign.eval.zero_shot_classifier` with ``model``'s text tower)."""
+    and renormalised (:func:`openalign.eval.class_embeddings` with ``model``'s text tower)."""
     device = model_device(model)
 
     def encode_text(texts: list[str]) -> torch.Tensor:
         return embed_texts(model, tokenizer, texts, device, batch_size=batch_size, show_progress=False)
 
     with eval_mode(model):  # weights held fixed: with an embedding cache, hashed once, not once per class
-        return _class_embeddings(encode_text, class_names, templates)
+        return class_embeddings(encode_text, class_names, templates)
 
 
 @torch.no_grad()

@@ -1,6 +1,6 @@
 """Evaluation: retrieval and classification metrics, feature extraction, and the tasks recipes list."""
 
-from .classification import classification_metrics, knn_classify, nearest_neighbour_predict, zero_shot_classifier
+from .classification import class_embeddings, classification_metrics, knn_classify, nearest_neighbour_predict
 from .datasets import (evaluate_clip_benchmark_probe, evaluate_fewshot, evaluate_knn, evaluate_linear_probe,
                        evaluate_retrieval, evaluate_zeroshot, read_class_folders)
 from .features import embed_images, embed_texts
@@ -16,9 +16,10 @@ from .tasks import (ClipBenchmarkProbeEvalConfig, EvalTaskConfig, FewShotEvalCon
 __all__ = [
     "ClipBenchmarkProbeEvalConfig", "EvalTaskConfig", "FewShotEvalConfig", "KnnEvalConfig", "LinearProbeEvalConfig",
     "RetrievalEvalConfig", "SentencePairEvalConfig", "ShapesEvalConfig", "ZeroShotEvalConfig",
-    "adamw_linear_probe", "classification_metrics", "clip_benchmark_probe_rows", "embed_images", "embed_texts",
+    "adamw_linear_probe", "class_embeddings", "classification_metrics", "clip_benchmark_probe_rows", "embed_images",
+    "embed_texts",
     "evaluate_clip_benchmark_probe", "evaluate_fewshot", "evaluate_knn", "evaluate_linear_probe",
     "evaluate_retrieval", "evaluate_shapes", "evaluate_zeroshot", "finetune_sentence_pairs", "knn_classify",
     "logistic_regression_probe", "nearest_neighbour_predict", "read_class_folders", "read_sentence_pairs",
-    "retrieval_metrics", "ridge_fewshot_probe", "ridge_regression", "shapes_chance_levels", "zero_shot_classifier",
+    "retrieval_metrics", "ridge_fewshot_probe", "ridge_regression", "shapes_chance_levels",
 ]

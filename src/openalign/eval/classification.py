@@ -11,12 +11,13 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import OpenAlignError
+from .checks import check_labels, check_unit_norm
 
 
-def zero_shot_classifier(encode_text: Callable[[list[str]], torch.Tensor], classnames: Sequence[str],
-                         templates: Sequence[str | Callable[[str], str]] | Mapping[str, Sequence[str]]
-                         ) -> torch.Tensor:
-    """(num_classes, dim) class embeddings: the renormalised mean of each class's prompt embeddings.
+def class_embeddings(encode_text: Callable[[list[str]], torch.Tensor], class_names: Sequence[str],
+                     templates: Sequence[str | Callable[[str], str]] | Mapping[str, Sequence[str]]) -> torch.Tensor:
+    """(num_classes, dim) class embeddings: the renormalised mean of each class's prompt embeddings
+    (:func:`openalign.zero_shot_classifier` calls this with a model's text tower).
 
     ``encode_text`` maps a list of strings to L2-normalised embeddings; a template is a string
     with one ``{}`` for the class name, or a function of the class name (CLIP's prompt
@@ -24,30 +25,30 @@ def zero_shot_classifier(encode_text: Callable[[list[str]], torch.Tensor], class
     CLIP_benchmark takes) gives each class those instead.
     """
     return torch.stack([F.normalize(encode_text(own).mean(dim=0), dim=-1)
-                        for own in class_prompts(classnames, templates)])
+                        for own in class_prompts(class_names, templates)])
 
 
-def class_prompts(classnames: Sequence[str],
+def class_prompts(class_names: Sequence[str],
                   templates: Sequence[str | Callable[[str], str]] | Mapping[str, Sequence[str]]) -> list[list[str]]:
-    """Each class's prompts, as :func:`zero_shot_classifier` embeds them; checked, not embedded."""
+    """Each class's prompts, as :func:`class_embeddings` embeds them; checked, not embedded."""
     if isinstance(templates, Mapping):
-        return _per_class_prompts(classnames, templates)
-    _check_prompts(classnames, templates)
+        return _per_class_prompts(class_names, templates)
+    _check_prompts(class_names, templates)
     return [[template(name) if callable(template) else template.format(name) for template in templates]
-            for name in classnames]
+            for name in class_names]
 
 
-def _per_class_prompts(classnames: Sequence[str], prompts: Mapping[str, Sequence[str]]) -> list[list[str]]:
-    missing = [name for name in classnames if name not in prompts]
+def _per_class_prompts(class_names: Sequence[str], prompts: Mapping[str, Sequence[str]]) -> list[list[str]]:
+    missing = [name for name in class_names if name not in prompts]
     if missing:
         raise OpenAlignError(f"the per-class prompts (a mapping of class name to its prompts, as CuPL's) have none "
-                             f"for {len(missing)} of the {len(classnames)} classes, e.g. {missing[:3]}; their keys "
+                             f"for {len(missing)} of the {len(class_names)} classes, e.g. {missing[:3]}; their keys "
                              f"are {list(prompts)[:3]}")
-    for name in classnames:
+    for name in class_names:
         own = prompts[name]
         if isinstance(own, str) or not own or not all(isinstance(prompt, str) for prompt in own):
             raise OpenAlignError(f"the prompts of class {name!r} must be a non-empty list of strings, got {own!r:.80}")
-    return [list(prompts[name]) for name in classnames]
+    return [list(prompts[name]) for name in class_names]
 
 
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
@@ -61,10 +62,10 @@ def canonicalize_prompt(text: str, keep: str = "") -> str:
     return re.sub(r"\s+", " ", keep.join(part.translate(_PUNCTUATION) for part in parts).lower()).strip()
 
 
-def _check_prompts(classnames: Sequence[str], templates: Sequence[str | Callable[[str], str]]) -> None:
+def _check_prompts(class_names: Sequence[str], templates: Sequence[str | Callable[[str], str]]) -> None:
     """Clear errors for what would otherwise give silently wrong classes (a string where a list
     belongs iterates over its letters; a template without ``{}`` gives every class one prompt)."""
-    for name, given in (("class names", classnames), ("templates", templates)):
+    for name, given in (("class names", class_names), ("templates", templates)):
         if isinstance(given, str):
             raise OpenAlignError(f"the {name} are one string ({given!r}); pass a list of them")
         if not len(given):
@@ -88,7 +89,10 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[s
     As CLIP_benchmark, ``acc5`` is NaN with fewer than 5 classes (every label would be in the top
     5). A class scored ``-inf`` is never among the top k (a kNN class no neighbour voted for).
     """
-    labels = labels.to(logits.device)
+    if logits.ndim != 2:
+        raise OpenAlignError(f"classification_metrics takes (N, classes) logits; got shape {tuple(logits.shape)}")
+    labels = torch.as_tensor(labels, device=logits.device)
+    check_labels("classification_metrics", "labels", labels, logits.shape[0], logits.shape[1], "classes (logit columns)")
     scores, top = logits.topk(min(5, logits.shape[1]), dim=1)
     correct = (top == labels[:, None]) & (scores > float("-inf"))
     predicted = logits.argmax(dim=1)  # as CLIP_benchmark: the first of tied logits, where topk may pick another
@@ -120,7 +124,9 @@ def knn_classify(memory: torch.Tensor, memory_labels: torch.Tensor, queries: tor
 
     Blocked top-k: ``chunk_size`` queries are scored against ``memory_chunk_size`` memory items at a
     time, keeping a running top-k, so no similarity block exceeds ``chunk_size × memory_chunk_size``
-    (256 MiB of fp32 by default) however large the memory bank (ImageNet: 1.28M × 50k)."""
+    (256 MiB of fp32 by default) however large the memory bank (ImageNet: 1.28M × 50k).
+    ``memory`` and ``queries`` must be L2-normalised (checked)."""
+    _check_knn_inputs(memory, memory_labels, queries, num_classes, k)
     k, memory_chunk_size = min(k, memory.shape[0]), max(memory_chunk_size, k)  # a block must hold k candidates
     votes = []
     for start in range(0, queries.shape[0], chunk_size):
@@ -135,6 +141,17 @@ def knn_classify(memory: torch.Tensor, memory_labels: torch.Tensor, queries: tor
         chunk = torch.where(voted, chunk.clamp(min=torch.finfo(chunk.dtype).tiny), chunk)
         votes.append(chunk)
     return torch.cat(votes)
+
+
+def _check_knn_inputs(memory: torch.Tensor, memory_labels: torch.Tensor, queries: torch.Tensor, num_classes: int,
+                      k: int) -> None:
+    check_unit_norm("knn_classify", "memory", memory)
+    check_unit_norm("knn_classify", "queries", queries)
+    if queries.shape[1] != memory.shape[1]:
+        raise OpenAlignError(f"knn_classify: the queries are {queries.shape[1]}-d but the memory is {memory.shape[1]}-d")
+    check_labels("knn_classify", "memory_labels", memory_labels, memory.shape[0], num_classes, "classes")
+    if k < 1:
+        raise OpenAlignError(f"knn_classify: k is {k}; vote with at least one neighbour")
 
 
 def _running_topk(queries: torch.Tensor, memory: torch.Tensor, k: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:

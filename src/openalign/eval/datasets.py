@@ -21,8 +21,8 @@ from ..data.karpathy import CaptionedImage, read_karpathy
 from ..errors import OpenAlignError
 from ..files import not_a_file
 from .clip_benchmark_wds import is_clip_benchmark_wds, read_lines, read_split
-from .classification import (canonicalize_prompt, class_prompts, classification_metrics, knn_classify,
-                             zero_shot_classifier)
+from .classification import (canonicalize_prompt, class_embeddings, class_prompts, classification_metrics,
+                             knn_classify)
 from .probe import (adamw_linear_probe, clip_benchmark_probe_rows, fewshot_indices, logistic_regression_probe,
                     ridge_accuracy)
 from .prompts import shipped_lines, shipped_names
@@ -185,7 +185,7 @@ def evaluate_zeroshot(model: nn.Module, root: str | Path, device: torch.device,
     with eval_mode(model):
         config = model.config
         tokenizer = config.build_tokenizer()
-        classifier = zero_shot_classifier(
+        classifier = class_embeddings(
             lambda texts: embed_texts(model, tokenizer, texts, device, batch_size, show_progress=False),
             readable, templates)
         image_emb = embed_images(model, transform or eval_transform(model), paths, device, batch_size, show_progress)

@@ -7,10 +7,15 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from .checks import check_labels
+
 
 def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_image: Sequence[int] | torch.Tensor,
                       ks: Sequence[int] = (1, 5, 10), chunk_size: int = 4096) -> dict[str, float]:
     """Recall@k in both directions from L2-normalised embeddings; ``text_to_image[j]`` is caption j's image.
+    The scores are the embeddings' dot products, as given (CLIP_benchmark's ``recall_at_k`` takes
+    scores): cosine similarities only when the embeddings are normalised, as openalign's
+    evaluations and ``encode_image`` / ``encode_text`` give them.
 
     ``image_retrieval_recall@k`` (text→image): the share of captions whose image is among their
     top k images. ``text_retrieval_recall@k`` (image→text): the share of images with at least
@@ -22,7 +27,9 @@ def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_i
     two middle ranks of an even count. Scores are computed ``chunk_size`` queries at a time,
     never as one full matrix.
     """
-    text_to_image = torch.as_tensor(text_to_image, dtype=torch.long, device=image_emb.device)
+    text_to_image = torch.as_tensor(text_to_image, device=image_emb.device)
+    check_labels("retrieval_metrics", "text_to_image", text_to_image, text_emb.shape[0], image_emb.shape[0], "images")
+    text_to_image = text_to_image.long()
     image_ids = torch.arange(image_emb.shape[0], device=image_emb.device)
     directions = {  # name: (queries, keys, positive mask of a chunk of query rows)
         "image_retrieval": (text_emb, image_emb, lambda rows: text_to_image[rows, None] == image_ids[None]),

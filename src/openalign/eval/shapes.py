@@ -14,7 +14,7 @@ from torch import nn
 from ..data.karpathy import CaptionedImage, read_karpathy
 from ..data.shapes import fix_articles
 from ..errors import OpenAlignError
-from .classification import classification_metrics, nearest_neighbour_predict, zero_shot_classifier
+from .classification import class_embeddings, classification_metrics, nearest_neighbour_predict
 from .features import embed_captioned, embed_images, embed_texts, eval_mode
 from .retrieval import retrieval_metrics
 
@@ -73,7 +73,7 @@ def evaluate_shapes(model: nn.Module, root: str | Path, device: torch.device, ba
         labelled = [n for n, item in enumerate(test) if item.labels]
         for attribute, names in classnames.items():
             labels = torch.tensor([names.index(test[n].labels[attribute]) for n in labelled])
-            classifier = zero_shot_classifier(
+            classifier = class_embeddings(
                 lambda texts: embed_texts(model, tokenizer, texts, device=device, show_progress=False),
                 names, prompt_templates(attribute, classnames))
             zero_shot = classification_metrics(image_emb[labelled] @ classifier.T, labels)
