@@ -402,7 +402,8 @@ def test_commands_report_bad_input_with_exit_2(model_dir, tmp_path, capsys):
     err = " ".join(capsys.readouterr().err.split())
     assert "no image files in" in err and "Traceback" not in err
     assert main(["search", "--index", str(tmp_path / "missing.parquet"), "--model", str(model_dir), "a cat"]) == 2
-    assert "missing.parquet' does not exist" in " ".join(capsys.readouterr().err.split())
+    err = capsys.readouterr().err  # on one line, unwrapped at a pipe's 80 columns: the path stays whole to copy
+    assert err.count("\n") == 1 and f"{tmp_path / 'missing.parquet'}' does not exist" in err
     assert main(["search", "--index", str(tmp_path / "missing.parquet"), "--model", str(model_dir), " "]) == 2
     assert "the search query is blank" in " ".join(capsys.readouterr().err.split())
     assert main(["classify", "--model", str(model_dir), str(tmp_path / "x.png"), "--labels", " , "]) == 2
@@ -429,7 +430,8 @@ def test_commands_report_bad_input_with_exit_2(model_dir, tmp_path, capsys):
 def test_classify_and_search_print_any_label_path_or_query_verbatim(model_dir, loaded, image_dir, tmp_path, capsys,
                                                                      monkeypatch, caplog):
     monkeypatch.setenv("COLUMNS", "80")  # a pipe's width: twelve numeric columns must not shrink to '0.…'
-    odd = tmp_path / "[b]old [draft].png"  # rich markup in a file name
+    monkeypatch.chdir(tmp_path)  # a path short enough for its table column (a long one folds over lines)
+    odd = Path("[b]old [draft].png")  # rich markup in a file name
     shutil.copy(image_dir / "blue.png", odd)
     labels = ["[i]a cat, sleeping", *(f"label {i}" for i in range(11))]  # markup and a comma: from a file
     (tmp_path / "labels.txt").write_text("\n".join(labels) + "\n\n")

@@ -666,7 +666,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         shutdown()  # after a success only: after an error a peer may still be inside a collective
     except OpenAlignError as error:
         who = "" if isinstance(error, PeerFailure) else _rank()  # a peer failure names the ranks itself
-        console.print(f"[bold red]error:[/] {who}{escape(_message(error))}", highlight=False)  # "[text, caption]" stays
+        # unwrapped (soft_wrap), so that a long path stays whole to copy, in a terminal or a log file; and unhighlighted,
+        # so that "[text, caption]" stays as written
+        console.print(f"[bold red]error:[/] {who}{escape(_message(error))}", highlight=False, soft_wrap=True)
         return 2
     except RuntimeError as error:
         if not _peer_stopped(error):
@@ -674,13 +676,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         # a rank's error outside a fail_together block (a data stream failing on it alone): its own error is the
         # one to read; the others' is only that their next collective lost it
         console.print(f"[bold red]error:[/] {_rank()}another rank stopped while this one waited for it in a "
-                      "collective (its error is above, or in the launcher's log): this rank stops too", highlight=False)
+                      "collective (its error is above, or in the launcher's log): this rank stops too", highlight=False,
+                      soft_wrap=True)
         return 1
     except OSError as error:  # a path that is a file, a folder that cannot be written, a full disk...
         where = f" ('{error.filename}')" if error.filename else ""
         given = _argument_of(error.filename, args) if error.filename else None
         message = f"{given + ': ' if given else ''}{error.strerror or error}{where}"
-        console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+        console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
