@@ -62,7 +62,7 @@ def test_gates_and_adaptive_loss_equal_a_hand_computation():
     loss_fn = ALIPLoss(gamma_s=2.0, gamma_p=2.0, momentum=0.5)
     image, text, caption = unit(ANGLES["image"]), unit(ANGLES["text"]), unit(ANGLES["caption"])
     for step in (1, 2):  # the running averages carry over to the second call
-        loss = loss_fn(image, text, caption, torch.tensor(5.0))
+        loss = loss_fn(image, text, caption, torch.tensor(5.0) if step == 1 else 5.0)  # a plain number too
         expected = by_hand(5.0, 0.5, (1.0, 1.0, 1.0), steps=step)
         assert loss.item() == pytest.approx(expected["loss"], rel=1e-5)
         histories = (loss_fn.history_text_caption, loss_fn.history_image_text, loss_fn.history_image_caption)

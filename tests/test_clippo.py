@@ -90,6 +90,22 @@ def test_both_modalities_equal_an_independent_forward_pass_through_the_one_share
     assert out["logit_scale"].item() == pytest.approx(10.0)
 
 
+def test_a_clippo_model_cast_to_bf16_classifies_and_takes_inputs_as_the_others_do():
+    from PIL import Image
+
+    model = openalign.create_model("clippo-test").eval()
+    preprocess, tokenizer = openalign.get_transforms("clippo-test", train=False), openalign.get_tokenizer("clippo-test")
+    images = [Image.new("RGB", (40, 30), colour) for colour in ("red", "blue")]
+    expected = openalign.classify(model, preprocess, tokenizer, images, ["a red image", "a blue image"])
+    half = openalign.classify(model.bfloat16(), preprocess, tokenizer, images, ["a red image", "a blue image"])
+    torch.testing.assert_close(half, expected, atol=0.05, rtol=0)  # rendered text, fp32 pixels, into bf16 weights
+    with pytest.raises(OpenAlignError, match=r"pass model.encode_text\(\*\*tokenizer\(texts\)\)"):
+        model.encode_text(tokenizer(["a cat"]))
+    with pytest.raises(OpenAlignError, match=r"model\(image, text=tokenizer\(texts\)\)"):
+        model(torch.zeros(1, 3, 32, 32), torch.zeros(1, 3, 32, 32))
+    model.constrain_parameters()  # every model has it: nothing to clamp here
+
+
 def test_initialisation_follows_big_vision_and_only_kernels_are_decayed():
     from openalign.train import parameter_groups
 

@@ -34,6 +34,7 @@ def test_loss_is_the_sum_of_both_smoothed_directions(epsilon):
     logits = (scale * image @ text.T).numpy()
     expected = _smoothed_cross_entropy(logits, epsilon) + _smoothed_cross_entropy(logits.T, epsilon)
     assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert ContrastiveLoss(label_smoothing=epsilon)(image, text, 7.5).item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_loss_is_twice_hugging_face_align_loss():

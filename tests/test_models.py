@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import math
+import re
 
 import importlib.util
 from pathlib import Path
@@ -27,6 +29,36 @@ def test_public_api_shapes_and_normalisation():
     assert model.logit_scale.item() == pytest.approx(1.0)  # 1 / temperature_init
     outputs = model(image=pixels[:2], text=tokens)
     assert set(outputs) == {"image_emb", "text_emb", "logit_scale"}
+
+
+@pytest.mark.parametrize("name", ["align-test", "alip-tiny"])
+def test_inputs_a_preprocess_was_forgotten_for_are_errors_that_say_how_to_make_them(name):
+    from PIL import Image
+
+    from openalign.errors import OpenAlignError
+
+    model = openalign.create_model(name).eval()
+    size = model.config.preprocess.image_size
+    pixels = torch.randn(2, 3, size, size)
+    tokens = openalign.get_tokenizer(name)(["a red circle", "two shapes"])
+    for wrong, words in [(Image.new("RGB", (size, size)), "got a Image: make them with torch.stack"),
+                         ((pixels * 100).to(torch.uint8), "got torch.uint8 ones"),
+                         (pixels[0], r"one image \(3, .*pass pixels\[None\]"),
+                         (pixels.permute(0, 2, 3, 1), r"pass pixels.permute\(0, 3, 1, 2\)"),
+                         (pixels[:, :1], r"RGB pixels \(N, 3, H, W\); got shape \(2, 1")]:
+        with pytest.raises(OpenAlignError, match=words):
+            model.encode_image(wrong)
+    with pytest.raises(OpenAlignError, match=r"pass model.encode_text\(\*\*tokenizer\(texts\)\)"):
+        model.encode_text(tokens)
+    with torch.no_grad():  # a model cast to bf16 takes the fp32 pixels a preprocess gives
+        expected = model.encode_image(pixels)
+        torch.testing.assert_close(copy.deepcopy(model).bfloat16().encode_image(pixels), expected, atol=0.05, rtol=0)
+        others = {field: tokens for field in model.config.text_fields if field != "text"}
+        assert model(pixels, tokens, **others)["image_emb"].shape == expected.shape  # text positionally, as CLIPPO
+    wrong_fields = {"text": tokens} if others else {"text": tokens, "caption": tokens}  # ALIP lacks, ALIGN has extra
+    wanted = ", ".join(f"{field}=tokenizer(...)" for field in model.config.text_fields)
+    with pytest.raises(OpenAlignError, match=re.escape(f"model(image, {wanted}); got {', '.join(wrong_fields)}")):
+        model(pixels, **wrong_fields)
 
 
 def test_projections_run_in_fp32_under_bf16_autocast():

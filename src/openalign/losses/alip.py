@@ -69,9 +69,9 @@ class ALIPLoss(nn.Module):
         self.last_stats: dict[str, torch.Tensor] = {}
 
     def forward(self, image_emb: torch.Tensor, text_emb: torch.Tensor, caption_emb: torch.Tensor,
-                logit_scale: torch.Tensor) -> torch.Tensor:
+                logit_scale: torch.Tensor | float) -> torch.Tensor:
         image_emb, text_emb, caption_emb = image_emb.float(), text_emb.float(), caption_emb.float()
-        logit_scale = logit_scale.float()
+        logit_scale = torch.as_tensor(logit_scale).float()
         all_image, all_text, all_caption = (gather_with_grad(e) for e in (image_emb, text_emb, caption_emb))
         weight_sample, weight_text, weight_caption = self.gates(all_image.detach(), all_text.detach(),
                                                                 all_caption.detach())

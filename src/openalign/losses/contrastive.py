@@ -69,8 +69,9 @@ class ContrastiveLoss(nn.Module):
         self.directions = directions
         self.last_stats: dict[str, torch.Tensor] = {}
 
-    def forward(self, image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-        image_emb, text_emb, logit_scale = image_emb.float(), text_emb.float(), logit_scale.float()
+    def forward(self, image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor | float
+                ) -> torch.Tensor:
+        image_emb, text_emb, logit_scale = image_emb.float(), text_emb.float(), torch.as_tensor(logit_scale).float()
         all_image, all_text = gather_with_grad(image_emb), gather_with_grad(text_emb)
         loss_i2t, loss_t2i = local_cross_entropy(image_emb, text_emb, all_image, all_text, logit_scale,
                                                  self.label_smoothing)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..config import Variants, require_at_least
+from ..errors import OpenAlignError
 
 
 @dataclass
@@ -91,3 +92,34 @@ class ModelConfig(Variants):
     def build_transform(self, train: bool) -> Callable[..., torch.Tensor]:
         """The image preprocessing matching the weights: PIL image → tensor."""
         raise NotImplementedError
+
+
+def image_input(pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``pixels`` as an image tower takes them: a floating-point (N, 3, H, W) batch, in the
+    weights' ``dtype`` (a model cast to bf16 takes fp32 pixels too). What a preprocess was
+    forgotten for (a PIL image, 8-bit pixels, one image without its batch dimension, channels
+    last) is an error that says how to make the input."""
+    make = "torch.stack([preprocess(image) for image in images]) with the model's preprocess"
+    if not isinstance(pixels, torch.Tensor):
+        raise OpenAlignError(f"encode_image takes preprocessed pixels, a float tensor (N, 3, H, W); got a "
+                             f"{type(pixels).__name__}: make them with {make} (or use openalign.classify)")
+    if not pixels.is_floating_point():
+        raise OpenAlignError(f"encode_image takes preprocessed pixels; got {pixels.dtype} ones: make them with {make}, "
+                             "which rescales and normalises 8-bit images")
+    if pixels.ndim == 3 and pixels.shape[0] == 3:
+        raise OpenAlignError(f"encode_image takes a batch (N, 3, H, W); got one image {tuple(pixels.shape)}: "
+                             "pass pixels[None]")
+    if pixels.ndim == 4 and pixels.shape[1] != 3 and pixels.shape[3] == 3:
+        raise OpenAlignError(f"encode_image takes channels first (N, 3, H, W); got {tuple(pixels.shape)}: "
+                             "pass pixels.permute(0, 3, 1, 2)")
+    if pixels.ndim != 4 or pixels.shape[1] != 3:
+        raise OpenAlignError(f"encode_image takes RGB pixels (N, 3, H, W); got shape {tuple(pixels.shape)}")
+    return pixels.to(dtype)
+
+
+def text_input_error(given: object) -> OpenAlignError | None:
+    """The error for a tokenizer's whole output passed as ``encode_text``'s first argument."""
+    if isinstance(given, Mapping):
+        return OpenAlignError(f"encode_text takes the tokenizer's outputs as keyword arguments "
+                              f"({', '.join(map(str, given))}): pass model.encode_text(**tokenizer(texts))")
+    return None

@@ -18,7 +18,7 @@ from torch import nn
 from ..data.render import TextRenderer, resolve_font_paths
 from ..data.transforms import ImageTransform, PreprocessConfig
 from ..errors import ConfigError, OpenAlignError
-from .base import ImageTowerConfig, ModelConfig
+from .base import ImageTowerConfig, ModelConfig, image_input, text_input_error
 from .dual_encoder import MAX_TEMPERATURE, MIN_TEMPERATURE
 
 
@@ -125,21 +125,33 @@ class Clippo(nn.Module):
         exempt = getattr(self.encoder, "no_weight_decay", set)()
         return {"log_temperature"} | {f"encoder.{name}" for name in exempt}
 
+    @torch.no_grad()
+    def constrain_parameters(self) -> None:
+        """Nothing to keep in range: CLIPPO's learned scale is unclipped (spec §2.1)."""
+
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """The encoder's pooled features (big_vision's ``pre_logits``), before the head."""
-        return self.encoder(pixels)
+        return self.encoder(image_input(pixels, self.head.weight.dtype))
 
     def encode_image(self, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        features = self.head(self.encoder(pixels)).float()  # bf16 autocast: normalise in fp32
+        """(N, embed_dim) fp32 embeddings of preprocessed pixels (N, 3, H, W), normalised unless not
+        ``normalize``."""
+        features = self.head(self.image_features(pixels)).float()  # bf16 autocast: normalise in fp32
         return features / (features.norm(dim=-1, keepdim=True) + 1e-8) if normalize else features
 
     def encode_text(self, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        """Rendered text (what :meth:`ClippoConfig.build_tokenizer` gives) goes through the same path."""
+        """Rendered text (what :meth:`ClippoConfig.build_tokenizer` gives: ``model.encode_text(**tokenizer(texts))``)
+        goes through the same path."""
+        if (error := text_input_error(pixels)) is not None:
+            raise error
         return self.encode_image(pixels, normalize)
 
     def forward(self, image: torch.Tensor, text: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Both modalities in one pass of the shared encoder (equal to two passes: nothing mixes
         examples), split back into the embeddings the contrastive loss takes."""
+        if not isinstance(text, Mapping) or "pixels" not in text:
+            raise OpenAlignError("CLIPPO's forward takes the image and the rendered text: model(image, "
+                                 "text=tokenizer(texts))")
         embeddings = self.encode_image(torch.cat([image, text["pixels"].to(image.dtype)]))
         image_emb, text_emb = embeddings.split([image.shape[0], text["pixels"].shape[0]])
         return {"image_emb": image_emb, "text_emb": text_emb, "logit_scale": self.logit_scale}

@@ -13,8 +13,8 @@ from torch import nn
 
 from ..data.transforms import ImageTransform, PreprocessConfig
 from ..config import require_at_least
-from ..errors import ConfigError
-from .base import ImageTowerConfig, ModelConfig, TextTowerConfig
+from ..errors import ConfigError, OpenAlignError
+from .base import ImageTowerConfig, ModelConfig, TextTowerConfig, image_input, text_input_error
 
 
 MIN_TEMPERATURE = 1e-4  # logit scale 1e4: beyond it half precision overflows (65504 at a cosine of 1)
@@ -169,15 +169,24 @@ class DualEncoder(nn.Module):
         return {"log_temperature"}
 
     def encode_image(self, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        features = _project(self.image_projection, self.image_tower(pixels))
+        """(N, embed_dim) fp32 embeddings of preprocessed pixels (N, 3, H, W), L2-normalised unless not
+        ``normalize``."""
+        features = _project(self.image_projection, self.image_features(pixels))
         return F.normalize(features, dim=-1) if normalize else features
 
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """The image tower's pooled features, before projection and normalisation."""
-        return self.image_tower(pixels)
+        return self.image_tower(image_input(pixels, next(self.image_tower.parameters()).dtype))
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                     normalize: bool = True) -> torch.Tensor:
+        """(N, embed_dim) fp32 embeddings of token ids and their mask (N, L), as the tokenizer gives
+        them: ``model.encode_text(**tokenizer(texts))``; L2-normalised unless not ``normalize``."""
+        if (error := text_input_error(input_ids)) is not None:
+            raise error
+        if attention_mask is None:
+            raise OpenAlignError("encode_text needs the attention mask as well as the token ids: pass "
+                                 "model.encode_text(**tokenizer(texts))")
         features = _project(self.text_projection, self.text_tower(input_ids, attention_mask))
         return F.normalize(features, dim=-1) if normalize else features
 
@@ -198,9 +207,15 @@ class DualEncoder(nn.Module):
 
         return save_pretrained(self, directory, format, overwrite)
 
-    def forward(self, image: torch.Tensor, **texts: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def forward(self, image: torch.Tensor, text: Mapping[str, torch.Tensor] | None = None,
+                **other_texts: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Embeddings of a batch, named as the losses take them: ``image_emb``, ``<field>_emb`` for
-        each of ``text_fields`` (tokenised), and ``logit_scale``."""
+        each of ``text_fields`` (each a tokenizer's output), and ``logit_scale``."""
+        texts = other_texts if text is None else {"text": text, **other_texts}
+        if set(texts) != set(self.config.text_fields) or not all(isinstance(v, Mapping) for v in texts.values()):
+            fields = ", ".join(f"{name}=tokenizer(...)" for name in self.config.text_fields)
+            raise OpenAlignError(f"this model's forward takes the image and its text fields, each a tokenizer's "
+                                 f"output: model(image, {fields}); got {', '.join(texts) or 'no text'}")
         outputs = {"image_emb": self.encode_image(image)}
         for field_name in self.config.text_fields:
             outputs[f"{field_name}_emb"] = self.encode_text(texts[field_name]["input_ids"],
