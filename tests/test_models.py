@@ -94,6 +94,15 @@ def test_transforms_follow_the_model_config():
 
     assert openalign.get_transforms("align-b7-base", train=False)(Image.new("RGB", (500, 300))).shape == (3, 289, 289)
     assert openalign.get_transforms("align-tiny", train=True)(Image.new("RGB", (64, 64))).shape == (3, 48, 48)
+    assert not openalign.get_transforms("align-tiny").train  # evaluation's by default, as open_clip's
+
+
+def test_overrides_are_nested_mappings_or_dotted_keys_as_on_the_command_line():
+    nested = openalign.model_config("align-tiny", image={"virtual_batch_size": None, "drop_connect_rate": 0.3})
+    dotted = openalign.model_config("align-tiny", **{"image.virtual_batch_size": None, "image.drop_connect_rate": 0.3})
+    assert nested == dotted and dotted.image.virtual_batch_size is None and dotted.image.drop_connect_rate == 0.3
+    with pytest.raises(openalign.ConfigError, match="'model.image.dropout' is unknown; valid: "):
+        openalign.model_config("align-tiny", **{"image.dropout": 0.3})
 
 
 def test_text_tower_loads_a_real_pretrained_bert():

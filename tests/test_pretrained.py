@@ -4,6 +4,7 @@ with transformers' own AlignModel, AlignProcessor and pipeline as the references
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -298,6 +299,26 @@ def test_openalign_format_round_trips_and_convert_goes_both_ways(hf_dir, images,
     for ours, theirs in zip(_our_outputs(model, preprocess, tokenizer, images),
                             _our_outputs(*openalign.load_pretrained(back), images)):
         assert torch.equal(ours, theirs)
+
+
+def test_a_trained_models_directory_names_its_config_tokenizer_and_transforms(hf_dir, images, tmp_path):
+    _, preprocess, tokenizer = openalign.load_pretrained(hf_dir)
+    ours = openalign.pretrained.convert(hf_dir, tmp_path / "ours", to="openalign")
+    texts = ["a photo of a cat", "two dogs"]
+    for directory in (hf_dir, ours):  # read without the weights, as load_pretrained reads them
+        assert openalign.model_config(directory) == openalign.load_pretrained(directory)[0].config
+        assert torch.equal(openalign.get_transforms(directory)(images[0]), preprocess(images[0]))
+        assert all(torch.equal(a, b) for a, b in zip(openalign.get_tokenizer(directory)(texts).values(),
+                                                     tokenizer(texts).values()))
+        with pytest.raises(OpenAlignError, match=re.escape(f"openalign.load_pretrained('{directory}') loads")):
+            openalign.create_model(directory)  # random weights: never what a trained model's directory asks for
+    # its config.yaml (a model section, with the tokenizer beside it) is a model file too, as a recipe is
+    assert openalign.model_config(ours / "config.yaml") == openalign.model_config(ours)
+    assert openalign.model_config(openalign.registry.find_config("recipes", "demo")).name == "align-tiny"
+    with pytest.raises(OpenAlignError, match=r"create_model\('align-tiny'\) builds it with random ones"):
+        openalign.load_pretrained("align-tiny")
+    with pytest.raises(OpenAlignError, match="a trained model's directory or hub id loads with openalign.load_pre"):
+        openalign.get_tokenizer("kakaobrain/align-base")
 
 
 def test_overwriting_a_model_removes_its_vocabulary_processor_and_weight_shards(hf_dir, tmp_path):

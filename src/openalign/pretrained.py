@@ -31,7 +31,7 @@ from .distributed import resolve_device
 from .data.transforms import ImageTransform
 from .errors import OpenAlignError
 from .files import filled_whole, read_json
-from .models import ModelConfig
+from .models import ContrastiveModel, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ _COMPANION_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spe
 
 
 def load_pretrained(name_or_path: str | Path, device: str | torch.device = "cpu", architecture: str | None = None
-                    ) -> tuple[nn.Module, ImageTransform, Tokenizer]:
+                    ) -> tuple[ContrastiveModel, ImageTransform, Tokenizer]:
     """``(model, preprocess, tokenizer)`` of a trained model, the model in eval mode on ``device``
     (``"auto"``: a GPU when one is visible).
 
@@ -78,6 +78,19 @@ def load_pretrained(name_or_path: str | Path, device: str | torch.device = "cpu"
     return model, model.config.build_transform(train=False), model.config.build_tokenizer()
 
 
+def pretrained_config(name_or_path: str | Path) -> ModelConfig:
+    """The config of a trained model found as :func:`load_pretrained` finds a directory or hub id,
+    without reading its weights: its preprocessing and tokenizer, say."""
+    path = resolve(name_or_path)
+    if _is_hf_directory(path):
+        from .hf import model_config_from_hf
+
+        return model_config_from_hf(path)
+    from .train.checkpoint import checkpoint_model_config
+
+    return checkpoint_model_config(path)
+
+
 def load_pretrained_weights(model: nn.Module, name_or_path: str | Path) -> None:
     """The weights of a trained model, found as :func:`load_pretrained` finds them, into ``model``
     (of the same architecture: every weight must match by name and shape), without building a
@@ -100,7 +113,7 @@ def load_pretrained_weights(model: nn.Module, name_or_path: str | Path) -> None:
         load_weights(model, checkpoint_directory(path) / WEIGHTS_FILE)
 
 
-def _load_weights_file(path: Path, architecture: str | None) -> nn.Module:
+def _load_weights_file(path: Path, architecture: str | None) -> ContrastiveModel:
     from .external import load_external_weights
     from .factory import create_model
 
@@ -160,7 +173,12 @@ def resolve(name_or_path: str | Path) -> Path:
                              "directory, or a Hugging Face AlignModel directory) or a hub id, or, for a weights "
                              "file, the architecture it holds")
     if not _HUB_ID.match(text):
-        raise OpenAlignError(f"'{text}' is neither a directory nor a Hugging Face hub id like 'kakaobrain/align-base'")
+        from .registry import list_models
+
+        hint = (f"; it names an architecture, without trained weights: openalign.create_model('{text}') builds it with "
+                "random ones") if text in list_models() else ""
+        raise OpenAlignError(f"'{text}' is neither a directory nor a Hugging Face hub id like 'kakaobrain/align-base'"
+                             f"{hint}")
     try:
         from huggingface_hub import snapshot_download
 

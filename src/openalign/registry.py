@@ -43,7 +43,9 @@ def find_config(kind: str, name_or_path: str | Path) -> Path:
     if candidate.is_file():
         return candidate
     noun = kind.removesuffix("s")
-    raise ConfigError(f"unknown {noun} '{name_or_path}'{did_you_mean(str(name_or_path), _names(kind))}")
+    trained = "; a trained model's directory or hub id loads with openalign.load_pretrained" if kind == "models" \
+        and "/" in str(name_or_path) else ""
+    raise ConfigError(f"unknown {noun} '{name_or_path}'{did_you_mean(str(name_or_path), _names(kind))}{trained}")
 
 
 def resolve_model_dict(spec: str | Mapping[str, Any]) -> dict[str, Any]:
@@ -59,4 +61,18 @@ def resolve_model_dict(spec: str | Mapping[str, Any]) -> dict[str, Any]:
     if "architecture" in spec or "name" not in spec:
         return spec  # a complete model config, e.g. one saved with a checkpoint
     name = str(spec["name"])
-    return {**deep_merge(load_yaml(find_config("models", name)), spec), "name": name}
+    path = find_config("models", name)
+    loaded = load_yaml(path)
+    if isinstance(loaded.get("model"), (Mapping, str)) and "architecture" not in loaded:
+        return _model_section(loaded["model"], path, {k: v for k, v in spec.items() if k != "name"})
+    return {**deep_merge(loaded, spec), "name": name}
+
+
+def _model_section(section: Mapping[str, Any] | str, path: Path, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """The model of a recipe, or of a saved model's ``config.yaml``, whose tokenizer ``.`` is the files
+    beside it."""
+    model = resolve_model_dict(section)
+    text = model.get("text")
+    if isinstance(text, dict) and text.get("tokenizer") == ".":
+        text["tokenizer"] = str(path.parent)
+    return deep_merge(model, overrides)

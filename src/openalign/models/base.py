@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -65,7 +66,7 @@ class ModelConfig(Variants):
     tag_key: ClassVar[str] = "architecture"
     name: str | None = field(default=None, kw_only=True)
 
-    def build(self) -> nn.Module:
+    def build(self) -> ContrastiveModel:
         raise NotImplementedError
 
     @property
@@ -92,6 +93,58 @@ class ModelConfig(Variants):
     def build_transform(self, train: bool) -> Callable[..., torch.Tensor]:
         """The image preprocessing matching the weights: PIL image → tensor."""
         raise NotImplementedError
+
+
+class ContrastiveModel(nn.Module):
+    """What every openalign model has, under the same names (timm's and open_clip's habit): its
+    ``config`` and ``input_fields``, ``encode_image`` / ``encode_text`` (L2-normalised fp32
+    embeddings by default), ``image_features``, ``forward(image, text, ...)`` (the embeddings the
+    loss takes), a learned ``log_temperature`` with ``temperature`` and ``logit_scale``,
+    ``constrain_parameters`` (after each optimiser step), ``no_weight_decay`` and
+    ``save_pretrained``. ``encode_text`` takes what the model's tokenizer gives:
+    ``model.encode_text(**tokenizer(texts))``."""
+
+    log_temperature: nn.Parameter
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.input_fields = config.input_fields
+
+    @property
+    def temperature(self) -> torch.Tensor:
+        return self.log_temperature.exp()
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        """The multiplier of cosine similarities in the logits."""
+        return (-self.log_temperature).exp()
+
+    def encode_image(self, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode_text(self, *args: torch.Tensor, normalize: bool = True, **inputs: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pooled image features before any projection or normalisation (for probes and kNN)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def constrain_parameters(self) -> None:
+        """Project parameters back into their allowed range after an optimiser step; none by default."""
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names that optimisers must neither decay nor adapt (timm's convention)."""
+        return {"log_temperature"}
+
+    def save_pretrained(self, directory: str | Path, format: str = "openalign", overwrite: bool = False) -> Path:
+        """Write the model, its tokenizer and preprocessing: ``format="openalign"`` (read back by
+        ``openalign.load_pretrained``) or ``"hf"`` (a ``transformers`` ``AlignModel`` directory, for
+        the ALIGN models it can represent)."""
+        from ..pretrained import save_pretrained
+
+        return save_pretrained(self, directory, format, overwrite)
 
 
 def image_input(pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

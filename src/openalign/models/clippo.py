@@ -18,7 +18,7 @@ from torch import nn
 from ..data.render import TextRenderer, resolve_font_paths
 from ..data.transforms import ImageTransform, PreprocessConfig
 from ..errors import ConfigError, OpenAlignError
-from .base import ImageTowerConfig, ModelConfig, image_input, text_input_error
+from .base import ContrastiveModel, ImageTowerConfig, ModelConfig, image_input, text_input_error
 from .dual_encoder import MAX_TEMPERATURE, MIN_TEMPERATURE
 
 
@@ -91,7 +91,7 @@ class RenderedText:
         return f"RenderedText({self.renderer!r}, fonts={resolve_font_paths(self.renderer.font_path)})"
 
 
-class Clippo(nn.Module):
+class Clippo(ContrastiveModel):
     """The CLIPPO one-tower model (spec §2.1): ẑ = head(encoder(x)) / (‖·‖ + 1e-8) for images and
     rendered text alike; logits = exp(t)·ẑᵢ·ẑₜ with t learned, unclipped, and no bias.
 
@@ -100,34 +100,20 @@ class Clippo(nn.Module):
     """
 
     def __init__(self, config: ClippoConfig) -> None:
-        super().__init__()
+        super().__init__(config)
         from timm.layers.weight_init import lecun_normal_
 
-        self.config = config
-        self.input_fields = config.input_fields
         self.encoder = config.encoder.build()
         self.head = nn.Linear(self.encoder.output_dim, config.embed_dim)
         lecun_normal_(self.head.weight)  # flax Dense default; head_zeroinit=False
         nn.init.zeros_(self.head.bias)
         self.log_temperature = nn.Parameter(torch.tensor(-math.log(config.logit_scale_init)))
 
-    @property
-    def temperature(self) -> torch.Tensor:
-        return self.log_temperature.exp()
-
-    @property
-    def logit_scale(self) -> torch.Tensor:
-        return (-self.log_temperature).exp()
-
     def no_weight_decay(self) -> set[str]:
         """The scale, and what the encoder exempts (position embeddings, pooling probe): big_vision
         decays kernels only."""
         exempt = getattr(self.encoder, "no_weight_decay", set)()
         return {"log_temperature"} | {f"encoder.{name}" for name in exempt}
-
-    @torch.no_grad()
-    def constrain_parameters(self) -> None:
-        """Nothing to keep in range: CLIPPO's learned scale is unclipped (spec §2.1)."""
 
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """The encoder's pooled features (big_vision's ``pre_logits``), before the head."""
@@ -168,8 +154,3 @@ class Clippo(nn.Module):
         if load is None:
             raise OpenAlignError(f"this CLIPPO encoder ({type(self.encoder).__name__}) cannot load timm checkpoints")
         load(path)
-
-    def save_pretrained(self, directory: str | Path, format: str = "openalign", overwrite: bool = False) -> Path:
-        from ..pretrained import save_pretrained
-
-        return save_pretrained(self, directory, format, overwrite)

@@ -14,7 +14,7 @@ from torch import nn
 from ..data.transforms import ImageTransform, PreprocessConfig
 from ..config import require_at_least
 from ..errors import ConfigError, OpenAlignError
-from .base import ImageTowerConfig, ModelConfig, TextTowerConfig, image_input, text_input_error
+from .base import ContrastiveModel, ImageTowerConfig, ModelConfig, TextTowerConfig, image_input, text_input_error
 
 
 MIN_TEMPERATURE = 1e-4  # logit scale 1e4: beyond it half precision overflows (65504 at a cosine of 1)
@@ -103,7 +103,7 @@ class DualEncoderConfig(ModelConfig, tag="dual_encoder"):
         return ImageTransform(self.preprocess, train)
 
 
-class DualEncoder(nn.Module):
+class DualEncoder(ContrastiveModel):
     """ALIGN (shared spec align-coyo-and-hf.md §1.3, §6.2).
 
     The temperature is stored as its logarithm (``log_temperature``), so τ = exp(log τ) is
@@ -115,9 +115,7 @@ class DualEncoder(nn.Module):
     """
 
     def __init__(self, config: DualEncoderConfig) -> None:
-        super().__init__()
-        self.config = config
-        self.input_fields = config.input_fields
+        super().__init__(config)
         self.image_tower = config.image.build()
         self.text_tower = config.text.build()
         self.image_projection = (nn.Linear(config.image.output_dim, config.embed_dim)
@@ -129,10 +127,6 @@ class DualEncoder(nn.Module):
             if projection is not None:  # Keras Dense defaults: glorot-uniform kernel, zero bias
                 nn.init.xavier_uniform_(projection.weight)
                 nn.init.zeros_(projection.bias)
-
-    @property
-    def temperature(self) -> torch.Tensor:
-        return self.log_temperature.exp()
 
     @property
     def logit_scale(self) -> torch.Tensor:
@@ -163,10 +157,6 @@ class DualEncoder(nn.Module):
         if mode:  # a tower that refuses training (optimize_for_inference) refuses before any module switches
             self.image_tower.train()
         return super().train(mode)
-
-    def no_weight_decay(self) -> set[str]:
-        """Parameter names that optimisers must neither decay nor adapt (timm's convention)."""
-        return {"log_temperature"}
 
     def encode_image(self, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """(N, embed_dim) fp32 embeddings of preprocessed pixels (N, 3, H, W), L2-normalised unless not
@@ -199,13 +189,6 @@ class DualEncoder(nn.Module):
         from ..pretrained import load_pretrained_weights
 
         load_pretrained_weights(self, name_or_path)
-
-    def save_pretrained(self, directory: str | Path, format: str = "openalign", overwrite: bool = False) -> Path:
-        """Write the model, its tokenizer and preprocessing: ``format="openalign"`` (read back by
-        ``openalign.load_pretrained``) or ``"hf"`` (a ``transformers`` ``AlignModel`` directory)."""
-        from ..pretrained import save_pretrained
-
-        return save_pretrained(self, directory, format, overwrite)
 
     def forward(self, image: torch.Tensor, text: Mapping[str, torch.Tensor] | None = None,
                 **other_texts: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -28,6 +28,7 @@ from ..config import SAVED_END, cut_short, dump_saved
 from ..distributed import DistributedContext, fail_together
 from ..errors import OpenAlignError
 from ..files import read_json, read_safetensors, read_torch_file
+from ..models import ModelConfig
 from .schedule import load_scheduler_state
 
 log = logging.getLogger(__name__)
@@ -330,12 +331,18 @@ def load_checkpoint_model(path: str | Path) -> nn.Module:
     already records the architecture, and the weights come from the checkpoint, so no
     pretrained BERT is read or downloaded again.
     """
+    path = checkpoint_directory(path)
+    model = checkpoint_model_config(path).build()
+    load_weights(model, path / WEIGHTS_FILE)
+    return model.eval()
+
+
+def checkpoint_model_config(path: str | Path) -> ModelConfig:
+    """The model config saved in an openalign model, checkpoint or run directory (its latest checkpoint's)."""
     from ..pretrained import model_config_from_dict
 
     path = checkpoint_directory(path)
-    model = model_config_from_dict(_read_recipe(path)["model"], path).build()
-    load_weights(model, path / WEIGHTS_FILE)
-    return model.eval()
+    return model_config_from_dict(_read_recipe(path)["model"], path)
 
 
 def checkpoint_directory(path: str | Path) -> Path:
