@@ -171,8 +171,11 @@ def test_a_shapes_evaluation_without_a_root_evaluates_the_training_data():
     recipe = load_recipe("demo", ["data.train.root=elsewhere"])  # not runs/demo/data, another dataset
     assert recipe.eval.tasks[0].root == "elsewhere"
     assert load_recipe("demo", ["eval.tasks.0.root=other"]).eval.tasks[0].root == "other"
-    with pytest.raises(ConfigError, match=r"'eval.tasks\[0\].root' is not set, and data.train is no shapes dataset"):
+    assert load_recipe("demo", ["eval.tasks[0].root=other"]).eval.tasks[0].root == "other"  # as errors name it
+    with pytest.raises(ConfigError, match=r"'eval.tasks\[0\].root' is not set, and data.train is no shapes dataset to "
+                                          r"evaluate: name one, with 'eval.tasks=\[\{task: shapes, root: DIR\}\]'"):
         load_recipe("demo", ["data.train={type: webdataset, urls: a.tar}"])
+    assert load_recipe("demo", ["data.train={type: webdataset, urls: a.tar}", "eval.tasks=[]"]).eval.tasks == []
 
 
 def test_an_override_of_a_sections_type_starts_it_afresh_keeping_the_other_overrides():

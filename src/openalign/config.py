@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from collections.abc import Iterable, Iterator, Mapping
@@ -306,12 +307,12 @@ def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """Split ``a.b.c=value`` into its key path and its YAML-parsed value."""
+    """Split ``a.b.c=value`` (``a.b[0].c=value`` for a list item) into its key path and its YAML-parsed value."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override '{text}' must look like key.path=value, e.g. train.lr=1e-3")
-    try:
-        return key.strip().split("."), parse_yaml(raw) if raw.strip() else ""
+    try:  # a list item as errors name it (eval.tasks[0].root) or dotted (eval.tasks.0.root)
+        return re.sub(r"\[(\d+)\]", r".\1", key.strip()).split("."), parse_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as error:
         problem = str(error).splitlines()[0]
         raise ConfigError(f"override '{text}': the value is not valid YAML ({problem}); close its brackets, "

@@ -96,7 +96,10 @@ def run_suite(suite: SuiteConfig, model: nn.Module, pretrained: str, output_dir:
     """Run every task at ``precision`` (default: the suite's), writing one record per task to
     ``output_dir``; returns the records."""
     if problems := task_problems(suite.tasks, "tasks", model):
-        raise OpenAlignError(f"the suite cannot run (checked before any task runs): {'; '.join(problems)}")
+        raise OpenAlignError(f"the suite cannot run (checked before any task runs): {'; '.join(problems)}. Relative "
+                             "paths are read from the working directory; for data elsewhere, copy the suite's YAML "
+                             "(a shipped suite's is openalign/configs/suites/NAME.yaml), set its paths and pass the "
+                             "copy's path: openalign eval suite my_suite.yaml")
     output_dir = Path(output_dir)
     names = suite.names or [f"{index:02d}-{task.name}" for index, task in enumerate(suite.tasks)]
     if output_dir.exists() and not output_dir.is_dir():

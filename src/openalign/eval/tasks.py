@@ -148,7 +148,8 @@ class ShapesEvalConfig(EvalTaskConfig, tag="shapes"):
     def take_training_data(self, train: Variants) -> None:
         if self.root is None:
             if train.tag != "shapes":
-                raise ConfigError("is not set, and data.train is no shapes dataset to evaluate: name one", "root")
+                raise ConfigError("is not set, and data.train is no shapes dataset to evaluate: name one, with "
+                                  "'eval.tasks=[{task: shapes, root: DIR}]' (or no evaluation: 'eval.tasks=[]')", "root")
             self.root = train.root  # type: ignore[attr-defined]
 
     def check_data(self) -> None:
