@@ -9,6 +9,12 @@ the model's input size, and times ``openalign.train.train_step`` after warm-up s
         --batch-sizes 128 256 --device cuda --compile                       # GPU
     python benchmarks/train_throughput.py --models align-tiny --batch-sizes 128 \\
         --accum-steps 1 2 4                      # the cost of gradient accumulation (train.accum_steps)
+    python benchmarks/train_throughput.py --models align-tiny --batch-sizes 128 \\
+        --grad-checkpointing off on              # activation checkpointing (train.grad_checkpointing)
+
+"held for backward" is what one step's forward passes keep for the backward pass, counted tensor
+by tensor as autograd saves them (the same on any device; with accumulation, summed over the
+micro-batches, which hold theirs one at a time): the activation memory checkpointing saves.
 
 Prints a table and writes JSON (``--output``, default runs/benchmarks/train_throughput.json).
 """
@@ -18,6 +24,7 @@ from __future__ import annotations
 import argparse
 import resource
 import time
+from collections.abc import Callable
 
 import torch
 from common import add_output, environment, report
@@ -36,10 +43,11 @@ def synthetic_batch(model: torch.nn.Module, batch_size: int, device: torch.devic
 
 
 def measure(name: str, batch_size: int, device: torch.device, steps: int, warmup: int, compile: bool,
-            standard_bn: bool = False, accum_steps: int = 1) -> dict:
+            standard_bn: bool = False, accum_steps: int = 1, checkpointing: bool = False) -> dict:
     torch.manual_seed(0)
     overrides = {"image": {"virtual_batch_size": None}} if standard_bn else {}
     model = openalign.create_model(name, **overrides).to(device).to(memory_format=torch.channels_last)
+    model.set_grad_checkpointing(checkpointing)
     optimizer = build_optimizer(model, "lamb", 1e-3, 1e-5, (0.9, 0.999), 1e-6, device)
     scheduler = build_scheduler(optimizer, "constant", 0, steps + warmup)
     forward = torch.compile(model) if compile else model
@@ -55,6 +63,8 @@ def measure(name: str, batch_size: int, device: torch.device, steps: int, warmup
                           accum_steps=accum_steps)
     loss.item()  # wait for the device
     seconds = time.perf_counter() - start
+    held = None if compile else held_for_backward(
+        lambda: train_step(model, loss_fn, optimizer, scheduler, batch, device, accum_steps=accum_steps))
     if device.type == "cuda":
         peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
     else:
@@ -62,7 +72,22 @@ def measure(name: str, batch_size: int, device: torch.device, steps: int, warmup
     return {"model": name, "batch_size": batch_size, "samples_per_second": batch_size * steps / seconds,
             "seconds_per_step": seconds / steps, "peak_memory_gib": peak_gib,
             "precision": "bf16" if device.type == "cuda" else "fp32", "compile": compile,
-            "batch_norm": "standard" if standard_bn else "ghost", "accum_steps": accum_steps}
+            "batch_norm": "standard" if standard_bn else "ghost", "accum_steps": accum_steps,
+            "grad_checkpointing": checkpointing, "held_for_backward_mib": held}
+
+
+def held_for_backward(step: Callable[[], object]) -> float:
+    """MiB of the tensors autograd saves for the backward pass in ``step()`` (not under torch.compile,
+    whose graphs save their own)."""
+    sizes = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        sizes.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        step()
+    return sum(sizes) / 2**20
 
 
 def main() -> None:
@@ -77,19 +102,24 @@ def main() -> None:
                         help="standard batch norm instead of the models' ghost batch norm (virtual_batch_size null)")
     parser.add_argument("--accum-steps", nargs="+", type=int, default=[1],
                         help="train.accum_steps values: each batch in that many micro-batches, caching features")
+    parser.add_argument("--grad-checkpointing", nargs="+", choices=["off", "on"], default=["off"],
+                        help="train.grad_checkpointing: recompute each block in the backward pass")
     add_output(parser, "train_throughput")
     args = parser.parse_args()
     device = torch.device(args.device)
-    rows = [measure(name, batch, device, args.steps, args.warmup, args.compile, args.standard_bn, accum)
-            for name in args.models for batch in args.batch_sizes for accum in args.accum_steps]
+    rows = [measure(name, batch, device, args.steps, args.warmup, args.compile, args.standard_bn, accum,
+                    checkpointing == "on")
+            for name in args.models for batch in args.batch_sizes for accum in args.accum_steps
+            for checkpointing in args.grad_checkpointing]
     env = environment(device)
     cells = [(row["model"], str(row["batch_size"]), str(row["accum_steps"]), row["batch_norm"], row["precision"],
-              str(row["compile"]),
-              f"{row['samples_per_second']:.1f}", f"{row['seconds_per_step']:.3f}", f"{row['peak_memory_gib']:.2f}")
+              str(row["compile"]), "on" if row["grad_checkpointing"] else "off",
+              f"{row['samples_per_second']:.1f}", f"{row['seconds_per_step']:.3f}", f"{row['peak_memory_gib']:.2f}",
+              "–" if row["held_for_backward_mib"] is None else f"{row['held_for_backward_mib']:.0f}")
              for row in rows]
     report(f"training throughput on {env['device']} (torch {torch.__version__})",
-           ("model", "batch/device", "accum", "batch norm", "precision", "compile", "samples/s", "s/step",
-            "peak memory GiB"),
+           ("model", "batch/device", "accum", "batch norm", "precision", "compile", "checkpointing", "samples/s",
+            "s/step", "peak memory GiB", "held for backward MiB"),
            cells, 1,
            {"environment": env, "results": rows}, args.output)
 

@@ -1,4 +1,5 @@
-"""Gradient accumulation by feature caching (``train.accum_steps``) gives the whole batch's gradient."""
+"""Gradient accumulation by feature caching (``train.accum_steps``) gives the whole batch's gradient; so does
+activation checkpointing (``train.grad_checkpointing``)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from conftest import needs_unifont
 from safetensors.torch import load_file
 
 import openalign
@@ -147,8 +149,8 @@ def test_outputs_that_are_not_per_example_are_refused():
 
 def test_a_run_with_accumulation_trains_as_one_without(tmp_path, shapes_root, tiny_overrides, caplog, monkeypatch):
     """The same recipe with ``train.accum_steps: 2`` (and ``train.compile``, with the eager backend
-    to keep the test fast) logs the same losses step after step and saves the same batch-norm
-    statistics after its first step. (Later steps are compared through the losses: LAMB turns the
+    to keep the test fast, or ``train.grad_checkpointing``) logs the same losses step after step and
+    saves the same batch-norm statistics after its first step. (Later steps are compared through the losses: LAMB turns the
     rounding noise of analytically zero gradients into full-size steps of weights that do not
     affect the output, such as a batch-norm bias before another batch norm, but do shift the
     later one's statistics.)"""
@@ -159,8 +161,9 @@ def test_a_run_with_accumulation_trains_as_one_without(tmp_path, shapes_root, ti
     monkeypatch.setattr(loop, "accumulated_backward",
                         lambda *args: accumulated.append(args[-1]) or real_accumulate(*args))
     losses, weights = [], []
-    for settings in (["train.accum_steps=1"], ["train.accum_steps=2", "train.compile=true"]):
-        output = tmp_path / settings[0]
+    for settings in (["train.accum_steps=1"], ["train.accum_steps=2", "train.compile=true"],
+                     ["train.accum_steps=2", "train.grad_checkpointing=true"]):
+        output = tmp_path / "-".join(settings)
         recipe = load_recipe("demo", tiny_overrides(shapes_root, output, steps=3) + [
             "eval.tasks=[]", "run.checkpoint_every=1", *settings])
         with caplog.at_level("INFO", logger="openalign.train"):
@@ -168,12 +171,14 @@ def test_a_run_with_accumulation_trains_as_one_without(tmp_path, shapes_root, ti
         losses.append([record["loss"] for record in read_history(output) if "loss" in record])
         weights.append(load_file(output / "checkpoints" / "step_00000001" / "model.safetensors"))
     assert len(losses[0]) == 3 and losses[1] == pytest.approx(losses[0], rel=1e-5)
+    assert losses[2] == pytest.approx(losses[0], rel=1e-5)
     assert "batch 16: 1 rank(s) × 16 example(s), each in 2 micro-batches of 8" in caplog.text
-    assert accumulated == [2, 2, 2]
+    assert accumulated == [2, 2, 2] * 2
     statistics = [name for name in weights[0] if "running_" in name or "num_batches" in name]
     assert statistics and weights[0]["image_tower.embeddings.batchnorm.num_batches_tracked"].item() == 1
     for name in statistics:
-        torch.testing.assert_close(weights[1][name], weights[0][name], rtol=1e-4, atol=1e-6, msg=name)
+        for other in weights[1:]:
+            torch.testing.assert_close(other[name], weights[0][name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("accum_steps, message", [
@@ -186,3 +191,65 @@ def test_accumulation_that_does_not_fit_the_batch_is_a_config_error(tmp_path, sh
     with pytest.raises(ConfigError, match=message):
         train(load_recipe("demo", tiny_overrides(shapes_root, tmp_path) + [f"train.accum_steps={accum_steps}"]),
               show_progress=False)
+
+
+def _model_batch(model: torch.nn.Module) -> dict:
+    """16 examples of what ``model`` takes: random pixels of its size, each text field tokenised."""
+    size = model.config.preprocess.image_size
+    tokenizer = model.config.build_tokenizer()
+    batch = {"image": torch.randn(16, 3, size, size, generator=torch.Generator().manual_seed(7))}
+    for offset, name in enumerate(model.input_fields[1:]):
+        batch[name] = tokenizer(CAPTIONS[offset:] + CAPTIONS[:offset])
+    return batch
+
+
+@pytest.mark.parametrize("name, overrides, accum_steps", [
+    ("align-test", {"image.drop_connect_rate": 0.3, "text.hidden_dropout_prob": 0.2}, 1),
+    ("align-test", {"image.drop_connect_rate": 0.3, "text.hidden_dropout_prob": 0.2}, 2),
+    ("alip-tiny", {}, 1),
+    pytest.param("clippo-test", {"encoder.depth": 4}, 1, marks=needs_unifont),
+])
+def test_grad_checkpointing_gives_the_same_step_keeping_fewer_activations(name, overrides, accum_steps):
+    """The same gradients with dropout and drop-connect (the recomputation replays the random state),
+    batch-norm running statistics updated once (the recomputation runs every batch norm again), and
+    far fewer bytes held for the backward pass."""
+    torch.manual_seed(0)
+    model = openalign.create_model(name, **overrides)
+    checkpointed, batch = copy.deepcopy(model), _model_batch(model)
+    loss_fn = ALIPLoss() if name == "alip-tiny" else ContrastiveLoss()
+    held = {}
+    for key, candidate in (("plain", model), ("checkpointed", checkpointed)):
+        candidate.set_grad_checkpointing(key == "checkpointed")
+        sizes = []
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:  # what the forward pass keeps for the backward
+            sizes.append(tensor.numel() * tensor.element_size())
+            return tensor
+
+        torch.manual_seed(1)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            held[key] = step_gradients(candidate, copy.deepcopy(loss_fn), batch, accum_steps), sum(sizes)
+    assert_same_gradients(held["checkpointed"][0], held["plain"][0])
+    assert held["checkpointed"][1] < 0.5 * held["plain"][1]  # 0.1 to 0.3 of it for these tiny models
+    for (key, value), (_, reference) in zip(checkpointed.named_buffers(), model.named_buffers()):
+        torch.testing.assert_close(value, reference, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_a_compiled_checkpointed_block_updates_its_batch_norm_statistics_once():
+    """Under torch.compile (inductor, as train.compile uses it) a checkpointed block takes no context
+    to set its statistics back (torch.compile accepts none): the compiled graph updates them once."""
+    from openalign.models import efficientnet
+
+    torch.manual_seed(0)
+    block = openalign.create_model("align-test").image_tower.encoder.blocks[1].train()
+    reference, checkpointed = copy.deepcopy(block), copy.deepcopy(block)
+    pixels = torch.randn(8, block.expansion.expand_conv.in_channels, 16, 16)
+    reference(pixels).pow(2).sum().backward()
+    torch.compile(lambda x: efficientnet._checkpointed(checkpointed, x))(pixels).pow(2).sum().backward()
+    for (key, value), (_, expected) in zip(checkpointed.named_buffers(), reference.named_buffers()):
+        torch.testing.assert_close(value, expected, rtol=1e-4, atol=1e-5, msg=key)
+    gradients = {name: parameter.grad for name, parameter in checkpointed.named_parameters()}
+    expected = {name: parameter.grad for name, parameter in reference.named_parameters()}
+    for name, gradient in expected.items():  # inductor sums in another order: 1e-3 of each largest (of 1 at least:
+        scale = max(gradient.abs().max().item(), 1.0)  # a bias before a batch norm has a gradient of noise only)
+        torch.testing.assert_close(gradients[name], gradient, rtol=1e-3, atol=1e-3 * scale, msg=name)

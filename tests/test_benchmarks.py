@@ -16,7 +16,7 @@ TINY = {
     "inference_throughput.py": ["--preset", "small", "--device", "cpu", "--warmup", "1", "--iterations", "1",
                                 "--batch-size", "4"],
     "train_throughput.py": ["--models", "align-test", "--batch-sizes", "16", "--steps", "1", "--warmup", "1",
-                            "--device", "cpu", "--accum-steps", "1", "2"],
+                            "--device", "cpu", "--accum-steps", "1", "2", "--grad-checkpointing", "off", "on"],
     "eval_throughput.py": ["--device", "cpu", "--images", "50", "--knn-memory", "200", "--knn-queries", "20",
                            "--classes", "10"],
     "render_throughput.py": ["--texts", "20", "--repeats", "1"],
@@ -46,4 +46,7 @@ def test_the_benchmark_runs_and_writes_its_table(script, tmp_path):
         assert {row["library"] for row in rows} == {"openalign", "transformers"}
         assert max(written["parity_relative_max_diff_fp32"].values()) < 1e-4
     if script == "train_throughput.py":
-        assert [row["accum_steps"] for row in rows] == [1, 2] and all(row["samples_per_second"] > 0 for row in rows)
+        assert [row["accum_steps"] for row in rows] == [1, 1, 2, 2]
+        assert all(row["samples_per_second"] > 0 for row in rows)
+        held = [row["held_for_backward_mib"] for row in rows]  # off, on, off, on
+        assert held[1] < 0.5 * held[0] and held[3] < 0.5 * held[2]

@@ -134,6 +134,16 @@ class ContrastiveModel(nn.Module):
     def constrain_parameters(self) -> None:
         """Project parameters back into their allowed range after an optimiser step; none by default."""
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing in every tower (``train.grad_checkpointing``): in training, each
+        block keeps only its input and is recomputed in the backward pass, the same gradients and
+        batch-norm statistics for less activation memory and about a third more compute."""
+        towers = [module for module in self.children() if callable(getattr(module, "set_grad_checkpointing", None))]
+        if not towers:
+            raise OpenAlignError(f"{type(self).__name__} has no tower that can checkpoint its activations")
+        for tower in towers:
+            tower.set_grad_checkpointing(enable)
+
     def no_weight_decay(self) -> set[str]:
         """Parameter names that optimisers must neither decay nor adapt (timm's convention)."""
         return {"log_temperature"}

@@ -112,3 +112,13 @@ class BertTextTower(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return hidden[:, 0]
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each layer in the backward pass (transformers' activation checkpointing, named
+        gradient checkpointing before transformers 5)."""
+        if not enable:
+            getattr(self.bert, "activation_checkpointing_disable", self.bert.gradient_checkpointing_disable)()
+        elif hasattr(self.bert, "activation_checkpointing_enable"):
+            self.bert.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.bert.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -103,6 +103,10 @@ class ClipTextTower(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.transformer(input_ids)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward pass (open_clip's)."""
+        self.transformer.set_grad_checkpointing(enable)
+
 
 class ClipTokenizer:
     """CLIP's tokenizer (open_clip's ``SimpleTokenizer``: ftfy, HTML unescape, whitespace

@@ -12,8 +12,9 @@ timm's EfficientNets cannot express that padding, which is why this tower is wri
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import ClassVar
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torch.utils.checkpoint import checkpoint
 from torchvision.ops import stochastic_depth
 
 from ..errors import ConfigError, OpenAlignError
@@ -208,6 +210,7 @@ class EfficientNet(nn.Module):
         self.encoder.blocks = nn.ModuleList(self._blocks(cfg, norm))
         self.output_dim = cfg.output_dim
         self.batch_norm_folded = False
+        self.grad_checkpointing = False
         self.apply(_init_weights)
 
     @staticmethod
@@ -228,9 +231,15 @@ class EfficientNet(nn.Module):
     def forward_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """The last block's feature map (N, output_dim, h, w), before pooling."""
         x = self.embeddings(pixels)
+        checkpointed = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.encoder.blocks:
-            x = block(x)
+            x = _checkpointed(block, x) if checkpointed else block(x)
         return x
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Keep only each block's input in training and recompute the block in the backward pass
+        (timm's name): activation memory for one block at a time, for a third more compute."""
+        self.grad_checkpointing = enable
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.forward_features(pixels).mean(dim=(2, 3))
@@ -259,6 +268,30 @@ class EfficientNet(nn.Module):
             raise OpenAlignError("this EfficientNet's batch norms are folded into its convolutions for inference "
                                  "(optimize_for_inference), so it cannot train: train the model it was made from")
         return super().train(mode)
+
+
+def _checkpointed(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``block(x)``, recomputed in the backward pass. The recomputation runs the block's batch norms
+    again, on the same inputs, with the same drop-connect (the random state is replayed): in eager
+    mode their running statistics are set back after it, so that they are updated once per step, as
+    without checkpointing. A compiled graph recomputes only what the gradient needs, never the
+    buffers' update, and takes no such context (``torch.compile`` accepts none)."""
+    if torch.compiler.is_compiling():
+        return checkpoint(block, x, use_reentrant=False)
+    return checkpoint(block, x, use_reentrant=False,
+                      context_fn=lambda: (contextlib.nullcontext(), _buffers_kept(block)))
+
+
+@contextlib.contextmanager
+def _buffers_kept(module: nn.Module) -> Iterator[None]:
+    """Set ``module``'s buffers (batch-norm running statistics and counters) back to their values on entry."""
+    saved = [buffer.clone() for buffer in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in zip(module.buffers(), saved):
+                buffer.copy_(value)
 
 
 def _init_weights(module: nn.Module) -> None:

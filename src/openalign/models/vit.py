@@ -81,6 +81,10 @@ class VisionTransformerTower(nn.Module):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.vit(pixels)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward pass (timm's)."""
+        self.vit.set_grad_checkpointing(enable)
+
     def no_weight_decay(self) -> set[str]:
         """Position embeddings, class token and pooling probe: big_vision decays only ``*/kernel``."""
         return {f"vit.{name}" for name, _ in self.vit.named_parameters()

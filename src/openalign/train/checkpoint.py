@@ -272,7 +272,8 @@ class Checkpointer:
 
 
 # Settings a resumed run may change: where it runs, how it logs, evaluates and reads data.
-RESUMABLE_CHANGES = ("train.device", "train.compile", "train.accum_steps", "data.num_workers", "run.", "eval.")
+RESUMABLE_CHANGES = ("train.device", "train.compile", "train.accum_steps", "train.grad_checkpointing",
+                     "data.num_workers", "run.", "eval.")
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -119,6 +119,8 @@ def _train(recipe: Recipe, resume: str | None, show_progress: bool, held: contex
         # evaluate may be the training data)
         if problems := task_problems(recipe.eval.tasks, "eval.tasks", model):
             raise ConfigError(f"cannot run: {'; '.join(problems)}", "eval.tasks")
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
     forward: nn.Module = model
     if ctx.world_size > 1:
         # batch-norm running statistics stay per device (spec §3.4, never synchronised in training);
