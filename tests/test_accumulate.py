@@ -150,9 +150,9 @@ def test_outputs_that_are_not_per_example_are_refused():
 def test_a_run_with_accumulation_trains_as_one_without(tmp_path, shapes_root, tiny_overrides, caplog, monkeypatch):
     """The same recipe with ``train.accum_steps: 2`` (and ``train.compile``, with the eager backend
     to keep the test fast, or ``train.grad_checkpointing``) logs the same losses step after step and
-    saves the same batch-norm statistics after its first step. (Later steps are compared through the losses: LAMB turns the
-    rounding noise of analytically zero gradients into full-size steps of weights that do not
-    affect the output, such as a batch-norm bias before another batch norm, but do shift the
+    saves the same batch-norm statistics after its first step. (Later steps are compared through
+    the losses: LAMB turns the rounding noise of analytically zero gradients into full-size steps
+    of weights that do not affect the output, such as a batch-norm bias before another batch norm, but do shift the
     later one's statistics.)"""
     from openalign.train import loop
 
