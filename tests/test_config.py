@@ -64,8 +64,9 @@ def test_overrides_set_nested_keys_list_items_and_parse_values():
     assert data["train"]["lr"] == 1.0  # the input is not modified
     with pytest.raises(ConfigError, match="must look like key.path=value"):
         apply_overrides(data, ["train.lr"])
-    with pytest.raises(ConfigError, match="list index below 1"):
-        apply_overrides(data, ["eval.tasks.3.root=x"])
+    for key in ("eval.tasks.3.root", "eval.tasks[3].root"):
+        with pytest.raises(ConfigError, match=r"'eval.tasks\[3\]' does not exist: the list has 1 item\(s\)"):
+            apply_overrides(data, [f"{key}=x"])
     with pytest.raises(ConfigError, match="is a value"):
         apply_overrides(data, ["train.lr.x=1"])
 

@@ -81,8 +81,11 @@ def test_metrics_refuse_inputs_that_would_give_numbers_silently_wrong():
         knn_classify(memory, torch.tensor([0, 1]), queries, num_classes=2)
     queries = F.normalize(queries, dim=-1)
     assert nearest_neighbour_predict(memory.bfloat16(), torch.tensor([0, 1]), queries.bfloat16()).tolist() == [0]
-    dead = torch.cat([memory, torch.zeros(1, 2)])  # a dead model's zero embeddings are scored, not refused
-    assert knn_classify(dead, torch.tensor([0, 1, 1]), queries, num_classes=2, k=3).shape == (1, 2)
+    # a dead model's zero embeddings, and CLIPPO's x / (|x| + 1e-8) of features near zero, are scored, not refused
+    dead = torch.cat([memory, torch.zeros(1, 2), 0.91 * memory[:1]])
+    assert knn_classify(dead, torch.tensor([0, 1, 1, 0]), queries, num_classes=2, k=3).shape == (1, 2)
+    with pytest.raises(OpenAlignError, match="memory row 0 has norm 0.5: "):  # but not a whole set below unit norm
+        knn_classify(memory / 2, torch.tensor([0, 1]), queries, num_classes=2)
     with pytest.raises(OpenAlignError, match=r"memory_labels\[1\] is 7, but there are 3 classes"):
         knn_classify(memory, torch.tensor([0, 7]), queries, num_classes=3)
     with pytest.raises(OpenAlignError, match="k is 0"):
@@ -97,6 +100,10 @@ def test_metrics_refuse_inputs_that_would_give_numbers_silently_wrong():
         classification_metrics(torch.randn(3, 3), torch.tensor([0, 1, 7]))
     with pytest.raises(OpenAlignError, match="must be whole numbers"):
         classification_metrics(torch.randn(3, 3), torch.tensor([0.0, 1.0, 2.0]))
+    with pytest.raises(OpenAlignError, match=r"nothing to score \(labels is empty\)"):
+        classification_metrics(torch.zeros(0, 3), [])
+    with pytest.raises(OpenAlignError, match="no images to retrieve"):
+        retrieval_metrics(torch.zeros(0, 3), torch.eye(3), [0, 0, 0])
 
 
 def test_chance_levels(shapes_root):

@@ -336,6 +336,8 @@ def test_search_uses_faiss_for_large_indexes_when_installed(monkeypatch):
 def test_search_with_faiss_matches_brute_force(monkeypatch):
     pytest.importorskip("faiss")  # in the test extras; the search extra's
     monkeypatch.setattr(inference, "FAISS_MIN_ROWS", 100)
+    calls, real = [], inference._faiss_search
+    monkeypatch.setattr(inference, "_faiss_search", lambda *args: calls.append(1) or real(*args))
     generator = torch.Generator().manual_seed(0)
     index = torch.randn(16, 500, generator=generator, dtype=torch.float64).T  # not contiguous, float64
     queries = torch.randn(3, 16, generator=generator).bfloat16()
@@ -345,6 +347,7 @@ def test_search_with_faiss_matches_brute_force(monkeypatch):
     np.testing.assert_allclose(scores.numpy(), expected_scores, atol=1e-5)
     assert search(index[:101], queries[0], k=500)[1].tolist() == _brute_force(  # k beyond the index: all of it
         index[:101].float().numpy(), queries[:1].float().numpy(), 101)[1][0].tolist()
+    assert len(calls) == 2 and real(index, F.normalize(queries.float(), dim=-1), 1) is not None  # faiss answered
 
 
 def test_embed_classify_and_search_commands(model_dir, loaded, image_dir, tmp_path, capsys, monkeypatch):

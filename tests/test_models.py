@@ -41,7 +41,7 @@ def test_inputs_a_preprocess_was_forgotten_for_are_errors_that_say_how_to_make_t
     size = model.config.preprocess.image_size
     pixels = torch.randn(2, 3, size, size)
     tokens = openalign.get_tokenizer(name)(["a red circle", "two shapes"])
-    for wrong, words in [(Image.new("RGB", (size, size)), "got a Image: make them with torch.stack"),
+    for wrong, words in [(Image.new("RGB", (size, size)), "got a PIL image: make them with torch.stack"),
                          ((pixels * 100).to(torch.uint8), "got torch.uint8 ones"),
                          (pixels[0], r"one image \(3, .*pass pixels\[None\]"),
                          (pixels.permute(0, 2, 3, 1), r"pass pixels.permute\(0, 3, 1, 2\)"),
@@ -103,6 +103,17 @@ def test_overrides_are_nested_mappings_or_dotted_keys_as_on_the_command_line():
     assert nested == dotted and dotted.image.virtual_batch_size is None and dotted.image.drop_connect_rate == 0.3
     with pytest.raises(openalign.ConfigError, match="'model.image.dropout' is unknown; valid: "):
         openalign.model_config("align-tiny", **{"image.dropout": 0.3})
+    given = {"virtual_batch_size": None}
+    openalign.model_config("align-tiny", image=given, **{"image.drop_connect_rate": 0.3})
+    assert given == {"virtual_batch_size": None}  # the caller's mapping is not changed
+    assert openalign.model_config({"name": "align-tiny", "embed_dim": 64}).embed_dim == 64  # a mapping of settings
+
+
+def test_a_folder_named_after_an_architecture_does_not_hide_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "align-test").mkdir()  # as save_pretrained("align-test") or an output folder makes
+    assert openalign.create_model("align-test").config.name == "align-test"
+    assert openalign.get_tokenizer("align-test")(["a cat"])["input_ids"].shape == (1, 16)
 
 
 def test_text_tower_loads_a_real_pretrained_bert():

@@ -312,7 +312,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not key.strip():
         raise ConfigError(f"override '{text}' must look like key.path=value, e.g. train.lr=1e-3")
     try:  # a list item as errors name it (eval.tasks[0].root) or dotted (eval.tasks.0.root)
-        return re.sub(r"\[(\d+)\]", r".\1", key.strip()).split("."), parse_yaml(raw) if raw.strip() else ""
+        return re.sub(r"\[(-?\d+)\]", r".\1", key.strip()).split("."), parse_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as error:
         problem = str(error).splitlines()[0]
         raise ConfigError(f"override '{text}': the value is not valid YAML ({problem}); close its brackets, "
@@ -342,7 +342,7 @@ def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str],
         keys, value = parse_override(text)
         node: Any = result
         for depth, key in enumerate(keys[:-1]):
-            where = ".".join(keys[: depth + 1])
+            where = _key_path(keys[: depth + 1])
             if isinstance(node, dict) and node.get(key) is None and keys[depth + 1].isdigit():
                 raise ConfigError(f"is not set in this recipe, so it has no item {keys[depth + 1]}: give the whole "
                                   f"list, e.g. {where}=[...]", where)
@@ -352,7 +352,7 @@ def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str],
             for other in [key for key in node if key != keys[-1]]:
                 if not any(path[:len(section) + 1] == (*section, other) for path in overridden):
                     del node[other]
-        _set(node, keys[-1], value, ".".join(keys))
+        _set(node, keys[-1], value, _key_path(keys))
         overridden.add(tuple(keys))
     return result
 
@@ -384,7 +384,12 @@ def _set(node: Any, key: str, value: Any, where: str) -> None:
         node[key] = value
 
 
+def _key_path(keys: list[str]) -> str:
+    """Keys as errors name them: ``eval.tasks[0].root``."""
+    return "".join(f"[{key}]" if key.lstrip("-").isdigit() else f".{key}" for key in keys).lstrip(".")
+
+
 def _index(node: list, key: str, where: str) -> int:
     if not key.isdigit() or int(key) >= len(node):
-        raise ConfigError(f"must be a list index below {len(node)}, got '{key}'", where)
+        raise ConfigError(f"does not exist: the list has {len(node)} item(s), numbered from 0", where)
     return int(key)

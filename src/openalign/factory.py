@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -11,19 +12,20 @@ import torch
 from .config import deep_merge, from_dict, to_dict
 from .errors import ConfigError, OpenAlignError
 from .models import ContrastiveModel, ModelConfig
-from .registry import resolve_model_dict
+from .registry import list_models, resolve_model_dict
 
 
-def model_config(name: str | Path | ModelConfig, **overrides: Any) -> ModelConfig:
+def model_config(name: str | Path | Mapping[str, Any] | ModelConfig, **overrides: Any) -> ModelConfig:
     """The validated config of a registered architecture, a YAML file (a model's, or a recipe's or
-    saved model's ``model`` section) or a trained model's directory, with overrides merged in.
+    saved model's ``model`` section), a mapping of model settings, or a trained model's directory
+    (a registered name comes first), with overrides merged in.
 
     Overrides are keyword settings, nested as mappings (``image={"virtual_batch_size": None}``) or
-    dotted as on the command line (``**{"image.virtual_batch_size": None}``).
+    with dotted keys (``**{"image.virtual_batch_size": None}``).
     """
     if isinstance(name, ModelConfig):
         raw = to_dict(name)
-    elif Path(name).expanduser().is_dir():
+    elif _is_model_directory(name):
         from .pretrained import pretrained_config
 
         raw = to_dict(pretrained_config(name))
@@ -32,8 +34,15 @@ def model_config(name: str | Path | ModelConfig, **overrides: Any) -> ModelConfi
     return from_dict(ModelConfig, deep_merge(raw, _nested(overrides)), "model")
 
 
+def _is_model_directory(name: object) -> bool:
+    """``name`` is a directory, not a registered name or a YAML file (a folder named after its
+    architecture, as ``save_pretrained("clippo-b16")`` makes, does not hide the architecture)."""
+    return isinstance(name, (str, Path)) and str(name) not in list_models() \
+        and Path(name).suffix not in (".yaml", ".yml") and Path(name).expanduser().is_dir()
+
+
 def _nested(overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """Dotted keys (``image.virtual_batch_size``) as nested mappings."""
+    """Dotted keys (``image.virtual_batch_size``) as nested mappings; the values are copied."""
     nested: dict[str, Any] = {}
     for key, value in overrides.items():
         *sections, last = key.split(".")
@@ -44,30 +53,30 @@ def _nested(overrides: Mapping[str, Any]) -> dict[str, Any]:
                 raise ConfigError(f"is set to {node!r} and has settings under it too; give one or the other",
                                   "model." + ".".join(sections[:depth + 1]))
         node[last] = deep_merge(node[last], value) if isinstance(value, Mapping) and isinstance(
-            node.get(last), Mapping) else value
+            node.get(last), Mapping) else copy.deepcopy(value)
     return nested
 
 
-def create_model(name: str | Path | ModelConfig, **overrides: Any) -> ContrastiveModel:
+def create_model(name: str | Path | Mapping[str, Any] | ModelConfig, **overrides: Any) -> ContrastiveModel:
     """A randomly initialised model of a registered architecture, e.g. ``create_model("align-b3-mini")``
     (or of a YAML file's, see :func:`model_config`); :func:`openalign.load_pretrained` loads trained weights.
 
     Every model has ``encode_image(pixels, normalize=True)``, ``encode_text(**tokenizer(texts),
     normalize=True)``, ``forward(image, text)``, a ``logit_scale`` property and its ``config``.
     """
-    if not isinstance(name, ModelConfig) and Path(name).expanduser().is_dir():
+    if _is_model_directory(name):
         raise OpenAlignError(f"'{name}' is a directory: openalign.load_pretrained('{name}') loads a trained model with "
                              f"its weights; create_model builds an architecture with random weights "
                              f"(create_model(openalign.model_config('{name}')) for this one's)")
     return model_config(name, **overrides).build()
 
 
-def get_tokenizer(name: str | Path | ModelConfig) -> Callable[[str | list[str]], dict[str, torch.Tensor]]:
+def get_tokenizer(name: str | Path | Mapping[str, Any] | ModelConfig) -> Callable[[str | list[str]], dict[str, torch.Tensor]]:
     """The text processor of an architecture: ``tokenizer(["a cat"])`` → ``input_ids``, ``attention_mask``."""
     return model_config(name).build_tokenizer()
 
 
-def get_transforms(name: str | Path | ModelConfig, train: bool = False) -> Callable[..., torch.Tensor]:
+def get_transforms(name: str | Path | Mapping[str, Any] | ModelConfig, train: bool = False) -> Callable[..., torch.Tensor]:
     """The image preprocessing of an architecture (PIL image → tensor), for evaluation or (``train``)
     training."""
     return model_config(name).build_transform(train)

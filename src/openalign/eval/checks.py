@@ -12,12 +12,15 @@ _UNIT_NORM_TOLERANCE = 2e-2  # a bf16 embedding normalised in fp32 is within 0.8
 
 
 def check_unit_norm(function: str, name: str, embeddings: torch.Tensor) -> None:
-    """``embeddings`` (N, dim) have unit L2 norm (zero rows, which a dead model gives, and NaN
-    rows, a diverged one's, pass: their metrics say so)."""
+    """``embeddings`` (N, dim) are L2-normalised: no row's norm is above 1, and some row's is 1.
+    Rows of a smaller norm pass: a dead model's zeros, CLIPPO's ``x / (‖x‖ + 1e-8)`` of features
+    near zero; so do NaN rows, a diverged model's: their metrics say so."""
     if embeddings.ndim != 2:
         raise OpenAlignError(f"{function}: {name} must be (N, dim) embeddings; got shape {tuple(embeddings.shape)}")
     norms = torch.linalg.vector_norm(embeddings, dim=1, dtype=torch.float32)
-    off = ((norms - 1).abs() > _UNIT_NORM_TOLERANCE) & (norms > 0)
+    off = norms > 1 + _UNIT_NORM_TOLERANCE
+    if not off.any() and 0 < norms.nan_to_num(0).max() < 1 - _UNIT_NORM_TOLERANCE:  # none normalised
+        off = norms > 0
     if off.any():
         row = int(off.nonzero()[0, 0])
         raise OpenAlignError(f"{function} compares L2-normalised embeddings (cosine similarity), but {name} row {row} "
@@ -26,13 +29,16 @@ def check_unit_norm(function: str, name: str, embeddings: torch.Tensor) -> None:
 
 
 def check_labels(function: str, name: str, labels: torch.Tensor, rows: int, limit: int, what: str) -> None:
-    """``labels`` has ``rows`` whole numbers, each in ``[0, limit)``: an index into ``limit`` ``what``."""
+    """``labels`` has ``rows`` whole numbers (at least one), each in ``[0, limit)``: an index into
+    ``limit`` ``what``."""
+    if rows == 0:
+        raise OpenAlignError(f"{function}: there is nothing to score ({name} is empty)")
     if labels.ndim != 1 or labels.shape[0] != rows:
         raise OpenAlignError(f"{function}: {name} must hold one entry per row ({rows}); got shape "
                              f"{tuple(labels.shape)}")
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+    if labels.numel() and (labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool):
         raise OpenAlignError(f"{function}: {name} must be whole numbers; got {labels.dtype}")
-    outside = (labels < 0) | (labels >= limit)
+    outside = (labels < 0) | (labels >= limit)  # (an empty list, read as floats, is empty still)
     if outside.any():
         index = int(outside.nonzero()[0, 0])
         raise OpenAlignError(f"{function}: {name}[{index}] is {int(labels[index])}, but there are {limit} {what} "

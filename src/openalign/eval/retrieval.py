@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from ..errors import OpenAlignError
 from .checks import check_labels
 
 
@@ -28,6 +29,8 @@ def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_i
     never as one full matrix.
     """
     text_to_image = torch.as_tensor(text_to_image, device=image_emb.device)
+    if image_emb.shape[0] == 0:
+        raise OpenAlignError("retrieval_metrics: there are no images to retrieve")
     check_labels("retrieval_metrics", "text_to_image", text_to_image, text_emb.shape[0], image_emb.shape[0], "images")
     text_to_image = text_to_image.long()
     image_ids = torch.arange(image_emb.shape[0], device=image_emb.device)

@@ -164,8 +164,9 @@ def image_input(pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     last) is an error that says how to make the input."""
     make = "torch.stack([preprocess(image) for image in images]) with the model's preprocess"
     if not isinstance(pixels, torch.Tensor):
-        raise OpenAlignError(f"encode_image takes preprocessed pixels, a float tensor (N, 3, H, W); got a "
-                             f"{type(pixels).__name__}: make them with {make} (or use openalign.classify)")
+        given = "a PIL image" if type(pixels).__module__.startswith("PIL") else f"a {type(pixels).__name__}"
+        raise OpenAlignError(f"encode_image takes preprocessed pixels, a float tensor (N, 3, H, W); got {given}: make "
+                             f"them with {make} (or use openalign.classify)")
     if not pixels.is_floating_point():
         raise OpenAlignError(f"encode_image takes preprocessed pixels; got {pixels.dtype} ones: make them with {make}, "
                              "which rescales and normalises 8-bit images")

@@ -117,7 +117,7 @@ class Clippo(ContrastiveModel):
 
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """The encoder's pooled features (big_vision's ``pre_logits``), before the head."""
-        return self.encoder(image_input(pixels, self.head.weight.dtype))
+        return self.encoder(image_input(pixels, next(self.encoder.parameters()).dtype))
 
     def encode_image(self, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """(N, embed_dim) fp32 embeddings of preprocessed pixels (N, 3, H, W), normalised unless not
