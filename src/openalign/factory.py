@@ -14,8 +14,10 @@ from .errors import ConfigError, OpenAlignError
 from .models import ContrastiveModel, ModelConfig
 from .registry import list_models, resolve_model_dict
 
+ModelSpec = str | Path | Mapping[str, Any] | ModelConfig  # a registered name, a YAML file, settings, a directory
 
-def model_config(name: str | Path | Mapping[str, Any] | ModelConfig, **overrides: Any) -> ModelConfig:
+
+def model_config(name: ModelSpec, **overrides: Any) -> ModelConfig:
     """The validated config of a registered architecture, a YAML file (a model's, or a recipe's or
     saved model's ``model`` section), a mapping of model settings, or a trained model's directory
     (a registered name comes first), with overrides merged in.
@@ -57,7 +59,7 @@ def _nested(overrides: Mapping[str, Any]) -> dict[str, Any]:
     return nested
 
 
-def create_model(name: str | Path | Mapping[str, Any] | ModelConfig, **overrides: Any) -> ContrastiveModel:
+def create_model(name: ModelSpec, **overrides: Any) -> ContrastiveModel:
     """A randomly initialised model of a registered architecture, e.g. ``create_model("align-b3-mini")``
     (or of a YAML file's, see :func:`model_config`); :func:`openalign.load_pretrained` loads trained weights.
 
@@ -71,12 +73,12 @@ def create_model(name: str | Path | Mapping[str, Any] | ModelConfig, **overrides
     return model_config(name, **overrides).build()
 
 
-def get_tokenizer(name: str | Path | Mapping[str, Any] | ModelConfig) -> Callable[[str | list[str]], dict[str, torch.Tensor]]:
+def get_tokenizer(name: ModelSpec) -> Callable[[str | list[str]], dict[str, torch.Tensor]]:
     """The text processor of an architecture: ``tokenizer(["a cat"])`` → ``input_ids``, ``attention_mask``."""
     return model_config(name).build_tokenizer()
 
 
-def get_transforms(name: str | Path | Mapping[str, Any] | ModelConfig, train: bool = False) -> Callable[..., torch.Tensor]:
+def get_transforms(name: ModelSpec, train: bool = False) -> Callable[..., torch.Tensor]:
     """The image preprocessing of an architecture (PIL image → tensor), for evaluation or (``train``)
     training."""
     return model_config(name).build_transform(train)
