@@ -20,7 +20,9 @@ ModelSpec = str | Path | Mapping[str, Any] | ModelConfig  # a registered name, a
 def model_config(name: ModelSpec, **overrides: Any) -> ModelConfig:
     """The validated config of a registered architecture, a YAML file (a model's, or a recipe's or
     saved model's ``model`` section), a mapping of model settings, or a trained model's directory
-    (a registered name comes first), with overrides merged in.
+    (a registered name comes first), with overrides merged in. A YAML file's section is read as a
+    recipe reads it (``text.pretrained`` initialises the text tower); a directory's config is the
+    trained model's, whose weights are the directory's (``text.pretrained`` cleared).
 
     Overrides are keyword settings, nested as mappings (``image={"virtual_batch_size": None}``) or
     with dotted keys (``**{"image.virtual_batch_size": None}``).
