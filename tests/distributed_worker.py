@@ -1,7 +1,8 @@
 """Run under ``torchrun --nproc_per_node 2``: one DDP forward/backward of ALIGN's loss on this rank's shard.
 
 Writes ``rank{r}.pt`` with the loss and every parameter's gradient into the directory given as
-the first argument, and the same for a training step that accumulates two micro-batches. Rank r
+the first argument, and the same for a training step that accumulates two micro-batches and for
+one with activation checkpointing. Rank r
 takes examples r, r + world, r + 2·world, ... of the global batch that ``global_batch()``
 builds, so that its ghost batches are exactly those a single process forms from the whole batch
 (see tests/test_distributed.py).
@@ -72,10 +73,18 @@ def main(out_dir: Path) -> None:
                                   torch.optim.lr_scheduler.LambdaLR(sgd, lambda step: 1.0),
                                   shard(global_batch(), ctx.rank, ctx.world_size), ctx.device, "fp32",
                                   forward=accumulated_ddp, accum_steps=2)
+    # the first step again with activation checkpointing (train.grad_checkpointing), DDP as train() sets it up
+    checkpointed = build_model()
+    checkpointed.set_grad_checkpointing(True)
+    checkpointed_ddp = DistributedDataParallel(checkpointed, broadcast_buffers=False)
+    ContrastiveLoss(label_smoothing=0.1)(**checkpointed_ddp(**shard(global_batch(), ctx.rank, ctx.world_size))
+                                         ).backward()
     torch.save({"loss": loss.detach(), "grads": grads, "warnings": [str(w.message) for w in caught],
                 "buffers": own, "averaged": averaged,
                 "accumulated_loss": accumulated_loss, "all_reduced_buckets": all_reduces,
-                "accumulated_grads": {name: p.grad.clone() for name, p in accumulated.named_parameters()}},
+                "accumulated_grads": {name: p.grad.clone() for name, p in accumulated.named_parameters()},
+                "checkpointed_grads": {name: p.grad.clone() for name, p in checkpointed.named_parameters()},
+                "checkpointed_buffers": {name: b.clone() for name, b in checkpointed.named_buffers()}},
                out_dir / f"rank{ctx.rank}.pt")
     torch.distributed.destroy_process_group()
 

@@ -52,10 +52,10 @@ def test_loss_equals_single_process_full_batch(two_rank_results, one_process_ref
     assert two_rank_results[0]["loss"] != two_rank_results[1]["loss"]  # each rank has its own rows
 
 
-@pytest.mark.parametrize("run", ["grads", "accumulated_grads"])
+@pytest.mark.parametrize("run", ["grads", "accumulated_grads", "checkpointed_grads"])
 def test_every_gradient_equals_single_process_full_batch(two_rank_results, one_process_reference, run):
     """Also when each rank accumulates two micro-batches (train.accum_steps: 2), whose negatives
-    are the whole global batch. Tolerance scales with each tensor's largest gradient: summation
+    are the whole global batch, and with activation checkpointing (train.grad_checkpointing). Tolerance scales with each tensor's largest gradient: summation
     order differs between the runs, and some gradients are analytically zero (a BN bias followed
     by another batch norm), so they hold only rounding noise of about 1e-8."""
     reference = one_process_reference["grads"]
@@ -89,6 +89,9 @@ def test_checkpoints_and_evaluation_get_the_mean_of_the_ranks_batch_norm_statist
         expected = (value + own[1][name]) / 2 if value.is_floating_point() else value
         for rank in two_rank_results:
             torch.testing.assert_close(rank["averaged"][name], expected, rtol=1e-6, atol=1e-7, msg=name)
+    for rank in two_rank_results:  # with activation checkpointing, each rank's statistics move once, as without
+        for name, value in rank["buffers"].items():
+            torch.testing.assert_close(rank["checkpointed_buffers"][name], value, rtol=1e-6, atol=1e-7, msg=name)
 
 
 def test_strided_shards_form_the_single_process_ghost_batches():

@@ -63,8 +63,8 @@ class TrainConfig:
     features, so that a batch k times larger than fits in memory trains exactly as the whole
     batch would (every example a negative for every other), for one extra forward pass.
     ``grad_checkpointing`` recomputes each tower block in the backward pass instead of keeping
-    its activations (``model.set_grad_checkpointing``): the same step, for less memory and about
-    a third more compute; with ``accum_steps``, larger micro-batches fit.
+    its activations (``model.set_grad_checkpointing``): the same step, for less memory and one
+    more forward pass; with ``accum_steps``, larger micro-batches fit.
     """
 
     steps: int

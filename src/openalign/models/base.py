@@ -137,7 +137,7 @@ class ContrastiveModel(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Activation checkpointing in every tower (``train.grad_checkpointing``): in training, each
         block keeps only its input and is recomputed in the backward pass, the same gradients and
-        batch-norm statistics for less activation memory and about a third more compute."""
+        batch-norm statistics for less activation memory and one more forward pass."""
         towers = [module for module in self.children() if callable(getattr(module, "set_grad_checkpointing", None))]
         if not towers:
             raise OpenAlignError(f"{type(self).__name__} has no tower that can checkpoint its activations")

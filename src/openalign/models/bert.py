@@ -110,7 +110,9 @@ class BertTextTower(nn.Module):
         self.output_dim = cfg.hidden_size
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        # use_cache: no cache (an encoder); said, so that under checkpointing transformers does not warn of it,
+        # a warning that also breaks a compiled graph
+        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         return hidden[:, 0]
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:

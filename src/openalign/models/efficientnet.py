@@ -238,7 +238,7 @@ class EfficientNet(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Keep only each block's input in training and recompute the block in the backward pass
-        (timm's name): activation memory for one block at a time, for a third more compute."""
+        (timm's name): activation memory for one block at a time, for one more forward pass."""
         self.grad_checkpointing = enable
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -275,7 +275,10 @@ def _checkpointed(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     again, on the same inputs, with the same drop-connect (the random state is replayed): in eager
     mode their running statistics are set back after it, so that they are updated once per step, as
     without checkpointing. A compiled graph recomputes only what the gradient needs, never the
-    buffers' update, and takes no such context (``torch.compile`` accepts none)."""
+    buffers' update, and takes no such context (``torch.compile`` accepts none): that holds while
+    the block compiles whole (a graph break inside it would run this eagerly, updating twice; a
+    test keeps it whole) and with an AOT backend (inductor, ``aot_eager``: the ``eager`` backend
+    cannot differentiate the block's in-place update of its buffers)."""
     if torch.compiler.is_compiling():
         return checkpoint(block, x, use_reentrant=False)
     return checkpoint(block, x, use_reentrant=False,
