@@ -54,10 +54,11 @@ def test_loss_equals_single_process_full_batch(two_rank_results, one_process_ref
 
 @pytest.mark.parametrize("run", ["grads", "accumulated_grads", "checkpointed_grads"])
 def test_every_gradient_equals_single_process_full_batch(two_rank_results, one_process_reference, run):
-    """Also when each rank accumulates two micro-batches (train.accum_steps: 2), whose negatives
-    are the whole global batch, and with activation checkpointing (train.grad_checkpointing). Tolerance scales with each tensor's largest gradient: summation
-    order differs between the runs, and some gradients are analytically zero (a BN bias followed
-    by another batch norm), so they hold only rounding noise of about 1e-8."""
+    """Also when each rank accumulates two micro-batches (train.accum_steps: 2), whose negatives are the
+    whole global batch, and with activation checkpointing (train.grad_checkpointing). Tolerance scales
+    with each tensor's largest gradient: summation order differs between the runs, and some gradients
+    are analytically zero (a BN bias followed by another batch norm), so they hold only rounding noise
+    of about 1e-8."""
     reference = one_process_reference["grads"]
     for rank in two_rank_results:
         assert rank[run].keys() == reference.keys()
