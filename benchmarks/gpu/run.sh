@@ -5,8 +5,8 @@
 # minutes; results (JSON, the log, the GPU's name) land in $OUT:
 #
 #   bash benchmarks/gpu/run.sh inference   # align-base sizes vs transformers, bf16, eager and --compile
-#   bash benchmarks/gpu/run.sh train       # align-b3-mini / align-b7-base steps/s and memory, bf16; accumulation
-#                                          # and activation checkpointing
+#   bash benchmarks/gpu/run.sh train       # align-b3-mini / align-b7-base steps/s and memory, bf16
+#   bash benchmarks/gpu/run.sh train-memory  # align-b7-base with accumulation and with activation checkpointing
 #   bash benchmarks/gpu/run.sh eval        # ImageNet-size kNN and COCO-size retrieval metrics
 #   bash benchmarks/gpu/run.sh check       # the environment, and the small inference preset as a smoke test
 #
@@ -47,12 +47,13 @@ case ${1:-check} in
     train)
         bench train train_throughput.py --models align-b3-mini align-b7-base --batch-sizes 128 256 --device "$DEVICE"
         bench train_standard_bn train_throughput.py --models align-b7-base --batch-sizes 256 --device "$DEVICE" \
-            --standard-bn
+            --standard-bn ;;
+    train-memory)
         bench train_accum train_throughput.py --models align-b7-base --batch-sizes 256 --accum-steps 1 2 4 \
             --device "$DEVICE"
         bench train_checkpointing train_throughput.py --models align-b7-base --batch-sizes 256 \
             --grad-checkpointing off on --device "$DEVICE" ;;
     eval)
         bench eval_imagenet eval_throughput.py --device "$DEVICE" --knn-memory 1281167 --knn-queries 50000 ;;
-    *) echo "unknown part '$1': check, inference, train or eval"; exit 2 ;;
+    *) echo "unknown part '$1': check, inference, train, train-memory or eval"; exit 2 ;;
 esac
