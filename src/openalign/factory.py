@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -10,7 +9,7 @@ from typing import Any
 import torch
 
 from .config import deep_merge, from_dict, to_dict
-from .errors import ConfigError, OpenAlignError
+from .errors import OpenAlignError
 from .models import ContrastiveModel, ModelConfig
 from .registry import list_models, resolve_model_dict
 
@@ -46,18 +45,12 @@ def _is_model_directory(name: object) -> bool:
 
 
 def _nested(overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """Dotted keys (``image.virtual_batch_size``) as nested mappings; the values are copied."""
+    """Dotted keys (``image.virtual_batch_size``) as nested mappings, merged in order (copies of the values)."""
     nested: dict[str, Any] = {}
     for key, value in overrides.items():
-        *sections, last = key.split(".")
-        node = nested
-        for depth, section in enumerate(sections):
-            node = node.setdefault(section, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"is set to {node!r} and has settings under it too; give one or the other",
-                                  "model." + ".".join(sections[:depth + 1]))
-        node[last] = deep_merge(node[last], value) if isinstance(value, Mapping) and isinstance(
-            node.get(last), Mapping) else copy.deepcopy(value)
+        for section in reversed(key.split(".")):
+            value = {section: value}
+        nested = deep_merge(nested, value)
     return nested
 
 

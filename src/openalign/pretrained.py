@@ -32,6 +32,7 @@ from .data.transforms import ImageTransform
 from .errors import OpenAlignError
 from .files import filled_whole, read_json
 from .models import ContrastiveModel, ModelConfig
+from .registry import list_models, tokenizer_beside
 
 log = logging.getLogger(__name__)
 
@@ -173,8 +174,6 @@ def resolve(name_or_path: str | Path) -> Path:
                              "directory, or a Hugging Face AlignModel directory) or a hub id, or, for a weights "
                              "file, the architecture it holds")
     if not _HUB_ID.match(text):
-        from .registry import list_models
-
         hint = (f"; it names an architecture, without trained weights: openalign.create_model('{text}') builds it with "
                 "random ones") if text in list_models() else ""
         raise OpenAlignError(f"'{text}' is neither a directory nor a Hugging Face hub id like 'kakaobrain/align-base'"
@@ -298,11 +297,9 @@ def convert(source: str | Path, destination: str | Path, to: str, overwrite: boo
 
 
 def model_config_from_dict(model_dict: dict[str, Any], directory: Path) -> ModelConfig:
-    """A model config read from ``directory``; a tokenizer given as ``.`` means that directory."""
-    text = model_dict.get("text")
-    if isinstance(text, dict):
-        if text.get("tokenizer") == ".":
-            text["tokenizer"] = str(directory)
-        if text.get("pretrained"):
-            text["pretrained"] = None
+    """A trained model's config read from ``directory``: a tokenizer given as ``.`` means that
+    directory, and the text tower's ``pretrained`` source is cleared (the weights are the directory's)."""
+    text = tokenizer_beside(model_dict, directory).get("text")
+    if isinstance(text, dict) and text.get("pretrained"):
+        text["pretrained"] = None
     return from_dict(ModelConfig, model_dict, "model")

@@ -69,10 +69,14 @@ def resolve_model_dict(spec: str | Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _model_section(section: Mapping[str, Any] | str, path: Path, overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """The model of a recipe, or of a saved model's ``config.yaml``, whose tokenizer ``.`` is the files
-    beside it."""
-    model = resolve_model_dict(section)
+    """The model of a recipe, or of a saved model's ``config.yaml``."""
+    return deep_merge(tokenizer_beside(resolve_model_dict(section), path.parent), overrides)
+
+
+def tokenizer_beside(model: dict[str, Any], directory: Path) -> dict[str, Any]:
+    """``model`` (changed in place) with a tokenizer named ``.``, as a saved config names the files
+    beside it, read from ``directory``."""
     text = model.get("text")
     if isinstance(text, dict) and text.get("tokenizer") == ".":
-        text["tokenizer"] = str(path.parent)
-    return deep_merge(model, overrides)
+        text["tokenizer"] = str(directory)
+    return model

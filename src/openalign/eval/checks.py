@@ -36,9 +36,9 @@ def check_labels(function: str, name: str, labels: torch.Tensor, rows: int, limi
     if labels.ndim != 1 or labels.shape[0] != rows:
         raise OpenAlignError(f"{function}: {name} must hold one entry per row ({rows}); got shape "
                              f"{tuple(labels.shape)}")
-    if labels.numel() and (labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool):
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise OpenAlignError(f"{function}: {name} must be whole numbers; got {labels.dtype}")
-    outside = (labels < 0) | (labels >= limit)  # (an empty list, read as floats, is empty still)
+    outside = (labels < 0) | (labels >= limit)
     if outside.any():
         index = int(outside.nonzero()[0, 0])
         raise OpenAlignError(f"{function}: {name}[{index}] is {int(labels[index])}, but there are {limit} {what} "

@@ -57,7 +57,7 @@ def wrapped_caption(caption: str) -> str:
     """``caption`` in lines that fit the picture's first column, at most :data:`CAPTION_LINES` of them
     (the last cut with an ellipsis): matplotlib's own wrapping runs to the figure's edge, under the
     images beside it."""
-    lines = textwrap.wrap(caption, CAPTION_COLUMNS, break_long_words=True, break_on_hyphens=True) or [""]
+    lines = textwrap.wrap(caption, CAPTION_COLUMNS) or [""]
     if len(lines) > CAPTION_LINES:
         lines = lines[:CAPTION_LINES]
         lines[-1] = lines[-1][:CAPTION_COLUMNS - 1] + "…"

@@ -181,9 +181,8 @@ def image_input(pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return pixels.to(dtype)
 
 
-def text_input_error(given: object) -> OpenAlignError | None:
-    """The error for a tokenizer's whole output passed as ``encode_text``'s first argument."""
+def check_text_input(given: object) -> None:
+    """An error for a tokenizer's whole output passed as ``encode_text``'s first argument."""
     if isinstance(given, Mapping):
-        return OpenAlignError(f"encode_text takes the tokenizer's outputs as keyword arguments "
-                              f"({', '.join(map(str, given))}): pass model.encode_text(**tokenizer(texts))")
-    return None
+        raise OpenAlignError(f"encode_text takes the tokenizer's outputs as keyword arguments "
+                             f"({', '.join(map(str, given))}): pass model.encode_text(**tokenizer(texts))")

@@ -18,7 +18,7 @@ from torch import nn
 from ..data.render import TextRenderer, resolve_font_paths
 from ..data.transforms import ImageTransform, PreprocessConfig
 from ..errors import ConfigError, OpenAlignError
-from .base import ContrastiveModel, ImageTowerConfig, ModelConfig, image_input, text_input_error
+from .base import ContrastiveModel, ImageTowerConfig, ModelConfig, check_text_input, image_input
 from .dual_encoder import MAX_TEMPERATURE, MIN_TEMPERATURE
 
 
@@ -128,8 +128,7 @@ class Clippo(ContrastiveModel):
     def encode_text(self, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Rendered text (what :meth:`ClippoConfig.build_tokenizer` gives: ``model.encode_text(**tokenizer(texts))``)
         goes through the same path."""
-        if (error := text_input_error(pixels)) is not None:
-            raise error
+        check_text_input(pixels)
         return self.encode_image(pixels, normalize)
 
     def forward(self, image: torch.Tensor, text: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

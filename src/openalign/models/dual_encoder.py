@@ -14,7 +14,7 @@ from torch import nn
 from ..data.transforms import ImageTransform, PreprocessConfig
 from ..config import require_at_least
 from ..errors import ConfigError, OpenAlignError
-from .base import ContrastiveModel, ImageTowerConfig, ModelConfig, TextTowerConfig, image_input, text_input_error
+from .base import ContrastiveModel, ImageTowerConfig, ModelConfig, TextTowerConfig, check_text_input, image_input
 
 
 MIN_TEMPERATURE = 1e-4  # logit scale 1e4: beyond it half precision overflows (65504 at a cosine of 1)
@@ -172,8 +172,7 @@ class DualEncoder(ContrastiveModel):
                     normalize: bool = True) -> torch.Tensor:
         """(N, embed_dim) fp32 embeddings of token ids and their mask (N, L), as the tokenizer gives
         them: ``model.encode_text(**tokenizer(texts))``; L2-normalised unless not ``normalize``."""
-        if (error := text_input_error(input_ids)) is not None:
-            raise error
+        check_text_input(input_ids)
         if attention_mask is None:
             raise OpenAlignError("encode_text needs the attention mask as well as the token ids: pass "
                                  "model.encode_text(**tokenizer(texts))")

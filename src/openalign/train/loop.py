@@ -13,6 +13,7 @@ import inspect
 import json
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -398,12 +399,11 @@ def _carried_data_state(checkpointer: Checkpointer, ctx: DistributedContext) -> 
     first = checkpointer.data_state(rank=0)
     if first is None or first.get("world_size") in (None, ctx.world_size):
         return checkpointer.data_state()
-    counts: dict[str, int] = {}
+    counts: Counter[str] = Counter()
     for rank in range(int(first["world_size"])) if ctx.is_main else ():
-        for key, count in ((checkpointer.data_state(rank=rank) or {}).get("counts") or {}).items():
-            counts[key] = counts.get(key, 0) + count
+        counts.update((checkpointer.data_state(rank=rank) or {}).get("counts") or {})
     mine = checkpointer.data_state() if ctx.rank < int(first["world_size"]) else None
-    return {**(mine or first), "counts": counts}
+    return {**(mine or first), "counts": dict(counts)}
 
 
 def _stream_moved(saved: dict[str, Any], world_size: int, num_workers: int, fingerprint: str) -> str | None:
