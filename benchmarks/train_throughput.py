@@ -13,9 +13,9 @@ the model's input size, and times ``openalign.train.train_step`` after warm-up s
         --grad-checkpointing off on              # activation checkpointing (train.grad_checkpointing)
 
 "held for backward" is what one step's forward passes keep for the backward pass, counted tensor
-by tensor as autograd saves them (the same on any device at the same precision: fp32 on the CPU,
-bf16 on a GPU; with accumulation, summed over the
-micro-batches, which hold theirs one at a time): the activation memory checkpointing saves.
+by tensor as autograd saves them: the activation memory checkpointing saves. It is the same on any
+device at the same precision (fp32 on the CPU, bf16 on a GPU); with accumulation it is summed over
+the micro-batches, which hold theirs one at a time.
 
 Prints a table and writes JSON (``--output``, default runs/benchmarks/train_throughput.json).
 """

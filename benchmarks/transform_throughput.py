@@ -1,9 +1,8 @@
 """Image preprocessing time per image on one CPU thread: a model's training and evaluation
 ``ImageTransform`` on decoded JPEGs of web sizes, with each ``preprocess.resize_rounding``.
 
-``round`` is torchvision's uint8 resize (its fast path; ALIGN and ALIP); ``floor`` resizes in
-float with ``torch.nn.functional.interpolate`` and truncates to uint8, as big_vision's ``resize``
-does (CLIPPO). The images are random-noise JPEGs (quality 90) opened with PIL, decoded inside the
+``round`` is torchvision's uint8 resize (its fast path; ALIGN and ALIP); ``floor`` is
+torchvision's float resize, truncated to uint8, as big_vision's ``resize`` does (CLIPPO). The images are random-noise JPEGs (quality 90) opened with PIL, decoded inside the
 transform as a loader worker does; each figure is the best of ``--repeats`` passes over
 ``--images`` images.
 
