@@ -457,6 +457,46 @@ def test_classify_and_search_print_any_label_path_or_query_verbatim(model_dir, l
     assert "built with model 'align-test' (another/model)" in caplog.text  # same architecture, other weights
 
 
+def test_classify_and_search_write_tsv_and_jsonl_for_scripts(model_dir, loaded, image_dir, tmp_path, capsys,
+                                                              monkeypatch):
+    import json
+
+    monkeypatch.setenv("COLUMNS", "80")  # a pipe's width: a table would fold this path over lines
+    deep = tmp_path / ("a-folder-with-a-long-name-" * 4) / "blue.png"
+    deep.parent.mkdir()
+    shutil.copy(image_dir / "blue.png", deep)
+    images = [str(deep), str(image_dir / "nested" / "red.png")]
+    labels = [*LABELS, "a tab\there"]  # from a file: a label may hold a tab
+    (tmp_path / "labels.txt").write_text("\n".join(labels))
+    expected = classify(*loaded, images, labels).tolist()
+    command = ["classify", "--model", str(model_dir), *images, "--labels-file", str(tmp_path / "labels.txt")]
+    assert main([*command, "--format", "jsonl"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [record["image"] for record in records] == images
+    for record, row in zip(records, expected):
+        assert list(record["probabilities"]) == labels
+        assert list(record["probabilities"].values()) == pytest.approx(row, abs=1e-5)  # the CLI folds batch norm
+    assert main([*command, "--format", "tsv"]) == 0
+    header, *rows = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    assert header == ["image", *LABELS, "a tab\\there"]  # one column, the tab written as an escape
+    assert [row[0] for row in rows] == images
+    assert np.array([row[1:] for row in rows], dtype=float) == pytest.approx(np.array(expected), abs=1e-5)
+
+    index = tmp_path / "index.parquet"
+    assert main(["embed", "--model", str(model_dir), "--images", str(tmp_path), "--out", str(index)]) == 0
+    capsys.readouterr()
+    assert main(["search", "--index", str(index), "--model", str(model_dir), "a blue square", "-k", "1",
+                 "--format", "tsv"]) == 0
+    header, row = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    model, _, tokenizer = loaded
+    score = (read_index(index).embeddings[0] @ model.encode_text(**tokenizer(["a blue square"]))[0]).item()
+    assert header == ["rank", "score", "path"] and row[0] == "1" and row[2] == str(deep)
+    assert float(row[1]) == pytest.approx(score, abs=1e-5)
+    assert main(["search", "--index", str(index), "--model", str(model_dir), "a blue square", "--format", "jsonl"]) == 0
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == [
+        {"rank": 1, "score": pytest.approx(score, abs=1e-5), "path": str(deep)}]
+
+
 def test_classify_and_zero_shot_refuse_inputs_that_would_be_silently_wrong(loaded, image_dir):
     model, preprocess, tokenizer = loaded
     image = str(image_dir / "blue.png")

@@ -269,6 +269,10 @@ def _cmd_classify(args: argparse.Namespace) -> None:
     model, preprocess, tokenizer = _inference_model(args)
     templates = DEFAULT_TEMPLATES if args.templates == "default" else None
     probabilities = classify(model, preprocess, tokenizer, args.images, labels, templates, args.batch_size)
+    if args.format != "table":
+        _print_records(args.format, [{"image": image, "probabilities": dict(zip(labels, row))}
+                                     for image, row in zip(args.images, probabilities.tolist())])
+        return
     console = Console()
     table = Table(title=Text(f"zero-shot probabilities ({model.config.name})"))
     wide = max(cell_len(_shown(image)) for image in args.images) + sum(
@@ -288,6 +292,25 @@ def _cmd_classify(args: argparse.Namespace) -> None:
                 table.add_row(Text(_shown(image) if place == 0 else ""), Text(_shown(label)), f"{p:.3f}",
                               end_section=place == len(row) - 1)
     console.print(table)
+
+
+def _print_records(form: str, records: list[dict[str, Any]]) -> None:
+    """``records`` on stdout for a script, a line each, never folded: as JSON objects (``jsonl``), or
+    as tab-separated values under a header (``tsv``; a nested mapping's keys become columns, and a
+    tab or line break in a path or label is written as an escape)."""
+    if form == "jsonl":
+        for record in records:
+            print(json.dumps(record, ensure_ascii=False))
+        return
+    rows = []
+    for record in records:
+        row: dict[str, Any] = {}
+        for key, value in record.items():
+            row.update(value if isinstance(value, dict) else {key: value})
+        rows.append(row)
+    print("\t".join(_shown(key) for key in rows[0]))
+    for row in rows:
+        print("\t".join(f"{value:.6f}" if isinstance(value, float) else _shown(str(value)) for value in row.values()))
 
 
 def _shown(text: str) -> str:
@@ -316,6 +339,11 @@ def _cmd_search(args: argparse.Namespace) -> None:
                     index.model_name, index.model_source, model.config.name, source)
     query = embed_texts(model, tokenizer, [args.query], next(model.parameters()).device, show_progress=False)
     scores, indices = search(index.embeddings, query[0], args.k)
+    if args.format != "table":
+        ranked = enumerate(zip(scores.tolist(), indices.tolist()), start=1)
+        _print_records(args.format, [{"rank": rank, "score": score, "path": index.paths[position]}
+                                     for rank, (score, position) in ranked])
+        return
     table = Table(title=Text(f"'{args.query}' in {args.index}"))
     for column, justify in (("rank", "right"), ("score", "right"), ("path", "left")):
         table.add_column(column, justify=justify, overflow="fold")
@@ -508,6 +536,9 @@ def build_parser() -> argparse.ArgumentParser:
                                "such as 'a photo of a {label}.', for labels that are class names ('cat,dog')")
     classify.add_argument("--batch-size", type=_at_least(1), default=64)
     classify.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    classify.add_argument("--format", default="table", choices=("table", "tsv", "jsonl"),
+                          help="'table' (default) to read; 'tsv' or 'jsonl' for a script: a line per image, "
+                               "paths never folded")
     _runs(classify, _cmd_classify)
 
     convert = commands.add_parser("convert", help="rewrite a model as a Hugging Face AlignModel or openalign directory")
@@ -526,6 +557,9 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--model", required=True, help=f"{model_help}; the one that built the index")
     search.add_argument("-k", type=_at_least(1), default=5, help="how many results (default 5)")
     search.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    search.add_argument("--format", default="table", choices=("table", "tsv", "jsonl"),
+                        help="'table' (default) to read; 'tsv' or 'jsonl' for a script: a line per result, "
+                             "paths never folded")
     _runs(search, _cmd_search)
 
     data = commands.add_parser("data", help="datasets")
