@@ -25,15 +25,16 @@ TEXT_TO_IMAGE = [0, 0, 1, 2, 2]
 def test_retrieval_recall_by_hand(chunk_size):
     # image embeddings = identity, so text j · image i = SCORES[j, i]
     metrics = retrieval_metrics(torch.eye(3), SCORES, TEXT_TO_IMAGE, ks=(1, 2, 3), chunk_size=chunk_size)
+    # exactly the shares (float64 means: a record shows 0.4, not float32's 0.4000000059604645)
     # text→image: ranks of the right image are 1, 2, 2, 1, 3
-    assert metrics["image_retrieval_recall@1"] == pytest.approx(2 / 5)
-    assert metrics["image_retrieval_recall@2"] == pytest.approx(4 / 5)
-    assert metrics["image_retrieval_recall@3"] == pytest.approx(1.0)
+    assert metrics["image_retrieval_recall@1"] == 2 / 5
+    assert metrics["image_retrieval_recall@2"] == 4 / 5
+    assert metrics["image_retrieval_recall@3"] == 1.0
     # image→text: image 0 ranks its caption 0 first; image 1's only caption (2) comes third,
     # after captions 1 and 4; image 2 ranks its caption 3 first
-    assert metrics["text_retrieval_recall@1"] == pytest.approx(2 / 3)
-    assert metrics["text_retrieval_recall@2"] == pytest.approx(2 / 3)
-    assert metrics["text_retrieval_recall@3"] == pytest.approx(1.0)
+    assert metrics["text_retrieval_recall@1"] == 2 / 3
+    assert metrics["text_retrieval_recall@2"] == 2 / 3
+    assert metrics["text_retrieval_recall@3"] == 1.0
 
 
 def test_recall_at_k_beyond_the_number_of_items_is_one():
@@ -59,8 +60,11 @@ def test_top5_never_counts_a_class_scored_minus_infinity():
 
 def test_class_embeddings_are_the_renormalised_mean_of_prompt_embeddings():
     table = {"a cat": [1.0, 0.0], "the cat": [0.0, 1.0], "a dog": [-1.0, 0.0], "the dog": [-1.0, 0.0]}
-    weights = class_embeddings(lambda texts: torch.tensor([table[t] for t in texts]), ["cat", "dog"], ["a {}", "the {}"])
+    calls = []
+    weights = class_embeddings(lambda texts: (calls.append(texts), torch.tensor([table[t] for t in texts]))[1],
+                               ["cat", "dog"], ["a {}", "the {}"])
     torch.testing.assert_close(weights, torch.tensor([[1 / math.sqrt(2), 1 / math.sqrt(2)], [-1.0, 0.0]]))
+    assert calls == [["a cat", "the cat", "a dog", "the dog"]]  # one call: full batches, one gather across ranks
 
 
 def test_nearest_neighbour_takes_the_most_similar_memory_label():

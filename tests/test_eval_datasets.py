@@ -199,13 +199,62 @@ def test_eval_commands_write_clip_benchmark_records(model, folders, shapes_root,
         output = tmp_path / f"{task}.json"
         assert main(["eval", task, "--model", str(model_dir), *options, "--output", str(output)]) == 0, task
         record = json.loads(output.read_text())
-        assert set(record) == {"dataset", "model", "pretrained", "task", "metrics", "language"}
+        assert set(record) == {"dataset", "model", "pretrained", "task", "metrics", "language",  # CLIP_benchmark's
+                               "settings", "weights", "openalign"}  # then what it takes to reproduce the number
         clip_benchmark_name = {"zeroshot": "zeroshot_classification", "retrieval": "zeroshot_retrieval"}.get(task, task)
         assert record["task"] == clip_benchmark_name
-        assert record["metrics"]
-    assert "image_retrieval_recall@5" in json.loads((tmp_path / "retrieval.json").read_text())["metrics"]
+        assert record["metrics"] and record["settings"]["task"] == task
+        assert record["weights"] == str(model_dir.resolve()) and record["openalign"] == openalign.__version__
+    records = {task: json.loads((tmp_path / f"{task}.json").read_text()) for task in commands}
+    assert "image_retrieval_recall@5" in records["retrieval"]["metrics"]
+    assert records["retrieval"]["settings"]["split"] == "test"
+    assert records["knn"]["settings"].items() >= {"k": 20, "temperature": 0.07, "val_root": str(folders / "val")}.items()
+    assert records["zeroshot"]["settings"]["templates"] == ["a {}", "a drawing of a {}"]
     assert main(["eval", "zeroshot", "--model", str(model_dir), "--root", str(tmp_path / "nowhere")]) == 2
     assert "expected class subfolders" in " ".join(capsys.readouterr().err.split())
+
+
+def test_records_name_the_checkpoint_read_and_the_report_tells_apart_what_differs(model, folders, tmp_path,
+                                                                                   capsys):
+    """A run directory is evaluated at its latest complete checkpoint, which the record names (the run
+    may write newer ones); records of one dataset that differ in settings (k) or checkpoint are rows
+    the report labels, not look-alikes."""
+    from openalign.train.checkpoint import STATE_FILE
+
+    run = tmp_path / "run"
+    for step in (1, 2, 3):
+        model.save_pretrained(run / "checkpoints" / f"step_{step}")
+        if step < 3:  # step 3 is being written: incomplete
+            (run / "checkpoints" / f"step_{step}" / STATE_FILE).write_bytes(b"")
+    knn = ["eval", "knn", "--model", str(run), "--train", str(folders / "train"), "--val", str(folders / "val")]
+    assert main([*knn, "--output", str(tmp_path / "out" / "a.json")]) == 0
+    assert main([*knn, "--k", "5", "--temperature", "0.1", "--output", str(tmp_path / "out" / "b.json")]) == 0
+    assert json.loads((tmp_path / "out" / "a.json").read_text())["weights"] == str(
+        (run / "checkpoints" / "step_2").resolve())
+    (run / "checkpoints" / "step_3" / STATE_FILE).write_bytes(b"")
+    assert main([*knn, "--output", str(tmp_path / "out" / "c.json")]) == 0
+    assert main(["eval", "report", str(tmp_path / "out"), "--out", str(tmp_path / "report")]) == 0
+    markdown = (tmp_path / "report.md").read_text()
+    dataset = folders.name
+    for shown in (f"{dataset} (k=1, temperature=0.07, weights=step_2)", f"{dataset} (k=5, temperature=0.1, "
+                  "weights=step_2)", f"{dataset} (k=1, temperature=0.07, weights=step_3)"):
+        assert f"| {shown} |" in markdown, shown
+    assert main([*knn, "--temperature", "0"]) == 2
+    assert "error: --temperature must be positive" in capsys.readouterr().err
+
+
+def test_a_byte_order_mark_is_no_part_of_a_class_name_a_template_or_a_json(tmp_path):
+    """An editor's UTF-8 byte-order mark would become part of the first class name ('\\ufeffboat'):
+    for CLIPPO, which renders the prompt, a different class embedding."""
+    from openalign.files import read_json
+
+    bom = "\ufeff"
+    (tmp_path / "names.txt").write_text(f"{bom}boat\ncar\n", encoding="utf-8")
+    (tmp_path / "templates.json").write_text(f'{bom}["a {{}}.", "the {{}}."]', encoding="utf-8")
+    assert read_lines_or_json(tmp_path / "names.txt", "class names") == ["boat", "car"]
+    assert read_lines_or_json(tmp_path / "templates.json", "templates") == ["a {}.", "the {}."]
+    (tmp_path / "dataset_x.json").write_text(f'{bom}{{"images": []}}', encoding="utf-8")
+    assert read_json(tmp_path / "dataset_x.json") == {"images": []}
 
 
 def test_evaluation_runs_at_the_precision_the_suite_or_the_command_line_asks(model, shapes_root, tmp_path,
@@ -688,7 +737,7 @@ def test_clip_benchmark_probe_task_embeds_only_the_rows_it_uses(model, folders, 
         capsys.readouterr().err.split())
     assert main(["eval", "clip_benchmark_probe", "--model", str(model_dir), "--train", str(folders / "train"),
                  "--val", str(folders / "val"), "--fewshot-k", "0"]) == 2
-    assert "fewshot_k' must be at least 1 (images per class), or -1" in " ".join(capsys.readouterr().err.split())
+    assert "error: --fewshot-k must be at least 1 (images per class), or -1" in " ".join(capsys.readouterr().err.split())
     with pytest.raises(SystemExit):  # one way to choose the weight decay at a time, as CLIP_benchmark
         main(["eval", "clip_benchmark_probe", "--model", "m", "--train", "a", "--val", "b", "--sweep", "c",
               "--sweep-proportion", "0.2"])

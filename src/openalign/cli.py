@@ -60,11 +60,16 @@ def _cmd_train(args: argparse.Namespace) -> None:
         print(json.dumps(result.metrics, indent=2))
 
 
-def _cmd_eval(args: argparse.Namespace) -> None:
+# the eval options whose names are not their task setting's
+_EVAL_OPTIONS = {"train_root": "--train", "val_root": "--val", "sweep_root": "--sweep", "batch_size": "--probe-batch-size",
+                 "templates": "--template"}
+
+
+def _eval_task(args: argparse.Namespace) -> tuple[Any, str]:
+    """The task an ``openalign eval TASK`` command runs, and the dataset its record names."""
     from .eval import (ClipBenchmarkProbeEvalConfig, FewShotEvalConfig, KnnEvalConfig, LinearProbeEvalConfig,
                        RetrievalEvalConfig, SentencePairEvalConfig, ShapesEvalConfig, ZeroShotEvalConfig)
     from .eval.clip_benchmark_wds import is_clip_benchmark_wds
-    from .eval.suite import is_record_file, make_record
 
     if args.task == "shapes":
         from .demo import trained_shapes_root
@@ -80,8 +85,8 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         root = Path(args.root).resolve()  # a webdataset is named by its own folder, a split folder by its parent
         dataset = root.name if is_clip_benchmark_wds(root) else root.parent.name or root.name
     elif args.task == "knn":
-        task, dataset = KnnEvalConfig(train_root=args.train, val_root=args.val, k=args.k), \
-            Path(args.val).resolve().parent.name
+        task = KnnEvalConfig(train_root=args.train, val_root=args.val, k=args.k, temperature=args.temperature)
+        dataset = Path(args.val).resolve().parent.name
     elif args.task == "fewshot":
         task, dataset = FewShotEvalConfig(train_root=args.train, val_root=args.val, shots=args.shots), \
             Path(args.val).resolve().parent.name
@@ -99,12 +104,24 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         task, dataset = LinearProbeEvalConfig(train_root=args.train, val_root=args.val, c=args.c,
                                               standardize=args.standardize), \
             Path(args.val).resolve().parent.name
+    return task, dataset
+
+
+def _cmd_eval(args: argparse.Namespace) -> None:
+    from .eval.suite import is_record_file, make_record
+
+    try:
+        task, dataset = _eval_task(args)
+    except ConfigError as error:  # named as the option that set it
+        option = _EVAL_OPTIONS.get(error.key or "", f"--{(error.key or '').replace('_', '-')}")
+        raise OpenAlignError(f"{option} {error.message}") from None
     # checked before the work
     output = replaceable(_output_file(args.output), is_record_file, "an openalign result") if args.output else None
     model, _, _ = _inference_model(args, optimize=not task.fine_tunes)
     with precision_scope(args.precision):
         metrics = task.run(model, next(model.parameters()).device, args.batch_size)
-    record = make_record(dataset, model.config.name, str(args.model), args.task, metrics)
+    record = make_record(dataset, model.config.name, str(args.model), args.task, metrics, task,
+                         getattr(model, "weights_path", None))
     print(json.dumps(record, indent=2))
     if output:
         output.write_text(json.dumps(record, indent=2))
@@ -435,6 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
     knn.add_argument("--train", required=True, help="e.g. imagenet/train")
     knn.add_argument("--val", required=True, help="e.g. imagenet/val")
     knn.add_argument("--k", type=_at_least(1), default=1, help="1: COYO-ALIGN's 1-NN; 20: weighted voting")
+    knn.add_argument("--temperature", type=float, default=0.07,
+                     help="the votes' weight exp(cosine / temperature) (default 0.07, DINO's)")
     fewshot = tasks.add_parser("fewshot", help="CLIPPO's few-shot ridge probe on pre-projection image features")
     fewshot.add_argument("--train", required=True, help="class folders to sample the shots from")
     fewshot.add_argument("--val", required=True, help="class folders to score")

@@ -76,7 +76,7 @@ def not_a_file(path: str | Path) -> str:
 def read_json(path: str | Path) -> Any:
     """A JSON file's value."""
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_text(encoding="utf-8-sig"))  # a byte-order mark is no JSON error
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise OpenAlignError(f"cannot read '{path}': {error}") from None
 

@@ -62,20 +62,20 @@ def load_pretrained(name_or_path: str | Path, device: str | torch.device = "cpu"
     device = resolve_device(device)
     file = Path(name_or_path).expanduser()
     if architecture is not None or file.is_file():
-        model = _load_weights_file(file, architecture)
-        return model.to(device).eval(), model.config.build_transform(train=False), model.config.build_tokenizer()
-    path = resolve(name_or_path)
-    if _is_hf_directory(path):
+        model, path = _load_weights_file(file, architecture), file
+    elif _is_hf_directory(path := resolve(name_or_path)):
         from .hf import load_hf_directory
 
         model = load_hf_directory(path)
         if path != Path(name_or_path).expanduser():  # a hub snapshot: name it by its id, not its hash
             model.config.name = str(name_or_path)
     else:
-        from .train.checkpoint import load_checkpoint_model
+        from .train.checkpoint import checkpoint_directory, load_checkpoint_model
 
+        path = checkpoint_directory(path)  # a run's latest checkpoint, named as read (a newer one may follow)
         model = load_checkpoint_model(path)
     model = model.to(device).eval()
+    model.weights_path = str(path.resolve())
     return model, model.config.build_transform(train=False), model.config.build_tokenizer()
 
 

@@ -19,13 +19,17 @@ def class_embeddings(encode_text: Callable[[list[str]], torch.Tensor], class_nam
     """(num_classes, dim) class embeddings: the renormalised mean of each class's prompt embeddings
     (:func:`openalign.zero_shot_classifier` calls this with a model's text tower).
 
-    ``encode_text`` maps a list of strings to L2-normalised embeddings; a template is a string
-    with one ``{}`` for the class name, or a function of the class name (CLIP's prompt
-    ensembling, ALIGN paper §5.2). A mapping of class name → its own prompts (CuPL's JSON, which
-    CLIP_benchmark takes) gives each class those instead.
+    ``encode_text`` maps a list of strings to L2-normalised embeddings, and is called once, with
+    every class's prompts in turn (ImageNet's 80,000: it must batch them, as
+    :func:`~openalign.eval.embed_texts` does), so that batches are full and ranks gather once. A
+    template is a string with one ``{}`` for the class name, or a function of the class name
+    (CLIP's prompt ensembling, ALIGN paper §5.2). A mapping of class name → its own prompts
+    (CuPL's JSON, which CLIP_benchmark takes) gives each class those instead.
     """
-    return torch.stack([F.normalize(encode_text(own).mean(dim=0), dim=-1)
-                        for own in class_prompts(class_names, templates)])
+    prompts = class_prompts(class_names, templates)
+    embeddings = encode_text([prompt for own in prompts for prompt in own])
+    return torch.stack([F.normalize(own.mean(dim=0), dim=-1)
+                        for own in embeddings.split([len(own) for own in prompts])])
 
 
 def class_prompts(class_names: Sequence[str],

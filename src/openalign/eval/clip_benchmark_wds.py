@@ -58,7 +58,8 @@ def read_split(root: str | Path, split: str = "test", extract_to: str | Path | N
     if not shards:
         raise OpenAlignError(f"'{root / split}' holds no .tar shards; expected CLIP_benchmark's webdataset layout "
                              f"({root}/<split>/0.tar ... with classnames.txt or dataset_type.txt beside <split>)")
-    kind = _text(root / "dataset_type.txt").strip() if (root / "dataset_type.txt").is_file() else "classification"
+    kind_file = root / "dataset_type.txt"
+    kind = read_text_file(kind_file).strip() if kind_file.is_file() else "classification"
     if kind not in ("classification", "retrieval"):
         raise OpenAlignError(f"'{root}' is a '{kind}' dataset; openalign evaluates classification and retrieval")
     target = _extraction_dir(root, split, extract_to)
@@ -161,12 +162,13 @@ def _label(data: bytes, key: str, split: Path) -> int:
 
 def read_lines(path: Path) -> list[str]:
     """The non-blank lines of a text file, stripped."""
-    return [line.strip() for line in _text(path).splitlines() if line.strip()]
+    return [line.strip() for line in read_text_file(path).splitlines() if line.strip()]
 
 
-def _text(path: Path) -> str:
-    """A UTF-8 text file's content; another encoding is an error naming the file."""
+def read_text_file(path: Path) -> str:
+    """A UTF-8 text file's content, without a byte-order mark (an editor's; it would become part of
+    the first class name); another encoding is an error naming the file."""
     try:
-        return path.read_text()
+        return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as error:
         raise OpenAlignError(f"'{path}' is not UTF-8 text ({error}): save it as UTF-8") from None

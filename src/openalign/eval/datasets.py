@@ -20,7 +20,7 @@ from torch import nn
 from ..data.karpathy import CaptionedImage, read_karpathy
 from ..errors import OpenAlignError
 from ..files import not_a_file
-from .clip_benchmark_wds import is_clip_benchmark_wds, read_lines, read_split
+from .clip_benchmark_wds import is_clip_benchmark_wds, read_lines, read_split, read_text_file
 from .classification import (canonicalize_prompt, class_embeddings, class_prompts, classification_metrics,
                              knn_classify)
 from .probe import (adamw_linear_probe, clip_benchmark_probe_rows, fewshot_indices, logistic_regression_probe,
@@ -122,7 +122,7 @@ def read_lines_or_json(path: str | Path | None, what: str) -> list[str] | dict[s
         raise OpenAlignError(f"{what} file '{path}' {not_a_file(path)} (nor is it one of the shipped lists: "
                              f"{', '.join(shipped_names())})")
     try:
-        entries = json.loads(path.read_text()) if path.suffix == ".json" else read_lines(path)
+        entries = json.loads(read_text_file(path)) if path.suffix == ".json" else read_lines(path)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise OpenAlignError(f"cannot read {what} file '{path}': {error}") from None
     if not isinstance(entries, (list, dict)) or not entries:  # an empty file would fall back to the defaults
@@ -186,7 +186,7 @@ def evaluate_zeroshot(model: nn.Module, root: str | Path, device: torch.device,
         config = model.config
         tokenizer = config.build_tokenizer()
         classifier = class_embeddings(
-            lambda texts: embed_texts(model, tokenizer, texts, device, batch_size, show_progress=False),
+            lambda texts: embed_texts(model, tokenizer, texts, device, batch_size, show_progress, "embedding prompts"),
             readable, templates)
         image_emb = embed_images(model, transform or eval_transform(model), paths, device, batch_size, show_progress)
     return classification_metrics(image_emb @ classifier.T, labels)

@@ -51,8 +51,8 @@ def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_i
             best = scores.masked_fill(~positive, float("-inf")).max(dim=1, keepdim=True).values
             ranks.append(1 + ((scores >= best) & ~positive).sum(dim=1))
         for k in ks:
-            metrics[f"{direction}_recall@{k}"] = torch.cat(hits[k]).float().mean().item()
-        rank = torch.cat(ranks).float()
+            metrics[f"{direction}_recall@{k}"] = torch.cat(hits[k]).double().mean().item()
+        rank = torch.cat(ranks).double()
         metrics[f"{direction}_mean_rank"] = rank.mean().item()
         metrics[f"{direction}_median_rank"] = float(np.floor(np.median(rank.cpu().numpy() - 1)) + 1)
     return metrics

@@ -80,7 +80,7 @@ def evaluate_shapes(model: nn.Module, root: str | Path, device: torch.device, ba
             metrics[f"zeroshot_{attribute}_acc1"] = zero_shot["acc1"]
             memory_labels = torch.tensor([names.index(item.labels[attribute]) for item in memory])
             predicted = nearest_neighbour_predict(memory_emb, memory_labels, image_emb[labelled])
-            metrics[f"knn_{attribute}_acc1"] = (predicted == labels).float().mean().item()
+            metrics[f"knn_{attribute}_acc1"] = (predicted == labels).double().mean().item()
     return metrics
 
 

@@ -34,7 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import from_dict, load_yaml
+from .. import __version__
+from ..config import from_dict, load_yaml, to_dict
 from ..distributed import world_info
 from ..errors import OpenAlignError
 from ..files import read_json, replaceable
@@ -116,7 +117,8 @@ def run_suite(suite: SuiteConfig, model: nn.Module, pretrained: str, output_dir:
         for name, task in zip(names, suite.tasks):
             log.info("suite task %s (%s)", name, task.name)
             metrics = task.run(model, device, suite.batch_size, show_progress)
-            record = make_record(name, model.config.name, pretrained, task.name, metrics)
+            record = make_record(name, model.config.name, pretrained, task.name, metrics, task,
+                                 getattr(model, "weights_path", None))
             (output_dir / f"{name}.json").write_text(json.dumps(record, indent=2))
             records.append(record)
             if suite.examples:
@@ -139,11 +141,19 @@ def _embedding_cache() -> Iterator[None]:
             del os.environ[cache.CACHE_ENV]
 
 
-def make_record(dataset: str, model: str | None, pretrained: str, task: str, metrics: dict[str, float]) -> dict[str, Any]:
+def make_record(dataset: str, model: str | None, pretrained: str, task: str, metrics: dict[str, float],
+                settings: EvalTaskConfig | None = None, weights: str | None = None) -> dict[str, Any]:
     """A result in CLIP_benchmark's schema, ``task`` by CLIP_benchmark's name where it has one
-    (``zeroshot_classification``, ``zeroshot_retrieval``; see ``RECORD_TASKS``)."""
-    return {"dataset": dataset, "model": model, "pretrained": pretrained, "task": RECORD_TASKS.get(task, task),
-            "metrics": metrics, "language": "en"}
+    (``zeroshot_classification``, ``zeroshot_retrieval``; see ``RECORD_TASKS``); then what it takes
+    to reproduce it: the task's ``settings`` (its split, files, k, templates, shots, ...), the
+    ``weights`` read (a run directory's checkpoint) and openalign's version."""
+    record = {"dataset": dataset, "model": model, "pretrained": pretrained, "task": RECORD_TASKS.get(task, task),
+              "metrics": metrics, "language": "en"}
+    if settings is not None:
+        record["settings"] = to_dict(settings)
+    if weights is not None:
+        record["weights"] = weights
+    return {**record, "openalign": __version__}
 
 
 def _current_task_name(record: dict[str, Any]) -> str:
@@ -224,6 +234,7 @@ def write_report(records: list[dict[str, Any]], output: str | Path, examples: li
     copied to ``output``_examples/) and ``output``.csv (one row per model, dataset, task and metric)."""
     markdown, table, pictures = report_files(output)
     markdown.parent.mkdir(parents=True, exist_ok=True)
+    records = _told_apart(records)
     lines = ["# openalign evaluation report", ""]
     for task in sorted({record["task"] for record in records}):
         rows = [record for record in records if record["task"] == task]
@@ -243,6 +254,43 @@ def write_report(records: list[dict[str, Any]], output: str | Path, examples: li
             for metric, value in sorted(record["metrics"].items(), key=lambda item: _natural(item[0])):
                 writer.writerow([record["model"], record["pretrained"], record["dataset"], record["task"], metric, value])
     return markdown, table
+
+
+def _told_apart(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``records`` with the settings in which records of one model, weights source, dataset and
+    task differ (``k``, ``split``, the checkpoint read) added to their ``dataset``, so that a 1-NN
+    and a 20-NN result, or two checkpoints of one run, are not two rows that look alike."""
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for position, record in enumerate(records):
+        key = tuple(str(record[name]) for name in ("model", "pretrained", "dataset", "task"))
+        groups.setdefault(key, []).append(position)
+    told = list(records)
+    for positions in groups.values():
+        described = [_described(records[position]) for position in positions]
+        differing = sorted({name for one in described for name in one
+                            if len({json.dumps(other.get(name), sort_keys=True) for other in described}) > 1})
+        for position, one in zip(positions, described):
+            if differing:
+                shown = ", ".join(f"{name}={value if isinstance(value := one.get(name), str) else json.dumps(value)}"
+                                  for name in differing)
+                told[position] = {**records[position], "dataset": f"{records[position]['dataset']} ({shown})"}
+    return told
+
+
+def _described(record: dict[str, Any]) -> dict[str, Any]:
+    """A record's settings, flattened to dotted keys, and the folder name of the weights it read."""
+    flat: dict[str, Any] = {}
+    pending = [("", record.get("settings") or {})]
+    while pending:
+        prefix, settings = pending.pop()
+        for name, value in settings.items():
+            if isinstance(value, dict):
+                pending.append((f"{prefix}{name}.", value))
+            else:
+                flat[f"{prefix}{name}"] = value
+    if record.get("weights"):
+        flat["weights"] = Path(record["weights"]).name
+    return flat
 
 
 def _natural(name: str) -> list[tuple[int, int | str]]:

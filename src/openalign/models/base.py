@@ -102,7 +102,8 @@ class ContrastiveModel(nn.Module):
     loss takes), a learned ``log_temperature`` with ``temperature`` and ``logit_scale``,
     ``constrain_parameters`` (after each optimiser step), ``no_weight_decay`` and
     ``save_pretrained``. ``encode_text`` takes what the model's tokenizer gives:
-    ``model.encode_text(**tokenizer(texts))``."""
+    ``model.encode_text(**tokenizer(texts))``. ``weights_path``: where :func:`~openalign.load_pretrained`
+    read the weights (a run directory's checkpoint, a hub id's cached snapshot), else None."""
 
     log_temperature: nn.Parameter
 
@@ -110,6 +111,7 @@ class ContrastiveModel(nn.Module):
         super().__init__()
         self.config = config
         self.input_fields = config.input_fields
+        self.weights_path: str | None = None
 
     @property
     def temperature(self) -> torch.Tensor:
