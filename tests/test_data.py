@@ -526,7 +526,8 @@ def test_table_sources_read_csv_tsv_and_parquet_with_paths_or_bytes_and_drop_bad
     rows = TableSourceConfig(path=str(tmp_path / "hf.parquet"), text_column="text", extra_columns={"label": "label"}
                              ).rows()
     assert [(image, text, extra) for image, text, extra in rows] == [(encoded[0], "red", {"label": 0})]
-    assert "1 row(s) with caption not UTF-8, 1 row(s) with missing image file, 1 row(s) with empty label" in caplog.text
+    assert "1 row(s) with caption not UTF-8, 1 row(s) with empty column label, 1 row(s) with missing image file" \
+        in caplog.text
     pq.write_table(pa.table({"image": [1.5], "caption": ["x"]}), tmp_path / "float.parquet")
     with pytest.raises(OpenAlignError, match="column 'image' holds float '1.5'; expected image paths, encoded"):
         TableSourceConfig(path=str(tmp_path / "float.parquet")).rows()
@@ -639,3 +640,69 @@ def test_skips_are_logged_as_samples_or_as_shards(monkeypatch, caplog):
     policy.skip(quality.SkipSample(quality.EMPTY_CAPTION))
     assert "skipped 1 shard(s) so far for truncated or corrupt shard; latest (00001.tar)" in caplog.text
     assert "skipped 1 sample(s) so far for empty caption" in caplog.text
+
+
+def test_unreadable_rows_of_a_map_style_source_are_counted_once_an_epoch_and_stand_ins_spread(tmp_path):
+    """A table whose first 120 rows are unreadable (more than the 100-in-a-row stop of a stream)
+    trains: each bad row counted once when the epoch draws it, its stand-in a readable row drawn at
+    random (not the one after the run, 121 times), the same on a replay; a source whose every
+    image fails is an error that says so."""
+    from openalign.data.karpathy import CaptionedImage
+    from openalign.data.quality import COUNTS
+    from openalign.data.sources import CaptionDataset
+
+    items = []
+    for i in range(240):
+        path = tmp_path / f"{i:03d}.png"
+        if i < 120:
+            path.write_bytes(b"corrupt")
+        else:
+            Image.new("RGB", (12, 12), (i, 0, 0)).save(path)
+        items.append(CaptionedImage(path, (f"caption {i}",)))
+    dataset = CaptionDataset(items, WDS_TRANSFORM, seed=0)
+    before = Counter(COUNTS)
+    texts = [dataset[(0, index)]["text"] for index in range(len(items))]
+    assert Counter(COUNTS) - before == {"skipped/undecodable image": 120}
+    assert set(texts[120:]) == {f"caption {i}" for i in range(120, 240)}  # every readable row as itself
+    assert max(Counter(texts).values()) <= 6  # the 120 stand-ins spread over the 120 readable rows
+    assert [dataset[(0, index)]["text"] for index in range(120)] == texts[:120]  # replayed on a resume
+    broken = CaptionDataset(items[:120], WDS_TRANSFORM, seed=0)
+    with pytest.raises(OpenAlignError, match=r"100 samples drawn at random to stand in for the unreadable .*000\.png "
+                                             "could not be read either: nearly every image fails"):
+        broken[(0, 0)]
+
+
+def test_a_table_counts_each_columns_bad_cells_apart_and_never_trains_on_nan_or_replaced_bytes(tmp_path, caplog):
+    """ALIP's table: alt-text and a synthetic caption. A row lacking either is dropped under its
+    own column's reason (not both as 'empty caption'); invalid UTF-8 in the synthetic column is
+    dropped as in the caption column (not kept with U+FFFD); a float column's NaN is no caption
+    'nan', nor a value."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from openalign.data.sources import TableSourceConfig
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "pairs.csv").write_bytes(b"image,caption,synthetic\na.png,,a red square\na.png,alt text,\n"
+                                         b"a.png,alt,caf\xe9 au lait\na.png,alt two,a blue square\n")
+    table = TableSourceConfig(path=str(tmp_path / "pairs.csv"), extra_columns={"caption": "synthetic"})
+    with caplog.at_level("WARNING", logger="openalign"):
+        assert table.rows() == [(tmp_path / "a.png", "alt two", {"caption": "a blue square"})]
+    assert ("dropped 1 row(s) with column synthetic not UTF-8, 1 row(s) with empty caption, 1 row(s) with empty "
+            "column synthetic") in caplog.text
+    pq.write_table(pa.table({"image": ["a.png"] * 3, "caption": [1.5, float("nan"), None],
+                             "score": [float("nan"), 0.5, 0.5]}), tmp_path / "floats.parquet")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="openalign"):
+        assert TableSourceConfig(path=str(tmp_path / "floats.parquet")).rows() == [(tmp_path / "a.png", "1.5", {})]
+        with pytest.raises(OpenAlignError, match="no usable row"):
+            TableSourceConfig(path=str(tmp_path / "floats.parquet"), extra_columns={"score": "score"}).rows()
+    assert "dropped 2 row(s) with empty caption" in caplog.text
+    assert "1 row(s) with empty column score" in caplog.text
+    from openalign.data.quality import SkipSample
+    from openalign.data.sources import extra_value
+
+    for data, reason in ((b" ", "empty caption.txt"), (b"caf\xe9", "caption.txt not UTF-8"), (None, "no caption.txt")):
+        with pytest.raises(SkipSample) as skipped:  # a shard's extra member: its own reasons, too
+            extra_value("caption.txt", data)
+        assert skipped.value.reason == reason

@@ -150,8 +150,9 @@ def test_strict_mode_makes_the_first_bad_sample_an_error(tmp_path):
     config = WebDatasetSourceConfig(urls=str(tmp_path / "00000.tar"), shuffle_buffer=1, open_shards=1)
     stream = iter(config.build(TRANSFORM, seed=0, strict=True))
     next(stream)
-    with pytest.raises(OpenAlignError, match="undecodable image.*data.strict is true"):
+    with pytest.raises(OpenAlignError, match="undecodable image.*data.strict is true") as raised:
         next(stream)
+    assert f"({tmp_path / '00000.tar'}, sample 2)" in str(raised.value)  # which shard, which sample: to look at it
 
 
 def test_too_few_shards_for_the_readers_is_a_clear_error_and_resampling_needs_none(tmp_path, caplog):

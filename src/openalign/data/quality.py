@@ -53,10 +53,12 @@ class SkipSample(Exception):
         self.reason, self.detail = reason, detail
 
 
-def caption_text(data: bytes | str | None, missing: str = NO_CAPTION) -> str:
+def caption_text(data: bytes | str | None, missing: str = NO_CAPTION, name: str = "caption") -> str:
     """The stripped caption of a text field's bytes; raises :class:`SkipSample` when it is
     missing (reason ``missing``), not text (a TFRecord ``int64`` feature, say), not UTF-8, or
-    empty: nothing but whitespace and the characters BERT's tokenizer deletes (controls, format
+    empty (reasons ``caption not text``, ``caption not UTF-8``, ``empty caption``; another text
+    field's by its ``name`` in place of ``caption``, so that the counts tell them apart). Empty:
+    nothing but whitespace and the characters BERT's tokenizer deletes (controls, format
     characters such as zero-width spaces and byte-order marks, U+FFFD), which would train on
     ``[CLS] [SEP]``.
 
@@ -72,13 +74,13 @@ def caption_text(data: bytes | str | None, missing: str = NO_CAPTION) -> str:
         try:
             text = bytes(data).decode("utf-8")
         except UnicodeDecodeError as error:
-            raise SkipSample(CAPTION_NOT_UTF8, str(error)) from None
+            raise SkipSample(f"{name} not UTF-8", str(error)) from None
     else:
-        raise SkipSample(CAPTION_NOT_TEXT, f"a {type(data).__name__}")
+        raise SkipSample(f"{name} not text", f"a {type(data).__name__}")
     text = text.strip()
     if not any(not char.isspace() and char != "\ufffd" and unicodedata.category(char) not in ("Cc", "Cf")
                for char in text):  # as BERT's _is_control; unassigned (newer) code points, emoji say, are text
-        raise SkipSample(EMPTY_CAPTION)
+        raise SkipSample(f"empty {name}")
     return text
 
 

@@ -15,9 +15,11 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import os
 import random
 import re
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +32,7 @@ from ..config import Variants, require_at_least
 from ..distributed import fail_together, world_info
 from ..errors import ConfigError, OpenAlignError
 from .karpathy import CaptionedImage, read_karpathy
-from .quality import (CAPTION_NOT_UTF8, CUT_SHORT, CUT_SHORT_SAMPLE, EMPTY_CAPTION, NO_IMAGE, REPEATED_FIELD,
+from .quality import (CUT_SHORT, CUT_SHORT_SAMPLE, EMPTY_CAPTION, NO_IMAGE, REPEATED_FIELD,
                       UNDECODABLE_RECORD, SkipPolicy, SkipSample, caption_text, decode_pixels, open_image)
 from .shards import expand_urls, open_url, stream_samples
 from .shapes import ShapesSpec, build_shapes_dataset
@@ -78,9 +80,10 @@ class SourceConfig(Variants):
 
 class ImageDataset(Dataset):
     """A map-style dataset of image samples indexed by ``(epoch, index)``, so augmentation replays
-    exactly on resume. A sample whose image cannot be read is skipped and counted, and the next
-    index stands in for it (the epoch then holds one good sample twice); with ``data.strict``
-    the skip is an error."""
+    exactly on resume. A sample whose image cannot be read is skipped and counted (once an epoch:
+    when the epoch draws it), and a readable sample drawn at random (seeded by the epoch and
+    index: a resumed run replays it) stands in for it, so that a run of unreadable rows does not
+    repeat its neighbour; with ``data.strict`` the skip is an error."""
 
     def __init__(self, transform: ImageTransform, seed: int, policy: SkipPolicy) -> None:
         self.transform, self.seed, self.policy = transform, seed, policy
@@ -93,15 +96,28 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
         epoch, index = key
-        for offset in range(len(self)):
+        try:
+            sample = self.sample(epoch, index)
+        except SkipSample as skip:
+            self.policy.skip(skip, self.describe(index))
+            sample = self._stand_in(epoch, index)
+        self.policy.success()
+        return sample
+
+    def _stand_in(self, epoch: int, index: int) -> dict[str, Any]:
+        """A readable sample in place of the unreadable ``index``. Candidates that fail are not
+        counted (each is, when the epoch draws it); ``policy.max_consecutive`` failing in a row
+        mean that nearly every image fails (half failing would do so once in 2^100 draws)."""
+        generator = sample_generator(self.seed, epoch, index)
+        for _ in range(self.policy.max_consecutive):
+            candidate = int(torch.randint(len(self), (), generator=generator))
             try:
-                sample = self.sample(epoch, (index + offset) % len(self))
+                return self.sample(epoch, candidate)
             except SkipSample as skip:
-                self.policy.skip(skip, self.describe((index + offset) % len(self)))
-                continue
-            self.policy.success()
-            return sample
-        raise OpenAlignError(f"data source '{self.policy.source}': no image can be read")
+                last = f"{skip} ({self.describe(candidate)})"
+        raise OpenAlignError(f"data source '{self.policy.source}': {self.policy.max_consecutive} samples drawn at "
+                             f"random to stand in for the unreadable {self.describe(index)} could not be read "
+                             f"either: nearly every image fails; last: {last}")
 
     def pixels(self, image: Path | bytes, generator: torch.Generator) -> torch.Tensor:
         """The transformed image of a file or of encoded bytes."""
@@ -187,8 +203,7 @@ class TableSourceConfig(SourceConfig, tag="table"):
         if not tables:
             raise OpenAlignError(f"no table matches '{self.path}' (data.train.path: .csv, .tsv or .parquet files)")
         rows: list[tuple[str, tuple[Path | bytes, str, dict[str, Any]]]] = []
-        dropped = {EMPTY_CAPTION: 0, CAPTION_NOT_UTF8: 0, "missing image file": 0,
-                   **{f"empty {name}": 0 for name in self.extra_columns}}
+        dropped: Counter[str] = Counter()
         for table_path in map(Path, tables):
             columns = _read_table(table_path, byte_columns=(self.text_column,), path_columns=(self.image_column,))
             wanted = [self.image_column, self.text_column, *self.extra_columns.values()]
@@ -200,8 +215,9 @@ class TableSourceConfig(SourceConfig, tag="table"):
                                      "extra_columns)")
             root = Path(self.image_root) if self.image_root is not None else table_path.parent
             for number, (image, text) in enumerate(zip(columns[self.image_column], columns[self.text_column])):
-                try:  # the checks shard captions get; a number (a parquet column of numbers) is its text
-                    text = caption_text(text if text is None or isinstance(text, bytes) else str(text), EMPTY_CAPTION)
+                try:  # the checks shard captions get; a number (a parquet column of numbers) is its text, NaN none
+                    text = caption_text(None if _blank(text) else text if isinstance(text, bytes) else str(text),
+                                        EMPTY_CAPTION)
                 except SkipSample as skip:
                     dropped[skip.reason] += 1
                     continue
@@ -211,24 +227,33 @@ class TableSourceConfig(SourceConfig, tag="table"):
                 if image is None or (isinstance(image, Path) and not image.is_file()):
                     dropped["missing image file"] += 1
                     continue
-                extra = {name: _cell(columns[column][number]) for name, column in self.extra_columns.items()}
-                if empty := [name for name, value in extra.items() if value is None or value == ""]:
-                    dropped[f"empty {empty[0]}"] += 1  # as a webdataset sample without the field is skipped
+                try:  # as a webdataset sample without the field is skipped
+                    extra = {name: _cell(columns[column][number], column)
+                             for name, column in self.extra_columns.items()}
+                except SkipSample as skip:
+                    dropped[skip.reason] += 1
                     continue
                 rows.append((f"{table_path} data row {number + 1}", (image, text, extra)))
-        if any(dropped.values()):
+        if dropped:
             log.warning("table '%s': dropped %s", self.path, ", ".join(f"{n} row(s) with {why}" for why, n in
-                                                                        dropped.items() if n))
+                                                                        sorted(dropped.items())))
         if not rows:
-            raise OpenAlignError(f"table '{self.path}' has no usable row (dropped: {dropped})")
+            raise OpenAlignError(f"table '{self.path}' has no usable row (dropped: {dict(dropped)})")
         return rows
 
 
-def _cell(value: Any) -> Any:
-    """An extra column's value: text stripped (None: ""), numbers and lists as they are."""
-    if isinstance(value, bytes):
-        value = value.decode("utf-8", "replace")
-    return (value or "").strip() if value is None or isinstance(value, str) else value
+def _blank(value: Any) -> bool:
+    """Whether a table cell holds nothing: null, or a float column's NaN (pyarrow writes it as is)."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _cell(value: Any, column: str) -> Any:
+    """An extra column's value: text stripped, numbers and lists as they are; raises
+    :class:`SkipSample` for an empty cell or text that is blank or not UTF-8, with a reason that
+    names the column (not the caption's)."""
+    if _blank(value) or isinstance(value, (bytes, str)):
+        return caption_text(None if _blank(value) else value, f"empty column {column}", f"column {column}")
+    return value
 
 
 def _image_cell(value: Any, table: Path, column: str) -> bytes | str | None:
@@ -548,7 +573,7 @@ def extra_value(key: str, data: bytes | int | None) -> Any:
         if value is None:
             raise SkipSample(f"no {key}", "null")
         return value
-    return caption_text(data, f"no {key}")
+    return caption_text(data, f"no {key}", key)
 
 
 def read_tar_shard(url: str) -> Iterator[dict[str, bytes]]:
