@@ -44,6 +44,21 @@ def test_model_name_over_a_resolved_recipe_selects_that_model(tmp_path, capsys):
     assert load_recipe(tmp_path / "edited.yaml", ["model.name=align-b3-mini"]).model.embed_dim == 640
 
 
+def test_model_name_of_another_family_names_the_recipes_own_model_setting_and_the_fix():
+    """The demo sets align-tiny's image.batch_norm_momentum; model.name=alip-tiny keeps it, and
+    ALIP's ViT has no such key: the error says where the key came from and how to drop it."""
+    from openalign.errors import ConfigError
+    from openalign.recipe import load_recipe
+
+    with pytest.raises(ConfigError, match=r"'model.image.batch_norm_momentum' is unknown; .*The recipe sets it for its "
+                                          r"own model.*replace the whole model section, model=alip-tiny"):
+        load_recipe("demo", ["model.name=alip-tiny"])
+    assert load_recipe("demo", ["model=alip-tiny"]).model.name == "alip-tiny"
+    with pytest.raises(ConfigError) as typed:  # a key the user typed: no word about the recipe
+        load_recipe("demo", ["model.name=align-test", "model.image.foo=1"])
+    assert "recipe sets it" not in str(typed.value)
+
+
 def test_overrides_may_follow_options(monkeypatch, capsys):
     """'openalign train demo --resume latest train.steps=2000' extends a run: argparse alone refused it."""
     seen = []

@@ -180,6 +180,7 @@ def recipe_from_dict(raw: dict, overrides: list[str] | tuple[str, ...] = ()) -> 
     inlined settings (its name alone may have been edited); the overrides after it apply to OTHER."""
     raw = _model_as_mapping(raw)
     overridden: set[tuple[str, ...]] = set()  # what the overrides set so far: a change of type keeps it
+    renamed = None  # the model named by model.name=OTHER over the recipe's own settings of its model
     for number, text in enumerate(overrides):
         keys, value = parse_override(text)
         model = raw.get("model")
@@ -190,10 +191,20 @@ def recipe_from_dict(raw: dict, overrides: list[str] | tuple[str, ...] = ()) -> 
             raw = {**raw, "model": {"name": value}}
         else:
             raw = _model_as_mapping(apply_overrides(raw, [text], overridden))
+            renamed = value if keys == ["model", "name"] else renamed
     if "model" not in raw:
         raise ConfigError("is required: name a registered model, e.g. 'model: align-b3-mini'", "model")
-    raw["model"] = resolve_model_dict(raw["model"])
-    return from_dict(Recipe, raw)
+    try:
+        raw["model"] = resolve_model_dict(raw["model"])
+        return from_dict(Recipe, raw)
+    except ConfigError as error:
+        key = (error.key or "").split(".")
+        if renamed is None or key[0] != "model" or tuple(key) in overridden:
+            raise
+        # the recipe's settings of its own model (the demo's image.batch_norm_momentum), refused by another family's
+        raise ConfigError(f"{error.message}. The recipe sets it for its own model, and model.name={renamed} keeps the "
+                          f"recipe's other model settings: to train {renamed} without them, replace the whole model "
+                          f"section, model={renamed}", error.key) from None
 
 
 def _model_as_mapping(raw: dict) -> dict:
