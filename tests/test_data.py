@@ -706,3 +706,18 @@ def test_a_table_counts_each_columns_bad_cells_apart_and_never_trains_on_nan_or_
         with pytest.raises(SkipSample) as skipped:  # a shard's extra member: its own reasons, too
             extra_value("caption.txt", data)
         assert skipped.value.reason == reason
+
+
+def test_a_table_names_its_first_missing_image_and_sends_url_lists_to_img2dataset(tmp_path, caplog):
+    from openalign.data.sources import TableSourceConfig
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "pairs.csv").write_text("image,caption\na.png,one\nb.png,two\nc.png,three\n")
+    with caplog.at_level("WARNING", logger="openalign"):
+        assert len(TableSourceConfig(path=str(tmp_path / "pairs.csv")).rows()) == 1
+    assert f"2 row(s) with missing image file (the first missing: {tmp_path / 'pairs.csv'} data row 2: " \
+           f"{tmp_path / 'b.png'})" in caplog.text
+    (tmp_path / "urls.csv").write_text("url,caption\nhttps://example.com/a.jpg,one\nHTTP://example.com/b.jpg,two\n")
+    with pytest.raises(OpenAlignError, match=r"dropped: \{'image URL, not a file': 2\}\); download the URLs with "
+                                             "img2dataset first"):
+        TableSourceConfig(path=str(tmp_path / "urls.csv"), image_column="url").rows()

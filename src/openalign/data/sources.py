@@ -204,6 +204,7 @@ class TableSourceConfig(SourceConfig, tag="table"):
             raise OpenAlignError(f"no table matches '{self.path}' (data.train.path: .csv, .tsv or .parquet files)")
         rows: list[tuple[str, tuple[Path | bytes, str, dict[str, Any]]]] = []
         dropped: Counter[str] = Counter()
+        missing = ""  # where the first missing image file was looked for
         for table_path in map(Path, tables):
             columns = _read_table(table_path, byte_columns=(self.text_column,), path_columns=(self.image_column,))
             wanted = [self.image_column, self.text_column, *self.extra_columns.values()]
@@ -222,10 +223,14 @@ class TableSourceConfig(SourceConfig, tag="table"):
                     dropped[skip.reason] += 1
                     continue
                 image = _image_cell(image, table_path, self.image_column)
+                if isinstance(image, str) and image.lower().startswith(("http://", "https://")):
+                    dropped[IMAGE_URL] += 1  # a URL list: img2dataset downloads it
+                    continue
                 if isinstance(image, str):
                     image = root / image
                 if image is None or (isinstance(image, Path) and not image.is_file()):
                     dropped["missing image file"] += 1
+                    missing = missing or f"{table_path} data row {number + 1}: {image or 'an empty cell'}"
                     continue
                 try:  # as a webdataset sample without the field is skipped
                     extra = {name: _cell(columns[column][number], column)
@@ -235,11 +240,17 @@ class TableSourceConfig(SourceConfig, tag="table"):
                     continue
                 rows.append((f"{table_path} data row {number + 1}", (image, text, extra)))
         if dropped:
-            log.warning("table '%s': dropped %s", self.path, ", ".join(f"{n} row(s) with {why}" for why, n in
-                                                                        sorted(dropped.items())))
+            log.warning("table '%s': dropped %s%s", self.path, ", ".join(
+                f"{n} row(s) with {why}" for why, n in sorted(dropped.items())), f" (the first missing: {missing})"
+                if missing else "")
         if not rows:
-            raise OpenAlignError(f"table '{self.path}' has no usable row (dropped: {dict(dropped)})")
+            hint = "; download the URLs with img2dataset first (see the README's data section)" \
+                if dropped[IMAGE_URL] else f"; the first missing image: {missing}" if missing else ""
+            raise OpenAlignError(f"table '{self.path}' has no usable row (dropped: {dict(dropped)}){hint}")
         return rows
+
+
+IMAGE_URL = "image URL, not a file"
 
 
 def _blank(value: Any) -> bool:
