@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -243,3 +245,24 @@ def test_a_command_that_succeeds_destroys_the_process_group(tmp_path, capsys):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_sigterm_stops_a_command_as_ctrl_c_does_and_says_so(monkeypatch, capsys):
+    """A scheduler preempting a job sends SIGTERM: Python's default ended the run without a word or
+    any clean-up; it now unwinds as Ctrl-C does, says how to go on, and exits 143 (128 + 15)."""
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    cleaned = []
+
+    def preempted(args):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises here
+        finally:
+            cleaned.append(True)
+
+    monkeypatch.setattr("openalign.cli._cmd_models", preempted)
+    assert main(["models"]) == 143
+    assert cleaned == [True] and "terminated (SIGTERM): --resume latest continues" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before  # the caller's handler back

@@ -137,20 +137,22 @@ def test_an_error_on_some_ranks_stops_every_rank_with_a_clear_error(tmp_path):
     errors = {name: [rank[name]["error"] for rank in ranks] for name in ranks[0]}
     assert errors == {
         "none fails": [None, None],
-        "rank 1 fails before an inner block": ["PeerFailure: rank 1 failed (its error is above); rank 0 stops too, "
-                                               "while inner", "ValueError: rank 1's own error"],
+        "rank 1 fails before an inner block": ["PeerFailure: rank 1 failed (its own error line names what failed); "
+                                               "rank 0, which was inner, stops too", "ValueError: rank 1's own error"],
         "rank 0 fails inside an inner block": ["ValueError: rank 0's own error", "PeerFailure: rank 0 failed (its "
-                                               "error is above); rank 1 stops too, while inner"],
+                                               "own error line names what failed); rank 1, which was inner, stops too"],
         "both fail": ["ValueError: rank 0's own error", "ValueError: rank 1's own error"],
         "an agreed error raised again as another": ["RuntimeError: wrapped", "ValueError: rank 1's own error"],
         "a clean-up block after an agreed error fails on the other rank": [
-            "PeerFailure: rank 1 failed (its error is above); rank 0 stops too, while clean-up",
+            "PeerFailure: rank 1 failed (its own error line names what failed); rank 0, which was clean-up, stops "
+            "too",
             "OSError: rank 1's clean-up error"],
-        "a checkpoint save fails on rank 1": ["PeerFailure: rank 1 failed (its error is above); rank 0 stops too, "
-                                              "while saving checkpoint step_00000001",
+        "a checkpoint save fails on rank 1": ["PeerFailure: rank 1 failed (its own error line names what failed); "
+                                              "rank 0, which was saving checkpoint step_00000001, stops too",
                                               "TypeError: Object of type object is not JSON serializable"],
         "an evaluation image only rank 1 reads is unreadable": [
-            "PeerFailure: rank 1 failed (its error is above); rank 0 stops too, while embedding images",
+            "PeerFailure: rank 1 failed (its own error line names what failed); rank 0, which was embedding "
+            "images, stops too",
             f"OpenAlignError: cannot read evaluation image '{tmp_path / 'images1' / '1.png'}': cannot identify "
             f"image file '{tmp_path / 'images1' / '1.png'}'"],
     }
@@ -167,7 +169,8 @@ def test_a_check_that_fails_on_rank_0_only_stops_the_trainer_on_every_rank_clean
     output = " ".join((result.stdout + result.stderr).split())  # the console wraps lines
     assert result.returncode != 0
     assert "already holds a shapes dataset" in output
-    assert "error: rank 0 failed (its error is above); rank 1 stops too, while generating the shapes dataset" in output
+    assert ("error: rank 0 failed (its own error line names what failed); rank 1, which was generating the shapes "
+            "dataset, stops too") in output
     assert "[rank1]: Traceback" not in output and "Connection closed" not in output
 
 

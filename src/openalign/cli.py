@@ -6,8 +6,10 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -714,6 +716,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .eval.cache import CACHE_ENV
 
         os.environ[CACHE_ENV] = args.cache_dir
+    previous = _stop_on_sigterm()
     try:
         args.func(args)
         shutdown()  # after a success only: after an error a peer may still be inside a collective
@@ -738,10 +741,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = f"{given + ': ' if given else ''}{error.strerror or error}{where}"
         console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
         return 2
+    except Terminated:
+        console.print("[yellow]terminated[/] (SIGTERM): --resume latest continues from the last checkpoint")
+        return 143
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread as Ctrl-C's KeyboardInterrupt is, so that the same clean-up
+    runs (loader workers stopped, the run's lock released, no agreement asked of other ranks)."""
+
+
+def _stop_on_sigterm() -> Any:
+    """Make SIGTERM raise :class:`Terminated` (Python's default ends the process without a word or
+    any clean-up); returns the handler it replaced, or None off the main thread (no handler there)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    return signal.signal(signal.SIGTERM, stop)
 
 
 if __name__ == "__main__":

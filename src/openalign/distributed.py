@@ -202,9 +202,9 @@ def fail_together(what: str) -> Iterator[None]:
         raise
     if failed := _failed_ranks(failed=False):
         # the failed rank may have failed before this block, in its enclosing one: name no step for it
-        which = f"rank {failed[0]} failed (its error is above)" if len(failed) == 1 else \
-            f"ranks {', '.join(map(str, failed))} failed (their errors are above)"
-        error = PeerFailure(f"{which}; rank {rank} stops too, while {what}")
+        which = f"rank {failed[0]} failed (its own error line names what failed)" if len(failed) == 1 else \
+            f"ranks {', '.join(map(str, failed))} failed (their own error lines name what failed)"
+        error = PeerFailure(f"{which}; rank {rank}, which was {what}, stops too")
         _mark_agreed(error)
         raise error
 

@@ -357,7 +357,8 @@ def _check_virtual_batch(model: nn.Module, micro_batch: int, world_size: int) ->
     sizes = {m.virtual_batch_size for m in model.modules() if isinstance(m, GhostBatchNorm2d) and m.virtual_batch_size}
     for size in sizes:
         if micro_batch % size:
-            raise ConfigError(f"gives {micro_batch} examples per device and micro-batch ({world_size} ranks), which "
+            raise ConfigError(f"gives {micro_batch} examples per device and micro-batch ({world_size} rank"
+                              f"{'s' if world_size > 1 else ''}), which "
                               f"is not a multiple of the ghost batch norm's virtual_batch_size={size}: change "
                               "train.batch_size, train.accum_steps or model.image.virtual_batch_size",
                               "train.batch_size")
