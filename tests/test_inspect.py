@@ -167,7 +167,7 @@ def test_convert_skips_and_counts_an_unreadable_image_and_keeps_shards_full(tmp_
         assert tar.extractfile("000000000.taken.json").read() == b'"2024-05-01 12:30:00"'  # a timestamp as text
         assert json.loads(tar.extractfile("000000001.json").read())["table_row"].endswith("pairs.parquet data row 3")
     assert "skipped 2 of 5 rows whose image cannot be read" in caplog.text
-    assert "pairs.parquet data row 2 (broken.jpg): not an image PIL can read" in caplog.text
+    assert "pairs.parquet data row 2 (broken.jpg): undecodable image: UnidentifiedImageError" in caplog.text
     assert "data row 4 (cut.png)" in caplog.text
     # a file the file system will not read (/proc/self/mem: an I/O error) is one skipped row, not the job's end;
     # rows of image bytes are named by their row in the table, counted before rows without a caption are dropped
@@ -176,7 +176,7 @@ def test_convert_skips_and_counts_an_unreadable_image_and_keeps_shards_full(tmp_
     pq.write_table(pa.table({"image": [image, image, b"corrupt", image], "caption": [" ", "one", "two", "three"]}),
                    tmp_path / "bytes.parquet")
     (tmp_path / "io.csv").write_text("image,caption\na.png,fine\n/proc/self/mem,unreadable\n")
-    for name, expected in (("bytes.parquet", "bytes.parquet data row 3 (image bytes): not an image PIL can read"),
+    for name, expected in (("bytes.parquet", "bytes.parquet data row 3 (image bytes): undecodable image"),
                            ("io.csv", "io.csv data row 2: Input/output error")):
         assert convert_table(TableSourceConfig(path=str(tmp_path / name)), tmp_path / f"out_{name}",
                              show_progress=False) == {"00000.tar": 2 if name == "bytes.parquet" else 1}
@@ -184,6 +184,27 @@ def test_convert_skips_and_counts_an_unreadable_image_and_keeps_shards_full(tmp_
     (tmp_path / "none.csv").write_text("image,caption\nbroken.jpg,a picture\n")
     with pytest.raises(OpenAlignError, match="none of the 1 rows of the table has an image that can be read"):
         convert_table(TableSourceConfig(path=str(tmp_path / "none.csv")), tmp_path / "none", show_progress=False)
+
+
+def test_convert_skips_a_decompression_bomb_as_training_does_and_warns_of_images_a_stream_would_skip(
+        tmp_path, caplog, monkeypatch):
+    """The webdataset source skips images over PIL's MAX_IMAGE_PIXELS and under min_image_side (10
+    px): convert leaves out the first (named as a bomb, not as unreadable), and writes the second
+    (a table source trains on it) with a warning."""
+    from openalign.data import TableSourceConfig
+    from openalign.data.convert import convert_table
+
+    Image.new("RGB", (40, 40)).save(tmp_path / "bomb.png")
+    Image.new("RGB", (20, 20)).save(tmp_path / "fine.png")
+    Image.new("RGB", (4, 30)).save(tmp_path / "thin.png")
+    (tmp_path / "pairs.csv").write_text("image,caption\nbomb.png,one\nfine.png,two\nthin.png,three\n")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 40x40 is over it, 20x20 is not
+    with caplog.at_level("WARNING"):
+        assert convert_table(TableSourceConfig(path=str(tmp_path / "pairs.csv")), tmp_path / "shards",
+                             show_progress=False) == {"00000.tar": 2}
+    assert "data row 1 (bomb.png): image too large (decompression bomb)" in caplog.text
+    assert ("wrote 1 image(s) whose shorter side is under 10 px, which the webdataset source skips unless its "
+            "min_image_side is lowered: ") in caplog.text and "data row 3 (thin.png, 4 px)" in caplog.text
 
 
 def test_a_csv_quote_left_open_is_an_error_naming_its_row_and_multi_line_captions_are_logged(tmp_path, caplog):

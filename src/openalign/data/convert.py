@@ -29,11 +29,11 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
 
 from ..errors import OpenAlignError
 from ..progress import progress_bar
-from .sources import TableSourceConfig
+from .quality import UNDECODABLE_IMAGE, SkipSample, open_image
+from .sources import StreamOptions, TableSourceConfig
 from .transforms import to_rgb
 
 log = logging.getLogger(__name__)
@@ -57,19 +57,21 @@ def convert_table(table: TableSourceConfig, out: str | Path, samples_per_shard: 
     rows = table.located_rows()
     writer = _ShardWriter(out, samples_per_shard)
     unreadable: list[str] = []
+    small: list[str] = []  # readable, under the webdataset source's default min_image_side
     try:
         with progress_bar("writing shards", len(rows), enabled=show_progress) as advance:
             for origin, (image, caption, extra) in rows:
+                name = image.name if isinstance(image, Path) else "image bytes"
                 try:
-                    members = _sample_members(image, caption, extra, origin)
+                    members, side = _sample_members(image, caption, extra, origin)
                 except OSError as error:  # permissions, an I/O error: this row's, not the job's
                     unreadable.append(f"{origin}: {error.strerror or error}")
+                except SkipSample as skip:  # the reason training would give: undecodable, a decompression bomb
+                    unreadable.append(f"{origin} ({name}): {skip}")
                 else:
-                    if members is not None:
-                        writer.add(f"{writer.written:09d}", members)
-                    else:
-                        name = image.name if isinstance(image, Path) else "image bytes"
-                        unreadable.append(f"{origin} ({name}): not an image PIL can read")
+                    writer.add(f"{writer.written:09d}", members)
+                    if side < StreamOptions.min_image_side:
+                        small.append(f"{origin} ({name}, {side} px)")
                 advance()
         writer.close()
     finally:
@@ -77,6 +79,10 @@ def convert_table(table: TableSourceConfig, out: str | Path, samples_per_shard: 
     if unreadable:
         log.warning("skipped %d of %d rows whose image cannot be read: %s%s", len(unreadable), len(rows),
                     "; ".join(unreadable[:5]), " ..." if len(unreadable) > 5 else "")
+    if small:  # written (a table source trains on them), but a webdataset source skips them by default
+        log.warning("wrote %d image(s) whose shorter side is under %d px, which the webdataset source skips unless "
+                    "its min_image_side is lowered: %s%s", len(small), StreamOptions.min_image_side,
+                    "; ".join(small[:5]), " ..." if len(small) > 5 else "")
     if not writer.sizes:
         raise OpenAlignError(f"none of the {len(rows)} rows of the table has an image that can be read (first: "
                              f"{'; '.join(unreadable[:3])}): no shard written; check image_column and image_root")
@@ -127,19 +133,18 @@ class _ShardWriter:
             (self.out / f".{self.name}.tmp").unlink(missing_ok=True)
 
 
-def _sample_members(image: Path | bytes, caption: str, extra: dict[str, Any], origin: str) -> dict[str, bytes] | None:
-    """A sample's members by suffix, or None when PIL cannot read its image; ``origin``, its table
-    row, goes in its JSON (and its image file, if it has one). Raises OSError when the file cannot be read."""
-    converted = _member_image(image.read_bytes() if isinstance(image, Path) else image)
-    if converted is None:
-        return None
-    extension, data = converted
+def _sample_members(image: Path | bytes, caption: str, extra: dict[str, Any], origin: str
+                    ) -> tuple[dict[str, bytes], int]:
+    """A sample's members by suffix, and its image's shorter side; ``origin``, its table row, goes
+    in its JSON (and its image file, if it has one). Raises OSError when the file cannot be read,
+    :class:`SkipSample` when its image cannot be used (as training would skip it)."""
+    extension, data, side = _member_image(image.read_bytes() if isinstance(image, Path) else image)
     source: dict[str, Any] = {"caption": caption, **extra, "table_row": origin}
     if isinstance(image, Path):
         source["source"] = str(image)
     return {extension: data, "txt": caption.encode(), **dict(_extra_member(name, value) for name, value in
                                                             extra.items()),
-            "json": json.dumps(source, default=str).encode()}
+            "json": json.dumps(source, default=str).encode()}, side
 
 
 def _extra_member(name: str, value: Any) -> tuple[str, bytes]:
@@ -153,19 +158,20 @@ def _extra_member(name: str, value: Any) -> tuple[str, bytes]:
     return f"{name}.json", json.dumps(value, default=str).encode()
 
 
-def _member_image(data: bytes) -> tuple[str, bytes] | None:
-    """The image member's extension and bytes, by the bytes' format (not the file name): JPEG
-    (MPO, a camera's JPEG with extra frames, included), PNG and WebP as they are, which the
-    training source reads; other formats (BMP, TIFF, GIF...) re-encoded losslessly as PNG.
-    None when PIL cannot read the bytes."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            kind = (image.format or "").lower()
+def _member_image(data: bytes) -> tuple[str, bytes, int]:
+    """The image member's extension and bytes, by the bytes' format (not the file name), and the
+    image's shorter side: JPEG (MPO, a camera's JPEG with extra frames, included), PNG and WebP as
+    they are, which the training source reads; other formats (BMP, TIFF, GIF...) re-encoded
+    losslessly as PNG. Raises :class:`SkipSample` for bytes training could not use: not an image,
+    a decompression bomb (over PIL's ``MAX_IMAGE_PIXELS``), truncated or corrupt image data."""
+    with open_image(data) as image:
+        kind = (image.format or "").lower()
+        try:
             image.load()  # decoded whole: a truncated file opens, and training would skip it
-            if kind in ("jpeg", "mpo", "png", "webp"):
-                return {"jpeg": "jpg", "mpo": "jpg"}.get(kind, kind), data
-            converted = io.BytesIO()
-            (image if image.mode in _PNG_MODES else to_rgb(image)).save(converted, format="PNG")
-            return "png", converted.getvalue()
-    except Exception:  # noqa: BLE001 - any unreadable bytes
-        return None
+        except Exception as error:  # noqa: BLE001 - any undecodable image data
+            raise SkipSample(UNDECODABLE_IMAGE, f"{type(error).__name__}: {error}") from None
+        if kind in ("jpeg", "mpo", "png", "webp"):
+            return {"jpeg": "jpg", "mpo": "jpg"}.get(kind, kind), data, min(image.size)
+        converted = io.BytesIO()
+        (image if image.mode in _PNG_MODES else to_rgb(image)).save(converted, format="PNG")
+        return "png", converted.getvalue(), min(image.size)
