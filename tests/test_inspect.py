@@ -55,9 +55,11 @@ def test_inspect_counts_every_kind_of_bad_sample_and_reports_truncated_shards(tm
     assert "9 samples, 3 usable" in capsys.readouterr().out
     assert main(["data", "inspect", str(tmp_path / "missing.tar")]) == 2
     (tmp_path / "zeros.tar").write_bytes(bytes(10240))  # a valid, empty archive: said to be one
-    assert main(["data", "inspect", str(tmp_path / "zeros.tar")]) == 0
-    out = " ".join(capsys.readouterr().out.split())
+    assert main(["data", "inspect", str(tmp_path / "zeros.tar")]) == 2  # printed, then an exit status a script sees
+    printed = capsys.readouterr()
+    out = " ".join(printed.out.split())
     assert "1 shard(s) without a sample:" in out and "zeros.tar" in out and "caption characters: none" in out
+    assert f"error: no usable sample in {tmp_path / 'zeros.tar'}: training would skip every one" in printed.err
 
 
 def test_inspect_skips_what_training_skips_repeated_fields_and_upper_case_keys(tmp_path, capsys):

@@ -225,6 +225,9 @@ def _cmd_data_inspect(args: argparse.Namespace) -> None:
     summary = inspect_shards(args.shards, args.text_key, show_progress=not args.json,
                              min_image_side=args.min_image_side)
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    if not summary["usable"]:  # a script's check before a long job: training would stop on these shards
+        raise OpenAlignError(f"no usable sample in {' '.join(args.shards)}: training would skip every one "
+                             "(the reasons are above)")
 
 
 def _cmd_data_convert(args: argparse.Namespace) -> None:
