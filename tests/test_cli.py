@@ -266,3 +266,15 @@ def test_sigterm_stops_a_command_as_ctrl_c_does_and_says_so(monkeypatch, capsys)
     assert main(["models"]) == 143
     assert cleaned == [True] and "terminated (SIGTERM): --resume latest continues" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) is before  # the caller's handler back
+
+
+def test_a_warning_every_rank_makes_alike_is_shown_once(tmp_path):
+    """torchrun: 'train.steps changed ...' came once per rank; rank 1 now leaves it to rank 0, and
+    still shows its own warnings."""
+    script = ("import logging; from openalign.cli import _setup_logging; from openalign.distributed import "
+              "RANK_ZERO_ONLY; _setup_logging(False); log = logging.getLogger('openalign'); "
+              "log.warning('alike on every rank', extra=RANK_ZERO_ONLY); log.warning('this rank only')")
+    for rank, shown in (("0", ["alike on every rank", "this rank only"]), ("1", ["[rank 1] this rank only"])):
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                                env={**os.environ, "RANK": rank, "COLUMNS": "200"})
+        assert [line.split("WARNING")[1].strip() for line in result.stderr.splitlines() if "WARNING" in line] == shown

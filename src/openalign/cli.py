@@ -650,6 +650,8 @@ def _setup_logging(verbose: bool) -> None:
     rank = int(os.environ.get("RANK", "0"))
     level = logging.DEBUG if verbose else logging.INFO if rank == 0 else logging.WARNING
     handler = RichHandler(console=console, show_path=False, log_time_format="[%X]")
+    if rank:  # a warning every rank makes alike is shown once, by rank 0
+        handler.addFilter(lambda record: not getattr(record, "rank_zero_only", False))
     logging.basicConfig(level=level, format=f"{'' if rank == 0 else f'[rank {rank}] '}%(message)s", handlers=[handler])
     for noisy in ("httpx", "urllib3", "huggingface_hub", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

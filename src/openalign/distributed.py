@@ -170,6 +170,11 @@ _AGREED = "_openalign_agreement"  # on an error every rank knows of: the number 
 _latest_agreement = 0  # this process's agreements on failures, numbered in order: the latest
 
 
+# ``extra`` of a log record that every rank makes alike (a setting changed on resume): the command line
+# shows it once, rank 0's, not once per rank
+RANK_ZERO_ONLY = {"rank_zero_only": True}
+
+
 @contextmanager
 def fail_together(what: str) -> Iterator[None]:
     """Run a block that every rank runs and, when it raises on some ranks, raise on all of them.

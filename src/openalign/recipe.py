@@ -16,6 +16,7 @@ from typing import Literal
 
 from .config import apply_overrides, from_dict, load_yaml, parse_override, require_at_least
 from .data import SourceConfig
+from .distributed import RANK_ZERO_ONLY
 from .errors import ConfigError
 from .precision import Precision
 from .eval.tasks import EvalTaskConfig
@@ -187,7 +188,7 @@ def recipe_from_dict(raw: dict, overrides: list[str] | tuple[str, ...] = ()) -> 
         if keys == ["model", "name"] and isinstance(model, dict) and "architecture" in model:
             if dropped := [earlier for earlier in overrides[:number] if earlier.startswith("model.")]:
                 log.warning("%s replaces the recipe's resolved model, and with it the earlier override(s) %s: give "
-                            "them after it", text, ", ".join(dropped))
+                            "them after it", text, ", ".join(dropped), extra=RANK_ZERO_ONLY)
             raw = {**raw, "model": {"name": value}}
         else:
             raw = _model_as_mapping(apply_overrides(raw, [text], overridden))

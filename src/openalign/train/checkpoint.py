@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..config import SAVED_END, cut_short, dump_saved
-from ..distributed import DistributedContext, fail_together
+from ..distributed import RANK_ZERO_ONLY, DistributedContext, fail_together
 from ..errors import OpenAlignError
 from ..files import read_json, read_safetensors, read_torch_file
 from ..models import ModelConfig
@@ -195,7 +195,7 @@ class Checkpointer:
             if incomplete:
                 log.warning("--resume latest passes over %s in %s: no %s in it (incomplete: damaged, or left by an "
                             "interrupted prune); delete it to free its space", ", ".join(incomplete), self.directory,
-                            STATE_FILE)
+                            STATE_FILE, extra=RANK_ZERO_ONLY)
             return found[-1] if found else None
         path = Path(spec)
         if (path / STATE_FILE).is_file():
@@ -237,7 +237,7 @@ class Checkpointer:
         else:
             log.warning("checkpoint %s was written by %d rank(s), now %d: the dropout RNG starts afresh, and so does "
                         "a streamed source's order (a map-style source keeps its order); skip counts carry over",
-                        path, state["world_size"], self.ctx.world_size)
+                        path, state["world_size"], self.ctx.world_size, extra=RANK_ZERO_ONLY)
         log.info("resumed from %s at step %d", path, step)
         self.resumed_from = path
         return step
@@ -292,7 +292,7 @@ def check_resumable(saved: dict[str, Any], current: dict[str, Any], path: Path) 
     old, new = _flatten(saved), _flatten(current)
     if added := sorted(key for key in new.keys() - old.keys() if not key.startswith(RESUMABLE_CHANGES)):
         log.warning("checkpoint '%s' predates the setting(s) %s: the resumed run uses %s", path, ", ".join(added),
-                    ", ".join(f"{key}={new[key]!r}" for key in added))
+                    ", ".join(f"{key}={new[key]!r}" for key in added), extra=RANK_ZERO_ONLY)
     changed = sorted(key for key in old.keys() | new.keys()
                      if key in old and old.get(key) != new.get(key) and not key.startswith(RESUMABLE_CHANGES)
                      and key != "train.steps")
@@ -303,7 +303,8 @@ def check_resumable(saved: dict[str, Any], current: dict[str, Any], path: Path) 
                              "start a new run (another run.output_dir) initialised from these weights.")
     if old.get("train.steps") != new.get("train.steps"):
         log.warning("train.steps changed from %s to %s: the learning-rate schedule continues on the new length, so "
-                    "the run differs from one that used it from the start", old.get("train.steps"), new.get("train.steps"))
+                    "the run differs from one that used it from the start", old.get("train.steps"),
+                    new.get("train.steps"), extra=RANK_ZERO_ONLY)
 
 
 def _read_recipe(path: Path) -> dict[str, Any]:
