@@ -91,6 +91,13 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping's leaves by dotted key: ``{"train": {"lr": 1}}`` → ``{"train.lr": 1}``."""
+    if isinstance(tree, dict):
+        return {key: value for name, child in tree.items() for key, value in flatten(child, f"{prefix}{name}.").items()}
+    return {prefix[:-1]: tree}
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 

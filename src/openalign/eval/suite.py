@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..config import from_dict, load_yaml, to_dict
+from ..config import flatten, from_dict, load_yaml, to_dict
 from ..distributed import world_info
 from ..errors import OpenAlignError
 from ..files import read_json, replaceable
@@ -279,15 +279,7 @@ def _told_apart(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _described(record: dict[str, Any]) -> dict[str, Any]:
     """A record's settings, flattened to dotted keys, and the folder name of the weights it read."""
-    flat: dict[str, Any] = {}
-    pending = [("", record.get("settings") or {})]
-    while pending:
-        prefix, settings = pending.pop()
-        for name, value in settings.items():
-            if isinstance(value, dict):
-                pending.append((f"{prefix}{name}.", value))
-            else:
-                flat[f"{prefix}{name}"] = value
+    flat = flatten(record.get("settings") or {})
     if record.get("weights"):
         flat["weights"] = Path(record["weights"]).name
     return flat

@@ -24,7 +24,7 @@ import yaml
 from safetensors.torch import save_file
 from torch import nn
 
-from ..config import SAVED_END, cut_short, dump_saved
+from ..config import SAVED_END, cut_short, dump_saved, flatten
 from ..distributed import RANK_ZERO_ONLY, DistributedContext, fail_together
 from ..errors import OpenAlignError
 from ..files import read_json, read_safetensors, read_torch_file
@@ -276,12 +276,6 @@ RESUMABLE_CHANGES = ("train.device", "train.compile", "train.accum_steps", "trai
                      "data.num_workers", "run.", "eval.")
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        return {key: value for name, child in tree.items() for key, value in _flatten(child, f"{prefix}{name}.").items()}
-    return {prefix[:-1]: tree}
-
-
 def check_resumable(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
     """Refuse to resume ``saved`` (a checkpoint's recipe) with a ``current`` recipe that differs in
     the model, loss, data or optimisation: the optimiser state would silently override a new
@@ -289,7 +283,7 @@ def check_resumable(saved: dict[str, Any], current: dict[str, Any], path: Path) 
     ``train.steps`` may change (to extend a run) with a warning: the schedule is then stretched.
     A setting the checkpoint's recipe lacks (added to openalign since it was written, such as
     ``model.min_logit_scale``) takes the current recipe's value, with a warning."""
-    old, new = _flatten(saved), _flatten(current)
+    old, new = flatten(saved), flatten(current)
     if added := sorted(key for key in new.keys() - old.keys() if not key.startswith(RESUMABLE_CHANGES)):
         log.warning("checkpoint '%s' predates the setting(s) %s: the resumed run uses %s", path, ", ".join(added),
                     ", ".join(f"{key}={new[key]!r}" for key in added), extra=RANK_ZERO_ONLY)
