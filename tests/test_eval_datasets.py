@@ -241,6 +241,13 @@ def test_records_name_the_checkpoint_read_and_the_report_tells_apart_what_differ
         assert f"| {shown} |" in markdown, shown
     assert main([*knn, "--temperature", "0"]) == 2
     assert "error: --temperature must be positive" in capsys.readouterr().err
+    # a suite task without a name records its dataset as the command does, so that both share a report row
+    suite = {"examples": False, "tasks": [{"task": "knn", "train_root": str(folders / "train"),
+                                           "val_root": str(folders / "val")}]}
+    (tmp_path / "suite.yaml").write_text(json.dumps(suite))
+    assert main(["eval", "suite", str(tmp_path / "suite.yaml"), "--model", str(run), "--out", str(tmp_path / "s")]) == 0
+    record = json.loads((tmp_path / "s" / "00-knn.json").read_text())
+    assert record["dataset"] == dataset and record["weights"].endswith("step_3")
 
 
 def test_a_byte_order_mark_is_no_part_of_a_class_name_a_template_or_a_json(tmp_path):

@@ -67,53 +67,41 @@ _EVAL_OPTIONS = {"train_root": "--train", "val_root": "--val", "sweep_root": "--
                  "templates": "--template"}
 
 
-def _eval_task(args: argparse.Namespace) -> tuple[Any, str]:
-    """The task an ``openalign eval TASK`` command runs, and the dataset its record names."""
+def _eval_task(args: argparse.Namespace) -> Any:
+    """The task an ``openalign eval TASK`` command runs."""
     from .eval import (ClipBenchmarkProbeEvalConfig, FewShotEvalConfig, KnnEvalConfig, LinearProbeEvalConfig,
                        RetrievalEvalConfig, SentencePairEvalConfig, ShapesEvalConfig, ZeroShotEvalConfig)
-    from .eval.clip_benchmark_wds import is_clip_benchmark_wds
 
     if args.task == "shapes":
         from .demo import trained_shapes_root
 
-        task, dataset = ShapesEvalConfig(root=args.root or trained_shapes_root(args.model) or DEMO_DATA), "shapes"
-    elif args.task == "retrieval":
-        task, dataset = RetrievalEvalConfig(json=args.json, split=args.split, image_root=args.image_root), \
-            Path(args.json).stem.removeprefix("dataset_")
-    elif args.task == "zeroshot":
+        return ShapesEvalConfig(root=args.root or trained_shapes_root(args.model) or DEMO_DATA)
+    if args.task == "retrieval":
+        return RetrievalEvalConfig(json=args.json, split=args.split, image_root=args.image_root)
+    if args.task == "zeroshot":
         templates = {"templates": tuple(args.template)} if args.template else {}
-        task = ZeroShotEvalConfig(root=args.root, classnames=args.classnames, templates_file=args.templates_file,
+        return ZeroShotEvalConfig(root=args.root, classnames=args.classnames, templates_file=args.templates_file,
                                   split=args.split, canonicalize=args.canonicalize, **templates)
-        root = Path(args.root).resolve()  # a webdataset is named by its own folder, a split folder by its parent
-        dataset = root.name if is_clip_benchmark_wds(root) else root.parent.name or root.name
-    elif args.task == "knn":
-        task = KnnEvalConfig(train_root=args.train, val_root=args.val, k=args.k, temperature=args.temperature)
-        dataset = Path(args.val).resolve().parent.name
-    elif args.task == "fewshot":
-        task, dataset = FewShotEvalConfig(train_root=args.train, val_root=args.val, shots=args.shots), \
-            Path(args.val).resolve().parent.name
-    elif args.task == "sentence_pairs":
-        task = SentencePairEvalConfig(train=args.train, val=args.val, epochs=args.epochs, lr=args.lr,
+    if args.task == "knn":
+        return KnnEvalConfig(train_root=args.train, val_root=args.val, k=args.k, temperature=args.temperature)
+    if args.task == "fewshot":
+        return FewShotEvalConfig(train_root=args.train, val_root=args.val, shots=args.shots)
+    if args.task == "sentence_pairs":
+        return SentencePairEvalConfig(train=args.train, val=args.val, epochs=args.epochs, lr=args.lr,
                                       head_lr=args.head_lr, seed=args.seed)
-        dataset = Path(args.val).resolve().parent.name  # GLUE's layout: <task>/dev.tsv
-    elif args.task == "clip_benchmark_probe":
-        task = ClipBenchmarkProbeEvalConfig(train_root=args.train, val_root=args.val, sweep_root=args.sweep,
+    if args.task == "clip_benchmark_probe":
+        return ClipBenchmarkProbeEvalConfig(train_root=args.train, val_root=args.val, sweep_root=args.sweep,
                                             sweep_proportion=args.sweep_proportion, fewshot_k=args.fewshot_k,
                                             lr=args.lr, epochs=args.epochs, batch_size=args.probe_batch_size,
                                             seed=args.seed)
-        dataset = Path(args.val).resolve().parent.name
-    else:
-        task, dataset = LinearProbeEvalConfig(train_root=args.train, val_root=args.val, c=args.c,
-                                              standardize=args.standardize), \
-            Path(args.val).resolve().parent.name
-    return task, dataset
+    return LinearProbeEvalConfig(train_root=args.train, val_root=args.val, c=args.c, standardize=args.standardize)
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
     from .eval.suite import is_record_file, make_record
 
     try:
-        task, dataset = _eval_task(args)
+        task = _eval_task(args)
     except ConfigError as error:  # named as the option that set it
         option = _EVAL_OPTIONS.get(error.key or "", f"--{(error.key or '').replace('_', '-')}")
         raise OpenAlignError(f"{option} {error.message}") from None
@@ -122,7 +110,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     model, _, _ = _inference_model(args, optimize=not task.fine_tunes)
     with precision_scope(args.precision):
         metrics = task.run(model, next(model.parameters()).device, args.batch_size)
-    record = make_record(dataset, model.config.name, str(args.model), args.task, metrics, task,
+    record = make_record(task.dataset, model.config.name, str(args.model), args.task, metrics, task,
                          getattr(model, "weights_path", None))
     print(json.dumps(record, indent=2))
     if output:

@@ -117,8 +117,9 @@ def run_suite(suite: SuiteConfig, model: nn.Module, pretrained: str, output_dir:
         for name, task in zip(names, suite.tasks):
             log.info("suite task %s (%s)", name, task.name)
             metrics = task.run(model, device, suite.batch_size, show_progress)
-            record = make_record(name, model.config.name, pretrained, task.name, metrics, task,
-                                 getattr(model, "weights_path", None))
+            # the dataset as its name in the suite, else as the data names it (as the eval commands do)
+            record = make_record(name if suite.names else task.dataset, model.config.name, pretrained, task.name,
+                                 metrics, task, getattr(model, "weights_path", None))
             (output_dir / f"{name}.json").write_text(json.dumps(record, indent=2))
             records.append(record)
             if suite.examples:

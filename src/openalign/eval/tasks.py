@@ -15,6 +15,7 @@ from torch import nn
 from ..config import Variants, require_at_least
 from ..data.transforms import PreprocessConfig
 from ..errors import ConfigError, OpenAlignError
+from .clip_benchmark_wds import is_clip_benchmark_wds
 from .datasets import (class_folders, evaluate_clip_benchmark_probe, evaluate_fewshot, evaluate_knn,
                        evaluate_linear_probe, evaluate_retrieval, evaluate_zeroshot, read_lines_or_json,
                        retrieval_items, zeroshot_inputs)
@@ -68,6 +69,15 @@ class EvalTaskConfig(Variants):
     @property
     def name(self) -> str:
         return str(self.tag)
+
+    @property
+    def dataset(self) -> str:
+        """The dataset a result record names, from the data's path: the folder holding the
+        evaluation split (``imagenet`` for ``data/imagenet/val``), by default."""
+        for key in ("val_root", "val"):
+            if isinstance(value := getattr(self, key, None), str):
+                return Path(value).resolve().parent.name
+        return self.name
 
     def transform(self, model: nn.Module) -> Transform | None:
         """The task's image preprocessing; None for the model's own."""
@@ -160,6 +170,10 @@ class ShapesEvalConfig(EvalTaskConfig, tag="shapes"):
             raise OpenAlignError("root is not set: name the shapes dataset to evaluate")
         return self.root
 
+    @property
+    def dataset(self) -> str:
+        return "shapes"
+
     def run(self, model: nn.Module, device: torch.device, batch_size: int, show_progress: bool = True) -> dict[str, float]:
         return evaluate_shapes(model, self._root(), device, batch_size, self.knn_memory_size, show_progress)
 
@@ -177,6 +191,11 @@ class RetrievalEvalConfig(EvalTaskConfig, tag="retrieval"):
     split: str = "test"
     image_root: str | None = None
     caption_prefix: str = ""
+
+    @property
+    def dataset(self) -> str:
+        """``flickr30k`` for ``dataset_flickr30k.json``; a CLIP_benchmark webdataset by its folder."""
+        return Path(self.json).stem.removeprefix("dataset_")
 
     def check_data(self) -> None:
         retrieval_items(self.json, self.split, self.image_root)
@@ -211,6 +230,12 @@ class ZeroShotEvalConfig(EvalTaskConfig, tag="zeroshot"):
     templates_file: str | None = None
     split: str = "test"
     canonicalize: bool = False
+
+    @property
+    def dataset(self) -> str:
+        """A CLIP_benchmark webdataset by its own folder, a split's class folders by their parent's."""
+        root = Path(self.root).resolve()
+        return root.name if is_clip_benchmark_wds(root) else root.parent.name or root.name
 
     def check_data(self) -> None:
         zeroshot_inputs(self.root, self._templates(), read_lines_or_json(self.classnames, "class names"), self.split,
