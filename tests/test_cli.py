@@ -264,8 +264,19 @@ def test_sigterm_stops_a_command_as_ctrl_c_does_and_says_so(monkeypatch, capsys)
 
     monkeypatch.setattr("openalign.cli._cmd_models", preempted)
     assert main(["models"]) == 143
-    assert cleaned == [True] and "terminated (SIGTERM): --resume latest continues" in capsys.readouterr().err
+    assert cleaned == [True] and capsys.readouterr().err.strip() == "terminated (SIGTERM)"  # nothing to resume
     assert signal.getsignal(signal.SIGTERM) is before  # the caller's handler back
+
+    def preempted_while_unwinding(args):  # a loader worker's death reported by torch as the run unwinds
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        finally:
+            raise RuntimeError("DataLoader worker (pid 1) is killed by signal: Terminated.")
+
+    monkeypatch.setattr("openalign.cli._cmd_train", preempted_while_unwinding)
+    assert main(["train", "demo"]) == 143
+    assert "terminated (SIGTERM): --resume latest continues from the last checkpoint" in capsys.readouterr().err
 
 
 def test_a_warning_every_rank_makes_alike_is_shown_once(tmp_path):

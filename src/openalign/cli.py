@@ -63,8 +63,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 # the eval options whose names are not their task setting's
-_EVAL_OPTIONS = {"train_root": "--train", "val_root": "--val", "sweep_root": "--sweep", "batch_size": "--probe-batch-size",
-                 "templates": "--template"}
+_EVAL_OPTIONS = {"train_root": "--train", "val_root": "--val", "sweep_root": "--sweep",
+                 "batch_size": "--probe-batch-size", "templates": "--template"}
 
 
 def _eval_task(args: argparse.Namespace) -> Any:
@@ -83,7 +83,8 @@ def _eval_task(args: argparse.Namespace) -> Any:
         return ZeroShotEvalConfig(root=args.root, classnames=args.classnames, templates_file=args.templates_file,
                                   split=args.split, canonicalize=args.canonicalize, **templates)
     if args.task == "knn":
-        return KnnEvalConfig(train_root=args.train, val_root=args.val, k=args.k, temperature=args.temperature)
+        given = {"temperature": args.temperature} if args.temperature is not None else {}
+        return KnnEvalConfig(train_root=args.train, val_root=args.val, k=args.k, **given)
     if args.task == "fewshot":
         return FewShotEvalConfig(train_root=args.train, val_root=args.val, shots=args.shots)
     if args.task == "sentence_pairs":
@@ -214,8 +215,8 @@ def _cmd_data_inspect(args: argparse.Namespace) -> None:
                              min_image_side=args.min_image_side)
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
     if not summary["usable"]:  # a script's check before a long job: training would stop on these shards
-        raise OpenAlignError(f"no usable sample in {' '.join(args.shards)}: training would skip every one "
-                             "(the reasons are above)")
+        given = " ".join(args.shards) if len(args.shards) <= 3 else f"the {len(args.shards)} shard patterns given"
+        raise OpenAlignError(f"no usable sample in {given}: training would skip every one (the reasons are above)")
 
 
 def _cmd_data_convert(args: argparse.Namespace) -> None:
@@ -310,17 +311,14 @@ def _print_records(form: str, records: list[dict[str, Any]]) -> None:
     tab or line break in a path or label is written as an escape)."""
     if form == "jsonl":
         for record in records:
-            print(json.dumps(record, ensure_ascii=False))
+            print(json.dumps(record))  # ASCII: a file name's undecodable bytes (surrogates) included
         return
-    rows = []
-    for record in records:
-        row: dict[str, Any] = {}
-        for key, value in record.items():
-            row.update(value if isinstance(value, dict) else {key: value})
-        rows.append(row)
-    print("\t".join(_shown(key) for key in rows[0]))
-    for row in rows:
-        print("\t".join(f"{value:.6f}" if isinstance(value, float) else _shown(str(value)) for value in row.values()))
+    for number, record in enumerate(records):
+        cells = [(name, value) for key, value in record.items()
+                 for name, value in (value.items() if isinstance(value, dict) else [(key, value)])]
+        if number == 0:  # a label named 'image' is one more column, not the image's
+            print("\t".join(_shown(name) for name, _ in cells))
+        print("\t".join(f"{value:.6f}" if isinstance(value, float) else _shown(str(value)) for _, value in cells))
 
 
 def _shown(text: str) -> str:
@@ -445,8 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
     knn.add_argument("--train", required=True, help="e.g. imagenet/train")
     knn.add_argument("--val", required=True, help="e.g. imagenet/val")
     knn.add_argument("--k", type=_at_least(1), default=1, help="1: COYO-ALIGN's 1-NN; 20: weighted voting")
-    knn.add_argument("--temperature", type=float, default=0.07,
-                     help="the votes' weight exp(cosine / temperature) (default 0.07, DINO's)")
+    knn.add_argument("--temperature", type=float,
+                     help="the votes' weight exp(cosine / temperature) (default: the task's, 0.07 as DINO)")
     fewshot = tasks.add_parser("fewshot", help="CLIPPO's few-shot ridge probe on pre-projection image features")
     fewshot.add_argument("--train", required=True, help="class folders to sample the shots from")
     fewshot.add_argument("--val", required=True, help="class folders to score")
@@ -720,6 +718,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         console.print(f"[bold red]error:[/] {who}{escape(_message(error))}", highlight=False, soft_wrap=True)
         return 2
     except RuntimeError as error:
+        if Terminated.received:  # torch's complaint about a loader worker the same signal ended, say
+            return _terminated(args)
         if not _peer_stopped(error):
             raise
         # a rank's error outside a fail_together block (a data stream failing on it alone): its own error is the
@@ -735,32 +735,46 @@ def main(argv: Sequence[str] | None = None) -> int:
         console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
         return 2
     except Terminated:
-        console.print("[yellow]terminated[/] (SIGTERM): --resume latest continues from the last checkpoint")
-        return 143
+        return _terminated(args)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
         return 130
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        if previous is not _NOT_SET:  # None: a handler installed outside Python, which cannot be put back
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        Terminated.received = False
     return 0
 
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised in the main thread as Ctrl-C's KeyboardInterrupt is, so that the same clean-up
-    runs (loader workers stopped, the run's lock released, no agreement asked of other ranks)."""
+    runs (loader workers stopped, the run's lock released, no agreement asked of other ranks).
+    ``received``: whether one came, for an error raised while the command unwinds."""
+
+    received = False
+
+
+_NOT_SET = object()  # no handler was replaced (off the main thread)
 
 
 def _stop_on_sigterm() -> Any:
     """Make SIGTERM raise :class:`Terminated` (Python's default ends the process without a word or
-    any clean-up); returns the handler it replaced, or None off the main thread (no handler there)."""
+    any clean-up); returns the handler it replaced (None: one installed outside Python), or
+    ``_NOT_SET`` off the main thread, where no handler can be installed."""
     if threading.current_thread() is not threading.main_thread():
-        return None
+        return _NOT_SET
 
     def stop(signum: int, frame: Any) -> None:
+        Terminated.received = True
         raise Terminated()
 
     return signal.signal(signal.SIGTERM, stop)
+
+
+def _terminated(args: argparse.Namespace) -> int:
+    resume = ": --resume latest continues from the last checkpoint" if args.func is _cmd_train else ""
+    console.print(f"[yellow]terminated[/] (SIGTERM){resume}")
+    return 143
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -94,7 +95,7 @@ def build_loader(dataset: Dataset | IterableDataset, collate: Collate, batch_siz
     The loader draws its worker seeds from its own generator: drawing them from the global RNG
     when the iterator is created would shift the dropout stream of a resumed run.
     """
-    options: dict[str, Any] = {"num_workers": num_workers, "collate_fn": collate, "worker_init_fn": _fresh_counts,
+    options: dict[str, Any] = {"num_workers": num_workers, "collate_fn": collate, "worker_init_fn": _start_worker,
                                "pin_memory": torch.cuda.is_available(), "persistent_workers": num_workers > 0,
                                "generator": torch.Generator().manual_seed(seed * 1_000_003 + rank)}
     if num_workers > 0:
@@ -160,9 +161,12 @@ def _stack(values: list[torch.Tensor], in_worker: bool) -> torch.Tensor:
     return torch.stack(values, out=out)
 
 
-def _fresh_counts(worker_id: int) -> None:
-    """A worker counts its own skips: not those of the process it was forked from."""
+def _start_worker(worker_id: int) -> None:
+    """A worker counts its own skips, not those of the process it was forked from; and it ignores
+    SIGTERM, which torchrun and schedulers send to the whole process group: the main process stops
+    its workers as it unwinds (a worker killed under it made torch raise over the clean stop)."""
     COUNTS.clear()
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def move_to_device(batch: Any, device: torch.device, channels_last: bool = False) -> Any:
