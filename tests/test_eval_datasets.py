@@ -208,7 +208,8 @@ def test_eval_commands_write_clip_benchmark_records(model, folders, shapes_root,
     records = {task: json.loads((tmp_path / f"{task}.json").read_text()) for task in commands}
     assert "image_retrieval_recall@5" in records["retrieval"]["metrics"]
     assert records["retrieval"]["settings"]["split"] == "test"
-    assert records["knn"]["settings"].items() >= {"k": 20, "temperature": 0.07, "val_root": str(folders / "val")}.items()
+    knn_settings = {"k": 20, "temperature": 0.07, "val_root": str((folders / "val").resolve())}
+    assert records["knn"]["settings"].items() >= knn_settings.items()
     assert records["zeroshot"]["settings"]["templates"] == ["a {}", "a drawing of a {}"]
     assert main(["eval", "zeroshot", "--model", str(model_dir), "--root", str(tmp_path / "nowhere")]) == 2
     assert "expected class subfolders" in " ".join(capsys.readouterr().err.split())
@@ -250,6 +251,22 @@ def test_records_name_the_checkpoint_read_and_the_report_tells_apart_what_differ
     assert record["dataset"] == dataset and record["weights"].endswith("step_3")
 
 
+def test_report_labels_stay_short_and_a_record_without_settings_says_so(tmp_path):
+    from openalign.eval.suite import write_report
+
+    base = {"dataset": "in|1k", "model": "m", "pretrained": "p", "task": "zeroshot_classification", "language": "en",
+            "metrics": {"acc1": 0.5}}
+    eighty = [f"a photo number {i} of a {{}}." for i in range(80)]
+    records = [{**base, "settings": {"task": "zeroshot", "templates": eighty}},
+               {**base, "settings": {"task": "zeroshot", "templates": ["a {}"]}},
+               base]  # written before records carried settings
+    markdown, table = write_report(records, tmp_path / "report")
+    rows = [line for line in markdown.read_text().splitlines() if line.startswith("| m |")]
+    labels = sorted(row.split(" | ")[2] for row in rows)  # a '|' in a name escaped
+    assert labels == [r"in\|1k (settings not recorded)",
+                      r'in\|1k (templates=["a photo number 0 of a {}.", "a photo …)', r'in\|1k (templates=["a {}"])']
+
+
 def test_a_byte_order_mark_is_no_part_of_a_class_name_a_template_or_a_json(tmp_path):
     """An editor's UTF-8 byte-order mark would become part of the first class name ('\\ufeffboat'):
     for CLIPPO, which renders the prompt, a different class embedding."""
@@ -260,8 +277,11 @@ def test_a_byte_order_mark_is_no_part_of_a_class_name_a_template_or_a_json(tmp_p
     (tmp_path / "templates.json").write_text(f'{bom}["a {{}}.", "the {{}}."]', encoding="utf-8")
     assert read_lines_or_json(tmp_path / "names.txt", "class names") == ["boat", "car"]
     assert read_lines_or_json(tmp_path / "templates.json", "templates") == ["a {}.", "the {}."]
-    (tmp_path / "dataset_x.json").write_text(f'{bom}{{"images": []}}', encoding="utf-8")
-    assert read_json(tmp_path / "dataset_x.json") == {"images": []}
+    entry = {"filename": "names.txt", "split": "test", "sentences": [{"raw": "a line"}]}
+    (tmp_path / "dataset_x.json").write_text(bom + json.dumps({"images": [entry]}), encoding="utf-8")
+    assert read_json(tmp_path / "dataset_x.json") == {"images": [entry]}
+    # retrieval and the karpathy training source read it so
+    assert [item.captions for item in read_karpathy(tmp_path / "dataset_x.json", "test")] == [("a line",)]
 
 
 def test_evaluation_runs_at_the_precision_the_suite_or_the_command_line_asks(model, shapes_root, tmp_path,
@@ -744,7 +764,8 @@ def test_clip_benchmark_probe_task_embeds_only_the_rows_it_uses(model, folders, 
         capsys.readouterr().err.split())
     assert main(["eval", "clip_benchmark_probe", "--model", str(model_dir), "--train", str(folders / "train"),
                  "--val", str(folders / "val"), "--fewshot-k", "0"]) == 2
-    assert "error: --fewshot-k must be at least 1 (images per class), or -1" in " ".join(capsys.readouterr().err.split())
+    err = " ".join(capsys.readouterr().err.split())
+    assert "error: --fewshot-k must be at least 1 (images per class), or -1" in err
     with pytest.raises(SystemExit):  # one way to choose the weight decay at a time, as CLIP_benchmark
         main(["eval", "clip_benchmark_probe", "--model", "m", "--train", "a", "--val", "b", "--sweep", "c",
               "--sweep-proportion", "0.2"])

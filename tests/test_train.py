@@ -520,7 +520,7 @@ def test_resuming_with_fewer_ranks_carries_every_ranks_skip_counts(trained_run, 
     torch.save({**trainer_state, "world_size": 2}, checkpoint / "trainer_state.pt")
     result = train(load_recipe("demo", tiny_overrides(shapes_root, run, steps=5)), resume="latest", show_progress=False)
     assert result.data_counts.get("skipped/undecodable image") == 7
-    assert "was written by 2 rank(s), now 1: the dropout RNG starts afresh" in caplog.text
+    assert "was written by 2 ranks, now 1: the dropout RNG starts afresh" in caplog.text
 
 
 def test_a_fresh_run_refuses_an_output_dir_holding_checkpoints(trained_run, shapes_root, tiny_overrides):

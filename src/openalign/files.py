@@ -73,6 +73,17 @@ def not_a_file(path: str | Path) -> str:
     return "is a broken symbolic link" if path.is_symlink() else "does not exist"
 
 
+def printable(name: str | Path) -> str:
+    """``name`` as valid UTF-8: a file name's undecodable bytes (surrogate escapes) as ``\\xNN``,
+    so that a log line or a file can hold it."""
+    name = str(name)
+    try:
+        name.encode()
+        return name
+    except UnicodeEncodeError:
+        return name.encode(errors="surrogateescape").decode(errors="backslashreplace")
+
+
 def read_json(path: str | Path) -> Any:
     """A JSON file's value."""
     try:

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from .data.quality import UNREADABLE_IMAGE_ERRORS
 from .data.tokenizer import Tokenizer
 from .errors import OpenAlignError
-from .files import not_a_file, written_whole
+from .files import not_a_file, printable, written_whole
 from .eval import embed_texts
 from .eval.features import IMAGE_EXTENSIONS, eval_mode
 from .eval.features import encode_image_batch as encode_images
@@ -265,7 +265,7 @@ def write_index(path: str | Path, paths: Sequence[str], embeddings: torch.Tensor
     schema = pa.schema([("path", pa.string()), ("embedding", pa.list_(pa.float32()))],
                        metadata={_METADATA_PREFIX + key: value for key, value in metadata.items() if value})
     vectors = embeddings.detach().float().cpu().numpy()
-    texts = [_printable(name) for name in paths]
+    texts = [printable(name) for name in paths]
     if odd := sum(text != name for text, name in zip(texts, paths)):
         log.warning("%d image path(s) are not UTF-8: the index keeps them with \\xNN escapes", odd)
     path = Path(path)
@@ -310,14 +310,6 @@ def model_source(name_or_path: str | Path) -> str:
     path = Path(name_or_path).expanduser()
     return str(path.resolve()) if path.exists() else str(name_or_path)
 
-
-def _printable(name: str) -> str:
-    """``name`` as valid UTF-8: a file name's undecodable bytes (surrogate escapes) as ``\\xNN``."""
-    try:
-        name.encode()
-        return name
-    except UnicodeEncodeError:
-        return name.encode(errors="surrogateescape").decode(errors="backslashreplace")
 
 
 def read_index(path: str | Path) -> EmbeddingIndex:

@@ -29,8 +29,8 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
-
 from ..errors import OpenAlignError
+from ..files import printable
 from ..progress import progress_bar
 from .quality import UNDECODABLE_IMAGE, SkipSample, open_image
 from .sources import StreamOptions, TableSourceConfig
@@ -61,7 +61,7 @@ def convert_table(table: TableSourceConfig, out: str | Path, samples_per_shard: 
     try:
         with progress_bar("writing shards", len(rows), enabled=show_progress) as advance:
             for origin, (image, caption, extra) in rows:
-                name = image.name if isinstance(image, Path) else "image bytes"
+                name = printable(image.name) if isinstance(image, Path) else "image bytes"  # for the log
                 try:
                     members, side = _sample_members(image, caption, extra, origin)
                 except OSError as error:  # permissions, an I/O error: this row's, not the job's

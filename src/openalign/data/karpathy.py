@@ -39,7 +39,7 @@ def read_karpathy(json_path: str | Path, split: str, image_root: str | Path | No
         raise OpenAlignError(f"caption file '{json_path}' {not_a_file(json_path)} (expected a Karpathy-style JSON "
                              "such as dataset_coco.json)")
     try:
-        data = json.loads(json_path.read_text())
+        data = json.loads(json_path.read_text(encoding="utf-8-sig"))  # an editor's byte-order mark is no error
         entries = data["images"]
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
         raise OpenAlignError(f"'{json_path}' is not a Karpathy-style caption file (expected "

@@ -31,6 +31,7 @@ from torch.utils.data import Dataset, IterableDataset
 from ..config import Variants, require_at_least
 from ..distributed import fail_together, world_info
 from ..errors import ConfigError, OpenAlignError
+from ..files import printable
 from .karpathy import CaptionedImage, read_karpathy
 from .quality import (CUT_SHORT, CUT_SHORT_SAMPLE, EMPTY_CAPTION, NO_IMAGE, REPEATED_FIELD,
                       UNDECODABLE_RECORD, SkipPolicy, SkipSample, caption_text, decode_pixels, open_image)
@@ -230,7 +231,7 @@ class TableSourceConfig(SourceConfig, tag="table"):
                     image = root / image
                 if image is None or (isinstance(image, Path) and not image.is_file()):
                     dropped["missing image file"] += 1
-                    missing = missing or f"{table_path} data row {number + 1}: {image or 'an empty cell'}"
+                    missing = missing or printable(f"{table_path} data row {number + 1}: {image or 'an empty cell'}")
                     continue
                 try:  # as a webdataset sample without the field is skipped
                     extra = {name: _cell(columns[column][number], column)

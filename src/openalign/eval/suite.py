@@ -150,8 +150,9 @@ def make_record(dataset: str, model: str | None, pretrained: str, task: str, met
     ``weights`` read (a run directory's checkpoint) and openalign's version."""
     record = {"dataset": dataset, "model": model, "pretrained": pretrained, "task": RECORD_TASKS.get(task, task),
               "metrics": metrics, "language": "en"}
-    if settings is not None:
-        record["settings"] = to_dict(settings)
+    if settings is not None:  # the files it read, absolute: a relative path names no data once copied elsewhere
+        record["settings"] = {**to_dict(settings), **{key: str(Path(value).expanduser().resolve()) for key in
+                                                     settings.data_paths if (value := getattr(settings, key))}}
     if weights is not None:
         record["weights"] = weights
     return {**record, "openalign": __version__}
@@ -175,8 +176,8 @@ def is_record(value: Any) -> bool:
 def is_record_file(path: Path) -> bool:
     """Whether ``path`` holds a result record (so that a command may replace it)."""
     try:
-        return is_record(json.loads(path.read_text()))
-    except (OSError, ValueError):
+        return is_record(read_json(path))
+    except OpenAlignError:
         return False
 
 
@@ -244,7 +245,8 @@ def write_report(records: list[dict[str, Any]], output: str | Path, examples: li
                   "|---|---|---|" + "---:|" * len(metrics)]
         for record in sorted(rows, key=lambda r: (str(r["model"]), str(r["pretrained"]), str(r["dataset"]))):
             values = [_format(metric, record["metrics"].get(metric)) for metric in metrics]
-            lines.append(f"| {record['model']} | {record['pretrained']} | {record['dataset']} | " + " | ".join(values) + " |")
+            cells = [str(record[key]).replace("|", "\\|") for key in ("model", "pretrained", "dataset")]
+            lines.append("| " + " | ".join(cells + values) + " |")  # a '|' in a path is no column break
         lines.append("")
     lines += _example_section(examples, pictures)
     markdown.write_text("\n".join(lines))
@@ -267,23 +269,36 @@ def _told_apart(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         groups.setdefault(key, []).append(position)
     told = list(records)
     for positions in groups.values():
-        described = [_described(records[position]) for position in positions]
-        differing = sorted({name for one in described for name in one
-                            if len({json.dumps(other.get(name), sort_keys=True) for other in described}) > 1})
-        for position, one in zip(positions, described):
-            if differing:
-                shown = ", ".join(f"{name}={value if isinstance(value := one.get(name), str) else json.dumps(value)}"
-                                  for name in differing)
+        if len(positions) < 2:
+            continue
+        described = {position: _described(records[position]) for position in positions}
+        known = [one for one in described.values() if one is not None]
+        differing = sorted({name for one in known for name in one
+                            if len({json.dumps(other.get(name), sort_keys=True) for other in known}) > 1})
+        for position, one in described.items():
+            shown = "settings not recorded" if one is None else ", ".join(
+                f"{name}={_short(one.get(name))}" for name in differing)
+            if shown:
                 told[position] = {**records[position], "dataset": f"{records[position]['dataset']} ({shown})"}
     return told
 
 
-def _described(record: dict[str, Any]) -> dict[str, Any]:
-    """A record's settings, flattened to dotted keys, and the folder name of the weights it read."""
-    flat = flatten(record.get("settings") or {})
+def _described(record: dict[str, Any]) -> dict[str, Any] | None:
+    """A record's settings, flattened to dotted keys, and the folder name of the weights it read;
+    None for a record written before records carried settings."""
+    if "settings" not in record:
+        return None
+    flat = {key: value for key, value in flatten(record["settings"] or {}).items() if key != "task"}
     if record.get("weights"):
         flat["weights"] = Path(record["weights"]).name
     return flat
+
+
+def _short(value: Any, width: int = 40) -> str:
+    """A setting as a report cell shows it: text as it is, other values as JSON, cut at ``width``
+    (80 templates would make a cell of thousands of characters)."""
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text if len(text) <= width else text[:width - 1] + "…"
 
 
 def _natural(name: str) -> list[tuple[int, int | str]]:

@@ -264,8 +264,8 @@ class KnnEvalConfig(EvalTaskConfig, tag="knn"):
 
     def __post_init__(self) -> None:
         require_at_least(self, 1, "k")
-        if self.temperature <= 0:
-            raise ConfigError("must be positive", "temperature")
+        if not 0 < self.temperature < math.inf:  # NaN too
+            raise ConfigError("must be positive and finite", "temperature")
 
     def run(self, model: nn.Module, device: torch.device, batch_size: int, show_progress: bool = True) -> dict[str, float]:
         return evaluate_knn(model, self.train_root, self.val_root, device, self.k, self.temperature, batch_size,
