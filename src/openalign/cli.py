@@ -709,8 +709,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ[CACHE_ENV] = args.cache_dir
     previous = _stop_on_sigterm()
     try:
-        args.func(args)
-        shutdown()  # after a success only: after an error a peer may still be inside a collective
+        try:
+            args.func(args)
+            shutdown()  # after a success only: after an error a peer may still be inside a collective
+        except Exception:
+            if Terminated.received:  # raised as the command unwound from SIGTERM (torch on a loader worker it ended)
+                raise Terminated() from None
+            raise
     except OpenAlignError as error:
         who = "" if isinstance(error, PeerFailure) else _rank()  # a peer failure names the ranks itself
         # unwrapped (soft_wrap), so that a long path stays whole to copy, in a terminal or a log file; and unhighlighted,
@@ -718,8 +723,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         console.print(f"[bold red]error:[/] {who}{escape(_message(error))}", highlight=False, soft_wrap=True)
         return 2
     except RuntimeError as error:
-        if Terminated.received:  # torch's complaint about a loader worker the same signal ended, say
-            return _terminated(args)
         if not _peer_stopped(error):
             raise
         # a rank's error outside a fail_together block (a data stream failing on it alone): its own error is the
