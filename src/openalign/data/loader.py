@@ -162,11 +162,12 @@ def _stack(values: list[torch.Tensor], in_worker: bool) -> torch.Tensor:
 
 
 def _start_worker(worker_id: int) -> None:
-    """A worker counts its own skips, not those of the process it was forked from; and it ignores
-    SIGTERM, which torchrun and schedulers send to the whole process group: the main process stops
-    its workers as it unwinds (a worker killed under it made torch raise over the clean stop)."""
+    """A worker counts its own skips, not those of the process it was forked from; and SIGTERM ends
+    it as the default does, not with the command line's handler that it was forked with (which would
+    raise in it). Not ignored: torch and multiprocessing stop a worker that does not finish by
+    sending it SIGTERM, and would then wait for it forever."""
     COUNTS.clear()
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def move_to_device(batch: Any, device: torch.device, channels_last: bool = False) -> Any:
