@@ -721,3 +721,39 @@ def test_a_table_names_its_first_missing_image_and_sends_url_lists_to_img2datase
     with pytest.raises(OpenAlignError, match=r"dropped: \{'image URL, not a file': 2\}\); download the URLs with "
                                              "img2dataset first"):
         TableSourceConfig(path=str(tmp_path / "urls.csv"), image_column="url").rows()
+
+
+def _worker_waiting(started) -> None:
+    from openalign.data.loader import _start_worker
+
+    _start_worker(0)
+    started.set()
+    import time
+
+    time.sleep(60)
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "sigwaitinfo"), reason="sigwaitinfo is Linux's")
+def test_a_loader_worker_outlives_sigterm_from_others_and_ends_on_its_parents():
+    """torchrun and schedulers send SIGTERM to a rank's whole process group: a training worker keeps
+    serving the step the rank finishes before it stops. Its own process's SIGTERM (torch's and
+    multiprocessing's way to stop a stuck worker, after which they wait for it) still ends it."""
+    import multiprocessing
+    import signal
+    import subprocess
+
+    context = multiprocessing.get_context("fork")
+    started = context.Event()
+    worker = context.Process(target=_worker_waiting, args=(started,), daemon=True)
+    worker.start()
+    try:
+        assert started.wait(30)
+        subprocess.run(["kill", "-TERM", str(worker.pid)], check=True)  # another process's
+        worker.join(1.0)
+        assert worker.is_alive()
+        worker.terminate()  # its parent's
+        worker.join(30)
+        assert worker.exitcode == -signal.SIGTERM
+    finally:
+        if worker.is_alive():
+            worker.kill()

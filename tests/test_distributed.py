@@ -128,6 +128,26 @@ def test_the_trainer_runs_under_torchrun_and_resumes(tmp_path, shapes_root):
     assert len(metrics) == 2  # evaluated at the end of each invocation, by rank 0 only
 
 
+def test_sigterm_on_one_rank_stops_every_rank_after_the_same_step_with_its_checkpoint(tmp_path, shapes_root):
+    """One rank preempted: the ranks agree on the step to stop after (rank 1 received SIGTERM during
+    step 2; the agreement, read a step later, stops both after step 3), checkpoint it with every
+    rank's state, and a resumed run goes on from there."""
+    from conftest import tiny_recipe_overrides
+
+    overrides = tiny_recipe_overrides(shapes_root, tmp_path / "run", steps=6) + [
+        "train.device=cpu", "run.checkpoint_every=100", "eval.tasks=[]"]
+    result = torchrun(str(Path(__file__).parent / "sigterm_worker.py"), "train", "demo", *overrides, check=False)
+    output = " ".join((result.stdout + result.stderr).split())
+    # the ranks stopped as asked (143); torchrun then reports the first to exit as failed, with its own traceback
+    assert result.returncode != 0 and "exitcode : 143" in output and "error:" not in output, output[-3000:]
+    assert output.count("terminated (SIGTERM) after step 3, checkpointed in") == 2, output[-3000:]
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step_00000003"]
+    assert {"data_rank0.json", "data_rank1.json"} <= {p.name for p in (tmp_path / "run" / "checkpoints" /
+                                                                        "step_00000003").iterdir()}
+    torchrun("-m", "openalign", "train", "demo", *overrides, "--resume", "latest")
+    assert [r["step"] for r in read_history(tmp_path / "run") if "loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
 def test_an_error_on_some_ranks_stops_every_rank_with_a_clear_error(tmp_path):
     """fail_together: the failing rank raises its own error, the other names it; nested blocks
     pass an agreed error on without another collective, so the ranks' collectives stay paired."""

@@ -117,6 +117,122 @@ def test_the_log_line_after_a_resume_covers_the_steps_of_a_run_never_stopped(tmp
     assert [r["step"] for r in lines[0]] == [3, 6] and lines[0] == lines[1]
 
 
+def _sigterm_at(steps: set[int], monkeypatch: pytest.MonkeyPatch, times: int = 1) -> None:
+    """Send this process SIGTERM ``times`` times during each of ``steps``, as a scheduler does."""
+    import os
+    import signal
+
+    from openalign.train import loop
+
+    done = []
+    original = loop.train_step
+
+    def step_then_signal(*args, **kwargs):
+        loss = original(*args, **kwargs)
+        done.append(1)
+        if len(done) in steps:
+            for _ in range(times):
+                os.kill(os.getpid(), signal.SIGTERM)
+        return loss
+
+    monkeypatch.setattr(loop, "train_step", step_then_signal)
+
+
+def test_sigterm_checkpoints_the_step_it_stops_after_and_the_run_resumes_exactly(tmp_path, shapes_root,
+                                                                                  tiny_overrides, monkeypatch):
+    """A preempted run lost every step since its last periodic checkpoint (up to run.checkpoint_every,
+    hours at scale): SIGTERM now lets the step finish, checkpoints it, and raises Terminated."""
+    import signal
+
+    from openalign.errors import Terminated
+
+    settings = STOCHASTIC + ["run.checkpoint_every=4", "eval.tasks=[]"]
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    train(load_recipe("demo", tiny_overrides(shapes_root, straight, steps=6) + settings), show_progress=False)
+    recipe = load_recipe("demo", tiny_overrides(shapes_root, interrupted, steps=6) + settings)
+    before = signal.getsignal(signal.SIGTERM)
+    _sigterm_at({3}, monkeypatch)
+    with pytest.raises(Terminated, match=r"^after step 3, checkpointed in .*step_00000003: --resume latest continues"):
+        train(recipe, show_progress=False)
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler only while the loop runs
+    from openalign.cli import main
+
+    assert main(["train", "no-such-recipe"]) == 2  # a later command's error is its own, not 'terminated'
+    assert [p.name for p in (interrupted / "checkpoints").iterdir()] == ["step_00000003"]
+    monkeypatch.undo()
+    result = train(recipe, resume="latest", show_progress=False)
+    assert result.step == 6
+    expected, actual = _state(straight), _state(interrupted)
+    for key in expected:
+        assert torch.equal(expected[key], actual[key]), key
+    losses = [[r["loss"] for r in read_history(d) if "loss" in r] for d in (straight, interrupted)]
+    assert losses[0] == losses[1] and len(losses[0]) == 6
+
+
+def test_sigterm_at_the_last_step_or_twice_stops_as_asked(tmp_path, shapes_root, tiny_overrides, monkeypatch):
+    """At the last step: its checkpoint, and no final evaluation (a resume evaluates only). A second
+    SIGTERM: the handler that was there before, at once (the command line's raises), without a checkpoint."""
+    import signal
+
+    from openalign.errors import Terminated
+
+    recipe = load_recipe("demo", tiny_overrides(shapes_root, tmp_path / "last", steps=4))
+    _sigterm_at({4}, monkeypatch)
+    with pytest.raises(Terminated, match="after step 4, checkpointed in"):
+        train(recipe, show_progress=False)
+    assert not any("shapes/" in key for record in read_history(tmp_path / "last") for key in record)
+    monkeypatch.undo()
+    assert train(recipe, resume="latest", show_progress=False).metrics  # the evaluation it stopped before
+
+    class AtOnce(Exception):
+        pass
+
+    def at_once(signum, frame):
+        raise AtOnce()
+
+    before = signal.signal(signal.SIGTERM, at_once)
+    try:
+        _sigterm_at({3}, monkeypatch, times=2)
+        with pytest.raises(AtOnce):
+            train(load_recipe("demo", tiny_overrides(shapes_root, tmp_path / "twice", steps=4)), show_progress=False)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert [p.name for p in (tmp_path / "twice" / "checkpoints").iterdir()] == ["step_00000002"]
+
+
+def test_sigterm_to_the_whole_process_group_with_loader_workers_still_checkpoints(tmp_path, shapes_root,
+                                                                                  tiny_overrides):
+    """torchrun and schedulers signal a rank's whole process group: its loader workers, which SIGTERM
+    used to end, then made the rank fail in the middle of the step it was to finish. They now end
+    only when their own process says so."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    output = tmp_path / "run"
+    overrides = tiny_overrides(shapes_root, output, steps=100000) + [
+        "data.num_workers=2", "run.checkpoint_every=100000", "eval.tasks=[]"]
+    process = subprocess.Popen([sys.executable, "-m", "openalign", "train", "demo", *overrides], text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                               env={**os.environ, "COLUMNS": "300"})
+    try:
+        deadline = time.monotonic() + 300
+        while len(read_history(output)) < 3:  # some steps done: the workers are running
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.2)
+        os.killpg(process.pid, signal.SIGTERM)
+        _, err = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    stopped = re.search(r"terminated \(SIGTERM\) after step (\d+), checkpointed in (\S+): --resume latest", err)
+    assert process.returncode == 143 and stopped and "Traceback" not in err, err
+    checkpoint = Path(stopped[2])
+    assert checkpoint.name == f"step_{int(stopped[1]):08d}" and checkpoint.parent == output / "checkpoints"
+    assert (checkpoint / "trainer_state.pt").is_file() and (checkpoint / "data_rank0.json").is_file()
+
+
 def test_resume_latest_without_checkpoints_starts_from_scratch(tmp_path):
     checkpointer = Checkpointer(tmp_path / "checkpoints", 3, DistributedContext(0, 1, 0, torch.device("cpu")))
     assert checkpointer.resolve("latest") is None

@@ -19,7 +19,7 @@ from rich.logging import RichHandler
 from rich.markup import escape
 
 from .distributed import PeerFailure, shutdown, world_info
-from .errors import ConfigError, OpenAlignError
+from .errors import ConfigError, OpenAlignError, Terminated
 from .files import not_a_file, replaceable, starts_with
 from .precision import PRECISIONS, precision_scope
 from .progress import console
@@ -737,8 +737,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = f"{given + ': ' if given else ''}{error.strerror or error}{where}"
         console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
         return 2
-    except Terminated:
-        return _terminated(args)
+    except Terminated as stopped:
+        if str(stopped):  # training stopped where every rank agreed to: none is inside a collective
+            shutdown()
+        return _terminated(args, stopped)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
         return 130
@@ -749,14 +751,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread as Ctrl-C's KeyboardInterrupt is, so that the same clean-up
-    runs (loader workers stopped, the run's lock released, no agreement asked of other ranks).
-    ``received``: whether one came, for an error raised while the command unwinds."""
-
-    received = False
-
-
 _NOT_SET = object()  # no handler was replaced (off the main thread)
 
 
@@ -764,6 +758,7 @@ def _stop_on_sigterm() -> Any:
     """Make SIGTERM raise :class:`Terminated` (Python's default ends the process without a word or
     any clean-up); returns the handler it replaced (None: one installed outside Python), or
     ``_NOT_SET`` off the main thread, where no handler can be installed."""
+    Terminated.received = False  # left set by an earlier call of openalign.train in this process
     if threading.current_thread() is not threading.main_thread():
         return _NOT_SET
 
@@ -774,9 +769,12 @@ def _stop_on_sigterm() -> Any:
     return signal.signal(signal.SIGTERM, stop)
 
 
-def _terminated(args: argparse.Namespace) -> int:
-    resume = ": --resume latest continues from the last checkpoint" if args.func is _cmd_train else ""
-    console.print(f"[yellow]terminated[/] (SIGTERM){resume}")
+def _terminated(args: argparse.Namespace, stopped: Terminated) -> int:
+    # training that checkpointed the step it stopped after says so in the message; otherwise the last
+    # periodic checkpoint is where a resumed run starts
+    resume = f" {stopped}" if str(stopped) else \
+        ": --resume latest continues from the last checkpoint" if args.func is _cmd_train else ""
+    console.print(f"[yellow]terminated[/] (SIGTERM){escape(resume)}", soft_wrap=True)
     return 143
 
 

@@ -25,3 +25,13 @@ class ConfigError(OpenAlignError, ValueError):
         self.key = key
         self.message = message
         super().__init__(f"config key '{key}' {message}" if key else message)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's preemption, torchrun passing it on), raised in the main thread as Ctrl-C's
+    KeyboardInterrupt is, so that the same clean-up runs (loader workers stopped, the run's lock
+    released, no agreement asked of other ranks). Training raises it once it has checkpointed the
+    step it stopped after; its message then says which. ``received``: whether a SIGTERM came, for an
+    error raised while the command unwinds."""
+
+    received = False

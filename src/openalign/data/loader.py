@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -162,12 +164,33 @@ def _stack(values: list[torch.Tensor], in_worker: bool) -> torch.Tensor:
 
 
 def _start_worker(worker_id: int) -> None:
-    """A worker counts its own skips, not those of the process it was forked from; and SIGTERM ends
-    it as the default does, not with the command line's handler that it was forked with (which would
-    raise in it). Not ignored: torch and multiprocessing stop a worker that does not finish by
-    sending it SIGTERM, and would then wait for it forever."""
+    """A worker counts its own skips, not those of the process it was forked from; and it ends on
+    SIGTERM from the process that started it (torch and multiprocessing stop a stuck worker so, and
+    then wait for it), or from anyone once that process has gone, but ignores it from anyone else.
+    torchrun and schedulers signal a rank's whole process group, workers included, and a worker
+    ended so would make its rank fail in the middle of the step that training lets finish before
+    it stops (:mod:`openalign.train.stop`). Python's signal handlers cannot tell who sent a signal,
+    so the signal is blocked and a thread waits for it with ``sigwaitinfo``; this runs first thing
+    in a worker, before it starts threads of its own, which inherit the block. So do programs it
+    starts (a ``pipe:`` shard's command): they too outlive the group's SIGTERM, and end when their
+    pipe closes or on SIGKILL. Where ``sigwaitinfo`` is missing (macOS), SIGTERM ends a worker
+    whoever sends it."""
     COUNTS.clear()
+    # not the command line's handler the worker was forked with, which would raise in it
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if hasattr(signal, "sigwaitinfo"):
+        parent = os.getppid()
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        threading.Thread(target=_end_on_parents_sigterm, args=(parent,), name="sigterm", daemon=True).start()
+
+
+def _end_on_parents_sigterm(parent: int) -> None:
+    while True:
+        sender = signal.sigwaitinfo({signal.SIGTERM}).si_pid
+        if sender == parent or os.getppid() != parent:
+            break
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    signal.raise_signal(signal.SIGTERM)  # to this thread, which alone does not block it: the default ends the process
 
 
 def move_to_device(batch: Any, device: torch.device, channels_last: bool = False) -> Any:

@@ -14,9 +14,10 @@ import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from rich.progress import TextColumn
@@ -29,7 +30,7 @@ from ..data.quality import summarise
 from ..data.stream import ResumableStream
 from ..distributed import (DistributedContext, all_reduce_mean, all_reduce_sum, average_buffers, barrier,
                            fail_together, init_distributed, world_info)
-from ..errors import ConfigError, OpenAlignError
+from ..errors import ConfigError, OpenAlignError, Terminated
 from ..eval.tasks import task_problems
 from ..files import held_directory
 from ..losses import LossConfig
@@ -42,6 +43,7 @@ from .checkpoint import Checkpointer
 from .logger import TrainLogger
 from .optim import build_optimizer
 from .schedule import build_scheduler
+from .stop import StopOnSigterm
 
 log = logging.getLogger("openalign.train")
 
@@ -147,12 +149,25 @@ def _train(recipe: Recipe, resume: str | None, show_progress: bool, held: contex
     try:
         progress = make_progress(TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} samples/s"),
                                  enabled=show_progress and ctx.is_main)
-        with progress:
+        with progress, StopOnSigterm() as stop:
             bar = progress.add_task("training", total=cfg.steps, completed=start, loss="-", speed="-")
             # the log window of the checkpoint resumed from: the same on every rank (rank 0 always saves one)
             window = _LogWindow(ctx.device, (checkpointer.data_state(rank=0) or {}).get("log_window"))
+            saved = start
+
+            def save(step: int) -> None:
+                average_buffers(model)  # what the checkpoint holds: the mean of the ranks' statistics
+                checkpointer.save(step, model, optimizer, scheduler, loss_fn, recipe_dict,
+                                  {**monitor.state(), "world_size": ctx.world_size,
+                                   "num_workers": recipe.data.num_workers, "log_window": window.state()})
+
             batches = iter(loader)
-            for step in range(start + 1, cfg.steps + 1):
+            for step in range(start + 1, cfg.steps + 2):
+                # asked before the step's batch: the last step, its evaluation and its checkpoint are whole
+                if stop.agreed(wait=step > cfg.steps):
+                    _stop_on_request(step - 1, saved, window, checkpointer, save)
+                if step > cfg.steps:
+                    break
                 batch = move_to_device(monitor.take(next(batches)), ctx.device, channels_last=True)
                 lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
                 loss = train_step(model, loss_fn, optimizer, scheduler, batch, ctx.device, cfg.precision,
@@ -175,10 +190,9 @@ def _train(recipe: Recipe, resume: str | None, show_progress: bool, held: contex
                 if recipe.eval.every and step % recipe.eval.every == 0 and step != cfg.steps:
                     logger.log(step, evaluate(recipe.eval, model, ctx, show_progress=False, precision=cfg.precision))
                 if saves:
-                    average_buffers(model)  # what the checkpoint holds: the mean of the ranks' statistics
-                    checkpointer.save(step, model, optimizer, scheduler, loss_fn, recipe_dict,
-                                      {**monitor.state(), "world_size": ctx.world_size,
-                                       "num_workers": recipe.data.num_workers, "log_window": window.state()})
+                    save(step)
+                    saved = step
+            step = min(step, cfg.steps)
         data_counts = _report_data(monitor, ctx, output_dir)
         if start == cfg.steps:
             log.info("the run had already reached step %d: evaluating only", start)
@@ -227,6 +241,23 @@ def train_step(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Opti
     # a finite loss with a NaN or infinite gradient has just made the weights NaN: reported as a
     # NaN loss, the divergence check stops the run before they are checkpointed (no synchronisation)
     return loss.detach().where(norm.isfinite(), torch.nan)
+
+
+def _stop_on_request(step: int, saved: int, window: _LogWindow, checkpointer: Checkpointer,
+                     save: Callable[[int], None]) -> NoReturn:
+    """SIGTERM came (:mod:`.stop`): checkpoint ``step``, the last step done, unless it is the one
+    ``saved`` last, and raise :class:`Terminated` saying so."""
+    if step > saved:
+        _stop_if_diverged(window, step, checkpointer)
+        save(step)
+    final = checkpointer.directory / f"step_{step:08d}"
+    if not step:
+        message = "before its first step, with nothing to checkpoint"
+    elif final.is_dir():
+        message = f"after step {step}, checkpointed in {final}: --resume latest continues from it"
+    else:  # resumed from another run's checkpoint, and stopped before a step of its own
+        message = f"after step {step}, the step it resumed from, before any other: resume it as before"
+    raise Terminated(message)
 
 
 def _stop_if_diverged(window: _LogWindow, step: int, checkpointer: Checkpointer) -> None:
