@@ -123,7 +123,7 @@ def test_released_weights_that_do_not_fit_get_errors_naming_them(tmp_path):
         torch.save(content, tmp_path / name)
     (tmp_path / "empty.pt").write_bytes(b"")
     (tmp_path / "text.pt").write_text("not weights at all\n")
-    messages |= {"empty.pt": "truncated or corrupt", "text.pt": "truncated or corrupt"}
+    messages |= {"empty.pt": "truncated or corrupt", "text.pt": "text.pt' is not a weights file"}
     for name, message in messages.items():
         with pytest.raises(OpenAlignError, match=message):
             openalign.load_pretrained(tmp_path / name, architecture="alip-tiny")

@@ -193,6 +193,23 @@ def test_embed_folder_skips_unreadable_files_and_counts_them(loaded, image_dir, 
     assert "skipped 2 of 7 files" in caplog.text
 
 
+def test_embed_folder_skips_an_image_over_pils_pixel_limit_without_pils_warning(loaded, tmp_path, monkeypatch,
+                                                                                   caplog):
+    """PIL's DecompressionBombWarning came on stderr, in the middle of the progress bar; the image is
+    now skipped and counted, as training and `data convert` skip it."""
+    import warnings
+
+    model, preprocess, _ = loaded
+    Image.new("RGB", (40, 40), "red").save(tmp_path / "huge.png")
+    Image.new("RGB", (20, 20), "blue").save(tmp_path / "small.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 1,600 px: over it, under twice it (PIL's error)
+    with caplog.at_level(logging.WARNING, logger="openalign"), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        paths, _ = embed_folder(model, preprocess, tmp_path)
+    assert paths == [str(tmp_path / "small.png")]
+    assert "skipped 1 of 2 files" in caplog.text and "image too large (decompression bomb)" in caplog.text
+
+
 def test_embed_folder_takes_a_glob_and_worker_processes(loaded, image_dir):
     model, preprocess, _ = loaded
     paths, embeddings = embed_folder(model, preprocess, str(image_dir / "**" / "*.png"), batch_size=2, num_workers=1)
@@ -278,11 +295,18 @@ def test_missing_or_malformed_index_is_an_error(tmp_path):
     with pytest.raises(OpenAlignError, match="cannot read index"):
         read_index(tmp_path / "text.parquet")
     pq.write_table(pa.table({"path": ["a.png"], "vector": [[1.0, 2.0]]}), tmp_path / "columns.parquet")
-    with pytest.raises(OpenAlignError, match="malformed"):
+    with pytest.raises(OpenAlignError, match=r"malformed \(no column 'embedding'; it has path, vector\)"):
         read_index(tmp_path / "columns.parquet")
+    # each malformation named (the columns alone were named, which are right for these)
     pq.write_table(pa.table({"path": ["a.png", "b.png"], "embedding": [[1.0, 2.0], [1.0]]}), tmp_path / "ragged.parquet")
-    with pytest.raises(OpenAlignError, match="malformed"):
+    with pytest.raises(OpenAlignError, match=r"malformed \(embeddings of different lengths \(1, 2\)\)"):
         read_index(tmp_path / "ragged.parquet")
+    pq.write_table(pa.table({"path": ["a.png"], "embedding": [["x", "y"]]}), tmp_path / "strings.parquet")
+    with pytest.raises(OpenAlignError, match=r"malformed \(column 'embedding' holds list<.*string>, not lists of "):
+        read_index(tmp_path / "strings.parquet")
+    pq.write_table(pa.table({"path": ["a.png", None], "embedding": [[1.0], [2.0]]}), tmp_path / "null.parquet")
+    with pytest.raises(OpenAlignError, match=r"malformed \(rows without a path or an embedding\)"):
+        read_index(tmp_path / "null.parquet")
 
 
 def _brute_force(index: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -375,6 +399,9 @@ def test_embed_classify_and_search_commands(model_dir, loaded, image_dir, tmp_pa
     assert main(["embed", "--model", str(model_dir), "--images", str(image_dir), "--out", str(table)]) == 2
     assert "exists and is not an index of embeddings" in " ".join(capsys.readouterr().err.split())
     assert table.read_bytes() == before
+    assert main(["embed", "--model", str(model_dir), "--images", str(image_dir), "--out", str(tmp_path / "e.CSV")]) == 2
+    assert "embed writes a Parquet file; name it .parquet" in capsys.readouterr().err  # not Parquet under .csv
+    assert not (tmp_path / "e.CSV").exists()
     link = tmp_path / "link.parquet"
     assert main(["embed", "--model", str(model_dir), "--images", str(image_dir), "--out", str(link)]) == 0
     assert link.is_symlink()  # the link kept, its target written

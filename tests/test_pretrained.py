@@ -4,6 +4,7 @@ with transformers' own AlignModel, AlignProcessor and pipeline as the references
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import tarfile
@@ -349,7 +350,8 @@ def test_overwriting_a_model_removes_its_vocabulary_processor_and_weight_shards(
 
 
 def test_models_that_hugging_face_cannot_represent_are_refused(tmp_path):
-    with pytest.raises(OpenAlignError, match="image_projection: true, as ALIGN B3-mini does.*format='openalign'"):
+    with pytest.raises(OpenAlignError, match="image_projection: true\\); Hugging Face's AlignModel has no image "
+                                             "projection.*format='openalign'"):
         openalign.create_model("align-test").save_pretrained(tmp_path / "b3", format="hf")
     assert not (tmp_path / "b3").exists() and not list(tmp_path.iterdir())  # nor a staging directory left behind
     # a refused export over an existing model, overwrite or not, leaves that model as it was
@@ -395,13 +397,19 @@ def test_mismatched_or_foreign_directories_get_clear_errors(hf_dir, tmp_path):
 
     config = json.loads((hf_dir / "config.json").read_text())
     for change, message in (({"model_type": "clip"}, "describes a 'clip' model, not ALIGN"),
+                            ({"model_type": None}, "has no model_type: an AlignModel's config says 'align'"),
                             ({"vision_config": {**config["vision_config"], "depthwise_padding": [3]}},
                              "'vision_config.depthwise_padding' is \\[3\\]"),
                             ({"projection_dim": 128}, "projection_dim is 128, but AlignModel takes the vision model's "
                              "pooled features, unprojected, .* makes them 160 wide")):
-        (broken / "config.json").write_text(json.dumps({**config, **change}))
+        (broken / "config.json").write_text(json.dumps({key: value for key, value in {**config, **change}.items()
+                                                        if value is not None}))
         with pytest.raises(OpenAlignError, match=message):
             openalign.load_pretrained(broken)
+    (broken / "config.json").unlink()  # weights without a config: neither kind of directory's
+    with pytest.raises(OpenAlignError, match=r"holds weights \(model.safetensors\) but no config beside them: a "
+                                             "Hugging Face AlignModel directory has its config.json"):
+        openalign.load_pretrained(broken)
     (broken / "config.json").write_text(json.dumps(config))
     for changes, message in (({"size": {"shortest_edge": 80}}, "must resize to a square"),
                              ({"crop_size": {"height": 65, "width": 57}}, "crops squares only"),
@@ -418,6 +426,28 @@ def test_mismatched_or_foreign_directories_get_clear_errors(hf_dir, tmp_path):
         openalign.load_pretrained(broken)
     with pytest.raises(OpenAlignError, match="neither a directory nor a Hugging Face hub id"):
         openalign.load_pretrained(str(tmp_path / "no" / "such" / "dir"))
+
+
+def test_sharded_safetensors_load_and_a_missing_shard_is_named(hf_dir, tmp_path, images):
+    """Large hub models come in shards listed by model.safetensors.index.json; a shard left out of a
+    copy was called truncated or corrupt."""
+    sharded = tmp_path / "sharded"
+    shutil.copytree(hf_dir, sharded)
+    state = load_file(str(sharded / "model.safetensors"))
+    (sharded / "model.safetensors").unlink()
+    names = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for file, keys in shards.items():
+        save_file({key: state[key] for key in keys}, str(sharded / file))
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {key: file for file, keys in shards.items() for key in keys}}))
+    expected = _our_outputs(*openalign.load_pretrained(hf_dir), images)
+    for ours, theirs in zip(_our_outputs(*openalign.load_pretrained(sharded), images), expected):
+        assert torch.equal(ours, theirs)
+    (sharded / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(OpenAlignError, match=r"model-00002-of-00002.safetensors' is missing: "
+                                             r"model.safetensors.index.json lists it; copy or download"):
+        openalign.load_pretrained(sharded)
 
 
 def test_pytorch_bin_weights_load_without_running_pickled_code(hf_dir, tmp_path, images):
@@ -437,6 +467,15 @@ def test_pytorch_bin_weights_load_without_running_pickled_code(hf_dir, tmp_path,
     with pytest.raises(OpenAlignError, match=r"holds more than tensors \(Unsupported global: GLOBAL print was not "
                                              r"an allowed global by default\); openalign loads weights only with "
                                              "weights_only, so that no pickled code runs"):
+        openalign.load_pretrained(legacy)
+
+    class Command:  # a module torch blocks outright: other words, which read as a corrupt file
+        def __reduce__(self):
+            return (os.system, ("echo pickled code ran",))
+
+    torch.save({"temperature": Command()}, legacy / "pytorch_model.bin")
+    with pytest.raises(OpenAlignError, match=r"holds more than tensors \(Trying to load unsupported GLOBAL "
+                                             r"(posix|os)\.system whose module (posix|os) is blocked\); openalign"):
         openalign.load_pretrained(legacy)
 
 
@@ -552,6 +591,10 @@ def test_convert_on_the_command_line(hf_dir, tmp_path, capsys):
                  "alip-tiny"]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "is a tar archive, not a weights file openalign reads" in err and "weights_only" not in err
+    (tmp_path / "photo.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(100))  # was 'a weights file without a config'
+    for architecture in (None, "alip-tiny"):  # and, named one, 'truncated or corrupt (Unsupported operand 255)'
+        with pytest.raises(OpenAlignError, match="photo.jpg' is not a weights file: openalign reads torch.save files"):
+            openalign.load_pretrained(tmp_path / "photo.jpg", architecture=architecture)
     # a run directory's config.yaml is its recipe: never replaced by a model's, even with --overwrite
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
@@ -568,5 +611,8 @@ def test_a_config_json_of_wrong_types_is_a_clear_error(hf_dir, tmp_path):
         broken = tmp_path / name
         shutil.copytree(hf_dir, broken)
         (broken / "config.json").write_text(json.dumps([] if change is None else {**settings, **change}))
-        with pytest.raises(OpenAlignError, match=r"config.json' is (not a valid AlignConfig|not a JSON object)"):
+        with pytest.raises(OpenAlignError,
+                           match=r"config.json' is (not a valid AlignConfig|not a JSON object)") as error:
             openalign.load_pretrained(broken)
+        if name == "projection":  # what was wrong, which transformers says on its second line
+            assert "'eighty'" in str(error.value), error.value

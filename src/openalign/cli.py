@@ -242,10 +242,16 @@ def _inference_model(args: argparse.Namespace, optimize: bool = True) -> tuple[A
     return (optimize_for_inference(model, inplace=True) if optimize else model), preprocess, tokenizer
 
 
+_OTHER_FORMATS = (".csv", ".tsv", ".txt", ".json", ".jsonl", ".npy", ".npz", ".pt", ".pth", ".safetensors", ".h5",
+                  ".arrow", ".feather", ".pkl")
+
+
 def _cmd_embed(args: argparse.Namespace) -> None:
     from .inference import embed_folder, is_index, model_source, write_index
 
     # checked now, not after embedding every image; a link's target written; only an index replaced
+    if Path(args.out).suffix.lower() in _OTHER_FORMATS:  # Parquet written under another format's name
+        raise OpenAlignError(f"--out '{args.out}': embed writes a Parquet file; name it .parquet")
     out = replaceable(_output_file(args.out).resolve(), is_index, "an index of embeddings")
     model, preprocess, _ = _inference_model(args)
     paths, embeddings = embed_folder(model, preprocess, args.images, args.batch_size, args.num_workers)

@@ -46,7 +46,10 @@ def read_torch_file(path: str | Path) -> Any:
         # GLOBAL print ...") or, for bytes that are no pickle at all, "Unsupported operand 110"
         text = str(error).partition("WeightsUnpickler error:")[2]
         refused = next((line.strip().split(". ")[0] for line in text.splitlines() if line.strip()), "")
-        if not refused.startswith("Unsupported global"):
+        # a global of a module torch blocks outright (os.system, as posix.system) comes in other words
+        blocked = [line.strip().rstrip(".") for line in str(error).splitlines() if "unsupported GLOBAL" in line]
+        refused = blocked[0] if blocked and not refused else refused
+        if not refused.startswith(("Unsupported global", "Trying to load unsupported GLOBAL")):
             raise OpenAlignError(f"'{path}' is truncated or corrupt, or not a torch.save file "
                                  f"({refused or type(error).__name__}): copy or download it again") from None
         raise OpenAlignError(f"'{path}' holds more than tensors ({refused}); openalign loads weights only "

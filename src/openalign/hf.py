@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ConfigError, OpenAlignError, first_line
+from .errors import ConfigError, OpenAlignError
 from .models import BertTowerConfig, DualEncoderConfig, EfficientNetConfig
 from .files import read_json, read_safetensors, read_torch_file
 from .pretrained import HF_CONFIG_FILE, WEIGHTS_FILE, model_config_from_dict
@@ -75,6 +75,8 @@ def model_config_from_hf(directory: Path) -> DualEncoderConfig:
     raw = read_json(directory / HF_CONFIG_FILE)
     if not isinstance(raw, dict):
         raise OpenAlignError(f"'{directory / HF_CONFIG_FILE}' is not a JSON object: not a model's config")
+    if "model_type" not in raw:
+        raise OpenAlignError(f"'{directory / HF_CONFIG_FILE}' has no model_type: an AlignModel's config says 'align'")
     if raw.get("model_type") != "align":
         raise OpenAlignError(f"'{directory / HF_CONFIG_FILE}' describes a '{raw.get('model_type')}' model, not ALIGN "
                              "(model_type 'align', transformers.AlignModel)")
@@ -83,8 +85,10 @@ def model_config_from_hf(directory: Path) -> DualEncoderConfig:
     try:
         hf = AlignConfig.from_pretrained(str(directory))
     except Exception as error:  # values of the wrong type or structure: transformers' own checks fail in many ways
+        # transformers' first line may end in a colon, its reason below it: the lines joined, cut at 300 characters
+        reason = " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
         raise OpenAlignError(f"'{directory / HF_CONFIG_FILE}' is not a valid AlignConfig ({type(error).__name__}: "
-                             f"{first_line(error)})") from None
+                             f"{reason[:300]})") from None
     vision, text = hf.vision_config, hf.text_config
     _require(list(vision.depthwise_padding) == [], "vision_config.depthwise_padding",
              f"is {list(vision.depthwise_padding)}; openalign's EfficientNet implements ALIGN's [] only")
@@ -198,6 +202,10 @@ def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
     if index.is_file():
         shards = sorted(set(read_json(index).get("weight_map", {}).values()))
         state: dict[str, torch.Tensor] = {}
+        if missing := [shard for shard in shards if not (directory / shard).is_file()]:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise OpenAlignError(f"'{directory / missing[0]}' is missing{more}: {index.name} lists it; copy or "
+                                 "download the model again")
         for shard in shards:
             state.update(read_safetensors(directory / shard))
         return state
@@ -258,13 +266,14 @@ def hf_config_from_model(config: DualEncoderConfig) -> Any:
     name = config.name or "this model"
     if not isinstance(config, DualEncoderConfig) or not isinstance(config.image, EfficientNetConfig) \
             or not isinstance(config.text, BertTowerConfig):
-        raise OpenAlignError(f"{name} is not an EfficientNet + BERT dual encoder, so it has no AlignModel form")
+        raise OpenAlignError(f"{name} is not an EfficientNet + BERT dual encoder, so it has no AlignModel form: "
+                             "save it with format='openalign' (openalign convert --to openalign)")
     if not config.text_projection:
         raise OpenAlignError(f"{name} has no text projection (text_projection: false); Hugging Face's AlignModel "
                              "always has one, so it cannot be exported to 'hf'. Save it with format='openalign'.")
     if config.image_projection:
-        raise OpenAlignError(f"{name} projects its image features (image_projection: true, as ALIGN B3-mini does); "
-                             "Hugging Face's AlignModel has no image projection, so it cannot be exported to 'hf'. "
+        raise OpenAlignError(f"{name} projects its image features (image_projection: true); Hugging Face's "
+                             "AlignModel has no image projection, so it cannot be exported to 'hf'. "
                              "Save it with format='openalign' (openalign convert --to openalign) instead.")
     pre = config.preprocess
     if pre.resize_mode != "squash":

@@ -12,6 +12,7 @@ import glob
 import hashlib
 import os
 import logging
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -223,8 +224,14 @@ class _ImageFiles(Dataset):
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | str]:
         try:
-            with Image.open(self.paths[index]) as image:
-                return index, self.preprocess(upright(image))
+            # PIL warns of an image over MAX_IMAGE_PIXELS (a possible decompression bomb) on stderr, in the
+            # middle of the progress bar: skipped instead, as training and `data convert` skip it
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(self.paths[index]) as image:
+                    return index, self.preprocess(upright(image))
+        except Image.DecompressionBombWarning as error:
+            return index, f"image too large (decompression bomb): {error}"
         except UNREADABLE_IMAGE_ERRORS as error:
             return index, f"{type(error).__name__}: {error}"
 
@@ -326,8 +333,8 @@ def read_index(path: str | Path) -> EmbeddingIndex:
     except (pa.ArrowException, OSError) as error:
         raise OpenAlignError(f"cannot read index '{path}' ({error}); {remedy}") from None
     embeddings = _embedding_matrix(table)
-    if embeddings is None:
-        raise OpenAlignError(f"index '{path}' is malformed (columns: {', '.join(table.schema.names)}); {remedy}")
+    if isinstance(embeddings, str):
+        raise OpenAlignError(f"index '{path}' is malformed ({embeddings}); {remedy}")
     if not len(embeddings):
         raise OpenAlignError(f"index '{path}' holds no embeddings; {remedy}")
     paths = table.column("path").to_pylist()
@@ -339,24 +346,26 @@ def read_index(path: str | Path) -> EmbeddingIndex:
                           model_source=metadata.get(_METADATA_PREFIX + "model_source"))
 
 
-def _embedding_matrix(table: pa.Table) -> torch.Tensor | None:
-    """The (N, dim) fp32 ``embedding`` column, or None if the table is not an index (wrong columns or
+def _embedding_matrix(table: pa.Table) -> torch.Tensor | str:
+    """The (N, dim) fp32 ``embedding`` column, or why the table is not an index (wrong columns or
     types, missing values, rows of different lengths)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    if "path" not in table.schema.names or "embedding" not in table.schema.names:
-        return None
+    if missing := [name for name in ("path", "embedding") if name not in table.schema.names]:
+        return f"no column {' or '.join(repr(name) for name in missing)}; it has {', '.join(table.schema.names)}"
     path_type = table.schema.field("path").type
     if not (pa.types.is_string(path_type) or pa.types.is_large_string(path_type)):
-        return None
+        return f"column 'path' holds {path_type}, not strings"
     column = table.column("embedding")  # lists of any of arrow's kinds, as pyarrow or polars may write them
     if not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)
             or pa.types.is_fixed_size_list(column.type)) or not pa.types.is_floating(column.type.value_type):
-        return None
+        return f"column 'embedding' holds {column.type}, not lists of floats"
+    if column.null_count or table.column("path").null_count:
+        return "rows without a path or an embedding"
     lengths = np.unique(pc.list_value_length(column).to_numpy(zero_copy_only=False))
-    if column.null_count or table.column("path").null_count or len(lengths) > 1:
-        return None
+    if len(lengths) > 1:
+        return f"embeddings of different lengths ({', '.join(map(str, lengths[:5]))})"
     values = [chunk.flatten().to_numpy(zero_copy_only=False) for chunk in column.chunks]
     dim = int(lengths[0]) if len(lengths) else 0
     return torch.from_numpy(np.concatenate(values or [np.empty(0)]).astype(np.float32).reshape(len(column), dim))

@@ -72,6 +72,7 @@ def load_pretrained(name_or_path: str | Path, device: str | torch.device = "cpu"
     else:
         from .train.checkpoint import checkpoint_directory, load_checkpoint_model
 
+        _check_config_beside_weights(path)
         path = checkpoint_directory(path)  # a run's latest checkpoint, named as read (a newer one may follow)
         model = load_checkpoint_model(path)
     model = model.to(device).eval()
@@ -89,6 +90,7 @@ def pretrained_config(name_or_path: str | Path) -> ModelConfig:
         return model_config_from_hf(path)
     from .train.checkpoint import checkpoint_model_config
 
+    _check_config_beside_weights(path)
     return checkpoint_model_config(path)
 
 
@@ -111,6 +113,7 @@ def load_pretrained_weights(model: nn.Module, name_or_path: str | Path) -> None:
     else:
         from .train.checkpoint import checkpoint_directory, load_weights
 
+        _check_config_beside_weights(path)
         load_weights(model, checkpoint_directory(path) / WEIGHTS_FILE)
 
 
@@ -123,15 +126,26 @@ def _load_weights_file(path: Path, architecture: str | None) -> ContrastiveModel
     if not path.is_file():
         raise OpenAlignError(f"'{path}' is not a file: an architecture is named for a weights file (a directory or "
                              "hub id names its own)")
+    if architecture is None and (hint := model_directory_hint(path)):
+        raise OpenAlignError(f"'{path}' {hint}")
+    if path.stat().st_size and not _has_weights_signature(path):  # a photo, a text file: not called corrupt
+        raise OpenAlignError(f"'{path}' is not a weights file: openalign reads torch.save files (.pt, .bin), "
+                             ".safetensors and big_vision's .npz, or a model directory")
     if architecture is None:
-        if hint := model_directory_hint(path):
-            raise OpenAlignError(f"'{path}' {hint}")
         raise OpenAlignError(f"'{path}' is a weights file without a config: name the architecture it holds, e.g. "
                              f"load_pretrained('{path}', architecture='alip-vit-b32') or 'openalign convert {path} "
                              "DIR --architecture alip-vit-b32' (see 'openalign models'), then use DIR")
     model = create_model(architecture)
     load_external_weights(model, path)
     return model
+
+
+def _has_weights_signature(path: Path) -> bool:
+    """Whether ``path`` begins as a weights file does: a zip (torch.save's format, numpy's .npz), a
+    pickle (torch's legacy format), a tar (its oldest) or a safetensors header (a length, then JSON)."""
+    with open(path, "rb") as file:
+        head = file.read(512)
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80" or head[257:262] == b"ustar" or head[8:9] == b"{"
 
 
 def model_directory_hint(path: Path) -> str | None:
@@ -156,6 +170,18 @@ def _model_type(folder: Path) -> Any:
     except OpenAlignError:
         return None
     return config.get("model_type") if isinstance(config, dict) else None
+
+
+def _check_config_beside_weights(path: Path) -> None:
+    """A directory of weights without a config is neither kind of model directory: say so, rather than
+    that the openalign kind's ``config.yaml`` is missing (its owner may never have had one)."""
+    if (path / CONFIG_FILE).exists() or (path / "checkpoints").is_dir():
+        return
+    if weights := sorted(name for name in (WEIGHTS_FILE, "pytorch_model.bin", "model.safetensors.index.json")
+                         if (path / name).is_file()) or sorted(p.name for p in path.glob("*.safetensors"))[:3]:
+        raise OpenAlignError(f"'{path}' holds weights ({', '.join(weights)}) but no config beside them: a Hugging "
+                             f"Face AlignModel directory has its {HF_CONFIG_FILE}, an openalign model its "
+                             f"{CONFIG_FILE}; copy the model's config there")
 
 
 def _is_hf_directory(path: Path) -> bool:
