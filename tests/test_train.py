@@ -673,6 +673,38 @@ def test_resume_refuses_a_changed_recipe_but_allows_more_steps(tmp_path, shapes_
         train(shorter, resume="latest", show_progress=False)
 
 
+def test_a_dataset_moved_to_another_path_resumes_exactly_when_the_change_is_allowed(tmp_path, shapes_root,
+                                                                                    tiny_overrides, monkeypatch,
+                                                                                    caplog):
+    """A job that stages its data to a per-job scratch path was refused on resume (data.train.root
+    changed), and init_from, the only way on, loses the optimiser and the schedule; --allow-change
+    data.train.root resumes it, exactly, with a warning."""
+    from openalign.cli import main
+
+    settings = ["eval.tasks=[]", "run.checkpoint_every=2"]
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    train(load_recipe("demo", tiny_overrides(shapes_root, straight, steps=4) + settings), show_progress=False)
+    train_until_preempted(load_recipe("demo", tiny_overrides(shapes_root, interrupted, steps=4) + settings), 2,
+                          monkeypatch)
+    moved = tmp_path / "scratch" / "shapes"
+    shutil.copytree(shapes_root, moved)
+    recipe = load_recipe("demo", tiny_overrides(moved, interrupted, steps=4) + settings)
+    with pytest.raises(OpenAlignError, match=r"data.train.root: .* -> .*scratch/shapes'.*pass --allow-change "
+                                             r"data.train.root;"):
+        train(recipe, resume="latest", show_progress=False)
+    with pytest.raises(OpenAlignError, match=r"--allow-change 'data.train.rot' names no setting of this recipe"):
+        train(recipe, resume="latest", show_progress=False, allow_changes=["data.train.rot"])
+    with pytest.raises(OpenAlignError, match="applies to a resumed run: pass --resume too"):
+        train(recipe, show_progress=False, allow_changes=["data.train.root"])
+    with caplog.at_level("WARNING"):
+        assert main(["train", "demo", *tiny_overrides(moved, interrupted, steps=4), *settings, "--resume", "latest",
+                     "--allow-change", "data.train"]) == 0
+    assert "resuming with data.train.root changed from" in caplog.text
+    for key, value in _state(straight).items():
+        assert torch.equal(value, _state(interrupted)[key]), key
+    assert [r["loss"] for r in read_history(straight)] == [r["loss"] for r in read_history(interrupted)]
+
+
 def test_a_checkpoint_older_than_a_setting_resumes_with_its_current_value(caplog):
     """An ALIP run checkpointed before model.min_logit_scale existed resumes with the floor, warned of;
     a setting that differs is still refused."""

@@ -57,7 +57,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from .recipe import load_recipe
     from .train import train
 
-    result = train(load_recipe(args.recipe, args.overrides), resume=args.resume)
+    allowed = [name.strip() for given in args.allow_change for name in given.split(",") if name.strip()]
+    result = train(load_recipe(args.recipe, args.overrides), resume=args.resume, allow_changes=allowed)
     if result.metrics and world_info()[0] == 0:  # every rank has them; one prints
         print(json.dumps(result.metrics, indent=2))
 
@@ -420,6 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.lr=1e-3 train.batch_size=256")
     train.add_argument("--resume", metavar="latest|PATH",
                        help="'latest' (this run's newest checkpoint, if any), a checkpoint or a run directory")
+    train.add_argument("--allow-change", metavar="KEY", action="append", default=[],
+                       help="with --resume: a setting that may differ from the checkpoint's, e.g. data.train.root "
+                       "for a dataset moved to another path (repeat it, or separate keys with commas)")
     _runs(train, _cmd_train)
 
     evaluate = commands.add_parser("eval", help="evaluate a model (CLIP_benchmark's metrics and result schema)")

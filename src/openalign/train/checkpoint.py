@@ -15,7 +15,7 @@ import os
 import random
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -207,12 +207,12 @@ class Checkpointer:
                              "nor a run directory holding checkpoints/")
 
     def resume(self, spec: str, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-               loss_fn: nn.Module, recipe: dict[str, Any], total_steps: int) -> int:
+               loss_fn: nn.Module, recipe: dict[str, Any], total_steps: int, allow_changes: Sequence[str] = ()) -> int:
         """Restore everything from the checkpoint ``spec`` names; returns its step (0 if none exists yet).
 
         ``recipe`` (the resolved recipe as a dict) must agree with the checkpoint's on everything
-        that shapes the run (see :func:`check_resumable`); ``total_steps`` may not be below the
-        checkpoint's step.
+        that shapes the run but ``allow_changes`` (see :func:`check_resumable`); ``total_steps``
+        may not be below the checkpoint's step.
         """
         path = self.resolve(spec)
         if path is None:
@@ -225,7 +225,7 @@ class Checkpointer:
         if step > total_steps:
             raise OpenAlignError(f"cannot resume from '{path}' (step {step}) with train.steps={total_steps}: "
                                  f"set train.steps to at least {step}")
-        check_resumable(saved_recipe, recipe, path)
+        check_resumable(saved_recipe, recipe, path, allow_changes)
         self._check_no_later_checkpoints(path, step)
         load_state(model, self._read(path, WEIGHTS_FILE, read_safetensors), f"checkpoint '{path / WEIGHTS_FILE}'")
         optimizer.load_state_dict(state["optimizer"])
@@ -277,29 +277,54 @@ RESUMABLE_CHANGES = ("train.device", "train.compile", "train.accum_steps", "trai
                      "data.num_workers", "run.", "eval.")
 
 
-def check_resumable(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+def check_resumable(saved: dict[str, Any], current: dict[str, Any], path: Path,
+                    allowed: Sequence[str] = ()) -> None:
     """Refuse to resume ``saved`` (a checkpoint's recipe) with a ``current`` recipe that differs in
     the model, loss, data or optimisation: the optimiser state would silently override a new
     ``train.lr``, and any other change breaks the promise that resuming equals never stopping.
     ``train.steps`` may change (to extend a run) with a warning: the schedule is then stretched.
-    A setting the checkpoint's recipe lacks (added to openalign since it was written, such as
+    ``allowed`` keys (and the keys under them) may change too, with a warning: the user's say-so
+    that a change keeps the run the same (a dataset moved to another path, say). A setting the
+    checkpoint's recipe lacks (added to openalign since it was written, such as
     ``model.min_logit_scale``) takes the current recipe's value, with a warning."""
     old, new = flatten(saved), flatten(current)
+    check_allowed_changes(current, allowed)
+    if permitted := sorted(key for key in old.keys() & new.keys()
+                           if old[key] != new[key] and any(_under(key, name) for name in allowed)):
+        log.warning("resuming with %s, as --allow-change permits: the run continues as one never stopped only if "
+                    "the change leaves what it trains on and how the same", "; ".join(
+                        f"{key} changed from {old[key]!r} to {new[key]!r}" for key in permitted), extra=RANK_ZERO_ONLY)
     if added := sorted(key for key in new.keys() - old.keys() if not key.startswith(RESUMABLE_CHANGES)):
         log.warning("checkpoint '%s' predates the setting(s) %s: the resumed run uses %s", path, ", ".join(added),
                     ", ".join(f"{key}={new[key]!r}" for key in added), extra=RANK_ZERO_ONLY)
     changed = sorted(key for key in old.keys() | new.keys()
                      if key in old and old.get(key) != new.get(key) and not key.startswith(RESUMABLE_CHANGES)
-                     and key != "train.steps")
+                     and key != "train.steps" and key not in permitted)
     if changed:
         details = "; ".join(f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in changed[:6])
         raise OpenAlignError(f"cannot resume from '{path}': the recipe differs from the one it was trained with "
-                             f"({details}{' ...' if len(changed) > 6 else ''}). Resume with the same settings, or "
-                             "start a new run (another run.output_dir) initialised from these weights.")
+                             f"({details}{' ...' if len(changed) > 6 else ''}). Resume with the same settings; for a "
+                             f"change that leaves the run the same (a dataset moved to another path), pass "
+                             f"--allow-change {changed[0]}; or start a new run (another run.output_dir) initialised "
+                             "from these weights.")
     if old.get("train.steps") != new.get("train.steps"):
         log.warning("train.steps changed from %s to %s: the learning-rate schedule continues on the new length, so "
                     "the run differs from one that used it from the start", old.get("train.steps"),
                     new.get("train.steps"), extra=RANK_ZERO_ONLY)
+
+
+def check_allowed_changes(recipe: dict[str, Any], allowed: Sequence[str]) -> None:
+    """Each of ``allowed`` names a setting of ``recipe`` (or a section of them), else an error: a
+    misspelt name would otherwise permit nothing, found only when the resumed run is refused."""
+    keys = flatten(recipe).keys()
+    if unknown := [name for name in allowed if not any(_under(key, name) for key in keys)]:
+        raise OpenAlignError(f"--allow-change {', '.join(map(repr, unknown))} names no setting of this recipe (see "
+                             "'openalign config RECIPE'; e.g. data.train.root)")
+
+
+def _under(key: str, name: str) -> bool:
+    """Whether the flattened ``key`` is the setting ``name`` or one under it."""
+    return key == name or key.startswith(name + ".")
 
 
 def _read_recipe(path: Path) -> dict[str, Any]:

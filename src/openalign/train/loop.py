@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -39,7 +39,7 @@ from ..precision import autocast, precision_scope
 from ..progress import make_progress
 from ..recipe import EvalConfig, Recipe
 from .accumulate import accumulated_backward, check_accumulable
-from .checkpoint import Checkpointer
+from .checkpoint import Checkpointer, check_allowed_changes
 from .logger import TrainLogger
 from .optim import build_optimizer
 from .schedule import build_scheduler
@@ -59,19 +59,26 @@ class TrainResult:
     data_counts: dict[str, int] = field(default_factory=dict)
 
 
-def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True) -> TrainResult:
+def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True,
+          allow_changes: Sequence[str] = ()) -> TrainResult:
     """Train ``recipe`` to ``train.steps``, checkpointing and evaluating as it says.
 
     ``resume`` is ``"latest"`` (the newest checkpoint of this run, if any), a checkpoint
-    directory, or a run directory; training then continues exactly where it stopped. A second
-    run in the same ``run.output_dir`` while this one runs is refused (it would interleave their
-    checkpoints and history).
+    directory, or a run directory; training then continues exactly where it stopped. The recipe
+    must be the checkpoint's, but for the settings ``allow_changes`` names (and those under them),
+    which the user vouches leave the run the same: ``["data.train.root"]`` for a dataset moved to
+    another path. A second run in the same ``run.output_dir`` while this one runs is refused (it
+    would interleave their checkpoints and history).
     """
+    if allow_changes and not resume:
+        raise OpenAlignError("--allow-change (allow_changes) applies to a resumed run: pass --resume too")
+    check_allowed_changes(to_dict(recipe), allow_changes)
     with contextlib.ExitStack() as held:
-        return _train(recipe, resume, show_progress, held)
+        return _train(recipe, resume, show_progress, held, allow_changes)
 
 
-def _train(recipe: Recipe, resume: str | None, show_progress: bool, held: contextlib.ExitStack) -> TrainResult:
+def _train(recipe: Recipe, resume: str | None, show_progress: bool, held: contextlib.ExitStack,
+           allow_changes: Sequence[str]) -> TrainResult:
     cfg, ctx = recipe.train, init_distributed(recipe.train.device)
     # checks and reads that may fail on some ranks only (rank 0 generates the demo data; each rank
     # reads its own data position): every rank stops with a clear error, none waits in DDP's set-up
@@ -106,7 +113,8 @@ def _train(recipe: Recipe, resume: str | None, show_progress: bool, held: contex
         recipe_dict = to_dict(recipe)
         start = 0
         if resume:
-            start = checkpointer.resume(resume, model, optimizer, scheduler, loss_fn, recipe_dict, cfg.steps)
+            start = checkpointer.resume(resume, model, optimizer, scheduler, loss_fn, recipe_dict, cfg.steps,
+                                        allow_changes)
         elif existing := checkpointer.checkpoints():
             raise OpenAlignError(f"run.output_dir '{output_dir}' already holds checkpoints of an earlier run (newest: "
                                  f"{existing[-1].name}): pass --resume latest to continue it, or choose "
