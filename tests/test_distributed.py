@@ -140,7 +140,7 @@ def test_sigterm_on_one_rank_stops_every_rank_after_the_same_step_with_its_check
     output = " ".join((result.stdout + result.stderr).split())
     # the ranks stopped as asked (143); torchrun then reports the first to exit as failed, with its own traceback
     assert result.returncode != 0 and "exitcode : 143" in output and "error:" not in output, output[-3000:]
-    assert output.count("terminated (SIGTERM) after step 3, checkpointed in") == 2, output[-3000:]
+    assert output.count("terminated (SIGTERM) after step 3, checkpointed in") == 1, output[-3000:]  # rank 0's
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step_00000003"]
     assert {"data_rank0.json", "data_rank1.json"} <= {p.name for p in (tmp_path / "run" / "checkpoints" /
                                                                         "step_00000003").iterdir()}

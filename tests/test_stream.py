@@ -346,6 +346,22 @@ def test_the_sample_a_cut_shard_ends_in_is_used_if_whole_and_else_skipped_as_cut
                                                         {"sample cut short by its shard's end": 1})
 
 
+def test_a_pipe_shard_left_before_its_end_closes_quietly_and_one_that_fails_at_its_end_is_an_error(tmp_path):
+    """A run stopping (or a reader moving on) left pipe: shards unfinished, whose generators then printed
+    'Exception ignored ... exit -15' tracebacks as they were collected; the command's exit status
+    says nothing of a shard left early, but a failure at its end still does."""
+    from openalign.data.sources import read_tar_shard
+
+    # samples larger than a pipe's buffer: the command is still writing when the first one is read
+    write_tar_shard(tmp_path / "0.tar", [(f"s{i}", {"txt": b"caption", "bin": bytes(1 << 20)}) for i in range(4)])
+    command = f"pipe:cat {tmp_path / '0.tar'}; exit 3"
+    samples = read_tar_shard(command)
+    assert next(samples)["txt"] == b"caption"
+    samples.close()  # raised the command's exit status
+    with pytest.raises(Exception, match="exit 3"):
+        list(read_tar_shard(command))
+
+
 def test_tar_members_group_into_samples_as_webdataset_groups_them(tmp_path):
     from webdataset.tariterators import group_by_keys, tar_file_expander
 

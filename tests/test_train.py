@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import time
@@ -169,12 +170,19 @@ def test_sigterm_checkpoints_the_step_it_stops_after_and_the_run_resumes_exactly
     assert losses[0] == losses[1] and len(losses[0]) == 6
 
 
-def test_sigterm_at_the_last_step_or_twice_stops_as_asked(tmp_path, shapes_root, tiny_overrides, monkeypatch):
-    """At the last step: its checkpoint, and no final evaluation (a resume evaluates only). A second
-    SIGTERM: the handler that was there before, at once (the command line's raises), without a checkpoint."""
+def test_sigterm_at_the_last_step_twice_after_it_or_before_an_error_stops_as_asked(tmp_path, shapes_root,
+                                                                                    tiny_overrides, monkeypatch,
+                                                                                    capsys):
+    """At the last step: its checkpoint, and no final evaluation (a resume evaluates only). Twice (under
+    Slurm and torchrun each rank gets the scheduler's copy and torchrun's): one stop, as for one; a
+    second had stopped at once, without a checkpoint. After the last agreement: passed on to the
+    handler that was there before (the command line's raises), as during the final evaluation.
+    Before an error: the error (a diverged loss), not 'terminated', which hid it."""
     import signal
 
+    from openalign.cli import main
     from openalign.errors import Terminated
+    from openalign.train.stop import StopOnSigterm
 
     recipe = load_recipe("demo", tiny_overrides(shapes_root, tmp_path / "last", steps=4))
     _sigterm_at({4}, monkeypatch)
@@ -184,20 +192,39 @@ def test_sigterm_at_the_last_step_or_twice_stops_as_asked(tmp_path, shapes_root,
     monkeypatch.undo()
     assert train(recipe, resume="latest", show_progress=False).metrics  # the evaluation it stopped before
 
+    _sigterm_at({3}, monkeypatch, times=2)
+    with pytest.raises(Terminated, match="after step 3, checkpointed in"):
+        train(load_recipe("demo", tiny_overrides(shapes_root, tmp_path / "twice", steps=4)), show_progress=False)
+    monkeypatch.undo()
+
     class AtOnce(Exception):
         pass
 
     def at_once(signum, frame):
         raise AtOnce()
 
+    agreed = StopOnSigterm.agreed
+
+    def signalled_after_the_last(self, wait=False):
+        stop = agreed(self, wait)
+        if wait:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return stop
+
+    monkeypatch.setattr(StopOnSigterm, "agreed", signalled_after_the_last)
     before = signal.signal(signal.SIGTERM, at_once)
     try:
-        _sigterm_at({3}, monkeypatch, times=2)
         with pytest.raises(AtOnce):
-            train(load_recipe("demo", tiny_overrides(shapes_root, tmp_path / "twice", steps=4)), show_progress=False)
+            train(load_recipe("demo", tiny_overrides(shapes_root, tmp_path / "after", steps=2)), show_progress=False)
     finally:
         signal.signal(signal.SIGTERM, before)
-    assert [p.name for p in (tmp_path / "twice" / "checkpoints").iterdir()] == ["step_00000002"]
+    assert not any("shapes/" in key for record in read_history(tmp_path / "after") for key in record)
+    monkeypatch.undo()
+
+    _sigterm_at({3}, monkeypatch)
+    settings = ["train.lr=1e8", "run.log_every=1000", "run.checkpoint_every=1000"]  # found at the stop's check only
+    assert main(["train", "demo", *tiny_overrides(shapes_root, tmp_path / "nan", steps=6), *settings]) == 2
+    assert "NaN or infinite within the 3 step(s) up to step 3" in " ".join(capsys.readouterr().err.split())
 
 
 def test_sigterm_to_the_whole_process_group_with_loader_workers_still_checkpoints(tmp_path, shapes_root,

@@ -722,8 +722,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             args.func(args)
             shutdown()  # after a success only: after an error a peer may still be inside a collective
-        except Exception:
-            if Terminated.received:  # raised as the command unwound from SIGTERM (torch on a loader worker it ended)
+        except Exception as error:
+            # raised as the command unwound from SIGTERM (torch on a loader worker it ended), or, before a stop it
+            # asked for, for want of something the signal ended; an error openalign explains (a diverged loss, a
+            # full disk under the checkpoint, a peer's failure) is reported as itself
+            if Terminated.received or (Terminated.requested and not isinstance(error, (OpenAlignError, OSError))):
                 raise Terminated() from None
             raise
     except OpenAlignError as error:
@@ -748,16 +751,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
         return 2
     except Terminated as stopped:
+        rank = world_info()[0]
         if str(stopped):  # training stopped where every rank agreed to: none is inside a collective
             shutdown()
-        return _terminated(args, stopped)
+        return _terminated(args, stopped, rank)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
         return 130
     finally:
         if previous is not _NOT_SET:  # None: a handler installed outside Python, which cannot be put back
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
-        Terminated.received = False
+        Terminated.received = Terminated.requested = False
     return 0
 
 
@@ -768,7 +772,7 @@ def _stop_on_sigterm() -> Any:
     """Make SIGTERM raise :class:`Terminated` (Python's default ends the process without a word or
     any clean-up); returns the handler it replaced (None: one installed outside Python), or
     ``_NOT_SET`` off the main thread, where no handler can be installed."""
-    Terminated.received = False  # left set by an earlier call of openalign.train in this process
+    Terminated.received = Terminated.requested = False  # left set by an earlier openalign.train in this process
     if threading.current_thread() is not threading.main_thread():
         return _NOT_SET
 
@@ -779,9 +783,11 @@ def _stop_on_sigterm() -> Any:
     return signal.signal(signal.SIGTERM, stop)
 
 
-def _terminated(args: argparse.Namespace, stopped: Terminated) -> int:
-    # training that checkpointed the step it stopped after says so in the message; otherwise the last
-    # periodic checkpoint is where a resumed run starts
+def _terminated(args: argparse.Namespace, stopped: Terminated, rank: int) -> int:
+    # training that checkpointed the step it stopped after says so in the message, alike on every rank:
+    # rank 0 prints it; otherwise the last periodic checkpoint is where a resumed run starts
+    if str(stopped) and rank:
+        return 143
     resume = f" {stopped}" if str(stopped) else \
         ": --resume latest continues from the last checkpoint" if args.func is _cmd_train else ""
     console.print(f"[yellow]terminated[/] (SIGTERM){escape(resume)}", soft_wrap=True)

@@ -31,7 +31,9 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (a scheduler's preemption, torchrun passing it on), raised in the main thread as Ctrl-C's
     KeyboardInterrupt is, so that the same clean-up runs (loader workers stopped, the run's lock
     released, no agreement asked of other ranks). Training raises it once it has checkpointed the
-    step it stopped after; its message then says which. ``received``: whether a SIGTERM came, for an
-    error raised while the command unwinds."""
+    step it stopped after; its message then says which. ``received``: whether a SIGTERM was raised
+    so, for an error raised while the command unwinds; ``requested``: whether one asked training to
+    stop after its step, for an error raised before it does (a loader worker the signal ended)."""
 
     received = False
+    requested = False

@@ -171,10 +171,10 @@ def _start_worker(worker_id: int) -> None:
     ended so would make its rank fail in the middle of the step that training lets finish before
     it stops (:mod:`openalign.train.stop`). Python's signal handlers cannot tell who sent a signal,
     so the signal is blocked and a thread waits for it with ``sigwaitinfo``; this runs first thing
-    in a worker, before it starts threads of its own, which inherit the block. So do programs it
-    starts (a ``pipe:`` shard's command): they too outlive the group's SIGTERM, and end when their
-    pipe closes or on SIGKILL. Where ``sigwaitinfo`` is missing (macOS), SIGTERM ends a worker
-    whoever sends it."""
+    in a worker, before it starts threads of its own, which inherit the block. A ``pipe:`` shard's
+    command does not outlive it: webdataset runs it through a shell, which unblocks the signal (the
+    shard is cut short there, in batches prefetched beyond the step the run stops after). Where
+    ``sigwaitinfo`` is missing (macOS), SIGTERM ends a worker whoever sends it."""
     COUNTS.clear()
     # not the command line's handler the worker was forked with, which would raise in it
     signal.signal(signal.SIGTERM, signal.SIG_DFL)

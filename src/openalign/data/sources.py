@@ -8,6 +8,7 @@ sources sampled per example by weight).
 from __future__ import annotations
 
 import bisect
+import contextlib
 import functools
 import glob
 import gzip
@@ -591,8 +592,11 @@ def extra_value(key: str, data: bytes | int | None) -> Any:
 def read_tar_shard(url: str) -> Iterator[dict[str, bytes]]:
     """The samples of a tar shard as ``{field: bytes}`` (field names lower-cased; members webdataset
     would ignore are left out). A field given twice (``a.jpg`` and ``a.JPG``), which webdataset
-    refuses, is named under :data:`REPEATED_FIELDS`, for the decoder to skip the sample."""
-    with open_url(url) as stream:
+    refuses, is named under :data:`REPEATED_FIELDS`, for the decoder to skip the sample. A shard
+    left before its end (the reader closed, a run stopping) is closed without a word: a ``pipe:``
+    command's exit status then (ended by SIGPIPE or SIGTERM) says nothing of the shard."""
+    stream, finished = open_url(url), False
+    try:
         for sample in stream_samples(stream):
             if sample.key is None:
                 continue
@@ -605,6 +609,13 @@ def read_tar_shard(url: str) -> Iterator[dict[str, bytes]]:
             if sample.cut_short:
                 fields[CUT_SHORT] = True
             yield fields
+        finished = True
+    finally:
+        if finished:
+            stream.close()  # a pipe's failure at the end is the shard's
+        else:
+            with contextlib.suppress(Exception):
+                stream.close()
 
 
 def check_not_cut_short(fields: dict[str, Any], image_keys: Sequence[str], keys: Iterable[str]) -> None:

@@ -5,8 +5,9 @@ seconds before SIGKILL (Slurm's ``KillWait``, 30 s by default; torchrun waits 30
 once, as Ctrl-C does, loses every step since the last periodic checkpoint. While the training
 loop runs, SIGTERM instead asks for a stop: the ranks agree on the step to stop after (one rank
 may receive it, or all at slightly different times, and none may leave a collective that another
-has entered), checkpoint it and raise :class:`~openalign.errors.Terminated`. A second SIGTERM
-stops at once, as outside the loop.
+has entered), checkpoint it and raise :class:`~openalign.errors.Terminated`. Further SIGTERMs
+change nothing: under Slurm and torchrun each rank gets the scheduler's and then torchrun's copy
+of it, milliseconds apart. Ctrl-C (SIGINT) still stops at once.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..distributed import RANK_ZERO_ONLY, world_info
+from ..distributed import world_info
 from ..errors import Terminated
 
 log = logging.getLogger("openalign.train")
@@ -35,11 +36,12 @@ class StopOnSigterm:
     work nor holds a step up; they therefore stop one step later than a single process does.
     Off the main thread (where no handler can be installed) and where SIGTERM is ignored, the
     process's handling of SIGTERM is left as it is, and the rank still takes part in the agreement.
+    A SIGTERM after the last agreement (in the last step's wait, or just after it) is passed on, on
+    leaving, to the handler that was there before, as one during the final evaluation is.
     """
 
     def __init__(self) -> None:
         self.requested = False
-        self._announced = False
         self._previous: Any = None
         self._installed = False
         self._group: Any = None
@@ -56,33 +58,23 @@ class StopOnSigterm:
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  traceback: TracebackType | None) -> None:
-        if self._installed:  # None: a handler installed outside Python, which cannot be put back
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous is None else self._previous)
-            self._installed = False
         if self._pending is not None and kind is None:  # after an error a peer may never take part
             self._pending[0].wait()
         self._pending = None
+        if self._installed:  # None: a handler installed outside Python, which cannot be put back
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous is None else self._previous)
+            self._installed = False
+            if self.requested and kind is None:  # came after the last agreement: handled as outside the loop
+                signal.raise_signal(signal.SIGTERM)
 
     def _handle(self, signum: int, frame: Any) -> None:
-        Terminated.received = True
-        if not self.requested:
-            self.requested = True
-            return
-        # the second: at once, as the handler this one replaced would have (the command line's raises)
-        if callable(self._previous):
-            self._previous(signum, frame)
-            return
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.raise_signal(signal.SIGTERM)
+        Terminated.requested = True
+        self.requested = True
 
     def agreed(self, wait: bool = False) -> bool:
         """Whether the ranks agree to stop now: whether any of them had received SIGTERM when it
         last asked (every rank must call this as often as the others). ``wait``: the answer as of
         now, waiting for every rank (at the end of the loop, where no later step will ask again)."""
-        if self.requested and not self._announced:
-            self._announced = True
-            log.warning("SIGTERM received: the run stops after this step, with a checkpoint of it (another SIGTERM "
-                        "stops it at once)", extra=RANK_ZERO_ONLY)
         if self._group is None:
             return self.requested
         if self._pending is not None:
