@@ -12,7 +12,6 @@ of it, milliseconds apart. Ctrl-C (SIGINT) still stops at once.
 
 from __future__ import annotations
 
-import logging
 import signal
 import threading
 from types import TracebackType
@@ -23,8 +22,6 @@ import torch.distributed as dist
 
 from ..distributed import world_info
 from ..errors import Terminated
-
-log = logging.getLogger("openalign.train")
 
 
 class StopOnSigterm:
