@@ -351,7 +351,7 @@ def test_overwriting_a_model_removes_its_vocabulary_processor_and_weight_shards(
 
 def test_models_that_hugging_face_cannot_represent_are_refused(tmp_path):
     with pytest.raises(OpenAlignError, match="image_projection: true\\); Hugging Face's AlignModel has no image "
-                                             "projection.*format='openalign'"):
+                                             "projection.*format='openalign'.*model.image_projection=false"):
         openalign.create_model("align-test").save_pretrained(tmp_path / "b3", format="hf")
     assert not (tmp_path / "b3").exists() and not list(tmp_path.iterdir())  # nor a staging directory left behind
     # a refused export over an existing model, overwrite or not, leaves that model as it was

@@ -274,7 +274,9 @@ def hf_config_from_model(config: DualEncoderConfig) -> Any:
     if config.image_projection:
         raise OpenAlignError(f"{name} projects its image features (image_projection: true); Hugging Face's "
                              "AlignModel has no image projection, so it cannot be exported to 'hf'. "
-                             "Save it with format='openalign' (openalign convert --to openalign) instead.")
+                             "Save it with format='openalign' (openalign convert --to openalign) instead; a model "
+                             "trained with model.image_projection=false (and the embed_dim its error then names) "
+                             "exports.")
     pre = config.preprocess
     if pre.resize_mode != "squash":
         raise OpenAlignError(f"{name} resizes images' shorter side (resize_mode: {pre.resize_mode}); the AlignModel "
