@@ -761,7 +761,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if previous is not _NOT_SET:  # None: a handler installed outside Python, which cannot be put back
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
-        Terminated.received = Terminated.requested = False
     return 0
 
 
@@ -772,7 +771,7 @@ def _stop_on_sigterm() -> Any:
     """Make SIGTERM raise :class:`Terminated` (Python's default ends the process without a word or
     any clean-up); returns the handler it replaced (None: one installed outside Python), or
     ``_NOT_SET`` off the main thread, where no handler can be installed."""
-    Terminated.received = Terminated.requested = False  # left set by an earlier openalign.train in this process
+    Terminated.received = Terminated.requested = False  # left set by an earlier command or openalign.train
     if threading.current_thread() is not threading.main_thread():
         return _NOT_SET
 

@@ -27,9 +27,7 @@ log = logging.getLogger("openalign.data")
 # The skip reasons, as logs and ``openalign data inspect --json`` name them.
 NO_IMAGE = "no image"
 NO_CAPTION = "no caption"
-CAPTION_NOT_TEXT = "caption not text"
-CAPTION_NOT_UTF8 = "caption not UTF-8"
-EMPTY_CAPTION = "empty caption"
+EMPTY_CAPTION = "empty caption"  # and "caption not text", "caption not UTF-8": see caption_text
 UNDECODABLE_IMAGE = "undecodable image"
 IMAGE_TOO_LARGE = "image too large (decompression bomb)"
 IMAGE_TOO_SMALL = "image too small"

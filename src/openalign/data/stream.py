@@ -219,12 +219,12 @@ class ShardStream(ResumableStream):
                 order = list(range(len(pool)))
                 random.Random(f"{self.seed}/{reader}/{position.round}").shuffle(order)
                 for taken in range(position.taken, len(pool)):
-                    (raw, where), pool[order[taken]] = pool[order[taken]], None
+                    (raw, url, number), pool[order[taken]] = pool[order[taken]], None
                     generator = sample_generator(self.seed, reader, position.round * 1_000_003 + taken)
                     try:  # the augmentation's RNG is a function of the position too
                         sample = self.decode(raw, generator)
                     except SkipSample as skip:
-                        self.policy.skip(skip, where)
+                        self.policy.skip(skip, f"{url}, sample {number}")
                         continue
                     self.policy.success()
                     yield sample, position._replace(taken=taken + 1)  # its epoch is the sample's epoch
@@ -286,7 +286,7 @@ class ShardStream(ResumableStream):
                 fill.cut_first.add((draw, slot))
             else:
                 fill.failures, fill.read_since_skip = 0, True
-            fill.pool.append((raw, f"{url}, sample {offset + 1}"))  # where it is, to name it if it is skipped
+            fill.pool.append((raw, url, offset + 1))  # where it is, to name it if it is skipped
             fill.slots[slot] = (draw, offset + 1)
             wanted -= 1
 

@@ -283,12 +283,12 @@ def check_resumable(saved: dict[str, Any], current: dict[str, Any], path: Path,
     the model, loss, data or optimisation: the optimiser state would silently override a new
     ``train.lr``, and any other change breaks the promise that resuming equals never stopping.
     ``train.steps`` may change (to extend a run) with a warning: the schedule is then stretched.
-    ``allowed`` keys (and the keys under them) may change too, with a warning: the user's say-so
-    that a change keeps the run the same (a dataset moved to another path, say). A setting the
+    ``allowed`` keys (and the keys under them; :func:`check_allowed_changes` checks that they name
+    settings) may change too, with a warning: the user's say-so that a change keeps the run the
+    same (a dataset moved to another path, say). A setting the
     checkpoint's recipe lacks (added to openalign since it was written, such as
     ``model.min_logit_scale``) takes the current recipe's value, with a warning."""
     old, new = flatten(saved), flatten(current)
-    check_allowed_changes(current, allowed)
     if permitted := sorted(key for key in old.keys() & new.keys()
                            if old[key] != new[key] and any(_under(key, name) for name in allowed)):
         log.warning("resuming with %s, as --allow-change permits: the run continues as one never stopped only if "
