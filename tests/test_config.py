@@ -57,6 +57,17 @@ def test_errors_name_the_key_and_the_fix(data, message):
     assert message in str(error.value)
 
 
+def test_errors_say_whether_the_key_is_unknown_through_nesting():
+    """``unknown`` marks a key the settings do not have (what a recipe's hint about another model's
+    settings keys on), not a wrong value, nor an unknown variant name, whose message also says 'unknown'."""
+    for data, unknown in (({"steps": 1, "shapes": [{"type": "circle", "radus": 1}]}, True),
+                          ({"steps": 1, "shapes": [{"type": "circel"}]}, False),
+                          ({"steps": 1, "shapes": [{"type": "circle", "radius": "x"}]}, False)):
+        with pytest.raises(ConfigError) as error:
+            from_dict(Settings, data)
+        assert error.value.key.startswith("shapes[0].") and error.value.unknown is unknown
+
+
 def test_overrides_set_nested_keys_list_items_and_parse_values():
     data = {"train": {"lr": 1.0}, "eval": {"tasks": [{"root": "a"}]}}
     result = apply_overrides(data, ["train.lr=1e-3", "train.clip=null", "eval.tasks.0.root=b", "new.key=[1, 2]"])

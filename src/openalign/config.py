@@ -192,7 +192,8 @@ def _convert_dataclass(cls: type, value: Any, path: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     for key in data:
         if key not in fields:
-            raise ConfigError(f"is unknown{did_you_mean(str(key), fields, path)}", join_key(path, str(key)))
+            raise ConfigError(f"is unknown{did_you_mean(str(key), fields, path)}", join_key(path, str(key)),
+                              unknown=True)
     kwargs = {}
     for name, field in fields.items():
         key = join_key(path, name)
@@ -205,7 +206,7 @@ def _convert_dataclass(cls: type, value: Any, path: str) -> Any:
     except ConfigError as error:
         if error.key is None:
             raise
-        raise ConfigError(error.message, join_key(path, error.key)) from None
+        raise ConfigError(error.message, join_key(path, error.key), error.unknown) from None
 
 
 def _pick_variant(cls: type, data: dict, path: str) -> type:

@@ -18,12 +18,14 @@ class ConfigError(OpenAlignError, ValueError):
 
     ``key`` is the dotted key the problem is about, relative to the settings object that raised
     it (the config loader prefixes the object's own path); ``message`` then reads as a
-    predicate of it: ``config key 'train.lr' must be positive``.
+    predicate of it: ``config key 'train.lr' must be positive``. ``unknown``: whether the key is
+    one the settings object does not have (rather than a wrong value of one it has).
     """
 
-    def __init__(self, message: str, key: str | None = None) -> None:
+    def __init__(self, message: str, key: str | None = None, unknown: bool = False) -> None:
         self.key = key
         self.message = message
+        self.unknown = unknown
         super().__init__(f"config key '{key}' {message}" if key else message)
 
 

@@ -165,7 +165,7 @@ class Recipe:
             try:
                 task.take_training_data(self.data.train)
             except ConfigError as error:
-                raise ConfigError(error.message, f"eval.tasks[{index}].{error.key}") from None
+                raise ConfigError(error.message, f"eval.tasks[{index}].{error.key}", error.unknown) from None
 
 
 def load_recipe(name_or_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
@@ -200,7 +200,7 @@ def recipe_from_dict(raw: dict, overrides: list[str] | tuple[str, ...] = ()) -> 
         return from_dict(Recipe, raw)
     except ConfigError as error:
         key = (error.key or "").split(".")
-        if renamed is None or key[0] != "model" or tuple(key) in overridden or "unknown" not in error.message:
+        if renamed is None or key[0] != "model" or tuple(key) in overridden or not error.unknown:
             raise
         # the recipe's settings of its own model (the demo's image.batch_norm_momentum), refused by another family's
         raise ConfigError(f"{error.message}. The recipe sets it for its own model, and model.name={renamed} keeps the "

@@ -53,7 +53,8 @@ class EvalPreprocess:
                                   "preprocessing changes how images are resized and cropped, not the size the model "
                                   "takes (an evaluation written for a larger model; use a copy without it)",
                                   "preprocess.image_size") from None
-            raise ConfigError(error.message, f"preprocess.{(error.key or '').removeprefix('preprocess.')}") from None
+            raise ConfigError(error.message, f"preprocess.{(error.key or '').removeprefix('preprocess.')}",
+                              error.unknown) from None
         return config.build_transform(train=False)
 
 
