@@ -70,10 +70,9 @@ def load_pretrained(name_or_path: str | Path, device: str | torch.device = "cpu"
         if path != Path(name_or_path).expanduser():  # a hub snapshot: name it by its id, not its hash
             model.config.name = str(name_or_path)
     else:
-        from .train.checkpoint import checkpoint_directory, load_checkpoint_model
+        from .train.checkpoint import load_checkpoint_model
 
-        _check_config_beside_weights(path)
-        path = checkpoint_directory(path)  # a run's latest checkpoint, named as read (a newer one may follow)
+        path = _checkpoint_directory(path)  # a run's latest checkpoint, named as read (a newer one may follow)
         model = load_checkpoint_model(path)
     model = model.to(device).eval()
     model.weights_path = str(path.resolve())
@@ -90,8 +89,7 @@ def pretrained_config(name_or_path: str | Path) -> ModelConfig:
         return model_config_from_hf(path)
     from .train.checkpoint import checkpoint_model_config
 
-    _check_config_beside_weights(path)
-    return checkpoint_model_config(path)
+    return checkpoint_model_config(_checkpoint_directory(path))
 
 
 def load_pretrained_weights(model: nn.Module, name_or_path: str | Path) -> None:
@@ -111,10 +109,9 @@ def load_pretrained_weights(model: nn.Module, name_or_path: str | Path) -> None:
 
         load_hf_weights(model, path, f"'{name_or_path}'")
     else:
-        from .train.checkpoint import checkpoint_directory, load_weights
+        from .train.checkpoint import load_weights
 
-        _check_config_beside_weights(path)
-        load_weights(model, checkpoint_directory(path) / WEIGHTS_FILE)
+        load_weights(model, _checkpoint_directory(path) / WEIGHTS_FILE)
 
 
 def _load_weights_file(path: Path, architecture: str | None) -> ContrastiveModel:
@@ -172,16 +169,20 @@ def _model_type(folder: Path) -> Any:
     return config.get("model_type") if isinstance(config, dict) else None
 
 
-def _check_config_beside_weights(path: Path) -> None:
-    """A directory of weights without a config is neither kind of model directory: say so, rather than
+def _checkpoint_directory(path: Path) -> Path:
+    """The openalign model or checkpoint directory ``path`` names (a run's latest checkpoint). A
+    directory of weights without a config is neither kind of model directory: say so, rather than
     that the openalign kind's ``config.yaml`` is missing (its owner may never have had one)."""
+    from .train.checkpoint import checkpoint_directory
+
     if (path / CONFIG_FILE).exists() or (path / "checkpoints").is_dir():
-        return
+        return checkpoint_directory(path)
     if weights := sorted(name for name in (WEIGHTS_FILE, "pytorch_model.bin", "model.safetensors.index.json")
                          if (path / name).is_file()) or sorted(p.name for p in path.glob("*.safetensors"))[:3]:
         raise OpenAlignError(f"'{path}' holds weights ({', '.join(weights)}) but no config beside them: a Hugging "
                              f"Face AlignModel directory has its {HF_CONFIG_FILE}, an openalign model its "
                              f"{CONFIG_FILE}; copy the model's config there")
+    return checkpoint_directory(path)  # its error: neither weights nor checkpoints
 
 
 def _is_hf_directory(path: Path) -> bool:
