@@ -493,6 +493,28 @@ def test_a_truncated_weights_file_is_named_with_the_remedy(hf_dir, tmp_path, kin
         openalign.load_pretrained(copy)
 
 
+def test_weights_holding_nan_load_with_a_warning_that_names_them(tmp_path, caplog):
+    """Training never checkpoints NaN weights, but weights from elsewhere may hold them: the load says
+    so (by either route), rather than every embedding being NaN without a word."""
+    model = openalign.create_model("align-test")
+    clean = model.save_pretrained(tmp_path / "clean")
+    with caplog.at_level("WARNING", logger="openalign.pretrained"):
+        openalign.load_pretrained(clean)
+    assert "NaN" not in caplog.text
+    weights = load_file(clean / "model.safetensors")
+    weights["text_projection.weight"][0, 0] = float("nan")
+    weights["log_temperature"] = torch.full_like(weights["log_temperature"], float("inf"))
+    broken = tmp_path / "broken"
+    shutil.copytree(clean, broken)
+    save_file(weights, broken / "model.safetensors")
+    for load in (openalign.load_pretrained, model.init_from):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="openalign.pretrained"):
+            load(broken)
+        assert re.search(r"'.*broken' hold NaN or infinite values in 2 tensor\(s\) \(log_temperature, "
+                         r"text_projection.weight\): the model's outputs will be NaN", caplog.text)
+
+
 def test_a_model_directory_whose_tokenizer_is_missing_or_truncated_is_a_clear_error(tmp_path):
     directory = openalign.create_model("align-test").save_pretrained(tmp_path / "model")
     tokenizer = directory / "tokenizer.json"

@@ -27,7 +27,7 @@ from torch import nn
 
 from .config import dump_saved, from_dict, peek_yaml, to_dict
 from .data.tokenizer import Tokenizer
-from .distributed import resolve_device
+from .distributed import RANK_ZERO_ONLY, resolve_device
 from .data.transforms import ImageTransform
 from .errors import OpenAlignError
 from .files import filled_whole, read_json
@@ -74,6 +74,7 @@ def load_pretrained(name_or_path: str | Path, device: str | torch.device = "cpu"
 
         path = _checkpoint_directory(path)  # a run's latest checkpoint, named as read (a newer one may follow)
         model = load_checkpoint_model(path)
+    _warn_if_not_finite(model, path)
     model = model.to(device).eval()
     model.weights_path = str(path.resolve())
     return model, model.config.build_transform(train=False), model.config.build_tokenizer()
@@ -102,9 +103,7 @@ def load_pretrained_weights(model: nn.Module, name_or_path: str | Path) -> None:
         from .external import load_external_weights
 
         load_external_weights(model, Path(name_or_path).expanduser())
-        return
-    path = resolve(name_or_path)
-    if _is_hf_directory(path):
+    elif _is_hf_directory(path := resolve(name_or_path)):
         from .hf import load_hf_weights
 
         load_hf_weights(model, path, f"'{name_or_path}'")
@@ -112,6 +111,18 @@ def load_pretrained_weights(model: nn.Module, name_or_path: str | Path) -> None:
         from .train.checkpoint import load_weights
 
         load_weights(model, _checkpoint_directory(path) / WEIGHTS_FILE)
+    _warn_if_not_finite(model, name_or_path)
+
+
+def _warn_if_not_finite(model: nn.Module, source: str | Path) -> None:
+    """Warn of weights that hold NaN or infinite values (training refuses to checkpoint them; weights
+    from elsewhere may): every embedding the model makes would be NaN, far from where it was loaded."""
+    bad = [name for name, tensor in model.state_dict().items()
+           if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if bad:
+        log.warning("the weights of '%s' hold NaN or infinite values in %d tensor(s) (%s%s): the model's outputs "
+                    "will be NaN; were they saved after training diverged?", source, len(bad), ", ".join(bad[:3]),
+                    ", ..." if len(bad) > 3 else "", extra=RANK_ZERO_ONLY)  # train.init_from reads on every rank
 
 
 def _load_weights_file(path: Path, architecture: str | None) -> ContrastiveModel:
