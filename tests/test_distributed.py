@@ -123,6 +123,8 @@ def test_the_trainer_runs_under_torchrun_and_resumes(tmp_path, shapes_root):
     assert "FutureWarning" not in result.stderr  # DDP's renamed buffer switch
     history = [r for r in read_history(tmp_path / "run") if "loss" in r]
     assert [r["step"] for r in history] == [1, 2, 3, 4]
+    assert all(r["samples_per_second_per_rank"] == pytest.approx(r["samples_per_second"] / 2) for r in history)
+    assert all(0 <= r["data/wait_seconds"] <= r["step_seconds"] for r in history)  # the reduction ran on both
     assert (tmp_path / "run" / "checkpoints" / "step_00000004").is_dir()
     metrics = [r for r in read_history(tmp_path / "run") if "shapes/knn_colour_acc1" in r]
     assert len(metrics) == 2  # evaluated at the end of each invocation, by rank 0 only

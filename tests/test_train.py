@@ -45,10 +45,29 @@ def test_a_run_writes_checkpoints_history_tensorboard_and_metrics(trained_run):
     history = read_history(output)
     assert [r["step"] for r in history if "loss" in r] == [1, 2, 3, 4]
     assert {"loss", "lr", "temperature", "samples_per_second", "loss_i2t", "loss_t2i"} <= set(history[0])
+    for record in history[:4]:  # one rank: its throughput is the run's; waiting for data is part of a step
+        assert record["samples_per_second_per_rank"] == record["samples_per_second"]
+        assert 0 <= record["data/wait_seconds"] <= record["step_seconds"] and 0 <= record["data/wait_fraction"] <= 1
     assert history[0]["lr"] == 0.0  # linear warm-up starts at 0 (spec §3.3)
     assert "shapes/image_retrieval_recall@1" in history[-1] and set(result.metrics) == set(history[-1]) - {"step"}
     assert list((output / "tensorboard").glob("events.out.tfevents.*"))
     assert (output / "config.yaml").is_file()
+
+
+def test_the_log_says_how_long_training_waited_for_data(tmp_path, shapes_root, monkeypatch, caplog):
+    """An input-bound run (a loader that takes 0.3 s a batch) shows it: the time waited per step and
+    its share of the step, in the history and the log line."""
+    from openalign.data.loader import DataMonitor
+
+    take = DataMonitor.take
+    monkeypatch.setattr(DataMonitor, "take", lambda self, batch: (time.sleep(0.3), take(self, batch))[1])
+    overrides = tiny_recipe_overrides(shapes_root, tmp_path, steps=2) + ["eval.tasks=[]"]
+    with caplog.at_level("INFO", logger="openalign.train"):
+        train(load_recipe("demo", overrides), show_progress=False)
+    records = [r for r in read_history(tmp_path) if "loss" in r]
+    assert len(records) == 2 and all(0.3 <= r["data/wait_seconds"] <= r["step_seconds"] for r in records)
+    assert all(r["data/wait_fraction"] == pytest.approx(r["data/wait_seconds"] / r["step_seconds"]) for r in records)
+    assert re.search(r"samples/s \(\d+ per rank\)  data wait \d+%", caplog.text)
 
 
 def test_checkpoint_loads_back_into_a_model(trained_run):

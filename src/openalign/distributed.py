@@ -114,6 +114,14 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def all_reduce_max(value: torch.Tensor) -> torch.Tensor:
+    """The maximum of ``value`` over ranks (a detached copy); for logging."""
+    value = value.detach().clone()
+    if world_info()[1] > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value
+
+
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     """The mean of ``value`` over ranks (a detached copy); for logging."""
     return all_reduce_sum(value) / world_info()[1]

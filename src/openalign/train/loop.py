@@ -28,8 +28,8 @@ from ..config import dump_saved, to_dict
 from ..data.loader import Collate, DataMonitor, build_loader, move_to_device
 from ..data.quality import summarise
 from ..data.stream import ResumableStream
-from ..distributed import (DistributedContext, all_reduce_mean, all_reduce_sum, average_buffers, barrier,
-                           fail_together, init_distributed, world_info)
+from ..distributed import (DistributedContext, all_reduce_max, all_reduce_mean, all_reduce_sum, average_buffers,
+                           barrier, fail_together, init_distributed, world_info)
 from ..errors import ConfigError, OpenAlignError, Terminated
 from ..eval.tasks import task_problems
 from ..files import held_directory
@@ -176,7 +176,10 @@ def _train(recipe: Recipe, resume: str | None, show_progress: bool, held: contex
                     _stop_on_request(step - 1, saved, window, checkpointer, save)
                 if step > cfg.steps:
                     break
-                batch = move_to_device(monitor.take(next(batches)), ctx.device, channels_last=True)
+                waited = time.perf_counter()
+                batch = monitor.take(next(batches))
+                window.data_seconds += time.perf_counter() - waited
+                batch = move_to_device(batch, ctx.device, channels_last=True)
                 lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
                 loss = train_step(model, loss_fn, optimizer, scheduler, batch, ctx.device, cfg.precision,
                                   cfg.grad_clip, forward, cfg.accum_steps)
@@ -190,8 +193,10 @@ def _train(recipe: Recipe, resume: str | None, show_progress: bool, held: contex
                     scalars = window.scalars(lr, model, cfg.batch_size, monitor)
                     logger.log(step, scalars)
                     progress.update(bar, loss=f"{scalars['loss']:.4f}", speed=f"{scalars['samples_per_second']:.0f}")
-                    log.info("step %d/%d  loss %.4f  lr %.3g  temperature %.4f  %.0f samples/s", step, cfg.steps,
-                             scalars["loss"], scalars["lr"], scalars["temperature"], scalars["samples_per_second"])
+                    log.info("step %d/%d  loss %.4f  lr %.3g  temperature %.4f  %.0f samples/s (%.0f per rank)  "
+                             "data wait %.0f%%", step, cfg.steps, scalars["loss"], scalars["lr"],
+                             scalars["temperature"], scalars["samples_per_second"],
+                             scalars["samples_per_second_per_rank"], 100 * scalars["data/wait_fraction"])
                     window = _LogWindow(ctx.device)
                 # evaluated before the checkpoint: a run stopped between the two resumes from the one before
                 # and evaluates this step again, where one stopped after the save would never have
@@ -297,6 +302,7 @@ class _LogWindow:
         self.stats: dict[str, torch.Tensor] = {key: torch.tensor(float(value), device=device)
                                                for key, value in carried["stats"].items()}
         self.steps, self.timed_steps, self.started = int(carried["steps"]), 0, time.perf_counter()
+        self.data_seconds = 0.0  # waited for batches in the timed steps
         self._summed: torch.Tensor | None = None
 
     def state(self) -> dict[str, Any]:
@@ -322,12 +328,23 @@ class _LogWindow:
 
     def scalars(self, lr: float, model: nn.Module, batch_size: int, monitor: DataMonitor) -> dict[str, float]:
         """What is logged: means over the window and over all ranks (every rank must call this),
-        and the samples skipped so far on all ranks."""
+        the samples skipped so far on all ranks, and the time spent waiting for data.
+
+        ``data/wait_seconds`` is the mean time per step a rank waited for its next batch from the
+        loader, on the rank that waited longest (the others wait for it at the gradient's
+        all-reduce); ``data/wait_fraction`` is that time's share of the steps' wall time: near 0 when
+        the data keeps up, near 1 when training is input-bound (more ``data.num_workers``, faster
+        storage)."""
         seconds = time.perf_counter() - self.started
+        world = world_info()[1]
         skipped = sum(n for key, n in monitor.counts().items() if key.startswith("skipped/"))
-        scalars = {"loss": (self.summed_loss() / (self.steps * world_info()[1])).item(), "lr": lr,
+        waited = all_reduce_max(torch.tensor(self.data_seconds, dtype=torch.float64, device=self.loss.device)).item()
+        scalars = {"loss": (self.summed_loss() / (self.steps * world)).item(), "lr": lr,
                    "temperature": model.temperature.item(),
                    "samples_per_second": batch_size * self.timed_steps / seconds,
+                   "samples_per_second_per_rank": batch_size * self.timed_steps / seconds / world,
+                   "step_seconds": seconds / self.timed_steps,
+                   "data/wait_seconds": waited / self.timed_steps, "data/wait_fraction": min(waited / seconds, 1.0),
                    "data/skipped": all_reduce_sum(torch.tensor(float(skipped), device=self.loss.device)).item()}
         scalars.update({key: all_reduce_mean(value / self.steps).item() for key, value in self.stats.items()})
         return scalars
