@@ -9,6 +9,7 @@ import math
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -19,7 +20,7 @@ from openalign.cli import main
 from openalign.data.render import TextRenderer
 from openalign.errors import ConfigError, OpenAlignError
 from openalign.eval import SentencePairEvalConfig, finetune_sentence_pairs, read_sentence_pairs
-from openalign.eval.sentence_pairs import classification_scores, render_pairs
+from openalign.eval.sentence_pairs import classification_scores, regression_scores, render_pairs
 
 WORDS = ("cat", "dog", "red", "sun", "box", "map")
 
@@ -80,6 +81,35 @@ def test_metrics_match_hand_computed_values():
     assert "f1" not in scores
     constant = classification_scores(torch.zeros(4, dtype=torch.long), torch.tensor([0, 1, 0, 1]), 2)
     assert constant["mcc"] == 0.0 and constant["f1"] == 0.0  # CoLA's 0.0: a degenerate classifier
+
+
+def test_regression_scores_equal_scipys_pearson_and_spearman_with_ties():
+    from scipy.stats import pearsonr, spearmanr
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 6, 200) + rng.choice([0.0, 0.2, 0.4], 200)  # STS-B-like, many tied scores
+    predictions = np.round(labels + rng.normal(0, 1.5, 200), 1)  # ties among the predictions too
+    scores = regression_scores(torch.from_numpy(predictions).float(), torch.from_numpy(labels))
+    assert scores["pearson"] == pytest.approx(pearsonr(predictions.astype(np.float32), labels)[0], abs=1e-9)
+    assert scores["spearman"] == pytest.approx(spearmanr(predictions, labels)[0], abs=1e-12)
+    # by hand: ranks of (1, 2, 2, 3) are (1, 2.5, 2.5, 4); against (1, 2, 3, 4): 4.5 / sqrt(4.5 * 5) = 3 / sqrt(10)
+    assert regression_scores(torch.tensor([1.0, 2, 2, 3]), torch.tensor([1.0, 2, 3, 4]))["spearman"] == \
+        pytest.approx(3 / math.sqrt(10))
+    assert all(math.isnan(value) for value in regression_scores(torch.ones(4), torch.arange(4.0)).values())
+
+
+def test_real_valued_labels_are_a_regression_task_not_a_class_each(tmp_path):
+    stsb = write_tsv(tmp_path / "stsb.tsv", ["sentence1", "sentence2", "label"],
+                     [("a", "b", "5.000"), ("c", "d", "0.500"), ("e", "f", "3")])
+    with pytest.raises(OpenAlignError, match=r"has real-valued labels \(0.500, 3, 5.000, ...\): scores, as STS-B's, "
+                                             r"are a regression task \(regression: true; --regression\)"):
+        read_sentence_pairs(stsb)
+    assert read_sentence_pairs(stsb, regression=True) == (["a", "c", "e"], ["b", "d", "f"], [5.0, 0.5, 3.0], [])
+    bad = write_tsv(tmp_path / "bad.tsv", ["sentence", "label"], [("a", "1.5"), ("b", "high")])
+    with pytest.raises(OpenAlignError, match=r"line 3: the label 'high' is not a finite number"):
+        read_sentence_pairs(bad, regression=True)
+    with pytest.raises(OpenAlignError, match=r"line 2: the label 'nan' is not a finite number"):
+        read_sentence_pairs(write_tsv(tmp_path / "nan.tsv", ["sentence", "label"], [("a", "nan")]), regression=True)
 
 
 def test_readers_map_labels_and_report_bad_files(tmp_path):
@@ -144,6 +174,28 @@ def test_a_synthetic_pair_task_is_learned_through_the_command_line(tmp_path, cap
 
 
 @needs_unifont
+def test_a_synthetic_similarity_score_is_learned_by_regression_through_the_command_line(tmp_path, capsys):
+    """STS-B's form: a score per pair (high where both sentences start with the same word, spread
+    within each group), learned with --regression and scored by correlation."""
+    rng = random.Random(0)
+    for name, count in (("train", 256), ("dev", 64)):
+        first, second, labels = same_or_different(count, rng)
+        scores = [f"{(3.5 if label == 'same' else 0.0) + 1.5 * rng.random():.3f}" for label in labels]
+        write_tsv(tmp_path / "stsb" / f"{name}.tsv", ["sentence1", "sentence2", "label"],
+                  list(zip(first, second, scores)))
+    torch.manual_seed(0)
+    model_dir = openalign.create_model("clippo-test").save_pretrained(tmp_path / "model")
+    capsys.readouterr()
+    assert main(["eval", "sentence_pairs", "--model", str(model_dir), "--train", str(tmp_path / "stsb/train.tsv"),
+                 "--val", str(tmp_path / "stsb/dev.tsv"), "--regression", "--epochs", "10", "--lr", "5e-4",
+                 "--head-lr", "5e-3", "--device", "cpu"]) == 0
+    metrics = json.loads(capsys.readouterr().out)["metrics"]
+    assert set(metrics) == {"pearson", "spearman", "train_loss"}
+    # chance: 0; the two groups told apart perfectly, in random order within each: a Spearman's of about 0.87
+    assert metrics["pearson"] >= 0.7 and metrics["spearman"] >= 0.6, metrics
+
+
+@needs_unifont
 def test_the_callers_model_is_left_untouched(tmp_path):
     torch.manual_seed(0)
     model = openalign.create_model("clippo-test").train()
@@ -180,3 +232,6 @@ def test_the_task_config_validates_and_recipes_list_it():
     recipe = load_recipe("demo", ["eval.tasks=[{task: sentence_pairs, train: t.tsv, val: d.tsv, head_lr: 0.01}]"])
     task = recipe.eval.tasks[0]
     assert isinstance(task, SentencePairEvalConfig) and task.name == "sentence_pairs" and task.head_lr == 0.01
+    assert not task.regression
+    assert load_recipe("demo", ["eval.tasks=[{task: sentence_pairs, train: t.tsv, val: d.tsv, regression: true}]"]
+                       ).eval.tasks[0].regression

@@ -90,7 +90,7 @@ def _eval_task(args: argparse.Namespace) -> Any:
         return FewShotEvalConfig(train_root=args.train, val_root=args.val, shots=args.shots)
     if args.task == "sentence_pairs":
         return SentencePairEvalConfig(train=args.train, val=args.val, epochs=args.epochs, lr=args.lr,
-                                      head_lr=args.head_lr, seed=args.seed)
+                                      head_lr=args.head_lr, seed=args.seed, regression=args.regression)
     if args.task == "clip_benchmark_probe":
         return ClipBenchmarkProbeEvalConfig(train_root=args.train, val_root=args.val, sweep_root=args.sweep,
                                             sweep_proportion=args.sweep_proportion, fewshot_k=args.fewshot_k,
@@ -482,8 +482,9 @@ def build_parser() -> argparse.ArgumentParser:
     lp.add_argument("--probe-batch-size", type=_at_least(1), default=64, help="the probe's training batch")
     lp.add_argument("--seed", type=int, default=0, help="the few-shot sample, held-out share, initialisation, "
                                                         "shuffling")
-    pairs = tasks.add_parser("sentence_pairs", help="GLUE-style sentence(-pair) classification: fine-tune a copy of "
-                                                    "a pixel model (CLIPPO) with a linear head, score the val split")
+    pairs = tasks.add_parser("sentence_pairs", help="GLUE-style sentence(-pair) classification or regression (STS-B): "
+                                                    "fine-tune a copy of a pixel model (CLIPPO) with a linear head, "
+                                                    "score the val split")
     pairs.add_argument("--train", required=True, help="a TSV with a header (sentence1 or sentence, optional "
                                                       "sentence2, label) or JSONL with those keys")
     pairs.add_argument("--val", required=True, help="the split to score, in the same format (e.g. SST-2/dev.tsv)")
@@ -491,6 +492,9 @@ def build_parser() -> argparse.ArgumentParser:
     pairs.add_argument("--lr", type=float, default=1e-4, help="the encoder's learning rate (AdamW)")
     pairs.add_argument("--head-lr", type=float, default=1e-3, help="the new linear head's learning rate")
     pairs.add_argument("--seed", type=int, default=0, help="the head's initialisation and the shuffling")
+    pairs.add_argument("--regression", action="store_true", help="the labels are scores (STS-B): a one-output head "
+                                                                 "trained by squared error, scored by Pearson's "
+                                                                 "and Spearman's correlation")
     for task in (shapes, retrieval, zeroshot, knn, fewshot, probe, lp, pairs):
         task.add_argument("--model", "--checkpoint", dest="model", required=True,
                           help="an openalign model, checkpoint or run directory, an AlignModel directory or a hub id")

@@ -27,8 +27,12 @@ makes and documents its own choice, **unverified against the paper** (arXiv:2212
 - **Metrics.** ``accuracy``; ``mcc`` (Matthews correlation, the multi-class form of Gorodkin
   2004, equal to the usual one for two classes; CoLA's GLUE metric); ``f1`` for binary tasks
   only, with label index 1 (the second label in sorted order; GLUE's "1") as the positive class
-  (MRPC/QQP); ``train_loss``, the mean loss of the last epoch. Regression (STS-B) is not
-  supported.
+  (MRPC/QQP); ``train_loss``, the mean loss of the last epoch.
+- **Regression** (STS-B's similarity scores, 0 to 5): ``regression=True`` gives the head one
+  output, trained with the mean squared error, and scores ``pearson`` and ``spearman`` (GLUE's
+  STS-B metrics; Spearman's with tied values given their mean rank, as scipy's ``spearmanr``),
+  NaN where the predictions or the labels are constant. Scores read as a classification task's
+  labels (a class per distinct score) are refused.
 
 Data files (:func:`read_sentence_pairs`): a tab-separated file with a header row naming
 ``sentence1`` (or ``sentence``), optionally ``sentence2``, and ``label`` (other columns are
@@ -64,12 +68,13 @@ SECOND_COLUMN = "sentence2"
 LABEL_COLUMN = "label"
 HEAD_INIT_STD = 0.02
 
-SentencePairs = tuple[Sequence[str], Sequence[str] | None, Sequence[int]]
-"""``(first sentences, second sentences or None, label indices)``: what :func:`finetune_sentence_pairs` takes."""
+SentencePairs = tuple[Sequence[str], Sequence[str] | None, Sequence[int] | Sequence[float]]
+"""``(first sentences, second sentences or None, label indices or, for regression, scores)``: what
+:func:`finetune_sentence_pairs` takes."""
 
 
-def read_sentence_pairs(path: str | Path, label_names: Sequence[str] | None = None
-                        ) -> tuple[list[str], list[str] | None, list[int], list[str]]:
+def read_sentence_pairs(path: str | Path, label_names: Sequence[str] | None = None, regression: bool = False
+                        ) -> tuple[list[str], list[str] | None, list[Any], list[str]]:
     """``(sentence1, sentence2 or None, label indices, label names)`` of a GLUE-style file.
 
     ``path`` is a tab-separated file whose header row names ``sentence1`` (or ``sentence``),
@@ -77,7 +82,8 @@ def read_sentence_pairs(path: str | Path, label_names: Sequence[str] | None = No
     keys. Labels map to indices in sorted order of the distinct labels (numerically when all are
     integers: GLUE's ``0``/``1``); pass another split's ``label_names`` to use its mapping, in
     which case a label it lacks is an error. Without a ``sentence2`` column the task is
-    single-sentence and the second element is None.
+    single-sentence and the second element is None. With ``regression`` (STS-B) the labels are
+    scores, returned as floats, and there are no label names.
     """
     path = Path(path)
     if not path.is_file():
@@ -100,8 +106,14 @@ def read_sentence_pairs(path: str | Path, label_names: Sequence[str] | None = No
         if not raw_labels[-1]:
             raise OpenAlignError(f"'{path}', line {line}: the label is blank (GLUE's test splits are unlabelled: "
                                  "evaluate on the dev split)")
+    if regression:
+        return first, second, [_score(path, line, label) for (line, _), label in zip(rows, raw_labels)], []
     if label_names is None:
         distinct = set(raw_labels)
+        if not all(_is_int(label) for label in distinct) and all(_is_number(label) for label in distinct):
+            raise OpenAlignError(f"'{path}' has real-valued labels ({', '.join(sorted(distinct)[:3])}, ...): scores, "
+                                 "as STS-B's, are a regression task (regression: true; --regression), not a class "
+                                 "per distinct value")
         label_names = sorted(distinct, key=int) if all(_is_int(label) for label in distinct) else sorted(distinct)
     names = [str(name) for name in label_names]
     index = {name: position for position, name in enumerate(names)}
@@ -118,6 +130,20 @@ def _is_int(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _is_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
+
+
+def _score(path: Path, line: int, label: str) -> float:
+    if not _is_number(label):
+        raise OpenAlignError(f"'{path}', line {line}: the label {label!r} is not a finite number (a regression "
+                             "task's labels are scores, as STS-B's 0 to 5)")
+    return float(label)
 
 
 def _check_columns(path: Path, columns: Sequence[str], where: str = "") -> None:
@@ -234,12 +260,40 @@ def f1_score(confusion: torch.Tensor) -> float:
     return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn > 0 else 0.0
 
 
+def regression_scores(predictions: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """``pearson`` and ``spearman`` correlations of ``predictions`` with ``labels`` (STS-B's GLUE
+    metrics); Spearman's is Pearson's of the ranks, tied values taking their mean rank. NaN where
+    either side is constant, as scipy's."""
+    predictions, labels = predictions.double().cpu(), labels.double().cpu()
+    return {"pearson": _pearson(predictions, labels),
+            "spearman": _pearson(_mean_ranks(predictions), _mean_ranks(labels))}
+
+
+def _pearson(x: torch.Tensor, y: torch.Tensor) -> float:
+    x, y = x - x.mean(), y - y.mean()
+    denominator = (x.square().sum() * y.square().sum()).sqrt()
+    return (x @ y / denominator).item() if denominator > 0 else math.nan
+
+
+def _mean_ranks(values: torch.Tensor) -> torch.Tensor:
+    """1-based ranks of ``values``, each run of equal values given the mean of its ranks."""
+    order = values.argsort(stable=True)
+    _, run, counts = torch.unique_consecutive(values[order], return_inverse=True, return_counts=True)
+    last = counts.cumsum(0).double()  # the rank of each run's last value
+    ranks = torch.empty_like(values)
+    ranks[order] = (last - (counts.double() - 1) / 2)[run]
+    return ranks
+
+
 def finetune_sentence_pairs(model: nn.Module, train: SentencePairs, val: SentencePairs, num_classes: int,
                             device: torch.device | str, epochs: int = 3, lr: float = 1e-4, head_lr: float = 1e-3,
                             weight_decay: float = 0.01, batch_size: int = 32, seed: int = 0,
-                            show_progress: bool = True) -> dict[str, float]:
+                            show_progress: bool = True, regression: bool = False) -> dict[str, float]:
     """Fine-tune a copy of ``model`` with a linear head on its pooled features for sentence(-pair)
     classification, then score ``val``: ``{"accuracy", "mcc", "f1" (two classes), "train_loss"}``.
+    With ``regression`` (STS-B; ``num_classes`` is then ignored) the labels are scores, the head
+    has one output trained with the mean squared error, and ``val`` is scored
+    ``{"pearson", "spearman", "train_loss"}``.
 
     ``train`` / ``val`` are ``(first sentences, second sentences or None, label indices)``
     (:func:`read_sentence_pairs` gives them); pairs are rendered into one image with sentence A
@@ -257,19 +311,20 @@ def finetune_sentence_pairs(model: nn.Module, train: SentencePairs, val: Sentenc
     for name, value in (("epochs", epochs), ("batch_size", batch_size)):
         if value < 1:
             raise OpenAlignError(f"{name} must be at least 1, got {value}")
-    if num_classes < 2:
+    outputs = 1 if regression else num_classes
+    if not regression and num_classes < 2:
         raise OpenAlignError(f"sentence classification needs at least 2 classes, got {num_classes}")
-    train_first, train_second, train_labels = _check_split("training", train, num_classes)
-    val_first, val_second, val_labels = _check_split("validation", val, num_classes)
+    train_first, train_second, train_labels = _check_split("training", train, num_classes, regression)
+    val_first, val_second, val_labels = _check_split("validation", val, num_classes, regression)
     if (train_second is None) != (val_second is None):
         raise OpenAlignError("one split has second sentences (sentence2) and the other does not")
 
     generator = torch.Generator().manual_seed(seed)
     tuned = copy.deepcopy(model).to(device).train()
     feature_dim = int(tuned.config.image_feature_dim)
-    head = nn.Linear(feature_dim, num_classes)
+    head = nn.Linear(feature_dim, outputs)
     with torch.no_grad():
-        head.weight.copy_(torch.randn(num_classes, feature_dim, generator=generator) * HEAD_INIT_STD)
+        head.weight.copy_(torch.randn(outputs, feature_dim, generator=generator) * HEAD_INIT_STD)
         head.bias.zero_()
     head = head.to(device)
     optimizer = torch.optim.AdamW(_parameter_groups(tuned, lr, weight_decay) + _parameter_groups(head, head_lr,
@@ -286,7 +341,10 @@ def finetune_sentence_pairs(model: nn.Module, train: SentencePairs, val: Sentenc
                 targets = torch.tensor([train_labels[i] for i in chosen], device=device)
                 with autocast(device):
                     logits = head(tuned.image_features(pixels))
-                loss = F.cross_entropy(logits.float(), targets)
+                if regression:
+                    loss = F.mse_loss(logits.float().squeeze(1), targets.float())
+                else:
+                    loss = F.cross_entropy(logits.float(), targets)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -303,20 +361,26 @@ def finetune_sentence_pairs(model: nn.Module, train: SentencePairs, val: Sentenc
             pixels = _batch_pixels(renderer, val_first, val_second, chosen, device)
             with autocast(device):
                 logits = head(tuned.image_features(pixels))
-            predictions.append(logits.float().argmax(dim=1).cpu())
+            predictions.append((logits.float().squeeze(1) if regression else logits.float().argmax(dim=1)).cpu())
             advance(len(chosen))
-    scores = classification_scores(torch.cat(predictions), torch.tensor(list(val_labels)), num_classes)
+    predicted, labels = torch.cat(predictions), torch.tensor(list(val_labels))
+    scores = regression_scores(predicted, labels) if regression else \
+        classification_scores(predicted, labels, num_classes)
     return {**scores, "train_loss": epoch_loss}
 
 
-def _check_split(what: str, split: SentencePairs, num_classes: int
-                 ) -> tuple[Sequence[str], Sequence[str] | None, Sequence[int]]:
+def _check_split(what: str, split: SentencePairs, num_classes: int, regression: bool = False
+                 ) -> tuple[Sequence[str], Sequence[str] | None, Sequence[Any]]:
     first, second, labels = split
     if not len(labels):
         raise OpenAlignError(f"the {what} split holds no examples")
     if len(first) != len(labels) or (second is not None and len(second) != len(labels)):
         raise OpenAlignError(f"the {what} split has {len(first)} first sentences, "
                              f"{'no' if second is None else len(second)} second sentences and {len(labels)} labels")
+    if regression:
+        if not all(math.isfinite(label) for label in labels):
+            raise OpenAlignError(f"the {what} split has a score that is not a finite number")
+        return first, second, labels
     bad = [label for label in labels if not 0 <= int(label) < num_classes]
     if bad:
         raise OpenAlignError(f"the {what} split has label {bad[0]}, outside [0, {num_classes}) for {num_classes} "

@@ -373,7 +373,8 @@ class SentencePairEvalConfig(EvalTaskConfig, tag="sentence_pairs"):
     linear head on ``train`` and score ``val`` (TSV with a header, or JSONL: ``sentence1``/``sentence``,
     optional ``sentence2``, ``label``); sentence A is rendered into the top half of the image and B
     into the bottom half (:mod:`~openalign.eval.sentence_pairs`; shared spec clippo.md §5.4, layout
-    unverified against the paper). ``batch_size``: the training batch; None uses the evaluation's."""
+    unverified against the paper). ``batch_size``: the training batch; None uses the evaluation's.
+    ``regression``: the labels are scores (STS-B), scored by Pearson's and Spearman's correlation."""
 
     data_paths: ClassVar[tuple[str, ...]] = ("train", "val")
 
@@ -385,6 +386,7 @@ class SentencePairEvalConfig(EvalTaskConfig, tag="sentence_pairs"):
     head_lr: float = 1e-3
     seed: int = 0
     batch_size: int | None = None
+    regression: bool = False
 
     def __post_init__(self) -> None:
         require_at_least(self, 1, "epochs")
@@ -397,14 +399,19 @@ class SentencePairEvalConfig(EvalTaskConfig, tag="sentence_pairs"):
             raise ConfigError("is set, but sentence pairs are rendered text, not preprocessed images", "preprocess")
 
     def check_data(self) -> None:
-        read_sentence_pairs(self.val, read_sentence_pairs(self.train)[-1])
+        self._splits()
 
     def check_model(self, model: nn.Module) -> None:
         text_renderer(model)
 
     def run(self, model: nn.Module, device: torch.device, batch_size: int, show_progress: bool = True) -> dict[str, float]:
-        *train, names = read_sentence_pairs(self.train)
-        *val, _ = read_sentence_pairs(self.val, names)
-        return finetune_sentence_pairs(model, tuple(train), tuple(val), len(names), device, self.epochs, self.lr,
+        train, val, names = self._splits()
+        return finetune_sentence_pairs(model, train, val, len(names), device, self.epochs, self.lr,
                                        self.head_lr, batch_size=self.batch_size or batch_size, seed=self.seed,
-                                       show_progress=show_progress)
+                                       show_progress=show_progress, regression=self.regression)
+
+    def _splits(self) -> tuple[tuple, tuple, list[str]]:
+        """``(train, val, label names)``, the val labels mapped as the train split's."""
+        *train, names = read_sentence_pairs(self.train, regression=self.regression)
+        *val, _ = read_sentence_pairs(self.val, names or None, regression=self.regression)
+        return tuple(train), tuple(val), names
