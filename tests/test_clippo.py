@@ -99,8 +99,10 @@ def test_a_clippo_model_cast_to_bf16_classifies_and_takes_inputs_as_the_others_d
     expected = openalign.classify(model, preprocess, tokenizer, images, ["a red image", "a blue image"])
     half = openalign.classify(model.bfloat16(), preprocess, tokenizer, images, ["a red image", "a blue image"])
     torch.testing.assert_close(half, expected, atol=0.05, rtol=0)  # rendered text, fp32 pixels, into bf16 weights
-    with pytest.raises(OpenAlignError, match=r"pass model.encode_text\(\*\*tokenizer\(texts\)\)"):
-        model.encode_text(tokenizer(["a cat"]))
+    with torch.no_grad():  # the processor's whole output, as CLIP_benchmark passes it (moved with .to, as HF's)
+        assert torch.equal(model.encode_text(tokenizer(["a cat"]).to("cpu")), model.encode_text(**tokenizer(["a cat"])))
+    with pytest.raises(OpenAlignError, match=r"a mapping of input_ids, without pixels: pass this model's tokenizer"):
+        model.encode_text({"input_ids": torch.zeros(1, 4, dtype=torch.long)})
     with pytest.raises(OpenAlignError, match=r"model\(image, text=tokenizer\(texts\)\)"):
         model(torch.zeros(1, 3, 32, 32), torch.zeros(1, 3, 32, 32))
     model.constrain_parameters()  # every model has it: nothing to clamp here

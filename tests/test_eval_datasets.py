@@ -1002,3 +1002,62 @@ def test_prompt_files_and_caption_files_of_the_wrong_content_are_clear_errors(mo
     (tmp_path / "utf16.json").write_text('{"images": []}', encoding="utf-16")
     with pytest.raises(OpenAlignError, match="is not a Karpathy-style caption file"):
         read_karpathy(tmp_path / "utf16.json", "test")
+
+
+def _stub_captioning_metrics(monkeypatch) -> None:
+    """CLIP_benchmark's command line imports its captioning metrics' pycocoevalcap (104 MB, with
+    Java tools), which these tests do not install and which no task here runs: stand-ins are put in."""
+    import importlib.util
+    import sys
+    import types
+
+    if importlib.util.find_spec("pycocoevalcap") is not None:
+        return
+    for package, name in (("tokenizer.ptbtokenizer", "PTBTokenizer"), ("bleu.bleu", "Bleu"), ("meteor.meteor", "Meteor"),
+                          ("rouge.rouge", "Rouge"), ("cider.cider", "Cider"), ("spice.spice", "Spice")):
+        parts = ["pycocoevalcap", *package.split(".")]
+        for depth in range(1, len(parts) + 1):
+            module = sys.modules.get(".".join(parts[:depth])) or types.ModuleType(".".join(parts[:depth]))
+            monkeypatch.setitem(sys.modules, module.__name__, module)
+        setattr(module, name, object)
+
+
+def test_clip_benchmark_evaluates_an_openalign_model_through_its_own_command_line(model, folders, shapes_root, tmp_path,
+                                                                                   monkeypatch):
+    """CLIP_benchmark's own code (its command line, data loading and metrics) on an openalign model
+    directory, through the `openalign` model type: the metrics equal openalign's own evaluation of
+    the same datasets (CLIP_benchmark's webdataset layout), for zero-shot classification and retrieval."""
+    pytest.importorskip("clip_benchmark.datasets.builder", reason="CLIP_benchmark's datasets need requests")
+    _stub_captioning_metrics(monkeypatch)
+    from openalign.clip_benchmark import main as clip_benchmark_main
+
+    classes = sorted(p.name for p in (folders / "val").iterdir())
+    images = [(p, classes.index(p.parent.name)) for c in classes for p in sorted((folders / "val" / c).iterdir())]
+    classification = tmp_path / "wds" / "wds_shapes"
+    for shard, start in enumerate(range(0, len(images), 7)):
+        _write_tar(classification / "test" / f"{shard}.tar",
+                   {name: data for n, (path, label) in enumerate(images[start:start + 7], start)
+                    for name, data in ((f"s{n:04d}.png", path.read_bytes()), (f"s{n:04d}.cls", str(label).encode()))})
+    (classification / "test" / "nshards.txt").write_text(str(shard + 1))
+    (classification / "classnames.txt").write_text("\n".join(classes))
+    (classification / "zeroshot_classification_templates.txt").write_text("a {c}\na drawing of a {c}\n")
+    retrieval = tmp_path / "wds" / "wds_captions"
+    items = read_karpathy(shapes_root / "dataset_shapes.json", "test")
+    _write_tar(retrieval / "test" / "0.tar",
+               {name: data for n, item in enumerate(items) for name, data in
+                ((f"{n:04d}.png", item.path.read_bytes()), (f"{n:04d}.txt", "\n".join(item.captions).encode()))})
+    (retrieval / "test" / "nshards.txt").write_text("1")
+    (retrieval / "dataset_type.txt").write_text("retrieval\n")
+    model_dir = model.save_pretrained(tmp_path / "model")
+
+    for root, task, ours in ((classification, "zeroshot_classification", evaluate_zeroshot),
+                             (retrieval, "zeroshot_retrieval", evaluate_retrieval)):
+        output = tmp_path / f"{task}.json"
+        assert clip_benchmark_main(["eval", "--model_type", "openalign", "--model", "align-test", "--pretrained",
+                                    str(model_dir), "--dataset", f"wds/{root.name}", "--dataset_root", str(root),
+                                    "--task", task, "--no_amp", "--num_workers", "0", "--batch_size", "8",
+                                    "--recall_k", "1", "5", "10", "--output", str(output)]) == 0
+        theirs = json.loads(output.read_text())["metrics"]
+        expected = ours(model, root, CPU, show_progress=False)
+        assert set(theirs) <= set(expected) and len(theirs) >= 3
+        assert theirs == pytest.approx({key: expected[key] for key in theirs}, abs=1e-6), task

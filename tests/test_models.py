@@ -48,8 +48,10 @@ def test_inputs_a_preprocess_was_forgotten_for_are_errors_that_say_how_to_make_t
                          (pixels[:, :1], r"RGB pixels \(N, 3, H, W\); got shape \(2, 1")]:
         with pytest.raises(OpenAlignError, match=words):
             model.encode_image(wrong)
-    with pytest.raises(OpenAlignError, match=r"pass model.encode_text\(\*\*tokenizer\(texts\)\)"):
-        model.encode_text(tokens)
+    with torch.no_grad():  # the tokenizer's whole output, as CLIP_benchmark passes it (moved with .to, as HF's)
+        assert torch.equal(model.encode_text(tokens.to("cpu")), model.encode_text(**tokens))
+    with pytest.raises(OpenAlignError, match=r"encode_text was given a mapping of pixels, without"):
+        model.encode_text({"pixels": pixels})
     with torch.no_grad():  # a model cast to bf16 takes the fp32 pixels a preprocess gives
         expected = model.encode_image(pixels)
         torch.testing.assert_close(copy.deepcopy(model).bfloat16().encode_image(pixels), expected, atol=0.05, rtol=0)

@@ -72,6 +72,15 @@ def _packaged_copy(name: str) -> Path | None:
     return directory if directory.is_dir() else None
 
 
+class TextBatch(dict):
+    """What a tokenizer returns: a dict of tensors (``model.encode_text(**batch)``, or
+    ``model.encode_text(batch)``) that moves to a device as a whole, as Hugging Face's
+    ``BatchEncoding`` does: ``tokenizer(texts).to(device)``, as CLIP_benchmark calls it."""
+
+    def to(self, device: str | torch.device, non_blocking: bool = False) -> TextBatch:
+        return TextBatch({key: value.to(device, non_blocking=non_blocking) for key, value in self.items()})
+
+
 class Tokenizer:
     """Callable on a string or a list of strings; pads to ``max_length`` and truncates beyond it.
 
@@ -94,16 +103,16 @@ class Tokenizer:
                 f"lowercase={getattr(vocabulary, 'do_lower_case', None)}, max_length={self.max_length}"
                 f"{', split_special_tokens=True' if self.split_special_tokens else ''})")
 
-    def __call__(self, texts: str | Sequence[str]) -> dict[str, torch.Tensor]:
+    def __call__(self, texts: str | Sequence[str]) -> TextBatch:
         batch = [texts] if isinstance(texts, str) else list(texts)
         if not batch:
             empty = torch.zeros(0, self.max_length, dtype=torch.long)
-            return {"input_ids": empty, "attention_mask": empty.clone()}
+            return TextBatch(input_ids=empty, attention_mask=empty.clone())
         kept = self.max_length - self.hf_tokenizer.num_special_tokens_to_add()  # the text's tokens truncation keeps
         encoded = self.hf_tokenizer([self._shortened(text, kept) for text in batch], padding="max_length",
                                     truncation=True, max_length=self.max_length, return_tensors="pt",
                                     return_token_type_ids=False, split_special_tokens=self.split_special_tokens)
-        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+        return TextBatch(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"])
 
     def _shortened(self, text: str, kept: int) -> str:
         """``text``, or a prefix of it with the same first ``kept`` tokens (see

@@ -183,8 +183,13 @@ def image_input(pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return pixels.to(dtype)
 
 
-def check_text_input(given: object) -> None:
-    """An error for a tokenizer's whole output passed as ``encode_text``'s first argument."""
-    if isinstance(given, Mapping):
-        raise OpenAlignError(f"encode_text takes the tokenizer's outputs as keyword arguments "
-                             f"({', '.join(map(str, given))}): pass model.encode_text(**tokenizer(texts))")
+def text_fields(given: object, *names: str) -> tuple[Any, ...] | None:
+    """The fields ``names`` of a tokenizer's whole output passed as ``encode_text``'s first argument
+    (``model.encode_text(tokenizer(texts))``, as CLIP_benchmark calls it); None for a tensor."""
+    if not isinstance(given, Mapping):
+        return None
+    if missing := [name for name in names if name not in given]:
+        raise OpenAlignError(f"encode_text was given a mapping of {', '.join(map(str, given)) or 'nothing'}, without "
+                             f"{', '.join(missing)}: pass this model's tokenizer's output, model.encode_text(tokenizer("
+                             "texts)) or model.encode_text(**tokenizer(texts))")
+    return tuple(given[name] for name in names)

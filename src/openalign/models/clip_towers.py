@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..data.tokenizer import PUNCTUATION_CUTS, open_clip_reads_the_prefix_alike, shorten_long_text
+from ..data.tokenizer import PUNCTUATION_CUTS, TextBatch, open_clip_reads_the_prefix_alike, shorten_long_text
 from ..errors import ConfigError, OpenAlignError
 from .base import ImageTowerConfig, TextTowerConfig
 
@@ -117,7 +117,7 @@ class ClipTokenizer:
         self.max_length = max_length
         self._tokenizer = None
 
-    def __call__(self, texts: str | Sequence[str]) -> dict[str, torch.Tensor]:
+    def __call__(self, texts: str | Sequence[str]) -> TextBatch:
         if self._tokenizer is None:
             self._tokenizer = _open_clip().tokenizer.SimpleTokenizer()
         tokenizer, kept = self._tokenizer, self.max_length - 2  # [SOT] and [EOT]
@@ -127,7 +127,7 @@ class ClipTokenizer:
                                    separators=" \t\n" + PUNCTUATION_CUTS, cuts_at=open_clip_reads_the_prefix_alike)
                  for text in ([texts] if isinstance(texts, str) else texts)]
         ids = tokenizer(batch, context_length=self.max_length)
-        return {"input_ids": ids, "attention_mask": (ids != 0).long()}
+        return TextBatch(input_ids=ids, attention_mask=(ids != 0).long())
 
     def __getstate__(self) -> dict:
         return {"max_length": self.max_length, "_tokenizer": None}

@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 from ..data.render import TextRenderer, resolve_font_paths
+from ..data.tokenizer import TextBatch
 from ..data.transforms import ImageTransform, PreprocessConfig
 from ..errors import ConfigError, OpenAlignError
-from .base import ContrastiveModel, ImageTowerConfig, ModelConfig, check_text_input, image_input
+from .base import ContrastiveModel, ImageTowerConfig, ModelConfig, image_input, text_fields
 from .dual_encoder import MAX_TEMPERATURE, MIN_TEMPERATURE
 
 
@@ -84,8 +85,8 @@ class RenderedText:
     def __init__(self, renderer: TextRenderer) -> None:
         self.renderer = renderer
 
-    def __call__(self, texts: str | Sequence[str]) -> dict[str, torch.Tensor]:
-        return {"pixels": self.renderer.batch([texts] if isinstance(texts, str) else list(texts))}
+    def __call__(self, texts: str | Sequence[str]) -> TextBatch:
+        return TextBatch(pixels=self.renderer.batch([texts] if isinstance(texts, str) else list(texts)))
 
     def __repr__(self) -> str:  # what identifies its output, e.g. for the embedding cache
         return f"RenderedText({self.renderer!r}, fonts={resolve_font_paths(self.renderer.font_path)})"
@@ -125,10 +126,11 @@ class Clippo(ContrastiveModel):
         features = self.head(self.image_features(pixels)).float()  # bf16 autocast: normalise in fp32
         return features / (features.norm(dim=-1, keepdim=True) + 1e-8) if normalize else features
 
-    def encode_text(self, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        """Rendered text (what :meth:`ClippoConfig.build_tokenizer` gives: ``model.encode_text(**tokenizer(texts))``)
-        goes through the same path."""
-        check_text_input(pixels)
+    def encode_text(self, pixels: torch.Tensor | Mapping[str, torch.Tensor], normalize: bool = True) -> torch.Tensor:
+        """Rendered text (what :meth:`ClippoConfig.build_tokenizer` gives: ``model.encode_text(**tokenizer(texts))``,
+        or the processor's whole output, ``model.encode_text(tokenizer(texts))``) goes through the same path."""
+        if (fields := text_fields(pixels, "pixels")) is not None:
+            (pixels,) = fields
         return self.encode_image(pixels, normalize)
 
     def forward(self, image: torch.Tensor, text: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

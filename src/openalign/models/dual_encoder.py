@@ -14,7 +14,7 @@ from torch import nn
 from ..data.transforms import ImageTransform, PreprocessConfig
 from ..config import require_at_least
 from ..errors import ConfigError, OpenAlignError
-from .base import ContrastiveModel, ImageTowerConfig, ModelConfig, TextTowerConfig, check_text_input, image_input
+from .base import ContrastiveModel, ImageTowerConfig, ModelConfig, TextTowerConfig, image_input, text_fields
 
 
 MIN_TEMPERATURE = 1e-4  # logit scale 1e4: beyond it half precision overflows (65504 at a cosine of 1)
@@ -168,11 +168,13 @@ class DualEncoder(ContrastiveModel):
         """The image tower's pooled features, before projection and normalisation."""
         return self.image_tower(image_input(pixels, next(self.image_tower.parameters()).dtype))
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                    normalize: bool = True) -> torch.Tensor:
+    def encode_text(self, input_ids: torch.Tensor | Mapping[str, torch.Tensor],
+                    attention_mask: torch.Tensor | None = None, normalize: bool = True) -> torch.Tensor:
         """(N, embed_dim) fp32 embeddings of token ids and their mask (N, L), as the tokenizer gives
-        them: ``model.encode_text(**tokenizer(texts))``; L2-normalised unless not ``normalize``."""
-        check_text_input(input_ids)
+        them: ``model.encode_text(**tokenizer(texts))``, or the tokenizer's whole output,
+        ``model.encode_text(tokenizer(texts))``; L2-normalised unless not ``normalize``."""
+        if (fields := text_fields(input_ids, "input_ids", "attention_mask")) is not None:
+            input_ids, attention_mask = fields
         if attention_mask is None:
             raise OpenAlignError("encode_text needs the attention mask as well as the token ids: pass "
                                  "model.encode_text(**tokenizer(texts))")
