@@ -1013,8 +1013,9 @@ def _stub_captioning_metrics(monkeypatch) -> None:
 
     if importlib.util.find_spec("pycocoevalcap") is not None:
         return
-    for package, name in (("tokenizer.ptbtokenizer", "PTBTokenizer"), ("bleu.bleu", "Bleu"), ("meteor.meteor", "Meteor"),
-                          ("rouge.rouge", "Rouge"), ("cider.cider", "Cider"), ("spice.spice", "Spice")):
+    for package, name in (("tokenizer.ptbtokenizer", "PTBTokenizer"), ("bleu.bleu", "Bleu"),
+                          ("meteor.meteor", "Meteor"), ("rouge.rouge", "Rouge"), ("cider.cider", "Cider"),
+                          ("spice.spice", "Spice")):
         parts = ["pycocoevalcap", *package.split(".")]
         for depth in range(1, len(parts) + 1):
             module = sys.modules.get(".".join(parts[:depth])) or types.ModuleType(".".join(parts[:depth]))
