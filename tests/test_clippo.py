@@ -206,12 +206,14 @@ def test_the_coco_and_yfcc_recipes_are_big_visions_settings():
     assert (t.batch_size, t.steps, t.lr, t.schedule, t.warmup_steps, t.rsqrt_timescale, t.cooldown_steps) == \
         (4000, 400, 1e-4, "rsqrt", 100, 100, 100)
     assert t.weight_decay * t.lr == pytest.approx(3e-4) and t.grad_clip == 1.0 and t.init_from
+    assert (t.optimizer, t.betas, t.eps) == ("adafactor", (0.9, 0.999), 1e-30)  # big_vision's scale_by_adafactor
     assert coco.model.preprocess.random_flip
     yfcc = load_recipe("clippo-b16-yfcc100m")
     t = yfcc.train
     assert (t.batch_size, t.steps, t.lr, t.warmup_steps, t.rsqrt_timescale, t.cooldown_steps) == \
         (8192, 100_000, 1e-3, 10_000, 10_000, 10_000)
     assert t.weight_decay * t.lr == pytest.approx(1e-4) and not yfcc.model.preprocess.random_flip
+    assert (t.optimizer, t.betas, t.eps) == ("adafactor", (0.9, 0.999), 1e-30)
     assert (yfcc.loss.label_smoothing, yfcc.loss.directions) == (0.0, "mean")
     # CLIPPO reads prompts as pixels: every zero-shot evaluation canonicalises them as big_vision does (§5.1)
     from openalign.eval.suite import load_suite

@@ -93,6 +93,91 @@ def test_adamw_groups_also_exempt_biases_and_layer_norms():
         assert (id(p) in decayed) == (p.ndim >= 2), name
 
 
+def big_vision_adafactor_step(w, g, state, step, lr, weight_decay, momentum=0.9, cap=0.999, eps=1e-30):
+    """One step of shared spec clippo.md §4.1 read literally, in float32 numpy, from ``state`` (R, C
+    or v, and m; none at the first step): β₂ = min(cap, 1 − (step+1)^−0.8); factored second moments
+    R (the mean of g² over the largest dim) and C (over the second largest), v̂ = R·C / mean(R), as
+    Adafactor defines it, when the second largest dim is >= 32, else v̂ = v; u = g / √v̂;
+    m = 0.9·m + 0.1·u; w ← w − lr·m − lr·wd·w. Returns the new weights and state (m unrounded)."""
+    beta2 = np.float32(min(cap, 1 - (step + 1) ** -0.8))
+    g2, new = g ** 2 + np.float32(eps), {}
+    sizes = sorted(range(g.ndim), key=lambda d: (g.shape[d], d))
+    if g.ndim >= 2 and g.shape[sizes[-2]] >= 32:
+        largest, second = sizes[-1], sizes[-2]
+        new["R"] = beta2 * state.get("R", 0) + (1 - beta2) * g2.mean(axis=largest, keepdims=True)
+        new["C"] = beta2 * state.get("C", 0) + (1 - beta2) * g2.mean(axis=second, keepdims=True)
+        v_hat = new["R"] * new["C"] / new["R"].mean(axis=second, keepdims=True)
+    else:
+        new["v"] = v_hat = beta2 * state.get("v", 0) + (1 - beta2) * g2
+    new["m"] = np.float32(momentum) * state.get("m", 0) + np.float32(1 - momentum) * (g / np.sqrt(v_hat))
+    return w - np.float32(lr) * new["m"] - np.float32(lr * weight_decay) * w, new
+
+
+def test_adafactor_matches_big_visions_update_factored_and_whole():
+    """Each step against the reference from the same state (the optimiser's, before the step): the
+    weights and second moments to float32 rounding, the bfloat16 momentum to its rounding."""
+    from openalign.train.optim import BigVisionAdafactor
+
+    rng = np.random.default_rng(0)
+    # factored over (64, 48); kept whole (second dim 16 < 32); 3-D factored over its last two; a square
+    # matrix (the later dim counts as the larger, as numpy's argsort orders it); a vector
+    shapes = [(64, 48), (40, 16), (3, 64, 40), (48, 48), (10,)]
+    params = [nn.Parameter(torch.from_numpy(rng.normal(size=shape).astype(np.float32))) for shape in shapes]
+    optimizer = BigVisionAdafactor(params, lr=0.01, weight_decay=0.1)
+    assert [BigVisionAdafactor.factored_dims(torch.Size(shape)) for shape in shapes] == \
+        [(1, 0), None, (2, 1), (0, 1), None]
+    for step in range(6):
+        for param in params:
+            grad = (rng.normal(size=param.shape) * rng.uniform(0.1, 3, size=param.shape)).astype(np.float32)
+            state, dims = optimizer.state[param], BigVisionAdafactor.factored_dims(param.shape)
+            rows, columns = dims or (None, None)
+            before = {"m": state["momentum"].float().numpy()} if state else {}
+            if "v" in state:
+                before["v"] = state["v"].numpy().copy()
+            elif state:
+                before["R"] = state["v_row"].unsqueeze(columns).numpy().copy()
+                before["C"] = state["v_col"].unsqueeze(rows).numpy().copy()
+            want, after = big_vision_adafactor_step(param.detach().numpy().copy(), grad, before, step, 0.01, 0.1)
+            param.grad = torch.from_numpy(grad)
+            optimizer.step()
+            # the step uses the momentum before its rounding to bfloat16: float32 rounding only
+            np.testing.assert_allclose(param.detach().numpy(), want, rtol=1e-6, atol=1e-6)
+            np.testing.assert_allclose(state["momentum"].float().numpy(), after["m"], rtol=2 ** -8, atol=1e-30)
+            assert state["momentum"].dtype == torch.bfloat16
+            if "v" in after:
+                np.testing.assert_allclose(state["v"].numpy(), after["v"], rtol=1e-5)
+            else:
+                np.testing.assert_allclose(state["v_row"].unsqueeze(columns).numpy(), after["R"], rtol=1e-5)
+                np.testing.assert_allclose(state["v_col"].unsqueeze(rows).numpy(), after["C"], rtol=1e-5)
+            optimizer.zero_grad()
+    assert optimizer.state[params[0]]["v_row"].shape == (48,) and optimizer.state[params[0]]["v_col"].shape == (64,)
+
+
+def test_adafactor_state_round_trips_and_groups_decay_kernels_only():
+    from openalign.train.optim import BigVisionAdafactor
+
+    torch.manual_seed(0)
+    param = nn.Parameter(torch.randn(40, 36))
+    optimizer = BigVisionAdafactor([param], lr=0.1, weight_decay=0.01)
+    grads = [torch.randn(40, 36) for _ in range(4)]
+    for grad in grads[:2]:
+        param.grad = grad.clone()
+        optimizer.step()
+    clone_param = nn.Parameter(param.detach().clone())
+    clone = BigVisionAdafactor([clone_param], lr=0.1, weight_decay=0.01)
+    clone.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    for grad in grads[2:]:
+        for p, o in ((param, optimizer), (clone_param, clone)):
+            p.grad = grad.clone()
+            o.step()
+    assert torch.equal(param, clone_param)
+    model = create_model("clippo-test")  # big_vision decays */kernel: not biases, norms, pos_embedding, probe, t
+    optimizer = build_optimizer(model, "adafactor", 1e-3, 0.1, (0.9, 0.999), 1e-30, torch.device("cpu"))
+    assert isinstance(optimizer, BigVisionAdafactor) and optimizer.param_groups[0]["momentum"] == 0.9
+    decayed = {name for name, p in model.named_parameters() if any(p is q for q in optimizer.param_groups[0]["params"])}
+    assert decayed == {name for name, p in model.named_parameters() if name.endswith(".weight") and p.ndim >= 2}
+
+
 def test_log_temperature_moves_by_about_lr_per_step_under_lamb():
     """Spec §1.3: tfa LAMB makes τ's step multiplicative; log τ without trust ratio does the same."""
     model = create_model("align-test")

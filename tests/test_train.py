@@ -83,10 +83,11 @@ def _state(directory: Path) -> dict[str, torch.Tensor]:
     return load_file(str(sorted((directory / "checkpoints").glob("step_*"))[-1] / WEIGHTS_FILE))
 
 
-@pytest.mark.parametrize("accum_steps", [1, 2])
-def test_resume_continues_exactly(tmp_path, shapes_root, tiny_overrides, monkeypatch, accum_steps):
-    """Also with gradient accumulation, whose re-embedding replays the random draws."""
-    settings = STOCHASTIC + [f"train.accum_steps={accum_steps}"]
+@pytest.mark.parametrize("accum_steps, optimizer", [(1, "adamw"), (2, "adamw"), (1, "adafactor")])
+def test_resume_continues_exactly(tmp_path, shapes_root, tiny_overrides, monkeypatch, accum_steps, optimizer):
+    """Also with gradient accumulation, whose re-embedding replays the random draws, and with
+    Adafactor, whose momentum is kept in bfloat16 (which loading an optimiser's state turns to float32)."""
+    settings = STOCHASTIC + [f"train.accum_steps={accum_steps}", f"train.optimizer={optimizer}"]
     straight = tmp_path / "straight"
     train(load_recipe("demo", tiny_overrides(shapes_root, straight, steps=6) + settings), show_progress=False)
 

@@ -50,7 +50,8 @@ class TrainConfig:
     """The optimisation: steps, global batch, optimiser, schedule, precision.
 
     ``batch_size`` is global (all ranks together) and must divide evenly between ranks.
-    ``optimizer: lamb`` is tensorflow-addons' LAMB as COYO-ALIGN uses it; ``schedule: linear``
+    ``optimizer: lamb`` is tensorflow-addons' LAMB as COYO-ALIGN uses it; ``adafactor`` is
+    big_vision's (CLIPPO's), whose ``betas`` are its momentum and its β₂ cap; ``schedule: linear``
     warms up linearly from 0 then decays linearly to 0 at ``steps`` (spec §3.3); ``rsqrt`` is
     big_vision's inverse square root with time scale ``rsqrt_timescale`` (default: the warm-up);
     ``cooldown_steps`` ramps any schedule linearly to 0 over the last steps.
@@ -70,7 +71,7 @@ class TrainConfig:
 
     steps: int
     batch_size: int
-    optimizer: Literal["lamb", "adamw"] = "lamb"
+    optimizer: Literal["lamb", "adamw", "adafactor"] = "lamb"
     lr: float = 1e-3
     weight_decay: float = 1e-5
     betas: tuple[float, float] = (0.9, 0.999)
@@ -100,6 +101,8 @@ class TrainConfig:
             raise ConfigError("must be a number >= 0", "weight_decay")
         if len(self.betas) != 2 or not all(0 <= beta < 1 for beta in self.betas):
             raise ConfigError("must be two numbers in [0, 1), e.g. [0.9, 0.999]", "betas")
+        if self.optimizer == "adafactor" and self.betas[1] == 0:
+            raise ConfigError("[1] is Adafactor's cap on β₂, which must be positive (big_vision's: 0.999)", "betas")
         if self.eps < 0:
             raise ConfigError("must be a number >= 0", "eps")
         if not 0 <= self.warmup_steps <= self.steps:

@@ -1,4 +1,5 @@
-"""Optimisers: LAMB as tensorflow-addons implements it, and AdamW; parameter groups for both."""
+"""Optimisers: LAMB as tensorflow-addons implements it, big_vision's Adafactor variant, and AdamW;
+parameter groups for all three."""
 
 from __future__ import annotations
 
@@ -74,6 +75,89 @@ class Lamb(torch.optim.Optimizer):
         return state
 
 
+class BigVisionAdafactor(torch.optim.Optimizer):
+    """big_vision's ``scale_by_adafactor`` (CLIPPO's optimiser; shared spec clippo.md §4.1), with
+    decoupled weight decay in AdamW's form.
+
+    Per parameter w with gradient g, at step t = 0, 1, ...: β₂ = min(``beta2_cap``, 1 − (t+1)^−0.8)
+    (0 at the first step); v ← β₂·v + (1−β₂)·(g² + ``eps``), kept factored over the two largest
+    dimensions (a row and a column mean, optax's ``scale_by_factored_rms``) when the second largest
+    is at least 32, else whole; u = g / √v̂ (no update clipping); m ← ``momentum``·m + (1−momentum)·u,
+    an EMA without bias correction, stored in bfloat16 (the step uses it before rounding); then
+    w ← w − lr·(m + ``weight_decay``·w). big_vision adds wd·w without lr, both scaled by the
+    schedule s(t): its wd is lr·``weight_decay`` here, as for AdamW (the CLIPPO recipes say so).
+    """
+
+    DECAY_RATE = 0.8
+    MIN_DIM_SIZE_TO_FACTOR = 32
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, momentum: float = 0.9, beta2_cap: float = 0.999,
+                 eps: float = 1e-30, weight_decay: float = 0.0) -> None:
+        if lr <= 0 or eps < 0 or weight_decay < 0 or not 0 <= momentum < 1 or not 0 < beta2_cap <= 1:
+            raise ValueError(f"invalid Adafactor settings: lr={lr}, momentum={momentum}, beta2_cap={beta2_cap}, "
+                             f"eps={eps}, weight_decay={weight_decay}")
+        super().__init__(params, {"lr": lr, "momentum": momentum, "beta2_cap": beta2_cap, "eps": eps,
+                                  "weight_decay": weight_decay})
+
+    @staticmethod
+    def factored_dims(shape: torch.Size) -> tuple[int, int] | None:
+        """``(row dim, column dim)``: the second largest and the largest dimension (of equal sizes,
+        the later one counts as larger, as numpy's argsort orders a short shape), or None where v
+        is kept whole."""
+        if len(shape) < 2:
+            return None
+        order = sorted(range(len(shape)), key=lambda dim: shape[dim])  # stable, as numpy's argsort
+        if shape[order[-2]] < BigVisionAdafactor.MIN_DIM_SIZE_TO_FACTOR:
+            return None
+        return order[-2], order[-1]
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    self._update(param, group)
+        return loss
+
+    def _update(self, param: torch.Tensor, group: dict[str, Any]) -> None:
+        grad, state = param.grad.float(), self.state[param]
+        dims = self.factored_dims(param.shape)
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            if dims is None:
+                state["v"] = torch.zeros_like(grad)
+            else:
+                state["v_row"] = torch.zeros_like(grad.mean(dim=dims[1]))
+                state["v_col"] = torch.zeros_like(grad.mean(dim=dims[0]))
+            state["momentum"] = torch.zeros_like(param, dtype=torch.bfloat16)
+        elif state["momentum"].dtype != torch.bfloat16:  # load_state_dict casts state to the parameter's dtype
+            state["momentum"] = state["momentum"].to(torch.bfloat16)  # exact: every value came from bfloat16
+        t = float(state["step"]) + 1
+        state["step"] += 1
+        beta2 = min(group["beta2_cap"], 1 - t ** -self.DECAY_RATE)
+        squared = grad.square().add_(group["eps"])
+        if dims is None:
+            state["v"].mul_(beta2).add_(squared, alpha=1 - beta2)
+            update = grad * state["v"].rsqrt()
+        else:
+            row_dim, col_dim = dims
+            state["v_row"].mul_(beta2).add_(squared.mean(dim=col_dim), alpha=1 - beta2)
+            state["v_col"].mul_(beta2).add_(squared.mean(dim=row_dim), alpha=1 - beta2)
+            v_row, v_col = state["v_row"], state["v_col"]
+            # v_row lacks col_dim: row_dim's place in it moves down one when it came after col_dim
+            row_factor = (v_row / v_row.mean(dim=row_dim - (row_dim > col_dim), keepdim=True)).rsqrt()
+            update = grad * row_factor.unsqueeze(col_dim) * v_col.rsqrt().unsqueeze(row_dim)
+        momentum = state["momentum"].float().mul_(group["momentum"]).add_(update, alpha=1 - group["momentum"])
+        state["momentum"].copy_(momentum)
+        if group["weight_decay"]:
+            param.mul_(1 - group["lr"] * group["weight_decay"])
+        param.add_(momentum.to(param.dtype), alpha=-group["lr"])
+
+
 def parameter_groups(model: nn.Module, weight_decay: float, optimizer: str,
                      decay_all: bool = False) -> list[dict[str, Any]]:
     """Two groups: parameters with weight decay (and LAMB's trust ratio), and those without.
@@ -81,8 +165,8 @@ def parameter_groups(model: nn.Module, weight_decay: float, optimizer: str,
     Exempt from both: batch-norm weights and biases (tfa's ``exclude_from_weight_decay=['bn/']``,
     which LAMB also applies to layer adaptation) and whatever ``model.no_weight_decay()`` names
     (the log-temperature). AdamW also exempts every other 1-D parameter (biases, LayerNorm),
-    the usual CLIP practice. ``decay_all`` decays every parameter instead (ALIP's one group,
-    shared spec alip.md §5).
+    the usual CLIP practice, and so does Adafactor (big_vision decays ``*/kernel`` only).
+    ``decay_all`` decays every parameter instead (ALIP's one group, shared spec alip.md §5).
     """
     exempt_names = set(getattr(model, "no_weight_decay", set)())
     norm_ids = {id(p) for m in model.modules() if isinstance(m, _BatchNorm) for p in m.parameters(recurse=False)}
@@ -91,7 +175,7 @@ def parameter_groups(model: nn.Module, weight_decay: float, optimizer: str,
         if not param.requires_grad:
             continue
         exempt = not decay_all and (name in exempt_names or id(param) in norm_ids
-                                    or (optimizer == "adamw" and param.ndim < 2))
+                                    or (optimizer != "lamb" and param.ndim < 2))
         (no_decay if exempt else decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if optimizer == "lamb":
@@ -101,10 +185,13 @@ def parameter_groups(model: nn.Module, weight_decay: float, optimizer: str,
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, betas: tuple[float, float],
                     eps: float, device: torch.device, decay_all: bool = False) -> torch.optim.Optimizer:
-    """LAMB or AdamW over :func:`parameter_groups`; AdamW uses the fused CUDA kernel on GPU."""
+    """LAMB, big_vision's Adafactor (``betas``: its momentum and β₂ cap) or AdamW over
+    :func:`parameter_groups`; AdamW uses the fused CUDA kernel on GPU."""
     groups = parameter_groups(model, weight_decay, name, decay_all)
     if name == "lamb":
         return Lamb(groups, lr=lr, betas=betas, eps=eps)
+    if name == "adafactor":
+        return BigVisionAdafactor(groups, lr=lr, momentum=betas[0], beta2_cap=betas[1], eps=eps)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=device.type == "cuda")
     raise ValueError(f"unknown optimizer '{name}'")
