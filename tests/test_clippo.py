@@ -215,6 +215,9 @@ def test_the_coco_and_yfcc_recipes_are_big_visions_settings():
     assert t.weight_decay * t.lr == pytest.approx(1e-4) and not yfcc.model.preprocess.random_flip
     assert (t.optimizer, t.betas, t.eps) == ("adafactor", (0.9, 0.999), 1e-30)
     assert (yfcc.loss.label_smoothing, yfcc.loss.directions) == (0.0, "mean")
+    source = yfcc.data.train  # §6: title, description or tags at random; non-descriptive ones dropped
+    assert (source.text_key, source.text_choice, source.drop_non_descriptive) == (
+        "title.txt;description.txt;tags.txt", "random", True)
     # CLIPPO reads prompts as pixels: every zero-shot evaluation canonicalises them as big_vision does (§5.1)
     from openalign.eval.suite import load_suite
     from openalign.eval.tasks import ZeroShotEvalConfig

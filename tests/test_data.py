@@ -451,6 +451,55 @@ def test_webdataset_source_streams_pairs_and_skips_corrupt_images_and_empty_capt
     assert Counter(COUNTS) - before == {"skipped/undecodable image": 2, "skipped/empty caption": 2}
 
 
+def test_descriptive_texts_have_a_letter_and_are_not_camera_file_names():
+    from openalign.data.quality import is_descriptive
+
+    for text in ("a red bus", "Paris", "IMG in the park", "2007 London trip", "P1 race"):
+        assert is_descriptive(text), text
+    for text in ("20071124", "12:30 - 14:00", "IMG_1234", "img 1234.JPG", "DSC01234.jpg", "DSCN0042", "P1010001",
+                 "_MG_4471.CR2", "..."):
+        assert not is_descriptive(text), text
+
+
+def test_several_text_members_give_one_caption_first_or_at_random_without_non_descriptive_ones(tmp_path, capsys):
+    """CLIPPO's YFCC-100M text (shared spec clippo.md §6): one of title, description and tags at
+    random per example, non-descriptive ones dropped; a sample with none usable is skipped."""
+    import webdataset as wds
+
+    from openalign.cli import main
+    from openalign.data.quality import COUNTS
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (20, 16), (200, 30, 30)).save(buffer, format="JPEG")
+    members = {"bus": {"title.txt": "a red bus", "description.txt": "IMG_1234.JPG", "tags.txt": "bus,red,london"},
+               "none": {"title.txt": "12345", "tags.txt": " "},
+               "sea": {"description.txt": "sunset over the sea"},
+               "beach": {"title.txt": "DSC01234", "description.txt": "2007 11 24", "tags.txt": "beach"}}
+    (tmp_path / "yfcc").mkdir()
+    with wds.TarWriter(str(tmp_path / "yfcc" / "0.tar")) as sink:
+        for key, texts in members.items():
+            sink.write({"__key__": key, "jpg": buffer.getvalue(), **texts})
+    keys = "title.txt;description.txt;tags.txt"
+
+    def texts(**options) -> list[str]:
+        source = WebDatasetSourceConfig(urls=str(tmp_path / "yfcc" / "0.tar"), text_key=keys, shuffle_buffer=1,
+                                        open_shards=1, **options)
+        stream = iter(source.build(WDS_TRANSFORM, seed=0))
+        return [next(stream)["text"] for _ in range(60)]  # resampled: 20 passes over the 3 usable samples
+
+    before = Counter(COUNTS)
+    drawn = texts(text_choice="random", drop_non_descriptive=True)
+    assert Counter(COUNTS) - before == {"skipped/non-descriptive caption": 20}  # "none": its title's reason
+    assert set(drawn) == {"a red bus", "bus,red,london", "sunset over the sea", "beach"}
+    assert 5 <= drawn.count("a red bus") <= 15 and drawn.count("beach") == 20
+    assert drawn == texts(text_choice="random", drop_non_descriptive=True)  # drawn from the samples' seeds
+    assert set(texts()) == {"a red bus", "12345", "sunset over the sea", "DSC01234"}  # the first readable one
+    assert main(["data", "inspect", str(tmp_path / "yfcc" / "0.tar"), "--text-key", keys, "--drop-non-descriptive",
+                 "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["usable"], summary["skipped"]) == (3, {"non-descriptive caption": 1})
+
+
 def test_webdataset_stream_is_seeded_and_a_resume_without_positions_reads_fresh_data(tmp_path):
     urls = _write_shards(tmp_path / "shards", good=4, shards=8)
 

@@ -213,7 +213,7 @@ def _cmd_data_inspect(args: argparse.Namespace) -> None:
     from .data.inspect import format_summary, inspect_shards
 
     summary = inspect_shards(args.shards, args.text_key, show_progress=not args.json,
-                             min_image_side=args.min_image_side)
+                             min_image_side=args.min_image_side, drop_non_descriptive=args.drop_non_descriptive)
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
     if not summary["usable"]:  # a script's check before a long job: training would stop on these shards
         given = " ".join(args.shards) if len(args.shards) <= 3 else f"the {len(args.shards)} shard patterns given"
@@ -625,7 +625,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "sizes in webdataset shards or TFRecord files")
     inspect.add_argument("shards", nargs="+", metavar="SHARDS",
                          help="tar or .tfrecord files: paths, globs, brace patterns, s3:// or pipe: URLs")
-    inspect.add_argument("--text-key", default="txt", help="the caption member's extension (default txt)")
+    inspect.add_argument("--text-key", default="txt", help="the caption member's extension (default txt; several, "
+                                                           "';'-separated: the first usable one)")
+    inspect.add_argument("--drop-non-descriptive", action="store_true",
+                         help="count captions without a letter, or camera file names, as unusable (training's "
+                              "drop_non_descriptive)")
     inspect.add_argument("--min-image-side", type=int, default=10,
                          help="images with a shorter side under this are skipped, as training's min_image_side")
     inspect.add_argument("--json", action="store_true", help='print {"samples": N, "skipped": {reason: count}, ...}')

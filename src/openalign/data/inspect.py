@@ -17,10 +17,11 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from ..progress import progress_bar
-from .quality import (NO_IMAGE, REPEATED_FIELD, UNDECODABLE_IMAGE, UNDECODABLE_RECORD, SkipSample, caption_text,
+from .quality import (NO_IMAGE, REPEATED_FIELD, UNDECODABLE_IMAGE, UNDECODABLE_RECORD, SkipSample,
                       open_image)
 from .shards import ShardReadError, expand_urls
-from .sources import REPEATED_FIELDS, TFRecordSourceConfig, WebDatasetSourceConfig, check_not_cut_short
+from .sources import (REPEATED_FIELDS, TFRecordSourceConfig, WebDatasetSourceConfig, check_not_cut_short,
+                      choose_caption)
 from .tfrecords import CorruptRecord
 
 IMAGE_KEYS = tuple(WebDatasetSourceConfig.image_keys.split(";"))  # what training reads
@@ -31,12 +32,14 @@ IMAGE_EDGES = (32, 64, 128, 256, 512, 1024, 2048)  # pixels, the longer side
 
 
 def inspect_shards(patterns: Sequence[str], text_key: str = "txt", image_keys: Sequence[str] = IMAGE_KEYS,
-                   show_progress: bool = True, min_image_side: int = MIN_IMAGE_SIDE) -> dict[str, Any]:
+                   show_progress: bool = True, min_image_side: int = MIN_IMAGE_SIDE,
+                   drop_non_descriptive: bool = False) -> dict[str, Any]:
     """The summary of the shards ``patterns`` name (paths, globs, brace patterns, and the URLs
     training reads: ``s3://...``, ``pipe:...``): ``samples``, ``usable``, ``skipped`` {reason:
     count}, ``failed_shards`` {url: error}, ``empty_shards`` [url] (read whole, without a
     sample), ``caption_chars`` and ``image_longer_side`` histograms {bin: count}, ``image_modes``
-    {mode: count}."""
+    {mode: count}. ``text_key`` and ``drop_non_descriptive`` are the training source's (several
+    ``;``-separated members: the first usable one is measured)."""
     shards = [url for pattern in patterns for url in expand_urls(pattern, "shards")]
     skipped: Counter[str] = Counter()
     captions: Counter[str] = Counter()
@@ -54,7 +57,8 @@ def inspect_shards(patterns: Sequence[str], text_key: str = "txt", image_keys: S
                 for fields in _samples(shard):
                     samples += 1
                     reason = (fields.reason if isinstance(fields, SkipSample)
-                              else _check(fields, text_key, keys, min_image_side, captions, sizes, modes))
+                              else _check(fields, text_key, keys, min_image_side, captions, sizes, modes,
+                                          drop_non_descriptive))
                     if reason:
                         skipped[reason] += 1
                     else:
@@ -95,18 +99,20 @@ def _is_tfrecord(url: str) -> bool:
 
 
 def _check(members: dict[str, Any], text_key: str, image_keys: Sequence[str], min_image_side: int,
-           captions: Counter[str], sizes: Counter[str], modes: Counter[str]) -> str | None:
+           captions: Counter[str], sizes: Counter[str], modes: Counter[str], drop_non_descriptive: bool = False
+           ) -> str | None:
     """Why training would skip a sample (the reason it would log), or None; updates the
     histograms of what it reads."""
     text_key, image_keys = text_key.lower(), [key.lower() for key in image_keys]  # fields are lower-cased
     try:
         if REPEATED_FIELDS in members:
             raise SkipSample(REPEATED_FIELD)
-        check_not_cut_short(members, image_keys, [text_key])
+        check_not_cut_short(members, image_keys, text_key.split(";"))
         data = next((members[key] for key in image_keys if key in members), None)
         if data is None:
             raise SkipSample(NO_IMAGE)
-        captions[_bin(len(caption_text(members.get(text_key))), CAPTION_EDGES)] += 1  # every readable caption
+        caption = choose_caption(members, text_key, drop_non_descriptive=drop_non_descriptive)
+        captions[_bin(len(caption), CAPTION_EDGES)] += 1  # every readable caption
         with open_image(data, min_image_side) as image:
             try:
                 image.load()

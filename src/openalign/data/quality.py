@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import unicodedata
 import warnings
 from collections import Counter
@@ -28,6 +29,7 @@ log = logging.getLogger("openalign.data")
 NO_IMAGE = "no image"
 NO_CAPTION = "no caption"
 EMPTY_CAPTION = "empty caption"  # and "caption not text", "caption not UTF-8": see caption_text
+NON_DESCRIPTIVE_CAPTION = "non-descriptive caption"
 UNDECODABLE_IMAGE = "undecodable image"
 IMAGE_TOO_LARGE = "image too large (decompression bomb)"
 IMAGE_TOO_SMALL = "image too small"
@@ -49,6 +51,19 @@ class SkipSample(Exception):
     def __init__(self, reason: str, detail: str = "") -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason, self.detail = reason, detail
+
+
+_CAMERA_FILE_NAME = re.compile(
+    r"(img|dsc|dscn|dscf|dcp|imgp|cimg|pict|pic|p|sam|mvc|dsci|_mg|image|photo)[ _-]*\d+"
+    r"(\.(jpe?g|png|gif|tiff?|bmp|heic|raw|cr2|nef|dng))?", re.IGNORECASE)
+
+
+def is_descriptive(text: str) -> bool:
+    """Whether ``text`` can describe an image: it has a letter, and is not a camera's file name
+    (``IMG_1234``, ``DSC01234.JPG``, ``P1010001``). CLIPPO's YFCC-100M text drops non-descriptive
+    annotations "following LiT, Appendix E" (shared spec clippo.md §6), naming digits-only
+    descriptions; the whole list is not public, and this is openalign's reading of it."""
+    return any(char.isalpha() for char in text) and not _CAMERA_FILE_NAME.fullmatch(text.strip())
 
 
 def caption_text(data: bytes | str | None, missing: str = NO_CAPTION, name: str = "caption") -> str:

@@ -24,7 +24,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch.utils.data import Dataset, IterableDataset
@@ -34,8 +34,9 @@ from ..distributed import fail_together, world_info
 from ..errors import ConfigError, OpenAlignError
 from ..files import printable
 from .karpathy import CaptionedImage, read_karpathy
-from .quality import (CUT_SHORT, CUT_SHORT_SAMPLE, EMPTY_CAPTION, NO_IMAGE, REPEATED_FIELD,
-                      UNDECODABLE_RECORD, SkipPolicy, SkipSample, caption_text, decode_pixels, open_image)
+from .quality import (CUT_SHORT, CUT_SHORT_SAMPLE, EMPTY_CAPTION, NO_IMAGE, NON_DESCRIPTIVE_CAPTION, REPEATED_FIELD,
+                      UNDECODABLE_RECORD, SkipPolicy, SkipSample, caption_text, decode_pixels, is_descriptive,
+                      open_image)
 from .shards import expand_urls, open_url, stream_samples
 from .shapes import ShapesSpec, build_shapes_dataset
 from .stream import ResumableStream, ShardStream
@@ -477,6 +478,11 @@ class StreamOptions:
     raw samples are shuffled together. Samples whose image is under ``min_image_side`` pixels
     on its shorter side are skipped (ALIGN's filter used 200; COYO is already filtered).
     ``extra_keys`` carries more fields into the samples, by name (see :class:`FieldsDecoder`).
+    ``text_key`` may name several members, ``title.txt;description.txt;tags.txt``: ``text_choice:
+    first`` takes the first usable one, ``random`` one of the usable ones at random (per sample,
+    from the sample's seed: a resumed run draws the same), as CLIPPO samples YFCC-100M's title,
+    description or tags; ``drop_non_descriptive`` counts a text without a letter, or a camera's
+    file name, as unusable (:func:`~openalign.data.quality.is_descriptive`; CLIPPO's YFCC text).
     Unreadable samples and
     shards are skipped and counted by reason (``data.strict: true`` makes them errors), and
     ``max_consecutive_errors`` skips in a row (a wrong URL, a dead bucket) stop the run with an
@@ -484,6 +490,8 @@ class StreamOptions:
     """
 
     extra_keys: dict[str, str] = field(default_factory=dict)
+    text_choice: Literal["first", "random"] = "first"
+    drop_non_descriptive: bool = False
     resampled: bool = True
     open_shards: int = 8
     shuffle_buffer: int = 2000
@@ -518,9 +526,12 @@ class FieldsDecoder:
     extra_keys: dict[str, str]
     transform: ImageTransform
     min_image_side: int = 1
+    text_choice: str = "first"
+    drop_non_descriptive: bool = False
 
-    def texts(self, fields: dict[str, Any]) -> dict[str, Any]:
-        texts = {"text": caption_text(fields.get(self.text_key))}
+    def texts(self, fields: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, Any]:
+        texts = {"text": choose_caption(fields, self.text_key, self.text_choice, self.drop_non_descriptive,
+                                        generator)}
         for name, key in self.extra_keys.items():
             texts[name] = extra_value(key, fields.get(key))
         return texts
@@ -528,12 +539,12 @@ class FieldsDecoder:
     def __call__(self, fields: dict[str, bytes], generator: torch.Generator | None = None) -> dict[str, Any]:
         if REPEATED_FIELDS in fields:
             raise SkipSample(REPEATED_FIELD, f"more than one member for {fields[REPEATED_FIELDS]!r}")
-        check_not_cut_short(fields, self.image_keys, [self.text_key, *self.extra_keys.values()])
+        check_not_cut_short(fields, self.image_keys, [*self.text_key.split(";"), *self.extra_keys.values()])
         data = next((fields[key] for key in self.image_keys if key in fields), None)
         if data is None:
             raise SkipSample(NO_IMAGE, f"none of the fields {', '.join(self.image_keys)}; it has "
                                        f"{', '.join(sorted(fields)) or 'none'}")
-        texts = self.texts(fields)
+        texts = self.texts(fields, generator)
         with open_image(data, self.min_image_side) as image:
             return {**texts, "image": decode_pixels(self.transform, image, generator, data)}
 
@@ -568,8 +579,32 @@ class WebDatasetSourceConfig(SourceConfig, StreamOptions, tag="webdataset"):
         # tar fields are matched lower-cased (read_tar_shard), so are the keys: JPG finds a.jpg
         decode = FieldsDecoder(tuple(key.lower() for key in self.image_keys.split(";")), self.text_key.lower(),
                                {name: key.lower() for name, key in self.extra_keys.items()}, transform,
-                               self.min_image_side)
+                               self.min_image_side, self.text_choice, self.drop_non_descriptive)
         return self.stream(self.urls, self.shards(), read_tar_shard, decode, seed, strict)
+
+
+def choose_caption(fields: dict[str, Any], text_key: str, text_choice: str = "first",
+                   drop_non_descriptive: bool = False, generator: torch.Generator | None = None) -> str:
+    """A sample's caption: of the members ``text_key`` names (``;``-separated), the first usable
+    one, or (``text_choice: random``) one of the usable ones drawn with ``generator`` (the first
+    without one); none usable skips the sample for the first member's reason."""
+    usable, skips = [], []
+    for key in text_key.split(";"):
+        try:
+            text = caption_text(fields.get(key))
+            if drop_non_descriptive and not is_descriptive(text):
+                raise SkipSample(NON_DESCRIPTIVE_CAPTION, repr(text[:40]))
+        except SkipSample as skip:
+            skips.append(skip)
+            continue
+        usable.append(text)
+        if text_choice == "first":
+            break
+    if not usable:
+        raise skips[0]
+    if len(usable) == 1 or generator is None:
+        return usable[0]
+    return usable[int(torch.randint(len(usable), (), generator=generator))]
 
 
 def extra_value(key: str, data: bytes | int | None) -> Any:
@@ -651,7 +686,8 @@ class TFRecordSourceConfig(SourceConfig, StreamOptions, tag="tfrecord"):
 
     def build(self, transform: ImageTransform, seed: int, start_step: int = 0,
               text_processor: TextProcessor | None = None, strict: bool = False) -> ShardStream:
-        decode = RecordDecoder((self.image_key,), self.text_key, dict(self.extra_keys), transform, self.min_image_side)
+        decode = RecordDecoder((self.image_key,), self.text_key, dict(self.extra_keys), transform, self.min_image_side,
+                               self.text_choice, self.drop_non_descriptive)
         return self.stream(self.urls, self.files(), read_tfrecord_file, decode, seed, strict)
 
 
