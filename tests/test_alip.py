@@ -118,6 +118,19 @@ def test_the_gates_are_constants_for_the_gradient():
 def test_alip_vit_b32_is_open_clips_vit_b32_and_embeds_both_texts_with_one_tower():
     model = openalign.create_model("alip-vit-b32")
     assert sum(p.numel() for p in model.parameters()) == 151_277_313  # open_clip's ViT-B-32
+    # open_clip's initialisation (shared spec alip.md §1): text width 512 in 12 layers, vision width 768
+    params = dict(model.named_parameters())
+    text = "text_tower.transformer."
+    for name, std in (("token_embedding.weight", 0.02), ("positional_embedding", 0.01),
+                      ("text_projection", 512 ** -0.5)):
+        assert params[text + name].std().item() == pytest.approx(std, rel=0.02), name
+    for layer in (0, 11):
+        block = f"{text}transformer.resblocks.{layer}."
+        for name, std in (("attn.in_proj_weight", 512 ** -0.5), ("attn.out_proj.weight", 512 ** -0.5 * 24 ** -0.5),
+                          ("mlp.c_fc.weight", 1024 ** -0.5), ("mlp.c_proj.weight", 512 ** -0.5 * 24 ** -0.5)):
+            assert params[block + name].std().item() == pytest.approx(std, rel=0.02), block + name
+    for name, rel in (("class_embedding", 0.1), ("positional_embedding", 0.03), ("proj", 0.02)):
+        assert params[f"image_tower.{name}"].std().item() == pytest.approx(768 ** -0.5, rel=rel), name
     assert model.input_fields == ("image", "text", "caption")
     assert model.logit_scale.item() == pytest.approx(1 / 0.07, rel=1e-6)
     with torch.no_grad():

@@ -78,6 +78,53 @@ def test_projections_run_in_fp32_under_bf16_autocast():
         torch.testing.assert_close(text, torch.nn.functional.normalize(model.text_projection(features.float()), dim=-1))
 
 
+def test_efficientnet_drop_connect_rates_grow_per_block_and_drop_whole_samples_of_residual_blocks():
+    """Shared spec align-coyo-and-hf.md §1.1: block b of N drops its residual branch with rate
+    0.2·b/N, per sample, in training only; a stage's first block has no residual and drops nothing."""
+    tower = openalign.model_config("align-b3-mini").image.build()
+    blocks = tower.encoder.blocks
+    assert len(blocks) == 26 and [b.drop_rate for b in blocks] == pytest.approx([0.2 * b / 26 for b in range(26)])
+    repeats = [openalign.model_config("align-b3-mini").image.round_repeats(n)
+               for n in openalign.model_config("align-b3-mini").image.num_block_repeats]
+    firsts = {sum(repeats[:stage]) for stage in range(len(repeats))}
+    assert [not b.residual for b in blocks] == [index in firsts for index in range(26)]
+    block = blocks[-1]
+    block.drop_rate = 0.5
+    x = torch.randn(1, block.projection.project_conv.out_channels, 4, 4).expand(400, -1, -1, -1)
+    with torch.no_grad():
+        block.eval()
+        branch = block(x) - x  # the residual branch, whole
+        block.train()  # drop-connect on; batch norm kept on its running statistics, so the branch is the same
+        for module in block.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.eval()
+        torch.manual_seed(0)
+        trained = (block(x) - x).flatten(1)
+    dropped = trained.abs().amax(dim=1) == 0
+    assert 150 < int(dropped.sum()) < 250  # about half, each sample on its own
+    torch.testing.assert_close(trained[~dropped], 2 * branch.flatten(1)[~dropped])  # the rest rescaled by 1/(1-0.5)
+
+
+def test_initialisation_is_keras_efficientnets_and_dense_layers():
+    """Convolutions: VarianceScaling(2.0, fan_out, truncated normal), depthwise fan-out k·k, zero biases;
+    projections: glorot-uniform, zero bias (shared spec align-coyo-and-hf.md §1.1, §1.2)."""
+    torch.manual_seed(0)
+    model = openalign.create_model("align-b3-mini")
+    convs = [m for m in model.image_tower.modules() if isinstance(m, torch.nn.Conv2d)]
+    for conv in convs:
+        fan_out = conv.out_channels // conv.groups * conv.kernel_size[0] * conv.kernel_size[1]
+        std = math.sqrt(2.0 / fan_out)
+        weight = conv.weight.detach()
+        assert weight.abs().max() <= 2 * std / 0.8796256610342398 + 1e-6  # truncated at two (pre-scaling) deviations
+        if weight.numel() >= 20_000:
+            assert weight.std().item() == pytest.approx(std, rel=0.05), conv
+        assert conv.bias is None or not conv.bias.any()
+    assert any(conv.groups > 1 and conv.groups == conv.in_channels for conv in convs)  # depthwise ones checked
+    for projection in (model.image_projection, model.text_projection):
+        bound = math.sqrt(6 / (projection.in_features + projection.out_features))
+        assert 0.95 * bound < projection.weight.abs().max() <= bound and not projection.bias.any()
+
+
 def test_temperature_is_stored_as_a_log_and_stays_positive():
     model = openalign.create_model("align-test", temperature_init=0.05)
     assert model.temperature.item() == pytest.approx(0.05) and model.logit_scale.item() == pytest.approx(20.0)
