@@ -83,11 +83,20 @@ def _state(directory: Path) -> dict[str, torch.Tensor]:
     return load_file(str(sorted((directory / "checkpoints").glob("step_*"))[-1] / WEIGHTS_FILE))
 
 
-@pytest.mark.parametrize("accum_steps, optimizer", [(1, "adamw"), (2, "adamw"), (1, "adafactor")])
-def test_resume_continues_exactly(tmp_path, shapes_root, tiny_overrides, monkeypatch, accum_steps, optimizer):
-    """Also with gradient accumulation, whose re-embedding replays the random draws, and with
-    Adafactor, whose momentum is kept in bfloat16 (which loading an optimiser's state turns to float32)."""
-    settings = STOCHASTIC + [f"train.accum_steps={accum_steps}", f"train.optimizer={optimizer}"]
+@pytest.mark.parametrize("accum_steps, optimizer, precision", [(1, "adamw", "fp32"), (2, "adamw", "fp32"),
+                                                               (1, "adafactor", "fp32"), (2, "adamw", "fp16")])
+def test_resume_continues_exactly(tmp_path, shapes_root, tiny_overrides, monkeypatch, accum_steps, optimizer,
+                                  precision):
+    """Also with gradient accumulation, whose re-embedding replays the random draws; with
+    Adafactor, whose momentum is kept in bfloat16 (which loading an optimiser's state turns to
+    float32); and in fp16, whose gradient scaler's state is checkpointed."""
+    settings = STOCHASTIC + [f"train.accum_steps={accum_steps}", f"train.optimizer={optimizer}",
+                             f"train.precision={precision}"]
+    if precision == "fp16":  # a scale that changes every step: a resume that lost it would end on another
+        from openalign.train import loop
+
+        monkeypatch.setattr(loop, "gradient_scaler", lambda device, _: torch.amp.GradScaler(device.type,
+                                                                                             growth_interval=1))
     straight = tmp_path / "straight"
     train(load_recipe("demo", tiny_overrides(shapes_root, straight, steps=6) + settings), show_progress=False)
 
@@ -103,6 +112,10 @@ def test_resume_continues_exactly(tmp_path, shapes_root, tiny_overrides, monkeyp
         assert torch.equal(expected[key], actual[key]), key
     losses = [[r["loss"] for r in read_history(d) if "loss" in r] for d in (straight, interrupted)]
     assert losses[0] == losses[1] and len(losses[0]) == 6
+    if precision == "fp16":
+        scalers = [torch.load(d / "checkpoints" / "step_00000006" / "trainer_state.pt")["scaler"]
+                   for d in (straight, interrupted)]
+        assert scalers[0] == scalers[1], scalers
 
 
 def test_a_run_stopped_at_a_checkpoint_keeps_the_evaluation_of_that_step(tmp_path, shapes_root, tiny_overrides,
@@ -546,6 +559,40 @@ def test_grad_clip_bounds_the_global_gradient_norm():
                grad_clip=1e-3)
     moved = torch.sqrt(sum(((p.detach() - before[n]) ** 2).sum() for n, p in model.named_parameters()))
     assert moved == pytest.approx(1e-3, rel=1e-3)  # plain SGD at lr 1 moves by exactly the clipped norm
+
+
+def test_fp16_scales_the_loss_and_skips_a_step_whose_scaled_gradient_overflows():
+    """fp16 training (GPUs without bf16): the loss is scaled for the backward pass and the gradient
+    unscaled before clipping, so the step is the same; at a scale where the gradient overflows,
+    the weights stay, the scale halves and the loss is returned as it was (not a divergence)."""
+    from openalign.precision import autocast_dtype, gradient_scaler
+
+    cpu = torch.device("cpu")
+    assert gradient_scaler(cpu, "bf16") is None and autocast_dtype(cpu, "fp16") == torch.float16
+    torch.manual_seed(0)
+    model = openalign.create_model("align-test", image={"virtual_batch_size": None})
+    tokens = openalign.get_tokenizer("align-test")(["a red circle", "a blue square", "a star", "a cross"])
+    batch = {"image": torch.randn(4, 3, 32, 32), "text": tokens}
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+
+    def step(scale: float | None, grad_clip: float | None = 1e-3) -> tuple[torch.Tensor, object]:
+        model.load_state_dict(before, strict=False)
+        sgd = torch.optim.SGD(model.parameters(), lr=1.0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(sgd, lambda step: 1.0)
+        scaler = None if scale is None else torch.amp.GradScaler("cpu", init_scale=scale)
+        loss = train_step(model, openalign.losses.ContrastiveLoss(), sgd, scheduler, batch, cpu, "fp16",
+                          grad_clip=grad_clip, scaler=scaler)
+        return loss, scaler
+
+    step(None)  # fp16 autocast without a scaler: the reference step
+    unscaled = {name: p.detach().clone() for name, p in model.named_parameters()}
+    loss, scaler = step(2.0 ** 10)
+    for name, p in model.named_parameters():  # the same step: the scale is undone before clipping
+        torch.testing.assert_close(p.detach(), unscaled[name], rtol=1e-4, atol=1e-6)
+    assert scaler.get_scale() == 2.0 ** 10 and torch.isfinite(loss)
+    loss, scaler = step(2.0 ** 127, grad_clip=None)  # 2^127 × the loss's gradient overflows float32
+    assert all(torch.equal(p.detach(), before[name]) for name, p in model.named_parameters())
+    assert scaler.get_scale() == 2.0 ** 126 and torch.isfinite(loss)
 
 
 def test_the_logit_scale_cap_holds_the_parameter_and_lets_the_loss_lower_the_scale():

@@ -1,4 +1,5 @@
-"""Mixed precision: bf16 autocast on GPU, fp32 on CPU, unless the settings say otherwise."""
+"""Mixed precision: bf16 autocast on GPU, fp32 on CPU, unless the settings say otherwise; fp16
+autocast (with a gradient scaler in training) for GPUs without bf16 (V100, T4)."""
 
 from __future__ import annotations
 
@@ -9,24 +10,33 @@ from typing import Literal
 
 import torch
 
-Precision = Literal["auto", "bf16", "fp32"]
-PRECISIONS: tuple[str, ...] = ("auto", "bf16", "fp32")
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
+PRECISIONS: tuple[str, ...] = ("auto", "bf16", "fp16", "fp32")
 
 _PRECISION: contextvars.ContextVar[str] = contextvars.ContextVar("openalign_precision", default="auto")
 
 
 def autocast(device: torch.device, precision: str | None = None) -> torch.autocast:
-    """An autocast context: bf16 for ``precision="bf16"``, or for ``"auto"`` on CUDA; fp32 otherwise.
+    """An autocast context: bf16 for ``precision="bf16"``, or for ``"auto"`` on CUDA; fp16 for
+    ``"fp16"``; fp32 otherwise.
 
     ``None`` is the precision a :func:`precision_scope` around the call sets (``"auto"`` outside one).
     """
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_dtype(device, precision) is not None)
+    dtype = autocast_dtype(device, precision)
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
 def autocast_dtype(device: torch.device, precision: str | None = None) -> torch.dtype | None:
-    """The dtype :func:`autocast` computes in on ``device`` (bf16), or None where it is fp32."""
+    """The dtype :func:`autocast` computes in on ``device`` (bf16 or fp16), or None where it is fp32."""
     precision = precision or _PRECISION.get()
+    if precision == "fp16":
+        return torch.float16
     return torch.bfloat16 if precision == "bf16" or (precision == "auto" and device.type == "cuda") else None
+
+
+def gradient_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler | None:
+    """The loss scaler fp16 training needs (its gradients underflow without one), else None."""
+    return torch.amp.GradScaler(device.type) if autocast_dtype(device, precision) == torch.float16 else None
 
 
 @contextlib.contextmanager

@@ -55,7 +55,8 @@ class TrainConfig:
     warms up linearly from 0 then decays linearly to 0 at ``steps`` (spec §3.3); ``rsqrt`` is
     big_vision's inverse square root with time scale ``rsqrt_timescale`` (default: the warm-up);
     ``cooldown_steps`` ramps any schedule linearly to 0 over the last steps.
-    ``precision: auto`` is bf16 autocast on GPU and fp32 on CPU; evaluation during the run uses
+    ``precision: auto`` is bf16 autocast on GPU and fp32 on CPU (``fp16``: fp16 autocast with a
+    gradient scaler, for GPUs without bf16); evaluation during the run uses
     the same. ``init_from`` initialises a fresh run from weights: anything :func:`load_pretrained`
     reads (ALIGN, ALIP; ALIP's released file), or a checkpoint the model knows how to read
     (CLIPPO: a timm ViT one for the encoder, or a released big_vision ``.npz`` for the whole model).

@@ -37,7 +37,7 @@ several ranks, their all-gathers), and memory for one micro-batch's activations 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -65,11 +65,13 @@ def split_batch(batch: Any, parts: int) -> list[Any]:
 
 
 def accumulated_backward(forward: nn.Module, model: nn.Module, loss_fn: Any, inputs: dict[str, Any],
-                         device: torch.device, precision: str, steps: int) -> torch.Tensor:
+                         device: torch.device, precision: str, steps: int,
+                         backward: Callable[[torch.Tensor], Any] = torch.Tensor.backward) -> torch.Tensor:
     """Backpropagate the loss of ``inputs`` (the model's batch fields) in ``steps`` micro-batches,
     adding to the parameters' gradients; returns the loss of the whole batch (detached).
 
-    ``forward`` is what runs ``model`` (its DDP or compiled wrapper)."""
+    ``forward`` is what runs ``model`` (its DDP or compiled wrapper); ``backward`` backpropagates a
+    loss (fp16 training's scales it first)."""
     check_accumulable(model)
     micro = split_batch(inputs, steps)
     random_states, cached = [], []
@@ -89,7 +91,7 @@ def accumulated_backward(forward: nn.Module, model: nn.Module, loss_fn: Any, inp
             left.append(_snapshot(model))
             _restore(loss_fn, loss_buffers)
             loss = loss_fn(**_with_live(cached, j, live, steps))  # outside autocast, as train_step
-            loss.backward()
+            backward(loss)
     _set_to_mean(model, left)
     return loss.detach()
 

@@ -140,8 +140,10 @@ class Checkpointer:
         return complete_checkpoints(self.directory)
 
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-             loss_fn: nn.Module, recipe: dict[str, Any], data_state: dict[str, Any] | None = None) -> Path:
-        """Write checkpoint ``step``; ``data_state`` (JSON-able) is this rank's data position."""
+             loss_fn: nn.Module, recipe: dict[str, Any], data_state: dict[str, Any] | None = None,
+             scaler: torch.amp.GradScaler | None = None) -> Path:
+        """Write checkpoint ``step``; ``data_state`` (JSON-able) is this rank's data position;
+        ``scaler``: fp16 training's loss scale, kept with the optimiser's state."""
         final = self.directory / f"step_{step:08d}"
         staging = self.directory / f".step_{step:08d}.tmp"
         # each phase ends in a barrier at which a rank's error (a full disk) stops every rank
@@ -158,8 +160,11 @@ class Checkpointer:
                 save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
                           str(staging / WEIGHTS_FILE))
                 (staging / CONFIG_FILE).write_text(dump_saved(recipe))
-                torch.save({"step": step, "world_size": self.ctx.world_size, "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(), "loss": loss_fn.state_dict()}, staging / STATE_FILE)
+                state = {"step": step, "world_size": self.ctx.world_size, "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "loss": loss_fn.state_dict()}
+                if scaler is not None:
+                    state["scaler"] = scaler.state_dict()
+                torch.save(state, staging / STATE_FILE)
         with fail_together(what):
             if self.ctx.is_main:
                 self._publish(staging, final)
@@ -207,7 +212,8 @@ class Checkpointer:
                              "nor a run directory holding checkpoints/")
 
     def resume(self, spec: str, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-               loss_fn: nn.Module, recipe: dict[str, Any], total_steps: int, allow_changes: Sequence[str] = ()) -> int:
+               loss_fn: nn.Module, recipe: dict[str, Any], total_steps: int, allow_changes: Sequence[str] = (),
+               scaler: torch.amp.GradScaler | None = None) -> int:
         """Restore everything from the checkpoint ``spec`` names; returns its step (0 if none exists yet).
 
         ``recipe`` (the resolved recipe as a dict) must agree with the checkpoint's on everything
@@ -231,6 +237,8 @@ class Checkpointer:
         optimizer.load_state_dict(state["optimizer"])
         load_scheduler_state(scheduler, state["scheduler"])
         loss_fn.load_state_dict(state["loss"])
+        if scaler is not None and "scaler" in state:  # absent: a run at another precision (--allow-change)
+            scaler.load_state_dict(state["scaler"])
         rng_file = path / f"rng_rank{self.ctx.rank}.pt"
         if rng_file.is_file() and state["world_size"] == self.ctx.world_size:
             _set_rng_state(self._read(path, rng_file.name, _holding(read_torch_file, "torch", "python")))

@@ -13,6 +13,7 @@ import inspect
 import json
 import logging
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ from ..eval.tasks import task_problems
 from ..files import held_directory
 from ..losses import LossConfig
 from ..models import GhostBatchNorm2d
-from ..precision import autocast, precision_scope
+from ..precision import autocast, gradient_scaler, precision_scope
 from ..progress import make_progress
 from ..recipe import EvalConfig, Recipe
 from .accumulate import accumulated_backward, check_accumulable
@@ -112,9 +113,10 @@ def _train(recipe: Recipe, resume: str | None, show_progress: bool, held: contex
         torch.manual_seed(cfg.seed + 1 + ctx.rank)  # per-rank dropout and drop-connect streams
         recipe_dict = to_dict(recipe)
         start = 0
+        scaler = gradient_scaler(ctx.device, cfg.precision)
         if resume:
             start = checkpointer.resume(resume, model, optimizer, scheduler, loss_fn, recipe_dict, cfg.steps,
-                                        allow_changes)
+                                        allow_changes, scaler)
         elif existing := checkpointer.checkpoints():
             raise OpenAlignError(f"run.output_dir '{output_dir}' already holds checkpoints of an earlier run (newest: "
                                  f"{existing[-1].name}): pass --resume latest to continue it, or choose "
@@ -167,7 +169,7 @@ def _train(recipe: Recipe, resume: str | None, show_progress: bool, held: contex
                 average_buffers(model)  # what the checkpoint holds: the mean of the ranks' statistics
                 checkpointer.save(step, model, optimizer, scheduler, loss_fn, recipe_dict,
                                   {**monitor.state(), "world_size": ctx.world_size,
-                                   "num_workers": recipe.data.num_workers, "log_window": window.state()})
+                                   "num_workers": recipe.data.num_workers, "log_window": window.state()}, scaler)
 
             batches = iter(loader)
             for step in range(start + 1, cfg.steps + 2):
@@ -182,7 +184,7 @@ def _train(recipe: Recipe, resume: str | None, show_progress: bool, held: contex
                 batch = move_to_device(batch, ctx.device, channels_last=True)
                 lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
                 loss = train_step(model, loss_fn, optimizer, scheduler, batch, ctx.device, cfg.precision,
-                                  cfg.grad_clip, forward, cfg.accum_steps)
+                                  cfg.grad_clip, forward, cfg.accum_steps, scaler)
                 window.add(loss, getattr(loss_fn, "last_stats", {}))
                 progress.advance(bar)
                 logs = step % recipe.run.log_every == 0 or step == cfg.steps
@@ -219,7 +221,8 @@ def _train(recipe: Recipe, resume: str | None, show_progress: bool, held: contex
 
 def train_step(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                batch: dict[str, Any], device: torch.device, precision: str = "auto", grad_clip: float | None = None,
-               forward: nn.Module | None = None, accum_steps: int = 1) -> torch.Tensor:
+               forward: nn.Module | None = None, accum_steps: int = 1,
+               scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
     """One optimiser step on ``batch``; returns the detached loss without synchronising with the device.
 
     ``forward`` is what runs the model (its DDP or compiled wrapper); ``model.input_fields``
@@ -228,6 +231,11 @@ def train_step(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Opti
     exactly that of the loss on the whole batch (see :mod:`openalign.train.accumulate`). After
     the step, ``model.constrain_parameters()``, where the model has it, projects parameters back
     into range. The loss returned is NaN where the gradient was NaN or infinite.
+
+    ``scaler`` (fp16: :func:`~openalign.precision.gradient_scaler`) scales the loss before the
+    backward pass and the gradients back before clipping; a step whose scaled gradient overflowed
+    is skipped (the weights stay as they were) and the scale lowered, as ``torch.amp`` does it:
+    that is the scaler's search for its scale, not a divergence, so the loss is returned as it was.
     """
     missing = [name for name in model.input_fields if name not in batch]
     if missing:
@@ -236,21 +244,33 @@ def train_step(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Opti
     inputs = {name: batch[name] for name in model.input_fields}
     forward = model if forward is None else forward  # not `or`: a compiled module's truth value is its len()
     optimizer.zero_grad(set_to_none=True)
+    backward = (lambda loss: scaler.scale(loss).backward()) if scaler is not None else torch.Tensor.backward
     if accum_steps > 1:
-        loss = accumulated_backward(forward, model, loss_fn, inputs, device, precision, accum_steps)
+        loss = accumulated_backward(forward, model, loss_fn, inputs, device, precision, accum_steps, backward)
     else:
         with autocast(device, precision):
             outputs = forward(**inputs)
         loss = loss_fn(**outputs)  # outside autocast: logits and softmax in fp32
-        loss.backward()
+        backward(loss)
+    if scaler is not None:
+        scaler.unscale_(optimizer)
     if grad_clip is not None:
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     else:
         norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-    optimizer.step()
-    scheduler.step()
+    if scaler is not None:
+        scaler.step(optimizer)  # skipped where the gradient is not finite
+        scaler.update()
+        with warnings.catch_warnings():  # a skipped step is the scaler's, not a misordered loop
+            warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before")
+            scheduler.step()
+    else:
+        optimizer.step()
+        scheduler.step()
     if hasattr(model, "constrain_parameters"):  # e.g. the logit-scale cap
         model.constrain_parameters()
+    if scaler is not None:
+        return loss.detach()
     # a finite loss with a NaN or infinite gradient has just made the weights NaN: reported as a
     # NaN loss, the divergence check stops the run before they are checkpointed (no synchronisation)
     return loss.detach().where(norm.isfinite(), torch.nan)
