@@ -159,7 +159,7 @@ def test_a_run_with_accumulation_trains_as_one_without(tmp_path, shapes_root, ti
     real_compile, real_accumulate, accumulated = torch.compile, loop.accumulated_backward, []
     monkeypatch.setattr(torch, "compile", lambda module, **options: real_compile(module, backend="eager"))
     monkeypatch.setattr(loop, "accumulated_backward",
-                        lambda *args: accumulated.append(args[-1]) or real_accumulate(*args))
+                        lambda *args: accumulated.append(args[6]) or real_accumulate(*args))  # steps
     losses, weights = [], []
     for settings in (["train.accum_steps=1"], ["train.accum_steps=2", "train.compile=true"],
                      ["train.accum_steps=2", "train.grad_checkpointing=true"]):
