@@ -74,6 +74,29 @@ def test_karpathy_retrieval_equals_a_direct_computation(model, shapes_root):
         evaluate_retrieval(model, shapes_root / "dataset_shapes.json", CPU, image_root="/nonexistent")
 
 
+def test_albef_and_blip_annotation_files_read_as_their_karpathy_split(model, shapes_root, tmp_path):
+    """ALIP evaluates on ALBEF/BLIP-style files (shared spec alip.md §6.2): a list of {image, caption}
+    per split, test files with a list of captions per image, training files one entry per caption."""
+    karpathy = read_karpathy(shapes_root / "dataset_shapes.json", "test")
+    relative = [str(item.path.relative_to(shapes_root)) for item in karpathy]
+    (tmp_path / "shapes_test.json").write_text(json.dumps(
+        [{"image": path, "caption": list(item.captions)} for path, item in zip(relative, karpathy)]))
+    (tmp_path / "shapes_train.json").write_text(json.dumps(  # ALBEF's training form: an entry per caption
+        [{"image": path, "caption": caption, "image_id": n} for n, (path, item) in enumerate(zip(relative, karpathy))
+         for caption in item.captions]))
+    for name in ("shapes_test.json", "shapes_train.json"):
+        split = name.removesuffix(".json").split("_")[1]
+        assert read_karpathy(tmp_path / name, split, shapes_root) == karpathy
+    assert evaluate_retrieval(model, tmp_path / "shapes_test.json", CPU, image_root=shapes_root,
+                              show_progress=False) == evaluate_retrieval(model, shapes_root / "dataset_shapes.json",
+                                                                         CPU, show_progress=False)
+    with pytest.raises(OpenAlignError, match=r"its name says train, not 'test': name the test file"):
+        read_karpathy(tmp_path / "shapes_train.json", "test", shapes_root)
+    (tmp_path / "bad.json").write_text(json.dumps([{"image": "a.png", "caption": ["ok"]}, {"image": "b.png"}]))
+    with pytest.raises(OpenAlignError, match=r"entry 1 needs an 'image' path and a 'caption'"):
+        read_karpathy(tmp_path / "bad.json", "test")
+
+
 def test_zeroshot_on_class_folders_equals_a_hand_computation(model, folders):
     templates = ["a {}", "a photo of a {}."]
     ours = evaluate_zeroshot(model, folders / "val", CPU, templates, show_progress=False)

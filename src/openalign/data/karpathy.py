@@ -1,9 +1,11 @@
-"""Read caption datasets in Karpathy's JSON format (``dataset_coco.json``, ``dataset_flickr30k.json``)."""
+"""Read caption datasets in Karpathy's JSON format (``dataset_coco.json``, ``dataset_flickr30k.json``),
+or in the per-split annotation files ALBEF and BLIP (and so ALIP) read (``coco_karpathy_test.json``)."""
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +35,11 @@ def read_karpathy(json_path: str | Path, split: str, image_root: str | Path | No
 
     ``image_root`` defaults to the JSON's directory. Karpathy's COCO file splits into
     ``train``, ``restval``, ``val`` and ``test``; Flickr30k's into ``train``, ``val``, ``test``.
+
+    ALBEF's and BLIP's annotation files (shared spec alip.md §6.2) are read too: a JSON list of
+    ``{"image": path under image_root, "caption": text or list of texts}``, one file per split
+    (an image's entries, one per caption in training files, are joined in order). A file whose
+    name says another split (``..._train.json`` for ``test``) is an error.
     """
     json_path = Path(json_path)
     if not json_path.is_file():
@@ -40,6 +47,8 @@ def read_karpathy(json_path: str | Path, split: str, image_root: str | Path | No
                              "such as dataset_coco.json)")
     try:
         data = json.loads(json_path.read_text(encoding="utf-8-sig"))  # an editor's byte-order mark is no error
+        if isinstance(data, list) and data and isinstance(data[0], dict) and "image" in data[0]:
+            return _read_annotation_list(json_path, data, split, image_root)
         entries = data["images"]
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
         raise OpenAlignError(f"'{json_path}' is not a Karpathy-style caption file (expected "
@@ -72,4 +81,31 @@ def read_karpathy(json_path: str | Path, split: str, image_root: str | Path | No
     if not items:
         splits = sorted({str(e.get("split")) for e in entries})
         raise OpenAlignError(f"'{json_path}' has no images in split '{split}'; its splits are: {', '.join(splits)}")
+    return items
+
+
+def _read_annotation_list(json_path: Path, entries: list, split: str, image_root: str | Path | None
+                          ) -> list[CaptionedImage]:
+    """ALBEF's and BLIP's ``[{"image", "caption"}]`` files (see :func:`read_karpathy`)."""
+    named = set(re.findall(r"(?<![a-z])(train|restval|val|test)(?![a-z])", json_path.stem.lower()))
+    if named and split not in named:
+        raise OpenAlignError(f"'{json_path}' holds one split, and its name says {', '.join(sorted(named))}, not "
+                             f"'{split}': name the {split} file (ALBEF's and BLIP's annotations come one file per split)")
+    root = Path(image_root) if image_root is not None else json_path.parent
+    captions: dict[str, list[str]] = {}
+    for number, entry in enumerate(entries):
+        given = entry.get("caption") if isinstance(entry, dict) else None
+        texts = [given] if isinstance(given, str) else given
+        if not isinstance(entry, dict) or not isinstance(entry.get("image"), str) or not isinstance(texts, list) \
+                or not all(isinstance(text, str) for text in texts):
+            raise OpenAlignError(f"'{json_path}': entry {number} needs an 'image' path and a 'caption' (a text or a "
+                                 f"list of texts); it is {str(entry)[:120]}")
+        captions.setdefault(entry["image"], []).extend(text.strip() for text in texts)
+    items = [CaptionedImage(root / image, tuple(text for text in texts if text)) for image, texts in captions.items()]
+    empty, uncaptioned = sum(texts.count("") for texts in captions.values()), sum(not i.captions for i in items)
+    if empty:
+        log.warning("'%s': skipped %d empty caption(s) and %d image(s) left without a caption", json_path, empty,
+                    uncaptioned)
+    if not (items := [item for item in items if item.captions]):
+        raise OpenAlignError(f"'{json_path}' holds no captioned image")
     return items
