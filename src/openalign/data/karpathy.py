@@ -90,7 +90,8 @@ def _read_annotation_list(json_path: Path, entries: list, split: str, image_root
     named = set(re.findall(r"(?<![a-z])(train|restval|val|test)(?![a-z])", json_path.stem.lower()))
     if named and split not in named:
         raise OpenAlignError(f"'{json_path}' holds one split, and its name says {', '.join(sorted(named))}, not "
-                             f"'{split}': name the {split} file (ALBEF's and BLIP's annotations come one file per split)")
+                             f"'{split}': name the {split} file (ALBEF's and BLIP's annotations come one file per "
+                             "split)")
     root = Path(image_root) if image_root is not None else json_path.parent
     captions: dict[str, list[str]] = {}
     for number, entry in enumerate(entries):
