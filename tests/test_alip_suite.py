@@ -209,7 +209,7 @@ def _lay_out(task: Any, base: Path) -> None:
         (base / task.json).write_text(json.dumps({"images": entries}))
 
 
-@pytest.mark.parametrize("name", ["align", "alip", "clippo"])
+@pytest.mark.parametrize("name", ["align", "alip", "clippo", "clippo-fewshot"])
 def test_every_shipped_suite_accepts_data_laid_out_as_it_says(name, tmp_path, monkeypatch):
     """What a suite checks before its first task (names, prompts, class folders, caption files)
     passes on data laid out as the suite's comments say, with its own class-name lists: CLIP's
