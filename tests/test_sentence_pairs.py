@@ -195,6 +195,44 @@ def test_a_synthetic_similarity_score_is_learned_by_regression_through_the_comma
     assert metrics["pearson"] >= 0.7 and metrics["spearman"] >= 0.6, metrics
 
 
+def test_zero_shot_sentence_classification_equals_a_hand_computation(tmp_path, capsys):
+    """The colab's SST-2 protocol (shared spec clippo.md §5.1): each sentence embedded as text, each
+    class the renormalised mean of its prompts' embeddings, the highest cosine wins."""
+    import torch.nn.functional as F
+
+    from openalign.eval import evaluate_zeroshot_sentences
+    from openalign.eval.prompts import shipped_lines
+
+    rng = random.Random(0)
+    words = {"0": ["awful", "dull", "bad"], "1": ["great", "moving", "fun"]}
+    rows = [(f"a {rng.choice(words[label])} film", label) for label in rng.choices("01", k=30)]
+    path = write_tsv(tmp_path / "sst2" / "dev.tsv", ["sentence", "label"], rows)
+    torch.manual_seed(0)
+    model = openalign.create_model("align-test").eval()
+    templates, names = shipped_lines("sst2_templates"), shipped_lines("sst2_classnames")
+    assert names == ["negative", "positive"] and len(templates) == 5
+    tokenizer = model.config.build_tokenizer()
+    with torch.no_grad():
+        sentences = model.encode_text(**tokenizer([sentence for sentence, _ in rows]))
+        classes = torch.stack([F.normalize(model.encode_text(**tokenizer([t.format(n) for t in templates])).mean(0),
+                                           dim=0) for n in names])
+    expected = (sentences @ classes.T).argmax(1).eq(torch.tensor([int(label) for _, label in rows])).double().mean()
+    metrics = evaluate_zeroshot_sentences(model, path, torch.device("cpu"), templates, names, show_progress=False)
+    assert metrics["acc1"] == pytest.approx(expected.item()) and math.isnan(metrics["acc5"])
+    model_dir = model.save_pretrained(tmp_path / "model")
+    capsys.readouterr()
+    assert main(["eval", "zeroshot_sentences", "--model", str(model_dir), "--val", str(path), "--classnames",
+                 "sst2_classnames", "--templates-file", "sst2_templates", "--device", "cpu"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert (record["task"], record["dataset"]) == ("zeroshot_sentences", "sst2")
+    assert record["metrics"]["acc1"] == pytest.approx(expected.item())
+    pairs = write_tsv(tmp_path / "pairs.tsv", ["sentence1", "sentence2", "label"], [("a", "b", "0")])
+    with pytest.raises(OpenAlignError, match="holds sentence pairs"):
+        evaluate_zeroshot_sentences(model, pairs, torch.device("cpu"))
+    with pytest.raises(OpenAlignError, match=r"3 class names for the 2 labels of .*sorted order \(0, 1\)"):
+        evaluate_zeroshot_sentences(model, path, torch.device("cpu"), names=["a", "b", "c"])
+
+
 @needs_unifont
 def test_the_callers_model_is_left_untouched(tmp_path):
     torch.manual_seed(0)

@@ -71,7 +71,8 @@ _EVAL_OPTIONS = {"train_root": "--train", "val_root": "--val", "sweep_root": "--
 def _eval_task(args: argparse.Namespace) -> Any:
     """The task an ``openalign eval TASK`` command runs."""
     from .eval import (ClipBenchmarkProbeEvalConfig, FewShotEvalConfig, KnnEvalConfig, LinearProbeEvalConfig,
-                       RetrievalEvalConfig, SentencePairEvalConfig, ShapesEvalConfig, ZeroShotEvalConfig)
+                       RetrievalEvalConfig, SentencePairEvalConfig, SentenceZeroShotEvalConfig, ShapesEvalConfig,
+                       ZeroShotEvalConfig)
 
     if args.task == "shapes":
         from .demo import trained_shapes_root
@@ -83,6 +84,10 @@ def _eval_task(args: argparse.Namespace) -> Any:
         templates = {"templates": tuple(args.template)} if args.template else {}
         return ZeroShotEvalConfig(root=args.root, classnames=args.classnames, templates_file=args.templates_file,
                                   split=args.split, canonicalize=args.canonicalize, **templates)
+    if args.task == "zeroshot_sentences":
+        templates = {"templates": tuple(args.template)} if args.template else {}
+        return SentenceZeroShotEvalConfig(val=args.val, classnames=args.classnames, templates_file=args.templates_file,
+                                          canonicalize=args.canonicalize, **templates)
     if args.task == "knn":
         given = {"temperature": args.temperature} if args.temperature is not None else {}
         return KnnEvalConfig(train_root=args.train, val_root=args.val, k=args.k, **given)
@@ -449,6 +454,15 @@ def build_parser() -> argparse.ArgumentParser:
     zeroshot.add_argument("--split", default="test", help="the split of a CLIP_benchmark webdataset root")
     zeroshot.add_argument("--canonicalize", action="store_true",
                           help="prompts as big_vision writes them: no punctuation, lower case (CLIPPO's protocol)")
+    sentences = tasks.add_parser("zeroshot_sentences", help="zero-shot classification of a file of sentences "
+                                                            "(SST-2's dev.tsv: sentence, label)")
+    sentences.add_argument("--val", required=True, help="a TSV with a header (sentence, label) or JSONL")
+    sentences.add_argument("--classnames", help="one name per label, in the labels' sorted order (a file, JSON "
+                                                "list/mapping, or a shipped list: sst2_classnames); default the labels")
+    sentences.add_argument("--template", action="append", help="a prompt with {} (repeatable; default "
+                                                               "'a photo of a {}.')")
+    sentences.add_argument("--templates-file", help="prompts, one per line, or a shipped list (sst2_templates)")
+    sentences.add_argument("--canonicalize", action="store_true", help="prompts as big_vision writes them")
     knn = tasks.add_parser("knn", help="kNN classification: train folders are the memory, val folders the queries")
     knn.add_argument("--train", required=True, help="e.g. imagenet/train")
     knn.add_argument("--val", required=True, help="e.g. imagenet/val")
@@ -495,7 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     pairs.add_argument("--regression", action="store_true", help="the labels are scores (STS-B): a one-output head "
                                                                  "trained by squared error, scored by Pearson's "
                                                                  "and Spearman's correlation")
-    for task in (shapes, retrieval, zeroshot, knn, fewshot, probe, lp, pairs):
+    for task in (shapes, retrieval, zeroshot, sentences, knn, fewshot, probe, lp, pairs):
         task.add_argument("--model", "--checkpoint", dest="model", required=True,
                           help="an openalign model, checkpoint or run directory, an AlignModel directory or a hub id")
         task.add_argument("--batch-size", type=_at_least(1), default=32 if task is pairs else 256,

@@ -208,6 +208,14 @@ def zeroshot_inputs(root: str | Path, templates: Sequence[str] | Mapping[str, Se
     else:
         paths, labels, folders = read_class_folders(root)
         readable = class_names(folders, names if names is not None else _imagenet_names(folders, root))
+    readable, templates = _prompt_inputs(readable, templates, canonicalize)
+    return paths, labels, readable, templates
+
+
+def _prompt_inputs(readable: list[str], templates: Sequence[str] | Mapping[str, Sequence[str]] | None,
+                   canonicalize: bool) -> tuple[list[str], list[str] | dict[str, list[str]]]:
+    """Class names and templates checked (each template holds ``{}``; per-class prompts are lists)
+    and, with ``canonicalize``, as big_vision writes them."""
     if isinstance(templates, Mapping):  # CuPL: each class's own prompts, keyed by its name
         if not all(isinstance(prompts, list) and prompts and all(isinstance(p, str) for p in prompts)
                    for prompts in templates.values()):
@@ -225,7 +233,47 @@ def zeroshot_inputs(root: str | Path, templates: Sequence[str] | Mapping[str, Se
     if canonicalize:
         readable = [canonicalize_prompt(name, ",") for name in readable]
     class_prompts(readable, templates)
-    return paths, labels, readable, templates
+    return readable, templates
+
+
+def evaluate_zeroshot_sentences(model: nn.Module, path: str | Path, device: torch.device,
+                                templates: Sequence[str] | Mapping[str, Sequence[str]] | None = None,
+                                names: list[str] | dict[str, str] | None = None, batch_size: int = 256,
+                                show_progress: bool = True, canonicalize: bool = False) -> dict[str, float]:
+    """Zero-shot classification of the sentences of a GLUE-style file (``sentence``, ``label``:
+    :func:`~openalign.eval.sentence_pairs.read_sentence_pairs`): ``acc1``, ``acc5``,
+    ``mean_per_class_recall``. A sentence is embedded as the model embeds text (CLIPPO: rendered,
+    through its one tower, as CLIPPO's colab classifies SST-2's reviews, shared spec clippo.md
+    §5.1) and scored against class embeddings made as :func:`evaluate_zeroshot` makes them.
+    ``names``: one per label in the labels' sorted order (SST-2's 0, 1: negative, positive), or
+    a mapping; by default the labels themselves."""
+    sentences, labels, readable, templates = zeroshot_sentence_inputs(path, templates, names, canonicalize)
+    with eval_mode(model):
+        tokenizer = model.config.build_tokenizer()
+        classifier = class_embeddings(
+            lambda texts: embed_texts(model, tokenizer, texts, device, batch_size, show_progress, "embedding prompts"),
+            readable, templates)
+        sentence_emb = embed_texts(model, tokenizer, sentences, device, batch_size, show_progress,
+                                   "embedding sentences")
+    return classification_metrics(sentence_emb @ classifier.T, labels)
+
+
+def zeroshot_sentence_inputs(path: str | Path, templates: Sequence[str] | Mapping[str, Sequence[str]] | None = None,
+                             names: list[str] | dict[str, str] | None = None, canonicalize: bool = False
+                             ) -> tuple[list[str], torch.Tensor, list[str], list[str] | dict[str, list[str]]]:
+    """``(sentences, labels, class names, templates)`` as :func:`evaluate_zeroshot_sentences` uses them."""
+    from .sentence_pairs import read_sentence_pairs
+
+    sentences, second, labels, label_names = read_sentence_pairs(path)
+    if second is not None:
+        raise OpenAlignError(f"'{path}' holds sentence pairs (sentence2): zero-shot classification takes single "
+                             "sentences (fine-tune on pairs with 'eval sentence_pairs')")
+    if isinstance(names, list) and len(names) != len(label_names):
+        raise OpenAlignError(f"{len(names)} class names for the {len(label_names)} labels of '{path}': give one per "
+                             f"label, in the labels' sorted order ({', '.join(label_names[:10])})")
+    readable, templates = _prompt_inputs(class_names(label_names, names if names is not None else label_names),
+                                         templates, canonicalize)
+    return sentences, torch.tensor(labels), readable, templates
 
 
 def _imagenet_names(folders: Sequence[str], root: str | Path) -> list[str] | None:

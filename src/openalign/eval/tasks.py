@@ -7,7 +7,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -17,8 +17,8 @@ from ..data.transforms import PreprocessConfig
 from ..errors import ConfigError, OpenAlignError
 from .clip_benchmark_wds import is_clip_benchmark_wds
 from .datasets import (class_folders, evaluate_clip_benchmark_probe, evaluate_fewshot, evaluate_knn,
-                       evaluate_linear_probe, evaluate_retrieval, evaluate_zeroshot, read_lines_or_json,
-                       retrieval_items, zeroshot_inputs)
+                       evaluate_linear_probe, evaluate_retrieval, evaluate_zeroshot, evaluate_zeroshot_sentences,
+                       read_lines_or_json, retrieval_items, zeroshot_inputs, zeroshot_sentence_inputs)
 from .features import Transform
 from .sentence_pairs import finetune_sentence_pairs, read_sentence_pairs, text_renderer
 from .shapes import check_shapes_dataset, evaluate_shapes
@@ -249,6 +249,39 @@ class ZeroShotEvalConfig(EvalTaskConfig, tag="zeroshot"):
         return evaluate_zeroshot(model, self.root, device, self._templates(),
                                  read_lines_or_json(self.classnames, "class names"), batch_size, show_progress,
                                  self.split, self.transform(model), self.canonicalize)
+
+
+@dataclass
+class SentenceZeroShotEvalConfig(EvalTaskConfig, tag="zeroshot_sentences"):
+    """Zero-shot classification of the sentences of ``val`` (TSV with a header, or JSONL:
+    ``sentence``, ``label``), embedded as the model embeds text (CLIPPO renders them: its colab's
+    SST-2, shared spec clippo.md §5.1). ``classnames``: one per label in the labels' sorted
+    order, as a file, JSON list or mapping, or a shipped list (``sst2_classnames``); by default the
+    labels. ``templates`` / ``templates_file`` / ``canonicalize`` as for ``zeroshot``
+    (``sst2_templates``: the colab's five review prompts)."""
+
+    data_paths: ClassVar[tuple[str, ...]] = ("val",)
+
+    val: str
+    classnames: str | None = None
+    templates: tuple[str, ...] | None = None
+    templates_file: str | None = None
+    canonicalize: bool = False
+
+    def __post_init__(self) -> None:
+        if self.preprocess:
+            raise ConfigError("is set, but sentences are text, not preprocessed images", "preprocess")
+
+    def _inputs(self) -> dict[str, Any]:
+        return {"templates": read_lines_or_json(self.templates_file, "templates") or self.templates,
+                "names": read_lines_or_json(self.classnames, "class names"), "canonicalize": self.canonicalize}
+
+    def check_data(self) -> None:
+        zeroshot_sentence_inputs(self.val, **self._inputs())
+
+    def run(self, model: nn.Module, device: torch.device, batch_size: int, show_progress: bool = True) -> dict[str, float]:
+        return evaluate_zeroshot_sentences(model, self.val, device, batch_size=batch_size, show_progress=show_progress,
+                                           **self._inputs())
 
 
 @dataclass
