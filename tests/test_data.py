@@ -454,7 +454,7 @@ def test_webdataset_source_streams_pairs_and_skips_corrupt_images_and_empty_capt
 def test_descriptive_texts_have_a_letter_and_are_not_camera_file_names():
     from openalign.data.quality import is_descriptive
 
-    for text in ("a red bus", "Paris", "IMG in the park", "2007 London trip", "P1 race"):
+    for text in ("a red bus", "Paris", "IMG in the park", "2007 London trip", "P1 race", "P-51", "Sam 2"):
         assert is_descriptive(text), text
     for text in ("20071124", "12:30 - 14:00", "IMG_1234", "img 1234.JPG", "DSC01234.jpg", "DSCN0042", "P1010001",
                  "_MG_4471.CR2", "..."):
@@ -472,7 +472,7 @@ def test_several_text_members_give_one_caption_first_or_at_random_without_non_de
     buffer = io.BytesIO()
     Image.new("RGB", (20, 16), (200, 30, 30)).save(buffer, format="JPEG")
     members = {"bus": {"title.txt": "a red bus", "description.txt": "IMG_1234.JPG", "tags.txt": "bus,red,london"},
-               "none": {"title.txt": "12345", "tags.txt": " "},
+               "none": {"description.txt": "20071124", "tags.txt": " "},  # no title: its description's reason
                "sea": {"description.txt": "sunset over the sea"},
                "beach": {"title.txt": "DSC01234", "description.txt": "2007 11 24", "tags.txt": "beach"}}
     (tmp_path / "yfcc").mkdir()
@@ -493,11 +493,17 @@ def test_several_text_members_give_one_caption_first_or_at_random_without_non_de
     assert set(drawn) == {"a red bus", "bus,red,london", "sunset over the sea", "beach"}
     assert 5 <= drawn.count("a red bus") <= 15 and drawn.count("beach") == 20
     assert drawn == texts(text_choice="random", drop_non_descriptive=True)  # drawn from the samples' seeds
-    assert set(texts()) == {"a red bus", "12345", "sunset over the sea", "DSC01234"}  # the first readable one
+    assert set(texts()) == {"a red bus", "20071124", "sunset over the sea", "DSC01234"}  # the first readable one
     assert main(["data", "inspect", str(tmp_path / "yfcc" / "0.tar"), "--text-key", keys, "--drop-non-descriptive",
                  "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert (summary["usable"], summary["skipped"]) == (3, {"non-descriptive caption": 1})
+    from openalign.data.quality import CUT_SHORT, SkipSample
+    from openalign.data.sources import check_not_cut_short
+
+    check_not_cut_short({CUT_SHORT: True, "jpg": b"", "title.txt": b"x"}, ["jpg"], [], keys.split(";"))  # tags may lack
+    with pytest.raises(SkipSample, match="cut short"):
+        check_not_cut_short({CUT_SHORT: True, "jpg": b""}, ["jpg"], [], keys.split(";"))
 
 
 def test_webdataset_stream_is_seeded_and_a_resume_without_positions_reads_fresh_data(tmp_path):

@@ -52,6 +52,8 @@ def test_inputs_a_preprocess_was_forgotten_for_are_errors_that_say_how_to_make_t
         assert torch.equal(model.encode_text(tokens.to("cpu")), model.encode_text(**tokens))
     with pytest.raises(OpenAlignError, match=r"encode_text was given a mapping of pixels, without"):
         model.encode_text({"pixels": pixels})
+    with pytest.raises(OpenAlignError, match=r"holds its attention mask, and another attention_mask"):
+        model.encode_text(tokens, torch.ones_like(tokens["attention_mask"]))
     with torch.no_grad():  # a model cast to bf16 takes the fp32 pixels a preprocess gives
         expected = model.encode_image(pixels)
         torch.testing.assert_close(copy.deepcopy(model).bfloat16().encode_image(pixels), expected, atol=0.05, rtol=0)

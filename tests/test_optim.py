@@ -157,20 +157,30 @@ def test_adafactor_state_round_trips_and_groups_decay_kernels_only():
     from openalign.train.optim import BigVisionAdafactor
 
     torch.manual_seed(0)
-    param = nn.Parameter(torch.randn(40, 36))
-    optimizer = BigVisionAdafactor([param], lr=0.1, weight_decay=0.01)
-    grads = [torch.randn(40, 36) for _ in range(4)]
-    for grad in grads[:2]:
-        param.grad = grad.clone()
-        optimizer.step()
-    clone_param = nn.Parameter(param.detach().clone())
-    clone = BigVisionAdafactor([clone_param], lr=0.1, weight_decay=0.01)
-    clone.load_state_dict(copy.deepcopy(optimizer.state_dict()))
-    for grad in grads[2:]:
-        for p, o in ((param, optimizer), (clone_param, clone)):
-            p.grad = grad.clone()
-            o.step()
-    assert torch.equal(param, clone_param)
+    for dtype in (torch.float32, torch.bfloat16):  # torch's loading would cast the state to the weights' dtype
+        params = [nn.Parameter(torch.randn(40, 36, dtype=dtype)), nn.Parameter(torch.randn(12, dtype=dtype))]
+        optimizer = BigVisionAdafactor(params, lr=0.1, weight_decay=0.01)
+        grads = [[torch.randn(40, 36, dtype=dtype), torch.randn(12, dtype=dtype)] for _ in range(4)]
+        for step_grads in grads[:2]:
+            for param, grad in zip(params, step_grads):
+                param.grad = grad.clone()
+            optimizer.step()
+        clones = [nn.Parameter(param.detach().clone()) for param in params]
+        clone = BigVisionAdafactor(clones, lr=0.1, weight_decay=0.01)
+        clone.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+        assert {key: value.dtype for key, value in clone.state[clones[0]].items() if key != "step"} == {
+            "v_row": torch.float32, "v_col": torch.float32, "momentum": torch.bfloat16}
+        for step_grads in grads[2:]:
+            for group, opt in ((params, optimizer), (clones, clone)):
+                for param, grad in zip(group, step_grads):
+                    param.grad = grad.clone()
+                opt.step()
+        assert all(torch.equal(param, other) for param, other in zip(params, clones)), dtype
+    from openalign.errors import ConfigError
+    from openalign.recipe import load_recipe
+
+    with pytest.raises(ConfigError, match=r"'train.eps' is 1e-06, LAMB's and AdamW's kind .* set train.eps=1e-30"):
+        load_recipe("demo", ["train.optimizer=adafactor"])  # the demo's eps, 10^24 times big_vision's
     model = create_model("clippo-test")  # big_vision decays */kernel: not biases, norms, pos_embedding, probe, t
     optimizer = build_optimizer(model, "adafactor", 1e-3, 0.1, (0.9, 0.999), 1e-30, torch.device("cpu"))
     assert isinstance(optimizer, BigVisionAdafactor) and optimizer.param_groups[0]["momentum"] == 0.9

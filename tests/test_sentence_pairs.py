@@ -118,6 +118,8 @@ def test_readers_map_labels_and_report_bad_files(tmp_path):
     assert read_sentence_pairs(tsv) == (['a "quoted" one', "c"], ["b", "d"], [1, 0], ["entailment", "not_entailment"])
     sst = write_tsv(tmp_path / "sst.tsv", ["sentence", "label"], [("good", "1"), ("bad", "0"), ("meh", "10")])
     assert read_sentence_pairs(sst) == (["good", "bad", "meh"], None, [1, 0, 2], ["0", "1", "10"])  # numeric order
+    pandas = write_tsv(tmp_path / "pandas.tsv", ["sentence", "label"], [("a", "1.0"), ("b", "0.0"), ("c", "10.0")])
+    assert read_sentence_pairs(pandas)[2:] == ([1, 0, 2], ["0.0", "1.0", "10.0"])  # whole numbers written as floats
     jsonl = tmp_path / "dev.jsonl"
     jsonl.write_text('{"sentence1": "x", "sentence2": "y", "label": "entailment"}\n\n'
                      '{"sentence1": "z", "sentence2": "w", "label": "entailment", "idx": 3}\n')

@@ -104,6 +104,9 @@ class TrainConfig:
             raise ConfigError("must be two numbers in [0, 1), e.g. [0.9, 0.999]", "betas")
         if self.optimizer == "adafactor" and self.betas[1] == 0:
             raise ConfigError("[1] is Adafactor's cap on β₂, which must be positive (big_vision's: 0.999)", "betas")
+        if self.optimizer == "adafactor" and self.eps > 1e-10:
+            raise ConfigError(f"is {self.eps:g}, LAMB's and AdamW's kind of epsilon (added to √v); Adafactor adds it "
+                              "to the squared gradient, where big_vision's is 1e-30: set train.eps=1e-30", "eps")
         if self.eps < 0:
             raise ConfigError("must be a number >= 0", "eps")
         if not 0 <= self.warmup_steps <= self.steps:

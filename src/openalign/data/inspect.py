@@ -107,7 +107,7 @@ def _check(members: dict[str, Any], text_key: str, image_keys: Sequence[str], mi
     try:
         if REPEATED_FIELDS in members:
             raise SkipSample(REPEATED_FIELD)
-        check_not_cut_short(members, image_keys, text_key.split(";"))
+        check_not_cut_short(members, image_keys, (), text_key.split(";"))
         data = next((members[key] for key in image_keys if key in members), None)
         if data is None:
             raise SkipSample(NO_IMAGE)

@@ -38,8 +38,10 @@ def read_karpathy(json_path: str | Path, split: str, image_root: str | Path | No
 
     ALBEF's and BLIP's annotation files (shared spec alip.md §6.2) are read too: a JSON list of
     ``{"image": path under image_root, "caption": text or list of texts}``, one file per split
-    (an image's entries, one per caption in training files, are joined in order). A file whose
-    name says another split (``..._train.json`` for ``test``) is an error.
+    (an image's entries, one per caption in training files, are joined in order). Where the first
+    image is not under ``image_root`` but is without its path's first folder, all are read so,
+    as ALIP's loader reads them (``val2014/x.jpg`` in an ``image_root`` of val2014's files). A
+    file whose name says another split (``..._train.json`` for ``test``) is an error.
     """
     json_path = Path(json_path)
     if not json_path.is_file():
@@ -102,6 +104,11 @@ def _read_annotation_list(json_path: Path, entries: list, split: str, image_root
             raise OpenAlignError(f"'{json_path}': entry {number} needs an 'image' path and a 'caption' (a text or a "
                                  f"list of texts); it is {str(entry)[:120]}")
         captions.setdefault(entry["image"], []).extend(text.strip() for text in texts)
+    first = next(iter(captions), "")
+    if "/" in first and not (root / first).exists() and (root / first.split("/", 1)[1]).exists():
+        log.info("'%s': the images are in '%s' without their paths' first folder (%s): read so, as ALIP reads them",
+                 json_path, root, first.split("/", 1)[0])
+        captions = {image.split("/", 1)[-1]: texts for image, texts in captions.items()}
     items = [CaptionedImage(root / image, tuple(text for text in texts if text)) for image, texts in captions.items()]
     empty, uncaptioned = sum(texts.count("") for texts in captions.values()), sum(not i.captions for i in items)
     if empty:

@@ -53,8 +53,8 @@ class SkipSample(Exception):
         self.reason, self.detail = reason, detail
 
 
-_CAMERA_FILE_NAME = re.compile(
-    r"(img|dsc|dscn|dscf|dcp|imgp|cimg|pict|pic|p|sam|mvc|dsci|_mg|image|photo)[ _-]*\d+"
+_CAMERA_FILE_NAME = re.compile(  # a camera's prefix and a counter of 3 digits or more: not "P-51", "Sam 2"
+    r"(img|dsc|dscn|dscf|dcp|imgp|cimg|pict|pic|p|sam|mvc|dsci|_mg|image|photo)[ _-]*\d{3,}"
     r"(\.(jpe?g|png|gif|tiff?|bmp|heic|raw|cr2|nef|dng))?", re.IGNORECASE)
 
 

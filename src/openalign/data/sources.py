@@ -34,9 +34,9 @@ from ..distributed import fail_together, world_info
 from ..errors import ConfigError, OpenAlignError
 from ..files import printable
 from .karpathy import CaptionedImage, read_karpathy
-from .quality import (CUT_SHORT, CUT_SHORT_SAMPLE, EMPTY_CAPTION, NO_IMAGE, NON_DESCRIPTIVE_CAPTION, REPEATED_FIELD,
-                      UNDECODABLE_RECORD, SkipPolicy, SkipSample, caption_text, decode_pixels, is_descriptive,
-                      open_image)
+from .quality import (CUT_SHORT, CUT_SHORT_SAMPLE, EMPTY_CAPTION, NO_CAPTION, NO_IMAGE, NON_DESCRIPTIVE_CAPTION,
+                      REPEATED_FIELD, UNDECODABLE_RECORD, SkipPolicy, SkipSample, caption_text, decode_pixels,
+                      is_descriptive, open_image)
 from .shards import expand_urls, open_url, stream_samples
 from .shapes import ShapesSpec, build_shapes_dataset
 from .stream import ResumableStream, ShardStream
@@ -539,7 +539,7 @@ class FieldsDecoder:
     def __call__(self, fields: dict[str, bytes], generator: torch.Generator | None = None) -> dict[str, Any]:
         if REPEATED_FIELDS in fields:
             raise SkipSample(REPEATED_FIELD, f"more than one member for {fields[REPEATED_FIELDS]!r}")
-        check_not_cut_short(fields, self.image_keys, [*self.text_key.split(";"), *self.extra_keys.values()])
+        check_not_cut_short(fields, self.image_keys, self.extra_keys.values(), self.text_key.split(";"))
         data = next((fields[key] for key in self.image_keys if key in fields), None)
         if data is None:
             raise SkipSample(NO_IMAGE, f"none of the fields {', '.join(self.image_keys)}; it has "
@@ -587,7 +587,7 @@ def choose_caption(fields: dict[str, Any], text_key: str, text_choice: str = "fi
                    drop_non_descriptive: bool = False, generator: torch.Generator | None = None) -> str:
     """A sample's caption: of the members ``text_key`` names (``;``-separated), the first usable
     one, or (``text_choice: random``) one of the usable ones drawn with ``generator`` (the first
-    without one); none usable skips the sample for the first member's reason."""
+    without one); none usable skips the sample for the reason of the first member it has."""
     usable, skips = [], []
     for key in text_key.split(";"):
         try:
@@ -600,8 +600,8 @@ def choose_caption(fields: dict[str, Any], text_key: str, text_choice: str = "fi
         usable.append(text)
         if text_choice == "first":
             break
-    if not usable:
-        raise skips[0]
+    if not usable:  # the reason of the first member there is (a missing title says less than a dropped description)
+        raise next((skip for skip in skips if skip.reason != NO_CAPTION), skips[0])
     if len(usable) == 1 or generator is None:
         return usable[0]
     return usable[int(torch.randint(len(usable), (), generator=generator))]
@@ -653,11 +653,14 @@ def read_tar_shard(url: str) -> Iterator[dict[str, bytes]]:
                 stream.close()
 
 
-def check_not_cut_short(fields: dict[str, Any], image_keys: Sequence[str], keys: Iterable[str]) -> None:
-    """Skip a sample that the shard's cut left without the image (one of ``image_keys``) or a
-    field of ``keys``, for that reason rather than as a sample lacking the field."""
+def check_not_cut_short(fields: dict[str, Any], image_keys: Sequence[str], keys: Iterable[str],
+                        text_keys: Sequence[str] = ()) -> None:
+    """Skip a sample that the shard's cut left without the image (one of ``image_keys``), a field
+    of ``keys``, or every one of ``text_keys`` (several text members: any may be absent), for that
+    reason rather than as a sample lacking the field."""
     if CUT_SHORT in fields and (not any(key in fields for key in image_keys) or
-                                any(key not in fields for key in keys)):
+                                any(key not in fields for key in keys) or
+                                (text_keys and not any(key in fields for key in text_keys))):
         kept = sorted(name for name in fields if name not in (CUT_SHORT, REPEATED_FIELDS))
         raise SkipSample(CUT_SHORT_SAMPLE, f"the shard ends after its {', '.join(kept) or 'no'} member(s)")
 

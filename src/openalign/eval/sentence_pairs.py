@@ -110,11 +110,14 @@ def read_sentence_pairs(path: str | Path, label_names: Sequence[str] | None = No
         return first, second, [_score(path, line, label) for (line, _), label in zip(rows, raw_labels)], []
     if label_names is None:
         distinct = set(raw_labels)
-        if not all(_is_int(label) for label in distinct) and all(_is_number(label) for label in distinct):
-            raise OpenAlignError(f"'{path}' has real-valued labels ({', '.join(sorted(distinct)[:3])}, ...): scores, "
-                                 "as STS-B's, are a regression task (regression: true; --regression), not a class "
-                                 "per distinct value")
-        label_names = sorted(distinct, key=int) if all(_is_int(label) for label in distinct) else sorted(distinct)
+        if all(_is_number(label) for label in distinct):  # GLUE's 0 and 1, or pandas' 0.0 and 1.0: in numeric order
+            if not all(float(label).is_integer() for label in distinct):
+                raise OpenAlignError(f"'{path}' has real-valued labels ({', '.join(sorted(distinct)[:3])}, ...): "
+                                     "scores, as STS-B's, are a regression task (regression: true; --regression), "
+                                     "not a class per distinct value")
+            label_names = sorted(distinct, key=float)
+        else:
+            label_names = sorted(distinct)
     names = [str(name) for name in label_names]
     index = {name: position for position, name in enumerate(names)}
     unknown = sorted(set(raw_labels) - set(index))
@@ -122,14 +125,6 @@ def read_sentence_pairs(path: str | Path, label_names: Sequence[str] | None = No
         raise OpenAlignError(f"'{path}' has labels that the training split lacks: {', '.join(unknown[:5])} "
                              f"(known: {', '.join(names)})")
     return first, second, [index[label] for label in raw_labels], names
-
-
-def _is_int(text: str) -> bool:
-    try:
-        int(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _is_number(text: str) -> bool:

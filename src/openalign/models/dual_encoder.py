@@ -174,6 +174,9 @@ class DualEncoder(ContrastiveModel):
         them: ``model.encode_text(**tokenizer(texts))``, or the tokenizer's whole output,
         ``model.encode_text(tokenizer(texts))``; L2-normalised unless not ``normalize``."""
         if (fields := text_fields(input_ids, "input_ids", "attention_mask")) is not None:
+            if attention_mask is not None:
+                raise OpenAlignError("encode_text was given the tokenizer's output, which holds its attention mask, "
+                                     "and another attention_mask: pass one or the other")
             input_ids, attention_mask = fields
         if attention_mask is None:
             raise OpenAlignError("encode_text needs the attention mask as well as the token ids: pass "

@@ -99,6 +99,19 @@ class BigVisionAdafactor(torch.optim.Optimizer):
         super().__init__(params, {"lr": lr, "momentum": momentum, "beta2_cap": beta2_cap, "eps": eps,
                                   "weight_decay": weight_decay})
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As torch's, but the state keeps its own dtypes: float32 second moments and a bfloat16
+        momentum, which torch would cast to the parameters' dtype (bf16 weights: moments rounded;
+        fp32 weights: a momentum no longer rounded to bfloat16), so a resumed run would differ."""
+        saved = state_dict["state"]
+        super().load_state_dict(state_dict)
+        params = [param for group in self.param_groups for param in group["params"]]
+        for index, values in saved.items():
+            param = params[int(index)]
+            for key in ("v", "v_row", "v_col", "momentum"):
+                if key in values:
+                    self.state[param][key] = values[key].to(device=param.device, copy=True)
+
     @staticmethod
     def factored_dims(shape: torch.Size) -> tuple[int, int] | None:
         """``(row dim, column dim)``: the second largest and the largest dimension (of equal sizes,
@@ -134,8 +147,6 @@ class BigVisionAdafactor(torch.optim.Optimizer):
                 state["v_row"] = torch.zeros_like(grad.mean(dim=dims[1]))
                 state["v_col"] = torch.zeros_like(grad.mean(dim=dims[0]))
             state["momentum"] = torch.zeros_like(param, dtype=torch.bfloat16)
-        elif state["momentum"].dtype != torch.bfloat16:  # load_state_dict casts state to the parameter's dtype
-            state["momentum"] = state["momentum"].to(torch.bfloat16)  # exact: every value came from bfloat16
         t = float(state["step"]) + 1
         state["step"] += 1
         beta2 = min(group["beta2_cap"], 1 - t ** -self.DECAY_RATE)
