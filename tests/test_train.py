@@ -593,6 +593,15 @@ def test_fp16_scales_the_loss_and_skips_a_step_whose_scaled_gradient_overflows()
     loss, scaler = step(2.0 ** 127, grad_clip=None)  # 2^127 × the loss's gradient overflows float32
     assert all(torch.equal(p.detach(), before[name]) for name, p in model.named_parameters())
     assert scaler.get_scale() == 2.0 ** 126 and torch.isfinite(loss)
+    # a gradient NaN at every step: skipped steps halve the scale; below 1, the loss reads NaN (a divergence)
+    model.load_state_dict(before, strict=False)
+    model.text_projection.weight.register_hook(lambda grad: torch.full_like(grad, float("nan")))
+    sgd = torch.optim.SGD(model.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(sgd, lambda step: 1.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    losses = [train_step(model, openalign.losses.ContrastiveLoss(), sgd, scheduler, batch, cpu, "fp16", scaler=scaler)
+              for _ in range(3)]
+    assert [bool(torch.isnan(loss)) for loss in losses] == [False, False, True] and scaler.get_scale() == 0.5
 
 
 def test_the_logit_scale_cap_holds_the_parameter_and_lets_the_loss_lower_the_scale():

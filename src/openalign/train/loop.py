@@ -235,7 +235,9 @@ def train_step(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Opti
     ``scaler`` (fp16: :func:`~openalign.precision.gradient_scaler`) scales the loss before the
     backward pass and the gradients back before clipping; a step whose scaled gradient overflowed
     is skipped (the weights stay as they were) and the scale lowered, as ``torch.amp`` does it:
-    that is the scaler's search for its scale, not a divergence, so the loss is returned as it was.
+    that is the scaler's search for its scale, not a divergence, so the loss is returned as it was,
+    until the scale falls below 1 (16 steps skipped in a row from its start, as a gradient that is
+    NaN at every step makes it): then the loss is NaN, and the divergence check stops the run.
     """
     missing = [name for name in model.input_fields if name not in batch]
     if missing:
@@ -269,8 +271,8 @@ def train_step(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Opti
         scheduler.step()
     if hasattr(model, "constrain_parameters"):  # e.g. the logit-scale cap
         model.constrain_parameters()
-    if scaler is not None:
-        return loss.detach()
+    if scaler is not None:  # the scale's tensor, read without synchronising
+        return loss.detach().where(scaler._get_scale_async() >= 1.0, torch.nan)
     # a finite loss with a NaN or infinite gradient has just made the weights NaN: reported as a
     # NaN loss, the divergence check stops the run before they are checkpointed (no synchronisation)
     return loss.detach().where(norm.isfinite(), torch.nan)
