@@ -81,6 +81,12 @@ class TextBatch(dict):
         return TextBatch({key: value.to(device, non_blocking=non_blocking) for key, value in self.items()})
 
 
+# a node of torch's pytrees, as a dict is (else a leaf): tree_map over a tokenizer's output reaches its tensors
+torch.utils._pytree.register_pytree_node(
+    TextBatch, lambda batch: (list(batch.values()), list(batch.keys())),
+    lambda values, keys: TextBatch(zip(keys, values)), serialized_type_name="openalign.data.tokenizer.TextBatch")
+
+
 class Tokenizer:
     """Callable on a string or a list of strings; pads to ``max_length`` and truncates beyond it.
 
