@@ -70,6 +70,16 @@ def test_the_log_says_how_long_training_waited_for_data(tmp_path, shapes_root, m
     assert re.search(r"samples/s \(\d+ per rank\)  data wait \d+%", caplog.text)
 
 
+def test_evaluating_and_checkpointing_are_not_counted_as_step_time(tmp_path, shapes_root, monkeypatch):
+    from openalign.train import loop
+
+    monkeypatch.setattr(loop, "evaluate", lambda *args, **kwargs: time.sleep(1.0) or {})  # a 1 s evaluation
+    overrides = tiny_recipe_overrides(shapes_root, tmp_path, steps=4) + ["run.log_every=2", "eval.every=1"]
+    train(load_recipe("demo", overrides), show_progress=False)
+    second = [r for r in read_history(tmp_path) if "loss" in r][1]  # steps 3 and 4, after evaluations at 2 and 3
+    assert second["step"] == 4 and second["step_seconds"] < 1.0
+
+
 def test_checkpoint_loads_back_into_a_model(trained_run):
     output, _ = trained_run
     model = load_checkpoint_model(output)  # a run directory means its latest checkpoint

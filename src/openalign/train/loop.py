@@ -202,11 +202,13 @@ def _train(recipe: Recipe, resume: str | None, show_progress: bool, held: contex
                     window = _LogWindow(ctx.device)
                 # evaluated before the checkpoint: a run stopped between the two resumes from the one before
                 # and evaluates this step again, where one stopped after the save would never have
+                paused = time.perf_counter()  # evaluating and checkpointing are not the steps' time
                 if recipe.eval.every and step % recipe.eval.every == 0 and step != cfg.steps:
                     logger.log(step, evaluate(recipe.eval, model, ctx, show_progress=False, precision=cfg.precision))
                 if saves:
                     save(step)
                     saved = step
+                window.started += time.perf_counter() - paused
             step = min(step, cfg.steps)
         data_counts = _report_data(monitor, ctx, output_dir)
         if start == cfg.steps:
@@ -350,7 +352,8 @@ class _LogWindow:
 
     def scalars(self, lr: float, model: nn.Module, batch_size: int, monitor: DataMonitor) -> dict[str, float]:
         """What is logged: means over the window and over all ranks (every rank must call this),
-        the samples skipped so far on all ranks, and the time spent waiting for data.
+        the samples skipped so far on all ranks, and the time spent waiting for data. Time spent
+        evaluating and checkpointing is not the steps' (the loop moves ``started`` past it).
 
         ``data/wait_seconds`` is the mean time per step a rank waited for its next batch from the
         loader, on the rank that waited longest (the others wait for it at the gradient's
