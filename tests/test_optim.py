@@ -153,6 +153,42 @@ def test_adafactor_matches_big_visions_update_factored_and_whole():
     assert optimizer.state[params[0]]["v_row"].shape == (48,) and optimizer.state[params[0]]["v_col"].shape == (64,)
 
 
+def test_adafactor_factors_fused_attention_weights_per_head_as_big_visions_separate_kernels():
+    """flax keeps q, k and v as three (D, H, Dh) kernels and the output as (H, Dh, D), factored per
+    head; PyTorch fuses them into (3·H·Dh, D) and (D, H·Dh). Viewed in the head-split shapes, the
+    first step (whose second moment is the gradient's square) is the same, element for element."""
+    from openalign.train.optim import BigVisionAdafactor, attention_factoring_shapes
+
+    D, H, Dh = 64, 2, 32
+    attention = nn.MultiheadAttention(D, H)
+    shapes = attention_factoring_shapes(attention)
+    assert shapes[attention.in_proj_weight] == (3, H, Dh, D) and shapes[attention.out_proj.weight] == (D, H, Dh)
+    rng = np.random.default_rng(0)
+    kernels = [(rng.normal(size=(D, H, Dh)) * rng.uniform(0.1, 3, size=(D, H, Dh))).astype(np.float32)
+               for _ in range(3)]  # flax's query, key, value gradients
+    out = (rng.normal(size=(H, Dh, D)) * rng.uniform(0.1, 3, size=(H, Dh, D))).astype(np.float32)
+    fused = torch.from_numpy(np.stack(kernels)).permute(0, 2, 3, 1).reshape(3 * H * Dh, D)  # row (i·H + h)·Dh + d
+    projection = torch.from_numpy(out).permute(2, 0, 1).reshape(D, H * Dh)  # column h·Dh + d
+    params = [attention.in_proj_weight, attention.out_proj.weight]
+    before = [param.detach().clone() for param in params]
+    optimizer = BigVisionAdafactor(params, lr=0.01, shapes=shapes)
+    for param, grad in zip(params, (fused, projection)):
+        param.grad = grad.clone()
+    optimizer.step()
+    moved = [(param.detach() - old).numpy() for param, old in zip(params, before)]
+    # the reference's step from zero weights (no decay): the move, in flax's layouts
+    wants = [big_vision_adafactor_step(np.zeros_like(g), g, {}, 0, 0.01, 0.0)[0] for g in (*kernels, out)]
+    np.testing.assert_allclose(moved[0], np.stack(wants[:3]).transpose(0, 2, 3, 1).reshape(3 * H * Dh, D),
+                               rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(moved[1], wants[3].transpose(2, 0, 1).reshape(D, H * Dh), rtol=1e-5, atol=1e-8)
+    model = create_model("clippo-test")  # timm's attention and MAP head: every fused weight is split
+    names = {id(p): name for name, p in model.named_parameters()}
+    split = {names[id(p)]: shape for p, shape in attention_factoring_shapes(model).items()}
+    assert split["encoder.vit.blocks.0.attn.qkv.weight"] == (3, 2, 16, 32)
+    assert split["encoder.vit.attn_pool.kv.weight"] == (2, 2, 16, 32)
+    assert split["encoder.vit.attn_pool.proj.weight"] == (32, 2, 16)
+
+
 def test_adafactor_state_round_trips_and_groups_decay_kernels_only():
     from openalign.train.optim import BigVisionAdafactor
 

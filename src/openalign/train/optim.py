@@ -3,7 +3,8 @@ parameter groups for all three."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import math
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -86,18 +87,28 @@ class BigVisionAdafactor(torch.optim.Optimizer):
     an EMA without bias correction, stored in bfloat16 (the step uses it before rounding); then
     w ← w − lr·(m + ``weight_decay``·w). big_vision adds wd·w without lr, both scaled by the
     schedule s(t): its wd is lr·``weight_decay`` here, as for AdamW (the CLIPPO recipes say so).
+
+    ``shapes`` maps parameters to the shapes their statistics are factored in, where PyTorch
+    fuses what flax keeps apart: an attention's fused q/k/v weight (3·H·Dh, D) is big_vision's
+    three (D, H, Dh) kernels, factored per head, so it is viewed as (3, H, Dh, D), and its output
+    weight (D, H·Dh) as (D, H, Dh) (:func:`attention_factoring_shapes` finds them).
     """
 
     DECAY_RATE = 0.8
     MIN_DIM_SIZE_TO_FACTOR = 32
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, momentum: float = 0.9, beta2_cap: float = 0.999,
-                 eps: float = 1e-30, weight_decay: float = 0.0) -> None:
+                 eps: float = 1e-30, weight_decay: float = 0.0,
+                 shapes: Mapping[torch.Tensor, tuple[int, ...]] | None = None) -> None:
         if lr <= 0 or eps < 0 or weight_decay < 0 or not 0 <= momentum < 1 or not 0 < beta2_cap <= 1:
             raise ValueError(f"invalid Adafactor settings: lr={lr}, momentum={momentum}, beta2_cap={beta2_cap}, "
                              f"eps={eps}, weight_decay={weight_decay}")
         super().__init__(params, {"lr": lr, "momentum": momentum, "beta2_cap": beta2_cap, "eps": eps,
                                   "weight_decay": weight_decay})
+        self.shapes = dict(shapes or {})
+        for param, shape in self.shapes.items():
+            if math.prod(shape) != param.numel():
+                raise ValueError(f"a parameter of shape {tuple(param.shape)} cannot be viewed as {shape}")
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As torch's, but the state keeps its own dtypes: float32 second moments and a bfloat16
@@ -138,7 +149,8 @@ class BigVisionAdafactor(torch.optim.Optimizer):
 
     def _update(self, param: torch.Tensor, group: dict[str, Any]) -> None:
         grad, state = param.grad.float(), self.state[param]
-        dims = self.factored_dims(param.shape)
+        grad = grad.reshape(self.shapes.get(param, param.shape))  # the second moment's layout
+        dims = self.factored_dims(grad.shape)
         if not state:
             state["step"] = torch.tensor(0.0)
             if dims is None:
@@ -146,7 +158,7 @@ class BigVisionAdafactor(torch.optim.Optimizer):
             else:
                 state["v_row"] = torch.zeros_like(grad.mean(dim=dims[1]))
                 state["v_col"] = torch.zeros_like(grad.mean(dim=dims[0]))
-            state["momentum"] = torch.zeros_like(param, dtype=torch.bfloat16)
+            state["momentum"] = torch.zeros_like(grad, dtype=torch.bfloat16)
         t = float(state["step"]) + 1
         state["step"] += 1
         beta2 = min(group["beta2_cap"], 1 - t ** -self.DECAY_RATE)
@@ -166,7 +178,40 @@ class BigVisionAdafactor(torch.optim.Optimizer):
         state["momentum"].copy_(momentum)
         if group["weight_decay"]:
             param.mul_(1 - group["lr"] * group["weight_decay"])
-        param.add_(momentum.to(param.dtype), alpha=-group["lr"])
+        param.add_(momentum.view(param.shape).to(param.dtype), alpha=-group["lr"])
+
+
+def attention_factoring_shapes(model: nn.Module) -> dict[torch.Tensor, tuple[int, ...]]:
+    """The head-split shapes of ``model``'s fused attention weights (see :class:`BigVisionAdafactor`):
+    timm's attention (``qkv``, ``proj``) and attention pooling (``q``, ``kv``, ``proj``: a MAP
+    head), and ``nn.MultiheadAttention`` (``in_proj_weight``, ``out_proj``)."""
+    shapes: dict[torch.Tensor, tuple[int, ...]] = {}
+
+    def split(linear: nn.Module | None, parts: tuple[int, ...], heads: int, head_dim: int, output: bool) -> None:
+        if isinstance(linear, nn.Linear):
+            if output:  # the heads are its input: (D, H, Dh)
+                shapes[linear.weight] = (linear.out_features, heads, head_dim)
+            else:  # its output is the heads: (parts..., H, Dh, D)
+                shapes[linear.weight] = (*parts, heads, head_dim, linear.in_features)
+                if linear.bias is not None:
+                    shapes[linear.bias] = (*parts, heads, head_dim)
+
+    for module in model.modules():
+        heads = getattr(module, "num_heads", None)
+        if isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
+            head_dim = module.embed_dim // module.num_heads
+            shapes[module.in_proj_weight] = (3, module.num_heads, head_dim, module.embed_dim)
+            if module.in_proj_bias is not None:
+                shapes[module.in_proj_bias] = (3, module.num_heads, head_dim)
+            split(module.out_proj, (), module.num_heads, head_dim, output=True)
+        elif isinstance(heads, int) and isinstance(getattr(module, "proj", None), nn.Linear) and (
+                hasattr(module, "qkv") or hasattr(module, "kv")):
+            head_dim = module.proj.in_features // heads
+            split(getattr(module, "qkv", None), (3,), heads, head_dim, output=False)
+            split(getattr(module, "q", None), (), heads, head_dim, output=False)
+            split(getattr(module, "kv", None), (2,), heads, head_dim, output=False)
+            split(module.proj, (), heads, head_dim, output=True)
+    return shapes
 
 
 def parameter_groups(model: nn.Module, weight_decay: float, optimizer: str,
@@ -202,7 +247,8 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
     if name == "lamb":
         return Lamb(groups, lr=lr, betas=betas, eps=eps)
     if name == "adafactor":
-        return BigVisionAdafactor(groups, lr=lr, momentum=betas[0], beta2_cap=betas[1], eps=eps)
+        return BigVisionAdafactor(groups, lr=lr, momentum=betas[0], beta2_cap=betas[1], eps=eps,
+                                  shapes=attention_factoring_shapes(model))
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=device.type == "cuda")
     raise ValueError(f"unknown optimizer '{name}'")
