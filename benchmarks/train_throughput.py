@@ -11,6 +11,8 @@ the model's input size, and times ``openalign.train.train_step`` after warm-up s
         --accum-steps 1 2 4                      # the cost of gradient accumulation (train.accum_steps)
     python benchmarks/train_throughput.py --models align-tiny --batch-sizes 128 \\
         --grad-checkpointing off on              # activation checkpointing (train.grad_checkpointing)
+    python benchmarks/train_throughput.py --models clippo-tiny --batch-sizes 64 \\
+        --optimizers adamw adafactor             # the optimiser's share of a step (train.optimizer)
 
 "held for backward" is what one step's forward passes keep for the backward pass, counted tensor
 by tensor as autograd saves them: the activation memory checkpointing saves. It is the same on any
@@ -37,19 +39,24 @@ from openalign.train import build_optimizer, build_scheduler, train_step
 
 def synthetic_batch(model: torch.nn.Module, batch_size: int, device: torch.device) -> dict:
     config = model.config
-    size, length = config.preprocess.image_size, config.text.max_length
-    input_ids = torch.randint(1000, 30000, (batch_size, length), device=device)
-    return {"image": torch.randn(batch_size, 3, size, size, device=device).contiguous(memory_format=torch.channels_last),
-            "text": {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}}
+    size = config.preprocess.image_size
+    image = torch.randn(batch_size, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+    if not hasattr(config, "text"):  # a pixel model (CLIPPO): rendered captions
+        return {"image": image, "text": dict(config.build_tokenizer()([f"synthetic caption {i}"
+                                                                        for i in range(batch_size)]).to(device))}
+    input_ids = torch.randint(1000, 30000, (batch_size, config.text.max_length), device=device)
+    return {"image": image, "text": {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}}
 
 
 def measure(name: str, batch_size: int, device: torch.device, steps: int, warmup: int, compile: bool,
-            standard_bn: bool = False, accum_steps: int = 1, checkpointing: bool = False) -> dict:
+            standard_bn: bool = False, accum_steps: int = 1, checkpointing: bool = False,
+            optimizer_name: str = "lamb") -> dict:
     torch.manual_seed(0)
     overrides = {"image": {"virtual_batch_size": None}} if standard_bn else {}
     model = openalign.create_model(name, **overrides).to(device).to(memory_format=torch.channels_last)
     model.set_grad_checkpointing(checkpointing)
-    optimizer = build_optimizer(model, "lamb", 1e-3, 1e-5, (0.9, 0.999), 1e-6, device)
+    eps = 1e-30 if optimizer_name == "adafactor" else 1e-6
+    optimizer = build_optimizer(model, optimizer_name, 1e-3, 1e-5, (0.9, 0.999), eps, device)
     scheduler = build_scheduler(optimizer, "constant", 0, steps + warmup)
     forward = torch.compile(model) if compile else model
     loss_fn, batch = ContrastiveLoss(), synthetic_batch(model, batch_size, device)
@@ -74,7 +81,7 @@ def measure(name: str, batch_size: int, device: torch.device, steps: int, warmup
             "seconds_per_step": seconds / steps, "peak_memory_gib": peak_gib,
             "precision": "bf16" if device.type == "cuda" else "fp32", "compile": compile,
             "batch_norm": "standard" if standard_bn else "ghost", "accum_steps": accum_steps,
-            "grad_checkpointing": checkpointing, "held_for_backward_mib": held}
+            "grad_checkpointing": checkpointing, "held_for_backward_mib": held, "optimizer": optimizer_name}
 
 
 def held_for_backward(step: Callable[[], object]) -> float:
@@ -105,21 +112,25 @@ def main() -> None:
                         help="train.accum_steps values: each batch in that many micro-batches, caching features")
     parser.add_argument("--grad-checkpointing", nargs="+", choices=["off", "on"], default=["off"],
                         help="train.grad_checkpointing: recompute each block in the backward pass")
+    parser.add_argument("--optimizers", nargs="+", choices=["lamb", "adamw", "adafactor"], default=["lamb"],
+                        help="train.optimizer values")
     add_output(parser, "train_throughput")
     args = parser.parse_args()
     device = torch.device(args.device)
     rows = [measure(name, batch, device, args.steps, args.warmup, args.compile, args.standard_bn, accum,
-                    checkpointing == "on")
+                    checkpointing == "on", optimizer)
             for name in args.models for batch in args.batch_sizes for accum in args.accum_steps
-            for checkpointing in args.grad_checkpointing]
+            for checkpointing in args.grad_checkpointing for optimizer in args.optimizers]
     env = environment(device)
-    cells = [(row["model"], str(row["batch_size"]), str(row["accum_steps"]), row["batch_norm"], row["precision"],
+    cells = [(row["model"], row["optimizer"], str(row["batch_size"]), str(row["accum_steps"]), row["batch_norm"],
+              row["precision"],
               str(row["compile"]), "on" if row["grad_checkpointing"] else "off",
               f"{row['samples_per_second']:.1f}", f"{row['seconds_per_step']:.3f}", f"{row['peak_memory_gib']:.2f}",
               "–" if row["held_for_backward_mib"] is None else f"{row['held_for_backward_mib']:.0f}")
              for row in rows]
     report(f"training throughput on {env['device']} (torch {torch.__version__})",
-           ("model", "batch/device", "accum", "batch norm", "precision", "compile", "checkpointing", "samples/s",
+           ("model", "optimizer", "batch/device", "accum", "batch norm", "precision", "compile", "checkpointing",
+            "samples/s",
             "s/step", "peak memory GiB", "held for backward MiB"),
            cells, 1,
            {"environment": env, "results": rows}, args.output)

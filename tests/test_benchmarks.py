@@ -50,3 +50,14 @@ def test_the_benchmark_runs_and_writes_its_table(script, tmp_path):
         assert all(row["samples_per_second"] > 0 for row in rows)
         held = [row["held_for_backward_mib"] for row in rows]  # off, on, off, on
         assert held[1] < 0.5 * held[0] and held[3] < 0.5 * held[2]
+
+
+def test_the_training_benchmark_compares_optimisers_on_a_pixel_model(tmp_path):
+    """CLIPPO's rendered captions as the synthetic text, and each train.optimizer in turn."""
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "train_throughput.py"), "--models", "clippo-test",
+                             "--batch-sizes", "4", "--steps", "1", "--warmup", "1", "--device", "cpu",
+                             "--optimizers", "adamw", "adafactor", "--output", str(tmp_path / "out.json")],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    rows = json.loads((tmp_path / "out.json").read_text())["results"]
+    assert [(row["model"], row["optimizer"]) for row in rows] == [("clippo-test", "adamw"), ("clippo-test", "adafactor")]
