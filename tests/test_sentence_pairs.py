@@ -40,6 +40,14 @@ def same_or_different(n: int, rng: random.Random) -> tuple[list[str], list[str],
     return first, second, labels
 
 
+def _clippo_test_model(tmp_path: Path, capsys: pytest.CaptureFixture) -> Path:
+    """A seeded clippo-test model saved under ``tmp_path``, with the output so far cleared."""
+    torch.manual_seed(0)
+    model_dir = openalign.create_model("clippo-test").save_pretrained(tmp_path / "model")
+    capsys.readouterr()
+    return model_dir
+
+
 def write_tsv(path: Path, columns: list[str], rows: list[tuple[str, ...]]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join("\t".join(row) for row in [tuple(columns), *rows]) + "\n")
@@ -157,13 +165,10 @@ def test_a_missing_column_names_the_columns_found_and_expected(tmp_path):
 @needs_unifont
 def test_a_synthetic_pair_task_is_learned_through_the_command_line(tmp_path, capsys):
     rng = random.Random(0)
-    splits = {"train": same_or_different(256, rng), "dev": same_or_different(64, rng)}
-    for name, (first, second, labels) in splits.items():
+    for name, count in (("train", 256), ("dev", 64)):
         write_tsv(tmp_path / "same_word" / f"{name}.tsv", ["sentence1", "sentence2", "label"],
-                  list(zip(first, second, labels)))
-    torch.manual_seed(0)
-    model_dir = openalign.create_model("clippo-test").save_pretrained(tmp_path / "model")
-    capsys.readouterr()
+                  list(zip(*same_or_different(count, rng))))
+    model_dir = _clippo_test_model(tmp_path, capsys)
     assert main(["eval", "sentence_pairs", "--model", str(model_dir), "--train", str(tmp_path / "same_word/train.tsv"),
                  "--val", str(tmp_path / "same_word/dev.tsv"), "--epochs", "6", "--lr", "5e-4", "--head-lr", "5e-3",
                  "--seed", "0", "--device", "cpu", "--output", str(tmp_path / "result.json")]) == 0
@@ -185,9 +190,7 @@ def test_a_synthetic_similarity_score_is_learned_by_regression_through_the_comma
         scores = [f"{(3.5 if label == 'same' else 0.0) + 1.5 * rng.random():.3f}" for label in labels]
         write_tsv(tmp_path / "stsb" / f"{name}.tsv", ["sentence1", "sentence2", "label"],
                   list(zip(first, second, scores)))
-    torch.manual_seed(0)
-    model_dir = openalign.create_model("clippo-test").save_pretrained(tmp_path / "model")
-    capsys.readouterr()
+    model_dir = _clippo_test_model(tmp_path, capsys)
     assert main(["eval", "sentence_pairs", "--model", str(model_dir), "--train", str(tmp_path / "stsb/train.tsv"),
                  "--val", str(tmp_path / "stsb/dev.tsv"), "--regression", "--epochs", "10", "--lr", "5e-4",
                  "--head-lr", "5e-3", "--device", "cpu"]) == 0
