@@ -40,4 +40,16 @@ for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_to
     if (source / name).is_file():
         shutil.copy(source / name, stub / subdir / name)
 PY
+# the Unifont hex files CLIPPO's renderer reads here, numbered in their order (a later file's glyph
+# wins); run.sh points OPENALIGN_UNIFONT at them where the machine has no Unifont of its own
+"$PYTHON" - <<'PY'
+import shutil
+from pathlib import Path
+
+from openalign.data.render import resolve_font_paths
+
+Path(".gpu/unifont").mkdir()
+for number, path in enumerate(resolve_font_paths()):
+    shutil.copy(path, f".gpu/unifont/{number}-{Path(path).name}")
+PY
 du -sh .gpu

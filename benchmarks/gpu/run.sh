@@ -5,7 +5,8 @@
 # minutes; results (JSON, the log, the GPU's name) land in $OUT:
 #
 #   bash benchmarks/gpu/run.sh inference   # align-base sizes vs transformers, bf16, eager and --compile
-#   bash benchmarks/gpu/run.sh train       # align-b3-mini / align-b7-base steps/s and memory, bf16
+#   bash benchmarks/gpu/run.sh train       # align-b3-mini / align-b7-base steps/s and memory, bf16;
+#                                          # clippo-b16 with AdamW and with Adafactor
 #   bash benchmarks/gpu/run.sh train-memory  # align-b7-base with accumulation and with activation checkpointing
 #   bash benchmarks/gpu/run.sh eval        # ImageNet-size kNN and COCO-size retrieval metrics
 #   bash benchmarks/gpu/run.sh check       # the environment, and the small inference preset as a smoke test
@@ -20,6 +21,10 @@ if [ -d .gpu/whl ]; then
         .gpu/whl/*.whl || { echo "installing .gpu/whl failed: run benchmarks/gpu/prepare.sh again"; exit 1; }
 fi
 export PYTHONPATH="$PWD/src:/tmp/site:$PWD/.gpu/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+if [ -d .gpu/unifont ] && [ ! -f /usr/share/unifont/unifont.hex ] && [ -z "${OPENALIGN_UNIFONT:-}" ]; then
+    OPENALIGN_UNIFONT=$(ls "$PWD"/.gpu/unifont/*.hex | sort -V | paste -sd:)  # CLIPPO renders its captions with them
+    export OPENALIGN_UNIFONT
+fi
 LOG="$OUT/log.txt"
 
 bench() {  # bench NAME SCRIPT ARGS...: one benchmark, its JSON at $OUT/NAME.json, its output in the log
@@ -37,6 +42,10 @@ import open_clip, webdataset, openalign
 from openalign.data.tokenizer import load_hf_tokenizer
 assert len(load_hf_tokenizer('bert-base-uncased')) == 30522
 print('imports and the bert-base-uncased vocabulary: ok')" 2>&1 | tee -a "$LOG" | grep -q ': ok$' || exit 1
+python3 -c "
+from openalign.data.render import TextRenderer
+TextRenderer().batch(['ok'])
+print('Unifont: ok')" > /dev/null 2>&1 || echo "no Unifont: the CLIPPO benchmark in 'train' will fail" | tee -a "$LOG"
 
 case ${1:-check} in
     check)
@@ -47,7 +56,9 @@ case ${1:-check} in
     train)
         bench train train_throughput.py --models align-b3-mini align-b7-base --batch-sizes 128 256 --device "$DEVICE"
         bench train_standard_bn train_throughput.py --models align-b7-base --batch-sizes 256 --device "$DEVICE" \
-            --standard-bn ;;
+            --standard-bn
+        bench train_clippo_optimizers train_throughput.py --models clippo-b16 --batch-sizes 256 \
+            --optimizers adamw adafactor --device "$DEVICE" ;;
     train-memory)
         bench train_accum train_throughput.py --models align-b7-base --batch-sizes 256 --accum-steps 1 2 4 \
             --device "$DEVICE"
