@@ -70,6 +70,27 @@ def test_the_log_says_how_long_training_waited_for_data(tmp_path, shapes_root, m
     assert re.search(r"samples/s \(\d+ per rank\)  data wait \d+%", caplog.text)
 
 
+def test_a_frozen_tower_keeps_its_weights_and_batch_norm_statistics(tmp_path, shapes_root):
+    """train.freeze=[image_tower]: LiT's locked image tower (open_clip's --lock-image with its BN
+    statistics), from a trained model (train.init_from); the rest trains."""
+    torch.manual_seed(1)
+    start = openalign.create_model("align-test").save_pretrained(tmp_path / "start")
+    initial = load_file(str(start / WEIGHTS_FILE))
+    overrides = tiny_recipe_overrides(shapes_root, tmp_path / "run", steps=2) + [
+        "model.name=align-test", f"train.init_from={start}", "train.freeze=[image_tower]", "eval.tasks=[]"]
+    train(load_recipe("demo", overrides), show_progress=False)
+    trained = _state(tmp_path / "run")
+    image = [key for key in initial if key.startswith("image_tower.")]
+    assert any("running_var" in key for key in image)  # ghost batch norm's statistics, which training would move
+    assert all(torch.equal(trained[key], initial[key]) for key in image)
+    for part in ("text_tower.", "image_projection."):
+        assert any(not torch.equal(trained[key], initial[key]) for key in initial if key.startswith(part)), part
+    with pytest.raises(ConfigError, match=r"'train.freeze' names 'image_towr', which no parameter is or is under; "
+                                          r"the model's parts: image_projection, image_tower, log_temperature"):
+        train(load_recipe("demo", tiny_recipe_overrides(shapes_root, tmp_path / "bad", steps=1) + [
+            "train.freeze=[image_towr]"]), show_progress=False)
+
+
 def test_evaluating_and_checkpointing_are_not_counted_as_step_time(tmp_path, shapes_root, monkeypatch):
     from openalign.train import loop
 

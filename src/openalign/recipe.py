@@ -68,6 +68,8 @@ class TrainConfig:
     ``grad_checkpointing`` recomputes each tower block in the backward pass instead of keeping
     its activations (``model.set_grad_checkpointing``): the same step, for less memory and one
     more forward pass; with ``accum_steps``, larger micro-batches fit.
+    ``freeze`` lists parameter-name prefixes that training leaves as they are (``[image_tower]``:
+    LiT's locked image tower, with its batch-norm statistics; see :mod:`openalign.train.freeze`).
     """
 
     steps: int
@@ -89,6 +91,7 @@ class TrainConfig:
     compile: bool = False
     accum_steps: int = 1
     grad_checkpointing: bool = False
+    freeze: tuple[str, ...] = ()
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -29,8 +29,8 @@ from ..config import dump_saved, to_dict
 from ..data.loader import Collate, DataMonitor, build_loader, move_to_device
 from ..data.quality import summarise
 from ..data.stream import ResumableStream
-from ..distributed import (DistributedContext, all_reduce_max, all_reduce_mean, all_reduce_sum, average_buffers,
-                           barrier, fail_together, init_distributed, world_info)
+from ..distributed import (RANK_ZERO_ONLY, DistributedContext, all_reduce_max, all_reduce_mean, all_reduce_sum,
+                           average_buffers, barrier, fail_together, init_distributed, world_info)
 from ..errors import ConfigError, OpenAlignError, Terminated
 from ..eval.tasks import task_problems
 from ..files import held_directory
@@ -40,6 +40,7 @@ from ..precision import autocast, gradient_scaler, precision_scope
 from ..progress import make_progress
 from ..recipe import EvalConfig, Recipe
 from .accumulate import accumulated_backward, check_accumulable
+from .freeze import freeze
 from .checkpoint import Checkpointer, check_allowed_changes
 from .logger import TrainLogger
 from .optim import build_optimizer
@@ -94,6 +95,10 @@ def _train(recipe: Recipe, resume: str | None, show_progress: bool, held: contex
             except OpenAlignError as error:
                 raise ConfigError(f"is {cfg.accum_steps}, but {error}", "train.accum_steps") from None
         model = model.to(memory_format=torch.channels_last)  # conv towers: faster on GPU and CPU alike
+        if cfg.freeze:
+            frozen, total = freeze(model, cfg.freeze)
+            log.info("train.freeze: %s of the model's %s parameters are frozen (%s)", f"{frozen:,}", f"{total:,}",
+                     ", ".join(cfg.freeze), extra=RANK_ZERO_ONLY)
         loss_fn = recipe.loss.build().to(ctx.device)
         _check_loss_takes(loss_fn, recipe.model.output_fields, recipe.loss)
         optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps, ctx.device,
