@@ -69,6 +69,11 @@ def test_karpathy_retrieval_equals_a_direct_computation(model, shapes_root):
     reference = retrieval_metrics(_embed(model, [item.path for item in items]), text_emb,
                                   [n for n, item in enumerate(items) for _ in item.captions])
     assert ours == pytest.approx(reference, abs=1e-6)
+    other_ks = evaluate_retrieval(model, shapes_root / "dataset_shapes.json", CPU, show_progress=False,
+                                  recall_k=(2, 50))  # CLIP_benchmark's --recall_k
+    assert {"image_retrieval_recall@2", "text_retrieval_recall@50"} <= set(other_ks) and \
+        "image_retrieval_recall@1" not in other_ks
+    assert other_ks["image_retrieval_recall@50"] == 1.0  # 24 images: every caption's is among the top 50
     assert evaluate_shapes(model, shapes_root, CPU, knn_memory_size=8, show_progress=False).items() >= ours.items()
     with pytest.raises(OpenAlignError, match=r"24 of the 24 'test' images .* are missing.*pass the image root"):
         evaluate_retrieval(model, shapes_root / "dataset_shapes.json", CPU, image_root="/nonexistent")
@@ -238,6 +243,9 @@ def test_eval_commands_write_clip_benchmark_records(model, folders, shapes_root,
     assert records["zeroshot"]["settings"]["templates"] == ["a {}", "a drawing of a {}"]
     assert main(["eval", "zeroshot", "--model", str(model_dir), "--root", str(tmp_path / "nowhere")]) == 2
     assert "expected class subfolders" in " ".join(capsys.readouterr().err.split())
+    assert main(["eval", "retrieval", "--model", str(model_dir), "--json", str(shapes_root / "dataset_shapes.json"),
+                 "--recall-k", "0"]) == 2
+    assert "--recall-k must be one or more k of at least 1, got [0]" in " ".join(capsys.readouterr().err.split())
 
 
 def test_records_name_the_checkpoint_read_and_the_report_tells_apart_what_differs(model, folders, tmp_path,

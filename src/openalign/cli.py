@@ -79,7 +79,8 @@ def _eval_task(args: argparse.Namespace) -> Any:
 
         return ShapesEvalConfig(root=args.root or trained_shapes_root(args.model) or DEMO_DATA)
     if args.task == "retrieval":
-        return RetrievalEvalConfig(json=args.json, split=args.split, image_root=args.image_root)
+        return RetrievalEvalConfig(json=args.json, split=args.split, image_root=args.image_root,
+                                   recall_k=tuple(args.recall_k))
     if args.task == "zeroshot":
         templates = {"templates": tuple(args.template)} if args.template else {}
         return ZeroShotEvalConfig(root=args.root, classnames=args.classnames, templates_file=args.templates_file,
@@ -443,6 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     retrieval.add_argument("--split", default="test")
     retrieval.add_argument("--image-root", help="the folder the JSON's filepath/filename are relative to "
                                                 "(default: the JSON's folder)")
+    retrieval.add_argument("--recall-k", nargs="+", type=int, default=[1, 5, 10], metavar="K",
+                           help="the k of recall@k (default 1 5 10; CLIP_benchmark's --recall_k)")
     zeroshot = tasks.add_parser("zeroshot", help="zero-shot classification of a folder of class subfolders")
     zeroshot.add_argument("--root", required=True, help="class folders (imagenet/val/<class>/<image>) or a "
                                                         "CLIP_benchmark webdataset root (wds_imagenet1k/)")

@@ -38,8 +38,8 @@ DEFAULT_TEMPLATES = ("a photo of a {}.",)
 def evaluate_retrieval(model: nn.Module, json_path: str | Path, device: torch.device, split: str = "test",
                        image_root: str | Path | None = None, batch_size: int = 256,
                        show_progress: bool = True, caption_prefix: str = "",
-                       transform: Transform | None = None) -> dict[str, float]:
-    """Image→text and text→image R@1/5/10 and ranks on one split of a Karpathy-style JSON
+                       transform: Transform | None = None, recall_k: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """Image→text and text→image R@k (``recall_k``: 1, 5, 10) and ranks on one split of a Karpathy-style JSON
     (``dataset_coco.json``: test = 5,000 images / ~25k captions; ``dataset_flickr30k.json``: 1,000 / 5,000),
     or of a CLIP_benchmark webdataset directory (``wds_mscoco_captions``...). ``caption_prefix``
     is put before every caption (ALIP's evaluation: ``"a photo of "``). ``transform`` (as in
@@ -49,7 +49,8 @@ def evaluate_retrieval(model: nn.Module, json_path: str | Path, device: torch.de
         items = [CaptionedImage(item.path, tuple(caption_prefix + c for c in item.captions), item.labels, item.fields)
                  for item in items]
     with eval_mode(model):
-        return retrieval_metrics(*embed_captioned(model, items, device, batch_size, show_progress, transform))
+        return retrieval_metrics(*embed_captioned(model, items, device, batch_size, show_progress, transform),
+                                 ks=recall_k)
 
 
 def retrieval_items(json_path: str | Path, split: str = "test", image_root: str | Path | None = None) -> list[CaptionedImage]:

@@ -184,7 +184,8 @@ class RetrievalEvalConfig(EvalTaskConfig, tag="retrieval"):
     """Zero-shot retrieval on a split of a Karpathy-style JSON (COCO: ``dataset_coco.json``, Flickr30k:
     ``dataset_flickr30k.json``; ``image_root`` defaults to the JSON's folder) or, with ``json`` naming
     a directory, of a CLIP_benchmark webdataset retrieval dataset. ``caption_prefix`` goes before
-    every caption (ALIP evaluates with ``"a photo of "``)."""
+    every caption (ALIP evaluates with ``"a photo of "``). ``recall_k``: the k of the recall@k
+    metrics (CLIP_benchmark's ``--recall_k``)."""
 
     data_paths: ClassVar[tuple[str, ...]] = ("json", "image_root")
 
@@ -192,6 +193,11 @@ class RetrievalEvalConfig(EvalTaskConfig, tag="retrieval"):
     split: str = "test"
     image_root: str | None = None
     caption_prefix: str = ""
+    recall_k: tuple[int, ...] = (1, 5, 10)
+
+    def __post_init__(self) -> None:
+        if not self.recall_k or any(k < 1 for k in self.recall_k):
+            raise ConfigError(f"must be one or more k of at least 1, got {list(self.recall_k)}", "recall_k")
 
     @property
     def dataset(self) -> str:
@@ -203,7 +209,7 @@ class RetrievalEvalConfig(EvalTaskConfig, tag="retrieval"):
 
     def run(self, model: nn.Module, device: torch.device, batch_size: int, show_progress: bool = True) -> dict[str, float]:
         return evaluate_retrieval(model, self.json, device, self.split, self.image_root, batch_size, show_progress,
-                                  self.caption_prefix, self.transform(model))
+                                  self.caption_prefix, self.transform(model), self.recall_k)
 
     def write_examples(self, model: nn.Module, device: torch.device, output: Path, batch_size: int) -> Path:
         """Six captions and their top-5 images (:func:`~openalign.eval.examples.retrieval_examples`)."""
