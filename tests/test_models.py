@@ -50,9 +50,10 @@ def test_inputs_a_preprocess_was_forgotten_for_are_errors_that_say_how_to_make_t
             model.encode_image(wrong)
     with torch.no_grad():  # the tokenizer's whole output, as CLIP_benchmark passes it (moved with .to, as HF's)
         assert torch.equal(model.encode_text(tokens.to("cpu")), model.encode_text(**tokens))
-    from torch.utils._pytree import tree_flatten, tree_map
+    from torch.utils._pytree import tree_flatten, tree_flatten_with_path, tree_map
 
     assert len(tree_flatten(tokens)[0]) == 2  # a pytree node, as a dict: tree_map reaches its tensors
+    assert [str(path[0]) for path, _ in tree_flatten_with_path(tokens)[0]] == ["['input_ids']", "['attention_mask']"]
     assert type(mapped := tree_map(lambda t: t + 0, tokens)) is type(tokens) and mapped.keys() == tokens.keys()
     with pytest.raises(OpenAlignError, match=r"encode_text was given a mapping of pixels, without"):
         model.encode_text({"pixels": pixels})

@@ -181,6 +181,13 @@ def test_adafactor_factors_fused_attention_weights_per_head_as_big_visions_separ
     np.testing.assert_allclose(moved[0], np.stack(wants[:3]).transpose(0, 2, 3, 1).reshape(3 * H * Dh, D),
                                rtol=1e-5, atol=1e-8)
     np.testing.assert_allclose(moved[1], wants[3].transpose(2, 0, 1).reshape(D, H * Dh), rtol=1e-5, atol=1e-8)
+    other = nn.Module()  # another module with those names, of another layout, keeps its own shapes
+    other.num_heads, other.qkv, other.proj = 2, nn.Linear(D, 3 * D), nn.Linear(D, D)
+    assert attention_factoring_shapes(other) == {}
+    state = optimizer.state_dict()  # saved with another layout: named, not a broadcast error in the first step
+    with pytest.raises(Exception, match=r"laid out as \(3, 2, 32, 64\), not \(192, 64\): it was saved by openalign "
+                                        r"before attention weights were factored per head"):
+        BigVisionAdafactor(params, lr=0.01).load_state_dict(state)
     model = create_model("clippo-test")  # timm's attention and MAP head: every fused weight is split
     names = {id(p): name for name, p in model.named_parameters()}
     split = {names[id(p)]: shape for p, shape in attention_factoring_shapes(model).items()}

@@ -89,6 +89,36 @@ def test_a_frozen_tower_keeps_its_weights_and_batch_norm_statistics(tmp_path, sh
                                           r"the model's parts: image_projection, image_tower, log_temperature"):
         train(load_recipe("demo", tiny_recipe_overrides(shapes_root, tmp_path / "bad", steps=1) + [
             "train.freeze=[image_towr]"]), show_progress=False)
+    # unlocking on resume would load an optimiser state for other parameters: refused, whatever is allowed
+    more = load_recipe("demo", overrides[:-3] + [f"train.init_from={start}", "eval.tasks=[]", "train.steps=3"])
+    with pytest.raises(OpenAlignError, match=r"with train.freeze changed \(\['image_tower'\] -> \[\]\): it decides "
+                                             r"which parameters the optimiser holds .* train.init_from="):
+        train(more, resume="latest", show_progress=False, allow_changes=["train"])
+
+
+def test_a_frozen_module_runs_as_at_inference_and_accumulates_with_standard_batch_norm():
+    """A locked tower is the function it was (no drop-connect, running statistics), in training
+    too; its standard batch norm no longer depends on how a batch is split."""
+    from openalign.train.accumulate import check_accumulable
+    from openalign.train.freeze import freeze
+
+    torch.manual_seed(0)
+    model = openalign.create_model("align-test", image={"virtual_batch_size": None, "drop_connect_rate": 0.5})
+    with pytest.raises(OpenAlignError, match="standard batch norm"):
+        check_accumulable(model)
+    freeze(model, ["image_tower"])
+    check_accumulable(model)
+    model.train()
+    pixels = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        first, second = model.image_tower(pixels), model.image_tower(pixels)
+    assert torch.equal(first, second) and not model.image_tower.training
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model.image_tower(pixels), first)
+    with pytest.raises(ConfigError, match="freezes every parameter"):
+        freeze(openalign.create_model("align-test"), ["image_tower", "text_tower", "image_projection",
+                                                      "text_projection", "log_temperature"])
 
 
 def test_evaluating_and_checkpointing_are_not_counted_as_step_time(tmp_path, shapes_root, monkeypatch):

@@ -48,8 +48,11 @@ from pathlib import Path
 
 from openalign.data.render import resolve_font_paths
 
-Path(".gpu/unifont").mkdir()
-for number, path in enumerate(resolve_font_paths()):
+fonts = [path for path in resolve_font_paths() if Path(path).is_file()]
+if not fonts:
+    print("no Unifont here (apt-get install unifont): the CLIPPO benchmark in run.sh's train part needs one")
+for number, path in enumerate(fonts):
+    Path(".gpu/unifont").mkdir(exist_ok=True)
     shutil.copy(path, f".gpu/unifont/{number}-{Path(path).name}")
 PY
 du -sh .gpu

@@ -21,7 +21,8 @@ if [ -d .gpu/whl ]; then
         .gpu/whl/*.whl || { echo "installing .gpu/whl failed: run benchmarks/gpu/prepare.sh again"; exit 1; }
 fi
 export PYTHONPATH="$PWD/src:/tmp/site:$PWD/.gpu/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-if [ -d .gpu/unifont ] && [ ! -f /usr/share/unifont/unifont.hex ] && [ -z "${OPENALIGN_UNIFONT:-}" ]; then
+if compgen -G ".gpu/unifont/*.hex" > /dev/null && [ ! -f /usr/share/unifont/unifont.hex ] \
+        && [ -z "${OPENALIGN_UNIFONT:-}" ]; then
     OPENALIGN_UNIFONT=$(ls "$PWD"/.gpu/unifont/*.hex | sort -V | paste -sd:)  # CLIPPO renders its captions with them
     export OPENALIGN_UNIFONT
 fi

@@ -81,10 +81,13 @@ class TextBatch(dict):
         return TextBatch({key: value.to(device, non_blocking=non_blocking) for key, value in self.items()})
 
 
-# a node of torch's pytrees, as a dict is (else a leaf): tree_map over a tokenizer's output reaches its tensors
+# a node of torch's pytrees, as a dict is (else a leaf): tree_map over a tokenizer's output reaches
+# its tensors, and torch.export's paths name them by key
 torch.utils._pytree.register_pytree_node(
     TextBatch, lambda batch: (list(batch.values()), list(batch.keys())),
-    lambda values, keys: TextBatch(zip(keys, values)), serialized_type_name="openalign.data.tokenizer.TextBatch")
+    lambda values, keys: TextBatch(zip(keys, values)), serialized_type_name="openalign.data.tokenizer.TextBatch",
+    flatten_with_keys_fn=lambda batch: ([(torch.utils._pytree.MappingKey(key), value) for key, value in batch.items()],
+                                        list(batch.keys())))
 
 
 class Tokenizer:

@@ -245,7 +245,9 @@ def evaluate_zeroshot_sentences(model: nn.Module, path: str | Path, device: torc
     :func:`~openalign.eval.sentence_pairs.read_sentence_pairs`): ``acc1``, ``acc5``,
     ``mean_per_class_recall``. A sentence is embedded as the model embeds text (CLIPPO: rendered,
     through its one tower, as CLIPPO's colab classifies SST-2's reviews, shared spec clippo.md
-    §5.1) and scored against class embeddings made as :func:`evaluate_zeroshot` makes them.
+    §5.1) and scored against class embeddings made as :func:`evaluate_zeroshot` makes them: the
+    renormalised mean of the prompts' embeddings (the colab's CIFAR-100 variant leaves the mean
+    unnormalised; how its SST-2 one does is not known).
     ``names``: one per label in the labels' sorted order (SST-2's 0, 1: negative, positive), or
     a mapping; by default the labels themselves."""
     sentences, labels, readable, templates = zeroshot_sentence_inputs(path, templates, names, canonicalize)

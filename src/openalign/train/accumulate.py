@@ -98,9 +98,12 @@ def accumulated_backward(forward: nn.Module, model: nn.Module, loss_fn: Any, inp
 
 def check_accumulable(model: nn.Module) -> None:
     """Refuse batch norm that would normalise each micro-batch with its own statistics: standard
-    batch norm in training mode (ghost batch norm with a ``virtual_batch_size`` is fine)."""
+    batch norm in training mode (ghost batch norm with a ``virtual_batch_size`` is fine, and so is
+    a frozen one, which runs on its running statistics: :mod:`openalign.train.freeze`)."""
+    from .freeze import is_frozen
+
     for name, module in model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training and not (
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training and not is_frozen(module) and not (
                 isinstance(module, GhostBatchNorm2d) and module.virtual_batch_size):
             raise OpenAlignError(f"train.accum_steps > 1 needs batch norm whose statistics do not depend on how the "
                                  f"batch is split, but '{name}' is standard batch norm ({type(module).__name__}), "

@@ -297,6 +297,13 @@ def check_resumable(saved: dict[str, Any], current: dict[str, Any], path: Path,
     checkpoint's recipe lacks (added to openalign since it was written, such as
     ``model.min_logit_scale``) takes the current recipe's value, with a warning."""
     old, new = flatten(saved), flatten(current)
+    # a recipe from before train.freeze froze nothing; the others were always saved
+    if fixed := sorted(key for key in OPTIMISER_SHAPING if old.get(key, [] if key == "train.freeze" else new.get(key))
+                       != new.get(key)):
+        raise OpenAlignError(f"cannot resume from '{path}' with {fixed[0]} changed ({old.get(fixed[0])!r} -> "
+                             f"{new.get(fixed[0])!r}): it decides which parameters the optimiser holds and how, and "
+                             f"the saved optimiser state fits no other; start a new run (another run.output_dir) with "
+                             f"train.init_from={path}: its weights, a fresh optimiser")
     if permitted := sorted(key for key in old.keys() & new.keys()
                            if old[key] != new[key] and any(_under(key, name) for name in allowed)):
         log.warning("resuming with %s, as --allow-change permits: the run continues as one never stopped only if "
@@ -319,6 +326,10 @@ def check_resumable(saved: dict[str, Any], current: dict[str, Any], path: Path,
         log.warning("train.steps changed from %s to %s: the learning-rate schedule continues on the new length, so "
                     "the run differs from one that used it from the start", old.get("train.steps"),
                     new.get("train.steps"), extra=RANK_ZERO_ONLY)
+
+
+# the settings a resume can never change, --allow-change or not: the saved optimiser state fits no other
+OPTIMISER_SHAPING = ("train.freeze", "train.optimizer", "train.weight_decay_scope")
 
 
 def check_allowed_changes(recipe: dict[str, Any], allowed: Sequence[str]) -> None:

@@ -16,9 +16,10 @@ def freeze(model: nn.Module, prefixes: Sequence[str]) -> tuple[int, int]:
     module's: ``image_tower`` freezes ``image_tower.*``, not ``image_tower_x``); returns ``(frozen,
     total)`` parameter counts. They get no gradient, so no optimiser holds them and DDP leaves them out.
 
-    A batch-norm layer whose parameters are all frozen also keeps its running statistics: it
-    normalises with them, in training too, as open_clip's locked towers do (``freeze_bn_stats``); a
-    frozen tower is then the function it was, as LiT locks it.
+    A module whose parameters are all frozen (the largest such: ``image_tower`` itself) also runs
+    as at inference, in training too: batch norm normalises with its running statistics and keeps
+    them, dropout and drop-connect are off. A locked tower is then the function it was, as LiT
+    locks it (open_clip's locked towers keep their batch-norm statistics too, ``freeze_bn_stats``).
     """
     names = dict(model.named_parameters())
     for prefix in prefixes:
@@ -31,11 +32,24 @@ def freeze(model: nn.Module, prefixes: Sequence[str]) -> tuple[int, int]:
         if any(_under(name, prefix) for prefix in prefixes):
             param.requires_grad_(False)
             frozen += param.numel()
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.weight is not None and \
-                not module.weight.requires_grad and (module.bias is None or not module.bias.requires_grad):
-            module.register_forward_pre_hook(_keep_running_statistics)
+    if frozen == sum(param.numel() for param in names.values()):
+        raise ConfigError(f"is {list(prefixes)}, which freezes every parameter: nothing would train", "train.freeze")
+    locked = [module for module in model.modules() if _all_frozen(module)]
+    inner = {id(child) for module in locked for child in module.modules() if child is not module}
+    for module in locked:
+        if id(module) not in inner:  # the largest: its forward sets every module inside to inference
+            module.register_forward_pre_hook(_run_as_at_inference)
     return frozen, sum(param.numel() for param in names.values())
+
+
+def is_frozen(module: nn.Module) -> bool:
+    """Whether ``module`` has parameters and :func:`freeze` froze them all (it runs as at inference)."""
+    return _all_frozen(module)
+
+
+def _all_frozen(module: nn.Module) -> bool:
+    params = list(module.parameters())
+    return bool(params) and not any(param.requires_grad for param in params)
 
 
 def _under(name: str, prefix: str) -> bool:
@@ -43,5 +57,5 @@ def _under(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + ".")
 
 
-def _keep_running_statistics(module: nn.Module, args: Any) -> None:
-    module.training = False  # model.train() sets it again; this runs before every forward pass
+def _run_as_at_inference(module: nn.Module, args: Any) -> None:
+    module.eval()  # model.train() sets training again; this runs before every forward pass

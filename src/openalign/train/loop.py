@@ -89,16 +89,16 @@ def _train(recipe: Recipe, resume: str | None, show_progress: bool, held: contex
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model = recipe.model.build().to(ctx.device)
         _check_virtual_batch(model, per_rank // cfg.accum_steps, ctx.world_size)
+        if cfg.freeze:
+            frozen, total = freeze(model, cfg.freeze)
+            log.info("train.freeze: %s of the model's %s parameters are frozen (%s)", f"{frozen:,}", f"{total:,}",
+                     ", ".join(cfg.freeze), extra=RANK_ZERO_ONLY)
         if cfg.accum_steps > 1:
             try:
                 check_accumulable(model)
             except OpenAlignError as error:
                 raise ConfigError(f"is {cfg.accum_steps}, but {error}", "train.accum_steps") from None
         model = model.to(memory_format=torch.channels_last)  # conv towers: faster on GPU and CPU alike
-        if cfg.freeze:
-            frozen, total = freeze(model, cfg.freeze)
-            log.info("train.freeze: %s of the model's %s parameters are frozen (%s)", f"{frozen:,}", f"{total:,}",
-                     ", ".join(cfg.freeze), extra=RANK_ZERO_ONLY)
         loss_fn = recipe.loss.build().to(ctx.device)
         _check_loss_takes(loss_fn, recipe.model.output_fields, recipe.loss)
         optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps, ctx.device,
@@ -207,8 +207,11 @@ def _train(recipe: Recipe, resume: str | None, show_progress: bool, held: contex
                     window = _LogWindow(ctx.device)
                 # evaluated before the checkpoint: a run stopped between the two resumes from the one before
                 # and evaluates this step again, where one stopped after the save would never have
+                evaluates = bool(recipe.eval.every) and step % recipe.eval.every == 0 and step != cfg.steps
+                if (evaluates or saves) and ctx.device.type == "cuda":
+                    torch.cuda.synchronize(ctx.device)  # the step's own kernels are the step's time
                 paused = time.perf_counter()  # evaluating and checkpointing are not the steps' time
-                if recipe.eval.every and step % recipe.eval.every == 0 and step != cfg.steps:
+                if evaluates:
                     logger.log(step, evaluate(recipe.eval, model, ctx, show_progress=False, precision=cfg.precision))
                 if saves:
                     save(step)
@@ -243,8 +246,8 @@ def train_step(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Opti
     backward pass and the gradients back before clipping; a step whose scaled gradient overflowed
     is skipped (the weights stay as they were) and the scale lowered, as ``torch.amp`` does it:
     that is the scaler's search for its scale, not a divergence, so the loss is returned as it was,
-    until the scale falls below 1 (16 steps skipped in a row from its start, as a gradient that is
-    NaN at every step makes it): then the loss is NaN, and the divergence check stops the run.
+    until the scale falls below 1 (17 steps skipped in a row from its start of 2^16, as a gradient
+    that is NaN at every step makes it): then the loss is NaN, and the divergence check stops the run.
     """
     missing = [name for name in model.input_fields if name not in batch]
     if missing:

@@ -120,8 +120,17 @@ class BigVisionAdafactor(torch.optim.Optimizer):
         momentum, which torch would cast to the parameters' dtype (bf16 weights: moments rounded;
         fp32 weights: a momentum no longer rounded to bfloat16), so a resumed run would differ."""
         saved = state_dict["state"]
-        super().load_state_dict(state_dict)
         params = [param for group in self.param_groups for param in group["params"]]
+        for index, values in saved.items():
+            param = params[int(index)]
+            layout = tuple(self.shapes.get(param, param.shape))
+            if "momentum" in values and tuple(values["momentum"].shape) != layout:
+                from ..errors import OpenAlignError
+
+                raise OpenAlignError(f"the saved Adafactor state of a {tuple(param.shape)} parameter is laid out as "
+                                     f"{tuple(values['momentum'].shape)}, not {layout}: it was saved by openalign "
+                                     "before attention weights were factored per head")
+        super().load_state_dict(state_dict)
         for index, values in saved.items():
             param = params[int(index)]
             for key in ("v", "v_row", "v_col", "momentum"):
@@ -186,7 +195,10 @@ class BigVisionAdafactor(torch.optim.Optimizer):
 def attention_factoring_shapes(model: nn.Module) -> dict[torch.Tensor, tuple[int, ...]]:
     """The head-split shapes of ``model``'s fused attention weights (see :class:`BigVisionAdafactor`):
     timm's attention (``qkv``, ``proj``) and attention pooling (``q``, ``kv``, ``proj``: a MAP
-    head), and ``nn.MultiheadAttention`` (``in_proj_weight``, ``out_proj``)."""
+    head), and ``nn.MultiheadAttention`` (``in_proj_weight``, ``out_proj``), by type: another
+    module's weights of those names may be laid out otherwise, and keep their own shapes."""
+    from timm.layers import Attention, AttentionPoolLatent
+
     shapes: dict[torch.Tensor, tuple[int, ...]] = {}
 
     def split(linear: nn.Module | None, parts: tuple[int, ...], heads: int, head_dim: int, output: bool) -> None:
@@ -199,18 +211,16 @@ def attention_factoring_shapes(model: nn.Module) -> dict[torch.Tensor, tuple[int
                     shapes[linear.bias] = (*parts, heads, head_dim)
 
     for module in model.modules():
-        heads = getattr(module, "num_heads", None)
         if isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
             head_dim = module.embed_dim // module.num_heads
             shapes[module.in_proj_weight] = (3, module.num_heads, head_dim, module.embed_dim)
             if module.in_proj_bias is not None:
                 shapes[module.in_proj_bias] = (3, module.num_heads, head_dim)
             split(module.out_proj, (), module.num_heads, head_dim, output=True)
-        elif isinstance(heads, int) and isinstance(getattr(module, "proj", None), nn.Linear) and (
-                hasattr(module, "qkv") or hasattr(module, "kv")):
-            head_dim = module.proj.in_features // heads
-            split(getattr(module, "qkv", None), (3,), heads, head_dim, output=False)
-            split(getattr(module, "q", None), (), heads, head_dim, output=False)
+        elif isinstance(module, (Attention, AttentionPoolLatent)) and isinstance(module.proj, nn.Linear):
+            heads, head_dim = module.num_heads, module.proj.in_features // module.num_heads
+            split(getattr(module, "qkv", None), (3,), heads, head_dim, output=False)  # timm's attention
+            split(getattr(module, "q", None), (), heads, head_dim, output=False)  # attention pooling
             split(getattr(module, "kv", None), (2,), heads, head_dim, output=False)
             split(module.proj, (), heads, head_dim, output=True)
     return shapes
