@@ -96,6 +96,17 @@ def test_a_frozen_tower_keeps_its_weights_and_batch_norm_statistics(tmp_path, sh
         train(more, resume="latest", show_progress=False, allow_changes=["train"])
 
 
+def test_settings_that_shape_the_optimiser_state_never_change_on_resume(tmp_path):
+    from openalign.train.checkpoint import check_resumable
+
+    saved = {"train": {"steps": 2, "optimizer": "adamw"}}  # from before train.freeze: nothing frozen
+    check_resumable(saved, {"train": {"steps": 2, "optimizer": "adamw", "freeze": []}}, tmp_path)
+    check_resumable({"train": {"steps": 2}}, {"train": {"steps": 2}}, tmp_path)  # named by neither
+    for changed in ({"optimizer": "adamw", "freeze": ["image_tower"]}, {"optimizer": "lamb"}):
+        with pytest.raises(OpenAlignError, match="it decides which parameters the optimiser holds"):
+            check_resumable(saved, {"train": {"steps": 2, **changed}}, tmp_path, allowed=["train"])
+
+
 def test_a_frozen_module_runs_as_at_inference_and_accumulates_with_standard_batch_norm():
     """A locked tower is the function it was (no drop-connect, running statistics), in training
     too; its standard batch norm no longer depends on how a batch is split."""

@@ -297,11 +297,12 @@ def check_resumable(saved: dict[str, Any], current: dict[str, Any], path: Path,
     checkpoint's recipe lacks (added to openalign since it was written, such as
     ``model.min_logit_scale``) takes the current recipe's value, with a warning."""
     old, new = flatten(saved), flatten(current)
-    # a recipe from before train.freeze froze nothing; the others were always saved
-    if fixed := sorted(key for key in OPTIMISER_SHAPING if old.get(key, [] if key == "train.freeze" else new.get(key))
-                       != new.get(key)):
-        raise OpenAlignError(f"cannot resume from '{path}' with {fixed[0]} changed ({old.get(fixed[0])!r} -> "
-                             f"{new.get(fixed[0])!r}): it decides which parameters the optimiser holds and how, and "
+    # a recipe from before train.freeze froze nothing; a setting neither recipe names did not change
+    before, after = ({key: recipe.get(key, [] if key == "train.freeze" else other.get(key))
+                      for key in OPTIMISER_SHAPING} for recipe, other in ((old, new), (new, old)))
+    if fixed := sorted(key for key in OPTIMISER_SHAPING if before[key] != after[key]):
+        raise OpenAlignError(f"cannot resume from '{path}' with {fixed[0]} changed ({before[fixed[0]]!r} -> "
+                             f"{after[fixed[0]]!r}): it decides which parameters the optimiser holds and how, and "
                              f"the saved optimiser state fits no other; start a new run (another run.output_dir) with "
                              f"train.init_from={path}: its weights, a fresh optimiser")
     if permitted := sorted(key for key in old.keys() & new.keys()
