@@ -60,4 +60,5 @@ def test_the_training_benchmark_compares_optimisers_on_a_pixel_model(tmp_path):
                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     rows = json.loads((tmp_path / "out.json").read_text())["results"]
-    assert [(row["model"], row["optimizer"]) for row in rows] == [("clippo-test", "adamw"), ("clippo-test", "adafactor")]
+    assert [(row["model"], row["optimizer"]) for row in rows] == [("clippo-test", "adamw"),
+                                                                    ("clippo-test", "adafactor")]
