@@ -81,14 +81,12 @@ def _eval_task(args: argparse.Namespace) -> Any:
     if args.task == "retrieval":
         return RetrievalEvalConfig(json=args.json, split=args.split, image_root=args.image_root,
                                    recall_k=tuple(args.recall_k))
-    if args.task == "zeroshot":
-        templates = {"templates": tuple(args.template)} if args.template else {}
-        return ZeroShotEvalConfig(root=args.root, classnames=args.classnames, templates_file=args.templates_file,
-                                  split=args.split, canonicalize=args.canonicalize, **templates)
-    if args.task == "zeroshot_sentences":
-        templates = {"templates": tuple(args.template)} if args.template else {}
-        return SentenceZeroShotEvalConfig(val=args.val, classnames=args.classnames, templates_file=args.templates_file,
-                                          canonicalize=args.canonicalize, **templates)
+    if args.task in ("zeroshot", "zeroshot_sentences"):
+        prompts = {"classnames": args.classnames, "templates_file": args.templates_file,
+                   "canonicalize": args.canonicalize, **({"templates": tuple(args.template)} if args.template else {})}
+        if args.task == "zeroshot":
+            return ZeroShotEvalConfig(root=args.root, split=args.split, **prompts)
+        return SentenceZeroShotEvalConfig(val=args.val, **prompts)
     if args.task == "knn":
         given = {"temperature": args.temperature} if args.temperature is not None else {}
         return KnnEvalConfig(train_root=args.train, val_root=args.val, k=args.k, **given)
@@ -449,23 +447,14 @@ def build_parser() -> argparse.ArgumentParser:
     zeroshot = tasks.add_parser("zeroshot", help="zero-shot classification of a folder of class subfolders")
     zeroshot.add_argument("--root", required=True, help="class folders (imagenet/val/<class>/<image>) or a "
                                                         "CLIP_benchmark webdataset root (wds_imagenet1k/)")
-    zeroshot.add_argument("--classnames", help="one name per class folder (sorted order), a JSON list/mapping, "
-                                                    "or a shipped list (imagenet1k_classnames)")
-    zeroshot.add_argument("--template", action="append", help="a prompt with {} (repeatable; default 'a photo of a {}.')")
-    zeroshot.add_argument("--templates-file", help="prompts, one per line, or a shipped list "
-                                                         "(imagenet1k_templates, clip_paper_templates)")
     zeroshot.add_argument("--split", default="test", help="the split of a CLIP_benchmark webdataset root")
-    zeroshot.add_argument("--canonicalize", action="store_true",
-                          help="prompts as big_vision writes them: no punctuation, lower case (CLIPPO's protocol)")
+    _prompt_options(zeroshot, "one name per class folder (sorted order), a JSON list/mapping, or a shipped list "
+                              "(imagenet1k_classnames)", "imagenet1k_templates, clip_paper_templates")
     sentences = tasks.add_parser("zeroshot_sentences", help="zero-shot classification of a file of sentences "
                                                             "(SST-2's dev.tsv: sentence, label)")
     sentences.add_argument("--val", required=True, help="a TSV with a header (sentence, label) or JSONL")
-    sentences.add_argument("--classnames", help="one name per label, in the labels' sorted order (a file, JSON "
-                                                "list/mapping, or a shipped list: sst2_classnames); default the labels")
-    sentences.add_argument("--template", action="append", help="a prompt with {} (repeatable; default "
-                                                               "'a photo of a {}.')")
-    sentences.add_argument("--templates-file", help="prompts, one per line, or a shipped list (sst2_templates)")
-    sentences.add_argument("--canonicalize", action="store_true", help="prompts as big_vision writes them")
+    _prompt_options(sentences, "one name per label, in the labels' sorted order (a file, JSON list/mapping, or a "
+                               "shipped list: sst2_classnames); default the labels", "sst2_templates")
     knn = tasks.add_parser("knn", help="kNN classification: train folders are the memory, val folders the queries")
     knn.add_argument("--train", required=True, help="e.g. imagenet/train")
     knn.add_argument("--val", required=True, help="e.g. imagenet/val")
@@ -787,6 +776,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if previous is not _NOT_SET:  # None: a handler installed outside Python, which cannot be put back
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
     return 0
+
+
+def _prompt_options(parser: argparse.ArgumentParser, classnames: str, shipped_templates: str) -> None:
+    """The zero-shot tasks' class names and prompts."""
+    parser.add_argument("--classnames", help=classnames)
+    parser.add_argument("--template", action="append", help="a prompt with {} (repeatable; default 'a photo of a {}.')")
+    parser.add_argument("--templates-file", help=f"prompts, one per line, or a shipped list ({shipped_templates})")
+    parser.add_argument("--canonicalize", action="store_true",
+                        help="prompts as big_vision writes them: no punctuation, lower case (CLIPPO's protocol)")
 
 
 _NOT_SET = object()  # no handler was replaced (off the main thread)

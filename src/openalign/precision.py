@@ -34,9 +34,10 @@ def autocast_dtype(device: torch.device, precision: str | None = None) -> torch.
     return torch.bfloat16 if precision == "bf16" or (precision == "auto" and device.type == "cuda") else None
 
 
-def gradient_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler | None:
-    """The loss scaler fp16 training needs (its gradients underflow without one), else None."""
-    return torch.amp.GradScaler(device.type) if autocast_dtype(device, precision) == torch.float16 else None
+def gradient_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
+    """The loss scaler of training at ``precision``: enabled in fp16 (whose gradients underflow
+    without one), else disabled, passing losses, gradients and steps through unchanged."""
+    return torch.amp.GradScaler(device.type, enabled=autocast_dtype(device, precision) == torch.float16)
 
 
 @contextlib.contextmanager

@@ -184,13 +184,19 @@ def evaluate_zeroshot(model: nn.Module, root: str | Path, device: torch.device,
     its last ImageNet batches as class 0; neither is reproduced."""
     paths, labels, readable, templates = zeroshot_inputs(root, templates, names, split, canonicalize)
     with eval_mode(model):
-        config = model.config
-        tokenizer = config.build_tokenizer()
-        classifier = class_embeddings(
-            lambda texts: embed_texts(model, tokenizer, texts, device, batch_size, show_progress, "embedding prompts"),
-            readable, templates)
+        classifier = _classifier(model, readable, templates, device, batch_size, show_progress)
         image_emb = embed_images(model, transform or eval_transform(model), paths, device, batch_size, show_progress)
     return classification_metrics(image_emb @ classifier.T, labels)
+
+
+def _classifier(model: nn.Module, names: list[str], templates: list[str] | dict[str, list[str]],
+                device: torch.device, batch_size: int, show_progress: bool) -> torch.Tensor:
+    """The class embeddings of the zero-shot evaluations, through the model's text processor
+    (sharded across ranks and cached, as :func:`embed_texts`)."""
+    tokenizer = model.config.build_tokenizer()
+    return class_embeddings(
+        lambda texts: embed_texts(model, tokenizer, texts, device, batch_size, show_progress, "embedding prompts"),
+        names, templates)
 
 
 def zeroshot_inputs(root: str | Path, templates: Sequence[str] | Mapping[str, Sequence[str]] | None = None,
@@ -252,12 +258,9 @@ def evaluate_zeroshot_sentences(model: nn.Module, path: str | Path, device: torc
     a mapping; by default the labels themselves."""
     sentences, labels, readable, templates = zeroshot_sentence_inputs(path, templates, names, canonicalize)
     with eval_mode(model):
-        tokenizer = model.config.build_tokenizer()
-        classifier = class_embeddings(
-            lambda texts: embed_texts(model, tokenizer, texts, device, batch_size, show_progress, "embedding prompts"),
-            readable, templates)
-        sentence_emb = embed_texts(model, tokenizer, sentences, device, batch_size, show_progress,
-                                   "embedding sentences")
+        classifier = _classifier(model, readable, templates, device, batch_size, show_progress)
+        sentence_emb = embed_texts(model, model.config.build_tokenizer(), sentences, device, batch_size,
+                                   show_progress, "embedding sentences")
     return classification_metrics(sentence_emb @ classifier.T, labels)
 
 

@@ -162,7 +162,7 @@ class Checkpointer:
                 (staging / CONFIG_FILE).write_text(dump_saved(recipe))
                 state = {"step": step, "world_size": self.ctx.world_size, "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(), "loss": loss_fn.state_dict()}
-                if scaler is not None:
+                if scaler is not None and scaler.is_enabled():
                     state["scaler"] = scaler.state_dict()
                 torch.save(state, staging / STATE_FILE)
         with fail_together(what):
@@ -237,7 +237,7 @@ class Checkpointer:
         optimizer.load_state_dict(state["optimizer"])
         load_scheduler_state(scheduler, state["scheduler"])
         loss_fn.load_state_dict(state["loss"])
-        if scaler is not None and "scaler" in state:  # absent: a run at another precision (--allow-change)
+        if scaler is not None and scaler.is_enabled() and "scaler" in state:  # absent: another precision's run
             scaler.load_state_dict(state["scaler"])
         rng_file = path / f"rng_rank{self.ctx.rank}.pt"
         if rng_file.is_file() and state["world_size"] == self.ctx.world_size:

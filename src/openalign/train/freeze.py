@@ -34,7 +34,7 @@ def freeze(model: nn.Module, prefixes: Sequence[str]) -> tuple[int, int]:
             frozen += param.numel()
     if frozen == sum(param.numel() for param in names.values()):
         raise ConfigError(f"is {list(prefixes)}, which freezes every parameter: nothing would train", "train.freeze")
-    locked = [module for module in model.modules() if _all_frozen(module)]
+    locked = [module for module in model.modules() if is_frozen(module)]
     inner = {id(child) for module in locked for child in module.modules() if child is not module}
     for module in locked:
         if id(module) not in inner:  # the largest: its forward sets every module inside to inference
@@ -44,10 +44,6 @@ def freeze(model: nn.Module, prefixes: Sequence[str]) -> tuple[int, int]:
 
 def is_frozen(module: nn.Module) -> bool:
     """Whether ``module`` has parameters and :func:`freeze` froze them all (it runs as at inference)."""
-    return _all_frozen(module)
-
-
-def _all_frozen(module: nn.Module) -> bool:
     params = list(module.parameters())
     return bool(params) and not any(param.requires_grad for param in params)
 

@@ -242,7 +242,8 @@ def train_step(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Opti
     the step, ``model.constrain_parameters()``, where the model has it, projects parameters back
     into range. The loss returned is NaN where the gradient was NaN or infinite.
 
-    ``scaler`` (fp16: :func:`~openalign.precision.gradient_scaler`) scales the loss before the
+    ``scaler`` (:func:`~openalign.precision.gradient_scaler`: enabled in fp16, where none is given
+    a disabled one, which passes everything through) scales the loss before the
     backward pass and the gradients back before clipping; a step whose scaled gradient overflowed
     is skipped (the weights stay as they were) and the scale lowered, as ``torch.amp`` does it:
     that is the scaler's search for its scale, not a divergence, so the loss is returned as it was,
@@ -256,7 +257,8 @@ def train_step(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Opti
     inputs = {name: batch[name] for name in model.input_fields}
     forward = model if forward is None else forward  # not `or`: a compiled module's truth value is its len()
     optimizer.zero_grad(set_to_none=True)
-    backward = (lambda loss: scaler.scale(loss).backward()) if scaler is not None else torch.Tensor.backward
+    scaler = scaler if scaler is not None else torch.amp.GradScaler(device.type, enabled=False)
+    backward = lambda loss: scaler.scale(loss).backward()  # noqa: E731 - also for each micro-batch
     if accum_steps > 1:
         loss = accumulated_backward(forward, model, loss_fn, inputs, device, precision, accum_steps, backward)
     else:
@@ -264,28 +266,23 @@ def train_step(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Opti
             outputs = forward(**inputs)
         loss = loss_fn(**outputs)  # outside autocast: logits and softmax in fp32
         backward(loss)
-    if scaler is not None:
-        scaler.unscale_(optimizer)
+    scaler.unscale_(optimizer)
     if grad_clip is not None:
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     else:
         norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-    if scaler is not None:
-        scaler.step(optimizer)  # skipped where the gradient is not finite
-        scaler.update()
-        with warnings.catch_warnings():  # a skipped step is the scaler's, not a misordered loop
-            warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before")
-            scheduler.step()
-    else:
-        optimizer.step()
+    scaler.step(optimizer)  # an enabled scaler skips it where the gradient is not finite
+    scaler.update()
+    with warnings.catch_warnings():  # a skipped step is the scaler's, not a misordered loop
+        warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before")
         scheduler.step()
     if hasattr(model, "constrain_parameters"):  # e.g. the logit-scale cap
         model.constrain_parameters()
-    if scaler is not None:  # the scale's tensor, read without synchronising
-        return loss.detach().where(scaler._get_scale_async() >= 1.0, torch.nan)
-    # a finite loss with a NaN or infinite gradient has just made the weights NaN: reported as a
-    # NaN loss, the divergence check stops the run before they are checkpointed (no synchronisation)
-    return loss.detach().where(norm.isfinite(), torch.nan)
+    # a finite loss with a NaN or infinite gradient has just made the weights NaN (a skipped step's
+    # did not: a scale below 1 tells the scaler's); reported as a NaN loss, the divergence check
+    # stops the run before they are checkpointed (the scale's tensor: no synchronisation)
+    sound = scaler._get_scale_async() >= 1.0 if scaler.is_enabled() else norm.isfinite()
+    return loss.detach().where(sound, torch.nan)
 
 
 def _stop_on_request(step: int, saved: int, window: _LogWindow, checkpointer: Checkpointer,
