@@ -109,14 +109,18 @@ def test_strided_shards_form_the_single_process_ghost_batches():
 
 def test_the_trainer_runs_under_torchrun_and_resumes(tmp_path, shapes_root):
     """`torchrun -m openalign train` end to end on 2 gloo ranks: per-rank batches, checkpoints with
-    each rank's RNG state, evaluation on rank 0 while the other waits, then `--resume latest`."""
+    each rank's RNG state, evaluation on rank 0 while the other waits, then `--resume latest`; with
+    a weight average (train.ema_decay), evaluated and checkpointed beside the model."""
     from conftest import tiny_recipe_overrides
 
-    overrides = tiny_recipe_overrides(shapes_root, tmp_path / "run", steps=4) + ["train.device=cpu"]
+    overrides = tiny_recipe_overrides(shapes_root, tmp_path / "run", steps=4) + ["train.device=cpu",
+                                                                                 "train.ema_decay=0.9"]
     torchrun("-m", "openalign", "train", "demo", *overrides, "train.steps=2")
-    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints" / "step_00000002").iterdir()) == [
-        "config.yaml", "data_rank0.json", "data_rank1.json", "model.safetensors", "rng_rank0.pt", "rng_rank1.pt",
+    first = tmp_path / "run" / "checkpoints" / "step_00000002"
+    assert sorted(p.name for p in first.iterdir()) == [
+        "config.yaml", "data_rank0.json", "data_rank1.json", "ema", "model.safetensors", "rng_rank0.pt", "rng_rank1.pt",
         "trainer_state.pt"]
+    assert sorted(p.name for p in (first / "ema").iterdir()) == ["config.yaml", "model.safetensors"]
     result = torchrun("-m", "openalign", "train", "demo", *overrides, "--resume", "latest")
     assert "resumed from" in result.stdout + result.stderr
     assert result.stdout.count('"shapes/knn_colour_acc1"') == 1  # the final metrics, printed by rank 0 only
@@ -128,6 +132,7 @@ def test_the_trainer_runs_under_torchrun_and_resumes(tmp_path, shapes_root):
     assert (tmp_path / "run" / "checkpoints" / "step_00000004").is_dir()
     metrics = [r for r in read_history(tmp_path / "run") if "shapes/knn_colour_acc1" in r]
     assert len(metrics) == 2  # evaluated at the end of each invocation, by rank 0 only
+    assert all("ema/shapes/knn_colour_acc1" in r for r in metrics)
 
 
 def test_sigterm_on_one_rank_stops_every_rank_after_the_same_step_with_its_checkpoint(tmp_path, shapes_root):

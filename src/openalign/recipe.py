@@ -70,6 +70,10 @@ class TrainConfig:
     more forward pass; with ``accum_steps``, larger micro-batches fit.
     ``freeze`` lists parameter-name prefixes that training leaves as they are (``[image_tower]``:
     LiT's locked image tower, with its batch-norm statistics; see :mod:`openalign.train.freeze`).
+    ``ema_decay`` (e.g. 0.9999) keeps an exponential moving average of the weights, evaluated
+    beside them (metrics ``ema/...``) and saved in each checkpoint as ``ema/``, a model directory
+    of its own; ``ema_warmup`` ramps its decay up from 0.18 as (1 + t) / (10 + t) (see
+    :mod:`openalign.train.ema`).
     """
 
     steps: int
@@ -92,11 +96,13 @@ class TrainConfig:
     accum_steps: int = 1
     grad_checkpointing: bool = False
     freeze: tuple[str, ...] = ()
+    ema_decay: float | None = None
+    ema_warmup: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
         require_at_least(self, 1, "steps", "batch_size", "accum_steps")
-        for key in ("lr", "weight_decay", "eps", "grad_clip"):  # YAML refuses these; Python callers too
+        for key in ("lr", "weight_decay", "eps", "grad_clip", "ema_decay"):  # YAML refuses these; Python callers too
             if getattr(self, key) is not None and not math.isfinite(getattr(self, key)):
                 raise ConfigError("must be a finite number", key)
         if self.lr <= 0:
@@ -126,6 +132,8 @@ class TrainConfig:
                               "cooldown_steps (it anneals by itself)", "schedule")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ConfigError("must be positive, or null for no clipping", "grad_clip")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ConfigError("must be in (0, 1), e.g. 0.9999, or null for no weight average", "ema_decay")
 
 
 @dataclass

@@ -4,7 +4,9 @@ A checkpoint is a directory ``checkpoints/step_XXXXXXXX/`` holding ``model.safet
 ``trainer_state.pt``, ``rng_rank{r}.pt``, ``data_rank{r}.json`` (where each of the rank's
 stream readers is, and its skip counts) and the resolved recipe ``config.yaml``. It is
 written under a temporary name and renamed when complete, so a crash mid-write never leaves
-a checkpoint that looks valid. With several nodes, ``output_dir`` must be on a shared filesystem.
+a checkpoint that looks valid. With ``train.ema_decay``, ``ema/`` holds the weight average as a
+model directory of its own (its ``model.safetensors`` and the recipe). With several nodes,
+``output_dir`` must be on a shared filesystem.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ log = logging.getLogger(__name__)
 WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "trainer_state.pt"
 CONFIG_FILE = "config.yaml"
+AVERAGE_DIRECTORY = "ema"
 
 
 def _rng_state() -> dict[str, Any]:
@@ -114,9 +117,12 @@ def _checkpoint_step(path: Path) -> int:
 
 
 def _fsync_directory(directory: Path) -> None:
-    """Flush a directory's files and entries to disk, so a rename after it publishes complete data."""
+    """Flush a directory's files and entries (its folders' too) to disk, so that a rename after it
+    publishes complete data."""
     for file in directory.iterdir():
-        if file.is_file():
+        if file.is_dir() and not file.is_symlink():
+            _fsync_directory(file)
+        elif file.is_file():
             with open(file, "rb") as handle:
                 os.fsync(handle.fileno())
     descriptor = os.open(directory, os.O_RDONLY)
@@ -141,9 +147,10 @@ class Checkpointer:
 
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
              loss_fn: nn.Module, recipe: dict[str, Any], data_state: dict[str, Any] | None = None,
-             scaler: torch.amp.GradScaler | None = None) -> Path:
+             scaler: torch.amp.GradScaler | None = None, average: nn.Module | None = None) -> Path:
         """Write checkpoint ``step``; ``data_state`` (JSON-able) is this rank's data position;
-        ``scaler``: fp16 training's loss scale, kept with the optimiser's state."""
+        ``scaler``: fp16 training's loss scale, kept with the optimiser's state; ``average``: the
+        weight average (``train.ema_decay``), saved as the model directory ``ema/``."""
         final = self.directory / f"step_{step:08d}"
         staging = self.directory / f".step_{step:08d}.tmp"
         # each phase ends in a barrier at which a rank's error (a full disk) stops every rank
@@ -157,9 +164,12 @@ class Checkpointer:
             if data_state is not None:
                 (staging / f"data_rank{self.ctx.rank}.json").write_text(json.dumps(data_state))
             if self.ctx.is_main:
-                save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
-                          str(staging / WEIGHTS_FILE))
-                (staging / CONFIG_FILE).write_text(dump_saved(recipe))
+                for module, folder in ((model, staging), (average, staging / AVERAGE_DIRECTORY)):
+                    if module is not None:
+                        folder.mkdir(exist_ok=True)
+                        save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()},
+                                  str(folder / WEIGHTS_FILE))
+                        (folder / CONFIG_FILE).write_text(dump_saved(recipe))
                 state = {"step": step, "world_size": self.ctx.world_size, "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(), "loss": loss_fn.state_dict()}
                 if scaler is not None and scaler.is_enabled():
@@ -250,6 +260,20 @@ class Checkpointer:
         log.info("resumed from %s at step %d", path, step)
         self.resumed_from = path
         return step
+
+    def resume_average(self, average: nn.Module) -> None:
+        """Load the weight average of the checkpoint resumed from into ``average``. A checkpoint
+        without one (``train.ema_decay`` set since, as ``--allow-change`` permits) leaves it as
+        it starts, the resumed weights, with a warning."""
+        if self.resumed_from is None:
+            return
+        path = self.resumed_from / AVERAGE_DIRECTORY / WEIGHTS_FILE
+        if not path.is_file():
+            log.warning("checkpoint %s holds no weight average (%s/): the average (train.ema_decay) starts from its "
+                        "weights", self.resumed_from, AVERAGE_DIRECTORY, extra=RANK_ZERO_ONLY)
+            return
+        name = f"{AVERAGE_DIRECTORY}/{WEIGHTS_FILE}"
+        load_state(average, self._read(self.resumed_from, name, read_safetensors), f"checkpoint '{path}'")
 
     def _read(self, path: Path, name: str, read: Callable[[Path], Any]) -> Any:
         """File ``name`` of checkpoint ``path``; a damaged one is an error naming the checkpoint to fall back on."""

@@ -42,6 +42,7 @@ from ..recipe import EvalConfig, Recipe
 from .accumulate import accumulated_backward, check_accumulable
 from .freeze import freeze
 from .checkpoint import Checkpointer, check_allowed_changes
+from .ema import WeightAverage
 from .logger import TrainLogger
 from .optim import build_optimizer
 from .schedule import build_scheduler
@@ -132,6 +133,9 @@ def _train(recipe: Recipe, resume: str | None, show_progress: bool, held: contex
                                  "(train.init_from can start from that model)")
         if start == 0 and cfg.init_from:  # also under --resume latest before the first checkpoint
             _initialise(model, cfg.init_from)
+        average = WeightAverage(model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay else None
+        if average is not None:
+            checkpointer.resume_average(average.module)
         loader, monitor = _build_loader(recipe, per_rank, ctx, start, _carried_data_state(checkpointer, ctx))
         # found now, not hours in; after the loader, which generates a shapes dataset that is missing (one to
         # evaluate may be the training data)
@@ -172,9 +176,12 @@ def _train(recipe: Recipe, resume: str | None, show_progress: bool, held: contex
 
             def save(step: int) -> None:
                 average_buffers(model)  # what the checkpoint holds: the mean of the ranks' statistics
+                if average is not None:
+                    average.synchronise()
                 checkpointer.save(step, model, optimizer, scheduler, loss_fn, recipe_dict,
                                   {**monitor.state(), "world_size": ctx.world_size,
-                                   "num_workers": recipe.data.num_workers, "log_window": window.state()}, scaler)
+                                   "num_workers": recipe.data.num_workers, "log_window": window.state()}, scaler,
+                                  average.module if average is not None else None)
 
             batches = iter(loader)
             for step in range(start + 1, cfg.steps + 2):
@@ -190,6 +197,8 @@ def _train(recipe: Recipe, resume: str | None, show_progress: bool, held: contex
                 lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
                 loss = train_step(model, loss_fn, optimizer, scheduler, batch, ctx.device, cfg.precision,
                                   cfg.grad_clip, forward, cfg.accum_steps, scaler)
+                if average is not None:
+                    average.update(step)
                 window.add(loss, getattr(loss_fn, "last_stats", {}))
                 progress.advance(bar)
                 logs = step % recipe.run.log_every == 0 or step == cfg.steps
@@ -212,7 +221,7 @@ def _train(recipe: Recipe, resume: str | None, show_progress: bool, held: contex
                     torch.cuda.synchronize(ctx.device)  # the step's own kernels are the step's time
                 paused = time.perf_counter()  # evaluating and checkpointing are not the steps' time
                 if evaluates:
-                    logger.log(step, evaluate(recipe.eval, model, ctx, show_progress=False, precision=cfg.precision))
+                    logger.log(step, _evaluate_run(recipe.eval, model, average, ctx, False, cfg.precision))
                 if saves:
                     save(step)
                     saved = step
@@ -221,7 +230,7 @@ def _train(recipe: Recipe, resume: str | None, show_progress: bool, held: contex
         data_counts = _report_data(monitor, ctx, output_dir)
         if start == cfg.steps:
             log.info("the run had already reached step %d: evaluating only", start)
-        metrics = evaluate(recipe.eval, model, ctx, show_progress, cfg.precision)
+        metrics = _evaluate_run(recipe.eval, model, average, ctx, show_progress, cfg.precision)
         if metrics:
             logger.log(step, metrics)
     finally:
@@ -400,6 +409,18 @@ def evaluate(config: EvalConfig, model: nn.Module, ctx: DistributedContext, show
         if ctx.is_main:
             log.info("evaluation %s: %s", task.name, ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
     barrier()
+    return metrics
+
+
+def _evaluate_run(config: EvalConfig, model: nn.Module, average: WeightAverage | None, ctx: DistributedContext,
+                  show_progress: bool, precision: str) -> dict[str, float]:
+    """:func:`evaluate` the model and, with ``train.ema_decay``, its weight average (metrics ``ema/task/metric``)."""
+    metrics = evaluate(config, model, ctx, show_progress, precision)
+    if average is not None and config.tasks:
+        if ctx.is_main:
+            log.info("evaluating the weight average (train.ema_decay)")
+        metrics.update({f"ema/{key}": value for key, value in
+                        evaluate(config, average.module, ctx, show_progress, precision).items()})
     return metrics
 
 
