@@ -137,14 +137,34 @@ class TrainConfig:
 
 
 @dataclass
+class WandbSettings:
+    """Weights & Biases reporting of the logged scalars, off unless ``project`` is set (it needs
+    ``pip install 'openalign[wandb]'``). ``name`` defaults to the run directory's name; ``mode``
+    is W&B's own: ``offline`` writes the run under ``run.output_dir/wandb`` for ``wandb sync``."""
+
+    project: str | None = None
+    entity: str | None = None
+    name: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    mode: Literal["online", "offline"] = "online"
+
+    def __post_init__(self) -> None:
+        if self.project is not None and not self.project.strip():
+            raise ConfigError("is empty: name the W&B project, or leave it null for no W&B reporting", "project")
+
+
+@dataclass
 class RunSettings:
-    """Where outputs go and how often to log and checkpoint (0: only at the end)."""
+    """Where outputs go and how often to log and checkpoint (0: only at the end), and where
+    besides the history the scalars go (TensorBoard, W&B)."""
 
     output_dir: str = "runs/default"
     log_every: int = 50
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
     tensorboard: bool = True
+    wandb: WandbSettings = field(default_factory=WandbSettings)
 
     def __post_init__(self) -> None:
         require_at_least(self, 1, "log_every", "keep_checkpoints")

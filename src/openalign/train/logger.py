@@ -1,17 +1,23 @@
-"""Training scalars: a JSONL history, TensorBoard, and the console log (main rank only)."""
+"""Training scalars: a JSONL history, TensorBoard, W&B, and the console log (main rank only)."""
 
 from __future__ import annotations
 
 import json
 import logging
+import secrets
+import string
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..errors import OpenAlignError
+from ..errors import ConfigError, OpenAlignError, first_line
+
+if TYPE_CHECKING:
+    from ..recipe import WandbSettings
 
 log = logging.getLogger("openalign.train")
 
 HISTORY_FILE = "history.jsonl"
+WANDB_ID_FILE = "wandb_id"
 
 
 def read_history(directory: str | Path) -> list[dict[str, Any]]:
@@ -44,21 +50,28 @@ def read_history(directory: str | Path) -> list[dict[str, Any]]:
 
 
 class TrainLogger:
-    """Writes ``history.jsonl`` and TensorBoard scalars under ``directory``.
+    """Writes ``history.jsonl`` and TensorBoard scalars under ``directory``, and reports them to
+    W&B where ``wandb`` names a project (:class:`WandbRun`).
 
     On resume at ``start_step``, records logged after that step by the interrupted run are
     dropped, so the history reads as one uninterrupted run; a run starting at step 0 replaces
     the records of one that left no checkpoint (with a warning), in TensorBoard too. With
     ``reevaluating`` (a finished run resumed, which evaluates again) the evaluation records of
-    ``start_step`` go too: the new ones replace them in the history.
+    ``start_step`` go too: the new ones replace them in the history. ``config`` (the recipe) is
+    the W&B run's config.
     """
 
     def __init__(self, directory: str | Path, enabled: bool, tensorboard: bool, start_step: int = 0,
-                 reevaluating: bool = False) -> None:
+                 reevaluating: bool = False, wandb: WandbSettings | None = None,
+                 config: dict[str, Any] | None = None) -> None:
         self.enabled = enabled
         self.writer = None
+        self.wandb: WandbRun | None = None
         if not enabled:
             return
+        reporting = wandb is not None and wandb.project is not None
+        if reporting:
+            import_wandb()  # a missing package is a config error before anything is written
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         earlier = read_history(self.directory)
@@ -75,6 +88,12 @@ class TrainLogger:
 
             # the records up to start_step are the checkpoint's own (its eval included): later ones are replaced
             self.writer = SummaryWriter(str(self.directory / "tensorboard"), purge_step=start_step + 1)
+        if reporting:
+            try:
+                self.wandb = WandbRun(self.directory, wandb, config or {})
+            except BaseException:
+                self.close()
+                raise
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         if not self.enabled:
@@ -84,9 +103,71 @@ class TrainLogger:
         if self.writer is not None:
             for key, value in scalars.items():
                 self.writer.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log(step, scalars)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Close the outputs; ``failed``: the run raised, which marks its W&B run failed."""
         if self.enabled:
             self.file.close()
             if self.writer is not None:
                 self.writer.close()
+            if self.wandb is not None:
+                self.wandb.finish(failed)
+
+
+def import_wandb() -> Any:
+    """The ``wandb`` package, an optional dependency (open_clip's too), or a config error saying
+    how to install it."""
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError("is set, but the wandb package is not installed: pip install 'openalign[wandb]', or "
+                          "leave run.wandb.project null", "run.wandb.project") from None
+    return wandb
+
+
+class WandbRun:
+    """The W&B run of a run directory: one id, kept in ``wandb_id`` there, so that
+    ``--resume latest`` continues the same W&B run (``resume="allow"``), as open_clip's
+    ``--resume latest`` does.
+
+    Each record goes to W&B as history.jsonl has it, ``{"step": step, **scalars}``, with the
+    optimiser step as the charts' x-axis (``define_metric("*", step_metric="step")``), not as
+    W&B's own ``_step``: W&B drops a record whose ``_step`` is below one already logged
+    (wandb-core: "Tried to log to step %d that is less than the current step %d ... this data will
+    be ignored"), and a resumed run logs again the steps after its checkpoint that the interrupted
+    run had logged, which would be lost. W&B's rewind (``wandb.init(resume_from=f"{id}?_step=N")``)
+    would truncate them instead, but it is a server call (not in offline mode), in beta, and only on
+    ``_step``. So W&B keeps every record, those of an interrupted stretch twice at the same steps
+    (history.jsonl and TensorBoard keep the resumed run's only)."""
+
+    def __init__(self, directory: Path, settings: WandbSettings, config: dict[str, Any]) -> None:
+        wandb = import_wandb()
+        try:
+            self.run = wandb.init(project=settings.project, entity=settings.entity,
+                                  name=settings.name or directory.resolve().name, group=settings.group,
+                                  tags=list(settings.tags), mode=settings.mode, dir=str(directory), config=config,
+                                  id=_wandb_id(directory), resume="allow")
+        except Exception as error:  # wandb's own (not logged in, server unreachable): said before the first step
+            raise ConfigError(f"is set, but W&B could not start the run ({first_line(error)}): log in with "
+                              "'wandb login', or set run.wandb.mode=offline", "run.wandb.project") from error
+        self.run.define_metric("step")
+        self.run.define_metric("*", step_metric="step")
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        self.run.log({"step": step, **scalars})
+
+    def finish(self, failed: bool) -> None:
+        self.run.finish(exit_code=1 if failed else 0)
+
+
+def _wandb_id(directory: Path) -> str:
+    """The run directory's W&B run id: the one in its ``wandb_id`` file, or a new one written there
+    (8 characters of W&B's own alphabet)."""
+    path = directory / WANDB_ID_FILE
+    if path.is_file() and (stored := path.read_text().strip()):
+        return stored
+    new = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+    path.write_text(new + "\n")
+    return new

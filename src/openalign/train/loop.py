@@ -159,7 +159,8 @@ def _train(recipe: Recipe, resume: str | None, show_progress: bool, held: contex
         if ctx.is_main:
             output_dir.mkdir(parents=True, exist_ok=True)
             (output_dir / "config.yaml").write_text(dump_saved(recipe_dict))
-        logger = TrainLogger(output_dir, ctx.is_main, recipe.run.tensorboard, start, reevaluating=start == cfg.steps)
+        logger = TrainLogger(output_dir, ctx.is_main, recipe.run.tensorboard, start, reevaluating=start == cfg.steps,
+                             wandb=recipe.run.wandb, config=recipe_dict)
     if ctx.is_main:
         log.info("batch %d: %d rank(s) × %d example(s)%s", cfg.batch_size, ctx.world_size, per_rank,
                  f", each in {cfg.accum_steps} micro-batches of {per_rank // cfg.accum_steps}"
@@ -233,8 +234,10 @@ def _train(recipe: Recipe, resume: str | None, show_progress: bool, held: contex
         metrics = _evaluate_run(recipe.eval, model, average, ctx, show_progress, cfg.precision)
         if metrics:
             logger.log(step, metrics)
-    finally:
-        logger.close()
+    except BaseException:
+        logger.close(failed=True)  # a W&B run is marked failed
+        raise
+    logger.close()
     return TrainResult(output_dir=output_dir, step=step, metrics=metrics, data_counts=data_counts)
 
 
