@@ -42,6 +42,29 @@ def test_recall_at_k_beyond_the_number_of_items_is_one():
     assert metrics["image_retrieval_recall@10"] == 1.0 and metrics["text_retrieval_recall@10"] == 1.0
 
 
+def test_contrastive_loss_and_in_batch_accuracy_by_hand():
+    from openalign.errors import OpenAlignError
+    from openalign.eval.retrieval import contrastive_metrics
+
+    images = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    texts = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]])
+    metrics = contrastive_metrics(images, texts, logit_scale=2.0, batch_size=2)
+    # batch 1: logits 2·cos = [[2, 1.6], [0, 1.2]]; batch 2, one pair alone: both cross-entropies 0
+    image_to_text = [math.log(1 + math.exp(1.6 - 2)), math.log(1 + math.exp(0 - 1.2))]
+    text_to_image = [math.log(1 + math.exp(0 - 2)), math.log(1 + math.exp(1.6 - 1.2))]
+    assert metrics["contrastive_loss"] == pytest.approx((sum(image_to_text) + sum(text_to_image)) / 2 / 3, rel=1e-7)
+    assert metrics["contrastive_i2t_accuracy"] == 1.0  # each image's own text scores highest
+    assert metrics["contrastive_t2i_accuracy"] == 2 / 3  # text 1 scores image 0 (1.6) above its own (1.2)
+    # one batch: image 2 ties image 0 for text 0 (a miss for text 0), and both score text 0 above their own
+    whole = contrastive_metrics(images, texts, 2.0, batch_size=3)
+    assert whole["contrastive_i2t_accuracy"] == 1 / 3 and whole["contrastive_t2i_accuracy"] == 0.0
+    collapsed = contrastive_metrics(torch.ones(4, 2) / 2 ** 0.5, torch.ones(4, 2) / 2 ** 0.5, 10.0, batch_size=4)
+    assert collapsed["contrastive_loss"] == pytest.approx(math.log(4))
+    assert collapsed["contrastive_i2t_accuracy"] == collapsed["contrastive_t2i_accuracy"] == 0.0
+    with pytest.raises(OpenAlignError, match="as many image as text embeddings"):
+        contrastive_metrics(images, texts[:2], 2.0, batch_size=2)
+
+
 def test_classification_metrics_by_hand():
     logits = torch.tensor([[0.9, 0.1, 0.0], [0.5, 0.4, 0.1], [0.1, 0.2, 0.7], [0.6, 0.3, 0.1], [0.0, 0.0, 1.0]])
     labels = torch.tensor([0, 1, 2, 2, 2])

@@ -79,6 +79,30 @@ def test_karpathy_retrieval_equals_a_direct_computation(model, shapes_root):
         evaluate_retrieval(model, shapes_root / "dataset_shapes.json", CPU, image_root="/nonexistent")
 
 
+def test_the_contrastive_validation_loss_is_the_models_own_loss_on_batches_of_first_captions(model, shapes_root):
+    """Reference: the model's forward pass and its contrastive loss (no label smoothing, the two
+    directions averaged, as open_clip's validation loss) on each batch of images and first captions."""
+    from openalign.losses import ContrastiveLoss
+
+    ours = evaluate_retrieval(model, shapes_root / "dataset_shapes.json", CPU, show_progress=False,
+                              contrastive_batch=10)
+    items = read_karpathy(shapes_root / "dataset_shapes.json", "test")
+    transform, tokenizer = model.config.build_transform(train=False), model.config.build_tokenizer()
+    loss_fn, total = ContrastiveLoss(label_smoothing=0.0, directions="mean"), 0.0
+    for start in range(0, len(items), 10):  # 24 images: batches of 10, 10 and 4
+        batch = items[start:start + 10]
+        with torch.no_grad():
+            outputs = model(image=torch.stack([transform(Image.open(item.path)) for item in batch]),
+                            text=tokenizer([item.captions[0] for item in batch]))
+        total += loss_fn(**outputs).item() * len(batch)
+    assert ours["contrastive_loss"] == pytest.approx(total / len(items), rel=1e-5)
+    assert 0 <= ours["contrastive_i2t_accuracy"] <= 1 and 0 <= ours["contrastive_t2i_accuracy"] <= 1
+    assert "contrastive_loss" not in evaluate_retrieval(model, shapes_root / "dataset_shapes.json", CPU,
+                                                        show_progress=False)
+    with pytest.raises(ConfigError, match="contrastive_batch.*at least 2"):
+        openalign.eval.RetrievalEvalConfig(json=str(shapes_root / "dataset_shapes.json"), contrastive_batch=1)
+
+
 def test_albef_and_blip_annotation_files_read_as_their_karpathy_split(model, shapes_root, tmp_path):
     """ALIP evaluates on ALBEF/BLIP-style files (shared spec alip.md §6.2): a list of {image, caption}
     per split, test files with a list of captions per image, training files one entry per caption."""
@@ -223,7 +247,7 @@ def test_eval_commands_write_clip_benchmark_records(model, folders, shapes_root,
         "zeroshot": ["--root", str(folders / "val"), "--classnames", str(tmp_path / "classnames.txt"),
                      "--template", "a {}", "--template", "a drawing of a {}"],
         "knn": ["--train", str(folders / "train"), "--val", str(folders / "val"), "--k", "20"],
-        "retrieval": ["--json", str(shapes_root / "dataset_shapes.json")],
+        "retrieval": ["--json", str(shapes_root / "dataset_shapes.json"), "--contrastive-batch", "8"],
     }
     for task, options in commands.items():
         output = tmp_path / f"{task}.json"
@@ -236,8 +260,9 @@ def test_eval_commands_write_clip_benchmark_records(model, folders, shapes_root,
         assert record["metrics"] and record["settings"]["task"] == task
         assert record["weights"] == str(model_dir.resolve()) and record["openalign"] == openalign.__version__
     records = {task: json.loads((tmp_path / f"{task}.json").read_text()) for task in commands}
-    assert "image_retrieval_recall@5" in records["retrieval"]["metrics"]
+    assert {"image_retrieval_recall@5", "contrastive_loss"} <= set(records["retrieval"]["metrics"])
     assert records["retrieval"]["settings"]["split"] == "test"
+    assert records["retrieval"]["settings"]["contrastive_batch"] == 8
     knn_settings = {"k": 20, "temperature": 0.07, "val_root": str((folders / "val").resolve())}
     assert records["knn"]["settings"].items() >= knn_settings.items()
     assert records["zeroshot"]["settings"]["templates"] == ["a {}", "a drawing of a {}"]
@@ -246,6 +271,9 @@ def test_eval_commands_write_clip_benchmark_records(model, folders, shapes_root,
     assert main(["eval", "retrieval", "--model", str(model_dir), "--json", str(shapes_root / "dataset_shapes.json"),
                  "--recall-k", "0"]) == 2
     assert "--recall-k must be one or more k of at least 1, got [0]" in " ".join(capsys.readouterr().err.split())
+    assert main(["eval", "retrieval", "--model", str(model_dir), "--json", str(shapes_root / "dataset_shapes.json"),
+                 "--contrastive-batch", "1"]) == 2
+    assert "--contrastive-batch must be at least 2" in " ".join(capsys.readouterr().err.split())
 
 
 def test_records_name_the_checkpoint_read_and_the_report_tells_apart_what_differs(model, folders, tmp_path,

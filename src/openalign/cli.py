@@ -80,7 +80,7 @@ def _eval_task(args: argparse.Namespace) -> Any:
         return ShapesEvalConfig(root=args.root or trained_shapes_root(args.model) or DEMO_DATA)
     if args.task == "retrieval":
         return RetrievalEvalConfig(json=args.json, split=args.split, image_root=args.image_root,
-                                   recall_k=tuple(args.recall_k))
+                                   recall_k=tuple(args.recall_k), contrastive_batch=args.contrastive_batch)
     if args.task in ("zeroshot", "zeroshot_sentences"):
         prompts = {"classnames": args.classnames, "templates_file": args.templates_file,
                    "canonicalize": args.canonicalize, **({"templates": tuple(args.template)} if args.template else {})}
@@ -444,6 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "(default: the JSON's folder)")
     retrieval.add_argument("--recall-k", nargs="+", type=int, default=[1, 5, 10], metavar="K",
                            help="the k of recall@k (default 1 5 10; CLIP_benchmark's --recall_k)")
+    retrieval.add_argument("--contrastive-batch", type=int, metavar="N",
+                           help="also the contrastive loss and in-batch accuracy of each image with its first "
+                                "caption, in batches of N (open_clip's validation loss)")
     zeroshot = tasks.add_parser("zeroshot", help="zero-shot classification of a folder of class subfolders")
     zeroshot.add_argument("--root", required=True, help="class folders (imagenet/val/<class>/<image>) or a "
                                                         "CLIP_benchmark webdataset root (wds_imagenet1k/)")

@@ -28,7 +28,7 @@ from .probe import (adamw_linear_probe, clip_benchmark_probe_rows, fewshot_indic
 from .prompts import shipped_lines, shipped_names
 from .features import (IMAGE_EXTENSIONS, Transform, embed_captioned, embed_images, embed_texts, eval_mode,
                        eval_transform)
-from .retrieval import retrieval_metrics
+from .retrieval import contrastive_metrics, retrieval_metrics
 
 log = logging.getLogger(__name__)
 
@@ -38,19 +38,28 @@ DEFAULT_TEMPLATES = ("a photo of a {}.",)
 def evaluate_retrieval(model: nn.Module, json_path: str | Path, device: torch.device, split: str = "test",
                        image_root: str | Path | None = None, batch_size: int = 256,
                        show_progress: bool = True, caption_prefix: str = "",
-                       transform: Transform | None = None, recall_k: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+                       transform: Transform | None = None, recall_k: Sequence[int] = (1, 5, 10),
+                       contrastive_batch: int | None = None) -> dict[str, float]:
     """Image→text and text→image R@k (``recall_k``: 1, 5, 10) and ranks on one split of a Karpathy-style JSON
     (``dataset_coco.json``: test = 5,000 images / ~25k captions; ``dataset_flickr30k.json``: 1,000 / 5,000),
     or of a CLIP_benchmark webdataset directory (``wds_mscoco_captions``...). ``caption_prefix``
     is put before every caption (ALIP's evaluation: ``"a photo of "``). ``transform`` (as in
-    every ``evaluate_*``): the images' preprocessing, by default the model's."""
+    every ``evaluate_*``): the images' preprocessing, by default the model's. With
+    ``contrastive_batch``, also the contrastive loss and in-batch accuracy of each image with its
+    first caption (as big_vision's contrastive evaluation pairs them), in batches of that size, in
+    the split's order (:func:`~openalign.eval.retrieval.contrastive_metrics`)."""
     items = retrieval_items(json_path, split, image_root)
     if caption_prefix:
         items = [CaptionedImage(item.path, tuple(caption_prefix + c for c in item.captions), item.labels, item.fields)
                  for item in items]
     with eval_mode(model):
-        return retrieval_metrics(*embed_captioned(model, items, device, batch_size, show_progress, transform),
-                                 ks=recall_k)
+        image_emb, text_emb, text_to_image = embed_captioned(model, items, device, batch_size, show_progress, transform)
+        metrics = retrieval_metrics(image_emb, text_emb, text_to_image, ks=recall_k)
+        if contrastive_batch is not None:
+            first = torch.tensor([0, *[len(item.captions) for item in items[:-1]]]).cumsum(0)
+            metrics.update(contrastive_metrics(image_emb, text_emb[first], model.logit_scale.item(),
+                                               contrastive_batch))
+    return metrics
 
 
 def retrieval_items(json_path: str | Path, split: str = "test", image_root: str | Path | None = None) -> list[CaptionedImage]:

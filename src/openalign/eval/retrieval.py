@@ -56,3 +56,35 @@ def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_i
         metrics[f"{direction}_mean_rank"] = rank.mean().item()
         metrics[f"{direction}_median_rank"] = float(np.floor(np.median(rank.cpu().numpy() - 1)) + 1)
     return metrics
+
+
+def contrastive_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: float,
+                        batch_size: int) -> dict[str, float]:
+    """The contrastive loss and in-batch accuracy of image-text pairs (row i of each), held out
+    from training: open_clip's ``clip_val_loss`` and big_vision's contrastive evaluation
+    (CLIPPO's ``evals.val`` / ``evals.coco``: loss and ``ncorrect``).
+
+    The pairs are taken in consecutive batches of ``batch_size`` (the last may be smaller), as a
+    training batch would hold them: in each, every image is scored against every text by
+    ``logit_scale`` × cosine. ``contrastive_loss`` is the mean over pairs of the two directions'
+    cross-entropies, ``(CE(image→text) + CE(text→image)) / 2``, without label smoothing (open_clip's);
+    it depends on the batch size, so compare it between evaluations of the same ``batch_size``.
+    ``contrastive_i2t_accuracy``: the share of images whose own text scores above every other text
+    of their batch; ``contrastive_t2i_accuracy``, of texts whose own image does (a tie is a miss,
+    as the retrieval ranks count it, so that a collapsed model scores 0, not 1 / batch)."""
+    if image_emb.shape != text_emb.shape or image_emb.shape[0] == 0:
+        raise OpenAlignError(f"contrastive_metrics needs as many image as text embeddings, at least one: got "
+                             f"{tuple(image_emb.shape)} and {tuple(text_emb.shape)}")
+    loss, correct = 0.0, {"i2t": 0, "t2i": 0}
+    for start in range(0, image_emb.shape[0], batch_size):
+        images, texts = image_emb[start:start + batch_size].double(), text_emb[start:start + batch_size].double()
+        logits = logit_scale * images @ texts.T
+        target = torch.arange(logits.shape[0], device=logits.device)
+        for direction, scores in (("i2t", logits), ("t2i", logits.T)):
+            loss += torch.nn.functional.cross_entropy(scores, target, reduction="sum").item() / 2
+            own = scores.diagonal()
+            others = scores.masked_fill(torch.eye(len(target), dtype=torch.bool, device=scores.device), float("-inf"))
+            correct[direction] += int((own > others.max(dim=1).values).sum())
+    pairs = image_emb.shape[0]
+    return {"contrastive_loss": loss / pairs, "contrastive_i2t_accuracy": correct["i2t"] / pairs,
+            "contrastive_t2i_accuracy": correct["t2i"] / pairs}

@@ -185,7 +185,11 @@ class RetrievalEvalConfig(EvalTaskConfig, tag="retrieval"):
     ``dataset_flickr30k.json``; ``image_root`` defaults to the JSON's folder) or, with ``json`` naming
     a directory, of a CLIP_benchmark webdataset retrieval dataset. ``caption_prefix`` goes before
     every caption (ALIP evaluates with ``"a photo of "``). ``recall_k``: the k of the recall@k
-    metrics (CLIP_benchmark's ``--recall_k``)."""
+    metrics (CLIP_benchmark's ``--recall_k``). ``contrastive_batch``: also the contrastive loss and
+    in-batch accuracy in batches of this many images with their first captions (open_clip's
+    validation loss, big_vision's contrastive evaluation; see
+    :func:`~openalign.eval.retrieval.contrastive_metrics`): on a held-out split of the training
+    data, the loss to watch for overfitting."""
 
     data_paths: ClassVar[tuple[str, ...]] = ("json", "image_root")
 
@@ -194,10 +198,14 @@ class RetrievalEvalConfig(EvalTaskConfig, tag="retrieval"):
     image_root: str | None = None
     caption_prefix: str = ""
     recall_k: tuple[int, ...] = (1, 5, 10)
+    contrastive_batch: int | None = None
 
     def __post_init__(self) -> None:
         if not self.recall_k or any(k < 1 for k in self.recall_k):
             raise ConfigError(f"must be one or more k of at least 1, got {list(self.recall_k)}", "recall_k")
+        if self.contrastive_batch is not None and self.contrastive_batch < 2:
+            raise ConfigError("must be at least 2 (each image against the other texts of its batch), or null for no "
+                              "contrastive metrics", "contrastive_batch")
 
     @property
     def dataset(self) -> str:
@@ -209,7 +217,7 @@ class RetrievalEvalConfig(EvalTaskConfig, tag="retrieval"):
 
     def run(self, model: nn.Module, device: torch.device, batch_size: int, show_progress: bool = True) -> dict[str, float]:
         return evaluate_retrieval(model, self.json, device, self.split, self.image_root, batch_size, show_progress,
-                                  self.caption_prefix, self.transform(model), self.recall_k)
+                                  self.caption_prefix, self.transform(model), self.recall_k, self.contrastive_batch)
 
     def write_examples(self, model: nn.Module, device: torch.device, output: Path, batch_size: int) -> Path:
         """Six captions and their top-5 images (:func:`~openalign.eval.examples.retrieval_examples`)."""
