@@ -362,6 +362,29 @@ def test_a_pipe_shard_left_before_its_end_closes_quietly_and_one_that_fails_at_i
         list(read_tar_shard(command))
 
 
+def test_a_pipe_shards_command_outlives_a_sigterm_to_the_readers_process_group(tmp_path):
+    """Schedulers and torchrun send SIGTERM to a rank's whole process group, and training finishes
+    the step under way (openalign.train.stop): a pipe: command in the group died at once and cut
+    its shard short under the batches still to be read. In a session of its own, it writes on."""
+    import subprocess
+    import sys
+
+    write_tar_shard(tmp_path / "0.tar", [(f"s{i}", {"txt": b"caption %d" % i, "bin": bytes(4096)}) for i in range(8)])
+    shard = tmp_path / "0.tar"
+    command = f"pipe:head -c 12000 {shard}; sleep 1; tail -c +12001 {shard}"  # still running at the signal
+    reader = (
+        "import os, signal, sys\n"
+        "from openalign.data.sources import read_tar_shard\n"
+        "signal.signal(signal.SIGTERM, lambda *args: print('signalled'))  # as training's: the reader reads on\n"
+        "samples = read_tar_shard(sys.argv[1])\n"
+        "first = next(samples)\n"
+        "os.killpg(0, signal.SIGTERM)\n"
+        "print(len([first, *samples]))\n")
+    result = subprocess.run([sys.executable, "-c", reader, command], capture_output=True, text=True, timeout=60,
+                            start_new_session=True)
+    assert result.returncode == 0 and result.stdout.split() == ["signalled", "8"], result.stderr[-2000:]
+
+
 def test_tar_members_group_into_samples_as_webdataset_groups_them(tmp_path):
     from webdataset.tariterators import group_by_keys, tar_file_expander
 

@@ -172,8 +172,8 @@ def _start_worker(worker_id: int) -> None:
     it stops (:mod:`openalign.train.stop`). Python's signal handlers cannot tell who sent a signal,
     so the signal is blocked and a thread waits for it with ``sigwaitinfo``; this runs first thing
     in a worker, before it starts threads of its own, which inherit the block. A ``pipe:`` shard's
-    command does not outlive it: webdataset runs it through a shell, which unblocks the signal (the
-    shard is cut short there, in batches prefetched beyond the step the run stops after). Where
+    command runs in a session of its own, out of the group's reach
+    (:func:`~openalign.data.shards.open_url`). Where
     ``sigwaitinfo`` is missing (macOS), SIGTERM ends a worker whoever sends it."""
     COUNTS.clear()
     # not the command line's handler the worker was forked with, which would raise in it

@@ -319,13 +319,31 @@ def open_url(url: str) -> BinaryIO:
     webdataset's ``gopen``; other URLs (``s3://``, ``gs://``, ``az://``, ``hf://`` ...) through fsspec,
     which needs the filesystem's package (s3fs, gcsfs, adlfs ...)."""
     scheme = url.split(":", 1)[0] if has_scheme(url) else ""
-    if scheme in ("", "file", "pipe", "http", "https"):
+    if scheme == "pipe":
+        return _open_command(url.removeprefix("pipe:"))
+    if scheme in ("", "file", "http", "https"):
         from webdataset.gopen import gopen
 
         return gopen(url, "rb")
     import fsspec
 
     return fsspec.open(check_filesystem(url), "rb").open()
+
+
+def _open_command(command: str) -> BinaryIO:
+    """The output of a ``pipe:`` shard's shell command, through webdataset's ``Pipe`` (a failing
+    exit status is an error when the stream is closed; 141, SIGPIPE, is a reader that stopped early),
+    with the command in a session of its own. Schedulers and torchrun send SIGTERM to a rank's whole
+    process group; training lets the step under way finish and checkpoints it
+    (:mod:`openalign.train.stop`), but a command in the group ended at once, cutting its shard
+    short under the batches still to be read. Out of the group, it ends when its reader closes the
+    stream or ends (SIGPIPE at its next write)."""
+    from webdataset import utils
+    from webdataset.gopen import Pipe
+
+    if utils.enforce_security:  # webdataset's own switch against running commands from URLs
+        raise OpenAlignError(f"pipe:{command}: webdataset's enforce_security forbids pipe: URLs")
+    return Pipe(command, mode="rb", shell=True, bufsize=8192, ignore_status=[141], start_new_session=True)
 
 
 def decode_image(data: bytes) -> Any:
