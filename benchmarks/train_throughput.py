@@ -13,6 +13,8 @@ the model's input size, and times ``openalign.train.train_step`` after warm-up s
         --grad-checkpointing off on              # activation checkpointing (train.grad_checkpointing)
     python benchmarks/train_throughput.py --models clippo-tiny --batch-sizes 64 \\
         --optimizers adamw adafactor             # the optimiser's share of a step (train.optimizer)
+    python benchmarks/train_throughput.py --models align-tiny --batch-sizes 128 \\
+        --ema off on                             # the weight average's update (train.ema_decay)
 
 "held for backward" is what one step's forward passes keep for the backward pass, counted tensor
 by tensor as autograd saves them: the activation memory checkpointing saves. It is the same on any
@@ -35,6 +37,7 @@ from common import add_output, environment, report
 import openalign
 from openalign.losses import ContrastiveLoss
 from openalign.train import build_optimizer, build_scheduler, train_step
+from openalign.train.ema import WeightAverage
 
 
 def synthetic_batch(model: torch.nn.Module, batch_size: int, device: torch.device) -> dict:
@@ -50,7 +53,7 @@ def synthetic_batch(model: torch.nn.Module, batch_size: int, device: torch.devic
 
 def measure(name: str, batch_size: int, device: torch.device, steps: int, warmup: int, compile: bool,
             standard_bn: bool = False, accum_steps: int = 1, checkpointing: bool = False,
-            optimizer_name: str = "lamb") -> dict:
+            optimizer_name: str = "lamb", ema: bool = False) -> dict:
     torch.manual_seed(0)
     overrides = {"image": {"virtual_batch_size": None}} if standard_bn else {}
     model = openalign.create_model(name, **overrides).to(device).to(memory_format=torch.channels_last)
@@ -59,6 +62,7 @@ def measure(name: str, batch_size: int, device: torch.device, steps: int, warmup
     optimizer = build_optimizer(model, optimizer_name, 1e-3, 1e-5, (0.9, 0.999), eps, device)
     scheduler = build_scheduler(optimizer, "constant", 0, steps + warmup)
     forward = torch.compile(model) if compile else model
+    average = WeightAverage(model, 0.9999) if ema else None
     loss_fn, batch = ContrastiveLoss(), synthetic_batch(model, batch_size, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -69,6 +73,8 @@ def measure(name: str, batch_size: int, device: torch.device, steps: int, warmup
             start = time.perf_counter()
         loss = train_step(model, loss_fn, optimizer, scheduler, batch, device, forward=forward,
                           accum_steps=accum_steps)
+        if average is not None:
+            average.update(step + 1)
     loss.item()  # wait for the device
     seconds = time.perf_counter() - start
     held = None if compile else held_for_backward(
@@ -81,7 +87,8 @@ def measure(name: str, batch_size: int, device: torch.device, steps: int, warmup
             "seconds_per_step": seconds / steps, "peak_memory_gib": peak_gib,
             "precision": "bf16" if device.type == "cuda" else "fp32", "compile": compile,
             "batch_norm": "standard" if standard_bn else "ghost", "accum_steps": accum_steps,
-            "grad_checkpointing": checkpointing, "held_for_backward_mib": held, "optimizer": optimizer_name}
+            "grad_checkpointing": checkpointing, "held_for_backward_mib": held, "optimizer": optimizer_name,
+            "ema": ema}
 
 
 def held_for_backward(step: Callable[[], object]) -> float:
@@ -114,23 +121,25 @@ def main() -> None:
                         help="train.grad_checkpointing: recompute each block in the backward pass")
     parser.add_argument("--optimizers", nargs="+", choices=["lamb", "adamw", "adafactor"], default=["lamb"],
                         help="train.optimizer values")
+    parser.add_argument("--ema", nargs="+", choices=["off", "on"], default=["off"],
+                        help="train.ema_decay: update a weight average after each step")
     add_output(parser, "train_throughput")
     args = parser.parse_args()
     device = torch.device(args.device)
     rows = [measure(name, batch, device, args.steps, args.warmup, args.compile, args.standard_bn, accum,
-                    checkpointing == "on", optimizer)
+                    checkpointing == "on", optimizer, ema == "on")
             for name in args.models for batch in args.batch_sizes for accum in args.accum_steps
-            for checkpointing in args.grad_checkpointing for optimizer in args.optimizers]
+            for checkpointing in args.grad_checkpointing for optimizer in args.optimizers for ema in args.ema]
     env = environment(device)
     cells = [(row["model"], row["optimizer"], str(row["batch_size"]), str(row["accum_steps"]), row["batch_norm"],
               row["precision"],
-              str(row["compile"]), "on" if row["grad_checkpointing"] else "off",
+              str(row["compile"]), "on" if row["grad_checkpointing"] else "off", "on" if row["ema"] else "off",
               f"{row['samples_per_second']:.1f}", f"{row['seconds_per_step']:.3f}", f"{row['peak_memory_gib']:.2f}",
               "–" if row["held_for_backward_mib"] is None else f"{row['held_for_backward_mib']:.0f}")
              for row in rows]
     report(f"training throughput on {env['device']} (torch {torch.__version__})",
            ("model", "optimizer", "batch/device", "accum", "batch norm", "precision", "compile", "checkpointing",
-            "samples/s",
+            "ema", "samples/s",
             "s/step", "peak memory GiB", "held for backward MiB"),
            cells, 1,
            {"environment": env, "results": rows}, args.output)

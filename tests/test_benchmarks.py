@@ -53,12 +53,14 @@ def test_the_benchmark_runs_and_writes_its_table(script, tmp_path):
 
 
 def test_the_training_benchmark_compares_optimisers_on_a_pixel_model(tmp_path):
-    """CLIPPO's rendered captions as the synthetic text, and each train.optimizer in turn."""
+    """CLIPPO's rendered captions as the synthetic text, and each train.optimizer in turn, without
+    and with a weight average (train.ema_decay)."""
     result = subprocess.run([sys.executable, str(BENCHMARKS / "train_throughput.py"), "--models", "clippo-test",
                              "--batch-sizes", "4", "--steps", "1", "--warmup", "1", "--device", "cpu",
-                             "--optimizers", "adamw", "adafactor", "--output", str(tmp_path / "out.json")],
+                             "--optimizers", "adamw", "adafactor", "--ema", "off", "on",
+                             "--output", str(tmp_path / "out.json")],
                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     rows = json.loads((tmp_path / "out.json").read_text())["results"]
-    assert [(row["model"], row["optimizer"]) for row in rows] == [("clippo-test", "adamw"),
-                                                                    ("clippo-test", "adafactor")]
+    assert [(row["optimizer"], row["ema"]) for row in rows] == [("adamw", False), ("adamw", True),
+                                                                ("adafactor", False), ("adafactor", True)]

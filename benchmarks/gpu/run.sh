@@ -59,7 +59,9 @@ case ${1:-check} in
         bench train_standard_bn train_throughput.py --models align-b7-base --batch-sizes 256 --device "$DEVICE" \
             --standard-bn
         bench train_clippo_optimizers train_throughput.py --models clippo-b16 --batch-sizes 256 \
-            --optimizers adamw adafactor --device "$DEVICE" ;;
+            --optimizers adamw adafactor --device "$DEVICE"
+        bench train_ema train_throughput.py --models align-b7-base --batch-sizes 256 --ema off on \
+            --device "$DEVICE" ;;
     train-memory)
         bench train_accum train_throughput.py --models align-b7-base --batch-sizes 256 --accum-steps 1 2 4 \
             --device "$DEVICE"
