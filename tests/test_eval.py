@@ -49,17 +49,27 @@ def test_contrastive_loss_and_in_batch_accuracy_by_hand():
     images = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
     texts = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]])
     metrics = contrastive_metrics(images, texts, logit_scale=2.0, batch_size=2)
-    # batch 1: logits 2·cos = [[2, 1.6], [0, 1.2]]; batch 2, one pair alone: both cross-entropies 0
-    image_to_text = [math.log(1 + math.exp(1.6 - 2)), math.log(1 + math.exp(0 - 1.2))]
-    text_to_image = [math.log(1 + math.exp(0 - 2)), math.log(1 + math.exp(1.6 - 1.2))]
+    # a last pair alone has nothing to be told from: it joins the batch before it, one batch of 3 whose
+    # logits 2·cos are [[2, 1.6, 0], [0, 1.2, 2], [2, 1.6, 0]] (image by text)
+    rows = [[2, 1.6, 0], [0, 1.2, 2], [2, 1.6, 0]]
+    image_to_text = [-row[n] + math.log(sum(math.exp(v) for v in row)) for n, row in enumerate(rows)]
+    columns = [[row[n] for row in rows] for n in range(3)]
+    text_to_image = [-column[n] + math.log(sum(math.exp(v) for v in column)) for n, column in enumerate(columns)]
     assert metrics["contrastive_loss"] == pytest.approx((sum(image_to_text) + sum(text_to_image)) / 2 / 3, rel=1e-7)
-    assert metrics["contrastive_i2t_accuracy"] == 1.0  # each image's own text scores highest
-    assert metrics["contrastive_t2i_accuracy"] == 2 / 3  # text 1 scores image 0 (1.6) above its own (1.2)
-    # one batch: image 2 ties image 0 for text 0 (a miss for text 0), and both score text 0 above their own
-    whole = contrastive_metrics(images, texts, 2.0, batch_size=3)
-    assert whole["contrastive_i2t_accuracy"] == 1 / 3 and whole["contrastive_t2i_accuracy"] == 0.0
-    collapsed = contrastive_metrics(torch.ones(4, 2) / 2 ** 0.5, torch.ones(4, 2) / 2 ** 0.5, 10.0, batch_size=4)
-    assert collapsed["contrastive_loss"] == pytest.approx(math.log(4))
+    # image 0 alone scores its own text highest; image 2 ties image 0 for text 0 (a miss for text 0), and
+    # texts 1 and 2 score another image above their own
+    assert metrics["contrastive_i2t_accuracy"] == 1 / 3 and metrics["contrastive_t2i_accuracy"] == 0.0
+    assert contrastive_metrics(images, texts, 2.0, batch_size=3) == metrics
+    # batches of 2 and 2: [[2, 1.6], [0, 1.2]], then image 2 and text 2 with a fourth pair
+    four = contrastive_metrics(torch.cat([images, images[:1]]), torch.cat([texts, texts[:1]]), 2.0, batch_size=2)
+    first = [math.log(1 + math.exp(1.6 - 2)), math.log(1 + math.exp(0 - 1.2)),  # image→text
+             math.log(1 + math.exp(0 - 2)), math.log(1 + math.exp(1.6 - 1.2))]  # text→image
+    second = [math.log(1 + math.exp(2 - 0)), math.log(1 + math.exp(0 - 2)),  # [[0, 2], [0, 2]]: image→text
+              math.log(2), math.log(2)]  # text→image: the columns [0, 0] and [2, 2], ties
+    assert four["contrastive_loss"] == pytest.approx((sum(first) + sum(second)) / 2 / 4, rel=1e-7)
+    assert four["contrastive_i2t_accuracy"] == 3 / 4 and four["contrastive_t2i_accuracy"] == 1 / 4
+    collapsed = contrastive_metrics(torch.ones(5, 2) / 2 ** 0.5, torch.ones(5, 2) / 2 ** 0.5, 10.0, batch_size=4)
+    assert collapsed["contrastive_loss"] == pytest.approx(math.log(5))  # the fifth pair joins the first four
     assert collapsed["contrastive_i2t_accuracy"] == collapsed["contrastive_t2i_accuracy"] == 0.0
     with pytest.raises(OpenAlignError, match="as many image as text embeddings"):
         contrastive_metrics(images, texts[:2], 2.0, batch_size=2)

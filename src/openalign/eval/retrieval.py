@@ -64,7 +64,8 @@ def contrastive_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_s
     from training: open_clip's ``clip_val_loss`` and big_vision's contrastive evaluation
     (CLIPPO's ``evals.val`` / ``evals.coco``: loss and ``ncorrect``).
 
-    The pairs are taken in consecutive batches of ``batch_size`` (the last may be smaller), as a
+    The pairs are taken in consecutive batches of ``batch_size`` (the last may be smaller; a last
+    pair alone, which would have no other to be told from, joins the batch before it), as a
     training batch would hold them: in each, every image is scored against every text by
     ``logit_scale`` × cosine. ``contrastive_loss`` is the mean over pairs of the two directions'
     cross-entropies, ``(CE(image→text) + CE(text→image)) / 2``, without label smoothing (open_clip's);
@@ -76,8 +77,11 @@ def contrastive_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_s
         raise OpenAlignError(f"contrastive_metrics needs as many image as text embeddings, at least one: got "
                              f"{tuple(image_emb.shape)} and {tuple(text_emb.shape)}")
     loss, correct = 0.0, {"i2t": 0, "t2i": 0}
-    for start in range(0, image_emb.shape[0], batch_size):
-        images, texts = image_emb[start:start + batch_size].double(), text_emb[start:start + batch_size].double()
+    starts = list(range(0, image_emb.shape[0], batch_size))
+    if len(starts) > 1 and image_emb.shape[0] - starts[-1] == 1:
+        starts.pop()
+    for start, end in zip(starts, [*starts[1:], image_emb.shape[0]]):
+        images, texts = image_emb[start:end].double(), text_emb[start:end].double()
         logits = logit_scale * images @ texts.T
         target = torch.arange(logits.shape[0], device=logits.device)
         for direction, scores in (("i2t", logits), ("t2i", logits.T)):
