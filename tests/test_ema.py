@@ -43,6 +43,8 @@ def test_the_average_follows_its_formula_with_the_warm_up_and_copies_integer_buf
         for name, value in average.module.state_dict().items():
             torch.testing.assert_close(value, expected[name], rtol=1e-6, atol=1e-6, msg=f"{name} at step {step}")
     assert average.module.state_dict()["1.num_batches_tracked"] == 3
+    assert average.module[2].weight is model[2].weight  # frozen: the model's own tensor, not a copy
+    assert average.module[2].bias is not model[2].bias
     assert not torch.equal(average.module[0].weight, model[0].weight)
 
 

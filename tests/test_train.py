@@ -77,12 +77,16 @@ def test_a_frozen_tower_keeps_its_weights_and_batch_norm_statistics(tmp_path, sh
     start = openalign.create_model("align-test").save_pretrained(tmp_path / "start")
     initial = load_file(str(start / WEIGHTS_FILE))
     overrides = tiny_recipe_overrides(shapes_root, tmp_path / "run", steps=2) + [
-        "model.name=align-test", f"train.init_from={start}", "train.freeze=[image_tower]", "eval.tasks=[]"]
+        "train.ema_decay=0.5", "model.name=align-test", f"train.init_from={start}", "train.freeze=[image_tower]",
+        "eval.tasks=[]"]
     train(load_recipe("demo", overrides), show_progress=False)
     trained = _state(tmp_path / "run")
     image = [key for key in initial if key.startswith("image_tower.")]
     assert any("running_var" in key for key in image)  # ghost batch norm's statistics, which training would move
     assert all(torch.equal(trained[key], initial[key]) for key in image)
+    # the weight average of a locked tower (its parameters shared with the model's, its statistics averaged) too
+    average = load_file(str(tmp_path / "run" / "checkpoints" / "step_00000002" / "ema" / WEIGHTS_FILE))
+    assert all(torch.equal(average[key], initial[key]) for key in image)
     for part in ("text_tower.", "image_projection."):
         assert any(not torch.equal(trained[key], initial[key]) for key in initial if key.startswith(part)), part
     with pytest.raises(ConfigError, match=r"'train.freeze' names 'image_towr', which no parameter is or is under; "

@@ -25,7 +25,8 @@ class WeightAverage:
 
     Trained parameters and floating-point buffers (batch-norm running statistics) are averaged;
     integer buffers (``num_batches_tracked``) are copied, and frozen parameters (``train.freeze``)
-    are the model's own, which never change. Parameters are the same on every rank (DDP), so
+    are the model's own tensors, shared rather than copied (they never change: LiT's locked tower
+    costs no second copy). Parameters are the same on every rank (DDP), so
     their averages are too; the running statistics, which training keeps per device, are set to
     their mean over ranks before the average is evaluated or saved (:meth:`synchronise`), as the
     model's own are.
@@ -35,7 +36,8 @@ class WeightAverage:
         if not 0 < decay < 1:
             raise ValueError(f"decay must be in (0, 1), not {decay}")
         self.decay, self.warmup = decay, warmup
-        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        frozen = {id(param): param for param in model.parameters() if not param.requires_grad}
+        self.module = copy.deepcopy(model, memo=frozen).eval().requires_grad_(False)  # the memo: shared as they are
         live_parameters, live_buffers = dict(model.named_parameters()), dict(model.named_buffers())
         averaged = [(tensor, live_parameters[name]) for name, tensor in self.module.named_parameters()
                     if live_parameters[name].requires_grad]
