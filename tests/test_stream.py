@@ -22,7 +22,7 @@ from openalign import get_tokenizer
 from openalign.data import ImageTransform, WebDatasetSourceConfig
 from openalign.data.loader import Collate, DataMonitor, build_loader
 from openalign.data.quality import COUNTS, SkipSample
-from openalign.data.shards import ShardReadError, open_url, read_samples, stream_samples
+from openalign.data.shards import ShardReadError, open_url, opened_shard, read_samples, stream_samples
 from openalign.data.sources import MixtureDataset, TableSourceConfig
 from openalign.data.stream import STREAM_KEY
 from openalign.data.transforms import PreprocessConfig
@@ -383,6 +383,14 @@ def test_a_pipe_shards_command_outlives_a_sigterm_to_the_readers_process_group(t
     result = subprocess.run([sys.executable, "-c", reader, command], capture_output=True, text=True, timeout=60,
                             start_new_session=True)
     assert result.returncode == 0 and result.stdout.split() == ["signalled", "8"], result.stderr[-2000:]
+    # out of the group, a command is ended by its reader leaving the shard early (Ctrl-C, or moving on),
+    # which would otherwise wait for it to finish by itself
+    leaving = ("import sys\n"
+               "from openalign.data.sources import read_tar_shard\n"
+               "samples = read_tar_shard(sys.argv[1])\n"
+               "next(samples)\n"
+               "samples.close()\n")
+    subprocess.run([sys.executable, "-c", leaving, f"pipe:cat {shard}; sleep 120"], check=True, timeout=60)
 
 
 def test_tar_members_group_into_samples_as_webdataset_groups_them(tmp_path):
@@ -804,7 +812,7 @@ def test_shards_cut_inside_their_first_sample_count_as_failed_shards(tmp_path, m
     from openalign.data import sources
 
     opened: list[str] = []
-    monkeypatch.setattr(sources, "open_url", lambda url: opened.append(url) or open_url(url))
+    monkeypatch.setattr(sources, "opened_shard", lambda url: opened.append(url) or opened_shard(url))
     config = WebDatasetSourceConfig(urls=str(tmp_path / "{0..59}.tar"), resampled=False, open_shards=1,
                                     shuffle_buffer=60, max_consecutive_errors=5)
     with pytest.raises(OpenAlignError, match="5 consecutive samples or shards .* failed"):

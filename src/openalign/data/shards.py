@@ -5,12 +5,14 @@ the webdataset training source, ``openalign data caption`` and ``openalign data 
 from __future__ import annotations
 
 import bz2
+import contextlib
 import glob
 import gzip
 import io
 import lzma
 import os
 import re
+import signal
 import tarfile
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -330,14 +332,34 @@ def open_url(url: str) -> BinaryIO:
     return fsspec.open(check_filesystem(url), "rb").open()
 
 
+@contextlib.contextmanager
+def opened_shard(url: str) -> Iterator[BinaryIO]:
+    """:func:`open_url` for reading a shard front to back. Read to its end, the stream is closed
+    there, where a ``pipe:`` command's failing exit status is the shard's error. Left before its end
+    (the reader moved on, an error, Ctrl-C), it is closed without a word, its command's session
+    ended first: out of the reader's process group the command would run on, and closing waits for it."""
+    stream = open_url(url)
+    try:
+        yield stream
+    except BaseException:
+        process = getattr(stream, "proc", None)  # a pipe: command (webdataset's Pipe)
+        if process is not None and process.poll() is None:
+            with contextlib.suppress(OSError):
+                os.killpg(process.pid, signal.SIGTERM)  # its own session's leader: its group is its id
+        with contextlib.suppress(Exception):
+            stream.close()
+        raise
+    stream.close()
+
+
 def _open_command(command: str) -> BinaryIO:
     """The output of a ``pipe:`` shard's shell command, through webdataset's ``Pipe`` (a failing
     exit status is an error when the stream is closed; 141, SIGPIPE, is a reader that stopped early),
     with the command in a session of its own. Schedulers and torchrun send SIGTERM to a rank's whole
     process group; training lets the step under way finish and checkpoints it
     (:mod:`openalign.train.stop`), but a command in the group ended at once, cutting its shard
-    short under the batches still to be read. Out of the group, it ends when its reader closes the
-    stream or ends (SIGPIPE at its next write)."""
+    short under the batches still to be read. Out of the group, it ends when its reader leaves the
+    shard (:func:`opened_shard`) or ends (SIGPIPE at its next write)."""
     from webdataset import utils
     from webdataset.gopen import Pipe
 

@@ -8,7 +8,6 @@ sources sampled per example by weight).
 from __future__ import annotations
 
 import bisect
-import contextlib
 import functools
 import glob
 import gzip
@@ -37,7 +36,7 @@ from .karpathy import CaptionedImage, read_karpathy
 from .quality import (CUT_SHORT, CUT_SHORT_SAMPLE, EMPTY_CAPTION, NO_CAPTION, NO_IMAGE, NON_DESCRIPTIVE_CAPTION,
                       REPEATED_FIELD, UNDECODABLE_RECORD, SkipPolicy, SkipSample, caption_text, decode_pixels,
                       is_descriptive, open_image)
-from .shards import expand_urls, open_url, stream_samples
+from .shards import expand_urls, opened_shard, stream_samples
 from .shapes import ShapesSpec, build_shapes_dataset
 from .stream import ResumableStream, ShardStream
 from .tfrecords import CorruptRecord, read_records
@@ -629,9 +628,8 @@ def read_tar_shard(url: str) -> Iterator[dict[str, bytes]]:
     would ignore are left out). A field given twice (``a.jpg`` and ``a.JPG``), which webdataset
     refuses, is named under :data:`REPEATED_FIELDS`, for the decoder to skip the sample. A shard
     left before its end (the reader closed, a run stopping) is closed without a word: a ``pipe:``
-    command's exit status then (ended by SIGPIPE or SIGTERM) says nothing of the shard."""
-    stream, finished = open_url(url), False
-    try:
+    command's exit status then (ended by SIGPIPE or SIGTERM) says nothing of the shard (:func:`opened_shard`)."""
+    with opened_shard(url) as stream:
         for sample in stream_samples(stream):
             if sample.key is None:
                 continue
@@ -644,13 +642,6 @@ def read_tar_shard(url: str) -> Iterator[dict[str, bytes]]:
             if sample.cut_short:
                 fields[CUT_SHORT] = True
             yield fields
-        finished = True
-    finally:
-        if finished:
-            stream.close()  # a pipe's failure at the end is the shard's
-        else:
-            with contextlib.suppress(Exception):
-                stream.close()
 
 
 def check_not_cut_short(fields: dict[str, Any], image_keys: Sequence[str], keys: Iterable[str],
@@ -696,7 +687,7 @@ class TFRecordSourceConfig(SourceConfig, StreamOptions, tag="tfrecord"):
 
 def read_tfrecord_file(url: str) -> Iterator[bytes | CorruptRecord]:
     """The serialized records of a TFRecord file (parsed later, so one bad record skips alone)."""
-    with open_url(url) as stream:
+    with opened_shard(url) as stream:
         yield from read_records(stream)
 
 
