@@ -886,6 +886,41 @@ def test_a_dataset_moved_to_another_path_resumes_exactly_when_the_change_is_allo
     assert [r["loss"] for r in read_history(straight)] == [r["loss"] for r in read_history(interrupted)]
 
 
+@pytest.mark.parametrize("optimizer, schedule", [("lamb", "linear"), ("adamw", "onecycle")])
+def test_a_learning_rate_and_weight_decay_changed_on_resume_apply_from_the_next_step(tmp_path, shapes_root,
+                                                                                    tiny_overrides, optimizer,
+                                                                                    schedule, monkeypatch):
+    """--allow-change train.lr was accepted, then the optimiser state brought the old rate back
+    (and the old weight decay): the new ones now apply, on the schedule's same position."""
+    from openalign.train.schedule import lr_factor
+
+    settings = ["eval.tasks=[]", "run.checkpoint_every=2", f"train.optimizer={optimizer}", f"train.schedule={schedule}",
+                "train.warmup_steps=2"]
+    run = tmp_path / "run"
+    train_until_preempted(load_recipe("demo", tiny_overrides(shapes_root, run, steps=6) + settings), 2, monkeypatch)
+    changed = ["train.lr=0.1", "train.weight_decay=0.5"]
+    result = train(load_recipe("demo", tiny_overrides(shapes_root, run, steps=6) + settings + changed),
+                   resume="latest", show_progress=False, allow_changes=["train.lr", "train.weight_decay"])
+    assert result.step == 6
+    logged = {r["step"]: r["lr"] for r in read_history(run) if "lr" in r}
+    state = torch.load(run / "checkpoints" / "step_00000006" / "trainer_state.pt", weights_only=False)
+    decays = sorted({group["weight_decay"] for group in state["optimizer"]["param_groups"]})
+    assert decays == [0.0, 0.5]  # the decayed parameters' and the others'
+    # the reference: the schedule on one parameter (torch's own OneCycleLR), at the old peak (the demo's 0.002)
+    # for the steps before the checkpoint and at the new one after it
+    reference = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    if schedule == "onecycle":
+        assert max(group["max_lr"] for group in state["optimizer"]["param_groups"]) == 0.1
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(reference, max_lr=0.1, total_steps=6, pct_start=2 / 6)
+    else:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(reference, lambda step: lr_factor(step, "linear", 2, 6))
+    for step in range(1, 7):
+        expected = reference.param_groups[0]["lr"] * (0.002 / 0.1 if step <= 2 else 1)
+        assert logged[step] == pytest.approx(expected, rel=1e-6), (step, logged)
+        reference.step()
+        scheduler.step()
+
+
 def test_a_checkpoint_older_than_a_setting_resumes_with_its_current_value(caplog):
     """An ALIP run checkpointed before model.min_logit_scale existed resumes with the floor, warned of;
     a setting that differs is still refused."""

@@ -244,7 +244,13 @@ class Checkpointer:
         check_resumable(saved_recipe, recipe, path, allow_changes)
         self._check_no_later_checkpoints(path, step)
         load_state(model, self._read(path, WEIGHTS_FILE, read_safetensors), f"checkpoint '{path / WEIGHTS_FILE}'")
+        # the optimiser's settings are the recipe's, not the checkpoint's: a rate or decay changed under
+        # --allow-change applies (loading the state would bring back the old ones), and so does the device's
+        # kernel choice (AdamW's fused flag); its moments and step counts are the checkpoint's
+        settings = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
         optimizer.load_state_dict(state["optimizer"])
+        for group, recipes in zip(optimizer.param_groups, settings):
+            group.update(recipes)
         load_scheduler_state(scheduler, state["scheduler"])
         loss_fn.load_state_dict(state["loss"])
         if scaler is not None and scaler.is_enabled() and "scaler" in state:  # absent: another precision's run

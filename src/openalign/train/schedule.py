@@ -68,10 +68,13 @@ def load_scheduler_state(scheduler: LRScheduler, state: dict) -> None:
     The optimiser's rate (and OneCycle's momentum), restored with the optimiser, is the old
     schedule's: it is taken again at the same position on this one, so that the first step after
     resuming a longer run already follows the new schedule (on the same length, nothing changes).
+    The peak rate is the optimiser's groups' ``initial_lr`` (the recipe's ``train.lr``), not the one
+    the state saved: a rate changed on resume applies from the next step.
     """
     if isinstance(scheduler, OneCycleLR):
         state = {key: value for key, value in state.items() if key not in ("total_steps", "_schedule_phases")}
     scheduler.load_state_dict(state)
+    scheduler.base_lrs = [group["initial_lr"] for group in scheduler.optimizer.param_groups]
     scheduler.last_epoch -= 1
     with warnings.catch_warnings():  # a checkpoint taken before any step: no step is skipped here
         warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
