@@ -3,6 +3,7 @@ a resumed run continues the same W&B run, and a missing package or bad setting i
 
 from __future__ import annotations
 
+import shutil
 import sys
 import types
 from typing import Any
@@ -28,6 +29,7 @@ class FakeWandb(types.ModuleType):
         self.rows: dict[str, list[dict[str, Any]]] = {}  # by run id, over every init of it
         self.runs: list[FakeRun] = []
         self.exit_codes: list[int | None] = []
+        self.preempting = 0
 
     def init(self, **kwargs: Any) -> FakeRun:
         self.inits.append(kwargs)
@@ -52,6 +54,9 @@ class FakeRun:
 
     def finish(self, exit_code: int | None = None) -> None:
         self.wandb.exit_codes.append(exit_code)
+
+    def mark_preempting(self) -> None:
+        self.wandb.preempting += 1
 
 
 @pytest.fixture
@@ -91,9 +96,9 @@ def test_wandb_gets_every_record_on_the_optimiser_step_and_a_resumed_run_continu
     run_id = (output / "wandb_id").read_text().strip()
     assert [init["id"] for init in fake_wandb.inits] == [run_id, run_id]
     for init in fake_wandb.inits:
-        assert {key: init[key] for key in ("project", "name", "tags", "mode", "resume", "dir")} == {
-            "project": "openalign-tests", "name": "tiny-run", "tags": ["tiny"], "mode": "online", "resume": "allow",
-            "dir": str(output)}
+        assert {key: init[key] for key in ("project", "name", "tags", "resume", "dir")} == {
+            "project": "openalign-tests", "name": "tiny-run", "tags": ["tiny"], "resume": "allow", "dir": str(output)}
+        assert "mode" not in init  # W&B's own (WANDB_MODE, else online)
         assert init["config"] == to_dict(recipe)
     assert fake_wandb.exit_codes == [1, 0]  # the preempted run failed, the resumed one finished
     assert all(run.step_metrics["*"] == "step" for run in fake_wandb.runs)  # charts' x-axis: the optimiser step
@@ -101,13 +106,28 @@ def test_wandb_gets_every_record_on_the_optimiser_step_and_a_resumed_run_continu
     evaluated = [row["step"] for row in rows if "shapes/image_retrieval_recall@1" in row]
     assert [row["step"] for row in rows if "loss" in row] == [1, 2, 3, 3, 4] and evaluated == [2, 4]
     assert all(record in rows for record in read_history(output))  # the resumed run's records too
+    # a run started afresh in the directory (from step 0: its history replaced) is a W&B run of its own
+    shutil.rmtree(output / "checkpoints")
+    train(load_recipe("demo", tiny_overrides(shapes_root, output, steps=1) + WANDB + ["eval.tasks=[]"]),
+          show_progress=False)
+    assert fake_wandb.inits[-1]["id"] == (output / "wandb_id").read_text().strip() != run_id
+
+
+def test_a_preempted_run_is_marked_preempted_in_wandb(tmp_path, shapes_root, tiny_overrides, monkeypatch,
+                                                      fake_wandb):
+    from openalign.errors import Terminated
+
+    _fail_at_step(2, monkeypatch, Terminated("after step 1, checkpointed"))
+    with pytest.raises(Terminated):
+        train(load_recipe("demo", tiny_overrides(shapes_root, tmp_path) + WANDB), show_progress=False)
+    assert fake_wandb.preempting == 1 and fake_wandb.exit_codes == [1]
 
 
 def test_a_run_that_fails_marks_its_wandb_run_failed(tmp_path, shapes_root, tiny_overrides, monkeypatch, fake_wandb):
     _fail_at_step(2, monkeypatch, OpenAlignError("broken"))
     with pytest.raises(OpenAlignError, match="broken"):
         train(load_recipe("demo", tiny_overrides(shapes_root, tmp_path) + WANDB), show_progress=False)
-    assert fake_wandb.exit_codes == [1]
+    assert fake_wandb.exit_codes == [1] and fake_wandb.preempting == 0
 
 
 def test_wandb_not_installed_is_a_config_error_before_training(tmp_path, shapes_root, tiny_overrides, monkeypatch):
@@ -116,7 +136,7 @@ def test_wandb_not_installed_is_a_config_error_before_training(tmp_path, shapes_
     with pytest.raises(ConfigError, match=r"'run.wandb.project' is set, but the wandb package is not installed: "
                                           r"pip install 'openalign\[wandb\]'"):
         train(load_recipe("demo", tiny_overrides(shapes_root, tmp_path) + WANDB), show_progress=False)
-    assert not (tmp_path / "history.jsonl").exists()
+    assert not (tmp_path / "history.jsonl").exists() and not (tmp_path / "config.yaml").exists()
 
 
 def test_wandb_refusing_to_start_is_a_config_error_before_training(tmp_path, shapes_root, tiny_overrides,
@@ -132,7 +152,7 @@ def test_wandb_refusing_to_start_is_a_config_error_before_training(tmp_path, sha
 
 
 @pytest.mark.parametrize("override, message", [
-    ("run.wandb.mode=disabled", r"'run.wandb.mode' is 'disabled', which is not allowed; valid: offline, online"),
+    ("run.wandb.mode=local", r"'run.wandb.mode' is 'local', which is not allowed; valid: disabled, offline, online"),
     ("run.wandb.project=''", r"'run.wandb.project' is empty")])
 def test_a_bad_wandb_setting_is_a_config_error_naming_it(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -155,7 +175,7 @@ def test_a_real_offline_wandb_run_is_written_under_the_run_directory(tmp_path, s
         monkeypatch.setenv(name, str(tmp_path / "wandb-home"))  # nothing written outside the test's folder
     for name in ("WANDB_SILENT", "WANDB_DISABLE_GIT", "WANDB_DISABLE_CODE", "WANDB_X_DISABLE_STATS"):
         monkeypatch.setenv(name, "true")
-    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # the recipe's mode alone: no W&B server here
     output = tmp_path / "run"
     train(load_recipe("demo", tiny_overrides(shapes_root, output, steps=2) + WANDB + ["run.wandb.mode=offline",
                                                                                       "eval.tasks=[]"]),

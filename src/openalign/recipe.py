@@ -140,14 +140,15 @@ class TrainConfig:
 class WandbSettings:
     """Weights & Biases reporting of the logged scalars, off unless ``project`` is set (it needs
     ``pip install 'openalign[wandb]'``). ``name`` defaults to the run directory's name; ``mode``
-    is W&B's own: ``offline`` writes the run under ``run.output_dir/wandb`` for ``wandb sync``."""
+    is W&B's own: ``offline`` writes the run under ``run.output_dir/wandb`` for ``wandb sync``,
+    ``disabled`` logs nothing; null (the default) leaves it to W&B (``WANDB_MODE``, else online)."""
 
     project: str | None = None
     entity: str | None = None
     name: str | None = None
     group: str | None = None
     tags: list[str] = field(default_factory=list)
-    mode: Literal["online", "offline"] = "online"
+    mode: Literal["online", "offline", "disabled"] | None = None
 
     def __post_init__(self) -> None:
         if self.project is not None and not self.project.strip():

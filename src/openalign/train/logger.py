@@ -58,7 +58,7 @@ class TrainLogger:
     the records of one that left no checkpoint (with a warning), in TensorBoard too. With
     ``reevaluating`` (a finished run resumed, which evaluates again) the evaluation records of
     ``start_step`` go too: the new ones replace them in the history. ``config`` (the recipe) is
-    the W&B run's config.
+    the W&B run's config; a run starting at step 0 starts a W&B run of its own (:class:`WandbRun`).
     """
 
     def __init__(self, directory: str | Path, enabled: bool, tensorboard: bool, start_step: int = 0,
@@ -70,8 +70,6 @@ class TrainLogger:
         if not enabled:
             return
         reporting = wandb is not None and wandb.project is not None
-        if reporting:
-            import_wandb()  # a missing package is a config error before anything is written
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         earlier = read_history(self.directory)
@@ -90,7 +88,7 @@ class TrainLogger:
             self.writer = SummaryWriter(str(self.directory / "tensorboard"), purge_step=start_step + 1)
         if reporting:
             try:
-                self.wandb = WandbRun(self.directory, wandb, config or {})
+                self.wandb = WandbRun(self.directory, wandb, config or {}, fresh=start_step == 0)
             except BaseException:
                 self.close()
                 raise
@@ -106,14 +104,15 @@ class TrainLogger:
         if self.wandb is not None:
             self.wandb.log(step, scalars)
 
-    def close(self, failed: bool = False) -> None:
-        """Close the outputs; ``failed``: the run raised, which marks its W&B run failed."""
+    def close(self, failed: bool = False, preempted: bool = False) -> None:
+        """Close the outputs; ``failed``: the run raised, which marks its W&B run failed, or with
+        ``preempted`` (SIGTERM: checkpointed, to be resumed) preempted."""
         if self.enabled:
             self.file.close()
             if self.writer is not None:
                 self.writer.close()
             if self.wandb is not None:
-                self.wandb.finish(failed)
+                self.wandb.finish(failed, preempted)
 
 
 def import_wandb() -> Any:
@@ -130,7 +129,8 @@ def import_wandb() -> Any:
 class WandbRun:
     """The W&B run of a run directory: one id, kept in ``wandb_id`` there, so that
     ``--resume latest`` continues the same W&B run (``resume="allow"``), as open_clip's
-    ``--resume latest`` does.
+    ``--resume latest`` does. A run starting at step 0 (``fresh``: a new run, or one resumed before
+    its first checkpoint, whose history is replaced) starts a new W&B run, with a new id.
 
     Each record goes to W&B as history.jsonl has it, ``{"step": step, **scalars}``, with the
     optimiser step as the charts' x-axis (``define_metric("*", step_metric="step")``), not as
@@ -142,13 +142,14 @@ class WandbRun:
     ``_step``. So W&B keeps every record, those of an interrupted stretch twice at the same steps
     (history.jsonl and TensorBoard keep the resumed run's only)."""
 
-    def __init__(self, directory: Path, settings: WandbSettings, config: dict[str, Any]) -> None:
+    def __init__(self, directory: Path, settings: WandbSettings, config: dict[str, Any], fresh: bool = False) -> None:
         wandb = import_wandb()
+        mode = {"mode": settings.mode} if settings.mode is not None else {}  # else W&B's own (WANDB_MODE)
         try:
             self.run = wandb.init(project=settings.project, entity=settings.entity,
                                   name=settings.name or directory.resolve().name, group=settings.group,
-                                  tags=list(settings.tags), mode=settings.mode, dir=str(directory), config=config,
-                                  id=_wandb_id(directory), resume="allow")
+                                  tags=list(settings.tags), dir=str(directory), config=config,
+                                  id=_wandb_id(directory, fresh), resume="allow", **mode)
         except Exception as error:  # wandb's own (not logged in, server unreachable): said before the first step
             raise ConfigError(f"is set, but W&B could not start the run ({first_line(error)}): log in with "
                               "'wandb login', or set run.wandb.mode=offline", "run.wandb.project") from error
@@ -158,15 +159,18 @@ class WandbRun:
     def log(self, step: int, scalars: dict[str, float]) -> None:
         self.run.log({"step": step, **scalars})
 
-    def finish(self, failed: bool) -> None:
+    def finish(self, failed: bool, preempted: bool = False) -> None:
+        """End the W&B run: finished, failed, or (``preempted``, W&B's ``mark_preempting``) preempted."""
+        if preempted:
+            self.run.mark_preempting()
         self.run.finish(exit_code=1 if failed else 0)
 
 
-def _wandb_id(directory: Path) -> str:
-    """The run directory's W&B run id: the one in its ``wandb_id`` file, or a new one written there
-    (8 characters of W&B's own alphabet)."""
+def _wandb_id(directory: Path, fresh: bool = False) -> str:
+    """The run directory's W&B run id: the one in its ``wandb_id`` file, or (``fresh``, or none
+    there) a new one written there (8 characters of W&B's own alphabet)."""
     path = directory / WANDB_ID_FILE
-    if path.is_file() and (stored := path.read_text().strip()):
+    if not fresh and path.is_file() and (stored := path.read_text().strip()):
         return stored
     new = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
     path.write_text(new + "\n")

@@ -43,7 +43,7 @@ from .accumulate import accumulated_backward, check_accumulable
 from .freeze import freeze
 from .checkpoint import Checkpointer, check_allowed_changes
 from .ema import WeightAverage
-from .logger import TrainLogger
+from .logger import TrainLogger, import_wandb
 from .optim import build_optimizer
 from .schedule import build_scheduler
 from .stop import StopOnSigterm
@@ -86,6 +86,8 @@ def _train(recipe: Recipe, resume: str | None, show_progress: bool, held: contex
     # checks and reads that may fail on some ranks only (rank 0 generates the demo data; each rank
     # reads its own data position): every rank stops with a clear error, none waits in DDP's set-up
     with fail_together("setting up training"):
+        if ctx.is_main and recipe.run.wandb.project is not None:
+            import_wandb()  # a missing package: a config error before anything is built or written
         per_rank = _per_rank_batch(cfg.batch_size, ctx.world_size, cfg.accum_steps)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model = recipe.model.build().to(ctx.device)
@@ -234,8 +236,8 @@ def _train(recipe: Recipe, resume: str | None, show_progress: bool, held: contex
         metrics = _evaluate_run(recipe.eval, model, average, ctx, show_progress, cfg.precision)
         if metrics:
             logger.log(step, metrics)
-    except BaseException:
-        logger.close(failed=True)  # a W&B run is marked failed
+    except BaseException as error:
+        logger.close(failed=True, preempted=isinstance(error, Terminated))  # how W&B marks the run
         raise
     logger.close()
     return TrainResult(output_dir=output_dir, step=step, metrics=metrics, data_counts=data_counts)
