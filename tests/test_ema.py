@@ -11,7 +11,7 @@ from torch import nn
 
 from conftest import tiny_recipe_overrides, train_until_preempted
 from openalign import load_pretrained
-from openalign.errors import ConfigError
+from openalign.errors import ConfigError, OpenAlignError
 from openalign.recipe import load_recipe
 from openalign.train import read_history, train
 from openalign.train.ema import WeightAverage
@@ -86,6 +86,11 @@ def test_a_run_averages_each_step_evaluates_and_checkpoints_the_average_and_resu
     model, _, _ = load_pretrained(_checkpoint(straight, 5) / "ema")
     for name, value in model.state_dict().items():
         assert torch.equal(value, averages[5][name]), name
+
+    with pytest.raises(OpenAlignError, match=r"is the weight average of checkpoint .*step_00000005' \(a model, "
+                                             r"without training state\): resume from .*train.init_from="):
+        train(load_recipe("demo", tiny_recipe_overrides(shapes_root, straight, steps=5) + settings),
+              resume=str(_checkpoint(straight, 5) / "ema"), show_progress=False)
 
     interrupted = tmp_path / "interrupted"
     recipe = load_recipe("demo", tiny_recipe_overrides(shapes_root, interrupted, steps=5) + settings)

@@ -218,6 +218,10 @@ class Checkpointer:
         found = complete_checkpoints(path / "checkpoints")
         if found:
             return found[-1]
+        if path.name == AVERAGE_DIRECTORY and (path.parent / STATE_FILE).is_file():
+            raise OpenAlignError(f"--resume '{spec}' is the weight average of checkpoint '{path.parent}' (a model, "
+                                 f"without training state): resume from '{path.parent}', which restores the average "
+                                 f"too, or start a new run from the average with train.init_from={spec}")
         raise OpenAlignError(f"--resume '{spec}' is neither 'latest', a checkpoint directory (with {STATE_FILE}) "
                              "nor a run directory holding checkpoints/")
 
