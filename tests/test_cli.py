@@ -181,6 +181,18 @@ def test_errors_print_square_brackets_as_written(capsys):
     assert "must be [low, high] with 0 < low <= high <= 1" in " ".join(capsys.readouterr().err.split())
 
 
+def test_version_and_the_shipped_suites_in_the_help(capsys):
+    import openalign
+    from openalign.registry import list_suites
+
+    with pytest.raises(SystemExit) as exit:
+        main(["--version"])
+    assert exit.value.code == 0 and capsys.readouterr().out == f"openalign {openalign.__version__}\n"
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    assert "clippo-fewshot" in list_suites() and ", ".join(list_suites()) in " ".join(capsys.readouterr().out.split())
+
+
 def test_demo_writes_its_report(tmp_path, shapes_root, capsys):
     shutil.copytree(shapes_root, tmp_path / "data")
     overrides = ["model.name=align-test", "data.train.num_train=256", "data.train.num_test=24",

@@ -119,7 +119,8 @@ def test_recipe_overrides_reach_the_model_and_are_validated():
     ("train.weight_decay=-1", "'train.weight_decay' must be a number >= 0"),
     ("train.betas=[0.9, 1.0]", "'train.betas' must be two numbers in \\[0, 1\\)"),
     ("train.eps=-1e-6", "'train.eps' must be a number >= 0"),
-    ("train.warmup_steps=5000", "'train.warmup_steps' must be between 0 and train.steps"),
+    ("train.warmup_steps=5000",
+     "'train.warmup_steps' is 5000, which must be between 0 and train.steps .*: lower train.warmup_steps"),
     # model settings that would fail deep in torch or transformers, or train at chance
     ("model.temperature_init=1e-40", "'model.temperature_init' must be at least 0.0001, got 1e-40"),
     ("model.temperature_init=0", "'model.temperature_init' must be at least 0.0001, got 0"),

@@ -93,6 +93,9 @@ def test_convert_writes_a_table_as_shards_that_inspect_and_the_training_source_r
         assert tar.extractfile("000000001.png").read() == (tmp_path / "images" / "1.png").read_bytes()
     assert main(["data", "inspect", str(out / "*.tar"), "--json"]) == 0
     capsys.readouterr()
+    assert main(["data", "inspect", str(tmp_path / "pairs.csv")]) == 2  # a table, not a shard of it
+    assert "pairs.csv' is a table: data inspect reads webdataset tar shards and TFRecord files; write the table's " \
+           "pairs as shards with 'openalign data convert" in " ".join(capsys.readouterr().err.split())
     transform = ImageTransform(PreprocessConfig(image_size=24, resize_size=24, random_flip=False), train=False)
     source = WebDatasetSourceConfig(urls=str(out / "{00000..00002}.tar"), image_keys="png",
                                     extra_keys={"caption": "caption.txt"}, shuffle_buffer=1)
@@ -169,7 +172,8 @@ def test_convert_skips_and_counts_an_unreadable_image_and_keeps_shards_full(tmp_
         assert tar.extractfile("000000000.taken.json").read() == b'"2024-05-01 12:30:00"'  # a timestamp as text
         assert json.loads(tar.extractfile("000000001.json").read())["table_row"].endswith("pairs.parquet data row 3")
     assert "skipped 2 of 5 rows whose image cannot be read" in caplog.text
-    assert "pairs.parquet data row 2 (broken.jpg): undecodable image: UnidentifiedImageError" in caplog.text
+    assert "pairs.parquet data row 2 (broken.jpg): undecodable image: not an image format PIL reads" in caplog.text
+    assert "BytesIO" not in caplog.text  # PIL's own message names its in-memory file object
     assert "data row 4 (cut.png)" in caplog.text
     # a file the file system will not read (/proc/self/mem: an I/O error) is one skipped row, not the job's end;
     # rows of image bytes are named by their row in the table, counted before rows without a caption are dropped

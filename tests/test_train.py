@@ -845,7 +845,14 @@ def test_resume_refuses_a_changed_recipe_but_allows_more_steps(tmp_path, shapes_
     changed = load_recipe("demo", tiny_overrides(shapes_root, tmp_path, steps=2) + ["eval.tasks=[]", "train.lr=0.5"])
     with pytest.raises(OpenAlignError, match=r"recipe differs .*train.lr: [0-9.e-]+ -> 0.5"):
         train(changed, resume="latest", show_progress=False)
-    longer = load_recipe("demo", tiny_overrides(shapes_root, tmp_path, steps=3) + ["eval.tasks=[]", "run.log_every=3"])
+    with caplog.at_level("WARNING"), pytest.raises(OpenAlignError, match=r"recipe differs .*train.lr"):
+        train(load_recipe("demo", tiny_overrides(shapes_root, tmp_path, steps=2) + [
+            "eval.tasks=[]", "train.lr=0.5", "train.weight_decay=0.5"]), resume="latest", show_progress=False,
+            allow_changes=["train.weight_decay"])
+    assert "resuming with" not in caplog.text  # no word of a change allowed, for a resume refused
+    # the weights a fresh run starts from, which a resume does not read, may change (a path moved, say)
+    longer = load_recipe("demo", tiny_overrides(shapes_root, tmp_path, steps=3) + [
+        "eval.tasks=[]", "run.log_every=3", f"train.init_from={tmp_path / 'elsewhere'}"])
     with caplog.at_level("WARNING"):
         assert train(longer, resume="latest", show_progress=False).step == 3
     assert "train.steps changed from 2 to 3" in caplog.text

@@ -19,10 +19,12 @@ from rich.logging import RichHandler
 from rich.markup import escape
 
 from .distributed import PeerFailure, shutdown, world_info
+from . import __version__
 from .errors import ConfigError, OpenAlignError, Terminated
 from .files import not_a_file, replaceable, starts_with
 from .precision import PRECISIONS, precision_scope
 from .progress import console
+from .registry import list_suites
 
 log = logging.getLogger("openalign")
 
@@ -409,6 +411,7 @@ def _runs(command: argparse.ArgumentParser, func: Callable[[argparse.Namespace],
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="openalign", description="Train, evaluate and use ALIGN-family models.")
+    parser.add_argument("--version", action="version", version=f"openalign {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -528,7 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
     examples.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     examples.add_argument("--precision", default="auto", choices=PRECISIONS, help=precision_help)
     _runs(examples, _cmd_eval_examples)
-    suite = tasks.add_parser("suite", help="run a list of tasks from a suite file (shipped: align, alip, clippo)")
+    suite = tasks.add_parser("suite", help=f"run a list of tasks from a suite file (shipped: "
+                                           f"{', '.join(list_suites())})")
     suite.add_argument("suite", help="a shipped suite name or a suite YAML file")
     suite.add_argument("--model", "--checkpoint", dest="model", required=True)
     suite.add_argument("--out", required=True, help="directory for one result JSON per task")

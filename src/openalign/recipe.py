@@ -119,7 +119,8 @@ class TrainConfig:
         if self.eps < 0:
             raise ConfigError("must be a number >= 0", "eps")
         if not 0 <= self.warmup_steps <= self.steps:
-            raise ConfigError(f"must be between 0 and train.steps ({self.steps})", "warmup_steps")
+            raise ConfigError(f"is {self.warmup_steps}, which must be between 0 and train.steps ({self.steps}): lower "
+                              f"train.warmup_steps, or raise train.steps", "warmup_steps")
         if not 0 <= self.cooldown_steps <= self.steps:
             raise ConfigError(f"must be between 0 and train.steps ({self.steps})", "cooldown_steps")
         if self.rsqrt_timescale is not None and self.rsqrt_timescale < 1:

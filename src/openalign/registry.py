@@ -27,6 +27,11 @@ def list_models() -> list[str]:
     return _names("models")
 
 
+def list_suites() -> list[str]:
+    """Names of the shipped evaluation suites (``align``, ``clippo-fewshot``, ...)."""
+    return _names("suites")
+
+
 def list_recipes() -> list[str]:
     """Names of the shipped experiment recipes (``align-b3-mini-cc3m``, ...)."""
     return _names("recipes")

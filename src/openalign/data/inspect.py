@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from ..errors import OpenAlignError
 from ..progress import progress_bar
 from .quality import (NO_IMAGE, REPEATED_FIELD, UNDECODABLE_IMAGE, UNDECODABLE_RECORD, SkipSample,
                       open_image)
@@ -41,6 +42,10 @@ def inspect_shards(patterns: Sequence[str], text_key: str = "txt", image_keys: S
     {mode: count}. ``text_key`` and ``drop_non_descriptive`` are the training source's (several
     ``;``-separated members: the first usable one is measured)."""
     shards = [url for pattern in patterns for url in expand_urls(pattern, "shards")]
+    if tables := [url for url in shards if url.lower().endswith((".csv", ".tsv", ".parquet"))]:
+        raise OpenAlignError(f"'{tables[0]}' is a table: data inspect reads webdataset tar shards and TFRecord "
+                             "files; write the table's pairs as shards with 'openalign data convert TABLE --out DIR' "
+                             "(or train from it as it is: data.train.type=table)")
     skipped: Counter[str] = Counter()
     captions: Counter[str] = Counter()
     sizes: Counter[str] = Counter()

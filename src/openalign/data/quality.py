@@ -116,6 +116,9 @@ def open_image(data: bytes | None, min_side: int = 1) -> Image.Image:
             image = Image.open(io.BytesIO(data))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise SkipSample(IMAGE_TOO_LARGE, str(error)) from None
+    except Image.UnidentifiedImageError:  # its message names the BytesIO object: <_io.BytesIO object at 0x7f...>
+        raise SkipSample(UNDECODABLE_IMAGE, f"not an image format PIL reads ({len(data)} bytes, starting "
+                                            f"{data[:8]!r})") from None
     except Exception as error:  # noqa: BLE001 - unknown format, corrupt header: all unreadable
         raise SkipSample(UNDECODABLE_IMAGE, f"{type(error).__name__}: {error}") from None
     if min(image.size) < min_side:

@@ -204,8 +204,8 @@ class RetrievalEvalConfig(EvalTaskConfig, tag="retrieval"):
         if not self.recall_k or any(k < 1 for k in self.recall_k):
             raise ConfigError(f"must be one or more k of at least 1, got {list(self.recall_k)}", "recall_k")
         if self.contrastive_batch is not None and self.contrastive_batch < 2:
-            raise ConfigError("must be at least 2 (each image against the other texts of its batch), or null for no "
-                              "contrastive metrics", "contrastive_batch")
+            raise ConfigError("must be at least 2: each image is told from the other texts of its batch",
+                              "contrastive_batch")
 
     @property
     def dataset(self) -> str:

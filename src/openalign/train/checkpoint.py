@@ -314,9 +314,10 @@ class Checkpointer:
         return self._read(self.resumed_from, name, _holding(read_json, "counts"))
 
 
-# Settings a resumed run may change: where it runs, how it logs, evaluates and reads data.
+# Settings a resumed run may change: where it runs, how it logs, evaluates and reads data; and the
+# weights a fresh run starts from, which a resumed one does not read (its checkpoint holds its weights)
 RESUMABLE_CHANGES = ("train.device", "train.compile", "train.accum_steps", "train.grad_checkpointing",
-                     "data.num_workers", "run.", "eval.")
+                     "train.init_from", "data.num_workers", "run.", "eval.")
 
 
 def check_resumable(saved: dict[str, Any], current: dict[str, Any], path: Path,
@@ -339,14 +340,8 @@ def check_resumable(saved: dict[str, Any], current: dict[str, Any], path: Path,
                              f"{after[fixed[0]]!r}): it decides which parameters the optimiser holds and how, and "
                              f"the saved optimiser state fits no other; start a new run (another run.output_dir) with "
                              f"train.init_from={path}: its weights, a fresh optimiser")
-    if permitted := sorted(key for key in old.keys() & new.keys()
-                           if old[key] != new[key] and any(_under(key, name) for name in allowed)):
-        log.warning("resuming with %s, as --allow-change permits: the run continues as one never stopped only if "
-                    "the change leaves what it trains on and how the same", "; ".join(
-                        f"{key} changed from {old[key]!r} to {new[key]!r}" for key in permitted), extra=RANK_ZERO_ONLY)
-    if added := sorted(key for key in new.keys() - old.keys() if not key.startswith(RESUMABLE_CHANGES)):
-        log.warning("checkpoint '%s' predates the setting(s) %s: the resumed run uses %s", path, ", ".join(added),
-                    ", ".join(f"{key}={new[key]!r}" for key in added), extra=RANK_ZERO_ONLY)
+    permitted = sorted(key for key in old.keys() & new.keys()
+                       if old[key] != new[key] and any(_under(key, name) for name in allowed))
     changed = sorted(key for key in old.keys() | new.keys()
                      if key in old and old.get(key) != new.get(key) and not key.startswith(RESUMABLE_CHANGES)
                      and key != "train.steps" and key not in permitted)
@@ -357,6 +352,13 @@ def check_resumable(saved: dict[str, Any], current: dict[str, Any], path: Path,
                              f"change that leaves the run the same (a dataset moved to another path), pass "
                              f"--allow-change {changed[0]}; or start a new run (another run.output_dir) initialised "
                              "from these weights.")
+    if permitted:  # warned of once the resume is sure to go on
+        log.warning("resuming with %s, as --allow-change permits: the run continues as one never stopped only if "
+                    "the change leaves what it trains on and how the same", "; ".join(
+                        f"{key} changed from {old[key]!r} to {new[key]!r}" for key in permitted), extra=RANK_ZERO_ONLY)
+    if added := sorted(key for key in new.keys() - old.keys() if not key.startswith(RESUMABLE_CHANGES)):
+        log.warning("checkpoint '%s' predates the setting(s) %s: the resumed run uses %s", path, ", ".join(added),
+                    ", ".join(f"{key}={new[key]!r}" for key in added), extra=RANK_ZERO_ONLY)
     if old.get("train.steps") != new.get("train.steps"):
         log.warning("train.steps changed from %s to %s: the learning-rate schedule continues on the new length, so "
                     "the run differs from one that used it from the start", old.get("train.steps"),
