@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import re
+import json
 import shutil
 import sys
 import types
@@ -24,7 +25,8 @@ import openalign
 from openalign import inference
 from openalign.cli import main
 from openalign.errors import OpenAlignError
-from openalign.inference import classify, embed_folder, optimize_for_inference, read_index, search, write_index
+from openalign.inference import (classify, embed_folder, find_images, optimize_for_inference, read_index, search,
+                                 write_index)
 
 LABELS = ["a red square", "a green square", "a blue square"]
 GOOD_IMAGES = ["blue.png", "green.jpg", "nested/deeper/noise.PNG", "nested/red.png", "white.webp"]
@@ -374,7 +376,7 @@ def test_search_with_faiss_matches_brute_force(monkeypatch):
     assert len(calls) == 2 and real(index, F.normalize(queries.float(), dim=-1), 1) is not None  # faiss answered
 
 
-def test_embed_classify_and_search_commands(model_dir, loaded, image_dir, tmp_path, capsys, monkeypatch):
+def test_embed_classify_and_search_commands(model_dir, loaded, image_dir, tmp_path, capsys, monkeypatch, caplog):
     monkeypatch.setenv("COLUMNS", "400")  # wide tables: paths stay on one line
     out = tmp_path / "index.parquet"
     assert main(["embed", "--model", str(model_dir), "--images", str(image_dir), "--out", str(out),
@@ -416,6 +418,16 @@ def test_embed_classify_and_search_commands(model_dir, loaded, image_dir, tmp_pa
         line = next(line for line in table.splitlines() if image in line)
         assert [f"{p:.3f}" for p in row] == line.replace("│", " ").split()[1:]
     assert all(label in table for label in LABELS)
+    # a directory (or a glob) classifies its images, as embed takes them; an unreadable file is skipped and counted
+    caplog.clear()
+    assert main(["classify", "--model", str(model_dir), str(image_dir), "--labels", ",".join(LABELS),
+                 "--format", "jsonl"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    readable, files = embed_folder(model, preprocess, image_dir)[0], find_images(image_dir)
+    assert [row["image"] for row in rows] == readable and len(readable) < len(files)
+    assert f"skipped {len(files) - len(readable)} of {len(files)} files that could not be read" in caplog.text
+    assert main(["classify", "--model", str(model_dir), str(image_dir / "corrupt.png"), "--labels", "a cat"]) == 2
+    assert "none of the 1 image files could be read (first:" in " ".join(capsys.readouterr().err.split())
 
     assert main(["search", "--index", str(out), "--model", str(model_dir), "a red square", "-k", "3"]) == 0
     table = capsys.readouterr().out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import logging
 import os
@@ -272,7 +273,7 @@ def _cmd_classify(args: argparse.Namespace) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    from .inference import DEFAULT_TEMPLATES, check_labels, classify
+    from .inference import DEFAULT_TEMPLATES, check_labels, classify_files, find_images
 
     if args.labels_file:
         try:
@@ -286,31 +287,35 @@ def _cmd_classify(args: argparse.Namespace) -> None:
         raise OpenAlignError(f"{given} names no label; give comma-separated labels ('a cat,a dog') or a file of "
                              "one label per line (--labels-file)")
     check_labels(labels, given)  # before the model loads, as the images are
-    if missing := [image for image in args.images if not Path(image).is_file()]:
-        raise OpenAlignError(f"{len(missing)} of the {len(args.images)} images are not files: "
+    # a directory (recursively) or a glob pattern: its image files, as embed takes them; a file as it is
+    named = [image for image in args.images if not (Path(image).is_dir() or glob.has_magic(image))]
+    if missing := [image for image in named if not Path(image).is_file()]:
+        raise OpenAlignError(f"{len(missing)} of the {len(named)} images are not files: "
                              f"{', '.join(f'{image!r} {not_a_file(image)}' for image in missing[:5])}"
                              f"{' ...' if len(missing) > 5 else ''}")
+    images = [path for image in args.images
+              for path in ([image] if image in named else find_images(image))]
     model, preprocess, tokenizer = _inference_model(args)
     templates = DEFAULT_TEMPLATES if args.templates == "default" else None
-    probabilities = classify(model, preprocess, tokenizer, args.images, labels, templates, args.batch_size)
+    images, probabilities = classify_files(model, preprocess, tokenizer, images, labels, templates, args.batch_size)
     if args.format != "table":
         _print_records(args.format, [{"image": image, "probabilities": dict(zip(labels, row))}
-                                     for image, row in zip(args.images, probabilities.tolist())])
+                                     for image, row in zip(images, probabilities.tolist())])
         return
     console = Console()
     table = Table(title=Text(f"zero-shot probabilities ({model.config.name})"))
-    wide = max(cell_len(_shown(image)) for image in args.images) + sum(
+    wide = max(cell_len(_shown(image)) for image in images) + sum(
         max(cell_len(_shown(label)), 5) + 3 for label in labels) + 4  # terminal cells: a CJK character takes two
     if wide <= console.width:  # a column per label
         table.add_column("image", overflow="fold")
         for label in labels:
             table.add_column(Text(_shown(label)), justify="right", no_wrap=True)
-        for image, row in zip(args.images, probabilities.tolist()):
+        for image, row in zip(images, probabilities.tolist()):
             table.add_row(Text(_shown(image)), *(f"{p:.3f}" for p in row))
     else:  # too many labels for the width: a row per label, most probable first, never squeezed to '0.…'
         for column, justify in (("image", "left"), ("label", "left"), ("probability", "right")):
             table.add_column(column, justify=justify, overflow="fold", no_wrap=column == "probability")
-        for image, row in zip(args.images, probabilities.tolist()):
+        for image, row in zip(images, probabilities.tolist()):
             ranked = sorted(zip(row, labels), key=lambda pair: -pair[0])
             for place, (p, label) in enumerate(ranked):
                 table.add_row(Text(_shown(image) if place == 0 else ""), Text(_shown(label)), f"{p:.3f}",
@@ -563,7 +568,9 @@ def build_parser() -> argparse.ArgumentParser:
     _runs(embed, _cmd_embed)
 
     classify = commands.add_parser("classify", help="zero-shot probabilities of labels for images")
-    classify.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    classify.add_argument("images", nargs="+", metavar="IMAGE",
+                          help="image files, directories (searched recursively) or glob patterns; files that do not "
+                               "read as images are skipped and counted")
     classify.add_argument("--model", required=True, help=model_help)
     labels = classify.add_mutually_exclusive_group(required=True)
     labels.add_argument("--labels", help="comma-separated labels, e.g. 'a cat,a dog'")

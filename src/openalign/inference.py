@@ -111,13 +111,37 @@ def classify(model: nn.Module, preprocess: Preprocess, tokenizer: Tokenizer, ima
         raise OpenAlignError("classify needs at least one image and one label")
     check_labels(labels, tokenizer=tokenizer)
     with eval_mode(model):  # a model fresh from create_model is in train mode: batch statistics, dropout
-        if templates:
-            classes = zero_shot_classifier(model, tokenizer, labels, templates, batch_size)
-        else:
-            classes = embed_texts(model, tokenizer, list(labels), model_device(model), batch_size, show_progress=False)
+        classes = _label_embeddings(model, tokenizer, labels, templates, batch_size)
         batches = (images[start:start + batch_size] for start in range(0, len(images), batch_size))
         image_embeddings = torch.cat([encode_images(model, torch.stack([_pixels(image, preprocess) for image in batch]))
                                       for batch in batches])
+    return _probabilities(model, image_embeddings, classes)
+
+
+def classify_files(model: nn.Module, preprocess: Preprocess, tokenizer: Tokenizer, paths: Sequence[str | Path],
+                   labels: Sequence[str], templates: Sequence[str] | None = None, batch_size: int = 64,
+                   num_workers: int = 0) -> tuple[list[str], torch.Tensor]:
+    """:func:`classify` for image files, as ``openalign classify`` runs it: ``(paths, probabilities)``
+    of the files that read as images, in the order given; the others are skipped and counted in a
+    logged warning, as :func:`embed_folder` skips them (an error if none reads)."""
+    check_labels(labels, tokenizer=tokenizer)
+    with eval_mode(model):
+        classes = _label_embeddings(model, tokenizer, labels, templates, batch_size)
+        kept, image_embeddings = embed_files(model, preprocess, [str(path) for path in paths], batch_size, num_workers,
+                                             "classifying images")
+    return kept, _probabilities(model, image_embeddings, classes)
+
+
+def _label_embeddings(model: nn.Module, tokenizer: Tokenizer, labels: Sequence[str],
+                      templates: Sequence[str] | None, batch_size: int) -> torch.Tensor:
+    """The labels' embeddings, as written or (``templates``) as the renormalised mean of their prompts."""
+    if templates:
+        return zero_shot_classifier(model, tokenizer, labels, templates, batch_size)
+    return embed_texts(model, tokenizer, list(labels), model_device(model), batch_size, show_progress=False)
+
+
+def _probabilities(model: nn.Module, image_embeddings: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """The softmax over labels of ``logit_scale`` × cosine, in fp32 on the CPU."""
     logits = model.logit_scale.detach().float().cpu() * image_embeddings @ classes.T
     return logits.softmax(dim=-1)
 
@@ -151,13 +175,19 @@ def embed_folder(model: nn.Module, preprocess: Preprocess, images: str | Path, b
     read as images are skipped and counted in a logged warning; the
     returned paths are those of the embedded images, in sorted order, one per embedding row.
     """
-    candidates = find_images(images)
+    return embed_files(model, preprocess, find_images(images), batch_size, num_workers)
+
+
+def embed_files(model: nn.Module, preprocess: Preprocess, candidates: Sequence[str], batch_size: int = 64,
+                num_workers: int = 0, description: str = "embedding images") -> tuple[list[str], torch.Tensor]:
+    """``(paths, embeddings)`` of the image files ``candidates`` that read as images, in their
+    order; the others are skipped and counted in a logged warning (an error if none reads)."""
     loader = DataLoader(_ImageFiles(candidates, preprocess), batch_size=batch_size, num_workers=num_workers,
                         collate_fn=_collate)
     kept: list[int] = []
     chunks: list[torch.Tensor] = []
     failures: list[tuple[str, str]] = []
-    with progress_bar("embedding images", len(candidates)) as advance, eval_mode(model):
+    with progress_bar(description, len(candidates)) as advance, eval_mode(model):
         for indices, pixels, errors in loader:
             if indices:
                 kept.extend(indices)
@@ -169,7 +199,8 @@ def embed_folder(model: nn.Module, preprocess: Preprocess, images: str | Path, b
         log.warning("skipped %d of %d files that could not be read as images (first: %s: %s)",
                     len(failures), len(candidates), path, message)
     if not kept:
-        raise OpenAlignError(f"none of the {len(candidates)} image files under '{images}' could be read")
+        path, message = failures[0]
+        raise OpenAlignError(f"none of the {len(candidates)} image files could be read (first: {path}: {message})")
     return [candidates[index] for index in kept], torch.cat(chunks)
 
 
