@@ -76,6 +76,14 @@ def test_karpathy_reader_errors_name_the_problem(tmp_path, shapes_root):
         read_karpathy(shapes_root / "dataset_shapes.json", "val")
 
 
+def test_karpathy_splits_join_with_a_plus_as_cocos_train_and_restval_do(shapes_root):
+    joined = read_karpathy(shapes_root / "dataset_shapes.json", "train+test")  # in the file's order
+    train, test = (read_karpathy(shapes_root / "dataset_shapes.json", split) for split in ("train", "test"))
+    assert joined == train + test and len(test) == 24
+    with pytest.raises(OpenAlignError, match="has no images in split 'val'; its splits are: test, train"):
+        read_karpathy(shapes_root / "dataset_shapes.json", "test+val")  # Flickr30k's file has no restval, say
+
+
 def test_karpathy_reader_skips_empty_captions_with_a_count_and_rejects_malformed_entries(tmp_path, caplog):
     def write(images):
         (tmp_path / "d.json").write_text(json.dumps({"images": images}))

@@ -35,6 +35,8 @@ def read_karpathy(json_path: str | Path, split: str, image_root: str | Path | No
 
     ``image_root`` defaults to the JSON's directory. Karpathy's COCO file splits into
     ``train``, ``restval``, ``val`` and ``test``; Flickr30k's into ``train``, ``val``, ``test``.
+    ``split`` may join several with ``+``: ``train+restval`` is COCO's 113,287 training images,
+    the "Karpathy train split" of most papers (``train`` alone is 82,783).
 
     ALBEF's and BLIP's annotation files (shared spec alip.md §6.2) are read too: a JSON list of
     ``{"image": path under image_root, "caption": text or list of texts}``, one file per split
@@ -56,12 +58,14 @@ def read_karpathy(json_path: str | Path, split: str, image_root: str | Path | No
         raise OpenAlignError(f"'{json_path}' is not a Karpathy-style caption file (expected "
                              f"{{\"images\": [{{\"filename\", \"split\", \"sentences\": [{{\"raw\"}}]}}]}}): {error}") from None
     root = Path(image_root) if image_root is not None else json_path.parent
+    wanted, found = set(split.split("+")), set()
     items, empty_captions, uncaptioned = [], 0, 0
     for number, entry in enumerate(entries):
         if not isinstance(entry, dict):
             raise OpenAlignError(f"'{json_path}': images[{number}] is not an object")
-        if entry.get("split") != split:
+        if entry.get("split") not in wanted:
             continue
+        found.add(entry["split"])
         name = entry.get("filename")
         sentences = entry.get("sentences")
         if not isinstance(name, str) or not name or not isinstance(sentences, list):
@@ -80,9 +84,10 @@ def read_karpathy(json_path: str | Path, split: str, image_root: str | Path | No
     if empty_captions or uncaptioned:
         log.warning("'%s' split '%s': skipped %d empty caption(s) and %d image(s) left without a caption",
                     json_path, split, empty_captions, uncaptioned)
-    if not items:
+    if not items or (missing := sorted(wanted - found)):
         splits = sorted({str(e.get("split")) for e in entries})
-        raise OpenAlignError(f"'{json_path}' has no images in split '{split}'; its splits are: {', '.join(splits)}")
+        raise OpenAlignError(f"'{json_path}' has no images in split '{missing[0] if items else split}'; its splits "
+                             f"are: {', '.join(splits)}")
     return items
 
 
@@ -90,7 +95,7 @@ def _read_annotation_list(json_path: Path, entries: list, split: str, image_root
                           ) -> list[CaptionedImage]:
     """ALBEF's and BLIP's ``[{"image", "caption"}]`` files (see :func:`read_karpathy`)."""
     named = set(re.findall(r"(?<![a-z])(train|restval|val|test)(?![a-z])", json_path.stem.lower()))
-    if named and split not in named:
+    if named and not named & set(split.split("+")):
         raise OpenAlignError(f"'{json_path}' holds one split, and its name says {', '.join(sorted(named))}, not "
                              f"'{split}': name the {split} file (ALBEF's and BLIP's annotations come one file per "
                              "split)")
