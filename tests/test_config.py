@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import pytest
@@ -86,6 +87,32 @@ def test_overrides_set_nested_keys_list_items_and_parse_values():
 def test_every_shipped_recipe_is_valid(name):
     recipe = load_recipe(name)
     assert recipe.train.steps > 0 and recipe.model.embed_dim > 0
+
+
+def test_the_fine_tuning_recipes_carry_the_papers_settings_and_name_their_two_retrieval_tasks():
+    """ALIGN §5.1: batch 2,048, lr 1e-5, 3k steps on Flickr30K and 6k on COCO (Karpathy's train+restval)."""
+    flickr, coco = load_recipe("align-b7-base-finetune-flickr30k"), load_recipe("align-b7-base-finetune-coco")
+    for recipe, steps in ((flickr, 3000), (coco, 6000)):
+        assert (recipe.train.batch_size, recipe.train.lr, recipe.train.steps) == (2048, 1e-5, steps)
+        assert recipe.train.init_from == "kakaobrain/align-base"
+        assert [(task.split, task.contrastive_batch) for task in recipe.eval.tasks] == [("test", None), ("val", 256)]
+        assert recipe.eval.prefixes() == ["retrieval_test", "retrieval_val"]
+    assert coco.data.train.split == "train+restval"
+
+
+def test_evaluation_tasks_of_one_type_need_names_for_their_metrics():
+    """Two retrieval tasks (a test and a val split) wrote the same retrieval/... metrics: the second's
+    replaced the first's in the history, W&B and the result."""
+    two = ["eval.tasks=[{task: retrieval, json: a.json}, {task: retrieval, json: a.json, split: val}]"]
+    with pytest.raises(ConfigError, match=r"'eval.tasks' has several tasks named 'retrieval', whose metrics would "
+                                          r"replace each other's: name .* eval.names "
+                                          r"\(e.g. \[retrieval, retrieval_2\]\)"):
+        load_recipe("demo", two)
+    assert load_recipe("demo", two + ["eval.names=[test, val]"]).eval.prefixes() == ["test", "val"]
+    for names, message in (("[test]", "gives 1 names for 2 tasks"), ("[a/b, c]", "has 'a/b'"),
+                           ("[x, x]", "has several tasks named 'x'")):
+        with pytest.raises(ConfigError, match=rf"'eval.names' {re.escape(message)}"):
+            load_recipe("demo", two + [f"eval.names={names}"])
 
 
 def test_coyo_align_recipes_carry_the_published_settings():

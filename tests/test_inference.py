@@ -426,6 +426,12 @@ def test_embed_classify_and_search_commands(model_dir, loaded, image_dir, tmp_pa
     readable, files = embed_folder(model, preprocess, image_dir)[0], find_images(image_dir)
     assert [row["image"] for row in rows] == readable and len(readable) < len(files)
     assert f"skipped {len(files) - len(readable)} of {len(files)} files that could not be read" in caplog.text
+    odd = tmp_path / "photo[1].png"  # glob characters in a file's own name: the file itself
+    shutil.copy(image_dir / "blue.png", odd)
+    assert main(["classify", "--model", str(model_dir), str(odd), str(image_dir / "blue.png"), str(odd),
+                 "--labels", ",".join(LABELS), "--format", "jsonl"]) == 0  # each image once
+    assert [json.loads(line)["image"] for line in capsys.readouterr().out.splitlines()] == [
+        str(odd), str(image_dir / "blue.png")]
     assert main(["classify", "--model", str(model_dir), str(image_dir / "corrupt.png"), "--labels", "a cat"]) == 2
     assert "none of the 1 image files could be read (first:" in " ".join(capsys.readouterr().err.split())
 

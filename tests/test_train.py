@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 import openalign
 from conftest import tiny_recipe_overrides, train_until_preempted
+from openalign.config import from_dict
 from openalign.distributed import DistributedContext
 from openalign.errors import ConfigError, OpenAlignError
 from openalign.recipe import load_recipe
@@ -1072,3 +1073,16 @@ def test_evaluation_runs_at_the_runs_precision_also_when_resuming_a_finished_run
     # the new final evaluation replaces the earlier one: the history reads as one run
     assert [(r["step"], "loss" in r) for r in read_history(tmp_path)] == [(1, True), (1, False), (2, True),
                                                                            (2, False)]
+
+
+def test_evaluation_metrics_are_named_by_eval_names(shapes_root):
+    """Two tasks of one type, a name each: neither's metrics replace the other's."""
+    from openalign.recipe import EvalConfig
+    from openalign.train.loop import evaluate
+
+    task = {"task": "shapes", "root": str(shapes_root), "knn_memory_size": 8}
+    config = from_dict(EvalConfig, {"tasks": [task, {**task, "knn_memory_size": 16}], "names": ["few", "more"]})
+    metrics = evaluate(config, openalign.create_model("align-test"), DistributedContext(0, 1, 0, torch.device("cpu")),
+                       show_progress=False)
+    assert {"few/knn_shape_acc1", "more/knn_shape_acc1"} <= set(metrics)
+    assert not any(key.startswith("shapes/") for key in metrics)

@@ -23,7 +23,7 @@ from .recipe import Recipe, load_recipe
 from .train import read_history, train
 
 DEMO_MARKER = ".openalign-demo"  # what tells a demo's own run directory, which it may start afresh
-STALE = ("checkpoints", "tensorboard", "wandb_id", "wandb")  # a fresh W&B run too
+STALE = ("checkpoints", "tensorboard")  # a run from step 0 is a new W&B run anyway; unsynced offline ones are kept
 METRIC_LABELS = {
     "image_retrieval_recall@1": "text→image R@1", "image_retrieval_recall@5": "text→image R@5",
     "image_retrieval_recall@10": "text→image R@10", "text_retrieval_recall@1": "image→text R@1",
@@ -48,17 +48,15 @@ def run_demo(output_dir: str | Path = "runs/demo", overrides: tuple[str, ...] = 
         # held before the stale run is deleted: a demo running there keeps its checkpoints
         (output_dir / DEMO_MARKER).write_text("made by 'openalign demo', which starts it afresh each time\n")
         for stale in STALE:  # the demo trains from step 0 each time
-            if (output_dir / stale).is_dir():
-                shutil.rmtree(output_dir / stale, ignore_errors=True)
-            else:
-                (output_dir / stale).unlink(missing_ok=True)
+            shutil.rmtree(output_dir / stale, ignore_errors=True)
         started = time.perf_counter()
         result = train(recipe, show_progress=show_progress)
         seconds = time.perf_counter() - started
-    evaluated = next(task for task in recipe.eval.tasks if isinstance(task, ShapesEvalConfig))  # its data, wherever
+    evaluated, prefix = next((task, prefix) for task, prefix in zip(recipe.eval.tasks, recipe.eval.prefixes())
+                             if isinstance(task, ShapesEvalConfig))  # its data, wherever
     # the model's shapes metrics: not another task's, nor those of a weight average (ema/shapes/...)
-    metrics = {key.removeprefix(f"{evaluated.name}/"): value for key, value in result.metrics.items()
-               if key.startswith(f"{evaluated.name}/")}
+    metrics = {key.removeprefix(f"{prefix}/"): value for key, value in result.metrics.items()
+               if key.startswith(f"{prefix}/")}
     report = {"dataset": "shapes", "model": recipe.model.name, "task": "demo", "metrics": metrics,
               "chance": shapes_chance_levels(Path(evaluated.root)), "train": _train_summary(recipe, seconds)}
     write_report(output_dir, report, read_history(output_dir))

@@ -182,6 +182,8 @@ def embed_files(model: nn.Module, preprocess: Preprocess, candidates: Sequence[s
                 num_workers: int = 0, description: str = "embedding images") -> tuple[list[str], torch.Tensor]:
     """``(paths, embeddings)`` of the image files ``candidates`` that read as images, in their
     order; the others are skipped and counted in a logged warning (an error if none reads)."""
+    if not candidates:
+        raise OpenAlignError("no image files to embed")
     loader = DataLoader(_ImageFiles(candidates, preprocess), batch_size=batch_size, num_workers=num_workers,
                         collate_fn=_collate)
     kept: list[int] = []

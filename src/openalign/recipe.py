@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -179,16 +180,44 @@ class RunSettings:
 
 @dataclass
 class EvalConfig:
-    """Evaluation tasks run every ``every`` steps during training (0: only at the end)."""
+    """Evaluation tasks run every ``every`` steps during training (0: only at the end). Each
+    task's metrics are named ``<prefix>/<metric>``, the prefix being its type (``retrieval``) or,
+    with ``names``, its name there: tasks of one type need names, or one's metrics would replace
+    the other's (a test and a val split's retrieval)."""
 
     tasks: list[EvalTaskConfig] = field(default_factory=list)
     every: int = 0
     batch_size: int = 256
+    names: list[str] | None = None
 
     def __post_init__(self) -> None:
         if self.every < 0:
             raise ConfigError("must be 0 (only at the end) or more", "every")
         require_at_least(self, 1, "batch_size")
+        if self.names is not None and len(self.names) != len(self.tasks):
+            raise ConfigError(f"gives {len(self.names)} names for {len(self.tasks)} tasks: one per task, in order",
+                              "names")
+        if self.names is not None and (bad := [name for name in self.names if not name.strip() or "/" in name]):
+            raise ConfigError(f"has {bad[0]!r}: a name prefixes its task's metrics, so it must be non-blank and "
+                              "without '/'", "names")
+        if repeated := sorted(name for name, count in Counter(self.prefixes()).items() if count > 1):
+            types = [task.name for task in self.tasks]
+            raise ConfigError(f"has several tasks named {repeated[0]!r}, whose metrics would replace each other's: "
+                              f"name each task's metrics with eval.names (e.g. {self._example(types)})", "names"
+                              if self.names is not None else "tasks")
+
+    def prefixes(self) -> list[str]:
+        """Each task's metric prefix, in order."""
+        return list(self.names) if self.names is not None else [task.name for task in self.tasks]
+
+    @staticmethod
+    def _example(types: list[str]) -> str:
+        counts: Counter[str] = Counter()
+        names = []
+        for kind in types:
+            counts[kind] += 1
+            names.append(kind if counts[kind] == 1 else f"{kind}_{counts[kind]}")
+        return f"[{', '.join(names)}]"
 
 
 @dataclass

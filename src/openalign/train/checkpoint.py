@@ -249,12 +249,13 @@ class Checkpointer:
         self._check_no_later_checkpoints(path, step)
         load_state(model, self._read(path, WEIGHTS_FILE, read_safetensors), f"checkpoint '{path / WEIGHTS_FILE}'")
         # the optimiser's settings are the recipe's, not the checkpoint's: a rate or decay changed under
-        # --allow-change applies (loading the state would bring back the old ones), and so does the device's
-        # kernel choice (AdamW's fused flag); its moments and step counts are the checkpoint's
-        settings = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
-        optimizer.load_state_dict(state["optimizer"])
-        for group, recipes in zip(optimizer.param_groups, settings):
-            group.update(recipes)
+        # --allow-change applies (loading the state would bring back the old ones), and so does this device's
+        # kernel choice (AdamW's fused flag, by which torch places the loaded step counts: given before the
+        # load); its moments and step counts are the checkpoint's
+        saved = state["optimizer"]
+        optimizer.load_state_dict({**saved, "param_groups": [
+            {**group, **{key: value for key, value in current.items() if key != "params"}}
+            for group, current in zip(saved["param_groups"], optimizer.param_groups)]})
         load_scheduler_state(scheduler, state["scheduler"])
         loss_fn.load_state_dict(state["loss"])
         if scaler is not None and scaler.is_enabled() and "scaler" in state:  # absent: another precision's run

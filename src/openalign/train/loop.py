@@ -407,12 +407,12 @@ def evaluate(config: EvalConfig, model: nn.Module, ctx: DistributedContext, show
     if config.tasks:
         average_buffers(model)
     metrics: dict[str, float] = {}
-    for task in config.tasks:
+    for task, prefix in zip(config.tasks, config.prefixes()):
         with precision_scope(precision):
             results = task.run(model, ctx.device, config.batch_size, show_progress and ctx.is_main)
-        metrics.update({f"{task.name}/{key}": value for key, value in results.items()})
+        metrics.update({f"{prefix}/{key}": value for key, value in results.items()})
         if ctx.is_main:
-            log.info("evaluation %s: %s", task.name, ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
+            log.info("evaluation %s: %s", prefix, ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
     barrier()
     return metrics
 
