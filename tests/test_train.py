@@ -594,7 +594,8 @@ def test_evaluation_data_that_cannot_be_used_is_an_error_before_the_first_step(t
         f"{{task: zeroshot, root: '{tmp_path / 'train'}', classnames: '{tmp_path / 'names.txt'}'}}, "
         f"{{task: zeroshot, root: '{tmp_path / 'train'}', templates_file: '{tmp_path / 'prompts.txt'}'}}, "
         f"{{task: knn, train_root: '{tmp_path / 'train'}', val_root: '{tmp_path / 'val'}'}}, "
-        f"{{task: retrieval, json: '{tmp_path / 'coco.json'}'}}, {{task: shapes, root: '{tmp_path / 'train'}'}}]"])
+        f"{{task: retrieval, json: '{tmp_path / 'coco.json'}'}}, {{task: shapes, root: '{tmp_path / 'train'}'}}]",
+        "eval.names=[shapes, zeroshot_1, zeroshot_2, knn, retrieval, shapes_2]"])
     with pytest.raises(ConfigError) as raised:
         train(recipe, show_progress=False)
     problems = re.split(r"; (?=eval\.tasks\[)", str(raised.value))
