@@ -106,7 +106,7 @@ def test_evaluation_tasks_of_one_type_need_names_for_their_metrics():
     two = ["eval.tasks=[{task: retrieval, json: a.json}, {task: retrieval, json: a.json, split: val}]"]
     with pytest.raises(ConfigError, match=r"'eval.tasks' has several tasks named 'retrieval', whose metrics would "
                                           r"replace each other's: name .* eval.names "
-                                          r"\(e.g. \[retrieval, retrieval_2\]\)"):
+                                          r"\(e.g. \[retrieval_1, retrieval_2\]\)"):
         load_recipe("demo", two)
     assert load_recipe("demo", two + ["eval.names=[test, val]"]).eval.prefixes() == ["test", "val"]
     for names, message in (("[test]", "gives 1 names for 2 tasks"), ("[a/b, c]", "has 'a/b'"),

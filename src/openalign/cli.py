@@ -288,7 +288,7 @@ def _cmd_classify(args: argparse.Namespace) -> None:
                              "one label per line (--labels-file)")
     check_labels(labels, given)  # before the model loads, as the images are
     # a directory (recursively) or a glob pattern: its image files, as embed takes them; a file as it is
-    given = list(dict.fromkeys(os.path.expanduser(image) for image in args.images))  # each once
+    given = [os.path.expanduser(image) for image in args.images]
     # a file whose name holds glob characters ('a[1].jpg') is itself
     named = [image for image in given
              if not (Path(image).is_dir() or (glob.has_magic(image) and not Path(image).exists()))]
@@ -296,7 +296,7 @@ def _cmd_classify(args: argparse.Namespace) -> None:
         raise OpenAlignError(f"{len(missing)} of the {len(named)} images are not files: "
                              f"{', '.join(f'{image!r} {not_a_file(image)}' for image in missing[:5])}"
                              f"{' ...' if len(missing) > 5 else ''}")
-    images = list(dict.fromkeys(path for image in given
+    images = list(dict.fromkeys(path for image in given  # each once, where arguments overlap
                                 for path in ([image] if image in named else find_images(image))))
     model, preprocess, tokenizer = _inference_model(args)
     templates = DEFAULT_TEMPLATES if args.templates == "default" else None

@@ -201,23 +201,14 @@ class EvalConfig:
             raise ConfigError(f"has {bad[0]!r}: a name prefixes its task's metrics, so it must be non-blank and "
                               "without '/'", "names")
         if repeated := sorted(name for name, count in Counter(self.prefixes()).items() if count > 1):
-            types = [task.name for task in self.tasks]
+            example = ", ".join(f"{task.name}_{number}" for number, task in enumerate(self.tasks, start=1))
             raise ConfigError(f"has several tasks named {repeated[0]!r}, whose metrics would replace each other's: "
-                              f"name each task's metrics with eval.names (e.g. {self._example(types)})", "names"
+                              f"name each task's metrics with eval.names (e.g. [{example}])", "names"
                               if self.names is not None else "tasks")
 
     def prefixes(self) -> list[str]:
         """Each task's metric prefix, in order."""
         return list(self.names) if self.names is not None else [task.name for task in self.tasks]
-
-    @staticmethod
-    def _example(types: list[str]) -> str:
-        counts: Counter[str] = Counter()
-        names = []
-        for kind in types:
-            counts[kind] += 1
-            names.append(kind if counts[kind] == 1 else f"{kind}_{counts[kind]}")
-        return f"[{', '.join(names)}]"
 
 
 @dataclass
