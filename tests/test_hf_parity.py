@@ -106,7 +106,8 @@ def test_b7_feature_map_at_289():
     assert model.encode_image(torch.zeros(1, 3, 289, 289)).shape == (1, 640)
 
 
-@pytest.mark.parametrize("name, width, depth", [("align-b3-mini", 1.2, 1.4), ("align-b7-base", 2.0, 3.1)])
+@pytest.mark.parametrize("name, width, depth",
+                         [("align-b3-mini", 1.2, 1.4), ("align-b5-base", 1.6, 2.2), ("align-b7-base", 2.0, 3.1)])
 def test_image_tower_sizes_equal_hf(name, width, depth):
     """Parameter count and per-block shapes equal HF's AlignVisionModel of the same coefficients."""
     from transformers import AlignVisionModel

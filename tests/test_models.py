@@ -85,6 +85,27 @@ def test_projections_run_in_fp32_under_bf16_autocast():
         torch.testing.assert_close(text, torch.nn.functional.normalize(model.text_projection(features.float()), dim=-1))
 
 
+@pytest.mark.parametrize("name, stem, stages, repeats, pooled", [
+    ("align-b3-mini", 40, [24, 32, 48, 96, 136, 232, 384], [2, 3, 3, 5, 5, 6, 2], 384),
+    ("align-b5-base", 48, [24, 40, 64, 128, 176, 304, 512], [3, 5, 5, 7, 7, 9, 3], 512),
+    ("align-b7-base", 64, [32, 48, 80, 160, 224, 384, 640], [4, 7, 7, 10, 10, 13, 4], 640),
+])
+def test_efficientnet_variants_match_the_specs_table(name, stem, stages, repeats, pooled):
+    """Shared spec align-coyo-and-hf.md §1.1's table: stem width, each stage's output channels and
+    blocks, the pooled width, and the projection to 640 that B3 and B5 have and B7 has not."""
+    model = openalign.create_model(name)
+    tower = model.image_tower
+    assert tower.embeddings.convolution.out_channels == stem
+    widths = [block.projection.project_conv.out_channels for block in tower.encoder.blocks]
+    assert widths == [width for width, count in zip(stages, repeats) for _ in range(count)]
+    assert openalign.model_config(name).image.output_dim == pooled
+    projection = getattr(model, "image_projection", None)
+    if pooled == 640:
+        assert projection is None
+    else:
+        assert (projection.in_features, projection.out_features) == (pooled, 640)
+
+
 def test_efficientnet_drop_connect_rates_grow_per_block_and_drop_whole_samples_of_residual_blocks():
     """Shared spec align-coyo-and-hf.md §1.1: block b of N drops its residual branch with rate
     0.2·b/N, per sample, in training only; a stage's first block has no residual and drops nothing."""
