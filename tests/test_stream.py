@@ -8,6 +8,7 @@ import io
 import itertools
 import json
 import tarfile
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -391,6 +392,11 @@ def test_a_pipe_shards_command_outlives_a_sigterm_to_the_readers_process_group(t
                "next(samples)\n"
                "samples.close()\n")
     subprocess.run([sys.executable, "-c", leaving, f"pipe:cat {shard}; sleep 120"], check=True, timeout=60)
+    # one that ignores SIGTERM (its shell and its children) is killed after a grace period
+    started = time.monotonic()
+    subprocess.run([sys.executable, "-c", leaving, f"pipe:trap '' TERM; cat {shard}; sleep 120"], check=True,
+                   timeout=60)
+    assert time.monotonic() - started < 30
 
 
 def test_tar_members_group_into_samples_as_webdataset_groups_them(tmp_path):

@@ -13,6 +13,7 @@ import lzma
 import os
 import re
 import signal
+import subprocess
 import tarfile
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -337,19 +338,34 @@ def opened_shard(url: str) -> Iterator[BinaryIO]:
     """:func:`open_url` for reading a shard front to back. Read to its end, the stream is closed
     there, where a ``pipe:`` command's failing exit status is the shard's error. Left before its end
     (the reader moved on, an error, Ctrl-C), it is closed without a word, its command's session
-    ended first: out of the reader's process group the command would run on, and closing waits for it."""
+    ended first: out of the reader's process group the command would run on, and closing waits for it.
+    A command that outlives SIGTERM by :data:`COMMAND_GRACE_SECONDS` (one that ignores it) is killed."""
     stream = open_url(url)
     try:
         yield stream
     except BaseException:
         process = getattr(stream, "proc", None)  # a pipe: command (webdataset's Pipe)
         if process is not None and process.poll() is None:
-            with contextlib.suppress(OSError):
-                os.killpg(process.pid, signal.SIGTERM)  # its own session's leader: its group is its id
+            _end_session(process)
         with contextlib.suppress(Exception):
             stream.close()
         raise
     stream.close()
+
+
+COMMAND_GRACE_SECONDS = 3.0
+
+
+def _end_session(process: subprocess.Popen) -> None:
+    """SIGTERM to a ``pipe:`` command's session, SIGKILL where it is still running
+    :data:`COMMAND_GRACE_SECONDS` later (its shell, or all of it, ignoring SIGTERM)."""
+    with contextlib.suppress(OSError):
+        os.killpg(process.pid, signal.SIGTERM)  # its own session's leader: its group is its id
+    try:
+        process.wait(COMMAND_GRACE_SECONDS)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(OSError):
+            os.killpg(process.pid, signal.SIGKILL)
 
 
 def _open_command(command: str) -> BinaryIO:
