@@ -13,13 +13,13 @@ import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import yaml
 from rich.logging import RichHandler
 from rich.markup import escape
 
-from .distributed import PeerFailure, shutdown, world_info
 from . import __version__
 from .errors import ConfigError, OpenAlignError, Terminated
 from .files import not_a_file, replaceable, starts_with
@@ -57,6 +57,7 @@ DEMO_DATA = "runs/demo/data"
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
+    from .distributed import world_info
     from .recipe import load_recipe
     from .train import train
 
@@ -684,9 +685,31 @@ def _setup_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _distributed() -> ModuleType | None:
+    """:mod:`openalign.distributed`, or None where the command never imported torch.distributed (a listing, a
+    usage error): no process group can exist then, and learning so need not import torch (seconds)."""
+    if "torch.distributed" not in sys.modules:
+        return None
+    from . import distributed
+
+    return distributed
+
+
+def _world_info() -> tuple[int, int]:
+    """(rank, world size) of the current process group, or (0, 1) without one."""
+    distributed = _distributed()
+    return distributed.world_info() if distributed else (0, 1)
+
+
+def _shutdown() -> None:
+    """Destroy the default process group, if there is one (see :func:`openalign.distributed.shutdown`)."""
+    if distributed := _distributed():
+        distributed.shutdown()
+
+
 def _rank() -> str:
     """``rank N: `` in a run of several processes, so that each line says whose error it is."""
-    rank, world_size = world_info()
+    rank, world_size = _world_info()
     return f"rank {rank}: " if world_size > 1 else ""
 
 
@@ -698,7 +721,7 @@ _PEER_GONE = ("closed by peer", "reset by peer", "remote process exited", "remot
 def _peer_stopped(error: RuntimeError) -> bool:
     """Whether ``error`` is a collective's, raised because another rank's process ended."""
     text = str(error).lower()
-    return world_info()[1] > 1 and any(words in text for words in _PEER_GONE)
+    return _world_info()[1] > 1 and any(words in text for words in _PEER_GONE)
 
 
 def _message(error: OpenAlignError) -> str:
@@ -752,7 +775,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         try:
             args.func(args)
-            shutdown()  # after a success only: after an error a peer may still be inside a collective
+            _shutdown()  # after a success only: after an error a peer may still be inside a collective
         except Exception as error:
             # raised as the command unwound from SIGTERM (torch on a loader worker it ended), or, before a stop it
             # asked for, for want of something the signal ended; an error openalign explains (a diverged loss, a
@@ -761,7 +784,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise Terminated() from None
             raise
     except OpenAlignError as error:
-        who = "" if isinstance(error, PeerFailure) else _rank()  # a peer failure names the ranks itself
+        distributed = _distributed()  # a peer failure (raised by it only) names the ranks itself
+        who = "" if distributed and isinstance(error, distributed.PeerFailure) else _rank()
         # unwrapped (soft_wrap), so that a long path stays whole to copy, in a terminal or a log file; and unhighlighted,
         # so that "[text, caption]" stays as written
         console.print(f"[bold red]error:[/] {who}{escape(_message(error))}", highlight=False, soft_wrap=True)
@@ -782,9 +806,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
         return 2
     except Terminated as stopped:
-        rank = world_info()[0]
+        rank = _world_info()[0]
         if str(stopped):  # training stopped where every rank agreed to: none is inside a collective
-            shutdown()
+            _shutdown()
         return _terminated(args, stopped, rank)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")

@@ -17,11 +17,12 @@ import socket
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .errors import OpenAlignError
+
+if TYPE_CHECKING:  # torch is imported where used: the configs and the command line's parser read no weights
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,8 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
 
 def read_torch_file(path: str | Path) -> Any:
     """A ``torch.save`` file, loaded with ``weights_only`` so that no pickled code runs."""
+    import torch
+
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:  # weights_only refused an object: never load it otherwise

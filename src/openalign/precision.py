@@ -6,9 +6,10 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Iterator
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
+if TYPE_CHECKING:  # torch is imported where used: the command line's parser reads PRECISIONS without it
+    import torch
 
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 PRECISIONS: tuple[str, ...] = ("auto", "bf16", "fp16", "fp32")
@@ -22,12 +23,16 @@ def autocast(device: torch.device, precision: str | None = None) -> torch.autoca
 
     ``None`` is the precision a :func:`precision_scope` around the call sets (``"auto"`` outside one).
     """
+    import torch
+
     dtype = autocast_dtype(device, precision)
     return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
 def autocast_dtype(device: torch.device, precision: str | None = None) -> torch.dtype | None:
     """The dtype :func:`autocast` computes in on ``device`` (bf16 or fp16), or None where it is fp32."""
+    import torch
+
     precision = precision or _PRECISION.get()
     if precision == "fp16":
         return torch.float16
@@ -37,6 +42,8 @@ def autocast_dtype(device: torch.device, precision: str | None = None) -> torch.
 def gradient_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
     """The loss scaler of training at ``precision``: enabled in fp16 (whose gradients underflow
     without one), else disabled, passing losses, gradients and steps through unchanged."""
+    import torch
+
     return torch.amp.GradScaler(device.type, enabled=autocast_dtype(device, precision) == torch.float16)
 
 
