@@ -21,7 +21,6 @@ __getattr__, __dir__ = lazy_exports(__name__, {
 }, submodules=("data", "eval", "losses", "models"))
 
 if TYPE_CHECKING:
-    from . import data, eval, losses, models
     from .factory import create_model, get_tokenizer, get_transforms, model_config
     from .inference import classify, optimize_for_inference, zero_shot_classifier
     from .pretrained import load_pretrained
