@@ -421,7 +421,7 @@ def test_embed_classify_and_search_commands(model_dir, loaded, image_dir, tmp_pa
     # a directory (or a glob) classifies its images, as embed takes them; an unreadable file is skipped and counted
     caplog.clear()
     assert main(["classify", "--model", str(model_dir), str(image_dir), "--labels", ",".join(LABELS),
-                 "--format", "jsonl"]) == 0
+                 "--format", "jsonl", "--num-workers", "2"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     readable, files = embed_folder(model, preprocess, image_dir)[0], find_images(image_dir)
     assert [row["image"] for row in rows] == readable and len(readable) < len(files)

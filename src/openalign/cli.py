@@ -301,7 +301,8 @@ def _cmd_classify(args: argparse.Namespace) -> None:
                                 for path in ([image] if image in named else find_images(image))))
     model, preprocess, tokenizer = _inference_model(args)
     templates = DEFAULT_TEMPLATES if args.templates == "default" else None
-    images, probabilities = classify_files(model, preprocess, tokenizer, images, labels, templates, args.batch_size)
+    images, probabilities = classify_files(model, preprocess, tokenizer, images, labels, templates, args.batch_size,
+                                           args.num_workers)
     if args.format != "table":
         _print_records(args.format, [{"image": image, "probabilities": dict(zip(labels, row))}
                                      for image, row in zip(images, probabilities.tolist())])
@@ -583,6 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="'none' (default): embed the labels as written; 'default': average prompts "
                                "such as 'a photo of a {label}.', for labels that are class names ('cat,dog')")
     classify.add_argument("--batch-size", type=_at_least(1), default=64)
+    classify.add_argument("--num-workers", type=_at_least(0), default=0, help="image-decoding worker processes")
     classify.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     classify.add_argument("--format", default="table", choices=("table", "tsv", "jsonl"),
                           help="'table' (default) to read; 'tsv' or 'jsonl' for a script: a line per image, "
