@@ -847,6 +847,10 @@ def test_resume_refuses_a_changed_recipe_but_allows_more_steps(tmp_path, shapes_
     changed = load_recipe("demo", tiny_overrides(shapes_root, tmp_path, steps=2) + ["eval.tasks=[]", "train.lr=0.5"])
     with pytest.raises(OpenAlignError, match=r"recipe differs .*train.lr: [0-9.e-]+ -> 0.5"):
         train(changed, resume="latest", show_progress=False)
+    # values as a recipe writes them, not Python's reprs (None)
+    ema = load_recipe("demo", tiny_overrides(shapes_root, tmp_path, steps=2) + ["eval.tasks=[]", "train.ema_decay=0.9"])
+    with pytest.raises(OpenAlignError, match=r"recipe differs .*train.ema_decay: null -> 0.9\)"):
+        train(ema, resume="latest", show_progress=False)
     with caplog.at_level("WARNING"), pytest.raises(OpenAlignError, match=r"recipe differs .*train.lr"):
         train(load_recipe("demo", tiny_overrides(shapes_root, tmp_path, steps=2) + [
             "eval.tasks=[]", "train.lr=0.5", "train.weight_decay=0.5"]), resume="latest", show_progress=False,
@@ -879,7 +883,7 @@ def test_a_dataset_moved_to_another_path_resumes_exactly_when_the_change_is_allo
     moved = tmp_path / "scratch" / "shapes"
     shutil.copytree(shapes_root, moved)
     recipe = load_recipe("demo", tiny_overrides(moved, interrupted, steps=4) + settings)
-    with pytest.raises(OpenAlignError, match=r"data.train.root: .* -> .*scratch/shapes'.*pass --allow-change "
+    with pytest.raises(OpenAlignError, match=r"data.train.root: .* -> .*scratch/shapes\".*pass --allow-change "
                                              r"data.train.root;"):
         train(recipe, resume="latest", show_progress=False)
     with pytest.raises(OpenAlignError, match=r"--allow-change 'data.train.rot' names no setting of this recipe"):

@@ -337,8 +337,8 @@ def check_resumable(saved: dict[str, Any], current: dict[str, Any], path: Path,
     before, after = ({key: recipe.get(key, [] if key == "train.freeze" else other.get(key))
                       for key in OPTIMISER_SHAPING} for recipe, other in ((old, new), (new, old)))
     if fixed := sorted(key for key in OPTIMISER_SHAPING if before[key] != after[key]):
-        raise OpenAlignError(f"cannot resume from '{path}' with {fixed[0]} changed ({before[fixed[0]]!r} -> "
-                             f"{after[fixed[0]]!r}): it decides which parameters the optimiser holds and how, and "
+        raise OpenAlignError(f"cannot resume from '{path}' with {fixed[0]} changed ({_shown(before[fixed[0]])} -> "
+                             f"{_shown(after[fixed[0]])}): it decides which parameters the optimiser holds and how, and "
                              f"the saved optimiser state fits no other; start a new run (another run.output_dir) with "
                              f"train.init_from={path}: its weights, a fresh optimiser")
     permitted = sorted(key for key in old.keys() & new.keys()
@@ -347,7 +347,7 @@ def check_resumable(saved: dict[str, Any], current: dict[str, Any], path: Path,
                      if key in old and old.get(key) != new.get(key) and not key.startswith(RESUMABLE_CHANGES)
                      and key != "train.steps" and key not in permitted)
     if changed:
-        details = "; ".join(f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in changed[:6])
+        details = "; ".join(f"{key}: {_shown(old.get(key))} -> {_shown(new.get(key))}" for key in changed[:6])
         raise OpenAlignError(f"cannot resume from '{path}': the recipe differs from the one it was trained with "
                              f"({details}{' ...' if len(changed) > 6 else ''}). Resume with the same settings; for a "
                              f"change that leaves the run the same (a dataset moved to another path), pass "
@@ -356,10 +356,10 @@ def check_resumable(saved: dict[str, Any], current: dict[str, Any], path: Path,
     if permitted:  # warned of once the resume is sure to go on
         log.warning("resuming with %s, as --allow-change permits: the run continues as one never stopped only if "
                     "the change leaves what it trains on and how the same", "; ".join(
-                        f"{key} changed from {old[key]!r} to {new[key]!r}" for key in permitted), extra=RANK_ZERO_ONLY)
+                        f"{key} changed from {_shown(old[key])} to {_shown(new[key])}" for key in permitted), extra=RANK_ZERO_ONLY)
     if added := sorted(key for key in new.keys() - old.keys() if not key.startswith(RESUMABLE_CHANGES)):
         log.warning("checkpoint '%s' predates the setting(s) %s: the resumed run uses %s", path, ", ".join(added),
-                    ", ".join(f"{key}={new[key]!r}" for key in added), extra=RANK_ZERO_ONLY)
+                    ", ".join(f"{key}={_shown(new[key])}" for key in added), extra=RANK_ZERO_ONLY)
     if old.get("train.steps") != new.get("train.steps"):
         log.warning("train.steps changed from %s to %s: the learning-rate schedule continues on the new length, so "
                     "the run differs from one that used it from the start", old.get("train.steps"),
@@ -377,6 +377,11 @@ def check_allowed_changes(recipe: dict[str, Any], allowed: Sequence[str]) -> Non
     if unknown := [name for name in allowed if not any(_under(key, name) for key in keys)]:
         raise OpenAlignError(f"--allow-change {', '.join(map(repr, unknown))} names no setting of this recipe (see "
                              "'openalign config RECIPE'; e.g. data.train.root)")
+
+
+def _shown(value: Any) -> str:
+    """A setting's value as a recipe or an override writes it (null, true, "a/path", [a, b]), not Python's repr."""
+    return json.dumps(value, default=str)
 
 
 def _under(key: str, name: str) -> bool:
