@@ -182,3 +182,20 @@ def test_the_report_shows_fractions_as_percentages_and_losses_ranks_and_missing_
     for prefix, files in (("align_v1.0", ("align_v1.0.md", "align_v1.0.csv")),
                           ("align_v1.5", ("align_v1.5.md", "align_v1.5.csv")), ("table.md", ("table.md", "table.csv"))):
         assert [path.name for path in write_report([probe], tmp_path / prefix)] == list(files)
+
+
+def test_retrieval_ranks_of_nan_scores_agree_with_the_recall():
+    """A diverged model's NaN embeddings rank last, as a collapsed model's do, not first; one NaN
+    image ranks as torch.topk (which decides the recall) puts it: above every number."""
+    texts = torch.eye(5, 8).repeat_interleave(2, 0)  # captions 2i, 2i+1 are image i's, perfectly
+    diverged = retrieval_metrics(torch.full((5, 8), math.nan), torch.full((10, 8), math.nan), [i // 2 for i in range(10)])
+    assert diverged["image_retrieval_mean_rank"] == diverged["image_retrieval_median_rank"] == 5.0  # of 5 images
+    assert diverged["text_retrieval_mean_rank"] == diverged["text_retrieval_median_rank"] == 9.0  # 8 others ahead
+    images = torch.eye(5, 8)
+    images[3] = math.nan
+    metrics = retrieval_metrics(images, texts, [i // 2 for i in range(10)], ks=(1,))
+    # every caption's top image is the NaN one: image 3's two captions hit (rank 1), the other 8 rank 2
+    assert metrics["image_retrieval_recall@1"] == 2 / 10
+    assert metrics["image_retrieval_mean_rank"] == (2 * 1 + 8 * 2) / 10
+    # image 3's captions all score NaN: tied with its own, the other 8 count ahead (rank 9); the rest rank 1
+    assert metrics["text_retrieval_mean_rank"] == (4 * 1 + 9) / 5

@@ -48,6 +48,9 @@ def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_i
             for k in ks:  # one top-k per k, as CLIP_benchmark: top-k of a larger k can order ties differently
                 top = scores.topk(min(k, keys.shape[0]), dim=1).indices
                 hits[k].append(positive.gather(1, top).any(dim=1))
+            # a NaN score (a diverged model) ranks as torch.topk ranks it, above every number; left NaN,
+            # every comparison with it is false and a NaN model would rank every positive first
+            scores.masked_fill_(scores.isnan(), float("inf"))  # in place: the top-k are taken
             best = scores.masked_fill(~positive, float("-inf")).max(dim=1, keepdim=True).values
             ranks.append(1 + ((scores >= best) & ~positive).sum(dim=1))
         for k in ks:
