@@ -820,3 +820,15 @@ def test_a_loader_worker_outlives_sigterm_from_others_and_ends_on_its_parents():
     finally:
         if worker.is_alive():
             worker.kill()
+
+
+def test_annotation_list_counts_an_image_whose_caption_list_is_empty(tmp_path, caplog):
+    """An ALBEF/BLIP entry with ``"caption": []`` leaves its image without a caption: it is left out
+    of retrieval with a count, as the Karpathy reader counts one, not silently."""
+    (tmp_path / "test.json").write_text(json.dumps([{"image": "a.jpg", "caption": ["a dog"]},
+                                                    {"image": "b.jpg", "caption": []},
+                                                    {"image": "c.jpg", "caption": "a cat"}]))
+    with caplog.at_level("WARNING"):
+        items = read_karpathy(tmp_path / "test.json", "test")
+    assert [item.path.name for item in items] == ["a.jpg", "c.jpg"]
+    assert "skipped 0 empty caption(s) and 1 image(s) left without a caption" in caplog.text

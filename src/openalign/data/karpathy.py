@@ -116,7 +116,7 @@ def _read_annotation_list(json_path: Path, entries: list, split: str, image_root
         captions = {image.split("/", 1)[-1]: texts for image, texts in captions.items()}
     items = [CaptionedImage(root / image, tuple(text for text in texts if text)) for image, texts in captions.items()]
     empty, uncaptioned = sum(texts.count("") for texts in captions.values()), sum(not i.captions for i in items)
-    if empty:
+    if empty or uncaptioned:  # an entry's caption may be an empty list: that image is left out too
         log.warning("'%s': skipped %d empty caption(s) and %d image(s) left without a caption", json_path, empty,
                     uncaptioned)
     if not (items := [item for item in items if item.captions]):
