@@ -199,3 +199,15 @@ def test_retrieval_ranks_of_nan_scores_agree_with_the_recall():
     assert metrics["image_retrieval_mean_rank"] == (2 * 1 + 8 * 2) / 10
     # image 3's captions all score NaN: tied with its own, the other 8 count ahead (rank 9); the rest rank 1
     assert metrics["text_retrieval_mean_rank"] == (4 * 1 + 9) / 5
+
+
+def test_knn_takes_labels_as_a_list_or_array_as_the_metrics_do():
+    import numpy as np
+
+    from openalign.eval import knn_classify
+
+    memory, queries = torch.eye(3, 4), torch.eye(3, 4)[[2, 0]]
+    expected = knn_classify(memory, torch.tensor([0, 1, 1]), queries, 2, k=1)
+    assert torch.equal(knn_classify(memory, [0, 1, 1], queries, 2, k=1), expected)
+    assert torch.equal(knn_classify(memory, np.array([0, 1, 1]), queries, 2, k=1), expected)
+    assert nearest_neighbour_predict(memory, [0, 1, 1], queries).tolist() == [1, 0]

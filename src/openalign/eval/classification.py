@@ -111,6 +111,7 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[s
 def nearest_neighbour_predict(memory: torch.Tensor, memory_labels: torch.Tensor, queries: torch.Tensor,
                               chunk_size: int = 4096) -> torch.Tensor:
     """The label of each query's most cosine-similar memory item (1-NN, as COYO-ALIGN's ImageNet kNN)."""
+    memory_labels = torch.as_tensor(memory_labels, device=memory.device)
     num_classes = int(memory_labels.max()) + 1
     return knn_classify(memory, memory_labels, queries, num_classes, k=1, chunk_size=chunk_size).argmax(dim=1)
 
@@ -130,6 +131,7 @@ def knn_classify(memory: torch.Tensor, memory_labels: torch.Tensor, queries: tor
     time, keeping a running top-k, so no similarity block exceeds ``chunk_size × memory_chunk_size``
     (256 MiB of fp32 by default) however large the memory bank (ImageNet: 1.28M × 50k).
     ``memory`` and ``queries`` must be L2-normalised (checked)."""
+    memory_labels = torch.as_tensor(memory_labels, device=memory.device)  # a list or array, as the metrics take
     _check_knn_inputs(memory, memory_labels, queries, num_classes, k)
     k, memory_chunk_size = min(k, memory.shape[0]), max(memory_chunk_size, k)  # a block must hold k candidates
     votes = []
