@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from openalign import create_model
+from openalign.errors import OpenAlignError
 from openalign.eval import (class_embeddings, classification_metrics, evaluate_shapes, nearest_neighbour_predict,
                             retrieval_metrics, shapes_chance_levels)
 
@@ -199,6 +200,11 @@ def test_retrieval_ranks_of_nan_scores_agree_with_the_recall():
     assert metrics["image_retrieval_mean_rank"] == (2 * 1 + 8 * 2) / 10
     # image 3's captions all score NaN: tied with its own, the other 8 count ahead (rank 9); the rest rank 1
     assert metrics["text_retrieval_mean_rank"] == (4 * 1 + 9) / 5
+
+
+def test_retrieval_embeddings_of_two_widths_are_an_error_naming_both():
+    with pytest.raises(OpenAlignError, match=r"of one width, \(n, d\) each: got \(2, 4\) and \(3, 5\)"):
+        retrieval_metrics(torch.eye(2, 4), torch.eye(3, 5), [0, 1, 1])
 
 
 def test_knn_takes_labels_as_a_list_or_array_as_the_metrics_do():

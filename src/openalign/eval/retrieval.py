@@ -31,6 +31,9 @@ def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_i
     text_to_image = torch.as_tensor(text_to_image, device=image_emb.device)
     if image_emb.shape[0] == 0:
         raise OpenAlignError("retrieval_metrics: there are no images to retrieve")
+    if image_emb.ndim != 2 or text_emb.ndim != 2 or image_emb.shape[1] != text_emb.shape[1]:
+        raise OpenAlignError(f"retrieval_metrics needs image and text embeddings of one width, (n, d) each: got "
+                             f"{tuple(image_emb.shape)} and {tuple(text_emb.shape)}")
     check_labels("retrieval_metrics", "text_to_image", text_to_image, text_emb.shape[0], image_emb.shape[0], "images")
     text_to_image = text_to_image.long()
     image_ids = torch.arange(image_emb.shape[0], device=image_emb.device)
