@@ -189,7 +189,8 @@ def test_retrieval_ranks_of_nan_scores_agree_with_the_recall():
     """A diverged model's NaN embeddings rank last, as a collapsed model's do, not first; one NaN
     image ranks as torch.topk (which decides the recall) puts it: above every number."""
     texts = torch.eye(5, 8).repeat_interleave(2, 0)  # captions 2i, 2i+1 are image i's, perfectly
-    diverged = retrieval_metrics(torch.full((5, 8), math.nan), torch.full((10, 8), math.nan), [i // 2 for i in range(10)])
+    diverged = retrieval_metrics(torch.full((5, 8), math.nan), torch.full((10, 8), math.nan),
+                                 [i // 2 for i in range(10)])
     assert diverged["image_retrieval_mean_rank"] == diverged["image_retrieval_median_rank"] == 5.0  # of 5 images
     assert diverged["text_retrieval_mean_rank"] == diverged["text_retrieval_median_rank"] == 9.0  # 8 others ahead
     images = torch.eye(5, 8)

@@ -338,8 +338,8 @@ def check_resumable(saved: dict[str, Any], current: dict[str, Any], path: Path,
                       for key in OPTIMISER_SHAPING} for recipe, other in ((old, new), (new, old)))
     if fixed := sorted(key for key in OPTIMISER_SHAPING if before[key] != after[key]):
         raise OpenAlignError(f"cannot resume from '{path}' with {fixed[0]} changed ({_shown(before[fixed[0]])} -> "
-                             f"{_shown(after[fixed[0]])}): it decides which parameters the optimiser holds and how, and "
-                             f"the saved optimiser state fits no other; start a new run (another run.output_dir) with "
+                             f"{_shown(after[fixed[0]])}): it decides which parameters the optimiser holds and "
+                             f"how, and the saved optimiser state fits no other; start a new run (another run.output_dir) with "
                              f"train.init_from={path}: its weights, a fresh optimiser")
     permitted = sorted(key for key in old.keys() & new.keys()
                        if old[key] != new[key] and any(_under(key, name) for name in allowed))
@@ -356,7 +356,8 @@ def check_resumable(saved: dict[str, Any], current: dict[str, Any], path: Path,
     if permitted:  # warned of once the resume is sure to go on
         log.warning("resuming with %s, as --allow-change permits: the run continues as one never stopped only if "
                     "the change leaves what it trains on and how the same", "; ".join(
-                        f"{key} changed from {_shown(old[key])} to {_shown(new[key])}" for key in permitted), extra=RANK_ZERO_ONLY)
+                        f"{key} changed from {_shown(old[key])} to {_shown(new[key])}" for key in permitted),
+                    extra=RANK_ZERO_ONLY)
     if added := sorted(key for key in new.keys() - old.keys() if not key.startswith(RESUMABLE_CHANGES)):
         log.warning("checkpoint '%s' predates the setting(s) %s: the resumed run uses %s", path, ", ".join(added),
                     ", ".join(f"{key}={_shown(new[key])}" for key in added), extra=RANK_ZERO_ONLY)
