@@ -339,8 +339,8 @@ def check_resumable(saved: dict[str, Any], current: dict[str, Any], path: Path,
     if fixed := sorted(key for key in OPTIMISER_SHAPING if before[key] != after[key]):
         raise OpenAlignError(f"cannot resume from '{path}' with {fixed[0]} changed ({_shown(before[fixed[0]])} -> "
                              f"{_shown(after[fixed[0]])}): it decides which parameters the optimiser holds and "
-                             f"how, and the saved optimiser state fits no other; start a new run (another run.output_dir) with "
-                             f"train.init_from={path}: its weights, a fresh optimiser")
+                             "how, and the saved optimiser state fits no other; start a new run (another "
+                             f"run.output_dir) with train.init_from={path}: its weights, a fresh optimiser")
     permitted = sorted(key for key in old.keys() & new.keys()
                        if old[key] != new[key] and any(_under(key, name) for name in allowed))
     changed = sorted(key for key in old.keys() | new.keys()
