@@ -96,7 +96,7 @@ def test_a_frozen_tower_keeps_its_weights_and_batch_norm_statistics(tmp_path, sh
             "train.freeze=[image_towr]"]), show_progress=False)
     # unlocking on resume would load an optimiser state for other parameters: refused, whatever is allowed
     more = load_recipe("demo", overrides[:-3] + [f"train.init_from={start}", "eval.tasks=[]", "train.steps=3"])
-    with pytest.raises(OpenAlignError, match=r"with train.freeze changed \(\['image_tower'\] -> \[\]\): it decides "
+    with pytest.raises(OpenAlignError, match=r"with train.freeze changed \(\[\"image_tower\"\] -> \[\]\): it decides "
                                              r"which parameters the optimiser holds .* train.init_from="):
         train(more, resume="latest", show_progress=False, allow_changes=["train"])
 
