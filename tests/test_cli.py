@@ -70,7 +70,25 @@ def test_overrides_may_follow_options(monkeypatch, capsys):
     assert seen == [(["train.lr=1e-3", "train.steps=2000"], "latest")]
     with pytest.raises(SystemExit):
         main(["train", "demo", "--resume", "latest", "--bogus", "train.steps=2000"])
-    assert "unrecognized arguments: --bogus train.steps=2000" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --bogus train.steps=2000" in err
+    assert err.startswith("usage: openalign train ")  # the command's usage, not openalign's
+
+
+def test_a_setting_given_twice_is_refused_naming_both(monkeypatch, capsys):
+    """An unquoted shard pattern is expanded by the shell into one override per shard, and the last
+    alone was trained on; a key given twice (also as eval.tasks[0].k and eval.tasks.0.k) is refused."""
+    monkeypatch.setattr("openalign.cli._cmd_train", lambda args: pytest.fail("ran"))
+    for argv, given in (
+            (["train", "demo", "data.train.urls=shards/00000.tar", "data.train.urls=shards/00001.tar"],
+             "data.train.urls is given twice ('data.train.urls=shards/00000.tar', then "
+             "'data.train.urls=shards/00001.tar')"),
+            (["config", "demo", "eval.tasks[0].k=3", "--", "eval.tasks.0.k=4"],
+             "eval.tasks.0.k is given twice ('eval.tasks[0].k=3', then 'eval.tasks.0.k=4')")):
+        with pytest.raises(SystemExit):
+            main(argv)
+        err = " ".join(capsys.readouterr().err.split())
+        assert given in err and "needs its quotes" in err and err.startswith(f"usage: openalign {argv[0]} ")
 
 
 def test_bad_settings_exit_2_with_a_message_and_no_traceback(capsys):

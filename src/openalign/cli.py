@@ -759,6 +759,23 @@ def _argument_of(filename: Any, args: argparse.Namespace) -> str | None:
     return closest[1] if closest else None
 
 
+def _repeated_override(overrides: Sequence[str]) -> str | None:
+    """Why ``overrides`` cannot be taken as given, where one key is set twice: the shell makes an
+    argument of each name of an unquoted pattern (data.train.urls=shards/{00000..00099}.tar), and the
+    last alone would be trained on. (The Python API takes the last, as YAML's merge would.)"""
+    from .config import override_keys
+
+    seen: dict[tuple[str, ...], str] = {}
+    for text in (text for text in overrides if "=" in text):  # the others: refused as no override, later
+        keys = tuple(override_keys(text))
+        if keys in seen:
+            return (f"{'.'.join(keys)} is given twice ('{seen[keys]}', then '{text}'): give it once. A pattern "
+                    "of names, such as data.train.urls='shards/{00000..00099}.tar', needs its quotes, or the shell "
+                    "makes an argument of each name")
+        seen[keys] = text
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -766,8 +783,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # the positional list only the words before it
     if extra and hasattr(args, "overrides") and all("=" in word and not word.startswith("-") for word in extra):
         args.overrides, extra = [*args.overrides, *extra], []
-    if extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:  # with the usage of the command given, not of openalign's
+        getattr(args, "command_parser", parser).error(f"unrecognized arguments: {' '.join(extra)}")
+    if repeated := _repeated_override(getattr(args, "overrides", ())):
+        getattr(args, "command_parser", parser).error(repeated)
     _setup_logging(args.verbose)
     if getattr(args, "cache_dir", None):
         from .eval.cache import CACHE_ENV

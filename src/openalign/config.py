@@ -319,12 +319,18 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override '{text}' must look like key.path=value, e.g. train.lr=1e-3")
-    try:  # a list item as errors name it (eval.tasks[0].root) or dotted (eval.tasks.0.root)
-        return re.sub(r"\[(-?\d+)\]", r".\1", key.strip()).split("."), parse_yaml(raw) if raw.strip() else ""
+    try:
+        return override_keys(text), parse_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as error:
         problem = str(error).splitlines()[0]
         raise ConfigError(f"override '{text}': the value is not valid YAML ({problem}); close its brackets, "
                           "or quote it to give a string") from None
+
+
+def override_keys(text: str) -> list[str]:
+    """The key path of ``key.path=value``, a list item as errors name it (``eval.tasks[0].root``) or
+    dotted (``eval.tasks.0.root``)."""
+    return re.sub(r"\[(-?\d+)\]", r".\1", text.partition("=")[0].strip()).split(".")
 
 
 def require_at_least(settings: Any, minimum: int, *names: str) -> None:
