@@ -143,7 +143,9 @@ def test_paths_that_are_not_files_are_said_to_be_what_they_are_and_os_errors_nam
 
 
 def test_data_shapes_writes_the_dataset(tmp_path, capsys):
-    assert main(["data", "shapes", "--out", str(tmp_path), "--train", "8", "--test", "2", "--image-size", "16"]) == 0
+    # --num-train / --num-test: the recipes' names (num_train), which the shapes errors point at
+    assert main(["data", "shapes", "--out", str(tmp_path), "--num-train", "8", "--num-test", "2", "--image-size",
+                 "16"]) == 0
     assert (tmp_path / "dataset_shapes.json").is_file() and len(list((tmp_path / "images" / "train").iterdir())) == 8
     capsys.readouterr()
     for option, value, message in (("--image-size", "0", "--image-size must be at least 16, got 0"),

@@ -148,6 +148,8 @@ def test_recipe_overrides_reach_the_model_and_are_validated():
     ("train.eps=-1e-6", "'train.eps' must be a number >= 0"),
     ("train.warmup_steps=5000",
      "'train.warmup_steps' is 5000, which must be between 0 and train.steps .*: lower train.warmup_steps"),
+    ("train.cooldown_steps=5000",
+     "'train.cooldown_steps' is 5000, which must be between 0 and train.steps .*: lower train.cooldown_steps"),
     # model settings that would fail deep in torch or transformers, or train at chance
     ("model.temperature_init=1e-40", "'model.temperature_init' must be at least 0.0001, got 1e-40"),
     ("model.temperature_init=0", "'model.temperature_init' must be at least 0.0001, got 0"),

@@ -445,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="evaluate a model (CLIP_benchmark's metrics and result schema)")
     tasks = evaluate.add_subparsers(dest="task", required=True, metavar="TASK")
-    precision_help = "auto (default): bf16 autocast on GPU, fp32 on CPU; bf16 or fp32 anywhere"
+    precision_help = "auto (default): bf16 autocast on GPU, fp32 on CPU; bf16, fp16 or fp32 anywhere"
     shapes = tasks.add_parser("shapes", help="retrieval, zero-shot and 1-NN on the built-in shapes dataset")
     shapes.add_argument("--root", help=f"the shapes dataset directory (default: the one a run given as --model "
                         f"trained on, else {DEMO_DATA})")
@@ -618,9 +618,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     build = data_commands.add_parser("shapes", help="write the built-in shapes dataset")
     build.add_argument("--out", required=True, help="output directory")
-    build.add_argument("--train", type=int, default=ShapesSpec.num_train,
+    build.add_argument("--train", "--num-train", dest="train", type=int, default=ShapesSpec.num_train,
                        help=f"training images (default {ShapesSpec.num_train}, as the recipes)")
-    build.add_argument("--test", type=int, default=ShapesSpec.num_test,
+    build.add_argument("--test", "--num-test", dest="test", type=int, default=ShapesSpec.num_test,
                        help=f"test images, 5 captions each (default {ShapesSpec.num_test})")
     build.add_argument("--image-size", type=int, default=ShapesSpec.image_size,
                        help=f"image side in pixels (default {ShapesSpec.image_size}: the demo's; clippo-shapes "

@@ -123,7 +123,8 @@ class TrainConfig:
             raise ConfigError(f"is {self.warmup_steps}, which must be between 0 and train.steps ({self.steps}): lower "
                               f"train.warmup_steps, or raise train.steps", "warmup_steps")
         if not 0 <= self.cooldown_steps <= self.steps:
-            raise ConfigError(f"must be between 0 and train.steps ({self.steps})", "cooldown_steps")
+            raise ConfigError(f"is {self.cooldown_steps}, which must be between 0 and train.steps ({self.steps}): "
+                              "lower train.cooldown_steps, or raise train.steps", "cooldown_steps")
         if self.rsqrt_timescale is not None and self.rsqrt_timescale < 1:
             raise ConfigError("must be at least 1, or null for the warm-up length", "rsqrt_timescale")
         if self.schedule == "rsqrt" and self.rsqrt_timescale is None and self.warmup_steps == 0:

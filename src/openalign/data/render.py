@@ -78,7 +78,7 @@ def _missing_font_error(path: str) -> OpenAlignError:
         f"it provides {DEFAULT_UNIFONT}), or download the Unifont 9.0.06 hex files that the released CLIPPO "
         "checkpoints used (unifont-9.0.06.hex and unifont_upper-9.0.06.hex from https://unifoundry.com/pub/unifont/"
         f"unifont-9.0.06/font-builds/, gunzipped) and point ${FONT_ENV} (paths separated by '{os.pathsep}') or "
-        "the font_path argument at them.")
+        "the setting model.render.font_path (render_text's font_path) at them.")
 
 
 def _parse_hex_file(path: str) -> tuple[np.ndarray, np.ndarray]:
