@@ -328,3 +328,36 @@ def test_a_warning_every_rank_makes_alike_is_shown_once(tmp_path):
         result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
                                 env={**os.environ, "RANK": rank, "COLUMNS": "200"})
         assert [line.split("WARNING")[1].strip() for line in result.stderr.splitlines() if "WARNING" in line] == shown
+
+
+def test_a_reader_that_leaves_early_ends_the_command_quietly():
+    """`openalign config demo | head -1`: the command's output past what the reader took has nowhere
+    to go; it ends as a shell tool that SIGPIPE ended (141), without 'error: Broken pipe'."""
+    import subprocess
+    import sys
+
+    command = subprocess.Popen([sys.executable, "-m", "openalign", "config", "demo"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    command.stdout.close()  # more than nothing is more than this reader takes
+    err = command.stderr.read().decode()
+    assert command.wait(timeout=120) == 141 and err == ""
+
+
+def test_the_shipped_vocabulary_is_announced_once(monkeypatch, caplog):
+    import transformers
+
+    from openalign.data import tokenizer
+
+    real = transformers.AutoTokenizer.from_pretrained
+
+    def offline(name, *args, local_files_only=False, **kwargs):
+        if local_files_only:
+            raise OSError("not in the cache")  # as on a machine without the hub's copy
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", offline)
+    monkeypatch.setattr(tokenizer, "_ANNOUNCED", set())
+    with caplog.at_level("INFO", logger="openalign"):
+        tokenizer.load_hf_tokenizer("bert-base-uncased")
+        tokenizer.load_hf_tokenizer("bert-base-uncased")
+    assert caplog.text.count("using the 'bert-base-uncased' vocabulary shipped in") == 1

@@ -821,6 +821,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       soft_wrap=True)
         return 1
     except OSError as error:  # a path that is a file, a folder that cannot be written, a full disk...
+        if isinstance(error, BrokenPipeError) and _reader_left():
+            return 141  # as a shell tool that SIGPIPE ended: what the reader took was written
         where = f" ('{error.filename}')" if error.filename else ""
         given = _argument_of(error.filename, args) if error.filename else None
         message = f"{given + ': ' if given else ''}{error.strerror or error}{where}"
@@ -838,6 +840,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         if previous is not _NOT_SET:  # None: a handler installed outside Python, which cannot be put back
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
     return 0
+
+
+def _reader_left() -> bool:
+    """Whether stdout's reader has gone (``openalign data inspect --json | head``). Its unwritten output
+    then goes to /dev/null, which Python's exit would otherwise fail to flush, with a traceback. (A
+    pipe with no reader polls as an error on its writing end.)"""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        if not any(events & select.POLLERR for _, events in poller.poll(0)):
+            return False
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), stdout replaced or closed
+        return False
+    return True
 
 
 def _prompt_options(parser: argparse.ArgumentParser, classnames: str, shipped_templates: str) -> None:

