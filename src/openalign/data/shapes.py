@@ -252,7 +252,8 @@ def build_shapes_dataset(root: str | Path, spec: ShapesSpec = ShapesSpec(), show
         use = " ".join(f"data.train.{key}={value}" for key, value in differ.items())
         raise OpenAlignError(f"'{root}' already holds a shapes dataset built with {existing}, not {asdict(spec)}: "
                              f"to use it, set {use or 'its settings'} (a recipe's keys; 'data shapes' takes "
-                             "--num-train, --num-test, --image-size, --alt-text-noise, --seed), or choose another directory, or delete that one")
+                             "--num-train, --num-test, --image-size, --alt-text-noise, --seed), or choose another "
+                             "directory, or delete that one")
     images, sentence_id = [], 0
     total = spec.num_train + spec.num_test
     with progress_bar("building the shapes dataset", total, enabled=show_progress) as advance:
