@@ -77,18 +77,21 @@ def test_overrides_may_follow_options(monkeypatch, capsys):
 
 def test_a_setting_given_twice_is_refused_naming_both(monkeypatch, capsys):
     """An unquoted shard pattern is expanded by the shell into one override per shard, and the last
-    alone was trained on; a key given twice (also as eval.tasks[0].k and eval.tasks.0.k) is refused."""
+    alone was trained on; a key given twice in a row (also as eval.tasks[0].k and eval.tasks.0.k) is
+    refused. Apart, the later wins: a script's shared settings, then a run's own."""
     monkeypatch.setattr("openalign.cli._cmd_train", lambda args: pytest.fail("ran"))
     for argv, given in (
             (["train", "demo", "data.train.urls=shards/00000.tar", "data.train.urls=shards/00001.tar"],
-             "data.train.urls is given twice ('data.train.urls=shards/00000.tar', then "
+             "data.train.urls is given twice in a row ('data.train.urls=shards/00000.tar', then "
              "'data.train.urls=shards/00001.tar')"),
             (["config", "demo", "eval.tasks[0].k=3", "--", "eval.tasks.0.k=4"],
-             "eval.tasks.0.k is given twice ('eval.tasks[0].k=3', then 'eval.tasks.0.k=4')")):
+             "eval.tasks.0.k is given twice in a row ('eval.tasks[0].k=3', then 'eval.tasks.0.k=4')")):
         with pytest.raises(SystemExit):
             main(argv)
         err = " ".join(capsys.readouterr().err.split())
         assert given in err and "needs its quotes" in err and err.startswith(f"usage: openalign {argv[0]} ")
+    assert main(["config", "demo", "train.lr=1", "train.steps=300", "train.lr=2"]) == 0
+    assert "\n  lr: 2.0\n" in capsys.readouterr().out.split("\ntrain:\n", 1)[1]
 
 
 def test_bad_settings_exit_2_with_a_message_and_no_traceback(capsys):

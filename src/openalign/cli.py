@@ -760,19 +760,20 @@ def _argument_of(filename: Any, args: argparse.Namespace) -> str | None:
 
 
 def _repeated_override(overrides: Sequence[str]) -> str | None:
-    """Why ``overrides`` cannot be taken as given, where one key is set twice: the shell makes an
-    argument of each name of an unquoted pattern (data.train.urls=shards/{00000..00099}.tar), and the
-    last alone would be trained on. (The Python API takes the last, as YAML's merge would.)"""
+    """Why ``overrides`` cannot be taken as given, where one key is set in two arguments in a row: the
+    shell makes an argument of each name of an unquoted pattern (data.train.urls=shards/{00000..00099}.tar),
+    and the last alone would be trained on. Apart, the later wins, as in a script's shared settings
+    followed by a run's own (and in the Python API)."""
     from .config import override_keys
 
-    seen: dict[tuple[str, ...], str] = {}
+    previous: tuple[tuple[str, ...], str] | None = None
     for text in (text for text in overrides if "=" in text):  # the others: refused as no override, later
         keys = tuple(override_keys(text))
-        if keys in seen:
-            return (f"{'.'.join(keys)} is given twice ('{seen[keys]}', then '{text}'): give it once. A pattern "
-                    "of names, such as data.train.urls='shards/{00000..00099}.tar', needs its quotes, or the shell "
-                    "makes an argument of each name")
-        seen[keys] = text
+        if previous is not None and previous[0] == keys:
+            return (f"{'.'.join(keys)} is given twice in a row ('{previous[1]}', then '{text}'): give it once. A "
+                    "pattern of names, such as data.train.urls='shards/{00000..00099}.tar', needs its quotes, or "
+                    "the shell makes an argument of each name")
+        previous = (keys, text)
     return None
 
 
