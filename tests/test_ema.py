@@ -46,6 +46,8 @@ def test_the_average_follows_its_formula_with_the_warm_up_and_copies_integer_buf
     assert average.module[2].weight is model[2].weight  # frozen: the model's own tensor, not a copy
     assert average.module[2].bias is not model[2].bias
     assert not torch.equal(average.module[0].weight, model[0].weight)
+    # its own memory: linear 3→4 (16), batch norm (4 + 4 + 4 + 4 and an int64 count), bias 2, all but the frozen 8
+    assert average.nbytes == (16 + 16 + 2) * 4 + 8
 
 
 @pytest.mark.parametrize("decay", [0.0, 1.0, -0.5, 2.0])
@@ -63,8 +65,18 @@ def test_a_run_averages_each_step_evaluates_and_checkpoints_the_average_and_resu
     settings = ["train.ema_decay=0.6", "run.checkpoint_every=1", "run.keep_checkpoints=10",
                 "model.image.drop_connect_rate=0.3"]  # the average's own weights: no random draws to replay
     straight = tmp_path / "straight"
-    result = train(load_recipe("demo", tiny_recipe_overrides(shapes_root, straight, steps=5) + settings),
-                   show_progress=False)
+    import openalign.train.loop as loop
+
+    evaluated, real_evaluate = [], loop.evaluate  # the weights each evaluation is given
+
+    def recording(config, model, *args, **kwargs):
+        evaluated.append({name: value.clone() for name, value in model.state_dict().items()})
+        return real_evaluate(config, model, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "evaluate", recording)
+        result = train(load_recipe("demo", tiny_recipe_overrides(shapes_root, straight, steps=5) + settings),
+                       show_progress=False)
 
     averages = {step: load_file(str(_checkpoint(straight, step) / "ema" / "model.safetensors")) for step in range(1, 6)}
     weights = {step: load_file(str(_checkpoint(straight, step) / "model.safetensors")) for step in range(1, 6)}
@@ -78,7 +90,10 @@ def test_a_run_averages_each_step_evaluates_and_checkpoints_the_average_and_resu
                 assert torch.equal(value, weights[step][name]), name
     assert any(not torch.equal(averages[5][name], weights[5][name]) for name in weights[5])
 
-    # evaluated beside the model, under ema/
+    # evaluated beside the model, under ema/: the model's weights, then the average's
+    for name in weights[5]:
+        assert torch.equal(evaluated[-2][name], weights[5][name]) and torch.equal(evaluated[-1][name],
+                                                                                  averages[5][name]), name
     final = read_history(straight)[-1]
     assert {"shapes/image_retrieval_recall@1", "ema/shapes/image_retrieval_recall@1"} <= set(final)
     assert set(result.metrics) == set(final) - {"step"}

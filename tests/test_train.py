@@ -78,8 +78,8 @@ def test_a_frozen_tower_keeps_its_weights_and_batch_norm_statistics(tmp_path, sh
     start = openalign.create_model("align-test").save_pretrained(tmp_path / "start")
     initial = load_file(str(start / WEIGHTS_FILE))
     overrides = tiny_recipe_overrides(shapes_root, tmp_path / "run", steps=2) + [
-        "train.ema_decay=0.5", "model.name=align-test", f"train.init_from={start}", "train.freeze=[image_tower]",
-        "eval.tasks=[]"]
+        "train.ema_decay=0.5", "train.ema_warmup=false", "run.checkpoint_every=1", "model.name=align-test",
+        f"train.init_from={start}", "train.freeze=[image_tower]", "eval.tasks=[]"]
     train(load_recipe("demo", overrides), show_progress=False)
     trained = _state(tmp_path / "run")
     image = [key for key in initial if key.startswith("image_tower.")]
@@ -88,6 +88,12 @@ def test_a_frozen_tower_keeps_its_weights_and_batch_norm_statistics(tmp_path, sh
     # the weight average of a locked tower (its parameters shared with the model's, its statistics averaged) too
     average = load_file(str(tmp_path / "run" / "checkpoints" / "step_00000002" / "ema" / WEIGHTS_FILE))
     assert all(torch.equal(average[key], initial[key]) for key in image)
+    # the rest of the average starts from the init_from weights: 0.25·initial + 0.25·step 1's + 0.5·step 2's
+    first = load_file(str(tmp_path / "run" / "checkpoints" / "step_00000001" / WEIGHTS_FILE))
+    for key, value in average.items():
+        if value.is_floating_point() and key not in image:
+            torch.testing.assert_close(value, 0.25 * initial[key] + 0.25 * first[key] + 0.5 * trained[key],
+                                       rtol=1e-5, atol=1e-6, msg=key)
     for part in ("text_tower.", "image_projection."):
         assert any(not torch.equal(trained[key], initial[key]) for key in initial if key.startswith(part)), part
     with pytest.raises(ConfigError, match=r"'train.freeze' names 'image_towr', which no parameter is or is under; "
