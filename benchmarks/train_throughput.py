@@ -88,7 +88,7 @@ def measure(name: str, batch_size: int, device: torch.device, steps: int, warmup
             "precision": "bf16" if device.type == "cuda" else "fp32", "compile": compile,
             "batch_norm": "standard" if standard_bn else "ghost", "accum_steps": accum_steps,
             "grad_checkpointing": checkpointing, "held_for_backward_mib": held, "optimizer": optimizer_name,
-            "ema": ema}
+            "ema": ema, "ema_mib": average.nbytes / 2**20 if average is not None else 0.0}
 
 
 def held_for_backward(step: Callable[[], object]) -> float:

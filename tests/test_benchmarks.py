@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+import openalign
+
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 TINY = {
@@ -64,3 +66,6 @@ def test_the_training_benchmark_compares_optimisers_on_a_pixel_model(tmp_path):
     rows = json.loads((tmp_path / "out.json").read_text())["results"]
     assert [(row["optimizer"], row["ema"]) for row in rows] == [("adamw", False), ("adamw", True),
                                                                 ("adafactor", False), ("adafactor", True)]
+    model = openalign.create_model("clippo-test")  # the average: a copy of every weight and float buffer
+    copy_mib = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) / 2**20
+    assert [row["ema_mib"] for row in rows] == [0.0, pytest.approx(copy_mib), 0.0, pytest.approx(copy_mib)]

@@ -47,6 +47,12 @@ class WeightAverage:
         self._copied = [(tensor, live_buffers[name]) for name, tensor in self.module.named_buffers()
                         if not tensor.is_floating_point()]
 
+    @property
+    def nbytes(self) -> int:
+        """The memory of the average's own tensors (frozen parameters are the model's: not counted)."""
+        return sum(tensor.numel() * tensor.element_size() for tensor in self._averages) + sum(
+            average.numel() * average.element_size() for average, _ in self._copied)
+
     def decay_at(self, step: int) -> float:
         """The decay applied after optimiser step ``step`` (counted from 1)."""
         return min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
