@@ -1,8 +1,8 @@
 """Using a trained model: zero-shot classification, embedding an image folder, and a searchable index.
 
 The index is a parquet file with one row per image (``path``: string, ``embedding``:
-list<float32>, L2-normalised) and the model's name and source in the schema metadata, so any
-parquet reader can open it and ``openalign search`` can tell which model made it.
+list<float32>, L2-normalised) and the model's name, source and weights fingerprint in the schema
+metadata, so any parquet reader can open it and ``openalign search`` can tell which model made it.
 """
 
 from __future__ import annotations
@@ -61,6 +61,24 @@ class EmbeddingIndex:
     embeddings: torch.Tensor
     model_name: str | None = None
     model_source: str | None = None
+    model_weights: str | None = None  # weights_fingerprint() of the model that embedded the images
+
+
+def weights_fingerprint(model: nn.Module, samples: int = 1024) -> str:
+    """A short hash of ``model``'s weights, to tell whether an index was embedded by these weights.
+
+    Each tensor of the state dict contributes its name, shape and up to ``samples`` evenly spaced
+    values (as float32), so it costs little even for a large model. Other or retrained weights change
+    it; one edited value may not. Take it from the model as loaded, before
+    :func:`optimize_for_inference` folds batch norms into the convolutions' weights.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        flat = tensor.detach().reshape(-1)
+        picked = flat[::max(1, flat.numel() // samples)][:samples]
+        digest.update(f"{name}{tuple(tensor.shape)}".encode())
+        digest.update(picked.float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def optimize_for_inference(model: nn.Module, inplace: bool = False) -> nn.Module:
@@ -288,7 +306,7 @@ def _non_finite(embeddings: torch.Tensor, paths: Sequence[str]) -> str:
 
 
 def write_index(path: str | Path, paths: Sequence[str], embeddings: torch.Tensor, model_name: str | None = None,
-                model_source: str | None = None) -> Path:
+                model_source: str | None = None, model_weights: str | None = None) -> Path:
     """Write ``paths`` and their ``embeddings`` (N, dim) as a parquet index; the model goes in the metadata.
 
     The file appears whole or not at all (written beside ``path``, then renamed over it). Paths
@@ -301,7 +319,7 @@ def write_index(path: str | Path, paths: Sequence[str], embeddings: torch.Tensor
                              "expected one embedding row per path")
     if broken := _non_finite(embeddings, paths):
         raise OpenAlignError(f"the model gave {broken}; nothing was written: are its weights broken?")
-    metadata = {"model_name": model_name, "model_source": model_source}
+    metadata = {"model_name": model_name, "model_source": model_source, "model_weights": model_weights}
     schema = pa.schema([("path", pa.string()), ("embedding", pa.list_(pa.float32()))],
                        metadata={_METADATA_PREFIX + key: value for key, value in metadata.items() if value})
     vectors = embeddings.detach().float().cpu().numpy()
@@ -376,7 +394,8 @@ def read_index(path: str | Path) -> EmbeddingIndex:
     metadata = {key.decode(): value.decode() for key, value in (table.schema.metadata or {}).items()}
     return EmbeddingIndex(paths=paths, embeddings=embeddings,
                           model_name=metadata.get(_METADATA_PREFIX + "model_name"),
-                          model_source=metadata.get(_METADATA_PREFIX + "model_source"))
+                          model_source=metadata.get(_METADATA_PREFIX + "model_source"),
+                          model_weights=metadata.get(_METADATA_PREFIX + "model_weights"))
 
 
 def _embedding_matrix(table: pa.Table) -> torch.Tensor | str:
