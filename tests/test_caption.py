@@ -296,3 +296,25 @@ def test_a_rerun_recaptions_damaged_outputs_and_refuses_ones_from_another_source
     assert caption_shards([str(moved / "*.tar")], git_captioner, out, max_new_tokens=4,
                           show_progress=False)["totals"] == summary["totals"]
     assert reads == [] and calls == [3]
+
+
+def test_empty_captions_are_counted_not_written_and_none_at_all_is_an_error(shards, tmp_path, git_captioner,
+                                                                           monkeypatch, capsys, caplog):
+    original_call = Captioner.__call__
+    monkeypatch.setattr(Captioner, "__call__", lambda self, images: [
+        "" if index % 2 else text for index, text in enumerate(original_call(self, images))])
+    out = tmp_path / "half"
+    summary = caption_shards([str(shards / "00001.tar")], git_captioner, out, batch_size=5, max_new_tokens=3,
+                             show_progress=False)
+    entry = summary["shards"]["00001.tar"]
+    assert entry["skipped_empty_caption"] == ["000006", "000008"] and (entry["captioned"], entry["skipped"]) == (3, 2)
+    assert "the captioner wrote an empty caption for 2 image(s) (first: 000006)" in caplog.text
+    written = [info.name for info, _ in _members(out / "00001.tar") if info.name.endswith(".caption.txt")]
+    assert written == ["000005.caption.txt", "000007.caption.txt", "000009.caption.txt"]
+
+    monkeypatch.setattr(Captioner, "__call__", lambda self, images: [""] * len(images))
+    assert main(["data", "caption", str(shards / "00001.tar"), "--captioner", git_captioner, "--out",
+                 str(tmp_path / "none"), "--max-new-tokens", "3"]) == 2
+    captured = capsys.readouterr()
+    assert "0 of 5 samples captioned, 5 skipped" in captured.out
+    assert "no sample got a caption" in " ".join(captured.err.split())

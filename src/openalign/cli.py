@@ -211,7 +211,11 @@ def _cmd_data_caption(args: argparse.Namespace) -> None:
                              field=args.field, no_repeat_ngram_size=args.no_repeat_ngram_size)
     totals = summary["totals"]
     print(f"{args.out}: {totals['shards']} shards, {totals['captioned']} of {totals['samples']} samples captioned, "
-          f"{totals['skipped']} skipped (no or undecodable image); summary in {Path(args.out) / 'captions.json'}")
+          f"{totals['skipped']} skipped (no or undecodable image, or an empty caption); summary in "
+          f"{Path(args.out) / 'captions.json'}")
+    if totals["samples"] and not totals["captioned"]:
+        raise OpenAlignError(f"no sample got a caption: see why in {Path(args.out) / 'captions.json'} (an empty "
+                             "caption for every image: is --captioner a captioning model, and --prompt one it takes?)")
     if summary["failed_shards"]:
         failed = "; ".join(f"{entry['source']} ({entry['error']})" for entry in summary["failed_shards"].values())
         raise OpenAlignError(f"{len(summary['failed_shards'])} shard(s) could not be read and were skipped: {failed}")

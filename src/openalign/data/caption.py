@@ -24,8 +24,10 @@ owner, plus ``KEY.<field>.txt`` (default ``KEY.caption.txt``, UTF-8, whitespace 
 after the sample's last member, which webdataset reads as the sample's ``caption.txt`` field.
 
 **Skipped samples.** A sample without an image member, or whose image PIL cannot decode
-(corrupt or truncated bytes), is copied without a caption member and counted (by reason, with
-its key) in the summary; it never stops the job.
+(corrupt or truncated bytes), or whose generated caption is empty (the captioner wrote only
+special tokens), is copied without a caption member and counted (by reason, with its key) in
+the summary; it never stops the job. ``openalign data caption`` exits with status 2 when no
+sample got a caption.
 
 **Unreadable shards.** A shard that is not a readable tar (truncated mid-member, missing its
 end-of-archive blocks, not a tar at all) is *skipped*: its error is logged and recorded under
@@ -219,7 +221,7 @@ def _write_sample(tar: tarfile.TarFile, sample: TarSample, extra: tuple[tarfile.
 def _caption_shard(source: Path, tmp: Path, captioner: Captioner, batch_size: int, field: str) -> dict[str, Any]:
     """Write ``source`` with captions to ``tmp``; the shard's counts. Raises :class:`ShardReadError`."""
     counts: dict[str, Any] = {"source": str(source), "samples": 0, "captioned": 0, "skipped": 0,
-                              "skipped_no_image": [], "skipped_undecodable": []}
+                              "skipped_no_image": [], "skipped_undecodable": [], "skipped_empty_caption": []}
     start = time.perf_counter()
 
     def flush(batch: list[TarSample], tar_out: tarfile.TarFile) -> None:
@@ -239,7 +241,8 @@ def _caption_shard(source: Path, tmp: Path, captioner: Captioner, batch_size: in
             images.append(image)
             owners.append((index, found[0]))
         texts = captioner(images)
-        captions = {index: (info, text) for (index, info), text in zip(owners, texts, strict=True)}
+        captions = {index: (info, text) for (index, info), text in zip(owners, texts, strict=True) if text}
+        counts["skipped_empty_caption"] += [batch[index].key for (index, _), text in zip(owners, texts) if not text]
         for index, sample in enumerate(batch):
             extra = None
             if index in captions:
@@ -247,7 +250,7 @@ def _caption_shard(source: Path, tmp: Path, captioner: Captioner, batch_size: in
                 extra = _caption_member(sample, image_info, field, caption)
             _write_sample(tar_out, sample, extra)
         counts["samples"] += sum(sample.key is not None for sample in batch)
-        counts["captioned"] += len(owners)
+        counts["captioned"] += len(captions)
 
     try:
         counts["source_fingerprint"] = _fingerprint(source)
@@ -268,7 +271,10 @@ def _caption_shard(source: Path, tmp: Path, captioner: Captioner, batch_size: in
     with open(tmp, "rb+") as written:
         os.fsync(written.fileno())
     counts["output_bytes"] = tmp.stat().st_size
-    counts["skipped"] = len(counts["skipped_no_image"]) + len(counts["skipped_undecodable"])
+    if empty := counts["skipped_empty_caption"]:
+        log.warning("%s: the captioner wrote an empty caption for %d image(s) (first: %s); they are copied without one",
+                    source.name, len(empty), empty[0])
+    counts["skipped"] = sum(len(counts[key]) for key in counts if key.startswith("skipped_"))
     counts["seconds"] = round(time.perf_counter() - start, 3)
     return counts
 
@@ -358,7 +364,7 @@ def caption_shards(shards: Sequence[str], captioner: str, out: str | Path, batch
 
     Returns the summary also written to ``out/captions.json``: ``captioner``, ``field``,
     ``generation`` settings, ``shards`` (per output file: ``samples``, ``captioned``, ``skipped``,
-    and the keys skipped for having no image or an undecodable one), ``failed_shards`` (name:
+    and the keys skipped for having no image, an undecodable one or an empty caption), ``failed_shards`` (name:
     source and error) and ``totals``.
     """
     from ..progress import progress_bar
