@@ -562,6 +562,14 @@ def test_hub_ids_go_through_huggingface_hub(monkeypatch, hf_dir, tmp_path):
     with pytest.raises(OpenAlignError, match="'kakaobrain/align-base' is no directory here, and as a hub id it could "
                                              "not be fetched .*no network.*check the path"):
         openalign.load_pretrained("kakaobrain/align-base")
+    (tmp_path / "runs" / "final").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)  # a mistyped local path looks like a hub id: the hub is tried, the directory named
+    with pytest.raises(OpenAlignError, match=r"no network.*; did you mean 'runs/final'\?"):
+        openalign.load_pretrained("runs/fianl")
+    with pytest.raises(OpenAlignError, match=r"neither a directory nor .*; did you mean 'runs/final'\?"):
+        openalign.load_pretrained("runs/finl/")
+    with pytest.raises(OpenAlignError, match=r"no network.*holds the model$"):  # nothing close: no guess
+        openalign.load_pretrained("runs/other")
     monkeypatch.chdir(hf_dir)  # loaded as '.', the model is named by its directory
     assert openalign.load_pretrained(".")[0].config.name == hf_dir.name
 

@@ -17,6 +17,7 @@ no pickled code runs and no ``trust_remote_code``.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import re
 from pathlib import Path
@@ -215,7 +216,7 @@ def resolve(name_or_path: str | Path) -> Path:
         hint = (f"; it names an architecture, without trained weights: openalign.create_model('{text}') builds it with "
                 "random ones") if text in list_models() else ""
         raise OpenAlignError(f"'{text}' is neither a directory nor a Hugging Face hub id like 'kakaobrain/align-base'"
-                             f"{hint}")
+                             f"{hint or _near_misses(path)}")
     try:
         from huggingface_hub import snapshot_download
 
@@ -226,7 +227,17 @@ def resolve(name_or_path: str | Path) -> Path:
     except Exception as error:  # network, authentication, unknown repo: all end here
         raise OpenAlignError(f"'{text}' is no directory here, and as a hub id it could not be fetched from the Hugging "
                              f"Face hub ({type(error).__name__}: {error}); check the path, or set HF_HOME to a cache "
-                             "that holds the model") from None
+                             f"that holds the model{_near_misses(path)}") from None
+
+
+def _near_misses(path: Path) -> str:
+    """'; did you mean ...' naming the directories beside ``path`` whose names are close to its own."""
+    try:
+        siblings = [child.name for child in path.parent.iterdir() if child.is_dir()]
+    except OSError:
+        return ""
+    close = difflib.get_close_matches(path.name, siblings, n=3, cutoff=0.6)
+    return f"; did you mean {' or '.join(repr(str(path.parent / name)) for name in close)}?" if close else ""
 
 
 def save_pretrained(model: nn.Module, directory: str | Path, format: str = "openalign", overwrite: bool = False
