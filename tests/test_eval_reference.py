@@ -102,7 +102,7 @@ def test_classification_metrics_equal_scikit_learn():
         balanced_accuracy_score(tied_labels, tied.argmax(dim=1)))
 
 
-def test_weighted_knn_votes_by_hand():
+def test_weighted_knn_votes_by_hand(caplog):
     memory = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0], [-1.0, 0.0]])
     labels = torch.tensor([0, 1, 1, 2])
     query = torch.tensor([[0.6, 0.8]])  # similarities 0.6, 0.96, 0.8, -0.6
@@ -115,6 +115,10 @@ def test_weighted_knn_votes_by_hand():
     queries = torch.nn.functional.normalize(torch.randn(9, 2, generator=torch.Generator().manual_seed(1)), dim=1)
     torch.testing.assert_close(knn_classify(memory, labels, queries, 3, k=2, chunk_size=4),
                                knn_classify(memory, labels, queries, 3, k=2))
+    with caplog.at_level("WARNING"):  # more neighbours than the memory has: all of it votes, and that is said
+        torch.testing.assert_close(knn_classify(memory, labels, queries, 3, k=9),
+                                   knn_classify(memory, labels, queries, 3, k=4))
+    assert "k=9, but the memory holds 4 items: every one of them votes, as with k=4" in caplog.text
 
 
 def test_weighted_knn_votes_do_not_overflow_at_a_small_temperature():

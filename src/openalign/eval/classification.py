@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import string
@@ -12,6 +13,8 @@ import torch.nn.functional as F
 
 from ..errors import OpenAlignError
 from .checks import check_labels, check_unit_norm
+
+log = logging.getLogger(__name__)
 
 
 def class_embeddings(encode_text: Callable[[list[str]], torch.Tensor], class_names: Sequence[str],
@@ -133,6 +136,9 @@ def knn_classify(memory: torch.Tensor, memory_labels: torch.Tensor, queries: tor
     ``memory`` and ``queries`` must be L2-normalised (checked)."""
     memory_labels = torch.as_tensor(memory_labels, device=memory.device)  # a list or array, as the metrics take
     _check_knn_inputs(memory, memory_labels, queries, num_classes, k)
+    if k > memory.shape[0]:
+        log.warning("kNN: k=%d, but the memory holds %d items: every one of them votes, as with k=%d",
+                    k, memory.shape[0], memory.shape[0])
     k, memory_chunk_size = min(k, memory.shape[0]), max(memory_chunk_size, k)  # a block must hold k candidates
     votes = []
     for start in range(0, queries.shape[0], chunk_size):
