@@ -352,7 +352,8 @@ def check_resumable(saved: dict[str, Any], current: dict[str, Any], path: Path,
                              f"({details}{' ...' if len(changed) > 6 else ''}). Resume with the same settings; for a "
                              f"change that leaves the run the same (a dataset moved to another path), pass "
                              f"--allow-change {changed[0]}; or start a new run (another run.output_dir) initialised "
-                             "from these weights.")
+                             f"from these weights with a fresh optimiser: train.init_from={path} (a model.* change "
+                             "that alters weight shapes fits neither).")
     if permitted:  # warned of once the resume is sure to go on
         log.warning("resuming with %s, as --allow-change permits: the run continues as one never stopped only if "
                     "the change leaves what it trains on and how the same", "; ".join(
