@@ -16,6 +16,7 @@ from torchvision.transforms import InterpolationMode
 
 from ..config import require_at_least
 from ..errors import ConfigError
+from .randaugment import rand_augment
 
 _INTERPOLATION = {
     "nearest": InterpolationMode.NEAREST_EXACT,
@@ -55,6 +56,9 @@ class PreprocessConfig:
     in float, then truncated, as big_vision's ``resize`` casts its result back to uint8 (CLIPPO,
     spec clippo.md §4; rounding would make half the pixels one level brighter); bilinear or nearest
     only (torch's float bicubic is not torchvision's uint8 one).
+    ``rand_augment: [N, M]`` (training only): after the crop and flip, ``N`` RandAugment operations
+    at magnitude ``M`` (0-10) on the 8-bit image, as big_vision's ``randaug(N, M)``
+    (:mod:`openalign.data.randaugment`; CLIPPO's COCO recipe: ``[2, 10]``).
     """
 
     image_size: int = 289
@@ -71,6 +75,7 @@ class PreprocessConfig:
     train_interpolation: Literal["nearest", "bilinear", "bicubic"] | None = None
     jpeg_draft: bool | None = None
     resize_rounding: Literal["round", "floor"] = "round"
+    rand_augment: tuple[int, float] | None = None
 
     def __post_init__(self) -> None:
         require_at_least(self, 1, "image_size")
@@ -89,6 +94,12 @@ class PreprocessConfig:
             if value is not None and (len(value) != 2 or not 0 < value[0] <= value[1] <= upper):
                 raise ConfigError(f"must be [low, high] with 0 < low <= high{' <= 1' if upper == 1 else ''}, "
                                   f"got {list(value)}", name)
+        if self.rand_augment is not None:
+            layers, magnitude = self.rand_augment if len(self.rand_augment) == 2 else (None, None)
+            if not (isinstance(layers, int) and layers >= 0 and isinstance(magnitude, (int, float))
+                    and 0 <= magnitude <= 10):
+                raise ConfigError(f"must be [N, M]: N operations (0 or more) at magnitude M (0-10), as big_vision's "
+                                  f"randaug(2, 10); got {list(self.rand_augment)}", "rand_augment")
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -174,6 +185,8 @@ class ImageTransform:
     def _flip_and_normalise(self, pixels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         if self.train and self.config.random_flip and bool(torch.rand((), generator=generator) < 0.5):
             pixels = pixels.flip(-1)
+        if self.train and self.config.rand_augment is not None:
+            pixels = rand_augment(pixels, *self.config.rand_augment, generator=generator)
         return pixels.float().mul_(self.scale).sub_(self.offset)
 
     def _torchvision_decodes(self, image: Image.Image, encoded: bytes | None) -> bool:
