@@ -631,6 +631,13 @@ def test_tsv_captions_are_read_verbatim_and_one_bad_caption_drops_one_row(tmp_pa
     assert [text for _, text, _ in TableSourceConfig(path=str(tmp_path / "alt.tsv")).rows()] == captions
     (tmp_path / "ALT.TSV.GZ").write_bytes(gzip.compress(table.encode()))
     assert [text for _, text, _ in TableSourceConfig(path=str(tmp_path / "ALT.TSV.GZ")).rows()] == captions
+    closed = ['"Best" pizza in town', '"a quoted caption"', "third row"]  # every quote closed: still alt-text
+    (tmp_path / "closed.tsv").write_text("image\tcaption\n" + "".join(f"a.png\t{caption}\n" for caption in closed))
+    assert [text for _, text, _ in TableSourceConfig(path=str(tmp_path / "closed.tsv")).rows()] == closed
+    with open(tmp_path / "all.tsv", "w", newline="") as handle:  # every field quoted, the header too
+        writer = csv.writer(handle, delimiter="\t", quoting=csv.QUOTE_ALL)
+        writer.writerows([["image", "caption"], *(["a.png", caption] for caption in closed)])
+    assert [text for _, text, _ in TableSourceConfig(path=str(tmp_path / "all.tsv")).rows()] == closed
     # a TSV that pandas or the csv module wrote quotes such fields: read as written
     with open(tmp_path / "quoted.tsv", "w", newline="") as handle:
         writer = csv.writer(handle, delimiter="\t")

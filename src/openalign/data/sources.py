@@ -305,9 +305,8 @@ def _read_table(path: Path, text_columns: tuple[str, ...] = (), byte_columns: tu
     not UTF-8 still names its file, rather than making the table unreadable).
     ``byte_columns`` are read as undecoded bytes, so that one caption that is not UTF-8 is one
     dropped row rather than an unreadable table. Fields may be quoted as RFC 4180 (and pandas)
-    quote them. A TSV whose quoted reading puts a tab or a line break into a text field is alt-text
-    written without quoting (CC3M's: a caption that begins with ``"`` would swallow the rows after
-    it), and is read unquoted instead, where that reading holds together.
+    quote them. A TSV is read unquoted, as alt-text TSVs are written (CC3M's: a caption may begin
+    with ``"``), unless it is quoted as a quoting writer quotes (:func:`_read_tsv`).
     """
     kind = _table_format(path)
     try:
@@ -337,22 +336,36 @@ def _read_table(path: Path, text_columns: tuple[str, ...] = (), byte_columns: tu
 
 
 def _read_tsv(path: Path, text_columns: tuple[str, ...], byte_columns: tuple[str, ...]) -> Any:
-    """A TSV, quoted as a CSV unless that cannot be meant: CC3M's TSVs are unquoted, and a caption
-    that starts with an unclosed ``"`` would, quoted, swallow the rows after it (or fail the read)."""
-    try:
-        table, quoted_error = _read_delimited(path, "tsv", text_columns, byte_columns, quoted=True), None
-        if not _holds_tab_or_line_break(table, (*text_columns, *byte_columns)):
-            return table
-    except Exception as error:  # noqa: BLE001 - read unquoted below; this error is reported if that fails too
-        quoted_error = error
+    """A TSV, unquoted unless it is quoted as RFC 4180 (and pandas, and the csv module) quote it.
+
+    CC3M's alt-text TSVs are unquoted: a caption that begins with ``"`` is text, and read quoted
+    it would lose its quote marks (``"Best" pizza`` -> ``Best pizza``) or, unclosed, swallow the
+    rows after it. The unquoted reading is taken unless it fails (a quoted field holds a tab or a
+    line break) or every field that begins with a quote is a whole quoted field (``"..."``, with
+    inner quotes doubled), which only a writer that quotes makes."""
     try:
         unquoted = _read_delimited(path, "tsv", text_columns, byte_columns, quoted=False)
-    except Exception:  # noqa: BLE001 - the quotes hold fields with tabs or line breaks: keep them
-        if quoted_error is not None:
-            raise quoted_error from None
-        return table
-    log.info("table '%s': read unquoted (quoted, its fields would span tabs or lines)", path)
+    except Exception:  # noqa: BLE001 - fields with tabs or line breaks in quotes: only the quoted reading holds
+        return _read_delimited(path, "tsv", text_columns, byte_columns, quoted=True)
+    if _quoted_as_written(unquoted):
+        return _read_delimited(path, "tsv", text_columns, byte_columns, quoted=True)
     return unquoted
+
+
+def _quoted_as_written(table: Any) -> bool:
+    """Whether some field or column name of ``table`` (read unquoted) begins with a quote, and each
+    that does is a whole RFC 4180 quoted field."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    names = [name for name in table.column_names if name.startswith('"')]  # a header quoted too
+    opened, whole = len(names), sum(bool(re.fullmatch(r'"([^"]|"")*"', name)) for name in names)
+    for column in table.columns:
+        if not (pa.types.is_string(column.type) or pa.types.is_binary(column.type)):
+            continue
+        opened += pc.sum(pc.match_substring_regex(column, '^"')).as_py() or 0
+        whole += pc.sum(pc.match_substring_regex(column, '^"([^"]|"")*"$')).as_py() or 0
+    return opened > 0 and whole == opened
 
 
 def _read_delimited(path: Path, kind: str, text_columns: tuple[str, ...], byte_columns: tuple[str, ...],
@@ -407,13 +420,6 @@ def _check_quotes(path: Path, table: Any) -> None:
     log.warning("table '%s': %d row(s) have fields spanning several lines (the first: data row %d): right for quoted "
                 "multi-line captions; if a quote was left open, the rows up to its closing were read as one",
                 path, len(rows), rows[0] + 1)
-
-
-def _holds_tab_or_line_break(table: Any, columns: tuple[str, ...]) -> bool:
-    import pyarrow.compute as pc
-
-    return any(pc.any(pc.match_substring_regex(table.column(name), "[\t\n\r]")).as_py()
-               for name in columns if name in table.column_names)
 
 
 class TableDataset(ImageDataset):
