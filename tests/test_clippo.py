@@ -266,8 +266,20 @@ def test_sentence_pairs_are_neighbours_within_documents_with_the_first_rendered(
     (tmp_path / "bad.jsonl").write_text('{"content": "no text field"}\n')
     with pytest.raises(OpenAlignError, match="bad.jsonl, line 1: .*'text' field"):
         SentencePairsSourceConfig(path=str(tmp_path / "bad.jsonl")).build(None, 0, 0, processor)
-    with pytest.raises(OpenAlignError, match="no text files match"):
+    with pytest.raises(OpenAlignError, match=r"1 text file\(s\) not found: .*missing/\*.txt"):
         SentencePairsSourceConfig(path=str(tmp_path / "missing/*.txt")).build(None, 0, 0, processor)
+    with pytest.raises(OpenAlignError, match=r"2 text file\(s\) not found: .*b.txt, .*c.txt"):  # a download missing
+        SentencePairsSourceConfig(path=str(tmp_path / "{a,b,c}.txt")).build(None, 0, 0, processor)
+    whole = (tmp_path / "c4-train.00000-of-01024.json.gz").read_bytes()
+    (tmp_path / "cut.json.gz").write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(OpenAlignError, match=r"cannot read text file '.*cut.json.gz' \(EOFError"):
+        SentencePairsSourceConfig(path=str(tmp_path / "cut.json.gz")).build(None, 0, 0, processor)
+    (tmp_path / "latin1.txt").write_bytes(CORPUS.encode() + b"\nCaf\xe9 au lait is served. With a croissant too.\n")
+    latin1 = SentencePairsSourceConfig(path=str(tmp_path / "latin1.txt"))
+    dataset = latin1.build(None, 0, 0, processor)  # the line that is not UTF-8 is dropped and counted, not mangled
+    assert len(dataset.pairs) == 2 and dataset.dropped == {"skipped/document not UTF-8": 1}
+    with pytest.raises(OpenAlignError, match="dropped entries when it was read .*data.strict is true"):
+        latin1.build(None, 0, 0, processor, strict=True)
     align = openalign.create_model("align-test").config.build_tokenizer()
     with pytest.raises(OpenAlignError, match="reads rendered text"):
         SentencePairsSourceConfig(path=str(tmp_path / "a.txt")).build(None, 0, 0, align)

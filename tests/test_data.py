@@ -839,3 +839,81 @@ def test_annotation_list_counts_an_image_whose_caption_list_is_empty(tmp_path, c
         items = read_karpathy(tmp_path / "test.json", "test")
     assert [item.path.name for item in items] == ["a.jpg", "c.jpg"]
     assert "skipped 0 empty caption(s) and 1 image(s) left without a caption" in caplog.text
+
+
+def test_karpathy_entries_without_a_text_field_the_others_carry_are_dropped_and_counted(tmp_path, caplog):
+    """ALIP's synthetic caption missing, empty or not text in an entry stopped training at the step
+    whose batch drew it; a stray key in a few entries is no sample field."""
+    from openalign.data import KarpathySourceConfig
+
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(tmp_path / "a.png")
+    entries = [{"filename": "a.png", "split": "train", "sentences": [{"raw": f"raw {i}"}], "caption": f"synthetic {i}"}
+               for i in range(10)]
+    del entries[3]["caption"]
+    entries[5]["caption"], entries[7]["caption"] = " ", 5
+    entries[1]["note"] = "a stray key"
+    entries[9]["sentences"] = [{"raw": " "}]  # an image left without a caption
+    (tmp_path / "captions.json").write_text(json.dumps({"images": entries}))
+    source = KarpathySourceConfig(json=str(tmp_path / "captions.json"))
+    dataset = source.build(ImageTransform(PreprocessConfig(image_size=8, resize_size=8), train=True), 0)
+    assert [item.captions[0] for item in dataset.items] == [f"raw {i}" for i in (0, 1, 2, 4, 6, 8)]
+    assert all(item.fields == {"caption": f"synthetic {i}"} for i, item in zip((0, 1, 2, 4, 6, 8), dataset.items))
+    assert dataset.dropped == {"skipped/no caption": 3, "skipped/image without a caption": 1}
+    assert "'note' in only 1 of the 9 entries: not used as sample fields" in caplog.text
+    assert "dropped 3 of the 9 entries without a text field the others carry (3 no caption)" in caplog.text
+    with pytest.raises(OpenAlignError, match=r"dropped entries when it was read \(1 for image without a caption, "
+                                             r"3 for no caption\); data.strict is true"):
+        source.build(ImageTransform(PreprocessConfig(image_size=8, resize_size=8), train=True), 0, strict=True)
+    entries[2]["filepath"] = None
+    (tmp_path / "captions.json").write_text(json.dumps({"images": entries}))
+    with pytest.raises(OpenAlignError, match=r"images\[2\] has 'filepath' None; expected the folder of its file"):
+        source.build(ImageTransform(PreprocessConfig(image_size=8, resize_size=8), train=True), 0)
+
+
+def test_rows_a_table_drops_are_in_the_run_summary_once_and_an_error_under_strict(tmp_path):
+    from openalign.recipe import load_recipe
+    from openalign.train import train
+
+    for colour in ("red", "blue"):
+        Image.new("RGB", (16, 16), colour).save(tmp_path / f"{colour}.png")
+    rows = [f"{colour}.png,a {colour} square" for colour in ("red", "blue") * 4]
+    (tmp_path / "pairs.csv").write_text("\n".join(["image,caption", *rows, "gone.png,a missing file", "red.png,"]))
+    overrides = ["model.name=align-test", f"data.train={{type: table, path: '{tmp_path / 'pairs.csv'}'}}",
+                 "data.num_workers=0", "train.steps=2", "train.batch_size=4", "train.warmup_steps=0", "eval.tasks=[]",
+                 f"run.output_dir={tmp_path / 'run'}", "run.checkpoint_every=1", "run.tensorboard=false"]
+    expected = {"skipped/empty caption": 1, "skipped/missing image file": 1}
+    assert train(load_recipe("demo", overrides), show_progress=False).data_counts == expected
+    assert json.loads((tmp_path / "run" / "data_summary.json").read_text()) == expected
+    resumed = load_recipe("demo", [*overrides, "train.steps=3"])  # the resumed run's counts go on, not twice
+    assert train(resumed, resume="latest", show_progress=False).data_counts == expected
+    with pytest.raises(OpenAlignError, match=r"dropped entries when it was read \(1 for empty caption, 1 for missing "
+                                             r"image file\); data.strict is true"):
+        train(load_recipe("demo", [*overrides, f"run.output_dir={tmp_path / 'strict'}", "data.strict=true"]),
+              show_progress=False)
+
+
+def test_a_parquet_caption_column_of_lists_is_an_error_not_their_repr(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from openalign.data import TableSourceConfig
+
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "a.png")
+    pq.write_table(pa.table({"image": ["a.png", "a.png"], "caption": [["a red square", "red"], ["a square"]]}),
+                   tmp_path / "lists.parquet")
+    with pytest.raises(OpenAlignError, match=r"column 'caption' holds lists \(\['a red square', 'red'\]\), not text: "
+                                             r".*give each its own row \(pandas: df.explode\(column\)\)"):
+        TableSourceConfig(path=str(tmp_path / "lists.parquet")).rows()
+
+
+def test_unbalanced_braces_and_empty_url_parts_are_errors_naming_the_pattern(tmp_path):
+    from openalign.data.shards import expand_shards, expand_urls
+
+    with pytest.raises(OpenAlignError, match=r"'.*/shards-\{00000..00001.tar' has unbalanced braces"):
+        expand_urls(str(tmp_path / "shards-{00000..00001.tar"), "shards")
+    with pytest.raises(OpenAlignError, match=r"has unbalanced braces"):
+        expand_shards([str(tmp_path / "shards-00000}.tar")])
+    (tmp_path / "a.tar").write_bytes(b"")
+    for pattern in (f"{tmp_path / 'a.tar'}::", f"{tmp_path / 'a.tar'}::::{tmp_path / 'a.tar'}"):
+        with pytest.raises(OpenAlignError, match="has an empty part between its '::' separators"):
+            expand_urls(pattern, "shards")

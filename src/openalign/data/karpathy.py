@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,7 @@ log = logging.getLogger(__name__)
 
 
 _ENTRY_KEYS = {"filepath", "filename", "split"}
+UNCAPTIONED = "image without a caption"
 
 
 @dataclass(frozen=True)
@@ -29,9 +31,11 @@ class CaptionedImage:
     fields: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
 
 
-def read_karpathy(json_path: str | Path, split: str, image_root: str | Path | None = None) -> list[CaptionedImage]:
+def read_karpathy(json_path: str | Path, split: str, image_root: str | Path | None = None,
+                  dropped: Counter[str] | None = None) -> list[CaptionedImage]:
     """The images of one split; paths are ``image_root / filepath / filename``. An entry's other
-    string keys (``"caption": "a dog on a beach"``) become the item's ``fields``.
+    string keys (``"caption": "a dog on a beach"``) become the item's ``fields``. Images left
+    without a caption are dropped with a warning, and counted in ``dropped`` (by reason).
 
     ``image_root`` defaults to the JSON's directory. Karpathy's COCO file splits into
     ``train``, ``restval``, ``val`` and ``test``; Flickr30k's into ``train``, ``val``, ``test``.
@@ -52,7 +56,7 @@ def read_karpathy(json_path: str | Path, split: str, image_root: str | Path | No
     try:
         data = json.loads(json_path.read_text(encoding="utf-8-sig"))  # an editor's byte-order mark is no error
         if isinstance(data, list) and data and isinstance(data[0], dict) and "image" in data[0]:
-            return _read_annotation_list(json_path, data, split, image_root)
+            return _read_annotation_list(json_path, data, split, image_root, dropped)
         entries = data["images"]
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
         raise OpenAlignError(f"'{json_path}' is not a Karpathy-style caption file (expected "
@@ -63,6 +67,9 @@ def read_karpathy(json_path: str | Path, split: str, image_root: str | Path | No
     for number, entry in enumerate(entries):
         if not isinstance(entry, dict):
             raise OpenAlignError(f"'{json_path}': images[{number}] is not an object")
+        if not isinstance(entry.get("filepath", ""), str):
+            raise OpenAlignError(f"'{json_path}': images[{number}] has 'filepath' {entry['filepath']!r}; expected the "
+                                 "folder of its file under the image root, as text (or no 'filepath')")
         if entry.get("split") not in wanted:
             continue
         found.add(entry["split"])
@@ -84,6 +91,8 @@ def read_karpathy(json_path: str | Path, split: str, image_root: str | Path | No
     if empty_captions or uncaptioned:
         log.warning("'%s' split '%s': skipped %d empty caption(s) and %d image(s) left without a caption",
                     json_path, split, empty_captions, uncaptioned)
+    if dropped is not None:
+        dropped[UNCAPTIONED] += uncaptioned
     if not items or (missing := sorted(wanted - found)):
         splits = sorted({str(e.get("split")) for e in entries})
         raise OpenAlignError(f"'{json_path}' has no images in split '{missing[0] if items else split}'; its splits "
@@ -91,8 +100,8 @@ def read_karpathy(json_path: str | Path, split: str, image_root: str | Path | No
     return items
 
 
-def _read_annotation_list(json_path: Path, entries: list, split: str, image_root: str | Path | None
-                          ) -> list[CaptionedImage]:
+def _read_annotation_list(json_path: Path, entries: list, split: str, image_root: str | Path | None,
+                          dropped: Counter[str] | None) -> list[CaptionedImage]:
     """ALBEF's and BLIP's ``[{"image", "caption"}]`` files (see :func:`read_karpathy`)."""
     named = set(re.findall(r"(?<![a-z])(train|restval|val|test)(?![a-z])", json_path.stem.lower()))
     if named and not named & set(split.split("+")):
@@ -119,6 +128,8 @@ def _read_annotation_list(json_path: Path, entries: list, split: str, image_root
     if empty or uncaptioned:  # an entry's caption may be an empty list: that image is left out too
         log.warning("'%s': skipped %d empty caption(s) and %d image(s) left without a caption", json_path, empty,
                     uncaptioned)
+    if dropped is not None:
+        dropped[UNCAPTIONED] += uncaptioned
     if not (items := [item for item in items if item.captions]):
         raise OpenAlignError(f"'{json_path}' holds no captioned image")
     return items

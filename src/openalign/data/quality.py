@@ -172,6 +172,17 @@ class SkipPolicy:
                         COUNTS[key], what, skip.reason, where, skip.detail or skip.reason)
 
 
+def dropped_on_reading(source: str, dropped: Counter[str], strict: bool) -> dict[str, int]:
+    """What a source dropped when it read its index (a table's rows, a caption file's images), as
+    the run's skip counts (``skipped/<reason>``: the summary line and ``data_summary.json``); with
+    ``strict`` (``data.strict``), any is an error, as a skipped sample is."""
+    if strict and +dropped:
+        described = ", ".join(f"{count} for {reason}" for reason, count in sorted(dropped.items()) if count)
+        raise OpenAlignError(f"data source '{source}' dropped entries when it was read ({described}); data.strict "
+                             "is true, so this is an error (set data.strict: false to drop and count them)")
+    return {f"skipped/{reason}": count for reason, count in dropped.items() if count}
+
+
 def summarise(counts: dict[str, int]) -> str:
     """One line for the log: ``1,234 skipped (empty caption 12, ...); 56 converted to RGB (CMYK 3, ...)``."""
     parts = []

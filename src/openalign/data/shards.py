@@ -37,17 +37,28 @@ class ShardReadError(Exception):
     """A shard cannot be read (truncated, corrupt, not a tar)."""
 
 
-def expand_shards(patterns: Sequence[str]) -> list[Path]:
-    """Local shard paths from paths, globs and brace patterns (``shards/{00000..00009}.tar``).
-
-    Raises :class:`OpenAlignError` naming every path or glob that matches no file.
-    """
+def brace_expand(pattern: str) -> list[str]:
+    """``pattern``'s brace ranges and lists expanded (``{00000..00009}``, ``{a,b}``), as webdataset
+    expands them; unbalanced braces are an :class:`OpenAlignError` naming the pattern."""
     import braceexpand
 
+    try:
+        return list(braceexpand.braceexpand(pattern))
+    except braceexpand.UnbalancedBracesError:
+        raise OpenAlignError(f"'{pattern}' has unbalanced braces: a range is written {{00000..00099}}, a list "
+                             "{a,b}") from None
+
+
+def expand_shards(patterns: Sequence[str], what: str = "shard") -> list[Path]:
+    """Local file paths from paths, globs and brace patterns (``shards/{00000..00009}.tar``).
+
+    Raises :class:`OpenAlignError` naming every path or glob that matches no file (``what``: the
+    kind of file, for the message).
+    """
     found: dict[Path, None] = {}
     missing: list[str] = []
     for pattern in patterns:
-        for expanded in braceexpand.braceexpand(str(pattern)):
+        for expanded in brace_expand(str(pattern)):
             expanded = os.path.expanduser(expanded)
             if Path(expanded).is_file():  # a file whose name holds '[', '*' or '?' is itself, not a glob
                 found[Path(expanded)] = None
@@ -60,9 +71,9 @@ def expand_shards(patterns: Sequence[str]) -> list[Path]:
                 missing.append(f"{expanded} ({not_a_file(expanded)})" if os.path.lexists(expanded) else expanded)
     if missing:
         shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
-        raise OpenAlignError(f"{len(missing)} shard(s) not found: {shown}")
+        raise OpenAlignError(f"{len(missing)} {what}(s) not found: {shown}")
     if not found:
-        raise OpenAlignError("no shards given: pass tar paths, globs or brace patterns ('shards/{00000..00009}.tar')")
+        raise OpenAlignError(f"no {what}s given: pass paths, globs or brace patterns ('shards/{{00000..00009}}.tar')")
     return list(found)
 
 
@@ -265,12 +276,14 @@ def expand_urls(pattern: str, what: str) -> list[str]:
     ``::``, and globs, local or remote (fsspec; ``pipe:`` commands are taken as they are).
     Raises :class:`OpenAlignError` naming local files that do not exist and globs that match
     nothing."""
-    import braceexpand
-
     urls: list[str] = []
     missing: list[str] = []
-    for part in pattern.split("::"):
-        for url in braceexpand.braceexpand(part):
+    parts = pattern.split("::")
+    if not all(part.strip() for part in parts):
+        raise OpenAlignError(f"'{pattern}' has an empty part between its '::' separators (a '::' at an end, or two in "
+                             "a row): each part names files (in a recipe: data.train.urls)")
+    for part in parts:
+        for url in brace_expand(part):
             if url.startswith(("pipe:", "http:", "https:")):  # an http '?' starts a query, not a wildcard
                 urls.append(url)
             elif not has_scheme(url) and Path(url).expanduser().is_file():  # a name with '[' or '?' included

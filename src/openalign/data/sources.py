@@ -19,9 +19,10 @@ import math
 import os
 import random
 import re
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,8 +36,8 @@ from ..files import printable
 from .karpathy import CaptionedImage, read_karpathy
 from .quality import (CUT_SHORT, CUT_SHORT_SAMPLE, EMPTY_CAPTION, NO_CAPTION, NO_IMAGE, NON_DESCRIPTIVE_CAPTION,
                       REPEATED_FIELD, UNDECODABLE_RECORD, SkipPolicy, SkipSample, caption_text, decode_pixels,
-                      is_descriptive, open_image)
-from .shards import expand_urls, opened_shard, stream_samples
+                      dropped_on_reading, is_descriptive, open_image)
+from .shards import expand_shards, expand_urls, opened_shard, stream_samples
 from .shapes import ShapesSpec, build_shapes_dataset
 from .stream import ResumableStream, ShardStream
 from .tfrecords import CorruptRecord, read_records
@@ -89,6 +90,7 @@ class ImageDataset(Dataset):
 
     def __init__(self, transform: ImageTransform, seed: int, policy: SkipPolicy) -> None:
         self.transform, self.seed, self.policy = transform, seed, policy
+        self.dropped: dict[str, int] = {}  # entries the source dropped when it read them (dropped_on_reading)
 
     def sample(self, epoch: int, index: int) -> dict[str, Any]:
         raise NotImplementedError
@@ -165,8 +167,37 @@ class KarpathySourceConfig(SourceConfig, tag="karpathy"):
 
     def build(self, transform: ImageTransform, seed: int, start_step: int = 0,
               text_processor: TextProcessor | None = None, strict: bool = False) -> CaptionDataset:
-        return CaptionDataset(read_karpathy(self.json, self.split, self.image_root), transform, seed,
-                              SkipPolicy(self.json, strict))
+        dropped: Counter[str] = Counter()
+        items = _with_common_fields(read_karpathy(self.json, self.split, self.image_root, dropped), self.json, dropped)
+        dataset = CaptionDataset(items, transform, seed, SkipPolicy(self.json, strict))
+        dataset.dropped = dropped_on_reading(self.json, dropped, strict)
+        return dataset
+
+
+def _with_common_fields(items: list[CaptionedImage], source: str, dropped: Counter[str]) -> list[CaptionedImage]:
+    """``items`` that carry every text field most of them carry (ALIP's synthetic ``caption``),
+    each with those fields alone. Every sample of a batch must carry the fields the model reads:
+    an entry without one, or with it empty, would stop training at the step whose batch draws it,
+    so it is dropped now and counted (``no <field>``). A field that half the entries or fewer
+    carry is no sample field (a stray key), with a warning."""
+    carried = Counter(name for item in items for name, value in item.fields.items() if value)
+    common = {name for name, count in carried.items() if 2 * count > len(items)}
+    if stray := sorted(set(carried) - common):
+        log.warning("'%s': %s in only %s of the %d entries: not used as sample fields (a model that reads them needs "
+                    "them in every entry)", source, ", ".join(map(repr, stray)),
+                    ", ".join(str(carried[name]) for name in stray), len(items))
+    kept = []
+    for item in items:
+        if lacking := sorted(name for name in common if not item.fields.get(name)):
+            dropped[f"no {lacking[0]}"] += 1
+            continue
+        kept.append(item if item.fields.keys() == common else
+                    replace(item, fields={name: item.fields[name] for name in sorted(common)}))
+    if len(kept) < len(items):
+        log.warning("'%s': dropped %d of the %d entries without a text field the others carry (%s)", source,
+                    len(items) - len(kept), len(items), ", ".join(f"{count} {reason}" for reason, count in
+                                                                   sorted(dropped.items()) if reason.startswith("no ")))
+    return kept
 
 
 @dataclass
@@ -192,7 +223,10 @@ class TableSourceConfig(SourceConfig, tag="table"):
 
     def build(self, transform: ImageTransform, seed: int, start_step: int = 0,
               text_processor: TextProcessor | None = None, strict: bool = False) -> TableDataset:
-        return TableDataset(self.rows(), transform, seed, SkipPolicy(self.path, strict))
+        rows, dropped = self._read_rows()
+        dataset = TableDataset([row for _, row in rows], transform, seed, SkipPolicy(self.path, strict))
+        dataset.dropped = dropped_on_reading(self.path, dropped, strict)
+        return dataset
 
     def rows(self) -> list[tuple[Path | bytes, str, dict[str, Any]]]:
         """``(image path or bytes, caption, extra fields)`` of every usable row, in table order."""
@@ -201,6 +235,10 @@ class TableSourceConfig(SourceConfig, tag="table"):
     def located_rows(self) -> list[tuple[str, tuple[Path | bytes, str, dict[str, Any]]]]:
         """:meth:`rows`, each after where it is: ``'<table> data row <n>'`` (counted from 1 after
         the header), to name a row whose image turns out unreadable."""
+        return self._read_rows()[0]
+
+    def _read_rows(self) -> tuple[list[tuple[str, tuple[Path | bytes, str, dict[str, Any]]]], Counter[str]]:
+        """:meth:`located_rows`, and the rows dropped, by reason."""
         tables = sorted(glob.glob(self.path))
         if not tables:
             raise OpenAlignError(f"no table matches '{self.path}' (data.train.path: .csv, .tsv or .parquet files)")
@@ -218,6 +256,11 @@ class TableSourceConfig(SourceConfig, tag="table"):
                                      "extra_columns)")
             root = Path(self.image_root) if self.image_root is not None else table_path.parent
             for number, (image, text) in enumerate(zip(columns[self.image_column], columns[self.text_column])):
+                if isinstance(text, (list, tuple, dict)):  # parquet: a list column (several captions), a struct
+                    raise OpenAlignError(f"table '{table_path}' column '{self.text_column}' holds "
+                                         f"{'lists' if not isinstance(text, dict) else 'structs'} ({str(text)[:60]}), "
+                                         "not text: a row takes one caption; for several captions per image, give "
+                                         "each its own row (pandas: df.explode(column))")
                 try:  # the checks shard captions get; a number (a parquet column of numbers) is its text, NaN none
                     text = caption_text(None if _blank(text) else text if isinstance(text, bytes) else str(text),
                                         EMPTY_CAPTION)
@@ -249,7 +292,7 @@ class TableSourceConfig(SourceConfig, tag="table"):
             hint = "; download the URLs with img2dataset first (see the README's data section)" \
                 if dropped[IMAGE_URL] else f"; the first missing image: {missing}" if missing else ""
             raise OpenAlignError(f"table '{self.path}' has no usable row (dropped: {dict(dropped)}){hint}")
-        return rows
+        return rows, dropped
 
 
 IMAGE_URL = "image URL, not a file"
@@ -752,13 +795,16 @@ class SentencePairsSourceConfig(SourceConfig, tag="sentence_pairs"):
         if text_processor is None or "pixels" not in text_processor(["probe"]):
             raise OpenAlignError("data source 'sentence_pairs' renders sentences into the image slot, so it needs a "
                                  "model that reads rendered text (CLIPPO, e.g. model: clippo-b16)")
-        pairs = [pair for document in _read_documents(self.path, self.text_field)
+        dropped: Counter[str] = Counter()
+        pairs = [pair for document in _read_documents(self.path, self.text_field, dropped)
                  for pair in _neighbour_pairs(document, self.min_chars)]
         if not pairs:
             raise OpenAlignError(f"'{self.path}' holds no pair of neighbouring sentences of at least "
                                  f"{self.min_chars} characters")
         log.info("sentence pairs: %d from '%s'", len(pairs), self.path)
-        return SentencePairDataset(pairs, text_processor)
+        dataset = SentencePairDataset(pairs, text_processor)
+        dataset.dropped = dropped_on_reading(self.path, dropped, strict)
+        return dataset
 
 
 class SentencePairDataset(Dataset):
@@ -766,6 +812,7 @@ class SentencePairDataset(Dataset):
 
     def __init__(self, pairs: list[tuple[str, str]], text_processor: TextProcessor) -> None:
         self.pairs, self.text_processor = pairs, text_processor
+        self.dropped: dict[str, int] = {}
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -775,28 +822,42 @@ class SentencePairDataset(Dataset):
         return {"image": self.text_processor([first])["pixels"][0], "text": second}
 
 
-def _read_documents(pattern: str, text_field: str) -> Iterator[str]:
-    import braceexpand
+NOT_UTF8_DOCUMENT = "document not UTF-8"
 
-    paths = sorted({Path(match) for expanded in braceexpand.braceexpand(pattern) for match in glob.glob(expanded)})
-    if not paths:
-        raise OpenAlignError(f"no text files match '{pattern}' (data.train.path: .txt, .json or .jsonl files, "
-                             "gzipped or not)")
+
+def _read_documents(pattern: str, text_field: str, dropped: Counter[str]) -> Iterator[str]:
+    """The documents of the text files ``pattern`` names (every path it names must exist, and every
+    glob match a file); a line that is not UTF-8 is dropped and counted in ``dropped``, with a
+    warning per file, and a file that cannot be read (a cut-off download) is an error naming it."""
+    paths = sorted(expand_shards([pattern], "text file"))
     for path in paths:
         opener = gzip.open if path.suffix == ".gz" else open
         json_lines = Path(path.name.removesuffix(".gz")).suffix in (".json", ".jsonl")
-        with opener(path, "rt", encoding="utf-8", errors="replace") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                if not json_lines:
-                    yield line.strip()
-                    continue
-                try:
-                    yield str(json.loads(line)[text_field])
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise OpenAlignError(f"{path}, line {number}: not a JSON object with a '{text_field}' field "
-                                         "(set data.train.text_field)") from None
+        undecodable = 0
+        try:
+            with opener(path, "rb") as handle:
+                for number, raw in enumerate(handle, start=1):
+                    try:
+                        line = raw.decode("utf-8").removeprefix("\ufeff") if number == 1 else raw.decode("utf-8")
+                    except UnicodeDecodeError:
+                        undecodable += 1
+                        continue
+                    if not line.strip():
+                        continue
+                    if not json_lines:
+                        yield line.strip()
+                        continue
+                    try:
+                        yield str(json.loads(line)[text_field])
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        raise OpenAlignError(f"{path}, line {number}: not a JSON object with a '{text_field}' field "
+                                             "(set data.train.text_field)") from None
+        except (OSError, EOFError, zlib.error) as error:  # gzip.BadGzipFile is an OSError
+            raise OpenAlignError(f"cannot read text file '{path}' ({type(error).__name__}: {error}): a cut-off "
+                                 "download? Fetch it again, or leave it out of data.train.path") from None
+        if undecodable:
+            log.warning("'%s': dropped %d line(s) that are not UTF-8", path, undecodable)
+            dropped[NOT_UTF8_DOCUMENT] += undecodable
 
 
 def _neighbour_pairs(document: str, min_chars: int) -> list[tuple[str, str]]:
@@ -844,6 +905,7 @@ class MixtureDataset(ResumableStream):
                 raise OpenAlignError(f"a mixture cannot hold the stream {type(child).__name__}")
         self.children = children
         self.weights = [w / sum(weights) for w in weights]
+        self.dropped = dict(sum((Counter(getattr(child, "dropped", {})) for child in children), Counter()))
 
     def reseed(self, salt: int) -> None:
         super().reseed(salt)

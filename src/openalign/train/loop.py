@@ -499,9 +499,12 @@ def _build_loader(recipe: Recipe, per_rank: int, ctx: DistributedContext, start:
                            if positions is not None else None, saved.get("reseeds", ()) if saved else ())
     loader = build_loader(dataset, Collate(text_processor, recipe.model.input_fields), per_rank, ctx.rank,
                           ctx.world_size, recipe.train.seed, start, data.num_workers)
-    if not isinstance(dataset, ResumableStream):
-        return loader, DataMonitor(saved)
-    return loader, DataMonitor(saved, dataset.reseeds, dataset.fingerprint())
+    monitor = (DataMonitor(saved, dataset.reseeds, dataset.fingerprint()) if isinstance(dataset, ResumableStream)
+               else DataMonitor(saved))
+    if saved is None and ctx.is_main:  # what the source dropped reading its index, once (every rank read it)
+        for key, count in getattr(dataset, "dropped", {}).items():  # a resumed run's counts hold them already
+            monitor.base[key] = monitor.base.get(key, 0) + count
+    return loader, monitor
 
 
 def _carried_data_state(checkpointer: Checkpointer, ctx: DistributedContext) -> dict[str, Any] | None:
