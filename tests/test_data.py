@@ -917,3 +917,25 @@ def test_unbalanced_braces_and_empty_url_parts_are_errors_naming_the_pattern(tmp
     for pattern in (f"{tmp_path / 'a.tar'}::", f"{tmp_path / 'a.tar'}::::{tmp_path / 'a.tar'}"):
         with pytest.raises(OpenAlignError, match="has an empty part between its '::' separators"):
             expand_urls(pattern, "shards")
+
+
+def test_a_run_that_fails_on_its_data_ends_its_loader_workers_before_it_returns(tmp_path):
+    """Left to the interpreter's exit, each worker was reported "killed by signal: Terminated"
+    after the run's own error, as if a second failure had followed it."""
+    import multiprocessing
+
+    from openalign.recipe import load_recipe
+    from openalign.train import train
+
+    for index in range(8):
+        Image.new("RGB", (16, 16), (index * 30, 0, 0)).save(tmp_path / f"{index}.png")
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    rows = [f"{index}.png,a red square {index}" for index in range(8)] + ["bad.png,a broken file"]
+    (tmp_path / "pairs.csv").write_text("\n".join(["image,caption", *rows]))
+    recipe = load_recipe("demo", [
+        "model.name=align-test", f"data.train={{type: table, path: '{tmp_path / 'pairs.csv'}'}}", "data.strict=true",
+        "data.num_workers=2", "train.steps=6", "train.batch_size=4", "train.warmup_steps=0", "eval.tasks=[]",
+        f"run.output_dir={tmp_path / 'run'}", "run.tensorboard=false"])
+    with pytest.raises(OpenAlignError, match="undecodable image.*data.strict is true"):
+        train(recipe, show_progress=False)
+    assert multiprocessing.active_children() == []

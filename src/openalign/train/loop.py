@@ -15,7 +15,7 @@ import logging
 import time
 import warnings
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -168,6 +168,7 @@ def _train(recipe: Recipe, resume: str | None, show_progress: bool, held: contex
                  f", each in {cfg.accum_steps} micro-batches of {per_rank // cfg.accum_steps}"
                  if cfg.accum_steps > 1 else "")
     step = start
+    batches = None
     try:
         progress = make_progress(TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} samples/s"),
                                  enabled=show_progress and ctx.is_main)
@@ -238,6 +239,7 @@ def _train(recipe: Recipe, resume: str | None, show_progress: bool, held: contex
             logger.log(step, metrics)
     except BaseException as error:
         logger.close(failed=True, preempted=isinstance(error, Terminated))  # how W&B marks the run
+        _stop_workers(batches)
         raise
     logger.close()
     return TrainResult(output_dir=output_dir, step=step, metrics=metrics, data_counts=data_counts)
@@ -505,6 +507,16 @@ def _build_loader(recipe: Recipe, per_rank: int, ctx: DistributedContext, start:
         for key, count in getattr(dataset, "dropped", {}).items():  # a resumed run's counts hold them already
             monitor.base[key] = monitor.base.get(key, 0) + count
     return loader, monitor
+
+
+def _stop_workers(batches: Iterator[Any] | None) -> None:
+    """End the loader's worker processes now, as the loader does when it is done. Left to the
+    interpreter's exit (the error's traceback holds the loader), multiprocessing terminates them,
+    and torch's handler reports each as "DataLoader worker (pid N) is killed by signal:
+    Terminated" after the run's own error, as if a second failure had followed it."""
+    shutdown = getattr(batches, "_shutdown_workers", None)  # torch's multiprocessing iterator (private, long-lived)
+    if callable(shutdown):
+        shutdown()
 
 
 def _carried_data_state(checkpointer: Checkpointer, ctx: DistributedContext) -> dict[str, Any] | None:
