@@ -254,11 +254,12 @@ def test_eval_commands_write_clip_benchmark_records(model, folders, shapes_root,
         assert main(["eval", task, "--model", str(model_dir), *options, "--output", str(output)]) == 0, task
         record = json.loads(output.read_text())
         assert set(record) == {"dataset", "model", "pretrained", "task", "metrics", "language",  # CLIP_benchmark's
-                               "settings", "weights", "openalign"}  # then what it takes to reproduce the number
+                               "settings", "weights", "precision", "openalign"}  # then what it takes to reproduce it
         clip_benchmark_name = {"zeroshot": "zeroshot_classification", "retrieval": "zeroshot_retrieval"}.get(task, task)
         assert record["task"] == clip_benchmark_name
         assert record["metrics"] and record["settings"]["task"] == task
         assert record["weights"] == str(model_dir.resolve()) and record["openalign"] == openalign.__version__
+        assert record["precision"] == "fp32"  # auto, on this CPU
     records = {task: json.loads((tmp_path / f"{task}.json").read_text()) for task in commands}
     assert {"image_retrieval_recall@5", "contrastive_loss"} <= set(records["retrieval"]["metrics"])
     assert records["retrieval"]["settings"]["split"] == "test"
@@ -369,11 +370,19 @@ def test_evaluation_runs_at_the_precision_the_suite_or_the_command_line_asks(mod
         assert main(["eval", "suite", str(tmp_path / "suite.yaml"), "--model", str(model_dir),
                      "--out", str(tmp_path / "results"), *(["--precision", flag] if flag else [])]) == 0
         assert seen and set(seen) == {expected[flag or "bf16"]}, flag
+        assert json.loads((tmp_path / "results" / "00-retrieval.json").read_text())["precision"] == (flag or "bf16")
     for flag in (None, "bf16"):
         seen.clear()
         assert main(["eval", "shapes", "--model", str(model_dir), "--root", str(shapes_root),
+                     "--output", str(tmp_path / "records" / f"{flag}.json"),
                      *(["--precision", flag] if flag else [])]) == 0
         assert seen and set(seen) == {expected[flag]}, flag
+    # the record says what auto resolved to, and the report tells the two apart
+    assert [json.loads((tmp_path / "records" / f"{flag}.json").read_text())["precision"] for flag in (None, "bf16")] \
+        == ["fp32", "bf16"]
+    assert main(["eval", "report", str(tmp_path / "records"), "--out", str(tmp_path / "report")]) == 0
+    markdown = (tmp_path / "report.md").read_text()
+    assert "(precision=fp32) |" in markdown and "(precision=bf16) |" in markdown
     assert load_suite("alip").precision == "fp32"
     assert {load_suite(name).precision for name in ("align", "clippo")} == {"auto"}
 

@@ -23,7 +23,7 @@ from rich.markup import escape
 from . import __version__
 from .errors import ConfigError, OpenAlignError, Terminated
 from .files import not_a_file, replaceable, starts_with
-from .precision import PRECISIONS, precision_scope
+from .precision import PRECISIONS, precision_name, precision_scope
 from .progress import console
 from .registry import list_suites
 
@@ -118,10 +118,11 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     # checked before the work
     output = replaceable(_output_file(args.output), is_record_file, "an openalign result") if args.output else None
     model, _, _ = _inference_model(args, optimize=not task.fine_tunes)
+    device = next(model.parameters()).device
     with precision_scope(args.precision):
-        metrics = task.run(model, next(model.parameters()).device, args.batch_size)
+        metrics = task.run(model, device, args.batch_size)
     record = make_record(task.dataset, model.config.name, str(args.model), args.task, metrics, task,
-                         getattr(model, "weights_path", None))
+                         getattr(model, "weights_path", None), precision_name(device, args.precision))
     print(json.dumps(record, indent=2))
     if output:
         output.write_text(json.dumps(record, indent=2))

@@ -39,6 +39,13 @@ def autocast_dtype(device: torch.device, precision: str | None = None) -> torch.
     return torch.bfloat16 if precision == "bf16" or (precision == "auto" and device.type == "cuda") else None
 
 
+def precision_name(device: torch.device, precision: str | None = None) -> str:
+    """What :func:`autocast` computes in on ``device``, by name (``auto`` resolved): bf16, fp16 or fp32."""
+    import torch
+
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[autocast_dtype(device, precision)]
+
+
 def gradient_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
     """The loss scaler of training at ``precision``: enabled in fp16 (whose gradients underflow
     without one), else disabled, passing losses, gradients and steps through unchanged."""

@@ -39,7 +39,7 @@ from ..config import flatten, from_dict, load_yaml, to_dict
 from ..distributed import world_info
 from ..errors import OpenAlignError
 from ..files import read_json, replaceable
-from ..precision import Precision, precision_scope
+from ..precision import Precision, precision_name, precision_scope
 from ..registry import find_config
 from . import cache
 from .examples import is_examples_picture
@@ -119,7 +119,7 @@ def run_suite(suite: SuiteConfig, model: nn.Module, pretrained: str, output_dir:
             metrics = task.run(model, device, suite.batch_size, show_progress)
             # the dataset as its name in the suite, else as the data names it (as the eval commands do)
             record = make_record(name if suite.names else task.dataset, model.config.name, pretrained, task.name,
-                                 metrics, task, getattr(model, "weights_path", None))
+                                 metrics, task, getattr(model, "weights_path", None), precision_name(device))
             (output_dir / f"{name}.json").write_text(json.dumps(record, indent=2))
             records.append(record)
             if suite.examples:
@@ -143,11 +143,13 @@ def _embedding_cache() -> Iterator[None]:
 
 
 def make_record(dataset: str, model: str | None, pretrained: str, task: str, metrics: dict[str, float],
-                settings: EvalTaskConfig | None = None, weights: str | None = None) -> dict[str, Any]:
+                settings: EvalTaskConfig | None = None, weights: str | None = None,
+                precision: str | None = None) -> dict[str, Any]:
     """A result in CLIP_benchmark's schema, ``task`` by CLIP_benchmark's name where it has one
     (``zeroshot_classification``, ``zeroshot_retrieval``; see ``RECORD_TASKS``); then what it takes
     to reproduce it: the task's ``settings`` (its split, files, k, templates, shots, ...), the
-    ``weights`` read (a run directory's checkpoint) and openalign's version."""
+    ``weights`` read (a run directory's checkpoint), the ``precision`` it computed in (bf16, fp16
+    or fp32: ``auto`` resolved, so that a GPU's and a CPU's results tell apart) and openalign's version."""
     record = {"dataset": dataset, "model": model, "pretrained": pretrained, "task": RECORD_TASKS.get(task, task),
               "metrics": metrics, "language": "en"}
     if settings is not None:  # the files it read, absolute: a relative path names no data once copied elsewhere
@@ -155,6 +157,8 @@ def make_record(dataset: str, model: str | None, pretrained: str, task: str, met
                                                      settings.data_paths if (value := getattr(settings, key))}}
     if weights is not None:
         record["weights"] = weights
+    if precision is not None:
+        record["precision"] = precision
     return {**record, "openalign": __version__}
 
 
@@ -291,6 +295,8 @@ def _described(record: dict[str, Any]) -> dict[str, Any] | None:
     flat = {key: value for key, value in flatten(record["settings"] or {}).items() if key != "task"}
     if record.get("weights"):
         flat["weights"] = Path(record["weights"]).name
+    if record.get("precision"):
+        flat["precision"] = record["precision"]
     return flat
 
 
