@@ -43,7 +43,7 @@ def test_recall_at_k_beyond_the_number_of_items_is_one():
     assert metrics["image_retrieval_recall@10"] == 1.0 and metrics["text_retrieval_recall@10"] == 1.0
 
 
-def test_contrastive_loss_and_in_batch_accuracy_by_hand():
+def test_contrastive_loss_and_in_batch_accuracy_by_hand(caplog):
     from openalign.errors import OpenAlignError
     from openalign.eval.retrieval import contrastive_metrics
 
@@ -61,6 +61,9 @@ def test_contrastive_loss_and_in_batch_accuracy_by_hand():
     # texts 1 and 2 score another image above their own
     assert metrics["contrastive_i2t_accuracy"] == 1 / 3 and metrics["contrastive_t2i_accuracy"] == 0.0
     assert contrastive_metrics(images, texts, 2.0, batch_size=3) == metrics
+    with caplog.at_level("WARNING"):  # more than the pairs: one batch of them all, and that is said
+        assert contrastive_metrics(images, texts, 2.0, batch_size=1000) == metrics
+    assert "contrastive batch 1000, but there are 3 pairs: one batch of 3" in caplog.text
     # batches of 2 and 2: [[2, 1.6], [0, 1.2]], then image 2 and text 2 with a fourth pair
     four = contrastive_metrics(torch.cat([images, images[:1]]), torch.cat([texts, texts[:1]]), 2.0, batch_size=2)
     first = [math.log(1 + math.exp(1.6 - 2)), math.log(1 + math.exp(0 - 1.2)),  # image→text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import numpy as np
@@ -9,6 +10,8 @@ import torch
 
 from ..errors import OpenAlignError
 from .checks import check_labels
+
+log = logging.getLogger(__name__)
 
 
 def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_image: Sequence[int] | torch.Tensor,
@@ -82,6 +85,9 @@ def contrastive_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_s
     if image_emb.shape != text_emb.shape or image_emb.shape[0] == 0:
         raise OpenAlignError(f"contrastive_metrics needs as many image as text embeddings, at least one: got "
                              f"{tuple(image_emb.shape)} and {tuple(text_emb.shape)}")
+    if batch_size > image_emb.shape[0]:
+        log.warning("contrastive batch %d, but there are %d pairs: one batch of %d, whose loss compares only with "
+                    "evaluations at that batch size", batch_size, image_emb.shape[0], image_emb.shape[0])
     loss, correct = 0.0, {"i2t": 0, "t2i": 0}
     starts = list(range(0, image_emb.shape[0], batch_size))
     if len(starts) > 1 and image_emb.shape[0] - starts[-1] == 1:
