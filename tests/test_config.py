@@ -272,10 +272,13 @@ def test_every_clippo_model_resizes_as_big_vision_does():
     assert (preprocess.antialias, preprocess.interpolation) == ("never", "bilinear")
 
 
-def test_rsqrt_without_warm_up_needs_its_time_scale():
+def test_rsqrt_without_warm_up_needs_its_time_scale(caplog):
     """The time scale defaults to the warm-up length: with no warm-up it was 1 (lr / √(step + 1))."""
     with pytest.raises(ConfigError, match="'train.rsqrt_timescale' is null, which means the warm-up length, but "
                                           "train.warmup_steps is 0"):
         load_recipe("demo", ["train.schedule=rsqrt", "train.warmup_steps=0"])
     assert load_recipe("demo", ["train.schedule=rsqrt", "train.warmup_steps=0",
                                 "train.rsqrt_timescale=10000"]).train.rsqrt_timescale == 10000
+    with caplog.at_level("WARNING"):  # a recipe's time scale, its schedule overridden: said to do nothing
+        load_recipe("clippo-b16-coco", ["train.schedule=cosine"])
+    assert "train.rsqrt_timescale=100 has no effect: it is the time scale of schedule rsqrt" in caplog.text

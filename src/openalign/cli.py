@@ -477,7 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
     zeroshot = tasks.add_parser("zeroshot", help="zero-shot classification of a folder of class subfolders")
     zeroshot.add_argument("--root", required=True, help="class folders (imagenet/val/<class>/<image>) or a "
                                                         "CLIP_benchmark webdataset root (wds_imagenet1k/)")
-    zeroshot.add_argument("--split", default="test", help="the split of a CLIP_benchmark webdataset root")
+    zeroshot.add_argument("--split", help="the split of a CLIP_benchmark webdataset root (default: test); class "
+                          "folders have none")
     _prompt_options(zeroshot, "one name per class folder (sorted order), a JSON list/mapping, or a shipped list "
                               "(imagenet1k_classnames)", "imagenet1k_templates, clip_paper_templates")
     sentences = tasks.add_parser("zeroshot_sentences", help="zero-shot classification of a file of sentences "

@@ -127,6 +127,9 @@ class TrainConfig:
                               "lower train.cooldown_steps, or raise train.steps", "cooldown_steps")
         if self.rsqrt_timescale is not None and self.rsqrt_timescale < 1:
             raise ConfigError("must be at least 1, or null for the warm-up length", "rsqrt_timescale")
+        if self.rsqrt_timescale is not None and self.schedule != "rsqrt":  # a recipe's, its schedule overridden
+            log.warning("train.rsqrt_timescale=%d has no effect: it is the time scale of schedule rsqrt, and "
+                        "train.schedule is %s", self.rsqrt_timescale, self.schedule, extra=RANK_ZERO_ONLY)
         if self.schedule == "rsqrt" and self.rsqrt_timescale is None and self.warmup_steps == 0:
             raise ConfigError("is null, which means the warm-up length, but train.warmup_steps is 0: give the time "
                               "scale in steps (big_vision's default: 10000)", "rsqrt_timescale")

@@ -179,7 +179,7 @@ def _checked_names(names: list[object]) -> list[str]:
 def evaluate_zeroshot(model: nn.Module, root: str | Path, device: torch.device,
                       templates: Sequence[str] | Mapping[str, Sequence[str]] | None = None,
                       names: list[str] | dict[str, str] | None = None, batch_size: int = 256,
-                      show_progress: bool = True, split: str = "test", transform: Transform | None = None,
+                      show_progress: bool = True, split: str | None = None, transform: Transform | None = None,
                       canonicalize: bool = False) -> dict[str, float]:
     """Zero-shot classification of the images in ``root``'s class folders, or of ``split`` of a
     CLIP_benchmark webdataset directory (its classnames.txt and templates unless given):
@@ -209,19 +209,24 @@ def _classifier(model: nn.Module, names: list[str], templates: list[str] | dict[
 
 
 def zeroshot_inputs(root: str | Path, templates: Sequence[str] | Mapping[str, Sequence[str]] | None = None,
-                    names: list[str] | dict[str, str] | None = None, split: str = "test", canonicalize: bool = False
+                    names: list[str] | dict[str, str] | None = None, split: str | None = None,
+                    canonicalize: bool = False
                     ) -> tuple[list[Path], torch.Tensor, list[str], list[str] | dict[str, list[str]]]:
     """``(image paths, labels, class names, templates)`` as :func:`evaluate_zeroshot` uses them:
     everything it reads and checks before embedding, so that bad class names or prompts are found
-    before a training run's first step."""
+    before a training run's first step. ``split`` (default ``test``) is a CLIP_benchmark
+    directory's; class folders have none (their root is the split's folder)."""
     if is_clip_benchmark_wds(root):
-        wds = read_split(root, split)
+        wds = read_split(root, split or "test")
         if wds.labels is None or wds.classnames is None:
             raise OpenAlignError(f"'{root}' is not a classification dataset with classnames.txt")
         paths, labels = wds.paths, torch.tensor(wds.labels)
         readable = class_names(wds.classnames, names if names is not None else wds.classnames)
         templates = templates or [t.replace("{c}", "{}") for t in wds.templates or ()]
     else:
+        if split is not None:
+            raise OpenAlignError(f"split '{split}' is a CLIP_benchmark webdataset directory's, but '{root}' holds class "
+                                 "folders: name the split's own folder as the root, without a split")
         paths, labels, folders = read_class_folders(root)
         readable = class_names(folders, names if names is not None else _imagenet_names(folders, root))
     readable, templates = _prompt_inputs(readable, templates, canonicalize)

@@ -230,8 +230,8 @@ class RetrievalEvalConfig(EvalTaskConfig, tag="retrieval"):
 
 @dataclass
 class ZeroShotEvalConfig(EvalTaskConfig, tag="zeroshot"):
-    """Zero-shot classification of ``root``'s class folders, or of ``split`` of a CLIP_benchmark
-    webdataset directory. ``classnames``: a text file (one name per folder, sorted folder order) or
+    """Zero-shot classification of ``root``'s class folders, or of ``split`` (default ``test``) of a
+    CLIP_benchmark webdataset directory. ``classnames``: a text file (one name per folder, sorted folder order) or
     a JSON list or folder→name mapping; ``templates``: prompts with ``{}``, inline or
     (``templates_file``) one per line or a JSON list, or a JSON object of each class name's own
     prompts (CuPL's); by default the dataset's own, else ``a photo of a {}.``.
@@ -243,7 +243,7 @@ class ZeroShotEvalConfig(EvalTaskConfig, tag="zeroshot"):
     classnames: str | None = None
     templates: tuple[str, ...] | None = None
     templates_file: str | None = None
-    split: str = "test"
+    split: str | None = None
     canonicalize: bool = False
 
     @property
