@@ -165,6 +165,39 @@ def test_the_encoder_initialises_from_a_timm_vit_checkpoint(tmp_path):
         model.init_from(tmp_path / "missing.safetensors")
 
 
+def test_init_from_reads_every_openalign_clippo_model_as_load_pretrained_does(tmp_path, shapes_root):
+    from openalign.recipe import load_recipe
+    from openalign.train import train
+
+    torch.manual_seed(0)
+    saved = openalign.create_model("clippo-test").save_pretrained(tmp_path / "saved")
+    overrides = ["model.name=clippo-test", f"data.train.root={shapes_root}", "data.train.num_train=256",
+                 "data.train.num_test=24", "data.train.image_size=32", "data.num_workers=0", "train.steps=2",
+                 "train.batch_size=16", "train.warmup_steps=1", "train.cooldown_steps=1", "train.ema_decay=0.9",
+                 f"eval.tasks.0.root={shapes_root}", "eval.tasks.0.knn_memory_size=64", "run.checkpoint_every=2",
+                 "run.tensorboard=false"]
+    train(load_recipe("clippo-shapes", [*overrides, f"run.output_dir={tmp_path / 'run'}"]), show_progress=False)
+    (checkpoint,) = sorted((tmp_path / "run" / "checkpoints").glob("step_*"))
+    for source in (saved, tmp_path / "run", checkpoint, checkpoint / "ema"):  # model, run, checkpoint, average
+        torch.manual_seed(1)
+        model = openalign.create_model("clippo-test")
+        model.init_from(source)
+        expected = openalign.load_pretrained(source)[0].state_dict()
+        assert all(torch.equal(tensor, expected[name]) for name, tensor in model.state_dict().items()), source
+    # a recipe's train.init_from takes a run as it does for ALIGN, and a run without a checkpoint says so
+    train(load_recipe("clippo-shapes", [*overrides, "train.steps=1", f"run.output_dir={tmp_path / 'again'}",
+                                        f"train.init_from={tmp_path / 'run'}"]), show_progress=False)
+    (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(OpenAlignError, match="holds no openalign checkpoint"):
+        openalign.create_model("clippo-test").init_from(tmp_path / "empty")
+    with pytest.raises(OpenAlignError, match="is the weights file of the model in"):
+        openalign.create_model("clippo-test").init_from(saved / "model.safetensors")
+    with pytest.raises(OpenAlignError, match="holds no model: neither an openalign one"):
+        openalign.create_model("clippo-test").init_from(tmp_path / "empty" / "checkpoints")
+    with pytest.raises(OpenAlignError, match="does not fit this model"):  # another size: named, not half-loaded
+        openalign.create_model("clippo-tiny").init_from(saved)
+
+
 @pytest.mark.parametrize("step, expected", [(0, 0.0), (50, 0.5), (100, 1.0), (200, math.sqrt(0.5)),
                                             (350, math.sqrt(100 / 350) * 0.5), (400, 0.0)])
 def test_rsqrt_schedule_with_warmup_and_cooldown_is_big_visions(step, expected):

@@ -60,7 +60,8 @@ class TrainConfig:
     gradient scaler, for GPUs without bf16); evaluation during the run uses
     the same. ``init_from`` initialises a fresh run from weights: anything :func:`load_pretrained`
     reads (ALIGN, ALIP; ALIP's released file), or a checkpoint the model knows how to read
-    (CLIPPO: a timm ViT one for the encoder, or a released big_vision ``.npz`` for the whole model).
+    (CLIPPO: an openalign CLIPPO directory or a released big_vision ``.npz`` for the whole model, a
+    timm ViT checkpoint for the encoder).
     ``schedule: onecycle`` is PyTorch's OneCycleLR (ALIP), warming up over ``warmup_steps``.
     ``weight_decay_scope: all`` decays every parameter (ALIP), not only weight matrices.
     ``accum_steps`` k > 1 embeds each rank's share of the batch in k micro-batches, caching

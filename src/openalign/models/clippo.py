@@ -22,6 +22,8 @@ from ..errors import ConfigError, OpenAlignError
 from .base import ContrastiveModel, ImageTowerConfig, ModelConfig, image_input, text_fields
 from .dual_encoder import MAX_TEMPERATURE, MIN_TEMPERATURE
 
+_TIMM_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")  # what timm saves
+
 
 @dataclass
 class RenderConfig:
@@ -144,14 +146,34 @@ class Clippo(ContrastiveModel):
         return {"image_emb": image_emb, "text_emb": text_emb, "logit_scale": self.logit_scale}
 
     def init_from(self, path: str | Path) -> None:
-        """Initialise the encoder from a timm ViT checkpoint (spec §2.4: ImageNet-21k AugReg B/16),
-        or the whole model from a released big_vision CLIPPO checkpoint (``.npz``, spec §6)."""
-        if Path(path).suffix == ".npz":
+        """``train.init_from``: the whole model from a trained openalign CLIPPO model (a model, checkpoint,
+        weight-average or run directory, read as :func:`openalign.load_pretrained` reads it) or from a
+        released big_vision CLIPPO checkpoint (``.npz``, spec §6); or the encoder alone from a timm ViT
+        checkpoint (spec §2.4: ImageNet-21k AugReg B/16), a file or timm's directory of one. An
+        openalign directory is told by its ``config.yaml`` or ``checkpoints/``, which timm's lack."""
+        from ..pretrained import CONFIG_FILE, load_pretrained_weights, model_directory_hint
+
+        location = Path(path).expanduser()
+        if not location.exists():
+            raise OpenAlignError(f"'{path}' does not exist: CLIPPO initialises from an openalign CLIPPO model, "
+                                 "checkpoint or run directory, a big_vision .npz or a timm ViT checkpoint")
+        if location.is_dir() and ((location / CONFIG_FILE).is_file() or (location / "checkpoints").is_dir()):
+            load_pretrained_weights(self, location)
+            return
+        if location.suffix == ".npz":
             from ..external import load_big_vision_weights
 
-            load_big_vision_weights(self, Path(path))
+            load_big_vision_weights(self, location)
             return
+        if location.is_file() and (hint := model_directory_hint(location)):  # an openalign model's weights file
+            raise OpenAlignError(f"'{path}' {hint}")
+        if location.is_dir() and not any((location / name).is_file() for name in _TIMM_WEIGHTS):
+            raise OpenAlignError(f"'{path}' holds no model: neither an openalign one ({CONFIG_FILE} and "
+                                 f"model.safetensors), a run's checkpoints/, nor a timm ViT checkpoint "
+                                 f"({' or '.join(_TIMM_WEIGHTS)})")
         load = getattr(self.encoder, "load_timm_checkpoint", None)
         if load is None:
-            raise OpenAlignError(f"this CLIPPO encoder ({type(self.encoder).__name__}) cannot load timm checkpoints")
-        load(path)
+            raise OpenAlignError(f"this CLIPPO encoder ({type(self.encoder).__name__}) cannot load timm checkpoints; "
+                                 "initialise the whole model from an openalign CLIPPO model directory or a big_vision "
+                                 ".npz instead")
+        load(location)
