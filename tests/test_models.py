@@ -70,6 +70,26 @@ def test_inputs_a_preprocess_was_forgotten_for_are_errors_that_say_how_to_make_t
         model(pixels, **wrong_fields)
 
 
+@pytest.mark.parametrize("name, wrong_size", [("alip-tiny", 96), ("clippo-tiny", 48), ("clippo-tiny", 95)])
+def test_a_vit_given_another_image_size_says_which_it_takes_and_how_to_make_it(name, wrong_size):
+    from openalign.errors import OpenAlignError
+
+    model = openalign.create_model(name).eval()
+    size = model.config.preprocess.image_size
+    words = rf"encode_image takes {size}×{size} px images .*got {wrong_size}×{wrong_size}: make .* preprocess"
+    with pytest.raises(OpenAlignError, match=words):
+        model.encode_image(torch.randn(1, 3, wrong_size, wrong_size))
+    with pytest.raises(OpenAlignError, match=words):
+        model.image_features(torch.randn(1, 3, wrong_size, wrong_size))
+    with pytest.raises(OpenAlignError, match=rf"takes {size}×{size} px images .*got {size}×{wrong_size}"):
+        model.encode_image(torch.randn(1, 3, size, wrong_size))  # a ViT takes its square only
+    with torch.no_grad():
+        assert model.encode_image(torch.randn(1, 3, size, size)).shape == (1, model.config.embed_dim)
+    convolutional = openalign.create_model("align-test").eval()  # an EfficientNet pools any size
+    with torch.no_grad():
+        assert convolutional.encode_image(torch.randn(1, 3, 40, 48)).shape == (1, convolutional.config.embed_dim)
+
+
 def test_projections_run_in_fp32_under_bf16_autocast():
     """COYO-ALIGN forces both projection Dense layers to float32 under mixed precision (spec §3.7)."""
     model = openalign.create_model("align-test").eval()

@@ -159,11 +159,12 @@ class ContrastiveModel(nn.Module):
         return save_pretrained(self, directory, format, overwrite)
 
 
-def image_input(pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def image_input(pixels: torch.Tensor, dtype: torch.dtype, size: int | None = None) -> torch.Tensor:
     """``pixels`` as an image tower takes them: a floating-point (N, 3, H, W) batch, in the
-    weights' ``dtype`` (a model cast to bf16 takes fp32 pixels too). What a preprocess was
-    forgotten for (a PIL image, 8-bit pixels, one image without its batch dimension, channels
-    last) is an error that says how to make the input."""
+    weights' ``dtype`` (a model cast to bf16 takes fp32 pixels too), ``size`` px square where the
+    tower takes one size only (a ViT: its position embeddings are one per patch of that grid).
+    What a preprocess was forgotten for (a PIL image, 8-bit pixels, one image without its batch
+    dimension, channels last, another size) is an error that says how to make the input."""
     make = "torch.stack([preprocess(image) for image in images]) with the model's preprocess"
     if not isinstance(pixels, torch.Tensor):
         given = "a PIL image" if type(pixels).__module__.startswith("PIL") else f"a {type(pixels).__name__}"
@@ -180,6 +181,10 @@ def image_input(pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
                              "pass pixels.permute(0, 3, 1, 2)")
     if pixels.ndim != 4 or pixels.shape[1] != 3:
         raise OpenAlignError(f"encode_image takes RGB pixels (N, 3, H, W); got shape {tuple(pixels.shape)}")
+    if size is not None and tuple(pixels.shape[2:]) != (size, size):
+        raise OpenAlignError(f"encode_image takes {size}×{size} px images (this model's ViT has position embeddings "
+                             f"for that size only); got {pixels.shape[2]}×{pixels.shape[3]}: make them with {make}, "
+                             f"which resizes and crops to {size} px")
     return pixels.to(dtype)
 
 

@@ -119,8 +119,10 @@ class Clippo(ContrastiveModel):
         return {"log_temperature"} | {f"encoder.{name}" for name in exempt}
 
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """The encoder's pooled features (big_vision's ``pre_logits``), before the head."""
-        return self.encoder(image_input(pixels, next(self.encoder.parameters()).dtype))
+        """The encoder's pooled features (big_vision's ``pre_logits``), before the head; a ViT encoder
+        takes its ``image_size`` only."""
+        size = getattr(self.config.encoder, "image_size", None)
+        return self.encoder(image_input(pixels, next(self.encoder.parameters()).dtype, size))
 
     def encode_image(self, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """(N, embed_dim) fp32 embeddings of preprocessed pixels (N, 3, H, W), normalised unless not

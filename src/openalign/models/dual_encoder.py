@@ -165,8 +165,10 @@ class DualEncoder(ContrastiveModel):
         return F.normalize(features, dim=-1) if normalize else features
 
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """The image tower's pooled features, before projection and normalisation."""
-        return self.image_tower(image_input(pixels, next(self.image_tower.parameters()).dtype))
+        """The image tower's pooled features, before projection and normalisation. A ViT tower takes
+        its ``image_size`` only; a convolutional one any size."""
+        size = getattr(self.config.image, "image_size", None)
+        return self.image_tower(image_input(pixels, next(self.image_tower.parameters()).dtype, size))
 
     def encode_text(self, input_ids: torch.Tensor | Mapping[str, torch.Tensor],
                     attention_mask: torch.Tensor | None = None, normalize: bool = True) -> torch.Tensor:
