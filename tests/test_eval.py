@@ -168,6 +168,37 @@ def test_evaluate_shapes_reports_every_metric_and_restores_train_mode(shapes_roo
     assert model.training
 
 
+def test_a_shapes_image_the_evaluation_reads_is_refused_before_training_when_missing(shapes_root, tmp_path,
+                                                                                       tiny_overrides):
+    import shutil
+
+    from openalign.data.karpathy import read_karpathy
+    from openalign.eval.shapes import check_shapes_dataset
+    from openalign.eval.tasks import ShapesEvalConfig
+    from openalign.recipe import load_recipe
+    from openalign.train import train
+
+    root = tmp_path / "shapes"
+    shutil.copytree(shapes_root, root)
+    check_shapes_dataset(root)
+    (root / "images" / "test" / "000004.png").unlink()  # a test image: retrieval and zero-shot read it
+    with pytest.raises(OpenAlignError, match=r"1 of the \d+ images the shapes evaluation reads .* missing or not "
+                                             r"files, e\.g\. '.*images/test/000004\.png': delete the folder"):
+        check_shapes_dataset(root)
+    with pytest.raises(OpenAlignError, match=r"images/test/000004\.png"):
+        ShapesEvalConfig(root=str(root)).check_data()
+    with pytest.raises(OpenAlignError, match=r"eval\.tasks\[0\] \(shapes\): .*images/test/000004\.png"):
+        train(load_recipe("demo", tiny_overrides(root, tmp_path / "run")), show_progress=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before the first step, not after training
+    shutil.copy(shapes_root / "images" / "test" / "000004.png", root / "images" / "test" / "000004.png")
+    ShapesEvalConfig(root=str(root)).check_data()
+    memory = next(item.path for item in read_karpathy(root / "dataset_shapes.json", "train") if item.labels)
+    memory.unlink()  # the kNN memory's first (single-shape) training image
+    memory.mkdir()  # a folder where the file was is no image either
+    with pytest.raises(OpenAlignError, match=rf"images/train/{memory.name}"):
+        ShapesEvalConfig(root=str(root)).check_data()
+
+
 def test_the_report_shows_fractions_as_percentages_and_losses_ranks_and_missing_values_as_they_are(tmp_path):
     from openalign.eval.suite import make_record, write_report
 

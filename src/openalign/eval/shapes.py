@@ -39,9 +39,19 @@ def _prompt(template: str, name: str) -> str:
 RECALL_KS = (1, 5, 10)
 
 
-def check_shapes_dataset(root: str | Path) -> None:
-    """An error unless ``root`` holds a shapes dataset (both its files, readable)."""
-    _read(Path(root))
+def check_shapes_dataset(root: str | Path, knn_memory_size: int = 5000) -> None:
+    """An error unless ``root`` holds a shapes dataset (both its files, readable) with every image
+    :func:`evaluate_shapes` reads (the test split's and the kNN memory's) there as a file, as the
+    retrieval task checks its images: existence only, none decoded, so that a run stops before
+    its first step rather than at its first evaluation."""
+    root = Path(root)
+    train, test, _ = _read(root)
+    images = [item.path for item in [*test, *_knn_memory(train, knn_memory_size)]]
+    if missing := [path for path in images if not path.is_file()]:
+        raise OpenAlignError(f"{len(missing)} of the {len(images)} images the shapes evaluation reads in '{root}' are "
+                             f"missing or not files, e.g. '{missing[0]}': delete the folder and build it again "
+                             f"(openalign data shapes --out {root} with its settings, or a training run on it); a "
+                             "dataset whose index is there is reused as it is")
 
 
 def _read(root: Path) -> tuple[list[CaptionedImage], list[CaptionedImage], dict[str, list[str]]]:
@@ -50,6 +60,11 @@ def _read(root: Path) -> tuple[list[CaptionedImage], list[CaptionedImage], dict[
         raise OpenAlignError(f"'{root}' is not a shapes dataset (expected dataset_shapes.json and classnames.json); "
                              f"build one with: openalign data shapes --out {root}")
     return read_karpathy(index, "train"), read_karpathy(index, "test"), json.loads(names.read_text())
+
+
+def _knn_memory(train: list[CaptionedImage], knn_memory_size: int) -> list[CaptionedImage]:
+    """The labelled (single-shape) training images 1-NN classification compares against."""
+    return [item for item in train if item.labels][:knn_memory_size]
 
 
 def evaluate_shapes(model: nn.Module, root: str | Path, device: torch.device, batch_size: int = 256,
@@ -67,7 +82,7 @@ def evaluate_shapes(model: nn.Module, root: str | Path, device: torch.device, ba
     with eval_mode(model):
         image_emb, text_emb, text_to_image = embed_captioned(model, test, device, batch_size, show_progress)
         metrics = retrieval_metrics(image_emb, text_emb, text_to_image, ks=RECALL_KS)
-        memory = [item for item in train if item.labels][:knn_memory_size]
+        memory = _knn_memory(train, knn_memory_size)
         memory_emb = embed_images(model, transform, [item.path for item in memory], device, batch_size, show_progress,
                                   description="embedding kNN memory")
         labelled = [n for n, item in enumerate(test) if item.labels]

@@ -164,7 +164,7 @@ class ShapesEvalConfig(EvalTaskConfig, tag="shapes"):
             self.root = train.root  # type: ignore[attr-defined]
 
     def check_data(self) -> None:
-        check_shapes_dataset(self._root())
+        check_shapes_dataset(self._root(), self.knn_memory_size)
 
     def _root(self) -> str:
         if self.root is None:
