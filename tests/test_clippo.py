@@ -358,3 +358,12 @@ def test_clippo_co_trains_on_image_text_and_sentence_pairs(tmp_path, shapes_root
     stream = iter(recipe.data.train.build(recipe.model.build_transform(train=True), 0, 0, processor))
     rendered = [next(stream)["image"].unique().numel() <= 2 for _ in range(40)]
     assert 5 < sum(rendered) < 35
+
+
+def test_a_misspelt_freeze_prefix_names_clippos_parts_with_one_of_them_as_the_example():
+    from openalign.errors import ConfigError
+    from openalign.train.freeze import freeze
+
+    with pytest.raises(ConfigError, match=r"names 'image_tower', which no parameter is or is under; the model's parts: "
+                                          r"encoder, head, log_temperature \(e.g. train.freeze=\[encoder\]\)"):
+        freeze(openalign.create_model("clippo-test"), ["image_tower"])

@@ -97,7 +97,8 @@ def test_a_frozen_tower_keeps_its_weights_and_batch_norm_statistics(tmp_path, sh
     for part in ("text_tower.", "image_projection."):
         assert any(not torch.equal(trained[key], initial[key]) for key in initial if key.startswith(part)), part
     with pytest.raises(ConfigError, match=r"'train.freeze' names 'image_towr', which no parameter is or is under; "
-                                          r"the model's parts: image_projection, image_tower, log_temperature"):
+                                          r"the model's parts: image_projection, image_tower, log_temperature, "
+                                          r"text_projection, text_tower \(e.g. train.freeze=\[image_tower\]\)"):
         train(load_recipe("demo", tiny_recipe_overrides(shapes_root, tmp_path / "bad", steps=1) + [
             "train.freeze=[image_towr]"]), show_progress=False)
     # unlocking on resume would load an optimiser state for other parameters: refused, whatever is allowed

@@ -25,8 +25,9 @@ def freeze(model: nn.Module, prefixes: Sequence[str]) -> tuple[int, int]:
     for prefix in prefixes:
         if not any(_under(name, prefix) for name in names):
             tops = sorted({name.split(".")[0] for name in names})
+            example = next((top for top in tops if top.endswith(("tower", "encoder"))), tops[0])  # CLIPPO: encoder
             raise ConfigError(f"names '{prefix}', which no parameter is or is under; the model's parts: "
-                              f"{', '.join(tops)} (e.g. train.freeze=[image_tower])", "train.freeze")
+                              f"{', '.join(tops)} (e.g. train.freeze=[{example}])", "train.freeze")
     frozen = 0
     for name, param in names.items():
         if any(_under(name, prefix) for prefix in prefixes):
