@@ -222,6 +222,15 @@ def _cmd_data_caption(args: argparse.Namespace) -> None:
         raise OpenAlignError(f"{len(summary['failed_shards'])} shard(s) could not be read and were skipped: {failed}")
 
 
+def _cmd_data_caltech101(args: argparse.Namespace) -> None:
+    from .data.splits import caltech101_split
+
+    count = caltech101_split(args.root, args.out, args.split, args.seed, args.copy)
+    print(f"{args.out}: ALIP's Caltech-101 {args.split} split, {count} images; evaluate it with "
+          f"openalign eval zeroshot --root {args.out} --classnames caltech101_classnames "
+          "--templates-file caltech101_templates")
+
+
 def _cmd_data_inspect(args: argparse.Namespace) -> None:
     from .data.inspect import format_summary, inspect_shards
 
@@ -688,6 +697,15 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--image-root", help="what image paths are relative to (default: the table's folder)")
     convert.add_argument("--samples-per-shard", type=_at_least(1), default=10000)
     _runs(convert, _cmd_data_convert)
+    caltech = data_commands.add_parser("caltech101", help="ALIP's random Caltech-101 evaluation split as class "
+                                                          "folders (the alip suite's data/caltech101/test)")
+    caltech.add_argument("--root", required=True, help="the folder of 101_ObjectCategories (or torchvision's root)")
+    caltech.add_argument("--out", required=True, help="a new folder for the split's class folders")
+    caltech.add_argument("--split", default="test", choices=("test", "train"),
+                         help="test: ALIP's 5,677 evaluation images (default); train: the other 3,000")
+    caltech.add_argument("--seed", type=int, default=3072, help="random_split's generator seed (ALIP's: 3072)")
+    caltech.add_argument("--copy", action="store_true", help="copy the images (default: symbolic links)")
+    _runs(caltech, _cmd_data_caltech101)
     return parser
 
 
