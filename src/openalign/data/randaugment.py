@@ -10,9 +10,11 @@ AutoContrast              each channel stretched to 0-255 (unchanged where it is
 Equalize                  each channel's histogram equalised (PIL's ``ImageOps.equalize``)
 Invert                    ``255 - x``
 Rotate                    ``M/10 * 30`` degrees about the centre, sign drawn
-Posterize                 the low ``8 - int(M/10 * 4)`` bits cleared (4 at M = 10)
-Solarize                  pixels at or above ``int(M/10 * 256)`` inverted (at M = 10: none, as the
-                          code reads; TensorFlow may wrap the uint8 threshold 256 to 0 and so invert all)
+Posterize                 the low ``8 - int(M/10 * 4)`` bits cleared (4 at M = 10; at most 7, as
+                          TensorFlow clamps a shift by the type's width)
+Solarize                  pixels at or above ``int(M/10 * 256)`` inverted; the threshold is cast to
+                          uint8 as TensorFlow casts it, so at M = 10 (256, cast to 0) every pixel
+                          is (big_vision issue #110)
 SolarizeAdd               ``int(M/10 * 110)`` added to pixels below 128, clipped
 Color, Contrast,          blended with their grey, mean-grey, black and smoothed versions by the
 Brightness, Sharpness     factor ``M/10 * 1.8 + 0.1`` (1.9 at M = 10: pushed away from them)
@@ -22,10 +24,13 @@ Cutout                    a square of side ``2 * int(M/10 * 40)`` centred at a r
 ========================  =====================================================================
 
 Geometric operations sample the nearest pixel and fill what they uncover with grey (128), as
-``tfa.image.transform`` does. One deliberate difference: TensorFlow's ``contrast`` blends with
-a constant of ``pixels / 256`` (its histogram's *count* over 256 bins, not its mean: 196 for any
-224x224 image) where PIL's ``ImageEnhance.Contrast``, which it says it reproduces, blends with
-the mean grey level; this one blends with the mean grey level (PIL's behaviour).
+``tfa.image.transform`` does. Grey is ``tf.image.rgb_to_grayscale``'s (luma, truncated as
+``convert_image_dtype`` truncates), and AutoContrast scales in float32, as TensorFlow's
+``to_float``: PIL's versions of both differ by a level on some pixels. One deliberate
+difference: TensorFlow's ``contrast`` blends with a constant of ``pixels / 256`` (its
+histogram's *count* over 256 bins, not its mean: 196 for any 224x224 image) where PIL's
+``ImageEnhance.Contrast``, which it says it reproduces, blends with the mean grey level; this
+one blends with the mean grey level (PIL's behaviour).
 All randomness comes from the ``generator`` given, so a sample's augmentation replays on resume.
 """
 
@@ -36,7 +41,6 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-import torchvision.transforms.v2.functional as TF
 
 MAX_LEVEL = 10
 FILL = 128
@@ -61,12 +65,12 @@ def blend(degenerate: torch.Tensor, image: torch.Tensor, factor: float) -> torch
 
 
 def autocontrast(pixels: torch.Tensor) -> torch.Tensor:
-    """Each channel stretched to 0-255, in float64 as PIL's ``ImageOps.autocontrast`` (float32 moves
-    a few pixels by a level where the product lands just below an integer)."""
-    low = pixels.amin(dim=(1, 2), keepdim=True).double()
-    high = pixels.amax(dim=(1, 2), keepdim=True).double()
+    """Each channel stretched to 0-255, in float32 as TensorFlow's (PIL's float64 differs by a
+    level on the few pixels whose product lands just below an integer)."""
+    low = pixels.amin(dim=(1, 2), keepdim=True).float()
+    high = pixels.amax(dim=(1, 2), keepdim=True).float()
     scale = 255.0 / (high - low).clamp(min=1)
-    stretched = (pixels.double() * scale - low * scale).clamp_(0, 255).to(torch.uint8)
+    stretched = (pixels.float() * scale - low * scale).clamp_(0, 255).to(torch.uint8)
     return torch.where(high > low, stretched, pixels)
 
 
@@ -86,8 +90,12 @@ def equalize(pixels: torch.Tensor) -> torch.Tensor:
 
 
 def grey(pixels: torch.Tensor) -> torch.Tensor:
-    """The luma (ITU-R 601) of ``pixels``, as three equal uint8 channels."""
-    return TF.rgb_to_grayscale(pixels, num_output_channels=3)
+    """The luma of ``pixels`` as ``tf.image.rgb_to_grayscale`` computes it for uint8 (weights
+    0.2989, 0.587, 0.114 on values / 255, then ``convert_image_dtype``'s ``trunc(x * 255.5)``), as
+    three equal uint8 channels."""
+    weights = torch.tensor([0.2989, 0.5870, 0.1140]).view(3, 1, 1)
+    luma = (pixels.float() / 255 * weights).sum(dim=0) * 255.5
+    return luma.to(torch.uint8).expand(3, -1, -1).clone()
 
 
 def sharpen_source(pixels: torch.Tensor) -> torch.Tensor:
@@ -145,6 +153,11 @@ def _contrast(pixels: torch.Tensor, level: float, generator: torch.Generator | N
     return blend(torch.full_like(pixels, mean), pixels, _enhance(level))
 
 
+def _posterize(pixels: torch.Tensor, bits: int) -> torch.Tensor:
+    shift = min(8 - bits, 7)  # TensorFlow clamps a shift to the type's width less one
+    return pixels >> shift << shift
+
+
 def _solarize_add(pixels: torch.Tensor, level: float, generator: torch.Generator | None) -> torch.Tensor:
     added = (pixels.int() + int(level * 110)).clamp_(0, 255).to(torch.uint8)
     return torch.where(pixels < 128, added, pixels)
@@ -158,8 +171,8 @@ OPERATIONS: dict[str, Operation] = {
     "Equalize": lambda pixels, level, generator: equalize(pixels),
     "Invert": lambda pixels, level, generator: 255 - pixels,
     "Rotate": lambda pixels, level, generator: rotate(pixels, _signed(level * 30, generator)),
-    "Posterize": lambda pixels, level, generator: pixels >> (8 - int(level * 4)) << (8 - int(level * 4)),
-    "Solarize": lambda pixels, level, generator: torch.where(pixels.int() < int(level * 256), pixels, 255 - pixels),
+    "Posterize": lambda pixels, level, generator: _posterize(pixels, int(level * 4)),
+    "Solarize": lambda pixels, level, generator: torch.where(pixels < int(level * 256) % 256, pixels, 255 - pixels),
     "Color": lambda pixels, level, generator: blend(grey(pixels), pixels, _enhance(level)),
     "Contrast": _contrast,
     "Brightness": lambda pixels, level, generator: blend(torch.zeros_like(pixels), pixels, _enhance(level)),
