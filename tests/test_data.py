@@ -841,33 +841,47 @@ def test_annotation_list_counts_an_image_whose_caption_list_is_empty(tmp_path, c
     assert "skipped 0 empty caption(s) and 1 image(s) left without a caption" in caplog.text
 
 
-def test_karpathy_entries_without_a_text_field_the_others_carry_are_dropped_and_counted(tmp_path, caplog):
+def test_karpathy_entries_without_a_field_the_model_reads_are_dropped_and_counted(tmp_path, caplog):
     """ALIP's synthetic caption missing, empty or not text in an entry stopped training at the step
-    whose batch drew it; a stray key in a few entries is no sample field."""
+    whose batch drew it; a key the model does not read (a url) drops nothing."""
     from openalign.data import KarpathySourceConfig
+    from openalign.recipe import load_recipe
+    from openalign.train import train
 
     Image.new("RGB", (8, 8), (200, 30, 30)).save(tmp_path / "a.png")
-    entries = [{"filename": "a.png", "split": "train", "sentences": [{"raw": f"raw {i}"}], "caption": f"synthetic {i}"}
-               for i in range(10)]
-    del entries[3]["caption"]
+    entries = [{"filename": "a.png", "split": "train", "sentences": [{"raw": f"raw {i}"}], "caption": f"synthetic {i}",
+                "url": f"http://x/{i}"} for i in range(10)]
+    del entries[3]["caption"], entries[4]["url"]
     entries[5]["caption"], entries[7]["caption"] = " ", 5
-    entries[1]["note"] = "a stray key"
     entries[9]["sentences"] = [{"raw": " "}]  # an image left without a caption
     (tmp_path / "captions.json").write_text(json.dumps({"images": entries}))
     source = KarpathySourceConfig(json=str(tmp_path / "captions.json"))
-    dataset = source.build(ImageTransform(PreprocessConfig(image_size=8, resize_size=8), train=True), 0)
+    transform = ImageTransform(PreprocessConfig(image_size=8, resize_size=8), train=True)
+    dataset = source.build(transform, 0)
+    dataset.require_fields(("image", "text"))  # ALIGN reads no caption field: nothing more is dropped
+    assert len(dataset) == 9 and dataset.dropped == {"skipped/image without a caption": 1}
+    dataset.require_fields(("image", "text", "caption"))  # ALIP's
     assert [item.captions[0] for item in dataset.items] == [f"raw {i}" for i in (0, 1, 2, 4, 6, 8)]
-    assert all(item.fields == {"caption": f"synthetic {i}"} for i, item in zip((0, 1, 2, 4, 6, 8), dataset.items))
-    assert dataset.dropped == {"skipped/no caption": 3, "skipped/image without a caption": 1}
-    assert "'note' in only 1 of the 9 entries: not used as sample fields" in caplog.text
-    assert "dropped 3 of the 9 entries without a text field the others carry (3 no caption)" in caplog.text
-    with pytest.raises(OpenAlignError, match=r"dropped entries when it was read \(1 for image without a caption, "
-                                             r"3 for no caption\); data.strict is true"):
-        source.build(ImageTransform(PreprocessConfig(image_size=8, resize_size=8), train=True), 0, strict=True)
+    assert dataset.dropped == {"skipped/entry without caption": 3, "skipped/image without a caption": 1}
+    assert "dropped 3 of the 9 entries without a field the model reads (3 entry without caption)" in caplog.text
+    with pytest.raises(OpenAlignError, match=r"\(1 for image without a caption\); data.strict is true"):
+        source.build(transform, 0, strict=True)
+    (tmp_path / "captioned.json").write_text(json.dumps({"images": entries[:9]}))
+    strict = KarpathySourceConfig(json=str(tmp_path / "captioned.json")).build(transform, 0, strict=True)
+    with pytest.raises(OpenAlignError, match=r"dropped entries when it was read \(3 for entry without caption\); "
+                                             "data.strict is true"):
+        strict.require_fields(("image", "text", "caption"))
+    # in training: ALIP's model on these entries trains on the six, counted in the run's summary
+    overrides = ["model.name=alip-tiny", f"data.train={{type: karpathy, json: '{tmp_path / 'captions.json'}'}}",
+                 "data.num_workers=0", "train.steps=1", "train.batch_size=2", "train.warmup_steps=0",
+                 "train.schedule=linear", "eval.tasks=[]", f"run.output_dir={tmp_path / 'run'}",
+                 "run.tensorboard=false"]
+    counts = train(load_recipe("alip-shapes", overrides), show_progress=False).data_counts
+    assert counts == {"skipped/entry without caption": 3, "skipped/image without a caption": 1}
     entries[2]["filepath"] = None
     (tmp_path / "captions.json").write_text(json.dumps({"images": entries}))
     with pytest.raises(OpenAlignError, match=r"images\[2\] has 'filepath' None; expected the folder of its file"):
-        source.build(ImageTransform(PreprocessConfig(image_size=8, resize_size=8), train=True), 0)
+        source.build(transform, 0)
 
 
 def test_rows_a_table_drops_are_in_the_run_summary_once_and_an_error_under_strict(tmp_path):

@@ -22,7 +22,7 @@ import re
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -149,6 +149,30 @@ class CaptionDataset(ImageDataset):
     def describe(self, index: int) -> str:
         return str(self.items[index].path)
 
+    def require_fields(self, fields: Sequence[str]) -> None:
+        """Keep the items that carry every text field of ``fields`` (the model's: ALIP's synthetic
+        ``caption``) besides the image and text every item has; the others are dropped now and
+        counted (``entry without <field>``): in a batch, one would stop training at the step that
+        draws it. An error under ``data.strict``, as every drop on reading is."""
+        needed = [name for name in fields if name not in ("image", "text")]
+        lacking: Counter[str] = Counter()
+        kept = []
+        for item in self.items:
+            if missing := next((name for name in needed if not item.fields.get(name)), None):
+                lacking[f"entry without {missing}"] += 1
+            else:
+                kept.append(item)
+        if not kept:
+            raise OpenAlignError(f"no entry of '{self.policy.source}' has the field(s) {', '.join(needed)} the model "
+                                 f"reads (besides image and text): give each entry its {needed[0]!r}")
+        if lacking:
+            log.warning("'%s': dropped %d of the %d entries without a field the model reads (%s)", self.policy.source,
+                        len(self.items) - len(kept), len(self.items),
+                        ", ".join(f"{count} {reason}" for reason, count in sorted(lacking.items())))
+        self.items = kept
+        for key, count in dropped_on_reading(self.policy.source, lacking, self.policy.strict).items():
+            self.dropped[key] = self.dropped.get(key, 0) + count
+
     def sample(self, epoch: int, index: int) -> dict[str, Any]:
         item = self.items[index]
         generator = sample_generator(self.seed, epoch, index)
@@ -168,36 +192,10 @@ class KarpathySourceConfig(SourceConfig, tag="karpathy"):
     def build(self, transform: ImageTransform, seed: int, start_step: int = 0,
               text_processor: TextProcessor | None = None, strict: bool = False) -> CaptionDataset:
         dropped: Counter[str] = Counter()
-        items = _with_common_fields(read_karpathy(self.json, self.split, self.image_root, dropped), self.json, dropped)
+        items = read_karpathy(self.json, self.split, self.image_root, dropped)
         dataset = CaptionDataset(items, transform, seed, SkipPolicy(self.json, strict))
         dataset.dropped = dropped_on_reading(self.json, dropped, strict)
         return dataset
-
-
-def _with_common_fields(items: list[CaptionedImage], source: str, dropped: Counter[str]) -> list[CaptionedImage]:
-    """``items`` that carry every text field most of them carry (ALIP's synthetic ``caption``),
-    each with those fields alone. Every sample of a batch must carry the fields the model reads:
-    an entry without one, or with it empty, would stop training at the step whose batch draws it,
-    so it is dropped now and counted (``no <field>``). A field that half the entries or fewer
-    carry is no sample field (a stray key), with a warning."""
-    carried = Counter(name for item in items for name, value in item.fields.items() if value)
-    common = {name for name, count in carried.items() if 2 * count > len(items)}
-    if stray := sorted(set(carried) - common):
-        log.warning("'%s': %s in only %s of the %d entries: not used as sample fields (a model that reads them needs "
-                    "them in every entry)", source, ", ".join(map(repr, stray)),
-                    ", ".join(str(carried[name]) for name in stray), len(items))
-    kept = []
-    for item in items:
-        if lacking := sorted(name for name in common if not item.fields.get(name)):
-            dropped[f"no {lacking[0]}"] += 1
-            continue
-        kept.append(item if item.fields.keys() == common else
-                    replace(item, fields={name: item.fields[name] for name in sorted(common)}))
-    if len(kept) < len(items):
-        log.warning("'%s': dropped %d of the %d entries without a text field the others carry (%s)", source,
-                    len(items) - len(kept), len(items), ", ".join(f"{count} {reason}" for reason, count in
-                                                                   sorted(dropped.items()) if reason.startswith("no ")))
-    return kept
 
 
 @dataclass
@@ -906,6 +904,13 @@ class MixtureDataset(ResumableStream):
         self.children = children
         self.weights = [w / sum(weights) for w in weights]
         self.dropped = dict(sum((Counter(getattr(child, "dropped", {})) for child in children), Counter()))
+
+    def require_fields(self, fields: Sequence[str]) -> None:
+        """Each child's :meth:`CaptionDataset.require_fields`, where it has one; their drops are the mixture's."""
+        for child in self.children:
+            if callable(require := getattr(child, "require_fields", None)):
+                require(fields)
+        self.dropped = dict(sum((Counter(getattr(child, "dropped", {})) for child in self.children), Counter()))
 
     def reseed(self, salt: int) -> None:
         super().reseed(salt)

@@ -486,6 +486,8 @@ def _build_loader(recipe: Recipe, per_rank: int, ctx: DistributedContext, start:
     data = recipe.data
     dataset = data.train.build(recipe.model.build_transform(train=True), recipe.train.seed, start, text_processor,
                                data.strict)
+    if callable(require := getattr(dataset, "require_fields", None)):  # entries without a field the model reads
+        require(recipe.model.input_fields)
     if isinstance(dataset, ResumableStream):
         dataset.check_readers(ctx.world_size * max(data.num_workers, 1), warn=ctx.is_main)
         if saved and (reason := _stream_moved(saved, ctx.world_size, data.num_workers, dataset.fingerprint())):
