@@ -215,7 +215,7 @@ def zeroshot_inputs(root: str | Path, templates: Sequence[str] | Mapping[str, Se
     """``(image paths, labels, class names, templates)`` as :func:`evaluate_zeroshot` uses them:
     everything it reads and checks before embedding, so that bad class names or prompts are found
     before a training run's first step. ``split`` (default ``test``) is a CLIP_benchmark
-    directory's; class folders have none (their root is the split's folder)."""
+    directory's; class folders have none (their root is the split's folder), so another is an error."""
     if is_clip_benchmark_wds(root):
         wds = read_split(root, split or "test")
         if wds.labels is None or wds.classnames is None:
@@ -224,7 +224,7 @@ def zeroshot_inputs(root: str | Path, templates: Sequence[str] | Mapping[str, Se
         readable = class_names(wds.classnames, names if names is not None else wds.classnames)
         templates = templates or [t.replace("{c}", "{}") for t in wds.templates or ()]
     else:
-        if split is not None:
+        if split not in (None, "test"):  # "test": the default of earlier versions, which saved recipes spell out
             raise OpenAlignError(f"split '{split}' is a CLIP_benchmark webdataset directory's, but '{root}' holds class "
                                  "folders: name the split's own folder as the root, without a split")
         paths, labels, folders = read_class_folders(root)
