@@ -317,4 +317,5 @@ def test_empty_captions_are_counted_not_written_and_none_at_all_is_an_error(shar
                  str(tmp_path / "none"), "--max-new-tokens", "3"]) == 2
     captured = capsys.readouterr()
     assert "0 of 5 samples captioned, 5 skipped" in captured.out
-    assert "no sample got a caption" in " ".join(captured.err.split())
+    assert "no sample got a caption: see why in" in " ".join(captured.err.split())
+    assert "empty caption for every image: is --captioner a captioning model" in " ".join(captured.err.split())

@@ -214,12 +214,14 @@ def _cmd_data_caption(args: argparse.Namespace) -> None:
     print(f"{args.out}: {totals['shards']} shards, {totals['captioned']} of {totals['samples']} samples captioned, "
           f"{totals['skipped']} skipped (no or undecodable image, or an empty caption); summary in "
           f"{Path(args.out) / 'captions.json'}")
-    if totals["samples"] and not totals["captioned"]:
-        raise OpenAlignError(f"no sample got a caption: see why in {Path(args.out) / 'captions.json'} (an empty "
-                             "caption for every image: is --captioner a captioning model, and --prompt one it takes?)")
     if summary["failed_shards"]:
         failed = "; ".join(f"{entry['source']} ({entry['error']})" for entry in summary["failed_shards"].values())
         raise OpenAlignError(f"{len(summary['failed_shards'])} shard(s) could not be read and were skipped: {failed}")
+    if totals["samples"] and not totals["captioned"]:
+        empty = sum(len(entry.get("skipped_empty_caption", [])) for entry in summary["shards"].values())
+        why = (" (the captioner wrote an empty caption for every image: is --captioner a captioning model, and "
+               "--prompt one it takes?)" if empty == totals["samples"] else "")
+        raise OpenAlignError(f"no sample got a caption: see why in {Path(args.out) / 'captions.json'}{why}")
 
 
 def _cmd_data_caltech101(args: argparse.Namespace) -> None:
