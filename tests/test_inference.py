@@ -444,24 +444,32 @@ def test_embed_classify_and_search_commands(model_dir, loaded, image_dir, tmp_pa
                                                     for rank, i in enumerate(expected_indices[0], start=1)]
 
 
-def test_search_warns_when_the_model_has_other_weights_than_built_the_index(image_dir, tmp_path, caplog):
+def test_search_warns_when_the_model_embeds_images_otherwise_than_when_it_built_the_index(image_dir, tmp_path, caplog):
     torch.manual_seed(0)
     model = openalign.create_model("align-test").eval()
     model_dir = model.save_pretrained(tmp_path / "model")
     out = tmp_path / "index.parquet"
     assert main(["embed", "--model", str(model_dir), "--images", str(image_dir), "--out", str(out)]) == 0
-    assert read_index(out).model_weights == inference.weights_fingerprint(openalign.load_pretrained(model_dir)[0])
+    probe = read_index(out).model_probe  # the loaded model's image side, folded for inference or not
+    assert inference.same_image_side(probe, inference.probe_embedding(*openalign.load_pretrained(model_dir)[:2]))
     caplog.clear()  # embed's count of unreadable files
     with caplog.at_level("WARNING"):
         assert main(["search", "--index", str(out), "--model", str(model_dir), "a cat", "--format", "jsonl"]) == 0
     assert not caplog.records  # the same weights: the fingerprint is the loaded model's, before folding
 
-    with torch.no_grad():  # retrained in place: the same name and directory
-        max(model.parameters(), key=torch.numel).mul_(0.5)
+    with torch.no_grad():  # the text side retrained alone (a locked image tower): the index still holds
+        model.text_projection.weight.mul_(0.5)
     model.save_pretrained(model_dir, overwrite=True)
     with caplog.at_level("WARNING"):
         assert main(["search", "--index", str(out), "--model", str(model_dir), "a cat", "--format", "jsonl"]) == 0
-    assert "has other weights than when it built the index" in caplog.text
+    assert not caplog.records
+    with torch.no_grad():  # retrained in place: the same name and directory
+        model.image_projection.weight.add_(torch.randn_like(model.image_projection.weight))
+    model.save_pretrained(model_dir, overwrite=True)
+    with caplog.at_level("WARNING"):
+        assert main(["search", "--index", str(out), "--model", str(model_dir), "a cat", "--format", "jsonl"]) == 0
+    assert "embeds images otherwise than when it built the index" in caplog.text
+    assert inference.same_image_side(probe, [value + 1e-3 for value in probe])  # rounding, bf16: the same
 
 
 def test_commands_report_bad_input_with_exit_2(model_dir, tmp_path, capsys):

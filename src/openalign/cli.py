@@ -272,19 +272,16 @@ _OTHER_FORMATS = (".csv", ".tsv", ".txt", ".json", ".jsonl", ".npy", ".npz", ".p
 
 
 def _cmd_embed(args: argparse.Namespace) -> None:
-    from .inference import (embed_folder, is_index, model_source, optimize_for_inference, weights_fingerprint,
-                            write_index)
+    from .inference import embed_folder, is_index, model_source, probe_embedding, write_index
 
     # checked now, not after embedding every image; a link's target written; only an index replaced
     if Path(args.out).suffix.lower() in _OTHER_FORMATS:  # Parquet written under another format's name
         raise OpenAlignError(f"--out '{args.out}': embed writes a Parquet file; name it .parquet")
     out = replaceable(_output_file(args.out).resolve(), is_index, "an index of embeddings")
-    model, preprocess, _ = _inference_model(args, optimize=False)
-    fingerprint = weights_fingerprint(model)
-    paths, embeddings = embed_folder(optimize_for_inference(model, inplace=True), preprocess, args.images,
-                                     args.batch_size, args.num_workers)
+    model, preprocess, _ = _inference_model(args)
+    paths, embeddings = embed_folder(model, preprocess, args.images, args.batch_size, args.num_workers)
     write_index(out, paths, embeddings, model_name=model.config.name, model_source=model_source(args.model),
-                model_weights=fingerprint)
+                model_probe=probe_embedding(model, preprocess))
     print(f"wrote {len(paths)} embeddings ({embeddings.shape[1]}-d) to {args.out}")
 
 
@@ -376,23 +373,22 @@ def _cmd_search(args: argparse.Namespace) -> None:
     from rich.text import Text
 
     from .eval import embed_texts
-    from .inference import model_source, optimize_for_inference, read_index, search, weights_fingerprint
+    from .inference import model_source, probe_embedding, read_index, same_image_side, search
 
     if not args.query.strip():
         raise OpenAlignError("the search query is blank: give the text to search for, e.g. \"a red car\"")
     index = read_index(args.index)
-    model, _, tokenizer = _inference_model(args, optimize=False)
+    model, preprocess, tokenizer = _inference_model(args)
     source = model_source(args.model)
     if (index.model_name and index.model_name != model.config.name) or \
             (index.model_source and model_source(index.model_source) != source):
         log.warning("the index was built with model '%s' (%s), but the query is embedded with '%s' (%s): "
                     "scores are meaningful only with the model that built the index",
                     index.model_name, index.model_source, model.config.name, source)
-    elif index.model_weights and index.model_weights != weights_fingerprint(model):
-        log.warning("the model '%s' has other weights than when it built the index (retrained or replaced "
+    elif index.model_probe and not same_image_side(index.model_probe, probe_embedding(model, preprocess)):
+        log.warning("the model '%s' embeds images otherwise than when it built the index (retrained or replaced "
                     "since?): scores are meaningful only with the weights that built it; embed the images again",
                     args.model)
-    optimize_for_inference(model, inplace=True)
     query = embed_texts(model, tokenizer, [args.query], next(model.parameters()).device, show_progress=False)
     scores, indices = search(index.embeddings, query[0], args.k)
     if args.format != "table":

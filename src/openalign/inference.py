@@ -1,7 +1,7 @@
 """Using a trained model: zero-shot classification, embedding an image folder, and a searchable index.
 
 The index is a parquet file with one row per image (``path``: string, ``embedding``:
-list<float32>, L2-normalised) and the model's name, source and weights fingerprint in the schema
+list<float32>, L2-normalised) and the model's name, source and probe embedding in the schema
 metadata, so any parquet reader can open it and ``openalign search`` can tell which model made it.
 """
 
@@ -10,8 +10,9 @@ from __future__ import annotations
 import copy
 import glob
 import hashlib
-import os
+import json
 import logging
+import os
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -61,24 +62,26 @@ class EmbeddingIndex:
     embeddings: torch.Tensor
     model_name: str | None = None
     model_source: str | None = None
-    model_weights: str | None = None  # weights_fingerprint() of the model that embedded the images
+    model_probe: list[float] | None = None  # probe_embedding() of the model that embedded the images
 
 
-def weights_fingerprint(model: nn.Module, samples: int = 1024) -> str:
-    """A short hash of ``model``'s weights, to tell whether an index was embedded by these weights.
+def probe_embedding(model: nn.Module, preprocess: Preprocess) -> list[float]:
+    """The embedding of a fixed synthetic image (a colour gradient), to tell whether an index's
+    images were embedded by a model whose image side is this one's: retrained or replaced
+    weights move it, a retrained text side alone (a locked image tower) does not, and another
+    device or precision moves it by rounding only."""
+    y, x = np.mgrid[0:64, 0:64]
+    image = Image.fromarray(np.stack([x * 4, y * 4, (x + y) * 2], axis=-1).astype(np.uint8))
+    with eval_mode(model), torch.no_grad():
+        embedding = encode_images(model, _pixels(image, preprocess)[None])
+    return [round(value, 6) for value in embedding[0].float().tolist()]
 
-    Each tensor of the state dict contributes its name, shape and up to ``samples`` evenly spaced
-    values (as float32), so it costs little even for a large model. Other or retrained weights change
-    it; one edited value may not. Take it from the model as loaded, before
-    :func:`optimize_for_inference` folds batch norms into the convolutions' weights.
-    """
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        flat = tensor.detach().reshape(-1)
-        picked = flat[::max(1, flat.numel() // samples)][:samples]
-        digest.update(f"{name}{tuple(tensor.shape)}".encode())
-        digest.update(picked.float().cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]
+
+def same_image_side(probe: Sequence[float], other: Sequence[float]) -> bool:
+    """Whether two :func:`probe_embedding` results come from the same image weights (cosine
+    similarity above 0.99: rounding and bf16 stay far above it, other weights far below)."""
+    first, second = torch.tensor(probe, dtype=torch.float64), torch.tensor(other, dtype=torch.float64)
+    return first.shape == second.shape and F.cosine_similarity(first, second, dim=0).item() > 0.99
 
 
 def optimize_for_inference(model: nn.Module, inplace: bool = False) -> nn.Module:
@@ -306,7 +309,7 @@ def _non_finite(embeddings: torch.Tensor, paths: Sequence[str]) -> str:
 
 
 def write_index(path: str | Path, paths: Sequence[str], embeddings: torch.Tensor, model_name: str | None = None,
-                model_source: str | None = None, model_weights: str | None = None) -> Path:
+                model_source: str | None = None, model_probe: Sequence[float] | None = None) -> Path:
     """Write ``paths`` and their ``embeddings`` (N, dim) as a parquet index; the model goes in the metadata.
 
     The file appears whole or not at all (written beside ``path``, then renamed over it). Paths
@@ -319,7 +322,8 @@ def write_index(path: str | Path, paths: Sequence[str], embeddings: torch.Tensor
                              "expected one embedding row per path")
     if broken := _non_finite(embeddings, paths):
         raise OpenAlignError(f"the model gave {broken}; nothing was written: are its weights broken?")
-    metadata = {"model_name": model_name, "model_source": model_source, "model_weights": model_weights}
+    metadata = {"model_name": model_name, "model_source": model_source,
+                "model_probe": json.dumps(list(model_probe)) if model_probe is not None else None}
     schema = pa.schema([("path", pa.string()), ("embedding", pa.list_(pa.float32()))],
                        metadata={_METADATA_PREFIX + key: value for key, value in metadata.items() if value})
     vectors = embeddings.detach().float().cpu().numpy()
@@ -395,7 +399,16 @@ def read_index(path: str | Path) -> EmbeddingIndex:
     return EmbeddingIndex(paths=paths, embeddings=embeddings,
                           model_name=metadata.get(_METADATA_PREFIX + "model_name"),
                           model_source=metadata.get(_METADATA_PREFIX + "model_source"),
-                          model_weights=metadata.get(_METADATA_PREFIX + "model_weights"))
+                          model_probe=_probe(metadata.get(_METADATA_PREFIX + "model_probe")))
+
+
+def _probe(text: str | None) -> list[float] | None:
+    """An index's probe embedding, or None where it has none (or one this reader cannot take)."""
+    try:
+        probe = json.loads(text) if text else None
+    except json.JSONDecodeError:
+        return None
+    return probe if isinstance(probe, list) and all(isinstance(value, (int, float)) for value in probe) else None
 
 
 def _embedding_matrix(table: pa.Table) -> torch.Tensor | str:
