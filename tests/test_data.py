@@ -878,6 +878,13 @@ def test_karpathy_entries_without_a_field_the_model_reads_are_dropped_and_counte
                  "run.tensorboard=false"]
     counts = train(load_recipe("alip-shapes", overrides), show_progress=False).data_counts
     assert counts == {"skipped/entry without caption": 3, "skipped/image without a caption": 1}
+    # in a mixture, each child is asked, and the mixture's drops are its children's
+    from openalign.data.sources import MixtureDataset
+
+    mixture = MixtureDataset([source.build(transform, 0), source.build(transform, 1)], [1, 1], seed=0)
+    mixture.require_fields(("image", "text", "caption"))
+    assert [len(child) for child in mixture.children] == [6, 6]
+    assert mixture.dropped == {"skipped/entry without caption": 6, "skipped/image without a caption": 2}
     entries[2]["filepath"] = None
     (tmp_path / "captions.json").write_text(json.dumps({"images": entries}))
     with pytest.raises(OpenAlignError, match=r"images\[2\] has 'filepath' None; expected the folder of its file"):
