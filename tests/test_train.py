@@ -542,6 +542,37 @@ def test_a_run_restarted_from_step_0_replaces_the_abandoned_history_with_a_warni
     assert "replacing 2 logged record(s) after step 0 of an earlier run" in caplog.text
 
 
+def test_a_resume_stopped_while_it_rewrites_the_history_leaves_the_old_one_whole(tmp_path, monkeypatch):
+    """The kept records were written into the history opened for writing, which emptied it first: a
+    SIGTERM in that window (a resume setting up) lost every logged record."""
+    from openalign.train import logger
+    from openalign.train.logger import HISTORY_FILE, TrainLogger
+
+    earlier = TrainLogger(tmp_path, enabled=True, tensorboard=False)
+    for step in (1, 2, 3):
+        earlier.log(step, {"loss": 1.0 / step})
+    earlier.close()
+    before = (tmp_path / HISTORY_FILE).read_bytes()
+    dumps, calls = logger.json.dumps, []
+
+    def stopped(record, *args, **kwargs):
+        calls.append(record)
+        if len(calls) == 2:  # the second kept record: a SIGTERM arrives
+            raise KeyboardInterrupt
+        return dumps(record, *args, **kwargs)
+
+    monkeypatch.setattr(logger.json, "dumps", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        TrainLogger(tmp_path, enabled=True, tensorboard=False, start_step=2)
+    monkeypatch.undo()
+    assert (tmp_path / HISTORY_FILE).read_bytes() == before and len(calls) == 2
+    assert [path.name for path in tmp_path.iterdir()] == [HISTORY_FILE]  # no temporary file left behind
+    resumed = TrainLogger(tmp_path, enabled=True, tensorboard=False, start_step=2)
+    resumed.log(3, {"loss": 0.25})
+    resumed.close()
+    assert read_history(tmp_path) == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}, {"step": 3, "loss": 0.25}]
+
+
 def test_tensorboard_after_a_resume_reads_as_one_run_keeping_the_checkpoint_steps_records(tmp_path):
     """Resumed from a checkpoint at step 2, the run replaces steps 3 and on; step 2's loss and the
     evaluation logged at it belong to the checkpoint and stay, in TensorBoard as in the history."""

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, OpenAlignError, first_line
+from ..files import written_whole
 
 if TYPE_CHECKING:
     from ..recipe import WandbSettings
@@ -78,9 +79,11 @@ class TrainLogger:
         if len(kept) < len(earlier):
             log.warning("%s: replacing %d logged record(s) after step %d of an earlier run", self.directory,
                         len(earlier) - len(kept), start_step)
-        self.file = open(self.directory / HISTORY_FILE, "w")
-        for record in kept:
-            self.file.write(json.dumps(record) + "\n")
+        # the kept records replace the file in one rename: a resume stopped here (SIGTERM while it sets
+        # up, a lost node) leaves the old history whole, never an emptied one
+        with written_whole(self.directory / HISTORY_FILE) as partial:
+            partial.write_text("".join(json.dumps(record) + "\n" for record in kept))
+        self.file = open(self.directory / HISTORY_FILE, "a")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
