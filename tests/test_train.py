@@ -1129,3 +1129,34 @@ def test_evaluation_metrics_are_named_by_eval_names(shapes_root):
                        show_progress=False)
     assert {"few/knn_shape_acc1", "more/knn_shape_acc1"} <= set(metrics)
     assert not any(key.startswith("shapes/") for key in metrics)
+
+
+def test_a_checkpoint_that_cannot_be_written_is_a_clear_error_and_leaves_no_half(tmp_path, shapes_root, monkeypatch):
+    """A full disk surfaced as safetensors' or torch.save's own traceback (exit 1), and the staging
+    folder stayed on the full disk until a later run saved that same step."""
+    from safetensors import SafetensorError
+
+    from openalign.train import checkpoint
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    recipe = load_recipe("demo", tiny_recipe_overrides(shapes_root, tmp_path / "run") + ["eval.tasks=[]"])
+    monkeypatch.setattr(checkpoint, "save_file", full_disk)
+    with pytest.raises(OpenAlignError, match=r"saving checkpoint step_00000002 into .*checkpoints failed \(Error "
+                                             r"while serializing: I/O error: No space left on device \(os error "
+                                             r"28\)\): is the disk full\?; nothing of it was kept"):
+        train(recipe, show_progress=False)
+    assert list((tmp_path / "run" / "checkpoints").iterdir()) == []
+    monkeypatch.undo()
+    original = torch.save
+
+    def cut_short(obj, path, *args, **kwargs):
+        if str(path).endswith("trainer_state.pt"):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 783360 vs 783252")
+        return original(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", cut_short)
+    with pytest.raises(OpenAlignError, match=r"failed \(\[enforce fail .* unexpected pos .*\): is the disk full\?"):
+        train(recipe, show_progress=False)
+    assert list((tmp_path / "run" / "checkpoints").iterdir()) == []

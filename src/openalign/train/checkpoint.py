@@ -11,24 +11,27 @@ model directory of its own (its ``model.safetensors`` and the recipe). With seve
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
 import random
 import re
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 
 from ..config import SAVED_END, cut_short, dump_saved, flatten
 from ..distributed import RANK_ZERO_ONLY, DistributedContext, fail_together
-from ..errors import OpenAlignError
+from ..errors import OpenAlignError, first_line
 from ..files import read_json, read_safetensors, read_torch_file
 from ..models import ModelConfig
 from .schedule import load_scheduler_state
@@ -116,6 +119,20 @@ def _checkpoint_step(path: Path) -> int:
     return int(path.name.removeprefix("step_"))
 
 
+@contextlib.contextmanager
+def _written(what: str, staging: Path) -> Iterator[None]:
+    """Writing a checkpoint's files: a failure of the writers is an error naming the checkpoint and
+    the cause (a full disk), not safetensors' or torch's traceback (``SafetensorError``,
+    torch.save's ``RuntimeError`` "unexpected pos ...")."""
+    try:
+        yield
+    except (OSError, RuntimeError, SafetensorError) as error:
+        full = getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error) or \
+            "unexpected pos" in str(error)  # torch.save's zip writer cut short, as by a full disk
+        raise OpenAlignError(f"{what} into {staging.parent} failed ({first_line(error)})"
+                             f"{': is the disk full?' if full else ''}; nothing of it was kept") from None
+
+
 def _fsync_directory(directory: Path) -> None:
     """Flush a directory's files and entries (its folders' too) to disk, so that a rename after it
     publishes complete data."""
@@ -159,22 +176,27 @@ class Checkpointer:
             if self.ctx.is_main:
                 shutil.rmtree(staging, ignore_errors=True)
                 staging.mkdir(parents=True)
-        with fail_together(what):
-            torch.save(_rng_state(), staging / f"rng_rank{self.ctx.rank}.pt")
-            if data_state is not None:
-                (staging / f"data_rank{self.ctx.rank}.json").write_text(json.dumps(data_state))
+        try:
+            with fail_together(what), _written(what, staging):
+                torch.save(_rng_state(), staging / f"rng_rank{self.ctx.rank}.pt")
+                if data_state is not None:
+                    (staging / f"data_rank{self.ctx.rank}.json").write_text(json.dumps(data_state))
+                if self.ctx.is_main:
+                    for module, folder in ((model, staging), (average, staging / AVERAGE_DIRECTORY)):
+                        if module is not None:
+                            folder.mkdir(exist_ok=True)
+                            save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()},
+                                      str(folder / WEIGHTS_FILE))
+                            (folder / CONFIG_FILE).write_text(dump_saved(recipe))
+                    state = {"step": step, "world_size": self.ctx.world_size, "optimizer": optimizer.state_dict(),
+                             "scheduler": scheduler.state_dict(), "loss": loss_fn.state_dict()}
+                    if scaler is not None and scaler.is_enabled():
+                        state["scaler"] = scaler.state_dict()
+                    torch.save(state, staging / STATE_FILE)
+        except BaseException:  # every rank has stopped writing (the block's agreement): the half is removed
             if self.ctx.is_main:
-                for module, folder in ((model, staging), (average, staging / AVERAGE_DIRECTORY)):
-                    if module is not None:
-                        folder.mkdir(exist_ok=True)
-                        save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()},
-                                  str(folder / WEIGHTS_FILE))
-                        (folder / CONFIG_FILE).write_text(dump_saved(recipe))
-                state = {"step": step, "world_size": self.ctx.world_size, "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "loss": loss_fn.state_dict()}
-                if scaler is not None and scaler.is_enabled():
-                    state["scaler"] = scaler.state_dict()
-                torch.save(state, staging / STATE_FILE)
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
         with fail_together(what):
             if self.ctx.is_main:
                 self._publish(staging, final)
