@@ -481,6 +481,20 @@ def test_resuming_a_damaged_checkpoint_names_it_and_the_one_to_fall_back_on(trai
         train(recipe, resume="latest", show_progress=False)
 
 
+def test_a_checkpoint_without_this_ranks_rng_file_resumes_and_says_which_file(trained_run, tmp_path, shapes_root,
+                                                                                caplog):
+    """The warning blamed a change in the number of ranks that did not happen."""
+    output, _ = trained_run
+    run = tmp_path / "run"
+    shutil.copytree(output, run)
+    (run / "checkpoints" / "step_00000004" / "rng_rank0.pt").unlink()
+    with caplog.at_level("WARNING"):
+        result = train(load_recipe("demo", tiny_recipe_overrides(shapes_root, run, steps=5)), resume="latest",
+                       show_progress=False)
+    assert result.step == 5 and "has no rng_rank0.pt: this rank's dropout RNG starts afresh" in caplog.text
+    assert "was written by" not in caplog.text
+
+
 def test_a_saved_config_cut_at_a_line_break_is_damaged_not_filled_with_defaults(trained_run, tmp_path, shapes_root):
     """YAML cut at a line break is still YAML: without its closing line, a checkpoint's recipe or a
     model directory's config would load with the missing settings at their defaults."""

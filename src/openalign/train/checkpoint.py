@@ -285,11 +285,14 @@ class Checkpointer:
         rng_file = path / f"rng_rank{self.ctx.rank}.pt"
         if rng_file.is_file() and state["world_size"] == self.ctx.world_size:
             _set_rng_state(self._read(path, rng_file.name, _holding(read_torch_file, "torch", "python")))
-        else:
+        elif state["world_size"] != self.ctx.world_size:
             log.warning("checkpoint %s was written by %d rank%s, now %d: the dropout RNG starts afresh, and so does "
                         "a streamed source's order (a map-style source keeps its order); skip counts carry over",
                         path, state["world_size"], "s" if state["world_size"] > 1 else "", self.ctx.world_size,
                         extra=RANK_ZERO_ONLY)
+        else:  # this rank's file alone: said by this rank
+            log.warning("checkpoint %s has no %s: this rank's dropout RNG starts afresh, so the resumed run differs "
+                        "from one never stopped", path, rng_file.name)
         log.info("resumed from %s at step %d", path, step)
         self.resumed_from = path
         return step
