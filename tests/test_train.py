@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -1174,3 +1175,20 @@ def test_a_checkpoint_that_cannot_be_written_is_a_clear_error_and_leaves_no_half
     with pytest.raises(OpenAlignError, match=r"failed \(\[enforce fail .* unexpected pos .*\): is the disk full\?"):
         train(recipe, show_progress=False)
     assert list((tmp_path / "run" / "checkpoints").iterdir()) == []
+    monkeypatch.undo()
+
+    def over_quota(descriptor):  # a network file system may report a quota only when the files are flushed
+        raise OSError(errno.EDQUOT, "Disk quota exceeded")
+
+    monkeypatch.setattr(checkpoint.os, "fsync", over_quota)
+    with pytest.raises(OpenAlignError, match=r"failed \(\[Errno 122\] Disk quota exceeded\): is the disk full\?"):
+        train(recipe, show_progress=False)
+    assert list((tmp_path / "run" / "checkpoints").iterdir()) == []
+    monkeypatch.undo()
+
+    def not_the_disk(*args, **kwargs):  # another failure of the writers is not said to be the disk's
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(checkpoint, "save_file", not_the_disk)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        train(recipe, show_progress=False)

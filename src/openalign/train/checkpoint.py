@@ -119,16 +119,24 @@ def _checkpoint_step(path: Path) -> int:
     return int(path.name.removeprefix("step_"))
 
 
+# how safetensors and torch.save report a file they could not write (other errors they raise, such
+# as a CUDA error while copying a tensor, are not the disk's and pass as they are)
+_WRITE_FAILURES = ("I/O error", "unexpected pos", "file write failed", "iostream error")
+_DISK_FULL = ("No space left", "Disk quota", "unexpected pos", "file write failed")
+
+
 @contextlib.contextmanager
 def _written(what: str, staging: Path) -> Iterator[None]:
-    """Writing a checkpoint's files: a failure of the writers is an error naming the checkpoint and
+    """Writing a checkpoint's files: a failure to write them is an error naming the checkpoint and
     the cause (a full disk), not safetensors' or torch's traceback (``SafetensorError``,
     torch.save's ``RuntimeError`` "unexpected pos ...")."""
     try:
         yield
     except (OSError, RuntimeError, SafetensorError) as error:
-        full = getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error) or \
-            "unexpected pos" in str(error)  # torch.save's zip writer cut short, as by a full disk
+        if not isinstance(error, OSError) and not any(mark in str(error) for mark in _WRITE_FAILURES):
+            raise
+        full = getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or \
+            any(mark in str(error) for mark in _DISK_FULL)
         raise OpenAlignError(f"{what} into {staging.parent} failed ({first_line(error)})"
                              f"{': is the disk full?' if full else ''}; nothing of it was kept") from None
 
@@ -193,7 +201,10 @@ class Checkpointer:
                     if scaler is not None and scaler.is_enabled():
                         state["scaler"] = scaler.state_dict()
                     torch.save(state, staging / STATE_FILE)
-        except BaseException:  # every rank has stopped writing (the block's agreement): the half is removed
+            with fail_together(what), _written(what, staging):  # a full disk or quota may show only here
+                if self.ctx.is_main:
+                    _fsync_directory(staging)
+        except Exception:  # agreed on by every rank (the block's exit): none writes any more; the half goes
             if self.ctx.is_main:
                 shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -205,7 +216,6 @@ class Checkpointer:
     def _publish(self, staging: Path, final: Path) -> None:
         """Rename the complete ``staging`` to ``final`` (replacing a checkpoint of the same step
         without a moment with neither) and prune the oldest checkpoints beyond ``keep``."""
-        _fsync_directory(staging)
         if final.exists():  # a re-run of the same step: move the old one aside, never leave a gap
             previous = final.with_name(f".{final.name}.old")
             shutil.rmtree(previous, ignore_errors=True)
