@@ -96,6 +96,9 @@ def test_translations_and_shears_by_hand():
             source = int(np.floor(x + 0.3 * y + 0.5))
             expected = pixels[:, y, source] if source < 30 else torch.full((3,), 128, dtype=torch.uint8)
             assert torch.equal(sheared[:, y, x], expected)
+    # TensorFlow's float32 and std::round: at row 5, -0.3 * 5 is -1.50000006, and column 1 samples -0.5000001,
+    # which rounds to -1 (outside: grey), where float64 and floor(x + 0.5) would take column 0
+    assert torch.equal(warp(pixels, (1.0, -0.3, 0, 0, 1.0, 0))[:, 5, 1], torch.full((3,), 128, dtype=torch.uint8))
     signs = {int(_op("TranslateX", pixels, 1, seed)[0, 0, 0]) for seed in range(20)}  # 10 pixels, either way
     assert signs == {int(pixels[0, 0, 10]), 128}
 

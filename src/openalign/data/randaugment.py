@@ -30,7 +30,7 @@ Geometric operations sample the nearest pixel and fill what they uncover with gr
 difference: TensorFlow's ``contrast`` blends with a constant of ``pixels / 256`` (its
 histogram's *count* over 256 bins, not its mean: 196 for any 224x224 image) where PIL's
 ``ImageEnhance.Contrast``, which it says it reproduces, blends with the mean grey level; this
-one blends with the mean grey level (PIL's behaviour).
+one blends with the mean grey level (PIL's behaviour, of the grey above).
 All randomness comes from the ``generator`` given, so a sample's augmentation replays on resume.
 """
 
@@ -109,16 +109,21 @@ def sharpen_source(pixels: torch.Tensor) -> torch.Tensor:
 def warp(pixels: torch.Tensor, matrix: tuple[float, float, float, float, float, float]) -> torch.Tensor:
     """``pixels`` sampled at ``(a0 x + a1 y + a2, b0 x + b1 y + b2)`` for each output pixel
     ``(x, y)`` (``matrix = (a0, a1, a2, b0, b1, b2)``), nearest pixel, grey (128) outside the image:
-    ``tfa.image.transform``'s projective transform without the perspective terms."""
+    ``tfa.image.transform``'s projective transform without the perspective terms, in float32 and
+    rounding halves away from zero (``std::round``) as its kernel does."""
     height, width = pixels.shape[1:]
-    a0, a1, a2, b0, b1, b2 = matrix
-    y, x = torch.meshgrid(torch.arange(height, dtype=torch.float64), torch.arange(width, dtype=torch.float64),
+    a0, a1, a2, b0, b1, b2 = (torch.tensor(value, dtype=torch.float32) for value in matrix)
+    y, x = torch.meshgrid(torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32),
                           indexing="ij")
-    source_x = torch.floor(a0 * x + a1 * y + a2 + 0.5).long()
-    source_y = torch.floor(b0 * x + b1 * y + b2 + 0.5).long()
+    source_x = _round_half_away(a0 * x + a1 * y + a2)
+    source_y = _round_half_away(b0 * x + b1 * y + b2)
     inside = (source_x >= 0) & (source_x < width) & (source_y >= 0) & (source_y < height)
     sampled = pixels[:, source_y.clamp(0, height - 1), source_x.clamp(0, width - 1)]
     return torch.where(inside, sampled, torch.full_like(sampled, FILL))
+
+
+def _round_half_away(values: torch.Tensor) -> torch.Tensor:
+    return (torch.sign(values) * torch.floor(values.abs() + 0.5)).long()
 
 
 def rotate(pixels: torch.Tensor, degrees: float) -> torch.Tensor:
@@ -149,7 +154,7 @@ def _enhance(level: float) -> float:
 
 
 def _contrast(pixels: torch.Tensor, level: float, generator: torch.Generator | None) -> torch.Tensor:
-    mean = int(grey(pixels)[0].double().mean().item() + 0.5)  # PIL's ImageEnhance.Contrast
+    mean = int(grey(pixels)[0].double().mean().item() + 0.5)  # PIL's ImageEnhance.Contrast, of TensorFlow's grey
     return blend(torch.full_like(pixels, mean), pixels, _enhance(level))
 
 
