@@ -47,7 +47,7 @@ def test_caltech101_items_are_in_torchvisions_order(tmp_path):
         caltech101_items(tmp_path / "caltech101" / "101_ObjectCategories" / "Faces")
 
 
-def test_the_cli_writes_alips_test_split_as_class_folders(tmp_path, capsys):
+def test_the_cli_writes_alips_test_split_as_class_folders(tmp_path, capsys, monkeypatch):
     from torchvision.datasets import Caltech101
 
     sizes = {f"category_{index:03d}": 85 + (index < 92) for index in range(101)}  # 8,677 images
@@ -66,6 +66,20 @@ def test_the_cli_writes_alips_test_split_as_class_folders(tmp_path, capsys):
     assert "is not empty: give a new folder" in " ".join(capsys.readouterr().err.split())
     assert caltech101_split(root, tmp_path / "train", split="train", copy=True) == 3000
     assert not any(path.is_symlink() for path in (tmp_path / "train").glob("*/*.jpg"))
+    (tmp_path / "empty").mkdir()  # an empty folder given: the split takes its place
+    assert caltech101_split(root, tmp_path / "empty") == 5677 and len(list((tmp_path / "empty").glob("*/*"))) == 5677
+
+    import openalign.data.splits as splits
+
+    def interrupted(source, target):
+        if len(list(target.parent.parent.glob("*/*"))) == 100:
+            raise KeyboardInterrupt
+        Path(target).write_bytes(b"")
+
+    with pytest.raises(KeyboardInterrupt):
+        monkeypatch.setattr(splits.shutil, "copy2", interrupted)
+        caltech101_split(root, tmp_path / "cut", copy=True)
+    assert not (tmp_path / "cut").exists() and not list(tmp_path.glob(".cut.*"))  # nothing to be taken for a split
 
     (root / "caltech101" / "101_ObjectCategories" / "category_000" / "image_0086.jpg").unlink()
     with pytest.raises(OpenAlignError, match="holds 8676 Caltech-101 images, not 8,677"):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import uuid
 from pathlib import Path
 
 import torch
@@ -80,13 +81,22 @@ def caltech101_split(root: str | Path, out: str | Path, split: str = "test", see
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise OpenAlignError(f"--out '{out}' {'is not a directory' if not out.is_dir() else 'is not empty'}: "
                              "give a new folder for the split")
-    for category, path in chosen:
-        target = out / category / path.name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if copy:
-            shutil.copy2(path, target)
-        else:
-            target.symlink_to(path.resolve())
+    # written beside it, then renamed: an interrupted job leaves no part of a split to be evaluated as a whole one
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f".{out.name}.{uuid.uuid4().hex}.partial")
+    try:
+        for category, path in chosen:
+            target = partial / category / path.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if copy:
+                shutil.copy2(path, target)
+            else:
+                target.symlink_to(path.resolve())
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        os.replace(partial, out)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     log.info("Caltech-101 %s split (seed %d): %d images in %d class folders under %s", split, seed, len(chosen),
              len({category for category, _ in chosen}), out)
     return len(chosen)
