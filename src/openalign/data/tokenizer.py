@@ -39,12 +39,18 @@ def load_hf_tokenizer(name: str) -> Any:
 
     path = Path(name).expanduser()
     if path.is_dir():
+        needs = ("it needs tokenizer.json, or vocab.txt with tokenizer_config.json; copy them from where the model "
+                 "came from")
         try:
-            return AutoTokenizer.from_pretrained(str(path))
+            tokenizer = AutoTokenizer.from_pretrained(str(path))
         except Exception as error:  # files missing, truncated, not a tokenizer's, or of the wrong structure
-            raise OpenAlignError(f"the tokenizer in '{path}' cannot be loaded ({first_line(error)}): it needs "
-                                 "tokenizer.json, or vocab.txt with tokenizer_config.json; copy them from where "
-                                 "the model came from") from None
+            raise OpenAlignError(f"the tokenizer in '{path}' cannot be loaded ({first_line(error)}): {needs}") from None
+        # transformers 5 builds one of the special tokens alone from a tokenizer_config.json whose vocabulary
+        # file is gone: every word would be [UNK]
+        if len(tokenizer) <= len(set(tokenizer.all_special_tokens)) + 1:
+            raise OpenAlignError(f"the tokenizer in '{path}' holds its {len(tokenizer)} special tokens and no "
+                                 f"vocabulary (its vocabulary file is missing): {needs}")
+        return tokenizer
     if path.is_file():
         raise OpenAlignError(f"tokenizer '{name}' is a file: point at the directory that holds it "
                              "(tokenizer.json or vocab.txt with tokenizer_config.json)")
