@@ -448,6 +448,24 @@ def test_sharded_safetensors_load_and_a_missing_shard_is_named(hf_dir, tmp_path,
     with pytest.raises(OpenAlignError, match=r"model-00002-of-00002.safetensors' is missing: "
                                              r"model.safetensors.index.json lists it; copy or download"):
         openalign.load_pretrained(sharded)
+    index = sharded / "model.safetensors.index.json"
+    for malformed in ({"weight_map": []}, [1], {"weight_map": {}}):  # raised AttributeError inside, or loaded nothing
+        index.write_text(json.dumps(malformed))
+        with pytest.raises(OpenAlignError, match=r"model.safetensors.index.json' is malformed: expected"):
+            openalign.load_pretrained(sharded)
+    for shard in (5, str(hf_dir / "model.safetensors"), "../model.safetensors", "weights.bin"):  # not a shard beside
+        index.write_text(json.dumps({"weight_map": {names[0]: shard}}))
+        with pytest.raises(OpenAlignError, match=r"names the shard .*; a shard is a .safetensors file beside"):
+            openalign.load_pretrained(sharded)
+
+
+def test_a_temperature_that_is_not_one_number_is_named(hf_dir, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(hf_dir, other)
+    state = load_file(str(other / "model.safetensors"))
+    save_file({**state, "temperature": torch.tensor([0.5, 0.5])}, str(other / "model.safetensors"))
+    with pytest.raises(OpenAlignError, match=r"the checkpoint's temperature has shape \(2,\); AlignModel's is one"):
+        openalign.load_pretrained(other)
 
 
 def test_pytorch_bin_weights_load_without_running_pickled_code(hf_dir, tmp_path, images):

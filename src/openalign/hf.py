@@ -200,7 +200,7 @@ def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
         return read_safetensors(directory / WEIGHTS_FILE)
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(read_json(index).get("weight_map", {}).values()))
+        shards = _shard_names(index)
         state: dict[str, torch.Tensor] = {}
         if missing := [shard for shard in shards if not (directory / shard).is_file()]:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -213,6 +213,23 @@ def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
         return read_weights_file(directory / "pytorch_model.bin")
     raise OpenAlignError(f"'{directory}' has no weights: expected model.safetensors, model.safetensors.index.json "
                          "or pytorch_model.bin")
+
+
+def _shard_names(index: Path) -> list[str]:
+    """The shard files a ``model.safetensors.index.json`` names: ``{"weight_map": {weight: file}}``,
+    each file a ``.safetensors`` beside it (a name with a folder, or of another kind, is an error:
+    an index could otherwise pull weights from another model's directory)."""
+    content = read_json(index)
+    weight_map = content.get("weight_map") if isinstance(content, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise OpenAlignError(f"'{index}' is malformed: expected {{\"weight_map\": {{weight name: shard file}}}} as "
+                             "transformers writes it; copy or download the model again")
+    shards = sorted({str(name) for name in weight_map.values()})
+    if bad := [name for name in weight_map.values() if not (isinstance(name, str) and Path(name).name == name
+                                                            and name.endswith(".safetensors"))]:
+        raise OpenAlignError(f"'{index}' names the shard {bad[0]!r}; a shard is a .safetensors file beside the "
+                             "index, named without a folder")
+    return shards
 
 
 # openalign's weight names and AlignModel's, as prefixes and whole names
@@ -236,6 +253,9 @@ def state_dict_from_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
         if key.startswith("text_model.pooler.") or key == "text_model.embeddings.position_ids":
             continue
         if key == "temperature":
+            if value.numel() != 1:
+                raise OpenAlignError(f"the checkpoint's temperature has shape {tuple(value.shape)}; AlignModel's is "
+                                     "one number")
             if not float(value) > 0:
                 raise OpenAlignError(f"the checkpoint's temperature is {float(value)}; it must be positive")
             value = value.float().log().reshape(())
