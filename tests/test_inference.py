@@ -700,6 +700,7 @@ def test_classify_and_search_send_no_control_characters_to_the_terminal(model_di
     assert "\ufeff" not in printed and "a cat" in printed
     index = tmp_path / "index.parquet"
     write_index(index, [str(odd)], loaded[0].encode_image(loaded[1](Image.open(odd))[None]).detach())
-    assert main(["search", "--index", str(index), "--model", str(model_dir), "a cat", "-k", "1"]) == 0
-    printed = capsys.readouterr().out
-    assert "\x1b" not in printed and "\\x1b[31mred" in "".join(printed.split())
+    assert main(["search", "--index", str(index), "--model", str(model_dir), "a \x1b[31mcat\x07", "-k", "1"]) == 0
+    printed = capsys.readouterr().out  # the query in the title too
+    assert "\x1b" not in printed and "\x07" not in printed and "\\x1b[31mred" in "".join(printed.split())
+    assert "\\x1b[31mcat\\x07" in printed

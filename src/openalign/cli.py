@@ -396,7 +396,7 @@ def _cmd_search(args: argparse.Namespace) -> None:
         _print_records(args.format, [{"rank": rank, "score": score, "path": index.paths[position]}
                                      for rank, (score, position) in ranked])
         return
-    table = Table(title=Text(f"'{args.query}' in {args.index}"))
+    table = Table(title=Text(f"'{_shown(args.query)}' in {_shown(args.index)}"))
     for column, justify in (("rank", "right"), ("score", "right"), ("path", "left")):
         table.add_column(column, justify=justify, overflow="fold")
     for rank, (score, position) in enumerate(zip(scores.tolist(), indices.tolist()), start=1):
