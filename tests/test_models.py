@@ -90,6 +90,23 @@ def test_a_vit_given_another_image_size_says_which_it_takes_and_how_to_make_it(n
         assert convolutional.encode_image(torch.randn(1, 3, 40, 48)).shape == (1, convolutional.config.embed_dim)
 
 
+def test_an_image_too_small_for_the_efficientnet_and_a_second_text_segment_are_clear_errors():
+    from openalign.errors import OpenAlignError
+
+    model = openalign.create_model("align-test").eval()
+    with pytest.raises(OpenAlignError, match=r"encode_image: 8×8 px images are too small for this model's image "
+                                             r"tower .* the model's preprocess"):
+        model.encode_image(torch.randn(1, 3, 8, 8))
+    # a BERT tokenizer's (and AlignProcessor's) output holds token_type_ids: all 0, they are taken
+    hf = model.config.build_tokenizer().hf_tokenizer(["a cat", "a red dog"], padding=True, return_tensors="pt")
+    assert "token_type_ids" in hf
+    with torch.no_grad():
+        expected = model.encode_text(hf["input_ids"], hf["attention_mask"])
+        assert torch.equal(model.encode_text(**hf), expected) and torch.equal(model.encode_text(dict(hf)), expected)
+    with pytest.raises(OpenAlignError, match=r"one text segment per row \(token_type_ids all 0\)"):
+        model.encode_text(**{**hf, "token_type_ids": torch.ones_like(hf["input_ids"])})
+
+
 def test_projections_run_in_fp32_under_bf16_autocast():
     """COYO-ALIGN forces both projection Dense layers to float32 under mixed precision (spec §3.7)."""
     model = openalign.create_model("align-test").eval()

@@ -166,20 +166,35 @@ class DualEncoder(ContrastiveModel):
 
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """The image tower's pooled features, before projection and normalisation. A ViT tower takes
-        its ``image_size`` only; a convolutional one any size."""
+        its ``image_size`` only; a convolutional one any size its kernels fit."""
         size = getattr(self.config.image, "image_size", None)
-        return self.image_tower(image_input(pixels, next(self.image_tower.parameters()).dtype, size))
+        pixels = image_input(pixels, next(self.image_tower.parameters()).dtype, size)
+        try:
+            return self.image_tower(pixels)
+        except RuntimeError as error:  # torch's "Kernel size can't be greater than actual input size"
+            if "greater than actual input size" not in str(error):
+                raise
+            raise OpenAlignError(f"encode_image: {pixels.shape[2]}×{pixels.shape[3]} px images are too small for this "
+                                 "model's image tower (its strided convolutions leave nothing for a kernel); make "
+                                 "them with the model's preprocess, which resizes to the size it was trained at") from None
 
     def encode_text(self, input_ids: torch.Tensor | Mapping[str, torch.Tensor],
-                    attention_mask: torch.Tensor | None = None, normalize: bool = True) -> torch.Tensor:
+                    attention_mask: torch.Tensor | None = None, normalize: bool = True,
+                    token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """(N, embed_dim) fp32 embeddings of token ids and their mask (N, L), as the tokenizer gives
         them: ``model.encode_text(**tokenizer(texts))``, or the tokenizer's whole output,
-        ``model.encode_text(tokenizer(texts))``; L2-normalised unless not ``normalize``."""
+        ``model.encode_text(tokenizer(texts))``; L2-normalised unless not ``normalize``.
+        ``token_type_ids``, which BERT tokenizers and ``AlignProcessor`` also give, are taken when
+        they are all 0 (one text segment, as ALIGN embeds text) and refused otherwise."""
         if (fields := text_fields(input_ids, "input_ids", "attention_mask")) is not None:
             if attention_mask is not None:
                 raise OpenAlignError("encode_text was given the tokenizer's output, which holds its attention mask, "
                                      "and another attention_mask: pass one or the other")
+            token_type_ids = input_ids.get("token_type_ids", token_type_ids)  # type: ignore[union-attr]
             input_ids, attention_mask = fields
+        if token_type_ids is not None and bool(torch.as_tensor(token_type_ids).ne(0).any()):
+            raise OpenAlignError("encode_text embeds one text segment per row (token_type_ids all 0); these mark a "
+                                 "second segment: tokenize each text on its own")
         if attention_mask is None:
             raise OpenAlignError("encode_text needs the attention mask as well as the token ids: pass "
                                  "model.encode_text(**tokenizer(texts))")
