@@ -176,7 +176,8 @@ class DualEncoder(ContrastiveModel):
                 raise
             raise OpenAlignError(f"encode_image: {pixels.shape[2]}×{pixels.shape[3]} px images are too small for this "
                                  "model's image tower (its strided convolutions leave nothing for a kernel); make "
-                                 "them with the model's preprocess, which resizes to the size it was trained at") from None
+                                 "them with the model's preprocess, which resizes to the size it was trained "
+                                 "at") from None
 
     def encode_text(self, input_ids: torch.Tensor | Mapping[str, torch.Tensor],
                     attention_mask: torch.Tensor | None = None, normalize: bool = True,
