@@ -129,6 +129,16 @@ def test_export_to_hugging_face_round_trips_through_transformers(hf_dir, images,
     torch.testing.assert_close(exported.logits_per_text, expected.logits_per_text, rtol=1e-6, atol=1e-6)
     config = json.loads((tmp_path / "exported" / "config.json").read_text())
     assert config["vision_config"]["batch_norm_momentum"] == pytest.approx(0.99)
+    other = tmp_path / "momentum"  # another Keras momentum survives the round trip too (fine-tuning uses it)
+    shutil.copytree(hf_dir, other)
+    hf_config = json.loads((other / "config.json").read_text())
+    hf_config["vision_config"]["batch_norm_momentum"] = 0.9
+    (other / "config.json").write_text(json.dumps(hf_config))
+    imported = openalign.load_pretrained(other)[0]
+    assert imported.config.image.batch_norm_momentum == pytest.approx(0.1)
+    imported.save_pretrained(tmp_path / "momentum-exported", format="hf")
+    config = json.loads((tmp_path / "momentum-exported" / "config.json").read_text())
+    assert config["vision_config"]["batch_norm_momentum"] == pytest.approx(0.9)
     # align-base's files, which transformers 4 reads too: its AlignProcessor fails on 5's processor_config.json
     assert (tmp_path / "exported" / "preprocessor_config.json").is_file()
     assert not (tmp_path / "exported" / "processor_config.json").exists()

@@ -9,8 +9,8 @@ The mapping (shared spec align-coyo-and-hf.md §6):
   identity map on export, so ``transformers`` reports no missing weights.
 - config: ``AlignVisionConfig`` ↔ the EfficientNet config, ``AlignTextConfig`` ↔ the BERT config,
   ``projection_dim`` ↔ ``embed_dim``. HF's ``batch_norm_momentum=0.99`` is Keras's convention
-  handed to PyTorch's BatchNorm unchanged (spec §8, HF item 1); openalign reads it as PyTorch
-  momentum 0.01 and writes 0.99 back.
+  handed to PyTorch's BatchNorm unchanged (spec §8, HF item 1); openalign reads a Keras momentum
+  m as PyTorch's 1 - m (0.99 as 0.01) and writes 1 - its own back, so a round trip keeps it.
 - preprocessing: ``EfficientNetImageProcessor`` (resize 346 bilinear, centre crop 289,
   ``x / 127.5 - 1``) ↔ :class:`~openalign.data.transforms.PreprocessConfig`; the tokenizer is
   the directory's own, padded and truncated to 64 tokens.
@@ -97,8 +97,10 @@ def model_config_from_hf(directory: Path) -> DualEncoderConfig:
     _require(vision.num_channels == 3, "vision_config.num_channels", f"is {vision.num_channels}, not 3")
     _require(getattr(text, "position_embedding_type", "absolute") == "absolute", "text_config.position_embedding_type",
              "is not 'absolute'")
+    _require(0 < vision.batch_norm_momentum < 1, "vision_config.batch_norm_momentum",
+             f"is {vision.batch_norm_momentum}; a Keras momentum is between 0 and 1 (ALIGN's: 0.99)")
     image = {"type": "efficientnet", **{k: _plain(getattr(vision, k)) for k in _EFFICIENTNET_FIELDS},
-             "batch_norm_momentum": 0.01, "virtual_batch_size": None}
+             "batch_norm_momentum": round(1.0 - float(vision.batch_norm_momentum), 12), "virtual_batch_size": None}
     has_tokenizer = any((directory / name).is_file() for name in _TOKENIZER_FILES)
     if not has_tokenizer:
         log.warning("'%s' has no tokenizer files: using bert-base-uncased", directory)
