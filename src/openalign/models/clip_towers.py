@@ -111,7 +111,7 @@ class ClipTextTower(nn.Module):
 class ClipTokenizer:
     """CLIP's tokenizer (open_clip's ``SimpleTokenizer``: ftfy, HTML unescape, whitespace
     collapse, lower case, byte-level BPE), [SOT] ids [EOT] zero-padded to ``max_length``; longer
-    texts are cut with [EOT] kept last. Returns ``input_ids`` and ``attention_mask`` (ids ≠ 0)."""
+    texts are cut with [EOT] kept last. Returns ``input_ids`` and ``attention_mask`` (1 up to [EOT])."""
 
     def __init__(self, max_length: int = 77) -> None:
         self.max_length = max_length
@@ -127,7 +127,9 @@ class ClipTokenizer:
                                    separators=" \t\n" + PUNCTUATION_CUTS, cuts_at=open_clip_reads_the_prefix_alike)
                  for text in ([texts] if isinstance(texts, str) else texts)]
         ids = tokenizer(batch, context_length=self.max_length)
-        return TextBatch(input_ids=ids, attention_mask=(ids != 0).long())
+        # up to [EOT], the highest id (where CLIP pools): id 0, the padding, is also the token "!"
+        positions = torch.arange(ids.shape[1])
+        return TextBatch(input_ids=ids, attention_mask=(positions[None] <= ids.argmax(dim=-1)[:, None]).long())
 
     def __getstate__(self) -> dict:
         return {"max_length": self.max_length, "_tokenizer": None}
