@@ -154,7 +154,7 @@ def test_clips_tokenizer_packs_sot_ids_eot_and_keeps_eot_when_cutting():
     assert ids[0, 0] == 49406 and ids[0, 3] == 49407 and ids[0, 4:].eq(0).all()  # [SOT] a photo [EOT] pad
     assert ids[1, 0] == 49406 and ids[1, -1] == 49407 and ids[1].ne(0).all()
     # the mask covers [SOT] to [EOT]: "!" is id 0, as the padding is, and was masked
-    batch = ClipTokenizer(8)(["!?!?", ""])
+    batch = ClipTokenizer(8)(["!?!?!?", ""])
     assert batch["input_ids"][0, :4].tolist() == [49406, 0, 37619, 49407]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0, 0]]
 
