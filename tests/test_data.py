@@ -613,6 +613,13 @@ def test_a_caption_of_only_characters_the_tokenizer_deletes_is_empty():
             caption_text(invisible)
     assert caption_text(" a\u200bb ") == "a\u200bb" and caption_text("\u00e9") == "\u00e9"
     assert caption_text("\U0001FAE8") == "\U0001FAE8"  # an emoji newer than this Python's Unicode (category Cn)
+    # a lone UTF-16 surrogate (JSON's "\\ud83d", an emoji cut in half) is U+FFFD, as bad UTF-8 is: the fast
+    # tokenizer refused the whole batch
+    assert caption_text("a red thing \ud83d") == "a red thing \ufffd"
+    with pytest.raises(SkipSample, match="empty caption"):
+        caption_text(" \udc00 ")
+    batch = tokenizer(["a red \ud83d thing", "a red thing"])
+    assert torch.equal(batch["input_ids"][0], batch["input_ids"][1])  # U+FFFD is deleted, as BERT deletes it
 
 
 def test_tsv_captions_are_read_verbatim_and_one_bad_caption_drops_one_row(tmp_path, caplog):

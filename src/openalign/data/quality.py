@@ -82,7 +82,7 @@ def caption_text(data: bytes | str | None, missing: str = NO_CAPTION, name: str 
     if data is None:
         raise SkipSample(missing)
     if isinstance(data, str):
-        text = data
+        text = without_lone_surrogates(data)
     elif isinstance(data, bytes | bytearray | memoryview):
         try:
             text = bytes(data).decode("utf-8")
@@ -95,6 +95,16 @@ def caption_text(data: bytes | str | None, missing: str = NO_CAPTION, name: str 
                for char in text):  # as BERT's _is_control; unassigned (newer) code points, emoji say, are text
         raise SkipSample(f"empty {name}")
     return text
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def without_lone_surrogates(text: str) -> str:
+    """``text`` with each lone UTF-16 surrogate as U+FFFD, as undecodable UTF-8 is read. JSON may
+    hold one (``"\\ud83d"``, half of an emoji cut by a UTF-16 writer); Hugging Face's fast
+    tokenizers refuse a string with one, in the middle of a batch."""
+    return _LONE_SURROGATE.sub("\ufffd", text)
 
 
 # What PIL raises for a file that is not a readable image (truncated, corrupt, of another format, a bomb)

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from ..errors import OpenAlignError, first_line
+from .quality import without_lone_surrogates
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,7 @@ class Tokenizer:
             empty = torch.zeros(0, self.max_length, dtype=torch.long)
             return TextBatch(input_ids=empty, attention_mask=empty.clone())
         kept = self.max_length - self.hf_tokenizer.num_special_tokens_to_add()  # the text's tokens truncation keeps
+        batch = [without_lone_surrogates(text) for text in batch]
         encoded = self.hf_tokenizer([self._shortened(text, kept) for text in batch], padding="max_length",
                                     truncation=True, max_length=self.max_length, return_tensors="pt",
                                     return_token_type_ids=False, split_special_tokens=self.split_special_tokens)
