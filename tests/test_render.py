@@ -218,6 +218,22 @@ def test_text_renderer_values():
     assert (batch[1] == float(background)).all()
 
 
+def test_texts_that_render_blank_are_counted_and_said(monkeypatch, caplog):
+    """Text of characters the font lacks (emoji beyond the BMP, CJK Extension B) renders as the empty
+    text does: the same image for all of them, which the model cannot tell apart."""
+    from openalign.data import render
+
+    monkeypatch.setattr(render, "_BLANK_RENDERS", [0])
+    renderer = TextRenderer(image_size=32)
+    with caplog.at_level(logging.WARNING, logger="openalign"):
+        images = renderer.batch(["\U0001F600\U0001F600", "a cat", "", "\U00020000\U00020001", "\U0001F600"])
+    assert torch.equal(images[0], images[2]) and torch.equal(images[3], images[2])  # blank, as the empty text
+    assert render._BLANK_RENDERS == [3]  # the empty text is not counted: it renders blank by design
+    warnings = [record.getMessage() for record in caplog.records]
+    assert len(warnings) == 2 and warnings[0].startswith("1 text(s) so far rendered blank: none of their characters")
+    assert warnings[1].startswith("2 text(s) so far rendered blank")  # at powers of two: 1, 2, 4, ...
+
+
 def test_text_renderer_pickles():
     renderer = TextRenderer(image_size=112)
     expected = renderer("pickled")

@@ -331,6 +331,21 @@ def value_range(images: torch.Tensor) -> torch.Tensor:
     return grey.unsqueeze(-3).expand(*images.shape[:-2], 3, *images.shape[-2:]).contiguous()
 
 
+_BLANK_RENDERS = [0]  # this process's count of texts that rendered blank
+
+
+def _blank_rendered(text: str | bytes) -> None:
+    """Count a text that rendered as the empty text does (none of its characters has a glyph in the
+    font: emoji outside the Basic Multilingual Plane, rare CJK) and say so now and then: every such
+    text is the same image to the model, so a batch holds "identical" texts for different images."""
+    _BLANK_RENDERS[0] += 1
+    count = _BLANK_RENDERS[0]
+    if count & (count - 1) == 0:
+        shown = text.decode("utf-8", "replace") if isinstance(text, (bytes, bytearray, memoryview)) else text
+        log.warning("%d text(s) so far rendered blank: none of their characters has a glyph in the font (latest: "
+                    "%r); they are all one image to the model and teach it nothing", count, shown[:40])
+
+
 @dataclass
 class TextRenderer:
     """CLIPPO's text "tokenizer": ``render_unifont`` then ``value_range(-1, 1)`` (shared spec clippo.md §1.1).
@@ -384,6 +399,8 @@ class TextRenderer:
         for image, text in zip(images, texts):
             _render_into(image[0], self.font, text_codepoints(text, self.lower, self.max_chars), palette)
             image[1:] = image[0]
+            if len(text) and not (image[0] != palette[0, 0]).any():
+                _blank_rendered(text)
         return out
 
     def __call__(self, text: str | bytes) -> torch.Tensor:
