@@ -318,6 +318,32 @@ def test_records_name_the_checkpoint_read_and_the_report_tells_apart_what_differ
     assert record["dataset"] == dataset and record["weights"].endswith("step_3")
 
 
+def test_records_hold_the_class_names_and_prompts_read_and_the_report_tells_them_apart(model, folders, tmp_path,
+                                                                                      monkeypatch):
+    """A templates file edited between two runs gave two identical-looking records: only its name,
+    as typed (relative), was recorded."""
+    model_dir = model.save_pretrained(tmp_path / "model")
+    monkeypatch.chdir(tmp_path)
+    zeroshot = ["eval", "zeroshot", "--model", str(model_dir), "--root", str(folders / "val"),
+                "--templates-file", "prompts.txt"]
+    Path("prompts.txt").write_text("a sketch of a {}.\n")
+    assert main([*zeroshot, "--output", "out/a.json"]) == 0
+    Path("prompts.txt").write_text("a photo of a {}.\na drawing of a {}.\n")
+    assert main([*zeroshot, "--output", "out/b.json"]) == 0
+    first, second = (json.loads(Path(f"out/{name}.json").read_text())["settings"] for name in "ab")
+    assert first["templates_file"] == second["templates_file"] == str(tmp_path / "prompts.txt")  # absolute
+    assert first["templates_file_sha256"] != second["templates_file_sha256"]
+    assert main(["eval", "report", "out", "--out", "report"]) == 0
+    markdown = Path("report.md").read_text()
+    assert f"(templates_file_sha256={first['templates_file_sha256']})" in markdown
+    assert f"(templates_file_sha256={second['templates_file_sha256']})" in markdown
+    shipped = ["eval", "zeroshot", "--model", str(model_dir), "--root", str(folders / "val"), "--templates-file",
+               "clip_paper_templates", "--output", "out/c.json"]  # a shipped list: its name, and its contents' hash
+    assert main(shipped) == 0
+    settings = json.loads(Path("out/c.json").read_text())["settings"]
+    assert settings["templates_file"] == "clip_paper_templates" and len(settings["templates_file_sha256"]) == 16
+
+
 def test_report_labels_stay_short_and_a_record_without_settings_says_so(tmp_path):
     from openalign.eval.suite import write_report
 

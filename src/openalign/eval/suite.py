@@ -17,6 +17,7 @@ and shows the retrieval tasks' example pictures (``<task name>_examples.png``).
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import math
@@ -42,6 +43,7 @@ from ..files import read_json, replaceable
 from ..precision import Precision, precision_name, precision_scope
 from ..registry import find_config
 from . import cache
+from .datasets import read_lines_or_json
 from .examples import is_examples_picture
 from .tasks import EvalTaskConfig, task_problems
 
@@ -155,6 +157,12 @@ def make_record(dataset: str, model: str | None, pretrained: str, task: str, met
     if settings is not None:  # the files it read, absolute: a relative path names no data once copied elsewhere
         record["settings"] = {**to_dict(settings), **{key: str(Path(value).expanduser().resolve()) for key in
                                                      settings.data_paths if (value := getattr(settings, key))}}
+        for key in settings.list_files:  # class names and prompts: the file (absolute) and what it held
+            if value := getattr(settings, key):
+                if Path(value).expanduser().is_file():
+                    record["settings"][key] = str(Path(value).expanduser().resolve())
+                listed = json.dumps(read_lines_or_json(value, key), ensure_ascii=False, sort_keys=True)
+                record["settings"][f"{key}_sha256"] = hashlib.sha256(listed.encode()).hexdigest()[:16]
     if weights is not None:
         record["weights"] = weights
     if precision is not None:

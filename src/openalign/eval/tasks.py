@@ -88,6 +88,8 @@ class EvalTaskConfig(Variants):
         raise NotImplementedError
 
     data_paths: ClassVar[tuple[str, ...]] = ()  # the settings that name files or folders the task reads
+    # the settings naming a list file (class names, prompts) or a shipped list: records hold their contents' hash
+    list_files: ClassVar[tuple[str, ...]] = ()
     # the settings that name class-folder datasets: the first one's classes, which the others' must be among
     class_roots: ClassVar[tuple[str, ...]] = ()
 
@@ -238,6 +240,7 @@ class ZeroShotEvalConfig(EvalTaskConfig, tag="zeroshot"):
     ``canonicalize``: big_vision's canonical prompts (no punctuation, lower case; CLIPPO)."""
 
     data_paths: ClassVar[tuple[str, ...]] = ("root",)
+    list_files: ClassVar[tuple[str, ...]] = ("classnames", "templates_file")
 
     root: str
     classnames: str | None = None
@@ -275,6 +278,7 @@ class SentenceZeroShotEvalConfig(EvalTaskConfig, tag="zeroshot_sentences"):
     (``sst2_templates``: the colab's five review prompts)."""
 
     data_paths: ClassVar[tuple[str, ...]] = ("val",)
+    list_files: ClassVar[tuple[str, ...]] = ("classnames", "templates_file")
 
     val: str
     classnames: str | None = None
