@@ -752,6 +752,21 @@ def test_a_class_folder_without_images_stays_a_class_with_a_warning(tmp_path, ca
     assert "1 class folder(s) of" in caplog.text and "hold no images (dog)" in caplog.text
 
 
+def test_class_folders_named_by_numbers_are_in_their_numbers_order(tmp_path):
+    """ImageNet-V2's folders are 0 to 999: as text, 10 came before 2 and the class names went to the wrong folders."""
+    from PIL import Image
+
+    from openalign.eval import read_class_folders
+
+    for name in ("0", "1", "2", "10", "11"):
+        (tmp_path / "v2" / name).mkdir(parents=True)
+        Image.new("RGB", (4, 4)).save(tmp_path / "v2" / name / "a.png")
+    assert read_class_folders(tmp_path / "v2")[2] == ["0", "1", "2", "10", "11"]
+    (tmp_path / "v2" / "b").mkdir()  # not all numbers: sorted as text, as ImageFolder sorts them
+    Image.new("RGB", (4, 4)).save(tmp_path / "v2" / "b" / "a.png")
+    assert read_class_folders(tmp_path / "v2")[2] == ["0", "1", "10", "11", "2", "b"]
+
+
 def test_a_damaged_embedding_cache_entry_is_computed_again(model, folders, tmp_path, monkeypatch, caplog):
     from openalign.eval import embed_images
     from openalign.eval.cache import CACHE_ENV

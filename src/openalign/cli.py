@@ -486,7 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "CLIP_benchmark webdataset root (wds_imagenet1k/)")
     zeroshot.add_argument("--split", help="the split of a CLIP_benchmark webdataset root (default: test); class "
                           "folders have none")
-    _prompt_options(zeroshot, "one name per class folder (sorted order), a JSON list/mapping, or a shipped list "
+    _prompt_options(zeroshot, "one name per class folder (sorted order; numbers by value), a JSON list/mapping, or "
+                              "a shipped list "
                               "(imagenet1k_classnames)", "imagenet1k_templates, clip_paper_templates")
     sentences = tasks.add_parser("zeroshot_sentences", help="zero-shot classification of a file of sentences "
                                                             "(SST-2's dev.tsv: sentence, label)")

@@ -105,12 +105,16 @@ def read_class_folders(root: str | Path, classes: Sequence[str] | None = None) -
 
 def class_folders(root: str | Path, classes: Sequence[str] | None = None) -> list[str]:
     """The class folders of ``root`` in sorted order (or the given order, whose classes must hold
-    all of ``root``'s); a cheap check of a class-folder dataset, its images not listed."""
+    all of ``root``'s); a cheap check of a class-folder dataset, its images not listed. Folders all
+    named by numbers (``0`` to ``999``: ImageNet-V2's, or label indices unpadded) sort by their
+    value, as CLIP_benchmark orders ImageNet-V2's: as text, ``10`` would come before ``2``."""
     root = Path(root)
     if not root.is_dir():
         raise OpenAlignError(f"'{root}' is not a directory; expected class subfolders, e.g. val/n01440764/*.JPEG")
     # hidden folders (.ipynb_checkpoints) are no classes
     found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if found and all(name.isdigit() and name.isascii() for name in found):
+        found.sort(key=int)
     if not found:
         raise OpenAlignError(f"'{root}' has no class subfolders; expected <root>/<class>/<image> (ImageNet: "
                              "val/n01440764/ILSVRC2012_val_00000293.JPEG)")
