@@ -268,7 +268,8 @@ def test_eval_commands_write_clip_benchmark_records(model, folders, shapes_root,
     assert records["knn"]["settings"].items() >= knn_settings.items()
     assert records["zeroshot"]["settings"]["templates"] == ["a {}", "a drawing of a {}"]
     assert records["zeroshot"]["settings"]["split"] is None  # class folders have no split
-    assert main(["eval", "zeroshot", "--model", str(model_dir), "--root", str(folders / "val"), "--split", "train"]) == 2
+    assert main(["eval", "zeroshot", "--model", str(model_dir), "--root", str(folders / "val"),
+                 "--split", "train"]) == 2
     assert "split 'train' is a CLIP_benchmark webdataset directory's, but" in " ".join(capsys.readouterr().err.split())
     # test, the default before: a run's saved recipe spells it out, and it still runs
     assert main(["eval", "zeroshot", "--model", str(model_dir), "--root", str(folders / "val"), "--split", "test"]) == 0

@@ -55,7 +55,8 @@ def test_the_cli_writes_alips_test_split_as_class_folders(tmp_path, capsys, monk
     root = _caltech_tree(tmp_path / "data", sizes)
     reference = Caltech101(str(root))
     _, test = torch.utils.data.random_split(reference, [3000, 5677], generator=torch.Generator().manual_seed(3072))
-    expected = sorted(f"{reference.categories[reference.y[i]]}/image_{reference.index[i]:04d}.jpg" for i in test.indices)
+    expected = sorted(f"{reference.categories[reference.y[i]]}/image_{reference.index[i]:04d}.jpg"
+                      for i in test.indices)
 
     out = tmp_path / "caltech101" / "test"
     assert main(["data", "caltech101", "--root", str(root), "--out", str(out)]) == 0

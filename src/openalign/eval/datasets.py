@@ -229,8 +229,8 @@ def zeroshot_inputs(root: str | Path, templates: Sequence[str] | Mapping[str, Se
         templates = templates or [t.replace("{c}", "{}") for t in wds.templates or ()]
     else:
         if split not in (None, "test"):  # "test": the default of earlier versions, which saved recipes spell out
-            raise OpenAlignError(f"split '{split}' is a CLIP_benchmark webdataset directory's, but '{root}' holds class "
-                                 "folders: name the split's own folder as the root, without a split")
+            raise OpenAlignError(f"split '{split}' is a CLIP_benchmark webdataset directory's, but '{root}' holds "
+                                 "class folders: name the split's own folder as the root, without a split")
         paths, labels, folders = read_class_folders(root)
         readable = class_names(folders, names if names is not None else _imagenet_names(folders, root))
     readable, templates = _prompt_inputs(readable, templates, canonicalize)
