@@ -38,9 +38,11 @@ def test_retrieval_recall_by_hand(chunk_size):
     assert metrics["text_retrieval_recall@3"] == 1.0
 
 
-def test_recall_at_k_beyond_the_number_of_items_is_one():
-    metrics = retrieval_metrics(torch.eye(3), SCORES, TEXT_TO_IMAGE, ks=(10,))
+def test_recall_at_k_beyond_the_number_of_items_is_one_and_said(caplog):
+    with caplog.at_level("WARNING"):
+        metrics = retrieval_metrics(torch.eye(3), SCORES, TEXT_TO_IMAGE, ks=(1, 3, 10))
     assert metrics["image_retrieval_recall@10"] == 1.0 and metrics["text_retrieval_recall@10"] == 1.0
+    assert "recall@3, 10 over 3 images: every caption's image is among its top 3" in caplog.text
 
 
 def test_contrastive_loss_and_in_batch_accuracy_by_hand(caplog):

@@ -39,6 +39,9 @@ def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_i
                              f"{tuple(image_emb.shape)} and {tuple(text_emb.shape)}")
     check_labels("retrieval_metrics", "text_to_image", text_to_image, text_emb.shape[0], image_emb.shape[0], "images")
     text_to_image = text_to_image.long()
+    if covering := [k for k in ks if k >= image_emb.shape[0]]:  # CLIP_benchmark's topk would raise
+        log.warning("recall@%s over %d images: every caption's image is among its top %d, so image retrieval "
+                    "scores 1 at that k by definition", ", ".join(map(str, covering)), image_emb.shape[0], covering[0])
     image_ids = torch.arange(image_emb.shape[0], device=image_emb.device)
     directions = {  # name: (queries, keys, positive mask of a chunk of query rows)
         "image_retrieval": (text_emb, image_emb, lambda rows: text_to_image[rows, None] == image_ids[None]),
