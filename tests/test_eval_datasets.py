@@ -1179,3 +1179,18 @@ def test_clip_benchmark_evaluates_an_openalign_model_through_its_own_command_lin
         expected = ours(model, root, CPU, show_progress=False)
         assert set(theirs) <= set(expected) and len(theirs) >= 3
         assert theirs == pytest.approx({key: expected[key] for key in theirs}, abs=1e-6), task
+
+
+def test_an_image_listed_twice_in_a_retrieval_split_is_said(tmp_path, caplog):
+    from PIL import Image
+
+    from openalign.eval.datasets import retrieval_items
+
+    Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
+    Image.new("RGB", (4, 4)).save(tmp_path / "b.png")
+    entries = [{"filename": name, "split": "test", "sentences": [{"raw": f"caption {index}"}]}
+               for index, name in enumerate(["a.png", "b.png", "a.png"])]
+    (tmp_path / "captions.json").write_text(json.dumps({"images": entries}))
+    with caplog.at_level("WARNING"):
+        assert len(retrieval_items(tmp_path / "captions.json")) == 3
+    assert "1 image(s) of" in caplog.text and "appear more than once (e.g. '" in caplog.text

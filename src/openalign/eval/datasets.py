@@ -79,6 +79,10 @@ def retrieval_items(json_path: str | Path, split: str = "test", image_root: str 
     if missing:
         raise OpenAlignError(f"{len(missing)} of the {len(items)} '{split}' images of '{json_path}' are missing, e.g. "
                              f"'{missing[0]}': pass the image root (the folder holding the JSON's filepath/filename)")
+    if repeated := [path for path, count in Counter(item.path for item in items).items() if count > 1]:
+        log.warning("%d image(s) of '%s' split '%s' appear more than once (e.g. '%s'): each copy is a separate image "
+                    "that competes with the others for its captions, lowering recall", len(repeated), json_path,
+                    split, repeated[0])
     return items
 
 
