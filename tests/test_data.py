@@ -616,6 +616,7 @@ def test_a_caption_of_only_characters_the_tokenizer_deletes_is_empty():
     # a lone UTF-16 surrogate (JSON's "\\ud83d", an emoji cut in half) is U+FFFD, as bad UTF-8 is: the fast
     # tokenizer refused the whole batch
     assert caption_text("a red thing \ud83d") == "a red thing \ufffd"
+    assert caption_text("\ud83d\ude00 a smile") == "\U0001F600 a smile"  # a pair as two code units: joined
     with pytest.raises(SkipSample, match="empty caption"):
         caption_text(" \udc00 ")
     batch = tokenizer(["a red \ud83d thing", "a red thing"])

@@ -343,6 +343,24 @@ def test_records_hold_the_class_names_and_prompts_read_and_the_report_tells_them
     assert main(shipped) == 0
     settings = json.loads(Path("out/c.json").read_text())["settings"]
     assert settings["templates_file"] == "clip_paper_templates" and len(settings["templates_file_sha256"]) == 16
+    # the lists as the task began: a file edited while it runs does not change what the record says it used
+    from openalign.eval.tasks import ZeroShotEvalConfig
+
+    original = ZeroShotEvalConfig.run
+
+    def edited_meanwhile(self, *args, **kwargs):
+        metrics = original(self, *args, **kwargs)
+        Path("prompts.txt").write_text("something else entirely {}.\n")
+        return metrics
+
+    monkeypatch.setattr(ZeroShotEvalConfig, "run", edited_meanwhile)
+    assert main([*zeroshot, "--output", "out/d.json"]) == 0
+    monkeypatch.setattr(ZeroShotEvalConfig, "run", original)
+    assert json.loads(Path("out/d.json").read_text())["settings"]["templates_file_sha256"] == \
+        second["templates_file_sha256"]
+    Path("prompts.json").write_text('["a photo of a {} \\ud83d"]')  # a lone surrogate, which JSON allows
+    assert main(["eval", "zeroshot", "--model", str(model_dir), "--root", str(folders / "val"), "--templates-file",
+                 "prompts.json", "--output", "out/e.json"]) == 0
 
 
 def test_report_labels_stay_short_and_a_record_without_settings_says_so(tmp_path):

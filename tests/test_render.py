@@ -226,9 +226,12 @@ def test_texts_that_render_blank_are_counted_and_said(monkeypatch, caplog):
     monkeypatch.setattr(render, "_BLANK_RENDERS", [0])
     renderer = TextRenderer(image_size=32)
     with caplog.at_level(logging.WARNING, logger="openalign"):
-        images = renderer.batch(["\U0001F600\U0001F600", "a cat", "", "\U00020000\U00020001", "\U0001F600"])
+        # private-use code points, which no Unifont file draws (emoji, which its upper-plane file does)
+        images = renderer.batch(["\ue000\ue001", "a cat", "", "\U000F0000", "  ", "\ue002"])
     assert torch.equal(images[0], images[2]) and torch.equal(images[3], images[2])  # blank, as the empty text
-    assert render._BLANK_RENDERS == [3]  # the empty text is not counted: it renders blank by design
+    assert render._BLANK_RENDERS == [3]  # the empty and the blank text are not counted: nothing to draw there
+    TextRenderer(image_size=32, text_brightness=127).batch(["a cat"])  # ink as the background: all is blank
+    assert render._BLANK_RENDERS == [3]
     warnings = [record.getMessage() for record in caplog.records]
     assert len(warnings) == 2 and warnings[0].startswith("1 text(s) so far rendered blank: none of their characters")
     assert warnings[1].startswith("2 text(s) so far rendered blank")  # at powers of two: 1, 2, 4, ...

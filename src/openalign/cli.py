@@ -108,7 +108,7 @@ def _eval_task(args: argparse.Namespace) -> Any:
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
-    from .eval.suite import is_record_file, make_record
+    from .eval.suite import is_record_file, list_settings, make_record
 
     try:
         task = _eval_task(args)
@@ -118,11 +118,11 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     # checked before the work
     output = replaceable(_output_file(args.output), is_record_file, "an openalign result") if args.output else None
     model, _, _ = _inference_model(args, optimize=not task.fine_tunes)
-    device = next(model.parameters()).device
+    device, listed = next(model.parameters()).device, list_settings(task)
     with precision_scope(args.precision):
         metrics = task.run(model, device, args.batch_size)
     record = make_record(task.dataset, model.config.name, str(args.model), args.task, metrics, task,
-                         getattr(model, "weights_path", None), precision_name(device, args.precision))
+                         getattr(model, "weights_path", None), precision_name(device, args.precision), listed)
     print(json.dumps(record, indent=2))
     if output:
         output.write_text(json.dumps(record, indent=2))

@@ -97,14 +97,17 @@ def caption_text(data: bytes | str | None, missing: str = NO_CAPTION, name: str 
     return text
 
 
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def without_lone_surrogates(text: str) -> str:
-    """``text`` with each lone UTF-16 surrogate as U+FFFD, as undecodable UTF-8 is read. JSON may
-    hold one (``"\\ud83d"``, half of an emoji cut by a UTF-16 writer); Hugging Face's fast
-    tokenizers refuse a string with one, in the middle of a batch."""
-    return _LONE_SURROGATE.sub("\ufffd", text)
+    """``text`` with each lone UTF-16 surrogate as U+FFFD (the replacement character), and a pair
+    left as two code units joined into its character. JSON may hold a lone one (``"\\ud83d"``,
+    half of an emoji cut by a UTF-16 writer); Hugging Face's fast tokenizers refuse a string with
+    one, in the middle of a batch."""
+    if not _SURROGATE.search(text):
+        return text
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 # What PIL raises for a file that is not a readable image (truncated, corrupt, of another format, a bomb)

@@ -396,10 +396,12 @@ class TextRenderer:
             raise ValueError(f"out must be a contiguous CPU float32 tensor of shape {shape}, got {out.dtype} "
                              f"{tuple(out.shape)} on {out.device}")
         images = out.numpy()
+        ink_shows = self.text_brightness != self.background_brightness  # else every text renders blank
         for image, text in zip(images, texts):
             _render_into(image[0], self.font, text_codepoints(text, self.lower, self.max_chars), palette)
             image[1:] = image[0]
-            if len(text) and not (image[0] != palette[0, 0]).any():
+            if ink_shows and len(text) and not (image[0] != palette[0, 0]).any() and not (
+                    text.isspace() if isinstance(text, str) else bytes(text).isspace()):
                 _blank_rendered(text)
         return out
 

@@ -160,7 +160,7 @@ def class_names(folders: Sequence[str], names: list[str] | dict[str, str] | None
         return _checked_names([names[folder] for folder in folders])
     if len(names) != len(folders):
         raise OpenAlignError(f"{len(names)} class names for {len(folders)} class folders: give one per folder, "
-                             "in sorted folder order")
+                             "in sorted folder order (folders all named by numbers: by value)")
     return _checked_names(list(names))
 
 

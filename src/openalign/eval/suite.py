@@ -118,10 +118,11 @@ def run_suite(suite: SuiteConfig, model: nn.Module, pretrained: str, output_dir:
     with _embedding_cache(), precision_scope(precision or suite.precision):  # the examples reuse the embeddings
         for name, task in zip(names, suite.tasks):
             log.info("suite task %s (%s)", name, task.name)
+            listed = list_settings(task)
             metrics = task.run(model, device, suite.batch_size, show_progress)
             # the dataset as its name in the suite, else as the data names it (as the eval commands do)
             record = make_record(name if suite.names else task.dataset, model.config.name, pretrained, task.name,
-                                 metrics, task, getattr(model, "weights_path", None), precision_name(device))
+                                 metrics, task, getattr(model, "weights_path", None), precision_name(device), listed)
             (output_dir / f"{name}.json").write_text(json.dumps(record, indent=2))
             records.append(record)
             if suite.examples:
@@ -144,25 +145,35 @@ def _embedding_cache() -> Iterator[None]:
             del os.environ[cache.CACHE_ENV]
 
 
+def list_settings(settings: EvalTaskConfig) -> dict[str, str]:
+    """The list files a task reads (class names, prompts): each file's absolute path (a shipped
+    list's name as it is) and a hash of what it holds, ``<key>_sha256``. Taken before the task runs,
+    they describe the lists it ran with, whatever happens to the files meanwhile."""
+    listed = {}
+    for key in settings.list_files:
+        if value := getattr(settings, key):
+            if Path(value).expanduser().is_file():
+                listed[key] = str(Path(value).expanduser().resolve())
+            content = json.dumps(read_lines_or_json(value, key), ensure_ascii=False, sort_keys=True)
+            listed[f"{key}_sha256"] = hashlib.sha256(content.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return listed
+
+
 def make_record(dataset: str, model: str | None, pretrained: str, task: str, metrics: dict[str, float],
                 settings: EvalTaskConfig | None = None, weights: str | None = None,
-                precision: str | None = None) -> dict[str, Any]:
+                precision: str | None = None, listed: dict[str, str] | None = None) -> dict[str, Any]:
     """A result in CLIP_benchmark's schema, ``task`` by CLIP_benchmark's name where it has one
     (``zeroshot_classification``, ``zeroshot_retrieval``; see ``RECORD_TASKS``); then what it takes
     to reproduce it: the task's ``settings`` (its split, files, k, templates, shots, ...), the
-    ``weights`` read (a run directory's checkpoint), the ``precision`` it computed in (bf16, fp16
+    ``weights`` read (a run directory's checkpoint), its list files (``listed``: :func:`list_settings`
+    as the task began; read now where not given), the ``precision`` it computed in (bf16, fp16
     or fp32: ``auto`` resolved, so that a GPU's and a CPU's results tell apart) and openalign's version."""
     record = {"dataset": dataset, "model": model, "pretrained": pretrained, "task": RECORD_TASKS.get(task, task),
               "metrics": metrics, "language": "en"}
     if settings is not None:  # the files it read, absolute: a relative path names no data once copied elsewhere
         record["settings"] = {**to_dict(settings), **{key: str(Path(value).expanduser().resolve()) for key in
                                                      settings.data_paths if (value := getattr(settings, key))}}
-        for key in settings.list_files:  # class names and prompts: the file (absolute) and what it held
-            if value := getattr(settings, key):
-                if Path(value).expanduser().is_file():
-                    record["settings"][key] = str(Path(value).expanduser().resolve())
-                listed = json.dumps(read_lines_or_json(value, key), ensure_ascii=False, sort_keys=True)
-                record["settings"][f"{key}_sha256"] = hashlib.sha256(listed.encode()).hexdigest()[:16]
+        record["settings"].update(list_settings(settings) if listed is None else listed)
     if weights is not None:
         record["weights"] = weights
     if precision is not None:

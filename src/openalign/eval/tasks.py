@@ -233,10 +233,11 @@ class RetrievalEvalConfig(EvalTaskConfig, tag="retrieval"):
 @dataclass
 class ZeroShotEvalConfig(EvalTaskConfig, tag="zeroshot"):
     """Zero-shot classification of ``root``'s class folders, or of ``split`` (default ``test``) of a
-    CLIP_benchmark webdataset directory. ``classnames``: a text file (one name per folder, sorted folder order) or
-    a JSON list or folder→name mapping; ``templates``: prompts with ``{}``, inline or
-    (``templates_file``) one per line or a JSON list, or a JSON object of each class name's own
-    prompts (CuPL's); by default the dataset's own, else ``a photo of a {}.``.
+    CLIP_benchmark webdataset directory. ``classnames``: a text file (one name per folder, sorted
+    folder order; folders all named by numbers by value) or a JSON list or folder→name mapping;
+    ``templates``: prompts with ``{}``, inline or (``templates_file``) one per line or a JSON list,
+    or a JSON object of each class name's own prompts (CuPL's); by default the dataset's own, else
+    ``a photo of a {}.``.
     ``canonicalize``: big_vision's canonical prompts (no punctuation, lower case; CLIPPO)."""
 
     data_paths: ClassVar[tuple[str, ...]] = ("root",)
