@@ -623,6 +623,20 @@ def test_a_caption_of_only_characters_the_tokenizer_deletes_is_empty():
     assert torch.equal(batch["input_ids"][0], batch["input_ids"][1])  # U+FFFD is deleted, as BERT deletes it
 
 
+
+def test_texts_the_tokenizer_knows_no_word_of_are_counted_and_said(monkeypatch, caplog):
+    from openalign.data import tokenizer as tokenizer_module
+
+    monkeypatch.setattr(tokenizer_module, "_UNKNOWN_TEXTS", [0])
+    tokenizer = get_tokenizer("align-test")
+    with caplog.at_level("WARNING"):  # bert-base-uncased has no emoji: [CLS] [UNK] [SEP]
+        batch = tokenizer(["\U0001F600\U0001F600", "a cat \U0001F600", "", "\U0001F600 \U0001F431"])
+    assert batch["input_ids"][0, :3].tolist() == [101, 100, 102]
+    assert tokenizer_module._UNKNOWN_TEXTS == [2]  # a text with a word, and the empty text, are not counted
+    assert [record.getMessage()[:45] for record in caplog.records] == [
+        "1 text(s) so far are [UNK] alone to the token", "2 text(s) so far are [UNK] alone to the token"]
+
+
 def test_tsv_captions_are_read_verbatim_and_one_bad_caption_drops_one_row(tmp_path, caplog):
     """Alt-text TSVs have no quoting: a caption starting with a quote mark must not swallow the
     rows after it; TSVs that pandas writes quote fields, and read as written too. A caption that

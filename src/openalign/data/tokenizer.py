@@ -102,6 +102,9 @@ torch.utils._pytree.register_pytree_node(
                                         list(batch.keys())))
 
 
+_UNKNOWN_TEXTS = [0]  # this process's count of texts whose every token is [UNK]
+
+
 class Tokenizer:
     """Callable on a string or a list of strings; pads to ``max_length`` and truncates beyond it.
 
@@ -134,7 +137,22 @@ class Tokenizer:
         encoded = self.hf_tokenizer([self._shortened(text, kept) for text in batch], padding="max_length",
                                     truncation=True, max_length=self.max_length, return_tensors="pt",
                                     return_token_type_ids=False, split_special_tokens=self.split_special_tokens)
+        self._count_unknown(batch, encoded["input_ids"], encoded["attention_mask"])
         return TextBatch(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"])
+
+    def _count_unknown(self, texts: list[str], ids: torch.Tensor, mask: torch.Tensor) -> None:
+        """Count the texts whose every token is [UNK] (only emoji, say, which bert-base-uncased lacks)
+        and say so at powers of two: to the model they are ``[CLS] [UNK] ... [SEP]``, no word."""
+        unknown = self.hf_tokenizer.unk_token_id
+        if unknown is None:
+            return
+        special = torch.tensor([token for token in self.hf_tokenizer.all_special_ids if token != unknown])
+        words = mask.bool() & ~torch.isin(ids, special)
+        for row in torch.nonzero(words.any(dim=1) & ((ids == unknown) | ~words).all(dim=1)).flatten().tolist():
+            _UNKNOWN_TEXTS[0] += 1
+            if _UNKNOWN_TEXTS[0] & (_UNKNOWN_TEXTS[0] - 1) == 0:
+                log.warning("%d text(s) so far are [UNK] alone to the tokenizer (latest: %r): the model sees no "
+                            "word of them, and they teach it nothing", _UNKNOWN_TEXTS[0], texts[row][:40])
 
     def _shortened(self, text: str, kept: int) -> str:
         """``text``, or a prefix of it with the same first ``kept`` tokens (see
