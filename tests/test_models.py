@@ -105,6 +105,15 @@ def test_an_image_too_small_for_the_efficientnet_and_a_second_text_segment_are_c
         assert torch.equal(model.encode_text(**hf), expected) and torch.equal(model.encode_text(dict(hf)), expected)
     with pytest.raises(OpenAlignError, match=r"one text segment per row \(token_type_ids all 0\)"):
         model.encode_text(**{**hf, "token_type_ids": torch.ones_like(hf["input_ids"])})
+    ids, mask = hf["input_ids"], hf["attention_mask"]  # badly made token tensors: said, not torch's index errors
+    for wrong, words in (((ids[0], mask[0]), r"input_ids as an integer tensor \(N, L\), one row per text; got int64"),
+                         ((ids.float(), mask), r"input_ids as an integer tensor .*got float32"),
+                         ((ids, mask[:, :3]), r"differ in shape"),
+                         ((ids + 40000, mask), r"token ids from 40\d+ to \d+, but the vocabulary holds 0 to 30521"),
+                         ((torch.ones(1, 600, dtype=torch.long),) * 2, r"texts of 600 tokens, but the text tower has "
+                                                                       r"512 positions")):
+        with pytest.raises(OpenAlignError, match=words):
+            model.encode_text(*wrong)
 
 
 def test_projections_run_in_fp32_under_bf16_autocast():

@@ -188,6 +188,32 @@ def image_input(pixels: torch.Tensor, dtype: torch.dtype, size: int | None = Non
     return pixels.to(dtype)
 
 
+def text_input(input_ids: object, attention_mask: object, vocab_size: int | None, positions: int | None) -> None:
+    """An error that says how to make the input unless ``input_ids`` and ``attention_mask`` are
+    what a tokenizer gives: integer (N, L) tensors of one shape, L within the ``positions`` the
+    tower has, ids within ``vocab_size`` (checked on the CPU only: on a GPU it would wait for the
+    device at every step, and training's ids come from the tokenizer)."""
+    make = "model.encode_text(**tokenizer(texts)) with the model's tokenizer"
+    for name, tensor in (("input_ids", input_ids), ("attention_mask", attention_mask)):
+        if not isinstance(tensor, torch.Tensor) or tensor.ndim != 2 or tensor.is_floating_point():
+            shown = (f"{str(tensor.dtype).removeprefix('torch.')} {tuple(tensor.shape)}"
+                     if isinstance(tensor, torch.Tensor) else type(tensor).__name__)
+            raise OpenAlignError(f"encode_text takes {name} as an integer tensor (N, L), one row per text; got "
+                                 f"{shown}: {make}")
+    assert isinstance(input_ids, torch.Tensor) and isinstance(attention_mask, torch.Tensor)
+    if input_ids.shape != attention_mask.shape:
+        raise OpenAlignError(f"encode_text: input_ids {tuple(input_ids.shape)} and attention_mask "
+                             f"{tuple(attention_mask.shape)} differ in shape: {make}")
+    if positions is not None and input_ids.shape[1] > positions:
+        raise OpenAlignError(f"encode_text: texts of {input_ids.shape[1]} tokens, but the text tower has "
+                             f"{positions} positions: {make}, which truncates")
+    if vocab_size is not None and input_ids.device.type == "cpu" and input_ids.numel() and \
+            not torch.compiler.is_compiling() and (  # a compiled graph would break at the check
+            int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size):
+        raise OpenAlignError(f"encode_text: token ids from {int(input_ids.min())} to {int(input_ids.max())}, but the "
+                             f"vocabulary holds 0 to {vocab_size - 1}: ids of another tokenizer? {make}")
+
+
 def text_fields(given: object, *names: str) -> tuple[Any, ...] | None:
     """The fields ``names`` of a tokenizer's whole output passed as ``encode_text``'s first argument
     (``model.encode_text(tokenizer(texts))``, as CLIP_benchmark calls it); None for a tensor."""

@@ -14,7 +14,7 @@ from torch import nn
 from ..data.transforms import ImageTransform, PreprocessConfig
 from ..config import require_at_least
 from ..errors import ConfigError, OpenAlignError
-from .base import ContrastiveModel, ImageTowerConfig, ModelConfig, TextTowerConfig, image_input, text_fields
+from .base import ContrastiveModel, ImageTowerConfig, ModelConfig, TextTowerConfig, image_input, text_fields, text_input
 
 
 MIN_TEMPERATURE = 1e-4  # logit scale 1e4: beyond it half precision overflows (65504 at a cosine of 1)
@@ -199,6 +199,9 @@ class DualEncoder(ContrastiveModel):
         if attention_mask is None:
             raise OpenAlignError("encode_text needs the attention mask as well as the token ids: pass "
                                  "model.encode_text(**tokenizer(texts))")
+        text = self.config.text
+        text_input(input_ids, attention_mask, getattr(text, "vocab_size", None),
+                   getattr(text, "max_position_embeddings", None) or getattr(text, "max_length", None))
         features = _project(self.text_projection, self.text_tower(input_ids, attention_mask))
         return F.normalize(features, dim=-1) if normalize else features
 
