@@ -624,17 +624,20 @@ def test_a_caption_of_only_characters_the_tokenizer_deletes_is_empty():
 
 
 
-def test_texts_the_tokenizer_knows_no_word_of_are_counted_and_said(monkeypatch, caplog):
-    from openalign.data import tokenizer as tokenizer_module
+def test_texts_the_tokenizer_knows_no_word_of_are_counted_and_said(caplog):
+    from openalign.data.loader import COUNTS_KEY
+    from openalign.data.quality import COUNTS, UNKNOWN_TEXT
 
-    monkeypatch.setattr(tokenizer_module, "_UNKNOWN_TEXTS", [0])
     tokenizer = get_tokenizer("align-test")
     with caplog.at_level("WARNING"):  # bert-base-uncased has no emoji: [CLS] [UNK] [SEP]
         batch = tokenizer(["\U0001F600\U0001F600", "a cat \U0001F600", "", "\U0001F600 \U0001F431"])
     assert batch["input_ids"][0, :3].tolist() == [101, 100, 102]
-    assert tokenizer_module._UNKNOWN_TEXTS == [2]  # a text with a word, and the empty text, are not counted
+    assert COUNTS[UNKNOWN_TEXT] == 2  # a text with a word, and the empty text, are not counted
     assert [record.getMessage()[:45] for record in caplog.records] == [
         "1 text(s) so far are [UNK] alone to the token", "2 text(s) so far are [UNK] alone to the token"]
+    # a batch's counts carry what its own captions noted, so that they reach the run's data_summary.json
+    samples = [{"image": torch.zeros(3, 2, 2), "text": text} for text in ("\U0001F600", "a cat")]
+    assert Collate(tokenizer)(samples)[COUNTS_KEY][1][UNKNOWN_TEXT] == 3
 
 
 def test_tsv_captions_are_read_verbatim_and_one_bad_caption_drops_one_row(tmp_path, caplog):

@@ -218,20 +218,19 @@ def test_text_renderer_values():
     assert (batch[1] == float(background)).all()
 
 
-def test_texts_that_render_blank_are_counted_and_said(monkeypatch, caplog):
+def test_texts_that_render_blank_are_counted_and_said(caplog):
     """Text of characters the font lacks (emoji beyond the BMP, CJK Extension B) renders as the empty
     text does: the same image for all of them, which the model cannot tell apart."""
-    from openalign.data import render
+    from openalign.data.quality import BLANK_RENDER, COUNTS
 
-    monkeypatch.setattr(render, "_BLANK_RENDERS", [0])
     renderer = TextRenderer(image_size=32)
     with caplog.at_level(logging.WARNING, logger="openalign"):
         # private-use code points, which no Unifont file draws (emoji, which its upper-plane file does)
         images = renderer.batch(["\ue000\ue001", "a cat", "", "\U000F0000", "  ", "\ue002"])
     assert torch.equal(images[0], images[2]) and torch.equal(images[3], images[2])  # blank, as the empty text
-    assert render._BLANK_RENDERS == [3]  # the empty and the blank text are not counted: nothing to draw there
+    assert COUNTS[BLANK_RENDER] == 3  # the empty and the blank text are not counted: nothing to draw there
     TextRenderer(image_size=32, text_brightness=127).batch(["a cat"])  # ink as the background: all is blank
-    assert render._BLANK_RENDERS == [3]
+    assert COUNTS[BLANK_RENDER] == 3
     warnings = [record.getMessage() for record in caplog.records]
     assert len(warnings) == 2 and warnings[0].startswith("1 text(s) so far rendered blank: none of their characters")
     assert warnings[1].startswith("2 text(s) so far rendered blank")  # at powers of two: 1, 2, 4, ...

@@ -71,7 +71,6 @@ class Collate:
         if STREAM_KEY in samples[-1]:
             batch[STREAM_KEY] = samples[-1][STREAM_KEY]
         worker = torch.utils.data.get_worker_info()
-        batch[COUNTS_KEY] = (worker.id if worker else -1, dict(COUNTS))
         for key, first in samples[0].items():
             if (self.fields is not None and key not in self.fields) or key == STREAM_KEY:
                 continue
@@ -87,6 +86,7 @@ class Collate:
                 batch[key] = torch.tensor(values)
             else:
                 batch[key] = values
+        batch[COUNTS_KEY] = (worker.id if worker else -1, dict(COUNTS))  # with what the text processor noted
         return batch
 
 

@@ -41,8 +41,18 @@ UNREADABLE_SHARD = "unreadable shard"
 EMPTY_SHARD = "empty shard"
 REPEATED_FIELD = "repeated field"
 
-# Counts of this process: "skipped/<reason>" and "converted/<mode>" (images converted to RGB).
+# Counts of this process: "skipped/<reason>", "converted/<mode>" (images converted to RGB) and
+# "kept/<reason>" (texts used although the model can read nothing of them).
 COUNTS: Counter[str] = Counter()
+BLANK_RENDER = "kept/text renders blank"
+UNKNOWN_TEXT = "kept/text all [UNK]"
+
+
+def note(key: str) -> int | None:
+    """Count one more ``key`` in :data:`COUNTS`; the count where it is a power of two (1, 2, 4,
+    ...: the times to log it, so that a log says how often without a line per sample), else None."""
+    COUNTS[key] += 1
+    return COUNTS[key] if COUNTS[key] & (COUNTS[key] - 1) == 0 else None
 
 
 class SkipSample(Exception):
@@ -177,12 +187,10 @@ class SkipPolicy:
         if self.in_a_row >= self.max_consecutive:
             raise OpenAlignError(f"{self.in_a_row} consecutive samples or shards of '{self.source}' failed "
                                  f"(raise max_consecutive_errors if that is expected); last: {skip}{where}")
-        key = f"skipped/{skip.reason}"
-        COUNTS[key] += 1
-        if COUNTS[key] & (COUNTS[key] - 1) == 0:
+        if (count := note(f"skipped/{skip.reason}")) is not None:
             what = "shard(s)" if skip.reason.endswith("shard") else "sample(s)"  # a shard's failure counts once
             log.warning("data source '%s': skipped %d %s so far for %s; latest%s: %s", self.source,
-                        COUNTS[key], what, skip.reason, where, skip.detail or skip.reason)
+                        count, what, skip.reason, where, skip.detail or skip.reason)
 
 
 def dropped_on_reading(source: str, dropped: Counter[str], strict: bool) -> dict[str, int]:

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from ..errors import OpenAlignError
+from .quality import BLANK_RENDER, note
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +184,8 @@ class Unifont:
                         _MIN_WIDTH)
         self.first = first.astype(np.int32)
         self.width = (last - first).astype(np.int32)
-        for table in (self.index, self.bitmaps, self.columns, self.first, self.width):
+        self.has_ink = has_ink  # bool [G]: False for the blank row 0 and for spaces
+        for table in (self.index, self.bitmaps, self.columns, self.first, self.width, self.has_ink):
             table.setflags(write=False)  # shared by every caller through the cache
 
     @staticmethod
@@ -331,16 +333,13 @@ def value_range(images: torch.Tensor) -> torch.Tensor:
     return grey.unsqueeze(-3).expand(*images.shape[:-2], 3, *images.shape[-2:]).contiguous()
 
 
-_BLANK_RENDERS = [0]  # this process's count of texts that rendered blank
-
-
-def _blank_rendered(text: str | bytes) -> None:
-    """Count a text that rendered as the empty text does (none of its characters has a glyph in the
-    font: emoji outside the Basic Multilingual Plane, rare CJK) and say so now and then: every such
-    text is the same image to the model, so a batch holds "identical" texts for different images."""
-    _BLANK_RENDERS[0] += 1
-    count = _BLANK_RENDERS[0]
-    if count & (count - 1) == 0:
+def _note_if_blank(font: Unifont, codepoints: np.ndarray, text: str | bytes) -> None:
+    """Count a text none of whose characters has ink in the font (emoji outside the Basic
+    Multilingual Plane, rare CJK; whitespace alone aside) and say so now and then: every such text
+    renders as the empty text does, one image to the model for different pictures."""
+    if font.has_ink[np.take(font.index, codepoints)].any() or all(chr(code).isspace() for code in codepoints):
+        return
+    if (count := note(BLANK_RENDER)) is not None:
         shown = text.decode("utf-8", "replace") if isinstance(text, (bytes, bytearray, memoryview)) else text
         log.warning("%d text(s) so far rendered blank: none of their characters has a glyph in the font (latest: "
                     "%r); they are all one image to the model and teach it nothing", count, shown[:40])
@@ -398,11 +397,11 @@ class TextRenderer:
         images = out.numpy()
         ink_shows = self.text_brightness != self.background_brightness  # else every text renders blank
         for image, text in zip(images, texts):
-            _render_into(image[0], self.font, text_codepoints(text, self.lower, self.max_chars), palette)
+            codepoints = text_codepoints(text, self.lower, self.max_chars)
+            _render_into(image[0], self.font, codepoints, palette)
             image[1:] = image[0]
-            if ink_shows and len(text) and not (image[0] != palette[0, 0]).any() and not (
-                    text.isspace() if isinstance(text, str) else bytes(text).isspace()):
-                _blank_rendered(text)
+            if ink_shows:
+                _note_if_blank(self.font, codepoints, text)
         return out
 
     def __call__(self, text: str | bytes) -> torch.Tensor:

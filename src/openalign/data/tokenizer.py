@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ..errors import OpenAlignError, first_line
-from .quality import without_lone_surrogates
+from .quality import UNKNOWN_TEXT, note, without_lone_surrogates
 
 log = logging.getLogger(__name__)
 
@@ -102,9 +102,6 @@ torch.utils._pytree.register_pytree_node(
                                         list(batch.keys())))
 
 
-_UNKNOWN_TEXTS = [0]  # this process's count of texts whose every token is [UNK]
-
-
 class Tokenizer:
     """Callable on a string or a list of strings; pads to ``max_length`` and truncates beyond it.
 
@@ -120,6 +117,7 @@ class Tokenizer:
         self.max_length = max_length
         self.split_special_tokens = split_special_tokens  # literal "[SEP]" in a text: "[", "sep", "]"
         self._cuts: str | None = None  # cut_characters, found at the first long text
+        self._specials: torch.Tensor | None = None  # special token ids but [UNK], found at the first batch
 
     def __repr__(self) -> str:  # what identifies its output, e.g. for the embedding cache
         vocabulary = self.hf_tokenizer
@@ -146,13 +144,13 @@ class Tokenizer:
         unknown = self.hf_tokenizer.unk_token_id
         if unknown is None:
             return
-        special = torch.tensor([token for token in self.hf_tokenizer.all_special_ids if token != unknown])
-        words = mask.bool() & ~torch.isin(ids, special)
+        if self._specials is None:
+            self._specials = torch.tensor([token for token in self.hf_tokenizer.all_special_ids if token != unknown])
+        words = mask.bool() & ~torch.isin(ids, self._specials)
         for row in torch.nonzero(words.any(dim=1) & ((ids == unknown) | ~words).all(dim=1)).flatten().tolist():
-            _UNKNOWN_TEXTS[0] += 1
-            if _UNKNOWN_TEXTS[0] & (_UNKNOWN_TEXTS[0] - 1) == 0:
+            if (count := note(UNKNOWN_TEXT)) is not None:
                 log.warning("%d text(s) so far are [UNK] alone to the tokenizer (latest: %r): the model sees no "
-                            "word of them, and they teach it nothing", _UNKNOWN_TEXTS[0], texts[row][:40])
+                            "word of them, and they teach it nothing", count, texts[row][:40])
 
     def _shortened(self, text: str, kept: int) -> str:
         """``text``, or a prefix of it with the same first ``kept`` tokens (see
