@@ -202,7 +202,7 @@ def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
         return read_safetensors(directory / WEIGHTS_FILE)
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        shards = _shard_names(index)
+        shards = shard_names(index)
         state: dict[str, torch.Tensor] = {}
         if missing := [shard for shard in shards if not (directory / shard).is_file()]:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -217,7 +217,7 @@ def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
                          "or pytorch_model.bin")
 
 
-def _shard_names(index: Path) -> list[str]:
+def shard_names(index: Path) -> list[str]:
     """The shard files a ``model.safetensors.index.json`` names: ``{"weight_map": {weight: file}}``,
     each file a ``.safetensors`` beside it (a name with a folder, or of another kind, is an error:
     an index could otherwise pull weights from another model's directory)."""

@@ -309,13 +309,14 @@ def _holds_model_files(directory: Path, names: list[str]) -> OpenAlignError:
 def _weight_shards(directory: Path) -> list[str]:
     """The weight files ``model.safetensors.index.json`` in ``directory`` names, if it is there and
     readable: only ``*.safetensors`` files in ``directory`` itself (a damaged index names no other file)."""
+    from .hf import shard_names
+
     index = directory / "model.safetensors.index.json"
     try:
-        names = set(read_json(index).get("weight_map", {}).values()) if index.is_file() else set()
-    except (OpenAlignError, AttributeError, TypeError):  # damaged: the overwrite removes it, its shards stay
+        names = shard_names(index) if index.is_file() else []
+    except OpenAlignError:  # damaged, or naming files elsewhere: the overwrite removes it, its shards stay
         return []
-    return sorted(name for name in names if isinstance(name, str) and Path(name).name == name  # no other folder's
-                  and name.endswith(".safetensors") and not name.startswith(".") and (directory / name).is_file())
+    return [name for name in names if not name.startswith(".") and (directory / name).is_file()]
 
 
 def _save_openalign_directory(model: nn.Module, directory: Path) -> None:

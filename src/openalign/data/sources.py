@@ -836,7 +836,7 @@ def _read_documents(pattern: str, text_field: str, dropped: Counter[str]) -> Ite
             with opener(path, "rb") as handle:
                 for number, raw in enumerate(handle, start=1):
                     try:
-                        line = raw.decode("utf-8").removeprefix("\ufeff") if number == 1 else raw.decode("utf-8")
+                        line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # an editor's byte-order mark
                     except UnicodeDecodeError:
                         undecodable += 1
                         continue
@@ -903,14 +903,17 @@ class MixtureDataset(ResumableStream):
                 raise OpenAlignError(f"a mixture cannot hold the stream {type(child).__name__}")
         self.children = children
         self.weights = [w / sum(weights) for w in weights]
-        self.dropped = dict(sum((Counter(getattr(child, "dropped", {})) for child in children), Counter()))
+
+    @property
+    def dropped(self) -> dict[str, int]:
+        """What its children dropped when they read their indexes."""
+        return dict(sum((Counter(getattr(child, "dropped", {})) for child in self.children), Counter()))
 
     def require_fields(self, fields: Sequence[str]) -> None:
-        """Each child's :meth:`CaptionDataset.require_fields`, where it has one; their drops are the mixture's."""
+        """Each child's :meth:`CaptionDataset.require_fields`, where it has one."""
         for child in self.children:
             if callable(require := getattr(child, "require_fields", None)):
                 require(fields)
-        self.dropped = dict(sum((Counter(getattr(child, "dropped", {})) for child in self.children), Counter()))
 
     def reseed(self, salt: int) -> None:
         super().reseed(salt)
