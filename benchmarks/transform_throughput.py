@@ -6,7 +6,7 @@ torchvision's float resize, truncated to uint8, as big_vision's ``resize`` does 
 transform as a loader worker does; each figure is the best of ``--repeats`` passes over
 ``--images`` images.
 
-    python benchmarks/transform_throughput.py
+    python benchmarks/transform_throughput.py [--rand-augment 2,10]
 
 Prints a table and writes JSON (``--output``, default runs/benchmarks/transform_throughput.json).
 """
@@ -58,10 +58,15 @@ def main() -> None:
     parser.add_argument("--model", default="clippo-b16", help="whose preprocessing (its size, crop, antialiasing)")
     parser.add_argument("--images", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rand-augment", metavar="N,M", help="with preprocess.rand_augment [N, M] (training only; "
+                                                                  "CLIPPO's COCO recipe: 2,10)")
     add_output(parser, "transform_throughput")
     args = parser.parse_args()
     torch.set_num_threads(1)
     preprocess = model_config(args.model).preprocess
+    if args.rand_augment:
+        layers, magnitude = args.rand_augment.split(",")
+        preprocess = dataclasses.replace(preprocess, rand_augment=(int(layers), float(magnitude)))
     rows: list[dict[str, Any]] = []
     for size in SIZES:
         files = jpegs(args.images, size, seed=size[0])
@@ -75,7 +80,8 @@ def main() -> None:
               f"{row['floor_ms'] / row['round_ms']:.2f}") for row in rows]
     report(f"{args.model}'s preprocessing, ms per image on one CPU thread (decoding included)",
            ("image", "transform", "round ms", "floor ms", "floor / round"), cells, 2,
-           {"environment": environment(torch.device("cpu"), model=args.model, images=args.images), "results": rows},
+           {"environment": environment(torch.device("cpu"), model=args.model, images=args.images,
+                                       rand_augment=preprocess.rand_augment), "results": rows},
            args.output)
 
 
