@@ -1211,4 +1211,6 @@ def test_an_image_listed_twice_in_a_retrieval_split_is_said(tmp_path, caplog):
     (tmp_path / "captions.json").write_text(json.dumps({"images": entries}))
     with caplog.at_level("WARNING"):
         assert len(retrieval_items(tmp_path / "captions.json")) == 3
+        assert len(retrieval_items(tmp_path / "captions.json")) == 3  # the run reads what the check read
     assert "1 image(s) of" in caplog.text and "appear more than once (e.g. '" in caplog.text
+    assert caplog.text.count("appear more than once") == 1

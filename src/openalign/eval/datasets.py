@@ -79,11 +79,24 @@ def retrieval_items(json_path: str | Path, split: str = "test", image_root: str 
     if missing:
         raise OpenAlignError(f"{len(missing)} of the {len(items)} '{split}' images of '{json_path}' are missing, e.g. "
                              f"'{missing[0]}': pass the image root (the folder holding the JSON's filepath/filename)")
-    if repeated := [path for path, count in Counter(item.path for item in items).items() if count > 1]:
+    repeated = [path for path, count in Counter(item.path for item in items).items() if count > 1]
+    if repeated and _first_time((str(Path(json_path).resolve()), split, str(image_root))):
         log.warning("%d image(s) of '%s' split '%s' appear more than once (e.g. '%s'): each copy is a separate image "
                     "that competes with the others for its captions, lowering recall", len(repeated), json_path,
                     split, repeated[0])
     return items
+
+
+_SAID: set[tuple[str, ...]] = set()
+
+
+def _first_time(key: tuple[str, ...]) -> bool:
+    """Whether this process has not said ``key``'s warning yet: a task checks its data before the
+    run, reads it again to run and again to draw examples, and one warning is enough."""
+    if key in _SAID:
+        return False
+    _SAID.add(key)
+    return True
 
 
 def read_class_folders(root: str | Path, classes: Sequence[str] | None = None) -> tuple[list[Path], torch.Tensor, list[str]]:
