@@ -199,6 +199,25 @@ def test_initialisation_is_keras_efficientnets_and_dense_layers():
         assert 0.95 * bound < projection.weight.abs().max() <= bound and not projection.bias.any()
 
 
+def test_a_bert_trained_from_scratch_starts_as_tf_berts_truncated_normal():
+    """COYO-ALIGN's TFBertModel: Keras TruncatedNormal(stddev=0.02), cut at ±0.04 and not rescaled
+    (std 0.02 × 0.8796); biases zero, LayerNorms one and zero, the padding row zero."""
+    from openalign.models.bert import BertTowerConfig
+
+    torch.manual_seed(0)
+    bert = BertTowerConfig(hidden_size=128, num_hidden_layers=1, num_attention_heads=2, intermediate_size=256).build()
+    weights = dict(bert.bert.named_parameters())
+    matrices = [name for name in weights if name.endswith("weight") and "LayerNorm" not in name]
+    assert len(matrices) == 9  # three embedding tables, q, k, v, attention output, the two feed-forward layers
+    for name in matrices:
+        weight = weights[name].detach()
+        assert weight.abs().max() <= 0.04 + 1e-7, name
+        assert weight.std().item() == pytest.approx(0.02 * 0.8796256610342398, rel=0.2 if weight.numel() < 1000 else 0.03)
+    assert not weights["embeddings.word_embeddings.weight"][0].any()
+    assert all(not weights[name].any() for name in weights if name.endswith("bias"))
+    assert all((weights[name] == 1).all() for name in weights if name.endswith("LayerNorm.weight"))
+
+
 def test_temperature_is_stored_as_a_log_and_stays_positive():
     model = openalign.create_model("align-test", temperature_init=0.05)
     assert model.temperature.item() == pytest.approx(0.05) and model.logit_scale.item() == pytest.approx(20.0)

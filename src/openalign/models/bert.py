@@ -107,6 +107,7 @@ class BertTextTower(nn.Module):
             config = BertConfig(**{name: getattr(cfg, name) for name in _ARCHITECTURE_FIELDS}, **dropout,
                                 attn_implementation="sdpa")
             self.bert = BertModel(config, add_pooling_layer=False)
+            _keras_truncated_normal(self.bert, config.initializer_range)
         self.output_dim = cfg.hidden_size
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -124,3 +125,16 @@ class BertTextTower(nn.Module):
             self.bert.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             self.bert.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _keras_truncated_normal(bert: nn.Module, std: float) -> None:
+    """COYO-ALIGN trains transformers' ``TFBertModel`` from scratch (shared spec align-coyo-and-hf.md
+    §1.2), whose dense kernels and embedding tables start from Keras's ``TruncatedNormal(stddev=
+    0.02)``: a normal cut at two standard deviations and not rescaled, so about 0.0176 wide, where
+    PyTorch's ``BertModel`` draws N(0, 0.02²). Biases and LayerNorms stay as ``BertModel`` sets
+    them (0; 1 and 0), and so does the padding row (zero: it never reaches an output)."""
+    for module in bert.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.trunc_normal_(module.weight, std=std, a=-2 * std, b=2 * std)
+            if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+                nn.init.zeros_(module.weight[module.padding_idx])
