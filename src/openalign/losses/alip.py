@@ -9,8 +9,10 @@ Where the paper's figure and the released code disagree, this follows the code (
   worse than their running average (the figure has the sign reversed), unclipped, and only for
   samples whose raw text and caption disagree (S_tc < H_tc).
 
-One deliberate difference: the three running averages are module buffers, so checkpoints carry
-them and a resumed run continues them (the original keeps Python floats that a restart resets).
+Two deliberate differences: the three running averages are module buffers, so checkpoints carry
+them and a resumed run continues them (the original keeps Python floats that a restart resets);
+and the gates and losses are computed in float32 from embeddings that mixed precision may have
+left in half precision (the original computes the gates on them as they are, spec §4).
 """
 
 from __future__ import annotations
