@@ -110,11 +110,18 @@ def test_strided_shards_form_the_single_process_ghost_batches():
 def test_the_trainer_runs_under_torchrun_and_resumes(tmp_path, shapes_root):
     """`torchrun -m openalign train` end to end on 2 gloo ranks: per-rank batches, checkpoints with
     each rank's RNG state, evaluation on rank 0 while the other waits, then `--resume latest`; with
-    a weight average (train.ema_decay), evaluated and checkpointed beside the model."""
+    a weight average (train.ema_decay), evaluated and checkpointed beside the model. Its losses are
+    one process's on the same global batch: each rank's examples are strided over the batch, so
+    its ghost batches are the single process's."""
     from conftest import tiny_recipe_overrides
+
+    from openalign.recipe import load_recipe
+    from openalign.train import train
 
     overrides = tiny_recipe_overrides(shapes_root, tmp_path / "run", steps=4) + ["train.device=cpu",
                                                                                  "train.ema_decay=0.9"]
+    single = tiny_recipe_overrides(shapes_root, tmp_path / "single", steps=4) + ["train.device=cpu", "eval.tasks=[]"]
+    train(load_recipe("demo", single), show_progress=False)
     torchrun("-m", "openalign", "train", "demo", *overrides, "train.steps=2")
     first = tmp_path / "run" / "checkpoints" / "step_00000002"
     assert sorted(p.name for p in first.iterdir()) == [
@@ -127,6 +134,8 @@ def test_the_trainer_runs_under_torchrun_and_resumes(tmp_path, shapes_root):
     assert "FutureWarning" not in result.stderr  # DDP's renamed buffer switch
     history = [r for r in read_history(tmp_path / "run") if "loss" in r]
     assert [r["step"] for r in history] == [1, 2, 3, 4]
+    one_process = [r["loss"] for r in read_history(tmp_path / "single") if "loss" in r]
+    assert [r["loss"] for r in history] == pytest.approx(one_process, rel=1e-5)
     assert all(r["samples_per_second_per_rank"] == pytest.approx(r["samples_per_second"] / 2) for r in history)
     assert all(0 <= r["data/wait_seconds"] <= r["step_seconds"] for r in history)  # the reduction ran on both
     assert (tmp_path / "run" / "checkpoints" / "step_00000004").is_dir()

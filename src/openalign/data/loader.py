@@ -23,9 +23,12 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
     """Endless batches of ``(epoch, index)`` for one rank, starting at ``start_step``.
 
     Epoch ``e`` is a permutation seeded by ``(seed, e)``; global batch ``s`` is its slice
-    ``[s·B, (s+1)·B)`` (remainder dropped) and rank ``r`` takes the ``r``-th of its equal
-    parts. The whole order is a function of (seed, step), the same for any number of ranks
-    sharing the global batch, so resuming at a step needs no other state.
+    ``[s·B, (s+1)·B)`` (remainder dropped) and rank ``r`` of N takes its examples r, r + N,
+    r + 2N, ... The whole order is a function of (seed, step), the same for any number of ranks
+    sharing the global batch, so resuming at a step needs no other state. Strided, not in
+    contiguous parts, because ghost batch norm groups a batch's examples with a stride
+    (:class:`~openalign.models.ghost_bn.GhostBatchNorm2d`): so rank r's ghost batch g is one
+    process's ghost batch r + N·g, and N ranks train as one process on the whole batch does.
     """
 
     def __init__(self, num_samples: int, batch_size: int, rank: int, world_size: int, seed: int,
@@ -34,7 +37,7 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
         if num_samples < self.global_batch:
             raise OpenAlignError(f"the training data has {num_samples} samples, fewer than one global batch "
                                  f"of {self.global_batch}: lower train.batch_size or add data")
-        self.num_samples, self.batch_size, self.rank = num_samples, batch_size, rank
+        self.num_samples, self.batch_size, self.rank, self.world_size = num_samples, batch_size, rank, world_size
         self.seed, self.start_step = seed, start_step
         self.steps_per_epoch = num_samples // self.global_batch
 
@@ -45,8 +48,9 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
             if step_epoch != epoch:
                 epoch = step_epoch
                 order = torch.randperm(self.num_samples, generator=epoch_generator(self.seed, epoch))
-            start = position * self.global_batch + self.rank * self.batch_size
-            yield [(epoch, index) for index in order[start:start + self.batch_size].tolist()]
+            start = position * self.global_batch
+            mine = order[start + self.rank:start + self.global_batch:self.world_size]
+            yield [(epoch, index) for index in mine.tolist()]
             step += 1
 
 
