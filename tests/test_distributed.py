@@ -259,6 +259,19 @@ def test_clippo_trains_under_torchrun(tmp_path, shapes_root):
     assert any("shapes/text_retrieval_recall@1" in r for r in read_history(tmp_path / "run"))
 
 
+def test_the_demo_runs_under_torchrun(tmp_path):
+    """`torchrun -m openalign demo`: rank 0 holds and clears --out while the other rank waits, and
+    rank 0 alone writes and prints the report."""
+    out = tmp_path / "demo"
+    (out / "checkpoints" / "step_00000003").mkdir(parents=True)  # an earlier demo's, which rank 0 deletes
+    (out / ".openalign-demo").write_text("made by 'openalign demo'\n")
+    result = torchrun("-m", "openalign", "demo", "--out", str(out), "model.name=align-test", "data.train.num_train=256",
+                      "data.train.num_test=24", "data.train.image_size=32", "data.num_workers=0", "train.steps=2",
+                      "train.batch_size=16", "train.warmup_steps=1", "eval.tasks.0.knn_memory_size=64", "run.log_every=1")
+    assert result.stderr.count("openalign demo: align-test") == 1 and (out / "report.md").is_file()
+    assert [r["step"] for r in read_history(out) if "loss" in r] == [1, 2]
+
+
 def test_sharded_evaluation_on_two_ranks_equals_one_process(tmp_path, shapes_root):
     """Each rank embeds every other item (33 kNN memory images: 17 and 16), all gather; every rank
     must then report exactly the single-process metrics."""

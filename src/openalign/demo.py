@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .config import peek_yaml
-from .distributed import world_info
+from .distributed import fail_together, init_distributed
 from .errors import OpenAlignError
 from .eval.shapes import shapes_chance_levels
 from .eval.tasks import ShapesEvalConfig
@@ -44,11 +44,15 @@ def run_demo(output_dir: str | Path = "runs/demo", overrides: tuple[str, ...] = 
     if any((output_dir / stale).exists() for stale in STALE) and not _is_demo_run(output_dir):
         raise OpenAlignError(f"'{output_dir}' holds a run that 'openalign demo' did not make (its checkpoints and "
                              "TensorBoard logs would be deleted): pass another --out")
-    with held_directory(output_dir, "--out") if world_info()[0] == 0 else contextlib.nullcontext():
-        # held before the stale run is deleted: a demo running there keeps its checkpoints
-        (output_dir / DEMO_MARKER).write_text("made by 'openalign demo', which starts it afresh each time\n")
-        for stale in STALE:  # the demo trains from step 0 each time
-            shutil.rmtree(output_dir / stale, ignore_errors=True)
+    # under torchrun the ranks join first, so that rank 0 alone clears the directory and the others wait for it
+    main = init_distributed(recipe.train.device).is_main
+    with contextlib.ExitStack() as held:
+        with fail_together("preparing the demo's directory"):
+            if main:  # held before the stale run is deleted: a demo running there keeps its checkpoints
+                held.enter_context(held_directory(output_dir, "--out"))
+                (output_dir / DEMO_MARKER).write_text("made by 'openalign demo', which starts it afresh each time\n")
+                for stale in STALE:  # the demo trains from step 0 each time
+                    shutil.rmtree(output_dir / stale, ignore_errors=True)
         started = time.perf_counter()
         result = train(recipe, show_progress=show_progress)
         seconds = time.perf_counter() - started
@@ -59,9 +63,10 @@ def run_demo(output_dir: str | Path = "runs/demo", overrides: tuple[str, ...] = 
                if key.startswith(f"{prefix}/")}
     report = {"dataset": "shapes", "model": recipe.model.name, "task": "demo", "metrics": metrics,
               "chance": shapes_chance_levels(Path(evaluated.root)), "train": _train_summary(recipe, seconds)}
-    write_report(output_dir, report, read_history(output_dir))
-    console.print(metrics_table(report))
-    console.print(f"report: {escape(str(output_dir / 'report.md'))}")
+    if main:
+        write_report(output_dir, report, read_history(output_dir))
+        console.print(metrics_table(report))
+        console.print(f"report: {escape(str(output_dir / 'report.md'))}")
     return report
 
 
