@@ -492,7 +492,7 @@ def _build_loader(recipe: Recipe, per_rank: int, ctx: DistributedContext, start:
         dataset.check_readers(ctx.world_size * max(data.num_workers, 1), warn=ctx.is_main)
         if saved and (reason := _stream_moved(saved, ctx.world_size, data.num_workers, dataset.fingerprint())):
             log.warning("%s: it reads a fresh random stream, not the exact samples the interrupted run would have read "
-                        "next", reason)
+                        "next", reason, extra=RANK_ZERO_ONLY)  # every rank's reason is the same
             saved = {"counts": saved.get("counts", {})}
         if start:
             positions = saved.get("positions") if saved else None
