@@ -156,6 +156,16 @@ def test_alip_suite_lists_the_eleven_zeroshot_tasks_with_resolvable_lists_and_th
         assert preprocess == ({**expected, "center_crop": None} if key == "imagenet1k" else None), name
 
 
+def test_alips_caltech101_split_has_a_folder_of_its_own():
+    """ALIP's random split overlaps TFDS's Caltech-101 train images, which CLIPPO's probe draws its
+    shots from: the two suites must not read one folder as both test splits."""
+    alip = next(task.root for name, task in zip(load_suite("alip").names, load_suite("alip").tasks)
+                if name == "caltech101")
+    assert alip == "data/caltech101/alip_test"
+    for task in load_suite("clippo-fewshot").tasks:
+        assert alip not in (task.train_root, task.val_root)
+
+
 def test_the_recipes_imagenet_zeroshot_during_training_is_the_suites():
     from openalign.recipe import load_recipe
 

@@ -697,7 +697,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--samples-per-shard", type=_at_least(1), default=10000)
     _runs(convert, _cmd_data_convert)
     caltech = data_commands.add_parser("caltech101", help="ALIP's random Caltech-101 evaluation split as class "
-                                                          "folders (the alip suite's data/caltech101/test)")
+                                                          "folders (the alip suite's data/caltech101/alip_test)")
     caltech.add_argument("--root", required=True, help="the folder of 101_ObjectCategories (or torchvision's root)")
     caltech.add_argument("--out", required=True, help="a new folder for the split's class folders")
     caltech.add_argument("--split", default="test", choices=("test", "train"),
