@@ -3,8 +3,14 @@
     ROOT/classnames.txt                           one class name per line (classification)
     ROOT/zeroshot_classification_templates.txt    one prompt per line, with {c} for the class
     ROOT/dataset_type.txt                         "retrieval", or absent for classification
+    ROOT/<split>/nshards.txt                      n: the split is 0.tar ... (n-1).tar
     ROOT/<split>/0.tar, 1.tar, ...                samples: KEY.webp|png|jpg + KEY.cls (class index)
                                                   or KEY.txt (captions, one per line)
+
+As CLIP_benchmark reads it: ``nshards.txt`` names the shards (others beside them are left out,
+with a warning; without it, every ``*.tar``); the type is read in any case; a sample's key is its
+path in the tar without the extension. Unlike CLIP_benchmark, blank caption lines are left out and
+captions are stripped of surrounding spaces.
 
 The images are extracted once to ``ROOT/.openalign/<split>/`` (or another directory; under
 ``~/.cache/openalign/wds/`` when ROOT is read-only), so that the evaluation reads files like every
@@ -18,7 +24,7 @@ import logging
 import os
 import tarfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from ..data.shards import ends_whole
 from ..errors import OpenAlignError
@@ -54,12 +60,9 @@ def read_split(root: str | Path, split: str = "test", extract_to: str | Path | N
     file), and only labels and captions are kept in memory.
     """
     root = Path(root)
-    shards = sorted((root / split).glob("*.tar"), key=lambda p: (len(p.stem), p.stem))
-    if not shards:
-        raise OpenAlignError(f"'{root / split}' holds no .tar shards; expected CLIP_benchmark's webdataset layout "
-                             f"({root}/<split>/0.tar ... with classnames.txt or dataset_type.txt beside <split>)")
+    shards = _shards(root / split)
     kind_file = root / "dataset_type.txt"
-    kind = read_text_file(kind_file).strip() if kind_file.is_file() else "classification"
+    kind = read_text_file(kind_file).strip().lower() if kind_file.is_file() else "classification"
     if kind not in ("classification", "retrieval"):
         raise OpenAlignError(f"'{root}' is a '{kind}' dataset; openalign evaluates classification and retrieval")
     target = _extraction_dir(root, split, extract_to)
@@ -71,11 +74,11 @@ def read_split(root: str | Path, split: str = "test", extract_to: str | Path | N
             shard_mtime = shard.stat().st_mtime_ns
             with tarfile.open(shard) as archive:
                 for member in archive:
-                    name = Path(member.name).name
-                    if not member.isfile() or "." not in name:
+                    path = PurePosixPath(member.name)
+                    if not member.isfile() or "." not in path.name:
                         continue
-                    key, extension = name.split(".", 1)
-                    key, extension = f"{shard.stem}/{key}", extension.lower()
+                    stem, extension = path.name.split(".", 1)  # webdataset's key: the path up to the name's first dot
+                    key, extension = f"{shard.stem}/{path.parent / stem}", extension.lower()
                     if extension in IMAGE_KEYS:
                         images.setdefault(key, {})[extension] = _extract(archive, member, target / (
                             f"{key.replace('/', '_')}.{extension}"), shard_mtime)
@@ -111,6 +114,29 @@ def read_split(root: str | Path, split: str = "test", extract_to: str | Path | N
                                      f"{len(classnames)} classes of {root / 'classnames.txt'}")
     return WdsSplit(paths, None if kind == "retrieval" else labels, captions if kind == "retrieval" else None,
                     classnames, templates)
+
+
+def _shards(folder: Path) -> list[Path]:
+    """The split's shards: those ``nshards.txt`` names, else every ``*.tar`` in numeric order."""
+    found = sorted(folder.glob("*.tar"), key=lambda p: (len(p.stem), p.stem))
+    count_file = folder / "nshards.txt"
+    if not count_file.is_file():
+        if not found:
+            raise OpenAlignError(f"'{folder}' holds no .tar shards; expected CLIP_benchmark's webdataset layout "
+                                 f"({folder.parent}/<split>/0.tar ... with classnames.txt or dataset_type.txt beside "
+                                 "<split>)")
+        return found
+    text = read_text_file(count_file).strip()
+    if not text.isdigit() or int(text) < 1:
+        raise OpenAlignError(f"'{count_file}' holds '{text[:40]}', not the number of the split's shards")
+    shards = [folder / f"{index}.tar" for index in range(int(text))]
+    if missing := [shard.name for shard in shards if not shard.is_file()]:
+        raise OpenAlignError(f"'{folder}' lacks {len(missing)} of the {len(shards)} shards its nshards.txt names "
+                             f"(e.g. {missing[0]}): the download is incomplete")
+    if extra := sorted(set(found) - set(shards)):
+        log.warning("%d .tar file(s) of '%s' are not among the %d shards its nshards.txt names and are left out, "
+                    "as CLIP_benchmark leaves them (e.g. %s)", len(extra), folder, len(shards), extra[0].name)
+    return shards
 
 
 def _extraction_dir(root: Path, split: str, extract_to: str | Path | None) -> Path:
