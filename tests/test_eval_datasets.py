@@ -512,6 +512,10 @@ def test_the_shipped_suites_are_valid():
     suite = load_suite("align")
     assert [task.name for task in suite.tasks] == ["knn", "retrieval", "retrieval"]
     assert suite.names == ["imagenet-knn", "flickr30k", "coco"] and suite.tasks[0].k == 1
+    # COYO-ALIGN's evaluation: tf.image.resize, which does not antialias (spec align-coyo-and-hf.md §3.5)
+    for task in suite.tasks:
+        transform = task.transform(SimpleNamespace(config=openalign.model_config("align-b7-base")))
+        assert transform.antialias is False and transform.config.resize_size == 346
     clippo = load_suite("clippo")
     assert [task.name for task in clippo.tasks] == ["zeroshot"] * 3 + ["fewshot", "retrieval"]
     assert clippo.names[:3] == ["imagenet-zeroshot", "cifar100-zeroshot", "pets-zeroshot"]

@@ -28,14 +28,16 @@ from .shapes import check_shapes_dataset, evaluate_shapes
 class EvalPreprocess:
     """A task's own image preprocessing, where a paper evaluates otherwise than the model
     preprocesses (CLIPPO's few-shot probe: squash to 256, centre crop 224; ALIP's ImageNet:
-    shorter side 256, centre crop 224). Unset fields keep the model's; the mean and std always
-    do (they belong to the weights)."""
+    shorter side 256, centre crop 224; COYO-ALIGN's evaluation: a resize that does not
+    antialias). Unset fields keep the model's; the mean and std always do (they belong to the
+    weights)."""
 
     image_size: int | None = None
     resize_size: int | None = None
     resize_mode: Literal["squash", "shortest"] | None = None
     interpolation: Literal["nearest", "bilinear", "bicubic"] | None = None
     center_crop: Literal["round", "floor"] | None = None
+    antialias: Literal["eval", "never", "always"] | None = None
 
     def transform(self, model: nn.Module) -> Transform:
         """``model``'s evaluation preprocessing with these settings in place of its own."""
