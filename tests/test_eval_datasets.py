@@ -176,7 +176,7 @@ def test_canonicalized_zeroshot_prompts_are_big_visions(model, folders, monkeypa
     assert canonicalize_prompt("Chesapeake_Bay  retriever, dog (x)", ",") == "chesapeake bay retriever, dog x"
     assert canonicalize_prompt("jack-o'-lantern", ",") == "jackolantern"
     classes = sorted(p.name for p in (folders / "val").iterdir())
-    names = [f"The {name.title()} (shape)" for name in classes]
+    names = [f"The {name.title()} (shape), or synonym" for name in classes]  # first_class_name_only
     seen: list[str] = []
     embed_texts = datasets.embed_texts
     monkeypatch.setattr(datasets, "embed_texts", lambda m, t, texts, *a, **k: seen.extend(texts) or

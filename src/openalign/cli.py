@@ -898,7 +898,8 @@ def _prompt_options(parser: argparse.ArgumentParser, classnames: str, shipped_te
     parser.add_argument("--template", action="append", help="a prompt with {} (repeatable; default 'a photo of a {}.')")
     parser.add_argument("--templates-file", help=f"prompts, one per line, or a shipped list ({shipped_templates})")
     parser.add_argument("--canonicalize", action="store_true",
-                        help="prompts as big_vision writes them: no punctuation, lower case (CLIPPO's protocol)")
+                        help="prompts as big_vision writes them: a class's first name only, no punctuation, "
+                             "lower case (CLIPPO's protocol)")
 
 
 _NOT_SET = object()  # no handler was replaced (off the main thread)

@@ -206,8 +206,10 @@ def evaluate_zeroshot(model: nn.Module, root: str | Path, device: torch.device,
     CLIP_benchmark webdataset directory (its classnames.txt and templates unless given):
     ``acc1``, ``acc5``, ``mean_per_class_recall``. Class embedding = renormalised mean of its
     prompts' embeddings; templates default to ``a photo of a {}.``; a mapping of class name →
-    prompts gives each class its own (CuPL's JSON). ``canonicalize``: names and
-    templates as big_vision canonicalises them (:func:`canonicalize_prompt`; CLIPPO).
+    prompts gives each class its own (CuPL's JSON). ``canonicalize``: big_vision's evaluator as
+    CLIPPO ran it (spec clippo.md §5.1): a class's first name only (``"tench, Tinca tinca"`` is
+    ``tench``; ``first_class_name_only``), names and templates canonicalised
+    (:func:`canonicalize_prompt`).
 
     Logits stay float and every image counts once. ALIP's code (spec alip.md §8, items 12 and 13)
     stores its logits as integers, breaking top-1 ties by order, and counts the zero rows padding
@@ -263,7 +265,7 @@ def _prompt_inputs(readable: list[str], templates: Sequence[str] | Mapping[str, 
                    for prompts in templates.values()):
             raise OpenAlignError("per-class prompts must map each class name to a non-empty list of prompts")
         if canonicalize:
-            templates = {canonicalize_prompt(name, ","): [canonicalize_prompt(prompt) for prompt in prompts]
+            templates = {_big_vision_name(name): [canonicalize_prompt(prompt) for prompt in prompts]
                          for name, prompts in templates.items()}
     else:
         templates = list(templates or DEFAULT_TEMPLATES)
@@ -273,9 +275,15 @@ def _prompt_inputs(readable: list[str], templates: Sequence[str] | Mapping[str, 
         if canonicalize:
             templates = [canonicalize_prompt(template, "{}") for template in templates]
     if canonicalize:
-        readable = [canonicalize_prompt(name, ",") for name in readable]
+        readable = [_big_vision_name(name) for name in readable]
     class_prompts(readable, templates)
     return readable, templates
+
+
+def _big_vision_name(name: str) -> str:
+    """A class name as big_vision's zero-shot evaluator prompts with it by default: the first of
+    its comma-separated names (``first_class_name_only``), canonicalised."""
+    return canonicalize_prompt(name.split(",")[0], ",")
 
 
 def evaluate_zeroshot_sentences(model: nn.Module, path: str | Path, device: torch.device,

@@ -240,7 +240,8 @@ class ZeroShotEvalConfig(EvalTaskConfig, tag="zeroshot"):
     ``templates``: prompts with ``{}``, inline or (``templates_file``) one per line or a JSON list,
     or a JSON object of each class name's own prompts (CuPL's); by default the dataset's own, else
     ``a photo of a {}.``.
-    ``canonicalize``: big_vision's canonical prompts (no punctuation, lower case; CLIPPO)."""
+    ``canonicalize``: big_vision's evaluator (CLIPPO): a class's first name only, prompts without
+    punctuation, in lower case."""
 
     data_paths: ClassVar[tuple[str, ...]] = ("root",)
     list_files: ClassVar[tuple[str, ...]] = ("classnames", "templates_file")
