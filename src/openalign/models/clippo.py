@@ -11,6 +11,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -130,11 +131,19 @@ class Clippo(ContrastiveModel):
         features = self.head(self.image_features(pixels)).float()  # bf16 autocast: normalise in fp32
         return features / (features.norm(dim=-1, keepdim=True) + 1e-8) if normalize else features
 
-    def encode_text(self, pixels: torch.Tensor | Mapping[str, torch.Tensor], normalize: bool = True) -> torch.Tensor:
+    def encode_text(self, pixels: torch.Tensor | Mapping[str, torch.Tensor] | None = None, normalize: bool = True,
+                    **other: Any) -> torch.Tensor:
         """Rendered text (what :meth:`ClippoConfig.build_tokenizer` gives: ``model.encode_text(**tokenizer(texts))``,
         or the processor's whole output, ``model.encode_text(tokenizer(texts))``) goes through the same path."""
+        make = "CLIPPO reads text rendered as images: model.encode_text(**tokenizer(texts)) with CLIPPO's tokenizer"
+        if other:  # token ids from another model's tokenizer
+            raise OpenAlignError(f"encode_text takes rendered text (pixels), not {', '.join(other)}: {make}")
         if (fields := text_fields(pixels, "pixels")) is not None:
             (pixels,) = fields
+        if not isinstance(pixels, torch.Tensor) or pixels.ndim != 4:
+            shown = f"a tensor of shape {tuple(pixels.shape)}" if isinstance(pixels, torch.Tensor) else \
+                type(pixels).__name__
+            raise OpenAlignError(f"encode_text takes a batch of rendered texts (N, 3, H, W), got {shown}: {make}")
         return self.encode_image(pixels, normalize)
 
     def forward(self, image: torch.Tensor, text: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
