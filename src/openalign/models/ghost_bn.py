@@ -17,9 +17,10 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
     That grouping is also a zero-copy view of a contiguous batch, so the native batch-norm
     kernel does the work. The running statistics are updated once per step with the mean over
     ghost batches of their means and (biased) variances. In eval mode, or with
-    ``virtual_batch_size=None``, this is exactly ``nn.BatchNorm2d``, with the same state-dict keys.
-
-    ``momentum`` follows PyTorch's convention: 0.01 here is Keras' 0.99.
+    ``virtual_batch_size=None``, this is exactly ``nn.BatchNorm2d`` of the same ``eps`` and
+    ``momentum``, with the same state-dict keys. Their defaults are ALIGN's (Keras'), not
+    ``nn.BatchNorm2d``'s (1e-5 and 0.1): ``eps`` 1e-3, and ``momentum`` 0.01, in PyTorch's
+    convention: Keras' 0.99.
     """
 
     def __init__(
