@@ -320,7 +320,7 @@ def test_records_name_the_checkpoint_read_and_the_report_tells_apart_what_differ
 
 
 def test_records_hold_the_class_names_and_prompts_read_and_the_report_tells_them_apart(model, folders, tmp_path,
-                                                                                      monkeypatch):
+                                                                                      monkeypatch, capsys):
     """A templates file edited between two runs gave two identical-looking records: only its name,
     as typed (relative), was recorded."""
     model_dir = model.save_pretrained(tmp_path / "model")
@@ -361,6 +361,10 @@ def test_records_hold_the_class_names_and_prompts_read_and_the_report_tells_them
     Path("prompts.json").write_text('["a photo of a {} \\ud83d"]')  # a lone surrogate, which JSON allows
     assert main(["eval", "zeroshot", "--model", str(model_dir), "--root", str(folders / "val"), "--templates-file",
                  "prompts.json", "--output", "out/e.json"]) == 0
+    capsys.readouterr()
+    assert main([*shipped[:-2], "--template", "a {}", "--output", "out/f.json"]) == 2  # one would go unused
+    assert "--templates-file is 'clip_paper_templates', and templates are given too (['a {}'])" in \
+        " ".join(capsys.readouterr().err.split())
 
 
 def test_report_labels_stay_short_and_a_record_without_settings_says_so(tmp_path):

@@ -232,6 +232,13 @@ class RetrievalEvalConfig(EvalTaskConfig, tag="retrieval"):
         return output
 
 
+def _one_template_source(templates: Sequence[str] | None, templates_file: str | None) -> None:
+    """Prompts inline or from a file, not both: one would be used and the record would name both."""
+    if templates and templates_file:
+        raise ConfigError(f"is '{templates_file}', and templates are given too ({list(templates)[:3]}): the prompts "
+                          "come from one or the other; give one (--template or --templates-file)", "templates_file")
+
+
 @dataclass
 class ZeroShotEvalConfig(EvalTaskConfig, tag="zeroshot"):
     """Zero-shot classification of ``root``'s class folders, or of ``split`` (default ``test``) of a
@@ -252,6 +259,9 @@ class ZeroShotEvalConfig(EvalTaskConfig, tag="zeroshot"):
     templates_file: str | None = None
     split: str | None = None
     canonicalize: bool = False
+
+    def __post_init__(self) -> None:
+        _one_template_source(self.templates, self.templates_file)
 
     @property
     def dataset(self) -> str:
@@ -293,6 +303,7 @@ class SentenceZeroShotEvalConfig(EvalTaskConfig, tag="zeroshot_sentences"):
     def __post_init__(self) -> None:
         if self.preprocess:
             raise ConfigError("is set, but sentences are text, not preprocessed images", "preprocess")
+        _one_template_source(self.templates, self.templates_file)
 
     def _inputs(self) -> dict[str, Any]:
         return {"templates": read_lines_or_json(self.templates_file, "templates") or self.templates,
