@@ -623,6 +623,14 @@ def test_weights_are_hashed_once_while_held_fixed_and_afresh_outside(model, monk
     assert len(calls) == 3
 
 
+def test_embedding_takes_a_device_by_name_as_torch_does(model):
+    from openalign.eval import embed_texts
+
+    tokenizer, texts = model.config.build_tokenizer(), ["a red circle", "a blue square"]
+    assert torch.equal(embed_texts(model, tokenizer, texts, "cpu", show_progress=False),
+                       embed_texts(model, tokenizer, texts, CPU, show_progress=False))
+
+
 def test_the_embedding_cache_keeps_text_embeddings_keyed_by_the_texts_and_the_tokenizer(model, tmp_path, monkeypatch):
     from openalign.eval import embed_texts
     from openalign.eval.cache import CACHE_ENV

@@ -17,7 +17,7 @@ PRECISIONS: tuple[str, ...] = ("auto", "bf16", "fp16", "fp32")
 _PRECISION: contextvars.ContextVar[str] = contextvars.ContextVar("openalign_precision", default="auto")
 
 
-def autocast(device: torch.device, precision: str | None = None) -> torch.autocast:
+def autocast(device: torch.device | str, precision: str | None = None) -> torch.autocast:
     """An autocast context: bf16 for ``precision="bf16"``, or for ``"auto"`` on CUDA; fp16 for
     ``"fp16"``; fp32 otherwise.
 
@@ -26,12 +26,14 @@ def autocast(device: torch.device, precision: str | None = None) -> torch.autoca
     import torch
 
     dtype = autocast_dtype(device, precision)
-    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+    return torch.autocast(torch.device(device).type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
-def autocast_dtype(device: torch.device, precision: str | None = None) -> torch.dtype | None:
+def autocast_dtype(device: torch.device | str, precision: str | None = None) -> torch.dtype | None:
     """The dtype :func:`autocast` computes in on ``device`` (bf16 or fp16), or None where it is fp32."""
     import torch
+
+    device = torch.device(device)  # "cuda" as well as torch.device("cuda"), as torch takes them
 
     precision = precision or _PRECISION.get()
     if precision == "fp16":
