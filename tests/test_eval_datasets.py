@@ -8,6 +8,7 @@ import json
 import math
 import os
 import shutil
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -1238,6 +1239,16 @@ def test_clip_benchmark_evaluates_an_openalign_model_through_its_own_command_lin
         expected = ours(model, root, CPU, show_progress=False)
         assert set(theirs) <= set(expected) and len(theirs) >= 3
         assert theirs == pytest.approx({key: expected[key] for key in theirs}, abs=1e-6), task
+
+
+def test_clip_benchmarks_command_line_says_what_is_missing_in_one_line(monkeypatch, capsys):
+    pytest.importorskip("clip_benchmark.models")
+    from openalign.clip_benchmark import main as clip_benchmark_main
+
+    monkeypatch.setitem(sys.modules, "clip_benchmark.cli", None)  # as without pycocoevalcap: its import fails
+    assert clip_benchmark_main(["eval", "--model_type", "openalign"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: CLIP_benchmark's command line needs its dependencies") and err.count("\n") == 1
 
 
 def test_an_image_listed_twice_in_a_retrieval_split_is_said(tmp_path, caplog):

@@ -83,17 +83,22 @@ def topk_accuracy(output: torch.Tensor, target: torch.Tensor, topk: Sequence[int
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLIP_benchmark's command line (``eval``, ``build``) with the ``openalign`` model type."""
-    register()
-    try:
-        from clip_benchmark import cli
-    except ImportError as error:
-        raise OpenAlignError(f"CLIP_benchmark's command line needs its dependencies ({error}): pip install "
-                             "clip-benchmark, not with --no-deps") from None
+    """CLIP_benchmark's command line (``eval``, ``build``) with the ``openalign`` model type; an
+    openalign error (CLIP_benchmark or its dependencies missing, a model that does not load) is one
+    ``error:`` line and exit status 2, as ``openalign``'s own command line gives it."""
     saved = sys.argv
-    sys.argv = ["clip_benchmark", *(sys.argv[1:] if argv is None else argv)]
     try:
+        register()
+        try:
+            from clip_benchmark import cli
+        except ImportError as error:
+            raise OpenAlignError(f"CLIP_benchmark's command line needs its dependencies ({error}): pip install "
+                                 "clip-benchmark, not with --no-deps") from None
+        sys.argv = ["clip_benchmark", *(sys.argv[1:] if argv is None else argv)]
         cli.main()
+    except OpenAlignError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     finally:
         sys.argv = saved
     return 0
