@@ -89,8 +89,9 @@ class BigVisionAdafactor(torch.optim.Optimizer):
     (0 at the first step); v ← β₂·v + (1−β₂)·(g² + ``eps``), kept factored over the two largest
     dimensions (a row and a column mean, optax's ``scale_by_factored_rms``) when the second largest
     is at least 32, else whole; u = g / √v̂ (no update clipping); m ← ``momentum``·m + (1−momentum)·u,
-    an EMA without bias correction, stored in bfloat16, where optax also takes ``momentum``·m (the
-    sum is float32, and the step uses it before its rounding to bfloat16); then
+    an EMA without bias correction, stored in bfloat16, where optax also takes ``momentum``·m, with
+    ``momentum`` itself in bfloat16 (0.9 is 0.8984375 there; the sum is float32, and the step uses it
+    before its rounding to bfloat16); then
     w ← w − lr·(m + ``weight_decay``·w). big_vision adds wd·w without lr, both scaled by the
     schedule s(t): its wd is lr·``weight_decay`` here, as for AdamW (the CLIPPO recipes say so).
 
@@ -186,8 +187,10 @@ class BigVisionAdafactor(torch.optim.Optimizer):
             # v_row lacks col_dim: row_dim's place in it moves down one when it came after col_dim
             row_factor = (v_row / v_row.mean(dim=row_dim - (row_dim > col_dim), keepdim=True)).rsqrt()
             update = grad * row_factor.unsqueeze(col_dim) * v_col.rsqrt().unsqueeze(row_dim)
-        # optax's ema: decay·m is taken in m's bfloat16 (a Python float does not promote it), the sum in float32
-        momentum = (state["momentum"] * group["momentum"]).float().add_(update, alpha=1 - group["momentum"])
+        # optax's ema: decay·m is taken in m's bfloat16, the decay too (JAX casts a Python float to the array's
+        # dtype: 0.9 is 0.8984375); (1 - decay)·u and the sum in float32
+        decay = torch.tensor(group["momentum"], dtype=torch.bfloat16)
+        momentum = (state["momentum"] * decay).float().add_(update, alpha=1 - group["momentum"])
         state["momentum"].copy_(momentum)
         if group["weight_decay"]:
             param.mul_(1 - group["lr"] * group["weight_decay"])
