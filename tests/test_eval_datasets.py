@@ -193,6 +193,21 @@ def test_canonicalized_zeroshot_prompts_are_big_visions(model, folders, monkeypa
     assert clippo.canonicalize and not load_suite("alip").tasks[0].canonicalize
 
 
+def test_canonical_first_names_keep_each_classs_own_prompts_and_say_when_they_repeat(caplog):
+    """Two classes whose first names are one ("crane, bird" and "crane, machine"): per-class
+    prompts stay each class's (keyed by the whole names), and template prompts are warned of."""
+    from openalign.eval.classification import class_prompts
+
+    names = ["Crane, bird", "crane, construction machine"]
+    cupl = {"Crane, bird": ["A crane, wading."], "crane, construction machine": ["A crane lifting steel."]}
+    readable, templates = datasets._prompt_inputs(names, cupl, canonicalize=True)
+    assert class_prompts(readable, templates) == [["a crane wading"], ["a crane lifting steel"]]
+    assert "class names repeat" not in caplog.text
+    readable, templates = datasets._prompt_inputs(names, ["a photo of a {}."], canonicalize=True)
+    assert class_prompts(readable, templates) == [["a photo of a crane"]] * 2
+    assert "class names repeat ('crane')" in caplog.text
+
+
 def test_imagenets_wordnet_id_folders_are_prompted_by_clips_class_names(model, folders, tmp_path, caplog):
     from openalign.eval.datasets import _imagenet_names
 

@@ -264,9 +264,11 @@ def _prompt_inputs(readable: list[str], templates: Sequence[str] | Mapping[str, 
         if not all(isinstance(prompts, list) and prompts and all(isinstance(p, str) for p in prompts)
                    for prompts in templates.values()):
             raise OpenAlignError("per-class prompts must map each class name to a non-empty list of prompts")
-        if canonicalize:
-            templates = {_big_vision_name(name): [canonicalize_prompt(prompt) for prompt in prompts]
+        if canonicalize:  # keyed by the whole names: their prompts name the class themselves, and two classes
+            # may share a first name ("crane, bird" and "crane, machine")
+            templates = {canonicalize_prompt(name, ","): [canonicalize_prompt(prompt) for prompt in prompts]
                          for name, prompts in templates.items()}
+            readable = [canonicalize_prompt(name, ",") for name in readable]
     else:
         templates = list(templates or DEFAULT_TEMPLATES)
         if any(not isinstance(template, str) or "{}" not in template for template in templates):
@@ -274,8 +276,7 @@ def _prompt_inputs(readable: list[str], templates: Sequence[str] | Mapping[str, 
                                  "prompts are a JSON object of class name to its prompts)")
         if canonicalize:
             templates = [canonicalize_prompt(template, "{}") for template in templates]
-    if canonicalize:
-        readable = [_big_vision_name(name) for name in readable]
+            readable = _checked_names([_big_vision_name(name) for name in readable])  # first names may repeat
     class_prompts(readable, templates)
     return readable, templates
 
