@@ -890,6 +890,9 @@ def test_a_webdataset_split_is_the_shards_its_nshards_txt_names_read_as_clip_ben
         read_split(root)
     (root / "test" / "nshards.txt").unlink()  # without it, every shard
     assert read_split(root).captions == [["one"], ["two"], ["three"], ["stale"]]
+    _write_tar(root / "test" / "3.tar", {"a/x.png": b"E", "a/x.txt": b"four", "a_x.png": b"F", "a_x.txt": b"five"})
+    split = read_split(root)  # a/x and a_x: one file name each
+    assert split.captions[-2:] == [["four"], ["five"]] and [p.read_bytes() for p in split.paths[-2:]] == [b"E", b"F"]
 
 
 def test_linear_probe_task_fits_on_all_training_features(model, folders, tmp_path):

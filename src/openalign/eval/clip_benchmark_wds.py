@@ -69,6 +69,7 @@ def read_split(root: str | Path, split: str = "test", extract_to: str | Path | N
     field = "txt" if kind == "retrieval" else "cls"
     images: dict[str, dict[str, Path]] = {}
     fields: dict[str, bytes] = {}
+    owners: dict[str, str] = {}  # extracted file name -> its key
     for shard in shards:
         try:
             shard_mtime = shard.stat().st_mtime_ns
@@ -80,8 +81,10 @@ def read_split(root: str | Path, split: str = "test", extract_to: str | Path | N
                     stem, extension = path.name.split(".", 1)  # webdataset's key: the path up to the name's first dot
                     key, extension = f"{shard.stem}/{path.parent / stem}", extension.lower()
                     if extension in IMAGE_KEYS:
-                        images.setdefault(key, {})[extension] = _extract(archive, member, target / (
-                            f"{key.replace('/', '_')}.{extension}"), shard_mtime)
+                        name = f"{key.replace('/', '_')}.{extension}"
+                        if owners.setdefault(name, key) != key:  # a/x.png and a_x.png: the later one's own name
+                            name = f"{key.replace('/', '_')}-{hashlib.sha256(key.encode()).hexdigest()[:8]}.{extension}"
+                        images.setdefault(key, {})[extension] = _extract(archive, member, target / name, shard_mtime)
                     elif extension == field:
                         fields[key] = archive.extractfile(member).read()
                 if not ends_whole(archive):  # tarfile stops quietly at a cut: the rest would be left out unsaid
