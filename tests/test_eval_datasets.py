@@ -536,6 +536,11 @@ def test_the_shipped_suites_are_valid():
     for task in suite.tasks:
         transform = task.transform(SimpleNamespace(config=openalign.model_config("align-b7-base")))
         assert transform.antialias is False and transform.config.resize_size == 346
+    from openalign.recipe import load_recipe
+
+    for name in ("coco", "flickr30k"):  # the fine-tuning recipes evaluate as the suite does
+        test, val = load_recipe(f"align-b7-base-finetune-{name}").eval.tasks
+        assert test == suite.tasks[suite.names.index(name)] and val.preprocess == test.preprocess
     clippo = load_suite("clippo")
     assert [task.name for task in clippo.tasks] == ["zeroshot"] * 3 + ["fewshot", "retrieval"]
     assert clippo.names[:3] == ["imagenet-zeroshot", "cifar100-zeroshot", "pets-zeroshot"]
