@@ -202,7 +202,7 @@ def test_an_interrupted_job_resumes_where_it_stopped(shards, tmp_path, git_capti
         caption_shards([str(shards / "*.tar")], git_captioner, out, max_new_tokens=4, num_beams=3, show_progress=False)
 
 
-def test_cli_captions_and_names_missing_and_truncated_shards(shards, tmp_path, git_captioner, capsys):
+def test_cli_captions_and_names_missing_and_truncated_shards(shards, tmp_path, git_captioner, capsys, caplog):
     out = tmp_path / "out"
     args = ["data", "caption", "--captioner", git_captioner, "--out", str(out), "--device", "cpu",
             "--batch-size", "4", "--max-new-tokens", "4", "--num-beams", "2", "--no-repeat-ngram-size", "2"]
@@ -224,6 +224,24 @@ def test_cli_captions_and_names_missing_and_truncated_shards(shards, tmp_path, g
     summary = json.loads((out / "captions.json").read_text())
     assert set(summary["failed_shards"]) == {"00002.tar", "00003.tar"} and summary["totals"]["failed_shards"] == 2
     assert not (out / "00002.tar").exists() and not (out / "00003.tar").exists() and not list(out.glob("*.tmp"))
+    # a later run given other shards: the earlier run's failures are said, but they do not fail this one
+    with caplog.at_level("WARNING"):
+        assert main([*args, str(shards / "{00000..00001}.tar")]) == 0
+    assert "also lists 2 shard(s) that an earlier run could not read and this one was not given" in caplog.text
+
+
+def test_members_webdataset_ignores_are_copied_whole(shards, tmp_path, git_captioner):
+    """A macOS ._ file, a README: webdataset ignores them, the copy keeps them, bytes and all (the
+    copy used to write their headers without their bytes: a tar no reader could get past)."""
+    source = tmp_path / "odd" / "00000.tar"
+    source.parent.mkdir()
+    _write_shard(source, [{"._000000.jpg": b"AppleDouble" * 10, "000000.jpg": _image_bytes(0), "000000.txt": b"a"},
+                          {"README": b"shards made by hand\n", "000001.jpg": _image_bytes(1), "000001.txt": b"b"}])
+    summary = caption_shards([str(source)], git_captioner, tmp_path / "out", batch_size=2, device="cpu",
+                             max_new_tokens=4, show_progress=False)
+    assert summary["shards"]["00000.tar"]["captioned"] == 2
+    written = {info.name: data for info, data in _members(tmp_path / "out" / "00000.tar")}
+    assert written["._000000.jpg"] == b"AppleDouble" * 10 and written["README"] == b"shards made by hand\n"
 
 
 def test_prompts_and_a_vision_encoder_decoder_captioner(shards, tmp_path, git_captioner, ved_captioner):

@@ -206,6 +206,7 @@ def _cmd_data_shapes(args: argparse.Namespace) -> None:
 
 def _cmd_data_caption(args: argparse.Namespace) -> None:
     from .data.caption import caption_shards
+    from .data.shards import expand_shards
 
     summary = caption_shards(args.shards, args.captioner, args.out, batch_size=args.batch_size, device=args.device,
                              max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, prompt=args.prompt,
@@ -214,9 +215,13 @@ def _cmd_data_caption(args: argparse.Namespace) -> None:
     print(f"{args.out}: {totals['shards']} shards, {totals['captioned']} of {totals['samples']} samples captioned, "
           f"{totals['skipped']} skipped (no or undecodable image, or an empty caption); summary in "
           f"{Path(args.out) / 'captions.json'}")
-    if summary["failed_shards"]:
-        failed = "; ".join(f"{entry['source']} ({entry['error']})" for entry in summary["failed_shards"].values())
-        raise OpenAlignError(f"{len(summary['failed_shards'])} shard(s) could not be read and were skipped: {failed}")
+    mine = {source.name for source in expand_shards(args.shards)}  # an earlier run's failures are not this run's
+    if earlier := sorted(set(summary["failed_shards"]) - mine):
+        log.warning("%s also lists %d shard(s) that an earlier run could not read and this one was not given (%s): "
+                    "pass them again to retry", Path(args.out) / "captions.json", len(earlier), ", ".join(earlier[:3]))
+    if failed := [entry for name, entry in summary["failed_shards"].items() if name in mine]:
+        listed = "; ".join(f"{entry['source']} ({entry['error']})" for entry in failed)
+        raise OpenAlignError(f"{len(failed)} shard(s) could not be read and were skipped: {listed}")
     if totals["samples"] and not totals["captioned"]:
         empty = sum(len(entry.get("skipped_empty_caption", [])) for entry in summary["shards"].values())
         why = (" (the captioner wrote an empty caption for every image: is --captioner a captioning model, and "

@@ -149,8 +149,8 @@ def read_samples(tar: tarfile.TarFile, archive_end: Callable[[int], bytes] | Non
             if current is not None:
                 yield current  # complete: a sample ends where the next key starts
             current = TarSample(found[0] if found else None)
-        try:
-            data = tar.extractfile(info).read() if found else None
+        try:  # every file's bytes, those webdataset ignores too (._a.jpg, README): a copy of the shard needs them
+            data = tar.extractfile(info).read() if info.isfile() else None
         except READ_ERRORS as error:  # a cut inside the member's data
             yield from _cut_short(current)
             raise ShardReadError(f"{type(error).__name__}: {error}") from error
