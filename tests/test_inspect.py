@@ -304,3 +304,23 @@ def test_inspect_reads_tfrecords_by_either_name_and_their_image_key_as_training_
     assert (under_png["usable"], under_png["skipped"]) == (0, {"no image": 3})
     tfrec = inspect_shards([str(tmp_path / "b.tfrec")], show_progress=False)
     assert (tfrec["usable"], tfrec["failed_shards"]) == (3, {})
+
+
+def test_a_tfrecords_float_feature_is_an_extra_field(tmp_path):
+    """COYO's scores (clip_similarity_vitb32...) are float features, as img2dataset writes them."""
+    from tfrecord.writer import TFRecordWriter
+
+    from openalign.data import ImageTransform, TFRecordSourceConfig
+    from openalign.data.transforms import PreprocessConfig
+
+    writer = TFRecordWriter(str(tmp_path / "part-0.tfrecord"))
+    for index in range(2):
+        writer.write({"jpg": (encode("RGB", (20, 20)), "byte"), "txt": (f"image {index}".encode(), "byte"),
+                      "clip_similarity_vitb32": (0.25 + index, "float"), "width": (20, "int")})
+    writer.close()
+    transform = ImageTransform(PreprocessConfig(image_size=16, resize_size=16, random_flip=False), train=False)
+    config = TFRecordSourceConfig(urls=str(tmp_path / "part-0.tfrecord"), resampled=False, shuffle_buffer=1,
+                                  extra_keys={"sim": "clip_similarity_vitb32", "width": "width"})
+    stream = iter(config.build(transform, 0))
+    samples = sorted((next(stream) for _ in range(2)), key=lambda sample: sample["text"])
+    assert [(sample["sim"], sample["width"]) for sample in samples] == [(0.25, 20), (1.25, 20)]

@@ -653,11 +653,11 @@ def choose_caption(fields: dict[str, Any], text_key: str, text_choice: str = "fi
     return usable[int(torch.randint(len(usable), (), generator=generator))]
 
 
-def extra_value(key: str, data: bytes | int | None) -> Any:
-    """An extra field's value by its member's kind: an int label (``*cls``), parsed JSON
-    (``*json``) or stripped text; a missing or unreadable one (JSON ``null`` included: no batch
-    can hold it) skips the sample."""
-    if isinstance(data, int):
+def extra_value(key: str, data: bytes | int | float | None) -> Any:
+    """An extra field's value by its member's kind: a number (a TFRecord's ``int64`` or ``float``
+    feature), an int label (``*cls``), parsed JSON (``*json``) or stripped text; a missing or
+    unreadable one (JSON ``null`` included: no batch can hold it) skips the sample."""
+    if isinstance(data, int | float):
         return data
     if data is not None and key.endswith(("cls", "json")):
         try:
@@ -750,7 +750,8 @@ class RecordDecoder(FieldsDecoder):
 
 def example_fields(record: bytes) -> dict[str, Any]:
     """A serialized ``tf.train.Example``'s features: bytes features as bytes, ``int64`` ones as
-    ints (the first value of each); one that does not parse raises :class:`SkipSample`."""
+    ints, ``float`` ones as floats (COYO's scores, as img2dataset writes them; the first value of
+    each); one that does not parse raises :class:`SkipSample`."""
     from google.protobuf.message import DecodeError
     from tfrecord import example_pb2
 
@@ -765,6 +766,8 @@ def example_fields(record: bytes) -> dict[str, Any]:
             fields[key] = bytes(feature.bytes_list.value[0])
         elif feature.int64_list.value:
             fields[key] = int(feature.int64_list.value[0])
+        elif feature.float_list.value:
+            fields[key] = float(feature.float_list.value[0])
     return fields
 
 
