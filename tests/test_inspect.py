@@ -91,6 +91,8 @@ def test_convert_writes_a_table_as_shards_that_inspect_and_the_training_source_r
     with tarfile.open(out / "00000.tar") as tar:
         assert tar.getnames() == [f"00000000{i}.{ext}" for i in (0, 1) for ext in ("png", "txt", "caption.txt", "json")]
         assert tar.extractfile("000000001.png").read() == (tmp_path / "images" / "1.png").read_bytes()
+        record = json.loads(tar.extractfile("000000001.json").read())  # the raw caption stays img2dataset's
+        assert (record["caption"], record["extra"]) == ("red number 1", {"caption": "a red square"})
     assert main(["data", "inspect", str(out / "*.tar"), "--json"]) == 0
     capsys.readouterr()
     assert main(["data", "inspect", str(tmp_path / "pairs.csv")]) == 2  # a table, not a shard of it

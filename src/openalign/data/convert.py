@@ -4,8 +4,9 @@ The shards have img2dataset's layout, so the ``webdataset`` training source and 
 inspect`` read them: per sample ``KEY.jpg``, ``KEY.png`` or ``KEY.webp`` (the file's bytes,
 unchanged; other formats re-encoded as PNG), ``KEY.txt`` (the caption), a member per extra
 column (``KEY.<field>.txt``, ``caption.txt`` for ALIP; ``.cls`` for whole numbers, ``.json``
-for other values) and ``KEY.json`` (the caption, the extra fields and where the sample came
-from: its image file, or its table and row); keys number the samples written
+for other values) and ``KEY.json`` (``caption``, the extra fields under ``extra``, where a column
+named like ``caption`` cannot take the raw caption's place, and where the sample came from:
+``source``, its image file, and ``table_row``); keys number the samples written
 (``000000000``, ``000000001``, ...), shards ``00000.tar``, ``00001.tar``, ... with
 ``samples_per_shard`` samples each, and ``sizes.json`` maps each shard to its sample count.
 Each shard is written under a temporary name and renamed when complete. Rows whose image cannot
@@ -139,7 +140,7 @@ def _sample_members(image: Path | bytes, caption: str, extra: dict[str, Any], or
     in its JSON (and its image file, if it has one). Raises OSError when the file cannot be read,
     :class:`SkipSample` when its image cannot be used (as training would skip it)."""
     extension, data, side = _member_image(image.read_bytes() if isinstance(image, Path) else image)
-    source: dict[str, Any] = {"caption": caption, **extra, "table_row": origin}
+    source: dict[str, Any] = {"caption": caption, **({"extra": extra} if extra else {}), "table_row": origin}
     if isinstance(image, Path):
         source["source"] = str(image)
     return {extension: data, "txt": caption.encode(), **dict(_extra_member(name, value) for name, value in
