@@ -519,6 +519,11 @@ def test_shard_urls_are_expanded_into_what_opens(tmp_path, monkeypatch):
             expand_urls(url, "shards")
     with pytest.raises(OpenAlignError, match="fsspec knows no protocol 'nosuch'"):
         expand_urls("nosuch://bucket/0.tar", "shards")
+    # file: URLs are local files: a missing one is an error before training, as a plain path's is
+    assert expand_urls(f"file://{tmp_path}/{{00000..00001}}.tar", "shards") == [
+        f"file://{tmp_path}/00000.tar", f"file://{tmp_path}/00001.tar"]
+    with pytest.raises(OpenAlignError, match=r"1 of the 3 shards that .* do not exist, e.g. 'file://.*/00002.tar'"):
+        expand_urls(f"file://{tmp_path}/{{00000..00002}}.tar", "shards")
 
 
 def test_jpeg_draft_mode_decodes_large_images_faster_and_changes_only_resampling_noise():

@@ -299,8 +299,8 @@ def expand_urls(pattern: str, what: str) -> list[str]:
                     matches = sorted(match for match in glob.glob(os.path.expanduser(url)) if Path(match).is_file())
                 urls.extend(matches)
                 missing.extend([] if matches else [url])
-            elif has_scheme(url):
-                urls.append(check_filesystem(url))
+            elif has_scheme(url) and not (url.lower().startswith("file:") and not _local_file(url).is_file()):
+                urls.append(check_filesystem(url))  # remote files are found when read (a check would cost a request)
             else:
                 missing.append(url)
     if missing and Path(missing[0]).expanduser().is_dir():
@@ -310,6 +310,13 @@ def expand_urls(pattern: str, what: str) -> list[str]:
         raise OpenAlignError(f"{len(missing)} of the {len(urls) + len(missing)} {what} that '{pattern}' names "
                              f"do not exist, e.g. '{missing[0]}' (in a recipe: data.train.urls)")
     return urls
+
+
+def _local_file(url: str) -> Path:
+    """The path of a ``file:`` URL (``file:///data/x.tar``, ``file:x.tar``)."""
+    from urllib.parse import unquote, urlparse
+
+    return Path(unquote(urlparse(url).path))
 
 
 def check_filesystem(url: str) -> str:
