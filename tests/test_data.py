@@ -818,6 +818,10 @@ def test_a_table_names_its_first_missing_image_and_sends_url_lists_to_img2datase
     with pytest.raises(OpenAlignError, match=r"dropped: \{'image URL, not a file': 2\}\); download the URLs with "
                                              "img2dataset first"):
         TableSourceConfig(path=str(tmp_path / "urls.csv"), image_column="url").rows()
+    # mostly missing files and one URL: the hint is the files'
+    (tmp_path / "mixed.csv").write_text("image,caption\nb.png,two\nc.png,three\nhttps://example.com/a.jpg,one\n")
+    with pytest.raises(OpenAlignError, match=r"; the first missing image: .*mixed.csv data row 1: .*b.png$"):
+        TableSourceConfig(path=str(tmp_path / "mixed.csv")).rows()
 
 
 def _worker_waiting(started) -> None:

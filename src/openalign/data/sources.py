@@ -287,8 +287,9 @@ class TableSourceConfig(SourceConfig, tag="table"):
                 f"{n} row(s) with {why}" for why, n in sorted(dropped.items())), f" (the first missing: {missing})"
                 if missing else "")
         if not rows:
+            urls_most = dropped[IMAGE_URL] >= dropped["missing image file"]  # the hint for the most rows' reason
             hint = "; download the URLs with img2dataset first (see the README's data section)" \
-                if dropped[IMAGE_URL] else f"; the first missing image: {missing}" if missing else ""
+                if dropped[IMAGE_URL] and urls_most else f"; the first missing image: {missing}" if missing else ""
             raise OpenAlignError(f"table '{self.path}' has no usable row (dropped: {dict(dropped)}){hint}")
         return rows, dropped
 
