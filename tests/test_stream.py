@@ -519,6 +519,13 @@ def test_shard_urls_are_expanded_into_what_opens(tmp_path, monkeypatch):
             expand_urls(url, "shards")
     with pytest.raises(OpenAlignError, match="fsspec knows no protocol 'nosuch'"):
         expand_urls("nosuch://bucket/0.tar", "shards")
+    # an img2dataset folder named whole: its metadata beside the shards is left out, with a warning
+    (tmp_path / "cc3m").mkdir()
+    for name in ("00000.tar", "00000.parquet", "00000_stats.json", "00001.tar"):
+        (tmp_path / "cc3m" / name).write_bytes(b"")
+    assert expand_urls(str(tmp_path / "cc3m" / "*"), "shards") == [str(tmp_path / "cc3m" / name)
+                                                                    for name in ("00000.tar", "00001.tar")]
+    assert expand_urls(str(tmp_path / "cc3m" / "*.parquet"), "shards") == [str(tmp_path / "cc3m" / "00000.parquet")]
     # file: URLs are local files: a missing one is an error before training, as a plain path's is
     assert expand_urls(f"file://{tmp_path}/{{00000..00001}}.tar", "shards") == [
         f"file://{tmp_path}/00000.tar", f"file://{tmp_path}/00001.tar"]

@@ -9,6 +9,7 @@ import contextlib
 import glob
 import gzip
 import io
+import logging
 import lzma
 import os
 import re
@@ -23,6 +24,8 @@ from typing import Any, BinaryIO
 
 from ..errors import OpenAlignError
 from ..files import not_a_file
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "pbm", "pnm")
 # webdataset's split of a member name into the sample key and the field (everything after the first dot).
@@ -297,7 +300,7 @@ def expand_urls(pattern: str, what: str) -> list[str]:
                                      if filesystem.isfile(match))
                 else:
                     matches = sorted(match for match in glob.glob(os.path.expanduser(url)) if Path(match).is_file())
-                urls.extend(matches)
+                urls.extend(_without_sidecars(matches, url) if what == "shards" else matches)
                 missing.extend([] if matches else [url])
             elif has_scheme(url) and not (url.lower().startswith("file:") and not _local_file(url).is_file()):
                 urls.append(check_filesystem(url))  # remote files are found when read (a check would cost a request)
@@ -310,6 +313,22 @@ def expand_urls(pattern: str, what: str) -> list[str]:
         raise OpenAlignError(f"{len(missing)} of the {len(urls) + len(missing)} {what} that '{pattern}' names "
                              f"do not exist, e.g. '{missing[0]}' (in a recipe: data.train.urls)")
     return urls
+
+
+# what img2dataset writes beside its shards (NNNNN.parquet, NNNNN_stats.json), and other files that are no shard
+_SIDECARS = (".parquet", ".json", ".jsonl", ".csv", ".tsv", ".txt", ".npy")
+
+
+def _without_sidecars(matches: list[str], url: str) -> list[str]:
+    """The shards of what a glob matched: metadata beside them (``/data/cc3m/*`` of an img2dataset
+    folder) is left out, with a warning; where nothing else matched, everything stays (and says
+    what it is when read)."""
+    sidecars = [match for match in matches if match.lower().endswith(_SIDECARS)]
+    if not sidecars or len(sidecars) == len(matches):
+        return matches
+    log.warning("'%s' also matches %d file(s) that are not shards, left out (e.g. '%s', as img2dataset writes "
+                "beside its shards): name the shards alone, e.g. with '*.tar'", url, len(sidecars), sidecars[0])
+    return [match for match in matches if not match.lower().endswith(_SIDECARS)]
 
 
 def _local_file(url: str) -> Path:
