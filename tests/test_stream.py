@@ -796,6 +796,12 @@ def test_tfrecords_stream_from_any_url_with_crcs_checked(tmp_path):
     assert (Counter(COUNTS) - before)["skipped/undecodable record"] == 2
     pipe = TFRecordSourceConfig(urls=f"pipe:cat {path}", open_shards=1, shuffle_buffer=1)
     assert next(iter(pipe.build(TRANSFORM, seed=0)))["text"] == "record 0"
+    import gzip  # TensorFlow's GZIP option: the same records, read through gzip
+
+    compressed = gzip.compress(path.read_bytes())
+    assert list(read_records(io.BytesIO(compressed))) == records
+    with pytest.raises(ShardReadError, match="the compressed file cannot be read"):
+        list(read_records(io.BytesIO(compressed[:len(compressed) // 2])))
 
 
 def test_inspect_reads_tfrecord_files_with_the_training_reasons(tmp_path, capsys):

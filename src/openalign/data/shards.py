@@ -250,14 +250,20 @@ class _Prefixed(io.RawIOBase):
         return len(data)
 
 
+def with_head(fileobj: BinaryIO, size: int) -> tuple[bytes, BinaryIO]:
+    """The first ``size`` bytes of a stream read front to back (a pipe cannot seek back), and a
+    stream of it whole again: those bytes, then the rest."""
+    head = fileobj.read(size)
+    return head, io.BufferedReader(_Prefixed(head, fileobj))
+
+
 def stream_samples(fileobj: BinaryIO) -> Iterator[TarSample]:
     """The samples of a tar read front to back (a pipe, an object-storage stream, a local file;
     plain or gzip, bzip2 or xz compressed), as :func:`read_samples` gives them. A tar cut short
     or damaged, even at a member boundary where ``tarfile`` stops quietly, raises
     :class:`ShardReadError` after its last whole sample."""
     try:
-        head = fileobj.read(10)
-        raw: BinaryIO = io.BufferedReader(_Prefixed(head, fileobj))
+        head, raw = with_head(fileobj, 10)
         for magic, decompress in _COMPRESSED:
             if magic.match(head):
                 raw = decompress(raw)

@@ -5,16 +5,20 @@ A TFRecord file is a sequence of records, each ``length`` (uint64, little-endian
 ``masked_crc32c(length)`` (uint32), ``data``, ``masked_crc32c(data)`` (uint32). A record whose
 data CRC fails is yielded as a :class:`CorruptRecord` (the framing still holds, so the records
 after it are read); a length CRC that fails, or a file that ends inside a record, ends the file
-with :class:`~openalign.data.shards.ShardReadError`.
+with :class:`~openalign.data.shards.ShardReadError`. A file written with TensorFlow's ``GZIP``
+compression (``.tfrecord.gz``) is read through gzip, told by its magic bytes where the first record
+does not frame.
 """
 
 from __future__ import annotations
 
+import gzip
 import struct
+import zlib
 from collections.abc import Iterator
 from typing import BinaryIO
 
-from .shards import ShardReadError
+from .shards import ShardReadError, with_head
 
 _MASK_DELTA = 0xA282EAD8
 
@@ -36,6 +40,10 @@ class CorruptRecord:
 
 def read_records(stream: BinaryIO) -> Iterator[bytes | CorruptRecord]:
     """The records of a TFRecord stream, in order; see the module docstring for errors."""
+    head, stream = with_head(stream, 12)
+    frames = len(head) == 12 and masked_crc(head[:8]) == struct.unpack("<I", head[8:])[0]
+    if head.startswith(b"\x1f\x8b") and not frames:  # TFRecordOptions(compression_type="GZIP")
+        stream = gzip.GzipFile(fileobj=stream, mode="rb")
     number = 0
     while True:
         header = _read_exactly(stream, 12, number, allow_end=True)
@@ -53,7 +61,10 @@ def read_records(stream: BinaryIO) -> Iterator[bytes | CorruptRecord]:
 def _read_exactly(stream: BinaryIO, size: int, number: int, allow_end: bool = False) -> bytes | None:
     chunks, remaining = [], size
     while remaining:
-        chunk = stream.read(remaining)
+        try:
+            chunk = stream.read(remaining)
+        except (EOFError, zlib.error, gzip.BadGzipFile) as error:  # a cut or damaged compressed file
+            raise ShardReadError(f"record {number}: the compressed file cannot be read ({error})") from error
         if not chunk:
             break
         chunks.append(chunk)
