@@ -81,6 +81,9 @@ def test_overrides_set_nested_keys_list_items_and_parse_values():
             apply_overrides(data, [f"{key}=x"])
     with pytest.raises(ConfigError, match="is a value"):
         apply_overrides(data, ["train.lr.x=1"])
+    # ': ' inside text (a pipe: command's header) keeps it text; a mapping is written in braces
+    command = 'pipe:curl -s -H "X-Token: abc" https://host/{00000..00009}.tar'
+    assert apply_overrides({}, [f"data.urls={command}", "data.x={a: 1}"]) == {"data": {"urls": command, "x": {"a": 1}}}
 
 
 @pytest.mark.parametrize("name", openalign.list_recipes())

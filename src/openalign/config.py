@@ -320,11 +320,14 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not key.strip():
         raise ConfigError(f"override '{text}' must look like key.path=value, e.g. train.lr=1e-3")
     try:
-        return override_keys(text), parse_yaml(raw) if raw.strip() else ""
+        value = parse_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as error:
         problem = str(error).splitlines()[0]
         raise ConfigError(f"override '{text}': the value is not valid YAML ({problem}); close its brackets, "
                           "or quote it to give a string") from None
+    if isinstance(value, dict) and not raw.lstrip().startswith("{"):  # "pipe:curl -H 'X-Token: abc' ...": text
+        value = raw.strip()  # a mapping on the command line is written {a: 1}; 'a: 1' is its words
+    return override_keys(text), value
 
 
 def override_keys(text: str) -> list[str]:
