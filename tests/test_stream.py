@@ -868,3 +868,22 @@ def test_empty_shards_among_good_ones_in_one_round_do_not_count_as_a_run_of_fail
     assert not any(all(shard in empty for shard in order[i:i + 3]) for i in range(7)), order
     samples = list(itertools.islice(iter(stream), 10))
     assert len(samples) == 10
+
+
+def test_an_uncaptioned_sample_with_a_corrupt_image_is_counted_for_its_image():
+    """`data caption` copies a sample whose image it cannot decode without a caption: training counts
+    it as an undecodable image, its cause, not as a sample without caption.txt."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "0.tar"
+        write_tar_shard(path, [("a", {"jpg": encode("RGB", (64, 64))[:300], "txt": b"raw"}),
+                               ("b", {"jpg": encode("RGB", (32, 32)), "txt": b"raw"}),
+                               ("c", {"jpg": encode("RGB", (32, 32)), "txt": b"raw", "caption.txt": b"synthetic"})])
+        config = WebDatasetSourceConfig(urls=str(path), extra_keys={"caption": "caption.txt"}, shuffle_buffer=1,
+                                        resampled=False)
+        before = Counter(COUNTS)
+        sample = next(iter(config.build(TRANSFORM, seed=0)))
+        assert sample["caption"] == "synthetic"
+        counted = Counter(COUNTS) - before
+        assert (counted["skipped/undecodable image"], counted["skipped/no caption.txt"]) == (1, 1)

@@ -161,6 +161,20 @@ def decode_pixels(transform, image: Image.Image, generator=None, encoded: bytes 
         raise SkipSample(UNDECODABLE_IMAGE, f"{type(error).__name__}: {error}") from None
 
 
+def image_problem(data: bytes, min_side: int = 1) -> SkipSample | None:
+    """Why the image in ``data`` cannot be used (decoded whole to find out), or None. For a sample
+    skipped for another reason first: a caption job leaves an undecodable image uncaptioned, and
+    its image, not the caption it lacks, is the reason to count."""
+    try:
+        with open_image(data, min_side) as image:
+            image.load()
+    except SkipSample as skip:
+        return skip
+    except (OSError, ValueError, SyntaxError, RuntimeError) as error:  # as decode_pixels reads them
+        return SkipSample(UNDECODABLE_IMAGE, f"{type(error).__name__}: {error}")
+    return None
+
+
 class SkipPolicy:
     """What a source does with a :class:`SkipSample`: count and log it, or, ``strict``, raise.
 

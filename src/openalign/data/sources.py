@@ -36,7 +36,7 @@ from ..files import printable
 from .karpathy import CaptionedImage, read_karpathy
 from .quality import (CUT_SHORT, CUT_SHORT_SAMPLE, EMPTY_CAPTION, NO_CAPTION, NO_IMAGE, NON_DESCRIPTIVE_CAPTION,
                       REPEATED_FIELD, UNDECODABLE_RECORD, SkipPolicy, SkipSample, caption_text, decode_pixels,
-                      dropped_on_reading, is_descriptive, open_image)
+                      dropped_on_reading, image_problem, is_descriptive, open_image)
 from .shards import expand_shards, expand_urls, opened_shard, stream_samples
 from .shapes import ShapesSpec, build_shapes_dataset
 from .stream import ResumableStream, ShardStream
@@ -591,7 +591,10 @@ class FieldsDecoder:
         if data is None:
             raise SkipSample(NO_IMAGE, f"none of the fields {', '.join(self.image_keys)}; it has "
                                        f"{', '.join(sorted(fields)) or 'none'}")
-        texts = self.texts(fields, generator)
+        try:  # the texts first: cheaper than decoding an image
+            texts = self.texts(fields, generator)
+        except SkipSample as skip:
+            raise image_problem(data, self.min_image_side) or skip from None
         with open_image(data, self.min_image_side) as image:
             return {**texts, "image": decode_pixels(self.transform, image, generator, data)}
 
