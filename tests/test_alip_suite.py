@@ -151,7 +151,8 @@ def test_alip_suite_lists_the_eleven_zeroshot_tasks_with_resolvable_lists_and_th
             task.templates_file, "templates")
         assert (len(classes), len(templates)) == COUNTS[key], name
         # ImageNet alone through ALIP's DALI loader: shorter side 256, crop 224 (spec §6.1)
-        expected = {"resize_mode": "shortest", "resize_size": 256, "image_size": 224, "interpolation": "bilinear"}
+        expected = {"resize_mode": "shortest", "resize_size": 256, "image_size": 224, "interpolation": "bilinear",
+                    "antialias": None}
         preprocess = asdict(task.preprocess) if task.preprocess else None
         assert preprocess == ({**expected, "center_crop": None} if key == "imagenet1k" else None), name
 
