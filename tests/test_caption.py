@@ -242,6 +242,19 @@ def test_members_webdataset_ignores_are_copied_whole(shards, tmp_path, git_capti
     assert summary["shards"]["00000.tar"]["captioned"] == 2
     written = {info.name: data for info, data in _members(tmp_path / "out" / "00000.tar")}
     assert written["._000000.jpg"] == b"AppleDouble" * 10 and written["README"] == b"shards made by hand\n"
+    # an earlier version's output: the ignored members' headers without their bytes, its summary entry of that size
+    output, summary_path = tmp_path / "out" / "00000.tar", tmp_path / "out" / "captions.json"
+    with tarfile.open(source) as tar, tarfile.open(output, "w") as broken:
+        for info in tar:
+            broken.addfile(info, None if info.name.startswith(("._", "README")) else tar.extractfile(info))
+    summary = json.loads(summary_path.read_text())
+    entry = summary["shards"]["00000.tar"]
+    del entry["copies_every_member"]
+    entry["output_bytes"] = output.stat().st_size
+    summary_path.write_text(json.dumps(summary))
+    caption_shards([str(source)], git_captioner, tmp_path / "out", batch_size=2, device="cpu", max_new_tokens=4,
+                   show_progress=False)
+    assert {info.name: data for info, data in _members(output)}["README"] == b"shards made by hand\n"  # made again
 
 
 def test_prompts_and_a_vision_encoder_decoder_captioner(shards, tmp_path, git_captioner, ved_captioner):

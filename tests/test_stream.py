@@ -526,6 +526,7 @@ def test_shard_urls_are_expanded_into_what_opens(tmp_path, monkeypatch):
     assert expand_urls(str(tmp_path / "cc3m" / "*"), "shards") == [str(tmp_path / "cc3m" / name)
                                                                     for name in ("00000.tar", "00001.tar")]
     assert expand_urls(str(tmp_path / "cc3m" / "*.parquet"), "shards") == [str(tmp_path / "cc3m" / "00000.parquet")]
+    assert len(expand_urls(str(tmp_path / "cc3m" / "*"), "TFRecord files")) == 2  # COYO's TFRecords alike
     # file: URLs are local files: a missing one is an error before training, as a plain path's is
     assert expand_urls(f"file://{tmp_path}/{{00000..00001}}.tar", "shards") == [
         f"file://{tmp_path}/00000.tar", f"file://{tmp_path}/00001.tar"]
@@ -878,12 +879,15 @@ def test_an_uncaptioned_sample_with_a_corrupt_image_is_counted_for_its_image():
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "0.tar"
         write_tar_shard(path, [("a", {"jpg": encode("RGB", (64, 64))[:300], "txt": b"raw"}),
+                               ("d", {"jpg": encode("RGB", (64, 64))[:300]}),  # no caption: that reason, as inspect's
                                ("b", {"jpg": encode("RGB", (32, 32)), "txt": b"raw"}),
-                               ("c", {"jpg": encode("RGB", (32, 32)), "txt": b"raw", "caption.txt": b"synthetic"})])
+                               ("c", {"jpg": encode("RGB", (32, 32)), "txt": b"raw", "caption.txt": b"synthetic"}),
+                               ("e", {"jpg": encode("RGB", (32, 32)), "txt": b"raw", "caption.txt": b"synthetic"})])
         config = WebDatasetSourceConfig(urls=str(path), extra_keys={"caption": "caption.txt"}, shuffle_buffer=1,
                                         resampled=False)
         before = Counter(COUNTS)
-        sample = next(iter(config.build(TRANSFORM, seed=0)))
-        assert sample["caption"] == "synthetic"
+        stream = iter(config.build(TRANSFORM, seed=0))
+        assert [next(stream)["caption"] for _ in range(2)] == ["synthetic"] * 2  # the skips before them handed over
         counted = Counter(COUNTS) - before
-        assert (counted["skipped/undecodable image"], counted["skipped/no caption.txt"]) == (1, 1)
+        assert (counted["skipped/undecodable image"], counted["skipped/no caption.txt"], counted["skipped/no caption"]) \
+            == (1, 1, 1)

@@ -220,7 +220,7 @@ def _write_sample(tar: tarfile.TarFile, sample: TarSample, extra: tuple[tarfile.
 
 def _caption_shard(source: Path, tmp: Path, captioner: Captioner, batch_size: int, field: str) -> dict[str, Any]:
     """Write ``source`` with captions to ``tmp``; the shard's counts. Raises :class:`ShardReadError`."""
-    counts: dict[str, Any] = {"source": str(source), "samples": 0, "captioned": 0, "skipped": 0,
+    counts: dict[str, Any] = {"source": str(source), WHOLE_COPY: True, "samples": 0, "captioned": 0, "skipped": 0,
                               "skipped_no_image": [], "skipped_undecodable": [], "skipped_empty_caption": []}
     start = time.perf_counter()
 
@@ -259,7 +259,7 @@ def _caption_shard(source: Path, tmp: Path, captioner: Captioner, batch_size: in
         raise ShardReadError(f"{type(error).__name__}: {error}") from error
     with tar_in, tarfile.open(tmp, _tar_mode(source.name, write=True)) as tar_out:
         batch: list[TarSample] = []
-        for sample in read_samples(tar_in):
+        for sample in read_samples(tar_in, keep_ignored=True):  # copied whole: ._a.jpg and README too
             if f"{field}.txt" in sample.fields():
                 raise OpenAlignError(f"shard {source} already has a '{sample.key}.{field}.txt' member: choose "
                                      "another --field (it names the new member KEY.<field>.txt)")
@@ -297,13 +297,18 @@ def _members(path: Path) -> list[tarfile.TarInfo]:
         raise ShardReadError(f"{type(error).__name__}: {error}") from error
 
 
+# in a summary entry: the output copies every member with its bytes (earlier versions wrote the header alone of
+# a member webdataset ignores, a tar no reader gets past): an entry without it is checked by reading the output
+WHOLE_COPY = "copies_every_member"
+
+
 def _finished_entry(source: Path, destination: Path, entry: dict[str, Any] | None,
                     field: str) -> dict[str, Any] | None:
     """The summary entry of an existing output shard a rerun keeps, or None where it is damaged and
     must be captioned again. Raises :class:`OpenAlignError` where it was made from another file."""
     other_file = (f"{destination} was captioned from another file than {source}: caption into a new --out, "
                   f"or delete {destination} to caption {source} into it")
-    if entry is not None and "output_bytes" in entry:
+    if entry is not None and "output_bytes" in entry and entry.get(WHOLE_COPY):
         if entry.get("source_fingerprint") != _fingerprint(source):
             raise OpenAlignError(f"{other_file} (it was {entry.get('source')}, "
                                  f"{entry.get('source_fingerprint', {}).get('bytes')} bytes)")
@@ -313,7 +318,8 @@ def _finished_entry(source: Path, destination: Path, entry: dict[str, Any] | Non
         log.warning("%s is %d bytes, not the %d bytes written: it is damaged; captioning %s again",
                     destination, size, entry["output_bytes"], source)
         return None
-    # Not in the summary (it was lost, or the shard was written just before a kill): read it whole.
+    # Not in the summary (it was lost, or the shard was written just before a kill), or written by a version that
+    # left out the bytes of members webdataset ignores (a README): read it whole.
     try:
         members = _members(destination)
     except ShardReadError as error:
@@ -333,7 +339,7 @@ def _finished_entry(source: Path, destination: Path, entry: dict[str, Any] | Non
     captioned = sum(bool(found and found[1] == f"{field}.txt") for found in fields)
     # recorded now as a whole output is, so that the next rerun checks it without reading it again; an older
     # version's entry keeps its details (the skipped keys, the time)
-    return {**(entry or {}), "source": str(source), "source_fingerprint": _fingerprint(source),
+    return {**(entry or {}), WHOLE_COPY: True, "source": str(source), "source_fingerprint": _fingerprint(source),
             "samples": len(keys), "captioned": captioned, "skipped": len(keys) - captioned,
             "output_bytes": destination.stat().st_size, **({} if entry else {"recounted": True})}
 

@@ -121,10 +121,12 @@ class TarSample:
         return None
 
 
-def read_samples(tar: tarfile.TarFile, archive_end: Callable[[int], bytes] | None = None) -> Iterator[TarSample]:
+def read_samples(tar: tarfile.TarFile, archive_end: Callable[[int], bytes] | None = None,
+                 keep_ignored: bool = False) -> Iterator[TarSample]:
     """The shard's samples in member order, members grouped by key as webdataset groups them
-    (the members it ignores stay in the sample they lie in and break no sample); read errors,
-    and a tar cut short or damaged, become :class:`ShardReadError`.
+    (the members it ignores stay in the sample they lie in and break no sample, their bytes
+    read only with ``keep_ignored``: a copy of the shard needs them, training does not); read
+    errors, and a tar cut short or damaged, become :class:`ShardReadError`.
 
     ``tarfile`` stops quietly at a header it cannot parse (a cut, a flipped bit), so where it
     stops there must be the end-of-archive marker, two zero blocks: ``archive_end(offset)``
@@ -152,8 +154,8 @@ def read_samples(tar: tarfile.TarFile, archive_end: Callable[[int], bytes] | Non
             if current is not None:
                 yield current  # complete: a sample ends where the next key starts
             current = TarSample(found[0] if found else None)
-        try:  # every file's bytes, those webdataset ignores too (._a.jpg, README): a copy of the shard needs them
-            data = tar.extractfile(info).read() if info.isfile() else None
+        try:
+            data = tar.extractfile(info).read() if info.isfile() and (found or keep_ignored) else None
         except READ_ERRORS as error:  # a cut inside the member's data
             yield from _cut_short(current)
             raise ShardReadError(f"{type(error).__name__}: {error}") from error
@@ -306,7 +308,7 @@ def expand_urls(pattern: str, what: str) -> list[str]:
                                      if filesystem.isfile(match))
                 else:
                     matches = sorted(match for match in glob.glob(os.path.expanduser(url)) if Path(match).is_file())
-                urls.extend(_without_sidecars(matches, url) if what == "shards" else matches)
+                urls.extend(_without_sidecars(matches, url))
                 missing.extend([] if matches else [url])
             elif has_scheme(url) and not (url.lower().startswith("file:") and not _local_file(url).is_file()):
                 urls.append(check_filesystem(url))  # remote files are found when read (a check would cost a request)
@@ -333,7 +335,8 @@ def _without_sidecars(matches: list[str], url: str) -> list[str]:
     if not sidecars or len(sidecars) == len(matches):
         return matches
     log.warning("'%s' also matches %d file(s) that are not shards, left out (e.g. '%s', as img2dataset writes "
-                "beside its shards): name the shards alone, e.g. with '*.tar'", url, len(sidecars), sidecars[0])
+                "beside its shards): name the shards alone, e.g. with '*.tar' or '*.tfrecord'", url, len(sidecars),
+                sidecars[0])
     return [match for match in matches if not match.lower().endswith(_SIDECARS)]
 
 

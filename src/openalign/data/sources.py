@@ -594,7 +594,10 @@ class FieldsDecoder:
         try:  # the texts first: cheaper than decoding an image
             texts = self.texts(fields, generator)
         except SkipSample as skip:
-            raise image_problem(data, self.min_image_side) or skip from None
+            # an extra member a caption job would have added (caption.txt): it leaves an image it cannot decode
+            # without one, so the image is the reason to count (the caption's own reasons stay inspect's)
+            missing_extra = skip.reason in {f"no {key}" for key in self.extra_keys.values()}
+            raise (missing_extra and image_problem(data, self.min_image_side)) or skip from None
         with open_image(data, self.min_image_side) as image:
             return {**texts, "image": decode_pixels(self.transform, image, generator, data)}
 
@@ -660,7 +663,9 @@ def choose_caption(fields: dict[str, Any], text_key: str, text_choice: str = "fi
 def extra_value(key: str, data: bytes | int | float | None) -> Any:
     """An extra field's value by its member's kind: a number (a TFRecord's ``int64`` or ``float``
     feature), an int label (``*cls``), parsed JSON (``*json``) or stripped text; a missing or
-    unreadable one (JSON ``null`` included: no batch can hold it) skips the sample."""
+    unreadable one (JSON ``null`` and a NaN included: no batch can use it) skips the sample."""
+    if isinstance(data, float) and math.isnan(data):
+        raise SkipSample(f"no {key}", "NaN")
     if isinstance(data, int | float):
         return data
     if data is not None and key.endswith(("cls", "json")):
@@ -716,7 +721,8 @@ class TFRecordSourceConfig(SourceConfig, StreamOptions, tag="tfrecord"):
     files, globs or brace patterns, local or remote (``coyo/*.tfrecord``,
     ``gs://bucket/coyo/*.tfrecord`` through fsspec, ``pipe:gsutil cat gs://...``). A record that
     fails its CRC or does not parse is skipped; a file cut short ends there. ``extra_keys``
-    carries more features as fields (``{caption: caption}``; ``int64`` features are labels).
+    carries more features as fields (``{caption: caption}``; ``int64`` features are labels, ``float``
+    ones numbers, as COYO's scores); GZIP-compressed files are read too.
     """
 
     urls: str
