@@ -822,6 +822,11 @@ def test_a_table_names_its_first_missing_image_and_sends_url_lists_to_img2datase
     (tmp_path / "mixed.csv").write_text("image,caption\nb.png,two\nc.png,three\nhttps://example.com/a.jpg,one\n")
     with pytest.raises(OpenAlignError, match=r"; the first missing image: .*mixed.csv data row 1: .*b.png$"):
         TableSourceConfig(path=str(tmp_path / "mixed.csv")).rows()
+    (tmp_path / "tables").mkdir()  # several tables: the first one's missing image is still named
+    (tmp_path / "tables" / "a.csv").write_text("image,caption\nb.png,two\nc.png,three\n")
+    (tmp_path / "tables" / "b.csv").write_text("image,caption\nhttps://example.com/a.jpg,one\n")
+    with pytest.raises(OpenAlignError, match=r"; the first missing image: .*a.csv data row 1: .*b.png$"):
+        TableSourceConfig(path=str(tmp_path / "tables" / "*.csv")).rows()
 
 
 def _worker_waiting(started) -> None:

@@ -246,9 +246,8 @@ class TableSourceConfig(SourceConfig, tag="table"):
         for table_path in map(Path, tables):
             columns = _read_table(table_path, byte_columns=(self.text_column,), path_columns=(self.image_column,))
             wanted = [self.image_column, self.text_column, *self.extra_columns.values()]
-            missing = [name for name in wanted if name not in columns]
-            if missing:
-                raise OpenAlignError(f"table '{table_path}' has no column {', '.join(map(repr, missing))}; its columns "
+            if absent := [name for name in wanted if name not in columns]:  # (missing: the first missing image)
+                raise OpenAlignError(f"table '{table_path}' has no column {', '.join(map(repr, absent))}; its columns "
                                      f"are {', '.join(columns)} (name them with --image-column / --text-column / "
                                      "--extra-column, or in a recipe data.train.image_column / text_column / "
                                      "extra_columns)")
