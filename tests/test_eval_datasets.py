@@ -202,6 +202,8 @@ def test_canonical_first_names_keep_each_classs_own_prompts_and_say_when_they_re
     cupl = {"Crane, bird": ["A crane, wading."], "crane, construction machine": ["A crane lifting steel."]}
     readable, templates = datasets._prompt_inputs(names, cupl, canonicalize=True)
     assert class_prompts(readable, templates) == [["a crane wading"], ["a crane lifting steel"]]
+    readable, templates = datasets._prompt_inputs(["tench, Tinca tinca"], {"tench": ["A tench."]}, canonicalize=True)
+    assert class_prompts(readable, templates) == [["a tench"]]  # keyed by the first name alone
     assert "class names repeat" not in caplog.text
     readable, templates = datasets._prompt_inputs(names, ["a photo of a {}."], canonicalize=True)
     assert class_prompts(readable, templates) == [["a photo of a crane"]] * 2

@@ -268,7 +268,11 @@ def _prompt_inputs(readable: list[str], templates: Sequence[str] | Mapping[str, 
             # may share a first name ("crane, bird" and "crane, machine")
             templates = {canonicalize_prompt(name, ","): [canonicalize_prompt(prompt) for prompt in prompts]
                          for name, prompts in templates.items()}
-            readable = [canonicalize_prompt(name, ",") for name in readable]
+            whole = [canonicalize_prompt(name, ",") for name in readable]
+            for key, name in zip(whole, readable):  # prompts keyed by the first name alone serve too
+                if key not in templates and (first := _big_vision_name(name)) in templates:
+                    templates[key] = templates[first]
+            readable = whole
     else:
         templates = list(templates or DEFAULT_TEMPLATES)
         if any(not isinstance(template, str) or "{}" not in template for template in templates):
