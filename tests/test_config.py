@@ -84,6 +84,9 @@ def test_overrides_set_nested_keys_list_items_and_parse_values():
     # ': ' inside text (a pipe: command's header) keeps it text; a mapping is written in braces
     command = 'pipe:curl -s -H "X-Token: abc" https://host/{00000..00009}.tar'
     assert apply_overrides({}, [f"data.urls={command}", "data.x={a: 1}"]) == {"data": {"urls": command, "x": {"a": 1}}}
+    with pytest.raises(ConfigError, match=r"must be a mapping, got 'caption: caption.txt' \(text: on the command line "
+                                          r"a mapping is written in braces, \{caption: caption.txt\}\)"):
+        load_recipe("align-b3-mini-cc3m", ["data.train.extra_keys=caption: caption.txt"])
 
 
 @pytest.mark.parametrize("name", openalign.list_recipes())

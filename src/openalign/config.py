@@ -116,7 +116,7 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         return _convert_sequence(tp, value, path)
     if origin is dict:
         if not isinstance(value, Mapping):
-            raise ConfigError(f"must be a mapping, got {value!r}", path)
+            raise ConfigError(f"must be a mapping, got {value!r}{_braces_hint(value)}", path)
         _, value_type = get_args(tp)
         return {str(k): _convert(value_type, v, join_key(path, str(k))) for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
@@ -180,11 +180,18 @@ def _convert_scalar(tp: Any, value: Any, path: str) -> Any:
     raise TypeError(f"config type {tp!r} at '{path}' is not supported by openalign.config")
 
 
+def _braces_hint(value: Any) -> str:
+    """For text that reads as a mapping (an override ``key=a: b``, which stays text): how to write one."""
+    if isinstance(value, str) and ": " in value and not value.lstrip().startswith("{"):
+        return f" (text: on the command line a mapping is written in braces, {{{value.strip()}}})"
+    return ""
+
+
 def _convert_dataclass(cls: type, value: Any, path: str) -> Any:
     if isinstance(value, cls):
         return value
     if not isinstance(value, Mapping):
-        raise ConfigError(f"must be a mapping of settings, got {value!r}", path or "<root>")
+        raise ConfigError(f"must be a mapping of settings, got {value!r}{_braces_hint(value)}", path or "<root>")
     data = dict(value)
     if issubclass(cls, Variants):
         cls = _pick_variant(cls, data, path)
