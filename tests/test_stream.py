@@ -532,6 +532,8 @@ def test_shard_urls_are_expanded_into_what_opens(tmp_path, monkeypatch):
         f"file://{tmp_path}/00000.tar", f"file://{tmp_path}/00001.tar"]
     with pytest.raises(OpenAlignError, match=r"1 of the 3 shards that .* do not exist, e.g. 'file://.*/00002.tar'"):
         expand_urls(f"file://{tmp_path}/{{00000..00002}}.tar", "shards")
+    with pytest.raises(OpenAlignError, match=r"'file://.*cc3m' is a directory: name its shards"):
+        expand_urls(f"file://{tmp_path}/cc3m", "shards")
 
 
 def test_jpeg_draft_mode_decodes_large_images_faster_and_changes_only_resampling_noise():

@@ -314,7 +314,8 @@ def expand_urls(pattern: str, what: str) -> list[str]:
                 urls.append(check_filesystem(url))  # remote files are found when read (a check would cost a request)
             else:
                 missing.append(url)
-    if missing and Path(missing[0]).expanduser().is_dir():
+    first = missing and (_local_file(missing[0]) if missing[0].lower().startswith("file:") else Path(missing[0]))
+    if first and first.expanduser().is_dir():
         raise OpenAlignError(f"'{missing[0]}' is a directory: name its {what}, e.g. '{missing[0].rstrip('/')}/*.tar' "
                              "or a brace range (in a recipe: data.train.urls)")
     if missing:
