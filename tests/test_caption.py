@@ -350,3 +350,28 @@ def test_empty_captions_are_counted_not_written_and_none_at_all_is_an_error(shar
     assert "0 of 5 samples captioned, 5 skipped" in captured.out
     assert "no sample got a caption: see why in" in " ".join(captured.err.split())
     assert "empty caption for every image: is --captioner a captioning model" in " ".join(captured.err.split())
+
+
+def test_an_earlier_versions_output_of_a_source_with_ignored_members_is_captioned_again(tmp_path):
+    """An earlier version wrote a README's header without its bytes; at the end of a shard the tar
+    still reads as whole (the gap falls in its padding), so only the source can tell."""
+    from openalign.data.caption import WHOLE_COPY, _finished_entry, _fingerprint
+
+    def write(path, members):
+        with tarfile.open(path, "w") as tar:
+            for name, data, keep in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data) if keep else None)
+
+    source, output = tmp_path / "s.tar", tmp_path / "o.tar"
+    write(source, [("a.jpg", b"x" * 700, True), ("a.txt", b"cap", True), ("README", b"made by hand\n", True)])
+    write(output, [("a.jpg", b"x" * 700, True), ("a.txt", b"cap", True), ("a.caption.txt", b"syn", True),
+                   ("README", b"made by hand\n", False)])
+    entry = {"source": str(source), "samples": 1, "captioned": 1, "skipped": 0, "output_bytes": output.stat().st_size,
+             "source_fingerprint": _fingerprint(source)}
+    assert _finished_entry(source, output, entry, "caption") is None
+    write(source, [("a.jpg", b"x" * 700, True), ("a.txt", b"cap", True)])  # nothing ignored: the old output is whole
+    write(output, [("a.jpg", b"x" * 700, True), ("a.txt", b"cap", True), ("a.caption.txt", b"syn", True)])
+    entry.update(output_bytes=output.stat().st_size, source_fingerprint=_fingerprint(source))
+    assert _finished_entry(source, output, entry, "caption") == {**entry, WHOLE_COPY: True}

@@ -893,3 +893,9 @@ def test_an_uncaptioned_sample_with_a_corrupt_image_is_counted_for_its_image():
         counted = Counter(COUNTS) - before
         reasons = ("skipped/undecodable image", "skipped/no caption.txt", "skipped/no caption")
         assert [counted[reason] for reason in reasons] == [1, 1, 1]
+    from openalign.data.quality import SkipSample
+    from openalign.data.sources import FieldsDecoder
+
+    # an extra field named as the caption's reason ('no caption'): a missing caption is still that
+    with pytest.raises(SkipSample, match="no caption"):
+        FieldsDecoder(("jpg",), "txt", {"caption": "caption"}, TRANSFORM)({"jpg": encode("RGB", (64, 64))[:300]})

@@ -298,8 +298,18 @@ def _members(path: Path) -> list[tarfile.TarInfo]:
 
 
 # in a summary entry: the output copies every member with its bytes (earlier versions wrote the header alone of
-# a member webdataset ignores, a tar no reader gets past): an entry without it is checked by reading the output
+# a member webdataset ignores, a tar no reader may get past): without it, a source with such members is captioned
+# again
 WHOLE_COPY = "copies_every_member"
+
+
+def _ignored_bytes(source: Path) -> bool:
+    """Whether ``source`` holds a file member with bytes that webdataset ignores (no key)."""
+    try:
+        with tarfile.open(source, "r:*") as tar:
+            return any(info.isfile() and info.size > 0 and member_key(info) is None for info in tar)
+    except READ_ERRORS:
+        return True  # unreadable now: captioning it again says so
 
 
 def _finished_entry(source: Path, destination: Path, entry: dict[str, Any] | None,
@@ -308,18 +318,21 @@ def _finished_entry(source: Path, destination: Path, entry: dict[str, Any] | Non
     must be captioned again. Raises :class:`OpenAlignError` where it was made from another file."""
     other_file = (f"{destination} was captioned from another file than {source}: caption into a new --out, "
                   f"or delete {destination} to caption {source} into it")
-    if entry is not None and "output_bytes" in entry and entry.get(WHOLE_COPY):
+    if entry is not None and "output_bytes" in entry:
         if entry.get("source_fingerprint") != _fingerprint(source):
             raise OpenAlignError(f"{other_file} (it was {entry.get('source')}, "
                                  f"{entry.get('source_fingerprint', {}).get('bytes')} bytes)")
+        if not entry.get(WHOLE_COPY) and _ignored_bytes(source):
+            log.warning("%s was written by an earlier version, which left out the bytes of the members webdataset "
+                        "ignores (a README, a ._ file); captioning %s again", destination, source)
+            return None
         size = destination.stat().st_size
         if size == entry["output_bytes"]:
-            return entry
+            return {**entry, WHOLE_COPY: True}  # (an earlier version's, of a source without such members)
         log.warning("%s is %d bytes, not the %d bytes written: it is damaged; captioning %s again",
                     destination, size, entry["output_bytes"], source)
         return None
-    # Not in the summary (it was lost, or the shard was written just before a kill), or written by a version that
-    # left out the bytes of members webdataset ignores (a README): read it whole.
+    # Not in the summary (it was lost, or the shard was written just before a kill): read it whole.
     try:
         members = _members(destination)
     except ShardReadError as error:

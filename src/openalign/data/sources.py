@@ -575,11 +575,19 @@ class FieldsDecoder:
     text_choice: str = "first"
     drop_non_descriptive: bool = False
 
-    def texts(self, fields: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, Any]:
+    def texts(self, fields: dict[str, Any], generator: torch.Generator | None = None,
+              image: bytes | None = None) -> dict[str, Any]:
+        """The caption and the extra fields. With ``image``, a sample skipped for an extra member
+        it lacks is skipped for its image instead where that cannot be used: a caption job
+        (``caption.txt``) leaves an image it cannot decode without one. The caption's own
+        reasons stay as they are, as ``data inspect`` counts them, and cost no decoding."""
         texts = {"text": choose_caption(fields, self.text_key, self.text_choice, self.drop_non_descriptive,
                                         generator)}
         for name, key in self.extra_keys.items():
-            texts[name] = extra_value(key, fields.get(key))
+            try:
+                texts[name] = extra_value(key, fields.get(key))
+            except SkipSample as skip:
+                raise (image is not None and image_problem(image, self.min_image_side)) or skip from None
         return texts
 
     def __call__(self, fields: dict[str, bytes], generator: torch.Generator | None = None) -> dict[str, Any]:
@@ -590,13 +598,7 @@ class FieldsDecoder:
         if data is None:
             raise SkipSample(NO_IMAGE, f"none of the fields {', '.join(self.image_keys)}; it has "
                                        f"{', '.join(sorted(fields)) or 'none'}")
-        try:  # the texts first: cheaper than decoding an image
-            texts = self.texts(fields, generator)
-        except SkipSample as skip:
-            # an extra member a caption job would have added (caption.txt): it leaves an image it cannot decode
-            # without one, so the image is the reason to count (the caption's own reasons stay inspect's)
-            missing_extra = skip.reason in {f"no {key}" for key in self.extra_keys.values()}
-            raise (missing_extra and image_problem(data, self.min_image_side)) or skip from None
+        texts = self.texts(fields, generator, data)  # first: cheaper than decoding the image
         with open_image(data, self.min_image_side) as image:
             return {**texts, "image": decode_pixels(self.transform, image, generator, data)}
 
