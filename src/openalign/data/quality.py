@@ -149,6 +149,10 @@ def open_image(data: bytes | None, min_side: int = 1) -> Image.Image:
     return image
 
 
+# what decoding an opened image raises for truncated or corrupt image data
+DECODING_ERRORS = (OSError, ValueError, SyntaxError, RuntimeError)
+
+
 def decode_pixels(transform, image: Image.Image, generator=None, encoded: bytes | None = None):  # noqa: ANN001, ANN201
     """``transform(image, generator, encoded)`` (an ImageTransform; ``encoded``: the bytes ``image``
     was opened from), counting a conversion to RGB; decoding errors (truncated or corrupt image
@@ -157,7 +161,7 @@ def decode_pixels(transform, image: Image.Image, generator=None, encoded: bytes 
         COUNTS[f"converted/{image.mode}"] += 1
     try:
         return transform(image, generator, encoded)
-    except (OSError, ValueError, SyntaxError, RuntimeError) as error:  # truncated or corrupt image data
+    except DECODING_ERRORS as error:
         raise SkipSample(UNDECODABLE_IMAGE, f"{type(error).__name__}: {error}") from None
 
 
@@ -170,7 +174,7 @@ def image_problem(data: bytes, min_side: int = 1) -> SkipSample | None:
             image.load()
     except SkipSample as skip:
         return skip
-    except (OSError, ValueError, SyntaxError, RuntimeError) as error:  # as decode_pixels reads them
+    except DECODING_ERRORS as error:
         return SkipSample(UNDECODABLE_IMAGE, f"{type(error).__name__}: {error}")
     return None
 

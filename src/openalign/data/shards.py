@@ -310,12 +310,13 @@ def expand_urls(pattern: str, what: str) -> list[str]:
                     matches = sorted(match for match in glob.glob(os.path.expanduser(url)) if Path(match).is_file())
                 urls.extend(_without_sidecars(matches, url))
                 missing.extend([] if matches else [url])
-            elif has_scheme(url) and not (url.lower().startswith("file:") and not _local_file(url).is_file()):
+            elif has_scheme(url) and not url.lower().startswith("file:"):
                 urls.append(check_filesystem(url))  # remote files are found when read (a check would cost a request)
+            elif has_scheme(url) and _local_path(url).is_file():
+                urls.append(url)
             else:
                 missing.append(url)
-    first = missing and (_local_file(missing[0]) if missing[0].lower().startswith("file:") else Path(missing[0]))
-    if first and first.expanduser().is_dir():
+    if missing and _local_path(missing[0]).expanduser().is_dir():
         raise OpenAlignError(f"'{missing[0]}' is a directory: name its {what}, e.g. '{missing[0].rstrip('/')}/*.tar' "
                              "or a brace range (in a recipe: data.train.urls)")
     if missing:
@@ -332,20 +333,21 @@ def _without_sidecars(matches: list[str], url: str) -> list[str]:
     """The shards of what a glob matched: metadata beside them (``/data/cc3m/*`` of an img2dataset
     folder) is left out, with a warning; where nothing else matched, everything stays (and says
     what it is when read)."""
-    sidecars = [match for match in matches if match.lower().endswith(_SIDECARS)]
-    if not sidecars or len(sidecars) == len(matches):
+    shards = [match for match in matches if not match.lower().endswith(_SIDECARS)]
+    if not shards or len(shards) == len(matches):
         return matches
+    left_out = next(match for match in matches if match.lower().endswith(_SIDECARS))
     log.warning("'%s' also matches %d file(s) that are not shards, left out (e.g. '%s', as img2dataset writes "
-                "beside its shards): name the shards alone, e.g. with '*.tar' or '*.tfrecord'", url, len(sidecars),
-                sidecars[0])
-    return [match for match in matches if not match.lower().endswith(_SIDECARS)]
+                "beside its shards): name the shards alone, e.g. with '*.tar' or '*.tfrecord'", url,
+                len(matches) - len(shards), left_out)
+    return shards
 
 
-def _local_file(url: str) -> Path:
-    """The path of a ``file:`` URL (``file:///data/x.tar``, ``file:x.tar``)."""
+def _local_path(url: str) -> Path:
+    """The local path a path or a ``file:`` URL names (``file:///data/x.tar``, ``file:x.tar``)."""
     from urllib.parse import unquote, urlparse
 
-    return Path(unquote(urlparse(url).path))
+    return Path(unquote(urlparse(url).path)) if url.lower().startswith("file:") else Path(url)
 
 
 def check_filesystem(url: str) -> str:

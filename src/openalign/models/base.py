@@ -207,11 +207,13 @@ def text_input(input_ids: object, attention_mask: object, vocab_size: int | None
     if positions is not None and input_ids.shape[1] > positions:
         raise OpenAlignError(f"encode_text: texts of {input_ids.shape[1]} tokens, but the text tower has "
                              f"{positions} positions: {make}, which truncates")
-    if vocab_size is not None and input_ids.device.type == "cpu" and input_ids.numel() and \
-            not torch.compiler.is_compiling() and (  # a compiled graph would break at the check
-            int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size):
-        raise OpenAlignError(f"encode_text: token ids from {int(input_ids.min())} to {int(input_ids.max())}, but the "
-                             f"vocabulary holds 0 to {vocab_size - 1}: ids of another tokenizer? {make}")
+    if vocab_size is None or input_ids.device.type != "cpu" or not input_ids.numel() or \
+            torch.compiler.is_compiling():  # a compiled graph would break at the check
+        return
+    low, high = (int(value) for value in torch.aminmax(input_ids))
+    if low < 0 or high >= vocab_size:
+        raise OpenAlignError(f"encode_text: token ids from {low} to {high}, but the vocabulary holds 0 to "
+                             f"{vocab_size - 1}: ids of another tokenizer? {make}")
 
 
 def text_fields(given: object, *names: str) -> tuple[Any, ...] | None:
