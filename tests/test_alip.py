@@ -115,6 +115,25 @@ def test_the_gates_are_constants_for_the_gradient():
         torch.testing.assert_close(ours.grad, theirs.grad)
 
 
+def test_mismatched_embeddings_are_refused_before_the_running_averages_move():
+    """A (1, d) caption broadcasts through the gates: it must be refused with a message, not move
+    the running averages and then fail (or not) deeper down."""
+    image, text, caption = unit(ANGLES["image"]), unit(ANGLES["text"]), unit(ANGLES["caption"])
+    loss_fn = ALIPLoss()
+    for args in ((image, text, caption[:1], 10.0), (image, text, caption[:, :1], 10.0),
+                 (image[0], text[0], caption[0], 10.0), (image, text[:2], caption, 10.0),
+                 (image, text, caption, torch.ones(3))):
+        with pytest.raises(ValueError, match="one shape"):
+            loss_fn(*args)
+    assert [buffer.item() for buffer in loss_fn.buffers()] == [1.0, 1.0, 1.0]
+    from openalign.losses import ALIPLossConfig
+
+    for key in ("gamma_s", "gamma_p"):
+        for value in (math.nan, math.inf, 0.0):
+            with pytest.raises(ConfigError, match=key):
+                ALIPLossConfig(**{key: value})
+
+
 def test_alip_vit_b32_is_open_clips_vit_b32_and_embeds_both_texts_with_one_tower():
     model = openalign.create_model("alip-vit-b32")
     assert sum(p.numel() for p in model.parameters()) == 151_277_313  # open_clip's ViT-B-32
@@ -217,6 +236,7 @@ def test_the_alip_recipe_is_the_original_and_onecycle_cycles_lr_and_beta1():
         4096, 117696, 1e-3, 0.2, (0.9, 0.98), 8.0)
     assert (t.schedule, t.warmup_steps, t.weight_decay_scope) == ("onecycle", 11770, "all")
     assert recipe.data.train.extra_keys == {"caption": "caption.txt"}
+    assert recipe.data.train.resampled is False  # 32 epochs, each pair once an epoch, as DALI reads them
     assert (recipe.loss.gamma_s, recipe.loss.gamma_p, recipe.loss.momentum) == (2.0, 2.0, 0.99)
 
     model = openalign.create_model("alip-tiny")

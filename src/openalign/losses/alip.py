@@ -17,6 +17,7 @@ left in half precision (the original computes the gates on them as they are, spe
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -39,8 +40,8 @@ class ALIPLossConfig(LossConfig, tag="alip"):
 
     def __post_init__(self) -> None:
         for key in ("gamma_s", "gamma_p"):
-            if getattr(self, key) <= 0:
-                raise ConfigError("must be positive", key)
+            if not 0 < getattr(self, key) < math.inf:  # NaN too: every weight, and the loss, would be NaN
+                raise ConfigError("must be positive and finite", key)
         if not 0.0 <= self.momentum < 1.0:
             raise ConfigError("must be in [0, 1)", "momentum")
 
@@ -72,8 +73,15 @@ class ALIPLoss(nn.Module):
 
     def forward(self, image_emb: torch.Tensor, text_emb: torch.Tensor, caption_emb: torch.Tensor,
                 logit_scale: torch.Tensor | float) -> torch.Tensor:
+        logit_scale = torch.as_tensor(logit_scale)
+        shapes = [tuple(e.shape) for e in (image_emb, text_emb, caption_emb)]
+        if len(shapes[0]) != 2 or len(set(shapes)) != 1 or logit_scale.numel() != 1:
+            # checked before the running averages move: broadcasting would let a (1, d) caption through the gates
+            raise ValueError(f"ALIP's loss takes image, raw-text and caption embeddings of one shape (N, d), row i "
+                             f"of each the same example, and one logit scale; got {', '.join(map(str, shapes))} and "
+                             f"a logit scale of shape {tuple(logit_scale.shape)}")
         image_emb, text_emb, caption_emb = image_emb.float(), text_emb.float(), caption_emb.float()
-        logit_scale = torch.as_tensor(logit_scale).float()
+        logit_scale = logit_scale.float().reshape(())
         all_image, all_text, all_caption = (gather_with_grad(e) for e in (image_emb, text_emb, caption_emb))
         weight_sample, weight_text, weight_caption = self.gates(all_image.detach(), all_text.detach(),
                                                                 all_caption.detach())
