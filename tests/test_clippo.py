@@ -4,6 +4,7 @@ written from the spec, its parameters, initialisation, timm initialisation, trai
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -106,6 +107,54 @@ def test_a_clippo_model_cast_to_bf16_classifies_and_takes_inputs_as_the_others_d
     with pytest.raises(OpenAlignError, match=r"model\(image, text=tokenizer\(texts\)\)"):
         model(torch.zeros(1, 3, 32, 32), torch.zeros(1, 3, 32, 32))
     model.constrain_parameters()  # every model has it: nothing to clamp here
+
+
+def test_forward_checks_the_rendered_text_as_encode_text_does():
+    """The one pass over both modalities takes nothing encode_image / encode_text refuse: 8-bit
+    renderings (grey levels 0 and 127, not [-1, 1]) once embedded as text of another contrast."""
+    model = openalign.create_model("clippo-test").eval()
+    tokenizer = model.config.build_tokenizer()
+    images, text = torch.rand(2, 3, 32, 32) * 2 - 1, tokenizer(["a red circle", "a blue star"])
+    grey = (text["pixels"] * 127.5 + 127.5).round().to(torch.uint8)
+    for bad, match in ((grey, r"rendered texts in \[-1, 1\], got torch.uint8 ones"),
+                       (text["pixels"][0], r"\(N, 3, H, W\), got a tensor of shape \(3, 32, 32\)"),
+                       (F.interpolate(text["pixels"], size=64), "takes 32×32 px images")):
+        for call in (lambda: model(images, {"pixels": bad}), lambda: model.encode_text(bad)):
+            with pytest.raises(OpenAlignError, match=match):
+                call()
+    with pytest.raises(OpenAlignError, match="takes 32×32 px images"):
+        model(F.interpolate(images, size=64), text)
+    assert torch.equal(tokenizer(b"a red circle")["pixels"], text["pixels"][:1])  # bytes: one text, not its bytes
+
+
+def test_render_settings_are_checked_where_the_recipe_is_read(tmp_path):
+    """A setting nothing can be rendered with is named by its key when the recipe loads, and a
+    missing font when training builds its text processor (not inside a loader worker's error)."""
+    from openalign.errors import ConfigError
+    from openalign.recipe import load_recipe
+
+    for override, key in (("model.render.text_brightness=300", "model.render.text_brightness"),
+                          ("model.render.max_chars=-5", "model.render.max_chars"),
+                          ("model.render.font_size=8", "model.render.font_size")):
+        with pytest.raises(ConfigError, match=f"config key '{key}'"):
+            load_recipe("clippo-shapes", [override])
+    recipe = load_recipe("clippo-shapes", [f"model.render.font_path={tmp_path / 'missing.hex'}"])
+    recipe.model.build_tokenizer()  # evaluation of images alone needs no font
+    with pytest.raises(OpenAlignError, match="Unifont hex file not found: .*missing.hex"):
+        recipe.model.build_tokenizer(train=True)
+
+
+def test_the_text_processor_names_its_font_files_by_content(tmp_path):
+    """The embedding cache keys text embeddings by the processor's repr: a font file replaced in
+    place (another Unifont release at the same path) renders otherwise, so it must change the key."""
+    from openalign.data.render import DEFAULT_UNIFONT
+
+    font = tmp_path / "unifont.hex"
+    font.write_bytes(Path(DEFAULT_UNIFONT).read_bytes())
+    tokenizer = openalign.create_model("clippo-test", render={"font_path": str(font)}).config.build_tokenizer()
+    before = repr(tokenizer)
+    font.write_bytes(font.read_bytes() + b"E000:" + b"F" * 64 + b"\n")
+    assert repr(tokenizer) != before and str(font) in before
 
 
 def test_initialisation_follows_big_vision_and_only_kernels_are_decayed():

@@ -185,6 +185,16 @@ def test_blanks_and_invalid_bytes():
     assert (overflow[208:] == 0).any() and np.array_equal(overflow, render_text("x" * 760))
 
 
+def test_a_text_that_is_not_a_string_is_named():
+    """None or NaN (a table's missing caption) or one image's list of captions: an error that says so,
+    not a TypeError from inside the renderer."""
+    for bad in (None, float("nan"), ["two", "captions"], 7):
+        with pytest.raises(OpenAlignError, match=r"text to render must be a string \(or UTF-8 bytes\), got"):
+            render_text(bad)
+        with pytest.raises(OpenAlignError, match="give one caption per image"):
+            TextRenderer(image_size=32).batch(["fine", bad])
+
+
 def test_batch_matches_single():
     texts = [CASES[name] for name in sorted(CASES)]
     batch = render_texts(texts)

@@ -88,7 +88,10 @@ def caption_text(data: bytes | str | None, missing: str = NO_CAPTION, name: str 
     The same holds for CLIPPO, although big_vision renders whatever it is given (spec clippo.md
     §1.3: invalid UTF-8 as U+FFFD, an empty caption as a blank grey image, outer spaces as
     blank cells): a pair without readable text teaches nothing, so it is skipped and counted by
-    reason rather than rendered."""
+    reason rather than rendered. Outer whitespace is stripped for CLIPPO too, a deliberate
+    difference: a text file's trailing newline is the writing tool's, not the caption's, and
+    rendered it is a 16-px control glyph that narrows every line's wrap width (big_vision renders
+    a caption that ends in one with the glyph, its lines possibly broken a glyph earlier)."""
     if data is None:
         raise SkipSample(missing)
     if isinstance(data, str):

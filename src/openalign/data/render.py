@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import OpenAlignError
+from ..errors import ConfigError, OpenAlignError
 from .quality import BLANK_RENDER, note
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def resolve_font_paths(font_path: _FontPath | None = None) -> tuple[str, ...]:
     return tuple(os.path.abspath(os.fspath(path)) for path in paths)
 
 
-def _missing_font_error(path: str) -> OpenAlignError:
+def missing_font_error(path: str) -> OpenAlignError:
     return OpenAlignError(
         f"Unifont hex file not found: {path}. Install it with `apt-get install unifont` (Debian/Ubuntu; "
         f"it provides {DEFAULT_UNIFONT}), or download the Unifont 9.0.06 hex files that the released CLIPPO "
@@ -92,7 +92,7 @@ def _parse_hex_file(path: str) -> tuple[np.ndarray, np.ndarray]:
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:
-        raise _missing_font_error(path) from None
+        raise missing_font_error(path) from None
     except OSError as error:
         raise OpenAlignError(f"cannot read Unifont hex file {path}: {error}") from None
     glyphs: dict[int, tuple[list[int], list[int], list[bytes]]] = {32: ([], [], []), 64: ([], [], [])}
@@ -214,18 +214,19 @@ def _column_palette(ink: float, background: float, dtype: str) -> np.ndarray:
     return palette
 
 
-def _check_settings(image_size: int, font_size: int, text_brightness: int, background_brightness: int,
+def check_render_settings(image_size: int, font_size: int, text_brightness: int, background_brightness: int,
                     max_chars: int | None) -> None:
+    """A :class:`ConfigError` naming the setting (its ``key``) that cannot be rendered with."""
     if font_size != GLYPH_SIZE:
-        raise ValueError(f"font_size={font_size} is not supported: only 16 (Unifont's native size, what CLIPPO used) "
-                         "is implemented; big_vision's resized-glyph path is not")
+        raise ConfigError(f"is {font_size}, which is not supported: only 16 (Unifont's native size, what CLIPPO used) "
+                          "is implemented; big_vision's resized-glyph path is not", "font_size")
     if image_size <= GLYPH_SIZE:
-        raise ValueError(f"image_size must exceed the {GLYPH_SIZE}-px glyph cell, got {image_size}")
+        raise ConfigError(f"must exceed the {GLYPH_SIZE}-px glyph cell, got {image_size}", "image_size")
     for name, value in (("text_brightness", text_brightness), ("background_brightness", background_brightness)):
         if not 0 <= value <= 255:
-            raise ValueError(f"{name} must be a grey level in [0, 255], got {value}")
+            raise ConfigError(f"must be a grey level in [0, 255], got {value}", name)
     if max_chars is not None and max_chars < 0:
-        raise ValueError(f"max_chars must be non-negative (0 or None: no limit), got {max_chars}")
+        raise ConfigError(f"must be non-negative (0 or None: no limit), got {max_chars}", "max_chars")
 
 
 def text_codepoints(text: str | bytes, lower: bool = True, max_chars: int | None = 768) -> np.ndarray:
@@ -234,6 +235,9 @@ def text_codepoints(text: str | bytes, lower: bool = True, max_chars: int | None
     (0 or None: no limit, as in big_vision). Returns int64 code points."""
     if isinstance(text, (bytes, bytearray, memoryview)):
         text = bytes(text).decode("utf-8", errors="replace")
+    elif not isinstance(text, str):  # None or NaN from a table, a list of one image's captions
+        raise OpenAlignError(f"text to render must be a string (or UTF-8 bytes), got {type(text).__name__} "
+                             f"{text!r:.60}: give one caption per image (big_vision renders a list's first)")
     if max_chars:
         text = text[:max_chars]
     codepoints = np.frombuffer(text.encode("utf-32-le", errors="surrogatepass"), dtype="<u4").astype(np.int64)
@@ -295,7 +299,7 @@ def render_texts(texts: Sequence[str | bytes], image_size: int = 224, font_size:
     dropped. Control characters (``\\n``, ``\\t``) are drawn as their Unifont glyphs, not obeyed.
     Ink is ``text_brightness``, everything else ``background_brightness``.
     """
-    _check_settings(image_size, font_size, text_brightness, background_brightness, max_chars)
+    check_render_settings(image_size, font_size, text_brightness, background_brightness, max_chars)
     return _render_batch(Unifont.load(font_path), texts, image_size, lower, text_brightness, background_brightness,
                          max_chars)
 
@@ -364,7 +368,7 @@ class TextRenderer:
     _font: Unifont | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        _check_settings(self.image_size, self.font_size, self.text_brightness, self.background_brightness,
+        check_render_settings(self.image_size, self.font_size, self.text_brightness, self.background_brightness,
                         self.max_chars)
 
     @property

@@ -8,6 +8,7 @@ and projection embed both: there are no modality tokens and no separate paramete
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data.render import TextRenderer, resolve_font_paths
+from ..data.render import TextRenderer, check_render_settings, missing_font_error, resolve_font_paths
 from ..data.tokenizer import TextBatch
 from ..data.transforms import ImageTransform, PreprocessConfig
 from ..errors import ConfigError, OpenAlignError
@@ -63,6 +64,13 @@ class ClippoConfig(ModelConfig, tag="one_tower"):
         if size is not None and size != self.preprocess.image_size:
             raise ConfigError(f"is {self.preprocess.image_size}, but the encoder takes {size} px images (and text is "
                               f"rendered at the image size): set both to the same value", "preprocess.image_size")
+        render = self.render
+        try:  # where the config is read, not where a loader worker first renders
+            check_render_settings(self.preprocess.image_size, render.font_size, render.text_brightness,
+                                  render.background_brightness, render.max_chars)
+        except ConfigError as error:
+            raise ConfigError(error.message, ("preprocess." if error.key == "image_size" else "render.")
+                              + str(error.key)) from None
 
     @property
     def image_feature_dim(self) -> int:
@@ -72,7 +80,12 @@ class ClippoConfig(ModelConfig, tag="one_tower"):
         return Clippo(self)
 
     def build_tokenizer(self, train: bool = False) -> RenderedText:
+        """Training checks the font files are there: a loader worker reads them first, and its error
+        would come wrapped in the loader's."""
         render = self.render
+        for path in resolve_font_paths(render.font_path) if train else ():
+            if not os.path.isfile(path):
+                raise missing_font_error(path)
         return RenderedText(TextRenderer(self.preprocess.image_size, render.font_size, render.lower,
                                          render.text_brightness, render.background_brightness, render.max_chars,
                                          render.font_path))
@@ -88,11 +101,16 @@ class RenderedText:
     def __init__(self, renderer: TextRenderer) -> None:
         self.renderer = renderer
 
-    def __call__(self, texts: str | Sequence[str]) -> TextBatch:
-        return TextBatch(pixels=self.renderer.batch([texts] if isinstance(texts, str) else list(texts)))
+    def __call__(self, texts: str | bytes | Sequence[str | bytes]) -> TextBatch:
+        one = isinstance(texts, (str, bytes))  # one text (iterating bytes would give ints)
+        return TextBatch(pixels=self.renderer.batch([texts] if one else list(texts)))
 
-    def __repr__(self) -> str:  # what identifies its output, e.g. for the embedding cache
-        return f"RenderedText({self.renderer!r}, fonts={resolve_font_paths(self.renderer.font_path)})"
+    def __repr__(self) -> str:
+        """What identifies its output, e.g. for the embedding cache: the settings and each font file's
+        path, size and modification time (a font replaced in place renders otherwise)."""
+        fonts = [f"{path}|{stat.st_size}|{stat.st_mtime_ns}" if (stat := _stat(path)) else path
+                 for path in resolve_font_paths(self.renderer.font_path)]
+        return f"RenderedText({self.renderer!r}, fonts={fonts})"
 
 
 class Clippo(ContrastiveModel):
@@ -135,16 +153,11 @@ class Clippo(ContrastiveModel):
                     **other: Any) -> torch.Tensor:
         """Rendered text (what :meth:`ClippoConfig.build_tokenizer` gives: ``model.encode_text(**tokenizer(texts))``,
         or the processor's whole output, ``model.encode_text(tokenizer(texts))``) goes through the same path."""
-        make = "CLIPPO reads text rendered as images: model.encode_text(**tokenizer(texts)) with CLIPPO's tokenizer"
         if other:  # token ids from another model's tokenizer
-            raise OpenAlignError(f"encode_text takes rendered text (pixels), not {', '.join(other)}: {make}")
+            raise OpenAlignError(f"encode_text takes rendered text (pixels), not {', '.join(other)}: {_MAKE_TEXT}")
         if (fields := text_fields(pixels, "pixels")) is not None:
             (pixels,) = fields
-        if not isinstance(pixels, torch.Tensor) or pixels.ndim != 4:
-            shown = f"a tensor of shape {tuple(pixels.shape)}" if isinstance(pixels, torch.Tensor) else \
-                type(pixels).__name__
-            raise OpenAlignError(f"encode_text takes a batch of rendered texts (N, 3, H, W), got {shown}: {make}")
-        return self.encode_image(pixels, normalize)
+        return self.encode_image(_rendered_text(pixels), normalize)
 
     def forward(self, image: torch.Tensor, text: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Both modalities in one pass of the shared encoder (equal to two passes: nothing mixes
@@ -152,8 +165,11 @@ class Clippo(ContrastiveModel):
         if not isinstance(text, Mapping) or "pixels" not in text:
             raise OpenAlignError("CLIPPO's forward takes the image and the rendered text: model(image, "
                                  "text=tokenizer(texts))")
-        embeddings = self.encode_image(torch.cat([image, text["pixels"].to(image.dtype)]))
-        image_emb, text_emb = embeddings.split([image.shape[0], text["pixels"].shape[0]])
+        # each checked as encode_image / encode_text check it (8-bit renderings, another size), then one pass
+        dtype, size = next(self.encoder.parameters()).dtype, getattr(self.config.encoder, "image_size", None)
+        image, rendered = image_input(image, dtype, size), image_input(_rendered_text(text["pixels"]), dtype, size)
+        embeddings = self.encode_image(torch.cat([image, rendered]))
+        image_emb, text_emb = embeddings.split([image.shape[0], rendered.shape[0]])
         return {"image_emb": image_emb, "text_emb": text_emb, "logit_scale": self.logit_scale}
 
     def init_from(self, path: str | Path) -> None:
@@ -188,3 +204,25 @@ class Clippo(ContrastiveModel):
                                  "initialise the whole model from an openalign CLIPPO model directory or a big_vision "
                                  ".npz instead")
         load(location)
+
+
+def _stat(path: str) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except OSError:  # a missing font is reported where it is read
+        return None
+
+
+_MAKE_TEXT = "CLIPPO reads text rendered as images: model.encode_text(**tokenizer(texts)) with CLIPPO's tokenizer"
+
+
+def _rendered_text(pixels: object) -> torch.Tensor:
+    """``pixels`` if it is a batch of rendered texts (N, 3, H, W), else an error that says how to make one."""
+    if not isinstance(pixels, torch.Tensor) or pixels.ndim != 4:
+        shown = f"a tensor of shape {tuple(pixels.shape)}" if isinstance(pixels, torch.Tensor) else \
+            type(pixels).__name__
+        raise OpenAlignError(f"encode_text takes a batch of rendered texts (N, 3, H, W), got {shown}: {_MAKE_TEXT}")
+    if not pixels.is_floating_point():  # grey levels 0..255 would embed as text of another contrast
+        raise OpenAlignError(f"encode_text takes rendered texts in [-1, 1], got {pixels.dtype} ones: {_MAKE_TEXT} "
+                             "(8-bit renderings from render_texts: openalign.data.render.value_range first)")
+    return pixels
