@@ -264,7 +264,8 @@ def test_eval_commands_write_clip_benchmark_records(model, folders, shapes_root,
     commands = {
         "zeroshot": ["--root", str(folders / "val"), "--classnames", str(tmp_path / "classnames.txt"),
                      "--template", "a {}", "--template", "a drawing of a {}"],
-        "knn": ["--train", str(folders / "train"), "--val", str(folders / "val"), "--k", "20"],
+        "knn": ["--train", str(folders / "train"), "--val", str(folders / "val"), "--k", "20",
+                "--preprocess", "resize_mode=shortest", "interpolation=bicubic"],  # a paper's own preprocessing
         "retrieval": ["--json", str(shapes_root / "dataset_shapes.json"), "--contrastive-batch", "8"],
     }
     for task, options in commands.items():
@@ -284,6 +285,12 @@ def test_eval_commands_write_clip_benchmark_records(model, folders, shapes_root,
     assert records["retrieval"]["settings"]["contrastive_batch"] == 8
     knn_settings = {"k": 20, "temperature": 0.07, "val_root": str((folders / "val").resolve())}
     assert records["knn"]["settings"].items() >= knn_settings.items()
+    given = {key: value for key, value in records["knn"]["settings"]["preprocess"].items() if value is not None}
+    assert given == {"resize_mode": "shortest", "interpolation": "bicubic"}
+    assert records["zeroshot"]["settings"].get("preprocess") is None
+    assert main(["eval", "knn", "--model", str(model_dir), "--train", str(folders / "train"), "--val",
+                 str(folders / "val"), "--preprocess", "resize_mode=diagonal"]) == 2
+    assert "--preprocess: config key 'resize_mode' is 'diagonal', which is not allowed" in capsys.readouterr().err
     assert records["zeroshot"]["settings"]["templates"] == ["a {}", "a drawing of a {}"]
     assert records["zeroshot"]["settings"]["split"] is None  # class folders have no split
     assert main(["eval", "zeroshot", "--model", str(model_dir), "--root", str(folders / "val"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import json
 import logging
@@ -112,6 +113,8 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
     try:
         task = _eval_task(args)
+        if getattr(args, "preprocess", None):
+            task = dataclasses.replace(task, preprocess=_eval_preprocess(args.preprocess))
     except ConfigError as error:  # named as the option that set it
         option = _EVAL_OPTIONS.get(error.key or "", f"--{(error.key or '').replace('_', '-')}")
         raise OpenAlignError(f"{option} {error.message}") from None
@@ -126,6 +129,17 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     print(json.dumps(record, indent=2))
     if output:
         output.write_text(json.dumps(record, indent=2))
+
+
+def _eval_preprocess(settings: list[str]) -> Any:
+    """``--preprocess key=value ...`` as the task's :class:`~openalign.eval.tasks.EvalPreprocess`."""
+    from .config import apply_overrides, from_dict
+    from .eval.tasks import EvalPreprocess
+
+    try:
+        return from_dict(EvalPreprocess, apply_overrides({}, settings))
+    except ConfigError as error:
+        raise OpenAlignError(f"--preprocess: {error}") from None
 
 
 def _output_file(path: str, suffixes: tuple[str, ...] = ()) -> Path:
@@ -505,7 +519,9 @@ def build_parser() -> argparse.ArgumentParser:
     knn.add_argument("--k", type=_at_least(1), default=1, help="1: COYO-ALIGN's 1-NN; 20: weighted voting")
     knn.add_argument("--temperature", type=float,
                      help="the votes' weight exp(cosine / temperature) (default: the task's, 0.07 as DINO)")
-    fewshot = tasks.add_parser("fewshot", help="CLIPPO's few-shot ridge probe on pre-projection image features")
+    fewshot = tasks.add_parser("fewshot", help="CLIPPO's few-shot ridge probe on pre-projection image features (its "
+                                               "images: --preprocess resize_size=256 image_size=224, as the clippo "
+                                               "suite sets)")
     fewshot.add_argument("--train", required=True, help="class folders to sample the shots from")
     fewshot.add_argument("--val", required=True, help="class folders to score")
     fewshot.add_argument("--shots", type=_at_least(1), default=10)
@@ -553,6 +569,11 @@ def build_parser() -> argparse.ArgumentParser:
         task.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
         task.add_argument("--precision", default="auto", choices=PRECISIONS, help=precision_help)
         task.add_argument("--output", help="also write the result JSON here")
+        if task not in (sentences, pairs, shapes):  # images a paper preprocesses otherwise than the model
+            task.add_argument("--preprocess", nargs="+", metavar="KEY=VALUE",
+                              help="the task's own image preprocessing in place of the model's (e.g. resize_size=256 "
+                                   "image_size=224; keys: image_size, resize_size, resize_mode, interpolation, "
+                                   "center_crop, antialias)")
         if task is not pairs:  # fine-tuning changes the weights: nothing to cache
             task.add_argument("--cache-dir", help="reuse image embeddings across runs (keyed by weights, "
                                                   "preprocessing, files)")
