@@ -237,6 +237,10 @@ def test_the_alip_recipe_is_the_original_and_onecycle_cycles_lr_and_beta1():
     assert (t.schedule, t.warmup_steps, t.weight_decay_scope) == ("onecycle", 11770, "all")
     assert recipe.data.train.extra_keys == {"caption": "caption.txt"}
     assert recipe.data.train.resampled is False  # 32 epochs, each pair once an epoch, as DALI reads them
+    from openalign.precision import gradient_scaler
+
+    scaler = gradient_scaler(torch.device("cpu"), "fp16", recipe.train.loss_scale_growth_interval)
+    assert scaler.is_enabled() and scaler.get_growth_interval() == 200  # ALIP's fp16 GradScaler
     assert (recipe.loss.gamma_s, recipe.loss.gamma_p, recipe.loss.momentum) == (2.0, 2.0, 0.99)
 
     model = openalign.create_model("alip-tiny")

@@ -178,10 +178,7 @@ def test_resume_continues_exactly(tmp_path, shapes_root, tiny_overrides, monkeyp
     settings = STOCHASTIC + [f"train.accum_steps={accum_steps}", f"train.optimizer={optimizer}",
                              f"train.precision={precision}", f"train.eps={1e-30 if optimizer == 'adafactor' else 1e-6}"]
     if precision == "fp16":  # a scale that changes every step: a resume that lost it would end on another
-        from openalign.train import loop
-
-        monkeypatch.setattr(loop, "gradient_scaler", lambda device, _: torch.amp.GradScaler(device.type,
-                                                                                             growth_interval=1))
+        settings.append("train.loss_scale_growth_interval=1")
     straight = tmp_path / "straight"
     train(load_recipe("demo", tiny_overrides(shapes_root, straight, steps=6) + settings), show_progress=False)
 
@@ -200,7 +197,7 @@ def test_resume_continues_exactly(tmp_path, shapes_root, tiny_overrides, monkeyp
     if precision == "fp16":
         scalers = [torch.load(d / "checkpoints" / "step_00000006" / "trainer_state.pt")["scaler"]
                    for d in (straight, interrupted)]
-        assert scalers[0] == scalers[1], scalers
+        assert scalers[0] == scalers[1] and scalers[0]["growth_interval"] == 1, scalers
 
 
 def test_a_run_stopped_at_a_checkpoint_keeps_the_evaluation_of_that_step(tmp_path, shapes_root, tiny_overrides,

@@ -48,12 +48,14 @@ def precision_name(device: torch.device, precision: str | None = None) -> str:
     return {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[autocast_dtype(device, precision)]
 
 
-def gradient_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
+def gradient_scaler(device: torch.device, precision: str, growth_interval: int = 2000) -> torch.amp.GradScaler:
     """The loss scaler of training at ``precision``: enabled in fp16 (whose gradients underflow
-    without one), else disabled, passing losses, gradients and steps through unchanged."""
+    without one), else disabled, passing losses, gradients and steps through unchanged. The scale
+    doubles after ``growth_interval`` steps without an overflow."""
     import torch
 
-    return torch.amp.GradScaler(device.type, enabled=autocast_dtype(device, precision) == torch.float16)
+    return torch.amp.GradScaler(device.type, enabled=autocast_dtype(device, precision) == torch.float16,
+                                growth_interval=growth_interval)
 
 
 @contextlib.contextmanager

@@ -57,8 +57,8 @@ class TrainConfig:
     big_vision's inverse square root with time scale ``rsqrt_timescale`` (default: the warm-up);
     ``cooldown_steps`` ramps any schedule linearly to 0 over the last steps.
     ``precision: auto`` is bf16 autocast on GPU and fp32 on CPU (``fp16``: fp16 autocast with a
-    gradient scaler, for GPUs without bf16); evaluation during the run uses
-    the same. ``init_from`` initialises a fresh run from weights: anything :func:`load_pretrained`
+    gradient scaler, for GPUs without bf16, whose scale doubles after ``loss_scale_growth_interval``
+    steps without an overflow: torch's 2000, ALIP's 200); evaluation during the run uses the same. ``init_from`` initialises a fresh run from weights: anything :func:`load_pretrained`
     reads (ALIGN, ALIP; ALIP's released file), or a checkpoint the model knows how to read
     (CLIPPO: an openalign CLIPPO directory or a released big_vision ``.npz`` for the whole model, a
     timm ViT checkpoint for the encoder).
@@ -93,6 +93,7 @@ class TrainConfig:
     weight_decay_scope: Literal["default", "all"] = "default"
     grad_clip: float | None = None
     precision: Precision = "auto"
+    loss_scale_growth_interval: int = 2000
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool = False
     accum_steps: int = 1
@@ -103,7 +104,7 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        require_at_least(self, 1, "steps", "batch_size", "accum_steps")
+        require_at_least(self, 1, "steps", "batch_size", "accum_steps", "loss_scale_growth_interval")
         for key in ("lr", "weight_decay", "eps", "grad_clip", "ema_decay"):  # YAML refuses these; Python callers too
             if getattr(self, key) is not None and not math.isfinite(getattr(self, key)):
                 raise ConfigError("must be a finite number", key)

@@ -121,7 +121,7 @@ def _train(recipe: Recipe, resume: str | None, show_progress: bool, held: contex
         torch.manual_seed(cfg.seed + 1 + ctx.rank)  # per-rank dropout and drop-connect streams
         recipe_dict = to_dict(recipe)
         start = 0
-        scaler = gradient_scaler(ctx.device, cfg.precision)
+        scaler = gradient_scaler(ctx.device, cfg.precision, cfg.loss_scale_growth_interval)
         if resume:
             start = checkpointer.resume(resume, model, optimizer, scheduler, loss_fn, recipe_dict, cfg.steps,
                                         allow_changes, scaler)
