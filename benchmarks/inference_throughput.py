@@ -9,8 +9,10 @@ embedding call: openalign's ``encode_image`` / ``encode_text`` on the model as
 channels-last, batch norms folded into the convolutions) and transformers' ``get_image_features`` /
 ``get_text_features`` (its defaults). fp32 on CPU; bf16 autocast on CUDA, where the script also
 reports how close each library's bf16 embeddings come to transformers' fp32 ones (least cosine
-similarity over a batch of 16); ``--compile`` wraps both calls in ``torch.compile``. Texts are
-64 tokens (ALIGN's padded length), 20 of them real.
+similarity over a batch of 16); ``--compile`` wraps both calls in ``torch.compile`` (one static graph per
+batch size). Texts are 64 tokens (ALIGN's padded length), 20 of them real. fp32 references run without
+TF32 (cuDNN's convolutions default to it on CUDA). ``--min-cosine`` / ``--max-fp32-diff`` stop the run
+before any timing where the embeddings disagree (benchmarks/gpu/run.sh's check part).
 
     python benchmarks/inference_throughput.py                                  # CPU, small model, ~1 min
     python benchmarks/inference_throughput.py --preset align-base --device cuda --compile
@@ -21,14 +23,16 @@ Prints a table and writes JSON (``--output``, default runs/benchmarks/inference_
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from transformers import (AlignConfig, AlignModel, AlignProcessor, AlignTextConfig, AlignVisionConfig,
                           EfficientNetImageProcessor)
 
@@ -109,8 +113,8 @@ def encoders(model: torch.nn.Module, hf: AlignModel, compile: bool) -> dict[tupl
     """The embedding call of each (library, tower), unnormalised as transformers returns them."""
     image, text = model.encode_image, model.encode_text
     hf_image, hf_text = hf.get_image_features, hf.get_text_features
-    if compile:
-        image, text, hf_image, hf_text = (torch.compile(f) for f in (image, text, hf_image, hf_text))
+    if compile:  # static: batch 1 then the large batch would otherwise recompile the second with a dynamic batch
+        image, text, hf_image, hf_text = (torch.compile(f, dynamic=False) for f in (image, text, hf_image, hf_text))
     return {
         ("openalign", "image"): lambda x: image(x["pixels_channels_last"], normalize=False),
         ("transformers", "image"): lambda x: hf_image(pixel_values=x["pixels"]).pooler_output,
@@ -138,12 +142,24 @@ def call_seconds(encode: Encoder, inputs: dict[str, torch.Tensor], device: torch
     return statistics.median(times)
 
 
+@contextlib.contextmanager
+def full_fp32() -> Iterator[None]:
+    """fp32 matmuls and convolutions without TF32, which cuDNN's convolutions use on CUDA by default."""
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
 @torch.inference_mode()
 def parity(calls: dict[tuple[str, str], Encoder], inputs: dict[str, torch.Tensor]) -> dict[str, float]:
     """Max absolute difference of the two libraries' fp32 embeddings over their max magnitude, per tower."""
     differences = {}
     for tower in ("image", "text"):
-        ours, theirs = calls[("openalign", tower)](inputs).float(), calls[("transformers", tower)](inputs).float()
+        with full_fp32():
+            ours, theirs = calls[("openalign", tower)](inputs).float(), calls[("transformers", tower)](inputs).float()
         differences[tower] = ((ours - theirs).abs().max() / theirs.abs().max()).item()
     return differences
 
@@ -155,7 +171,8 @@ def low_precision_agreement(calls: dict[tuple[str, str], Encoder], inputs: dict[
     to transformers' fp32 embeddings, per (library, tower): how far bf16 moves either library."""
     agreement = {}
     for tower in ("image", "text"):
-        reference = calls[("transformers", tower)](inputs).float()
+        with full_fp32():
+            reference = calls[("transformers", tower)](inputs).float()
         for library in ("openalign", "transformers"):
             with autocast(device, precision):
                 embedding = calls[(library, tower)](inputs).float()
@@ -174,6 +191,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iterations", type=int, default=10)
     parser.add_argument("--compile", action="store_true", help="torch.compile both libraries' calls")
+    parser.add_argument("--no-latency", action="store_true",
+                        help="skip the batch-1 latency (with --compile: half the compilations)")
+    parser.add_argument("--min-cosine", type=float,
+                        help="stop before timing unless openalign's least cosine to transformers' fp32 embeddings "
+                             "(at --precision) reaches this in both towers")
+    parser.add_argument("--max-fp32-diff", type=float,
+                        help="stop before timing if the libraries' fp32 relative difference exceeds this")
     add_output(parser, "inference_throughput")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -188,18 +212,33 @@ def main() -> None:
     differences = parity(plain_calls, make_inputs(2, image_size, device))
     agreement = (low_precision_agreement(plain_calls, make_inputs(16, image_size, device), device, precision)
                  if precision != "fp32" else {})
+    print(f"fp32 relative difference: {differences}; least cosine of {precision} to transformers' fp32: {agreement}")
+    problems = [f"fp32 {tower} difference {value:.1e} > {args.max_fp32_diff}" for tower, value in differences.items()
+                if args.max_fp32_diff is not None and not value <= args.max_fp32_diff]  # NaN fails
+    problems += [f"{name} least cosine {value:.5f} < {args.min_cosine}" for name, value in agreement.items()
+                 if args.min_cosine is not None and name.startswith("openalign/") and not value >= args.min_cosine]
+    if problems:
+        raise SystemExit("the embeddings disagree, nothing timed: " + "; ".join(problems))
     batches = {1: make_inputs(1, image_size, device), batch_size: make_inputs(batch_size, image_size, device)}
     rows = []
     for (library, tower), encode in calls.items():
-        latency = call_seconds(encode, batches[1], device, precision, args.warmup, args.iterations)
+        latency = (None if args.no_latency else
+                   call_seconds(encode, batches[1], device, precision, args.warmup, args.iterations))
         seconds = call_seconds(encode, batches[batch_size], device, precision, args.warmup, args.iterations)
         rows.append({"library": library, "tower": tower, "precision": precision, "compile": args.compile,
-                     "latency_ms_batch1": 1000 * latency, "batch_size": batch_size,
+                     "latency_ms_batch1": None if latency is None else 1000 * latency, "batch_size": batch_size,
                      "items_per_second": batch_size / seconds})
+        if args.compile:  # the compiled call computes what the plain one does (at the large batch: no recompiling)
+            with torch.inference_mode(), autocast(device, precision):
+                compiled, plain = encode(batches[batch_size]), plain_calls[(library, tower)](batches[batch_size])
+            rows[-1]["least_cosine_compiled_to_eager"] = torch.nn.functional.cosine_similarity(
+                compiled.float(), plain.float(), dim=-1).min().item()
+        print(rows[-1])  # in the log should a later call fail
     env = environment(device, preset=args.preset, image_size=image_size, text_length=TEXT_LENGTH,
-                      real_tokens=REAL_TOKENS)
+                      real_tokens=REAL_TOKENS, transformers=transformers.__version__)
     reference = {row["tower"]: row["items_per_second"] for row in rows if row["library"] == "transformers"}
-    cells = [(row["library"], row["tower"], row["precision"], str(row["compile"]), f"{row['latency_ms_batch1']:.2f}",
+    cells = [(row["library"], row["tower"], row["precision"], str(row["compile"]),
+              "–" if row["latency_ms_batch1"] is None else f"{row['latency_ms_batch1']:.2f}",
               str(row["batch_size"]), f"{row['items_per_second']:.1f}",
               f"{row['items_per_second'] / reference[row['tower']]:.2f}") for row in rows]
     title = (f"inference, {args.preset} preset, on {env['device']} (torch {env['torch']}); fp32 relative difference: "

@@ -27,6 +27,7 @@ Prints a table and writes JSON (``--output``, default runs/benchmarks/train_thro
 from __future__ import annotations
 
 import argparse
+import gc
 import resource
 import time
 from collections.abc import Callable
@@ -54,6 +55,26 @@ def synthetic_batch(model: torch.nn.Module, batch_size: int, device: torch.devic
 def measure(name: str, batch_size: int, device: torch.device, steps: int, warmup: int, compile: bool,
             standard_bn: bool = False, accum_steps: int = 1, checkpointing: bool = False,
             optimizer_name: str = "lamb", ema: bool = False) -> dict:
+    """One configuration's row; where the GPU runs out of memory, a row saying so (``out_of_memory``,
+    no numbers), so that the other configurations still run and are reported."""
+    row = {"model": name, "batch_size": batch_size, "precision": "bf16" if device.type == "cuda" else "fp32",
+           "compile": compile, "batch_norm": "standard" if standard_bn else "ghost", "accum_steps": accum_steps,
+           "grad_checkpointing": checkpointing, "optimizer": optimizer_name, "ema": ema, "out_of_memory": False}
+    gc.collect()  # the previous configuration's model and optimiser state: gone before this one's peak is taken
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    try:
+        row.update(_measure(name, batch_size, device, steps, warmup, compile, standard_bn, accum_steps, checkpointing,
+                            optimizer_name, ema))
+    except torch.cuda.OutOfMemoryError:
+        row.update(out_of_memory=True, samples_per_second=None, seconds_per_step=None, peak_memory_gib=None,
+                   held_for_backward_mib=None, ema_mib=None)
+    print(row, flush=True)  # in the log should a later configuration fail
+    return row
+
+
+def _measure(name: str, batch_size: int, device: torch.device, steps: int, warmup: int, compile: bool,
+             standard_bn: bool, accum_steps: int, checkpointing: bool, optimizer_name: str, ema: bool) -> dict:
     torch.manual_seed(0)
     overrides = {"image": {"virtual_batch_size": None}} if standard_bn else {}
     model = openalign.create_model(name, **overrides).to(device).to(memory_format=torch.channels_last)
@@ -83,12 +104,9 @@ def measure(name: str, batch_size: int, device: torch.device, steps: int, warmup
         peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
     else:
         peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # process peak RSS (KiB on Linux)
-    return {"model": name, "batch_size": batch_size, "samples_per_second": batch_size * steps / seconds,
-            "seconds_per_step": seconds / steps, "peak_memory_gib": peak_gib,
-            "precision": "bf16" if device.type == "cuda" else "fp32", "compile": compile,
-            "batch_norm": "standard" if standard_bn else "ghost", "accum_steps": accum_steps,
-            "grad_checkpointing": checkpointing, "held_for_backward_mib": held, "optimizer": optimizer_name,
-            "ema": ema, "ema_mib": average.nbytes / 2**20 if average is not None else 0.0}
+    return {"samples_per_second": batch_size * steps / seconds, "seconds_per_step": seconds / steps,
+            "peak_memory_gib": peak_gib, "held_for_backward_mib": held,
+            "ema_mib": average.nbytes / 2**20 if average is not None else 0.0}
 
 
 def held_for_backward(step: Callable[[], object]) -> float:
@@ -134,8 +152,9 @@ def main() -> None:
     cells = [(row["model"], row["optimizer"], str(row["batch_size"]), str(row["accum_steps"]), row["batch_norm"],
               row["precision"],
               str(row["compile"]), "on" if row["grad_checkpointing"] else "off", "on" if row["ema"] else "off",
-              f"{row['samples_per_second']:.1f}", f"{row['seconds_per_step']:.3f}", f"{row['peak_memory_gib']:.2f}",
-              "–" if row["held_for_backward_mib"] is None else f"{row['held_for_backward_mib']:.0f}")
+              *(("out of memory", "–", "–", "–") if row["out_of_memory"] else
+                (f"{row['samples_per_second']:.1f}", f"{row['seconds_per_step']:.3f}", f"{row['peak_memory_gib']:.2f}",
+                 "–" if row["held_for_backward_mib"] is None else f"{row['held_for_backward_mib']:.0f}")))
              for row in rows]
     report(f"training throughput on {env['device']} (torch {torch.__version__})",
            ("model", "optimizer", "batch/device", "accum", "batch norm", "precision", "compile", "checkpointing",

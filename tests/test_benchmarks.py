@@ -69,3 +69,46 @@ def test_the_training_benchmark_compares_optimisers_on_a_pixel_model(tmp_path):
     model = openalign.create_model("clippo-test")  # the average: a copy of every weight and float buffer
     copy_mib = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) / 2**20
     assert [row["ema_mib"] for row in rows] == [0.0, pytest.approx(copy_mib), 0.0, pytest.approx(copy_mib)]
+
+
+def test_a_configuration_out_of_memory_is_a_row_and_the_others_still_run(monkeypatch, tmp_path):
+    """align-b7-base at 256 a device holds more for its backward pass than an 80 GB GPU has: that
+    configuration is reported as out of memory, and the others of the same run are still measured."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import torch
+    import train_throughput
+
+    measured = train_throughput._measure
+
+    def measure(name, batch_size, *args):
+        if batch_size == 32:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 118.00 GiB")
+        return measured(name, batch_size, *args)
+
+    monkeypatch.setattr(train_throughput, "_measure", measure)
+    monkeypatch.setattr(sys, "argv", ["train_throughput.py", "--models", "align-test", "--batch-sizes", "32", "16",
+                                      "--steps", "1", "--warmup", "1", "--device", "cpu",
+                                      "--output", str(tmp_path / "out.json")])
+    train_throughput.main()
+    rows = json.loads((tmp_path / "out.json").read_text())["results"]
+    assert [(row["batch_size"], row["out_of_memory"]) for row in rows] == [(32, True), (16, False)]
+    assert rows[0]["samples_per_second"] is None and rows[1]["samples_per_second"] > 0
+
+
+def test_disagreeing_embeddings_stop_the_inference_benchmark_before_timing(tmp_path):
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "inference_throughput.py"),
+                             *TINY["inference_throughput.py"], "--max-fp32-diff", "0",
+                             "--output", str(tmp_path / "out.json")],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "the embeddings disagree, nothing timed: fp32 image difference" in result.stderr
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_the_gpu_runbook_parses_and_refuses_an_unknown_part_before_doing_anything(tmp_path):
+    run = BENCHMARKS / "gpu" / "run.sh"
+    for script in (run, BENCHMARKS / "gpu" / "prepare.sh"):
+        assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    result = subprocess.run(["bash", str(run), "check", "inferense"], cwd=tmp_path, capture_output=True, text=True,
+                            env={"PATH": "/usr/bin:/bin", "OUT": str(tmp_path / "out")}, timeout=60)
+    assert result.returncode == 2 and "unknown part 'inferense'" in result.stdout
+    assert not (tmp_path / "out").exists()

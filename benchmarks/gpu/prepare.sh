@@ -5,10 +5,13 @@
 # the bert-base-uncased vocabulary as a stub of the package openalign finds it in (the package
 # itself is 83 MB with its model).
 #
-#   bash benchmarks/gpu/prepare.sh          # then, on the GPU machine: bash benchmarks/gpu/run.sh inference
+#   bash benchmarks/gpu/prepare.sh          # then, on the GPU machine: bash benchmarks/gpu/run.sh check inference
+#
+# .gpu/ is git-ignored: the device tool sends it only where its `carry` names it (about 7 MB of the 64 MB).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-.venv/bin/python}
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's openalign, whichever the venv installed
 exclude=$(git rev-parse --git-path info/exclude)
 mkdir -p "$(dirname "$exclude")"
 grep -qsx '/.gpu/' "$exclude" || echo '/.gpu/' >> "$exclude"
