@@ -605,6 +605,32 @@ def test_hub_ids_go_through_huggingface_hub(monkeypatch, hf_dir, tmp_path):
     assert openalign.load_pretrained(".")[0].config.name == hf_dir.name
 
 
+def test_a_hub_repo_of_an_openalign_model_loads_by_its_id(monkeypatch, hf_dir, tmp_path):
+    """A model saved in openalign's format (save_pretrained's default, the only one for CLIPPO and ALIP) and
+    uploaded as it is: the download fetches its config.yaml, as huggingface_hub fetches what the patterns allow."""
+    import fnmatch
+
+    import huggingface_hub
+
+    repo = openalign.pretrained.convert(hf_dir, tmp_path / "repo", to="openalign")
+
+    def fake_snapshot_download(repo_id, allow_patterns):
+        snapshot = tmp_path / "cache" / repo_id / "snapshot"
+        snapshot.mkdir(parents=True, exist_ok=True)
+        for file in repo.iterdir():
+            if any(fnmatch.fnmatch(file.name, pattern) for pattern in allow_patterns):
+                shutil.copy(file, snapshot / file.name)
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    model, preprocess, tokenizer = openalign.load_pretrained("someone/align-small-openalign")
+    assert model.config.name == "align-small" and tokenizer(TEXTS)["input_ids"].shape == (3, 64)
+    images = [Image.fromarray(np.full((40, 50, 3), 200, dtype=np.uint8))]
+    for ours, theirs in zip(_our_outputs(model, preprocess, tokenizer, images),
+                            _our_outputs(*openalign.load_pretrained(repo), images)):
+        assert torch.equal(ours, theirs)
+
+
 def test_convert_on_the_command_line(hf_dir, tmp_path, capsys):
     from openalign.cli import main
 

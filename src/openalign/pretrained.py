@@ -41,7 +41,8 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
 HF_CONFIG_FILE = "config.json"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model"]
+# an AlignModel repo's files, and an openalign model's config.yaml (its format, save_pretrained's default)
+_HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "config.yaml"]
 _MODEL_FILES = (CONFIG_FILE, HF_CONFIG_FILE, WEIGHTS_FILE, "pytorch_model.bin", "model.safetensors.index.json")
 # the files a model keeps beside its weights (tokenizer, processor): replaced with it, so that none of an
 # overwritten model's outlives it (a CLIPPO model, which needs no vocabulary, over a BERT one, say)
