@@ -195,21 +195,23 @@ def test_embed_folder_skips_unreadable_files_and_counts_them(loaded, image_dir, 
     assert "skipped 2 of 7 files" in caplog.text
 
 
-def test_embed_folder_skips_an_image_over_pils_pixel_limit_without_pils_warning(loaded, tmp_path, monkeypatch,
+def test_embed_folder_reads_an_image_over_pils_pixel_limit_without_pils_warning(loaded, tmp_path, monkeypatch,
                                                                                    caplog):
-    """PIL's DecompressionBombWarning came on stderr, in the middle of the progress bar; the image is
-    now skipped and counted, as training and `data convert` skip it."""
+    """PIL's DecompressionBombWarning (over 89.5 MP: a 108 MP phone photo) came on stderr, in the
+    middle of the progress bar; the user's own image is now read, without it. One over PIL's
+    error limit (twice that) is skipped and counted."""
     import warnings
 
     model, preprocess, _ = loaded
-    Image.new("RGB", (40, 40), "red").save(tmp_path / "huge.png")
+    Image.new("RGB", (40, 40), "red").save(tmp_path / "large.png")
+    Image.new("RGB", (50, 50), "red").save(tmp_path / "huge.png")
     Image.new("RGB", (20, 20), "blue").save(tmp_path / "small.png")
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 1,600 px: over it, under twice it (PIL's error)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 1,600 px: over it, under twice it; 2,500 over that
     with caplog.at_level(logging.WARNING, logger="openalign"), warnings.catch_warnings():
         warnings.simplefilter("error")
         paths, _ = embed_folder(model, preprocess, tmp_path)
-    assert paths == [str(tmp_path / "small.png")]
-    assert "skipped 1 of 2 files" in caplog.text and "image too large (decompression bomb)" in caplog.text
+    assert paths == [str(tmp_path / "large.png"), str(tmp_path / "small.png")]
+    assert "skipped 1 of 3 files" in caplog.text and "DecompressionBombError" in caplog.text
 
 
 def test_embed_folder_takes_a_glob_and_worker_processes(loaded, image_dir):
@@ -432,6 +434,15 @@ def test_embed_classify_and_search_commands(model_dir, loaded, image_dir, tmp_pa
                  "--labels", ",".join(LABELS), "--format", "jsonl"]) == 0  # each image once
     assert [json.loads(line)["image"] for line in capsys.readouterr().out.splitlines()] == [
         str(odd), str(image_dir / "blue.png")]
+    # --precision: bf16 autocast anywhere (a GPU's default), its rounding in the probabilities
+    outputs = []
+    for precision in ("fp32", "bf16"):
+        assert main(["classify", "--model", str(model_dir), *images, "--labels", ",".join(LABELS), "--format", "jsonl",
+                     "--precision", precision]) == 0
+        outputs.append(torch.tensor([list(json.loads(line)["probabilities"].values())
+                                     for line in capsys.readouterr().out.splitlines()]))
+    torch.testing.assert_close(outputs[0], expected, rtol=0, atol=1e-5)  # batch norms folded: float rounding
+    assert not torch.equal(outputs[0], outputs[1]) and torch.allclose(outputs[0], outputs[1], atol=0.05)
     assert main(["classify", "--model", str(model_dir), str(image_dir / "corrupt.png"), "--labels", "a cat"]) == 2
     assert "none of the 1 image files could be read (first:" in " ".join(capsys.readouterr().err.split())
 

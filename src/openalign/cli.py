@@ -298,7 +298,8 @@ def _cmd_embed(args: argparse.Namespace) -> None:
         raise OpenAlignError(f"--out '{args.out}': embed writes a Parquet file; name it .parquet")
     out = replaceable(_output_file(args.out).resolve(), is_index, "an index of embeddings")
     model, preprocess, _ = _inference_model(args)
-    paths, embeddings = embed_folder(model, preprocess, args.images, args.batch_size, args.num_workers)
+    with precision_scope(args.precision):
+        paths, embeddings = embed_folder(model, preprocess, args.images, args.batch_size, args.num_workers)
     write_index(out, paths, embeddings, model_name=model.config.name, model_source=model_source(args.model),
                 model_probe=probe_embedding(model, preprocess))
     print(f"wrote {len(paths)} embeddings ({embeddings.shape[1]}-d) to {args.out}")
@@ -337,8 +338,9 @@ def _cmd_classify(args: argparse.Namespace) -> None:
                                 for path in ([image] if image in named else find_images(image))))
     model, preprocess, tokenizer = _inference_model(args)
     templates = DEFAULT_TEMPLATES if args.templates == "default" else None
-    images, probabilities = classify_files(model, preprocess, tokenizer, images, labels, templates, args.batch_size,
-                                           args.num_workers)
+    with precision_scope(args.precision):
+        images, probabilities = classify_files(model, preprocess, tokenizer, images, labels, templates,
+                                               args.batch_size, args.num_workers)
     if args.format != "table":
         _print_records(args.format, [{"image": image, "probabilities": dict(zip(labels, row))}
                                      for image, row in zip(images, probabilities.tolist())])
@@ -408,7 +410,8 @@ def _cmd_search(args: argparse.Namespace) -> None:
         log.warning("the model '%s' embeds images otherwise than when it built the index (retrained or replaced "
                     "since?): scores are meaningful only with the weights that built it; embed the images again",
                     args.model)
-    query = embed_texts(model, tokenizer, [args.query], next(model.parameters()).device, show_progress=False)
+    with precision_scope(args.precision):
+        query = embed_texts(model, tokenizer, [args.query], next(model.parameters()).device, show_progress=False)
     scores, indices = search(index.embeddings, query[0], args.k)
     if args.format != "table":
         ranked = enumerate(zip(scores.tolist(), indices.tolist()), start=1)
@@ -612,6 +615,8 @@ def build_parser() -> argparse.ArgumentParser:
     _runs(demo, _cmd_demo)
 
     model_help = "a model directory, run directory, Hugging Face AlignModel directory or hub id"
+    inference_precision = ("auto (default): bf16 autocast on GPU, fp32 on CPU; fp32: the model's own dtype (fp32 "
+                           "weights: transformers' numbers); bf16 or fp16 autocast anywhere")
     embed = commands.add_parser("embed", help="embed a folder of images into a parquet index")
     embed.add_argument("--model", required=True, help=model_help)
     embed.add_argument("--images", required=True, help="a directory (searched recursively) or a glob pattern")
@@ -619,6 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--batch-size", type=_at_least(1), default=64)
     embed.add_argument("--num-workers", type=_at_least(0), default=0, help="image-decoding worker processes")
     embed.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    embed.add_argument("--precision", default="auto", choices=PRECISIONS, help=inference_precision)
     _runs(embed, _cmd_embed)
 
     classify = commands.add_parser("classify", help="zero-shot probabilities of labels for images")
@@ -635,6 +641,7 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--batch-size", type=_at_least(1), default=64)
     classify.add_argument("--num-workers", type=_at_least(0), default=0, help="image-decoding worker processes")
     classify.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    classify.add_argument("--precision", default="auto", choices=PRECISIONS, help=inference_precision)
     classify.add_argument("--format", default="table", choices=("table", "tsv", "jsonl"),
                           help="'table' (default) to read; 'tsv' or 'jsonl' for a script: a line per image, "
                                "paths never folded")
@@ -656,6 +663,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--model", required=True, help=f"{model_help}; the one that built the index")
     search.add_argument("-k", type=_at_least(1), default=5, help="how many results (default 5)")
     search.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    search.add_argument("--precision", default="auto", choices=PRECISIONS, help=inference_precision)
     search.add_argument("--format", default="table", choices=("table", "tsv", "jsonl"),
                         help="'table' (default) to read; 'tsv' or 'jsonl' for a script: a line per result, "
                              "paths never folded")

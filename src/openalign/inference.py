@@ -123,7 +123,9 @@ def classify(model: nn.Module, preprocess: Preprocess, tokenizer: Tokenizer, ima
     ``images`` are PIL images, 8-bit pixels (see ``preprocess``) or paths; PIL images and files are
     turned upright by their EXIF orientation first (:func:`upright`). ``labels`` are embedded as
     written, or, with ``templates`` (format strings such as ``"a photo of a {}."``), as the
-    renormalised mean of their prompts. Runs on the model's device and dtype; similarities are fp32, on the CPU.
+    renormalised mean of their prompts. Runs on the model's device and dtype, in bf16 autocast on a
+    GPU (as evaluation: :func:`openalign.precision.precision_scope` ``("fp32")`` around the call
+    computes in the model's own dtype); similarities are fp32, on the CPU.
     """
     for name, given in (("images", images), ("labels", labels)):
         if isinstance(given, (str, Path, Image.Image)):
@@ -278,14 +280,13 @@ class _ImageFiles(Dataset):
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | str]:
         try:
-            # PIL warns of an image over MAX_IMAGE_PIXELS (a possible decompression bomb) on stderr, in the
-            # middle of the progress bar: skipped instead, as training and `data convert` skip it
+            # PIL warns of an image over MAX_IMAGE_PIXELS (89.5 MP) on stderr, in the middle of the progress bar:
+            # the user's own files, a 108 MP phone photo say, are read (PIL's own error, over twice that, skips
+            # one); training and `data convert`, reading the web's images, skip them at the warning
             with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 with Image.open(self.paths[index]) as image:
                     return index, self.preprocess(upright(image))
-        except Image.DecompressionBombWarning as error:
-            return index, f"image too large (decompression bomb): {error}"
         except UNREADABLE_IMAGE_ERRORS as error:
             return index, f"{type(error).__name__}: {error}"
 
