@@ -346,7 +346,8 @@ def _note_if_blank(font: Unifont, codepoints: np.ndarray, text: str | bytes) -> 
     if (count := note(BLANK_RENDER)) is not None:
         shown = text.decode("utf-8", "replace") if isinstance(text, (bytes, bytearray, memoryview)) else text
         log.warning("%d text(s) so far rendered blank: none of their characters has a glyph in the font (latest: "
-                    "%r); they are all one image to the model and teach it nothing", count, shown[:40])
+                    "%r); they are all one image to the model (in training they teach it "
+                    "nothing, as queries or labels they cannot be told apart)", count, shown[:40])
 
 
 @dataclass

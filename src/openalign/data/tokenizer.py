@@ -150,7 +150,8 @@ class Tokenizer:
         for row in torch.nonzero(words.any(dim=1) & ((ids == unknown) | ~words).all(dim=1)).flatten().tolist():
             if (count := note(UNKNOWN_TEXT)) is not None:
                 log.warning("%d text(s) so far are [UNK] alone to the tokenizer (latest: %r): the model sees no "
-                            "word of them, and they teach it nothing", count, texts[row][:40])
+                            "word of them: in training they teach it nothing, and as queries or "
+                            "labels they are all one text", count, texts[row][:40])
 
     def _shortened(self, text: str, kept: int) -> str:
         """``text``, or a prefix of it with the same first ``kept`` tokens (see
