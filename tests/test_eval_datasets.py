@@ -265,7 +265,7 @@ def test_eval_commands_write_clip_benchmark_records(model, folders, shapes_root,
         "zeroshot": ["--root", str(folders / "val"), "--classnames", str(tmp_path / "classnames.txt"),
                      "--template", "a {}", "--template", "a drawing of a {}"],
         "knn": ["--train", str(folders / "train"), "--val", str(folders / "val"), "--k", "20",
-                "--preprocess", "resize_mode=shortest", "interpolation=bicubic"],  # a paper's own preprocessing
+                "--preprocess", "resize_mode=shortest", "--preprocess", "interpolation=bicubic"],  # a paper's own
         "retrieval": ["--json", str(shapes_root / "dataset_shapes.json"), "--contrastive-batch", "8"],
     }
     for task, options in commands.items():
@@ -291,6 +291,9 @@ def test_eval_commands_write_clip_benchmark_records(model, folders, shapes_root,
     assert main(["eval", "knn", "--model", str(model_dir), "--train", str(folders / "train"), "--val",
                  str(folders / "val"), "--preprocess", "resize_mode=diagonal"]) == 2
     assert "--preprocess: config key 'resize_mode' is 'diagonal', which is not allowed" in capsys.readouterr().err
+    assert main(["eval", "knn", "--model", str(model_dir), "--train", str(folders / "train"), "--val",
+                 str(folders / "val"), "--preprocess", "resize_size=8"]) == 2  # named as the option, before the work
+    assert "--preprocess resize_size must be at least image_size" in capsys.readouterr().err
     assert records["zeroshot"]["settings"]["templates"] == ["a {}", "a drawing of a {}"]
     assert records["zeroshot"]["settings"]["split"] is None  # class folders have no split
     assert main(["eval", "zeroshot", "--model", str(model_dir), "--root", str(folders / "val"),

@@ -210,6 +210,7 @@ def test_embed_folder_reads_an_image_over_pils_pixel_limit_without_pils_warning(
     with caplog.at_level(logging.WARNING, logger="openalign"), warnings.catch_warnings():
         warnings.simplefilter("error")
         paths, _ = embed_folder(model, preprocess, tmp_path)
+        classify(model, preprocess, loaded[2], [tmp_path / "large.png"], ["red"])  # in Python too, without it
     assert paths == [str(tmp_path / "large.png"), str(tmp_path / "small.png")]
     assert "skipped 1 of 3 files" in caplog.text and "DecompressionBombError" in caplog.text
 

@@ -892,6 +892,18 @@ def test_a_run_refuses_an_output_dir_holding_a_saved_model(tmp_path, shapes_root
             train(load_recipe("demo", tiny_overrides(shapes_root, tmp_path / output)), show_progress=False)
 
 
+def test_a_resume_takes_the_recipes_loss_scale_growth_interval(tmp_path, shapes_root, tiny_overrides):
+    """The scaler's saved state holds its growth interval: a permitted change (or a checkpoint from
+    before the setting) must not leave the run on the checkpoint's, while saying it uses the new one."""
+    fp16 = ["eval.tasks=[]", "train.precision=fp16"]
+    train(load_recipe("demo", tiny_overrides(shapes_root, tmp_path, steps=1) + fp16), show_progress=False)
+    more = load_recipe("demo", tiny_overrides(shapes_root, tmp_path, steps=2) + fp16 + [
+        "train.loss_scale_growth_interval=1"])
+    train(more, resume="latest", show_progress=False, allow_changes=["train.loss_scale_growth_interval"])
+    saved = torch.load(tmp_path / "checkpoints" / "step_00000002" / "trainer_state.pt")["scaler"]
+    assert saved["growth_interval"] == 1
+
+
 def test_resume_refuses_a_changed_recipe_but_allows_more_steps(tmp_path, shapes_root, tiny_overrides, caplog):
     train(load_recipe("demo", tiny_overrides(shapes_root, tmp_path, steps=2) + ["eval.tasks=[]"]), show_progress=False)
     changed = load_recipe("demo", tiny_overrides(shapes_root, tmp_path, steps=2) + ["eval.tasks=[]", "train.lr=0.5"])

@@ -3,7 +3,8 @@
 # A machine without network access needs .gpu/ (benchmarks/gpu/prepare.sh, run where pip works)
 # copied along (.gpu is git-ignored: the device tool takes it only where `carry` names it); one with
 # openalign's dependencies installed does not. One or more parts per run; results (JSON, the log, the
-# GPU's name) land in $OUT (the device tool returns at most 8 files: two parts at a time at most):
+# GPU's name) land in $OUT (the device tool returns at most 8 files, the log and environment.txt two of them:
+# parts whose JSON files add up to 6 at most; check writes 3, train 4, train-memory 2, the others 1):
 #
 #   bash benchmarks/gpu/run.sh check       # the environment; small inference (embeddings checked), train, eval
 #   bash benchmarks/gpu/run.sh inference   # align-base sizes vs transformers, bf16, eager
@@ -82,7 +83,7 @@ fi
 python3 -c "
 from openalign.data.render import TextRenderer
 TextRenderer().batch(['ok'])
-print('Unifont: ok')" > /dev/null 2>&1 || echo "no Unifont: the CLIPPO benchmark in 'train' will fail" | tee -a "$LOG"
+print('Unifont: ok')" > /dev/null 2>&1 || echo "no Unifont: the CLIPPO benchmarks in 'check' and 'train' will fail" | tee -a "$LOG"
 
 # the embeddings must agree before anything is timed: fp32 to float rounding, bf16 to a cosine of 0.99
 # (0.9976 and 0.9999 on the CPU for the small and align-base presets)

@@ -121,6 +121,11 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     # checked before the work
     output = replaceable(_output_file(args.output), is_record_file, "an openalign result") if args.output else None
     model, _, _ = _inference_model(args, optimize=not task.fine_tunes)
+    try:  # --preprocess against this model, named as the option
+        task.transform(model)
+    except ConfigError as error:
+        name = (error.key or "").removeprefix("preprocess").lstrip(".")
+        raise OpenAlignError(f"--preprocess {name + ' ' if name else ''}{error.message}") from None
     device, listed = next(model.parameters()).device, list_settings(task)
     with precision_scope(args.precision):
         metrics = task.run(model, device, args.batch_size)
@@ -573,7 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
         task.add_argument("--precision", default="auto", choices=PRECISIONS, help=precision_help)
         task.add_argument("--output", help="also write the result JSON here")
         if task not in (sentences, pairs, shapes):  # images a paper preprocesses otherwise than the model
-            task.add_argument("--preprocess", nargs="+", metavar="KEY=VALUE",
+            task.add_argument("--preprocess", nargs="+", action="extend", metavar="KEY=VALUE",
                               help="the task's own image preprocessing in place of the model's (e.g. resize_size=256 "
                                    "image_size=224; keys: image_size, resize_size, resize_mode, interpolation, "
                                    "center_crop, antialias)")

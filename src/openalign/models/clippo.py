@@ -7,6 +7,8 @@ and projection embed both: there are no modality tokens and no separate paramete
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -107,8 +109,9 @@ class RenderedText:
 
     def __repr__(self) -> str:
         """What identifies its output, e.g. for the embedding cache: the settings and each font file's
-        path, size and modification time (a font replaced in place renders otherwise)."""
-        fonts = [f"{path}|{stat.st_size}|{stat.st_mtime_ns}" if (stat := _stat(path)) else path
+        path and content digest (a font replaced in place renders otherwise; each node's copy of
+        the same font, with its own modification time, gives the same key)."""
+        fonts = [f"{path}|{_font_digest(path, stat.st_size, stat.st_mtime_ns)}" if (stat := _stat(path)) else path
                  for path in resolve_font_paths(self.renderer.font_path)]
         return f"RenderedText({self.renderer!r}, fonts={fonts})"
 
@@ -204,6 +207,13 @@ class Clippo(ContrastiveModel):
                                  "initialise the whole model from an openalign CLIPPO model directory or a big_vision "
                                  ".npz instead")
         load(location)
+
+
+@functools.lru_cache(maxsize=16)
+def _font_digest(path: str, size: int, mtime_ns: int) -> str:
+    """The SHA-256 of a font file (read once per size and modification time: a few MB)."""
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()[:16]
 
 
 def _stat(path: str) -> os.stat_result | None:

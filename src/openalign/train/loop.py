@@ -125,6 +125,9 @@ def _train(recipe: Recipe, resume: str | None, show_progress: bool, held: contex
         if resume:
             start = checkpointer.resume(resume, model, optimizer, scheduler, loss_fn, recipe_dict, cfg.steps,
                                         allow_changes, scaler)
+            # the saved state carries its growth interval: the recipe's (a permitted change, or a
+            # checkpoint from before the setting) is the one the warnings say the run uses
+            scaler.set_growth_interval(cfg.loss_scale_growth_interval)
         elif existing := checkpointer.checkpoints():
             raise OpenAlignError(f"run.output_dir '{output_dir}' already holds checkpoints of an earlier run (newest: "
                                  f"{existing[-1].name}): pass --resume latest to continue it, or choose "
