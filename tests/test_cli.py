@@ -197,6 +197,13 @@ def test_demo_refuses_to_start_afresh_in_another_runs_directory(tmp_path, capsys
     assert _is_demo_run(earlier_demo) and not _is_demo_run(other)
 
 
+def test_demo_refuses_a_run_output_dir_other_than_its_out(tmp_path, capsys):
+    """The run would train there while the report (curves of an empty history) and clean-up use --out."""
+    assert main(["demo", "--out", str(tmp_path / "out"), f"run.output_dir={tmp_path / 'elsewhere'}"]) == 2
+    assert f"pass --out {tmp_path / 'elsewhere'} instead" in " ".join(capsys.readouterr().err.split())
+    assert not (tmp_path / "out").exists() and not (tmp_path / "elsewhere").exists()
+
+
 def test_errors_print_square_brackets_as_written(capsys):
     """The console reads [..] as markup: an error's "[low, high]" or "[text, caption]" vanished."""
     assert main(["config", "demo", "model.preprocess.random_area=[0.0, 1.0]"]) == 2

@@ -537,6 +537,8 @@ def test_webdataset_missing_shards_and_dead_streams_are_errors(tmp_path):
         WebDatasetSourceConfig(urls=urls.replace("000000}", "000001}")).build(WDS_TRANSFORM, seed=0)
     with pytest.raises(OpenAlignError, match=r"'.*shards' is a directory: name its shards, e.g. '.*shards/\*.tar'"):
         WebDatasetSourceConfig(urls=str(tmp_path / "shards")).build(WDS_TRANSFORM, seed=0)
+    with pytest.raises(OpenAlignError, match=r"the pattern '.*shards/\*.tgz' \(a part of '.*'\) matches no file"):
+        WebDatasetSourceConfig(urls=f"{urls}::{tmp_path / 'shards'}/*.tgz").build(WDS_TRANSFORM, seed=0)
     (tmp_path / "garbage").mkdir()
     (tmp_path / "garbage" / "000000.tar").write_bytes(b"this is not a tar file" * 100)
     dead = WebDatasetSourceConfig(urls=str(tmp_path / "garbage" / "000000.tar"), max_consecutive_errors=5)

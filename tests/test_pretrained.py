@@ -162,6 +162,14 @@ def test_export_keeps_every_setting_of_the_config_it_was_loaded_from(tmp_path):
     for config in (source, exported):
         config.pop("dtype", None)  # a property of the saved tensors, not of the architecture
     assert exported == source
+    for name in ("model.safetensors", "config.json"):  # the weights as readable as the config (not 0600)
+        assert (tmp_path / "exported" / name).stat().st_mode & 0o777 == 0o666 & ~_umask(), name
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_short_position_tables_and_small_vocabularies_load_or_fail_clearly(hf_dir, images, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import re
 import shutil
@@ -155,6 +156,30 @@ def test_evaluating_and_checkpointing_are_not_counted_as_step_time(tmp_path, sha
     assert second["step"] == 4 and second["step_seconds"] < 1.0
 
 
+def test_evaluating_every_n_steps_without_tasks_logs_no_empty_records(tmp_path, shapes_root):
+    overrides = tiny_recipe_overrides(shapes_root, tmp_path, steps=2) + ["eval.tasks=[]", "eval.every=1"]
+    train(load_recipe("demo", overrides), show_progress=False)
+    history = read_history(tmp_path)
+    assert [record["step"] for record in history] == [1, 2] and all("loss" in record for record in history)
+
+
+def test_an_evaluation_that_fails_on_a_corrupt_image_keeps_the_steps_trained(tmp_path, shapes_root):
+    """A corrupt evaluation image (found only when read) stops the run at that evaluation, but the
+    step's checkpoint is written first: the steps since the last one are not lost."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(shapes_root, data)
+    victim = sorted((data / "images" / "test").iterdir())[0]
+    victim.write_bytes(b"not a png")
+    overrides = tiny_recipe_overrides(shapes_root, tmp_path / "run", steps=4) + [
+        "eval.every=2", f"eval.tasks=[{{task: retrieval, json: {data / 'dataset_shapes.json'}, "
+        f"image_root: {data}}}]"]
+    with pytest.raises(OpenAlignError, match="cannot read evaluation image"):
+        train(load_recipe("demo", overrides), show_progress=False)
+    assert [path.name for path in (tmp_path / "run" / "checkpoints").glob("step_*")] == ["step_00000002"]
+
+
 def test_checkpoint_loads_back_into_a_model(trained_run):
     output, _ = trained_run
     model = load_checkpoint_model(output)  # a run directory means its latest checkpoint
@@ -162,6 +187,9 @@ def test_checkpoint_loads_back_into_a_model(trained_run):
     for key, value in model.state_dict().items():
         assert torch.equal(value, saved[key])
     assert not model.training
+    # readable as the run's other files are (safetensors makes its files 0600): a colleague can load it
+    weights, config = (output / "checkpoints" / "step_00000004" / name for name in (WEIGHTS_FILE, "config.yaml"))
+    assert weights.stat().st_mode & 0o777 == config.stat().st_mode & 0o777
 
 
 def _state(directory: Path) -> dict[str, torch.Tensor]:
@@ -420,12 +448,14 @@ def test_loading_weights_of_another_architecture_lists_the_offending_keys(traine
         load_weights(openalign.create_model("align-tiny"), output / "checkpoints" / "step_00000004" / WEIGHTS_FILE)
 
 
-def test_a_run_starts_from_the_trained_model_train_init_from_names(trained_run, shapes_root, tmp_path):
+def test_a_run_starts_from_the_trained_model_train_init_from_names(trained_run, shapes_root, tmp_path, caplog):
     output, _ = trained_run
     source = load_checkpoint_model(output)
     recipe = load_recipe("demo", tiny_recipe_overrides(shapes_root, tmp_path / "tuned", steps=1) + [
         f"train.init_from={output}", "train.lr=1e-12", "eval.tasks=[]"])
-    train(recipe, show_progress=False)
+    with caplog.at_level(logging.INFO, logger="openalign"):
+        train(recipe, show_progress=False)
+    assert f"from {output / 'checkpoints' / 'step_00000004' / WEIGHTS_FILE}" in caplog.text  # the run's latest
     tuned = load_checkpoint_model(tmp_path / "tuned")
     fresh = openalign.create_model("align-test")
     for (name, param), start in zip(tuned.named_parameters(), source.parameters()):
@@ -1011,6 +1041,22 @@ def test_a_checkpoint_older_than_a_setting_resumes_with_its_current_value(caplog
         check_resumable(saved, {**current, "model": {**current["model"], "max_logit_scale": 50.0}}, Path("step_4"))
 
 
+def test_an_allowed_section_permits_a_change_of_its_type(caplog):
+    """--allow-change data.train vouches for the whole source: the old type's settings, which the new
+    recipe no longer has, included (a table converted to shards mid-run); other sections stay checked."""
+    from openalign.train.checkpoint import check_resumable
+
+    saved = {"data": {"train": {"type": "shapes", "root": "/data/shapes"}}, "train": {"lr": 1.0}}
+    current = {"data": {"train": {"type": "webdataset", "urls": "/data/{0..9}.tar"}}, "train": {"lr": 1.0}}
+    with pytest.raises(OpenAlignError, match=r"data.train.root: \"/data/shapes\" -> null.*--allow-change data.train;"):
+        check_resumable(saved, current, Path("step_4"))
+    with caplog.at_level("WARNING"):
+        check_resumable(saved, current, Path("step_4"), allowed=["data.train"])
+    assert 'data.train.root changed from "/data/shapes" to null' in caplog.text and "predates" not in caplog.text
+    with pytest.raises(OpenAlignError, match=r"train.lr: 1.0 -> 2.0"):
+        check_resumable(saved, {**current, "train": {"lr": 2.0}}, Path("step_4"), allowed=["data.train"])
+
+
 def test_a_diverged_loss_stops_training_before_it_is_checkpointed(tmp_path, shapes_root, tiny_overrides,
                                                                    monkeypatch):
     import openalign.train.loop as loop
@@ -1101,6 +1147,22 @@ def test_resuming_an_earlier_checkpoint_refuses_a_directory_with_later_ones(tmp_
     with pytest.raises(OpenAlignError, match=r"holds later checkpoints \(step_00000004\) of another history"):
         checkpointer.resume(str(tmp_path / "step_00000002"), model, optimizer, scheduler, loss, recipe, 10)
     assert checkpointer.resume(str(tmp_path / "step_00000004"), model, optimizer, scheduler, loss, recipe, 10) == 4
+
+
+def test_resuming_another_directorys_checkpoint_refuses_a_directory_with_checkpoints_of_its_own(tmp_path):
+    """Its earlier checkpoints and history would be kept as the resumed run's: two runs mixed."""
+    context = DistributedContext(0, 1, 0, torch.device("cpu"))
+    model = openalign.create_model("align-test")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    loss, recipe = openalign.losses.ContrastiveLoss(), {"model": {"note": "test"}}
+    other, here = Checkpointer(tmp_path / "other", 3, context), Checkpointer(tmp_path / "here", 3, context)
+    other.save(4, model, optimizer, scheduler, loss, recipe)
+    here.save(2, model, optimizer, scheduler, loss, recipe)
+    with pytest.raises(OpenAlignError, match=r"holds checkpoints of another run \(step_00000002\)"):
+        here.resume(str(tmp_path / "other" / "step_00000004"), model, optimizer, scheduler, loss, recipe, 10)
+    fresh = Checkpointer(tmp_path / "fresh", 3, context)
+    assert fresh.resume(str(tmp_path / "other" / "step_00000004"), model, optimizer, scheduler, loss, recipe, 10) == 4
 
 
 def test_loading_a_directory_that_is_not_an_openalign_checkpoint_is_a_clear_error(tmp_path, trained_run):

@@ -38,6 +38,9 @@ def run_demo(output_dir: str | Path = "runs/demo", overrides: tuple[str, ...] = 
     output_dir = Path(output_dir)
     data_root = output_dir / "data"
     recipe = load_recipe("demo", [f"run.output_dir={output_dir}", f"data.train.root={data_root}", *overrides])
+    if Path(recipe.run.output_dir).resolve() != output_dir.resolve():  # the run would go there, its report here
+        raise OpenAlignError(f"run.output_dir={recipe.run.output_dir} is not the demo's directory '{output_dir}': "
+                             f"pass --out {recipe.run.output_dir} instead")
     if not any(isinstance(task, ShapesEvalConfig) for task in recipe.eval.tasks):  # checked before training
         raise OpenAlignError("the demo's report is its shapes evaluation: keep a 'shapes' task in eval.tasks, or run "
                              "'openalign train demo' for training alone")

@@ -27,6 +27,19 @@ if TYPE_CHECKING:  # torch is imported where used: the configs and the command l
 log = logging.getLogger(__name__)
 
 
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path,
+                      metadata: dict[str, str] | None = None) -> None:
+    """``tensors`` saved to ``path`` readable as the process's other files are (``0666`` less the
+    umask): safetensors creates its files ``0600``, which colleagues on a shared file system
+    cannot load."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of a ``.safetensors`` file."""
     from safetensors import SafetensorError

@@ -32,7 +32,7 @@ from torch import nn
 
 from .errors import ConfigError, OpenAlignError
 from .models import BertTowerConfig, DualEncoderConfig, EfficientNetConfig
-from .files import read_json, read_safetensors, read_torch_file
+from .files import read_json, read_safetensors, read_torch_file, write_safetensors
 from .pretrained import HF_CONFIG_FILE, WEIGHTS_FILE, model_config_from_dict
 
 log = logging.getLogger(__name__)
@@ -317,7 +317,6 @@ def hf_config_from_model(config: DualEncoderConfig) -> Any:
 
 def save_hf_directory(model: nn.Module, directory: Path) -> Path:
     """Write ``config.json``, ``model.safetensors``, the tokenizer and ``AlignProcessor`` files."""
-    from safetensors.torch import save_file
     from transformers import AlignProcessor, EfficientNetImageProcessor
 
     hf_config = hf_config_from_model(model.config)
@@ -352,7 +351,7 @@ def save_hf_directory(model: nn.Module, directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     hf_config.architectures = ["AlignModel"]
     hf_config.save_pretrained(str(directory))
-    save_file(state_dict_to_hf(model), str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    write_safetensors(state_dict_to_hf(model), directory / WEIGHTS_FILE, metadata={"format": "pt"})
     AlignProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(str(directory))
     # kakaobrain/align-base's layout, which transformers 4 reads too: the image processor in
     # preprocessor_config.json; transformers 5's nested processor_config.json breaks 4's loading

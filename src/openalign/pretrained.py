@@ -31,7 +31,7 @@ from .data.tokenizer import Tokenizer
 from .distributed import RANK_ZERO_ONLY, resolve_device
 from .data.transforms import ImageTransform
 from .errors import OpenAlignError
-from .files import filled_whole, read_json
+from .files import filled_whole, read_json, write_safetensors
 from .models import ContrastiveModel, ModelConfig
 from .registry import list_models, tokenizer_beside
 
@@ -104,15 +104,19 @@ def load_pretrained_weights(model: nn.Module, name_or_path: str | Path) -> None:
     if Path(name_or_path).expanduser().is_file():
         from .external import load_external_weights
 
-        load_external_weights(model, Path(name_or_path).expanduser())
+        read = Path(name_or_path).expanduser()
+        load_external_weights(model, read)
     elif _is_hf_directory(path := resolve(name_or_path)):
         from .hf import load_hf_weights
 
+        read = path
         load_hf_weights(model, path, f"'{name_or_path}'")
     else:
         from .train.checkpoint import load_weights
 
-        load_weights(model, _checkpoint_directory(path) / WEIGHTS_FILE)
+        read = _checkpoint_directory(path) / WEIGHTS_FILE  # a run directory: its latest checkpoint
+        load_weights(model, read)
+    log.info("initialised %s from %s", type(model).__name__, read, extra=RANK_ZERO_ONLY)
     _warn_if_not_finite(model, name_or_path)
 
 
@@ -321,7 +325,6 @@ def _weight_shards(directory: Path) -> list[str]:
 
 
 def _save_openalign_directory(model: nn.Module, directory: Path) -> None:
-    from safetensors.torch import save_file
 
     tokenizer = model.config.build_tokenizer()
     config = to_dict(model.config)
@@ -331,7 +334,8 @@ def _save_openalign_directory(model: nn.Module, directory: Path) -> None:
         if config["text"].get("pretrained"):
             config["text"]["pretrained"] = None  # the weights are here; the sizes are in the config
     (directory / CONFIG_FILE).write_text(dump_saved({"model": config}))
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(directory / WEIGHTS_FILE))
+    write_safetensors({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
+                      directory / WEIGHTS_FILE)
 
 
 def convert(source: str | Path, destination: str | Path, to: str, overwrite: bool = False,

@@ -319,6 +319,10 @@ def expand_urls(pattern: str, what: str) -> list[str]:
     if missing and _local_path(missing[0]).expanduser().is_dir():
         raise OpenAlignError(f"'{missing[0]}' is a directory: name its {what}, e.g. '{missing[0].rstrip('/')}/*.tar' "
                              "or a brace range (in a recipe: data.train.urls)")
+    if missing and glob.has_magic(missing[0]):  # a glob that matched nothing: not "1 of the 1 shards"
+        part = f" (a part of '{pattern}')" if missing[0] != pattern else ""
+        raise OpenAlignError(f"the pattern '{missing[0]}'{part} matches no file: check its folder and extension (in "
+                             "a recipe: data.train.urls)")
     if missing:
         raise OpenAlignError(f"{len(missing)} of the {len(urls) + len(missing)} {what} that '{pattern}' names "
                              f"do not exist, e.g. '{missing[0]}' (in a recipe: data.train.urls)")

@@ -21,11 +21,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import OpenAlignError
-from ..files import read_safetensors, written_whole
+from ..files import read_safetensors, write_safetensors, written_whole
 from ..precision import autocast_dtype
 
 log = logging.getLogger(__name__)
@@ -121,4 +120,4 @@ def save(directory: Path, key: str, embeddings: torch.Tensor) -> None:
     """Written under a temporary name and renamed, so a reader never sees half a file."""
     directory.mkdir(parents=True, exist_ok=True)
     with written_whole(directory / f"{key}.safetensors") as staging:
-        save_file({"embeddings": embeddings.contiguous()}, str(staging))
+        write_safetensors({"embeddings": embeddings.contiguous()}, staging)

@@ -26,13 +26,12 @@ from typing import Any
 import torch
 import yaml
 from safetensors import SafetensorError
-from safetensors.torch import save_file
 from torch import nn
 
 from ..config import SAVED_END, cut_short, dump_saved, flatten
 from ..distributed import RANK_ZERO_ONLY, DistributedContext, fail_together
 from ..errors import OpenAlignError, first_line
-from ..files import read_json, read_safetensors, read_torch_file
+from ..files import read_json, read_safetensors, read_torch_file, write_safetensors
 from ..models import ModelConfig
 from .schedule import load_scheduler_state
 
@@ -193,8 +192,8 @@ class Checkpointer:
                     for module, folder in ((model, staging), (average, staging / AVERAGE_DIRECTORY)):
                         if module is not None:
                             folder.mkdir(exist_ok=True)
-                            save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()},
-                                      str(folder / WEIGHTS_FILE))
+                            tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+                            write_safetensors(tensors, folder / WEIGHTS_FILE)
                             (folder / CONFIG_FILE).write_text(dump_saved(recipe))
                     state = {"step": step, "world_size": self.ctx.world_size, "optimizer": optimizer.state_dict(),
                              "scheduler": scheduler.state_dict(), "loss": loss_fn.state_dict()}
@@ -334,12 +333,17 @@ class Checkpointer:
     def _check_no_later_checkpoints(self, path: Path, step: int) -> None:
         """Refuse to continue from ``path`` into a directory holding later checkpoints: they would
         outlive the new ones in pruning and be what ``--resume latest`` picks, though they belong
-        to another history."""
+        to another history. From another directory's checkpoint, any checkpoint here is another
+        run's (and its history.jsonl records would be kept as the new run's first steps)."""
         later = [found.name for found in self.checkpoints() if _checkpoint_step(found) > step]
         if later:
             raise OpenAlignError(f"cannot resume from '{path}' (step {step}) into '{self.directory}', which holds "
                                  f"later checkpoints ({', '.join(later[:3])}{' ...' if len(later) > 3 else ''}) of "
                                  "another history: choose another run.output_dir, or delete them to roll back")
+        if path.resolve().parent != self.directory.resolve() and (here := self.checkpoints()):
+            raise OpenAlignError(f"cannot resume from '{path}' into '{self.directory}', which holds checkpoints of "
+                                 f"another run ({', '.join(found.name for found in here[-3:])}): choose another "
+                                 "run.output_dir")
 
     def data_state(self, rank: int | None = None) -> dict[str, Any] | None:
         """This rank's (or ``rank``'s) data state in the checkpoint resumed from (None: none, or
@@ -376,25 +380,28 @@ def check_resumable(saved: dict[str, Any], current: dict[str, Any], path: Path,
                              f"{_shown(after[fixed[0]])}): it decides which parameters the optimiser holds and "
                              "how, and the saved optimiser state fits no other; start a new run (another "
                              f"run.output_dir) with train.init_from={path}: its weights, a fresh optimiser")
-    permitted = sorted(key for key in old.keys() & new.keys()
-                       if old[key] != new[key] and any(_under(key, name) for name in allowed))
+    # a setting of an allowed section may also be one only either recipe has (data.train's type switched)
+    permitted = sorted(key for key in old.keys() | new.keys()
+                       if old.get(key) != new.get(key) and any(_under(key, name) for name in allowed))
     changed = sorted(key for key in old.keys() | new.keys()
                      if key in old and old.get(key) != new.get(key) and not key.startswith(RESUMABLE_CHANGES)
                      and key != "train.steps" and key not in permitted)
     if changed:
         details = "; ".join(f"{key}: {_shown(old.get(key))} -> {_shown(new.get(key))}" for key in changed[:6])
+        allow = changed[0] if changed[0] in new else changed[0].rsplit(".", 1)[0]  # gone with a type: its section
         raise OpenAlignError(f"cannot resume from '{path}': the recipe differs from the one it was trained with "
                              f"({details}{' ...' if len(changed) > 6 else ''}). Resume with the same settings; for a "
                              f"change that leaves the run the same (a dataset moved to another path), pass "
-                             f"--allow-change {changed[0]}; or start a new run (another run.output_dir) initialised "
+                             f"--allow-change {allow}; or start a new run (another run.output_dir) initialised "
                              f"from these weights with a fresh optimiser: train.init_from={path} (a model.* change "
                              "that alters weight shapes fits neither).")
     if permitted:  # warned of once the resume is sure to go on
         log.warning("resuming with %s, as --allow-change permits: the run continues as one never stopped only if "
                     "the change leaves what it trains on and how the same", "; ".join(
-                        f"{key} changed from {_shown(old[key])} to {_shown(new[key])}" for key in permitted),
+                        f"{key} changed from {_shown(old.get(key))} to {_shown(new.get(key))}" for key in permitted),
                     extra=RANK_ZERO_ONLY)
-    if added := sorted(key for key in new.keys() - old.keys() if not key.startswith(RESUMABLE_CHANGES)):
+    if added := sorted(key for key in new.keys() - old.keys() - set(permitted)
+                       if not key.startswith(RESUMABLE_CHANGES)):
         log.warning("checkpoint '%s' predates the setting(s) %s: the resumed run uses %s", path, ", ".join(added),
                     ", ".join(f"{key}={_shown(new[key])}" for key in added), extra=RANK_ZERO_ONLY)
     if old.get("train.steps") != new.get("train.steps"):

@@ -228,7 +228,14 @@ def _train(recipe: Recipe, resume: str | None, show_progress: bool, held: contex
                     torch.cuda.synchronize(ctx.device)  # the step's own kernels are the step's time
                 paused = time.perf_counter()  # evaluating and checkpointing are not the steps' time
                 if evaluates:
-                    logger.log(step, _evaluate_run(recipe.eval, model, average, ctx, False, cfg.precision))
+                    try:
+                        evaluated = _evaluate_run(recipe.eval, model, average, ctx, False, cfg.precision)
+                    except OpenAlignError:  # a corrupt evaluation image, say: the steps trained are kept
+                        if saves:
+                            save(step)
+                        raise
+                    if evaluated:  # no tasks, no record: not a {"step": N} with nothing in it
+                        logger.log(step, evaluated)
                 if saves:
                     save(step)
                     saved = step
