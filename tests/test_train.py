@@ -1228,7 +1228,7 @@ def test_a_checkpoint_that_cannot_be_written_is_a_clear_error_and_leaves_no_half
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
     recipe = load_recipe("demo", tiny_recipe_overrides(shapes_root, tmp_path / "run") + ["eval.tasks=[]"])
-    monkeypatch.setattr(checkpoint, "save_file", full_disk)
+    monkeypatch.setattr(checkpoint, "write_safetensors", full_disk)
     with pytest.raises(OpenAlignError, match=r"saving checkpoint step_00000002 into .*checkpoints failed \(Error "
                                              r"while serializing: I/O error: No space left on device \(os error "
                                              r"28\)\): is the disk full\?; nothing of it was kept"):
@@ -1256,10 +1256,21 @@ def test_a_checkpoint_that_cannot_be_written_is_a_clear_error_and_leaves_no_half
         train(recipe, show_progress=False)
     assert list((tmp_path / "run" / "checkpoints").iterdir()) == []
     monkeypatch.undo()
+    make_directory = Path.mkdir
+
+    def refused(self, *args, **kwargs):  # a checkpoints folder that refuses new entries (read-only, immutable)
+        if self.name.startswith(".step_"):
+            raise PermissionError(errno.EPERM, "Operation not permitted", str(self))
+        return make_directory(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", refused)
+    with pytest.raises(OpenAlignError, match=r"saving checkpoint step_00000002 into .* failed \(\[Errno 1\]"):
+        train(recipe, show_progress=False)
+    monkeypatch.undo()
 
     def not_the_disk(*args, **kwargs):  # another failure of the writers is not said to be the disk's
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
-    monkeypatch.setattr(checkpoint, "save_file", not_the_disk)
+    monkeypatch.setattr(checkpoint, "write_safetensors", not_the_disk)
     with pytest.raises(RuntimeError, match="illegal memory access"):
         train(recipe, show_progress=False)

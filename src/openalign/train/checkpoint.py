@@ -179,7 +179,7 @@ class Checkpointer:
         staging = self.directory / f".step_{step:08d}.tmp"
         # each phase ends in a barrier at which a rank's error (a full disk) stops every rank
         what = f"saving checkpoint {final.name}"
-        with fail_together(what):
+        with fail_together(what), _written(what, staging):  # a folder that refuses it: named, not a bare OS error
             if self.ctx.is_main:
                 shutil.rmtree(staging, ignore_errors=True)
                 staging.mkdir(parents=True)
