@@ -139,6 +139,9 @@ def test_paths_that_are_not_files_are_said_to_be_what_they_are_and_os_errors_nam
     args = parser.parse_args(["eval", "knn", "--model", "m", "--train", str(tmp_path / "t"), "--val",
                               str(tmp_path / "v")])
     assert _argument_of(str(tmp_path / "v" / "cat" / "1.jpg"), args) == "--val"
+    # an override names its key (run.output_dir=/sys/x: "Operation not permitted" said nothing of where)
+    args = parser.parse_args(["train", "demo", f"run.output_dir={tmp_path / 'run'}", "train.steps=1"])
+    assert _argument_of(str(tmp_path / "run" / "checkpoints"), args) == "run.output_dir"
     (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
     (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
     assert main(["data", "shapes", "--out", str(tmp_path / "loop1" / "sub"), "--train", "2", "--test", "1"]) == 2

@@ -818,14 +818,16 @@ def _argument_of(filename: Any, args: argparse.Namespace) -> str | None:
     for action in args.command_parser._actions:  # argparse has no public list of a parser's arguments
         values = getattr(args, action.dest, None)
         for value in values if isinstance(values, list) else [values]:
-            if not (isinstance(value, str) and value.strip() and "=" not in value):
+            if not (isinstance(value, str) and value.strip()):
                 continue
+            key, is_override, path = value.partition("=")  # an override names its key: run.output_dir=/sys/x
             try:
-                given = Path(value).expanduser().resolve()
+                given = Path(path if is_override else value).expanduser().resolve()
             except (OSError, RuntimeError, ValueError):
                 continue
             if (target == given or given in target.parents) and (closest is None or len(given.parts) > closest[0]):
-                name = max(action.option_strings, key=len) if action.option_strings else action.dest.upper()
+                name = (max(action.option_strings, key=len) if action.option_strings else action.dest.upper()) \
+                    if not is_override else key.strip()
                 closest = (len(given.parts), name)
     return closest[1] if closest else None
 
