@@ -83,7 +83,8 @@ fi
 python3 -c "
 from openalign.data.render import TextRenderer
 TextRenderer().batch(['ok'])
-print('Unifont: ok')" > /dev/null 2>&1 || echo "no Unifont: the CLIPPO benchmarks in 'check' and 'train' will fail" | tee -a "$LOG"
+print('Unifont: ok')" > /dev/null 2>&1 \
+    || echo "no Unifont: the CLIPPO benchmarks in 'check' and 'train' will fail" | tee -a "$LOG"
 
 # the embeddings must agree before anything is timed: fp32 to float rounding, bf16 to a cosine of 0.99
 # (0.9976 and 0.9999 on the CPU for the small and align-base presets)

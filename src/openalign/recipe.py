@@ -58,10 +58,11 @@ class TrainConfig:
     ``cooldown_steps`` ramps any schedule linearly to 0 over the last steps.
     ``precision: auto`` is bf16 autocast on GPU and fp32 on CPU (``fp16``: fp16 autocast with a
     gradient scaler, for GPUs without bf16, whose scale doubles after ``loss_scale_growth_interval``
-    steps without an overflow: torch's 2000, ALIP's 200); evaluation during the run uses the same. ``init_from`` initialises a fresh run from weights: anything :func:`load_pretrained`
-    reads (ALIGN, ALIP; ALIP's released file), or a checkpoint the model knows how to read
-    (CLIPPO: an openalign CLIPPO directory or a released big_vision ``.npz`` for the whole model, a
-    timm ViT checkpoint for the encoder).
+    steps without an overflow: torch's 2000, ALIP's 200); evaluation during the run uses the same.
+    ``init_from`` initialises a fresh run from weights: anything :func:`load_pretrained` reads
+    (ALIGN, ALIP; ALIP's released file), or a checkpoint the model knows how to read (CLIPPO: an
+    openalign CLIPPO directory or a released big_vision ``.npz`` for the whole model, a timm ViT
+    checkpoint for the encoder).
     ``schedule: onecycle`` is PyTorch's OneCycleLR (ALIP), warming up over ``warmup_steps``.
     ``weight_decay_scope: all`` decays every parameter (ALIP), not only weight matrices.
     ``accum_steps`` k > 1 embeds each rank's share of the batch in k micro-batches, caching
