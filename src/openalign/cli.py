@@ -121,10 +121,12 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     # checked before the work
     output = replaceable(_output_file(args.output), is_record_file, "an openalign result") if args.output else None
     model, _, _ = _inference_model(args, optimize=not task.fine_tunes)
-    try:  # --preprocess against this model, named as the option
-        task.transform(model)
+    try:  # before the work (--preprocess against this model, named as the option)
+        task.check_model(model)
     except ConfigError as error:
-        name = (error.key or "").removeprefix("preprocess").lstrip(".")
+        if not (error.key or "").startswith("preprocess"):
+            raise
+        name = error.key.removeprefix("preprocess").lstrip(".")
         raise OpenAlignError(f"--preprocess {name + ' ' if name else ''}{error.message}") from None
     device, listed = next(model.parameters()).device, list_settings(task)
     with precision_scope(args.precision):

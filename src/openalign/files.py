@@ -35,9 +35,18 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path,
     from safetensors.torch import save_file
 
     save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    """The process's umask, read (Linux) rather than set and set back: another thread creating a
+    file in between would get it unmasked."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/self/status", encoding="ascii") as status:
+            return int(next(line for line in status if line.startswith("Umask:")).split()[1], 8)
     mask = os.umask(0)
     os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
+    return mask
 
 
 def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:

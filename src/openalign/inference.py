@@ -280,13 +280,7 @@ class _ImageFiles(Dataset):
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | str]:
         try:
-            # PIL warns of an image over MAX_IMAGE_PIXELS (89.5 MP) on stderr, in the middle of the progress bar:
-            # the user's own files, a 108 MP phone photo say, are read (PIL's own error, over twice that, skips
-            # one); training and `data convert`, reading the web's images, skip them at the warning
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                with Image.open(self.paths[index]) as image:
-                    return index, self.preprocess(upright(image))
+            return index, _read_pixels(self.paths[index], self.preprocess)
         except UNREADABLE_IMAGE_ERRORS as error:
             return index, f"{type(error).__name__}: {error}"
 
@@ -492,12 +486,20 @@ def _pixels(image: ImageInput, preprocess: Preprocess) -> torch.Tensor:
     if not isinstance(image, (str, Path)):
         return preprocess(image)
     try:
-        with warnings.catch_warnings():  # over 89.5 MP (a 108 MP phone photo): read, as _ImageFiles reads it
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(image) as opened:
-                return preprocess(upright(opened))
+        return _read_pixels(image, preprocess)
     except UNREADABLE_IMAGE_ERRORS as error:
         raise OpenAlignError(f"cannot read image '{image}': {error}") from None
+
+
+def _read_pixels(path: str | Path, preprocess: Preprocess) -> torch.Tensor:
+    """The preprocessed pixels of an image file, turned upright. PIL warns of an image over
+    ``MAX_IMAGE_PIXELS`` (89.5 MP) on stderr, in the middle of a progress bar: the user's own
+    files, a 108 MP phone photo say, are read without it (PIL's own error, over twice that, is
+    raised); training and ``data convert``, reading the web's images, skip them at the warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path) as image:
+            return preprocess(upright(image))
 
 
 def upright(image: Image.Image) -> Image.Image:

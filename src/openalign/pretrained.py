@@ -325,7 +325,6 @@ def _weight_shards(directory: Path) -> list[str]:
 
 
 def _save_openalign_directory(model: nn.Module, directory: Path) -> None:
-
     tokenizer = model.config.build_tokenizer()
     config = to_dict(model.config)
     if isinstance(tokenizer, Tokenizer):  # a vocabulary to keep beside the weights (CLIPPO renders, needs none)

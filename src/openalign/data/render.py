@@ -215,7 +215,7 @@ def _column_palette(ink: float, background: float, dtype: str) -> np.ndarray:
 
 
 def check_render_settings(image_size: int, font_size: int, text_brightness: int, background_brightness: int,
-                    max_chars: int | None) -> None:
+                          max_chars: int | None) -> None:
     """A :class:`ConfigError` naming the setting (its ``key``) that cannot be rendered with."""
     if font_size != GLYPH_SIZE:
         raise ConfigError(f"is {font_size}, which is not supported: only 16 (Unifont's native size, what CLIPPO used) "
@@ -370,7 +370,7 @@ class TextRenderer:
 
     def __post_init__(self) -> None:
         check_render_settings(self.image_size, self.font_size, self.text_brightness, self.background_brightness,
-                        self.max_chars)
+                              self.max_chars)
 
     @property
     def font(self) -> Unifont:

@@ -3,6 +3,7 @@ parameter groups for all three."""
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -189,12 +190,19 @@ class BigVisionAdafactor(torch.optim.Optimizer):
             update = grad * row_factor.unsqueeze(col_dim) * v_col.rsqrt().unsqueeze(row_dim)
         # optax's ema: decay·m is taken in m's bfloat16, the decay too (JAX casts a Python float to the array's
         # dtype: 0.9 is 0.8984375); (1 - decay)·u and the sum in float32
-        decay = torch.tensor(group["momentum"], dtype=torch.bfloat16)
+        decay = _in_bfloat16(group["momentum"])
         momentum = (state["momentum"] * decay).float().add_(update, alpha=1 - group["momentum"])
         state["momentum"].copy_(momentum)
         if group["weight_decay"]:
             param.mul_(1 - group["lr"] * group["weight_decay"])
         param.add_(momentum.view(param.shape).to(param.dtype), alpha=-group["lr"])
+
+
+@functools.lru_cache(maxsize=8)
+def _in_bfloat16(value: float) -> float:
+    """``value`` rounded to bfloat16 (0.9 is 0.8984375), as JAX casts a Python float to a bfloat16
+    array's dtype; computed once, not a tensor made per parameter and step."""
+    return torch.tensor(value, dtype=torch.bfloat16).item()
 
 
 def attention_factoring_shapes(model: nn.Module) -> dict[torch.Tensor, tuple[int, ...]]:
